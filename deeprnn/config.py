@@ -1,0 +1,289 @@
+"""Validated configuration: one pydantic model per stage, defaults are the book's (D2L 9.3).
+
+`RunConfig` is the complete, resolved configuration that a run uses, logs to MLflow and stores in every
+checkpoint. Users rarely write one by hand: they pick a named preset (`PRESETS`) and override a few fields.
+The `*Overrides` models mirror each section with every field optional (``None`` = keep the preset's value)
+and the same bounds, so Prefect's parameter form and the CLI refuse out-of-range values up front.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+D2L_URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"
+D2L_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
+
+CellType = Literal["lstm", "gru", "rnn"]
+OptimizerName = Literal["sgd", "adam", "adamw"]
+DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+PresetName = Literal["d2l-9.3", "full-book", "smoke"]
+_SHA1_RE = re.compile(r"^[0-9a-fA-F]{40}$")
+
+
+class _Section(BaseModel):
+    """Base for config sections: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataConfig(_Section):
+    """Where the corpus comes from and how it is cut into tokens and splits."""
+
+    url: str = Field(
+        D2L_URL,
+        title="Corpus URL or path",
+        description="http(s):// or file:// URL, or a local path, of a UTF-8 text file. Default: the book's.",
+        min_length=1,
+        max_length=2048,
+    )
+    sha1: Optional[str] = Field(
+        None,
+        title="Expected SHA-1",
+        description="40 hex digits. Empty: the book's hash for the book's URL, no check for any other source.",
+        pattern=r"^[0-9a-fA-F]{40}$",
+    )
+    token: Literal["char", "word"] = Field("char", title="Token unit", description="Characters (the book) or words.")
+    min_freq: int = Field(0, title="Minimum frequency", description="Tokens rarer than this map to <unk>.", ge=0)
+    reserved_tokens: list[str] = Field(
+        default_factory=list, title="Reserved tokens", description="Extra tokens placed right after <unk>."
+    )
+    max_tokens: Optional[int] = Field(
+        10000,
+        title="Training tokens",
+        description="Train on the first N tokens only (the book: 10000). Empty: the whole training split.",
+        ge=1,
+    )
+    val_fraction: float = Field(
+        0.0,
+        title="Validation fraction",
+        description="Share of the corpus, before the test part, used to choose the best epoch. 0: keep the last epoch.",
+        ge=0.0,
+        le=0.5,
+    )
+    test_fraction: float = Field(
+        0.1,
+        title="Held-out test fraction",
+        description="Share at the end of the corpus never trained on; its perplexity is reported.",
+        gt=0.0,
+        le=0.5,
+    )
+
+    def expected_sha1(self) -> str | None:
+        """The hash the download must match: the user's, else the book's for the book's own URL."""
+        if self.sha1:
+            return self.sha1.lower()
+        return D2L_SHA1 if self.url == D2L_URL else None
+
+    @model_validator(mode="after")
+    def _splits_leave_training_text(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                f"val_fraction ({self.val_fraction}) + test_fraction ({self.test_fraction}) must leave at least "
+                "10% of the corpus for training"
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    """The recurrent language model: cell type, depth, width."""
+
+    cell: CellType = Field("lstm", title="Cell type", description="lstm (the book), gru or rnn (tanh).")
+    num_hiddens: int = Field(256, title="Hidden units", description="Width of each recurrent layer.", ge=1, le=8192)
+    num_layers: int = Field(2, title="Layers", description="Stacked recurrent layers (the book: 2).", ge=1, le=16)
+    dropout: float = Field(0.0, title="Dropout", description="Dropout between recurrent layers, in [0, 1).", ge=0.0, lt=1.0)
+    embedding_dim: Optional[int] = Field(
+        None,
+        title="Embedding size",
+        description="Learned embedding of this size. Empty: one-hot input, as in the book.",
+        ge=1,
+        le=8192,
+    )
+
+
+class TrainConfig(_Section):
+    """The training loop: batching, optimizer, schedule, device and bookkeeping."""
+
+    batch_size: int = Field(32, title="Batch size", description="Sequences per minibatch.", ge=1, le=65536)
+    num_steps: int = Field(35, title="Steps", description="Time steps per minibatch (truncated BPTT).", ge=1, le=4096)
+    partition: Literal["sequential", "random"] = Field(
+        "sequential",
+        title="Partitioning",
+        description="sequential: state carried across minibatches (the book); random: state reset per minibatch.",
+    )
+    epochs: int = Field(500, title="Epochs", description="Passes over the training tokens.", ge=1, le=100000)
+    optimizer: OptimizerName = Field("sgd", title="Optimizer", description="sgd (the book), adam or adamw.")
+    lr: float = Field(2.0, title="Learning rate", description="Peak learning rate.", gt=0.0, le=100.0)
+    weight_decay: float = Field(0.0, title="Weight decay", description="L2 (sgd, adam) or decoupled (adamw).", ge=0.0, le=1.0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", title="LR schedule", description="constant (the book) or cosine decay to 0 over the epochs."
+    )
+    clip_norm: Optional[float] = Field(
+        1.0, title="Gradient clip", description="Clip the global gradient norm to this (the book: 1). Empty: off.", gt=0.0
+    )
+    seed: int = Field(0, title="Seed", description="Seeds weights, minibatch offsets, dropout.", ge=0, le=2**32 - 1)
+    device: DeviceName = Field("auto", title="Device", description="auto picks cuda, then mps, then cpu.")
+    fast: bool = Field(
+        True,
+        title="Fast path",
+        description="Device-resident data, no host syncs, CUDA-graph capture where possible. Off: plain eager loop.",
+    )
+    eval_every: int = Field(
+        10, title="Evaluate every", description="Held-out perplexity every N epochs (and at the last).", ge=1
+    )
+    log_every: int = Field(10, title="Log every", description="Progress line every N epochs (and at the last).", ge=1)
+    checkpoint_every: Optional[int] = Field(
+        None, title="Checkpoint every", description="Save a resumable checkpoint every N epochs. Empty: at the end only.", ge=1
+    )
+
+
+class SampleConfig(_Section):
+    """Text generated at the end of a run."""
+
+    prefixes: list[str] = Field(
+        default_factory=lambda: ["time traveller", "traveller"],
+        title="Prefixes",
+        description="Each prefix is continued; the book uses 'time traveller' and 'traveller'.",
+        min_length=1,
+        max_length=32,
+    )
+    num_chars: int = Field(50, title="Tokens to generate", description="Tokens appended to each prefix.", ge=1, le=10000)
+    temperature: Optional[float] = Field(
+        None, title="Temperature", description="Empty: greedy argmax (the book). Otherwise sample at this temperature.", gt=0.0, le=100.0
+    )
+    top_k: Optional[int] = Field(None, title="Top-k", description="Sample only among the k likeliest tokens.", ge=1)
+    seed: int = Field(0, title="Sampling seed", description="Seed of the sampling generator.", ge=0, le=2**32 - 1)
+
+    @field_validator("prefixes")
+    @classmethod
+    def _non_empty_prefixes(cls, value: list[str]) -> list[str]:
+        if any(not p for p in value):
+            raise ValueError("every prefix needs at least one character")
+        return value
+
+
+class RunConfig(_Section):
+    """The complete configuration of one training run; defaults reproduce D2L section 9.3."""
+
+    preset: PresetName = Field("d2l-9.3", title="Preset", description="The named preset this configuration started from.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+
+    def flat(self) -> dict[str, Any]:
+        """Every value as ``section.field -> value`` (lists and None as strings), e.g. for MLflow params."""
+        out: dict[str, Any] = {"preset": self.preset}
+        for section in ("data", "model", "train", "sample"):
+            for key, value in getattr(self, section).model_dump(mode="json").items():
+                out[f"{section}.{key}"] = value
+        return out
+
+
+def _presets() -> dict[str, dict[str, Any]]:
+    """Each preset as overrides of the book's defaults (kept as data so it reads like a parameter file)."""
+    return {
+        # The book, D2L 9.3: every default above.
+        "d2l-9.3": {},
+        # The whole book, split 80/10/10, with settings that generalize instead of memorizing 10k characters.
+        "full-book": {
+            "data": {"max_tokens": None, "val_fraction": 0.1, "test_fraction": 0.1},
+            "model": {"num_layers": 3, "num_hiddens": 512, "dropout": 0.3},
+            "train": {
+                "batch_size": 64,
+                "num_steps": 64,
+                "epochs": 40,
+                "optimizer": "adamw",
+                "lr": 3e-3,
+                "weight_decay": 0.05,
+                "lr_schedule": "cosine",
+                "eval_every": 1,
+                "log_every": 1,
+            },
+        },
+        # Seconds on a CPU: a tiny model over a sliver of the book, for tests and first contact.
+        "smoke": {
+            "data": {"max_tokens": 2000},
+            "model": {"num_hiddens": 32},
+            "train": {"batch_size": 8, "num_steps": 16, "epochs": 3, "lr": 1.0, "eval_every": 1, "log_every": 1},
+            "sample": {"num_chars": 20},
+        },
+    }
+
+
+PRESETS: tuple[str, ...] = ("d2l-9.3", "full-book", "smoke")
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``update`` into a copy of ``base`` (nested dicts merged, other values replaced)."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def preset_config(name: str, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The named preset, with ``overrides`` (nested ``{section: {field: value}}``) applied and validated.
+
+    Raises ``ValueError`` naming the valid presets for an unknown name, and pydantic's ``ValidationError``
+    (naming the field) for a bad override.
+    """
+    presets = _presets()
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    merged = _merge(presets[name], overrides or {})
+    merged["preset"] = name
+    return RunConfig.model_validate(merged)
+
+
+def _optional_copy(section: type[BaseModel], name: str) -> type[BaseModel]:
+    """A model with ``section``'s fields, titles, descriptions and bounds, each optional and defaulting to None."""
+    fields: dict[str, Any] = {}
+    for field_name, info in section.model_fields.items():
+        copied = info._copy()  # keeps title, description and constraints (ge/le/pattern)
+        copied.default = None
+        copied.default_factory = None
+        if copied.description:
+            copied.description += " Empty: the preset's value."
+        fields[field_name] = (Optional[info.annotation], copied)  # type: ignore[name-defined]
+    return create_model(  # type: ignore[call-overload]
+        name,
+        __config__=ConfigDict(extra="forbid"),
+        __doc__=f"Overrides of {section.__name__}: set only what should differ from the preset.",
+        **fields,
+    )
+
+
+DataOverrides = _optional_copy(DataConfig, "DataOverrides")
+ModelOverrides = _optional_copy(ModelConfig, "ModelOverrides")
+TrainOverrides = _optional_copy(TrainConfig, "TrainOverrides")
+SampleOverrides = _optional_copy(SampleConfig, "SampleOverrides")
+
+
+def resolve(
+    preset: str,
+    data: BaseModel | dict[str, Any] | None = None,
+    model: BaseModel | dict[str, Any] | None = None,
+    train: BaseModel | dict[str, Any] | None = None,
+    sample: BaseModel | dict[str, Any] | None = None,
+) -> RunConfig:
+    """Apply per-section overrides (models or dicts; None values ignored) to a preset and validate the result."""
+    overrides: dict[str, Any] = {}
+    for key, section in (("data", data), ("model", model), ("train", train), ("sample", sample)):
+        if section is None:
+            continue
+        values = section.model_dump(exclude_none=True) if isinstance(section, BaseModel) else dict(section)
+        values = {k: v for k, v in values.items() if v is not None}
+        if values:
+            overrides[key] = values
+    return preset_config(preset, overrides)
+
+
+def is_sha1(text: str) -> bool:
+    """True for 40 hexadecimal digits."""
+    return bool(_SHA1_RE.match(text))

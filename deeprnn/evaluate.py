@@ -1,0 +1,54 @@
+"""Stage 7: perplexity, token-weighted and safe against overflow."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from deeprnn.batching import eval_streams
+from deeprnn.model import RNNLM
+
+_MAX_LOG = 709.0  # math.exp overflows a float above ~709.78
+
+
+def perplexity_from_loss(mean_loss: float) -> float:
+    """``exp(mean cross-entropy)``; ``inf`` instead of an OverflowError, ``nan`` stays ``nan``."""
+    if math.isnan(mean_loss):
+        return math.nan
+    return math.exp(mean_loss) if mean_loss < _MAX_LOG else math.inf
+
+
+@torch.no_grad()
+def loss_sum(model: RNNLM, ids: torch.Tensor, rows: int = 32, chunk: int = 512) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over ``ids`` (on the model's device, not synced) and the number of targets.
+
+    The text is laid out as ``rows`` streams read in ``chunk``-step pieces with the state carried across
+    pieces, so every token after a stream's first is predicted from its full left context within the stream.
+    """
+    device = next(model.parameters()).device
+    x, y = eval_streams(ids.to(device), rows)  # (R, L)
+    state = model.begin_state(x.shape[0], device)
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    for start in range(0, x.shape[1], chunk):
+        xs, ys = x[:, start : start + chunk], y[:, start : start + chunk]  # (R, t)
+        logits, state = model(xs, state)  # (t*R, V)
+        total += F.cross_entropy(logits, ys.T.reshape(-1), reduction="sum").to(torch.float64)
+    return total, y.numel()
+
+
+def perplexity(model: RNNLM, ids: torch.Tensor, rows: int = 32, chunk: int = 512) -> float:
+    """Perplexity of ``model`` on ``ids`` (any split), weighting every token equally.
+
+    The model is put in eval mode for the measurement and returned to the mode it was in.
+    """
+    if ids.numel() < 2:
+        raise ValueError("perplexity needs at least two tokens")
+    was_training = model.training
+    model.eval()
+    try:
+        total, count = loss_sum(model, ids, rows, chunk)
+    finally:
+        model.train(was_training)
+    return perplexity_from_loss(total.item() / count)

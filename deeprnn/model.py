@@ -1,0 +1,90 @@
+"""Stage 5: the recurrent language model (the book's ``RNNModel`` around ``nn.LSTM``/``GRU``/``RNN``)."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deeprnn.config import ModelConfig
+
+# LSTM state is (h, c); GRU and RNN state is h alone. Each is (num_layers, B, H).
+State = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+_CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+class RNNLM(nn.Module):
+    """Token ids in, next-token logits out: one-hot (or embedding) -> stacked RNN -> linear.
+
+    Parameter names (``rnn.*``, ``linear.*``) match the book's ``RNNModel``, so its weights load here as-is.
+    Dropout (0 in the book) applies between recurrent layers and to the last layer's output.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        cell: str = "lstm",
+        num_hiddens: int = 256,
+        num_layers: int = 2,
+        dropout: float = 0.0,
+        embedding_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        if cell not in _CELLS:
+            raise ValueError(f"unknown cell {cell!r}; use one of {sorted(_CELLS)}")
+        self.vocab_size = vocab_size
+        self.num_hiddens = num_hiddens
+        self.num_layers = num_layers
+        self.embedding = nn.Embedding(vocab_size, embedding_dim) if embedding_dim else None
+        input_size = embedding_dim or vocab_size
+        self.rnn = _CELLS[cell](input_size, num_hiddens, num_layers, dropout=dropout if num_layers > 1 else 0.0)
+        self.drop = nn.Dropout(dropout)
+        self.linear = nn.Linear(num_hiddens, vocab_size)
+
+    @classmethod
+    def from_config(cls, vocab_size: int, cfg: ModelConfig) -> "RNNLM":
+        """Build the model a ``ModelConfig`` describes."""
+        return cls(vocab_size, cfg.cell, cfg.num_hiddens, cfg.num_layers, cfg.dropout, cfg.embedding_dim)
+
+    def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """``inputs`` (B, T) token ids -> logits (T*B, V), time-major as in the book, and the new state."""
+        x = inputs.T  # (T, B)
+        if self.embedding is None:
+            x = F.one_hot(x, self.vocab_size).to(torch.float32)  # (T, B, V)
+        else:
+            x = self.embedding(x)  # (T, B, E)
+        y, state = self.rnn(x, state)  # (T, B, H)
+        y = self.drop(y)
+        return self.linear(y.reshape(-1, y.shape[-1])), state  # (T*B, V)
+
+    def begin_state(self, batch_size: int, device: torch.device) -> State:
+        """Zero state for ``batch_size`` sequences."""
+        h = torch.zeros(self.num_layers, batch_size, self.num_hiddens, device=device)
+        if isinstance(self.rnn, nn.LSTM):
+            return h, torch.zeros_like(h)
+        return h
+
+
+def detach_state(state: State) -> State:
+    """Cut the graph behind a carried state (truncated back-propagation through time)."""
+    if isinstance(state, tuple):
+        return tuple(s.detach() for s in state)  # type: ignore[return-value]
+    return state.detach()
+
+
+def copy_state_(dst: State, src: State) -> None:
+    """Copy ``src`` into the buffers of ``dst`` in place (keeps addresses stable for CUDA graphs)."""
+    if isinstance(dst, tuple):
+        for d, s in zip(dst, src):
+            d.copy_(s)
+    else:
+        dst.copy_(src)  # type: ignore[arg-type]
+
+
+def zero_state_(state: State) -> None:
+    """Reset a state to zeros in place."""
+    for s in state if isinstance(state, tuple) else (state,):
+        s.zero_()

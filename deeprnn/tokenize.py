@@ -1,0 +1,33 @@
+"""Stage 2: text -> lines -> tokens, exactly as the book does it (D2L 8.2)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+_NON_LETTERS = re.compile("[^A-Za-z]+")
+
+
+def preprocess_lines(text: str) -> list[str]:
+    """Keep letters only, lower-cased, one entry per line (the book's ``read_time_machine``)."""
+    return [_NON_LETTERS.sub(" ", line).strip().lower() for line in text.splitlines(keepends=True)]
+
+
+def read_lines(path: Path) -> list[str]:
+    """Read a UTF-8 corpus file and preprocess it."""
+    return preprocess_lines(Path(path).read_text(encoding="utf-8"))
+
+
+def tokenize(lines: list[str], token: Literal["char", "word"] = "char") -> list[list[str]]:
+    """Split each line into characters or words (the book's ``tokenize``)."""
+    if token == "word":
+        return [line.split() for line in lines]
+    if token == "char":
+        return [list(line) for line in lines]
+    raise ValueError(f"unknown token type {token!r}; use 'char' or 'word'")
+
+
+def flatten(tokens: list[list[str]]) -> list[str]:
+    """All tokens in order, lines joined with no separator (as the book's corpus is)."""
+    return [tok for line in tokens for tok in line]
