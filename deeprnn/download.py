@@ -108,6 +108,15 @@ def _cache_name(source: str, expected_sha1: str | None) -> str:
     return f"url-{hashlib.sha256(source.encode()).hexdigest()[:24]}.txt"
 
 
+def cached_copy(source: str, expected_sha1: str | None = None, cache: Path | None = None) -> Path:
+    """Where ``fetch_corpus`` keeps (or would keep) ``source``; a local source is its own copy."""
+    local = _local_path(source)
+    if local is not None:
+        return local
+    folder = cache if cache is not None else cache_dir()
+    return folder / _cache_name(source, expected_sha1.lower() if expected_sha1 else None)
+
+
 def _session(retries: int) -> requests.Session:
     """A session that retries connection errors and 5xx with exponential backoff (never 4xx)."""
     retry = Retry(
@@ -187,8 +196,7 @@ def fetch_corpus(
         _verify(data, expected, shown)
         return CorpusFile(local, hashlib.sha1(data).hexdigest(), str(local), len(data))
 
-    folder = cache if cache is not None else cache_dir()
-    target = folder / _cache_name(source, expected)
+    target = cached_copy(source, expected, cache)
     record = target.with_suffix(".sha1")
     if target.is_file():
         want = expected or (record.read_text().strip() if record.is_file() else None)

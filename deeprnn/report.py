@@ -1,0 +1,38 @@
+"""Human-readable outputs of a run: the perplexity curve and a samples text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from deeprnn.train import EpochStats
+
+
+def plot_history(history: list[EpochStats], path: Path, title: str = "") -> Path:
+    """Save training and held-out perplexity per epoch (log scale) as a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot([h.epoch for h in history], [h.train_perplexity for h in history], label="train")
+    held = [(h.epoch, h.heldout_perplexity) for h in history if h.heldout_perplexity is not None]
+    if held:
+        ax.plot(*zip(*held), marker="o", markersize=3, label="held-out")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title or "perplexity per epoch")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def samples_text(samples: dict[str, str]) -> str:
+    """One continuation per line, in prefix order."""
+    return "".join(f"{text}\n" for text in samples.values())

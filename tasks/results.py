@@ -1,0 +1,127 @@
+"""Prefect tasks that publish a run's results: MLflow metrics, artifacts and model; a Prefect summary."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from deeprnn.config import RunConfig
+from deeprnn.report import plot_history, samples_text
+from deeprnn.train import EpochStats
+from tasks import tracking
+
+
+@task(name="log-results", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def log_results(
+    run_id: str,
+    config: RunConfig,
+    vocab: dict[str, Any],
+    trained: dict[str, Any],
+    evaluation: dict[str, float | None],
+    samples: dict[str, str],
+    corpus_sha1: str,
+) -> dict[str, Any]:
+    """Log final metrics, vocabulary, samples, curve, history and the model (registered; champion if best)."""
+    history = [EpochStats(**h) for h in trained["history"]]
+    final = {
+        "final_train_perplexity": trained["final_train_perplexity"],
+        "best_heldout_perplexity": trained["best_heldout_perplexity"],
+        "best_epoch": trained["best_epoch"],
+        "train_seconds": trained["train_seconds"],
+        "mean_tokens_per_sec": trained["tokens_per_sec"],
+        **evaluation,
+    }
+    tracking.log_metrics(run_id, final, step=trained["epochs_done"])
+    tracking.log_text(run_id, json.dumps(vocab, ensure_ascii=False, indent=1), "vocab.json")
+    tracking.log_text(run_id, samples_text(samples), "samples.txt")
+    tracking.log_text(run_id, json.dumps(samples, ensure_ascii=False, indent=1), "samples.json")
+    tracking.log_text(run_id, config.model_dump_json(indent=1), "config.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        plot = plot_history(history, Path(tmp) / "perplexity.png", f"{config.preset}: perplexity per epoch")
+        tracking.log_artifact(run_id, plot)
+    tracking.set_tags(run_id, {"deeprnn.step_mode": trained["step_mode"]})
+
+    model = tracking.log_model(run_id, Path(trained["checkpoint"]), config.sample.prefixes[0])
+    # Champions are compared on the same held-out text only: same corpus bytes, same split.
+    heldout_key = f"{corpus_sha1}:{config.data.token}:val={config.data.val_fraction}:test={config.data.test_fraction}"
+    score = evaluation.get("val_perplexity") or evaluation["test_perplexity"]
+    if "version" in model and score is not None:
+        model["champion"] = tracking.promote_if_better(model["registered_model"], model["version"], score, heldout_key)
+    get_run_logger().info("model logged: %s", model)
+    return {"model": model, "metrics": final}
+
+
+@task(name="publish-summary", cache_policy=NO_CACHE)
+def publish_summary(
+    run_id: str, config: RunConfig, trained: dict[str, Any], evaluation: dict[str, float | None], samples: dict[str, str]
+) -> str:
+    """A markdown artifact on the Prefect run: perplexities, speed, device, samples, link to MLflow."""
+    link = tracking.run_url(run_id)
+    mlflow_ref = f"[{run_id}]({link})" if link else f"`{run_id}` in `{tracking.tracking_uri()}`"
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines = [
+        f"# deeprnn run ({config.preset})",
+        "",
+        f"MLflow run: {mlflow_ref}",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        f"| final training perplexity | {fmt(trained['final_train_perplexity'])} |",
+        f"| best held-out perplexity (epoch {trained['best_epoch']}) | {fmt(trained['best_heldout_perplexity'])} |",
+        f"| validation perplexity | {fmt(evaluation.get('val_perplexity'))} |",
+        f"| test perplexity | {fmt(evaluation.get('test_perplexity'))} |",
+        f"| tokens/s | {trained['tokens_per_sec']:,.0f} |",
+        f"| training time | {trained['train_seconds']:.1f} s |",
+        f"| device / step | {trained['device']} / {trained['step_mode']} |",
+        "",
+        "## Samples",
+        "",
+        *[f"- `{text}`" for text in samples.values()],
+    ]
+    markdown = "\n".join(lines)
+    create_markdown_artifact(markdown, key="deeprnn-train-summary", description="deeprnn training summary")
+    return markdown
+
+
+@task(name="check-inputs", cache_policy=NO_CACHE)
+def check_inputs(config: RunConfig) -> str:
+    """Refuse what would fail later, before any download or training: a missing device, an unreachable
+    MLflow. Returns the tracking URI in use."""
+    from deeprnn.device import resolve_device
+
+    device = resolve_device(config.train.device)
+    uri = tracking.check_reachable()
+    get_run_logger().info("device %s, MLflow tracking at %s", device, uri)
+    return uri
+
+
+@task(name="start-mlflow-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def start_tracking(config: RunConfig, experiment: str, runs_dir: str) -> tuple[str, str]:
+    """Open the MLflow run (params, tags linking the Prefect flow run); returns its id and local run folder."""
+    from prefect.runtime import deployment, flow_run
+
+    tags = {
+        "prefect.flow_run_id": str(flow_run.get_id() or ""),
+        "prefect.flow_run_name": str(flow_run.get_name() or ""),
+        "prefect.flow_name": str(flow_run.get_flow_name() or ""),
+        "prefect.deployment": str(deployment.get_name() or ""),
+        "deeprnn.preset": config.preset,
+    }
+    url = flow_run.get_flow_run_ui_url()
+    if url:
+        tags["prefect.flow_run_url"] = url
+    run_id = tracking.start_run(config, experiment, run_name=flow_run.get_name(), tags=tags)
+    # The folder is named by MLflow's hex id, never by user input, so it stays inside runs_dir.
+    run_dir = Path(runs_dir).resolve() / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    get_run_logger().info("MLflow run %s in experiment %r; checkpoints in %s", run_id, experiment, run_dir)
+    return run_id, str(run_dir)

@@ -1,0 +1,327 @@
+"""The one module that talks to MLflow.
+
+Everything goes through an explicit ``run_id`` and ``MlflowClient``: MLflow's "active run" is thread-local,
+and Prefect may run tasks on other threads. The tracking URI is MLflow's own: ``MLFLOW_TRACKING_URI`` if
+set, else ``sqlite:///mlflow.db`` in the working directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+import mlflow
+import requests
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from deeprnn.config import RunConfig
+from deeprnn.download import CorpusFile, redact_url
+from deeprnn.train import EpochStats
+
+log = logging.getLogger(__name__)
+
+REGISTERED_MODEL = "deeprnn-lm"
+CHAMPION = "champion"
+_PYFUNC_CODE = Path(__file__).with_name("lm_pyfunc.py")
+_MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking store cannot be reached."""
+
+
+def tracking_uri() -> str:
+    """The tracking URI in force (credentials removed: safe to print)."""
+    return redact_url(mlflow.get_tracking_uri())
+
+
+def check_reachable(timeout: float = 5.0) -> str:
+    """Fail fast, naming the URI, when the tracking server is down; create a local store's folder.
+
+    Returns the (redacted) URI. Called before any download or training.
+    """
+    uri = mlflow.get_tracking_uri()
+    scheme = urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        try:
+            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+            response.raise_for_status()
+        except requests.RequestException as exc:
+            raise TrackingUnavailableError(
+                f"MLflow tracking server {redact_url(uri)} is unreachable ({type(exc).__name__}). Start it "
+                "(see README: mlflow server) or set MLFLOW_TRACKING_URI to a reachable store"
+            ) from None
+    elif scheme == "sqlite":
+        path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        if path is not None and str(path) not in ("", ":memory:"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+    _ensure_store()
+    return redact_url(uri)
+
+
+def _ensure_store() -> None:
+    """Create the tracking store once, under a file lock for local sqlite stores.
+
+    MLflow creates the sqlite schema (and runs its migrations) on first use; several processes doing that
+    at once on a fresh file corrupt it or fail. Serialize the first touch across processes.
+    """
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        MlflowClient().search_experiments(max_results=1)
+        return
+    from filelock import FileLock  # a Prefect and MLflow dependency already
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    with FileLock(str(db) + ".lock", timeout=300):
+        MlflowClient().search_experiments(max_results=1)
+
+
+def experiment_id(name: str) -> str:
+    """The id of experiment ``name``, created if missing (safe when several runs create it at once)."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        found = client.get_experiment_by_name(name)  # another process created it first
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    return "" if value is None else str(value)
+
+
+def start_run(config: RunConfig, experiment: str, run_name: str | None, tags: dict[str, str]) -> str:
+    """Create the MLflow run with every configuration value as a param; returns its id."""
+    client = MlflowClient()
+    params = config.flat()
+    params["data.url"] = redact_url(params["data.url"])  # never log credentials
+    run = client.create_run(experiment_id(experiment), run_name=run_name, tags=tags)
+    items = [Param(k, _param_value(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str) -> None:
+    """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED``."""
+    MlflowClient().set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def run_status(run_id: str) -> Iterator[None]:
+    """End the run FINISHED on success, KILLED on Ctrl-C, FAILED on any error: never left RUNNING."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        end_run(run_id, RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException:
+        end_run(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    end_run(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def set_tags(run_id: str, tags: dict[str, Any]) -> None:
+    """Set several tags at once."""
+    from mlflow.entities import RunTag
+
+    MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_dataset(run_id: str, corpus: CorpusFile, vocab: dict[str, Any]) -> None:
+    """Record the corpus's identity (URL, sha1, size, token count) as an MLflow dataset input and as tags."""
+    num_tokens = sum(freq for _, freq in vocab["token_freqs"])
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = corpus.source
+    ds_source = resolve_dataset_source(source)  # HTTP URL or local file source, as MLflow knows them
+    dataset = MetaDataset(source=ds_source, name=Path(urlsplit(source).path).name or "corpus", digest=corpus.sha1[:10])
+    MlflowClient().log_inputs(
+        run_id,
+        datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])],
+    )
+    set_tags(
+        run_id,
+        {
+            "dataset.url": source,
+            "dataset.sha1": corpus.sha1,
+            "dataset.bytes": corpus.num_bytes,
+            "dataset.num_tokens": num_tokens,
+            "dataset.vocab_size": len(vocab["idx_to_token"]),
+        },
+    )
+
+
+class MetricLogger:
+    """Buffers per-epoch metrics and sends them in batches (one ``log_batch`` per flush, not one call each)."""
+
+    def __init__(self, run_id: str, flush_seconds: float = 5.0) -> None:
+        self.run_id = run_id
+        self.flush_seconds = flush_seconds
+        self._buffer: list[Metric] = []
+        self._last = time.monotonic()
+        self._client = MlflowClient()
+
+    def add_epoch(self, stats: EpochStats) -> None:
+        """Queue one epoch's metrics, with the epoch as the step."""
+        ts = int(time.time() * 1000)
+        values = {"train_perplexity": stats.train_perplexity, "tokens_per_sec": stats.tokens_per_sec, "lr": stats.lr}
+        if stats.heldout_perplexity is not None:
+            values["heldout_perplexity"] = stats.heldout_perplexity
+        self._buffer += [Metric(k, float(v), ts, stats.epoch) for k, v in values.items()]
+        if time.monotonic() - self._last > self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send everything queued."""
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:_MAX_BATCH], self._buffer[_MAX_BATCH:]
+            self._client.log_batch(self.run_id, metrics=chunk)
+        self._last = time.monotonic()
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log final (summary) metrics in one call; None values are skipped."""
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+    if items:
+        MlflowClient().log_batch(run_id, metrics=items)
+
+
+def log_artifact(run_id: str, path: Path, folder: str | None = None) -> None:
+    """Upload one file to the run's artifacts."""
+    MlflowClient().log_artifact(run_id, str(path), folder)
+
+
+def log_text(run_id: str, text: str, name: str) -> None:
+    """Store ``text`` as an artifact file named ``name``."""
+    MlflowClient().log_text(run_id, text, name)
+
+
+def pip_requirements() -> list[str]:
+    """What the logged model needs, pinned to the versions it was trained with."""
+    import pydantic
+    import torch
+
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"mlflow=={mlflow.__version__}",
+        f"pydantic=={pydantic.__version__}",
+    ]
+
+
+def log_model(run_id: str, checkpoint: Path, example_prefix: str, register_as: str | None = REGISTERED_MODEL) -> dict[str, Any]:
+    """Log the checkpoint as a pyfunc model from code (prefix in, generated text out), optionally registered.
+
+    The ``deeprnn`` library travels with the model (``code_paths``), so loading it needs only the pinned
+    requirements. Returns the model URI and, when registered, the version.
+    """
+    import deeprnn
+    import pandas as pd
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "prefix")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema(
+            [
+                ParamSpec("num_chars", "long", 50),
+                ParamSpec("temperature", "double", 0.0),  # 0: greedy, as the book
+                ParamSpec("top_k", "long", 0),  # 0: no top-k filter
+                ParamSpec("seed", "long", 0),
+            ]
+        ),
+    )
+    info = Model.log(
+        artifact_path=None,  # deprecated positional in Model.log; ``name`` is the MLflow 3 spelling
+        name="model",
+        flavor=mlflow.pyfunc,
+        run_id=run_id,
+        python_model=str(_PYFUNC_CODE),
+        artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(Path(deeprnn.__file__).parent)],
+        pip_requirements=pip_requirements(),
+        signature=signature,
+        input_example=pd.DataFrame({"prefix": [example_prefix]}),
+        registered_model_name=register_as,
+        await_registration_for=30,
+    )
+    out: dict[str, Any] = {"model_uri": info.model_uri}
+    if register_as and info.registered_model_version is not None:
+        out["registered_model"] = register_as
+        out["version"] = str(info.registered_model_version)
+    return out
+
+
+def promote_if_better(name: str, version: str, score: float, heldout_key: str) -> bool:
+    """Point the ``champion`` alias at ``version`` if its held-out perplexity beats the current champion's
+    on the same held-out text (``heldout_key``: corpus sha1 and split). Returns True when moved."""
+    client = MlflowClient()
+    client.set_model_version_tag(name, version, "heldout_perplexity", str(score))
+    client.set_model_version_tag(name, version, "heldout_key", heldout_key)
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    if current is not None:
+        tags = current.tags or {}
+        same_text = tags.get("heldout_key") == heldout_key
+        if same_text and float(tags.get("heldout_perplexity", "inf")) <= score:
+            return False
+        if not same_text:
+            log.info("champion v%s was measured on other held-out text; not comparable, keeping it", current.version)
+            return False
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return True
+
+
+def load_pyfunc(model_uri: str) -> Any:
+    """Load a logged model (``runs:/...``, ``models:/name@alias``, ...); clear error when it does not exist."""
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LookupError(f"cannot load model {model_uri!r} from {tracking_uri()}: {first}") from None
+
+
+def run_url(run_id: str) -> str | None:
+    """A browser link to the run when the tracking server is an http(s) one."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    run = MlflowClient().get_run(run_id)
+    return f"{redact_url(uri).rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+@dataclass
+class RunRecord:
+    """What a finished run recorded, for tests and the CLI."""
+
+    run_id: str
+    status: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+
+def get_run(run_id: str) -> RunRecord:
+    """Read a run back."""
+    run = MlflowClient().get_run(run_id)
+    return RunRecord(run_id, run.info.status, dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))

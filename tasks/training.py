@@ -1,0 +1,114 @@
+"""Prefect tasks for training, evaluation and generation. Models stay out of Prefect's results: tasks
+take and return checkpoint paths, metrics and text."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+
+from deeprnn import checkpoint
+from deeprnn.batching import Splits
+from deeprnn.config import RunConfig
+from deeprnn.device import describe, resolve_device, seed_everything
+from deeprnn.evaluate import perplexity
+from deeprnn.generate import generate
+from deeprnn.model import RNNLM
+from deeprnn.train import EpochStats, Trainer
+from deeprnn.vocab import Vocab
+from tasks import tracking
+
+LAST = "last.pt"  # resumable: weights + optimizer + RNG state, rewritten every checkpoint
+MODEL = "model.pt"  # the selected weights the run reports and logs
+
+
+def _progress_line(s: EpochStats, epochs: int) -> str:
+    held = f", held-out ppl {s.heldout_perplexity:.2f}" if s.heldout_perplexity is not None else ""
+    return f"epoch {s.epoch}/{epochs}: train ppl {s.train_perplexity:.3f}{held}, {s.tokens_per_sec:,.0f} tokens/s"
+
+
+@task(name="train-model", cache_policy=NO_CACHE)
+def train_model(
+    config: RunConfig, vocab: dict[str, Any], splits: Splits, run_id: str, run_dir: str
+) -> dict[str, Any]:
+    """Train on the training split, logging every epoch to MLflow; returns the checkpoint path and metrics."""
+    logger = get_run_logger()
+    cfg = config.train
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    voc = Vocab.from_dict(vocab)
+    model = RNNLM.from_config(len(voc), config.model)
+    has_val = splits.val.numel() > 0
+    heldout = splits.val if has_val else splits.test
+    trainer = Trainer(model, splits.train, cfg, device, heldout_ids=heldout, select_best=has_val)
+    out = Path(run_dir)
+    logger.info(
+        "training %s x%d (%d hidden) on %s: %d epochs of %d tokens, held-out = %s split",
+        config.model.cell, config.model.num_layers, config.model.num_hiddens, describe(device),
+        cfg.epochs, splits.train.numel(), "validation" if has_val else "test",
+    )
+
+    metrics = tracking.MetricLogger(run_id)
+    progress = create_progress_artifact(0.0, key=None, description="Training progress (% of epochs)")
+    started = time.perf_counter()
+
+    def on_epoch(stats: EpochStats) -> None:
+        metrics.add_epoch(stats)
+        if stats.epoch % cfg.log_every == 0 or stats.epoch == cfg.epochs:
+            logger.info(_progress_line(stats, cfg.epochs))
+            update_progress_artifact(progress, 100.0 * stats.epoch / cfg.epochs)
+
+    def on_checkpoint(epoch: int) -> None:
+        payload = checkpoint.make_payload(config, voc, model, epoch=epoch, trainer_state=trainer.state_dict())
+        path = checkpoint.save(out / LAST, payload)
+        tracking.log_artifact(run_id, path, "checkpoints")
+
+    try:
+        result = trainer.fit(on_epoch=on_epoch, on_checkpoint=on_checkpoint, checkpoint_every=cfg.checkpoint_every)
+    finally:
+        metrics.flush()  # whatever was measured reaches MLflow, also when training fails
+    final = checkpoint.save(out / MODEL, checkpoint.make_payload(config, voc, model, epoch=result.epochs_done))
+    logger.info(
+        f"trained in {time.perf_counter() - started:.1f} s ({result.step_mode} steps): "
+        f"final train ppl {result.final_train_perplexity:.3f}, {result.tokens_per_sec:,.0f} tokens/s"
+    )
+    summary = result.to_dict()
+    summary.pop("history")
+    return {"checkpoint": str(final), "device": describe(device), "history": [vars(h) for h in result.history], **summary}
+
+
+@task(name="evaluate-model", cache_policy=NO_CACHE)
+def evaluate_model(checkpoint_path: str, splits: Splits, device: str) -> dict[str, float | None]:
+    """Perplexity of the selected model on each split (eval mode, token-weighted)."""
+    model, _, config = checkpoint.restore_model(checkpoint.load(Path(checkpoint_path)), resolve_device(device))
+    rows = config.train.batch_size
+    result = {
+        "train_perplexity_eval": perplexity(model, splits.train, rows=rows),
+        "val_perplexity": perplexity(model, splits.val, rows=rows) if splits.val.numel() > 1 else None,
+        "test_perplexity": perplexity(model, splits.test, rows=rows),
+    }
+    get_run_logger().info(
+        "evaluation: %s", ", ".join(f"{k} {v:.3f}" for k, v in result.items() if v is not None)
+    )
+    return result
+
+
+@task(name="generate-samples", cache_policy=NO_CACHE)
+def generate_samples(checkpoint_path: str, device: str) -> dict[str, str]:
+    """Continue each configured prefix with the selected model (greedy unless a temperature is set)."""
+    model, voc, config = checkpoint.restore_model(checkpoint.load(Path(checkpoint_path)), resolve_device(device))
+    s = config.sample
+    samples = {
+        prefix: generate(
+            model, voc, prefix, s.num_chars, token=config.data.token, temperature=s.temperature, top_k=s.top_k, seed=s.seed
+        )
+        for prefix in s.prefixes
+    }
+    logger = get_run_logger()
+    for text in samples.values():
+        logger.info("sample: %s", text)
+    return samples

@@ -1,0 +1,55 @@
+"""Facts about the book's corpus that section 9.3's numbers rest on, checked on the real file and against d2l."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from deeprnn.batching import num_batches, sequential_batches, split_corpus
+from deeprnn.config import D2L_SHA1, preset_config
+from deeprnn.download import sha1_of
+from deeprnn.vocab import Vocab
+
+# The vocabulary the book prints in 8.2 (after <unk>): space, then letters by descending frequency.
+BOOK_ORDER = ["<unk>", " ", *"etainoshrdlmucfwgypbvkxzjq"]
+
+
+def test_the_file_is_the_books(book_path: Path) -> None:
+    assert sha1_of(book_path) == D2L_SHA1
+
+
+def test_number_of_characters(book_tokens: list[str]) -> None:
+    assert len(book_tokens) == 170_580
+
+
+def test_vocabulary_has_28_tokens_in_the_books_order(book_vocab: Vocab) -> None:
+    assert len(book_vocab) == 28
+    assert book_vocab.idx_to_token == BOOK_ORDER
+
+
+@pytest.mark.d2l
+def test_vocabulary_and_ids_equal_d2l(d2l, d2l_data_dir: Path, book_tokens: list[str], book_vocab: Vocab) -> None:
+    corpus, vocab = d2l.load_corpus_time_machine()
+    assert vocab.idx_to_token == book_vocab.idx_to_token
+    assert book_vocab.encode(book_tokens) == corpus
+
+    short, _ = d2l.load_corpus_time_machine(max_tokens=10000)
+    cfg = preset_config("d2l-9.3").data
+    ids = torch.tensor(book_vocab.encode(book_tokens))
+    splits = split_corpus(ids, cfg.val_fraction, cfg.test_fraction, cfg.max_tokens)
+    assert splits.train.tolist() == short  # the book's preset trains on exactly the book's 10,000 tokens
+    assert splits.val.numel() == 0
+    # The held-out part is the end of the book, disjoint from the training tokens.
+    assert splits.test.numel() == round(len(book_tokens) * 0.1)
+    assert splits.test.tolist() == corpus[-splits.test.numel() :]
+
+
+def test_eight_minibatches_for_every_offset(book_tokens: list[str], book_vocab: Vocab) -> None:
+    ids = torch.tensor(book_vocab.encode(book_tokens[:10000]))
+    for offset in range(0, 36):
+        x, y = sequential_batches(ids, 32, 35, offset)
+        assert x.shape == (8, 32, 35), offset
+        assert y.shape == (8, 32, 35), offset
+        assert num_batches(ids.numel(), 32, 35, offset) == 8
