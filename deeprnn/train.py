@@ -26,6 +26,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -267,8 +268,10 @@ class Trainer:
     def _backend(self) -> Iterator[None]:
         if self.cfg.fast and self.device.type == "cpu":
             # oneDNN's RNN path is slower than PyTorch's native kernels for these small shapes.
-            with torch.backends.mkldnn.flags(enabled=False):
-                yield
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*TF32 acceleration on top of oneDNN.*")
+                with torch.backends.mkldnn.flags(enabled=False):
+                    yield
         else:
             yield
 

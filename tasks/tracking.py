@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -249,6 +250,13 @@ def log_model(run_id: str, checkpoint: Path, example_prefix: str, register_as: s
             ]
         ),
     )
+    # Model.log would file the LoggedModel under the thread's active experiment; create it in the run's own
+    # experiment instead, so `runs:/<run_id>/model` resolves and the UI shows it beside the run.
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(
+        experiment_id=run.info.experiment_id, name="model", source_run_id=run_id, params=dict(run.data.params)
+    )
     info = Model.log(
         artifact_path=None,  # deprecated positional in Model.log; ``name`` is the MLflow 3 spelling
         name="model",
@@ -262,6 +270,7 @@ def log_model(run_id: str, checkpoint: Path, example_prefix: str, register_as: s
         input_example=pd.DataFrame({"prefix": [example_prefix]}),
         registered_model_name=register_as,
         await_registration_for=30,
+        model_id=logged.model_id,
     )
     out: dict[str, Any] = {"model_uri": info.model_uri}
     if register_as and info.registered_model_version is not None:
@@ -295,7 +304,10 @@ def promote_if_better(name: str, version: str, score: float, heldout_key: str) -
 def load_pyfunc(model_uri: str) -> Any:
     """Load a logged model (``runs:/...``, ``models:/name@alias``, ...); clear error when it does not exist."""
     try:
-        return mlflow.pyfunc.load_model(model_uri)
+        with warnings.catch_warnings():
+            # MLflow nags about predict() type hints; this model's signature is declared explicitly instead.
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
+            return mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LookupError(f"cannot load model {model_uri!r} from {tracking_uri()}: {first}") from None

@@ -101,6 +101,18 @@ def tiny_ids(tiny_tokens: list[str], tiny_vocab: Vocab) -> torch.Tensor:
     return torch.tensor(tiny_vocab.encode(tiny_tokens), dtype=torch.long)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest on one thread, and a busy 2-core runner makes several threads spin: use one here.
+
+    Restored after each test, so tests outside this folder keep torch's own setting.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture()
 def restore_global_random():
     """Put Python's global ``random`` state back after a test that seeds it."""

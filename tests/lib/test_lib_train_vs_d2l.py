@@ -16,6 +16,7 @@ from deeprnn.train import Trainer, clip_grad_norm_
 pytestmark = pytest.mark.d2l
 
 CPU = torch.device("cpu")
+HIDDEN = 256  # the book's width; 64 gives the same agreement in a third of the time
 
 
 # ----- gradient clipping ----------------------------------------------------------------------------
@@ -85,9 +86,10 @@ def train_ids(request: pytest.FixtureRequest) -> torch.Tensor:
 def test_trainer_epochs_equal_train_epoch_ch8(d2l, train_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
     vocab_size = int(train_ids.max()) + 1
     offsets = [5, 35]  # one fresh offset per epoch; 35 is the largest the book draws
+    # The book's model (2 x 256 LSTM), batch (32 x 35), SGD(lr=2) and clipping at 1.
     torch.manual_seed(0)
-    book = d2l.RNNModel(nn.LSTM(vocab_size, 256, 2), vocab_size)
-    mine = RNNLM(vocab_size)
+    book = d2l.RNNModel(nn.LSTM(vocab_size, HIDDEN, 2), vocab_size)
+    mine = RNNLM(vocab_size, num_hiddens=HIDDEN)
     mine.load_state_dict(book.state_dict())
 
     # The book: SGD(lr=2), clipping at 1, state carried within an epoch and reset between epochs.
@@ -99,7 +101,10 @@ def test_trainer_epochs_equal_train_epoch_ch8(d2l, train_ids: torch.Tensor, monk
         ppl, _ = d2l.train_epoch_ch8(book, batches, nn.CrossEntropyLoss(), updater, CPU, False)
         book_ppl.append(ppl)
 
-    cfg = preset_config("d2l-9.3", {"train": {"epochs": len(offsets), "fast": False}})
+    cfg = preset_config(
+        "d2l-9.3", {"model": {"num_hiddens": HIDDEN}, "train": {"epochs": len(offsets), "fast": False}}
+    )
+    assert (cfg.train.batch_size, cfg.train.num_steps, cfg.train.lr, cfg.train.clip_norm) == (32, 35, 2.0, 1.0)
     trainer = Trainer(mine, train_ids, cfg.train, CPU)
     drawn = iter(offsets)
     asked: list[tuple[int, int]] = []
@@ -121,5 +126,5 @@ def test_trainer_epochs_equal_train_epoch_ch8(d2l, train_ids: torch.Tensor, monk
         torch.testing.assert_close(value, book_state[name], rtol=1e-5, atol=1e-5, msg=name)
     # Training did move the weights (so the comparison above is not between two untouched models).
     torch.manual_seed(0)
-    untouched = RNNLM(vocab_size)
+    untouched = RNNLM(vocab_size, num_hiddens=HIDDEN)
     assert not torch.allclose(untouched.linear.weight, mine.linear.weight, atol=1e-3)

@@ -1,0 +1,135 @@
+"""deeprnn.generate: greedy equals the book's ``predict_ch8``; seeded sampling; top-k; unknown prefixes; words."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from deeprnn.generate import generate, split_prefix
+from deeprnn.model import RNNLM
+from deeprnn.tokenize import flatten, preprocess_lines, tokenize
+from deeprnn.vocab import Vocab
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture()
+def char_tokens(request: pytest.FixtureRequest) -> list[str]:
+    """The book's characters when the corpus is here, else the tiny text's."""
+    try:
+        return request.getfixturevalue("book_tokens")
+    except pytest.skip.Exception:
+        return request.getfixturevalue("tiny_tokens")
+
+
+@pytest.fixture()
+def model(tiny_vocab: Vocab) -> RNNLM:
+    torch.manual_seed(0)
+    return RNNLM(len(tiny_vocab), num_hiddens=16, num_layers=2)
+
+
+@pytest.mark.d2l
+@pytest.mark.parametrize("prefix", ["time traveller", "traveller", "t"])
+def test_greedy_equals_predict_ch8(d2l, char_tokens: list[str], prefix: str) -> None:
+    book_vocab = d2l.Vocab(char_tokens)
+    vocab = Vocab(char_tokens)
+    assert vocab.idx_to_token == book_vocab.idx_to_token
+    torch.manual_seed(0)
+    book = d2l.RNNModel(nn.LSTM(len(vocab), 256, 2), len(vocab))
+    with torch.no_grad():  # livelier weights than the initial ones, so the greedy text is not one repeated token
+        for p in book.parameters():
+            p.mul_(8.0)
+    mine = RNNLM(len(vocab))
+    mine.load_state_dict(book.state_dict())
+
+    expected = d2l.predict_ch8(prefix, 50, book, book_vocab, CPU)
+    got = generate(mine, vocab, prefix, 50)
+    assert got == expected
+    assert len(got) == len(prefix) + 50 and got.startswith(prefix)
+    assert len(set(got[len(prefix) :])) > 1
+
+
+def test_sampling_is_reproducible_and_seed_dependent(model: RNNLM, tiny_vocab: Vocab) -> None:
+    a = generate(model, tiny_vocab, "the time", 60, temperature=1.0, seed=0)
+    b = generate(model, tiny_vocab, "the time", 60, temperature=1.0, seed=0)
+    c = generate(model, tiny_vocab, "the time", 60, temperature=1.0, seed=1)
+    assert a == b
+    assert a != c
+    assert len(set(a[8:])) > 5  # an untrained model spreads its bets: sampling is not degenerate here
+    assert a.startswith("the time") and len(a) == 68
+
+
+def test_top_k_1_equals_greedy(model: RNNLM, tiny_vocab: Vocab) -> None:
+    greedy = generate(model, tiny_vocab, "the time", 40)
+    for temperature, seed in [(1.0, 0), (0.5, 3), (5.0, 7)]:
+        assert generate(model, tiny_vocab, "the time", 40, temperature=temperature, top_k=1, seed=seed) == greedy
+
+
+def test_top_k_samples_only_the_likeliest(tiny_vocab: Vocab) -> None:
+    torch.manual_seed(0)
+    model = RNNLM(len(tiny_vocab), num_hiddens=8, num_layers=1)
+    favourites = ["e", "t", "a"]
+    with torch.no_grad():  # logits = bias: e > t > a > every other token, whatever the input
+        model.linear.weight.zero_()
+        model.linear.bias.fill_(0.0)
+        for rank, tok in enumerate(favourites):
+            model.linear.bias[tiny_vocab[tok]] = 3.0 - rank
+    top2 = generate(model, tiny_vocab, "x", 200, temperature=10.0, top_k=2, seed=0)[1:]
+    assert set(top2) == {"e", "t"}
+    anything = generate(model, tiny_vocab, "x", 200, temperature=10.0, seed=0)[1:]
+    assert set(anything) - set(favourites)  # without top-k, high temperature reaches the other tokens
+
+
+def test_bad_arguments(model: RNNLM, tiny_vocab: Vocab) -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, tiny_vocab, "the", 5, temperature=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, tiny_vocab, "the", 5, temperature=1.0, top_k=0)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, tiny_vocab, "", 5)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, tiny_vocab, "   ", 5, token="word")
+
+
+def test_unknown_prefix_characters_warn_and_still_generate(
+    model: RNNLM, tiny_vocab: Vocab, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert tiny_vocab.unknown(list("Time Traveller!")) == ["T", "!"]
+    with caplog.at_level(logging.WARNING, logger="deeprnn.generate"):
+        out = generate(model, tiny_vocab, "Time Traveller!", 10)
+    assert out.startswith("Time Traveller!")  # printed back as typed
+    assert len(out) == len("Time Traveller!") + 10
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "deeprnn.generate"]
+    assert len(warnings) == 1
+    assert "'T'" in warnings[0].getMessage() and "'!'" in warnings[0].getMessage()
+    # Unknown characters are read as <unk>: the same continuation as typing <unk> ids.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deeprnn.generate"):
+        generate(model, tiny_vocab, "time traveller", 10)
+    assert not caplog.records
+
+
+def test_mode_restored_and_zero_tokens(model: RNNLM, tiny_vocab: Vocab) -> None:
+    model.train()
+    assert generate(model, tiny_vocab, "time", 0) == "time"
+    generate(model, tiny_vocab, "time", 3)
+    assert model.training
+
+
+def test_word_tokens(tiny_text: str) -> None:
+    words = flatten(tokenize(preprocess_lines(tiny_text), "word"))
+    vocab = Vocab(words)
+    torch.manual_seed(0)
+    model = RNNLM(len(vocab), num_hiddens=16, num_layers=1)
+    assert split_prefix("the  time\ttraveller", "word") == ["the", "time", "traveller"]
+    assert split_prefix("ab c", "char") == ["a", "b", " ", "c"]
+    out = generate(model, vocab, "the time", 5, token="word")
+    parts = out.split(" ")
+    assert parts[:2] == ["the", "time"] and len(parts) == 7
+    assert all(w in vocab.token_to_idx for w in parts[2:])
+    sampled = generate(model, vocab, "the time", 5, token="word", temperature=1.0, seed=1)
+    assert len(sampled.split(" ")) == 7
+    assert generate(model, vocab, "the", 0, token="word") == "the"
