@@ -105,7 +105,9 @@ def test_unknown_prefix_characters_warn_and_still_generate(
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "deeprnn.generate"]
     assert len(warnings) == 1
     assert "'T'" in warnings[0].getMessage() and "'!'" in warnings[0].getMessage()
-    # Unknown characters are read as <unk>: the same continuation as typing <unk> ids.
+    # Unknown characters are read as <unk>: any other unknown characters give the same continuation.
+    same_ids = generate(model, tiny_vocab, "#ime #raveller%", 10)
+    assert same_ids[len("Time Traveller!") :] == out[len("Time Traveller!") :]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="deeprnn.generate"):
         generate(model, tiny_vocab, "time traveller", 10)

@@ -1,0 +1,221 @@
+"""deeprnn.download at the library level: a real HTTP server on 127.0.0.1, a cache in a temporary folder."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from deeprnn.config import D2L_SHA1
+from deeprnn.download import (
+    CACHE_ENV,
+    DownloadError,
+    TransientDownloadError,
+    cache_dir,
+    check_text,
+    fetch_corpus,
+    redact_url,
+    sha1_of,
+)
+
+TEXT = b"The Time Machine, by H. G. Wells\n\nThe Time Traveller (for so it will be convenient)\n"
+SHA1 = hashlib.sha1(TEXT).hexdigest()
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_download_writes_cache_and_sha1_record(http_server, tmp_path: Path) -> None:
+    url = http_server.serve("/data/timemachine.txt", TEXT)
+    cache = tmp_path / "cache"
+    got = fetch_corpus(url, SHA1, cache=cache, retries=0)
+    assert got.path.parent == cache
+    assert got.path.read_bytes() == TEXT
+    assert (got.sha1, got.num_bytes, got.source) == (SHA1, len(TEXT), url)
+    assert _files(cache) == [f"{SHA1}.sha1", f"{SHA1}.txt"]  # no temporary files left
+    assert (cache / f"{SHA1}.sha1").read_text().strip() == SHA1
+    assert http_server.hits == ["/data/timemachine.txt"]
+
+
+def test_second_call_uses_the_cache_without_network(http_server, tmp_path: Path) -> None:
+    url = http_server.serve("/t.txt", TEXT)
+    cache = tmp_path / "cache"
+    first = fetch_corpus(url, SHA1, cache=cache, retries=0)
+    http_server.stop()
+    again = fetch_corpus(url, SHA1, cache=cache, retries=0)
+    assert again.path == first.path and again.sha1 == SHA1
+    assert http_server.hits == ["/t.txt"]
+    # Without an expected hash, the recorded hash vouches for the cached copy.
+    unpinned = tmp_path / "unpinned"
+    with pytest.raises(TransientDownloadError):
+        fetch_corpus(url, None, cache=unpinned, retries=0)  # the server is down: nothing cached yet
+
+
+def test_unpinned_download_is_cached_by_recorded_hash(http_server, tmp_path: Path) -> None:
+    url = http_server.serve("/t.txt", TEXT)
+    cache = tmp_path / "cache"
+    first = fetch_corpus(url, None, cache=cache, retries=0)
+    assert first.sha1 == SHA1
+    assert first.path.name != "t.txt" and first.path.name.endswith(".txt")
+    assert first.path.with_suffix(".sha1").read_text().strip() == SHA1
+    http_server.stop()
+    assert fetch_corpus(url, None, cache=cache, retries=0).path == first.path
+
+
+def test_cache_from_the_environment(http_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env_cache = tmp_path / "env-cache"
+    monkeypatch.setenv(CACHE_ENV, str(env_cache))
+    assert cache_dir() == env_cache
+    got = fetch_corpus(http_server.serve("/t.txt", TEXT), SHA1, retries=0)
+    assert got.path == env_cache / f"{SHA1}.txt"
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_corrupted_cache_is_detected_and_fetched_again(
+    http_server, tmp_path: Path, caplog: pytest.LogCaptureFixture, pinned: bool
+) -> None:
+    url = http_server.serve("/t.txt", TEXT)
+    cache = tmp_path / "cache"
+    expected = SHA1 if pinned else None
+    first = fetch_corpus(url, expected, cache=cache, retries=0)
+    first.path.write_bytes(TEXT[:-5] + b"XXXX\n")
+    with caplog.at_level(logging.WARNING, logger="deeprnn.download"):
+        again = fetch_corpus(url, expected, cache=cache, retries=0)
+    assert again.path.read_bytes() == TEXT
+    assert len(http_server.hits) == 2
+    assert any("fetching it again" in r.getMessage() for r in caplog.records)
+
+
+def test_wrong_sha1_names_both_hashes_and_caches_nothing(http_server, tmp_path: Path) -> None:
+    url = http_server.serve("/t.txt", TEXT)
+    cache = tmp_path / "cache"
+    wrong = "0" * 40
+    with pytest.raises(DownloadError) as info:
+        fetch_corpus(url, wrong, cache=cache, retries=0)
+    msg = str(info.value)
+    assert wrong in msg and SHA1 in msg and "sha1 mismatch" in msg
+    assert not isinstance(info.value, TransientDownloadError)
+    assert _files(cache) == []
+
+
+def test_404_fails_at_once_naming_the_url(http_server, tmp_path: Path) -> None:
+    url = http_server.url("/missing.txt")
+    with pytest.raises(DownloadError) as info:
+        fetch_corpus(url, None, cache=tmp_path / "cache", retries=3)
+    assert not isinstance(info.value, TransientDownloadError)
+    assert url in str(info.value) and "404" in str(info.value)
+    assert http_server.hits == ["/missing.txt"]  # 4xx is never retried
+    assert _files(tmp_path / "cache") == []
+
+
+def test_500_is_transient_after_retries(http_server, tmp_path: Path) -> None:
+    url = http_server.serve("/flaky.txt", b"oops", status=500)
+    with pytest.raises(TransientDownloadError, match="HTTP 500") as info:
+        fetch_corpus(url, None, cache=tmp_path / "cache", retries=1)
+    assert url in str(info.value)
+    assert http_server.hits == ["/flaky.txt", "/flaky.txt"]  # one try plus one retry
+    assert _files(tmp_path / "cache") == []
+
+
+def test_connection_refused_is_transient(closed_port_url, tmp_path: Path) -> None:
+    url = closed_port_url()
+    with pytest.raises(TransientDownloadError, match="could not reach") as info:
+        fetch_corpus(url, None, cache=tmp_path / "cache", retries=1)
+    assert url in str(info.value) and "2 attempts" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (b"", "empty"),
+        (b" \n\t\n", "empty"),
+        (b"text\x00\x01\x02 binary", "binary"),
+        ("caf\u00e9".encode("latin-1") + b" au lait\n", "not UTF-8"),
+    ],
+)
+def test_non_text_is_refused_and_not_cached(http_server, tmp_path: Path, body: bytes, words: str) -> None:
+    url = http_server.serve("/t.txt", body)
+    with pytest.raises(DownloadError, match=words):
+        fetch_corpus(url, None, cache=tmp_path / "cache", retries=0)
+    assert _files(tmp_path / "cache") == []
+
+
+def test_check_text_accepts_utf8() -> None:
+    check_text("caf\u00e9 \u2014 na\u00efve\n".encode("utf-8"), "x")
+
+
+def test_the_books_file_through_the_real_download_path(http_server, book_path: Path, tmp_path: Path) -> None:
+    url = http_server.serve("/timemachine.txt", book_path.read_bytes())
+    got = fetch_corpus(url, D2L_SHA1, cache=tmp_path / "cache", retries=0)
+    assert got.sha1 == D2L_SHA1 and got.num_bytes == 178_979
+    assert sha1_of(got.path) == D2L_SHA1
+
+
+def test_local_path_and_file_url(tmp_path: Path) -> None:
+    path = tmp_path / "my corpus.txt"
+    path.write_bytes(TEXT)
+    for source in (str(path), path.as_uri()):
+        got = fetch_corpus(source, SHA1, cache=tmp_path / "cache")
+        assert got.path == path and got.sha1 == SHA1 and got.num_bytes == len(TEXT)
+    assert fetch_corpus(str(path), None, cache=tmp_path / "cache").sha1 == SHA1
+    assert not (tmp_path / "cache").exists()  # local files are read in place
+    with pytest.raises(DownloadError, match="sha1 mismatch"):
+        fetch_corpus(str(path), "1" * 40)
+    with pytest.raises(DownloadError, match="not found"):
+        fetch_corpus(str(tmp_path / "absent.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    with pytest.raises(DownloadError, match="empty"):
+        fetch_corpus(empty.as_uri())
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/t.txt", "gopher://example.com/t", "s3://bucket/key"])
+def test_unsupported_scheme(url: str, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="unsupported URL scheme"):
+        fetch_corpus(url, cache=tmp_path / "cache")
+
+
+def test_credentials_never_shown(http_server, tmp_path: Path) -> None:
+    url = http_server.url("/private.txt").replace("http://", "http://alice:s3cret@")
+    with pytest.raises(DownloadError) as info:
+        fetch_corpus(url, None, cache=tmp_path / "cache", retries=0)
+    assert "s3cret" not in str(info.value) and "alice" not in str(info.value)
+    http_server.serve("/private.txt", TEXT)
+    got = fetch_corpus(url, None, cache=tmp_path / "cache", retries=0)
+    assert "s3cret" not in got.source and got.source == http_server.url("/private.txt")
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("https://user:pa55@example.com/a/b.txt?x=1#f", "https://example.com/a/b.txt?x=1#f"),
+        ("https://user@example.com:8443/a", "https://example.com:8443/a"),
+        ("http://:pw@example.com/a", "http://example.com/a"),
+        ("https://example.com/a?token=1", "https://example.com/a?token=1"),
+        ("/local/path.txt", "/local/path.txt"),
+        ("http://u:p@[::1]:8080/t.txt", "http://[::1]:8080/t.txt"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_cache_name_never_comes_from_the_url(http_server, tmp_path: Path) -> None:
+    http_server.default = (200, TEXT)
+    cache = tmp_path / "deep" / "cache"
+    for url in (
+        http_server.url("/a/b/../../evil"),
+        http_server.url("/..%2F..%2Fevil.txt"),
+        http_server.url("/x/evil.txt?name=../../evil"),
+    ):
+        for expected in (None, SHA1):
+            got = fetch_corpus(url, expected, cache=cache, retries=0)
+            assert got.path.resolve().parent == cache.resolve()
+            assert "evil" not in got.path.name
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and p.parent != cache]
+    assert outside == []
+    assert all("evil" not in name for name in os.listdir(cache))
