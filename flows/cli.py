@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 # Library log records (download, training) go to Prefect's handlers too; must be set before Prefect loads.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "deeprnn")
+# The ephemeral API's default 20 s start-up budget is tight on a busy 2-core machine; waiting longer is cheap.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 import typer
 from pydantic import BaseModel, ValidationError

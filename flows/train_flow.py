@@ -52,4 +52,6 @@ def train_lm(
         "checkpoint": trained["checkpoint"],
         "step_mode": trained["step_mode"],
         "device": trained["device"],
+        "fit_started_at": trained["fit_started_at"],
+        "fit_finished_at": trained["fit_finished_at"],
     }

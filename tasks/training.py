@@ -67,10 +67,12 @@ def train_model(
         path = checkpoint.save(out / LAST, payload)
         tracking.log_artifact(run_id, path, "checkpoints")
 
+    fit_started = time.time()  # wall clock, so a benchmark can split a run into overhead and training
     try:
         result = trainer.fit(on_epoch=on_epoch, on_checkpoint=on_checkpoint, checkpoint_every=cfg.checkpoint_every)
     finally:
         metrics.flush()  # whatever was measured reaches MLflow, also when training fails
+    fit_finished = time.time()
     final = checkpoint.save(out / MODEL, checkpoint.make_payload(config, voc, model, epoch=result.epochs_done))
     logger.info(
         f"trained in {time.perf_counter() - started:.1f} s ({result.step_mode} steps): "
@@ -78,6 +80,7 @@ def train_model(
     )
     summary = result.to_dict()
     summary.pop("history")
+    summary.update(fit_started_at=fit_started, fit_finished_at=fit_finished)
     return {"checkpoint": str(final), "device": describe(device), "history": [vars(h) for h in result.history], **summary}
 
 
