@@ -86,6 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kernel-threads", type=_int_list, default=None, help="kernels: default 1,<cpu count>")
     p.add_argument("--target-ppl", type=float, default=1.05, help="report the time to reach this training ppl")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed to each subprocess")
+    p.add_argument("--quiet-wait", type=float, default=0.0,
+                   help="on a shared machine: wait up to this many seconds before each run for the other load "
+                        "to drop below --max-other-load")
+    p.add_argument("--max-other-load", type=float, default=0.1,
+                   help="share of the machine's CPU used by other processes above which a run counts as "
+                        "disturbed (with --quiet-wait: waited out before, and the run retried up to twice)")
     # internal: one program in a fresh process, printing one JSON line
     p.add_argument("--_worker", choices=["deeprnn", "kernels"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--fast", type=int, default=1, help=argparse.SUPPRESS)
@@ -384,6 +390,27 @@ def run_child(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, 
     return data
 
 
+def _other_load_now(window_s: float = 2.0) -> float | None:
+    """Share of the machine's CPU busy right now (this process sleeps meanwhile, so it is all other load)."""
+    b0 = _busy_cpu_seconds()
+    time.sleep(window_s)
+    b1 = _busy_cpu_seconds()
+    if b0 is None or b1 is None:
+        return None
+    return (b1 - b0) / (window_s * (os.cpu_count() or 1))
+
+
+def wait_quiet(max_wait_s: float, max_load: float) -> float | None:
+    """Wait (up to ``max_wait_s``) until other processes use less than ``max_load`` of the CPUs."""
+    deadline = time.monotonic() + max_wait_s
+    load = _other_load_now()
+    while load is not None and load > max_load and time.monotonic() < deadline:
+        _log(f"    machine busy ({100 * load:.0f}% of the CPUs used by other processes); waiting ...")
+        time.sleep(5.0)
+        load = _other_load_now()
+    return load
+
+
 class Runner:
     """Builds each program's command line and runs it."""
 
@@ -394,6 +421,18 @@ class Runner:
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 self.env[var] = str(a.threads)
         self.env.setdefault("PYTHONWARNINGS", "ignore")  # keep d2l's warnings out of stderr tails
+
+    def run(self, cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+        """run_child, on a quiet machine if asked: wait before, retry (twice at most) a disturbed run."""
+        a = self.a
+        for attempt in range(3 if a.quiet_wait > 0 else 1):
+            before = wait_quiet(a.quiet_wait, a.max_other_load) if a.quiet_wait > 0 else None
+            r = run_child(cmd, env or self.env, a.timeout)
+            r["other_load_before"], r["attempt"] = before, attempt + 1
+            if "error" in r or (r.get("other_load") or 0.0) <= a.max_other_load or a.quiet_wait <= 0:
+                break
+            _log(f"    disturbed: other processes used {100 * r['other_load']:.0f}% of the CPUs; running again")
+        return r
 
     def _common(self, epochs: int | None = None) -> list[str]:
         a = self.a
@@ -409,19 +448,19 @@ class Runner:
             cmd += ["--batch-size", str(batch_size)]
         if max_tokens is not None:
             cmd += ["--max-tokens", str(max_tokens)]
-        return self._finish(run_child(cmd, self.env, self.a.timeout))
+        return self._finish(self.run(cmd))
 
     def book(self, batch_size: int = 32, max_tokens: int = BOOK_MAX_TOKENS) -> dict[str, Any]:
         a = self.a
         if a.d2l_impl == "reference":
             cmd = [sys.executable, str(a.d2l_script), str(a.data), "--device", a.device, "--epochs", str(a.epochs),
                    "--max-tokens", str(max_tokens), "--batch-size", str(batch_size)]
-            return self._finish(_normalize_reference(run_child(cmd, self.env, a.timeout)))
+            return self._finish(_normalize_reference(self.run(cmd)))
         cmd = [sys.executable, str(BOOK_SCRIPT), str(a.data), "--device", a.device, "--epochs", str(a.epochs),
                "--max-tokens", str(max_tokens), "--batch-size", str(batch_size), "--target-ppl", str(a.target_ppl)]
         if a.threads:
             cmd += ["--threads", str(a.threads)]
-        return self._finish(run_child(cmd, self.env, a.timeout))
+        return self._finish(self.run(cmd))
 
     def kernels(self, threads: int) -> dict[str, Any]:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", "kernels", "--threads", str(threads),
@@ -429,7 +468,7 @@ class Runner:
         if self.a.batch_sizes:
             cmd += ["--batch-sizes", ",".join(map(str, self.a.batch_sizes))]
         env = dict(self.env, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        return run_child(cmd, env, self.a.timeout)
+        return self.run(cmd, env)
 
     def _finish(self, r: dict[str, Any]) -> dict[str, Any]:
         """Derived numbers common to every program: steady-state speed, time to the target perplexity."""

@@ -7,6 +7,7 @@ tensors and plain containers and so runs no code from the file. Writes are atomi
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,11 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    data = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError, ValueError) as exc:
+        # weights_only refuses pickled code (UnpicklingError); other errors mean it is no torch file at all.
+        raise ValueError(f"{path} is not a deeprnn checkpoint that loads safely: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path} is not a deeprnn checkpoint (format {FORMAT})")
     return data

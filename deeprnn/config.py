@@ -174,7 +174,7 @@ class RunConfig(_Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
 
     def flat(self) -> dict[str, Any]:
-        """Every value as ``section.field -> value`` (lists and None as strings), e.g. for MLflow params."""
+        """Every value as ``section.field -> value`` (JSON types: lists stay lists, None stays None)."""
         out: dict[str, Any] = {"preset": self.preset}
         for section in ("data", "model", "train", "sample"):
             for key, value in getattr(self, section).model_dump(mode="json").items():
@@ -248,7 +248,7 @@ def _optional_copy(section: type[BaseModel], name: str) -> type[BaseModel]:
         copied = info._copy()  # keeps title, description and constraints (ge/le/pattern)
         copied.default = None
         copied.default_factory = None
-        if copied.description:
+        if copied.description and "Empty:" not in copied.description:
             copied.description += " Empty: the preset's value."
         fields[field_name] = (Optional[info.annotation], copied)  # type: ignore[name-defined]
     return create_model(  # type: ignore[call-overload]
