@@ -46,7 +46,7 @@ def main() -> None:
         out = work / f"run{i}.json"
         cmd = [sys.executable, "-m", "flows.cli", "run", "--data-url", a.data_url, "--json", str(out), *a.args]
         launched = time.time()
-        proc = subprocess.run(cmd, cwd=work, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=work, env={**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))}, capture_output=True, text=True)
         exited = time.time()
         if proc.returncode != 0:
             sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])

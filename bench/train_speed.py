@@ -170,11 +170,12 @@ def worker_deeprnn(a: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
 
     history: list[EpochStats] = []
-    t0 = time.perf_counter()
+    cpu0, t0 = time.process_time(), time.perf_counter()
     result = trainer.fit(on_epoch=history.append)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
+    train_cpu_s = time.process_time() - cpu0
 
     samples = {
         p: generate(model, vocab, p, cfg.sample.num_chars, token=cfg.data.token) for p in cfg.sample.prefixes
@@ -204,6 +205,7 @@ def worker_deeprnn(a: argparse.Namespace) -> dict[str, Any]:
         "tokens_total": tokens_total,
         "tokens_per_epoch": tokens_total / max(1, len(hist)),
         "train_wall_s": wall,
+        "train_cpu_s": train_cpu_s,  # all threads; robust to other load when --threads 1
         "fit_train_seconds": result.train_seconds,
         "epoch_seconds_total": sum(h["seconds"] for h in hist),
         "tokens_per_s": result.tokens_per_sec,  # FitResult: tokens / summed epoch times
@@ -431,7 +433,8 @@ class Runner:
             r["other_load_before"], r["attempt"] = before, attempt + 1
             if "error" in r or (r.get("other_load") or 0.0) <= a.max_other_load or a.quiet_wait <= 0:
                 break
-            _log(f"    disturbed: other processes used {100 * r['other_load']:.0f}% of the CPUs; running again")
+            if attempt < 2:
+                _log(f"    disturbed: other processes used {100 * r['other_load']:.0f}% of the CPUs; running again")
         return r
 
     def _common(self, epochs: int | None = None) -> list[str]:
@@ -474,6 +477,8 @@ class Runner:
         """Derived numbers common to every program: steady-state speed, time to the target perplexity."""
         if "error" in r:
             return r
+        if r.get("train_cpu_s"):
+            r["tokens_per_cpu_s"] = r["tokens_total"] / r["train_cpu_s"]
         if "peak_mem_bytes" not in r:
             r["peak_mem_bytes"], r["peak_mem_kind"] = r["peak_rss_bytes"], "rss"
         hist = r.get("history")
@@ -519,7 +524,8 @@ def _summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return {"error": runs[-1].get("error", "failed"), "runs": len(runs)}
     ok.sort(key=lambda r: r.get("overall_tokens_per_s") or 0.0)
     row = dict(ok[(len(ok) - 1) // 2])
-    for key in ("tokens_per_s", "overall_tokens_per_s", "steady_tokens_per_s", "train_wall_s", "time_to_target_s"):
+    for key in ("tokens_per_s", "overall_tokens_per_s", "steady_tokens_per_s", "tokens_per_cpu_s", "train_wall_s",
+                "time_to_target_s"):
         values = [r[key] for r in ok if r.get(key) is not None]
         if values:
             row[key] = statistics.median(values)
@@ -541,6 +547,7 @@ def _ratios(row: dict[str, Any], base: dict[str, Any] | None) -> dict[str, float
         "overall_tokens_per_s_x": div(row.get("overall_tokens_per_s"), base.get("overall_tokens_per_s")),
         "steady_tokens_per_s_x": div(row.get("steady_tokens_per_s"), base.get("steady_tokens_per_s")),
         "wall_x": div(base.get("train_wall_s"), row.get("train_wall_s")),  # book wall / deeprnn wall
+        "tokens_per_cpu_s_x": div(row.get("tokens_per_cpu_s"), base.get("tokens_per_cpu_s")),
     }
 
 
@@ -673,11 +680,11 @@ def _spread(r: dict[str, Any], key: str) -> str:
 def render_speed(result: dict[str, Any], a: argparse.Namespace, batch_col: bool = False) -> str:
     header = ["program"] + (["batch", "batches/epoch"] if batch_col else []) + [
         "tok/s (epochs)", "tok/s (steady)", "tok/s (overall)", "train wall", "x book tok/s", "x book wall",
-        f"t to ppl<={a.target_ppl:g}", "final train ppl", "held-out ppl", "peak mem", "other load"]
+        f"t to ppl<={a.target_ppl:g}", "final train ppl", "held-out ppl", "peak mem", "tok/CPU-s", "other load"]
     rows = []
     for name, r in result["rows"].items():
         if "error" in r:
-            rows.append([name] + (["", ""] if batch_col else []) + [f"FAILED: {r['error']}"] + [""] * 10)
+            rows.append([name] + (["", ""] if batch_col else []) + [f"FAILED: {r['error']}"] + [""] * 11)
             continue
         vs = r.get("vs_book") or {}
         target = "-" if r.get("time_to_target_s") is None else f"{r['time_to_target_s']:.1f} s (ep {r.get('target_epoch')})"
@@ -698,6 +705,7 @@ def render_speed(result: dict[str, Any], a: argparse.Namespace, batch_col: bool 
             _ppl(r.get("final_train_perplexity")),
             _ppl(r.get("heldout_perplexity")),
             _mem(r),
+            _num(r.get("tokens_per_cpu_s")),
             _pct(r.get("other_load")),
         ]
         rows.append(cols)

@@ -10,6 +10,7 @@ import inspect
 import json
 import os
 import sys
+import threading
 import typing
 from typing import Any, Optional
 
@@ -125,8 +126,13 @@ def run(
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
 
+    booting = _boot_prefect_api()  # in parallel with the imports below: together they are most of start-up
     from flows.train_flow import train_lm  # Prefect and MLflow load only once the input is known to be good
     from tasks.tracking import tracking_uri
+
+    _init_device(config.train.device)
+    if booting is not None:
+        booting.join()
 
     api = os.environ.get("PREFECT_API_URL") or "ephemeral (in-process)"
     console.print(f"deeprnn: preset [bold]{config.preset}[/bold], {config.train.epochs} epochs, device {config.train.device}")
@@ -143,6 +149,41 @@ def run(
     if json_out:
         with open(json_out, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=1, default=str)
+
+
+def _boot_prefect_api() -> threading.Thread | None:
+    """Start Prefect's ephemeral API server on a background thread when no API URL is configured.
+
+    Its subprocess takes ~10-15 s to answer, about as long as importing torch, MLflow and the flow; starting
+    it first overlaps the two. The flow call later finds the same (singleton) server already running. Any
+    failure here is left for the flow call to retry and report in Prefect's own words.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+
+    def boot() -> None:
+        try:
+            from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+            if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+                return  # a server is configured in the profile, or ephemeral mode is off
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()
+        except Exception:  # noqa: BLE001 - reported by the flow call if it persists
+            pass
+
+    thread = threading.Thread(target=boot, name="prefect-api-boot", daemon=True)
+    thread.start()
+    return thread
+
+
+def _init_device(device: str) -> None:
+    """Create the CUDA context now (about a second) while the API server is still booting."""
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.init()
 
 
 # Typer reads the signature: add one keyword option per configuration field to ``run``.
