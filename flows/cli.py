@@ -201,7 +201,7 @@ def _print_result(result: dict[str, Any]) -> None:
     for key, value in result["metrics"].items():
         if value is not None:
             table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))
-    table.add_row("device / steps", f"{result['device']} / {result['step_mode']}")
+    table.add_row("device / steps", f"{result['device']} / {result['step_mode']} / {result['precision']}")
     console.print(table)
     console.print(f"model: {result['model'].get('model_uri')}" + (
         f" (registered {result['model']['registered_model']} v{result['model']['version']}"

@@ -51,6 +51,7 @@ def train_lm(
         "model": logged["model"],
         "checkpoint": trained["checkpoint"],
         "step_mode": trained["step_mode"],
+        "precision": trained["precision"],
         "device": trained["device"],
         "fit_started_at": trained["fit_started_at"],
         "fit_finished_at": trained["fit_finished_at"],

@@ -45,7 +45,7 @@ def log_results(
     with tempfile.TemporaryDirectory() as tmp:
         plot = plot_history(history, Path(tmp) / "perplexity.png", f"{config.preset}: perplexity per epoch")
         tracking.log_artifact(run_id, plot)
-    tracking.set_tags(run_id, {"deeprnn.step_mode": trained["step_mode"]})
+    tracking.set_tags(run_id, {"deeprnn.step_mode": trained["step_mode"], "deeprnn.precision": trained["precision"]})
 
     model = tracking.log_model(run_id, Path(trained["checkpoint"]), config.sample.prefixes[0])
     # Champions are compared on the same held-out text only: same corpus bytes, same split.
@@ -81,7 +81,7 @@ def publish_summary(
         f"| test perplexity | {fmt(evaluation.get('test_perplexity'))} |",
         f"| tokens/s | {trained['tokens_per_sec']:,.0f} |",
         f"| training time | {trained['train_seconds']:.1f} s |",
-        f"| device / step | {trained['device']} / {trained['step_mode']} |",
+        f"| device / step / precision | {trained['device']} / {trained['step_mode']} / {trained['precision']} |",
         "",
         "## Samples",
         "",

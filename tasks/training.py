@@ -75,7 +75,7 @@ def train_model(
     fit_finished = time.time()
     final = checkpoint.save(out / MODEL, checkpoint.make_payload(config, voc, model, epoch=result.epochs_done))
     logger.info(
-        f"trained in {time.perf_counter() - started:.1f} s ({result.step_mode} steps): "
+        f"trained in {time.perf_counter() - started:.1f} s ({result.step_mode} steps, {result.precision}): "
         f"final train ppl {result.final_train_perplexity:.3f}, {result.tokens_per_sec:,.0f} tokens/s"
     )
     summary = result.to_dict()

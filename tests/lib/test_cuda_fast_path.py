@@ -25,7 +25,8 @@ def _ids(n: int = 12000, vocab: int = 28) -> torch.Tensor:
 
 
 def _run(overrides: dict, fast: bool, epochs: int = 4) -> tuple[Trainer, list[float]]:
-    cfg = preset_config("d2l-9.3", {"train": {"epochs": epochs, "fast": fast, "eval_every": 2, **overrides}})
+    train = {"epochs": epochs, "fast": fast, "eval_every": 2, "precision": "fp32", **overrides}
+    cfg = preset_config("d2l-9.3", {"train": train})
     seed_everything(cfg.train.seed)
     model = RNNLM.from_config(28, cfg.model)
     splits = split_corpus(_ids(), 0.0, 0.1, cfg.data.max_tokens)
@@ -60,14 +61,14 @@ def test_graph_step_matches_eager(overrides: dict) -> None:
 
 def test_graph_resume_continues_like_one_run() -> None:
     straight, _ = _run({}, fast=True, epochs=4)
-    cfg = preset_config("d2l-9.3", {"train": {"epochs": 2, "fast": True}})
+    cfg = preset_config("d2l-9.3", {"train": {"epochs": 2, "fast": True, "precision": "fp32"}})
     seed_everything(cfg.train.seed)
     model = RNNLM.from_config(28, cfg.model)
     splits = split_corpus(_ids(), 0.0, 0.1, cfg.data.max_tokens)
     first = Trainer(model, splits.train, cfg.train, torch.device("cuda"))
     first.fit()
     state, weights = first.state_dict(), {k: v.clone() for k, v in model.state_dict().items()}
-    cfg4 = preset_config("d2l-9.3", {"train": {"epochs": 4, "fast": True}})
+    cfg4 = preset_config("d2l-9.3", {"train": {"epochs": 4, "fast": True, "precision": "fp32"}})
     model2 = RNNLM.from_config(28, cfg4.model)
     model2.load_state_dict(weights)
     second = Trainer(model2, splits.train, cfg4.train, torch.device("cuda"))
@@ -79,7 +80,7 @@ def test_graph_resume_continues_like_one_run() -> None:
 
 def test_dropout_and_gru_capture() -> None:
     trainer, ppl = _run({}, fast=True, epochs=2)
-    cfg = preset_config("d2l-9.3", {"model": {"cell": "gru", "dropout": 0.3, "num_layers": 3}, "train": {"epochs": 2}})
+    cfg = preset_config("d2l-9.3", {"model": {"cell": "gru", "dropout": 0.3, "num_layers": 3}, "train": {"epochs": 2, "precision": "fp32"}})
     seed_everything(0)
     model = RNNLM.from_config(28, cfg.model)
     t = Trainer(model, split_corpus(_ids(), 0.0, 0.1, None).train, cfg.train, torch.device("cuda"))
