@@ -16,14 +16,13 @@ deployments, whose flow runs start without the command line).
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import urlsplit
 
-from prefect_dask import DaskTaskRunner
+if TYPE_CHECKING:  # imported where used: the GPU helpers need only dask.distributed and torch
+    from prefect_dask import DaskTaskRunner
 
-log = logging.getLogger(__name__)
 
 ADDRESS_ENV = "DEEPRNN_DASK_ADDRESS"
 WORKERS_ENV = "DEEPRNN_DASK_WORKERS"
@@ -70,6 +69,8 @@ def dask_task_runner(address: str | None = None, workers: int | None = None, use
     """The task runner for a sweep: the Dask scheduler at ``address``, else a new cluster on this machine
     (one worker per GPU when there are GPUs and ``use_gpus``, else ``workers`` single-threaded processes,
     default one per CPU core). Nothing starts until the sweep submits its first trial."""
+    from prefect_dask import DaskTaskRunner
+
     if workers is not None and workers < 1:
         raise ClusterConfigError(f"--workers must be at least 1, got {workers}")
     if address:
@@ -110,6 +111,7 @@ def cluster_gpus() -> int:
     """GPUs the running flow's Dask workers advertise (their ``GPU`` resources, summed); starts the local
     cluster if it is not up yet."""
     from prefect.context import FlowRunContext
+    from prefect_dask import DaskTaskRunner
 
     context = FlowRunContext.get()
     runner = context.task_runner if context else None

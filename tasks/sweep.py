@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from deeprnn.download import redact_url
 from deeprnn.search import SearchSpace, Trial, TrialResult, rank, selection_metric, table_csv, table_markdown
 from tasks import cluster, tracking
 
@@ -48,7 +49,7 @@ def start_sweep_tracking(
     from prefect.runtime import flow_run
 
     params: dict[str, Any] = dict(trials[0].config.flat())
-    params.pop("data.url")  # the URL may carry credentials; the trials log it redacted
+    params["data.url"] = redact_url(params["data.url"])  # never log credentials
     params.update(space.describe())  # varied fields: their values (or range) instead of trial 0's value
     params.update({f"sweep.{k}": v for k, v in strategy.items()})
     params["sweep.num_trials"] = len(trials)
