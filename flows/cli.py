@@ -328,9 +328,13 @@ def sweep(
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
 
+    booting = _boot_prefect_api()  # overlaps the imports below, as for `deeprnn run`
     from flows.sweep_flow import sweep_lm  # Prefect, MLflow and Dask load only once the input is known to be good
     from tasks.cluster import dask_task_runner, prefect_api_for_workers
     from tasks.tracking import tracking_uri
+
+    if booting is not None:
+        booting.join()
 
     runner = dask_task_runner(cluster_address, workers, use_gpus=trials[0].config.train.device != "cpu")
     where = cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)"
