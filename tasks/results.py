@@ -26,8 +26,10 @@ def log_results(
     evaluation: dict[str, float | None],
     samples: dict[str, str],
     corpus_sha1: str,
+    register: bool = True,
 ) -> dict[str, Any]:
-    """Log final metrics, vocabulary, samples, curve, history and the model (registered; champion if best)."""
+    """Log final metrics, vocabulary, samples, curve, history and the model (registered and champion if
+    best, unless ``register`` is off: a sweep registers only its best trial's model)."""
     history = [EpochStats(**h) for h in trained["history"]]
     final = {
         "final_train_perplexity": trained["final_train_perplexity"],
@@ -47,10 +49,12 @@ def log_results(
         tracking.log_artifact(run_id, plot)
     tracking.set_tags(run_id, {"deeprnn.step_mode": trained["step_mode"], "deeprnn.precision": trained["precision"]})
 
-    model = tracking.log_model(run_id, Path(trained["checkpoint"]), config.sample.prefixes[0])
+    register_as = tracking.REGISTERED_MODEL if register else None
+    model = tracking.log_model(run_id, Path(trained["checkpoint"]), config.sample.prefixes[0], register_as=register_as)
     # Champions are compared on the same held-out text only: same corpus bytes, same split.
     heldout_key = f"{corpus_sha1}:{config.data.token}:val={config.data.val_fraction}:test={config.data.test_fraction}"
     score = evaluation.get("val_perplexity") or evaluation["test_perplexity"]
+    model["heldout_key"], model["heldout_score"] = heldout_key, score
     if "version" in model and score is not None:
         model["champion"] = tracking.promote_if_better(model["registered_model"], model["version"], score, heldout_key)
     get_run_logger().info("model logged: %s", model)
@@ -105,11 +109,25 @@ def check_inputs(config: RunConfig) -> str:
 
 
 @task(name="start-mlflow-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def start_tracking(config: RunConfig, experiment: str, runs_dir: str) -> tuple[str, str]:
-    """Open the MLflow run (params, tags linking the Prefect flow run); returns its id and local run folder."""
+def start_tracking(
+    config: RunConfig,
+    experiment: str,
+    runs_dir: str,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> tuple[str, str]:
+    """Open the MLflow run (params, tags linking the Prefect flow run), nested under ``parent_run_id`` if
+    given; returns its id and local run folder."""
+    import os
+    import socket
+
     from prefect.runtime import deployment, flow_run
 
     tags = {
+        **(extra_tags or {}),
+        "deeprnn.host": socket.gethostname(),
+        "deeprnn.pid": str(os.getpid()),
         "prefect.flow_run_id": str(flow_run.get_id() or ""),
         "prefect.flow_run_name": str(flow_run.get_name() or ""),
         "prefect.flow_name": str(flow_run.get_flow_name() or ""),
@@ -119,7 +137,9 @@ def start_tracking(config: RunConfig, experiment: str, runs_dir: str) -> tuple[s
     url = flow_run.get_flow_run_ui_url()
     if url:
         tags["prefect.flow_run_url"] = url
-    run_id = tracking.start_run(config, experiment, run_name=flow_run.get_name(), tags=tags)
+    run_id = tracking.start_run(
+        config, experiment, run_name=run_name or flow_run.get_name(), tags=tags, parent_run_id=parent_run_id
+    )
     # The folder is named by MLflow's hex id, never by user input, so it stays inside runs_dir.
     run_dir = Path(runs_dir).resolve() / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
