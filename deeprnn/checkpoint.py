@@ -7,6 +7,7 @@ tensors and plain containers and so runs no code from the file. Writes are atomi
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,15 @@ from typing import Any
 import torch
 
 from deeprnn.config import RunConfig
+from deeprnn.download import redact_url
 from deeprnn.model import RNNLM
 from deeprnn.vocab import Vocab
 
 FORMAT = "deeprnn-checkpoint/1"
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """The file holds pickled objects that ``weights_only`` loading refuses (they could run code)."""
 
 
 def save(path: Path, payload: dict[str, Any]) -> Path:
@@ -35,12 +41,24 @@ def save(path: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def config_dict(config: RunConfig) -> dict[str, Any]:
+    """The configuration as JSON-ready data, with any credentials removed from the corpus URL.
+
+    This is what checkpoints and the logged ``config.json`` keep: files that travel (MLflow artifacts,
+    registered models) must not carry a password. A resumed run takes the URL again from its user.
+    """
+    data = config.model_dump(mode="json")
+    data["data"]["url"] = redact_url(data["data"]["url"])
+    return data
+
+
 def make_payload(
     config: RunConfig, vocab: Vocab, model: RNNLM, *, epoch: int, trainer_state: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The checkpoint dict: JSON config, vocabulary, CPU weights, epochs done, optional resumable state."""
+    """The checkpoint dict: JSON config (no credentials), vocabulary, CPU weights, epochs done, optional
+    resumable state."""
     return {
-        "config": config.model_dump(mode="json"),
+        "config": config_dict(config),
         "vocab": vocab.to_dict(),
         "model_state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
         "epoch": epoch,
@@ -53,7 +71,14 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    data = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UnsafeCheckpointError(
+            f"{path} holds objects other than tensors and plain data, which could run code when loaded: "
+            f"refused ({first[:200]}). Load only checkpoints written by deeprnn"
+        ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path} is not a deeprnn checkpoint (format {FORMAT})")
     return data

@@ -60,6 +60,8 @@ def redact_url(url: str) -> str:
     if parts.username is None and parts.password is None:
         return url
     host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address keeps its brackets
+        host = f"[{host}]"
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
@@ -115,6 +117,23 @@ def cached_copy(source: str, expected_sha1: str | None = None, cache: Path | Non
         return local
     folder = cache if cache is not None else cache_dir()
     return folder / _cache_name(source, expected_sha1.lower() if expected_sha1 else None)
+
+
+def valid_cached_sha1(source: str, expected_sha1: str | None = None, cache: Path | None = None) -> str | None:
+    """The SHA-1 of the copy ``fetch_corpus`` would use right now, or None when that copy is missing or fails
+    its hash check (so a fetch must run)."""
+    copy = cached_copy(source, expected_sha1, cache)
+    if not copy.is_file():
+        return None
+    have = sha1_of(copy)
+    record = copy.with_suffix(".sha1")
+    if expected_sha1:
+        want = expected_sha1.lower()
+    elif _local_path(source) is not None:
+        want = have  # a local file is its own reference
+    else:
+        want = record.read_text().strip() if record.is_file() else None
+    return have if have == want else None
 
 
 def _session(retries: int) -> requests.Session:
