@@ -13,6 +13,7 @@ from prefect import flow
 from deeprnn.config import DataOverrides, ModelOverrides, PresetName, SampleOverrides, TrainOverrides, resolve
 from tasks import tracking
 from tasks.data import build_vocab, download_corpus, prepare_splits
+from tasks.resume import prepare_resume
 from tasks.results import check_inputs, log_results, publish_summary, start_tracking
 from tasks.training import evaluate_model, generate_samples, train_model
 
@@ -28,11 +29,19 @@ def train_lm(
     sample: Optional[SampleOverrides] = None,  # type: ignore[valid-type]
     experiment: Optional[str] = None,
     runs_dir: str = "runs",
+    resume_run_id: Optional[str] = None,
 ) -> dict[str, Any]:
-    """Train a deep RNN language model from a preset (default: the book's D2L 9.3) and track it in MLflow."""
-    config = resolve(preset, data, model, train, sample)
+    """Train a deep RNN language model from a preset (default: the book's D2L 9.3) and track it in MLflow.
+
+    With ``resume_run_id``, continue that MLflow run from its last checkpoint instead: its stored
+    configuration is used (``preset`` is ignored; overrides may only restate it or extend the epochs).
+    """
+    if resume_run_id:
+        config, experiment = prepare_resume(resume_run_id, runs_dir, experiment, data, model, train, sample)
+    else:
+        config = resolve(preset, data, model, train, sample)
     check_inputs(config)
-    run_id, run_dir = start_tracking(config, experiment or FLOW_NAME, runs_dir)
+    run_id, run_dir = start_tracking(config, experiment or FLOW_NAME, runs_dir, resume_run_id)
     with tracking.run_status(run_id):  # FAILED/KILLED in MLflow if anything below raises
         corpus = download_corpus(config.data.url, config.data.expected_sha1())
         vocab = build_vocab(corpus, config.data)
