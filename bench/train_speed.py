@@ -86,6 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kernel-threads", type=_int_list, default=None, help="kernels: default 1,<cpu count>")
     p.add_argument("--target-ppl", type=float, default=1.05, help="report the time to reach this training ppl")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed to each subprocess")
+    p.add_argument("--quiet-wait", type=float, default=0.0,
+                   help="on a shared machine: wait up to this many seconds before each run for the other load "
+                        "to drop below --max-other-load")
+    p.add_argument("--max-other-load", type=float, default=0.1,
+                   help="share of the machine's CPU used by other processes above which a run counts as "
+                        "disturbed (with --quiet-wait: waited out before, and the run retried up to twice)")
     # internal: one program in a fresh process, printing one JSON line
     p.add_argument("--_worker", choices=["deeprnn", "kernels"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--fast", type=int, default=1, help=argparse.SUPPRESS)
@@ -164,11 +170,12 @@ def worker_deeprnn(a: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
 
     history: list[EpochStats] = []
-    t0 = time.perf_counter()
+    cpu0, t0 = time.process_time(), time.perf_counter()
     result = trainer.fit(on_epoch=history.append)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
+    train_cpu_s = time.process_time() - cpu0
 
     samples = {
         p: generate(model, vocab, p, cfg.sample.num_chars, token=cfg.data.token) for p in cfg.sample.prefixes
@@ -198,6 +205,7 @@ def worker_deeprnn(a: argparse.Namespace) -> dict[str, Any]:
         "tokens_total": tokens_total,
         "tokens_per_epoch": tokens_total / max(1, len(hist)),
         "train_wall_s": wall,
+        "train_cpu_s": train_cpu_s,  # all threads; robust to other load when --threads 1
         "fit_train_seconds": result.train_seconds,
         "epoch_seconds_total": sum(h["seconds"] for h in hist),
         "tokens_per_s": result.tokens_per_sec,  # FitResult: tokens / summed epoch times
@@ -384,6 +392,27 @@ def run_child(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, 
     return data
 
 
+def _other_load_now(window_s: float = 2.0) -> float | None:
+    """Share of the machine's CPU busy right now (this process sleeps meanwhile, so it is all other load)."""
+    b0 = _busy_cpu_seconds()
+    time.sleep(window_s)
+    b1 = _busy_cpu_seconds()
+    if b0 is None or b1 is None:
+        return None
+    return (b1 - b0) / (window_s * (os.cpu_count() or 1))
+
+
+def wait_quiet(max_wait_s: float, max_load: float) -> float | None:
+    """Wait (up to ``max_wait_s``) until other processes use less than ``max_load`` of the CPUs."""
+    deadline = time.monotonic() + max_wait_s
+    load = _other_load_now()
+    while load is not None and load > max_load and time.monotonic() < deadline:
+        _log(f"    machine busy ({100 * load:.0f}% of the CPUs used by other processes); waiting ...")
+        time.sleep(5.0)
+        load = _other_load_now()
+    return load
+
+
 class Runner:
     """Builds each program's command line and runs it."""
 
@@ -394,6 +423,19 @@ class Runner:
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 self.env[var] = str(a.threads)
         self.env.setdefault("PYTHONWARNINGS", "ignore")  # keep d2l's warnings out of stderr tails
+
+    def run(self, cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+        """run_child, on a quiet machine if asked: wait before, retry (twice at most) a disturbed run."""
+        a = self.a
+        for attempt in range(3 if a.quiet_wait > 0 else 1):
+            before = wait_quiet(a.quiet_wait, a.max_other_load) if a.quiet_wait > 0 else None
+            r = run_child(cmd, env or self.env, a.timeout)
+            r["other_load_before"], r["attempt"] = before, attempt + 1
+            if "error" in r or (r.get("other_load") or 0.0) <= a.max_other_load or a.quiet_wait <= 0:
+                break
+            if attempt < 2:
+                _log(f"    disturbed: other processes used {100 * r['other_load']:.0f}% of the CPUs; running again")
+        return r
 
     def _common(self, epochs: int | None = None) -> list[str]:
         a = self.a
@@ -409,19 +451,19 @@ class Runner:
             cmd += ["--batch-size", str(batch_size)]
         if max_tokens is not None:
             cmd += ["--max-tokens", str(max_tokens)]
-        return self._finish(run_child(cmd, self.env, self.a.timeout))
+        return self._finish(self.run(cmd))
 
     def book(self, batch_size: int = 32, max_tokens: int = BOOK_MAX_TOKENS) -> dict[str, Any]:
         a = self.a
         if a.d2l_impl == "reference":
             cmd = [sys.executable, str(a.d2l_script), str(a.data), "--device", a.device, "--epochs", str(a.epochs),
                    "--max-tokens", str(max_tokens), "--batch-size", str(batch_size)]
-            return self._finish(_normalize_reference(run_child(cmd, self.env, a.timeout)))
+            return self._finish(_normalize_reference(self.run(cmd)))
         cmd = [sys.executable, str(BOOK_SCRIPT), str(a.data), "--device", a.device, "--epochs", str(a.epochs),
                "--max-tokens", str(max_tokens), "--batch-size", str(batch_size), "--target-ppl", str(a.target_ppl)]
         if a.threads:
             cmd += ["--threads", str(a.threads)]
-        return self._finish(run_child(cmd, self.env, a.timeout))
+        return self._finish(self.run(cmd))
 
     def kernels(self, threads: int) -> dict[str, Any]:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", "kernels", "--threads", str(threads),
@@ -429,12 +471,14 @@ class Runner:
         if self.a.batch_sizes:
             cmd += ["--batch-sizes", ",".join(map(str, self.a.batch_sizes))]
         env = dict(self.env, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        return run_child(cmd, env, self.a.timeout)
+        return self.run(cmd, env)
 
     def _finish(self, r: dict[str, Any]) -> dict[str, Any]:
         """Derived numbers common to every program: steady-state speed, time to the target perplexity."""
         if "error" in r:
             return r
+        if r.get("train_cpu_s"):
+            r["tokens_per_cpu_s"] = r["tokens_total"] / r["train_cpu_s"]
         if "peak_mem_bytes" not in r:
             r["peak_mem_bytes"], r["peak_mem_kind"] = r["peak_rss_bytes"], "rss"
         hist = r.get("history")
@@ -480,7 +524,8 @@ def _summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return {"error": runs[-1].get("error", "failed"), "runs": len(runs)}
     ok.sort(key=lambda r: r.get("overall_tokens_per_s") or 0.0)
     row = dict(ok[(len(ok) - 1) // 2])
-    for key in ("tokens_per_s", "overall_tokens_per_s", "steady_tokens_per_s", "train_wall_s", "time_to_target_s"):
+    for key in ("tokens_per_s", "overall_tokens_per_s", "steady_tokens_per_s", "tokens_per_cpu_s", "train_wall_s",
+                "time_to_target_s"):
         values = [r[key] for r in ok if r.get(key) is not None]
         if values:
             row[key] = statistics.median(values)
@@ -502,6 +547,7 @@ def _ratios(row: dict[str, Any], base: dict[str, Any] | None) -> dict[str, float
         "overall_tokens_per_s_x": div(row.get("overall_tokens_per_s"), base.get("overall_tokens_per_s")),
         "steady_tokens_per_s_x": div(row.get("steady_tokens_per_s"), base.get("steady_tokens_per_s")),
         "wall_x": div(base.get("train_wall_s"), row.get("train_wall_s")),  # book wall / deeprnn wall
+        "tokens_per_cpu_s_x": div(row.get("tokens_per_cpu_s"), base.get("tokens_per_cpu_s")),
     }
 
 
@@ -634,11 +680,11 @@ def _spread(r: dict[str, Any], key: str) -> str:
 def render_speed(result: dict[str, Any], a: argparse.Namespace, batch_col: bool = False) -> str:
     header = ["program"] + (["batch", "batches/epoch"] if batch_col else []) + [
         "tok/s (epochs)", "tok/s (steady)", "tok/s (overall)", "train wall", "x book tok/s", "x book wall",
-        f"t to ppl<={a.target_ppl:g}", "final train ppl", "held-out ppl", "peak mem", "other load"]
+        f"t to ppl<={a.target_ppl:g}", "final train ppl", "held-out ppl", "peak mem", "tok/CPU-s", "other load"]
     rows = []
     for name, r in result["rows"].items():
         if "error" in r:
-            rows.append([name] + (["", ""] if batch_col else []) + [f"FAILED: {r['error']}"] + [""] * 10)
+            rows.append([name] + (["", ""] if batch_col else []) + [f"FAILED: {r['error']}"] + [""] * 11)
             continue
         vs = r.get("vs_book") or {}
         target = "-" if r.get("time_to_target_s") is None else f"{r['time_to_target_s']:.1f} s (ep {r.get('target_epoch')})"
@@ -659,6 +705,7 @@ def render_speed(result: dict[str, Any], a: argparse.Namespace, batch_col: bool 
             _ppl(r.get("final_train_perplexity")),
             _ppl(r.get("heldout_perplexity")),
             _mem(r),
+            _num(r.get("tokens_per_cpu_s")),
             _pct(r.get("other_load")),
         ]
         rows.append(cols)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from deeprnn.vocab import Vocab
 FORMAT = "deeprnn-checkpoint/1"
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
     """The file holds pickled objects that ``weights_only`` loading refuses (they could run code)."""
 
 
@@ -74,11 +75,18 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "weights only" not in str(exc).lower():  # a damaged or foreign pickle, not a refused object
+            raise ValueError(f"{path} is not a deeprnn checkpoint that loads safely: {exc}") from None
+        # torch's text suggests weights_only=False; keep only the line naming the refused object.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
         raise UnsafeCheckpointError(
-            f"{path} holds objects other than tensors and plain data, which could run code when loaded: "
-            f"refused ({first[:200]}). Load only checkpoints written by deeprnn"
+            f"{path} is not a deeprnn checkpoint that loads safely: it holds a pickled object{what} that could "
+            "run code when loaded, so it is refused. Use only checkpoints that deeprnn wrote"
         ) from None
+    except (EOFError, KeyError, RuntimeError, ValueError) as exc:
+        # Anything else torch trips over means it is no torch file at all.
+        raise ValueError(f"{path} is not a deeprnn checkpoint that loads safely: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path} is not a deeprnn checkpoint (format {FORMAT})")
     return data

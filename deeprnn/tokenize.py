@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 from typing import Literal
@@ -11,7 +12,10 @@ _NON_LETTERS = re.compile("[^A-Za-z]+")
 
 def preprocess_lines(text: str) -> list[str]:
     """Keep letters only, lower-cased, one entry per line (the book's ``read_time_machine``)."""
-    return [_NON_LETTERS.sub(" ", line).strip().lower() for line in text.splitlines(keepends=True)]
+    # Lines split as the book's ``open(...).readlines()`` splits them (\n, \r, \r\n only): str.splitlines
+    # would also break at \f, \x85, \u2028 and others, which the book keeps inside a line.
+    lines = io.StringIO(text, newline=None).readlines()
+    return [_NON_LETTERS.sub(" ", line).strip().lower() for line in lines]
 
 
 def read_lines(path: Path) -> list[str]:

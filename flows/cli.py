@@ -1,4 +1,4 @@
-"""The ``deeprnn`` command: run the training flow, generate from a logged model, list presets.
+"""The ``deeprnn`` command: run the training flow, sweep a search space, generate from a logged model, list presets.
 
 Every configuration field has its own ``--option``, generated from the pydantic models so the CLI, the
 Prefect form and the config can never disagree. Values are validated before Prefect or MLflow start.
@@ -10,11 +10,14 @@ import inspect
 import json
 import os
 import sys
+import threading
 import typing
 from typing import Any, Optional
 
 # Library log records (download, training) go to Prefect's handlers too; must be set before Prefect loads.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "deeprnn")
+# The ephemeral API's default 20 s start-up budget is tight on a busy 2-core machine; waiting longer is cheap.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -141,8 +144,13 @@ def run(
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
 
+    booting = _boot_prefect_api()  # in parallel with the imports below: together they are most of start-up
     from flows.train_flow import train_lm  # Prefect and MLflow load only once the input is known to be good
     from tasks.tracking import tracking_uri
+
+    _init_device(config.train.device)
+    if booting is not None:
+        booting.join()
 
     api = os.environ.get("PREFECT_API_URL") or "ephemeral (in-process)"
     if resume is not None:
@@ -169,6 +177,41 @@ def run(
             json.dump(result, fh, indent=1, default=str)
 
 
+def _boot_prefect_api() -> threading.Thread | None:
+    """Start Prefect's ephemeral API server on a background thread when no API URL is configured.
+
+    Its subprocess takes ~10-15 s to answer, about as long as importing torch, MLflow and the flow; starting
+    it first overlaps the two. The flow call later finds the same (singleton) server already running. Any
+    failure here is left for the flow call to retry and report in Prefect's own words.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+
+    def boot() -> None:
+        try:
+            from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+            if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+                return  # a server is configured in the profile, or ephemeral mode is off
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()
+        except Exception:  # noqa: BLE001 - reported by the flow call if it persists
+            pass
+
+    thread = threading.Thread(target=boot, name="prefect-api-boot", daemon=True)
+    thread.start()
+    return thread
+
+
+def _init_device(device: str) -> None:
+    """Create the CUDA context now (about a second) while the API server is still booting."""
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.init()
+
+
 # Typer reads the signature: add one keyword option per configuration field to ``run``.
 _sig = inspect.signature(run)
 _fixed = [p for p in _sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
@@ -184,7 +227,7 @@ def _print_result(result: dict[str, Any]) -> None:
     for key, value in result["metrics"].items():
         if value is not None:
             table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))
-    table.add_row("device / steps", f"{result['device']} / {result['step_mode']}")
+    table.add_row("device / steps", f"{result['device']} / {result['step_mode']} / {result['precision']}")
     console.print(table)
     console.print(f"model: {result['model'].get('model_uri')}" + (
         f" (registered {result['model']['registered_model']} v{result['model']['version']}"
@@ -243,6 +286,119 @@ def presets(name: Optional[str] = typer.Argument(None, help="Show one preset in 
             f"{c.train.optimizer} lr {c.train.lr}, batch {c.train.batch_size}x{c.train.num_steps}, {c.train.epochs} epochs",
         )
     console.print(table)
+
+
+# ----- deeprnn sweep --------------------------------------------------------------------------------------
+
+# The dimensions the issue names get their own options; any other field goes through --param.
+_SWEEP_OPTIONS = {"cell": "model.cell", "num_layers": "model.num_layers", "num_hiddens": "model.num_hiddens",
+                  "dropout": "model.dropout", "lr": "train.lr", "optimizer": "train.optimizer"}
+
+
+def _sweep_space(space_file: Optional[str], options: dict[str, Optional[str]], params: list[str]) -> dict[str, Any]:
+    """The search space: the YAML file, then the dimension options, then each ``--param`` (later wins)."""
+    from deeprnn.search import SearchSpaceError, field_path, load_space, parse_values
+
+    space: dict[str, Any] = {}
+    if space_file:
+        space.update({field_path(k): v for k, v in load_space(space_file).items()})
+    for name, text in options.items():
+        if text is not None:
+            space[_SWEEP_OPTIONS[name]] = parse_values(text)
+    for item in params:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise SearchSpaceError(f"--param {item!r}: write it as section.field=value[,value...], e.g. train.clip_norm=0.5,1")
+        space[field_path(key)] = parse_values(text)
+    return space
+
+
+@app.command()
+def sweep(
+    preset: str = typer.Option("d2l-9.3", "--preset", help=f"Named preset every trial starts from: {', '.join(PRESETS)}."),
+    cell: Optional[str] = typer.Option(None, "--cell", help="Cell types to try, comma-separated: lstm,gru,rnn."),
+    num_layers: Optional[str] = typer.Option(None, "--num-layers", help="Layer counts to try, e.g. 1,2,3."),
+    num_hiddens: Optional[str] = typer.Option(None, "--num-hiddens", help="Hidden sizes to try, e.g. 128,256."),
+    dropout: Optional[str] = typer.Option(None, "--dropout", help="Dropout values to try, e.g. 0,0.2."),
+    lr: Optional[str] = typer.Option(None, "--lr", help="Learning rates to try, e.g. 0.5,1,2."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="Optimizers to try: sgd,adam,adamw."),
+    param: list[str] = typer.Option([], "--param", help="Any field: section.field=v1,v2 (one value: fixed for all trials). Repeatable."),
+    space_file: Optional[str] = typer.Option(None, "--space", help="YAML file mapping fields to values or {low, high, log} ranges."),
+    random_search: bool = typer.Option(False, "--random", help="Random search: draw --max-trials points instead of the whole grid."),
+    max_trials: Optional[int] = typer.Option(None, "--max-trials", min=1, help="Trials a random search draws (default 10); a grid larger than this is refused."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the random search (to vary the training seed: --param train.seed=0,1,2)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training tokens, for every trial."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or mps, for every trial; GPU trials get one GPU each."),
+    data_url: Optional[str] = typer.Option(None, "--data-url", help="Corpus URL or path, for every trial."),
+    data_sha1: Optional[str] = typer.Option(None, "--data-sha1", help="Expected SHA-1 of the corpus."),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment (default: deeprnn-sweep)."),
+    runs_dir: str = typer.Option("runs", "--runs-dir", help="Checkpoint folder on each worker, one subfolder per trial."),
+    cluster_address: Optional[str] = typer.Option(None, "--cluster-address", envvar="DEEPRNN_DASK_ADDRESS", help="Dask scheduler to use, e.g. tcp://10.0.0.5:8786. Default: a new cluster on this machine."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, envvar="DEEPRNN_DASK_WORKERS", help="Worker processes of the local cluster (default: one per GPU, else one per CPU core)."),
+    register_best: bool = typer.Option(True, "--register-best/--no-register-best", help="Register the best trial's model as deeprnn-lm."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
+) -> None:
+    """Grid or random search: train one model per trial on a Dask cluster; one MLflow parent run, a child per trial."""
+    from deeprnn.search import SearchSpaceError, parse_space, plan_trials
+
+    dims = {"cell": cell, "num_layers": num_layers, "num_hiddens": num_hiddens, "dropout": dropout, "lr": lr, "optimizer": optimizer}
+    fixed = {"train": {"epochs": epochs, "device": device}, "data": {"url": data_url, "sha1": data_sha1}}
+    overrides = {s: {k: v for k, v in values.items() if v is not None} for s, values in fixed.items()}
+    try:
+        space = _sweep_space(space_file, dims, param)
+        search_space = parse_space(space)
+        if not search_space.dims:
+            raise SearchSpaceError("nothing to sweep: give values to vary, e.g. --lr 0.5,1,2, --param train.seed=0,1 or --space FILE")
+        trials = plan_trials(preset, overrides, search_space, random_search, max_trials, seed)
+    except ValueError as exc:  # SearchSpaceError, or an unknown preset
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+
+    booting = _boot_prefect_api()  # overlaps the imports below, as for `deeprnn run`
+    from flows.sweep_flow import sweep_lm  # Prefect, MLflow and Dask load only once the input is known to be good
+    from tasks.cluster import dask_task_runner, prefect_api_for_workers
+    from tasks.tracking import tracking_uri
+
+    if booting is not None:
+        booting.join()
+
+    runner = dask_task_runner(cluster_address, workers, use_gpus=trials[0].config.train.device != "cpu")
+    where = cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)"
+    console.print(f"deeprnn sweep: {len(trials)} trials of preset [bold]{preset}[/bold] on {where}")
+    console.print(f"MLflow tracking: {tracking_uri()}")
+    try:
+        with prefect_api_for_workers() as api:
+            console.print(f"Prefect API: {api or 'from the environment'}")
+            result = sweep_lm.with_options(task_runner=runner)(
+                space=space, preset=preset, data=overrides["data"] or None, train=overrides["train"] or None,
+                random_search=random_search, max_trials=max_trials, seed=seed, experiment=experiment,
+                runs_dir=runs_dir, register_best=register_best,
+            )
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]: the sweep's MLflow run is marked KILLED")
+        raise typer.Exit(130)
+    except Exception as exc:
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        raise typer.Exit(1)
+    _print_sweep(result)
+    if json_out:
+        with open(json_out, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=1, default=str)
+
+
+def _print_sweep(result: dict[str, Any]) -> None:
+    metric = result["selection_metric"]
+    table = Table(title=f"MLflow parent run {result['parent_run_id']} (ranked by {metric})", show_header=True)
+    for column in ("trial", "status", metric, "run id", "error"):
+        table.add_column(column)
+    for t in result["trials"]:
+        score = t["metrics"].get(metric)
+        table.add_row(t["name"], t["status"], "" if score is None else f"{score:.3f}", t["run_id"] or "", t["error"] or "")
+    console.print(table)
+    best = result["best"]
+    console.print(f"best: {best['name']} (run {best['run_id']})" + (
+        f", registered deeprnn-lm v{best['model']['version']}" if best["model"].get("version") else ""))
+    console.print(f"{result['trials_succeeded']} of {result['trials_total']} trials succeeded")
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""The training flow: download -> vocabulary -> splits -> train -> evaluate -> generate -> MLflow.
+"""The training flow: download -> vocabulary -> splits -> train -> evaluate -> generate -> MLflow
+(the stages are wired in ``flows.pipeline.run_pipeline``, shared with sweep trials).
 
 Parameters are the preset plus per-section overrides (validated pydantic models), so the Prefect UI shows
 them as a form and refuses out-of-range values before a run starts.
@@ -11,11 +12,8 @@ from typing import Any, Optional
 from prefect import flow
 
 from deeprnn.config import DataOverrides, ModelOverrides, PresetName, SampleOverrides, TrainOverrides, resolve
-from tasks import tracking
-from tasks.data import build_vocab, download_corpus, prepare_splits
+from flows.pipeline import run_pipeline
 from tasks.resume import prepare_resume
-from tasks.results import check_inputs, log_results, publish_summary, start_tracking
-from tasks.training import evaluate_model, generate_samples, train_model
 
 FLOW_NAME = "deeprnn-train"
 
@@ -40,25 +38,4 @@ def train_lm(
         config, experiment = prepare_resume(resume_run_id, runs_dir, experiment, data, model, train, sample)
     else:
         config = resolve(preset, data, model, train, sample)
-    check_inputs(config)
-    run_id, run_dir = start_tracking(config, experiment or FLOW_NAME, runs_dir, resume_run_id)
-    with tracking.run_status(run_id):  # FAILED/KILLED in MLflow if anything below raises
-        corpus = download_corpus(config.data.url, config.data.expected_sha1())
-        vocab = build_vocab(corpus, config.data)
-        tracking.log_dataset(run_id, corpus, vocab)
-        splits = prepare_splits(corpus, vocab, config.data, config.train)
-        trained = train_model(config, vocab, splits, run_id, run_dir)
-        evaluation = evaluate_model(trained["checkpoint"], splits, config.train.device)
-        samples = generate_samples(trained["checkpoint"], config.train.device)
-        logged = log_results(run_id, config, vocab, trained, evaluation, samples, corpus.sha1)
-        publish_summary(run_id, config, trained, evaluation, samples)
-    return {
-        "run_id": run_id,
-        "experiment": experiment or FLOW_NAME,
-        "metrics": logged["metrics"],
-        "samples": samples,
-        "model": logged["model"],
-        "checkpoint": trained["checkpoint"],
-        "step_mode": trained["step_mode"],
-        "device": trained["device"],
-    }
+    return run_pipeline(config, experiment or FLOW_NAME, runs_dir, resume_run_id=resume_run_id)

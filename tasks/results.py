@@ -28,8 +28,10 @@ def log_results(
     evaluation: dict[str, float | None],
     samples: dict[str, str],
     corpus_sha1: str,
+    register: bool = True,
 ) -> dict[str, Any]:
-    """Log final metrics, vocabulary, samples, curve, history and the model (registered; champion if best)."""
+    """Log final metrics, vocabulary, samples, curve, history and the model (registered and champion if
+    best, unless ``register`` is off: a sweep registers only its best trial's model)."""
     history = [EpochStats(**h) for h in trained["history"]]
     final = {
         "final_train_perplexity": trained["final_train_perplexity"],
@@ -47,12 +49,14 @@ def log_results(
     with tempfile.TemporaryDirectory() as tmp:
         plot = plot_history(history, Path(tmp) / "perplexity.png", f"{config.preset}: perplexity per epoch")
         tracking.log_artifact(run_id, plot)
-    tracking.set_tags(run_id, {"deeprnn.step_mode": trained["step_mode"]})
+    tracking.set_tags(run_id, {"deeprnn.step_mode": trained["step_mode"], "deeprnn.precision": trained["precision"]})
 
-    model = tracking.log_model(run_id, Path(trained["checkpoint"]), config.sample.prefixes[0])
+    register_as = tracking.REGISTERED_MODEL if register else None
+    model = tracking.log_model(run_id, Path(trained["checkpoint"]), config.sample.prefixes[0], register_as=register_as)
     # Champions are compared on the same held-out text only: same corpus bytes, same split.
     heldout_key = f"{corpus_sha1}:{config.data.token}:val={config.data.val_fraction}:test={config.data.test_fraction}"
     score = evaluation.get("val_perplexity") or evaluation["test_perplexity"]
+    model["heldout_key"], model["heldout_score"] = heldout_key, score
     if "version" in model and score is not None:
         model["champion"] = tracking.promote_if_better(model["registered_model"], model["version"], score, heldout_key)
     get_run_logger().info("model logged: %s", model)
@@ -83,7 +87,7 @@ def publish_summary(
         f"| test perplexity | {fmt(evaluation.get('test_perplexity'))} |",
         f"| tokens/s | {trained['tokens_per_sec']:,.0f} |",
         f"| training time | {trained['train_seconds']:.1f} s |",
-        f"| device / step | {trained['device']} / {trained['step_mode']} |",
+        f"| device / step / precision | {trained['device']} / {trained['step_mode']} / {trained['precision']} |",
         "",
         "## Samples",
         "",
@@ -108,13 +112,26 @@ def check_inputs(config: RunConfig) -> str:
 
 @task(name="start-mlflow-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def start_tracking(
-    config: RunConfig, experiment: str, runs_dir: str, resume_run_id: str | None = None
+    config: RunConfig,
+    experiment: str,
+    runs_dir: str,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    resume_run_id: str | None = None,
 ) -> tuple[str, str]:
-    """Open the MLflow run (params, tags linking the Prefect flow run), or set run ``resume_run_id`` back to
-    RUNNING to continue it; returns the run id and its local run folder."""
+    """Open the MLflow run (params, tags linking the Prefect flow run), nested under ``parent_run_id`` if
+    given, or set run ``resume_run_id`` back to RUNNING to continue it; returns the run id and its local
+    run folder."""
+    import os
+    import socket
+
     from prefect.runtime import deployment, flow_run
 
     tags = {
+        **(extra_tags or {}),
+        "deeprnn.host": socket.gethostname(),
+        "deeprnn.pid": str(os.getpid()),
         "prefect.flow_run_id": str(flow_run.get_id() or ""),
         "prefect.flow_run_name": str(flow_run.get_name() or ""),
         "prefect.flow_name": str(flow_run.get_flow_name() or ""),
@@ -131,7 +148,9 @@ def start_tracking(
         tracking.reopen_run(resume_run_id, tags)
         run_id = resume_run_id
     else:
-        run_id = tracking.start_run(config, experiment, run_name=flow_run.get_name(), tags=tags)
+        run_id = tracking.start_run(
+            config, experiment, run_name=run_name or flow_run.get_name(), tags=tags, parent_run_id=parent_run_id
+        )
     # The folder is named by the run id (letters and digits only), never by a user-given name.
     run_dir = run_folder(runs_dir, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)

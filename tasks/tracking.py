@@ -108,11 +108,25 @@ def _param_value(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def start_run(config: RunConfig, experiment: str, run_name: str | None, tags: dict[str, str]) -> str:
-    """Create the MLflow run with every configuration value as a param; returns its id."""
-    client = MlflowClient()
+def start_run(
+    config: RunConfig, experiment: str, run_name: str | None, tags: dict[str, str], parent_run_id: str | None = None
+) -> str:
+    """Create the MLflow run with every configuration value as a param; returns its id.
+
+    With ``parent_run_id`` the run is nested under that run (a sweep's trial under the sweep).
+    """
     params = config.flat()
     params["data.url"] = redact_url(params["data.url"])  # never log credentials
+    return create_run(experiment, run_name, tags, params, parent_run_id)
+
+
+def create_run(
+    experiment: str, run_name: str | None, tags: dict[str, str], params: dict[str, Any], parent_run_id: str | None = None
+) -> str:
+    """Create a run with these tags and params (lists and dicts as JSON); nested when ``parent_run_id`` is set."""
+    client = MlflowClient()
+    if parent_run_id:
+        tags = {**tags, "mlflow.parentRunId": parent_run_id}  # what the MLflow UI nests runs by
     run = client.create_run(experiment_id(experiment), run_name=run_name, tags=tags)
     items = [Param(k, _param_value(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):
@@ -405,16 +419,68 @@ def run_url(run_id: str) -> str | None:
 
 @dataclass
 class RunRecord:
-    """What a finished run recorded, for tests and the CLI."""
+    """What a finished run recorded, for tests and the CLI (times in milliseconds since the epoch)."""
 
     run_id: str
     status: str
     params: dict[str, str]
     metrics: dict[str, float]
     tags: dict[str, str]
+    start_time: int | None = None
+    end_time: int | None = None
+
+
+def _record(run: Any) -> RunRecord:
+    info, data = run.info, run.data
+    return RunRecord(
+        info.run_id, info.status, dict(data.params), dict(data.metrics), dict(data.tags), info.start_time, info.end_time
+    )
 
 
 def get_run(run_id: str) -> RunRecord:
     """Read a run back."""
-    run = MlflowClient().get_run(run_id)
-    return RunRecord(run_id, run.info.status, dict(run.data.params), dict(run.data.metrics), dict(run.data.tags))
+    return _record(MlflowClient().get_run(run_id))
+
+
+def child_runs(parent_run_id: str) -> list[RunRecord]:
+    """Every run nested under ``parent_run_id``, oldest first."""
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=5000,
+    )
+    return [_record(r) for r in runs]
+
+
+def register_model(model_uri: str) -> str:
+    """Register a logged model as a new version of ``deeprnn-lm``; returns the version."""
+    version = mlflow.register_model(model_uri, REGISTERED_MODEL, await_registration_for=30)
+    return str(version.version)
+
+
+def worker_tracking_uri() -> str:
+    """The tracking URI as other processes must see it: a relative sqlite path made absolute.
+
+    Sweep trials run in other processes, possibly started elsewhere; they get this URI explicitly rather
+    than trusting their own environment, so that every trial lands in the same store as its sweep.
+    """
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = uri.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            return "sqlite:///" + str(Path(path).resolve())
+    return uri
+
+
+def use_tracking_uri(uri: str) -> None:
+    """Point this process's MLflow client at ``uri`` (a sweep trial, in its worker process)."""
+    if mlflow.get_tracking_uri() != uri:
+        mlflow.set_tracking_uri(uri)
+
+
+def is_local_store() -> bool:
+    """True when the tracking store is a file on this machine (sqlite or a folder), not a server."""
+    return urlsplit(mlflow.get_tracking_uri()).scheme in ("", "file", "sqlite")

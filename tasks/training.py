@@ -96,6 +96,7 @@ def train_model(
         path = checkpoint.save(out / LAST, payload)
         tracking.log_artifact(run_id, path, "checkpoints")
 
+    fit_started = time.time()  # wall clock, so a benchmark can split a run into overhead and training
     try:
         result = trainer.fit(on_epoch=on_epoch, on_checkpoint=on_checkpoint, checkpoint_every=cfg.checkpoint_every)
     except BaseException:
@@ -105,6 +106,7 @@ def train_model(
             logger.warning("could not log the last metrics: %s: %s", type(exc).__name__, exc)
         raise
     metrics.flush()
+    fit_finished = time.time()
     final = checkpoint.save(out / MODEL, checkpoint.make_payload(config, voc, model, epoch=result.epochs_done))
     history = earlier + result.history  # the whole curve, also after a resume
     summary = result.to_dict()
@@ -112,9 +114,10 @@ def train_model(
     if history:
         summary["final_train_perplexity"] = history[-1].train_perplexity
     logger.info(
-        f"trained in {time.perf_counter() - started:.1f} s ({result.step_mode} steps): "
+        f"trained in {time.perf_counter() - started:.1f} s ({result.step_mode} steps, {result.precision}): "
         f"final train ppl {summary['final_train_perplexity']:.3f}, {result.tokens_per_sec:,.0f} tokens/s"
     )
+    summary.update(fit_started_at=fit_started, fit_finished_at=fit_finished)
     return {"checkpoint": str(final), "device": describe(device), "history": [vars(h) for h in history], **summary}
 
 

@@ -359,7 +359,7 @@ def test_resume_refuses_a_checkpoint_with_pickled_code(case: Case) -> None:
     torch.save({"format": checkpoint.FORMAT, "config": config.model_dump(mode="json"), "epoch": 1, "x": Payload()},
                folder / "last.pt")
     SIDE_EFFECTS.clear()
-    with pytest.raises(checkpoint.UnsafeCheckpointError, match="could run code when loaded: refused"):
+    with pytest.raises(checkpoint.UnsafeCheckpointError, match=r"holds a pickled object \(.*Payload\) that could run code when loaded, so it is refused"):
         case.run(resume_run_id=run_id)
     assert SIDE_EFFECTS == []
     assert MlflowClient().get_run(run_id).info.status == "FAILED"  # refused before the run was reopened

@@ -229,7 +229,7 @@ def http_server() -> LocalServer:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     srv = LocalServer(server, thread)
     holder["srv"] = srv
     thread.start()

@@ -197,7 +197,8 @@ def test_credentials_never_shown(http_server, tmp_path: Path) -> None:
         ("http://:pw@example.com/a", "http://example.com/a"),
         ("https://example.com/a?token=1", "https://example.com/a?token=1"),
         ("/local/path.txt", "/local/path.txt"),
-        ("http://u:p@[::1]:8080/t.txt", "http://[::1]:8080/t.txt"),
+        ("http://u:p@[::1]:8080/t.txt", "http://[::1]:8080/t.txt"),  # IPv6 keeps its brackets
+        ("http://u:p@Example.COM:80x/t", "http://Example.COM:80x/t"),  # a bad port is shown, not raised on
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:

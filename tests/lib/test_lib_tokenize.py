@@ -66,12 +66,6 @@ def test_read_lines_equals_the_books_read_time_machine(book_path: Path) -> None:
     assert read_lines(book_path) == _book_lines(book_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG deeprnn/tokenize.py preprocess_lines: str.splitlines() also breaks lines at \\f, \\v, \\x1c-\\x1e, "
-    "\\x85, \\u2028, \\u2029, where the book's file.readlines() keeps them inside a line (as a space after the "
-    "regex), so letters around a form feed are glued together. Fix: io.StringIO(text, newline=None).readlines()",
-)
 @pytest.mark.parametrize("sep", ["\x0c", "\x0b", "\x85", "\u2028"])
 def test_preprocess_splits_lines_exactly_where_the_book_does(tmp_path: Path, sep: str) -> None:
     text = f"end of chapter one{sep}CHAPTER TWO\nnext line\n"

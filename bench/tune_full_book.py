@@ -1,0 +1,110 @@
+"""Compare candidate settings for the ``full-book`` preset: validation picks the epoch, test is reported.
+
+Each candidate is a set of overrides on top of ``full-book``; candidates run as parallel subprocesses on
+one device (``--parallel``), so the wall times in one table are comparable with each other only.
+
+    python bench/tune_full_book.py --device cuda --parallel 4
+    python bench/tune_full_book.py --device cpu --candidates '[{"train": {"epochs": 1}}]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "timemachine.txt"
+
+CANDIDATES: list[dict] = [
+    {},  # the preset as it stands
+    {"train": {"epochs": 80}},
+    {"train": {"batch_size": 32, "epochs": 40, "lr": 2e-3}},
+    {"model": {"num_hiddens": 768, "dropout": 0.4}, "train": {"epochs": 60}},
+    {"model": {"embedding_dim": 64}, "train": {"epochs": 60}},
+    {"model": {"dropout": 0.4}, "train": {"num_steps": 128, "batch_size": 32, "epochs": 60}},
+]
+
+
+def trial(data: str, device: str, overrides: dict) -> dict:
+    """Train one candidate in this process and return its figures."""
+    import torch
+
+    from deeprnn import tokenize
+    from deeprnn.batching import split_corpus
+    from deeprnn.config import preset_config
+    from deeprnn.device import resolve_device, seed_everything
+    from deeprnn.evaluate import perplexity
+    from deeprnn.model import RNNLM
+    from deeprnn.train import Trainer
+    from deeprnn.vocab import Vocab
+
+    cfg = preset_config("full-book", {**overrides, "train": {**overrides.get("train", {}), "device": device}})
+    tokens = tokenize.flatten(tokenize.tokenize(tokenize.read_lines(Path(data)), cfg.data.token))
+    vocab = Vocab(tokens)
+    ids = torch.tensor(vocab.encode(tokens))
+    splits = split_corpus(ids, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.max_tokens)
+    seed_everything(cfg.train.seed)
+    dev = resolve_device(device)
+    model = RNNLM.from_config(len(vocab), cfg.model)
+    trainer = Trainer(model, splits.train, cfg.train, dev, heldout_ids=splits.val, select_best=True)
+    start = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - start
+    return {
+        "overrides": overrides,
+        "best_epoch": result.best_epoch,
+        "val_perplexity": result.best_heldout_perplexity,
+        "test_perplexity": perplexity(model, splits.test, rows=cfg.train.batch_size),
+        "train_perplexity": result.final_train_perplexity,
+        "seconds": round(seconds, 1),
+        "tokens_per_sec": round(result.tokens_per_sec),
+        "step_mode": result.step_mode,
+    }
+
+
+def main() -> None:
+    """Run the candidates and print a table sorted by validation perplexity."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="path of timemachine.txt")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--parallel", type=int, default=1, help="candidates trained at once")
+    p.add_argument("--candidates", help="JSON list of override dicts (default: the built-in list)")
+    p.add_argument("--json", help="write all results here")
+    p.add_argument("--_one", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a._one is not None:
+        print(json.dumps(trial(a.data, a.device, json.loads(a._one))))
+        return
+    candidates = json.loads(a.candidates) if a.candidates else CANDIDATES
+
+    def launch(overrides: dict) -> dict:
+        cmd = [sys.executable, __file__, "--data", a.data, "--device", a.device, "--_one", json.dumps(overrides)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            return {"overrides": overrides, "error": proc.stderr.strip().splitlines()[-1:]}
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    with ThreadPoolExecutor(a.parallel) as pool:
+        results = list(pool.map(launch, candidates))
+    ok = sorted((r for r in results if "error" not in r), key=lambda r: r["val_perplexity"])
+    print("| overrides | best epoch | val ppl | test ppl | train ppl | seconds | tokens/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in ok:
+        print(
+            f"| `{json.dumps(r['overrides'])}` | {r['best_epoch']} | {r['val_perplexity']:.3f} | "
+            f"{r['test_perplexity']:.3f} | {r['train_perplexity']:.3f} | {r['seconds']} | {r['tokens_per_sec']:,} |"
+        )
+    for r in results:
+        if "error" in r:
+            print(f"failed: {r['overrides']}: {r['error']}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,392 @@
+"""Hyperparameter search: a space of configuration values, the trials it expands to, and their ranking.
+
+A space maps configuration fields to values::
+
+    model.cell: [lstm, gru]          # a dimension: every trial takes one of these
+    model.num_layers: [1, 2]
+    lr: [0.5, 1.0, 2.0]              # a bare field name works when only one section has it
+    train.epochs: 100                # a single value: the same for every trial
+    train.clip_norm: {low: 0.1, high: 10, log: true}   # a range: random search only
+
+Grid search takes every combination of the dimensions, in order; random search draws ``max_trials`` of
+them (distinct ones when every dimension is a list) with a seeded generator, so the same seed gives the same
+trials. Each trial is a complete ``RunConfig`` (the preset, the user's overrides, then the trial's values),
+validated before anything runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import itertools
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from pydantic import BaseModel, ValidationError
+
+from deeprnn.config import DataConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig, preset_config
+
+MAX_TRIALS = 1000  # a guard against a typo that expands to a million training runs
+DEFAULT_RANDOM_TRIALS = 10
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sample": SampleConfig}
+# Names people use for a field that the config spells differently.
+_ALIASES = {
+    "hidden_size": "model.num_hiddens",
+    "hiddens": "model.num_hiddens",
+    "layers": "model.num_layers",
+    "learning_rate": "train.lr",
+}
+
+
+class SearchSpaceError(ValueError):
+    """The search space or a trial it expands to is not valid; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """A continuous (or integer) interval for random search, sampled uniformly or log-uniformly."""
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+    def draw(self, rng: random.Random) -> float | int:
+        """One value from the interval."""
+        if self.log:
+            value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        else:
+            value = rng.uniform(self.low, self.high)
+        if self.integer:
+            return min(max(int(round(value)), int(self.low)), int(self.high))
+        return float(f"{value:.4g}")  # 4 significant digits: readable in the MLflow UI, plenty for tuning
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Varied dimensions (lists or ranges) and fixed values, each keyed by ``section.field``."""
+
+    dims: dict[str, list[Any] | Range]
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def grid_size(self) -> int | None:
+        """How many combinations the lists make; None when a dimension is a range."""
+        if any(isinstance(v, Range) for v in self.dims.values()):
+            return None
+        return math.prod(len(v) for v in self.dims.values())  # type: ignore[arg-type]
+
+    def describe(self) -> dict[str, Any]:
+        """The space as plain JSON-ready data (ranges as ``{low, high, log}``)."""
+        out: dict[str, Any] = {}
+        for key, value in self.dims.items():
+            out[key] = {"low": value.low, "high": value.high, "log": value.log} if isinstance(value, Range) else value
+        return out
+
+
+def field_path(name: str) -> str:
+    """``section.field`` for a field name given as ``section.field``, a bare field name or an option name.
+
+    Raises ``SearchSpaceError`` for an unknown name (suggesting the closest) or a bare name two sections share.
+    """
+    key = name.strip().replace("-", "_")
+    section, _, bare = key.rpartition(".")
+    if bare in _ALIASES and section in ("", _ALIASES[bare].split(".")[0]):
+        key = _ALIASES[bare]
+    paths = [f"{s}.{f}" for s, cls in _SECTIONS.items() for f in cls.model_fields]
+    if key in paths:
+        return key
+    matches = [p for p in paths if p.split(".", 1)[1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise SearchSpaceError(f"{name!r} is ambiguous: write one of {', '.join(matches)}")
+    if "." in key:
+        close = difflib.get_close_matches(key, paths, n=3)
+    else:
+        close = [p for p in paths if p.split(".", 1)[1] in difflib.get_close_matches(key, [p.split(".", 1)[1] for p in paths], n=3)]
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; see `deeprnn presets smoke` for the fields"
+    raise SearchSpaceError(f"unknown configuration field {name!r} in the search space{hint}")
+
+
+def _range(key: str, spec: Mapping[str, Any]) -> Range:
+    extra = set(spec) - {"low", "high", "log"}
+    if extra or not {"low", "high"} <= set(spec):
+        raise SearchSpaceError(f"{key}: a range is {{low: ..., high: ..., log: true|false}}, got {dict(spec)}")
+    low, high = spec["low"], spec["high"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low > high:
+        raise SearchSpaceError(f"{key}: a range needs numbers with low <= high, got low={low!r} high={high!r}")
+    log = bool(spec.get("log", False))
+    if log and low <= 0:
+        raise SearchSpaceError(f"{key}: a log range needs low > 0, got {low}")
+    return Range(float(low), float(high), log, integer=isinstance(low, int) and isinstance(high, int))
+
+
+def _flatten(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Accept ``{model: {cell: [...]}}`` as well as ``{model.cell: [...]}``."""
+    out: dict[str, Any] = {}
+    for key, value in spec.items():
+        if key in _SECTIONS and isinstance(value, Mapping):
+            for sub, sub_value in value.items():
+                out[f"{key}.{sub}"] = sub_value
+        else:
+            out[str(key)] = value
+    return out
+
+
+def parse_space(spec: Mapping[str, Any]) -> SearchSpace:
+    """Turn ``{field: list | value | {low, high, log}}`` into a ``SearchSpace`` (names checked, lists
+    de-duplicated in order). A list of one value, or a scalar, is fixed rather than varied."""
+    dims: dict[str, list[Any] | Range] = {}
+    fixed: dict[str, Any] = {}
+    for name, value in _flatten(spec).items():
+        key = field_path(name)
+        if key in dims or key in fixed:
+            raise SearchSpaceError(f"{key} is given twice in the search space")
+        if isinstance(value, Mapping):
+            dims[key] = _range(key, value)
+        elif isinstance(value, (list, tuple)):
+            values: list[Any] = []
+            for v in value:
+                if v not in values:
+                    values.append(v)
+            if not values:
+                raise SearchSpaceError(f"{key}: the list of values is empty")
+            if len(values) == 1:
+                fixed[key] = values[0]
+            else:
+                dims[key] = values
+        else:
+            fixed[key] = value
+    return SearchSpace(dims, fixed)
+
+
+def load_space(path: str | Path) -> dict[str, Any]:
+    """Read a search space from a YAML (or JSON) file; the error names the file when it is not a mapping."""
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SearchSpaceError(f"cannot read search space file {p}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise SearchSpaceError(f"search space file {p} is not valid YAML: {exc}") from None
+    if not isinstance(data, Mapping) or not data:
+        raise SearchSpaceError(f"search space file {p} must map configuration fields to values, e.g. 'lr: [0.5, 1]'")
+    return dict(data)
+
+
+def parse_values(text: str) -> list[Any]:
+    """``"0.5,1,2"`` -> ``[0.5, 1, 2]``, ``"lstm,gru"`` -> ``["lstm", "gru"]`` (each item read as YAML:
+    numbers, ``true``/``false``, ``null``)."""
+    import yaml
+
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or any(not item for item in items):
+        raise SearchSpaceError(f"cannot read values {text!r}: give them separated by commas, e.g. 0.5,1,2")
+    return [yaml.safe_load(item) for item in items]
+
+
+def expand(space: SearchSpace, random_search: bool = False, max_trials: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """The varied values of each trial, in order: the whole grid, or ``max_trials`` random draws.
+
+    Grid search refuses a grid larger than ``max_trials`` (say so rather than silently cutting it) and
+    ranges; random search draws distinct combinations when every dimension is a list.
+    """
+    if max_trials is not None and max_trials < 1:
+        raise SearchSpaceError(f"--max-trials must be at least 1, got {max_trials}")
+    keys = list(space.dims)
+    size = space.grid_size()
+    if not random_search:
+        if size is None:
+            ranged = [k for k, v in space.dims.items() if isinstance(v, Range)]
+            raise SearchSpaceError(f"{', '.join(ranged)}: ranges need random search (--random --max-trials N)")
+        limit = min(max_trials or MAX_TRIALS, MAX_TRIALS)
+        if size > limit:
+            raise SearchSpaceError(
+                f"the grid has {size} trials, more than {limit}: use --random --max-trials N to sample it, "
+                "or give fewer values"
+            )
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(space.dims[k] for k in keys))]  # type: ignore[misc]
+
+    wanted = min(max_trials or DEFAULT_RANDOM_TRIALS, MAX_TRIALS)
+    rng = random.Random(seed)
+    if size is not None:
+        # Distinct combinations: draw indices into the grid without replacement, decode them digit by digit.
+        picks = rng.sample(range(size), min(wanted, size))
+        return [_decode(index, keys, space) for index in picks]
+    return [
+        {k: v.draw(rng) if isinstance(v, Range) else rng.choice(v) for k, v in space.dims.items()} for _ in range(wanted)
+    ]
+
+
+def _decode(index: int, keys: list[str], space: SearchSpace) -> dict[str, Any]:
+    """The ``index``-th grid combination (the last key varies fastest, as in ``itertools.product``)."""
+    out: dict[str, Any] = {}
+    for key in reversed(keys):
+        values = space.dims[key]
+        index, digit = divmod(index, len(values))  # type: ignore[arg-type]
+        out[key] = values[digit]  # type: ignore[index]
+    return {k: out[k] for k in keys}
+
+
+def _nest(values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in values.items():
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def _merge(base: dict[str, dict[str, Any]], update: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {section: dict(values) for section, values in base.items()}
+    for section, values in update.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One point of the search: its number, the values it varies and its complete configuration."""
+
+    index: int
+    values: dict[str, Any]
+    config: RunConfig
+
+    @property
+    def name(self) -> str:
+        """A short label for logs and the MLflow UI, e.g. ``trial-2 cell=gru lr=1``."""
+        shown = " ".join(f"{k.split('.', 1)[1]}={v}" for k, v in self.values.items())
+        return f"trial-{self.index}" + (f" {shown}" if shown else "")
+
+
+def plan_trials(
+    preset: str,
+    overrides: Mapping[str, Any] | None,
+    space: SearchSpace,
+    random_search: bool = False,
+    max_trials: int | None = None,
+    seed: int = 0,
+) -> list[Trial]:
+    """Every trial's configuration: ``preset``, then ``overrides`` (``{section: {field: value}}``, a section
+    may be an overrides model or None), then the space's fixed values, then the trial's own. All are
+    validated here, before any trial runs."""
+    given: dict[str, dict[str, Any]] = {}
+    for section, values in (overrides or {}).items():
+        if isinstance(values, BaseModel):
+            values = values.model_dump(exclude_none=True)
+        if values:
+            given[section] = {k: v for k, v in dict(values).items() if v is not None}
+    base = _merge(given, _nest(space.fixed))
+    trials = []
+    for index, values in enumerate(expand(space, random_search, max_trials, seed)):
+        try:
+            config = preset_config(preset, _merge(base, _nest(values)))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            raise SearchSpaceError(f"trial {index} ({_show(values)}) is not a valid configuration: {problems}") from None
+        trials.append(Trial(index, values, config))
+    return trials
+
+
+def _show(values: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items()) or "no varied values"
+
+
+# ----- results ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrialResult:
+    """What one trial produced: its MLflow run (if it got that far), status, final metrics or error."""
+
+    index: int
+    name: str
+    values: dict[str, Any]
+    status: str  # FINISHED or FAILED
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        """True when the trial's run finished."""
+        return self.status == "FINISHED"
+
+
+def selection_metric(results: list[TrialResult]) -> str:
+    """The held-out perplexity trials are ranked by: validation when every finished trial has one (so the
+    test split stays untouched by the choice), else test."""
+    done = [r for r in results if r.succeeded]
+    if done and all(r.metrics.get("val_perplexity") is not None for r in done):
+        return "val_perplexity"
+    return "test_perplexity"
+
+
+def rank(results: list[TrialResult]) -> list[TrialResult]:
+    """Finished trials by held-out perplexity (best first), then failed ones by trial number."""
+    metric = selection_metric(results)
+
+    def key(r: TrialResult) -> tuple[int, float, int]:
+        score = r.metrics.get(metric)
+        if not r.succeeded or score is None or not math.isfinite(score):
+            return (1, math.inf, r.index)
+        return (0, score, r.index)
+
+    return sorted(results, key=key)
+
+
+_COLUMNS = ("test_perplexity", "val_perplexity", "final_train_perplexity", "train_seconds")
+
+
+def table_rows(results: list[TrialResult]) -> list[dict[str, Any]]:
+    """One flat row per trial, ranked: trial, status, varied values, perplexities, seconds, run id, error."""
+    keys: list[str] = []
+    for r in results:
+        keys += [k for k in r.values if k not in keys]
+    metric_keys = [k for k in _COLUMNS if any(k in r.metrics for r in results)]
+    rows = []
+    for r in rank(results):
+        row: dict[str, Any] = {"trial": r.index, "status": r.status}
+        row.update({k: r.values.get(k) for k in keys})
+        row.update({k: r.metrics.get(k) for k in metric_keys})
+        row.update({"run_id": r.run_id or "", "error": r.error or ""})
+        rows.append(row)
+    return rows
+
+
+def table_csv(results: list[TrialResult]) -> str:
+    """The ranked trials as CSV text."""
+    rows = table_rows(results)
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return out.getvalue()
+
+
+def table_markdown(results: list[TrialResult], link: Callable[[str], str | None] | None = None) -> str:
+    """The ranked trials as a markdown table; ``link(run_id)`` turns run ids into links where it can."""
+    rows = table_rows(results)
+    if not rows:
+        return "(no trials)"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for row in rows:
+        cells = []
+        for col in columns:
+            value = row[col]
+            if col == "run_id" and value:
+                url = link(value) if link else None
+                cells.append(f"[{value[:12]}]({url})" if url else f"`{value}`")
+            elif isinstance(value, float):
+                cells.append(f"{value:.3f}")
+            else:
+                cells.append(str(value if value is not None else "").replace("|", "\\|").replace("\n", " "))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""The training pipeline, wired once: download -> vocabulary -> splits -> train -> evaluate -> generate -> MLflow.
+
+``run_pipeline`` is the body of the training flow (``train_lm``) and of every sweep trial (``run_trial``, a
+task that a sweep sends to its Dask workers), so both run exactly the same stages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from deeprnn.config import RunConfig
+from deeprnn.search import Trial
+from tasks import tracking
+from tasks.data import build_vocab, download_corpus, prepare_splits
+from tasks.results import check_inputs, log_results, publish_summary, start_tracking
+from tasks.training import evaluate_model, generate_samples, train_model
+
+
+def run_pipeline(
+    config: RunConfig,
+    experiment: str,
+    runs_dir: str,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    register_model: bool = True,
+    resume_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Train, evaluate and log one model as one MLflow run (nested under ``parent_run_id`` when given), or
+    continue run ``resume_run_id`` from its last checkpoint."""
+    check_inputs(config)
+    run_id, run_dir = start_tracking(config, experiment, runs_dir, parent_run_id, run_name, tags, resume_run_id)
+    with tracking.run_status(run_id):  # FAILED/KILLED in MLflow if anything below raises
+        corpus = download_corpus(config.data.url, config.data.expected_sha1())
+        vocab = build_vocab(corpus, config.data)
+        tracking.log_dataset(run_id, corpus, vocab)
+        splits = prepare_splits(corpus, vocab, config.data, config.train)
+        trained = train_model(config, vocab, splits, run_id, run_dir)
+        evaluation = evaluate_model(trained["checkpoint"], splits, config.train.device)
+        samples = generate_samples(trained["checkpoint"], config.train.device)
+        logged = log_results(run_id, config, vocab, trained, evaluation, samples, corpus.sha1, register_model)
+        publish_summary(run_id, config, trained, evaluation, samples)
+    return {
+        "run_id": run_id,
+        "experiment": experiment,
+        "metrics": logged["metrics"],
+        "samples": samples,
+        "model": logged["model"],
+        "checkpoint": trained["checkpoint"],
+        "step_mode": trained["step_mode"],
+        "precision": trained["precision"],
+        "device": trained["device"],
+        "fit_started_at": trained["fit_started_at"],
+        "fit_finished_at": trained["fit_finished_at"],
+    }
+
+
+@task(name="run-trial", task_run_name="trial-{trial.index}", cache_policy=NO_CACHE)
+def run_trial(trial: Trial, experiment: str, runs_dir: str, parent_run_id: str, tracking_uri: str) -> dict[str, Any]:
+    """One sweep trial: the whole pipeline as a child MLflow run of the sweep; its model is logged, not registered."""
+    from prefect.runtime import task_run
+
+    tracking.use_tracking_uri(tracking_uri)  # the sweep's store, whatever this worker's environment says
+    tags = {"deeprnn.trial": str(trial.index), "prefect.task_run_id": str(task_run.get_id() or "")}
+    return run_pipeline(trial.config, experiment, runs_dir, parent_run_id, trial.name, tags, register_model=False)

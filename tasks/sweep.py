@@ -1,0 +1,177 @@
+"""Prefect tasks around a sweep's trials: check the setup, open the parent MLflow run, summarize the results.
+
+The trials themselves are ``flows.pipeline.run_trial``: the training pipeline, one child MLflow run each.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from deeprnn.download import redact_url
+from deeprnn.search import SearchSpace, Trial, TrialResult, rank, selection_metric, table_csv, table_markdown
+from tasks import cluster, tracking
+
+
+class SweepFailedError(RuntimeError):
+    """Every trial of the sweep failed."""
+
+
+@task(name="check-sweep-inputs", cache_policy=NO_CACHE)
+def check_sweep_inputs() -> str:
+    """Refuse a setup whose trials could not report back: an unreachable MLflow, or a tracking store on this
+    machine's disk while the cluster is elsewhere. Returns the tracking URI the trials must use."""
+    from prefect.context import FlowRunContext
+
+    uri = tracking.check_reachable()
+    context = FlowRunContext.get()
+    address = getattr(context.task_runner, "address", None) if context else None
+    if cluster.is_remote(address) and tracking.is_local_store():
+        raise cluster.ClusterConfigError(
+            f"the Dask scheduler {address} is on another machine but MLflow tracks to {uri}, a file here that its "
+            "workers cannot reach: start an MLflow server (`mlflow server --host 0.0.0.0 --port 5000 "
+            "--serve-artifacts`) and set MLFLOW_TRACKING_URI=http://<this host>:5000"
+        )
+    get_run_logger().info("MLflow tracking at %s; Dask scheduler %s", uri, address or "on this machine (new)")
+    return tracking.worker_tracking_uri()
+
+
+@task(name="start-sweep-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def start_sweep_tracking(
+    trials: list[Trial], space: SearchSpace, strategy: dict[str, Any], experiment: str
+) -> str:
+    """Open the sweep's parent MLflow run: the base configuration with each varied field's values, the
+    search settings, and the space and trial list as ``space.json``; returns its id."""
+    from prefect.runtime import flow_run
+
+    params: dict[str, Any] = dict(trials[0].config.flat())
+    params["data.url"] = redact_url(params["data.url"])  # never log credentials
+    params.update(space.describe())  # varied fields: their values (or range) instead of trial 0's value
+    params.update({f"sweep.{k}": v for k, v in strategy.items()})
+    params["sweep.num_trials"] = len(trials)
+    tags = {
+        "deeprnn.sweep": "true",
+        "deeprnn.preset": trials[0].config.preset,
+        "prefect.flow_run_id": str(flow_run.get_id() or ""),
+        "prefect.flow_run_name": str(flow_run.get_name() or ""),
+        "prefect.flow_name": str(flow_run.get_flow_name() or ""),
+    }
+    url = flow_run.get_flow_run_ui_url()
+    if url:
+        tags["prefect.flow_run_url"] = url
+    run_id = tracking.create_run(experiment, flow_run.get_name(), tags, params)
+    plan = {
+        "space": space.describe(),
+        "fixed": space.fixed,
+        **strategy,
+        "trials": [{"trial": t.index, "name": t.name, "values": t.values} for t in trials],
+    }
+    tracking.log_text(run_id, json.dumps(plan, indent=1, default=str), "space.json")
+    get_run_logger().info("sweep of %d trials, MLflow parent run %s in experiment %r", len(trials), run_id, experiment)
+    return run_id
+
+
+def _error_text(outcome: BaseException) -> str:
+    text = str(outcome).strip().splitlines()
+    return f"{type(outcome).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _collect(parent_run_id: str, trials: list[Trial], outcomes: list[Any]) -> list[TrialResult]:
+    """One result per trial, from what its task returned or raised and from its MLflow child run."""
+    children = tracking.child_runs(parent_run_id)
+    latest: dict[str, tracking.RunRecord] = {}
+    for child in children:  # oldest first: a trial that Dask re-ran after losing a worker keeps its last run
+        latest[child.tags.get("deeprnn.trial", "")] = child
+        if child.status == "RUNNING":
+            # Every trial has returned or raised by now; a run still open lost its worker mid-way.
+            tracking.end_run(child.run_id, "FAILED")
+            child.status = "FAILED"
+    results = []
+    for trial, outcome in zip(trials, outcomes):
+        if isinstance(outcome, dict) and "run_id" in outcome:
+            metrics = {k: v for k, v in outcome["metrics"].items() if v is not None}
+            results.append(TrialResult(trial.index, trial.name, trial.values, "FINISHED", outcome["run_id"], metrics))
+            continue
+        child = latest.get(str(trial.index))
+        error = _error_text(outcome) if isinstance(outcome, BaseException) else f"no result: {outcome!r}"[:300]
+        results.append(
+            TrialResult(
+                trial.index, trial.name, trial.values, "FAILED",
+                child.run_id if child else None, dict(child.metrics) if child else {}, error,
+            )
+        )
+    return results
+
+
+@task(name="summarize-sweep", cache_policy=NO_CACHE)
+def summarize_sweep(
+    parent_run_id: str, trials: list[Trial], outcomes: list[Any], register_best: bool = True
+) -> dict[str, Any]:
+    """Rank the trials by held-out perplexity and roll the best up to the parent run (``best_*`` metrics,
+    ``best_trial_run_id`` tag, its model registered), with ``trials.csv``/``trials.md`` and a Prefect summary.
+
+    ``outcomes`` holds each trial task's result, or its exception when it failed. Raises ``SweepFailedError``
+    (after logging the summary) when no trial succeeded.
+    """
+    logger = get_run_logger()
+    results = _collect(parent_run_id, trials, outcomes)
+    ranked = rank(results)
+    metric = selection_metric(results)
+    succeeded = [r for r in results if r.succeeded]
+    counts = {"trials_total": len(results), "trials_succeeded": len(succeeded), "trials_failed": len(results) - len(succeeded)}
+    tracking.log_metrics(parent_run_id, counts)
+    tracking.log_text(parent_run_id, table_csv(results), "trials.csv")
+    table = table_markdown(results, tracking.run_url)
+    tracking.log_text(parent_run_id, table + "\n", "trials.md")
+
+    best = ranked[0] if succeeded else None
+    model: dict[str, Any] = {}
+    if best is not None:
+        outcome = {t.index: o for t, o in zip(trials, outcomes)}[best.index]
+        tracking.log_metrics(parent_run_id, {f"best_{k}": v for k, v in best.metrics.items()})
+        tracking.set_tags(
+            parent_run_id,
+            {"best_trial_run_id": best.run_id, "deeprnn.best_trial": best.name, "deeprnn.selection_metric": metric},
+        )
+        model = dict(outcome["model"])
+        if register_best and model.get("heldout_score") is not None:
+            model["registered_model"] = tracking.REGISTERED_MODEL
+            model["version"] = tracking.register_model(model["model_uri"])
+            model["champion"] = tracking.promote_if_better(
+                tracking.REGISTERED_MODEL, model["version"], model["heldout_score"], model["heldout_key"]
+            )
+    link = tracking.run_url(parent_run_id)
+    header = [
+        f"# deeprnn sweep: {len(succeeded)} of {len(results)} trials succeeded",
+        "",
+        f"MLflow parent run: [{parent_run_id}]({link})" if link else f"MLflow parent run: `{parent_run_id}`",
+        "",
+        f"Best: **{best.name}**, {metric.replace('_', ' ')} {best.metrics.get(metric, float('nan')):.3f}"
+        if best
+        else "No trial succeeded.",
+        "",
+        f"Trials ranked by {metric.replace('_', ' ')} (failed trials last):",
+        "",
+    ]
+    create_markdown_artifact("\n".join(header) + table, key="deeprnn-sweep-summary", description="deeprnn sweep summary")
+    logger.info("%d of %d trials succeeded; best %s", len(succeeded), len(results), best.name if best else "none")
+    for r in results:
+        if not r.succeeded:
+            logger.warning("%s failed: %s", r.name, r.error)
+    if best is None:
+        first = next((r.error for r in results if r.error), "unknown error")
+        raise SweepFailedError(f"all {len(results)} trials failed; the first error: {first}")
+    return {
+        "parent_run_id": parent_run_id,
+        **counts,
+        "selection_metric": metric,
+        "best": {"trial": best.index, "name": best.name, "run_id": best.run_id, "metrics": best.metrics, "model": model},
+        "trials": [
+            {"trial": r.index, "name": r.name, "status": r.status, "run_id": r.run_id, "metrics": r.metrics, "error": r.error}
+            for r in ranked
+        ],
+    }

@@ -1,0 +1,157 @@
+"""deeprnn.search: spaces from YAML and the command line, grid and random expansion, trial configs, ranking."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import pytest
+
+from deeprnn.search import (
+    Range,
+    SearchSpaceError,
+    TrialResult,
+    expand,
+    field_path,
+    load_space,
+    parse_space,
+    parse_values,
+    plan_trials,
+    rank,
+    selection_metric,
+    table_csv,
+    table_markdown,
+)
+
+
+def test_field_names_resolve_to_section_paths() -> None:
+    assert field_path("model.cell") == "model.cell"
+    assert field_path("lr") == "train.lr"
+    assert field_path("num-layers") == "model.num_layers"
+    assert field_path("hidden_size") == "model.num_hiddens"
+    assert field_path("learning_rate") == field_path("train.learning_rate") == "train.lr"
+    with pytest.raises(SearchSpaceError, match="ambiguous: write one of train.seed, sample.seed"):
+        field_path("seed")
+    with pytest.raises(SearchSpaceError, match="unknown configuration field 'learning_rat'"):
+        field_path("learning_rat")
+    with pytest.raises(SearchSpaceError, match="did you mean.*num_layers"):
+        field_path("num_layer")
+
+
+def test_parse_space_splits_dimensions_fixed_values_and_ranges() -> None:
+    space = parse_space(
+        {"model": {"cell": ["lstm", "gru", "lstm"]}, "lr": [0.5, 1], "train.epochs": 3, "dropout": [0.1],
+         "train.clip_norm": {"low": 0.1, "high": 10, "log": True}}
+    )
+    assert space.dims["model.cell"] == ["lstm", "gru"]  # duplicates dropped, order kept
+    assert space.dims["train.lr"] == [0.5, 1]
+    assert space.dims["train.clip_norm"] == Range(0.1, 10.0, log=True, integer=False)
+    assert space.fixed == {"train.epochs": 3, "model.dropout": 0.1}  # one value is not a dimension
+    assert space.grid_size() is None
+    with pytest.raises(SearchSpaceError, match="train.lr is given twice"):
+        parse_space({"lr": [1, 2], "train.lr": [3]})
+    with pytest.raises(SearchSpaceError, match="empty"):
+        parse_space({"lr": []})
+    with pytest.raises(SearchSpaceError, match="log range needs low > 0"):
+        parse_space({"lr": {"low": 0, "high": 1, "log": True}})
+    with pytest.raises(SearchSpaceError, match="low <= high"):
+        parse_space({"lr": {"low": 2, "high": 1}})
+
+
+def test_grid_is_every_combination_in_order() -> None:
+    space = parse_space({"cell": ["lstm", "gru"], "num_layers": [1, 2, 3]})
+    trials = expand(space)
+    assert trials == [
+        {"model.cell": c, "model.num_layers": n} for c in ("lstm", "gru") for n in (1, 2, 3)
+    ]
+    with pytest.raises(SearchSpaceError, match="the grid has 6 trials, more than 4.*--random"):
+        expand(space, max_trials=4)
+    with pytest.raises(SearchSpaceError, match="ranges need random search"):
+        expand(parse_space({"lr": {"low": 0.1, "high": 1}}))
+
+
+def test_random_search_draws_distinct_points_reproducibly() -> None:
+    space = parse_space({"cell": ["lstm", "gru", "rnn"], "num_layers": [1, 2, 3], "lr": [0.5, 1, 2, 4]})
+    first = expand(space, random_search=True, max_trials=10, seed=7)
+    assert len(first) == 10
+    assert len({tuple(t.values()) for t in first}) == 10  # no point drawn twice
+    grid = expand(space)
+    assert all(t in grid for t in first)
+    assert expand(space, random_search=True, max_trials=10, seed=7) == first
+    assert expand(space, random_search=True, max_trials=10, seed=8) != first
+    # Asking for more than the grid holds gives the whole grid, each point once.
+    everything = expand(space, random_search=True, max_trials=100, seed=0)
+    assert sorted(map(str, everything)) == sorted(map(str, grid))
+
+
+def test_random_search_samples_ranges_within_bounds() -> None:
+    space = parse_space({"lr": {"low": 0.01, "high": 10, "log": True}, "num_hiddens": {"low": 8, "high": 64},
+                         "cell": ["lstm", "gru"]})
+    draws = expand(space, random_search=True, max_trials=200, seed=1)
+    lrs = [d["train.lr"] for d in draws]
+    assert all(0.01 <= x <= 10 for x in lrs)
+    # Log-uniform: about half the draws fall below the geometric middle (0.316), far more than uniform's 3%.
+    assert 70 < sum(x < 0.316 for x in lrs) < 130
+    hiddens = [d["model.num_hiddens"] for d in draws]
+    assert all(isinstance(h, int) and 8 <= h <= 64 for h in hiddens) and len(set(hiddens)) > 20
+    assert {d["model.cell"] for d in draws} == {"lstm", "gru"}
+
+
+def test_plan_trials_layers_preset_overrides_fixed_and_trial_values() -> None:
+    space = parse_space({"cell": ["lstm", "gru"], "train.epochs": 2})
+    trials = plan_trials("smoke", {"train": {"epochs": 5, "device": "cpu"}, "model": None}, space)
+    assert [t.config.model.cell for t in trials] == ["lstm", "gru"]
+    assert all(t.config.train.epochs == 2 for t in trials)  # the space's fixed value wins over the override
+    assert all(t.config.train.device == "cpu" and t.config.model.num_hiddens == 32 for t in trials)  # override, preset
+    assert [t.name for t in trials] == ["trial-0 cell=lstm", "trial-1 cell=gru"]
+    with pytest.raises(SearchSpaceError, match=r"trial 1 \(model.dropout=1.5\).*model.dropout: Input should be less than 1"):
+        plan_trials("smoke", None, parse_space({"dropout": [0.2, 1.5]}))
+
+
+def test_space_from_yaml_and_values_from_the_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "space.yaml"
+    path.write_text("model:\n  cell: [lstm, gru]\ntrain.lr: [0.5, 1]\nclip_norm: null\n", encoding="utf-8")
+    space = parse_space(load_space(path))
+    assert space.dims == {"model.cell": ["lstm", "gru"], "train.lr": [0.5, 1]}
+    assert space.fixed == {"train.clip_norm": None}
+    (tmp_path / "bad.yaml").write_text("- lr\n", encoding="utf-8")
+    with pytest.raises(SearchSpaceError, match="must map configuration fields to values"):
+        load_space(tmp_path / "bad.yaml")
+    with pytest.raises(SearchSpaceError, match="cannot read search space file"):
+        load_space(tmp_path / "missing.yaml")
+    assert parse_values("0.5, 1,2") == [0.5, 1, 2]
+    assert parse_values("lstm,gru") == ["lstm", "gru"]
+    assert parse_values("null,1") == [None, 1]
+    with pytest.raises(SearchSpaceError, match="separated by commas"):
+        parse_values("1,,2")
+
+
+def _result(index: int, status: str, **metrics: float) -> TrialResult:
+    return TrialResult(index, f"trial-{index}", {"train.lr": index}, status, f"run{index}", dict(metrics),
+                       None if status == "FINISHED" else "CorpusTooShortError: too few tokens")
+
+
+def test_ranking_puts_best_held_out_first_and_failures_last() -> None:
+    results = [
+        _result(0, "FINISHED", test_perplexity=12.0),
+        _result(1, "FAILED"),
+        _result(2, "FINISHED", test_perplexity=9.5),
+        _result(3, "FINISHED", test_perplexity=float("nan")),
+    ]
+    assert selection_metric(results) == "test_perplexity"
+    assert [r.index for r in rank(results)] == [2, 0, 1, 3]
+    # With a validation split on every finished trial, the choice never looks at the test split.
+    with_val = [_result(0, "FINISHED", val_perplexity=5.0, test_perplexity=9.0),
+                _result(1, "FINISHED", val_perplexity=6.0, test_perplexity=8.0)]
+    assert selection_metric(with_val) == "val_perplexity"
+    assert [r.index for r in rank(with_val)] == [0, 1]
+
+    rows = list(csv.DictReader(io.StringIO(table_csv(results))))
+    assert [(r["trial"], r["status"]) for r in rows] == [("2", "FINISHED"), ("0", "FINISHED"), ("1", "FAILED"), ("3", "FINISHED")]
+    assert rows[2]["error"].startswith("CorpusTooShortError") and rows[0]["train.lr"] == "2"
+    markdown = table_markdown(results, lambda run_id: f"http://mlflow/#/runs/{run_id}")
+    lines = markdown.splitlines()
+    assert lines[0].startswith("| trial | status | train.lr | test_perplexity |")
+    assert "[run2](http://mlflow/#/runs/run2)" in lines[2] and "9.500" in lines[2]
+    assert "`run1`" not in markdown and "FAILED" in lines[4]
