@@ -20,7 +20,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from typer.testing import CliRunner
 
-import flows.train_flow as train_flow
+import flows.pipeline as pipeline
 from deeprnn import checkpoint
 from deeprnn.batching import CorpusTooShortError
 from deeprnn.config import D2L_SHA1 as BOOK_SHA1
@@ -146,7 +146,7 @@ def test_http_500_is_retried_with_backoff_then_fails_clearly(
     case: Case, fault_server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The real task and its real retries; only the pause between Prefect's attempts is shortened.
-    monkeypatch.setattr(train_flow, "download_corpus", train_flow.download_corpus.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(pipeline, "download_corpus", pipeline.download_corpus.with_options(retry_delay_seconds=0))
     url = fault_server.url("/broken/timemachine.txt")
     with pytest.raises(TransientDownloadError, match=f"HTTP 500 .* for {url} \\(retried, still failing\\)"):
         case.run(preset="smoke", data={"url": url}, train=CPU)
@@ -212,7 +212,7 @@ def retried(store: Path, fault_server, book_path: Path) -> Iterator[dict[str, An
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(checkpoint, "save", disk_full_once)
         # The real task and its real retry; only the pause before the retry is shortened.
-        mp.setattr(train_flow, "train_model", train_flow.train_model.with_options(retry_delay_seconds=0))
+        mp.setattr(pipeline, "train_model", pipeline.train_model.with_options(retry_delay_seconds=0))
         mp.setenv("DEEPRNN_CACHE_DIR", str(store / "cache" / "retried"))
         result = train_lm(
             preset="smoke",
@@ -356,10 +356,11 @@ def test_resume_refuses_a_checkpoint_with_pickled_code(case: Case) -> None:
     tracking.end_run(run_id, "FAILED")
     folder = case.runs_dir / run_id
     folder.mkdir(parents=True)
-    torch.save({"format": checkpoint.FORMAT, "config": config.model_dump(mode="json"), "epoch": 1, "x": Payload()},
-               folder / "last.pt")
+    tampered = {"format": checkpoint.FORMAT, "config": config.model_dump(mode="json"), "epoch": 1, "x": Payload()}
+    torch.save(tampered, folder / "last.pt")
     SIDE_EFFECTS.clear()
-    with pytest.raises(checkpoint.UnsafeCheckpointError, match=r"holds a pickled object \(.*Payload\) that could run code when loaded, so it is refused"):
+    refused = r"holds a pickled object \(\w+\) that could run code when loaded, so it is refused"
+    with pytest.raises(checkpoint.UnsafeCheckpointError, match=refused):
         case.run(resume_run_id=run_id)
     assert SIDE_EFFECTS == []
     assert MlflowClient().get_run(run_id).info.status == "FAILED"  # refused before the run was reopened
