@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,15 @@ from typing import Any
 import torch
 
 from deeprnn.config import RunConfig
+from deeprnn.download import redact_url
 from deeprnn.model import RNNLM
 from deeprnn.vocab import Vocab
 
 FORMAT = "deeprnn-checkpoint/1"
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
+    """The file holds pickled objects that ``weights_only`` loading refuses (they could run code)."""
 
 
 def save(path: Path, payload: dict[str, Any]) -> Path:
@@ -36,12 +42,24 @@ def save(path: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def config_dict(config: RunConfig) -> dict[str, Any]:
+    """The configuration as JSON-ready data, with any credentials removed from the corpus URL.
+
+    This is what checkpoints and the logged ``config.json`` keep: files that travel (MLflow artifacts,
+    registered models) must not carry a password. A resumed run takes the URL again from its user.
+    """
+    data = config.model_dump(mode="json")
+    data["data"]["url"] = redact_url(data["data"]["url"])
+    return data
+
+
 def make_payload(
     config: RunConfig, vocab: Vocab, model: RNNLM, *, epoch: int, trainer_state: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The checkpoint dict: JSON config, vocabulary, CPU weights, epochs done, optional resumable state."""
+    """The checkpoint dict: JSON config (no credentials), vocabulary, CPU weights, epochs done, optional
+    resumable state."""
     return {
-        "config": config.model_dump(mode="json"),
+        "config": config_dict(config),
         "vocab": vocab.to_dict(),
         "model_state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
         "epoch": epoch,
@@ -56,8 +74,18 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError, ValueError) as exc:
-        # weights_only refuses pickled code (UnpicklingError); other errors mean it is no torch file at all.
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():  # a damaged or foreign pickle, not a refused object
+            raise ValueError(f"{path} is not a deeprnn checkpoint that loads safely: {exc}") from None
+        # torch's text suggests weights_only=False; keep only the line naming the refused object.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise UnsafeCheckpointError(
+            f"{path} is not a deeprnn checkpoint that loads safely: it holds a pickled object{what} that could "
+            "run code when loaded, so it is refused. Use only checkpoints that deeprnn wrote"
+        ) from None
+    except (EOFError, KeyError, RuntimeError, ValueError) as exc:
+        # Anything else torch trips over means it is no torch file at all.
         raise ValueError(f"{path} is not a deeprnn checkpoint that loads safely: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path} is not a deeprnn checkpoint (format {FORMAT})")

@@ -282,7 +282,17 @@ def resolve(
     sample: BaseModel | dict[str, Any] | None = None,
 ) -> RunConfig:
     """Apply per-section overrides (models or dicts; None values ignored) to a preset and validate the result."""
-    overrides: dict[str, Any] = {}
+    return preset_config(preset, overrides_dict(data, model, train, sample))
+
+
+def overrides_dict(
+    data: BaseModel | dict[str, Any] | None = None,
+    model: BaseModel | dict[str, Any] | None = None,
+    train: BaseModel | dict[str, Any] | None = None,
+    sample: BaseModel | dict[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Per-section overrides (models or dicts) as ``{section: {field: value}}``, None values left out."""
+    overrides: dict[str, dict[str, Any]] = {}
     for key, section in (("data", data), ("model", model), ("train", train), ("sample", sample)):
         if section is None:
             continue
@@ -290,7 +300,7 @@ def resolve(
         values = {k: v for k, v in values.items() if v is not None}
         if values:
             overrides[key] = values
-    return preset_config(preset, overrides)
+    return overrides
 
 
 def is_sha1(text: str) -> bool:

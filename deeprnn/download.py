@@ -115,6 +115,23 @@ def cached_copy(source: str, expected_sha1: str | None = None, cache: Path | Non
     return folder / _cache_name(source, expected_sha1.lower() if expected_sha1 else None)
 
 
+def valid_cached_sha1(source: str, expected_sha1: str | None = None, cache: Path | None = None) -> str | None:
+    """The SHA-1 of the copy ``fetch_corpus`` would use right now, or None when that copy is missing or fails
+    its hash check (so a fetch must run)."""
+    copy = cached_copy(source, expected_sha1, cache)
+    if not copy.is_file():
+        return None
+    have = sha1_of(copy)
+    record = copy.with_suffix(".sha1")
+    if expected_sha1:
+        want = expected_sha1.lower()
+    elif _local_path(source) is not None:
+        want = have  # a local file is its own reference
+    else:
+        want = record.read_text().strip() if record.is_file() else None
+    return have if have == want else None
+
+
 def _session(retries: int) -> requests.Session:
     """A session that retries connection errors and 5xx with exponential backoff (never 4xx)."""
     retry = Retry(

@@ -45,10 +45,11 @@ _SYNC_SECONDS = 2.0  # read results back at least this often, so progress stays 
 class TrainingDivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
 
-    def __init__(self, epoch: int, value: float) -> None:
+    def __init__(self, epoch: int, value: float, what: str | None = None) -> None:
         super().__init__(
-            f"training diverged at epoch {epoch}: the mean loss was {value}. Lower --lr, keep gradient "
-            "clipping on (--clip-norm), or resume from the last checkpoint with other settings"
+            f"training diverged at epoch {epoch}: {what or f'the mean loss was {value}'}. Lower --lr (or "
+            "--weight-decay) and keep gradient clipping on (--clip-norm); checkpoints written before this "
+            "epoch are kept"
         )
         self.epoch = epoch
 
@@ -312,6 +313,7 @@ class Trainer:
                     for s in stats:
                         on_epoch(s)
                 if checkpoint:
+                    self._check_finite_weights(epoch)  # never overwrite a good checkpoint with NaNs
                     on_checkpoint(epoch)  # type: ignore[misc]
                 pending = []
                 last_sync = time.perf_counter()
@@ -351,6 +353,16 @@ class Trainer:
                 if self.select_best:
                     self.best.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return stats
+
+    def _check_finite_weights(self, epoch: int) -> None:
+        """Raise ``TrainingDivergedError`` when a weight is NaN or infinite (one host sync).
+
+        An epoch's mean loss is measured before its last update, so a finite loss does not prove the
+        weights that follow it are finite.
+        """
+        finite = torch.stack([p.detach().isfinite().all() for p in self.params]).all()
+        if not bool(finite):
+            raise TrainingDivergedError(epoch, math.nan, "the weights became NaN or infinite")
 
     # ----- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -106,7 +106,14 @@ def _explain(exc: ValidationError) -> str:
 
 
 def run(
-    preset: str = typer.Option("d2l-9.3", "--preset", help=f"Named preset: {', '.join(PRESETS)}."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=f"Named preset: {', '.join(PRESETS)} (default d2l-9.3)."),
+    resume: Optional[str] = typer.Option(
+        None,
+        "--resume",
+        metavar="RUN_ID",
+        help="Continue this MLflow run from its last checkpoint, with the configuration stored in it "
+        "(--epochs may extend it; --device, --checkpoint-every, --log-every may change).",
+    ),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="[train] Passes over the training tokens."),
     experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment (default: the flow's name)."),
     runs_dir: str = typer.Option("runs", "--runs-dir", help="Local folder for checkpoints, one subfolder per run."),
@@ -117,8 +124,19 @@ def run(
     overrides = _overrides(options)
     if epochs is not None:
         overrides.setdefault("train", {})["epochs"] = epochs
+    if resume is not None:
+        from deeprnn.resume import ResumeError, check_run_id
+
+        try:
+            check_run_id(resume)
+        except ResumeError as exc:
+            err.print(f"[red]error:[/red] --resume: {exc}")
+            raise typer.Exit(2)
+        if preset is not None:
+            err.print("[red]error:[/red] --preset cannot be combined with --resume: a resumed run keeps its own configuration")
+            raise typer.Exit(2)
     try:
-        config = resolve(preset, **overrides)
+        config = resolve(preset or "d2l-9.3", **overrides)  # for a resume, this only validates the overrides
     except ValidationError as exc:
         err.print(f"[red]error:[/red] {_explain(exc)}")
         raise typer.Exit(2)
@@ -135,12 +153,20 @@ def run(
         booting.join()
 
     api = os.environ.get("PREFECT_API_URL") or "ephemeral (in-process)"
-    console.print(f"deeprnn: preset [bold]{config.preset}[/bold], {config.train.epochs} epochs, device {config.train.device}")
+    if resume is not None:
+        console.print(f"deeprnn: resuming MLflow run [bold]{resume}[/bold] from its last checkpoint")
+    else:
+        console.print(f"deeprnn: preset [bold]{config.preset}[/bold], {config.train.epochs} epochs, device {config.train.device}")
     console.print(f"Prefect API: {api}; MLflow tracking: {tracking_uri()}")
     try:
-        result = train_lm(preset=preset, **overrides, experiment=experiment, runs_dir=runs_dir)
+        result = train_lm(
+            preset=config.preset, **overrides, experiment=experiment, runs_dir=runs_dir, resume_run_id=resume
+        )
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/yellow]: the MLflow run is marked KILLED; checkpoints are kept")
+        err.print(
+            "[yellow]interrupted[/yellow]: the MLflow run is marked KILLED; checkpoints are kept "
+            "(continue with deeprnn run --resume RUN_ID)"
+        )
         raise typer.Exit(130)
     except Exception as exc:
         err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")

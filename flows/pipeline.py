@@ -27,10 +27,12 @@ def run_pipeline(
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
     register_model: bool = True,
+    resume_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Train, evaluate and log one model as one MLflow run (nested under ``parent_run_id`` when given)."""
+    """Train, evaluate and log one model as one MLflow run (nested under ``parent_run_id`` when given), or
+    continue run ``resume_run_id`` from its last checkpoint."""
     check_inputs(config)
-    run_id, run_dir = start_tracking(config, experiment, runs_dir, parent_run_id, run_name, tags)
+    run_id, run_dir = start_tracking(config, experiment, runs_dir, parent_run_id, run_name, tags, resume_run_id)
     with tracking.run_status(run_id):  # FAILED/KILLED in MLflow if anything below raises
         corpus = download_corpus(config.data.url, config.data.expected_sha1())
         vocab = build_vocab(corpus, config.data)

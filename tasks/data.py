@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -14,20 +15,23 @@ from prefect.context import TaskRunContext
 from deeprnn import tokenize
 from deeprnn.batching import Splits, check_enough_tokens, split_corpus
 from deeprnn.config import DataConfig, TrainConfig
-from deeprnn.download import CorpusFile, TransientDownloadError, cached_copy, fetch_corpus, sha1_of
+from deeprnn.download import CorpusFile, TransientDownloadError, cached_copy, fetch_corpus, valid_cached_sha1
 from deeprnn.vocab import Vocab
 
 
 def _download_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Cache key = source + expected hash + the hash of the copy on disk right now.
+    """Cache key = where the copy lives + source + expected hash + the hash of that copy, valid right now.
 
-    Keying on the current bytes keeps Prefect's cross-run cache safe: a deleted or corrupted cached copy
-    changes the key, so the task runs again and re-fetches instead of returning a stale path.
+    Keying on the current bytes keeps Prefect's cross-run cache safe: a deleted or corrupted cached copy gets
+    a key never seen before, so the task runs again and re-fetches instead of returning a stale path; and
+    another cache folder (``DEEPRNN_CACHE_DIR``) never reuses this one's result.
     """
     source, expected = parameters["source"], parameters.get("expected_sha1")
+    on_disk = valid_cached_sha1(source, expected)
+    if on_disk is None:
+        return f"download-{uuid.uuid4().hex}"  # nothing valid to reuse: always run
     copy = cached_copy(source, expected)
-    on_disk = sha1_of(copy) if copy.is_file() else "missing"
-    return hashlib.sha256(f"{source}|{expected}|{on_disk}".encode()).hexdigest()
+    return hashlib.sha256(f"{copy.resolve()}|{source}|{expected}|{on_disk}".encode()).hexdigest()
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:

@@ -11,8 +11,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from deeprnn import checkpoint
 from deeprnn.config import RunConfig
 from deeprnn.report import plot_history, samples_text
+from deeprnn.resume import RESUMABLE, run_folder
 from deeprnn.train import EpochStats
 from tasks import tracking
 
@@ -43,7 +45,7 @@ def log_results(
     tracking.log_text(run_id, json.dumps(vocab, ensure_ascii=False, indent=1), "vocab.json")
     tracking.log_text(run_id, samples_text(samples), "samples.txt")
     tracking.log_text(run_id, json.dumps(samples, ensure_ascii=False, indent=1), "samples.json")
-    tracking.log_text(run_id, config.model_dump_json(indent=1), "config.json")
+    tracking.log_text(run_id, json.dumps(checkpoint.config_dict(config), ensure_ascii=False, indent=1), "config.json")
     with tempfile.TemporaryDirectory() as tmp:
         plot = plot_history(history, Path(tmp) / "perplexity.png", f"{config.preset}: perplexity per epoch")
         tracking.log_artifact(run_id, plot)
@@ -116,9 +118,11 @@ def start_tracking(
     parent_run_id: str | None = None,
     run_name: str | None = None,
     extra_tags: dict[str, str] | None = None,
+    resume_run_id: str | None = None,
 ) -> tuple[str, str]:
     """Open the MLflow run (params, tags linking the Prefect flow run), nested under ``parent_run_id`` if
-    given; returns its id and local run folder."""
+    given, or set run ``resume_run_id`` back to RUNNING to continue it; returns the run id and its local
+    run folder."""
     import os
     import socket
 
@@ -137,11 +141,21 @@ def start_tracking(
     url = flow_run.get_flow_run_ui_url()
     if url:
         tags["prefect.flow_run_url"] = url
-    run_id = tracking.start_run(
-        config, experiment, run_name=run_name or flow_run.get_name(), tags=tags, parent_run_id=parent_run_id
-    )
-    # The folder is named by MLflow's hex id, never by user input, so it stays inside runs_dir.
-    run_dir = Path(runs_dir).resolve() / run_id
+    if resume_run_id:
+        # Params stay as first logged (MLflow never changes them); what a resume may change goes into tags.
+        flat = config.flat()
+        tags.update({f"resumed.{key}": str(flat[key]) for key in sorted(RESUMABLE)})
+        tracking.reopen_run(resume_run_id, tags)
+        run_id = resume_run_id
+    else:
+        run_id = tracking.start_run(
+            config, experiment, run_name=run_name or flow_run.get_name(), tags=tags, parent_run_id=parent_run_id
+        )
+    # The folder is named by the run id (letters and digits only), never by a user-given name.
+    run_dir = run_folder(runs_dir, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    get_run_logger().info("MLflow run %s in experiment %r; checkpoints in %s", run_id, experiment, run_dir)
+    get_run_logger().info(
+        "MLflow run %s in experiment %r; checkpoints in %s (if stopped: deeprnn run --resume %s)",
+        run_id, experiment, run_dir, run_id,
+    )
     return run_id, str(run_dir)

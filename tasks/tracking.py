@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -151,6 +153,78 @@ def run_status(run_id: str) -> Iterator[None]:
     end_run(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
 
+@dataclass
+class RunHandle:
+    """What resuming needs to know about an existing run."""
+
+    run_id: str
+    status: str
+    experiment: str
+
+
+def find_run(run_id: str) -> RunHandle:
+    """The run's status and experiment name; ``LookupError`` naming the run and the store when it is absent."""
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise LookupError(f"no MLflow run {run_id!r} in {tracking_uri()}: check the run id and MLFLOW_TRACKING_URI") from None
+    if run.info.lifecycle_stage != "active":
+        raise LookupError(f"MLflow run {run_id} was deleted; restore it in MLflow first")
+    return RunHandle(run_id, run.info.status, client.get_experiment(run.info.experiment_id).name)
+
+
+def reopen_run(run_id: str, tags: dict[str, str]) -> None:
+    """Set a run back to ``RUNNING`` (to continue it) and update its tags (e.g. the new Prefect flow run)."""
+    MlflowClient().update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    set_tags(run_id, tags)
+
+
+def download_artifact(run_id: str, artifact_path: str, target: Path) -> Path:
+    """Copy one artifact file of the run to ``target`` (whole or not at all); ``FileNotFoundError`` when the
+    run has no such file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp)
+        except (MlflowException, OSError) as exc:
+            raise FileNotFoundError(
+                f"MLflow run {run_id} has no artifact {artifact_path!r} to resume from ({type(exc).__name__}): "
+                "it never reached its first checkpoint"
+            ) from None
+        os.replace(local, target)
+    return target
+
+
+_EPOCH_KEYS = ("train_perplexity", "tokens_per_sec", "lr", "heldout_perplexity")
+
+
+def _histories(client: MlflowClient, run_id: str) -> dict[str, dict[int, float]]:
+    return {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in _EPOCH_KEYS}
+
+
+def epoch_history(run_id: str, upto: int) -> list[EpochStats]:
+    """The per-epoch metrics already logged for epochs ``1..upto`` (what a resumed run did before)."""
+    h = _histories(MlflowClient(), run_id)
+    return [
+        EpochStats(
+            epoch=e,
+            train_perplexity=h["train_perplexity"][e],
+            tokens_per_sec=h["tokens_per_sec"].get(e, 0.0),
+            seconds=0.0,  # not logged; only the resumed epochs count towards speed
+            lr=h["lr"].get(e, 0.0),
+            heldout_perplexity=h["heldout_perplexity"].get(e),
+        )
+        for e in sorted(h["train_perplexity"])
+        if e <= upto
+    ]
+
+
+def is_tracking_error(exc: BaseException) -> bool:
+    """True for errors from MLflow itself (a store or server hiccup), which a retry may get past."""
+    return isinstance(exc, MlflowException)
+
+
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
     """Set several tags at once."""
     from mlflow.entities import RunTag
@@ -186,20 +260,27 @@ def log_dataset(run_id: str, corpus: CorpusFile, vocab: dict[str, Any]) -> None:
 class MetricLogger:
     """Buffers per-epoch metrics and sends them in batches (one ``log_batch`` per flush, not one call each)."""
 
-    def __init__(self, run_id: str, flush_seconds: float = 5.0) -> None:
+    def __init__(self, run_id: str, flush_seconds: float = 5.0, resuming: bool = False) -> None:
         self.run_id = run_id
         self.flush_seconds = flush_seconds
         self._buffer: list[Metric] = []
         self._last = time.monotonic()
         self._client = MlflowClient()
+        # A run that died after its last checkpoint may have logged some of the epochs it now trains again.
+        # Those steps are kept as they are and not logged twice, so every curve has one point per epoch.
+        self._logged: dict[str, int] = {}
+        if resuming:
+            self._logged = {k: max(v, default=0) for k, v in _histories(self._client, run_id).items()}
 
     def add_epoch(self, stats: EpochStats) -> None:
-        """Queue one epoch's metrics, with the epoch as the step."""
+        """Queue one epoch's metrics, with the epoch as the step (skipping steps the run already has)."""
         ts = int(time.time() * 1000)
         values = {"train_perplexity": stats.train_perplexity, "tokens_per_sec": stats.tokens_per_sec, "lr": stats.lr}
         if stats.heldout_perplexity is not None:
             values["heldout_perplexity"] = stats.heldout_perplexity
-        self._buffer += [Metric(k, float(v), ts, stats.epoch) for k, v in values.items()]
+        self._buffer += [
+            Metric(k, float(v), ts, stats.epoch) for k, v in values.items() if stats.epoch > self._logged.get(k, 0)
+        ]
         if time.monotonic() - self._last > self.flush_seconds:
             self.flush()
 

@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from deeprnn import checkpoint
+from deeprnn import checkpoint, resume
 from deeprnn.batching import Splits
 from deeprnn.config import RunConfig
 from deeprnn.device import describe, resolve_device, seed_everything
@@ -31,11 +31,33 @@ def _progress_line(s: EpochStats, epochs: int) -> str:
     return f"epoch {s.epoch}/{epochs}: train ppl {s.train_perplexity:.3f}{held}, {s.tokens_per_sec:,.0f} tokens/s"
 
 
-@task(name="train-model", cache_policy=NO_CACHE)
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry I/O and tracking faults (disk, network, MLflow), never divergence or bad settings: those would
+    fail the same way again."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except Exception as exc:
+        return tracking.is_tracking_error(exc)
+    return False
+
+
+@task(
+    name="train-model",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=10,
+    retry_condition_fn=_worth_retrying,
+)
 def train_model(
     config: RunConfig, vocab: dict[str, Any], splits: Splits, run_id: str, run_dir: str
 ) -> dict[str, Any]:
-    """Train on the training split, logging every epoch to MLflow; returns the checkpoint path and metrics."""
+    """Train on the training split, logging every epoch to MLflow; returns the checkpoint path and metrics.
+
+    When the run folder already holds ``last.pt`` (a retry of this task, or ``deeprnn run --resume``),
+    training continues from it instead of starting over.
+    """
     logger = get_run_logger()
     cfg = config.train
     device = resolve_device(cfg.device)
@@ -46,13 +68,18 @@ def train_model(
     heldout = splits.val if has_val else splits.test
     trainer = Trainer(model, splits.train, cfg, device, heldout_ids=heldout, select_best=has_val)
     out = Path(run_dir)
+    done = resume.restore_training(checkpoint.load(out / LAST), config, model, trainer) if (out / LAST).is_file() else 0
+    earlier = tracking.epoch_history(run_id, done) if done else []
+    if done:
+        tracking.set_tags(run_id, {"deeprnn.resumed_at_epoch": done})
+        logger.info("resuming from the checkpoint of epoch %d in %s", done, out / LAST)
     logger.info(
         "training %s x%d (%d hidden) on %s: %d epochs of %d tokens, held-out = %s split",
         config.model.cell, config.model.num_layers, config.model.num_hiddens, describe(device),
         cfg.epochs, splits.train.numel(), "validation" if has_val else "test",
     )
 
-    metrics = tracking.MetricLogger(run_id)
+    metrics = tracking.MetricLogger(run_id, resuming=True)  # a retry or resume may find epochs already logged
     progress = create_progress_artifact(0.0, key=None, description="Training progress (% of epochs)")
     started = time.perf_counter()
 
@@ -63,6 +90,8 @@ def train_model(
             update_progress_artifact(progress, 100.0 * stats.epoch / cfg.epochs)
 
     def on_checkpoint(epoch: int) -> None:
+        # Metrics first: once a checkpoint exists, MLflow has every epoch up to it, so a resume leaves no gap.
+        metrics.flush()
         payload = checkpoint.make_payload(config, voc, model, epoch=epoch, trainer_state=trainer.state_dict())
         path = checkpoint.save(out / LAST, payload)
         tracking.log_artifact(run_id, path, "checkpoints")
@@ -70,18 +99,26 @@ def train_model(
     fit_started = time.time()  # wall clock, so a benchmark can split a run into overhead and training
     try:
         result = trainer.fit(on_epoch=on_epoch, on_checkpoint=on_checkpoint, checkpoint_every=cfg.checkpoint_every)
-    finally:
-        metrics.flush()  # whatever was measured reaches MLflow, also when training fails
+    except BaseException:
+        try:
+            metrics.flush()  # whatever was measured reaches MLflow, also when training fails
+        except Exception as exc:  # MLflow may be the fault: never hide the original error behind this one
+            logger.warning("could not log the last metrics: %s: %s", type(exc).__name__, exc)
+        raise
+    metrics.flush()
     fit_finished = time.time()
     final = checkpoint.save(out / MODEL, checkpoint.make_payload(config, voc, model, epoch=result.epochs_done))
-    logger.info(
-        f"trained in {time.perf_counter() - started:.1f} s ({result.step_mode} steps, {result.precision}): "
-        f"final train ppl {result.final_train_perplexity:.3f}, {result.tokens_per_sec:,.0f} tokens/s"
-    )
+    history = earlier + result.history  # the whole curve, also after a resume
     summary = result.to_dict()
     summary.pop("history")
+    if history:
+        summary["final_train_perplexity"] = history[-1].train_perplexity
+    logger.info(
+        f"trained in {time.perf_counter() - started:.1f} s ({result.step_mode} steps, {result.precision}): "
+        f"final train ppl {summary['final_train_perplexity']:.3f}, {result.tokens_per_sec:,.0f} tokens/s"
+    )
     summary.update(fit_started_at=fit_started, fit_finished_at=fit_finished)
-    return {"checkpoint": str(final), "device": describe(device), "history": [vars(h) for h in result.history], **summary}
+    return {"checkpoint": str(final), "device": describe(device), "history": [vars(h) for h in history], **summary}
 
 
 @task(name="evaluate-model", cache_policy=NO_CACHE)

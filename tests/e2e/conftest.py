@@ -4,6 +4,9 @@ fresh MLflow sqlite store, corpus cache and working directory per test."""
 from __future__ import annotations
 
 import os
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
@@ -37,3 +40,68 @@ def cli_env(workdir: Path, prefect_api: str) -> dict[str, str]:
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
     env["DEEPRNN_CACHE_DIR"] = str(workdir / "cache")
     return env
+
+
+class FaultServer:
+    """A real HTTP server on 127.0.0.1 that serves the book at any path ending in ``timemachine.txt``,
+    answers 404 under ``/missing/`` and 500 under ``/broken/``, and records every path it was asked for."""
+
+    def __init__(self, book: bytes) -> None:
+        self.book = book
+        self.hits: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                server.hits.append(self.path)
+                if self.path.startswith("/missing/"):
+                    status, body = 404, b"not found"
+                elif self.path.startswith("/broken/"):
+                    status, body = 500, b"internal error"
+                elif self.path.endswith("timemachine.txt"):
+                    status, body = 200, server.book
+                else:
+                    status, body = 404, b"not found"
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # keep test output readable
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        """The URL of ``path`` on this server (optionally with ``user:password@`` credentials)."""
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def count(self, prefix: str) -> int:
+        """How many requests asked for a path starting with ``prefix``."""
+        return sum(1 for p in self.hits if p.startswith(prefix))
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def fault_server(book_path: Path) -> Iterator[FaultServer]:
+    """One ``FaultServer`` for the session; tests use their own path prefixes to count their own requests."""
+    server = FaultServer(book_path.read_bytes())
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (connections are refused)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

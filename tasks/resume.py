@@ -1,0 +1,56 @@
+"""Prefect task that prepares ``deeprnn run --resume RUN_ID``: find the run and its last checkpoint, and work
+out the configuration it continues with."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from deeprnn import checkpoint, resume
+from deeprnn.config import RunConfig, overrides_dict
+from tasks import tracking
+from tasks.training import LAST
+
+CHECKPOINT_ARTIFACT = f"checkpoints/{LAST}"
+
+
+@task(name="prepare-resume", cache_policy=NO_CACHE)
+def prepare_resume(
+    run_id: str,
+    runs_dir: str,
+    experiment: Optional[str],
+    data: BaseModel | dict[str, Any] | None = None,
+    model: BaseModel | dict[str, Any] | None = None,
+    train: BaseModel | dict[str, Any] | None = None,
+    sample: BaseModel | dict[str, Any] | None = None,
+) -> tuple[RunConfig, str]:
+    """Put the run's last checkpoint in its run folder (from MLflow if the local copy is gone) and return the
+    configuration stored in it, with the allowed overrides applied, and the run's experiment.
+
+    Refuses, before anything is changed: an id that is not a run here, an experiment other than the run's,
+    overrides that contradict the checkpoint, and a finished run that is not given more epochs.
+    """
+    logger = get_run_logger()
+    resume.check_run_id(run_id)
+    tracking.check_reachable()
+    run = tracking.find_run(run_id)
+    if experiment and experiment != run.experiment:
+        raise resume.ResumeError(f"run {run_id} belongs to experiment {run.experiment!r}, not {experiment!r}")
+    last = resume.run_folder(runs_dir, run_id) / LAST
+    if last.is_file():
+        logger.info("resuming MLflow run %s from %s", run_id, last)
+    else:
+        logger.info("no local checkpoint at %s: fetching %s from the MLflow run", last, CHECKPOINT_ARTIFACT)
+        tracking.download_artifact(run_id, CHECKPOINT_ARTIFACT, last)
+    saved = checkpoint.load(last)  # weights only: a tampered file runs no code
+    config = resume.resume_config(saved["config"], overrides_dict(data, model, train, sample), saved["epoch"])
+    if run.status == "FINISHED" and config.train.epochs <= saved["epoch"]:
+        raise resume.ResumeError(
+            f"run {run_id} already FINISHED its {saved['epoch']} epochs: give --epochs above {saved['epoch']} "
+            "to train it further"
+        )
+    logger.info("checkpoint at epoch %d; continuing to epoch %d", saved["epoch"], config.train.epochs)
+    return config, run.experiment

@@ -1,0 +1,170 @@
+"""deeprnn.resume: the configuration a resumed run continues with, its folder, and its restored state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from deeprnn import checkpoint
+from deeprnn.config import RunConfig, preset_config
+from deeprnn.model import RNNLM
+from deeprnn.resume import RESUMABLE, ResumeError, check_run_id, restore_training, resume_config, run_folder
+from deeprnn.train import Trainer, TrainingDivergedError
+from deeprnn.vocab import Vocab
+
+CPU = torch.device("cpu")
+URL = "http://127.0.0.1:8000/timemachine.txt"
+
+
+def _stored(**train: object) -> dict:
+    config = preset_config("smoke", {"data": {"url": URL}, "train": {"device": "cpu", **train}})
+    return config.model_dump(mode="json")
+
+
+def test_stored_configuration_is_kept_and_may_be_restated() -> None:
+    stored = _stored()
+    config = resume_config(stored, {"train": {"lr": 1.0, "num_steps": 16}, "model": {"cell": "lstm"}}, epochs_done=2)
+    assert config == RunConfig.model_validate(stored)
+
+
+def test_contradicting_settings_are_refused_naming_each_with_both_values() -> None:
+    with pytest.raises(ResumeError) as info:
+        resume_config(_stored(), {"train": {"lr": 0.5}, "model": {"num_hiddens": 64}}, epochs_done=2)
+    message = str(info.value)
+    assert "train.lr: the checkpoint has 1.0, given 0.5" in message
+    assert "model.num_hiddens: the checkpoint has 32, given 64" in message
+    assert "train.epochs" in message  # says what may change
+
+
+def test_epochs_may_be_extended_never_cut_below_what_is_done() -> None:
+    assert resume_config(_stored(), {"train": {"epochs": 50}}, epochs_done=3).train.epochs == 50
+    assert resume_config(_stored(), {"train": {"epochs": 3}}, epochs_done=3).train.epochs == 3
+    with pytest.raises(ResumeError, match="already has 3 epochs done; --epochs 2 would undo them"):
+        resume_config(_stored(), {"train": {"epochs": 2}}, epochs_done=3)
+
+
+def test_runtime_settings_may_change() -> None:
+    assert {"train.device", "train.checkpoint_every"} <= RESUMABLE
+    config = resume_config(_stored(), {"train": {"device": "auto", "checkpoint_every": 5}}, epochs_done=1)
+    assert config.train.device == "auto" and config.train.checkpoint_every == 5
+
+
+def test_the_corpus_url_may_be_given_again_with_its_credentials_but_not_changed() -> None:
+    stored = _stored()  # checkpoints keep the URL without credentials
+    with_password = URL.replace("http://", "http://reader:pw@")
+    assert resume_config(stored, {"data": {"url": with_password}}, epochs_done=1).data.url == with_password
+    with pytest.raises(ResumeError, match="data.url"):
+        resume_config(stored, {"data": {"url": URL.replace("8000", "8001")}}, epochs_done=1)
+
+
+def test_bad_override_values_are_still_validated() -> None:
+    with pytest.raises(ValueError, match="num_layers"):
+        resume_config(_stored(), {"model": {"num_layers": 0}}, epochs_done=1)
+
+
+@pytest.mark.parametrize("bad", ["", "../runs", "a/b", "..", "abc def", "x" * 65, "run.id"])
+def test_run_ids_that_could_leave_the_runs_folder_are_refused(bad: str, tmp_path: Path) -> None:
+    with pytest.raises(ResumeError, match="is not an MLflow run id"):
+        run_folder(tmp_path, bad)
+
+
+def test_run_folder_is_inside_the_runs_folder(tmp_path: Path) -> None:
+    run_id = "0123456789abcdef0123456789abcdef"
+    assert check_run_id(run_id) == run_id
+    assert run_folder(tmp_path / "runs", run_id) == (tmp_path / "runs" / run_id).resolve()
+
+
+def test_checkpoints_keep_no_url_credentials(tiny_vocab: Vocab) -> None:
+    config = preset_config("smoke", {"data": {"url": "https://alice:s3cret@example.com/book.txt"}})
+    payload = checkpoint.make_payload(config, tiny_vocab, RNNLM.from_config(len(tiny_vocab), config.model), epoch=0)
+    assert payload["config"]["data"]["url"] == "https://example.com/book.txt"
+    assert config.data.url.startswith("https://alice:s3cret@")  # the run itself keeps using them
+
+
+def _trainer(tiny_vocab: Vocab, tiny_ids: torch.Tensor, epochs: int) -> tuple[RunConfig, RNNLM, Trainer]:
+    config = preset_config("smoke", {"model": {"num_hiddens": 16}, "train": {"epochs": epochs, "device": "cpu"}})
+    torch.manual_seed(config.train.seed)
+    model = RNNLM.from_config(len(tiny_vocab), config.model)
+    return config, model, Trainer(model, tiny_ids, config.train, CPU, heldout_ids=tiny_ids[:200])
+
+
+def test_interrupted_and_resumed_training_equals_uninterrupted_bit_for_bit(
+    tiny_vocab: Vocab, tiny_ids: torch.Tensor, tmp_path: Path
+) -> None:
+    _, straight_model, straight = _trainer(tiny_vocab, tiny_ids, epochs=4)
+    straight.fit()
+
+    config, model, first = _trainer(tiny_vocab, tiny_ids, epochs=4)
+    saved: list[Path] = []
+
+    def stop_after_two(epoch: int) -> None:
+        path = tmp_path / "last.pt"
+        checkpoint.save(path, checkpoint.make_payload(config, tiny_vocab, model, epoch=epoch, trainer_state=first.state_dict()))
+        saved.append(path)
+        if epoch == 2:
+            raise KeyboardInterrupt  # stands for the process dying right after this checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(on_checkpoint=stop_after_two, checkpoint_every=1)
+    torch.manual_seed(12345)  # the global RNG is wherever it is; the checkpoint brings its own state back
+
+    config, resumed_model, resumed = _trainer(tiny_vocab, tiny_ids, epochs=4)
+    assert restore_training(checkpoint.load(saved[-1]), config, resumed_model, resumed) == 2
+    result = resumed.fit()
+    assert [h.epoch for h in result.history] == [3, 4]
+    for name, value in straight_model.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[name], value), name
+
+
+def test_restore_refuses_a_checkpoint_of_other_settings_or_without_training_state(
+    tiny_vocab: Vocab, tiny_ids: torch.Tensor
+) -> None:
+    config, model, trainer = _trainer(tiny_vocab, tiny_ids, epochs=2)
+    other = config.model_copy(update={"train": config.train.model_copy(update={"lr": 0.1})})
+    payload = checkpoint.make_payload(other, tiny_vocab, model, epoch=1, trainer_state=trainer.state_dict())
+    with pytest.raises(ResumeError, match=r"other settings \(train.lr\)"):
+        restore_training(payload, config, model, trainer)
+    final = checkpoint.make_payload(config, tiny_vocab, model, epoch=2)
+    with pytest.raises(ResumeError, match="no training state"):
+        restore_training(final, config, model, trainer)
+
+
+def test_divergence_names_the_epoch_and_no_checkpoint_is_written_from_it(
+    tiny_vocab: Vocab, tiny_ids: torch.Tensor
+) -> None:
+    # SGD with weight decay far too strong for its learning rate: the weights flip sign and grow 9x a step.
+    config = preset_config(
+        "smoke", {"model": {"num_hiddens": 16}, "train": {"epochs": 30, "lr": 100.0, "weight_decay": 0.1, "device": "cpu"}}
+    )
+    torch.manual_seed(0)
+    model = RNNLM.from_config(len(tiny_vocab), config.model)
+    trainer = Trainer(model, tiny_ids, config.train, CPU)
+    checkpointed: list[int] = []
+
+    def on_checkpoint(epoch: int) -> None:
+        assert all(torch.isfinite(p).all() for p in model.parameters()), f"non-finite weights saved at {epoch}"
+        checkpointed.append(epoch)
+
+    with pytest.raises(TrainingDivergedError, match=r"training diverged at epoch \d+: ") as info:
+        trainer.fit(on_checkpoint=on_checkpoint, checkpoint_every=1)
+    assert info.value.epoch >= 2 and checkpointed == list(range(1, info.value.epoch))
+
+
+def test_non_finite_weights_behind_a_finite_loss_are_never_checkpointed(
+    tiny_vocab: Vocab, tiny_ids: torch.Tensor
+) -> None:
+    # An epoch's loss is measured before its last update, so the weights can break while the loss looks fine.
+    # Break one weight right after epoch 2's loss was read (the last update's effect, made certain).
+    config, model, trainer = _trainer(tiny_vocab, tiny_ids, epochs=4)
+    checkpointed: list[int] = []
+
+    def on_epoch(stats) -> None:  # type: ignore[no-untyped-def]
+        if stats.epoch == 2:
+            with torch.no_grad():
+                model.linear.weight[0, 0] = float("inf")
+
+    with pytest.raises(TrainingDivergedError, match="epoch 2: the weights became NaN or infinite"):
+        trainer.fit(on_epoch=on_epoch, on_checkpoint=checkpointed.append, checkpoint_every=1)
+    assert checkpointed == [1]
