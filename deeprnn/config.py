@@ -9,9 +9,10 @@ and the same bounds, so Prefect's parameter form and the CLI refuse out-of-range
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 D2L_URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"
 D2L_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
@@ -46,15 +47,18 @@ class DataConfig(_Section):
         pattern=r"^[0-9a-fA-F]{40}$",
     )
     token: Literal["char", "word"] = Field("char", title="Token unit", description="Characters (the book) or words.")
-    min_freq: int = Field(0, title="Minimum frequency", description="Tokens rarer than this map to <unk>.", ge=0)
-    reserved_tokens: list[str] = Field(
-        default_factory=list, title="Reserved tokens", description="Extra tokens placed right after <unk>."
+    min_freq: int = Field(
+        0, title="Minimum frequency", description="Tokens rarer than this map to <unk>.", ge=0, le=1_000_000
+    )
+    reserved_tokens: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, title="Reserved tokens", description="Extra tokens placed right after <unk>.", max_length=64
     )
     max_tokens: Optional[int] = Field(
         10000,
         title="Training tokens",
         description="Train on the first N tokens only (the book: 10000). Empty: the whole training split.",
         ge=1,
+        le=1_000_000_000,
     )
     val_fraction: float = Field(
         0.0,
@@ -121,7 +125,11 @@ class TrainConfig(_Section):
         "constant", title="LR schedule", description="constant (the book) or cosine decay to 0 over the epochs."
     )
     clip_norm: Optional[float] = Field(
-        1.0, title="Gradient clip", description="Clip the global gradient norm to this (the book: 1). Empty: off.", gt=0.0
+        1.0,
+        title="Gradient clip",
+        description="Clip the global gradient norm to this (the book: 1). Empty: off.",
+        gt=0.0,
+        le=1e6,
     )
     seed: int = Field(0, title="Seed", description="Seeds weights, minibatch offsets, dropout.", ge=0, le=2**32 - 1)
     device: DeviceName = Field("auto", title="Device", description="auto picks cuda, then mps, then cpu.")
@@ -137,18 +145,24 @@ class TrainConfig(_Section):
         "steps, same results for the book), fp32 elsewhere. fp32: the book's exact numerics. bf16: CUDA only.",
     )
     eval_every: int = Field(
-        10, title="Evaluate every", description="Held-out perplexity every N epochs (and at the last).", ge=1
+        10, title="Evaluate every", description="Held-out perplexity every N epochs (and at the last).", ge=1, le=100000
     )
-    log_every: int = Field(10, title="Log every", description="Progress line every N epochs (and at the last).", ge=1)
+    log_every: int = Field(
+        10, title="Log every", description="Progress line every N epochs (and at the last).", ge=1, le=100000
+    )
     checkpoint_every: Optional[int] = Field(
-        None, title="Checkpoint every", description="Save a resumable checkpoint every N epochs. Empty: at the end only.", ge=1
+        None,
+        title="Checkpoint every",
+        description="Save a resumable checkpoint every N epochs. Empty: at the end only.",
+        ge=1,
+        le=100000,
     )
 
 
 class SampleConfig(_Section):
     """Text generated at the end of a run."""
 
-    prefixes: list[str] = Field(
+    prefixes: list[Annotated[str, Field(max_length=1000)]] = Field(
         default_factory=lambda: ["time traveller", "traveller"],
         title="Prefixes",
         description="Each prefix is continued; the book uses 'time traveller' and 'traveller'.",
@@ -159,7 +173,9 @@ class SampleConfig(_Section):
     temperature: Optional[float] = Field(
         None, title="Temperature", description="Empty: greedy argmax (the book). Otherwise sample at this temperature.", gt=0.0, le=100.0
     )
-    top_k: Optional[int] = Field(None, title="Top-k", description="Sample only among the k likeliest tokens.", ge=1)
+    top_k: Optional[int] = Field(
+        None, title="Top-k", description="Sample only among the k likeliest tokens.", ge=1, le=1_000_000
+    )
     seed: int = Field(0, title="Sampling seed", description="Seed of the sampling generator.", ge=0, le=2**32 - 1)
 
     @field_validator("prefixes")
@@ -262,7 +278,8 @@ def _optional_copy(section: type[BaseModel], name: str) -> type[BaseModel]:
         fields[field_name] = (Optional[info.annotation], copied)  # type: ignore[name-defined]
     return create_model(  # type: ignore[call-overload]
         name,
-        __config__=ConfigDict(extra="forbid"),
+        # The dashboard labels the choice between this model and None with its title: "Override" / "None".
+        __config__=ConfigDict(extra="forbid", title="Override"),
         __doc__=f"Overrides of {section.__name__}: set only what should differ from the preset.",
         **fields,
     )
@@ -306,3 +323,13 @@ def overrides_dict(
 def is_sha1(text: str) -> bool:
     """True for 40 hexadecimal digits."""
     return bool(_SHA1_RE.match(text))
+
+
+def form_field(title: str, **constraints: Any) -> FieldInfo:
+    """Metadata for a flow parameter, used as ``Annotated[T, form_field("Title", le=...)]``.
+
+    Prefect titles every flow parameter with its Python name; a title in ``json_schema_extra`` is applied
+    last, so the dashboard's form shows this one. Constraints (``ge``, ``max_length``, ...) become the
+    form's bounds. Descriptions come from the flow's docstring (its ``Args:`` section).
+    """
+    return Field(json_schema_extra={"title": title}, **constraints)

@@ -7,11 +7,19 @@ them as a form and refuses out-of-range values before a run starts.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 from prefect import flow
 
-from deeprnn.config import DataOverrides, ModelOverrides, PresetName, SampleOverrides, TrainOverrides, resolve
+from deeprnn.config import (
+    DataOverrides,
+    ModelOverrides,
+    PresetName,
+    SampleOverrides,
+    TrainOverrides,
+    form_field,
+    resolve,
+)
 from flows.pipeline import run_pipeline
 from tasks.resume import prepare_resume
 
@@ -20,19 +28,30 @@ FLOW_NAME = "deeprnn-train"
 
 @flow(name=FLOW_NAME, log_prints=True)
 def train_lm(
-    preset: PresetName = "d2l-9.3",
-    data: Optional[DataOverrides] = None,  # type: ignore[valid-type]
-    model: Optional[ModelOverrides] = None,  # type: ignore[valid-type]
-    train: Optional[TrainOverrides] = None,  # type: ignore[valid-type]
-    sample: Optional[SampleOverrides] = None,  # type: ignore[valid-type]
-    experiment: Optional[str] = None,
-    runs_dir: str = "runs",
-    resume_run_id: Optional[str] = None,
+    preset: Annotated[PresetName, form_field("Preset")] = "d2l-9.3",
+    data: Annotated[Optional[DataOverrides], form_field("Data")] = None,  # type: ignore[valid-type]
+    model: Annotated[Optional[ModelOverrides], form_field("Model")] = None,  # type: ignore[valid-type]
+    train: Annotated[Optional[TrainOverrides], form_field("Training")] = None,  # type: ignore[valid-type]
+    sample: Annotated[Optional[SampleOverrides], form_field("Samples")] = None,  # type: ignore[valid-type]
+    experiment: Annotated[Optional[str], form_field("MLflow experiment", min_length=1, max_length=256)] = None,
+    runs_dir: Annotated[str, form_field("Checkpoint folder", min_length=1, max_length=1024)] = "runs",
+    resume_run_id: Annotated[Optional[str], form_field("Resume MLflow run", max_length=64)] = None,
 ) -> dict[str, Any]:
     """Train a deep RNN language model from a preset (default: the book's D2L 9.3) and track it in MLflow.
 
     With ``resume_run_id``, continue that MLflow run from its last checkpoint instead: its stored
     configuration is used (``preset`` is ignored; overrides may only restate it or extend the epochs).
+
+    Args:
+        preset: Named configuration to start from: d2l-9.3 (the book), full-book or smoke (seconds on a CPU).
+        data: Corpus and split settings that differ from the preset. Empty: the preset's.
+        model: Cell type, depth and width that differ from the preset. Empty: the preset's.
+        train: Training settings (epochs, optimizer, device, ...) that differ from the preset. Empty: the preset's.
+        sample: Text generation settings that differ from the preset. Empty: the preset's.
+        experiment: MLflow experiment to log to. Empty: deeprnn-train.
+        runs_dir: Folder for checkpoints, one subfolder per run; relative to the worker's working directory.
+        resume_run_id: Continue this MLflow run (its id, as `deeprnn run` prints it) from its last checkpoint.
+            Empty: a new run.
     """
     if resume_run_id:
         config, experiment = prepare_resume(resume_run_id, runs_dir, experiment, data, model, train, sample)

@@ -110,6 +110,22 @@ def check_inputs(config: RunConfig) -> str:
     return uri
 
 
+def prefect_run_tags() -> dict[str, str]:
+    """MLflow tags that link a run to the Prefect flow run (and deployment) it belongs to."""
+    from prefect.runtime import deployment, flow_run
+
+    tags = {
+        "prefect.flow_run_id": str(flow_run.get_id() or ""),
+        "prefect.flow_run_name": str(flow_run.get_name() or ""),
+        "prefect.flow_name": str(flow_run.get_flow_name() or ""),
+        "prefect.deployment": str(deployment.get_name() or ""),
+    }
+    url = flow_run.get_flow_run_ui_url()
+    if url:
+        tags["prefect.flow_run_url"] = url
+    return tags
+
+
 @task(name="start-mlflow-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def start_tracking(
     config: RunConfig,
@@ -126,21 +142,15 @@ def start_tracking(
     import os
     import socket
 
-    from prefect.runtime import deployment, flow_run
+    from prefect.runtime import flow_run
 
     tags = {
         **(extra_tags or {}),
         "deeprnn.host": socket.gethostname(),
         "deeprnn.pid": str(os.getpid()),
-        "prefect.flow_run_id": str(flow_run.get_id() or ""),
-        "prefect.flow_run_name": str(flow_run.get_name() or ""),
-        "prefect.flow_name": str(flow_run.get_flow_name() or ""),
-        "prefect.deployment": str(deployment.get_name() or ""),
+        **prefect_run_tags(),
         "deeprnn.preset": config.preset,
     }
-    url = flow_run.get_flow_run_ui_url()
-    if url:
-        tags["prefect.flow_run_url"] = url
     if resume_run_id:
         # Params stay as first logged (MLflow never changes them); what a resume may change goes into tags.
         flat = config.flat()

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -128,10 +129,16 @@ def create_run(
     if parent_run_id:
         tags = {**tags, "mlflow.parentRunId": parent_run_id}  # what the MLflow UI nests runs by
     run = client.create_run(experiment_id(experiment), run_name=run_name, tags=tags)
+    log_params(run.info.run_id, params)
+    return run.info.run_id
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    """Log params (lists and dicts as JSON, None as empty), 100 per call as MLflow allows."""
+    client = MlflowClient()
     items = [Param(k, _param_value(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[i : i + 100])
-    return run.info.run_id
+        client.log_batch(run_id, params=items[i : i + 100])
 
 
 def end_run(run_id: str, status: str) -> None:
@@ -223,6 +230,39 @@ def epoch_history(run_id: str, upto: int) -> list[EpochStats]:
 def is_tracking_error(exc: BaseException) -> bool:
     """True for errors from MLflow itself (a store or server hiccup), which a retry may get past."""
     return isinstance(exc, MlflowException)
+
+
+# Seconds between system metric samples: short enough that a run of a few seconds records some.
+# MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it.
+SYSTEM_METRICS_INTERVAL = 1.0
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str, interval: float = SYSTEM_METRICS_INTERVAL) -> Iterator[None]:
+    """Log CPU, memory, disk and network use (and GPU use where ``nvidia-ml-py`` finds a GPU) to ``run_id`` as
+    ``system/*`` metrics while the block runs, with MLflow's own monitor on a background thread."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=mlflow.get_tracking_uri())
+    except ImportError as exc:  # psutil missing: train anyway
+        log.warning("system metrics are not logged: %s", exc)
+        yield
+        return
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()  # stops the thread and flushes what it published
+        # The thread drops the sample it took last (it publishes only after a full interval): publish it,
+        # so that a run shorter than one interval records a point too.
+        try:
+            last = monitor.aggregate_metrics()
+            if last:
+                monitor.publish_metrics(last)
+                monitor.mlflow_logger.flush()
+        except Exception as exc:  # metrics must never fail a training run
+            log.warning("last system metrics sample not logged: %s", exc)
 
 
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
@@ -394,6 +434,60 @@ def promote_if_better(name: str, version: str, score: float, heldout_key: str) -
             return False
     client.set_registered_model_alias(name, CHAMPION, version)
     return True
+
+
+def run_for_flow_run(flow_run_id: str) -> str:
+    """The id of the MLflow run that the Prefect flow run ``flow_run_id`` opened (its ``prefect.flow_run_id``
+    tag), in any experiment. Raises LookupError when there is none."""
+    if not re.fullmatch(r"[0-9a-fA-F-]{36}", flow_run_id):  # it goes into a filter string
+        raise ValueError(f"not a Prefect flow run id: {flow_run_id!r}")
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=1)
+    if not runs:
+        raise LookupError(f"no MLflow run in {tracking_uri()} was logged by Prefect flow run {flow_run_id}")
+    return runs[0].info.run_id
+
+
+def fetch_model(model_uri: str, dst: Path) -> dict[str, Any]:
+    """Download a logged deeprnn model into ``dst`` and say where it came from.
+
+    An alias (``models:/deeprnn-lm@champion``) is pinned to its version first, so the alias moving meanwhile
+    cannot mix two models. Returns ``model_uri`` (pinned), ``version`` (registered version or None),
+    ``checkpoint`` (local path of the model's checkpoint), ``source_run_id`` (the training run) and
+    ``dataset_sha1`` (the corpus hash that run recorded, or None). LookupError when it does not exist.
+    """
+    from mlflow.models import Model
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    client = MlflowClient()
+    version = None
+    try:
+        if model_uri.startswith("models:/"):
+            found = get_model_name_and_version(client, model_uri)
+            if len(found) == 2:  # a registered name and version; a logged model's own id (m-...) has one part
+                version = str(found[1])
+                model_uri = f"models:/{found[0]}/{version}"
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+        source_run_id = mlflow.models.get_model_info(model_uri).run_id
+    except (MlflowException, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LookupError(f"cannot fetch model {model_uri!r} from {tracking_uri()}: {first}") from None
+    flavor = Model.load(str(local / "MLmodel")).flavors.get("python_function", {})
+    relative = flavor.get("artifacts", {}).get("checkpoint", {}).get("path")
+    if not relative:
+        raise LookupError(f"model {model_uri!r} is not a deeprnn model: it has no checkpoint artifact")
+    if version is None and source_run_id:  # runs:/<id>/model: the version that run registered, if any
+        registered = client.search_model_versions(f"run_id = '{source_run_id}' and name = '{REGISTERED_MODEL}'")
+        version = str(registered[0].version) if registered else None
+    tags = client.get_run(source_run_id).data.tags if source_run_id else {}
+    return {
+        "model_uri": model_uri,
+        "version": version,
+        "checkpoint": str(local / relative),
+        "source_run_id": source_run_id,
+        "dataset_sha1": tags.get("dataset.sha1"),
+    }
 
 
 def load_pyfunc(model_uri: str) -> Any:

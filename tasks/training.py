@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from deeprnn import checkpoint, resume
 from deeprnn.batching import Splits
-from deeprnn.config import RunConfig
+from deeprnn.config import RunConfig, SampleConfig
 from deeprnn.device import describe, resolve_device, seed_everything
 from deeprnn.evaluate import perplexity
 from deeprnn.generate import generate
@@ -98,7 +98,8 @@ def train_model(
 
     fit_started = time.time()  # wall clock, so a benchmark can split a run into overhead and training
     try:
-        result = trainer.fit(on_epoch=on_epoch, on_checkpoint=on_checkpoint, checkpoint_every=cfg.checkpoint_every)
+        with tracking.system_metrics(run_id):  # CPU, memory (and GPU) use as system/* metrics
+            result = trainer.fit(on_epoch=on_epoch, on_checkpoint=on_checkpoint, checkpoint_every=cfg.checkpoint_every)
     except BaseException:
         try:
             metrics.flush()  # whatever was measured reaches MLflow, also when training fails
@@ -138,10 +139,11 @@ def evaluate_model(checkpoint_path: str, splits: Splits, device: str) -> dict[st
 
 
 @task(name="generate-samples", cache_policy=NO_CACHE)
-def generate_samples(checkpoint_path: str, device: str) -> dict[str, str]:
-    """Continue each configured prefix with the selected model (greedy unless a temperature is set)."""
+def generate_samples(checkpoint_path: str, device: str, sample: SampleConfig | None = None) -> dict[str, str]:
+    """Continue each prefix with the selected model (greedy unless a temperature is set); ``sample`` replaces
+    the checkpoint's own sample settings."""
     model, voc, config = checkpoint.restore_model(checkpoint.load(Path(checkpoint_path)), resolve_device(device))
-    s = config.sample
+    s = sample or config.sample
     samples = {
         prefix: generate(
             model, voc, prefix, s.num_chars, token=config.data.token, temperature=s.temperature, top_k=s.top_k, seed=s.seed

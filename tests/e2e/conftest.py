@@ -1,16 +1,20 @@
-"""End-to-end fixtures: Prefect's test harness (a real temporary API server, started once per session) and a
-fresh MLflow sqlite store, corpus cache and working directory per test."""
+"""End-to-end fixtures: Prefect's test harness (a real temporary API server, started once per session), a
+fresh MLflow sqlite store, corpus cache and working directory per test, and real ``mlflow server`` and
+``prefect server`` processes on 127.0.0.1 for the tests of deployments and UI comparison."""
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from live_servers import Server, free_port, start_process, stop_process_group, wait_until_healthy
 
 
 @pytest.fixture(scope="session")
@@ -105,3 +109,54 @@ def closed_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ---- Real servers on 127.0.0.1, started by the test modules that need them and stopped by them -------------
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """``mlflow server`` with a sqlite store and a local artifact root, as the README starts it."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = root / "server.log"
+    cmd = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]
+    # The GenAI job runner (half a dozen extra processes) is not needed to track training runs.
+    proc = start_process(cmd, log, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, cwd=root)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        seconds = wait_until_healthy(f"{url}/health", proc, log)
+        yield Server(url, root, {**os.environ, "MLFLOW_TRACKING_URI": url}, log, seconds)
+    finally:
+        stop_process_group(proc)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """``prefect server start`` with its own PREFECT_HOME (database, settings) on a free port.
+
+    The scheduler service is off: deployments keep their schedules, but no run is created from them, so a
+    cron that happens to fire mid-test cannot start a long run on the test's worker.
+    """
+    root = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    log = root / "server.log"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(root / "home"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+    }
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    proc = start_process(cmd, log, env, cwd=root)
+    try:
+        seconds = wait_until_healthy(f"http://127.0.0.1:{port}/api/health", proc, log)
+        yield Server(f"http://127.0.0.1:{port}/api", root, env, log, seconds)
+    finally:
+        stop_process_group(proc)

@@ -1,0 +1,67 @@
+"""The evaluation flow: a logged model -> the text it never trained on -> perplexity and samples -> MLflow.
+
+By default it evaluates the registered model's champion. The ``evaluate`` deployment in ``prefect.yaml`` is
+triggered by every completed training flow run and evaluates the model that run logged.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+from prefect import flow
+
+from deeprnn.config import DeviceName, SampleOverrides, form_field
+from tasks import tracking
+from tasks.data import download_corpus, prepare_splits
+from tasks.evaluation import (
+    CHAMPION_URI,
+    choose_model,
+    fetch_model,
+    publish_evaluation,
+    scratch_folder,
+    start_evaluation,
+)
+from tasks.training import evaluate_model, generate_samples
+
+FLOW_NAME = "deeprnn-evaluate"
+MODEL_URI_PATTERN = r"^(models|runs):/\S+$"
+FLOW_RUN_ID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+
+
+@flow(name=FLOW_NAME, log_prints=True)
+def evaluate_lm(
+    model_uri: Annotated[str, form_field("Model URI", max_length=1024, pattern=MODEL_URI_PATTERN)] = CHAMPION_URI,
+    training_flow_run_id: Annotated[Optional[str], form_field("Training flow run", pattern=FLOW_RUN_ID_PATTERN)] = None,
+    sample: Annotated[Optional[SampleOverrides], form_field("Samples")] = None,  # type: ignore[valid-type]
+    device: Annotated[DeviceName, form_field("Device")] = "auto",
+    experiment: Annotated[Optional[str], form_field("MLflow experiment", min_length=1, max_length=256)] = None,
+) -> dict[str, Any]:
+    """Measure a logged model's perplexity on its held-out text and generate samples; log to MLflow and Prefect.
+
+    Args:
+        model_uri: MLflow model to evaluate: models:/deeprnn-lm@champion (default), models:/deeprnn-lm/3 or
+            runs:/<run_id>/model.
+        training_flow_run_id: Evaluate the model logged by this training flow run instead of model_uri
+            (the deployment trigger sets it). Empty: use model_uri.
+        sample: Text generation settings that differ from the model's own. Empty: the model's.
+        device: auto picks cuda, then mps, then cpu.
+        experiment: MLflow experiment to log to. Empty: deeprnn-evaluate.
+    """
+    uri = choose_model(model_uri, training_flow_run_id)
+    run_id = start_evaluation(uri, device, experiment or FLOW_NAME)
+    with tracking.run_status(run_id), scratch_folder() as folder:  # FAILED/KILLED in MLflow if anything raises
+        model = fetch_model(run_id, uri, folder, sample)
+        corpus = download_corpus(model.config.data.url, model.corpus_sha1)
+        splits = prepare_splits(corpus, model.vocab, model.config.data, model.config.train)
+        evaluation = evaluate_model(model.checkpoint, splits, device)
+        samples = generate_samples(model.checkpoint, device, model.config.sample)
+        publish_evaluation(run_id, model, evaluation, samples)
+    return {
+        "run_id": run_id,
+        "experiment": experiment or FLOW_NAME,
+        "model_uri": model.model_uri,
+        "version": model.version,
+        "source_run_id": model.source_run_id,
+        "metrics": evaluation,
+        "samples": samples,
+    }

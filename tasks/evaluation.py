@@ -1,0 +1,150 @@
+"""Prefect tasks of the evaluation flow: choose a logged model, open its MLflow run, fetch the model with what
+rebuilds its held-out text, publish the results. Measuring and sampling reuse the training flow's tasks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from deeprnn import checkpoint
+from deeprnn.config import RunConfig, SampleConfig
+from deeprnn.device import resolve_device
+from deeprnn.download import redact_url
+from deeprnn.report import samples_text
+from tasks import tracking
+from tasks.results import prefect_run_tags
+
+CHAMPION_URI = f"models:/{tracking.REGISTERED_MODEL}@{tracking.CHAMPION}"
+
+
+@dataclass(frozen=True)
+class FetchedModel:
+    """A logged model on local disk, with what the evaluation needs to rebuild the text it was tested on."""
+
+    model_uri: str  # pinned: models:/deeprnn-lm/3 rather than models:/deeprnn-lm@champion
+    version: str | None  # its registered version, if it has one
+    source_run_id: str | None  # the training run that logged it
+    checkpoint: str  # local path of its checkpoint
+    config: RunConfig  # the training configuration (corpus, splits), with the requested sample settings
+    vocab: dict[str, Any]  # the vocabulary it was trained with: the held-out text is encoded with it
+    corpus_sha1: str | None  # the corpus bytes the training run read; the evaluation must read the same
+    trained_metrics: dict[str, float]  # held-out perplexities the training run reported
+
+
+@task(name="choose-model", cache_policy=NO_CACHE)
+def choose_model(model_uri: str, training_flow_run_id: str | None) -> str:
+    """The model to evaluate: the one logged by training flow run ``training_flow_run_id`` when given (the
+    trigger passes it), else ``model_uri``."""
+    if not training_flow_run_id:
+        return model_uri
+    uri = f"runs:/{tracking.run_for_flow_run(training_flow_run_id)}/model"
+    get_run_logger().info("training flow run %s logged %s", training_flow_run_id, uri)
+    return uri
+
+
+@contextlib.contextmanager
+def scratch_folder() -> Iterator[str]:
+    """A temporary folder for the downloaded model, removed when the evaluation ends (MLflow keeps the model)."""
+    with tempfile.TemporaryDirectory(prefix="deeprnn-evaluate-") as folder:
+        yield folder
+
+
+@task(name="start-evaluation-run", cache_policy=NO_CACHE)
+def start_evaluation(model_uri: str, device: str, experiment: str) -> str:
+    """Refuse a missing device or an unreachable MLflow, then open the evaluation's MLflow run (tags link the
+    Prefect flow run); returns its id."""
+    from prefect.runtime import flow_run
+
+    resolve_device(device)
+    tracking.check_reachable()
+    tags = {**prefect_run_tags(), "deeprnn.requested_model_uri": model_uri}
+    params = {"requested_model_uri": model_uri, "device": device}
+    run_id = tracking.create_run(experiment, flow_run.get_name(), tags, params)
+    get_run_logger().info("MLflow evaluation run %s in experiment %r", run_id, experiment)
+    return run_id
+
+
+@task(name="fetch-model", cache_policy=NO_CACHE)
+def fetch_model(run_id: str, model_uri: str, folder: str, sample: BaseModel | dict[str, Any] | None) -> FetchedModel:
+    """Download the model into ``folder``, read the configuration stored in its checkpoint, apply ``sample``
+    overrides, and log the model's identity and training configuration as params of the evaluation run."""
+    found = tracking.fetch_model(model_uri, Path(folder))
+    data = checkpoint.load(Path(found["checkpoint"]))
+    config = RunConfig.model_validate(data["config"])
+    overrides = sample.model_dump(exclude_none=True) if isinstance(sample, BaseModel) else dict(sample or {})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides:
+        merged = SampleConfig.model_validate({**config.sample.model_dump(), **overrides})
+        config = config.model_copy(update={"sample": merged})
+    trained: dict[str, float] = {}
+    if found["source_run_id"]:
+        source_metrics = tracking.get_run(found["source_run_id"]).metrics
+        trained = {k: source_metrics[k] for k in ("val_perplexity", "test_perplexity") if k in source_metrics}
+    params = {
+        "model_uri": found["model_uri"],
+        "model_version": found["version"],
+        "source_run_id": found["source_run_id"],
+        **config.flat(),
+    }
+    params["data.url"] = redact_url(params["data.url"])  # never log credentials
+    tracking.log_params(run_id, params)
+    tracking.set_tags(run_id, {"deeprnn.source_run_id": found["source_run_id"] or "", "deeprnn.preset": config.preset})
+    get_run_logger().info(
+        "model %s (version %s) from training run %s", found["model_uri"], found["version"], found["source_run_id"]
+    )
+    return FetchedModel(
+        model_uri=found["model_uri"],
+        version=found["version"],
+        source_run_id=found["source_run_id"],
+        checkpoint=found["checkpoint"],
+        config=config,
+        vocab=data["vocab"],
+        corpus_sha1=found["dataset_sha1"] or config.data.expected_sha1(),
+        trained_metrics=trained,
+    )
+
+
+@task(name="publish-evaluation", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def publish_evaluation(
+    run_id: str, model: FetchedModel, evaluation: dict[str, float | None], samples: dict[str, str]
+) -> str:
+    """Log perplexities and samples to the evaluation's MLflow run, and a markdown summary to Prefect."""
+    tracking.log_metrics(run_id, {k: v for k, v in evaluation.items() if v is not None})
+    tracking.log_text(run_id, samples_text(samples), "samples.txt")
+    tracking.log_text(run_id, json.dumps(samples, ensure_ascii=False, indent=1), "samples.json")
+
+    link = tracking.run_url(run_id)
+    mlflow_ref = f"[{run_id}]({link})" if link else f"`{run_id}` in `{tracking.tracking_uri()}`"
+
+    def fmt(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines = [
+        f"# deeprnn evaluation of `{model.model_uri}`",
+        "",
+        f"MLflow run: {mlflow_ref}; trained by run `{model.source_run_id}` ({model.config.preset} preset)",
+        "",
+        "| metric | this evaluation | reported by training |",
+        "| --- | --- | --- |",
+        *[
+            f"| {key} | {fmt(evaluation.get(key))} | {fmt(model.trained_metrics.get(key))} |"
+            for key in ("val_perplexity", "test_perplexity")
+        ],
+        f"| train_perplexity_eval | {fmt(evaluation.get('train_perplexity_eval'))} | |",
+        "",
+        "## Samples",
+        "",
+        *[f"- `{text}`" for text in samples.values()],
+    ]
+    markdown = "\n".join(lines)
+    create_markdown_artifact(markdown, key="deeprnn-evaluation-summary", description="deeprnn evaluation summary")
+    return markdown
