@@ -33,6 +33,11 @@ def plot_history(history: list[EpochStats], path: Path, title: str = "") -> Path
     return path
 
 
+def fmt(value: float | None) -> str:
+    """A metric for a summary table: three decimals, or n/a when missing."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def samples_text(samples: dict[str, str]) -> str:
     """One continuation per line, in prefix order."""
     return "".join(f"{text}\n" for text in samples.values())

@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 import typing
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 # Library log records (download, training) go to Prefect's handlers too; must be set before Prefect loads.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "deeprnn")
@@ -158,22 +158,32 @@ def run(
     else:
         console.print(f"deeprnn: preset [bold]{config.preset}[/bold], {config.train.epochs} epochs, device {config.train.device}")
     console.print(f"Prefect API: {api}; MLflow tracking: {tracking_uri()}")
-    try:
-        result = train_lm(
+    result = _invoke(
+        lambda: train_lm(
             preset=config.preset, **overrides, experiment=experiment, runs_dir=runs_dir, resume_run_id=resume
-        )
+        ),
+        "the MLflow run is marked KILLED; checkpoints are kept (continue with deeprnn run --resume RUN_ID)",
+    )
+    _print_result(result)
+    _write_json(result, json_out)
+
+
+def _invoke(call: Callable[[], dict[str, Any]], on_interrupt: str) -> dict[str, Any]:
+    """Run a flow; Ctrl-C exits 130 and an error exits 1, each with one line saying what happened."""
+    try:
+        return call()
     except KeyboardInterrupt:
-        err.print(
-            "[yellow]interrupted[/yellow]: the MLflow run is marked KILLED; checkpoints are kept "
-            "(continue with deeprnn run --resume RUN_ID)"
-        )
+        err.print(f"[yellow]interrupted[/yellow]: {on_interrupt}")
         raise typer.Exit(130)
     except Exception as exc:
         err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
         raise typer.Exit(1)
-    _print_result(result)
-    if json_out:
-        with open(json_out, "w", encoding="utf-8") as fh:
+
+
+def _write_json(result: dict[str, Any], path: str | None) -> None:
+    """Save a flow's result as JSON when ``--json PATH`` was given."""
+    if path:
+        with open(path, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=1, default=str)
 
 
@@ -366,24 +376,18 @@ def sweep(
     where = cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)"
     console.print(f"deeprnn sweep: {len(trials)} trials of preset [bold]{preset}[/bold] on {where}")
     console.print(f"MLflow tracking: {tracking_uri()}")
-    try:
+    def call() -> dict[str, Any]:
         with prefect_api_for_workers() as api:
             console.print(f"Prefect API: {api or 'from the environment'}")
-            result = sweep_lm.with_options(task_runner=runner)(
+            return sweep_lm.with_options(task_runner=runner)(
                 space=space, preset=preset, data=overrides["data"] or None, train=overrides["train"] or None,
                 random_search=random_search, max_trials=max_trials, seed=seed, experiment=experiment,
                 runs_dir=runs_dir, register_best=register_best,
             )
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/yellow]: the sweep's MLflow run is marked KILLED")
-        raise typer.Exit(130)
-    except Exception as exc:
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
-        raise typer.Exit(1)
+
+    result = _invoke(call, "the sweep's MLflow run is marked KILLED")
     _print_sweep(result)
-    if json_out:
-        with open(json_out, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=1, default=str)
+    _write_json(result, json_out)
 
 
 def _print_sweep(result: dict[str, Any]) -> None:

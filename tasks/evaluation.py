@@ -19,7 +19,7 @@ from deeprnn import checkpoint
 from deeprnn.config import RunConfig, SampleConfig
 from deeprnn.device import resolve_device
 from deeprnn.download import redact_url
-from deeprnn.report import samples_text
+from deeprnn.report import fmt, samples_text
 from tasks import tracking
 from tasks.results import prefect_run_tags
 
@@ -122,12 +122,7 @@ def publish_evaluation(
     tracking.log_text(run_id, samples_text(samples), "samples.txt")
     tracking.log_text(run_id, json.dumps(samples, ensure_ascii=False, indent=1), "samples.json")
 
-    link = tracking.run_url(run_id)
-    mlflow_ref = f"[{run_id}]({link})" if link else f"`{run_id}` in `{tracking.tracking_uri()}`"
-
-    def fmt(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.3f}"
-
+    mlflow_ref = tracking.run_markdown(run_id)
     lines = [
         f"# deeprnn evaluation of `{model.model_uri}`",
         "",

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from deeprnn import checkpoint
 from deeprnn.config import RunConfig
-from deeprnn.report import plot_history, samples_text
+from deeprnn.report import fmt, plot_history, samples_text
 from deeprnn.resume import RESUMABLE, run_folder
 from deeprnn.train import EpochStats
 from tasks import tracking
@@ -68,12 +68,7 @@ def publish_summary(
     run_id: str, config: RunConfig, trained: dict[str, Any], evaluation: dict[str, float | None], samples: dict[str, str]
 ) -> str:
     """A markdown artifact on the Prefect run: perplexities, speed, device, samples, link to MLflow."""
-    link = tracking.run_url(run_id)
-    mlflow_ref = f"[{run_id}]({link})" if link else f"`{run_id}` in `{tracking.tracking_uri()}`"
-
-    def fmt(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.3f}"
-
+    mlflow_ref = tracking.run_markdown(run_id)
     lines = [
         f"# deeprnn run ({config.preset})",
         "",

@@ -502,6 +502,12 @@ def load_pyfunc(model_uri: str) -> Any:
         raise LookupError(f"cannot load model {model_uri!r} from {tracking_uri()}: {first}") from None
 
 
+def run_markdown(run_id: str) -> str:
+    """The run as markdown: a link when the tracking server has a UI, else its id and store."""
+    link = run_url(run_id)
+    return f"[{run_id}]({link})" if link else f"`{run_id}` in `{tracking_uri()}`"
+
+
 def run_url(run_id: str) -> str | None:
     """A browser link to the run when the tracking server is an http(s) one."""
     uri = mlflow.get_tracking_uri()
