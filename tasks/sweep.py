@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from deeprnn.download import redact_url
 from deeprnn.search import SearchSpace, Trial, TrialResult, rank, selection_metric, table_csv, table_markdown
 from tasks import cluster, tracking
+from tasks.results import prefect_run_tags
 
 
 class SweepFailedError(RuntimeError):
@@ -53,16 +54,7 @@ def start_sweep_tracking(
     params.update(space.describe())  # varied fields: their values (or range) instead of trial 0's value
     params.update({f"sweep.{k}": v for k, v in strategy.items()})
     params["sweep.num_trials"] = len(trials)
-    tags = {
-        "deeprnn.sweep": "true",
-        "deeprnn.preset": trials[0].config.preset,
-        "prefect.flow_run_id": str(flow_run.get_id() or ""),
-        "prefect.flow_run_name": str(flow_run.get_name() or ""),
-        "prefect.flow_name": str(flow_run.get_flow_name() or ""),
-    }
-    url = flow_run.get_flow_run_ui_url()
-    if url:
-        tags["prefect.flow_run_url"] = url
+    tags = {"deeprnn.sweep": "true", "deeprnn.preset": trials[0].config.preset, **prefect_run_tags()}
     run_id = tracking.create_run(experiment, flow_run.get_name(), tags, params)
     plan = {
         "space": space.describe(),
