@@ -62,12 +62,12 @@ def _int_list(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Training speed: deeprnn vs the book's d2l code (D2L 9.3), side by side on one device.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--mode", choices=["compare", "batch-sweep", "kernels"], default="compare")
+    p.add_argument("--mode", choices=["compare", "batch-sweep", "kernels"], default="compare",
+                   help="default: compare")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     p.add_argument("--epochs", type=int, default=None, help="default: 5 on cpu, 500 (the book's) on cuda")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding timemachine.txt (read in place)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding timemachine.txt, read in place (default: <repo>/../shared/data)")
     p.add_argument("--json", type=Path, default=None, help="write every number here")
     p.add_argument("--batch-sizes", type=_int_list, default=None,
                    help="batch-sweep: default 32,128,512,2048; kernels: default 32")
@@ -80,18 +80,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--d2l-impl", choices=["book", "reference"], default="book",
                    help="book: bench/d2l_book.py (per-epoch history, held-out ppl); reference: the shared "
                         "d2l_reference.py (final line only)")
-    p.add_argument("--d2l-script", type=Path, default=DEFAULT_D2L_SCRIPT, help="the shared reference script")
+    p.add_argument("--d2l-script", type=Path, default=DEFAULT_D2L_SCRIPT, help="the shared reference script (default: <repo>/../shared/bench/d2l_reference.py)")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads for every program (torch.set_num_threads and OMP/MKL_NUM_THREADS)")
     p.add_argument("--kernel-threads", type=_int_list, default=None, help="kernels: default 1,<cpu count>")
-    p.add_argument("--target-ppl", type=float, default=1.05, help="report the time to reach this training ppl")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed to each subprocess")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="deeprnn's train.precision (default: the preset's, auto = bf16 autocast on CUDA); "
+                        "fp32 compares like for like with the book")
+    p.add_argument("--target-ppl", type=float, default=1.05, help="report the time to reach this training perplexity (default: 1.05)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed to each subprocess (default: 3600)")
     p.add_argument("--quiet-wait", type=float, default=0.0,
                    help="on a shared machine: wait up to this many seconds before each run for the other load "
-                        "to drop below --max-other-load")
+                        "to drop below --max-other-load (default: 0, no waiting)")
     p.add_argument("--max-other-load", type=float, default=0.1,
                    help="share of the machine's CPU used by other processes above which a run counts as "
-                        "disturbed (with --quiet-wait: waited out before, and the run retried up to twice)")
+                        "disturbed (with --quiet-wait: waited out before, and the run retried up to twice; default: 0.1)")
     # internal: one program in a fresh process, printing one JSON line
     p.add_argument("--_worker", choices=["deeprnn", "kernels"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--fast", type=int, default=1, help=argparse.SUPPRESS)
@@ -150,6 +153,8 @@ def worker_deeprnn(a: argparse.Namespace) -> dict[str, Any]:
     train: dict[str, Any] = {"epochs": a.epochs, "device": a.device, "fast": bool(a.fast)}
     if a.batch_size:
         train["batch_size"] = a.batch_size
+    if a.precision:
+        train["precision"] = a.precision
     overrides: dict[str, Any] = {"train": train}
     if a.max_tokens is not None:
         overrides["data"] = {"max_tokens": a.max_tokens if a.max_tokens > 0 else None}
@@ -191,6 +196,7 @@ def worker_deeprnn(a: argparse.Namespace) -> dict[str, Any]:
         "impl": "deeprnn",
         "fast": bool(a.fast),
         "step_mode": result.step_mode,
+        "precision": getattr(result, "precision", "fp32"),
         "device": str(device),
         "device_name": _device_name(device),
         "torch": torch.__version__,
@@ -309,7 +315,9 @@ def _time_onednn(fn: Callable[[], None], rounds: int = 7, budget_s: float = 0.4)
                     fn()
                 per[flag].append((time.perf_counter() - t0) * 1e3 / n)
     on, off = statistics.median(per[True]), statistics.median(per[False])
-    return {"onednn_on_ms": on, "onednn_off_ms": off, "off_over_on": off / on, "calls_per_round": n,
+    return {"onednn_on_ms": on, "onednn_off_ms": off, "off_over_on": off / on,
+            "onednn_on_min_ms": min(per[True]), "onednn_off_min_ms": min(per[False]),
+            "off_over_on_min": min(per[False]) / min(per[True]), "calls_per_round": n,
             "rounds": rounds, "onednn_on_all_ms": per[True], "onednn_off_all_ms": per[False],
             "first_call_on_ms": first[True], "first_call_off_ms": first[False]}
 
@@ -444,6 +452,8 @@ class Runner:
         cmd = ["--device", a.device, "--epochs", str(epochs or a.epochs), "--data", str(a.data)]
         if a.threads:
             cmd += ["--threads", str(a.threads)]
+        if a.precision:
+            cmd += ["--precision", a.precision]
         return cmd
 
     def deeprnn(self, fast: bool, batch_size: int | None = None, max_tokens: int | None = None) -> dict[str, Any]:
@@ -553,6 +563,12 @@ def _ratios(row: dict[str, Any], base: dict[str, Any] | None) -> dict[str, float
     }
 
 
+def _rotated(programs: list, rep: int) -> list:
+    """The programs in a different order each repeat, so none always runs first (right after the idle check)."""
+    k = rep % len(programs)
+    return programs[k:] + programs[:k]
+
+
 def mode_compare(a: argparse.Namespace, runner: Runner) -> dict[str, Any]:
     max_tokens = a.max_tokens if a.max_tokens is not None else BOOK_MAX_TOKENS
     book_tokens = max_tokens if max_tokens > 0 else _train_split_size(a.data)
@@ -563,7 +579,7 @@ def mode_compare(a: argparse.Namespace, runner: Runner) -> dict[str, Any]:
     programs.append((EAGER, lambda: runner.deeprnn(False, max_tokens=max_tokens)))
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in programs}
     for rep in range(a.repeats):
-        for name, fn in programs:
+        for name, fn in _rotated(programs, rep):
             _log(f"[{rep + 1}/{a.repeats}] {name}: {a.epochs} epochs on {a.device} ...")
             r = fn()
             runs[name].append(r)
@@ -587,7 +603,7 @@ def mode_sweep(a: argparse.Namespace, runner: Runner) -> dict[str, Any]:
         programs.append((f"{FAST}, batch {b}", lambda b=b: runner.deeprnn(True, batch_size=b, max_tokens=tokens)))
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in programs}
     for rep in range(a.repeats):
-        for name, fn in programs:
+        for name, fn in _rotated(programs, rep):
             _log(f"[{rep + 1}/{a.repeats}] {name}: {a.epochs} epochs, {tokens} training tokens on {a.device} ...")
             r = fn()
             runs[name].append(r)
@@ -634,7 +650,8 @@ def _one_line(r: dict[str, Any]) -> str:
         return f"FAILED: {r['error']}"
     return (f"{_num(r.get('tokens_per_s'))} tok/s (epochs), {_num(r.get('overall_tokens_per_s'))} overall, "
             f"wall {_sec(r.get('train_wall_s'))}, train ppl {_ppl(r.get('final_train_perplexity'))}, "
-            f"other load {_pct(r.get('other_load'))}")
+            f"other load {_pct(r.get('other_load'))}"
+            + (f", {r['step_mode']} {r.get('precision', '')}" if r.get("step_mode") else ""))
 
 
 def _num(x: Any) -> str:
@@ -680,19 +697,20 @@ def _spread(r: dict[str, Any], key: str) -> str:
 
 
 def render_speed(result: dict[str, Any], a: argparse.Namespace, batch_col: bool = False) -> str:
-    header = ["program"] + (["batch", "batches/epoch"] if batch_col else []) + [
+    header = ["program", "step"] + (["batch", "batches/epoch"] if batch_col else []) + [
         "tok/s (epochs)", "tok/s (steady)", "tok/s (overall)", "train wall", "x book tok/s", "x book wall",
         f"t to ppl<={a.target_ppl:g}", "final train ppl", "held-out ppl", "peak mem", "tok/CPU-s", "other load"]
     rows = []
     for name, r in result["rows"].items():
         if "error" in r:
-            rows.append([name] + (["", ""] if batch_col else []) + [f"FAILED: {r['error']}"] + [""] * 11)
+            rows.append([name, ""] + (["", ""] if batch_col else []) + [f"FAILED: {r['error']}"] + [""] * 11)
             continue
         vs = r.get("vs_book") or {}
         target = "-" if r.get("time_to_target_s") is None else f"{r['time_to_target_s']:.1f} s (ep {r.get('target_epoch')})"
         if r.get("history") is None:
             target = "n/a"
-        cols = [name]
+        step = f"{r['step_mode']}, {r.get('precision', 'fp32')}" if r.get("step_mode") else "eager, fp32"
+        cols = [name, step]
         if batch_col:
             per_batch = r["batch_size"] * r.get("num_steps", 35)
             cols += [str(r["batch_size"]), f"{r['tokens_per_epoch'] / per_batch:.0f}" if r.get("tokens_per_epoch") else "-"]
@@ -743,16 +761,16 @@ def render_kernels(result: dict[str, Any]) -> str:
     rows = []
     for n, r in result["threads"].items():
         if "error" in r:
-            rows.append([n, "", f"FAILED: {r['error']}", "", "", "", ""])
+            rows.append([n, "", f"FAILED: {r['error']}", "", "", "", "", "", ""])
             continue
         for k in r["results"]:
             rows.append([
                 str(r["torch_threads"]), str(k["batch_size"]), k["what"], f"{k['onednn_on_ms']:.2f}",
-                f"{k['onednn_off_ms']:.2f}", f"{k['off_over_on']:.2f}",
+                f"{k['onednn_off_ms']:.2f}", f"{k['off_over_on']:.2f}", f"{k['off_over_on_min']:.2f}",
                 f"{k['first_call_on_ms']:.0f} / {k['first_call_off_ms']:.0f}", _pct(r.get("other_load")),
             ])
-    return _table(["threads", "batch", "what", "oneDNN on ms", "oneDNN off ms", "off / on",
-                   "first call ms (on / off)", "other load"], rows)
+    return _table(["threads", "batch", "what", "oneDNN on ms (median)", "oneDNN off ms (median)", "off / on",
+                   "off / on (best rounds)", "first call ms (on / off)", "other load"], rows)
 
 
 def environment(a: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
@@ -776,6 +794,7 @@ def environment(a: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "repeats": a.repeats,
         "data": str(a.data.resolve()),
         "d2l_impl": a.d2l_impl,
+        "precision": a.precision or "preset",
         "target_ppl": a.target_ppl,
     }
     try:
