@@ -2,11 +2,16 @@
 
 Runs the command ``--runs`` times in one fresh folder (fresh ``PREFECT_HOME``, MLflow store and corpus
 cache), so the first run pays for creating Prefect's database, the MLflow store and the download, and the
-later ones show the steady state. Start-up = launch to the first training step (imports, ephemeral Prefect
-API, MLflow run, download, vocabulary); wrap-up = last training step to process exit (evaluation,
+later ones show the steady state. Start-up = launch to the first training step (imports, Prefect's temporary
+API server, MLflow run, download, vocabulary); wrap-up = last training step to process exit (evaluation,
 generation, logging the model and artifacts, shutting down).
 
-    python bench/pipeline_overhead.py --data-url /path/to/timemachine.txt --runs 2 -- --preset d2l-9.3
+``--against PATH`` times another checkout of deeprnn (an earlier commit: ``git worktree add /tmp/old REF``)
+in the same session, each in its own fresh folder, the runs interleaved (this, other, this, other, ...), so
+the two are measured side by side under the same load.
+
+    python bench/pipeline_overhead.py --runs 2 -- --preset d2l-9.3
+    python bench/pipeline_overhead.py --runs 3 --against /tmp/old -- --preset d2l-9.3 --epochs 2
 """
 
 from __future__ import annotations
@@ -14,14 +19,55 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "timemachine.txt"
+
+
+def fresh_env(work: Path, repo: Path) -> dict[str, str]:
+    """The environment of a user's first command in ``work``: new Prefect home, MLflow store and cache, no
+    configured Prefect API (so Prefect's temporary server is used), ``repo``'s code."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(
+        PREFECT_HOME=str(work / "prefect-home"),
+        MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}",
+        DEEPRNN_CACHE_DIR=str(work / "cache"),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
+    )
+    return env
+
+
+def time_run(repo: Path, work: Path, index: int, data_url: str, args: list[str]) -> dict[str, Any]:
+    """Run ``deeprnn run`` once from ``repo``'s code in ``work``; returns its phases in seconds."""
+    out = work / f"run{index}.json"
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--data-url", data_url, "--json", str(out), *args]
+    launched = time.time()
+    proc = subprocess.run(cmd, cwd=work, env=fresh_env(work, repo), capture_output=True, text=True)
+    exited = time.time()
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"run {index} of {repo} failed with exit code {proc.returncode}")
+    r = json.loads(out.read_text())
+    return {
+        "run": index + 1,
+        "total_s": round(exited - launched, 2),
+        "startup_s": round(r["fit_started_at"] - launched, 2),
+        "training_s": round(r["fit_finished_at"] - r["fit_started_at"], 2),
+        "wrapup_s": round(exited - r["fit_finished_at"], 2),
+        "final_train_perplexity": r["metrics"]["final_train_perplexity"],
+        "test_perplexity": r["metrics"]["test_perplexity"],
+        "tokens_per_sec": r["metrics"]["mean_tokens_per_sec"],
+        "device": r["device"],
+        "step_mode": r["step_mode"],
+        "samples": list(r["samples"].values()),
+    }
 
 
 def main() -> None:
@@ -30,54 +76,36 @@ def main() -> None:
     p.add_argument("--data-url", default=str(DEFAULT_DATA), help="corpus URL or path passed to deeprnn run")
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--workdir", help="folder to run in (default: a new temporary one)")
+    p.add_argument("--against", help="another deeprnn checkout to time side by side (e.g. an earlier commit)")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("args", nargs="*", help="extra arguments for deeprnn run (after --)")
     a = p.parse_args()
-    work = Path(a.workdir or tempfile.mkdtemp(prefix="deeprnn-pipeline-"))
-    env = dict(os.environ)
-    env.update(
-        PREFECT_HOME=str(work / "prefect-home"),
-        MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}",
-        DEEPRNN_CACHE_DIR=str(work / "cache"),
-    )
-    env.pop("PREFECT_API_URL", None)  # the ephemeral API, as a user's first command gets
-    rows = []
+    root = Path(a.workdir or tempfile.mkdtemp(prefix="deeprnn-pipeline-"))
+    codes = {"this": REPO} | ({"other": Path(a.against).resolve()} if a.against else {})
+    rows: list[dict[str, Any]] = []
     for i in range(a.runs):
-        out = work / f"run{i}.json"
-        cmd = [sys.executable, "-m", "flows.cli", "run", "--data-url", a.data_url, "--json", str(out), *a.args]
-        launched = time.time()
-        proc = subprocess.run(cmd, cwd=work, env={**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))}, capture_output=True, text=True)
-        exited = time.time()
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-            raise SystemExit(f"run {i} failed with exit code {proc.returncode}")
-        r = json.loads(out.read_text())
-        rows.append(
-            {
-                "run": i + 1,
-                "total_s": round(exited - launched, 2),
-                "startup_s": round(r["fit_started_at"] - launched, 2),
-                "training_s": round(r["fit_finished_at"] - r["fit_started_at"], 2),
-                "wrapup_s": round(exited - r["fit_finished_at"], 2),
-                "final_train_perplexity": r["metrics"]["final_train_perplexity"],
-                "test_perplexity": r["metrics"]["test_perplexity"],
-                "tokens_per_sec": r["metrics"]["mean_tokens_per_sec"],
-                "device": r["device"],
-                "step_mode": r["step_mode"],
-                "samples": list(r["samples"].values()),
-            }
-        )
-    print("| run | total s | start-up s | training s | wrap-up s | train ppl | test ppl | tokens/s | device |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for label, repo in codes.items():
+            work = root / label if a.against else root
+            work.mkdir(parents=True, exist_ok=True)
+            rows.append({"code": label, **time_run(repo, work, i, a.data_url, a.args)})
+
+    print("| code | run | total s | start-up s | training s | wrap-up s | train ppl | test ppl | tokens/s | device |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(
-            f"| {r['run']} | {r['total_s']} | {r['startup_s']} | {r['training_s']} | {r['wrapup_s']} | "
+            f"| {r['code']} | {r['run']} | {r['total_s']} | {r['startup_s']} | {r['training_s']} | {r['wrapup_s']} | "
             f"{r['final_train_perplexity']:.3f} | {r['test_perplexity']:.2f} | {r['tokens_per_sec']:,.0f} | "
             f"{r['device']} ({r['step_mode']}) |"
         )
+    if a.against and a.runs > 1:  # steady state: runs after the first, medians per code
+        print("\n| phase (runs 2+, median) | this | other | other / this |")
+        print("| --- | --- | --- | --- |")
+        for phase in ("total_s", "startup_s", "training_s", "wrapup_s"):
+            med = {c: statistics.median(r[phase] for r in rows if r["code"] == c and r["run"] > 1) for c in codes}
+            print(f"| {phase.removesuffix('_s')} | {med['this']:.1f} s | {med['other']:.1f} s | {med['other'] / med['this']:.2f}x |")
     for r in rows:
         for s in r["samples"]:
-            print(f"  run {r['run']}: {s}")
+            print(f"  {r['code']} run {r['run']}: {s}")
     if a.json:
         Path(a.json).write_text(json.dumps({"command": sys.argv, "rows": rows}, indent=1))
 

@@ -10,7 +10,6 @@ import inspect
 import json
 import os
 import sys
-import threading
 import typing
 from typing import Any, Callable, Optional
 
@@ -23,6 +22,9 @@ import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
+
+if typing.TYPE_CHECKING:
+    from flows.prefect_api import TemporaryAPI
 
 from deeprnn.config import PRESETS, DataConfig, ModelConfig, SampleConfig, TrainConfig, preset_config, resolve
 
@@ -144,15 +146,14 @@ def run(
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
 
-    booting = _boot_prefect_api()  # in parallel with the imports below: together they are most of start-up
+    temporary_api = _start_prefect_api()  # boots in its own process while the flow's imports load here
     from flows.train_flow import train_lm  # Prefect and MLflow load only once the input is known to be good
     from tasks.tracking import tracking_uri
 
     _init_device(config.train.device)
-    if booting is not None:
-        booting.join()
+    _wait_for_api(temporary_api, preload=True)
 
-    api = os.environ.get("PREFECT_API_URL") or "ephemeral (in-process)"
+    api = f"Prefect's temporary server {temporary_api.url}" if temporary_api else os.environ.get("PREFECT_API_URL", "from the Prefect profile")
     if resume is not None:
         console.print(f"deeprnn: resuming MLflow run [bold]{resume}[/bold] from its last checkpoint")
     else:
@@ -187,31 +188,62 @@ def _write_json(result: dict[str, Any], path: str | None) -> None:
             json.dump(result, fh, indent=1, default=str)
 
 
-def _boot_prefect_api() -> threading.Thread | None:
-    """Start Prefect's ephemeral API server on a background thread when no API URL is configured.
+def _start_prefect_api() -> TemporaryAPI | None:
+    """Start Prefect's temporary API server now, in its own process, when Prefect would start one later."""
+    from flows.prefect_api import PrefectAPIError, start_temporary_api
 
-    Its subprocess takes ~10-15 s to answer, about as long as importing torch, MLflow and the flow; starting
-    it first overlaps the two. The flow call later finds the same (singleton) server already running. Any
-    failure here is left for the flow call to retry and report in Prefect's own words.
-    """
-    if os.environ.get("PREFECT_API_URL"):
-        return None
+    try:
+        return start_temporary_api()
+    except (OSError, PrefectAPIError) as exc:
+        err.print(f"[red]error:[/red] could not start Prefect's temporary API server: {exc}")
+        raise typer.Exit(1)
 
-    def boot() -> None:
+
+def _wait_for_api(api: TemporaryAPI | None, preload: bool) -> None:
+    """Wait until the temporary API answers; meanwhile load what the run will need later (``preload``)."""
+    if api is None:
+        return
+    from flows.prefect_api import PrefectAPIError, startup_timeout
+
+    timeout = startup_timeout()
+    if preload:
+        for load in _PRELOADS:
+            if not api.starting(timeout):
+                break
+            load()
+    try:
+        api.wait(timeout)
+    except PrefectAPIError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+
+
+def _load_optimizer_support() -> None:
+    # Creating the first torch optimizer imports torch._dynamo (2-3 s): do it while the server boots anyway.
+    import torch._dynamo  # noqa: F401
+
+
+def _open_tracking_store() -> None:
+    # Opening a local MLflow store (sqlite: engine and schema check) takes 1-2 s; MLflow keeps the opened
+    # store, so the flow's first task reuses it. Remote stores are left to that task, which reports them.
+    from tasks.tracking import check_reachable, tracking_uri
+
+    if tracking_uri().startswith(("sqlite:", "file:", "/")):
         try:
-            from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-            if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-                return  # a server is configured in the profile, or ephemeral mode is off
-            from prefect.server.api.server import SubprocessASGIServer
-
-            SubprocessASGIServer().start()
-        except Exception:  # noqa: BLE001 - reported by the flow call if it persists
+            check_reachable()
+        except Exception:  # noqa: BLE001 - the check-inputs task repeats this and reports it in the flow run
             pass
 
-    thread = threading.Thread(target=boot, name="prefect-api-boot", daemon=True)
-    thread.start()
-    return thread
+
+def _load_plotting() -> None:
+    # The perplexity plot is drawn after training; matplotlib takes about a second to import.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+
+
+_PRELOADS: list[Callable[[], None]] = [_load_optimizer_support, _open_tracking_store, _load_plotting]
 
 
 def _init_device(device: str) -> None:
@@ -364,13 +396,12 @@ def sweep(
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
 
-    booting = _boot_prefect_api()  # overlaps the imports below, as for `deeprnn run`
+    temporary_api = _start_prefect_api()  # boots while the imports below load, as for `deeprnn run`
     from flows.sweep_flow import sweep_lm  # Prefect, MLflow and Dask load only once the input is known to be good
     from tasks.cluster import dask_task_runner, prefect_api_for_workers
     from tasks.tracking import tracking_uri
 
-    if booting is not None:
-        booting.join()
+    _wait_for_api(temporary_api, preload=False)
 
     runner = dask_task_runner(cluster_address, workers, use_gpus=trials[0].config.train.device != "cpu")
     where = cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)"

@@ -115,9 +115,10 @@ def prefect_run_tags() -> dict[str, str]:
         "prefect.flow_name": str(flow_run.get_flow_name() or ""),
         "prefect.deployment": str(deployment.get_name() or ""),
     }
-    url = flow_run.get_flow_run_ui_url()
-    if url:
-        tags["prefect.flow_run_url"] = url
+    from prefect.settings import PREFECT_UI_URL
+
+    if PREFECT_UI_URL.value():  # no UI behind an ephemeral or temporary API: no link rather than a broken one
+        tags["prefect.flow_run_url"] = str(flow_run.get_flow_run_ui_url())
     return tags
 
 

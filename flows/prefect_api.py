@@ -1,0 +1,170 @@
+"""Start Prefect's temporary API server early, so that its boot overlaps the imports of torch and MLflow.
+
+Without ``PREFECT_API_URL``, Prefect 3 runs a flow against a temporary ("ephemeral") API server: a uvicorn
+subprocess that Prefect starts when the flow is called. Before it can start it, Prefect imports
+``prefect.server`` in the calling process (about 6 s on a 2-core machine), and the subprocess then needs
+several more seconds to answer. Together that is most of a short run's start-up.
+
+``start_temporary_api`` runs the same server, with the same command and environment as Prefect's own
+``SubprocessASGIServer``, as soon as the CLI has validated its input, and points this process (and any
+process it starts, such as Dask workers) at it through ``PREFECT_API_URL``. The server runs while this
+process imports the flow, and it is stopped at exit as Prefect stops its own. Flow runs land in the same
+database, under ``PREFECT_HOME``, as they would with Prefect's ephemeral mode.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+# Prefect marks its temporary server with these; the UI is not served (see prefect.server.api.server).
+SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+STARTUP_FAILURE_EXIT_CODE = 3  # uvicorn's exit status when it cannot start, e.g. its port was taken meanwhile
+
+
+class PrefectAPIError(RuntimeError):
+    """The temporary Prefect API server did not come up."""
+
+
+def _free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_taken(port: int) -> bool:
+    """True when something on 127.0.0.1 listens on ``port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def server_command(port: int) -> list[str]:
+    """The uvicorn command line Prefect's ``SubprocessASGIServer`` runs for its temporary server."""
+    import prefect
+
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--app-dir",
+        str(prefect.__module_path__.parent),
+        "--factory",
+        "prefect.server.api.server:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "error",
+        "--lifespan",
+        "on",
+    ]
+
+
+@dataclass
+class TemporaryAPI:
+    """A running temporary Prefect API server, owned by this process."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    env: dict[str, str] = field(repr=False)
+    started_at: float = field(default_factory=time.monotonic)
+    ready: bool = False
+
+    @property
+    def url(self) -> str:
+        """The API's base URL, as ``PREFECT_API_URL`` takes it."""
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def is_ready(self) -> bool:
+        """True once the server answers its health check (one quick request, no waiting)."""
+        if self.ready:
+            return True
+        import httpx  # Prefect's own HTTP client; already loaded with prefect
+
+        try:
+            self.ready = httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            self.ready = False
+        return self.ready
+
+    def starting(self, timeout: float) -> bool:
+        """True while the server is still on its way up: not answering yet, running, and within ``timeout``."""
+        return not self.is_ready() and self.process.poll() is None and time.monotonic() < self.started_at + timeout
+
+    def wait(self, timeout: float) -> None:
+        """Block until the server answers; raise ``PrefectAPIError`` saying why if it does not."""
+        deadline = self.started_at + timeout  # counted from the start, as Prefect counts for its own server
+        while not self.is_ready():
+            code = self.process.poll()
+            if code == STARTUP_FAILURE_EXIT_CODE and _port_taken(self.port):
+                self._restart()  # another program took the port between our choosing it and the server binding it
+            elif code is not None:
+                raise PrefectAPIError(
+                    f"Prefect's temporary API server exited with status {code} before answering (its errors are "
+                    "printed above). Check PREFECT_HOME's database, or start a server with `prefect server "
+                    "start` and set PREFECT_API_URL"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise PrefectAPIError(
+                    f"Prefect's temporary API server did not answer within {timeout:.0f} s. Raise "
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server with `prefect server "
+                    "start` and set PREFECT_API_URL"
+                )
+            time.sleep(0.1)
+
+    def _restart(self) -> None:
+        self.port = _free_port()
+        self.process = subprocess.Popen(server_command(self.port), env=self.env)
+        self.started_at = time.monotonic()
+        _point_at(self.url)
+
+    def stop(self) -> None:
+        """Stop the server as Prefect stops its own: terminate, then kill after 5 s."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _point_at(url: str) -> None:
+    """Make this process (and its children) use the API at ``url``, with no UI link: the server has no UI."""
+    from prefect.context import refresh_global_settings_context
+
+    os.environ["PREFECT_API_URL"] = url
+    os.environ["PREFECT_UI_URL"] = ""  # else Prefect would derive a link to a UI that this server does not serve
+    refresh_global_settings_context()  # Prefect read its settings at import; let it see the variables above
+
+
+def start_temporary_api() -> TemporaryAPI | None:
+    """Start Prefect's temporary API server now when Prefect would start one later; None when an API URL is
+    configured (environment or profile) or ephemeral mode is off. The server is stopped at exit."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        return None
+    # The same environment Prefect gives its server: ours, its markers, then the active profile's settings.
+    env = {**os.environ, **SERVER_ENV, **settings.to_environment_variables(exclude_unset=True)}
+    port = _free_port()
+    api = TemporaryAPI(subprocess.Popen(server_command(port), env=env), port, env)
+    atexit.register(api.stop)
+    _point_at(api.url)
+    return api
+
+
+def startup_timeout() -> float:
+    """Seconds to wait for the temporary server: Prefect's own setting for its ephemeral server."""
+    from prefect.settings import get_current_settings
+
+    return float(get_current_settings().server.ephemeral.startup_timeout_seconds)

@@ -1,0 +1,107 @@
+"""``deeprnn run`` on Prefect's default settings (no PREFECT_API_URL): the CLI starts Prefect's temporary API
+server itself, early, records the flow run in PREFECT_HOME's database, stops the server at exit, and says
+clearly when the server cannot start."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from deeprnn.config import D2L_SHA1 as BOOK_SHA1
+from flows.prefect_api import server_command
+
+pytestmark = pytest.mark.e2e
+
+
+def _default_env(tmp_path: Path) -> dict[str, str]:
+    """A user's first command: a fresh PREFECT_HOME, no API configured, a fresh local MLflow store."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        DEEPRNN_CACHE_DIR=str(tmp_path / "cache"),
+        COLUMNS="250",  # one line per message, so the printed API URL is not wrapped
+    )
+    return env
+
+
+def _listening(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_default_run_uses_a_temporary_server_records_the_run_and_stops_it(tmp_path: Path, book_url: str) -> None:
+    env = _default_env(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--epochs", "1", "--device", "cpu",
+         "--data-url", book_url, "--data-sha1", BOOK_SHA1],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    found = re.search(r"Prefect's temporary server http://127\.0\.0\.1:(\d+)/api", proc.stdout)
+    assert found, proc.stdout
+    assert not _listening(int(found.group(1))), "the temporary API server outlived the command"
+
+    # The flow run is in PREFECT_HOME's database, as with Prefect's own ephemeral mode, and completed.
+    with sqlite3.connect(tmp_path / "prefect-home" / "prefect.db") as db:
+        rows = db.execute("SELECT id, state_type FROM flow_run").fetchall()
+    assert len(rows) == 1 and rows[0][1] == "COMPLETED"
+
+    run_id = proc.stdout.strip().splitlines()[-1].removeprefix("run id: ").strip()
+    tags = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).get_run(run_id).data.tags
+    assert tags["prefect.flow_run_id"] == rows[0][0]
+    assert "prefect.flow_run_url" not in tags  # that server has no UI: no link rather than a dead one
+
+
+def test_server_command_is_prefects_own(tmp_path: Path) -> None:
+    """The command ``start_temporary_api`` runs is the one Prefect's SubprocessASGIServer runs (a real one,
+    started and stopped here), so a Prefect upgrade that changes it fails this test."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = SubprocessASGIServer(port=port)
+    process = server._run_uvicorn_command()
+    try:
+        assert list(process.args) == server_command(port)
+    finally:
+        process.kill()
+        process.wait()
+        server.stop()
+
+
+def test_server_that_does_not_answer_in_time_is_stopped_with_a_clear_error(tmp_path: Path, book_url: str) -> None:
+    env = {**_default_env(tmp_path), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--device", "cpu", "--data-url", book_url],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 1
+    assert "did not answer within 1 s" in proc.stderr and "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in proc.stderr
+    assert not (tmp_path / "cache").exists(), "nothing is downloaded when the API is not there"
+
+
+def test_server_that_cannot_start_says_so(tmp_path: Path, book_url: str) -> None:
+    (tmp_path / "not-a-folder").write_text("")
+    env = {
+        **_default_env(tmp_path),
+        # A database the server cannot create: it fails at start-up, as with a broken PREFECT_HOME.
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'not-a-folder' / 'prefect.db'}",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--device", "cpu", "--data-url", book_url],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 1
+    assert "temporary API server exited with status" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "cache").exists()
