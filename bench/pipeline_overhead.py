@@ -44,6 +44,25 @@ def fresh_env(work: Path, repo: Path) -> dict[str, str]:
     return env
 
 
+# The finer breakdown: (label, from stamp, to stamp); stamps come from the run's --json output.
+PHASES = [
+    ("imports + Prefect API", "launched", "cli_ready_at"),
+    ("flow run start", "cli_ready_at", "pipeline_started_at"),
+    ("MLflow run, data, model", "pipeline_started_at", "fit_started_at"),
+    ("training", "fit_started_at", "fit_finished_at"),
+    ("evaluation + samples", "fit_finished_at", "evaluated_at"),
+    ("MLflow logging", "evaluated_at", "logged_at"),
+    ("flow run end", "logged_at", "flow_returned_at"),
+    ("exit", "flow_returned_at", "exited"),
+]
+
+
+def phases(launched: float, stamps: dict[str, float], exited: float) -> dict[str, float | None]:
+    """Seconds per phase of ``PHASES`` (None where a stamp is missing, e.g. from older code)."""
+    t = {"launched": launched, "exited": exited, **stamps}
+    return {name: round(t[b] - t[a], 2) if a in t and b in t else None for name, a, b in PHASES}
+
+
 def time_run(repo: Path, work: Path, index: int, data_url: str, args: list[str]) -> dict[str, Any]:
     """Run ``deeprnn run`` once from ``repo``'s code in ``work``; returns its phases in seconds."""
     out = work / f"run{index}.json"
@@ -56,6 +75,7 @@ def time_run(repo: Path, work: Path, index: int, data_url: str, args: list[str])
         raise SystemExit(f"run {index} of {repo} failed with exit code {proc.returncode}")
     r = json.loads(out.read_text())
     return {
+        "phases": phases(launched, r.get("timings", {}), exited),
         "run": index + 1,
         "total_s": round(exited - launched, 2),
         "startup_s": round(r["fit_started_at"] - launched, 2),
@@ -97,6 +117,11 @@ def main() -> None:
             f"{r['final_train_perplexity']:.3f} | {r['test_perplexity']:.2f} | {r['tokens_per_sec']:,.0f} | "
             f"{r['device']} ({r['step_mode']}) |"
         )
+    print("\n| code | run | " + " | ".join(name for name, _, _ in PHASES) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in PHASES) + " |")
+    for r in rows:
+        cells = ["-" if v is None else f"{v:.2f}" for v in r["phases"].values()]
+        print(f"| {r['code']} | {r['run']} | " + " | ".join(cells) + " |")
     if a.against and a.runs > 1:  # steady state: runs after the first, medians per code
         print("\n| phase (runs 2+, median) | this | other | other / this |")
         print("| --- | --- | --- | --- |")

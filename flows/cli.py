@@ -10,6 +10,7 @@ import inspect
 import json
 import os
 import sys
+import time
 import typing
 from typing import Any, Callable, Optional
 
@@ -152,6 +153,7 @@ def run(
 
     _init_device(config.train.device)
     _wait_for_api(temporary_api, preload=True)
+    ready_at = time.time()  # imports done and the Prefect API answering
 
     api = f"Prefect's temporary server {temporary_api.url}" if temporary_api else os.environ.get("PREFECT_API_URL", "from the Prefect profile")
     if resume is not None:
@@ -165,6 +167,7 @@ def run(
         ),
         "the MLflow run is marked KILLED; checkpoints are kept (continue with deeprnn run --resume RUN_ID)",
     )
+    result["timings"] = {"cli_ready_at": ready_at, **result.get("timings", {}), "flow_returned_at": time.time()}
     _print_result(result)
     _write_json(result, json_out)
 

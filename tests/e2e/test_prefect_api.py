@@ -4,6 +4,7 @@ clearly when the server cannot start."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -43,10 +44,15 @@ def test_default_run_uses_a_temporary_server_records_the_run_and_stops_it(tmp_pa
     env = _default_env(tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--epochs", "1", "--device", "cpu",
-         "--data-url", book_url, "--data-sha1", BOOK_SHA1],
+         "--data-url", book_url, "--data-sha1", BOOK_SHA1, "--json", str(tmp_path / "result.json")],
         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # The stage stamps the pipeline benchmark splits a run by, in the order the stages ran.
+    stamps = json.loads((tmp_path / "result.json").read_text())["timings"]
+    order = ["cli_ready_at", "pipeline_started_at", "fit_started_at", "fit_finished_at", "evaluated_at", "logged_at",
+             "flow_returned_at"]
+    assert list(stamps) == order and [stamps[k] for k in order] == sorted(stamps.values())
     found = re.search(r"Prefect's temporary server http://127\.0\.0\.1:(\d+)/api", proc.stdout)
     assert found, proc.stdout
     assert not _listening(int(found.group(1))), "the temporary API server outlived the command"
