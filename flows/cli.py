@@ -6,6 +6,7 @@ Prefect form and the config can never disagree. Values are validated before Pref
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import os
@@ -440,8 +441,14 @@ def _print_sweep(result: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    """Entry point for ``python -m flows.cli``."""
-    app()
+    """Entry point of the ``deeprnn`` command and of ``python -m flows.cli``."""
+    try:
+        app()
+    finally:
+        # The command's work is done. Freezing the objects alive now spares the interpreter's last garbage
+        # collections from walking all of them at exit (1-2 s with torch, Prefect and MLflow loaded); they are
+        # still freed as usual. Prefect's log flush and the API server's stop still run after this.
+        gc.freeze()
 
 
 if __name__ == "__main__":

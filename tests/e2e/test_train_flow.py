@@ -120,3 +120,14 @@ def test_cli_refuses_bad_values_before_starting_anything(cli_env: dict[str, str]
     assert proc.returncode == 2
     assert "--num-layers" in proc.stderr and "--dropout" in proc.stderr and "--cell" in proc.stderr
     assert not (Path(cli_env["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))).exists()
+
+
+def test_installed_deeprnn_command_is_the_cli(cli_env: dict[str, str]) -> None:
+    """The console script that `pip install` writes (the README's `deeprnn run`) reaches the same CLI."""
+    script = Path(sys.executable).with_name("deeprnn")
+    assert script.is_file(), "install the project first (scripts/test.sh does): pip install -e ."
+    listed = subprocess.run([str(script), "presets"], capture_output=True, text=True, timeout=120, env=cli_env)
+    assert listed.returncode == 0 and all(name in listed.stdout for name in ("d2l-9.3", "full-book", "smoke"))
+    refused = subprocess.run([str(script), "run", "--num-layers", "0"], capture_output=True, text=True, timeout=120,
+                             env=cli_env)
+    assert refused.returncode == 2 and "--num-layers" in refused.stderr
