@@ -8,12 +8,16 @@ set, else ``sqlite:///mlflow.db`` in the working directory.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
 import re
+import signal
 import tempfile
+import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,14 +151,51 @@ def end_run(run_id: str, status: str) -> None:
 
 
 @contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold Ctrl-C back until the block (MLflow calls) has finished, then raise it.
+
+    A KeyboardInterrupt inside SQLAlchemy makes it drop the connection mid-read, and the sqlite store can stay
+    locked while the interrupted cursor lives, so the run could not be marked KILLED afterwards. Only in the
+    main thread, and only while Python's default Ctrl-C handler is installed; elsewhere a plain block.
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
+
+
+def release_unwound_frames(exc: BaseException) -> None:
+    """Free what the frames that ``exc`` unwound still hold, before the store is written again.
+
+    Ctrl-C can land while MLflow is part-way through reading a sqlite store. The half-read cursor, kept
+    alive by the traceback's frames, keeps the database's read lock, and every later write (the last
+    metrics, the run's KILLED status) would wait for it until sqlite gives up with "database is locked".
+    Frames still running (the caller's) are left alone; the traceback still prints in full.
+    """
+    traceback.clear_frames(exc.__traceback__)
+    gc.collect()  # cursors caught in reference cycles too
+
+
+@contextlib.contextmanager
 def run_status(run_id: str) -> Iterator[None]:
     """End the run FINISHED on success, KILLED on Ctrl-C, FAILED on any error: never left RUNNING."""
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        release_unwound_frames(exc)
         end_run(run_id, RunStatus.to_string(RunStatus.KILLED))
         raise
-    except BaseException:
+    except BaseException as exc:
+        release_unwound_frames(exc)
         end_run(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
     end_run(run_id, RunStatus.to_string(RunStatus.FINISHED))
@@ -252,6 +293,9 @@ def system_metrics(run_id: str, interval: float = SYSTEM_METRICS_INTERVAL) -> It
     monitor.start()
     try:
         yield
+    except BaseException as exc:
+        release_unwound_frames(exc)  # the first handler a Ctrl-C in training meets: free the store for the writes below
+        raise
     finally:
         monitor.finish()  # stops the thread and flushes what it published
         # The thread drops the sample it took last (it publishes only after a full interval): publish it,

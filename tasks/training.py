@@ -83,18 +83,21 @@ def train_model(
     progress = create_progress_artifact(0.0, key=None, description="Training progress (% of epochs)")
     started = time.perf_counter()
 
+    # Ctrl-C is held back while the callbacks write to MLflow and Prefect, and raised when they are done.
     def on_epoch(stats: EpochStats) -> None:
-        metrics.add_epoch(stats)
-        if stats.epoch % cfg.log_every == 0 or stats.epoch == cfg.epochs:
-            logger.info(_progress_line(stats, cfg.epochs))
-            update_progress_artifact(progress, 100.0 * stats.epoch / cfg.epochs)
+        with tracking.uninterrupted():
+            metrics.add_epoch(stats)
+            if stats.epoch % cfg.log_every == 0 or stats.epoch == cfg.epochs:
+                logger.info(_progress_line(stats, cfg.epochs))
+                update_progress_artifact(progress, 100.0 * stats.epoch / cfg.epochs)
 
     def on_checkpoint(epoch: int) -> None:
-        # Metrics first: once a checkpoint exists, MLflow has every epoch up to it, so a resume leaves no gap.
-        metrics.flush()
-        payload = checkpoint.make_payload(config, voc, model, epoch=epoch, trainer_state=trainer.state_dict())
-        path = checkpoint.save(out / LAST, payload)
-        tracking.log_artifact(run_id, path, "checkpoints")
+        with tracking.uninterrupted():
+            # Metrics first: once a checkpoint exists, MLflow has every epoch up to it, so a resume leaves no gap.
+            metrics.flush()
+            payload = checkpoint.make_payload(config, voc, model, epoch=epoch, trainer_state=trainer.state_dict())
+            path = checkpoint.save(out / LAST, payload)
+            tracking.log_artifact(run_id, path, "checkpoints")
 
     fit_started = time.time()  # wall clock, so a benchmark can split a run into overhead and training
     try:

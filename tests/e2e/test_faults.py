@@ -267,3 +267,61 @@ def test_ctrl_c_during_training_marks_the_run_killed_and_keeps_the_checkpoint(
     saved = checkpoint.load(last)
     assert 1 <= saved["epoch"] < epochs
     assert saved["trainer_state"] is not None  # resumable
+
+
+@pytest.fixture
+def store_with_a_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[MlflowClient, str, list[int]]]:
+    """A sqlite store with one run, and a switch: append to the list, and the next SELECT that MLflow runs
+    is hit by a real Ctrl-C (SIGINT to this process) while its rows are still to be read."""
+    from mlflow.entities import Metric
+    from sqlalchemy import event
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("interrupted")).info.run_id
+    client.log_batch(run_id, metrics=[Metric("m", float(i), 0, i) for i in range(500)])
+    engine = client._tracking_client.store.engine
+    armed: list[int] = []
+
+    def ctrl_c(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if armed and statement.lstrip().upper().startswith("SELECT"):
+            armed.clear()
+            os.kill(os.getpid(), signal.SIGINT)
+
+    event.listen(engine, "after_cursor_execute", ctrl_c)
+    yield client, run_id, armed
+    event.remove(engine, "after_cursor_execute", ctrl_c)
+
+
+def test_ctrl_c_in_the_middle_of_an_mlflow_read_still_ends_the_run_killed_at_once(
+    store_with_a_run: tuple[MlflowClient, str, list[int]],
+) -> None:
+    """SQLAlchemy drops its connection when Ctrl-C lands mid-read, and the half-read cursor, held by the
+    unwound frames, keeps sqlite's lock: the run must still be marked KILLED at once, not fail after sqlite's
+    20 s lock timeout with "database is locked" (seen when the signal hit `get_run` during training)."""
+    from tasks import tracking
+
+    client, run_id, armed = store_with_a_run
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.run_status(run_id):
+            armed.append(1)
+            client.get_run(run_id)
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert time.monotonic() - started < 10
+
+
+def test_ctrl_c_is_held_back_until_the_mlflow_calls_of_a_training_callback_finish(
+    store_with_a_run: tuple[MlflowClient, str, list[int]],
+) -> None:
+    from tasks import tracking
+
+    client, run_id, armed = store_with_a_run
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.uninterrupted():
+            armed.append(1)
+            finished.append(client.get_run(run_id).info.run_id)  # the read completes despite the signal
+    assert finished == [run_id]
+    tracking.end_run(run_id, "KILLED")  # and the store is free at once
+    assert client.get_run(run_id).info.status == "KILLED"
