@@ -402,7 +402,7 @@ def sweep(
 
     temporary_api = _start_prefect_api()  # boots while the imports below load, as for `deeprnn run`
     from flows.sweep_flow import sweep_lm  # Prefect, MLflow and Dask load only once the input is known to be good
-    from tasks.cluster import dask_task_runner, prefect_api_for_workers
+    from tasks.cluster import dask_task_runner
     from tasks.tracking import tracking_uri
 
     _wait_for_api(temporary_api, preload=False)
@@ -411,14 +411,16 @@ def sweep(
     where = cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)"
     console.print(f"deeprnn sweep: {len(trials)} trials of preset [bold]{preset}[/bold] on {where}")
     console.print(f"MLflow tracking: {tracking_uri()}")
+    # The workers report to the same API: PREFECT_API_URL (the temporary server's, when it runs) reaches local
+    # workers through the environment and every worker through the settings the task runner sends along.
+    console.print(f"Prefect API: {os.environ.get('PREFECT_API_URL', 'from the Prefect profile')}")
+
     def call() -> dict[str, Any]:
-        with prefect_api_for_workers() as api:
-            console.print(f"Prefect API: {api or 'from the environment'}")
-            return sweep_lm.with_options(task_runner=runner)(
-                space=space, preset=preset, data=overrides["data"] or None, train=overrides["train"] or None,
-                random_search=random_search, max_trials=max_trials, seed=seed, experiment=experiment,
-                runs_dir=runs_dir, register_best=register_best,
-            )
+        return sweep_lm.with_options(task_runner=runner)(
+            space=space, preset=preset, data=overrides["data"] or None, train=overrides["train"] or None,
+            random_search=random_search, max_trials=max_trials, seed=seed, experiment=experiment,
+            runs_dir=runs_dir, register_best=register_best,
+        )
 
     result = _invoke(call, "the sweep's MLflow run is marked KILLED")
     _print_sweep(result)

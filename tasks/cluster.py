@@ -149,24 +149,3 @@ def resources(request: dict[str, float] | None) -> Iterator[None]:
 
     with dask.annotate(resources=request):
         yield
-
-
-@contextlib.contextmanager
-def prefect_api_for_workers() -> Iterator[str | None]:
-    """Make the flow and its Dask workers report to one Prefect API.
-
-    With ``PREFECT_API_URL`` set, nothing to do. Without it Prefect runs an ephemeral server per process, so
-    each worker would start its own; instead start the ephemeral server once, here, and pass its URL on (the
-    task runner sends the current settings to the workers with every trial). Yields the API URL.
-    """
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
-
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-        yield PREFECT_API_URL.value() or None
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the same instance Prefect's own client would start in this process
-    server.start()
-    with temporary_settings({PREFECT_API_URL: server.api_url}):
-        yield server.api_url
