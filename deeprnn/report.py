@@ -41,3 +41,8 @@ def fmt(value: float | None) -> str:
 def samples_text(samples: dict[str, str]) -> str:
     """One continuation per line, in prefix order."""
     return "".join(f"{text}\n" for text in samples.values())
+
+
+def samples_markdown(samples: dict[str, str]) -> list[str]:
+    """The "Samples" section of a markdown summary: a heading and one code span per continuation."""
+    return ["## Samples", "", *[f"- `{text}`" for text in samples.values()]]

@@ -19,7 +19,7 @@ from deeprnn import checkpoint
 from deeprnn.config import RunConfig, SampleConfig
 from deeprnn.device import resolve_device
 from deeprnn.download import redact_url
-from deeprnn.report import fmt, samples_text
+from deeprnn.report import fmt, samples_markdown, samples_text
 from tasks import tracking
 from tasks.results import prefect_run_tags
 
@@ -136,9 +136,7 @@ def publish_evaluation(
         ],
         f"| train_perplexity_eval | {fmt(evaluation.get('train_perplexity_eval'))} | |",
         "",
-        "## Samples",
-        "",
-        *[f"- `{text}`" for text in samples.values()],
+        *samples_markdown(samples),
     ]
     markdown = "\n".join(lines)
     create_markdown_artifact(markdown, key="deeprnn-evaluation-summary", description="deeprnn evaluation summary")

@@ -13,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from deeprnn import checkpoint
 from deeprnn.config import RunConfig
-from deeprnn.report import fmt, plot_history, samples_text
+from deeprnn.report import fmt, plot_history, samples_markdown, samples_text
 from deeprnn.resume import RESUMABLE, run_folder
 from deeprnn.train import EpochStats
 from tasks import tracking
@@ -84,9 +84,7 @@ def publish_summary(
         f"| training time | {trained['train_seconds']:.1f} s |",
         f"| device / step / precision | {trained['device']} / {trained['step_mode']} / {trained['precision']} |",
         "",
-        "## Samples",
-        "",
-        *[f"- `{text}`" for text in samples.values()],
+        *samples_markdown(samples),
     ]
     markdown = "\n".join(lines)
     create_markdown_artifact(markdown, key="deeprnn-train-summary", description="deeprnn training summary")
