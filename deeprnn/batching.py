@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from deeprnn.prepare import split_bounds
+
 
 class CorpusTooShortError(ValueError):
     """The training tokens cannot fill one minibatch."""
@@ -33,7 +35,7 @@ class CorpusTooShortError(ValueError):
 class Splits:
     """Token ids for training, validation (may be empty) and the held-out test part."""
 
-    train: torch.Tensor  # (N_train,) int64
+    train: torch.Tensor  # (N_train,) token ids, any integer type
     val: torch.Tensor  # (N_val,)
     test: torch.Tensor  # (N_test,)
 
@@ -44,13 +46,8 @@ def split_corpus(ids: torch.Tensor, val_fraction: float, test_fraction: float, m
     The test part is the end of the corpus, so the book's preset (first 10,000 tokens for training, last 10%
     held out) trains on exactly the tokens the book trains on and never sees the held-out text.
     """
-    n = ids.numel()
-    test_start = n - int(round(n * test_fraction))
-    val_start = test_start - int(round(n * val_fraction))
-    train = ids[:val_start]
-    if max_tokens is not None:
-        train = train[:max_tokens]
-    return Splits(train=train, val=ids[val_start:test_start], test=ids[test_start:])
+    train_end, val_start, test_start = split_bounds(ids.numel(), val_fraction, test_fraction, max_tokens)
+    return Splits(train=ids[:train_end], val=ids[val_start:test_start], test=ids[test_start:])
 
 
 def min_tokens(batch_size: int, num_steps: int) -> int:

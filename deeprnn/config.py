@@ -47,6 +47,13 @@ class DataConfig(_Section):
         pattern=r"^[0-9a-fA-F]{40}$",
     )
     token: Literal["char", "word"] = Field("char", title="Token unit", description="Characters (the book) or words.")
+    normalize: Literal["d2l", "lower", "none"] = Field(
+        "d2l",
+        title="Normalization",
+        description="d2l: the book's rule (letters a-z only, lower-cased, one space between words, lines joined). "
+        "lower: every character kept, lower-cased. none: every character kept exactly (case, punctuation, digits, "
+        "newlines), for your own text in any language.",
+    )
     min_freq: int = Field(
         0, title="Minimum frequency", description="Tokens rarer than this map to <unk>.", ge=0, le=1_000_000
     )

@@ -8,12 +8,14 @@ matches, so a corrupted cache is fetched again and a valid one needs no network.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import logging
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import requests
@@ -240,3 +242,17 @@ def _verify(data: bytes, expected: str | None, shown: str) -> str:
         )
     check_text(data, shown)
     return digest
+
+
+def read_text_chunks(corpus: CorpusFile, chunk_bytes: int = 1 << 24) -> Iterator[str]:
+    """The corpus's text in order, decoded as UTF-8 chunk by chunk (a multi-byte character split between two
+    chunks is decoded whole)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(corpus.path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk_bytes), b""):
+            text = decoder.decode(block)
+            if text:
+                yield text
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail

@@ -33,8 +33,8 @@ def loss_sum(model: RNNLM, ids: torch.Tensor, rows: int = 32, chunk: int = 512) 
     total = torch.zeros((), device=device, dtype=torch.float64)
     for start in range(0, x.shape[1], chunk):
         xs, ys = x[:, start : start + chunk], y[:, start : start + chunk]  # (R, t)
-        logits, state = model(xs, state)  # (t*R, V)
-        total += F.cross_entropy(logits, ys.T.reshape(-1), reduction="sum").to(torch.float64)
+        logits, state = model(xs.long(), state)  # (t*R, V); ids may come in a small integer type
+        total += F.cross_entropy(logits, ys.T.reshape(-1).long(), reduction="sum").to(torch.float64)
     return total, y.numel()
 
 

@@ -18,8 +18,23 @@ class Vocab:
     """
 
     def __init__(self, tokens: Iterable[str] = (), min_freq: int = 0, reserved_tokens: Sequence[str] = ()) -> None:
-        counter = collections.Counter(tokens)
-        self.token_freqs: list[tuple[str, int]] = sorted(counter.items(), key=lambda kv: kv[1], reverse=True)
+        self._build(collections.Counter(tokens).items(), min_freq, reserved_tokens)
+
+    @classmethod
+    def from_counts(
+        cls, token_freqs: Iterable[tuple[str, int]], min_freq: int = 0, reserved_tokens: Sequence[str] = ()
+    ) -> "Vocab":
+        """The vocabulary of a text given its token counts in first-seen order (what a streamed count over a
+        large corpus produces): the same vocabulary, index for index, as ``Vocab(tokens)``."""
+        vocab = cls.__new__(cls)
+        vocab._build(token_freqs, min_freq, reserved_tokens)
+        return vocab
+
+    def _build(self, token_freqs: Iterable[tuple[str, int]], min_freq: int, reserved_tokens: Sequence[str]) -> None:
+        # sorted() is stable: equal counts keep first-seen order, as the book's sort over a Counter does.
+        self.token_freqs: list[tuple[str, int]] = sorted(
+            ((str(t), int(f)) for t, f in token_freqs), key=lambda kv: kv[1], reverse=True
+        )
         self.idx_to_token: list[str] = [UNK, *reserved_tokens]
         self.token_to_idx: dict[str, int] = {tok: i for i, tok in enumerate(self.idx_to_token)}
         for tok, freq in self.token_freqs:

@@ -74,9 +74,12 @@ def _option_fields() -> dict[str, tuple[str, str]]:
 OPTION_FIELDS = _option_fields()
 
 
-def _override_parameters() -> list[inspect.Parameter]:
+def _override_parameters(sections: tuple[str, ...] = tuple(SECTIONS)) -> list[inspect.Parameter]:
+    """One keyword ``typer.Option`` per field of the configuration ``sections``."""
     params = []
     for cli_name, (section, name) in OPTION_FIELDS.items():
+        if section not in sections:
+            continue
         info = SECTIONS[section].model_fields[name]
         typ, note = _cli_type(info.annotation)
         flag = "--" + cli_name.replace("_", "-")
@@ -264,6 +267,64 @@ _fixed = [p for p in _sig.parameters.values() if p.kind is not inspect.Parameter
 run.__signature__ = _sig.replace(parameters=_fixed + [p for p in _override_parameters() if p.name != "epochs"])  # type: ignore[attr-defined]
 run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}  # type: ignore[attr-defined]
 app.command("run")(run)
+
+
+def prepare(
+    preset: Optional[str] = typer.Option(None, "--preset", help=f"Named preset whose data settings to start from: {', '.join(PRESETS)} (default d2l-9.3)."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
+    **options: Any,
+) -> None:
+    """Download and tokenize a corpus into the token cache (once per corpus and settings), and say what it holds."""
+    try:
+        config = resolve(preset or "d2l-9.3", **_overrides(options))
+    except ValidationError as exc:
+        err.print(f"[red]error:[/red] {_explain(exc)}")
+        raise typer.Exit(2)
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    from deeprnn.download import DownloadError, fetch_corpus, redact_url
+    from deeprnn.prepare import PrepareError, dropped_letters_warning, split_sizes
+    from deeprnn.prepare import prepare as prepare_corpus
+
+    started = time.perf_counter()
+    try:
+        corpus = fetch_corpus(config.data.url, config.data.expected_sha1())
+        prepared = prepare_corpus(corpus, config.data)
+    except (DownloadError, PrepareError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1)
+    seconds = time.perf_counter() - started
+    warning = dropped_letters_warning(prepared)
+    if warning:
+        err.print(f"[yellow]warning:[/yellow] {warning}")
+    sizes = split_sizes(prepared, config.data)
+    table = Table(title=f"prepared {redact_url(config.data.url)}", show_header=False)
+    rows = {
+        "token cache": str(prepared.folder),
+        "tokenized now": "no: served from the cache" if prepared.cache_hit else f"yes, in {prepared.build_seconds:.1f} s",
+        "corpus sha1": corpus.sha1,
+        "settings": ", ".join(f"{k} {v}" for k, v in prepared.settings.describe().items()),
+        "vocabulary": f"{prepared.vocab_size:,} tokens (ids stored as {prepared.dtype})",
+        "tokens": f"{prepared.num_tokens:,}",
+        **{f"{name} tokens": f"{count:,}" for name, count in sizes.items()},
+        "time": f"{seconds:.1f} s",
+    }
+    for key, value in rows.items():
+        table.add_row(key, value)
+    console.print(table)
+    _write_json({"folder": str(prepared.folder), "cache_hit": prepared.cache_hit, "corpus_sha1": corpus.sha1,
+                 "vocab_size": prepared.vocab_size, "dtype": prepared.dtype, "num_tokens": prepared.num_tokens,
+                 "splits": sizes, "seconds": seconds}, json_out)
+
+
+_sig = inspect.signature(prepare)
+prepare.__signature__ = _sig.replace(  # type: ignore[attr-defined]
+    parameters=[p for p in _sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    + _override_parameters(("data",))
+)
+prepare.__annotations__ = {p.name: p.annotation for p in prepare.__signature__.parameters.values()}  # type: ignore[attr-defined]
+app.command("prepare")(prepare)
 
 
 def _print_result(result: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ from prefect import flow
 
 from deeprnn.config import DeviceName, SampleOverrides, form_field
 from tasks import tracking
-from tasks.data import download_corpus, prepare_splits
+from tasks.data import download_corpus, prepare_splits, prepare_tokens
 from tasks.evaluation import (
     CHAMPION_URI,
     choose_model,
@@ -52,7 +52,8 @@ def evaluate_lm(
     with tracking.run_status(run_id), scratch_folder() as folder:  # FAILED/KILLED in MLflow if anything raises
         model = fetch_model(run_id, uri, folder, sample)
         corpus = download_corpus(model.config.data.url, model.corpus_sha1)
-        splits = prepare_splits(corpus, model.vocab, model.config.data, model.config.train)
+        prepared = prepare_tokens(corpus, model.config.data)
+        splits = prepare_splits(prepared, model.config.data, model.config.train, model.vocab)
         evaluation = evaluate_model(model.checkpoint, splits, device)
         samples = generate_samples(model.checkpoint, device, model.config.sample)
         publish_evaluation(run_id, model, evaluation, samples)

@@ -1,4 +1,4 @@
-"""The training pipeline, wired once: download -> vocabulary -> splits -> train -> evaluate -> generate -> MLflow.
+"""The training pipeline, wired once: download -> prepared tokens and vocabulary -> splits -> train -> evaluate -> generate -> MLflow.
 
 ``run_pipeline`` is the body of the training flow (``train_lm``) and of every sweep trial (``run_trial``, a
 task that a sweep sends to its Dask workers), so both run exactly the same stages.
@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from deeprnn.config import RunConfig
 from deeprnn.search import Trial
 from tasks import tracking
-from tasks.data import build_vocab, download_corpus, prepare_splits
+from tasks.data import download_corpus, prepare_splits, prepare_tokens
 from tasks.results import check_inputs, log_results, publish_summary, start_tracking
 from tasks.training import evaluate_model, generate_samples, train_model
 
@@ -37,9 +37,10 @@ def run_pipeline(
     run_id, run_dir = start_tracking(config, experiment, runs_dir, parent_run_id, run_name, tags, resume_run_id)
     with tracking.run_status(run_id):  # FAILED/KILLED in MLflow if anything below raises
         corpus = download_corpus(config.data.url, config.data.expected_sha1())
-        vocab = build_vocab(corpus, config.data)
-        tracking.log_dataset(run_id, corpus, vocab)
-        splits = prepare_splits(corpus, vocab, config.data, config.train)
+        prepared = prepare_tokens(corpus, config.data)
+        vocab = prepared.vocab().to_dict()
+        tracking.log_dataset(run_id, corpus, vocab, prepared.num_tokens)
+        splits = prepare_splits(prepared, config.data, config.train)
         trained = train_model(config, vocab, splits, run_id, run_dir)
         evaluation = evaluate_model(trained["checkpoint"], splits, config.train.device)
         samples = generate_samples(trained["checkpoint"], config.train.device)

@@ -1,4 +1,4 @@
-"""Prefect tasks for the data stages: download, vocabulary, token ids and splits."""
+"""Prefect tasks for the data stages: download, prepared token ids and vocabulary (cached), splits."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
-from deeprnn import tokenize
 from deeprnn.batching import Splits, check_enough_tokens, split_corpus
 from deeprnn.config import DataConfig, TrainConfig
 from deeprnn.download import CorpusFile, TransientDownloadError, cached_copy, fetch_corpus, valid_cached_sha1
-from deeprnn.vocab import Vocab
+from deeprnn.prepare import PreparedCorpus, PrepareError, dropped_letters_warning, prepare, prepared_summary
 
 
 def _download_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -60,32 +59,33 @@ def download_corpus(source: str, expected_sha1: str | None) -> CorpusFile:
     return corpus
 
 
-def _vocab_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Content-addressed: the corpus hash and the tokenization settings."""
-    data: DataConfig = parameters["data"]
-    corpus: CorpusFile = parameters["corpus"]
-    settings = f"{corpus.sha1}|{data.token}|{data.min_freq}|{data.reserved_tokens}"
-    return "vocab-" + hashlib.sha256(settings.encode()).hexdigest()
-
-
-@task(name="build-vocab", cache_key_fn=_vocab_key, cache_expiration=timedelta(days=30))
-def build_vocab(corpus: CorpusFile, data: DataConfig) -> dict[str, Any]:
-    """Tokenize the whole book and build the vocabulary (returned as a JSON-ready dict)."""
-    tokens = tokenize.flatten(tokenize.tokenize(tokenize.read_lines(corpus.path), data.token))
-    vocab = Vocab(tokens, data.min_freq, data.reserved_tokens)
-    get_run_logger().info("vocabulary: %d tokens from %d %ss", len(vocab), len(tokens), data.token)
-    return vocab.to_dict()
+@task(name="prepare-tokens", cache_policy=NO_CACHE)
+def prepare_tokens(corpus: CorpusFile, data: DataConfig) -> PreparedCorpus:
+    """Tokenize the corpus once into the token cache, or find it there (then nothing is tokenized again)."""
+    prepared = prepare(corpus, data)
+    logger = get_run_logger()
+    logger.info(prepared_summary(prepared))
+    warning = dropped_letters_warning(prepared)
+    if warning:
+        logger.warning(warning)
+    return prepared
 
 
 @task(name="prepare-splits", cache_policy=NO_CACHE)
-def prepare_splits(corpus: CorpusFile, vocab: dict[str, Any], data: DataConfig, train: TrainConfig) -> Splits:
-    """Encode the corpus and cut train/validation/test; refuse a training part too short for one minibatch."""
-    tokens = tokenize.flatten(tokenize.tokenize(tokenize.read_lines(corpus.path), data.token))
-    ids = torch.tensor(Vocab.from_dict(vocab).encode(tokens), dtype=torch.long)
+def prepare_splits(
+    prepared: PreparedCorpus, data: DataConfig, train: TrainConfig, vocab: dict[str, Any] | None = None
+) -> Splits:
+    """Cut the cached token ids into train/validation/test (views of the memory map, nothing copied); refuse a
+    training part too short for one minibatch, and ids made with another vocabulary than ``vocab``."""
+    if vocab is not None and vocab["idx_to_token"] != prepared.vocab().idx_to_token:
+        raise PrepareError(
+            "the corpus now tokenizes to another vocabulary than the model's: it is not the text the model "
+            "was trained on (check the corpus URL and its SHA-1)"
+        )
+    ids = torch.from_numpy(prepared.ids())  # (N,) in the cache's small integer type
     splits = split_corpus(ids, data.val_fraction, data.test_fraction, data.max_tokens)
     check_enough_tokens(splits.train.numel(), train.batch_size, train.num_steps)
     get_run_logger().info(
         "tokens: %d train, %d validation, %d test", splits.train.numel(), splits.val.numel(), splits.test.numel()
     )
     return splits
-

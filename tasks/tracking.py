@@ -316,9 +316,10 @@ def set_tags(run_id: str, tags: dict[str, Any]) -> None:
     MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-def log_dataset(run_id: str, corpus: CorpusFile, vocab: dict[str, Any]) -> None:
+def log_dataset(run_id: str, corpus: CorpusFile, vocab: dict[str, Any], num_tokens: int | None = None) -> None:
     """Record the corpus's identity (URL, sha1, size, token count) as an MLflow dataset input and as tags."""
-    num_tokens = sum(freq for _, freq in vocab["token_freqs"])
+    if num_tokens is None:
+        num_tokens = sum(freq for _, freq in vocab["token_freqs"])
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 

@@ -1,0 +1,77 @@
+"""deeprnn.normalize: the vectorized normalizations against the book's own list-of-strings rule."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deeprnn.normalize import code_points, letter_loss, normalize_chars, normalize_words
+from deeprnn.tokenize import flatten, preprocess_lines, tokenize
+
+TRICKY = "aB c\n\r\t,.-Zé\u2028\x0c  xy\u00dcber 3"
+
+
+def _book_chars(text: str) -> str:
+    return "".join(flatten(tokenize(preprocess_lines(text), "char")))
+
+
+def _book_words(text: str) -> list[str]:
+    return flatten(tokenize(preprocess_lines(text), "word"))
+
+
+def _text(points: np.ndarray) -> str:
+    return "".join(map(chr, points.tolist()))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_d2l_chars_equal_the_books_rule_on_random_text(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(400):
+        text = "".join(rng.choice(TRICKY) for _ in range(rng.randint(0, 60)))
+        assert _text(normalize_chars(text, "d2l")) == _book_chars(text), repr(text)
+        assert normalize_words(text, "d2l") == _book_words(text), repr(text)
+
+
+def test_d2l_on_the_whole_book_equals_the_book(book_path: Path) -> None:
+    text = book_path.read_text(encoding="utf-8")
+    assert _text(normalize_chars(text, "d2l")) == _book_chars(text)
+    assert normalize_words(text, "d2l") == _book_words(text)
+
+
+def test_d2l_drops_what_the_issue_shows_and_none_keeps_it() -> None:
+    german = "Über die Brücke gingen die Mädchen.\n"
+    assert _text(normalize_chars(german, "d2l")) == "ber die br cke gingen die m dchen"
+    assert _text(normalize_chars(german, "none")) == german  # every character, the newline too
+    assert _text(normalize_chars(german, "lower")) == german.lower()
+    chinese = "时间机器，是一部小说。\n第二行"
+    assert normalize_chars(chinese, "d2l").size == 0
+    assert _text(normalize_chars(chinese, "none")) == chinese
+    assert normalize_words("Hello, World!\nbye", "none") == ["Hello,", "World!", "bye"]
+    assert normalize_words("Hello, World!\nbye", "lower") == ["hello,", "world!", "bye"]
+
+
+def test_code_points_are_bytes_for_ascii_and_utf32_otherwise() -> None:
+    assert code_points("abc").dtype == np.uint8
+    assert code_points("abc").tolist() == [97, 98, 99]
+    wide = code_points("a\u00fc\U0001f600")
+    assert wide.dtype == np.uint32 and wide.tolist() == [97, 0xFC, 0x1F600]
+
+
+def test_letter_loss_counts_the_letters_d2l_drops() -> None:
+    raw = np.zeros(0x110000, dtype=np.int64)
+    normalize_chars("Über die Brücke: 1 ä\n", "d2l", raw)
+    loss = letter_loss(raw, "d2l")
+    assert loss.letters == 14 and loss.dropped == 3  # Ü, ü, ä (digits and punctuation are no letters)
+    assert set(loss.examples) == {"Ü", "ü", "ä"}
+    assert loss.share == pytest.approx(3 / 14)
+    assert letter_loss(raw, "none").dropped == 0
+
+
+def test_unknown_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown normalization 'nfkc'"):
+        normalize_chars("abc", "nfkc")
+    with pytest.raises(ValueError, match="unknown normalization 'nfkc'"):
+        normalize_words("abc", "nfkc")
