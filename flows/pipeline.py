@@ -55,6 +55,7 @@ def run_pipeline(
         "samples": samples,
         "model": logged["model"],
         "checkpoint": trained["checkpoint"],
+        "tokens": {"folder": str(prepared.folder), "cache_hit": prepared.cache_hit, "num_tokens": prepared.num_tokens},
         "step_mode": trained["step_mode"],
         "precision": trained["precision"],
         "device": trained["device"],

@@ -1,0 +1,47 @@
+"""The preparation flow: download -> tokenize once into the token cache -> report what it holds.
+
+The same stage the training flow runs first, on its own: as a deployment it prepares a large corpus ahead
+of the trainings that will use it (they then find it in the cache and tokenize nothing).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from deeprnn.config import DataOverrides, PresetName, form_field, resolve
+from deeprnn.prepare import split_sizes
+from tasks.data import download_corpus, prepare_tokens
+
+FLOW_NAME = "deeprnn-prepare"
+
+
+@flow(name=FLOW_NAME, log_prints=True)
+def prepare_lm(
+    preset: Annotated[PresetName, form_field("Preset")] = "d2l-9.3",
+    data: Annotated[Optional[DataOverrides], form_field("Data")] = None,  # type: ignore[valid-type]
+) -> dict[str, Any]:
+    """Download a corpus and tokenize it into the token cache (once per corpus and tokenization settings).
+
+    Args:
+        preset: Named configuration whose data settings to start from: d2l-9.3 (the book), full-book or smoke.
+        data: Corpus, tokenization and split settings that differ from the preset. Empty: the preset's.
+    """
+    config = resolve(preset, data)
+    corpus = download_corpus(config.data.url, config.data.expected_sha1())
+    prepared = prepare_tokens(corpus, config.data)
+    sizes = split_sizes(prepared, config.data)
+    summary = {
+        "folder": str(prepared.folder),
+        "cache_hit": prepared.cache_hit,
+        "corpus_sha1": corpus.sha1,
+        "vocab_size": prepared.vocab_size,
+        "dtype": prepared.dtype,
+        "num_tokens": prepared.num_tokens,
+        "splits": sizes,
+    }
+    rows = "\n".join(f"| {key} | {value} |" for key, value in {**summary, **sizes}.items() if key != "splits")
+    create_markdown_artifact(f"# deeprnn prepared corpus\n\n| | |\n| --- | --- |\n{rows}\n", key="deeprnn-prepare-summary")
+    return summary
