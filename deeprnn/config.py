@@ -63,8 +63,8 @@ class DataConfig(_Section):
     max_tokens: Optional[int] = Field(
         10000,
         title="Training tokens",
-        description="Train on the first N tokens only (the book: 10000). Empty: the whole training split.",
-        ge=1,
+        description="Train on the first N tokens only (the book: 10000). 0 or empty: the whole training split.",
+        ge=0,
         le=1_000_000_000,
     )
     val_fraction: float = Field(

@@ -376,10 +376,10 @@ def _sha1_of(path: Path) -> str:
 
 def split_bounds(num_tokens: int, val_fraction: float, test_fraction: float, max_tokens: int | None) -> tuple[int, int, int]:
     """``(train_end, val_start, test_start)``: the corpus is ``[train | val | test]`` by fractions, the test part
-    at its end, and training keeps at most its first ``max_tokens`` (so ``train_end <= val_start``)."""
+    at its end, and training keeps at most its first ``max_tokens`` (0 or None: all of it)."""
     test_start = num_tokens - int(round(num_tokens * test_fraction))
     val_start = test_start - int(round(num_tokens * val_fraction))
-    train_end = val_start if max_tokens is None else min(val_start, max_tokens)
+    train_end = min(val_start, max_tokens) if max_tokens else val_start
     return train_end, val_start, test_start
 
 
