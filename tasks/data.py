@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -15,23 +14,8 @@ from prefect.context import TaskRunContext
 from deeprnn import tokenize
 from deeprnn.batching import Splits, check_enough_tokens, split_corpus
 from deeprnn.config import DataConfig, TrainConfig
-from deeprnn.download import CorpusFile, TransientDownloadError, cached_copy, fetch_corpus, valid_cached_sha1
+from deeprnn.download import CorpusFile, TransientDownloadError, fetch_corpus, read_text_chunks
 from deeprnn.vocab import Vocab
-
-
-def _download_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Cache key = where the copy lives + source + expected hash + the hash of that copy, valid right now.
-
-    Keying on the current bytes keeps Prefect's cross-run cache safe: a deleted or corrupted cached copy gets
-    a key never seen before, so the task runs again and re-fetches instead of returning a stale path; and
-    another cache folder (``DEEPRNN_CACHE_DIR``) never reuses this one's result.
-    """
-    source, expected = parameters["source"], parameters.get("expected_sha1")
-    on_disk = valid_cached_sha1(source, expected)
-    if on_disk is None:
-        return f"download-{uuid.uuid4().hex}"  # nothing valid to reuse: always run
-    copy = cached_copy(source, expected)
-    return hashlib.sha256(f"{copy.resolve()}|{source}|{expected}|{on_disk}".encode()).hexdigest()
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -45,18 +29,32 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+# The one retry layer for downloads (fetch_corpus itself makes one attempt) and no Prefect cache: the
+# library's hash-checked cache is the one cache, checked on every run, so a deleted or corrupted copy is
+# always fetched again and another DEEPRNN_CACHE_DIR never reuses this one's result.
 @task(
     name="download-corpus",
-    cache_key_fn=_download_key,
-    cache_expiration=timedelta(days=30),
+    cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=[2, 8],
     retry_condition_fn=_transient,
 )
 def download_corpus(source: str, expected_sha1: str | None) -> CorpusFile:
     """Fetch the corpus into the hash-checked cache (no network when the cache is valid)."""
-    corpus = fetch_corpus(source, expected_sha1)
-    get_run_logger().info("corpus %s: %d bytes, sha1 %s", corpus.source, corpus.num_bytes, corpus.sha1)
+    try:
+        corpus = fetch_corpus(source, expected_sha1)
+    except TransientDownloadError as exc:
+        context = TaskRunContext.get()
+        if context is None:  # called as a plain function: no retries to speak of
+            raise
+        attempt, attempts = context.task_run.run_count, context.task.retries + 1
+        if attempt < attempts:
+            get_run_logger().warning("%s; attempt %d of %d, Prefect retries it", exc, attempt, attempts)
+            raise
+        raise TransientDownloadError(f"{exc}; gave up after {attempts} attempts") from None
+    get_run_logger().info(
+        "corpus %s (%s): %d bytes, sha1 %s", corpus.source, corpus.kind, corpus.num_bytes, corpus.sha1
+    )
     return corpus
 
 
@@ -71,7 +69,7 @@ def _vocab_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 @task(name="build-vocab", cache_key_fn=_vocab_key, cache_expiration=timedelta(days=30))
 def build_vocab(corpus: CorpusFile, data: DataConfig) -> dict[str, Any]:
     """Tokenize the whole book and build the vocabulary (returned as a JSON-ready dict)."""
-    tokens = tokenize.flatten(tokenize.tokenize(tokenize.read_lines(corpus.path), data.token))
+    tokens = tokenize.flatten(tokenize.tokenize(tokenize.preprocess_lines("".join(read_text_chunks(corpus))), data.token))
     vocab = Vocab(tokens, data.min_freq, data.reserved_tokens)
     get_run_logger().info("vocabulary: %d tokens from %d %ss", len(vocab), len(tokens), data.token)
     return vocab.to_dict()
@@ -80,7 +78,7 @@ def build_vocab(corpus: CorpusFile, data: DataConfig) -> dict[str, Any]:
 @task(name="prepare-splits", cache_policy=NO_CACHE)
 def prepare_splits(corpus: CorpusFile, vocab: dict[str, Any], data: DataConfig, train: TrainConfig) -> Splits:
     """Encode the corpus and cut train/validation/test; refuse a training part too short for one minibatch."""
-    tokens = tokenize.flatten(tokenize.tokenize(tokenize.read_lines(corpus.path), data.token))
+    tokens = tokenize.flatten(tokenize.tokenize(tokenize.preprocess_lines("".join(read_text_chunks(corpus))), data.token))
     ids = torch.tensor(Vocab.from_dict(vocab).encode(tokens), dtype=torch.long)
     splits = split_corpus(ids, data.val_fraction, data.test_fraction, data.max_tokens)
     check_enough_tokens(splits.train.numel(), train.batch_size, train.num_steps)
