@@ -147,13 +147,16 @@ class ByteSink:
     """What the bytes of one text or gzip corpus pass through once: SHA-1, gzip detection, text checks.
 
     Feed it the bytes as they come (from the network or a file); ``finish`` ends the checks. With ``decode``,
-    ``feed`` and ``finish`` yield the text; without, they yield nothing and only check. With ``defer``, a bad
+    ``feed`` and ``finish`` yield the text; without, they yield nothing and only check. ``blank_ok`` accepts a
+    text with nothing but whitespace (one file of a folder). With ``defer``, a bad
     text is remembered instead of raised, so that the SHA-1 of a wrong file is still computed and a hash
     mismatch (the more basic fault) can be reported first; ``finish`` raises it.
     """
 
-    def __init__(self, shown: str, *, decode: bool = False, defer: bool = False, out_max: int = READ_CHUNK) -> None:
-        self.shown, self.decode, self.defer, self.out_max = shown, decode, defer, out_max
+    def __init__(
+        self, shown: str, *, decode: bool = False, defer: bool = False, out_max: int = READ_CHUNK, blank_ok: bool = False
+    ) -> None:
+        self.shown, self.decode, self.defer, self.out_max, self.blank_ok = shown, decode, defer, out_max, blank_ok
         self.sha1 = hashlib.sha1()
         self.num_bytes = 0
         self.kind: CorpusKind | None = None  # known once two bytes are in
@@ -204,7 +207,7 @@ class ByteSink:
     def _end(self) -> Iterator[str]:
         if self.gunzip is not None:
             self.gunzip.finish()
-        tail = self.text.finish()
+        tail = self.text.finish(require_text=not self.blank_ok)
         if tail:
             yield tail
 
@@ -244,12 +247,13 @@ def dir_files(root: Path) -> list[tuple[str, Path]]:
 def dir_text(
     root: Path, shown: str, digest: _Hash, chunk_bytes: int = READ_CHUNK, *, decode: bool = True
 ) -> Iterator[str]:
-    """Check (and with ``decode`` yield) the text of every file of a corpus folder, in ``dir_files`` order.
+    """Check (and with ``decode`` yield) the text of every file of a corpus folder, in ``dir_files`` order;
+    a gzip file in it (found by its magic bytes) is decompressed.
 
     The folder's digest is fed into ``digest``: for each file, its relative POSIX path in UTF-8, a NUL byte,
     its size in bytes as decimal ASCII digits, a NUL byte, then its bytes. A non-empty file whose text does
     not end with ``"\\n"`` is followed by one, so that no token spans two files. Refused, naming the file: a
-    binary or non-UTF-8 file; naming the folder: one with no files, or whose files are all blank.
+    binary, non-UTF-8 or corrupt gzip file; naming the folder: one with no files, or whose files are all blank.
     """
     files = dir_files(root)
     if not files:
@@ -257,21 +261,19 @@ def dir_text(
     has_text = False
     for rel, path in files:
         digest.update(rel.encode("utf-8") + b"\x00" + str(path.stat().st_size).encode() + b"\x00")
-        check = TextCheck(str(path))
+        sink = ByteSink(str(path), decode=decode, out_max=chunk_bytes, blank_ok=True)
         last = ""
         with open(path, "rb") as fh:
             while chunk := fh.read(chunk_bytes):
                 digest.update(chunk)
-                text = check.feed(chunk, decode=decode)
-                if text:
+                for text in sink.feed(chunk):
                     last = text
                     yield text
-        tail = check.finish(require_text=False)
-        if tail:
-            last = tail
-            yield tail
-        has_text = has_text or check.has_text
-        if decode and check.offset and not last.endswith("\n"):
+        for text in sink.finish():
+            last = text
+            yield text
+        has_text = has_text or sink.text.has_text
+        if decode and last and not last.endswith("\n"):
             yield "\n"
     if not has_text:
         raise DownloadError(f"{shown} is empty: a corpus needs text (every file in it is blank)")
