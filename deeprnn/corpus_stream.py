@@ -154,7 +154,13 @@ class ByteSink:
     """
 
     def __init__(
-        self, shown: str, *, decode: bool = False, defer: bool = False, out_max: int = READ_CHUNK, blank_ok: bool = False
+        self,
+        shown: str,
+        *,
+        decode: bool = False,
+        defer: bool = False,
+        out_max: int = READ_CHUNK,
+        blank_ok: bool = False,
     ) -> None:
         self.shown, self.decode, self.defer, self.out_max, self.blank_ok = shown, decode, defer, out_max, blank_ok
         self.sha1 = hashlib.sha1()

@@ -267,8 +267,10 @@ def fetch_corpus(
         try:
             return _download(source, base, expected, timeout)
         except TransientDownloadError as exc:
+            if attempt == retries and not retries:
+                raise
             if attempt == retries:
-                raise (TransientDownloadError(f"{exc}; gave up after {retries + 1} attempts") if retries else exc) from None
+                raise TransientDownloadError(f"{exc}; gave up after {retries + 1} attempts") from None
             log.warning("%s; attempt %d of %d, trying again", exc, attempt + 1, retries + 1)
             time.sleep(2**attempt)
     raise AssertionError("unreachable")  # the loop returns or raises

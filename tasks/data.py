@@ -18,6 +18,11 @@ from deeprnn.download import CorpusFile, TransientDownloadError, fetch_corpus, r
 from deeprnn.vocab import Vocab
 
 
+def _read_lines(corpus: CorpusFile) -> list[str]:
+    """The corpus's preprocessed lines, read through ``read_text_chunks`` (so ``.gz`` and folders work too)."""
+    return tokenize.preprocess_lines("".join(read_text_chunks(corpus)))
+
+
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry only network faults (timeouts, refused connections, 5xx), never 4xx or hash mismatches."""
     try:
@@ -69,7 +74,7 @@ def _vocab_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 @task(name="build-vocab", cache_key_fn=_vocab_key, cache_expiration=timedelta(days=30))
 def build_vocab(corpus: CorpusFile, data: DataConfig) -> dict[str, Any]:
     """Tokenize the whole book and build the vocabulary (returned as a JSON-ready dict)."""
-    tokens = tokenize.flatten(tokenize.tokenize(tokenize.preprocess_lines("".join(read_text_chunks(corpus))), data.token))
+    tokens = tokenize.flatten(tokenize.tokenize(_read_lines(corpus), data.token))
     vocab = Vocab(tokens, data.min_freq, data.reserved_tokens)
     get_run_logger().info("vocabulary: %d tokens from %d %ss", len(vocab), len(tokens), data.token)
     return vocab.to_dict()
@@ -78,7 +83,7 @@ def build_vocab(corpus: CorpusFile, data: DataConfig) -> dict[str, Any]:
 @task(name="prepare-splits", cache_policy=NO_CACHE)
 def prepare_splits(corpus: CorpusFile, vocab: dict[str, Any], data: DataConfig, train: TrainConfig) -> Splits:
     """Encode the corpus and cut train/validation/test; refuse a training part too short for one minibatch."""
-    tokens = tokenize.flatten(tokenize.tokenize(tokenize.preprocess_lines("".join(read_text_chunks(corpus))), data.token))
+    tokens = tokenize.flatten(tokenize.tokenize(_read_lines(corpus), data.token))
     ids = torch.tensor(Vocab.from_dict(vocab).encode(tokens), dtype=torch.long)
     splits = split_corpus(ids, data.val_fraction, data.test_fraction, data.max_tokens)
     check_enough_tokens(splits.train.numel(), train.batch_size, train.num_steps)

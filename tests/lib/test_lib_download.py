@@ -349,7 +349,9 @@ def short_body_url() -> Iterator[str]:
     server.server_close()
 
 
-def test_a_transfer_that_breaks_off_is_transient_and_leaves_no_partial_file(short_body_url: str, tmp_path: Path) -> None:
+def test_a_transfer_that_breaks_off_is_transient_and_leaves_no_partial_file(
+    short_body_url: str, tmp_path: Path
+) -> None:
     with pytest.raises(TransientDownloadError, match=f"the download of {re.escape(short_body_url)} broke off"):
         fetch_corpus(short_body_url, None, cache=tmp_path / "cache")
     assert _files(tmp_path / "cache") == []
