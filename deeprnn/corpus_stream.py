@@ -16,9 +16,10 @@ import codecs
 import hashlib
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Literal
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -150,7 +151,8 @@ class ByteSink:
     ``feed`` and ``finish`` yield the text; without, they yield nothing and only check. ``blank_ok`` accepts a
     text with nothing but whitespace (one file of a folder). With ``defer``, a bad
     text is remembered instead of raised, so that the SHA-1 of a wrong file is still computed and a hash
-    mismatch (the more basic fault) can be reported first; ``finish`` raises it.
+    mismatch (the more basic fault) can be reported first; ``finish`` raises it. ``feed`` and ``finish`` are
+    generators: iterate them, even when not decoding, or nothing happens.
     """
 
     def __init__(
@@ -256,7 +258,8 @@ def dir_text(
     """Check (and with ``decode`` yield) the text of every file of a corpus folder, in ``dir_files`` order;
     a gzip file in it (found by its magic bytes) is decompressed.
 
-    The folder's digest is fed into ``digest``: for each file, its relative POSIX path in UTF-8, a NUL byte,
+    The folder's digest is fed into ``digest``: for each file, its relative POSIX path (its bytes as the file
+    system has them: UTF-8 for ordinary names), a NUL byte,
     its size in bytes as decimal ASCII digits, a NUL byte, then its bytes. A non-empty file whose text does
     not end with ``"\\n"`` is followed by one, so that no token spans two files. Refused, naming the file: a
     binary, non-UTF-8 or corrupt gzip file; naming the folder: one with no files, or whose files are all blank.
@@ -266,7 +269,7 @@ def dir_text(
         raise DownloadError(f"{shown} holds no text files (hidden files and folders are skipped): add some")
     has_text = False
     for rel, path in files:
-        digest.update(rel.encode("utf-8") + b"\x00" + str(path.stat().st_size).encode() + b"\x00")
+        digest.update(os.fsencode(rel) + b"\x00" + str(path.stat().st_size).encode() + b"\x00")
         sink = ByteSink(str(path), decode=decode, out_max=chunk_bytes, blank_ok=True)
         last = ""
         with open(path, "rb") as fh:

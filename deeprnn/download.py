@@ -8,6 +8,9 @@ always), so a failed or tampered download never leaves a file behind. A cached f
 hash still matches, so a corrupted cache is fetched again and a valid one needs no network. Local sources are
 read in place, in the same one streamed pass of checks.
 
+The SHA-1 of a download is that of the body as ``requests`` hands it over, once any HTTP
+``Content-Encoding`` is undone: a ``.gz`` file served as a file keeps its compressed bytes and SHA-1.
+
 Retrying is the caller's choice: ``fetch_corpus`` makes one attempt unless given ``retries``. In the
 pipeline the ``download-corpus`` task is the one retry layer (Prefect task retries of transient faults only),
 so it leaves ``retries`` at 0. Read the text with ``read_text_chunks``.
@@ -127,6 +130,16 @@ def _read_local(path: Path, expected: str | None) -> CorpusFile:
     """Check a local file or folder in place, in one streamed pass, and return its identity."""
     if not path.exists():
         raise DownloadError(f"corpus file not found: {path}")
+    if not (path.is_file() or path.is_dir()):
+        raise DownloadError(f"{path} is neither a file nor a folder: give a text file, a .gz file or a folder")
+    try:
+        return _check_local(path, expected)
+    except OSError as exc:  # unreadable: permissions, a file removed while reading, ...
+        raise DownloadError(f"cannot read the corpus {exc.filename or path}: {exc.strerror or exc}") from None
+
+
+def _check_local(path: Path, expected: str | None) -> CorpusFile:
+    """The streamed pass of ``_read_local``: hash and check every byte (decompressed for gzip)."""
     shown = str(path)
     kind = sniff_kind(path)
     if kind == "dir":

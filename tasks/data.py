@@ -19,7 +19,8 @@ from deeprnn.vocab import Vocab
 
 
 def _read_lines(corpus: CorpusFile) -> list[str]:
-    """The corpus's preprocessed lines, read through ``read_text_chunks`` (so ``.gz`` and folders work too)."""
+    """The corpus's preprocessed lines, read through ``read_text_chunks`` (so ``.gz`` and folders work too);
+    the whole text is held here, as the vocabulary and split tasks need it today."""
     return tokenize.preprocess_lines("".join(read_text_chunks(corpus)))
 
 

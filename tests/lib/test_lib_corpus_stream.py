@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -29,10 +30,10 @@ def _digest(files: list[tuple[str, bytes]]) -> str:
 
 
 FOLDER = {
-    "b.txt": "zweite Datei, ohne Zeilenende".encode(),
-    "a/z.txt": "in a folder\n".encode(),
+    "b.txt": b"zweite Datei, ohne Zeilenende",
+    "a/z.txt": b"in a folder\n",
     "a.txt": "erste: Über die Brücke\n".encode(),
-    "c.txt.gz": gzip.compress("komprimiert, ohne Zeilenende".encode(), mtime=0),
+    "c.txt.gz": gzip.compress(b"komprimiert, ohne Zeilenende", mtime=0),
     "empty.txt": b"",
     ".hidden.txt": b"\x00 never read",
     ".git/objects/x": b"\x00\x01 never read",
@@ -169,3 +170,10 @@ def test_reading_a_corpus_that_changed_since_it_was_fetched_is_refused(tmp_path:
     path.write_bytes(b"text\x00")
     with pytest.raises(DownloadError, match="looks binary"):
         list(read_text_chunks(got))
+
+
+def test_a_path_that_is_neither_file_nor_folder_is_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)  # opening it to read would wait for a writer forever
+    with pytest.raises(DownloadError, match="is neither a file nor a folder"):
+        fetch_corpus(str(fifo))
