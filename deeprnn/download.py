@@ -183,6 +183,8 @@ def _get(url: str, shown: str, timeout: float) -> requests.Response:
         raise TransientDownloadError(
             f"could not reach {shown} ({type(exc).__name__}); check the URL and network"
         ) from None
+    except requests.exceptions.RequestException as exc:  # a malformed URL and the like; its text may hold it
+        raise DownloadError(f"cannot fetch {shown} ({type(exc).__name__}): check the URL") from None
     if response.status_code >= 400:
         code, reason = response.status_code, response.reason
         response.close()
@@ -219,9 +221,12 @@ def _download(url: str, base: Path, expected: str | None, timeout: float) -> Cor
     """One streamed download into the cache: a temporary file renamed into place only once verified."""
     shown = redact_url(url)
     log.info("downloading %s", shown)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=base.parent, prefix=".part-", suffix=".tmp")
-    os.close(fd)
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=base.parent, prefix=".part-", suffix=".tmp")
+        os.close(fd)
+    except OSError as exc:
+        raise _cache_error(base.parent, exc) from None
     tmp = Path(name)
     try:
         with _get(url, shown, timeout) as response:
@@ -229,6 +234,10 @@ def _download(url: str, base: Path, expected: str | None, timeout: float) -> Cor
         kind: CorpusKind = "gzip" if sink.kind == "gzip" else "text"
         target = base.with_suffix(_SUFFIXES[kind])
         os.replace(tmp, target)
+    except OSError as exc:
+        if isinstance(exc, requests.exceptions.RequestException):
+            raise
+        raise _cache_error(base.parent, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
     for other in _SUFFIXES.values():  # a copy of another kind under the same name is stale now
@@ -237,6 +246,14 @@ def _download(url: str, base: Path, expected: str | None, timeout: float) -> Cor
     _atomic_write((sink.hexdigest + "\n").encode(), base.with_suffix(".sha1"))
     log.info("saved %s (%d bytes, sha1 %s)", target, sink.num_bytes, sink.hexdigest)
     return CorpusFile(target, sink.hexdigest, shown, sink.num_bytes, kind)
+
+
+def _cache_error(folder: Path, exc: OSError) -> DownloadError:
+    """The disk, not the network, failed (full, read-only, not a folder): say where, and what to do."""
+    return DownloadError(
+        f"cannot write the corpus into the cache {folder}: {exc.strerror or exc}. "
+        f"Free some space there, or set {CACHE_ENV} to another folder"
+    )
 
 
 def _atomic_write(data: bytes, target: Path) -> None:

@@ -355,3 +355,12 @@ def test_a_transfer_that_breaks_off_is_transient_and_leaves_no_partial_file(
     with pytest.raises(TransientDownloadError, match=f"the download of {re.escape(short_body_url)} broke off"):
         fetch_corpus(short_body_url, None, cache=tmp_path / "cache")
     assert _files(tmp_path / "cache") == []
+
+
+def test_a_cache_that_cannot_be_written_is_one_clear_error(http_server, tmp_path: Path) -> None:
+    url = http_server.serve("/t.txt", TEXT)
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_bytes(b"a file where the cache folder should be")
+    with pytest.raises(DownloadError, match=f"cannot write the corpus into the cache {re.escape(str(not_a_folder))}: "):
+        fetch_corpus(url, None, cache=not_a_folder)
+    assert http_server.hits == []  # found before any download
