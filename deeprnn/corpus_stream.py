@@ -42,9 +42,9 @@ class CorpusFile:
     """A verified local corpus and its identity.
 
     ``kind`` says how to read ``path``: ``text`` (a UTF-8 file), ``gzip`` (a gzip-compressed UTF-8 file) or
-    ``dir`` (a folder of UTF-8 files, see ``dir_files``). ``sha1`` and ``num_bytes`` are those of the bytes on
-    disk: the compressed bytes for ``gzip``, the digest of ``dir_digest`` and the files' total size for
-    ``dir``. Read the text with ``read_text_chunks``.
+    ``dir`` (a folder of UTF-8 or gzip files, see ``dir_files``). ``sha1`` and ``num_bytes`` are those of the
+    bytes on disk: the compressed bytes for ``gzip``; for ``dir``, the folder digest that ``dir_text`` defines
+    and the files' total size. Read the text with ``read_text_chunks``.
     """
 
     path: Path
@@ -258,9 +258,9 @@ def dir_text(
     """Check (and with ``decode`` yield) the text of every file of a corpus folder, in ``dir_files`` order;
     a gzip file in it (found by its magic bytes) is decompressed.
 
-    The folder's digest is fed into ``digest``: for each file, its relative POSIX path (its bytes as the file
-    system has them: UTF-8 for ordinary names), a NUL byte,
-    its size in bytes as decimal ASCII digits, a NUL byte, then its bytes. A non-empty file whose text does
+    The folder digest is fed into ``digest``: for each file in that order, its relative POSIX path (its bytes
+    as the file system has them: UTF-8 for ordinary names), a NUL byte, its size in bytes as decimal ASCII
+    digits, a NUL byte, then its bytes as stored (compressed for a gzip file). A non-empty file whose text does
     not end with ``"\\n"`` is followed by one, so that no token spans two files. Refused, naming the file: a
     binary, non-UTF-8 or corrupt gzip file; naming the folder: one with no files, or whose files are all blank.
     """
@@ -288,7 +288,7 @@ def dir_text(
         raise DownloadError(f"{shown} is empty: a corpus needs text (every file in it is blank)")
 
 
-def file_text(path: Path, shown: str, chunk_bytes: int = READ_CHUNK, *, decode: bool, defer: bool = False) -> ByteSink:
+def check_file(path: Path, shown: str, chunk_bytes: int = READ_CHUNK, *, decode: bool, defer: bool = False) -> ByteSink:
     """Pass a text or gzip file through a ``ByteSink`` (all checks); returns the sink for its hash and kind."""
     sink = ByteSink(shown, decode=decode, defer=defer, out_max=chunk_bytes)
     with open(path, "rb") as fh:

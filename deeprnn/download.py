@@ -36,9 +36,9 @@ from deeprnn.corpus_stream import (
     DownloadError,
     TextCheck,
     TransientDownloadError,
+    check_file,
     dir_files,
     dir_text,
-    file_text,
     read_text_chunks,
     sniff_kind,
 )
@@ -149,7 +149,7 @@ def _check_local(path: Path, expected: str | None) -> CorpusFile:
         have, size = digest.hexdigest(), sum(p.stat().st_size for _, p in dir_files(path))
     else:
         # With an expected hash, a bad text is reported only after the hash: a wrong file is the first fault.
-        sink = file_text(path, shown, decode=False, defer=expected is not None)
+        sink = check_file(path, shown, decode=False, defer=expected is not None)
         have, size = sink.hexdigest, sink.num_bytes
     _check_sha1(have, expected, shown)
     return CorpusFile(path, have, shown, size, kind)
