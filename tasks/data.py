@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import uuid
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -14,23 +11,8 @@ from prefect.context import TaskRunContext
 
 from deeprnn.batching import Splits, check_enough_tokens, split_corpus
 from deeprnn.config import DataConfig, TrainConfig
-from deeprnn.download import CorpusFile, TransientDownloadError, cached_copy, fetch_corpus, valid_cached_sha1
+from deeprnn.download import CorpusFile, TransientDownloadError, fetch_corpus
 from deeprnn.prepare import PreparedCorpus, PrepareError, dropped_letters_warning, prepare, prepared_summary
-
-
-def _download_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Cache key = where the copy lives + source + expected hash + the hash of that copy, valid right now.
-
-    Keying on the current bytes keeps Prefect's cross-run cache safe: a deleted or corrupted cached copy gets
-    a key never seen before, so the task runs again and re-fetches instead of returning a stale path; and
-    another cache folder (``DEEPRNN_CACHE_DIR``) never reuses this one's result.
-    """
-    source, expected = parameters["source"], parameters.get("expected_sha1")
-    on_disk = valid_cached_sha1(source, expected)
-    if on_disk is None:
-        return f"download-{uuid.uuid4().hex}"  # nothing valid to reuse: always run
-    copy = cached_copy(source, expected)
-    return hashlib.sha256(f"{copy.resolve()}|{source}|{expected}|{on_disk}".encode()).hexdigest()
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -44,18 +26,32 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+# The one retry layer for downloads (fetch_corpus itself makes one attempt) and no Prefect cache: the
+# library's hash-checked cache is the one cache, checked on every run, so a deleted or corrupted copy is
+# always fetched again and another DEEPRNN_CACHE_DIR never reuses this one's result.
 @task(
     name="download-corpus",
-    cache_key_fn=_download_key,
-    cache_expiration=timedelta(days=30),
+    cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=[2, 8],
     retry_condition_fn=_transient,
 )
 def download_corpus(source: str, expected_sha1: str | None) -> CorpusFile:
     """Fetch the corpus into the hash-checked cache (no network when the cache is valid)."""
-    corpus = fetch_corpus(source, expected_sha1)
-    get_run_logger().info("corpus %s: %d bytes, sha1 %s", corpus.source, corpus.num_bytes, corpus.sha1)
+    try:
+        corpus = fetch_corpus(source, expected_sha1)
+    except TransientDownloadError as exc:
+        context = TaskRunContext.get()
+        if context is None:  # called as a plain function: no retries to speak of
+            raise
+        attempt, attempts = context.task_run.run_count, context.task.retries + 1
+        if attempt < attempts:
+            get_run_logger().warning("%s; attempt %d of %d, Prefect retries it", exc, attempt, attempts)
+            raise
+        raise TransientDownloadError(f"{exc}; gave up after {attempts} attempts") from None
+    get_run_logger().info(
+        "corpus %s (%s): %d bytes, sha1 %s", corpus.source, corpus.kind, corpus.num_bytes, corpus.sha1
+    )
     return corpus
 
 
@@ -83,6 +79,7 @@ def prepare_splits(
             "was trained on (check the corpus URL and its SHA-1)"
         )
     ids = torch.from_numpy(prepared.ids())  # (N,) in the cache's small integer type
+
     splits = split_corpus(ids, data.val_fraction, data.test_fraction, data.max_tokens)
     check_enough_tokens(splits.train.numel(), train.batch_size, train.num_steps)
     get_run_logger().info(

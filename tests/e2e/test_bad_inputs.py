@@ -4,6 +4,7 @@ the corpus over HTTP from a real server on 127.0.0.1. Each case checks what the 
 from __future__ import annotations
 
 import errno
+import gzip
 import logging
 import re
 import shutil
@@ -21,7 +22,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from typer.testing import CliRunner
 
 import flows.pipeline as pipeline
-from deeprnn import checkpoint
+from deeprnn import checkpoint, tokenize
 from deeprnn.batching import CorpusTooShortError
 from deeprnn.config import D2L_SHA1 as BOOK_SHA1
 from deeprnn.config import preset_config
@@ -148,14 +149,50 @@ def test_http_500_is_retried_with_backoff_then_fails_clearly(
     # The real task and its real retries; only the pause between Prefect's attempts is shortened.
     monkeypatch.setattr(pipeline, "download_corpus", pipeline.download_corpus.with_options(retry_delay_seconds=0))
     url = fault_server.url("/broken/timemachine.txt")
-    with pytest.raises(TransientDownloadError, match=f"HTTP 500 .* for {url} \\(retried, still failing\\)"):
+    with pytest.raises(TransientDownloadError, match=f"HTTP 500 .* for {url} .*; gave up after 3 attempts$"):
         case.run(preset="smoke", data={"url": url}, train=CPU)
-    # 3 Prefect attempts of 1 request + 3 HTTP-level retries each.
-    assert fault_server.count("/broken/") == 3 * 4
+    # One retry layer: 3 Prefect attempts (the task's retries=2) of exactly 1 GET each, no HTTP-level retries.
+    assert fault_server.count("/broken/") == 3
     (run,) = case.runs()
     assert run.info.status == "FAILED"
     assert not case.cache.exists() or not any(case.cache.iterdir())
 
+
+
+def test_a_corrupt_gzip_corpus_is_refused_before_any_training(case: Case, book_path: Path) -> None:
+    corrupt = case.root / "inputs" / "corrupt.txt.gz"
+    corrupt.parent.mkdir(parents=True, exist_ok=True)
+    corrupt.write_bytes(gzip.compress(book_path.read_bytes())[:-1000])  # cut short: truncated
+    with pytest.raises(DownloadError, match=f"{re.escape(str(corrupt))} is not a valid gzip file: .*truncated"):
+        case.run(preset="smoke", data={"url": str(corrupt)}, train=CPU)
+    (run,) = case.runs()
+    assert run.info.status == "FAILED"
+    assert _steps(run.info.run_id) == []  # not one epoch was trained
+    assert not any(case.runs_dir.rglob("*.pt"))
+
+
+def test_a_folder_with_a_gzip_file_trains_like_the_same_text_in_one_file(case: Case, book_path: Path) -> None:
+    # The book in two parts: the first plain, the second gzip-compressed; read back in order, they are the book.
+    book = book_path.read_bytes()
+    cut = book.index(b"\n", len(book) // 2) + 1
+    folder = case.root / "inputs" / "book-in-parts"
+    (folder / "part2").mkdir(parents=True, exist_ok=True)
+    (folder / "part1.txt").write_bytes(book[:cut])
+    (folder / "part2" / "rest.txt.gz").write_bytes(gzip.compress(book[cut:]))
+    (folder / ".git").mkdir(exist_ok=True)
+    (folder / ".git" / "index").write_bytes(b"\x00 skipped")
+    result = case.run(preset="smoke", data={"url": str(folder)}, train={**CPU, "epochs": 1})
+    run = MlflowClient().get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dataset.url"] == str(folder)
+    assert int(run.data.tags["dataset.bytes"]) == cut + (folder / "part2" / "rest.txt.gz").stat().st_size
+    assert int(run.data.tags["dataset.num_tokens"]) == len(_char_tokens(book))
+    assert not case.cache.exists()  # a local folder is read in place
+
+
+def _char_tokens(book: bytes) -> list[str]:
+    """The book's character tokens as the pipeline makes them from one file."""
+    return tokenize.flatten(tokenize.tokenize(tokenize.preprocess_lines(book.decode("utf-8")), "char"))
 
 # ----- divergence ------------------------------------------------------------------------------------
 

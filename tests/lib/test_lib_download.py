@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
 import os
+import re
+import threading
+import tracemalloc
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -17,6 +23,7 @@ from deeprnn.download import (
     cache_dir,
     check_text,
     fetch_corpus,
+    read_text_chunks,
     redact_url,
     sha1_of,
 )
@@ -112,9 +119,19 @@ def test_404_fails_at_once_naming_the_url(http_server, tmp_path: Path) -> None:
     assert _files(tmp_path / "cache") == []
 
 
-def test_500_is_transient_after_retries(http_server, tmp_path: Path) -> None:
+def test_500_is_one_get_without_retries(http_server, tmp_path: Path) -> None:
+    # No HTTP-level retries hide behind a call: one attempt is one GET (the download-corpus task retries).
     url = http_server.serve("/flaky.txt", b"oops", status=500)
     with pytest.raises(TransientDownloadError, match="HTTP 500") as info:
+        fetch_corpus(url, None, cache=tmp_path / "cache")
+    assert url in str(info.value) and "attempts" not in str(info.value)
+    assert http_server.hits == ["/flaky.txt"]
+    assert _files(tmp_path / "cache") == []
+
+
+def test_500_with_retries_makes_exactly_that_many_more_gets(http_server, tmp_path: Path) -> None:
+    url = http_server.serve("/flaky.txt", b"oops", status=503)
+    with pytest.raises(TransientDownloadError, match="HTTP 503 .*gave up after 2 attempts") as info:
         fetch_corpus(url, None, cache=tmp_path / "cache", retries=1)
     assert url in str(info.value)
     assert http_server.hits == ["/flaky.txt", "/flaky.txt"]  # one try plus one retry
@@ -125,7 +142,7 @@ def test_connection_refused_is_transient(closed_port_url, tmp_path: Path) -> Non
     url = closed_port_url()
     with pytest.raises(TransientDownloadError, match="could not reach") as info:
         fetch_corpus(url, None, cache=tmp_path / "cache", retries=1)
-    assert url in str(info.value) and "2 attempts" in str(info.value)
+    assert url in str(info.value) and "gave up after 2 attempts" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -220,3 +237,130 @@ def test_cache_name_never_comes_from_the_url(http_server, tmp_path: Path) -> Non
     outside = [p for p in tmp_path.rglob("*") if p.is_file() and p.parent != cache]
     assert outside == []
     assert all("evil" not in name for name in os.listdir(cache))
+
+
+# ----- streaming, gzip, broken transfers -------------------------------------------------------------
+
+# Several read chunks of text with multi-byte characters everywhere, so chunk boundaries fall inside them.
+BIG_TEXT = "".join(f"line {i}: Über die Brücke, 中文, \U0001f600 {i * 7919}\n" for i in range(40_000)).encode()
+
+
+def test_a_streamed_download_hashes_what_it_wrote(http_server, tmp_path: Path) -> None:
+    assert len(BIG_TEXT) > 20 * (1 << 16)
+    url = http_server.serve("/big.txt", BIG_TEXT)
+    got = fetch_corpus(url, None, cache=tmp_path / "cache")
+    assert (got.kind, got.num_bytes, got.sha1) == ("text", len(BIG_TEXT), hashlib.sha1(BIG_TEXT).hexdigest())
+    assert got.path.read_bytes() == BIG_TEXT and sha1_of(got.path) == got.sha1
+    assert "".join(read_text_chunks(got)) == BIG_TEXT.decode()
+
+
+def test_a_download_never_holds_the_whole_file_in_memory(http_server, tmp_path: Path) -> None:
+    body = BIG_TEXT * 3  # about 14 MB
+    url = http_server.serve("/big.txt", body)
+    tracemalloc.start()
+    try:
+        got = fetch_corpus(url, None, cache=tmp_path / "cache")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got.num_bytes == len(body)
+    assert peak < len(body) / 8, f"peak {peak} bytes for a {len(body)}-byte download"
+
+
+@pytest.mark.parametrize("path", ["/corpus.txt.gz", "/corpus.txt"])  # found by its magic bytes, not its name
+def test_a_gzip_download_keeps_the_served_bytes_and_reads_as_text(http_server, tmp_path: Path, path: str) -> None:
+    served = gzip.compress(BIG_TEXT)
+    url = http_server.serve(path, served)
+    cache = tmp_path / "cache"
+    sha1 = hashlib.sha1(served).hexdigest()
+    got = fetch_corpus(url, sha1, cache=cache)
+    assert (got.kind, got.sha1, got.num_bytes) == ("gzip", sha1, len(served))  # the file as served
+    assert got.path == cache / f"{sha1}.gz" and got.path.read_bytes() == served
+    assert _files(cache) == [f"{sha1}.gz", f"{sha1}.sha1"]
+    assert "".join(read_text_chunks(got, chunk_bytes=1000)) == BIG_TEXT.decode()
+    http_server.stop()
+    assert fetch_corpus(url, sha1, cache=cache) == got  # from the cache, without network
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda gz: gz[: len(gz) // 2], "truncated"),
+        (lambda gz: gz[:-3], "truncated"),  # cut inside the trailer (CRC and length)
+        (lambda gz: gz[:20] + bytes(b ^ 0x55 for b in gz[20:60]) + gz[60:], "Error -3"),
+        (lambda gz: gz[:-8] + b"\x00\x00\x00\x00" + gz[-4:], "incorrect data check"),  # the CRC
+    ],
+)
+def test_a_corrupt_gzip_download_is_one_clear_error_and_caches_nothing(
+    http_server, tmp_path: Path, damage, reason: str
+) -> None:
+    url = http_server.serve("/corpus.txt.gz", damage(gzip.compress(BIG_TEXT)))
+    with pytest.raises(DownloadError, match=f"{re.escape(url)} is not a valid gzip file: .*{reason}") as info:
+        fetch_corpus(url, None, cache=tmp_path / "cache")
+    assert not isinstance(info.value, TransientDownloadError)
+    assert _files(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (b"", "is empty"),
+        (b"a\x00b", "looks binary"),
+        (b"caf\xe9\n", r"not UTF-8 text \(invalid byte at offset 3 of the decompressed text\)"),
+    ],
+)
+def test_a_gzip_of_something_that_is_not_text_is_refused(http_server, tmp_path: Path, text: bytes, words: str) -> None:
+    url = http_server.serve("/c.gz", gzip.compress(text))
+    with pytest.raises(DownloadError, match=words):
+        fetch_corpus(url, None, cache=tmp_path / "cache")
+    assert _files(tmp_path / "cache") == []
+
+
+def test_a_wrong_hash_is_reported_before_what_is_wrong_with_the_text(http_server, tmp_path: Path) -> None:
+    # Without a hash the first bad byte stops the download; with one, the wrong file is the first fault.
+    url = http_server.serve("/t.txt", b"text\x00binary")
+    with pytest.raises(DownloadError, match="looks binary"):
+        fetch_corpus(url, None, cache=tmp_path / "cache")
+    with pytest.raises(DownloadError, match="sha1 mismatch"):
+        fetch_corpus(url, "2" * 40, cache=tmp_path / "cache")
+    assert _files(tmp_path / "cache") == []
+
+
+@pytest.fixture()
+def short_body_url() -> Iterator[str]:
+    """A server that promises 100,000 bytes, sends 1,000 and closes the connection."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"a" * 1000)
+            self.close_connection = True
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/t.txt"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_transfer_that_breaks_off_is_transient_and_leaves_no_partial_file(
+    short_body_url: str, tmp_path: Path
+) -> None:
+    with pytest.raises(TransientDownloadError, match=f"the download of {re.escape(short_body_url)} broke off"):
+        fetch_corpus(short_body_url, None, cache=tmp_path / "cache")
+    assert _files(tmp_path / "cache") == []
+
+
+def test_a_cache_that_cannot_be_written_is_one_clear_error(http_server, tmp_path: Path) -> None:
+    url = http_server.serve("/t.txt", TEXT)
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_bytes(b"a file where the cache folder should be")
+    with pytest.raises(DownloadError, match=f"cannot write the corpus into the cache {re.escape(str(not_a_folder))}: "):
+        fetch_corpus(url, None, cache=not_a_folder)
+    assert http_server.hits == []  # found before any download
