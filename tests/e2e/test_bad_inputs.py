@@ -187,7 +187,8 @@ def test_a_folder_with_a_gzip_file_trains_like_the_same_text_in_one_file(case: C
     assert run.data.tags["dataset.url"] == str(folder)
     assert int(run.data.tags["dataset.bytes"]) == cut + (folder / "part2" / "rest.txt.gz").stat().st_size
     assert int(run.data.tags["dataset.num_tokens"]) == len(_char_tokens(book))
-    assert not case.cache.exists()  # a local folder is read in place
+    # A local folder is read in place: the cache holds only its prepared tokens, no copy of the text.
+    assert [p.name for p in case.cache.iterdir()] == ["tokens"]
 
 
 def _char_tokens(book: bytes) -> list[str]:
