@@ -50,36 +50,35 @@ def normalize_chars(text: str, mode: str, raw_counts: np.ndarray | None = None) 
     return _d2l_points(points) if mode == "d2l" else points
 
 
-def _ascii_tables() -> tuple[np.ndarray, np.ndarray]:
-    """Lookup tables over ASCII: the lower-cased letter (others: a space, line breaks: themselves), and
-    whether the character is a letter."""
-    lowered = np.full(128, _SPACE, dtype=np.uint8)
-    letter = np.zeros(128, dtype=bool)
+def _ascii_table() -> bytes:
+    """A ``bytes.translate`` table over ASCII: letters lower-cased, line breaks kept, anything else a space."""
+    table = bytearray(b" " * 256)
     for c in range(128):
-        if chr(c).isascii() and chr(c).isalpha():
-            lowered[c], letter[c] = ord(chr(c).lower()), True
-    lowered[_LF], lowered[_CR] = _LF, _CR
-    return lowered, letter
+        if chr(c).isalpha():
+            table[c] = ord(chr(c).lower())
+    table[_LF], table[_CR] = _LF, _CR
+    return bytes(table)
 
 
-_LOWERED, _LETTER = _ascii_tables()
+_D2L_TABLE = _ascii_table()
 
 
 def _d2l_points(points: np.ndarray) -> np.ndarray:
     """The book's rule on the code points of whole lines: letters lower-cased, each run of other characters
     between two letters of the same line replaced by one space, runs at a line's start or end dropped, and
-    lines joined with no separator."""
+    lines joined with no separator. Returns ASCII (uint8) code points."""
     if points.dtype != np.uint8:
         points = np.minimum(points, 127).astype(np.uint8)  # every non-ASCII character is a separator, like DEL
-    lowered = _LOWERED[points]  # (N,) a-z, space, or a line break
-    letter = _LETTER[points]  # (N,)
+    lowered = np.frombuffer(points.tobytes().translate(_D2L_TABLE), dtype=np.uint8)  # (N,) a-z, space, CR, LF
+    letter = lowered >= 97  # only a-z are that high after the translation
     other = ~letter
-    # Runs of non-letters: where one starts, and whether it holds a line break.
+    # Runs of non-letters: where each starts, and whether it holds a line break.
     starts = np.flatnonzero(other & np.concatenate(([True], letter[:-1])))  # (R,)
     if starts.size == 0:
         return lowered
-    breaks = (lowered == _LF) | (lowered == _CR)
-    has_break = np.logical_or.reduceat(breaks, starts)  # (R,) run r spans starts[r] .. the next letter
+    breaks = np.flatnonzero(lowered < _SPACE)  # (K,) the line breaks: the only characters below a space now
+    has_break = np.zeros(starts.size, dtype=bool)
+    has_break[np.searchsorted(starts, breaks, side="right") - 1] = True  # the run each break falls in
     inside = (starts > 0) & ~has_break  # the chunk starts and ends at line boundaries
     if other[-1]:
         inside[-1] = False  # a run that reaches the end of the chunk ends its last line

@@ -20,7 +20,6 @@ code points, so memory stays bounded by the chunk size whatever the size of the 
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import logging
@@ -36,17 +35,14 @@ import numpy as np
 
 from deeprnn.config import DataConfig
 from deeprnn.download import CorpusFile, cache_dir, read_text_chunks
-from deeprnn.normalize import LetterLoss, letter_loss, normalize_chars, normalize_words
+from deeprnn.token_counts import CHUNK_BYTES, CharCounter, TooManyWordsError, WordCounter, whole_lines
 from deeprnn.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
 FORMAT = "deeprnn-tokens/1"
-CHUNK_BYTES = 1 << 24  # 16 MiB of text per step: a few hundred MB of working memory at most
 MAX_VOCAB = 250_000  # beyond this the one-hot input and output layer of a model no longer fit in memory
-MAX_DISTINCT_WORDS = 20_000_000  # a guard while counting: this many distinct words already take gigabytes
 WARN_LETTER_LOSS = 0.01  # warn when normalization drops more than this share of the text's letters
-_UNICODE = 0x110000
 
 
 class PrepareError(ValueError):
@@ -187,25 +183,29 @@ def _from_meta(folder: Path, meta: dict[str, Any], cache_hit: bool) -> PreparedC
 def _build_entry(corpus: CorpusFile, settings: TokenSettings, folder: Path) -> PreparedCorpus:
     """Tokenize ``corpus`` into a temporary folder beside ``folder``, then rename it into place."""
     started = time.perf_counter()
-    counter = CharCounter(settings.normalize) if settings.token == "char" else WordCounter(settings.normalize)
-    for text in whole_lines(read_text_chunks(corpus, CHUNK_BYTES)):
-        counter.add(text)
-    loss = counter.letter_loss()
-    vocab = Vocab.from_counts(counter.token_freqs(), settings.min_freq, settings.reserved_tokens)
-    _check_vocab(corpus, settings, counter, vocab)
-    # Only the kept tokens' counts travel on (vocab.json, checkpoints): a word corpus may count millions.
-    vocab.token_freqs = [(t, f) for t, f in vocab.token_freqs if f >= settings.min_freq]
-    dtype = id_dtype(len(vocab))
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".build-"))
+
+    def text() -> Iterator[str]:
+        return whole_lines(read_text_chunks(corpus, CHUNK_BYTES))
+
     try:
-        encoder = counter.encoder(vocab, dtype)
-        digest = hashlib.sha1()
-        with open(tmp / "ids.bin", "wb") as fh:
-            for text in whole_lines(read_text_chunks(corpus, CHUNK_BYTES)):
-                ids = encoder(text)
-                digest.update(ids.data)
-                fh.write(ids.data)
+        if settings.token == "char":
+            counter: CharCounter | WordCounter = CharCounter(settings.normalize, tmp / "normalized.tmp")
+        else:
+            counter = WordCounter(settings.normalize)
+        try:
+            for chunk in text():
+                counter.add(chunk)
+        except TooManyWordsError as exc:
+            raise PrepareError(str(exc)) from None
+        vocab = Vocab.from_counts(counter.token_freqs(), settings.min_freq, settings.reserved_tokens)
+        _check_vocab(corpus, settings, counter, vocab)
+        # Only the kept tokens' counts travel on (vocab.json, checkpoints): a word corpus may count millions.
+        vocab.token_freqs = [(t, f) for t, f in vocab.token_freqs if f >= settings.min_freq]
+        dtype = id_dtype(len(vocab))
+        ids_sha1 = _write_ids(tmp / "ids.bin", counter.encoded(vocab, dtype, text))
         vocab.save(tmp / "vocab.json")
+        loss = counter.letter_loss()
         meta = {
             "format": FORMAT,
             "corpus_sha1": corpus.sha1,
@@ -214,7 +214,7 @@ def _build_entry(corpus: CorpusFile, settings: TokenSettings, folder: Path) -> P
             "num_tokens": counter.num_tokens,
             "vocab_size": len(vocab),
             "dtype": dtype.name,
-            "ids_sha1": digest.hexdigest(),
+            "ids_sha1": ids_sha1,
             "letters": loss.letters,
             "dropped_letters": loss.dropped,
             "build_seconds": round(time.perf_counter() - started, 3),
@@ -225,6 +225,16 @@ def _build_entry(corpus: CorpusFile, settings: TokenSettings, folder: Path) -> P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return _from_meta(folder, meta, cache_hit=False)
+
+
+def _write_ids(path: Path, chunks: Iterable[np.ndarray]) -> str:
+    """Write the id chunks one after the other to ``path``; returns the SHA-1 of what was written."""
+    digest = hashlib.sha1()
+    with open(path, "wb") as fh:
+        for ids in chunks:
+            digest.update(ids.data)
+            fh.write(ids.data)
+    return digest.hexdigest()
 
 
 def _check_vocab(corpus: CorpusFile, settings: TokenSettings, counter: "CharCounter | WordCounter", vocab: Vocab) -> None:
@@ -247,126 +257,6 @@ def _check_vocab(corpus: CorpusFile, settings: TokenSettings, counter: "CharCoun
             f"{settings.min_freq}, more than the {MAX_VOCAB:,} a model can hold in memory (its input and output "
             f"layers grow with it): raise --min-freq ({options}) or use --token char"
         )
-
-
-def whole_lines(chunks: Iterable[str]) -> Iterator[str]:
-    """Re-cut text chunks so that each ends at a line break (the normalization works line by line).
-
-    A line longer than a chunk is carried until it ends, so memory is bounded by the chunk size plus the
-    longest line.
-    """
-    carry = ""
-    for chunk in chunks:
-        text = carry + chunk if carry else chunk
-        cut = max(text.rfind("\n"), text.rfind("\r")) + 1
-        if cut == 0:
-            carry = text
-            continue
-        yield text[:cut]
-        carry = text[cut:]
-    if carry:
-        yield carry
-
-
-class CharCounter:
-    """Counts a text's characters chunk by chunk (after normalization), remembering first-seen order."""
-
-    def __init__(self, normalize: str) -> None:
-        self.normalize = normalize
-        self.counts = np.zeros(_UNICODE, dtype=np.int64)  # (0x110000,) one slot per code point
-        self.raw = np.zeros(_UNICODE, dtype=np.int64) if normalize == "d2l" else None
-        self.first_seen: dict[int, int] = {}  # code point -> position of its first occurrence
-        self.num_tokens = 0
-
-    def add(self, text: str) -> None:
-        """Count one chunk of whole lines."""
-        points = normalize_chars(text, self.normalize, self.raw)
-        counted = np.bincount(points)
-        new = np.flatnonzero((counted > 0) & (self.counts[: counted.size] == 0))
-        if new.size:
-            self.first_seen.update(_first_positions(points, new, self.num_tokens))
-        self.counts[: counted.size] += counted
-        self.num_tokens += int(points.size)
-
-    def token_freqs(self) -> list[tuple[str, int]]:
-        """``(character, count)`` in first-seen order."""
-        order = sorted(self.first_seen, key=self.first_seen.__getitem__)
-        return [(chr(cp), int(self.counts[cp])) for cp in order]
-
-    def letter_loss(self) -> LetterLoss:
-        """The letters of the original text that normalization dropped."""
-        return letter_loss(self.raw if self.raw is not None else self.counts, self.normalize)
-
-    def encoder(self, vocab: Vocab, dtype: np.dtype) -> Any:
-        """A function from a chunk of whole lines to its token ids (a lookup table over code points)."""
-        table = np.zeros(max(self.first_seen) + 1, dtype=dtype)  # unknown characters stay 0: <unk>
-        for token, index in vocab.token_to_idx.items():
-            if len(token) == 1 and ord(token) < table.size:
-                table[ord(token)] = index
-
-        def encode(text: str) -> np.ndarray:
-            return table[normalize_chars(text, self.normalize)]
-
-        return encode
-
-
-class WordCounter:
-    """Counts a text's words chunk by chunk; a ``Counter`` keeps first-seen order."""
-
-    def __init__(self, normalize: str) -> None:
-        self.normalize = normalize
-        self.counts: collections.Counter[str] = collections.Counter()
-        self.num_tokens = 0
-
-    def add(self, text: str) -> None:
-        """Count one chunk of whole lines; refuse a text with more distinct words than memory holds."""
-        words = normalize_words(text, self.normalize)
-        self.counts.update(words)
-        self.num_tokens += len(words)
-        if len(self.counts) > MAX_DISTINCT_WORDS:
-            raise PrepareError(
-                f"the text has more than {MAX_DISTINCT_WORDS:,} distinct words, more than a word vocabulary can "
-                "hold in memory: use --token char (or a smaller text); --min-freq drops rare words only after "
-                "counting them"
-            )
-
-    def token_freqs(self) -> list[tuple[str, int]]:
-        """``(word, count)`` in first-seen order."""
-        return list(self.counts.items())
-
-    def letter_loss(self) -> LetterLoss:
-        """Word counts do not say which characters were dropped; nothing is reported for words."""
-        return LetterLoss(0, 0, ())
-
-    def encoder(self, vocab: Vocab, dtype: np.dtype) -> Any:
-        """A function from a chunk of whole lines to its token ids."""
-        get = vocab.token_to_idx.get
-
-        def encode(text: str) -> np.ndarray:
-            words = normalize_words(text, self.normalize)
-            return np.fromiter((get(w, 0) for w in words), dtype=dtype, count=len(words))
-
-        return encode
-
-
-def _first_positions(points: np.ndarray, values: np.ndarray, offset: int) -> dict[int, int]:
-    """Where each of ``values`` first occurs in ``points`` (plus ``offset``).
-
-    Searches growing prefixes, since first occurrences are nearly always early: the whole chunk is sorted
-    only when a value first shows up near its end.
-    """
-    wanted = set(values.tolist())
-    found: dict[int, int] = {}
-    start, size = 0, 1 << 16
-    while wanted and start < points.size:
-        block = points[start : start + size]
-        uniq, first = np.unique(block, return_index=True)
-        for value, index in zip(uniq.tolist(), first.tolist()):
-            if value in wanted:
-                found[value] = offset + start + index
-                wanted.discard(value)
-        start, size = start + size, size * 4
-    return found
 
 
 def _sha1_of(path: Path) -> str:
