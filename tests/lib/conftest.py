@@ -7,6 +7,7 @@ under ``tests/`` (there are no ``__init__.py`` files, so pytest imports test mod
 from __future__ import annotations
 
 import importlib
+import os
 import importlib.machinery
 import importlib.util
 import random
@@ -27,8 +28,8 @@ from deeprnn.tokenize import flatten, preprocess_lines, tokenize
 from deeprnn.vocab import Vocab
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # tests/lib/conftest.py -> the checkout
-# The shared folder sits beside the checkout (``../shared`` from the project root), in CI too.
-BOOK_PATH = PROJECT_ROOT.parent / "shared" / "data" / "timemachine.txt"
+# The book's folder: DEEPRNN_TEST_DATA (.ci/run sets it), else the shared folder beside the checkout.
+BOOK_PATH = Path(os.environ.get("DEEPRNN_TEST_DATA") or PROJECT_ROOT.parent / "shared" / "data") / "timemachine.txt"
 
 # A few lines in the book's style: enough text for several minibatches of a tiny model, in milliseconds.
 TINY_TEXT = (
