@@ -3,7 +3,8 @@
 A resumed run keeps the configuration stored in its checkpoint. Settings that only say how or where to run
 may change (``RESUMABLE``); everything that shapes the model or its training trajectory may not, because the
 metric history and the weights already logged were produced with it. ``epochs`` may be raised, never lowered
-below the epochs already done.
+below the epochs already done; ``max_steps`` likewise, and a checkpoint taken inside an epoch continues
+from the minibatch after it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ from deeprnn.model import RNNLM
 from deeprnn.train import Trainer
 
 # Flat keys (as in ``RunConfig.flat``) a resumed run may change.
-RESUMABLE = frozenset({"train.epochs", "train.device", "train.checkpoint_every", "train.log_every"})
+RESUMABLE = frozenset(
+    {
+        "train.epochs",
+        "train.max_steps",
+        "train.device",
+        "train.checkpoint_every",
+        "train.checkpoint_every_steps",
+        "train.log_every",
+    }
+)
 _RUN_ID = re.compile(r"^[0-9A-Za-z]{1,64}$")
 
 
@@ -87,7 +97,7 @@ def restore_training(data: dict[str, Any], config: RunConfig, model: RNNLM, trai
     """Load a resumable checkpoint dict into ``model`` and ``trainer``; returns the epochs already done.
 
     Refuses (``ResumeError``) a checkpoint from another configuration, one without training state (a final
-    ``model.pt``), and one with more epochs done than ``config`` asks for.
+    ``model.pt``), and one with more epochs (or steps) done than ``config`` asks for.
     """
     conflicts = differences(RunConfig.model_validate(data["config"]), config)
     if conflicts:
@@ -99,6 +109,12 @@ def restore_training(data: dict[str, Any], config: RunConfig, model: RNNLM, trai
         raise ResumeError("the checkpoint holds no training state (a final model, not a resumable last.pt)")
     if data["epoch"] > config.train.epochs:
         raise ResumeError(f"the checkpoint has {data['epoch']} epochs done, more than the {config.train.epochs} asked for")
+    steps_done = int(data["trainer_state"].get("step") or 0)
+    if config.train.max_steps is not None and steps_done > config.train.max_steps:
+        raise ResumeError(
+            f"the checkpoint already has {steps_done} steps done; --max-steps {config.train.max_steps} would undo "
+            f"them: give at least {steps_done}"
+        )
     model.load_state_dict(data["model_state"])  # weights first: the optimizer state refers to them
     trainer.load_state_dict(data["trainer_state"])
     return trainer.epoch

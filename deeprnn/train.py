@@ -406,7 +406,7 @@ class Trainer:
                 self._step()
             self.step += 1
             pos.batch = i + 1
-            if pos.batch < pos.batches:
+            if pos.batch < pos.batches and not self._budget_spent():  # else the epoch's end reports
                 evaluate, checkpoint = self._due_by_steps(run)
                 if evaluate or checkpoint or time.perf_counter() - run.last_sync > _SYNC_SECONDS:
                     self._report_inside(run, evaluate, checkpoint)
@@ -490,7 +490,7 @@ class Trainer:
             tokens_per_sec=steps * cfg.batch_size * cfg.num_steps / seconds,
             eta_seconds=eta_seconds(self.step - run.step0, total - run.step0, now - run.t_start),
             heldout_perplexity=heldout,
-            epoch_end=epoch_end,
+            epoch_end=epoch_end and self._pos is None,  # a budget's end inside an epoch says where in it
         )
         if run.on_step is not None:
             run.on_step(stats)
