@@ -114,10 +114,15 @@ def random_starts(num_tokens: int, batch_size: int, num_steps: int, rng: random.
     return torch.from_numpy(chosen * num_steps + offset).reshape(nb, batch_size)
 
 
-def gather_rows(corpus: torch.Tensor, starts: torch.Tensor, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_rows(
+    corpus: torch.Tensor, starts: torch.Tensor, num_steps: int, steps: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``X, Y`` of shape ``starts.shape + (num_steps,)``: the subsequences of ``corpus`` at ``starts`` and
-    the same shifted by one token (in ``corpus``'s dtype and device)."""
-    pos = starts.to(corpus.device)[..., None] + torch.arange(num_steps, device=corpus.device)
+    the same shifted by one token (in ``corpus``'s dtype and device). ``steps``: ``arange(num_steps)`` on
+    ``corpus``'s device, when the caller keeps one."""
+    if steps is None:
+        steps = torch.arange(num_steps, device=corpus.device)
+    pos = starts.to(corpus.device)[..., None] + steps
     return corpus[pos], corpus[pos + 1]
 
 
@@ -157,6 +162,7 @@ class EpochBatches:
         self.starts: torch.Tensor | None = None
         if partition == "random":
             self.starts = random_starts(corpus.numel(), batch_size, num_steps, rng).to(corpus.device)
+            self.steps = torch.arange(num_steps, device=corpus.device)
         else:
             self.views = epoch_batches(corpus, batch_size, num_steps, partition, rng)
 
@@ -168,7 +174,7 @@ class EpochBatches:
         if self.views is not None:
             bx, by = self.views[0][i], self.views[1][i]
         else:
-            bx, by = gather_rows(self.corpus, self.starts[i], self.num_steps)  # type: ignore[index]
+            bx, by = gather_rows(self.corpus, self.starts[i], self.num_steps, self.steps)  # type: ignore[index]
         x.copy_(bx)
         y.copy_(by)
 

@@ -8,13 +8,18 @@ and tokens/s over the epoch.
 
 What makes it fast without changing those semantics:
 
-* the token ids live on the training device; an epoch's minibatches are views of them;
+* the token ids live on the training device in the dtype they come in (uint8 from a token cache); an
+  epoch's minibatches are views of them (random ones: gathered one minibatch at a time), each converted to
+  int64 by the copy into the step's static buffers;
 * the step never syncs with the host: the loss is summed on the device, clipping is a multiply by
   ``min(1, theta / norm)`` instead of a Python ``if``, and the optimizer is fused (or ``foreach``);
 * on CUDA the whole step (forward, backward, clip, update, state carry) is captured once as a CUDA graph
   and replayed, which removes the ~100 kernel launches per step that bound the book's loop;
 * the host reads losses and timings back only every few epochs (to log, evaluate or checkpoint), using CUDA
   events for per-epoch times, so the GPU never waits for Python;
+* inside a long epoch the host still reads back every ``_SYNC_SECONDS`` (progress), and every
+  ``eval_every_steps`` / ``checkpoint_every_steps`` steps; ``max_steps`` ends training at any minibatch, and a
+  checkpoint taken there carries the position inside the epoch, so a resume continues from the next one;
 * on the CPU nothing is switched off: oneDNN's LSTM kernels measured 1.5x faster than PyTorch's native ones
   for the book's shapes with 2 threads (``bench/train_speed.py --mode kernels``), so they stay on.
 """
@@ -26,8 +31,8 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +41,11 @@ from deeprnn.batching import EpochBatches, check_enough_tokens
 from deeprnn.config import TrainConfig
 from deeprnn.evaluate import perplexity, perplexity_from_loss
 from deeprnn.model import RNNLM, copy_state_, detach_state, zero_state_
-from deeprnn.progress import StepStats, eta_seconds
+from deeprnn.progress import EpochStats, FitResult, Reporter, StepStats
+from deeprnn.step import Clock, clip_grad_norm_, make_optimizer, use_bf16
+
+# Importable from here as before: ``from deeprnn.train import EpochStats, clip_grad_norm_``.
+__all__ = ["EpochStats", "FitResult", "StepStats", "Trainer", "TrainingDivergedError", "clip_grad_norm_", "make_optimizer"]
 
 log = logging.getLogger(__name__)
 
@@ -53,91 +62,6 @@ class TrainingDivergedError(RuntimeError):
             "epoch are kept"
         )
         self.epoch = epoch
-
-
-@dataclass
-class EpochStats:
-    """What one epoch produced."""
-
-    epoch: int  # 1-based
-    train_perplexity: float
-    tokens_per_sec: float
-    seconds: float
-    lr: float
-    heldout_perplexity: float | None = None
-    step: int = 0  # optimizer steps done in total at the end of this epoch (0: not recorded)
-    partial: bool = False  # the step budget ended training inside this epoch: its numbers cover the part done
-
-
-@dataclass
-class FitResult:
-    """The outcome of ``Trainer.fit``."""
-
-    history: list[EpochStats]
-    epochs_done: int
-    final_train_perplexity: float
-    best_epoch: int | None
-    best_heldout_perplexity: float | None
-    train_seconds: float
-    tokens_per_sec: float
-    step_mode: str  # 'cuda-graph' or 'eager'
-    precision: str  # 'bf16' (autocast) or 'fp32'
-    steps_done: int = 0  # optimizer steps in total, across resumes
-    eval_max_tokens: int | None = None  # held-out tokens each periodic evaluation read (None: all)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return asdict(self)
-
-
-def clip_grad_norm_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """The book's ``grad_clipping`` without a host sync: scale by ``min(1, max_norm / norm)``; returns the norm.
-
-    Multiplying by exactly 1.0 when ``norm <= max_norm`` leaves the gradients bit-for-bit unchanged, so this
-    matches the book's ``if norm > theta`` branch.
-    """
-    norms = torch._foreach_norm(grads)  # one fused kernel per dtype/device group
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    coef = torch.clamp(max_norm / total, max=1.0)
-    torch._foreach_mul_(grads, coef)
-    return total
-
-
-def make_optimizer(model: RNNLM, cfg: TrainConfig, device: torch.device, tensor_lr: bool) -> torch.optim.Optimizer:
-    """The configured optimizer; fused on CUDA, capturable (for CUDA graphs) where the algorithm has state."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    lr: float | torch.Tensor = torch.tensor(cfg.lr, device=device) if tensor_lr else cfg.lr
-    fused = device.type == "cuda"
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused or None, capturable=fused)
-
-
-class _Clock:
-    """Per-epoch durations: CUDA events on the GPU (read back later, no sync), host time elsewhere."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.device = device
-
-    def mark(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def seconds(self, start: Any, end: Any) -> float:
-        if self.cuda:
-            return start.elapsed_time(end) / 1000.0
-        return end - start
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        elif self.device.type == "mps":
-            torch.mps.synchronize()
 
 
 @dataclass
@@ -179,15 +103,11 @@ class _Run:
     on_checkpoint: Callable[[int], None] | None
     checkpoint_every: int | None
     on_step: Callable[[StepStats], None] | None
+    reporter: Reporter
     t_start: float
-    step0: int
     history: list[EpochStats] = field(default_factory=list)
     pending: list[_Pending] = field(default_factory=list)
     last_sync: float = 0.0
-    report_time: float = 0.0  # host time, global step, epoch loss sum and batch of the previous report
-    report_step: int = 0
-    report_loss: float = 0.0
-    report_batch: int = 0
     drained_loss_sum: float = 0.0  # summed loss and minibatches of the last epoch read back
     drained_batches: int = 0
 
@@ -227,7 +147,7 @@ class Trainer:
         self._resume: dict[str, Any] | None = None  # a position inside an epoch to continue from
         self.best = _Best()
         self.use_graph = cfg.fast and device.type == "cuda"
-        self.autocast = _use_bf16(cfg.precision, device)
+        self.autocast = use_bf16(cfg.precision, device)
         self.optimizer = make_optimizer(
             self.model, cfg, device, tensor_lr=self.use_graph and cfg.lr_schedule != "constant"
         )
@@ -239,7 +159,7 @@ class Trainer:
         self.loss_acc = torch.zeros((), device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.step_mode = "eager"
-        self.clock = _Clock(device)
+        self.clock = Clock(device)
 
     # ----- one step -------------------------------------------------------------------------------
     def _step(self) -> None:
@@ -330,8 +250,8 @@ class Trainer:
         """
         cfg = self.cfg
         now = time.perf_counter()
-        run = _Run(on_epoch, on_checkpoint, checkpoint_every, on_step, now, self.step, last_sync=now)
-        run.report_time, run.report_step = now, self.step
+        reporter = Reporter(cfg.epochs, cfg.max_steps, cfg.batch_size * cfg.num_steps, self.step)
+        run = _Run(on_epoch, on_checkpoint, checkpoint_every, on_step, reporter, now, last_sync=now)
         if self.use_graph and self.graph is None and not self._finished():
             self._capture()
         while not self._finished():
@@ -394,7 +314,7 @@ class Trainer:
         pos = self._pos
         assert pos is not None
         first = pos.batch
-        run.report_loss, run.report_batch = float(self.loss_acc) if first else 0.0, first
+        run.reporter.begin_epoch(float(self.loss_acc) if first else 0.0, first)
         start = self.clock.mark()
         for i in range(first, pos.batches):
             if self._budget_spent():
@@ -465,43 +385,19 @@ class Trainer:
         run.last_sync = time.perf_counter()
 
     def _step_report(self, run: _Run, heldout: float | None, epoch_end: bool, loss_sum: float) -> None:
-        """Build the ``StepStats`` of the steps since the previous report and hand it to ``on_step``."""
-        cfg = self.cfg
-        now = time.perf_counter()
+        """Hand the ``StepStats`` of the steps since the previous report to ``on_step``."""
         if self._pos is not None:  # inside an epoch, or at the end of one the budget cut short
             epoch, batch, batches = self._pos.epoch, self._pos.batch, self._pos.batches
         else:
             epoch, batch, batches = self.epoch, run.drained_batches, run.drained_batches
-        count = batch - run.report_batch
-        mean = (loss_sum - run.report_loss) / count if count > 0 else math.nan
-        if not math.isfinite(mean) and count > 0:
+        # A budget's end inside an epoch is reported as inside it: the line says where.
+        stats, mean = run.reporter.report(self.step, epoch, batch, batches, loss_sum, heldout, epoch_end and self._pos is None)
+        if mean is not None and not math.isfinite(mean):
             raise TrainingDivergedError(epoch, mean)
-        steps = self.step - run.report_step
-        seconds = max(now - run.report_time, 1e-9)
-        total = self._planned_steps(epoch, batch, batches)
-        stats = StepStats(
-            step=self.step,
-            total_steps=total,
-            epoch=epoch,
-            epochs=cfg.epochs,
-            batch=batch,
-            batches=batches,
-            train_perplexity=perplexity_from_loss(mean),
-            tokens_per_sec=steps * cfg.batch_size * cfg.num_steps / seconds,
-            eta_seconds=eta_seconds(self.step - run.step0, total - run.step0, now - run.t_start),
-            heldout_perplexity=heldout,
-            epoch_end=epoch_end and self._pos is None,  # a budget's end inside an epoch says where in it
-        )
         if run.on_step is not None:
             run.on_step(stats)
-        run.report_time, run.report_step = time.perf_counter(), self.step
-        run.report_loss, run.report_batch = (0.0, 0) if epoch_end else (loss_sum, batch)
-        run.last_sync = run.report_time
-
-    def _planned_steps(self, epoch: int, batch: int, batches: int) -> int:
-        """Steps the run will have taken at its end: the budget, or the remaining epochs at this epoch's size."""
-        planned = self.step + (batches - batch) + (self.cfg.epochs - epoch) * batches
-        return min(planned, self.cfg.max_steps) if self.cfg.max_steps is not None else planned
+        run.reporter.restart_window()
+        run.last_sync = time.perf_counter()
 
     def _heldout_perplexity(self) -> float:
         """Held-out perplexity over the first ``cfg.eval_max_tokens`` held-out tokens (all when unset)."""
@@ -600,21 +496,6 @@ class Trainer:
         if state.get("best_state"):
             self.best.state = {k: v.to(self.device) for k, v in state["best_state"].items()}
         self._resume = state.get("position")  # applied when the next epoch begins (after any graph capture)
-
-
-def _use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether the step runs under bf16 autocast.
-
-    Measured on an H200 with the book's preset: cuDNN's LSTM step takes 661 us in bf16 against 1,135 us in
-    fp32, and training still reaches perplexity 1.02 with the book's samples. The CPU gains nothing from it.
-    """
-    if precision == "fp32":
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if precision == "bf16":
-        raise ValueError(f"precision 'bf16' needs a CUDA device, not {device}; use --precision auto or fp32")
-    return False
 
 
 def _rng_to_lists(state: tuple) -> list:
