@@ -43,7 +43,7 @@ class FitResult:
     step_mode: str  # 'cuda-graph' or 'eager'
     precision: str  # 'bf16' (autocast) or 'fp32'
     steps_done: int = 0  # optimizer steps in total, across resumes
-    eval_max_tokens: int | None = None  # held-out tokens each periodic evaluation read (None: all)
+    eval_tokens: int | None = None  # held-out tokens each periodic evaluation read (the cap, or fewer)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

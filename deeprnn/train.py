@@ -274,7 +274,7 @@ class Trainer:
             step_mode=self.step_mode,
             precision="bf16" if self.autocast else "fp32",
             steps_done=self.step,
-            eval_max_tokens=cfg.eval_max_tokens,
+            eval_tokens=self._eval_tokens(),
         )
 
     def _finished(self) -> bool:
@@ -398,6 +398,13 @@ class Trainer:
             run.on_step(stats)
         run.reporter.restart_window()
         run.last_sync = time.perf_counter()
+
+    def _eval_tokens(self) -> int | None:
+        """Held-out tokens a periodic evaluation reads: ``eval_max_tokens``, or the whole split when shorter."""
+        if self.heldout_ids is None:
+            return None
+        n = self.heldout_ids.numel()
+        return min(n, self.cfg.eval_max_tokens) if self.cfg.eval_max_tokens is not None else n
 
     def _heldout_perplexity(self) -> float:
         """Held-out perplexity over the first ``cfg.eval_max_tokens`` held-out tokens (all when unset)."""

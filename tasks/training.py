@@ -90,7 +90,8 @@ def train_model(
         "training %s x%d (%d hidden) on %s: %d epochs%s of %d tokens, held-out = %s split%s",
         config.model.cell, config.model.num_layers, config.model.num_hiddens, describe(device),
         cfg.epochs, budget, splits.train.numel(), "validation" if has_val else "test",
-        f" (first {cfg.eval_max_tokens:,} tokens per evaluation)" if cfg.eval_max_tokens is not None else "",
+        f" (its first {cfg.eval_max_tokens:,} tokens per evaluation)"
+        if cfg.eval_max_tokens is not None and cfg.eval_max_tokens < heldout.numel() else "",
     )
 
     metrics = tracking.MetricLogger(run_id, resuming=True)  # a retry or resume may find epochs already logged

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from deeprnn import train as train_module
+from deeprnn.batching import split_corpus
 from deeprnn.config import RunConfig, preset_config
 from deeprnn.evaluate import perplexity
 from deeprnn.model import RNNLM
@@ -105,7 +106,8 @@ def test_eval_max_tokens_reads_only_the_first_n_heldout_tokens(tiny_vocab: Vocab
     trainer = _trainer(tiny_vocab, tiny_ids[:-400], _cfg(epochs=1, eval_max_tokens=n), heldout_ids=heldout)
     result = trainer.fit()
     value = result.history[-1].heldout_perplexity
-    assert result.eval_max_tokens == n
+    assert result.eval_tokens == n  # stated in the results
+    assert _trainer(tiny_vocab, tiny_ids, _cfg(epochs=1), heldout_ids=heldout).fit().eval_tokens == 400  # default cap: above
     assert value == pytest.approx(perplexity(trainer.model, heldout[:n], rows=8), rel=1e-12)
     assert value != pytest.approx(perplexity(trainer.model, heldout, rows=8), rel=1e-6)
     # Whatever follows the first n tokens is never read.
@@ -196,3 +198,13 @@ def test_eta_from_the_pace_so_far() -> None:
     assert eta_seconds(100, 400, 50.0) == 150.0  # 300 steps left at 0.5 s each
     assert eta_seconds(400, 400, 50.0) == 0.0
     assert eta_seconds(0, 400, 0.0) is None  # no pace yet
+
+
+@pytest.mark.parametrize("preset", ["d2l-9.3", "full-book", "smoke"])
+def test_the_default_cap_reads_every_preset_heldout_split_of_the_book_whole(preset: str, book_tokens: list[str]) -> None:
+    # The cap bounds evaluations on large corpora; on the book it must change nothing.
+    config = preset_config(preset)
+    n = len(book_tokens)
+    splits = split_corpus(torch.arange(n), config.data.val_fraction, config.data.test_fraction, config.data.max_tokens)
+    heldout = splits.val if splits.val.numel() else splits.test
+    assert config.train.eval_max_tokens is not None and heldout.numel() < config.train.eval_max_tokens
