@@ -84,6 +84,7 @@ def run(ids, vocab_size: int, preset: str, cap: int | None, device: str) -> dict
         "heldout_tokens": heldout.numel(),
         "train_tokens": splits.train.numel(),
         "evaluations": timed["count"],
+        "eval_tokens": result.eval_tokens,
         "train_s": sum(h.seconds for h in result.history),
         "eval_s": timed["seconds"],
         "fit_s": result.train_seconds,
@@ -113,12 +114,12 @@ def main() -> None:
     run(ids[:200_000], vocab_size, args.preset, args.caps[0], args.device)  # warm-up: first-call costs out of the table
     rows = [run(ids, vocab_size, args.preset, cap, args.device) for cap in args.caps]
     print(f"\n{args.preset} preset, {args.mb:g} MB corpus, device {args.device}: `{shlex.join(['python', *sys.argv])}`\n")
-    print("| eval_max_tokens | held-out tokens | evaluations | training s | evaluating s | eval / train | last held-out ppl | final test (whole split) s | test ppl |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| eval_max_tokens | held-out tokens | tokens per evaluation | evaluations | training s | evaluating s | eval / train | last held-out ppl | final test (whole split) s | test ppl |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         ratio = r["eval_s"] / r["train_s"] if r["train_s"] else float("nan")
         print(
-            f"| {r['cap'] if r['cap'] is not None else 'none'} | {r['heldout_tokens']:,} | {r['evaluations']} | "
+            f"| {r['cap'] if r['cap'] is not None else 'none'} | {r['heldout_tokens']:,} | {r['eval_tokens']:,} | {r['evaluations']} | "
             f"{r['train_s']:.2f} | {r['eval_s']:.2f} | {ratio:.2f} | {r['last_heldout_ppl']:.3f} | "
             f"{r['final_test_s']:.2f} | {r['test_ppl']:.3f} |"
         )

@@ -17,8 +17,8 @@ from deeprnn.config import RunConfig, SampleConfig, TrainConfig
 from deeprnn.device import describe, resolve_device, seed_everything
 from deeprnn.evaluate import perplexity
 from deeprnn.generate import generate
-from deeprnn.progress import StepStats, progress_line
 from deeprnn.model import RNNLM
+from deeprnn.progress import StepStats, progress_line
 from deeprnn.train import EpochStats, Trainer
 from deeprnn.vocab import Vocab
 from tasks import tracking
