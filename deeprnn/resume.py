@@ -65,12 +65,16 @@ def differences(stored: RunConfig, given: RunConfig) -> dict[str, tuple[Any, Any
     return {k: (before.get(k), v) for k, v in after.items() if v != before.get(k) and k not in RESUMABLE}
 
 
-def resume_config(stored: dict[str, Any], overrides: dict[str, dict[str, Any]], epochs_done: int) -> RunConfig:
+def resume_config(
+    stored: dict[str, Any], overrides: dict[str, dict[str, Any]], epochs_done: int, steps_done: int = 0
+) -> RunConfig:
     """The configuration a resumed run continues with: the checkpoint's ``stored`` config, plus ``overrides``.
 
     ``overrides`` (``{section: {field: value}}``, None values ignored) may restate the stored values, change
     the ``RESUMABLE`` ones, or give the corpus URL again with its credentials (checkpoints keep it without).
-    Anything else raises ``ResumeError`` naming each setting, its stored value and the value given.
+    Anything else raises ``ResumeError`` naming each setting, its stored value and the value given, and so
+    do ``epochs`` below ``epochs_done`` and ``max_steps`` below ``steps_done`` (the checkpoint's
+    ``trainer_state["step"]``).
     """
     base = RunConfig.model_validate(stored)
     merged = base.model_dump(mode="json")
@@ -90,7 +94,16 @@ def resume_config(stored: dict[str, Any], overrides: dict[str, dict[str, Any]], 
             f"the checkpoint already has {epochs_done} epochs done; --epochs {config.train.epochs} would undo "
             f"them: give at least {epochs_done}"
         )
+    _check_steps(config, steps_done)
     return config
+
+
+def _check_steps(config: RunConfig, steps_done: int) -> None:
+    if config.train.max_steps is not None and steps_done > config.train.max_steps:
+        raise ResumeError(
+            f"the checkpoint already has {steps_done} steps done; --max-steps {config.train.max_steps} would undo "
+            f"them: give at least {steps_done}"
+        )
 
 
 def restore_training(data: dict[str, Any], config: RunConfig, model: RNNLM, trainer: Trainer) -> int:
@@ -109,12 +122,7 @@ def restore_training(data: dict[str, Any], config: RunConfig, model: RNNLM, trai
         raise ResumeError("the checkpoint holds no training state (a final model, not a resumable last.pt)")
     if data["epoch"] > config.train.epochs:
         raise ResumeError(f"the checkpoint has {data['epoch']} epochs done, more than the {config.train.epochs} asked for")
-    steps_done = int(data["trainer_state"].get("step") or 0)
-    if config.train.max_steps is not None and steps_done > config.train.max_steps:
-        raise ResumeError(
-            f"the checkpoint already has {steps_done} steps done; --max-steps {config.train.max_steps} would undo "
-            f"them: give at least {steps_done}"
-        )
+    _check_steps(config, int(data["trainer_state"].get("step") or 0))
     model.load_state_dict(data["model_state"])  # weights first: the optimizer state refers to them
     trainer.load_state_dict(data["trainer_state"])
     return trainer.epoch

@@ -45,6 +45,12 @@ def test_epochs_may_be_extended_never_cut_below_what_is_done() -> None:
         resume_config(_stored(), {"train": {"epochs": 2}}, epochs_done=3)
 
 
+def test_the_step_budget_may_be_raised_never_cut_below_the_steps_done() -> None:
+    assert resume_config(_stored(max_steps=50), {"train": {"max_steps": 80}}, epochs_done=1, steps_done=50).train.max_steps == 80
+    with pytest.raises(ResumeError, match="already has 50 steps done; --max-steps 40 would undo them: give at least 50"):
+        resume_config(_stored(max_steps=50), {"train": {"max_steps": 40}}, epochs_done=1, steps_done=50)
+
+
 def test_runtime_settings_may_change() -> None:
     assert {"train.device", "train.checkpoint_every"} <= RESUMABLE
     config = resume_config(_stored(), {"train": {"device": "auto", "checkpoint_every": 5}}, epochs_done=1)
