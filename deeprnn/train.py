@@ -343,13 +343,8 @@ class Trainer:
 
     def _due_by_steps(self, run: _Run) -> tuple[bool, bool]:
         """Whether the step just taken is due for a held-out evaluation, and for a checkpoint."""
-        cfg = self.cfg
-        evaluate = self.heldout_ids is not None and bool(cfg.eval_every_steps) and self.step % cfg.eval_every_steps == 0  # type: ignore[operator]
-        checkpoint = (
-            run.on_checkpoint is not None
-            and bool(cfg.checkpoint_every_steps)
-            and self.step % cfg.checkpoint_every_steps == 0  # type: ignore[operator]
-        )
+        evaluate = self.heldout_ids is not None and _every(self.step, self.cfg.eval_every_steps)
+        checkpoint = run.on_checkpoint is not None and _every(self.step, self.cfg.checkpoint_every_steps)
         return evaluate, checkpoint
 
     def _end_epoch(self, epoch: int, partial: bool, run: _Run) -> None:
@@ -503,6 +498,11 @@ class Trainer:
         if state.get("best_state"):
             self.best.state = {k: v.to(self.device) for k, v in state["best_state"].items()}
         self._resume = state.get("position")  # applied when the next epoch begins (after any graph capture)
+
+
+def _every(step: int, n: int | None) -> bool:
+    """True when ``n`` is set and ``step`` is one of its multiples."""
+    return n is not None and step % n == 0
 
 
 def _rng_to_lists(state: tuple) -> list:
