@@ -115,9 +115,10 @@ class _Run:
 class Trainer:
     """Trains an ``RNNLM`` on token ids; resumable through ``state_dict``/``load_state_dict``.
 
-    ``heldout_ids`` is evaluated every ``cfg.eval_every`` epochs. With ``select_best`` (a validation split)
-    the weights of the best held-out epoch are restored at the end; otherwise the last epoch's are kept, as
-    in the book.
+    ``heldout_ids`` is evaluated every ``cfg.eval_every`` epochs and every ``cfg.eval_every_steps`` steps,
+    over its first ``cfg.eval_max_tokens`` tokens. With ``select_best`` (a validation split) the weights of
+    the best held-out epoch are restored at the end; otherwise the last epoch's are kept, as in the book.
+    Token ids may be of any integer dtype and stay in it (a CPU tensor over a memory map stays one).
     """
 
     def __init__(
