@@ -13,8 +13,9 @@ Y is X shifted by one token. Each epoch draws a fresh ``offset`` in ``[0, num_st
 instead draws an offset in ``[0, num_steps - 1]`` and shuffles all length-T subsequences, so consecutive
 minibatches are unrelated and the state is reset every minibatch.
 
-Everything here works on tensors already on the training device, so an epoch's minibatches are views or a
-single gather, never a per-step host-to-device copy.
+Everything here works on tensors already on the training device, in whatever integer dtype they are stored
+(uint8 for a small vocabulary), so an epoch's minibatches are views or gathers of them, never a per-step
+host-to-device copy; ``EpochBatches`` hands the trainer one minibatch at a time, converted to int64.
 """
 
 from __future__ import annotations
