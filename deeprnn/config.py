@@ -157,6 +157,40 @@ class TrainConfig(_Section):
     log_every: int = Field(
         10, title="Log every", description="Progress line every N epochs (and at the last).", ge=1, le=100000
     )
+    max_steps: Optional[int] = Field(
+        None,
+        title="Step budget",
+        description="Stop after N optimizer steps in total, also inside an epoch (resumable from there). "
+        "Empty: train for the epochs only.",
+        ge=1,
+        le=10**12,
+    )
+    eval_every_steps: Optional[int] = Field(
+        None,
+        title="Evaluate every N steps",
+        description="Also measure held-out perplexity every N optimizer steps, inside epochs too (MLflow "
+        "step_* metrics, step = global step). Empty: per epoch only.",
+        ge=1,
+        le=10**12,
+    )
+    checkpoint_every_steps: Optional[int] = Field(
+        None,
+        title="Checkpoint every N steps",
+        description="Also save a resumable checkpoint every N optimizer steps, inside epochs too. Empty: per "
+        "epoch only.",
+        ge=1,
+        le=10**12,
+    )
+    # 1M tokens: above every preset's held-out split on the book (17,058 tokens), so the book's numbers do not
+    # change, while an evaluation on a gigabyte corpus stays seconds instead of an hour.
+    eval_max_tokens: Optional[int] = Field(
+        1_000_000,
+        title="Held-out tokens per evaluation",
+        description="Periodic evaluations during training read only the first N held-out tokens (the final "
+        "test perplexity still reads the whole test split). Default 1,000,000; a larger N reads more.",
+        ge=2,
+        le=10**12,
+    )
     checkpoint_every: Optional[int] = Field(
         None,
         title="Checkpoint every",

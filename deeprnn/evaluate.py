@@ -26,23 +26,31 @@ def loss_sum(model: RNNLM, ids: torch.Tensor, rows: int = 32, chunk: int = 512) 
 
     The text is laid out as ``rows`` streams read in ``chunk``-step pieces with the state carried across
     pieces, so every token after a stream's first is predicted from its full left context within the stream.
+    ``ids`` may be of any integer dtype and on any device (a CPU tensor over a memory-mapped token cache, say):
+    each piece is copied to the model's device as int64 on its own, never the whole split at once.
     """
     device = next(model.parameters()).device
-    x, y = eval_streams(ids.to(device), rows)  # (R, L)
+    x, y = eval_streams(ids, rows)  # (R, L), views of ids where it lives
     state = model.begin_state(x.shape[0], device)
     total = torch.zeros((), device=device, dtype=torch.float64)
     for start in range(0, x.shape[1], chunk):
-        xs, ys = x[:, start : start + chunk], y[:, start : start + chunk]  # (R, t)
-        logits, state = model(xs.long(), state)  # (t*R, V); ids may come in a small integer type
-        total += F.cross_entropy(logits, ys.T.reshape(-1).long(), reduction="sum").to(torch.float64)
+        xs = x[:, start : start + chunk].to(device=device, dtype=torch.long)  # (R, t)
+        ys = y[:, start : start + chunk].to(device=device, dtype=torch.long)
+        logits, state = model(xs, state)  # (t*R, V)
+        total += F.cross_entropy(logits, ys.T.reshape(-1), reduction="sum").to(torch.float64)
     return total, y.numel()
 
 
-def perplexity(model: RNNLM, ids: torch.Tensor, rows: int = 32, chunk: int = 512) -> float:
+def perplexity(
+    model: RNNLM, ids: torch.Tensor, rows: int = 32, chunk: int = 512, max_tokens: int | None = None
+) -> float:
     """Perplexity of ``model`` on ``ids`` (any split), weighting every token equally.
 
-    The model is put in eval mode for the measurement and returned to the mode it was in.
+    ``max_tokens`` reads only the first N tokens of ``ids`` (a cheaper estimate on a large split). The model
+    is put in eval mode for the measurement and returned to the mode it was in.
     """
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
     if ids.numel() < 2:
         raise ValueError("perplexity needs at least two tokens")
     was_training = model.training

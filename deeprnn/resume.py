@@ -3,7 +3,8 @@
 A resumed run keeps the configuration stored in its checkpoint. Settings that only say how or where to run
 may change (``RESUMABLE``); everything that shapes the model or its training trajectory may not, because the
 metric history and the weights already logged were produced with it. ``epochs`` may be raised, never lowered
-below the epochs already done.
+below the epochs already done; ``max_steps`` likewise, and a checkpoint taken inside an epoch continues
+from the minibatch after it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ from deeprnn.model import RNNLM
 from deeprnn.train import Trainer
 
 # Flat keys (as in ``RunConfig.flat``) a resumed run may change.
-RESUMABLE = frozenset({"train.epochs", "train.device", "train.checkpoint_every", "train.log_every"})
+RESUMABLE = frozenset(
+    {
+        "train.epochs",
+        "train.max_steps",
+        "train.device",
+        "train.checkpoint_every",
+        "train.checkpoint_every_steps",
+        "train.log_every",
+    }
+)
 _RUN_ID = re.compile(r"^[0-9A-Za-z]{1,64}$")
 
 
@@ -55,12 +65,16 @@ def differences(stored: RunConfig, given: RunConfig) -> dict[str, tuple[Any, Any
     return {k: (before.get(k), v) for k, v in after.items() if v != before.get(k) and k not in RESUMABLE}
 
 
-def resume_config(stored: dict[str, Any], overrides: dict[str, dict[str, Any]], epochs_done: int) -> RunConfig:
+def resume_config(
+    stored: dict[str, Any], overrides: dict[str, dict[str, Any]], epochs_done: int, steps_done: int = 0
+) -> RunConfig:
     """The configuration a resumed run continues with: the checkpoint's ``stored`` config, plus ``overrides``.
 
     ``overrides`` (``{section: {field: value}}``, None values ignored) may restate the stored values, change
     the ``RESUMABLE`` ones, or give the corpus URL again with its credentials (checkpoints keep it without).
-    Anything else raises ``ResumeError`` naming each setting, its stored value and the value given.
+    Anything else raises ``ResumeError`` naming each setting, its stored value and the value given, and so
+    do ``epochs`` below ``epochs_done`` and ``max_steps`` below ``steps_done`` (the checkpoint's
+    ``trainer_state["step"]``).
     """
     base = RunConfig.model_validate(stored)
     merged = base.model_dump(mode="json")
@@ -80,14 +94,23 @@ def resume_config(stored: dict[str, Any], overrides: dict[str, dict[str, Any]], 
             f"the checkpoint already has {epochs_done} epochs done; --epochs {config.train.epochs} would undo "
             f"them: give at least {epochs_done}"
         )
+    _check_steps(config, steps_done)
     return config
+
+
+def _check_steps(config: RunConfig, steps_done: int) -> None:
+    if config.train.max_steps is not None and steps_done > config.train.max_steps:
+        raise ResumeError(
+            f"the checkpoint already has {steps_done} steps done; --max-steps {config.train.max_steps} would undo "
+            f"them: give at least {steps_done}"
+        )
 
 
 def restore_training(data: dict[str, Any], config: RunConfig, model: RNNLM, trainer: Trainer) -> int:
     """Load a resumable checkpoint dict into ``model`` and ``trainer``; returns the epochs already done.
 
     Refuses (``ResumeError``) a checkpoint from another configuration, one without training state (a final
-    ``model.pt``), and one with more epochs done than ``config`` asks for.
+    ``model.pt``), and one with more epochs (or steps) done than ``config`` asks for.
     """
     conflicts = differences(RunConfig.model_validate(data["config"]), config)
     if conflicts:
@@ -99,6 +122,7 @@ def restore_training(data: dict[str, Any], config: RunConfig, model: RNNLM, trai
         raise ResumeError("the checkpoint holds no training state (a final model, not a resumable last.pt)")
     if data["epoch"] > config.train.epochs:
         raise ResumeError(f"the checkpoint has {data['epoch']} epochs done, more than the {config.train.epochs} asked for")
+    _check_steps(config, int(data["trainer_state"].get("step") or 0))
     model.load_state_dict(data["model_state"])  # weights first: the optimizer state refers to them
     trainer.load_state_dict(data["trainer_state"])
     return trainer.epoch

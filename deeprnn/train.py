@@ -8,13 +8,18 @@ and tokens/s over the epoch.
 
 What makes it fast without changing those semantics:
 
-* the token ids live on the training device; an epoch's minibatches are views of them;
+* the token ids live on the training device in the dtype they come in (uint8 from a token cache); an
+  epoch's minibatches are views of them (random ones: gathered one minibatch at a time), each converted to
+  int64 by the copy into the step's static buffers;
 * the step never syncs with the host: the loss is summed on the device, clipping is a multiply by
   ``min(1, theta / norm)`` instead of a Python ``if``, and the optimizer is fused (or ``foreach``);
 * on CUDA the whole step (forward, backward, clip, update, state carry) is captured once as a CUDA graph
   and replayed, which removes the ~100 kernel launches per step that bound the book's loop;
 * the host reads losses and timings back only every few epochs (to log, evaluate or checkpoint), using CUDA
   events for per-epoch times, so the GPU never waits for Python;
+* inside a long epoch the host still reads back every ``_SYNC_SECONDS`` (progress), and every
+  ``eval_every_steps`` / ``checkpoint_every_steps`` steps; ``max_steps`` ends training at any minibatch, and a
+  checkpoint taken there carries the position inside the epoch, so a resume continues from the next one;
 * on the CPU nothing is switched off: oneDNN's LSTM kernels measured 1.5x faster than PyTorch's native ones
   for the book's shapes with 2 threads (``bench/train_speed.py --mode kernels``), so they stay on.
 """
@@ -26,16 +31,21 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from deeprnn.batching import check_enough_tokens, epoch_batches
+from deeprnn.batching import EpochBatches, check_enough_tokens
 from deeprnn.config import TrainConfig
 from deeprnn.evaluate import perplexity, perplexity_from_loss
 from deeprnn.model import RNNLM, copy_state_, detach_state, zero_state_
+from deeprnn.progress import EpochStats, FitResult, Reporter, StepStats
+from deeprnn.step import Clock, clip_grad_norm_, make_optimizer, use_bf16
+
+# Importable from here as before: ``from deeprnn.train import EpochStats, clip_grad_norm_``.
+__all__ = ["EpochStats", "FitResult", "StepStats", "Trainer", "TrainingDivergedError", "clip_grad_norm_", "make_optimizer"]
 
 log = logging.getLogger(__name__)
 
@@ -55,94 +65,17 @@ class TrainingDivergedError(RuntimeError):
 
 
 @dataclass
-class EpochStats:
-    """What one epoch produced."""
-
-    epoch: int  # 1-based
-    train_perplexity: float
-    tokens_per_sec: float
-    seconds: float
-    lr: float
-    heldout_perplexity: float | None = None
-
-
-@dataclass
-class FitResult:
-    """The outcome of ``Trainer.fit``."""
-
-    history: list[EpochStats]
-    epochs_done: int
-    final_train_perplexity: float
-    best_epoch: int | None
-    best_heldout_perplexity: float | None
-    train_seconds: float
-    tokens_per_sec: float
-    step_mode: str  # 'cuda-graph' or 'eager'
-    precision: str  # 'bf16' (autocast) or 'fp32'
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return asdict(self)
-
-
-def clip_grad_norm_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """The book's ``grad_clipping`` without a host sync: scale by ``min(1, max_norm / norm)``; returns the norm.
-
-    Multiplying by exactly 1.0 when ``norm <= max_norm`` leaves the gradients bit-for-bit unchanged, so this
-    matches the book's ``if norm > theta`` branch.
-    """
-    norms = torch._foreach_norm(grads)  # one fused kernel per dtype/device group
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    coef = torch.clamp(max_norm / total, max=1.0)
-    torch._foreach_mul_(grads, coef)
-    return total
-
-
-def make_optimizer(model: RNNLM, cfg: TrainConfig, device: torch.device, tensor_lr: bool) -> torch.optim.Optimizer:
-    """The configured optimizer; fused on CUDA, capturable (for CUDA graphs) where the algorithm has state."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    lr: float | torch.Tensor = torch.tensor(cfg.lr, device=device) if tensor_lr else cfg.lr
-    fused = device.type == "cuda"
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused or None, capturable=fused)
-
-
-class _Clock:
-    """Per-epoch durations: CUDA events on the GPU (read back later, no sync), host time elsewhere."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.device = device
-
-    def mark(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def seconds(self, start: Any, end: Any) -> float:
-        if self.cuda:
-            return start.elapsed_time(end) / 1000.0
-        return end - start
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        elif self.device.type == "mps":
-            torch.mps.synchronize()
-
-
-@dataclass
 class _Pending:
     epoch: int
-    loss: torch.Tensor  # mean training loss of the epoch, on the device
+    loss: torch.Tensor  # mean training loss of the epoch (or of its part trained), on the device
+    loss_sum: torch.Tensor  # the summed loss behind it, on the device
     start: Any
     end: Any
     tokens: int
     lr: float
+    step: int
+    batches: int  # minibatches the mean is over
+    partial: bool
 
 
 @dataclass
@@ -152,12 +85,40 @@ class _Best:
     state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
+@dataclass
+class _Position:
+    """The epoch in progress: what a checkpoint inside it needs to continue from the same minibatch."""
+
+    epoch: int
+    batch: int  # minibatches done
+    batches: int
+    rng_before: list  # the Python RNG state before this epoch's minibatches were drawn
+
+
+@dataclass
+class _Run:
+    """Bookkeeping of one ``fit`` call: callbacks, what is not yet read back, the last report."""
+
+    on_epoch: Callable[[EpochStats], None] | None
+    on_checkpoint: Callable[[int], None] | None
+    checkpoint_every: int | None
+    on_step: Callable[[StepStats], None] | None
+    reporter: Reporter
+    t_start: float
+    history: list[EpochStats] = field(default_factory=list)
+    pending: list[_Pending] = field(default_factory=list)
+    last_sync: float = 0.0
+    drained_loss_sum: float = 0.0  # summed loss and minibatches of the last epoch read back
+    drained_batches: int = 0
+
+
 class Trainer:
     """Trains an ``RNNLM`` on token ids; resumable through ``state_dict``/``load_state_dict``.
 
-    ``heldout_ids`` is evaluated every ``cfg.eval_every`` epochs. With ``select_best`` (a validation split)
-    the weights of the best held-out epoch are restored at the end; otherwise the last epoch's are kept, as
-    in the book.
+    ``heldout_ids`` is evaluated every ``cfg.eval_every`` epochs and every ``cfg.eval_every_steps`` steps,
+    over its first ``cfg.eval_max_tokens`` tokens. With ``select_best`` (a validation split) the weights of
+    the best held-out epoch are restored at the end; otherwise the last epoch's are kept, as in the book.
+    Token ids may be of any integer dtype and stay in it (a CPU tensor over a memory map stays one).
     """
 
     def __init__(
@@ -170,17 +131,24 @@ class Trainer:
         select_best: bool = False,
     ) -> None:
         check_enough_tokens(train_ids.numel(), cfg.batch_size, cfg.num_steps)
+        if train_ids.is_floating_point() or train_ids.is_complex() or train_ids.dtype == torch.bool:
+            raise TypeError(f"token ids must be integers, not {train_ids.dtype}")
         self.cfg = cfg
         self.device = device
         self.model = model.to(device).train()
-        self.train_ids = train_ids.to(device=device, dtype=torch.long)
-        self.heldout_ids = heldout_ids.to(device=device, dtype=torch.long) if heldout_ids is not None else None
+        # Ids keep the dtype they come in (uint8 from a token cache is 8x smaller than int64): each minibatch
+        # becomes int64 when it is copied into ``x``/``y``, each evaluation chunk when it reaches the model.
+        self.train_ids = train_ids.to(device=device)
+        self.heldout_ids = heldout_ids
         self.select_best = select_best
         self.rng = random.Random(cfg.seed)
         self.epoch = 0  # epochs completed
+        self.step = 0  # optimizer steps taken, across resumes
+        self._pos: _Position | None = None  # the epoch in progress
+        self._resume: dict[str, Any] | None = None  # a position inside an epoch to continue from
         self.best = _Best()
         self.use_graph = cfg.fast and device.type == "cuda"
-        self.autocast = _use_bf16(cfg.precision, device)
+        self.autocast = use_bf16(cfg.precision, device)
         self.optimizer = make_optimizer(
             self.model, cfg, device, tensor_lr=self.use_graph and cfg.lr_schedule != "constant"
         )
@@ -192,7 +160,7 @@ class Trainer:
         self.loss_acc = torch.zeros((), device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.step_mode = "eager"
-        self.clock = _Clock(device)
+        self.clock = Clock(device)
 
     # ----- one step -------------------------------------------------------------------------------
     def _step(self) -> None:
@@ -272,55 +240,28 @@ class Trainer:
         on_epoch: Callable[[EpochStats], None] | None = None,
         on_checkpoint: Callable[[int], None] | None = None,
         checkpoint_every: int | None = None,
+        on_step: Callable[[StepStats], None] | None = None,
     ) -> FitResult:
-        """Train from ``self.epoch`` to ``cfg.epochs``, calling ``on_epoch`` for every epoch (in order, a few
-        at a time) and ``on_checkpoint(epoch)`` every ``checkpoint_every`` epochs and at the end."""
+        """Train from where the trainer stands to ``cfg.epochs`` or ``cfg.max_steps`` optimizer steps.
+
+        Calls ``on_epoch`` for every epoch (in order, a few at a time; the one a step budget ends early comes
+        with ``partial=True``), ``on_step`` every time results are read back (at least every
+        ``_SYNC_SECONDS``, also inside an epoch), and ``on_checkpoint(epochs_done)`` every ``checkpoint_every``
+        epochs, every ``cfg.checkpoint_every_steps`` steps and at the end.
+        """
         cfg = self.cfg
-        history: list[EpochStats] = []
-        pending: list[_Pending] = []
-        t_start = time.perf_counter()
-        last_sync = t_start
-        if self.use_graph and self.graph is None and self.epoch < cfg.epochs:
+        now = time.perf_counter()
+        reporter = Reporter(cfg.epochs, cfg.max_steps, cfg.batch_size * cfg.num_steps, self.step)
+        run = _Run(on_epoch, on_checkpoint, checkpoint_every, on_step, reporter, now, last_sync=now)
+        if self.use_graph and self.graph is None and not self._finished():
             self._capture()
-        for epoch in range(self.epoch + 1, cfg.epochs + 1):
-            lr = self.lr_at(epoch)
-            self._set_lr(lr)
-            xs, ys = epoch_batches(self.train_ids, cfg.batch_size, cfg.num_steps, cfg.partition, self.rng)
-            zero_state_(self.state)  # the book starts every epoch from a zero state
-            self.loss_acc.zero_()
-            start = self.clock.mark()
-            for i in range(xs.shape[0]):
-                self.x.copy_(xs[i])
-                self.y.copy_(ys[i])
-                if self.graph is not None:
-                    self.graph.replay()
-                else:
-                    self._step()
-            end = self.clock.mark()
-            nb = xs.shape[0]
-            pending.append(_Pending(epoch, self.loss_acc / nb, start, end, nb * cfg.batch_size * cfg.num_steps, lr))
-            self.epoch = epoch
-            last = epoch == cfg.epochs
-            evaluate = self.heldout_ids is not None and (epoch % cfg.eval_every == 0 or last)
-            checkpoint = on_checkpoint is not None and (
-                last or (checkpoint_every is not None and epoch % checkpoint_every == 0)
-            )
-            now = time.perf_counter()
-            if last or evaluate or checkpoint or epoch % cfg.log_every == 0 or now - last_sync > _SYNC_SECONDS:
-                stats = self._drain(pending, evaluate)
-                history.extend(stats)
-                if on_epoch is not None:
-                    for s in stats:
-                        on_epoch(s)
-                if checkpoint:
-                    self._check_finite_weights(epoch)  # never overwrite a good checkpoint with NaNs
-                    on_checkpoint(epoch)  # type: ignore[misc]
-                pending = []
-                last_sync = time.perf_counter()
+        while not self._finished():
+            self._run_epoch(self.epoch + 1, run)
         self.clock.sync()
-        train_seconds = time.perf_counter() - t_start
+        train_seconds = time.perf_counter() - run.t_start
         if self.select_best and self.best.state is not None:
             self.model.load_state_dict(self.best.state)
+        history = run.history
         total_tokens = sum(h.tokens_per_sec * h.seconds for h in history)
         device_seconds = sum(h.seconds for h in history)
         return FitResult(
@@ -333,25 +274,165 @@ class Trainer:
             tokens_per_sec=total_tokens / device_seconds if device_seconds > 0 else 0.0,
             step_mode=self.step_mode,
             precision="bf16" if self.autocast else "fp32",
+            steps_done=self.step,
+            eval_tokens=self._eval_tokens(),
         )
 
-    def _drain(self, pending: list[_Pending], evaluate: bool) -> list[EpochStats]:
-        """Read the pending epochs' losses and times back (one sync), check them, evaluate if due."""
-        losses = torch.stack([p.loss for p in pending]).tolist()  # the only sync of these epochs
+    def _finished(self) -> bool:
+        """All epochs done, or the step budget spent."""
+        return self.epoch >= self.cfg.epochs or self._budget_spent()
+
+    def _budget_spent(self) -> bool:
+        return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
+
+    def _begin_epoch(self, epoch: int) -> EpochBatches:
+        """Draw the epoch's minibatches and reset (or, resuming inside it, restore) the carried state."""
+        cfg = self.cfg
+        resume, self._resume = self._resume, None
+        if resume is not None and int(resume["epoch"]) == epoch:
+            self.rng.setstate(_rng_from_lists(resume["rng_before"]))  # draw the same minibatches again
+        else:
+            resume = None
+        rng_before = _rng_to_lists(self.rng.getstate())
+        batches = EpochBatches(self.train_ids, cfg.batch_size, cfg.num_steps, cfg.partition, self.rng)
+        zero_state_(self.state)  # the book starts every epoch from a zero state
+        self.loss_acc.zero_()
+        first = 0
+        if resume is not None:
+            first = int(resume["batch"])
+            saved = resume["state"]
+            copy_state_(self.state, tuple(saved) if isinstance(self.state, tuple) else saved[0])
+            self.loss_acc.copy_(resume["loss_sum"])
+        self._pos = _Position(epoch, first, len(batches), rng_before)
+        return batches
+
+    def _run_epoch(self, epoch: int, run: _Run) -> None:
+        """Train one epoch (or its rest, or until the step budget is spent), reporting as it goes."""
+        cfg = self.cfg
+        lr = self.lr_at(epoch)
+        self._set_lr(lr)
+        batches = self._begin_epoch(epoch)
+        pos = self._pos
+        assert pos is not None
+        first = pos.batch
+        run.reporter.begin_epoch(float(self.loss_acc) if first else 0.0, first)
+        start = self.clock.mark()
+        for i in range(first, pos.batches):
+            if self._budget_spent():
+                break
+            batches.load(i, self.x, self.y)
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+            self.step += 1
+            pos.batch = i + 1
+            if pos.batch < pos.batches and not self._budget_spent():  # else the epoch's end reports
+                evaluate, checkpoint = self._due_by_steps(run)
+                if evaluate or checkpoint or time.perf_counter() - run.last_sync > _SYNC_SECONDS:
+                    self._report_inside(run, evaluate, checkpoint)
+        end = self.clock.mark()
+        done = pos.batch
+        tokens = (done - first) * cfg.batch_size * cfg.num_steps
+        partial = done < pos.batches
+        run.pending.append(
+            _Pending(epoch, self.loss_acc / done, self.loss_acc.clone(), start, end, tokens, lr, self.step, done, partial)
+        )
+        if not partial:
+            self.epoch, self._pos = epoch, None
+        self._end_epoch(epoch, partial, run)
+
+    def _due_by_steps(self, run: _Run) -> tuple[bool, bool]:
+        """Whether the step just taken is due for a held-out evaluation, and for a checkpoint."""
+        evaluate = self.heldout_ids is not None and _every(self.step, self.cfg.eval_every_steps)
+        checkpoint = run.on_checkpoint is not None and _every(self.step, self.cfg.checkpoint_every_steps)
+        return evaluate, checkpoint
+
+    def _end_epoch(self, epoch: int, partial: bool, run: _Run) -> None:
+        """After an epoch (or the part the budget allowed): read back, evaluate, checkpoint when due."""
+        cfg = self.cfg
+        last = self._finished()
+        by_steps_eval, by_steps_checkpoint = self._due_by_steps(run)
+        complete = not partial
+        evaluate = self.heldout_ids is not None and (last or by_steps_eval or (complete and epoch % cfg.eval_every == 0))
+        checkpoint = run.on_checkpoint is not None and (
+            last or by_steps_checkpoint or (complete and run.checkpoint_every is not None and epoch % run.checkpoint_every == 0)
+        )
+        now = time.perf_counter()
+        if last or evaluate or checkpoint or epoch % cfg.log_every == 0 or now - run.last_sync > _SYNC_SECONDS:
+            stats = self._drain(run, evaluate)
+            self._step_report(run, stats[-1].heldout_perplexity, epoch_end=True, loss_sum=run.drained_loss_sum)
+            if checkpoint:
+                self._checkpoint(run)
+
+    def _report_inside(self, run: _Run, evaluate: bool, checkpoint: bool) -> None:
+        """A report inside an epoch: earlier epochs' results, a progress report, an evaluation or checkpoint."""
+        if run.pending:
+            self._drain(run, evaluate=False)
+        loss_sum = float(self.loss_acc)  # syncs with the device
+        held = self._heldout_perplexity() if evaluate else None
+        self._step_report(run, held, epoch_end=False, loss_sum=loss_sum)
+        if checkpoint:
+            self._checkpoint(run)
+
+    def _checkpoint(self, run: _Run) -> None:
+        self._check_finite_weights(self._pos.epoch if self._pos else self.epoch)  # never save NaN weights
+        run.on_checkpoint(self.epoch)  # type: ignore[misc]
+        run.last_sync = time.perf_counter()
+
+    def _step_report(self, run: _Run, heldout: float | None, epoch_end: bool, loss_sum: float) -> None:
+        """Hand the ``StepStats`` of the steps since the previous report to ``on_step``."""
+        if self._pos is not None:  # inside an epoch, or at the end of one the budget cut short
+            epoch, batch, batches = self._pos.epoch, self._pos.batch, self._pos.batches
+        else:
+            epoch, batch, batches = self.epoch, run.drained_batches, run.drained_batches
+        # A budget's end inside an epoch is reported as inside it: the line says where.
+        stats, mean = run.reporter.report(self.step, epoch, batch, batches, loss_sum, heldout, epoch_end and self._pos is None)
+        if mean is not None and not math.isfinite(mean):
+            raise TrainingDivergedError(epoch, mean)
+        if run.on_step is not None:
+            run.on_step(stats)
+        run.reporter.restart_window()
+        run.last_sync = time.perf_counter()
+
+    def _eval_tokens(self) -> int | None:
+        """Held-out tokens a periodic evaluation reads: ``eval_max_tokens``, or the whole split when shorter."""
+        if self.heldout_ids is None:
+            return None
+        n = self.heldout_ids.numel()
+        return min(n, self.cfg.eval_max_tokens) if self.cfg.eval_max_tokens is not None else n
+
+    def _heldout_perplexity(self) -> float:
+        """Held-out perplexity over the first ``cfg.eval_max_tokens`` held-out tokens (all when unset)."""
+        assert self.heldout_ids is not None
+        return perplexity(self.model, self.heldout_ids, rows=self.cfg.batch_size, max_tokens=self.cfg.eval_max_tokens)
+
+    def _drain(self, run: _Run, evaluate: bool) -> list[EpochStats]:
+        """Read the pending epochs' losses and times back (one sync), check them, evaluate if due, report."""
+        pending, run.pending = run.pending, []
+        values = torch.stack([t for p in pending for t in (p.loss, p.loss_sum)]).tolist()  # the only sync
         self.clock.sync()
         stats = []
-        for p, loss in zip(pending, losses):
+        for k, p in enumerate(pending):
+            loss = values[2 * k]
             if not math.isfinite(loss):
                 raise TrainingDivergedError(p.epoch, loss)
             seconds = max(self.clock.seconds(p.start, p.end), 1e-9)
-            stats.append(EpochStats(p.epoch, perplexity_from_loss(loss), p.tokens / seconds, seconds, p.lr))
+            stats.append(
+                EpochStats(p.epoch, perplexity_from_loss(loss), p.tokens / seconds, seconds, p.lr, None, p.step, p.partial)
+            )
+        run.drained_loss_sum, run.drained_batches = values[-1], pending[-1].batches
         if evaluate and self.heldout_ids is not None:
-            value = perplexity(self.model, self.heldout_ids, rows=self.cfg.batch_size)
+            value = self._heldout_perplexity()
             stats[-1].heldout_perplexity = value
-            if self.best.value is None or value < self.best.value:
+            if not stats[-1].partial and (self.best.value is None or value < self.best.value):
                 self.best.epoch, self.best.value = stats[-1].epoch, value
                 if self.select_best:
                     self.best.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        run.history.extend(stats)
+        if run.on_epoch is not None:
+            for s in stats:
+                run.on_epoch(s)
         return stats
 
     def _check_finite_weights(self, epoch: int) -> None:
@@ -366,9 +447,12 @@ class Trainer:
 
     # ----- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything beyond the weights needed to continue bit-for-bit: optimizer, RNGs, epoch, best."""
+        """Everything beyond the weights needed to continue bit-for-bit: optimizer, RNGs, epoch, steps, best,
+        and (taken inside an epoch) the position there: minibatch, the RNG state the epoch was drawn from, the
+        carried hidden state and the epoch's loss so far."""
         return {
             "epoch": self.epoch,
+            "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "python_rng": _rng_to_lists(self.rng.getstate()),
             "torch_rng": torch.get_rng_state(),
@@ -376,13 +460,31 @@ class Trainer:
             "best_epoch": self.best.epoch,
             "best_value": self.best.value,
             "best_state": {k: v.to("cpu") for k, v in self.best.state.items()} if self.best.state else None,
+            "position": self._position_dict(),
+        }
+
+    def _position_dict(self) -> dict[str, Any] | None:
+        pos = self._pos
+        if pos is None or pos.batch in (0, pos.batches):  # at an epoch boundary: nothing to carry
+            return None
+        state = self.state if isinstance(self.state, tuple) else (self.state,)
+        return {
+            "epoch": pos.epoch,
+            "batch": pos.batch,
+            "rng_before": pos.rng_before,
+            "state": [t.detach().to("cpu", copy=True) for t in state],
+            "loss_sum": self.loss_acc.detach().to("cpu", copy=True),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a ``state_dict`` (the model's weights are loaded separately, before this)."""
+        """Continue from a ``state_dict`` (the model's weights are loaded separately, before this).
+
+        Trainer states written before steps were counted (no ``step``) resume with the step count at 0.
+        """
         if self.graph is not None:
             raise RuntimeError("load the trainer state before training starts")
         self.epoch = int(state["epoch"])
+        self.step = int(state.get("step") or 0)
         opt_state = copy.deepcopy(state["optimizer"])
         for group in opt_state["param_groups"]:
             current = self.optimizer.param_groups[0]["lr"]
@@ -396,21 +498,12 @@ class Trainer:
         self.best = _Best(state.get("best_epoch"), state.get("best_value"))
         if state.get("best_state"):
             self.best.state = {k: v.to(self.device) for k, v in state["best_state"].items()}
+        self._resume = state.get("position")  # applied when the next epoch begins (after any graph capture)
 
 
-def _use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether the step runs under bf16 autocast.
-
-    Measured on an H200 with the book's preset: cuDNN's LSTM step takes 661 us in bf16 against 1,135 us in
-    fp32, and training still reaches perplexity 1.02 with the book's samples. The CPU gains nothing from it.
-    """
-    if precision == "fp32":
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if precision == "bf16":
-        raise ValueError(f"precision 'bf16' needs a CUDA device, not {device}; use --precision auto or fp32")
-    return False
+def _every(step: int, n: int | None) -> bool:
+    """True when ``n`` is set and ``step`` is one of its multiples."""
+    return n is not None and step % n == 0
 
 
 def _rng_to_lists(state: tuple) -> list:

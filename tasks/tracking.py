@@ -11,6 +11,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -32,6 +33,7 @@ from mlflow.tracking import MlflowClient
 
 from deeprnn.config import RunConfig
 from deeprnn.download import CorpusFile, redact_url
+from deeprnn.progress import StepStats
 from deeprnn.train import EpochStats
 
 log = logging.getLogger(__name__)
@@ -245,10 +247,12 @@ def download_artifact(run_id: str, artifact_path: str, target: Path) -> Path:
 
 
 _EPOCH_KEYS = ("train_perplexity", "tokens_per_sec", "lr", "heldout_perplexity")
+# Logged by runs with a step budget or step-wise evaluation, with the global optimizer step as the step.
+STEP_KEYS = ("step_train_perplexity", "step_tokens_per_sec", "step_heldout_perplexity")
 
 
-def _histories(client: MlflowClient, run_id: str) -> dict[str, dict[int, float]]:
-    return {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in _EPOCH_KEYS}
+def _histories(client: MlflowClient, run_id: str, keys: tuple[str, ...] = _EPOCH_KEYS) -> dict[str, dict[int, float]]:
+    return {key: {m.step: m.value for m in client.get_metric_history(run_id, key)} for key in keys}
 
 
 def epoch_history(run_id: str, upto: int) -> list[EpochStats]:
@@ -355,7 +359,8 @@ class MetricLogger:
         # Those steps are kept as they are and not logged twice, so every curve has one point per epoch.
         self._logged: dict[str, int] = {}
         if resuming:
-            self._logged = {k: max(v, default=0) for k, v in _histories(self._client, run_id).items()}
+            logged = _histories(self._client, run_id, _EPOCH_KEYS + STEP_KEYS)
+            self._logged = {k: max(v, default=0) for k, v in logged.items()}
 
     def add_epoch(self, stats: EpochStats) -> None:
         """Queue one epoch's metrics, with the epoch as the step (skipping steps the run already has)."""
@@ -365,6 +370,20 @@ class MetricLogger:
             values["heldout_perplexity"] = stats.heldout_perplexity
         self._buffer += [
             Metric(k, float(v), ts, stats.epoch) for k, v in values.items() if stats.epoch > self._logged.get(k, 0)
+        ]
+        if time.monotonic() - self._last > self.flush_seconds:
+            self.flush()
+
+    def add_step(self, stats: StepStats) -> None:
+        """Queue one progress report as ``step_*`` metrics, with the global optimizer step as the step."""
+        ts = int(time.time() * 1000)
+        values = {"step_train_perplexity": stats.train_perplexity, "step_tokens_per_sec": stats.tokens_per_sec}
+        if stats.heldout_perplexity is not None:
+            values["step_heldout_perplexity"] = stats.heldout_perplexity
+        self._buffer += [
+            Metric(k, float(v), ts, stats.step)
+            for k, v in values.items()
+            if stats.step > self._logged.get(k, 0) and math.isfinite(v)
         ]
         if time.monotonic() - self._last > self.flush_seconds:
             self.flush()

@@ -13,11 +13,12 @@ from prefect.cache_policies import NO_CACHE
 
 from deeprnn import checkpoint, resume
 from deeprnn.batching import Splits
-from deeprnn.config import RunConfig, SampleConfig
+from deeprnn.config import RunConfig, SampleConfig, TrainConfig
 from deeprnn.device import describe, resolve_device, seed_everything
 from deeprnn.evaluate import perplexity
 from deeprnn.generate import generate
 from deeprnn.model import RNNLM
+from deeprnn.progress import StepStats, progress_line
 from deeprnn.train import EpochStats, Trainer
 from deeprnn.vocab import Vocab
 from tasks import tracking
@@ -26,9 +27,20 @@ LAST = "last.pt"  # resumable: weights + optimizer + RNG state, rewritten every 
 MODEL = "model.pt"  # the selected weights the run reports and logs
 
 
-def _progress_line(s: EpochStats, epochs: int) -> str:
-    held = f", held-out ppl {s.heldout_perplexity:.2f}" if s.heldout_perplexity is not None else ""
-    return f"epoch {s.epoch}/{epochs}: train ppl {s.train_perplexity:.3f}{held}, {s.tokens_per_sec:,.0f} tokens/s"
+_LOG_SECONDS = 30.0  # inside a long epoch, a progress line (and progress update) at most this often
+
+
+def _uses_steps(cfg: TrainConfig) -> bool:
+    """Whether the run counts in steps (budget, evaluations or checkpoints), so MLflow gets step_* curves."""
+    return any(v is not None for v in (cfg.max_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps))
+
+
+def _worth_a_line(s: StepStats, cfg: TrainConfig, seconds_since_last: float) -> bool:
+    """Log every ``log_every`` epochs, the last epoch, every held-out measurement, and at most every
+    ``_LOG_SECONDS`` inside a long epoch."""
+    if s.epoch_end and (s.epoch % cfg.log_every == 0 or s.epoch == cfg.epochs or s.step == s.total_steps):
+        return True
+    return s.heldout_perplexity is not None or seconds_since_last >= _LOG_SECONDS
 
 
 def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
@@ -70,31 +82,43 @@ def train_model(
     out = Path(run_dir)
     done = resume.restore_training(checkpoint.load(out / LAST), config, model, trainer) if (out / LAST).is_file() else 0
     earlier = tracking.epoch_history(run_id, done) if done else []
-    if done:
-        tracking.set_tags(run_id, {"deeprnn.resumed_at_epoch": done})
-        logger.info("resuming from the checkpoint of epoch %d in %s", done, out / LAST)
+    if done or trainer.step:
+        tracking.set_tags(run_id, {"deeprnn.resumed_at_epoch": done, "deeprnn.resumed_at_step": trainer.step})
+        logger.info("resuming from the checkpoint at epoch %d, step %d in %s", done, trainer.step, out / LAST)
+    budget = f" or {cfg.max_steps:,} steps" if cfg.max_steps is not None else ""
     logger.info(
-        "training %s x%d (%d hidden) on %s: %d epochs of %d tokens, held-out = %s split",
+        "training %s x%d (%d hidden) on %s: %d epochs%s of %d tokens, held-out = %s split%s",
         config.model.cell, config.model.num_layers, config.model.num_hiddens, describe(device),
-        cfg.epochs, splits.train.numel(), "validation" if has_val else "test",
+        cfg.epochs, budget, splits.train.numel(), "validation" if has_val else "test",
+        f" (its first {cfg.eval_max_tokens:,} tokens per evaluation)"
+        if cfg.eval_max_tokens is not None and cfg.eval_max_tokens < heldout.numel() else "",
     )
 
     metrics = tracking.MetricLogger(run_id, resuming=True)  # a retry or resume may find epochs already logged
-    progress = create_progress_artifact(0.0, key=None, description="Training progress (% of epochs)")
+    progress = create_progress_artifact(0.0, key=None, description="Training progress (% of steps)")
     started = time.perf_counter()
+    last_line = [started]
 
     # Ctrl-C is held back while the callbacks write to MLflow and Prefect, and raised when they are done.
     def on_epoch(stats: EpochStats) -> None:
+        if not stats.partial:  # an epoch the step budget cut short is in the step_* curves instead
+            with tracking.uninterrupted():
+                metrics.add_epoch(stats)
+
+    def on_step(stats: StepStats) -> None:
         with tracking.uninterrupted():
-            metrics.add_epoch(stats)
-            if stats.epoch % cfg.log_every == 0 or stats.epoch == cfg.epochs:
-                logger.info(_progress_line(stats, cfg.epochs))
-                update_progress_artifact(progress, 100.0 * stats.epoch / cfg.epochs)
+            if _uses_steps(cfg):
+                metrics.add_step(stats)
+            if _worth_a_line(stats, cfg, time.perf_counter() - last_line[0]):
+                logger.info(progress_line(stats))
+                update_progress_artifact(progress, 100.0 * min(stats.step / max(stats.total_steps, 1), 1.0))
+                last_line[0] = time.perf_counter()
 
     def on_checkpoint(epoch: int) -> None:
         with tracking.uninterrupted():
             # Metrics first: once a checkpoint exists, MLflow has every epoch up to it, so a resume leaves no gap.
             metrics.flush()
+            # ``epoch`` counts whole epochs; a checkpoint inside the next one carries its position in trainer_state.
             payload = checkpoint.make_payload(config, voc, model, epoch=epoch, trainer_state=trainer.state_dict())
             path = checkpoint.save(out / LAST, payload)
             tracking.log_artifact(run_id, path, "checkpoints")
@@ -102,7 +126,9 @@ def train_model(
     fit_started = time.time()  # wall clock, so a benchmark can split a run into overhead and training
     try:
         with tracking.system_metrics(run_id):  # CPU, memory (and GPU) use as system/* metrics
-            result = trainer.fit(on_epoch=on_epoch, on_checkpoint=on_checkpoint, checkpoint_every=cfg.checkpoint_every)
+            result = trainer.fit(
+                on_epoch=on_epoch, on_checkpoint=on_checkpoint, checkpoint_every=cfg.checkpoint_every, on_step=on_step
+            )
     except BaseException:
         try:
             metrics.flush()  # whatever was measured reaches MLflow, also when training fails
@@ -110,6 +136,7 @@ def train_model(
             logger.warning("could not log the last metrics: %s: %s", type(exc).__name__, exc)
         raise
     metrics.flush()
+    update_progress_artifact(progress, 100.0)  # done: the budget or the epochs are spent
     fit_finished = time.time()
     final = checkpoint.save(out / MODEL, checkpoint.make_payload(config, voc, model, epoch=result.epochs_done))
     history = earlier + result.history  # the whole curve, also after a resume
@@ -119,6 +146,7 @@ def train_model(
         summary["final_train_perplexity"] = history[-1].train_perplexity
     logger.info(
         f"trained in {time.perf_counter() - started:.1f} s ({result.step_mode} steps, {result.precision}): "
+        f"{result.epochs_done} epochs, {result.steps_done:,} steps, "
         f"final train ppl {summary['final_train_perplexity']:.3f}, {result.tokens_per_sec:,.0f} tokens/s"
     )
     summary.update(fit_started_at=fit_started, fit_finished_at=fit_finished)

@@ -9,13 +9,16 @@ import pytest
 import torch
 
 from deeprnn.batching import (
+    BOOK_SHUFFLE_MAX,
     CorpusTooShortError,
+    EpochBatches,
     check_enough_tokens,
     epoch_batches,
     eval_streams,
     min_tokens,
     num_batches,
     random_batches,
+    random_starts,
     sequential_batches,
     split_corpus,
 )
@@ -206,3 +209,45 @@ def test_eval_streams_short_text_uses_fewer_rows() -> None:
     assert torch.equal(y, x + 1)
     x, y = eval_streams(torch.arange(2), 32)
     assert x.tolist() == [[0]] and y.tolist() == [[1]]
+
+
+# ----- random, at scale -----------------------------------------------------------------------------
+
+
+def test_random_starts_equal_the_book_minibatches(corpus: torch.Tensor) -> None:
+    starts = random_starts(corpus.numel(), 8, 10, random.Random(7))
+    x, y = random_batches(corpus, 8, 10, random.Random(7))
+    assert starts.shape == x.shape[:2] and starts.dtype == torch.int64
+    for i in range(starts.shape[0]):
+        for b in range(8):
+            s = int(starts[i, b])
+            assert torch.equal(x[i, b], corpus[s : s + 10]) and torch.equal(y[i, b], corpus[s + 1 : s + 11])
+
+
+def test_large_corpora_get_a_vectorized_shuffle_without_a_python_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    num_tokens, b, t = 100_000_000, 32, 35  # 2.86 million subsequences: above BOOK_SHUFFLE_MAX
+    assert (num_tokens - t) // t > BOOK_SHUFFLE_MAX
+    rng = RecordingRandom(3)
+    starts = random_starts(num_tokens, b, t, rng)
+    assert [c[0] for c in rng.calls] == ["randint"]  # no random.shuffle of a list of every start
+    offset = rng.calls[0][3]
+    flat = starts.reshape(-1)
+    assert starts.shape == ((num_tokens - offset - 1) // t // b, b)
+    assert torch.all((flat - offset) % t == 0) and int(flat.min()) >= offset
+    assert int(flat.max()) + t + 1 <= num_tokens  # every Y row stays inside the corpus
+    assert torch.unique(flat).numel() == flat.numel()  # each subsequence at most once
+    again = random_starts(num_tokens, b, t, RecordingRandom(3))
+    assert torch.equal(again, starts)  # reproducible from the generator's state (so resumable)
+    assert not torch.equal(random_starts(num_tokens, b, t, RecordingRandom(4))[:5], starts[:5])
+
+
+def test_epoch_batches_load_one_minibatch_at_a_time_into_int64_buffers(corpus: torch.Tensor) -> None:
+    small = (corpus % 200).to(torch.uint8)  # ids as a token cache stores them
+    for partition in ("sequential", "random"):
+        batches = EpochBatches(small, 4, 5, partition, random.Random(2))
+        xs, ys = epoch_batches(small, 4, 5, partition, random.Random(2))
+        assert len(batches) == xs.shape[0]
+        x, y = torch.zeros(4, 5, dtype=torch.long), torch.zeros(4, 5, dtype=torch.long)
+        for i in (0, 1, len(batches) - 1):
+            batches.load(i, x, y)
+            assert torch.equal(x, xs[i].long()) and torch.equal(y, ys[i].long()), (partition, i)

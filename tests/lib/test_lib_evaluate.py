@@ -84,3 +84,20 @@ def test_needs_two_tokens(model: RNNLM) -> None:
     with pytest.raises(ValueError, match="at least two tokens"):
         perplexity(model, torch.tensor([3]))
     assert perplexity(model, torch.tensor([3, 4])) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_small_integer_ids_give_the_same_perplexity(model: RNNLM, tiny_ids: torch.Tensor, dtype: torch.dtype) -> None:
+    total, count = loss_sum(model, tiny_ids, rows=4, chunk=37)
+    narrow_total, narrow_count = loss_sum(model, tiny_ids.to(dtype), rows=4, chunk=37)
+    assert count == narrow_count and torch.equal(total, narrow_total)
+
+
+def test_max_tokens_reads_the_first_n_tokens_only(model: RNNLM, tiny_ids: torch.Tensor) -> None:
+    ids = tiny_ids[:600].clone()
+    capped = perplexity(model, ids, rows=4, max_tokens=201)
+    assert capped == perplexity(model, ids[:201], rows=4)
+    assert capped != perplexity(model, ids, rows=4)
+    ids[201:] = (ids[201:] + 1) % int(ids.max() + 1)  # change everything after the first 201 tokens
+    assert perplexity(model, ids, rows=4, max_tokens=201) == capped
+    assert perplexity(model, ids, rows=4, max_tokens=10_000) == perplexity(model, ids, rows=4)  # cap above the size

@@ -45,6 +45,12 @@ def test_epochs_may_be_extended_never_cut_below_what_is_done() -> None:
         resume_config(_stored(), {"train": {"epochs": 2}}, epochs_done=3)
 
 
+def test_the_step_budget_may_be_raised_never_cut_below_the_steps_done() -> None:
+    assert resume_config(_stored(max_steps=50), {"train": {"max_steps": 80}}, epochs_done=1, steps_done=50).train.max_steps == 80
+    with pytest.raises(ResumeError, match="already has 50 steps done; --max-steps 40 would undo them: give at least 50"):
+        resume_config(_stored(max_steps=50), {"train": {"max_steps": 40}}, epochs_done=1, steps_done=50)
+
+
 def test_runtime_settings_may_change() -> None:
     assert {"train.device", "train.checkpoint_every"} <= RESUMABLE
     config = resume_config(_stored(), {"train": {"device": "auto", "checkpoint_every": 5}}, epochs_done=1)
@@ -168,3 +174,106 @@ def test_non_finite_weights_behind_a_finite_loss_are_never_checkpointed(
     with pytest.raises(TrainingDivergedError, match="epoch 2: the weights became NaN or infinite"):
         trainer.fit(on_epoch=on_epoch, on_checkpoint=checkpointed.append, checkpoint_every=1)
     assert checkpointed == [1]
+
+
+def _mid_epoch_config(partition: str, epochs: int = 3, **train: object) -> RunConfig:
+    # Dropout and Adam make the run depend on torch's generator and the optimizer state; eval_every_steps
+    # puts evaluations in between: none of it may change the trajectory.
+    return preset_config(
+        "smoke",
+        {
+            "model": {"num_hiddens": 16, "dropout": 0.3},
+            "train": {
+                "epochs": epochs, "device": "cpu", "partition": partition, "optimizer": "adam", "lr": 0.01,
+                "checkpoint_every_steps": 5, "eval_every_steps": 3, **train,
+            },
+        },
+    )
+
+
+def _mid_epoch_trainer(config: RunConfig, vocab: Vocab, ids: torch.Tensor) -> tuple[RNNLM, Trainer]:
+    torch.manual_seed(config.train.seed)
+    model = RNNLM.from_config(len(vocab), config.model)
+    return model, Trainer(model, ids[:-300], config.train, CPU, heldout_ids=ids[-300:])
+
+
+@pytest.mark.parametrize("partition", ["sequential", "random"])
+def test_resumed_inside_an_epoch_equals_uninterrupted_bit_for_bit(
+    tiny_vocab: Vocab, tiny_ids: torch.Tensor, tmp_path: Path, partition: str
+) -> None:
+    config = _mid_epoch_config(partition)
+    straight_model, straight = _mid_epoch_trainer(config, tiny_vocab, tiny_ids)
+    straight_result = straight.fit()
+    per_epoch = straight_result.history[0].step  # steps in epoch 1
+    stop_at = next(s for s in range(per_epoch + 1, 2 * per_epoch) if s % 5 == 0)  # a checkpoint inside epoch 2
+
+    model, first = _mid_epoch_trainer(config, tiny_vocab, tiny_ids)
+    path = tmp_path / "last.pt"
+
+    def die_at_stop(epoch: int) -> None:
+        checkpoint.save(path, checkpoint.make_payload(config, tiny_vocab, model, epoch=epoch, trainer_state=first.state_dict()))
+        if first.step == stop_at:
+            raise KeyboardInterrupt  # the process dies right after this checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(on_checkpoint=die_at_stop)
+    data = checkpoint.load(path)
+    position = data["trainer_state"]["position"]
+    assert data["epoch"] == 1 and data["trainer_state"]["step"] == stop_at
+    assert position["epoch"] == 2 and position["batch"] == stop_at - per_epoch  # really inside epoch 2
+    torch.manual_seed(12345)  # the global RNG is wherever it is; the checkpoint brings its own state back
+
+    resumed_model, resumed = _mid_epoch_trainer(config, tiny_vocab, tiny_ids)
+    assert restore_training(data, config, resumed_model, resumed) == 1
+    result = resumed.fit()
+    assert [h.epoch for h in result.history] == [2, 3] and result.steps_done == straight_result.steps_done
+    for name, value in straight_model.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[name], value), name
+    # Epoch 2's perplexity covers the whole epoch (the part before the checkpoint came with it), exactly.
+    assert [h.train_perplexity for h in result.history] == [h.train_perplexity for h in straight_result.history[1:]]
+    assert resumed.rng.getstate() == straight.rng.getstate()
+
+
+def test_a_step_budget_can_be_raised_on_resume_and_continues_inside_the_epoch(
+    tiny_vocab: Vocab, tiny_ids: torch.Tensor
+) -> None:
+    whole = _mid_epoch_config("sequential", epochs=2)
+    straight_model, straight = _mid_epoch_trainer(whole, tiny_vocab, tiny_ids)
+    straight.fit()
+    budget = straight.step - 4  # stops 4 steps before the end of epoch 2
+    cut = _mid_epoch_config("sequential", epochs=2, max_steps=budget)
+    model, first = _mid_epoch_trainer(cut, tiny_vocab, tiny_ids)
+    saved: list[dict] = []
+    first.fit(on_checkpoint=lambda e: saved.append(checkpoint.make_payload(cut, tiny_vocab, model, epoch=e, trainer_state=first.state_dict())))
+    assert first.step == budget and saved[-1]["trainer_state"]["position"] is not None
+
+    # --max-steps may change on resume, never below the steps already done.
+    assert "train.max_steps" in RESUMABLE
+    lower = _mid_epoch_config("sequential", epochs=2, max_steps=budget - 1)
+    with pytest.raises(ResumeError, match=f"already has {budget} steps done; --max-steps {budget - 1} would undo"):
+        restore_training(saved[-1], lower, *_mid_epoch_trainer(lower, tiny_vocab, tiny_ids))
+    resumed_model, resumed = _mid_epoch_trainer(whole, tiny_vocab, tiny_ids)
+    restore_training(saved[-1], whole, resumed_model, resumed)
+    result = resumed.fit()
+    assert [(h.epoch, h.partial) for h in result.history] == [(2, False)] and resumed.step == straight.step
+    for name, value in straight_model.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[name], value), name
+
+
+def test_trainer_states_from_before_step_counting_still_resume(
+    tiny_vocab: Vocab, tiny_ids: torch.Tensor, tmp_path: Path
+) -> None:
+    # Checkpoints written before steps were counted have neither "step" nor "position": an epoch boundary.
+    _, straight_model, straight = _trainer(tiny_vocab, tiny_ids, epochs=3)
+    straight.fit()
+    two, model, first = _trainer(tiny_vocab, tiny_ids, epochs=2)
+    first.fit()
+    old_state = first.state_dict()
+    del old_state["step"], old_state["position"]
+    path = checkpoint.save(tmp_path / "old.pt", checkpoint.make_payload(two, tiny_vocab, model, epoch=2, trainer_state=old_state))
+    config, resumed_model, resumed = _trainer(tiny_vocab, tiny_ids, epochs=3)
+    assert restore_training(checkpoint.load(path), config, resumed_model, resumed) == 2
+    assert resumed.step == 0  # unknown before: counted from the resume on
+    assert [h.epoch for h in resumed.fit().history] == [3]
+    for name, value in straight_model.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[name], value), name

@@ -1,0 +1,155 @@
+"""What training reports: per epoch (``EpochStats``), per fit (``FitResult``), and where a running fit stands
+(``StepStats``: steps done of the planned total, speed and time left, as one line).
+
+``Trainer.fit`` reports a ``StepStats`` every time it reads results back from the device (at least every
+couple of seconds, also inside a long epoch); ``progress_line`` turns one into the line the train task logs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from deeprnn.evaluate import perplexity_from_loss
+
+
+@dataclass
+class EpochStats:
+    """What one epoch produced."""
+
+    epoch: int  # 1-based
+    train_perplexity: float
+    tokens_per_sec: float
+    seconds: float
+    lr: float
+    heldout_perplexity: float | None = None
+    step: int = 0  # optimizer steps done in total at the end of this epoch (0: not recorded)
+    partial: bool = False  # the step budget ended training inside this epoch: its numbers cover the part done
+
+
+@dataclass
+class FitResult:
+    """The outcome of ``Trainer.fit``."""
+
+    history: list[EpochStats]
+    epochs_done: int
+    final_train_perplexity: float
+    best_epoch: int | None
+    best_heldout_perplexity: float | None
+    train_seconds: float
+    tokens_per_sec: float
+    step_mode: str  # 'cuda-graph' or 'eager'
+    precision: str  # 'bf16' (autocast) or 'fp32'
+    steps_done: int = 0  # optimizer steps in total, across resumes
+    eval_tokens: int | None = None  # held-out tokens each periodic evaluation read (the cap, or fewer)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass
+class StepStats:
+    """One progress report of a running ``fit``."""
+
+    step: int  # optimizer steps done in total (across resumes)
+    total_steps: int  # planned: max_steps, or the steps the remaining epochs take (estimated from this one)
+    epoch: int  # the epoch in progress, or just finished (1-based)
+    epochs: int
+    batch: int  # minibatches done in that epoch
+    batches: int  # minibatches in that epoch
+    train_perplexity: float  # over the steps since the previous report
+    tokens_per_sec: float  # over the steps since the previous report
+    eta_seconds: float | None  # time left at the average pace of this fit so far; None before any pace is known
+    heldout_perplexity: float | None = None  # measured at this step
+    epoch_end: bool = False  # reported at the end of ``epoch`` (else inside it)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def format_duration(seconds: float | None) -> str:
+    """A short duration: ``"45s"``, ``"12m05s"``, ``"3h07m"``, ``"2d04h"``; ``"?"`` when unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def progress_line(s: StepStats) -> str:
+    """``step 120/900 (13%), epoch 2/10, batch 40/90: train ppl 8.123, held-out ppl 9.01, 25,000 tokens/s,
+    ETA 1m05s``."""
+    share = f" ({100.0 * s.step / s.total_steps:.0f}%)" if s.total_steps > 0 else ""
+    where = f"epoch {s.epoch}/{s.epochs}" + ("" if s.epoch_end else f", batch {s.batch}/{s.batches}")
+    held = f", held-out ppl {s.heldout_perplexity:.2f}" if s.heldout_perplexity is not None else ""
+    return (
+        f"step {s.step:,}/{s.total_steps:,}{share}, {where}: train ppl {s.train_perplexity:.3f}{held}, "
+        f"{s.tokens_per_sec:,.0f} tokens/s, ETA {format_duration(s.eta_seconds)}"
+    )
+
+
+def eta_seconds(steps_done: int, total_steps: int, seconds: float) -> float | None:
+    """Seconds left for ``total_steps - steps_done`` more steps at the pace of ``steps_done`` in ``seconds``."""
+    if steps_done <= 0 or seconds <= 0:
+        return None
+    return max(total_steps - steps_done, 0) * seconds / steps_done
+
+
+class Reporter:
+    """Turns a training loop's counters into ``StepStats``: loss and speed over the window since the previous
+    report, the planned total of steps, and the time left at the pace of this fit so far."""
+
+    def __init__(self, epochs: int, max_steps: int | None, tokens_per_step: int, step: int) -> None:
+        now = time.perf_counter()
+        self.epochs, self.max_steps, self.tokens_per_step = epochs, max_steps, tokens_per_step
+        self.start_time, self.start_step = now, step
+        self.time, self.step = now, step  # host time and global step of the previous report
+        self.loss_sum, self.batch = 0.0, 0  # the epoch's summed loss and minibatches at the previous report
+
+    def begin_epoch(self, loss_sum: float = 0.0, batch: int = 0) -> None:
+        """A new window inside the epoch starting now (``batch`` > 0: resumed inside it, with its loss so far)."""
+        self.loss_sum, self.batch = loss_sum, batch
+
+    def planned_steps(self, step: int, epoch: int, batch: int, batches: int) -> int:
+        """Steps the run will have taken at its end: the budget, or the remaining epochs at this epoch's size."""
+        planned = step + (batches - batch) + (self.epochs - epoch) * batches
+        return min(planned, self.max_steps) if self.max_steps is not None else planned
+
+    def report(
+        self, step: int, epoch: int, batch: int, batches: int, loss_sum: float, heldout: float | None, epoch_end: bool
+    ) -> tuple[StepStats, float | None]:
+        """The ``StepStats`` at ``step`` (``batch`` of ``batches`` in ``epoch``, the epoch's loss summed so far
+        ``loss_sum``) and the window's mean loss (None for a window without minibatches)."""
+        now = time.perf_counter()
+        count = batch - self.batch
+        mean = (loss_sum - self.loss_sum) / count if count > 0 else None
+        total = self.planned_steps(step, epoch, batch, batches)
+        stats = StepStats(
+            step=step,
+            total_steps=total,
+            epoch=epoch,
+            epochs=self.epochs,
+            batch=batch,
+            batches=batches,
+            train_perplexity=perplexity_from_loss(mean) if mean is not None else math.nan,
+            tokens_per_sec=(step - self.step) * self.tokens_per_step / max(now - self.time, 1e-9),
+            eta_seconds=eta_seconds(step - self.start_step, total - self.start_step, now - self.start_time),
+            heldout_perplexity=heldout,
+            epoch_end=epoch_end,
+        )
+        self.time, self.step = now, step
+        self.loss_sum, self.batch = (0.0, 0) if epoch_end else (loss_sum, batch)
+        return stats, mean
+
+    def restart_window(self) -> None:
+        """Start the next window's clock now (after the callbacks the report went to)."""
+        self.time = time.perf_counter()
