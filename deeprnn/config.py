@@ -191,6 +191,14 @@ class TrainConfig(_Section):
         ge=2,
         le=10**12,
     )
+    final_eval_max_tokens: Optional[int] = Field(
+        None,
+        title="Held-out tokens of the final evaluation",
+        description="The final validation and test perplexities read only the first N tokens of each split "
+        "(the results say how many: val_tokens, test_tokens). Empty: the whole splits.",
+        ge=2,
+        le=10**12,
+    )
     checkpoint_every: Optional[int] = Field(
         None,
         title="Checkpoint every",
@@ -273,7 +281,17 @@ def _presets() -> dict[str, dict[str, Any]]:
         "smoke": {
             "data": {"max_tokens": 2000},
             "model": {"num_hiddens": 32},
-            "train": {"batch_size": 8, "num_steps": 16, "epochs": 3, "lr": 1.0, "eval_every": 1, "log_every": 1},
+            "train": {
+                "batch_size": 8,
+                "num_steps": 16,
+                "epochs": 3,
+                "lr": 1.0,
+                "eval_every": 1,
+                "log_every": 1,
+                # Seconds whatever the corpus: a large text is not read whole at every evaluation.
+                "eval_max_tokens": 10_000,
+                "final_eval_max_tokens": 20_000,
+            },
             "sample": {"num_chars": 20},
         },
     }

@@ -157,14 +157,21 @@ def train_model(
 def evaluate_model(checkpoint_path: str, splits: Splits, device: str) -> dict[str, float | None]:
     """Perplexity of the selected model on each split (eval mode, token-weighted)."""
     model, _, config = checkpoint.restore_model(checkpoint.load(Path(checkpoint_path)), resolve_device(device))
-    rows = config.train.batch_size
-    result = {
-        "train_perplexity_eval": perplexity(model, splits.train, rows=rows),
-        "val_perplexity": perplexity(model, splits.val, rows=rows) if splits.val.numel() > 1 else None,
-        "test_perplexity": perplexity(model, splits.test, rows=rows),
+    rows, cfg = config.train.batch_size, config.train
+    # The training split is measured up to the periodic cap (a diagnostic); the held-out splits up to the
+    # final cap, whole by default. How many tokens each read is part of the result.
+    train = splits.train[: cfg.eval_max_tokens] if cfg.eval_max_tokens else splits.train
+    val = splits.val[: cfg.final_eval_max_tokens] if cfg.final_eval_max_tokens else splits.val
+    test = splits.test[: cfg.final_eval_max_tokens] if cfg.final_eval_max_tokens else splits.test
+    result: dict[str, float | None] = {
+        "train_perplexity_eval": perplexity(model, train, rows=rows),
+        "val_perplexity": perplexity(model, val, rows=rows) if val.numel() > 1 else None,
+        "test_perplexity": perplexity(model, test, rows=rows),
+        "val_tokens": val.numel() if val.numel() > 1 else None,
+        "test_tokens": test.numel(),
     }
     get_run_logger().info(
-        "evaluation: %s", ", ".join(f"{k} {v:.3f}" for k, v in result.items() if v is not None)
+        "evaluation: %s", ", ".join(f"{k} {v:,.3f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in result.items() if v is not None)
     )
     return result
 
