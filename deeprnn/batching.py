@@ -167,14 +167,18 @@ class EpochBatches:
             self.views = epoch_batches(corpus, batch_size, num_steps, partition, rng)
 
     def __len__(self) -> int:
-        return int(self.views[0].shape[0] if self.views is not None else self.starts.shape[0])  # type: ignore[union-attr]
+        if self.views is not None:
+            return int(self.views[0].shape[0])
+        assert self.starts is not None  # random partitioning keeps the starts instead of views
+        return int(self.starts.shape[0])
 
     def load(self, i: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """Copy minibatch ``i`` into ``x`` and ``y`` (converting to their dtype and device)."""
         if self.views is not None:
             bx, by = self.views[0][i], self.views[1][i]
         else:
-            bx, by = gather_rows(self.corpus, self.starts[i], self.num_steps, self.steps)  # type: ignore[index]
+            assert self.starts is not None
+            bx, by = gather_rows(self.corpus, self.starts[i], self.num_steps, self.steps)
         x.copy_(bx)
         y.copy_(by)
 

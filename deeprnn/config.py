@@ -9,7 +9,7 @@ and the same bounds, so Prefect's parameter form and the CLI refuse out-of-range
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, cast
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -334,8 +334,8 @@ def _optional_copy(section: type[BaseModel], name: str) -> type[BaseModel]:
         copied.default_factory = None
         if copied.description and "Empty:" not in copied.description:
             copied.description += " Empty: the preset's value."
-        fields[field_name] = (Optional[info.annotation], copied)  # type: ignore[name-defined]
-    return create_model(  # type: ignore[call-overload]
+        fields[field_name] = (Optional[info.annotation], copied)
+    return create_model(
         name,
         # The dashboard labels the choice between this model and None with its title: "Override" / "None".
         __config__=ConfigDict(extra="forbid", title="Override"),
@@ -391,4 +391,4 @@ def form_field(title: str, **constraints: Any) -> FieldInfo:
     last, so the dashboard's form shows this one. Constraints (``ge``, ``max_length``, ...) become the
     form's bounds. Descriptions come from the flow's docstring (its ``Args:`` section).
     """
-    return Field(json_schema_extra={"title": title}, **constraints)
+    return cast(FieldInfo, Field(json_schema_extra={"title": title}, **constraints))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from deeprnn.config import ModelConfig
 # LSTM state is (h, c); GRU and RNN state is h alone. Each is (num_layers, B, H).
 State = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 
-_CELLS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+_CELLS: dict[str, Callable[..., nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
 class RNNLM(nn.Module):
@@ -71,7 +71,8 @@ class RNNLM(nn.Module):
 def detach_state(state: State) -> State:
     """Cut the graph behind a carried state (truncated back-propagation through time)."""
     if isinstance(state, tuple):
-        return tuple(s.detach() for s in state)  # type: ignore[return-value]
+        h, c = state
+        return h.detach(), c.detach()
     return state.detach()
 
 
@@ -80,8 +81,8 @@ def copy_state_(dst: State, src: State) -> None:
     if isinstance(dst, tuple):
         for d, s in zip(dst, src):
             d.copy_(s)
-    else:
-        dst.copy_(src)  # type: ignore[arg-type]
+    elif isinstance(src, torch.Tensor):
+        dst.copy_(src)
 
 
 def zero_state_(state: State) -> None:

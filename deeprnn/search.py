@@ -24,7 +24,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 from pydantic import BaseModel, ValidationError
 
@@ -32,7 +32,7 @@ from deeprnn.config import DataConfig, ModelConfig, RunConfig, SampleConfig, Tra
 
 MAX_TRIALS = 1000  # a guard against a typo that expands to a million training runs
 DEFAULT_RANDOM_TRIALS = 10
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sample": SampleConfig}
+_SECTIONS: dict[str, type[BaseModel]] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sample": SampleConfig}
 # Names people use for a field that the config spells differently.
 _ALIASES = {
     "hidden_size": "model.num_hiddens",
@@ -77,7 +77,7 @@ class SearchSpace:
         """How many combinations the lists make; None when a dimension is a range."""
         if any(isinstance(v, Range) for v in self.dims.values()):
             return None
-        return math.prod(len(v) for v in self.dims.values())  # type: ignore[arg-type]
+        return math.prod([len(v) for v in self.dims.values() if isinstance(v, list)])
 
     def describe(self) -> dict[str, Any]:
         """The space as plain JSON-ready data (ranges as ``{low, high, log}``)."""
@@ -211,7 +211,8 @@ def expand(space: SearchSpace, random_search: bool = False, max_trials: int | No
                 f"the grid has {size} trials, more than {limit}: use --random --max-trials N to sample it, "
                 "or give fewer values"
             )
-        return [dict(zip(keys, combo)) for combo in itertools.product(*(space.dims[k] for k in keys))]  # type: ignore[misc]
+        lists = [cast(list[Any], space.dims[k]) for k in keys]  # no ranges here: checked above
+        return [dict(zip(keys, combo)) for combo in itertools.product(*lists)]
 
     wanted = min(max_trials or DEFAULT_RANDOM_TRIALS, MAX_TRIALS)
     rng = random.Random(seed)
@@ -228,9 +229,9 @@ def _decode(index: int, keys: list[str], space: SearchSpace) -> dict[str, Any]:
     """The ``index``-th grid combination (the last key varies fastest, as in ``itertools.product``)."""
     out: dict[str, Any] = {}
     for key in reversed(keys):
-        values = space.dims[key]
-        index, digit = divmod(index, len(values))  # type: ignore[arg-type]
-        out[key] = values[digit]  # type: ignore[index]
+        values = cast(list[Any], space.dims[key])  # a grid: every dimension is a list
+        index, digit = divmod(index, len(values))
+        out[key] = values[digit]
     return {k: out[k] for k in keys}
 
 

@@ -4,7 +4,7 @@ device-side timing and the choice of bf16 autocast."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -22,7 +22,7 @@ def clip_grad_norm_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     total = torch.linalg.vector_norm(torch.stack(norms))
     coef = torch.clamp(max_norm / total, max=1.0)
     torch._foreach_mul_(grads, coef)
-    return total
+    return cast(torch.Tensor, total)
 
 
 def make_optimizer(model: RNNLM, cfg: TrainConfig, device: torch.device, tensor_lr: bool) -> torch.optim.Optimizer:
@@ -52,8 +52,8 @@ class Clock:
 
     def seconds(self, start: Any, end: Any) -> float:
         if self.cuda:
-            return start.elapsed_time(end) / 1000.0
-        return end - start
+            return float(start.elapsed_time(end)) / 1000.0
+        return float(end - start)
 
     def sync(self) -> None:
         if self.cuda:
@@ -71,7 +71,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     if precision == "fp32":
         return False
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return bool(torch.cuda.is_bf16_supported())
     if precision == "bf16":
         raise ValueError(f"precision 'bf16' needs a CUDA device, not {device}; use --precision auto or fp32")
     return False

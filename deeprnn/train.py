@@ -32,7 +32,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +92,7 @@ class _Position:
     epoch: int
     batch: int  # minibatches done
     batches: int
-    rng_before: list  # the Python RNG state before this epoch's minibatches were drawn
+    rng_before: list[Any]  # the Python RNG state before this epoch's minibatches were drawn
 
 
 @dataclass
@@ -173,7 +173,7 @@ class Trainer:
         loss = F.cross_entropy(logits.float(), self.y.T.reshape(-1))  # time-major targets, as the logits
         loss.backward()
         if self.cfg.clip_norm is not None:
-            clip_grad_norm_([p.grad for p in self.params], self.cfg.clip_norm)
+            clip_grad_norm_(cast(list[torch.Tensor], [p.grad for p in self.params]), self.cfg.clip_norm)
         self.optimizer.step()
         self.loss_acc += loss.detach()
         copy_state_(self.state, detach_state(new_state))
@@ -377,7 +377,8 @@ class Trainer:
 
     def _checkpoint(self, run: _Run) -> None:
         self._check_finite_weights(self._pos.epoch if self._pos else self.epoch)  # never save NaN weights
-        run.on_checkpoint(self.epoch)  # type: ignore[misc]
+        if run.on_checkpoint is not None:
+            run.on_checkpoint(self.epoch)
         run.last_sync = time.perf_counter()
 
     def _step_report(self, run: _Run, heldout: float | None, epoch_end: bool, loss_sum: float) -> None:
@@ -506,12 +507,12 @@ def _every(step: int, n: int | None) -> bool:
     return n is not None and step % n == 0
 
 
-def _rng_to_lists(state: tuple) -> list:
+def _rng_to_lists(state: tuple[Any, ...]) -> list[Any]:
     # random.Random's state as plain lists, which torch.load(weights_only=True) accepts.
     version, internal, gauss = state
     return [version, list(internal), gauss]
 
 
-def _rng_from_lists(state: list) -> tuple:
+def _rng_from_lists(state: list[Any]) -> tuple[Any, ...]:
     version, internal, gauss = state
     return (version, tuple(internal), gauss)

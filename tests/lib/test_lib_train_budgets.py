@@ -200,7 +200,7 @@ def test_eta_from_the_pace_so_far() -> None:
     assert eta_seconds(0, 400, 0.0) is None  # no pace yet
 
 
-@pytest.mark.parametrize("preset", ["d2l-9.3", "full-book", "smoke"])
+@pytest.mark.parametrize("preset", ["d2l-9.3", "full-book"])
 def test_the_default_cap_reads_every_preset_heldout_split_of_the_book_whole(preset: str, book_tokens: list[str]) -> None:
     # The cap bounds evaluations on large corpora; on the book it must change nothing.
     config = preset_config(preset)
@@ -208,3 +208,9 @@ def test_the_default_cap_reads_every_preset_heldout_split_of_the_book_whole(pres
     splits = split_corpus(torch.arange(n), config.data.val_fraction, config.data.test_fraction, config.data.max_tokens)
     heldout = splits.val if splits.val.numel() else splits.test
     assert config.train.eval_max_tokens is not None and heldout.numel() < config.train.eval_max_tokens
+    assert config.train.final_eval_max_tokens is None  # the reported perplexities read the whole splits
+
+
+def test_the_smoke_preset_caps_its_evaluations_to_stay_seconds_on_any_corpus() -> None:
+    train = preset_config("smoke").train
+    assert train.eval_max_tokens == 10_000 and train.final_eval_max_tokens == 20_000
