@@ -26,7 +26,6 @@ import hashlib
 import importlib.machinery
 import json
 import math
-import os
 import random
 import resource
 import sys
@@ -38,8 +37,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 # d2l 0.17.6 imports plotting and vision packages at import time; the benchmark needs none of them.
 # (The same stubbing as ../shared/bench/d2l_reference.py.)
-for _name in ["torchvision", "torchvision.transforms", "PIL", "PIL.Image", "IPython", "IPython.display",
-              "matplotlib", "matplotlib.pyplot", "matplotlib_inline", "matplotlib_inline.backend_inline", "pandas"]:
+for _name in [
+    "torchvision",
+    "torchvision.transforms",
+    "PIL",
+    "PIL.Image",
+    "IPython",
+    "IPython.display",
+    "matplotlib",
+    "matplotlib.pyplot",
+    "matplotlib_inline",
+    "matplotlib_inline.backend_inline",
+    "pandas",
+]:
     if _name not in sys.modules:
         try:
             __import__(_name)
@@ -47,8 +57,13 @@ for _name in ["torchvision", "torchvision.transforms", "PIL", "PIL.Image", "IPyt
             _stub = types.ModuleType(_name)
             _stub.__spec__ = importlib.machinery.ModuleSpec(_name, None)
             sys.modules[_name] = _stub
-for _parent, _child in [("torchvision", "transforms"), ("PIL", "Image"), ("IPython", "display"),
-                        ("matplotlib", "pyplot"), ("matplotlib_inline", "backend_inline")]:
+for _parent, _child in [
+    ("torchvision", "transforms"),
+    ("PIL", "Image"),
+    ("IPython", "display"),
+    ("matplotlib", "pyplot"),
+    ("matplotlib_inline", "backend_inline"),
+]:
     if not hasattr(sys.modules[_parent], _child):
         setattr(sys.modules[_parent], _child, sys.modules[f"{_parent}.{_child}"])
 
@@ -84,8 +99,8 @@ def _peak_memory(device) -> dict:
 def main() -> None:
     a = _parse()
     import torch
-    from torch import nn
     from d2l import torch as d2l
+    from torch import nn
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -104,8 +119,11 @@ def main() -> None:
     d2l.download = _local_download
 
     class _NoAnimator:  # the book plots every 10 epochs; a benchmark does not
-        def __init__(self, *args, **kw): pass
-        def add(self, *args, **kw): pass
+        def __init__(self, *args, **kw):
+            pass
+
+        def add(self, *args, **kw):
+            pass
 
     d2l.Animator = _NoAnimator
 
@@ -147,8 +165,16 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         elapsed += seconds
         tokens = counted.tokens - before
-        history.append({"epoch": epoch + 1, "train_perplexity": ppl, "seconds": seconds,
-                        "tokens": tokens, "tokens_per_sec": tokens / seconds, "d2l_tokens_per_sec": speed})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_perplexity": ppl,
+                "seconds": seconds,
+                "tokens": tokens,
+                "tokens_per_sec": tokens / seconds,
+                "d2l_tokens_per_sec": speed,
+            }
+        )
         if target_epoch is None and ppl <= a.target_ppl:
             target_epoch, target_seconds = epoch + 1, elapsed
         if (epoch + 1) % 10 == 0:
@@ -165,33 +191,37 @@ def main() -> None:
         heldout = _heldout_perplexity(d2l, net, vocab, a.heldout_fraction, a.batch_size, device)
 
     tokens_total = counted.tokens
-    print(json.dumps({
-        "impl": "d2l-0.17.6 (bench/d2l_book.py)",
-        "device": str(device),
-        "epochs": a.epochs,
-        "batch_size": a.batch_size,
-        "num_steps": a.num_steps,
-        "max_tokens": a.max_tokens,
-        "vocab_size": len(vocab),
-        "vocab_sha1": hashlib.sha1("\n".join(vocab.idx_to_token).encode()).hexdigest(),
-        "torch_threads": torch.get_num_threads(),
-        "tokens_total": tokens_total,
-        "tokens_per_epoch": tokens_total / max(1, a.epochs),
-        "train_wall_s": wall,
-        "train_cpu_s": train_cpu_s,
-        "epoch_seconds_total": elapsed,
-        "tokens_per_s": tokens_total / elapsed if elapsed > 0 else 0.0,
-        "overall_tokens_per_s": tokens_total / wall if wall > 0 else 0.0,
-        "d2l_tokens_per_s": history[-1]["d2l_tokens_per_sec"] if history else None,
-        "final_train_perplexity": history[-1]["train_perplexity"] if history else math.nan,
-        "heldout_perplexity": heldout,
-        "target_ppl": a.target_ppl,
-        "target_epoch": target_epoch,
-        "time_to_target_s": target_seconds,
-        "samples": samples,
-        "history": history,
-        **peak,
-    }))
+    print(
+        json.dumps(
+            {
+                "impl": "d2l-0.17.6 (bench/d2l_book.py)",
+                "device": str(device),
+                "epochs": a.epochs,
+                "batch_size": a.batch_size,
+                "num_steps": a.num_steps,
+                "max_tokens": a.max_tokens,
+                "vocab_size": len(vocab),
+                "vocab_sha1": hashlib.sha1("\n".join(vocab.idx_to_token).encode()).hexdigest(),
+                "torch_threads": torch.get_num_threads(),
+                "tokens_total": tokens_total,
+                "tokens_per_epoch": tokens_total / max(1, a.epochs),
+                "train_wall_s": wall,
+                "train_cpu_s": train_cpu_s,
+                "epoch_seconds_total": elapsed,
+                "tokens_per_s": tokens_total / elapsed if elapsed > 0 else 0.0,
+                "overall_tokens_per_s": tokens_total / wall if wall > 0 else 0.0,
+                "d2l_tokens_per_s": history[-1]["d2l_tokens_per_sec"] if history else None,
+                "final_train_perplexity": history[-1]["train_perplexity"] if history else math.nan,
+                "heldout_perplexity": heldout,
+                "target_ppl": a.target_ppl,
+                "target_epoch": target_epoch,
+                "time_to_target_s": target_seconds,
+                "samples": samples,
+                "history": history,
+                **peak,
+            }
+        )
+    )
 
 
 def _heldout_perplexity(d2l, net, vocab, fraction: float, rows: int, device) -> float:
@@ -205,7 +235,7 @@ def _heldout_perplexity(d2l, net, vocab, fraction: float, rows: int, device) -> 
 
     tokens = [t for line in d2l.tokenize(d2l.read_time_machine(), "char") for t in line]
     ids = torch.tensor([vocab[t] for t in tokens])
-    test = ids[len(ids) - int(round(len(ids) * fraction)):]
+    test = ids[len(ids) - int(round(len(ids) * fraction)) :]
 
     class _Adapter(nn.Module):  # deeprnn's begin_state(batch_size, device) over d2l's begin_state(device, batch_size)
         def __init__(self, inner) -> None:

@@ -98,7 +98,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=40.0, help="corpus size in MB (default 40)")
     parser.add_argument("--preset", default="smoke")
-    parser.add_argument("--caps", type=_caps, default=_caps("none,1000000,10000"), help="eval_max_tokens values; none = no cap")
+    parser.add_argument(
+        "--caps", type=_caps, default=_caps("none,1000000,10000"), help="eval_max_tokens values; none = no cap"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--book", type=Path, default=BOOK)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run fastest on 1)")
@@ -109,17 +111,26 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     ids, vocab_size, prep_s = build_ids(args.book, args.mb)
-    print(f"{ids.numel():,} tokens, vocabulary {vocab_size}, prepared in {prep_s:.1f} s; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+    print(
+        f"{ids.numel():,} tokens, vocabulary {vocab_size}, prepared in {prep_s:.1f} s; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        flush=True,
+    )
     run(ids[:200_000], vocab_size, args.preset, args.caps[0], args.device)  # warm-up: first-call costs out of the table
     rows = [run(ids, vocab_size, args.preset, cap, args.device) for cap in args.caps]
-    print(f"\n{args.preset} preset, {args.mb:g} MB corpus, device {args.device}: `{shlex.join(['python', *sys.argv])}`\n")
-    print("| eval_max_tokens | held-out tokens | tokens per evaluation | evaluations | training s | evaluating s | eval / train | last held-out ppl | final test (whole split) s | test ppl |")
+    print(
+        f"\n{args.preset} preset, {args.mb:g} MB corpus, device {args.device}: `{shlex.join(['python', *sys.argv])}`\n"
+    )
+    print(
+        "| eval_max_tokens | held-out tokens | tokens per evaluation | evaluations | training s | evaluating s "
+        "| eval / train | last held-out ppl | final test (whole split) s | test ppl |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         ratio = r["eval_s"] / r["train_s"] if r["train_s"] else float("nan")
         print(
-            f"| {r['cap'] if r['cap'] is not None else 'none'} | {r['heldout_tokens']:,} | {r['eval_tokens']:,} | {r['evaluations']} | "
+            f"| {r['cap'] if r['cap'] is not None else 'none'} | {r['heldout_tokens']:,} | {r['eval_tokens']:,} "
+            f"| {r['evaluations']} | "
             f"{r['train_s']:.2f} | {r['eval_s']:.2f} | {ratio:.2f} | {r['last_heldout_ppl']:.3f} | "
             f"{r['final_test_s']:.2f} | {r['test_ppl']:.3f} |"
         )

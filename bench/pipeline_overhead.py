@@ -127,7 +127,8 @@ def main() -> None:
         print("| --- | --- | --- | --- |")
         for phase in ("total_s", "startup_s", "training_s", "wrapup_s"):
             med = {c: statistics.median(r[phase] for r in rows if r["code"] == c and r["run"] > 1) for c in codes}
-            print(f"| {phase.removesuffix('_s')} | {med['this']:.1f} s | {med['other']:.1f} s | {med['other'] / med['this']:.2f}x |")
+            ratio = med["other"] / med["this"]
+            print(f"| {phase.removesuffix('_s')} | {med['this']:.1f} s | {med['other']:.1f} s | {ratio:.2f}x |")
     for r in rows:
         for s in r["samples"]:
             print(f"  {r['code']} run {r['run']}: {s}")

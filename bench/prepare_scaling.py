@@ -74,7 +74,10 @@ def before_revision() -> str:
     """The parent of the commit that added the prepared token cache."""
     added = subprocess.run(
         ["git", "log", "--diff-filter=A", "--format=%H", "--", "deeprnn/prepare.py"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     if not added:
         raise SystemExit("cannot find the commit that added deeprnn/prepare.py; give --before REV")
@@ -106,7 +109,16 @@ def main() -> None:
             row: dict[str, object] = {"mb": mb, "bytes": corpus.stat().st_size}
             for normalize in ("d2l", "none"):
                 env = {**os.environ, "DEEPRNN_CACHE_DIR": str(work / f"cache-{mb}-{normalize}")}
-                cmd = [sys.executable, "-m", "flows.cli", "prepare", "--data-url", str(corpus), "--normalize", normalize]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "flows.cli",
+                    "prepare",
+                    "--data-url",
+                    str(corpus),
+                    "--normalize",
+                    normalize,
+                ]
                 for phase in ("cold", "cached"):
                     seconds, rss, out = measure(cmd, env, ROOT)
                     if phase == "cached" and "served from the cache" not in out:
@@ -131,8 +143,10 @@ def main() -> None:
 
 def print_table(rows: list[dict[str, object]]) -> None:
     """The figures so far as a markdown table: seconds and peak MB per variant, and the speed-up."""
-    head = ("| corpus | before: s / peak MB | d2l: s / peak MB | d2l, cached | none: s / peak MB | none, cached "
-            "| d2l speed-up | memory ratio |")
+    head = (
+        "| corpus | before: s / peak MB | d2l: s / peak MB | d2l, cached | none: s / peak MB | none, cached "
+        "| d2l speed-up | memory ratio |"
+    )
     print("\n" + head + "\n" + "|" + " --- |" * 8)
     for r in rows:
         before = f"{r['before_s']} / {r['before_mb']}" if "before_s" in r else "not run"

@@ -83,7 +83,9 @@ def main() -> None:
                 tps = f"{a.batch_size * a.num_steps / us * 1e6:,.0f}"
             except Exception as exc:  # a variant the platform refuses is a result too
                 us, tps = float("nan"), f"failed: {type(exc).__name__}: {str(exc)[:80]}"
-            print(f"| {'cuDNN' if cudnn else 'native'} | {'bf16 autocast' if autocast else 'fp32'} | {us:,.0f} | {tps} |")
+            print(
+                f"| {'cuDNN' if cudnn else 'native'} | {'bf16 autocast' if autocast else 'fp32'} | {us:,.0f} | {tps} |"
+            )
 
 
 if __name__ == "__main__":

@@ -63,38 +63,78 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Training speed: deeprnn vs the book's d2l code (D2L 9.3), side by side on one device.",
     )
-    p.add_argument("--mode", choices=["compare", "batch-sweep", "kernels"], default="compare",
-                   help="default: compare")
+    p.add_argument("--mode", choices=["compare", "batch-sweep", "kernels"], default="compare", help="default: compare")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     p.add_argument("--epochs", type=int, default=None, help="default: 5 on cpu, 500 (the book's) on cuda")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding timemachine.txt, read in place (default: <repo>/../shared/data)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="folder holding timemachine.txt, read in place (default: <repo>/../shared/data)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write every number here")
-    p.add_argument("--batch-sizes", type=_int_list, default=None,
-                   help="batch-sweep: default 32,128,512,2048; kernels: default 32")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="training tokens; 0 = the whole training split. Default: the book's 10000 in compare, "
-                        "the whole training split in batch-sweep")
+    p.add_argument(
+        "--batch-sizes", type=_int_list, default=None, help="batch-sweep: default 32,128,512,2048; kernels: default 32"
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="training tokens; 0 = the whole training split. Default: the book's 10000 in compare, "
+        "the whole training split in batch-sweep",
+    )
     p.add_argument("--skip-d2l", action="store_true", help="do not run the book's code")
-    p.add_argument("--repeats", type=int, default=1, help="run every program this many times (interleaved); "
-                                                          "tables show medians")
-    p.add_argument("--d2l-impl", choices=["book", "reference"], default="book",
-                   help="book: bench/d2l_book.py (per-epoch history, held-out ppl); reference: the shared "
-                        "d2l_reference.py (final line only)")
-    p.add_argument("--d2l-script", type=Path, default=DEFAULT_D2L_SCRIPT, help="the shared reference script (default: <repo>/../shared/bench/d2l_reference.py)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads for every program (torch.set_num_threads and OMP/MKL_NUM_THREADS)")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="run every program this many times (interleaved); tables show medians"
+    )
+    p.add_argument(
+        "--d2l-impl",
+        choices=["book", "reference"],
+        default="book",
+        help="book: bench/d2l_book.py (per-epoch history, held-out ppl); reference: the shared "
+        "d2l_reference.py (final line only)",
+    )
+    p.add_argument(
+        "--d2l-script",
+        type=Path,
+        default=DEFAULT_D2L_SCRIPT,
+        help="the shared reference script (default: <repo>/../shared/bench/d2l_reference.py)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads for every program (torch.set_num_threads and OMP/MKL_NUM_THREADS)",
+    )
     p.add_argument("--kernel-threads", type=_int_list, default=None, help="kernels: default 1,<cpu count>")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
-                   help="deeprnn's train.precision (default: the preset's, auto = bf16 autocast on CUDA); "
-                        "fp32 compares like for like with the book")
-    p.add_argument("--target-ppl", type=float, default=1.05, help="report the time to reach this training perplexity (default: 1.05)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default=None,
+        help="deeprnn's train.precision (default: the preset's, auto = bf16 autocast on CUDA); "
+        "fp32 compares like for like with the book",
+    )
+    p.add_argument(
+        "--target-ppl",
+        type=float,
+        default=1.05,
+        help="report the time to reach this training perplexity (default: 1.05)",
+    )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed to each subprocess (default: 3600)")
-    p.add_argument("--quiet-wait", type=float, default=0.0,
-                   help="on a shared machine: wait up to this many seconds before each run for the other load "
-                        "to drop below --max-other-load (default: 0, no waiting)")
-    p.add_argument("--max-other-load", type=float, default=0.1,
-                   help="share of the machine's CPU used by other processes above which a run counts as "
-                        "disturbed (with --quiet-wait: waited out before, and the run retried up to twice; default: 0.1)")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        help="on a shared machine: wait up to this many seconds before each run for the other load "
+        "to drop below --max-other-load (default: 0, no waiting)",
+    )
+    p.add_argument(
+        "--max-other-load",
+        type=float,
+        default=0.1,
+        help="share of the machine's CPU used by other processes above which a run counts as "
+        "disturbed (with --quiet-wait: waited out before, and the run retried up to twice; default: 0.1)",
+    )
     # internal: one program in a fresh process, printing one JSON line
     p.add_argument("--_worker", choices=["deeprnn", "kernels"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--fast", type=int, default=1, help=argparse.SUPPRESS)
@@ -182,13 +222,16 @@ def worker_deeprnn(a: argparse.Namespace) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     train_cpu_s = time.process_time() - cpu0
 
-    samples = {
-        p: generate(model, vocab, p, cfg.sample.num_chars, token=cfg.data.token) for p in cfg.sample.prefixes
-    }
+    samples = {p: generate(model, vocab, p, cfg.sample.num_chars, token=cfg.data.token) for p in cfg.sample.prefixes}
     hist = [
-        {"epoch": h.epoch, "train_perplexity": h.train_perplexity, "seconds": h.seconds,
-         "tokens": int(round(h.tokens_per_sec * h.seconds)), "tokens_per_sec": h.tokens_per_sec,
-         "heldout_perplexity": h.heldout_perplexity}
+        {
+            "epoch": h.epoch,
+            "train_perplexity": h.train_perplexity,
+            "seconds": h.seconds,
+            "tokens": int(round(h.tokens_per_sec * h.seconds)),
+            "tokens_per_sec": h.tokens_per_sec,
+            "heldout_perplexity": h.heldout_perplexity,
+        }
         for h in history
     ]
     tokens_total = sum(h["tokens"] for h in hist)
@@ -287,9 +330,17 @@ def worker_kernels(a: argparse.Namespace) -> dict[str, Any]:
 
         for what, fn in (("lstm fwd+bwd", lstm_fwd_bwd), ("train step", train_step), ("forward (no grad)", forward)):
             results.append({"batch_size": batch, "what": what, **_time_onednn(fn)})
-    return {"impl": "kernels", "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "device_name": _cpu_name(), "num_steps": steps, "hidden": hidden, "layers": layers,
-            "vocab_size": vocab_size, "results": results}
+    return {
+        "impl": "kernels",
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device_name": _cpu_name(),
+        "num_steps": steps,
+        "hidden": hidden,
+        "layers": layers,
+        "vocab_size": vocab_size,
+        "results": results,
+    }
 
 
 def _time_onednn(fn: Callable[[], None], rounds: int = 7, budget_s: float = 0.4) -> dict[str, Any]:
@@ -307,7 +358,7 @@ def _time_onednn(fn: Callable[[], None], rounds: int = 7, budget_s: float = 0.4)
         n = max(3, int(budget_s / max(time.perf_counter() - t0, 1e-6)))
     per: dict[bool, list[float]] = {True: [], False: []}
     for r in range(rounds):
-        for flag in ((True, False) if r % 2 == 0 else (False, True)):
+        for flag in (True, False) if r % 2 == 0 else (False, True):
             with _onednn(flag):
                 fn()  # one untimed call after switching
                 t0 = time.perf_counter()
@@ -315,11 +366,20 @@ def _time_onednn(fn: Callable[[], None], rounds: int = 7, budget_s: float = 0.4)
                     fn()
                 per[flag].append((time.perf_counter() - t0) * 1e3 / n)
     on, off = statistics.median(per[True]), statistics.median(per[False])
-    return {"onednn_on_ms": on, "onednn_off_ms": off, "off_over_on": off / on,
-            "onednn_on_min_ms": min(per[True]), "onednn_off_min_ms": min(per[False]),
-            "off_over_on_min": min(per[False]) / min(per[True]), "calls_per_round": n,
-            "rounds": rounds, "onednn_on_all_ms": per[True], "onednn_off_all_ms": per[False],
-            "first_call_on_ms": first[True], "first_call_off_ms": first[False]}
+    return {
+        "onednn_on_ms": on,
+        "onednn_off_ms": off,
+        "off_over_on": off / on,
+        "onednn_on_min_ms": min(per[True]),
+        "onednn_off_min_ms": min(per[False]),
+        "off_over_on_min": min(per[False]) / min(per[True]),
+        "calls_per_round": n,
+        "rounds": rounds,
+        "onednn_on_all_ms": per[True],
+        "onednn_off_all_ms": per[False],
+        "first_call_on_ms": first[True],
+        "first_call_off_ms": first[False],
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -468,18 +528,52 @@ class Runner:
     def book(self, batch_size: int = 32, max_tokens: int = BOOK_MAX_TOKENS) -> dict[str, Any]:
         a = self.a
         if a.d2l_impl == "reference":
-            cmd = [sys.executable, str(a.d2l_script), str(a.data), "--device", a.device, "--epochs", str(a.epochs),
-                   "--max-tokens", str(max_tokens), "--batch-size", str(batch_size)]
+            cmd = [
+                sys.executable,
+                str(a.d2l_script),
+                str(a.data),
+                "--device",
+                a.device,
+                "--epochs",
+                str(a.epochs),
+                "--max-tokens",
+                str(max_tokens),
+                "--batch-size",
+                str(batch_size),
+            ]
             return self._finish(_normalize_reference(self.run(cmd)))
-        cmd = [sys.executable, str(BOOK_SCRIPT), str(a.data), "--device", a.device, "--epochs", str(a.epochs),
-               "--max-tokens", str(max_tokens), "--batch-size", str(batch_size), "--target-ppl", str(a.target_ppl)]
+        cmd = [
+            sys.executable,
+            str(BOOK_SCRIPT),
+            str(a.data),
+            "--device",
+            a.device,
+            "--epochs",
+            str(a.epochs),
+            "--max-tokens",
+            str(max_tokens),
+            "--batch-size",
+            str(batch_size),
+            "--target-ppl",
+            str(a.target_ppl),
+        ]
         if a.threads:
             cmd += ["--threads", str(a.threads)]
         return self._finish(self.run(cmd))
 
     def kernels(self, threads: int) -> dict[str, Any]:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", "kernels", "--threads", str(threads),
-               "--device", "cpu", "--epochs", "1"]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--_worker",
+            "kernels",
+            "--threads",
+            str(threads),
+            "--device",
+            "cpu",
+            "--epochs",
+            "1",
+        ]
         if self.a.batch_sizes:
             cmd += ["--batch-sizes", ",".join(map(str, self.a.batch_sizes))]
         env = dict(self.env, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -512,13 +606,15 @@ def _normalize_reference(r: dict[str, Any]) -> dict[str, Any]:
     if "error" in r:
         return r
     lines = r.get("samples") or []
-    r.update({
-        "tokens_per_s": r.get("d2l_tokens_per_s"),  # the book's printed speed: the last epoch only
-        "train_wall_s": r.get("wall_s"),
-        "final_train_perplexity": r.get("perplexity"),  # printed with one decimal by d2l
-        "heldout_perplexity": None,
-        "samples": {"time traveller": lines[0] if lines else "", "traveller": lines[1] if len(lines) > 1 else ""},
-    })
+    r.update(
+        {
+            "tokens_per_s": r.get("d2l_tokens_per_s"),  # the book's printed speed: the last epoch only
+            "train_wall_s": r.get("wall_s"),
+            "final_train_perplexity": r.get("perplexity"),  # printed with one decimal by d2l
+            "heldout_perplexity": None,
+            "samples": {"time traveller": lines[0] if lines else "", "traveller": lines[1] if len(lines) > 1 else ""},
+        }
+    )
     return r
 
 
@@ -536,8 +632,14 @@ def _summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return {"error": runs[-1].get("error", "failed"), "runs": len(runs)}
     ok.sort(key=lambda r: r.get("overall_tokens_per_s") or 0.0)
     row = dict(ok[(len(ok) - 1) // 2])
-    for key in ("tokens_per_s", "overall_tokens_per_s", "steady_tokens_per_s", "tokens_per_cpu_s", "train_wall_s",
-                "time_to_target_s"):
+    for key in (
+        "tokens_per_s",
+        "overall_tokens_per_s",
+        "steady_tokens_per_s",
+        "tokens_per_cpu_s",
+        "train_wall_s",
+        "time_to_target_s",
+    ):
         values = [r[key] for r in ok if r.get(key) is not None]
         if values:
             row[key] = statistics.median(values)
@@ -648,10 +750,12 @@ def _train_split_size(data: Path) -> int:
 def _one_line(r: dict[str, Any]) -> str:
     if "error" in r:
         return f"FAILED: {r['error']}"
-    return (f"{_num(r.get('tokens_per_s'))} tok/s (epochs), {_num(r.get('overall_tokens_per_s'))} overall, "
-            f"wall {_sec(r.get('train_wall_s'))}, train ppl {_ppl(r.get('final_train_perplexity'))}, "
-            f"other load {_pct(r.get('other_load'))}"
-            + (f", {r['step_mode']} {r.get('precision', '')}" if r.get("step_mode") else ""))
+    return (
+        f"{_num(r.get('tokens_per_s'))} tok/s (epochs), {_num(r.get('overall_tokens_per_s'))} overall, "
+        f"wall {_sec(r.get('train_wall_s'))}, train ppl {_ppl(r.get('final_train_perplexity'))}, "
+        f"other load {_pct(r.get('other_load'))}"
+        + (f", {r['step_mode']} {r.get('precision', '')}" if r.get("step_mode") else "")
+    )
 
 
 def _num(x: Any) -> str:
@@ -697,23 +801,43 @@ def _spread(r: dict[str, Any], key: str) -> str:
 
 
 def render_speed(result: dict[str, Any], a: argparse.Namespace, batch_col: bool = False) -> str:
-    header = ["program", "step"] + (["batch", "batches/epoch"] if batch_col else []) + [
-        "tok/s (epochs)", "tok/s (steady)", "tok/s (overall)", "train wall", "x book tok/s", "x book wall",
-        f"t to ppl<={a.target_ppl:g}", "final train ppl", "held-out ppl", "peak mem", "tok/CPU-s", "other load"]
+    header = (
+        ["program", "step"]
+        + (["batch", "batches/epoch"] if batch_col else [])
+        + [
+            "tok/s (epochs)",
+            "tok/s (steady)",
+            "tok/s (overall)",
+            "train wall",
+            "x book tok/s",
+            "x book wall",
+            f"t to ppl<={a.target_ppl:g}",
+            "final train ppl",
+            "held-out ppl",
+            "peak mem",
+            "tok/CPU-s",
+            "other load",
+        ]
+    )
     rows = []
     for name, r in result["rows"].items():
         if "error" in r:
             rows.append([name, ""] + (["", ""] if batch_col else []) + [f"FAILED: {r['error']}"] + [""] * 11)
             continue
         vs = r.get("vs_book") or {}
-        target = "-" if r.get("time_to_target_s") is None else f"{r['time_to_target_s']:.1f} s (ep {r.get('target_epoch')})"
+        target = (
+            "-" if r.get("time_to_target_s") is None else f"{r['time_to_target_s']:.1f} s (ep {r.get('target_epoch')})"
+        )
         if r.get("history") is None:
             target = "n/a"
         step = f"{r['step_mode']}, {r.get('precision', 'fp32')}" if r.get("step_mode") else "eager, fp32"
         cols = [name, step]
         if batch_col:
             per_batch = r["batch_size"] * r.get("num_steps", 35)
-            cols += [str(r["batch_size"]), f"{r['tokens_per_epoch'] / per_batch:.0f}" if r.get("tokens_per_epoch") else "-"]
+            cols += [
+                str(r["batch_size"]),
+                f"{r['tokens_per_epoch'] / per_batch:.0f}" if r.get("tokens_per_epoch") else "-",
+            ]
         cols += [
             _num(r.get("tokens_per_s")) + _spread(r, "tokens_per_s"),
             _num(r.get("steady_tokens_per_s")),
@@ -764,13 +888,33 @@ def render_kernels(result: dict[str, Any]) -> str:
             rows.append([n, "", f"FAILED: {r['error']}", "", "", "", "", "", ""])
             continue
         for k in r["results"]:
-            rows.append([
-                str(r["torch_threads"]), str(k["batch_size"]), k["what"], f"{k['onednn_on_ms']:.2f}",
-                f"{k['onednn_off_ms']:.2f}", f"{k['off_over_on']:.2f}", f"{k['off_over_on_min']:.2f}",
-                f"{k['first_call_on_ms']:.0f} / {k['first_call_off_ms']:.0f}", _pct(r.get("other_load")),
-            ])
-    return _table(["threads", "batch", "what", "oneDNN on ms (median)", "oneDNN off ms (median)", "off / on",
-                   "off / on (best rounds)", "first call ms (on / off)", "other load"], rows)
+            rows.append(
+                [
+                    str(r["torch_threads"]),
+                    str(k["batch_size"]),
+                    k["what"],
+                    f"{k['onednn_on_ms']:.2f}",
+                    f"{k['onednn_off_ms']:.2f}",
+                    f"{k['off_over_on']:.2f}",
+                    f"{k['off_over_on_min']:.2f}",
+                    f"{k['first_call_on_ms']:.0f} / {k['first_call_off_ms']:.0f}",
+                    _pct(r.get("other_load")),
+                ]
+            )
+    return _table(
+        [
+            "threads",
+            "batch",
+            "what",
+            "oneDNN on ms (median)",
+            "oneDNN off ms (median)",
+            "off / on",
+            "off / on (best rounds)",
+            "first call ms (on / off)",
+            "other load",
+        ],
+        rows,
+    )
 
 
 def environment(a: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
@@ -832,8 +976,10 @@ def main(argv: list[str] | None = None) -> int:
     device_names = [r.get("device_name") for r in result.get("rows", result.get("threads", {})).values()]
     env["device_name"] = next((d for d in device_names if d), _cpu_name() if a.device == "cpu" else None)
 
-    title = (f"## {a.mode} on {a.device} ({env['device_name']}), torch {env['torch']}, {env['cpu_count']} CPUs, "
-             f"threads {a.threads or env['torch_default_threads']}")
+    title = (
+        f"## {a.mode} on {a.device} ({env['device_name']}), torch {env['torch']}, {env['cpu_count']} CPUs, "
+        f"threads {a.threads or env['torch_default_threads']}"
+    )
     parts = [title]
     if a.mode == "kernels":
         parts.append(render_kernels(result))

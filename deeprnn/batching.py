@@ -156,7 +156,9 @@ class EpochBatches:
     ids of a small dtype (uint8, uint16, int32) become int64, also for a CUDA graph that reads the buffers.
     """
 
-    def __init__(self, corpus: torch.Tensor, batch_size: int, num_steps: int, partition: str, rng: random.Random) -> None:
+    def __init__(
+        self, corpus: torch.Tensor, batch_size: int, num_steps: int, partition: str, rng: random.Random
+    ) -> None:
         self.corpus, self.num_steps = corpus, num_steps
         self.views: tuple[torch.Tensor, torch.Tensor] | None = None
         self.starts: torch.Tensor | None = None

@@ -70,8 +70,12 @@ class TokenSettings:
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready form, as ``meta.json`` stores it."""
-        return {"token": self.token, "normalize": self.normalize, "min_freq": self.min_freq,
-                "reserved_tokens": list(self.reserved_tokens)}
+        return {
+            "token": self.token,
+            "normalize": self.normalize,
+            "min_freq": self.min_freq,
+            "reserved_tokens": list(self.reserved_tokens),
+        }
 
 
 @dataclass(frozen=True)
@@ -237,7 +241,9 @@ def _write_ids(path: Path, chunks: Iterable[np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def _check_vocab(corpus: CorpusFile, settings: TokenSettings, counter: "CharCounter | WordCounter", vocab: Vocab) -> None:
+def _check_vocab(
+    corpus: CorpusFile, settings: TokenSettings, counter: "CharCounter | WordCounter", vocab: Vocab
+) -> None:
     """Refuse settings that leave nothing to train on, or a vocabulary too large to hold in memory."""
     if counter.num_tokens == 0:
         rule = "the book's rule keeps only the letters a-z" if settings.normalize == "d2l" else "it has no tokens"
@@ -264,7 +270,9 @@ def _sha1_of(path: Path) -> str:
         return hashlib.file_digest(fh, "sha1").hexdigest()
 
 
-def split_bounds(num_tokens: int, val_fraction: float, test_fraction: float, max_tokens: int | None) -> tuple[int, int, int]:
+def split_bounds(
+    num_tokens: int, val_fraction: float, test_fraction: float, max_tokens: int | None
+) -> tuple[int, int, int]:
     """``(train_end, val_start, test_start)``: the corpus is ``[train | val | test]`` by fractions, the test part
     at its end, and training keeps at most its first ``max_tokens`` (0 or None: all of it)."""
     test_start = num_tokens - int(round(num_tokens * test_fraction))
@@ -283,7 +291,9 @@ def split_sizes(prepared: PreparedCorpus, data: DataConfig) -> dict[str, int]:
 
 def prepared_summary(prepared: PreparedCorpus) -> str:
     """One line saying where the prepared tokens are and whether they were tokenized now."""
-    what = f"{prepared.num_tokens:,} {prepared.settings.token} tokens, vocabulary {prepared.vocab_size} ({prepared.dtype})"
+    what = (
+        f"{prepared.num_tokens:,} {prepared.settings.token} tokens, vocabulary {prepared.vocab_size} ({prepared.dtype})"
+    )
     if prepared.cache_hit:
         return f"token cache hit: {what} in {prepared.folder}; not tokenized again"
     return f"tokenized the corpus in {prepared.build_seconds:.1f} s: {what}; cached in {prepared.folder}"

@@ -32,7 +32,12 @@ from deeprnn.config import DataConfig, ModelConfig, RunConfig, SampleConfig, Tra
 
 MAX_TRIALS = 1000  # a guard against a typo that expands to a million training runs
 DEFAULT_RANDOM_TRIALS = 10
-_SECTIONS: dict[str, type[BaseModel]] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sample": SampleConfig}
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+}
 # Names people use for a field that the config spells differently.
 _ALIASES = {
     "hidden_size": "model.num_hiddens",
@@ -107,7 +112,11 @@ def field_path(name: str) -> str:
     if "." in key:
         close = difflib.get_close_matches(key, paths, n=3)
     else:
-        close = [p for p in paths if p.split(".", 1)[1] in difflib.get_close_matches(key, [p.split(".", 1)[1] for p in paths], n=3)]
+        close = [
+            p
+            for p in paths
+            if p.split(".", 1)[1] in difflib.get_close_matches(key, [p.split(".", 1)[1] for p in paths], n=3)
+        ]
     hint = f"; did you mean {' or '.join(close)}?" if close else "; see `deeprnn presets smoke` for the fields"
     raise SearchSpaceError(f"unknown configuration field {name!r} in the search space{hint}")
 
@@ -191,7 +200,9 @@ def parse_values(text: str) -> list[Any]:
     return [yaml.safe_load(item) for item in items]
 
 
-def expand(space: SearchSpace, random_search: bool = False, max_trials: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+def expand(
+    space: SearchSpace, random_search: bool = False, max_trials: int | None = None, seed: int = 0
+) -> list[dict[str, Any]]:
     """The varied values of each trial, in order: the whole grid, or ``max_trials`` random draws.
 
     Grid search refuses a grid larger than ``max_trials`` (say so rather than silently cutting it) and
@@ -221,7 +232,8 @@ def expand(space: SearchSpace, random_search: bool = False, max_trials: int | No
         picks = rng.sample(range(size), min(wanted, size))
         return [_decode(index, keys, space) for index in picks]
     return [
-        {k: v.draw(rng) if isinstance(v, Range) else rng.choice(v) for k, v in space.dims.items()} for _ in range(wanted)
+        {k: v.draw(rng) if isinstance(v, Range) else rng.choice(v) for k, v in space.dims.items()}
+        for _ in range(wanted)
     ]
 
 
@@ -289,7 +301,9 @@ def plan_trials(
             config = preset_config(preset, _merge(base, _nest(values)))
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-            raise SearchSpaceError(f"trial {index} ({_show(values)}) is not a valid configuration: {problems}") from None
+            raise SearchSpaceError(
+                f"trial {index} ({_show(values)}) is not a valid configuration: {problems}"
+            ) from None
         trials.append(Trial(index, values, config))
     return trials
 

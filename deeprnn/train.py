@@ -45,7 +45,15 @@ from deeprnn.progress import EpochStats, FitResult, Reporter, StepStats
 from deeprnn.step import Clock, clip_grad_norm_, make_optimizer, use_bf16
 
 # Importable from here as before: ``from deeprnn.train import EpochStats, clip_grad_norm_``.
-__all__ = ["EpochStats", "FitResult", "StepStats", "Trainer", "TrainingDivergedError", "clip_grad_norm_", "make_optimizer"]
+__all__ = [
+    "EpochStats",
+    "FitResult",
+    "StepStats",
+    "Trainer",
+    "TrainingDivergedError",
+    "clip_grad_norm_",
+    "make_optimizer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +344,9 @@ class Trainer:
         tokens = (done - first) * cfg.batch_size * cfg.num_steps
         partial = done < pos.batches
         run.pending.append(
-            _Pending(epoch, self.loss_acc / done, self.loss_acc.clone(), start, end, tokens, lr, self.step, done, partial)
+            _Pending(
+                epoch, self.loss_acc / done, self.loss_acc.clone(), start, end, tokens, lr, self.step, done, partial
+            )
         )
         if not partial:
             self.epoch, self._pos = epoch, None
@@ -354,9 +364,13 @@ class Trainer:
         last = self._finished()
         by_steps_eval, by_steps_checkpoint = self._due_by_steps(run)
         complete = not partial
-        evaluate = self.heldout_ids is not None and (last or by_steps_eval or (complete and epoch % cfg.eval_every == 0))
+        evaluate = self.heldout_ids is not None and (
+            last or by_steps_eval or (complete and epoch % cfg.eval_every == 0)
+        )
         checkpoint = run.on_checkpoint is not None and (
-            last or by_steps_checkpoint or (complete and run.checkpoint_every is not None and epoch % run.checkpoint_every == 0)
+            last
+            or by_steps_checkpoint
+            or (complete and run.checkpoint_every is not None and epoch % run.checkpoint_every == 0)
         )
         now = time.perf_counter()
         if last or evaluate or checkpoint or epoch % cfg.log_every == 0 or now - run.last_sync > _SYNC_SECONDS:
@@ -388,7 +402,9 @@ class Trainer:
         else:
             epoch, batch, batches = self.epoch, run.drained_batches, run.drained_batches
         # A budget's end inside an epoch is reported as inside it: the line says where.
-        stats, mean = run.reporter.report(self.step, epoch, batch, batches, loss_sum, heldout, epoch_end and self._pos is None)
+        stats, mean = run.reporter.report(
+            self.step, epoch, batch, batches, loss_sum, heldout, epoch_end and self._pos is None
+        )
         if mean is not None and not math.isfinite(mean):
             raise TrainingDivergedError(epoch, mean)
         if run.on_step is not None:
@@ -420,7 +436,9 @@ class Trainer:
                 raise TrainingDivergedError(p.epoch, loss)
             seconds = max(self.clock.seconds(p.start, p.end), 1e-9)
             stats.append(
-                EpochStats(p.epoch, perplexity_from_loss(loss), p.tokens / seconds, seconds, p.lr, None, p.step, p.partial)
+                EpochStats(
+                    p.epoch, perplexity_from_loss(loss), p.tokens / seconds, seconds, p.lr, None, p.step, p.partial
+                )
             )
         run.drained_loss_sum, run.drained_batches = values[-1], pending[-1].batches
         if evaluate and self.heldout_ids is not None:

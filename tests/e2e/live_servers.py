@@ -33,9 +33,7 @@ def log_tail(path: Path, chars: int = 4000) -> str:
 def start_process(cmd: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
     """Start ``cmd`` in its own process group (so teardown can stop its children too), output to ``log``."""
     with open(log, "ab") as out:
-        return subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
-        )
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
 
 
 def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = SERVER_START_TIMEOUT) -> float:

@@ -124,7 +124,9 @@ def test_unreachable_mlflow_fails_within_seconds_before_downloading(
     uri = f"http://127.0.0.1:{closed_port}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.replace("http://", f"http://admin:{SECRET}@"))
     started = time.monotonic()
-    with pytest.raises(TrackingUnavailableError, match=f"MLflow tracking server {re.escape(uri)} is unreachable") as info:
+    with pytest.raises(
+        TrackingUnavailableError, match=f"MLflow tracking server {re.escape(uri)} is unreachable"
+    ) as info:
         case.run(preset="smoke", data={"url": fault_server.url("/no-mlflow/timemachine.txt")}, train=CPU)
     assert time.monotonic() - started < 15  # MLflow's own client would retry for minutes
     assert SECRET not in str(info.value)
@@ -156,7 +158,6 @@ def test_http_500_is_retried_with_backoff_then_fails_clearly(
     (run,) = case.runs()
     assert run.info.status == "FAILED"
     assert not case.cache.exists() or not any(case.cache.iterdir())
-
 
 
 def test_a_corrupt_gzip_corpus_is_refused_before_any_training(case: Case, book_path: Path) -> None:
@@ -195,12 +196,11 @@ def _char_tokens(book: bytes) -> list[str]:
     """The book's character tokens as the pipeline makes them from one file."""
     return tokenize.flatten(tokenize.tokenize(tokenize.preprocess_lines(book.decode("utf-8")), "char"))
 
+
 # ----- divergence ------------------------------------------------------------------------------------
 
 
-def test_divergence_names_the_epoch_fails_the_run_and_keeps_the_last_good_checkpoint(
-    case: Case, fault_server
-) -> None:
+def test_divergence_names_the_epoch_fails_the_run_and_keeps_the_last_good_checkpoint(case: Case, fault_server) -> None:
     # Plain SGD with weight decay far too strong for the learning rate: every step multiplies the weights by
     # (1 - lr * weight_decay) = -9, so they overflow to inf and the loss to NaN within a few epochs, even with
     # the gradient clipped (decay is applied after clipping).
@@ -272,7 +272,12 @@ def test_prefect_retry_of_training_continues_from_the_last_checkpoint(retried: d
     assert task_run.run_count == 2  # failed once, retried once
     # The retry resumed from the checkpoint of epoch 1, the last one saved; epoch 2 was trained again.
     assert run.data.tags["deeprnn.resumed_at_epoch"] == "1"
-    assert retried["saves"] == ["last.pt@1", "last.pt@2", *[f"last.pt@{e}" for e in range(2, EPOCHS + 1)], f"model.pt@{EPOCHS}"]
+    assert retried["saves"] == [
+        "last.pt@1",
+        "last.pt@2",
+        *[f"last.pt@{e}" for e in range(2, EPOCHS + 1)],
+        f"model.pt@{EPOCHS}",
+    ]
     # Epoch 2 reached MLflow before the failed save and again after the retry, yet it is logged once:
     # one continuous curve, every epoch once.
     for key in ("train_perplexity", "heldout_perplexity", "lr"):
@@ -297,7 +302,9 @@ def test_written_files_stay_in_their_folders_whatever_the_names(retried: dict[st
     # The experiment exists under its odd name, its artifacts live under its numeric id.
     run = MlflowClient().get_run(retried["result"]["run_id"])
     assert MlflowClient().get_experiment(run.info.experiment_id).name == ESCAPING_EXPERIMENT
-    assert (root / "mlruns" / run.info.experiment_id / run.info.run_id / "artifacts" / "checkpoints" / "last.pt").is_file()
+    assert (
+        root / "mlruns" / run.info.experiment_id / run.info.run_id / "artifacts" / "checkpoints" / "last.pt"
+    ).is_file()
     (cached,) = (root / "cache" / "retried").glob("*.txt")
     assert cached.name.startswith("url-")
 
@@ -310,7 +317,7 @@ def test_unknown_prefix_characters_are_read_as_unk_with_a_warning(
         out = model.predict(pd.DataFrame({"prefix": ["time\u2603", "time\u00a7", "time e"]}), params={"num_chars": 12})
     assert out[0].startswith("time\u2603") and out[1].startswith("time\u00a7")  # printed back as typed
     # Both unknown characters are the same <unk> token to the model, so they continue identically.
-    assert out[0][len("time\u2603"):] == out[1][len("time\u00a7"):]
+    assert out[0][len("time\u2603") :] == out[1][len("time\u00a7") :]
     assert len(out[0]) == len("time\u2603") + 12
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("<unk>" in w and "\u2603" in w for w in warnings)

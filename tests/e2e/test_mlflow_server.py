@@ -13,11 +13,11 @@ from typing import Any, Iterator
 
 import pytest
 import requests
+from live_servers import Server
 
 from deeprnn.config import D2L_SHA1 as BOOK_SHA1
 from flows.evaluate_flow import evaluate_lm
 from flows.train_flow import train_lm
-from live_servers import Server
 from tasks import tracking
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +35,9 @@ def rest(server: Server, method: str, path: str, **kwargs: Any) -> dict[str, Any
 
 def champion_version(server: Server) -> str:
     """The registered version that the ``champion`` alias points at now (through the REST API)."""
-    found = rest(server, "GET", "registered-models/alias", params={"name": tracking.REGISTERED_MODEL, "alias": "champion"})
+    found = rest(
+        server, "GET", "registered-models/alias", params={"name": tracking.REGISTERED_MODEL, "alias": "champion"}
+    )
     return found["model_version"]["version"]
 
 
@@ -79,7 +81,9 @@ def test_rest_api_finds_runs_sorted_by_heldout_perplexity_with_params_and_histor
     server = compared.server
     experiment = rest(server, "GET", "experiments/get-by-name", params={"experiment_name": EXPERIMENT})["experiment"]
     found = rest(
-        server, "POST", "runs/search",
+        server,
+        "POST",
+        "runs/search",
         json={"experiment_ids": [experiment["experiment_id"]], "order_by": ["metrics.test_perplexity ASC"]},
     )["runs"]
     ours = {r["run_id"]: r for r in compared.results}
@@ -99,8 +103,13 @@ def test_rest_api_finds_runs_sorted_by_heldout_perplexity_with_params_and_histor
         assert ours[run_id]["metrics"]["test_perplexity"] == pytest.approx(metric(run, "test_perplexity"))
         histories = {
             key: rest(server, "GET", "metrics/get-history", params={"run_id": run_id, "metric_key": key})["metrics"]
-            for key in ("train_perplexity", "heldout_perplexity", "tokens_per_sec",
-                        "system/cpu_utilization_percentage", "system/system_memory_usage_megabytes")
+            for key in (
+                "train_perplexity",
+                "heldout_perplexity",
+                "tokens_per_sec",
+                "system/cpu_utilization_percentage",
+                "system/system_memory_usage_megabytes",
+            )
         }
         # Full per-epoch histories, one point per epoch ...
         for key in ("train_perplexity", "heldout_perplexity", "tokens_per_sec"):
@@ -111,7 +120,9 @@ def test_rest_api_finds_runs_sorted_by_heldout_perplexity_with_params_and_histor
         for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
             assert histories[key] and all(m["value"] >= 0 for m in histories[key]), (run_id, key)
         assert max(m["value"] for m in histories["system/system_memory_usage_megabytes"]) > 0
-    assert sorted(int({p["key"]: p["value"] for p in r["data"]["params"]}["train.epochs"]) for r in found) == sorted(EPOCHS)
+    assert sorted(int({p["key"]: p["value"] for p in r["data"]["params"]}["train.epochs"]) for r in found) == sorted(
+        EPOCHS
+    )
 
 
 def test_champion_alias_moves_only_to_a_better_model_on_the_same_heldout_text(compared: Compared) -> None:
@@ -136,12 +147,24 @@ def test_generate_from_the_champion_alias(compared: Compared) -> None:
     prefixes = list(champion["samples"])
     num_chars = len(champion["samples"][prefixes[0]]) - len(prefixes[0])
     cli = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "generate", "--model-uri", "models:/deeprnn-lm@champion",
-         "--num-chars", str(num_chars), *sum((["--prefix", p] for p in prefixes), [])],
-        capture_output=True, text=True, timeout=300, env=compared.server.env,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "generate",
+            "--model-uri",
+            "models:/deeprnn-lm@champion",
+            "--num-chars",
+            str(num_chars),
+            *sum((["--prefix", p] for p in prefixes), []),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=compared.server.env,
     )
     assert cli.returncode == 0, cli.stderr[-3000:]
-    assert cli.stdout.splitlines()[-len(prefixes):] == list(champion["samples"].values())
+    assert cli.stdout.splitlines()[-len(prefixes) :] == list(champion["samples"].values())
 
 
 def test_training_summary_links_to_the_mlflow_run(compared: Compared) -> None:
@@ -169,7 +192,9 @@ def test_evaluate_flow_measures_the_champion_on_its_heldout_text(compared: Compa
     assert list(result["samples"]) == ["the time"] and len(result["samples"]["the time"]) == len("the time") + 7
     run = rest(compared.server, "GET", "runs/get", params={"run_id": result["run_id"]})["run"]
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
-    assert params["requested_model_uri"] == "models:/deeprnn-lm@champion" and params["source_run_id"] == champion["run_id"]
+    assert (
+        params["requested_model_uri"] == "models:/deeprnn-lm@champion" and params["source_run_id"] == champion["run_id"]
+    )
     assert run["info"]["status"] == "FINISHED"
     experiment = rest(compared.server, "GET", "experiments/get", params={"experiment_id": run["info"]["experiment_id"]})
     assert experiment["experiment"]["name"] == "deeprnn-evaluate"
@@ -181,9 +206,13 @@ def test_evaluate_flow_names_a_missing_model_and_marks_its_run_failed(compared: 
         evaluate_lm(model_uri=missing, device="cpu")
     experiment = rest(compared.server, "GET", "experiments/get-by-name", params={"experiment_name": "deeprnn-evaluate"})
     found = rest(
-        compared.server, "POST", "runs/search",
-        json={"experiment_ids": [experiment["experiment"]["experiment_id"]],
-              "filter": f"params.requested_model_uri = '{missing}'"},
+        compared.server,
+        "POST",
+        "runs/search",
+        json={
+            "experiment_ids": [experiment["experiment"]["experiment_id"]],
+            "filter": f"params.requested_model_uri = '{missing}'",
+        },
     )["runs"]
     assert [r["info"]["status"] for r in found] == ["FAILED"]
 

@@ -28,7 +28,7 @@ GERMAN = (
 ENGLISH = (
     "The Time Traveller (for so it will be convenient to speak of him) was expounding a recondite matter to us . "
     "His grey eyes shone and twinkled , and his usually pale face was flushed and animated . In 1895 , 42 of us "
-    "met at 8 o'clock ; \"Clearly ,\" said he , \"any real body must have extension in FOUR directions !\""
+    'met at 8 o\'clock ; "Clearly ," said he , "any real body must have extension in FOUR directions !"'
 ).split()
 
 

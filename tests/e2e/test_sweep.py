@@ -36,9 +36,7 @@ def worker_env(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _children(client: MlflowClient, parent_run_id: str) -> list[Any]:
     parent = client.get_run(parent_run_id)
-    return client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
-    )
+    return client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
 def _overlap(a: Any, b: Any) -> bool:
@@ -139,11 +137,37 @@ def test_cli_sweep_on_an_existing_cluster_gives_each_gpu_trial_the_gpu_worker(
         workers = dask_client.scheduler_info()["workers"]
         gpu_pid = next(str(pids[a]) for a, w in workers.items() if w["resources"].get("GPU"))
         proc = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "sweep", "--preset", "smoke", "--epochs", "1", "--num-hiddens", "8",
-             "--cell", "lstm,gru", "--device", "auto", "--data-url", book_url, "--data-sha1", BOOK_SHA1,
-             "--experiment", "cli-sweep", "--cluster-address", cluster.scheduler_address, "--no-register-best",
-             "--json", str(out)],
-            capture_output=True, text=True, timeout=600, env={**cli_env, "PYTHONPATH": str(REPO)},
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "sweep",
+                "--preset",
+                "smoke",
+                "--epochs",
+                "1",
+                "--num-hiddens",
+                "8",
+                "--cell",
+                "lstm,gru",
+                "--device",
+                "auto",
+                "--data-url",
+                book_url,
+                "--data-sha1",
+                BOOK_SHA1,
+                "--experiment",
+                "cli-sweep",
+                "--cluster-address",
+                cluster.scheduler_address,
+                "--no-register-best",
+                "--json",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**cli_env, "PYTHONPATH": str(REPO)},
         )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 of 2 trials succeeded" in proc.stdout

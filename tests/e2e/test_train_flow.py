@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from deeprnn.config import D2L_SHA1 as BOOK_SHA1
 from deeprnn.config import preset_config
 from flows.train_flow import FLOW_NAME, train_lm
-from deeprnn.config import D2L_SHA1 as BOOK_SHA1
 
 pytestmark = pytest.mark.e2e
 
@@ -61,7 +61,14 @@ def test_smoke_flow_logs_everything_and_model_reproduces_samples(workdir: Path, 
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest == BOOK_SHA1[:10]
     # Artifacts: vocabulary, samples, plot, config, resumable checkpoint.
     artifacts = _artifact_paths(client, run.info.run_id)
-    assert {"vocab.json", "samples.txt", "samples.json", "perplexity.png", "config.json", "checkpoints/last.pt"} <= artifacts
+    assert {
+        "vocab.json",
+        "samples.txt",
+        "samples.json",
+        "perplexity.png",
+        "config.json",
+        "checkpoints/last.pt",
+    } <= artifacts
     vocab = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/vocab.json")
     assert vocab["idx_to_token"][:3] == ["<unk>", " ", "e"] and len(vocab["idx_to_token"]) == 28
     samples_txt = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/samples.txt").splitlines()
@@ -78,12 +85,23 @@ def test_smoke_flow_logs_everything_and_model_reproduces_samples(workdir: Path, 
 
     # And from the command line, in a separate process.
     cli = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "generate", "--model-uri", f"runs:/{run.info.run_id}/model",
-         "--num-chars", str(config.sample.num_chars), *sum((["--prefix", p] for p in prefixes), [])],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "generate",
+            "--model-uri",
+            f"runs:/{run.info.run_id}/model",
+            "--num-chars",
+            str(config.sample.num_chars),
+            *sum((["--prefix", p] for p in prefixes), []),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert cli.returncode == 0, cli.stderr
-    assert cli.stdout.splitlines()[-len(prefixes):] == samples_txt
+    assert cli.stdout.splitlines()[-len(prefixes) :] == samples_txt
 
 
 def test_wrong_sha1_fails_clearly_caches_nothing_and_marks_run_failed(workdir: Path, book_url: str) -> None:
@@ -100,9 +118,30 @@ def test_wrong_sha1_fails_clearly_caches_nothing_and_marks_run_failed(workdir: P
 
 def test_cli_run_prints_run_id_perplexities_and_samples(cli_env: dict[str, str], book_url: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--epochs", "2", "--device", "cpu",
-         "--data-url", book_url, "--data-sha1", BOOK_SHA1, "--experiment", "cli-check", "--num-chars", "12"],
-        capture_output=True, text=True, timeout=600, env=cli_env,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "run",
+            "--preset",
+            "smoke",
+            "--epochs",
+            "2",
+            "--device",
+            "cpu",
+            "--data-url",
+            book_url,
+            "--data-sha1",
+            BOOK_SHA1,
+            "--experiment",
+            "cli-check",
+            "--num-chars",
+            "12",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=cli_env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_id = proc.stdout.strip().splitlines()[-1].removeprefix("run id: ").strip()
@@ -115,7 +154,10 @@ def test_cli_run_prints_run_id_perplexities_and_samples(cli_env: dict[str, str],
 def test_cli_refuses_bad_values_before_starting_anything(cli_env: dict[str, str]) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", "--num-layers", "0", "--dropout", "1.5", "--cell", "transformer"],
-        capture_output=True, text=True, timeout=120, env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=cli_env,
     )
     assert proc.returncode == 2
     assert "--num-layers" in proc.stderr and "--dropout" in proc.stderr and "--cell" in proc.stderr
@@ -128,6 +170,7 @@ def test_installed_deeprnn_command_is_the_cli(cli_env: dict[str, str]) -> None:
     assert script.is_file(), "install the project first (scripts/test.sh does): pip install -e ."
     listed = subprocess.run([str(script), "presets"], capture_output=True, text=True, timeout=120, env=cli_env)
     assert listed.returncode == 0 and all(name in listed.stdout for name in ("d2l-9.3", "full-book", "smoke"))
-    refused = subprocess.run([str(script), "run", "--num-layers", "0"], capture_output=True, text=True, timeout=120,
-                             env=cli_env)
+    refused = subprocess.run(
+        [str(script), "run", "--num-layers", "0"], capture_output=True, text=True, timeout=120, env=cli_env
+    )
     assert refused.returncode == 2 and "--num-layers" in refused.stderr

@@ -7,9 +7,9 @@ under ``tests/`` (there are no ``__init__.py`` files, so pytest imports test mod
 from __future__ import annotations
 
 import importlib
-import os
 import importlib.machinery
 import importlib.util
+import os
 import random
 import shutil
 import socket

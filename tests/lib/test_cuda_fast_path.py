@@ -80,7 +80,10 @@ def test_graph_resume_continues_like_one_run() -> None:
 
 def test_dropout_and_gru_capture() -> None:
     trainer, ppl = _run({}, fast=True, epochs=2)
-    cfg = preset_config("d2l-9.3", {"model": {"cell": "gru", "dropout": 0.3, "num_layers": 3}, "train": {"epochs": 2, "precision": "fp32"}})
+    cfg = preset_config(
+        "d2l-9.3",
+        {"model": {"cell": "gru", "dropout": 0.3, "num_layers": 3}, "train": {"epochs": 2, "precision": "fp32"}},
+    )
     seed_everything(0)
     model = RNNLM.from_config(28, cfg.model)
     t = Trainer(model, split_corpus(_ids(), 0.0, 0.1, None).train, cfg.train, torch.device("cuda"))

@@ -113,7 +113,7 @@ def test_save_is_atomic(trained, tiny_vocab: Vocab, tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
 
     # A save that fails half-way keeps the previous checkpoint whole and leaves no temporary file.
-    with pytest.raises(Exception):
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # how pickle refuses a lambda varies
         checkpoint.save(path, {"epoch": 2, "bad": lambda: None})
     assert os.listdir(tmp_path) == ["ckpt.pt"]
     assert checkpoint.load(path)["epoch"] == 1

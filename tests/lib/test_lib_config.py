@@ -49,7 +49,12 @@ def test_presets_resolve() -> None:
         assert preset_config(name).preset == name
     full = preset_config("full-book")
     assert full.data.max_tokens is None and full.data.val_fraction == 0.1
-    assert (full.model.num_layers, full.model.num_hiddens, full.model.dropout, full.model.embedding_dim) == (3, 512, 0.5, 64)
+    assert (full.model.num_layers, full.model.num_hiddens, full.model.dropout, full.model.embedding_dim) == (
+        3,
+        512,
+        0.5,
+        64,
+    )
     assert (full.train.optimizer, full.train.lr_schedule) == ("adamw", "cosine")
     smoke = preset_config("smoke")
     assert smoke.model.num_hiddens == 32 and smoke.train.epochs == 3 and smoke.data.max_tokens == 2000
@@ -157,7 +162,11 @@ def _prop(model, name: str) -> dict:
 
 def _bounds(prop: dict) -> dict:
     branch = next(b for b in prop["anyOf"] if b.get("type") != "null")
-    return {k: v for k, v in branch.items() if k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "pattern")}
+    return {
+        k: v
+        for k, v in branch.items()
+        if k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "pattern")
+    }
 
 
 @pytest.mark.parametrize(

@@ -129,7 +129,9 @@ def test_a_word_vocabulary_too_large_for_memory_is_refused_naming_min_freq(tmp_p
     letters = "abcdefghijklmnopqrstuvwxyz"
     words = ["".join(letters[(i // 26**k) % 26] for k in range(4)) for i in range(prep.MAX_VOCAB + 10)]
     corpus = _corpus(tmp_path, " ".join(words + words[:1000] * 2) + "\n")  # 1,000 words occur 3 times
-    with pytest.raises(PrepareError, match=r"250,011 tokens with min_freq 0.*raise --min-freq \(--min-freq 2 gives 1,001"):
+    with pytest.raises(
+        PrepareError, match=r"250,011 tokens with min_freq 0.*raise --min-freq \(--min-freq 2 gives 1,001"
+    ):
         prep.prepare(corpus, _data(token="word"), tmp_path)
     assert not any((tmp_path / "tokens").glob("[0-9a-f]*[0-9a-f]"))  # nothing half-written is left behind
 
@@ -143,7 +145,9 @@ def test_split_sizes_match_the_splits_the_training_uses(tmp_path: Path) -> None:
     for data in (_data(), _data(val_fraction=0.1, test_fraction=0.2, max_tokens=None), _data(max_tokens=50)):
         splits = split_corpus(torch.from_numpy(prepared.ids()), data.val_fraction, data.test_fraction, data.max_tokens)
         assert split_sizes(prepared, data) == {
-            "train": splits.train.numel(), "validation": splits.val.numel(), "test": splits.test.numel()
+            "train": splits.train.numel(),
+            "validation": splits.val.numel(),
+            "test": splits.test.numel(),
         }
         assert splits.train.dtype == torch.uint8  # the cache's type travels into the splits, nothing is widened
 

@@ -46,8 +46,13 @@ def test_epochs_may_be_extended_never_cut_below_what_is_done() -> None:
 
 
 def test_the_step_budget_may_be_raised_never_cut_below_the_steps_done() -> None:
-    assert resume_config(_stored(max_steps=50), {"train": {"max_steps": 80}}, epochs_done=1, steps_done=50).train.max_steps == 80
-    with pytest.raises(ResumeError, match="already has 50 steps done; --max-steps 40 would undo them: give at least 50"):
+    assert (
+        resume_config(_stored(max_steps=50), {"train": {"max_steps": 80}}, epochs_done=1, steps_done=50).train.max_steps
+        == 80
+    )
+    with pytest.raises(
+        ResumeError, match="already has 50 steps done; --max-steps 40 would undo them: give at least 50"
+    ):
         resume_config(_stored(max_steps=50), {"train": {"max_steps": 40}}, epochs_done=1, steps_done=50)
 
 
@@ -107,7 +112,9 @@ def test_interrupted_and_resumed_training_equals_uninterrupted_bit_for_bit(
 
     def stop_after_two(epoch: int) -> None:
         path = tmp_path / "last.pt"
-        checkpoint.save(path, checkpoint.make_payload(config, tiny_vocab, model, epoch=epoch, trainer_state=first.state_dict()))
+        checkpoint.save(
+            path, checkpoint.make_payload(config, tiny_vocab, model, epoch=epoch, trainer_state=first.state_dict())
+        )
         saved.append(path)
         if epoch == 2:
             raise KeyboardInterrupt  # stands for the process dying right after this checkpoint
@@ -142,7 +149,8 @@ def test_divergence_names_the_epoch_and_no_checkpoint_is_written_from_it(
 ) -> None:
     # SGD with weight decay far too strong for its learning rate: the weights flip sign and grow 9x a step.
     config = preset_config(
-        "smoke", {"model": {"num_hiddens": 16}, "train": {"epochs": 30, "lr": 100.0, "weight_decay": 0.1, "device": "cpu"}}
+        "smoke",
+        {"model": {"num_hiddens": 16}, "train": {"epochs": 30, "lr": 100.0, "weight_decay": 0.1, "device": "cpu"}},
     )
     torch.manual_seed(0)
     model = RNNLM.from_config(len(tiny_vocab), config.model)
@@ -184,8 +192,14 @@ def _mid_epoch_config(partition: str, epochs: int = 3, **train: object) -> RunCo
         {
             "model": {"num_hiddens": 16, "dropout": 0.3},
             "train": {
-                "epochs": epochs, "device": "cpu", "partition": partition, "optimizer": "adam", "lr": 0.01,
-                "checkpoint_every_steps": 5, "eval_every_steps": 3, **train,
+                "epochs": epochs,
+                "device": "cpu",
+                "partition": partition,
+                "optimizer": "adam",
+                "lr": 0.01,
+                "checkpoint_every_steps": 5,
+                "eval_every_steps": 3,
+                **train,
             },
         },
     )
@@ -211,7 +225,9 @@ def test_resumed_inside_an_epoch_equals_uninterrupted_bit_for_bit(
     path = tmp_path / "last.pt"
 
     def die_at_stop(epoch: int) -> None:
-        checkpoint.save(path, checkpoint.make_payload(config, tiny_vocab, model, epoch=epoch, trainer_state=first.state_dict()))
+        checkpoint.save(
+            path, checkpoint.make_payload(config, tiny_vocab, model, epoch=epoch, trainer_state=first.state_dict())
+        )
         if first.step == stop_at:
             raise KeyboardInterrupt  # the process dies right after this checkpoint
 
@@ -244,7 +260,11 @@ def test_a_step_budget_can_be_raised_on_resume_and_continues_inside_the_epoch(
     cut = _mid_epoch_config("sequential", epochs=2, max_steps=budget)
     model, first = _mid_epoch_trainer(cut, tiny_vocab, tiny_ids)
     saved: list[dict] = []
-    first.fit(on_checkpoint=lambda e: saved.append(checkpoint.make_payload(cut, tiny_vocab, model, epoch=e, trainer_state=first.state_dict())))
+    first.fit(
+        on_checkpoint=lambda e: saved.append(
+            checkpoint.make_payload(cut, tiny_vocab, model, epoch=e, trainer_state=first.state_dict())
+        )
+    )
     assert first.step == budget and saved[-1]["trainer_state"]["position"] is not None
 
     # --max-steps may change on resume, never below the steps already done.
@@ -270,7 +290,9 @@ def test_trainer_states_from_before_step_counting_still_resume(
     first.fit()
     old_state = first.state_dict()
     del old_state["step"], old_state["position"]
-    path = checkpoint.save(tmp_path / "old.pt", checkpoint.make_payload(two, tiny_vocab, model, epoch=2, trainer_state=old_state))
+    path = checkpoint.save(
+        tmp_path / "old.pt", checkpoint.make_payload(two, tiny_vocab, model, epoch=2, trainer_state=old_state)
+    )
     config, resumed_model, resumed = _trainer(tiny_vocab, tiny_ids, epochs=3)
     assert restore_training(checkpoint.load(path), config, resumed_model, resumed) == 2
     assert resumed.step == 0  # unknown before: counted from the resume on

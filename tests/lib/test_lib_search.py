@@ -41,8 +41,13 @@ def test_field_names_resolve_to_section_paths() -> None:
 
 def test_parse_space_splits_dimensions_fixed_values_and_ranges() -> None:
     space = parse_space(
-        {"model": {"cell": ["lstm", "gru", "lstm"]}, "lr": [0.5, 1], "train.epochs": 3, "dropout": [0.1],
-         "train.clip_norm": {"low": 0.1, "high": 10, "log": True}}
+        {
+            "model": {"cell": ["lstm", "gru", "lstm"]},
+            "lr": [0.5, 1],
+            "train.epochs": 3,
+            "dropout": [0.1],
+            "train.clip_norm": {"low": 0.1, "high": 10, "log": True},
+        }
     )
     assert space.dims["model.cell"] == ["lstm", "gru"]  # duplicates dropped, order kept
     assert space.dims["train.lr"] == [0.5, 1]
@@ -62,9 +67,7 @@ def test_parse_space_splits_dimensions_fixed_values_and_ranges() -> None:
 def test_grid_is_every_combination_in_order() -> None:
     space = parse_space({"cell": ["lstm", "gru"], "num_layers": [1, 2, 3]})
     trials = expand(space)
-    assert trials == [
-        {"model.cell": c, "model.num_layers": n} for c in ("lstm", "gru") for n in (1, 2, 3)
-    ]
+    assert trials == [{"model.cell": c, "model.num_layers": n} for c in ("lstm", "gru") for n in (1, 2, 3)]
     with pytest.raises(SearchSpaceError, match="the grid has 6 trials, more than 4.*--random"):
         expand(space, max_trials=4)
     with pytest.raises(SearchSpaceError, match="ranges need random search"):
@@ -86,8 +89,9 @@ def test_random_search_draws_distinct_points_reproducibly() -> None:
 
 
 def test_random_search_samples_ranges_within_bounds() -> None:
-    space = parse_space({"lr": {"low": 0.01, "high": 10, "log": True}, "num_hiddens": {"low": 8, "high": 64},
-                         "cell": ["lstm", "gru"]})
+    space = parse_space(
+        {"lr": {"low": 0.01, "high": 10, "log": True}, "num_hiddens": {"low": 8, "high": 64}, "cell": ["lstm", "gru"]}
+    )
     draws = expand(space, random_search=True, max_trials=200, seed=1)
     lrs = [d["train.lr"] for d in draws]
     assert all(0.01 <= x <= 10 for x in lrs)
@@ -105,7 +109,9 @@ def test_plan_trials_layers_preset_overrides_fixed_and_trial_values() -> None:
     assert all(t.config.train.epochs == 2 for t in trials)  # the space's fixed value wins over the override
     assert all(t.config.train.device == "cpu" and t.config.model.num_hiddens == 32 for t in trials)  # override, preset
     assert [t.name for t in trials] == ["trial-0 cell=lstm", "trial-1 cell=gru"]
-    with pytest.raises(SearchSpaceError, match=r"trial 1 \(model.dropout=1.5\).*model.dropout: Input should be less than 1"):
+    with pytest.raises(
+        SearchSpaceError, match=r"trial 1 \(model.dropout=1.5\).*model.dropout: Input should be less than 1"
+    ):
         plan_trials("smoke", None, parse_space({"dropout": [0.2, 1.5]}))
 
 
@@ -128,8 +134,15 @@ def test_space_from_yaml_and_values_from_the_command_line(tmp_path: Path) -> Non
 
 
 def _result(index: int, status: str, **metrics: float) -> TrialResult:
-    return TrialResult(index, f"trial-{index}", {"train.lr": index}, status, f"run{index}", dict(metrics),
-                       None if status == "FINISHED" else "CorpusTooShortError: too few tokens")
+    return TrialResult(
+        index,
+        f"trial-{index}",
+        {"train.lr": index},
+        status,
+        f"run{index}",
+        dict(metrics),
+        None if status == "FINISHED" else "CorpusTooShortError: too few tokens",
+    )
 
 
 def test_ranking_puts_best_held_out_first_and_failures_last() -> None:
@@ -142,13 +155,20 @@ def test_ranking_puts_best_held_out_first_and_failures_last() -> None:
     assert selection_metric(results) == "test_perplexity"
     assert [r.index for r in rank(results)] == [2, 0, 1, 3]
     # With a validation split on every finished trial, the choice never looks at the test split.
-    with_val = [_result(0, "FINISHED", val_perplexity=5.0, test_perplexity=9.0),
-                _result(1, "FINISHED", val_perplexity=6.0, test_perplexity=8.0)]
+    with_val = [
+        _result(0, "FINISHED", val_perplexity=5.0, test_perplexity=9.0),
+        _result(1, "FINISHED", val_perplexity=6.0, test_perplexity=8.0),
+    ]
     assert selection_metric(with_val) == "val_perplexity"
     assert [r.index for r in rank(with_val)] == [0, 1]
 
     rows = list(csv.DictReader(io.StringIO(table_csv(results))))
-    assert [(r["trial"], r["status"]) for r in rows] == [("2", "FINISHED"), ("0", "FINISHED"), ("1", "FAILED"), ("3", "FINISHED")]
+    assert [(r["trial"], r["status"]) for r in rows] == [
+        ("2", "FINISHED"),
+        ("0", "FINISHED"),
+        ("1", "FAILED"),
+        ("3", "FINISHED"),
+    ]
     assert rows[2]["error"].startswith("CorpusTooShortError") and rows[0]["train.lr"] == "2"
     markdown = table_markdown(results, lambda run_id: f"http://mlflow/#/runs/{run_id}")
     lines = markdown.splitlines()

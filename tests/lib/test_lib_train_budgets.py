@@ -107,7 +107,9 @@ def test_eval_max_tokens_reads_only_the_first_n_heldout_tokens(tiny_vocab: Vocab
     result = trainer.fit()
     value = result.history[-1].heldout_perplexity
     assert result.eval_tokens == n  # stated in the results
-    assert _trainer(tiny_vocab, tiny_ids, _cfg(epochs=1), heldout_ids=heldout).fit().eval_tokens == 400  # default cap: above
+    assert (
+        _trainer(tiny_vocab, tiny_ids, _cfg(epochs=1), heldout_ids=heldout).fit().eval_tokens == 400
+    )  # default cap: above
     assert value == pytest.approx(perplexity(trainer.model, heldout[:n], rows=8), rel=1e-12)
     assert value != pytest.approx(perplexity(trainer.model, heldout, rows=8), rel=1e-6)
     # Whatever follows the first n tokens is never read.
@@ -171,24 +173,50 @@ def test_progress_is_reported_inside_an_epoch(
 
 def test_progress_line_shows_steps_epoch_speed_and_time_left() -> None:
     inside = StepStats(
-        step=1200, total_steps=5000, epoch=2, epochs=10, batch=40, batches=90, train_perplexity=8.1234,
-        tokens_per_sec=25000.4, eta_seconds=3725.0, heldout_perplexity=9.012,
+        step=1200,
+        total_steps=5000,
+        epoch=2,
+        epochs=10,
+        batch=40,
+        batches=90,
+        train_perplexity=8.1234,
+        tokens_per_sec=25000.4,
+        eta_seconds=3725.0,
+        heldout_perplexity=9.012,
     )
     assert progress_line(inside) == (
         "step 1,200/5,000 (24%), epoch 2/10, batch 40/90: train ppl 8.123, held-out ppl 9.01, "
         "25,000 tokens/s, ETA 1h02m"
     )
     end = StepStats(
-        step=30, total_steps=30, epoch=2, epochs=2, batch=15, batches=15, train_perplexity=5.0,
-        tokens_per_sec=900.0, eta_seconds=0.0, epoch_end=True,
+        step=30,
+        total_steps=30,
+        epoch=2,
+        epochs=2,
+        batch=15,
+        batches=15,
+        train_perplexity=5.0,
+        tokens_per_sec=900.0,
+        eta_seconds=0.0,
+        epoch_end=True,
     )
     assert progress_line(end) == "step 30/30 (100%), epoch 2/2: train ppl 5.000, 900 tokens/s, ETA 0s"
 
 
 @pytest.mark.parametrize(
     "seconds, text",
-    [(None, "?"), (math.inf, "?"), (-1.0, "?"), (0.4, "0s"), (59.4, "59s"), (61, "1m01s"), (3599, "59m59s"),
-     (3600, "1h00m"), (86399, "23h59m"), (2 * 86400 + 4 * 3600, "2d04h")],
+    [
+        (None, "?"),
+        (math.inf, "?"),
+        (-1.0, "?"),
+        (0.4, "0s"),
+        (59.4, "59s"),
+        (61, "1m01s"),
+        (3599, "59m59s"),
+        (3600, "1h00m"),
+        (86399, "23h59m"),
+        (2 * 86400 + 4 * 3600, "2d04h"),
+    ],
 )
 def test_format_duration(seconds: float | None, text: str) -> None:
     assert format_duration(seconds) == text
@@ -201,7 +229,9 @@ def test_eta_from_the_pace_so_far() -> None:
 
 
 @pytest.mark.parametrize("preset", ["d2l-9.3", "full-book"])
-def test_the_default_cap_reads_every_preset_heldout_split_of_the_book_whole(preset: str, book_tokens: list[str]) -> None:
+def test_the_default_cap_reads_every_preset_heldout_split_of_the_book_whole(
+    preset: str, book_tokens: list[str]
+) -> None:
     # The cap bounds evaluations on large corpora; on the book it must change nothing.
     config = preset_config(preset)
     n = len(book_tokens)

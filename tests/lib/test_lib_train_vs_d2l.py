@@ -83,7 +83,7 @@ def train_data(request: pytest.FixtureRequest) -> tuple[torch.Tensor, int]:
     except pytest.skip.Exception:
         tokens = request.getfixturevalue("tiny_tokens")
         vocab = request.getfixturevalue("tiny_vocab")
-        tokens = (tokens * (10000 // len(tokens) + 1))
+        tokens = tokens * (10000 // len(tokens) + 1)
     return torch.tensor(vocab.encode(tokens[:10000])), len(vocab)
 
 
@@ -105,9 +105,7 @@ def test_trainer_epochs_equal_train_epoch_ch8(d2l, train_data, monkeypatch: pyte
         ppl, _ = d2l.train_epoch_ch8(book, batches, nn.CrossEntropyLoss(), updater, CPU, False)
         book_ppl.append(ppl)
 
-    cfg = preset_config(
-        "d2l-9.3", {"model": {"num_hiddens": HIDDEN}, "train": {"epochs": len(offsets), "fast": False}}
-    )
+    cfg = preset_config("d2l-9.3", {"model": {"num_hiddens": HIDDEN}, "train": {"epochs": len(offsets), "fast": False}})
     assert (cfg.train.batch_size, cfg.train.num_steps, cfg.train.lr, cfg.train.clip_norm) == (32, 35, 2.0, 1.0)
     trainer = Trainer(mine, train_ids, cfg.train, CPU)
     drawn = iter(offsets)
