@@ -181,35 +181,26 @@ def worker_deeprnn(a: argparse.Namespace) -> dict[str, Any]:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    from deeprnn import tokenize
-    from deeprnn.batching import split_corpus
     from deeprnn.config import preset_config
-    from deeprnn.device import resolve_device, seed_everything
     from deeprnn.generate import generate
-    from deeprnn.model import RNNLM
-    from deeprnn.train import EpochStats, Trainer
-    from deeprnn.vocab import Vocab
+    from deeprnn.pipeline import build_trainer, load_data
+    from deeprnn.train import EpochStats
 
     train: dict[str, Any] = {"epochs": a.epochs, "device": a.device, "fast": bool(a.fast)}
     if a.batch_size:
         train["batch_size"] = a.batch_size
     if a.precision:
         train["precision"] = a.precision
-    overrides: dict[str, Any] = {"train": train}
+    overrides: dict[str, Any] = {"train": train, "data": {"url": str(Path(a.data) / "timemachine.txt")}}
     if a.max_tokens is not None:
-        overrides["data"] = {"max_tokens": a.max_tokens if a.max_tokens > 0 else None}
+        overrides["data"]["max_tokens"] = a.max_tokens
     cfg = preset_config("d2l-9.3", overrides)
-    device = resolve_device(cfg.train.device)
 
-    # tasks.data.build_vocab + prepare_splits
-    tokens = tokenize.flatten(tokenize.tokenize(tokenize.read_lines(Path(a.data) / "timemachine.txt"), cfg.data.token))
-    vocab = Vocab(tokens, cfg.data.min_freq, cfg.data.reserved_tokens)
-    ids = torch.tensor(vocab.encode(tokens), dtype=torch.long)
-    splits = split_corpus(ids, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.max_tokens)
-    # tasks.training.train_model
-    seed_everything(cfg.train.seed)
-    model = RNNLM.from_config(len(vocab), cfg.model)
-    trainer = Trainer(model, splits.train, cfg.train, device, heldout_ids=splits.test)
+    # The stages as the pipeline's tasks run them (deeprnn.pipeline).
+    data = load_data(cfg)
+    vocab, splits = data.vocab, data.splits
+    trainer = build_trainer(cfg, len(vocab), splits)
+    model, device = trainer.model, trainer.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

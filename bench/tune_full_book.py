@@ -33,26 +33,21 @@ CANDIDATES: list[dict] = [
 
 def trial(data: str, device: str, overrides: dict) -> dict:
     """Train one candidate in this process and return its figures."""
-    import torch
 
-    from deeprnn import tokenize
-    from deeprnn.batching import split_corpus
     from deeprnn.config import preset_config
-    from deeprnn.device import resolve_device, seed_everything
     from deeprnn.evaluate import perplexity
-    from deeprnn.model import RNNLM
-    from deeprnn.train import Trainer
-    from deeprnn.vocab import Vocab
+    from deeprnn.pipeline import build_trainer, load_data
 
-    cfg = preset_config("full-book", {**overrides, "train": {**overrides.get("train", {}), "device": device}})
-    tokens = tokenize.flatten(tokenize.tokenize(tokenize.read_lines(Path(data)), cfg.data.token))
-    vocab = Vocab(tokens)
-    ids = torch.tensor(vocab.encode(tokens))
-    splits = split_corpus(ids, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.max_tokens)
-    seed_everything(cfg.train.seed)
-    dev = resolve_device(device)
-    model = RNNLM.from_config(len(vocab), cfg.model)
-    trainer = Trainer(model, splits.train, cfg.train, dev, heldout_ids=splits.val, select_best=True)
+    settings = {
+        **overrides,
+        "data": {**overrides.get("data", {}), "url": str(data)},
+        "train": {**overrides.get("train", {}), "device": device},
+    }
+    cfg = preset_config("full-book", settings)
+    loaded = load_data(cfg)  # the stages as the pipeline's tasks run them
+    splits = loaded.splits
+    trainer = build_trainer(cfg, len(loaded.vocab), splits)
+    model = trainer.model
     start = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - start

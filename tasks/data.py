@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
-from deeprnn.batching import Splits, check_enough_tokens, split_corpus
+from deeprnn.batching import Splits
 from deeprnn.config import DataConfig, TrainConfig
 from deeprnn.download import CorpusFile, TransientDownloadError, fetch_corpus
-from deeprnn.prepare import PreparedCorpus, PrepareError, dropped_letters_warning, prepare, prepared_summary
+from deeprnn.pipeline import make_splits
+from deeprnn.prepare import PreparedCorpus, dropped_letters_warning, prepare, prepared_summary
+from deeprnn.vocab import Vocab
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -73,15 +74,7 @@ def prepare_splits(
 ) -> Splits:
     """Cut the cached token ids into train/validation/test (views of the memory map, nothing copied); refuse a
     training part too short for one minibatch, and ids made with another vocabulary than ``vocab``."""
-    if vocab is not None and vocab["idx_to_token"] != prepared.vocab().idx_to_token:
-        raise PrepareError(
-            "the corpus now tokenizes to another vocabulary than the model's: it is not the text the model "
-            "was trained on (check the corpus URL and its SHA-1)"
-        )
-    ids = torch.from_numpy(prepared.ids())  # (N,) in the cache's small integer type
-
-    splits = split_corpus(ids, data.val_fraction, data.test_fraction, data.max_tokens)
-    check_enough_tokens(splits.train.numel(), train.batch_size, train.num_steps)
+    splits = make_splits(prepared, data, train, Vocab.from_dict(vocab) if vocab is not None else None)
     get_run_logger().info(
         "tokens: %d train, %d validation, %d test", splits.train.numel(), splits.val.numel(), splits.test.numel()
     )

@@ -14,12 +14,11 @@ from prefect.cache_policies import NO_CACHE
 from deeprnn import checkpoint, resume
 from deeprnn.batching import Splits
 from deeprnn.config import RunConfig, SampleConfig, TrainConfig
-from deeprnn.device import describe, resolve_device, seed_everything
-from deeprnn.evaluate import perplexity
+from deeprnn.device import describe, resolve_device
 from deeprnn.generate import generate
-from deeprnn.model import RNNLM
+from deeprnn.pipeline import build_trainer, evaluate_splits
 from deeprnn.progress import StepStats, progress_line
-from deeprnn.train import EpochStats, Trainer
+from deeprnn.train import EpochStats
 from deeprnn.vocab import Vocab
 from tasks import tracking
 
@@ -72,13 +71,10 @@ def train_model(
     """
     logger = get_run_logger()
     cfg = config.train
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
     voc = Vocab.from_dict(vocab)
-    model = RNNLM.from_config(len(voc), config.model)
-    has_val = splits.val.numel() > 0
+    trainer = build_trainer(config, len(voc), splits)
+    model, device, has_val = trainer.model, trainer.device, trainer.select_best
     heldout = splits.val if has_val else splits.test
-    trainer = Trainer(model, splits.train, cfg, device, heldout_ids=heldout, select_best=has_val)
     out = Path(run_dir)
     done = resume.restore_training(checkpoint.load(out / LAST), config, model, trainer) if (out / LAST).is_file() else 0
     earlier = tracking.epoch_history(run_id, done) if done else []
@@ -157,19 +153,7 @@ def train_model(
 def evaluate_model(checkpoint_path: str, splits: Splits, device: str) -> dict[str, float | None]:
     """Perplexity of the selected model on each split (eval mode, token-weighted)."""
     model, _, config = checkpoint.restore_model(checkpoint.load(Path(checkpoint_path)), resolve_device(device))
-    rows, cfg = config.train.batch_size, config.train
-    # The training split is measured up to the periodic cap (a diagnostic); the held-out splits up to the
-    # final cap, whole by default. How many tokens each read is part of the result.
-    train = splits.train[: cfg.eval_max_tokens] if cfg.eval_max_tokens else splits.train
-    val = splits.val[: cfg.final_eval_max_tokens] if cfg.final_eval_max_tokens else splits.val
-    test = splits.test[: cfg.final_eval_max_tokens] if cfg.final_eval_max_tokens else splits.test
-    result: dict[str, float | None] = {
-        "train_perplexity_eval": perplexity(model, train, rows=rows),
-        "val_perplexity": perplexity(model, val, rows=rows) if val.numel() > 1 else None,
-        "test_perplexity": perplexity(model, test, rows=rows),
-        "val_tokens": val.numel() if val.numel() > 1 else None,
-        "test_tokens": test.numel(),
-    }
+    result = evaluate_splits(model, splits, config.train).metrics()
     get_run_logger().info(
         "evaluation: %s", ", ".join(f"{k} {v:,.3f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in result.items() if v is not None)
     )
