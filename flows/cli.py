@@ -181,7 +181,12 @@ def _invoke(call: Callable[[], dict[str, Any]], on_interrupt: str) -> dict[str, 
         err.print(f"[yellow]interrupted[/yellow]: {on_interrupt}")
         raise typer.Exit(130)
     except Exception as exc:
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        from tasks.failures import message  # expected errors: their own message; others: type and message
+
+        from rich.text import Text
+
+        # One line, as written: no markup read into it, no line breaks added at the terminal's width.
+        err.print(Text.assemble(("error:", "red"), " ", message(exc)), soft_wrap=True)
         raise typer.Exit(1)
 
 

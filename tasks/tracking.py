@@ -319,11 +319,14 @@ def set_tags(run_id: str, tags: dict[str, Any]) -> None:
 def log_dataset(run_id: str, corpus: CorpusFile, vocab: dict[str, Any]) -> None:
     """Record the corpus's identity (URL, sha1, size, token count) as an MLflow dataset input and as tags."""
     num_tokens = sum(freq for _, freq in vocab["token_freqs"])
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import HTTPDatasetSource, LocalArtifactDatasetSource
 
     source = corpus.source
-    ds_source = resolve_dataset_source(source)  # HTTP URL or local file source, as MLflow knows them
+    # Said explicitly: MLflow's own guess (resolve_dataset_source) warns on every run that an http URL "can
+    # be interpreted in multiple ways" (an HTTP source or an http artifact repository).
+    is_http = urlsplit(source).scheme in ("http", "https")
+    ds_source = HTTPDatasetSource(source) if is_http else LocalArtifactDatasetSource(source)
     dataset = MetaDataset(source=ds_source, name=Path(urlsplit(source).path).name or "corpus", digest=corpus.sha1[:10])
     MlflowClient().log_inputs(
         run_id,
