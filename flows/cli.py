@@ -162,6 +162,7 @@ def run(
     else:
         console.print(f"deeprnn: preset [bold]{config.preset}[/bold], {config.train.epochs} epochs, device {config.train.device}")
     console.print(f"Prefect API: {api}; MLflow tracking: {tracking_uri()}")
+    _mark_orphaned_runs()
     result = _invoke(
         lambda: train_lm(
             preset=config.preset, **overrides, experiment=experiment, runs_dir=runs_dir, resume_run_id=resume
@@ -188,6 +189,24 @@ def _invoke(call: Callable[[], dict[str, Any]], on_interrupt: str) -> dict[str, 
         # One line, as written: no markup read into it, no line breaks added at the terminal's width.
         err.print(Text.assemble(("error:", "red"), " ", message(exc)), soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _mark_orphaned_runs() -> None:
+    """Mark this host's MLflow runs whose process was killed outright FAILED, and say how to continue them."""
+    from tasks.orphans import mark_orphaned_runs
+    from tasks.tracking import check_reachable
+
+    try:
+        check_reachable()  # within seconds; MLflow's own client would retry a dead server for minutes
+        orphans = mark_orphaned_runs()
+    except Exception:  # noqa: BLE001 - an unreachable store is the flow's check-inputs task to report, clearly
+        return
+    for orphan in orphans:
+        console.print(
+            f"deeprnn: MLflow run {orphan.run_id} was left RUNNING by a process that is gone (pid {orphan.pid}); "
+            f"marked FAILED. Continue it with: deeprnn run --resume {orphan.run_id}",
+            highlight=False, soft_wrap=True,
+        )
 
 
 def _write_json(result: dict[str, Any], path: str | None) -> None:
@@ -419,6 +438,7 @@ def sweep(
     # The workers report to the same API: PREFECT_API_URL (the temporary server's, when it runs) reaches local
     # workers through the environment and every worker through the settings the task runner sends along.
     console.print(f"Prefect API: {os.environ.get('PREFECT_API_URL', 'from the Prefect profile')}")
+    _mark_orphaned_runs()
 
     def call() -> dict[str, Any]:
         return sweep_lm.with_options(task_runner=runner)(
