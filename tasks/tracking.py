@@ -46,6 +46,10 @@ class TrackingUnavailableError(RuntimeError):
     """The MLflow tracking store cannot be reached."""
 
 
+class TrackingStoreOutdatedError(TrackingUnavailableError):
+    """The MLflow store was created by an older MLflow: its schema must be upgraded before this one uses it."""
+
+
 def tracking_uri() -> str:
     """The tracking URI in force (credentials removed: safe to print)."""
     return redact_url(mlflow.get_tracking_uri())
@@ -89,7 +93,18 @@ def _ensure_store() -> None:
 
     db = Path(uri.removeprefix("sqlite:///"))
     with FileLock(str(db) + ".lock", timeout=300):
-        MlflowClient().search_experiments(max_results=1)
+        try:
+            MlflowClient().search_experiments(max_results=1)
+        except MlflowException as exc:
+            # MLflow creates a new store at its own schema but never migrates an existing one by itself.
+            if "out-of-date database schema" not in str(exc):
+                raise
+            found = re.search(r"found version (\w+), but expected (\w+)", str(exc))
+            versions = f" (schema {found.group(1)}, this MLflow {mlflow.__version__} needs {found.group(2)})" if found else ""
+            raise TrackingStoreOutdatedError(
+                f"the MLflow store {redact_url(uri)} was created by an older MLflow{versions}. Back it up (copy "
+                f"{db}), then upgrade it with: mlflow db upgrade {redact_url(uri)}"
+            ) from None
 
 
 def experiment_id(name: str) -> str:
