@@ -467,6 +467,35 @@ def _print_sweep(result: dict[str, Any]) -> None:
     console.print(f"{result['trials_succeeded']} of {result['trials_total']} trials succeeded")
 
 
+@app.command("setup-server")
+def setup_server(
+    training_slots: int = typer.Option(1, "--training-slots", min=1, max=64, help="Training runs at once across the "
+                                       "pool's workers: one per GPU (default 1: one worker, one GPU)."),
+    alert_webhook: Optional[str] = typer.Option(None, "--alert-webhook", help="URL that gets a JSON POST for every "
+                                                "Failed or Crashed training, evaluation or sweep run."),
+    allow_private_urls: bool = typer.Option(False, "--allow-private-urls", help="Let alerts go to a private-network "
+                                            "or local address (Prefect refuses them by default)."),
+    zombie_after: int = typer.Option(90, "--zombie-after", min=31, max=86400, help="Seconds without a heartbeat "
+                                     "(sent every 30 s) after which a deployment run is marked Crashed."),
+) -> None:
+    """Prepare the Prefect server in PREFECT_API_URL for unattended runs: training slots, zombie detection, alerts."""
+    if alert_webhook is not None and not alert_webhook.startswith(("http://", "https://")):
+        err.print("[red]error:[/red] --alert-webhook must be an http:// or https:// URL")
+        raise typer.Exit(2)
+    from prefect.exceptions import ObjectNotFound
+
+    from tasks.automations import POOL
+    from tasks.automations import setup_server as setup
+
+    try:
+        done = setup(training_slots, alert_webhook, allow_private_urls, zombie_after)
+    except ObjectNotFound:
+        err.print(f"[red]error:[/red] no work pool {POOL!r} on the server: prefect work-pool create {POOL} --type process")
+        raise typer.Exit(1)
+    for line in done:
+        console.print(line, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Entry point of the ``deeprnn`` command and of ``python -m flows.cli``."""
     try:

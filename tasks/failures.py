@@ -30,6 +30,7 @@ EXPECTED: tuple[tuple[str, str], ...] = (
     ("tasks.tracking", "TrackingUnavailableError"),  # also an MLflow store that needs `mlflow db upgrade`
     ("tasks.cluster", "ClusterConfigError"),
     ("tasks.sweep", "SweepFailedError"),
+    ("prefect.task_engine", "TaskRunTimeoutError"),  # the training task ran past its timeout (train.timeout_minutes)
     ("pydantic", "ValidationError"),  # a configuration refused inside a flow (deployment parameters)
 )
 
@@ -59,7 +60,11 @@ def is_expected(exc: BaseException | None) -> bool:
 
 def message(exc: BaseException) -> str:
     """What the user reads: the expected error's own message, else its type and message."""
-    return str(exc) if is_expected(exc) else f"{type(exc).__name__}: {exc}"
+    if not is_expected(exc):
+        return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, TimeoutError):  # Prefect's task timeout: only the training task has one
+        return f"the training task ran past its timeout ({exc}); give it longer with --timeout-minutes"
+    return str(exc)
 
 
 class DropExpectedTracebacks(logging.Filter):

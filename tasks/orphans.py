@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -86,3 +87,21 @@ def mark_orphaned_runs() -> list[Orphan]:
         client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
         found.append(Orphan(run.info.run_id, pid, reason))
     return found
+
+
+def mark_crashed_flow_run(flow_run_id: str, reason: str) -> list[str]:
+    """Mark every RUNNING MLflow run that Prefect flow run ``flow_run_id`` opened FAILED, with ``reason`` as the
+    ``deeprnn.failure_reason`` tag; returns their ids."""
+    if not re.fullmatch(r"[0-9a-fA-F-]{36}", flow_run_id):  # it goes into a filter string
+        raise ValueError(f"not a Prefect flow run id: {flow_run_id!r}")
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    query = f"attributes.status = 'RUNNING' and tags.`prefect.flow_run_id` = '{flow_run_id}'"
+    marked = []
+    for run in client.search_runs(experiments, query, max_results=1000):
+        tracking.set_tags(run.info.run_id, {REASON_TAG: reason})
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        marked.append(run.info.run_id)
+    return marked

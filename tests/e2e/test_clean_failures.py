@@ -135,3 +135,34 @@ def test_an_unexpected_error_keeps_its_traceback(store: Path) -> None:
     assert state.is_failed()
     text = "\n".join(message for _, message in _flow_run_logs(state.state_details.flow_run_id))
     assert "Traceback" in text and "a bug in the code" in text
+
+
+def test_training_past_its_timeout_fails_once_cleanly_and_the_run_is_failed(
+    store: Path, fault_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flows.pipeline as pipeline
+    from deeprnn.config import TrainConfig
+    from mlflow.tracking import MlflowClient
+    from tasks.failures import message
+    from tasks.limits import training_timeout_seconds
+
+    # The timeout is the user's when set, else derived from the run's size (one hour plus 1,000 tokens/s).
+    assert training_timeout_seconds(TrainConfig(timeout_minutes=5), 10_000) == 300
+    assert training_timeout_seconds(TrainConfig(epochs=500), 9_000) == 3600 + 4500
+    # A real timeout, shortened from minutes to a second so that the test is quick.
+    monkeypatch.setattr(pipeline, "training_timeout_seconds", lambda train, tokens: 1.0)
+    state = train_lm(preset="smoke", data={"url": fault_server.url("/timeout/timemachine.txt")},
+                     train={"device": "cpu", "epochs": 500, "eval_every": 1}, experiment="timeout",
+                     runs_dir=str(store / "runs"), return_state=True)
+    assert state.is_failed()
+    text = "\n".join(m for _, m in _flow_run_logs(state.state_details.flow_run_id))
+    assert "exceeded timeout of 1.0 second(s)" in text and "Traceback" not in text
+    assert "--timeout-minutes" in message(state.result(raise_on_failure=False))
+    (run,) = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("timeout").experiment_id])
+    assert run.info.status == "FAILED"
+    with get_client(sync_client=True) as client:
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    (training,) = [t for t in task_runs if t.name.startswith("train-model")]
+    assert training.run_count == 1 and training.state.name == "TimedOut"  # not retried: it would time out again
