@@ -349,7 +349,12 @@ def unattended(deployed: Deployed, worker: dict[str, Any]) -> Iterator[AlertRece
 
 
 def _create_run(server: Server, deployment: dict[str, Any], parameters: dict[str, Any]) -> str:
-    response = api(server, "POST", f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters})
+    """Create a flow run of ``deployment``; a busy sqlite server may answer 503, which Prefect's client retries too."""
+    for attempt in range(6):
+        response = api(server, "POST", f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters})
+        if response.status_code != 503:
+            break
+        time.sleep(1 + attempt)
     assert response.status_code == 201, response.text
     return response.json()["id"]
 
