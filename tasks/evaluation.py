@@ -24,6 +24,7 @@ from tasks import tracking
 from tasks.results import prefect_run_tags
 
 CHAMPION_URI = f"models:/{tracking.REGISTERED_MODEL}@{tracking.CHAMPION}"
+EVALUATION_SUMMARY = "deeprnn-evaluation-summary"  # the key of the Prefect markdown artifact
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,9 @@ def _tracking_fault(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-@task(name="start-evaluation-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_tracking_fault)
+@task(
+    name="start-evaluation-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_tracking_fault
+)
 def start_evaluation(model_uri: str, device: str, experiment: str) -> str:
     """Refuse a missing device or an unreachable MLflow, then open the evaluation's MLflow run (tags link the
     Prefect flow run; a retry finds the run its first attempt created); returns its id."""
@@ -162,8 +165,6 @@ def publish_evaluation(
     return markdown
 
 
-EVALUATION_SUMMARY = "deeprnn-evaluation-summary"
-
 
 def flow_run_has_artifact(key: str) -> bool:
     """True when the current flow run already has an artifact with this key (an earlier attempt made it)."""
@@ -176,7 +177,9 @@ def flow_run_has_artifact(key: str) -> bool:
         return False
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])),
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])
+            ),
             limit=1,
         )
     return bool(found)
