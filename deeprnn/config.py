@@ -140,6 +140,14 @@ class TrainConfig(_Section):
     )
     seed: int = Field(0, title="Seed", description="Seeds weights, minibatch offsets, dropout.", ge=0, le=2**32 - 1)
     device: DeviceName = Field("auto", title="Device", description="auto picks cuda, then mps, then cpu.")
+    timeout_minutes: Optional[int] = Field(
+        None,
+        title="Training timeout (minutes)",
+        description="Fail the training task after this long. Empty: one hour plus one minute per 60,000 training "
+        "tokens (epochs x tokens), far above any healthy run.",
+        ge=1,
+        le=100_000,
+    )
     fast: bool = Field(
         True,
         title="Fast path",

@@ -165,6 +165,7 @@ def run(
     else:
         console.print(f"deeprnn: preset [bold]{config.preset}[/bold], {config.train.epochs} epochs, device {config.train.device}")
     console.print(f"Prefect API: {api}; MLflow tracking: {tracking_uri()}")
+    _mark_orphaned_runs()
     result = _invoke(
         lambda: train_lm(
             preset=config.preset, **overrides, experiment=experiment, runs_dir=runs_dir, resume_run_id=resume
@@ -184,8 +185,31 @@ def _invoke(call: Callable[[], dict[str, Any]], on_interrupt: str) -> dict[str, 
         err.print(f"[yellow]interrupted[/yellow]: {on_interrupt}")
         raise typer.Exit(130)
     except Exception as exc:
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        from tasks.failures import message  # expected errors: their own message; others: type and message
+
+        from rich.text import Text
+
+        # One line, as written: no markup read into it, no line breaks added at the terminal's width.
+        err.print(Text.assemble(("error:", "red"), " ", message(exc)), soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _mark_orphaned_runs() -> None:
+    """Mark this host's MLflow runs whose process was killed outright FAILED, and say how to continue them."""
+    from tasks.orphans import mark_orphaned_runs
+    from tasks.tracking import check_reachable
+
+    try:
+        check_reachable()  # within seconds; MLflow's own client would retry a dead server for minutes
+        orphans = mark_orphaned_runs()
+    except Exception:  # noqa: BLE001 - an unreachable store is the flow's check-inputs task to report, clearly
+        return
+    for orphan in orphans:
+        console.print(
+            f"deeprnn: MLflow run {orphan.run_id} was left RUNNING by a process that is gone (pid {orphan.pid}); "
+            f"marked FAILED. Continue it with: deeprnn run --resume {orphan.run_id}",
+            highlight=False, soft_wrap=True,
+        )
 
 
 def _write_json(result: dict[str, Any], path: str | None) -> None:
@@ -475,6 +499,7 @@ def sweep(
     # The workers report to the same API: PREFECT_API_URL (the temporary server's, when it runs) reaches local
     # workers through the environment and every worker through the settings the task runner sends along.
     console.print(f"Prefect API: {os.environ.get('PREFECT_API_URL', 'from the Prefect profile')}")
+    _mark_orphaned_runs()
 
     def call() -> dict[str, Any]:
         return sweep_lm.with_options(task_runner=runner)(
@@ -501,6 +526,35 @@ def _print_sweep(result: dict[str, Any]) -> None:
     console.print(f"best: {best['name']} (run {best['run_id']})" + (
         f", registered deeprnn-lm v{best['model']['version']}" if best["model"].get("version") else ""))
     console.print(f"{result['trials_succeeded']} of {result['trials_total']} trials succeeded")
+
+
+@app.command("setup-server")
+def setup_server(
+    training_slots: int = typer.Option(1, "--training-slots", min=1, max=64, help="Training runs at once across the "
+                                       "pool's workers: one per GPU (default 1: one worker, one GPU)."),
+    alert_webhook: Optional[str] = typer.Option(None, "--alert-webhook", help="URL that gets a JSON POST for every "
+                                                "Failed or Crashed training, evaluation or sweep run."),
+    allow_private_urls: bool = typer.Option(False, "--allow-private-urls", help="Let alerts go to a private-network "
+                                            "or local address (Prefect refuses them by default)."),
+    zombie_after: int = typer.Option(90, "--zombie-after", min=31, max=86400, help="Seconds without a heartbeat "
+                                     "(sent every 30 s) after which a deployment run is marked Crashed."),
+) -> None:
+    """Prepare the Prefect server in PREFECT_API_URL for unattended runs: training slots, zombie detection, alerts."""
+    if alert_webhook is not None and not alert_webhook.startswith(("http://", "https://")):
+        err.print("[red]error:[/red] --alert-webhook must be an http:// or https:// URL")
+        raise typer.Exit(2)
+    from prefect.exceptions import ObjectNotFound
+
+    from tasks.automations import POOL
+    from tasks.automations import setup_server as setup
+
+    try:
+        done = setup(training_slots, alert_webhook, allow_private_urls, zombie_after)
+    except ObjectNotFound:
+        err.print(f"[red]error:[/red] no work pool {POOL!r} on the server: prefect work-pool create {POOL} --type process")
+        raise typer.Exit(1)
+    for line in done:
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from deeprnn.config import RunConfig
 from deeprnn.search import Trial
 from tasks import tracking
 from tasks.data import download_corpus, prepare_splits, prepare_tokens
+from tasks.limits import training_timeout_seconds
 from tasks.results import check_inputs, log_results, publish_summary, start_tracking
 from tasks.training import evaluate_model, generate_samples, train_model
 
@@ -41,7 +42,8 @@ def run_pipeline(
         vocab = prepared.vocab().to_dict()
         tracking.log_dataset(run_id, corpus, vocab, prepared.num_tokens)
         splits = prepare_splits(prepared, config.data, config.train)
-        trained = train_model(config, vocab, splits, run_id, run_dir)
+        timeout = training_timeout_seconds(config.train, splits.train.numel())  # the user's, or derived
+        trained = train_model.with_options(timeout_seconds=timeout)(config, vocab, splits, run_id, run_dir)
         evaluation = evaluate_model(trained["checkpoint"], splits, config.train.device)
         samples = generate_samples(trained["checkpoint"], config.train.device)
         evaluated_at = time.time()

@@ -24,6 +24,11 @@ from dataclasses import dataclass, field
 
 # Prefect marks its temporary server with these; the UI is not served (see prefect.server.api.server).
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+# Telemetry off for the temporary server, unless the user's environment says otherwise: its heartbeat
+# (prefect.server.services.telemetry) writes to the same fresh sqlite database while the first flow run does,
+# and fails with "database is locked" and a long traceback; offline, it logs "Failed to send telemetry" at
+# ERROR on every run. Neither is anything the user can act on. PREFECT_SERVER_ANALYTICS_ENABLED=true turns it on.
+QUIET_SERVER_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 STARTUP_FAILURE_EXIT_CODE = 3  # uvicorn's exit status when it cannot start, e.g. its port was taken meanwhile
 
 
@@ -155,7 +160,7 @@ def start_temporary_api() -> TemporaryAPI | None:
     if settings.api.url or not settings.server.ephemeral.enabled:
         return None
     # The same environment Prefect gives its server: ours, its markers, then the active profile's settings.
-    env = {**os.environ, **SERVER_ENV, **settings.to_environment_variables(exclude_unset=True)}
+    env = {**QUIET_SERVER_ENV, **os.environ, **SERVER_ENV, **settings.to_environment_variables(exclude_unset=True)}
     port = _free_port()
     api = TemporaryAPI(subprocess.Popen(server_command(port), env=env), port, env)
     atexit.register(api.stop)

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Install deeprnn and its test tools into ./.venv, then run the whole test suite.
 #   bash scripts/test.sh [pytest args...]
-# TORCH_SPEC picks the torch build (default torch==2.13.0; an already-installed torch is kept).
+# TORCH_SPEC picks the torch build (default torch==2.13.0; an already-installed torch is kept). Every install is
+# held to the tested versions in constraints.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python3 -m venv .venv
 . .venv/bin/activate
-python -c "import torch" 2>/dev/null || python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-python -m pip install -q -e ".[test]"
+python -c "import torch" 2>/dev/null || python -m pip install -q -c constraints.txt "${TORCH_SPEC:-torch==2.13.0}"
+python -m pip install -q -c constraints.txt -e ".[test]"
 # The book's own code, for the fidelity tests. Its pinned 2022 dependencies are not needed (nor installable).
-python -m pip install -q --no-deps "d2l==0.17.6"
+python -m pip install -q --no-deps -c constraints.txt "d2l==0.17.6"
 
 exec python -m pytest "$@"

@@ -24,6 +24,7 @@ from tasks import tracking
 from tasks.results import prefect_run_tags
 
 CHAMPION_URI = f"models:/{tracking.REGISTERED_MODEL}@{tracking.CHAMPION}"
+EVALUATION_SUMMARY = "deeprnn-evaluation-summary"  # the key of the Prefect markdown artifact
 
 
 @dataclass(frozen=True)
@@ -58,17 +59,34 @@ def scratch_folder() -> Iterator[str]:
         yield folder
 
 
-@task(name="start-evaluation-run", cache_policy=NO_CACHE)
+def _tracking_fault(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry MLflow and I/O faults only; a missing device or an unreachable store fails the same way again."""
+    try:
+        state.result()
+    except tracking.TrackingUnavailableError:
+        return False
+    except OSError:
+        return True
+    except Exception as exc:
+        return tracking.is_tracking_error(exc)
+    return False
+
+
+@task(
+    name="start-evaluation-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_tracking_fault
+)
 def start_evaluation(model_uri: str, device: str, experiment: str) -> str:
     """Refuse a missing device or an unreachable MLflow, then open the evaluation's MLflow run (tags link the
-    Prefect flow run); returns its id."""
-    from prefect.runtime import flow_run
+    Prefect flow run; a retry finds the run its first attempt created); returns its id."""
+    from prefect.runtime import flow_run, task_run
+
+    from tasks.orphans import process_tags
 
     resolve_device(device)
     tracking.check_reachable()
-    tags = {**prefect_run_tags(), "deeprnn.requested_model_uri": model_uri}
+    tags = {**prefect_run_tags(), **process_tags(), "deeprnn.requested_model_uri": model_uri}
     params = {"requested_model_uri": model_uri, "device": device}
-    run_id = tracking.create_run(experiment, flow_run.get_name(), tags, params)
+    run_id = tracking.create_run(experiment, flow_run.get_name(), tags, params, opened_by=task_run.get_id())
     get_run_logger().info("MLflow evaluation run %s in experiment %r", run_id, experiment)
     return run_id
 
@@ -117,8 +135,11 @@ def fetch_model(run_id: str, model_uri: str, folder: str, sample: BaseModel | di
 def publish_evaluation(
     run_id: str, model: FetchedModel, evaluation: dict[str, float | None], samples: dict[str, str]
 ) -> str:
-    """Log perplexities and samples to the evaluation's MLflow run, and a markdown summary to Prefect."""
-    tracking.log_metrics(run_id, {k: v for k, v in evaluation.items() if v is not None})
+    """Log perplexities and samples to the evaluation's MLflow run, and a markdown summary to Prefect.
+
+    Safe to retry: metrics already logged are not logged again, text artifacts are rewritten in place, and the
+    summary is created once per flow run."""
+    tracking.log_metrics_once(run_id, evaluation)
     tracking.log_text(run_id, samples_text(samples), "samples.txt")
     tracking.log_text(run_id, json.dumps(samples, ensure_ascii=False, indent=1), "samples.json")
 
@@ -139,5 +160,26 @@ def publish_evaluation(
         *samples_markdown(samples),
     ]
     markdown = "\n".join(lines)
-    create_markdown_artifact(markdown, key="deeprnn-evaluation-summary", description="deeprnn evaluation summary")
+    if not flow_run_has_artifact(EVALUATION_SUMMARY):
+        create_markdown_artifact(markdown, key=EVALUATION_SUMMARY, description="deeprnn evaluation summary")
     return markdown
+
+
+
+def flow_run_has_artifact(key: str) -> bool:
+    """True when the current flow run already has an artifact with this key (an earlier attempt made it)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    if not run_id:
+        return False
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])
+            ),
+            limit=1,
+        )
+    return bool(found)

@@ -133,15 +133,13 @@ def start_tracking(
     """Open the MLflow run (params, tags linking the Prefect flow run), nested under ``parent_run_id`` if
     given, or set run ``resume_run_id`` back to RUNNING to continue it; returns the run id and its local
     run folder."""
-    import os
-    import socket
+    from prefect.runtime import flow_run, task_run
 
-    from prefect.runtime import flow_run
+    from tasks.orphans import process_tags
 
     tags = {
         **(extra_tags or {}),
-        "deeprnn.host": socket.gethostname(),
-        "deeprnn.pid": str(os.getpid()),
+        **process_tags(),  # host, pid and its start time: a later command can tell when this process is gone
         **prefect_run_tags(),
         "deeprnn.preset": config.preset,
     }
@@ -153,7 +151,8 @@ def start_tracking(
         run_id = resume_run_id
     else:
         run_id = tracking.start_run(
-            config, experiment, run_name=run_name or flow_run.get_name(), tags=tags, parent_run_id=parent_run_id
+            config, experiment, run_name=run_name or flow_run.get_name(), tags=tags, parent_run_id=parent_run_id,
+            opened_by=task_run.get_id(),  # a retry of this task finds the run its first attempt created
         )
     # The folder is named by the run id (letters and digits only), never by a user-given name.
     run_dir = run_folder(runs_dir, run_id)

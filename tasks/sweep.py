@@ -47,15 +47,18 @@ def start_sweep_tracking(
 ) -> str:
     """Open the sweep's parent MLflow run: the base configuration with each varied field's values, the
     search settings, and the space and trial list as ``space.json``; returns its id."""
-    from prefect.runtime import flow_run
+    from prefect.runtime import flow_run, task_run
+
+    from tasks.orphans import process_tags
 
     params: dict[str, Any] = dict(trials[0].config.flat())
     params["data.url"] = redact_url(params["data.url"])  # never log credentials
     params.update(space.describe())  # varied fields: their values (or range) instead of trial 0's value
     params.update({f"sweep.{k}": v for k, v in strategy.items()})
     params["sweep.num_trials"] = len(trials)
-    tags = {"deeprnn.sweep": "true", "deeprnn.preset": trials[0].config.preset, **prefect_run_tags()}
-    run_id = tracking.create_run(experiment, flow_run.get_name(), tags, params)
+    tags = {"deeprnn.sweep": "true", "deeprnn.preset": trials[0].config.preset, **prefect_run_tags(), **process_tags()}
+    # A retry of this task finds the parent run its first attempt created; space.json is simply rewritten.
+    run_id = tracking.create_run(experiment, flow_run.get_name(), tags, params, opened_by=task_run.get_id())
     plan = {
         "space": space.describe(),
         "fixed": space.fixed,

@@ -48,6 +48,10 @@ class TrackingUnavailableError(RuntimeError):
     """The MLflow tracking store cannot be reached."""
 
 
+class TrackingStoreOutdatedError(TrackingUnavailableError):
+    """The MLflow store was created by an older MLflow: its schema must be upgraded before this one uses it."""
+
+
 def tracking_uri() -> str:
     """The tracking URI in force (credentials removed: safe to print)."""
     return redact_url(mlflow.get_tracking_uri())
@@ -91,7 +95,18 @@ def _ensure_store() -> None:
 
     db = Path(uri.removeprefix("sqlite:///"))
     with FileLock(str(db) + ".lock", timeout=300):
-        MlflowClient().search_experiments(max_results=1)
+        try:
+            MlflowClient().search_experiments(max_results=1)
+        except MlflowException as exc:
+            # MLflow creates a new store at its own schema but never migrates an existing one by itself.
+            if "out-of-date database schema" not in str(exc):
+                raise
+            found = re.search(r"found version (\w+), but expected (\w+)", str(exc))
+            versions = f" (schema {found.group(1)}, this MLflow {mlflow.__version__} needs {found.group(2)})" if found else ""
+            raise TrackingStoreOutdatedError(
+                f"the MLflow store {redact_url(uri)} was created by an older MLflow{versions}. Back it up (copy "
+                f"{db}), then upgrade it with: mlflow db upgrade {redact_url(uri)}"
+            ) from None
 
 
 def experiment_id(name: str) -> str:
@@ -116,27 +131,68 @@ def _param_value(value: Any) -> str:
 
 
 def start_run(
-    config: RunConfig, experiment: str, run_name: str | None, tags: dict[str, str], parent_run_id: str | None = None
+    config: RunConfig,
+    experiment: str,
+    run_name: str | None,
+    tags: dict[str, str],
+    parent_run_id: str | None = None,
+    opened_by: str | None = None,
 ) -> str:
     """Create the MLflow run with every configuration value as a param; returns its id.
 
-    With ``parent_run_id`` the run is nested under that run (a sweep's trial under the sweep).
+    With ``parent_run_id`` the run is nested under that run (a sweep's trial under the sweep); with
+    ``opened_by`` a retry finds the run its earlier attempt created (``create_run``).
     """
     params = config.flat()
     params["data.url"] = redact_url(params["data.url"])  # never log credentials
-    return create_run(experiment, run_name, tags, params, parent_run_id)
+    return create_run(experiment, run_name, tags, params, parent_run_id, opened_by)
+
+
+OPENED_BY_TAG = "deeprnn.opened_by"  # the Prefect task run that created the run: its retries find it again
 
 
 def create_run(
-    experiment: str, run_name: str | None, tags: dict[str, str], params: dict[str, Any], parent_run_id: str | None = None
+    experiment: str,
+    run_name: str | None,
+    tags: dict[str, str],
+    params: dict[str, Any],
+    parent_run_id: str | None = None,
+    opened_by: str | None = None,
 ) -> str:
-    """Create a run with these tags and params (lists and dicts as JSON); nested when ``parent_run_id`` is set."""
+    """Create a run with these tags and params (lists and dicts as JSON); nested when ``parent_run_id`` is set.
+
+    With ``opened_by`` (the id of the Prefect task run creating it), a retry of that task run that finds the
+    run its earlier attempt created completes that run (tags and params again: same values, so no change)
+    instead of creating a second one.
+    """
     client = MlflowClient()
     if parent_run_id:
         tags = {**tags, "mlflow.parentRunId": parent_run_id}  # what the MLflow UI nests runs by
-    run = client.create_run(experiment_id(experiment), run_name=run_name, tags=tags)
-    log_params(run.info.run_id, params)
-    return run.info.run_id
+    exp_id = experiment_id(experiment)
+    earlier = run_opened_by(exp_id, opened_by) if opened_by else None
+    if earlier is not None:
+        set_tags(earlier, tags)
+        run_id = earlier
+    else:
+        tags = {**tags, OPENED_BY_TAG: opened_by} if opened_by else tags
+        run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    log_params(run_id, params)
+    return run_id
+
+
+def run_opened_by(experiment_id: str, opened_by: str) -> str | None:
+    """The run that Prefect task run ``opened_by`` created in this experiment, if any."""
+    if not re.fullmatch(r"[0-9a-fA-F-]{36}", opened_by):  # it goes into a filter string
+        raise ValueError(f"not a Prefect task run id: {opened_by!r}")
+    found = MlflowClient().search_runs([experiment_id], f"tags.`{OPENED_BY_TAG}` = '{opened_by}'", max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def log_metrics_once(run_id: str, metrics: dict[str, float | None], step: int = 0) -> None:
+    """Log final metrics, skipping each one the run already holds with this value (a retry's second write
+    would add a second point to its history)."""
+    held = MlflowClient().get_run(run_id).data.metrics
+    log_metrics(run_id, {k: v for k, v in metrics.items() if v is not None and held.get(k) != float(v)}, step)
 
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
@@ -226,7 +282,10 @@ def find_run(run_id: str) -> RunHandle:
 
 def reopen_run(run_id: str, tags: dict[str, str]) -> None:
     """Set a run back to ``RUNNING`` (to continue it) and update its tags (e.g. the new Prefect flow run)."""
-    MlflowClient().update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    client = MlflowClient()
+    client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    if "deeprnn.failure_reason" in client.get_run(run_id).data.tags:  # why it stopped last time: no longer true
+        client.delete_tag(run_id, "deeprnn.failure_reason")
     set_tags(run_id, tags)
 
 
@@ -324,11 +383,14 @@ def log_dataset(run_id: str, corpus: CorpusFile, vocab: dict[str, Any], num_toke
     """Record the corpus's identity (URL, sha1, size, token count) as an MLflow dataset input and as tags."""
     if num_tokens is None:
         num_tokens = sum(freq for _, freq in vocab["token_freqs"])
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import HTTPDatasetSource, LocalArtifactDatasetSource
 
     source = corpus.source
-    ds_source = resolve_dataset_source(source)  # HTTP URL or local file source, as MLflow knows them
+    # Said explicitly: MLflow's own guess (resolve_dataset_source) warns on every run that an http URL "can
+    # be interpreted in multiple ways" (an HTTP source or an http artifact repository).
+    is_http = urlsplit(source).scheme in ("http", "https")
+    ds_source = HTTPDatasetSource(source) if is_http else LocalArtifactDatasetSource(source)
     dataset = MetaDataset(source=ds_source, name=Path(urlsplit(source).path).name or "corpus", digest=corpus.sha1[:10])
     MlflowClient().log_inputs(
         run_id,

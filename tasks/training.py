@@ -47,6 +47,8 @@ def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     fail the same way again."""
     try:
         state.result()
+    except TimeoutError:  # past train.timeout_minutes (an OSError too): a retry would only run as long again
+        return False
     except OSError:
         return True
     except Exception as exc:

@@ -283,3 +283,176 @@ def test_smoke_deployment_runs_on_a_worker_and_triggers_the_evaluation(
     assert eval_summary["key"] == "deeprnn-evaluation-summary"
     assert train_run.info.run_id in eval_summary["data"]
     assert f"{eval_run.data.metrics['test_perplexity']:.3f}" in eval_summary["data"]
+
+
+# ----- running unattended: one training per GPU, alerts, zombie runs ----------------------------------------
+
+
+class AlertReceiver:
+    """A real HTTP server on 127.0.0.1 that records the JSON bodies POSTed to it (the alert webhook)."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.bodies: list[dict[str, Any]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                length = int(self.headers.get("Content-Length") or 0)
+                receiver.bodies.append(json.loads(self.rfile.read(length) or b"{}"))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/alerts"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait_for(self, text: str, timeout: float = 180.0) -> dict[str, Any]:
+        """The first body whose text mentions ``text``; fails after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for body in list(self.bodies):
+                if text in json.dumps(body):
+                    return body
+            time.sleep(1)
+        pytest.fail(f"no alert mentioning {text!r} within {timeout:.0f} s; got {self.bodies}")
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+ZOMBIE_AFTER = 60  # two missed heartbeats (every 30 s): long enough that a busy machine's runs are not taken for dead
+
+
+@pytest.fixture(scope="module")
+def unattended(deployed: Deployed, worker: dict[str, Any]) -> Iterator[AlertReceiver]:
+    """`deeprnn setup-server` as the README gives it: one training slot, zombie detection, alerts to a receiver."""
+    receiver = AlertReceiver()
+    setup = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "setup-server", "--training-slots", "1", "--alert-webhook", receiver.url,
+         "--allow-private-urls", "--zombie-after", str(ZOMBIE_AFTER)],
+        cwd=PROJECT_ROOT, env=deployed.server.env, capture_output=True, text=True, timeout=300,
+    )
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    try:
+        yield receiver
+    finally:
+        receiver.stop()
+
+
+def _create_run(server: Server, deployment: dict[str, Any], parameters: dict[str, Any]) -> str:
+    """Create a flow run of ``deployment``; a busy sqlite server may answer 503, which Prefect's client retries too."""
+    for attempt in range(6):
+        response = api(server, "POST", f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters})
+        if response.status_code != 503:
+            break
+        time.sleep(1 + attempt)
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def _smoke_parameters(book_url: str, root: Path, **train: Any) -> dict[str, Any]:
+    return {"train": {"epochs": 2, "device": "cpu", **train}, "data": {"url": book_url, "sha1": BOOK_SHA1},
+            "runs_dir": str(root / "runs")}
+
+
+def test_setup_server_creates_the_training_slot_the_zombie_automation_and_the_alert(
+    deployed: Deployed, unattended: AlertReceiver
+) -> None:
+    server = deployed.server
+    queue = api(server, "GET", f"/work_pools/{POOL}/queues/training").json()
+    assert queue["concurrency_limit"] == 1
+    for name in ("d2l-9.3", "full-book", "smoke", "sweep"):
+        assert deployed.deployments[name]["work_queue_name"] == "training", name
+        assert deployed.deployments[name]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+    automations = {a["name"]: a for a in api(server, "POST", "/automations/filter", json={}).json()}
+    zombie = automations["deeprnn-crash-zombie-flow-runs"]
+    assert zombie["trigger"]["posture"] == "Proactive" and zombie["trigger"]["within"] == ZOMBIE_AFTER
+    assert zombie["actions"][0]["type"] == "change-flow-run-state" and zombie["actions"][0]["state"] == "CRASHED"
+    alert = automations["deeprnn-alert-on-failure"]
+    assert set(alert["trigger"]["expect"]) == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    assert alert["actions"][0]["type"] == "send-notification"
+    assert "mark-crashed-mlflow-runs" in automations  # from prefect.yaml, by `prefect deploy --all`
+    # Running it again updates rather than duplicates.
+    again = subprocess.run([sys.executable, "-m", "flows.cli", "setup-server", "--zombie-after", str(ZOMBIE_AFTER)],
+                           cwd=PROJECT_ROOT, env=server.env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    names = [a["name"] for a in api(server, "POST", "/automations/filter", json={}).json()]
+    assert names.count("deeprnn-crash-zombie-flow-runs") == 1 and names.count("deeprnn-alert-on-failure") == 1
+
+
+def test_two_training_runs_created_at_once_take_the_one_slot_in_turn(
+    deployed: Deployed, worker: dict[str, Any], unattended: AlertReceiver, book_url: str
+) -> None:
+    server, smoke = deployed.server, deployed.deployments["smoke"]
+    ids = [_create_run(server, smoke, _smoke_parameters(book_url, worker["root"])) for _ in range(2)]
+    runs = sorted((wait_for_final_state(server, i, worker["log"]) for i in ids), key=lambda r: r["start_time"])
+    assert [r["state_type"] for r in runs] == ["COMPLETED", "COMPLETED"], log_tail(worker["log"])
+    first, second = runs
+    # The second waited for the slot: it started only once the first had ended.
+    assert second["start_time"] >= first["end_time"], (first["start_time"], first["end_time"], second["start_time"])
+
+
+def test_a_failed_run_is_alerted_with_its_name_and_message_and_its_logs_have_no_traceback(
+    deployed: Deployed, worker: dict[str, Any], unattended: AlertReceiver, fault_server: Any
+) -> None:
+    server = deployed.server
+    url = fault_server.url("/missing/deployment/timemachine.txt")
+    params = {**_smoke_parameters(url, worker["root"]), "data": {"url": url}}
+    run = wait_for_final_state(server, _create_run(server, deployed.deployments["smoke"], params), worker["log"])
+    assert run["state_type"] == "FAILED"
+    alert = unattended.wait_for(run["name"])
+    assert "HTTP 404 Not Found" in alert["text"] and "Failed" in alert["text"] and "deeprnn-train" in alert["text"]
+    # The dashboard's view of the same run: the message, once per stage that reports it, and no traceback.
+    logs = api(server, "POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["id"]]}}}).json()
+    text = "\n".join(entry["message"] for entry in logs)
+    assert "HTTP 404 Not Found" in text and "Traceback" not in text, text[-3000:]
+    assert "HTTP 404 Not Found" in run["state"]["message"]
+
+
+def test_a_frozen_run_is_marked_crashed_by_its_missing_heartbeats_and_its_mlflow_run_failed(
+    deployed: Deployed, worker: dict[str, Any], unattended: AlertReceiver, book_url: str
+) -> None:
+    import os
+
+    server = deployed.server
+    client = MlflowClient(tracking_uri=worker["tracking_uri"])
+    params = _smoke_parameters(book_url, worker["root"], epochs=100000, checkpoint_every=1)
+    flow_run_id = _create_run(server, deployed.deployments["smoke"], params)
+    deadline, run = time.monotonic() + RUN_TIMEOUT, None
+    while time.monotonic() < deadline:  # until the run has trained an epoch
+        found = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                   f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+        if found and client.get_metric_history(found[0].info.run_id, "train_perplexity"):
+            run = found[0]
+            break
+        time.sleep(1)
+    assert run is not None, log_tail(worker["log"])
+    pid = int(run.data.tags["deeprnn.pid"])
+    os.kill(pid, signal.SIGSTOP)  # a machine that froze: the process is there, but sends nothing
+    try:
+        deadline = time.monotonic() + ZOMBIE_AFTER + 120
+        while api(server, "GET", f"/flow_runs/{flow_run_id}").json()["state_type"] != "CRASHED":
+            assert time.monotonic() < deadline, "the frozen run was never marked Crashed"
+            time.sleep(2)
+    finally:
+        os.kill(pid, signal.SIGKILL)  # now gone for good (and its store locks with it)
+    states = api(server, "GET", "/flow_run_states/", params={"flow_run_id": flow_run_id}).json()
+    assert any("no heartbeat" in (s["message"] or "") for s in states if s["type"] == "CRASHED"), states
+    # The mark-crashed deployment, triggered by the Crashed state, closes the MLflow run.
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while client.get_run(run.info.run_id).info.status == "RUNNING":
+        assert time.monotonic() < deadline, log_tail(worker["log"])
+        time.sleep(2)
+    closed = client.get_run(run.info.run_id)
+    assert closed.info.status == "FAILED"
+    assert "crashed" in closed.data.tags["deeprnn.failure_reason"]
+    assert unattended.wait_for(api(server, "GET", f"/flow_runs/{flow_run_id}").json()["name"])

@@ -197,10 +197,16 @@ def killed_then_resumed(tmp_path_factory: pytest.TempPathFactory, prefect_api: s
     killed_at = checkpoint.load(last)["epoch"]
     status_after_kill = machine.client.get_run(run_id).info.status
     logged_after_kill = [s for s, _ in _history(machine.client, run_id, "train_perplexity")]
+    # The next deeprnn command on this host (here one that fails fast on its own input) marks the run FAILED.
+    next_code, next_out = machine.run(
+        "run", "--preset", "smoke", "--device", "cpu", "--data-url", "ftp://host/book.txt", "--experiment", "next-command"
+    )
+    after_next = machine.client.get_run(run_id)
     code_resumed, resumed_out = machine.run("run", "--resume", run_id, "--json", "resumed.json")
     return {
         "machine": machine, "run_id": run_id, "kill_code": code, "killed_at": killed_at,
         "status_after_kill": status_after_kill, "logged_after_kill": logged_after_kill,
+        "next_code": next_code, "next_out": next_out, "after_next": after_next,
         "code": code_resumed, "out": resumed_out,
         "result": json.loads((machine.root / "resumed.json").read_text()) if code_resumed == 0 else None,
     }
@@ -212,13 +218,21 @@ def test_resume_after_sigkill_finishes_the_same_run_with_one_continuous_curve(
     k = killed_then_resumed
     assert k["kill_code"] == -signal.SIGKILL
     assert 1 <= k["killed_at"] < EPOCHS, "killed too late to test anything"
-    assert k["status_after_kill"] == "RUNNING"  # SIGKILL gives no chance to say otherwise: --resume is the cure
+    assert k["status_after_kill"] == "RUNNING"  # SIGKILL gives no chance to say otherwise ...
+    # ... but the next command on the same host sees that the run's process is gone and marks it FAILED.
+    assert k["after_next"].info.status == "FAILED"
+    reason = k["after_next"].data.tags["deeprnn.failure_reason"]
+    assert reason.startswith("process gone: pid ") and "killed or crashed" in reason
+    assert f"MLflow run {k['run_id']} was left RUNNING" in k["next_out"] and f"--resume {k['run_id']}" in k["next_out"]
+    assert k["next_code"] == 1 and "error: unsupported URL scheme 'ftp'" in k["next_out"]
+    assert "Traceback" not in k["next_out"]
     assert k["code"] == 0, k["out"][-3000:]
     result, client = k["result"], k["machine"].client
     assert result["run_id"] == k["run_id"]  # the same MLflow run, not a new one
     assert f"resuming from the checkpoint of epoch" in k["out"]
     run = client.get_run(k["run_id"])
     assert run.info.status == "FINISHED"
+    assert "deeprnn.failure_reason" not in run.data.tags  # resumed and finished: no longer a failure
     assert run.data.params["train.epochs"] == str(EPOCHS)
     assert run.data.tags["deeprnn.resumed_at_epoch"] == str(k["killed_at"])
     # Epochs logged before the kill stay as they were; the resumed run logged only the ones after them.

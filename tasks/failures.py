@@ -1,0 +1,91 @@
+"""Expected failures: the one place that knows which errors are the user's to fix, and keeps them clean.
+
+A wrong URL, a missing GPU or an unreachable MLflow is not a bug: its message says what to fix, and a Python
+traceback only buries it. Prefect logs every exception that ends a task or flow run with its traceback
+("Task run failed with exception", "Encountered exception during execution", and for deployment runs
+"Engine execution exited with unexpected exception"), to the console and to the flow run's logs in the
+dashboard alike. ``quiet_expected_failures`` installs a logging filter on Prefect's run loggers that drops the
+traceback from those records when the exception is one of ours; the record itself (with the message) stays.
+
+The exception itself is not changed: the task and flow still end ``Failed`` with the message as their state
+message, retry conditions still see the real exception, a sweep still collects each failed trial's error,
+and the ``deeprnn`` command prints ``error: <message>`` once. Any other exception keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+# (module, class) of every error whose message tells the user what to fix. Looked up in ``sys.modules`` only:
+# an exception of a class can only exist once its module is loaded, so this never imports anything.
+EXPECTED: tuple[tuple[str, str], ...] = (
+    ("deeprnn.download", "DownloadError"),  # HTTP 4xx/5xx, SHA-1 mismatch, empty/binary/non-UTF-8, bad scheme
+    ("deeprnn.prepare", "PrepareError"),  # a text that normalizes to nothing, a word vocabulary too large
+    ("deeprnn.device", "DeviceUnavailableError"),
+    ("deeprnn.batching", "CorpusTooShortError"),
+    ("deeprnn.train", "TrainingDivergedError"),
+    ("deeprnn.resume", "ResumeError"),
+    ("deeprnn.search", "SearchSpaceError"),
+    ("deeprnn.checkpoint", "UnsafeCheckpointError"),
+    ("tasks.tracking", "TrackingUnavailableError"),  # also an MLflow store that needs `mlflow db upgrade`
+    ("tasks.cluster", "ClusterConfigError"),
+    ("tasks.sweep", "SweepFailedError"),
+    ("prefect.task_engine", "TaskRunTimeoutError"),  # the training task ran past its timeout (train.timeout_minutes)
+    ("pydantic", "ValidationError"),  # a configuration refused inside a flow (deployment parameters)
+)
+
+# Prefect's loggers for run records; the flow engine's own logger reports a deployment run's last exception.
+RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine")
+
+
+def expected_classes() -> tuple[type[BaseException], ...]:
+    """The expected error classes whose modules are loaded in this process."""
+    found = []
+    for module, name in EXPECTED:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
+def is_expected(exc: BaseException | None) -> bool:
+    """True for an error the user can fix from its message: one of ``EXPECTED``, or a ``LookupError`` that
+    names a missing run or model (``KeyError`` and ``IndexError`` are bugs, not lookups)."""
+    if exc is None:
+        return False
+    if isinstance(exc, LookupError) and not isinstance(exc, (KeyError, IndexError)):
+        return True
+    return isinstance(exc, expected_classes())
+
+
+def message(exc: BaseException) -> str:
+    """What the user reads: the expected error's own message, else its type and message."""
+    if not is_expected(exc):
+        return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, TimeoutError):  # Prefect's task timeout: only the training task has one
+        return f"the training task ran past its timeout ({exc}); give it longer with --timeout-minutes"
+    return str(exc)
+
+
+class DropExpectedTracebacks(logging.Filter):
+    """Keep a run log record, but without its traceback when it reports an expected error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc_info = record.exc_info
+        if exc_info and isinstance(exc_info, tuple) and is_expected(exc_info[1]):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_FILTER = DropExpectedTracebacks()
+
+
+def quiet_expected_failures() -> None:
+    """Install the filter on Prefect's run loggers (idempotent). Filters stay when Prefect re-reads its logging
+    configuration, so once per process is enough: ``tasks/__init__.py`` calls it."""
+    for name in RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)

@@ -1,0 +1,107 @@
+"""Runs whose process is gone: MLflow runs left ``RUNNING`` by a process killed outright (SIGKILL, the OOM
+killer, a power cut) are marked ``FAILED``, with a tag saying why, by the next deeprnn command on the same host.
+
+Every run records the process that opened it (tags ``deeprnn.host``, ``deeprnn.pid`` and
+``deeprnn.process_started``, that process's start time, so a reused process id is not taken for the same
+process). A run of this host whose process no longer exists cannot be running: nothing will ever close it.
+Its checkpoints are untouched, so ``deeprnn run --resume RUN_ID`` continues it as before.
+
+Runs of Prefect deployments on a server are watched by Prefect itself (heartbeats and the zombie automation,
+``tasks.automations``); this covers local runs, which have no server to notice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import psutil
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+from tasks import tracking
+
+log = logging.getLogger(__name__)
+
+HOST_TAG, PID_TAG, STARTED_TAG = "deeprnn.host", "deeprnn.pid", "deeprnn.process_started"
+REASON_TAG = "deeprnn.failure_reason"
+_START_SLACK = 2.0  # seconds: create_time is a float and the tag is written a moment after the process started
+
+
+def process_tags() -> dict[str, str]:
+    """The tags that identify this process: host, process id and its start time."""
+    pid = os.getpid()
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), STARTED_TAG: f"{psutil.Process(pid).create_time():.3f}"}
+
+
+def process_alive(pid: int, started: float | None) -> bool:
+    """True while process ``pid`` of this host exists and, when ``started`` is known, is the same process."""
+    try:
+        created = psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:  # another user's process: it exists
+        return True
+    return started is None or abs(created - started) <= _START_SLACK
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A run marked FAILED because its process was gone."""
+
+    run_id: str
+    pid: int
+    reason: str
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def mark_orphaned_runs() -> list[Orphan]:
+    """Mark every RUNNING run of this host whose recorded process is gone FAILED, with the reason as the
+    ``deeprnn.failure_reason`` tag; returns them. Runs of other hosts are left alone."""
+    client = MlflowClient()
+    host = socket.gethostname()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    query = f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host.replace(chr(39), '')}'"
+    found = []
+    for run in client.search_runs(experiments, query, max_results=1000):
+        tags = run.data.tags
+        pid_text = tags.get(PID_TAG, "")
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        pid = int(pid_text)
+        if process_alive(pid, _float(tags.get(STARTED_TAG))):
+            continue
+        reason = f"process gone: pid {pid} on {host} ended without closing the run (killed or crashed)"
+        tracking.set_tags(run.info.run_id, {REASON_TAG: reason})
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        found.append(Orphan(run.info.run_id, pid, reason))
+    return found
+
+
+def mark_crashed_flow_run(flow_run_id: str, reason: str) -> list[str]:
+    """Mark every RUNNING MLflow run that Prefect flow run ``flow_run_id`` opened FAILED, with ``reason`` as the
+    ``deeprnn.failure_reason`` tag; returns their ids."""
+    if not re.fullmatch(r"[0-9a-fA-F-]{36}", flow_run_id):  # it goes into a filter string
+        raise ValueError(f"not a Prefect flow run id: {flow_run_id!r}")
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    query = f"attributes.status = 'RUNNING' and tags.`prefect.flow_run_id` = '{flow_run_id}'"
+    marked = []
+    for run in client.search_runs(experiments, query, max_results=1000):
+        tracking.set_tags(run.info.run_id, {REASON_TAG: reason})
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        marked.append(run.info.run_id)
+    return marked
