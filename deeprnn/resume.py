@@ -19,20 +19,17 @@ from deeprnn.model import RNNLM
 from deeprnn.train import Trainer
 
 # Flat keys (as in ``RunConfig.flat``) a resumed run may change.
-<<<<<<< HEAD
 RESUMABLE = frozenset(
     {
         "train.epochs",
         "train.max_steps",
         "train.device",
+        "train.timeout_minutes",
         "train.checkpoint_every",
         "train.checkpoint_every_steps",
         "train.log_every",
     }
 )
-=======
-RESUMABLE = frozenset({"train.epochs", "train.device", "train.checkpoint_every", "train.log_every", "train.timeout_minutes"})
->>>>>>> ops
 _RUN_ID = re.compile(r"^[0-9A-Za-z]{1,64}$")
 
 
