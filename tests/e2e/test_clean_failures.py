@@ -33,6 +33,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Iterato
     (root / "empty.txt").write_bytes(b"")
     (root / "binary.txt").write_bytes(bytes(range(256)) * 8)
     (root / "latin1.txt").write_bytes("the time traveller said: caf\u00e9\n".encode("latin-1") * 50)
+    (root / "chinese.txt").write_text("时间机器，是一部小说。\n" * 200, encoding="utf-8")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
@@ -58,6 +59,9 @@ def _fault_cases(store: Path, fault_server: Any, closed_port: int) -> dict[str, 
         "empty": ({"data": {"url": str(store / "empty.txt")}}, {}, "is empty"),
         "binary": ({"data": {"url": str(store / "binary.txt")}}, {}, "looks binary"),
         "not-utf8": ({"data": {"url": str(store / "latin1.txt")}}, {}, "is not UTF-8 text"),
+        "normalizes-to-nothing": (
+            {"data": {"url": str(store / "chinese.txt")}}, {}, "normalizes to nothing with --normalize d2l"
+        ),
         "ftp-url": ({"data": {"url": "ftp://example.org/book.txt"}}, {}, "unsupported URL scheme 'ftp'"),
         "too-short": ({"data": {"url": book, "max_tokens": 100}}, {}, "too few for one minibatch"),
         "mlflow-unreachable": (
