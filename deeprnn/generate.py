@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from typing import Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
+from deeprnn.config import SampleConfig
 from deeprnn.model import RNNLM, State
 from deeprnn.vocab import Vocab
 
@@ -163,3 +164,66 @@ def generate(
     return generate_batch(
         model, vocab, [prefix], num_tokens, token=token, temperature=temperature, top_k=top_k, seed=seed
     )[0]
+
+
+# ----- requests from outside (the served model): checked against the configuration's bounds -------------
+
+MAX_PREFIXES = 1024  # rows per request: bounds the work one request can ask for, with num_chars
+_PARAM_FIELDS = ("num_chars", "temperature", "top_k", "seed")
+
+
+class GenerationRequestError(ValueError):
+    """A request to generate that is refused before any work, with one line saying what to fix."""
+
+
+def check_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The generation settings of a request (``num_chars``, ``temperature``, ``top_k``, ``seed``), checked
+    against the bounds of ``SampleConfig``; ``temperature`` 0 means greedy and ``top_k`` 0 means no filter,
+    both returned as None. ``GenerationRequestError`` naming the param and its bound otherwise."""
+    from pydantic import ValidationError
+
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(_PARAM_FIELDS))
+    if unknown:
+        raise GenerationRequestError(f"unknown param {unknown[0]!r}: use {', '.join(_PARAM_FIELDS)}")
+    values: dict[str, Any] = {"num_chars": 50, "temperature": None, "top_k": None, "seed": 0}
+    for name, value in params.items():
+        value = value.item() if hasattr(value, "item") else value  # numpy scalars, as MLflow passes them
+        if value is None or (name in ("temperature", "top_k") and value == 0 and not isinstance(value, bool)):
+            continue  # None: the default; 0: greedy / no top-k filter
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise GenerationRequestError(f"param {name}={value!r}: must be a number")
+        values[name] = value
+    try:
+        checked = SampleConfig(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0])
+        zero = " (or 0: greedy)" if name == "temperature" else " (or 0: no top-k filter)" if name == "top_k" else ""
+        raise GenerationRequestError(f"param {name}={values[name]!r}: {first['msg'].lower()}{zero}") from None
+    return {"num_chars": checked.num_chars, "temperature": checked.temperature, "top_k": checked.top_k, "seed": checked.seed}
+
+
+def check_prefixes(prefixes: Sequence[Any], vocab: Vocab, token: Token = "char") -> list[str]:
+    """The prefixes of a request, refused (``GenerationRequestError``) when there are none or too many, or
+    when one is not text, is empty, is longer than ``SampleConfig`` allows or has no token the model knows."""
+    if not prefixes:
+        raise GenerationRequestError("no prefix to continue: send at least one row with a non-empty 'prefix'")
+    if len(prefixes) > MAX_PREFIXES:
+        raise GenerationRequestError(f"{len(prefixes)} prefixes: at most {MAX_PREFIXES} per request")
+    from pydantic import ValidationError
+
+    unit = "character" if token == "char" else "word"
+    for row, prefix in enumerate(prefixes):
+        if not isinstance(prefix, str):
+            raise GenerationRequestError(f"prefix {row}: must be text, got {type(prefix).__name__}")
+        tokens = split_prefix(prefix, token)
+        if not tokens:
+            raise GenerationRequestError(f"prefix {row} is empty: give at least one {unit}")
+        try:
+            SampleConfig(prefixes=[prefix])  # the configuration's bound on a prefix's length
+        except ValidationError as exc:
+            raise GenerationRequestError(f"prefix {row}: {exc.errors()[0]['msg'].lower()}") from None
+        if len(vocab.unknown(tokens)) == len(set(tokens)):
+            raise GenerationRequestError(f"prefix {row} ({prefix[:40]!r}) has no {unit} the model knows")
+    return list(prefixes)

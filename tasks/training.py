@@ -16,7 +16,7 @@ from deeprnn.batching import Splits
 from deeprnn.config import RunConfig, SampleConfig
 from deeprnn.device import describe, resolve_device, seed_everything
 from deeprnn.evaluate import perplexity
-from deeprnn.generate import generate
+from deeprnn.generate import generate_batch
 from deeprnn.model import RNNLM
 from deeprnn.train import EpochStats, Trainer
 from deeprnn.vocab import Vocab
@@ -147,12 +147,11 @@ def generate_samples(checkpoint_path: str, device: str, sample: SampleConfig | N
     the checkpoint's own sample settings."""
     model, voc, config = checkpoint.restore_model(checkpoint.load(Path(checkpoint_path)), resolve_device(device))
     s = sample or config.sample
-    samples = {
-        prefix: generate(
-            model, voc, prefix, s.num_chars, token=config.data.token, temperature=s.temperature, top_k=s.top_k, seed=s.seed
-        )
-        for prefix in s.prefixes
-    }
+    # All prefixes as one batch: one forward step per generated token for all of them.
+    texts = generate_batch(
+        model, voc, s.prefixes, s.num_chars, token=config.data.token, temperature=s.temperature, top_k=s.top_k, seed=s.seed
+    )
+    samples = dict(zip(s.prefixes, texts))
     logger = get_run_logger()
     for text in samples.values():
         logger.info("sample: %s", text)
