@@ -22,6 +22,8 @@ OptimizerName = Literal["sgd", "adam", "adamw"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 PresetName = Literal["d2l-9.3", "full-book", "smoke"]
 _SHA1_RE = re.compile(r"^[0-9a-fA-F]{40}$")
+# Names a registered model may take: letters, digits, '.', '_' and '-', as in models:/<name>@champion.
+REGISTERED_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$"
 
 
 class _Section(BaseModel):

@@ -1,80 +1,229 @@
-"""Stage 8: continue a prefix, greedily as the book does, or by sampling with temperature and top-k."""
+"""Stage 8: continue prefixes, greedily as the book does, or by sampling with temperature and top-k.
+
+``generate_batch`` continues many prefixes at once: each prefix's state is warmed up on its own tokens
+(prefixes of the same length together, in one call each), then every row advances together, one forward
+step per generated token for the whole batch. ``generate`` is the one-prefix case of the same code, so the
+book's greedy samples and a batch's rows are the same text.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from collections import defaultdict
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from deeprnn.model import RNNLM
+from deeprnn.config import SampleConfig
+from deeprnn.model import RNNLM, State
 from deeprnn.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
+Token = Literal["char", "word"]
 
-def split_prefix(prefix: str, token: Literal["char", "word"] = "char") -> list[str]:
+
+def split_prefix(prefix: str, token: Token = "char") -> list[str]:
     """The prefix as tokens of the vocabulary's kind."""
     return prefix.split() if token == "word" else list(prefix)
 
 
+def check_sampling(temperature: float | None, top_k: int | None) -> None:
+    """``ValueError`` for a temperature that is not > 0 or a top-k below 1 (None means off for both)."""
+    if temperature is not None and temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+
+
+def _select_rows(state: State, rows: torch.Tensor) -> State:
+    if isinstance(state, tuple):
+        return tuple(s[:, rows] for s in state)  # type: ignore[return-value]
+    return state[:, rows]
+
+
+def _put_rows(dst: State, rows: torch.Tensor, src: State) -> None:
+    """Write ``src`` (a group's state) into rows ``rows`` of the batch state ``dst``, in place."""
+    for d, s in zip(dst if isinstance(dst, tuple) else (dst,), src if isinstance(src, tuple) else (src,)):
+        d[:, rows] = s
+
+
+def _warm_up(model: RNNLM, encoded: list[list[int]], device: torch.device) -> tuple[State, torch.Tensor]:
+    """The batch state after each row's prefix (all but its last token), and the last tokens (B, 1).
+
+    Rows of one length run together through the recurrent layers: no padding, so each row's state is the
+    one it would have alone.
+    """
+    state = model.begin_state(len(encoded), device)
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for row, ids in enumerate(encoded):
+        by_length[len(ids)].append(row)
+    for length, rows in by_length.items():
+        if length < 2:
+            continue  # a one-token prefix starts from the zero state
+        index = torch.tensor(rows, device=device)
+        ids = torch.tensor([encoded[r][:-1] for r in rows], device=device)  # (G, length-1)
+        _, group_state = model(ids, _select_rows(state, index))
+        _put_rows(state, index, group_state)
+    last = torch.tensor([[ids[-1]] for ids in encoded], device=device)  # (B, 1)
+    return state, last
+
+
+def _next_tokens(
+    logits: torch.Tensor, temperature: float | None, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token per row (B,): the argmax, or a sample from softmax(logits / temperature) within the top k."""
+    if temperature is None:
+        return logits.argmax(dim=1)
+    scaled = logits / temperature
+    if top_k is not None and top_k < scaled.shape[1]:
+        kth = torch.topk(scaled, top_k, dim=1).values[:, -1:]  # (B, 1)
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(scaled, dim=1), 1, generator=generator).reshape(-1)
+
+
 @torch.no_grad()
+def generate_ids(
+    model: RNNLM,
+    encoded: list[list[int]],
+    num_tokens: int,
+    *,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> list[list[int]]:
+    """The ``num_tokens`` token ids generated after each encoded prefix (each at least one id), on the
+    model's device, in eval mode (the model's mode is restored afterwards)."""
+    check_sampling(temperature, top_k)
+    if any(not ids for ids in encoded):
+        raise ValueError("every prefix needs at least one token")
+    if not encoded or num_tokens == 0:
+        return [[] for _ in encoded]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        state, current = _warm_up(model, encoded, device)
+        generator = torch.Generator(device=device).manual_seed(seed) if temperature is not None else None
+        out: list[torch.Tensor] = []
+        # Tokens stay on the device: no host sync per generated token.
+        for _ in range(num_tokens):
+            logits, state = model(current, state)  # (B, V): one step for the whole batch
+            nxt = _next_tokens(logits, temperature, top_k, generator)
+            out.append(nxt)
+            current = nxt.reshape(-1, 1)
+    finally:
+        model.train(was_training)
+    return torch.stack(out, dim=1).tolist()  # (B, num_tokens)
+
+
+def generate_batch(
+    model: RNNLM,
+    vocab: Vocab,
+    prefixes: Sequence[str],
+    num_tokens: int = 50,
+    *,
+    token: Token = "char",
+    temperature: float | None = None,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> list[str]:
+    """Each prefix followed by ``num_tokens`` generated tokens, all prefixes advancing together.
+
+    Greedy (``temperature=None``) reproduces the book's ``predict_ch8`` for every row: warm the state up on
+    the prefix, then append the argmax. Otherwise sample from ``softmax(logits / temperature)``, restricted
+    to the ``top_k`` likeliest tokens if given, with one generator seeded by ``seed`` for the batch.
+    Tokens the vocabulary lacks are read as ``<unk>`` (with a warning) and printed back as they were typed.
+    """
+    check_sampling(temperature, top_k)
+    split = [split_prefix(p, token) for p in prefixes]
+    if any(not tokens for tokens in split):
+        raise ValueError("the prefix needs at least one token")
+    missing = vocab.unknown(t for tokens in split for t in tokens)
+    if missing:
+        log.warning("prefix tokens not in the vocabulary are read as <unk>: %s", missing)
+    new = generate_ids(
+        model, [vocab.encode(tokens) for tokens in split], num_tokens, temperature=temperature, top_k=top_k, seed=seed
+    )
+    sep = " " if token == "word" else ""
+    return [p + (sep if new_ids else "") + vocab.decode(new_ids, sep) for p, new_ids in zip(prefixes, new)]
+
+
 def generate(
     model: RNNLM,
     vocab: Vocab,
     prefix: str,
     num_tokens: int = 50,
     *,
-    token: Literal["char", "word"] = "char",
+    token: Token = "char",
     temperature: float | None = None,
     top_k: int | None = None,
     seed: int = 0,
 ) -> str:
-    """``prefix`` followed by ``num_tokens`` generated tokens.
+    """``prefix`` followed by ``num_tokens`` generated tokens: ``generate_batch`` of one prefix."""
+    return generate_batch(
+        model, vocab, [prefix], num_tokens, token=token, temperature=temperature, top_k=top_k, seed=seed
+    )[0]
 
-    Greedy (``temperature=None``) reproduces the book's ``predict_ch8``: warm the state up on the prefix,
-    then append the argmax. Otherwise sample from ``softmax(logits / temperature)``, restricted to the
-    ``top_k`` likeliest tokens if given, with a generator seeded by ``seed``. Characters the vocabulary lacks
-    are read as ``<unk>`` (with a warning) and printed back as they were typed.
-    """
-    tokens = split_prefix(prefix, token)
-    if not tokens:
-        raise ValueError("the prefix needs at least one token")
-    if temperature is not None and temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    missing = vocab.unknown(tokens)
-    if missing:
-        log.warning("prefix tokens not in the vocabulary are read as <unk>: %s", missing)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+
+# ----- requests from outside (the served model): checked against the configuration's bounds -------------
+
+MAX_PREFIXES = 1024  # rows per request: bounds the work one request can ask for, with num_chars
+_PARAM_FIELDS = ("num_chars", "temperature", "top_k", "seed")
+
+
+class GenerationRequestError(ValueError):
+    """A request to generate that is refused before any work, with one line saying what to fix."""
+
+
+def check_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The generation settings of a request (``num_chars``, ``temperature``, ``top_k``, ``seed``), checked
+    against the bounds of ``SampleConfig``; ``temperature`` 0 means greedy and ``top_k`` 0 means no filter,
+    both returned as None. ``GenerationRequestError`` naming the param and its bound otherwise."""
+    from pydantic import ValidationError
+
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(_PARAM_FIELDS))
+    if unknown:
+        raise GenerationRequestError(f"unknown param {unknown[0]!r}: use {', '.join(_PARAM_FIELDS)}")
+    values: dict[str, Any] = {"num_chars": 50, "temperature": None, "top_k": None, "seed": 0}
+    for name, value in params.items():
+        value = value.item() if hasattr(value, "item") else value  # numpy scalars, as MLflow passes them
+        if value is None or (name in ("temperature", "top_k") and value == 0 and not isinstance(value, bool)):
+            continue  # None: the default; 0: greedy / no top-k filter
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise GenerationRequestError(f"param {name}={value!r}: must be a number")
+        values[name] = value
     try:
-        ids = torch.tensor([vocab.encode(tokens)], device=device)  # (1, P)
-        state = model.begin_state(1, device)
-        if ids.shape[1] > 1:
-            _, state = model(ids[:, :-1], state)  # warm-up on all but the last prefix token
-        current = ids[:, -1:]  # (1, 1)
-        generator = None
-        if temperature is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
-        out: list[torch.Tensor] = []
-        # Tokens stay on the device: no host sync per generated token.
-        for _ in range(num_tokens):
-            logits, state = model(current, state)  # (1, V)
-            if temperature is None:
-                nxt = logits.argmax(dim=1)  # (1,)
-            else:
-                scaled = logits / temperature
-                if top_k is not None and top_k < scaled.shape[1]:
-                    kth = torch.topk(scaled, top_k, dim=1).values[:, -1:]  # (1, 1)
-                    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(scaled, dim=1), 1, generator=generator).reshape(1)
-            out.append(nxt)
-            current = nxt.reshape(1, 1)
-    finally:
-        model.train(was_training)
-    new = torch.cat(out).tolist() if out else []
-    sep = " " if token == "word" else ""
-    return prefix + (sep if token == "word" and new else "") + vocab.decode(new, sep)
+        checked = SampleConfig(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0])
+        zero = " (or 0: greedy)" if name == "temperature" else " (or 0: no top-k filter)" if name == "top_k" else ""
+        raise GenerationRequestError(f"param {name}={values[name]!r}: {first['msg'].lower()}{zero}") from None
+    return {"num_chars": checked.num_chars, "temperature": checked.temperature, "top_k": checked.top_k, "seed": checked.seed}
+
+
+def check_prefixes(prefixes: Sequence[Any], vocab: Vocab, token: Token = "char") -> list[str]:
+    """The prefixes of a request, refused (``GenerationRequestError``) when there are none or too many, or
+    when one is not text, is empty, is longer than ``SampleConfig`` allows or has no token the model knows."""
+    if not prefixes:
+        raise GenerationRequestError("no prefix to continue: send at least one row with a non-empty 'prefix'")
+    if len(prefixes) > MAX_PREFIXES:
+        raise GenerationRequestError(f"{len(prefixes)} prefixes: at most {MAX_PREFIXES} per request")
+    from pydantic import ValidationError
+
+    unit = "character" if token == "char" else "word"
+    for row, prefix in enumerate(prefixes):
+        if not isinstance(prefix, str):
+            raise GenerationRequestError(f"prefix {row}: must be text, got {type(prefix).__name__}")
+        tokens = split_prefix(prefix, token)
+        if not tokens:
+            raise GenerationRequestError(f"prefix {row} is empty: give at least one {unit}")
+        try:
+            SampleConfig(prefixes=[prefix])  # the configuration's bound on a prefix's length
+        except ValidationError as exc:
+            raise GenerationRequestError(f"prefix {row}: {exc.errors()[0]['msg'].lower()}") from None
+        if len(vocab.unknown(tokens)) == len(set(tokens)):
+            raise GenerationRequestError(f"prefix {row} ({prefix[:40]!r}) has no {unit} the model knows")
+    return list(prefixes)

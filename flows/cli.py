@@ -125,6 +125,11 @@ def run(
     experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment (default: the flow's name)."),
     runs_dir: str = typer.Option("runs", "--runs-dir", help="Local folder for checkpoints, one subfolder per run."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
+    registered_model: Optional[str] = typer.Option(
+        None, "--registered-model", metavar="NAME",
+        help="MLflow registered model to add the model to (default: deeprnn-lm for the book's corpus, "
+        "deeprnn-<file>-<sha1 prefix> for any other text).",
+    ),
     **options: Any,
 ) -> None:
     """Run the training flow: download, vocabulary, train, evaluate, generate, log to MLflow."""
@@ -142,6 +147,7 @@ def run(
         if preset is not None:
             err.print("[red]error:[/red] --preset cannot be combined with --resume: a resumed run keeps its own configuration")
             raise typer.Exit(2)
+    _check_registered_model(registered_model)
     try:
         config = resolve(preset or "d2l-9.3", **overrides)  # for a resume, this only validates the overrides
     except ValidationError as exc:
@@ -168,13 +174,25 @@ def run(
     _mark_orphaned_runs()
     result = _invoke(
         lambda: train_lm(
-            preset=config.preset, **overrides, experiment=experiment, runs_dir=runs_dir, resume_run_id=resume
+            preset=config.preset, **overrides, experiment=experiment, runs_dir=runs_dir, resume_run_id=resume,
+            registered_model=registered_model,
         ),
         "the MLflow run is marked KILLED; checkpoints are kept (continue with deeprnn run --resume RUN_ID)",
     )
     result["timings"] = {"cli_ready_at": ready_at, **result.get("timings", {}), "flow_returned_at": time.time()}
     _print_result(result)
     _write_json(result, json_out)
+
+
+def _check_registered_model(name: str | None) -> None:
+    """Refuse a registered model name that MLflow's ``models:/<name>@alias`` URIs could not carry."""
+    import re
+
+    from deeprnn.config import REGISTERED_MODEL_PATTERN
+
+    if name is not None and not re.fullmatch(REGISTERED_MODEL_PATTERN, name):
+        err.print(f"[red]error:[/red] --registered-model {name!r}: use letters, digits, '.', '_' and '-' (at most 256)")
+        raise typer.Exit(2)
 
 
 def _invoke(call: Callable[[], dict[str, Any]], on_interrupt: str) -> dict[str, Any]:
@@ -373,7 +391,9 @@ def _print_result(result: dict[str, Any]) -> None:
 @app.command()
 def generate(
     model_uri: str = typer.Option(..., "--model-uri", help="runs:/<run_id>/model, models:/deeprnn-lm@champion, ..."),
-    prefix: list[str] = typer.Option(["time traveller"], "--prefix", help="Text to continue (repeatable)."),
+    prefix: list[str] = typer.Option(
+        ["time traveller"], "--prefix", help="Text to continue (repeatable: all continued as one batch, one line each)."
+    ),
     num_chars: int = typer.Option(50, "--num-chars", min=1, max=10000, help="Tokens to generate."),
     temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="Sample at this temperature (default greedy)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Sample among the k likeliest tokens."),
@@ -392,8 +412,14 @@ def generate(
         raise typer.Exit(1)
     params = {"num_chars": num_chars, "temperature": temperature or 0.0, "top_k": top_k or 0, "seed": seed}
     import pandas as pd  # MLflow's pyfunc speaks DataFrames
+    from mlflow.exceptions import MlflowException
 
-    for text in model.predict(pd.DataFrame({"prefix": prefix}), params=params):
+    try:  # every --prefix in one batch: one forward step per token for all of them
+        texts = model.predict(pd.DataFrame({"prefix": prefix}), params=params)
+    except MlflowException as exc:  # a refused request (empty prefix, out-of-range setting): one line
+        err.print(f"[red]error:[/red] {exc.message}", markup=True, highlight=False)
+        raise typer.Exit(2)
+    for text in texts:
         typer.echo(text)
 
 
@@ -466,12 +492,18 @@ def sweep(
     runs_dir: str = typer.Option("runs", "--runs-dir", help="Checkpoint folder on each worker, one subfolder per trial."),
     cluster_address: Optional[str] = typer.Option(None, "--cluster-address", envvar="DEEPRNN_DASK_ADDRESS", help="Dask scheduler to use, e.g. tcp://10.0.0.5:8786. Default: a new cluster on this machine."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, envvar="DEEPRNN_DASK_WORKERS", help="Worker processes of the local cluster (default: one per GPU, else one per CPU core)."),
-    register_best: bool = typer.Option(True, "--register-best/--no-register-best", help="Register the best trial's model as deeprnn-lm."),
+    register_best: bool = typer.Option(True, "--register-best/--no-register-best", help="Register the best trial's model."),
+    registered_model: Optional[str] = typer.Option(
+        None, "--registered-model", metavar="NAME",
+        help="Registered model for the best trial's model (default: deeprnn-lm for the book's corpus, "
+        "deeprnn-<file>-<sha1 prefix> for any other text).",
+    ),
     json_out: Optional[str] = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
 ) -> None:
     """Grid or random search: train one model per trial on a Dask cluster; one MLflow parent run, a child per trial."""
     from deeprnn.search import SearchSpaceError, parse_space, plan_trials
 
+    _check_registered_model(registered_model)
     dims = {"cell": cell, "num_layers": num_layers, "num_hiddens": num_hiddens, "dropout": dropout, "lr": lr, "optimizer": optimizer}
     fixed = {"train": {"epochs": epochs, "device": device}, "data": {"url": data_url, "sha1": data_sha1}}
     overrides = {s: {k: v for k, v in values.items() if v is not None} for s, values in fixed.items()}
@@ -505,7 +537,7 @@ def sweep(
         return sweep_lm.with_options(task_runner=runner)(
             space=space, preset=preset, data=overrides["data"] or None, train=overrides["train"] or None,
             random_search=random_search, max_trials=max_trials, seed=seed, experiment=experiment,
-            runs_dir=runs_dir, register_best=register_best,
+            runs_dir=runs_dir, register_best=register_best, registered_model=registered_model,
         )
 
     result = _invoke(call, "the sweep's MLflow run is marked KILLED")
@@ -524,7 +556,8 @@ def _print_sweep(result: dict[str, Any]) -> None:
     console.print(table)
     best = result["best"]
     console.print(f"best: {best['name']} (run {best['run_id']})" + (
-        f", registered deeprnn-lm v{best['model']['version']}" if best["model"].get("version") else ""))
+        f", registered {best['model']['registered_model']} v{best['model']['version']}"
+        if best["model"].get("version") else ""))
     console.print(f"{result['trials_succeeded']} of {result['trials_total']} trials succeeded")
 
 

@@ -30,9 +30,11 @@ def run_pipeline(
     tags: dict[str, str] | None = None,
     register_model: bool = True,
     resume_run_id: str | None = None,
+    registered_model: str | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate and log one model as one MLflow run (nested under ``parent_run_id`` when given), or
-    continue run ``resume_run_id`` from its last checkpoint."""
+    continue run ``resume_run_id`` from its last checkpoint; the model is registered as ``registered_model``
+    (default: per corpus) unless ``register_model`` is off."""
     flow_started_at = time.time()
     check_inputs(config)
     run_id, run_dir = start_tracking(config, experiment, runs_dir, parent_run_id, run_name, tags, resume_run_id)
@@ -47,7 +49,9 @@ def run_pipeline(
         evaluation = evaluate_model(trained["checkpoint"], splits, config.train.device)
         samples = generate_samples(trained["checkpoint"], config.train.device)
         evaluated_at = time.time()
-        logged = log_results(run_id, config, vocab, trained, evaluation, samples, corpus.sha1, register_model)
+        logged = log_results(
+            run_id, config, vocab, trained, evaluation, samples, corpus.sha1, register_model, registered_model
+        )
         publish_summary(run_id, config, trained, evaluation, samples)
         logged_at = time.time()
     return {

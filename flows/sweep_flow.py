@@ -37,9 +37,13 @@ def sweep_lm(
     experiment: Optional[str] = None,
     runs_dir: str = "runs",
     register_best: bool = True,
+    registered_model: Optional[str] = None,
 ) -> dict[str, Any]:
     """Grid or random search over a space such as ``{"model.cell": ["lstm", "gru"], "train.lr": [0.5, 1, 2]}``:
-    every trial trains from the preset with the overrides and its own values, as a child MLflow run."""
+    every trial trains from the preset with the overrides and its own values, as a child MLflow run.
+
+    The best trial's model is registered (unless ``register_best`` is off) as ``registered_model``; empty:
+    ``deeprnn-lm`` for the book's corpus, a name derived from the corpus file and its SHA-1 otherwise."""
     search_space = parse_space(space)
     trials = plan_trials(preset, {"data": data, "model": model, "train": train, "sample": sample}, search_space,
                          random_search, max_trials, seed)
@@ -53,5 +57,7 @@ def sweep_lm(
         for trial, request in zip(trials, requests):
             with resources(request):  # one GPU per trial where the trials train on GPUs
                 futures.append(run_trial.submit(trial, experiment or SWEEP_NAME, runs_dir, parent_run_id, tracking_uri))
-        summary = summarize_sweep(parent_run_id, trials, [allow_failure(f) for f in futures], register_best)
+        summary = summarize_sweep(
+            parent_run_id, trials, [allow_failure(f) for f in futures], register_best, registered_model
+        )
     return {"experiment": experiment or SWEEP_NAME, **summary}

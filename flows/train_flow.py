@@ -14,6 +14,7 @@ from prefect import flow
 from deeprnn.config import (
     DataOverrides,
     ModelOverrides,
+    REGISTERED_MODEL_PATTERN,
     PresetName,
     SampleOverrides,
     TrainOverrides,
@@ -36,6 +37,7 @@ def train_lm(
     experiment: Annotated[Optional[str], form_field("MLflow experiment", min_length=1, max_length=256)] = None,
     runs_dir: Annotated[str, form_field("Checkpoint folder", min_length=1, max_length=1024)] = "runs",
     resume_run_id: Annotated[Optional[str], form_field("Resume MLflow run", max_length=64)] = None,
+    registered_model: Annotated[Optional[str], form_field("Registered model", pattern=REGISTERED_MODEL_PATTERN)] = None,
 ) -> dict[str, Any]:
     """Train a deep RNN language model from a preset (default: the book's D2L 9.3) and track it in MLflow.
 
@@ -52,9 +54,13 @@ def train_lm(
         runs_dir: Folder for checkpoints, one subfolder per run; relative to the worker's working directory.
         resume_run_id: Continue this MLflow run (its id, as `deeprnn run` prints it) from its last checkpoint.
             Empty: a new run.
+        registered_model: MLflow registered model the run's model becomes a version of (champion alias per
+            registered model). Empty: deeprnn-lm for the book's corpus, deeprnn-<file>-<sha1 prefix> otherwise.
     """
     if resume_run_id:
         config, experiment = prepare_resume(resume_run_id, runs_dir, experiment, data, model, train, sample)
     else:
         config = resolve(preset, data, model, train, sample)
-    return run_pipeline(config, experiment or FLOW_NAME, runs_dir, resume_run_id=resume_run_id)
+    return run_pipeline(
+        config, experiment or FLOW_NAME, runs_dir, resume_run_id=resume_run_id, registered_model=registered_model
+    )

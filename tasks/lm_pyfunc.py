@@ -1,8 +1,12 @@
-"""The MLflow pyfunc model, logged from code: a text prefix in, the generated continuation out.
+"""The MLflow pyfunc model, logged from code: text prefixes in, their generated continuations out.
 
 MLflow copies this file into the logged model and runs it at load time; ``set_model`` at the bottom tells
 MLflow which object serves. The checkpoint is the model's artifact; the ``deeprnn`` package travels with
 it as code. Loading uses ``torch.load(weights_only=True)``: no pickled code runs.
+
+A request's params and prefixes are checked against the configuration's bounds before any work; what is
+refused raises ``MlflowException(INVALID_PARAMETER_VALUE)``, which ``mlflow models serve`` answers with
+HTTP 400 and the message, without a traceback. All prefixes of a request are generated as one batch.
 """
 
 from __future__ import annotations
@@ -11,49 +15,57 @@ import os
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
+
+
+def _prefixes(model_input: Any) -> list[Any]:
+    """The request's prefixes: the ``prefix`` column (else the first), a list, or one string."""
+    if hasattr(model_input, "columns"):
+        if len(model_input.columns) == 0:
+            return []
+        column = "prefix" if "prefix" in model_input.columns else model_input.columns[0]
+        return list(model_input[column])
+    if isinstance(model_input, str):
+        return [model_input]
+    return list(model_input)
 
 
 class DeepRNNLanguageModel(PythonModel):
     """Continue each ``prefix``; params ``num_chars``, ``temperature`` (0: greedy), ``top_k`` (0: off), ``seed``."""
 
     def load_context(self, context: Any) -> None:
-        """Rebuild the model and vocabulary from the checkpoint artifact (CPU unless DEEPRNN_DEVICE says)."""
+        """Rebuild the model and vocabulary from the checkpoint artifact, on the best device here (CUDA,
+        then MPS, then CPU) unless ``DEEPRNN_DEVICE`` names one."""
         from deeprnn import checkpoint
         from deeprnn.device import resolve_device
 
-        device = resolve_device(os.environ.get("DEEPRNN_DEVICE", "cpu"))
+        device = resolve_device(os.environ.get("DEEPRNN_DEVICE", "auto"))
         data = checkpoint.load(context.artifacts["checkpoint"])
         self.model, self.vocab, self.config = checkpoint.restore_model(data, device)
 
     # No type hints on predict: MLflow would derive a second signature from them; ours is given explicitly.
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
-        """Generate one continuation per row of the ``prefix`` column (or per string of a list)."""
-        from deeprnn.generate import generate
+        """Generate one continuation per row of the ``prefix`` column (or per string of a list), as one batch."""
+        from deeprnn.generate import GenerationRequestError, check_params, check_prefixes, generate_batch
 
-        params = params or {}
-        if hasattr(model_input, "columns"):
-            column = "prefix" if "prefix" in model_input.columns else model_input.columns[0]
-            prefixes = [str(p) for p in model_input[column]]
-        elif isinstance(model_input, str):
-            prefixes = [model_input]
-        else:
-            prefixes = [str(p) for p in model_input]
-        temperature = float(params.get("temperature") or 0.0)
-        top_k = int(params.get("top_k") or 0)
-        return [
-            generate(
-                self.model,
-                self.vocab,
-                prefix,
-                int(params.get("num_chars", 50)),
-                token=self.config.data.token,
-                temperature=temperature if temperature > 0 else None,
-                top_k=top_k if top_k > 0 else None,
-                seed=int(params.get("seed", 0)),
-            )
-            for prefix in prefixes
-        ]
+        token = self.config.data.token
+        try:  # everything is checked before the first forward step
+            settings = check_params(params)
+            prefixes = check_prefixes(_prefixes(model_input), self.vocab, token)
+        except GenerationRequestError as exc:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        return generate_batch(
+            self.model,
+            self.vocab,
+            prefixes,
+            settings["num_chars"],
+            token=token,
+            temperature=settings["temperature"],
+            top_k=settings["top_k"],
+            seed=settings["seed"],
+        )
 
 
 mlflow.models.set_model(DeepRNNLanguageModel())

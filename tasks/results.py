@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from deeprnn import checkpoint
 from deeprnn.config import RunConfig
+from deeprnn.download import redact_url
 from deeprnn.report import fmt, plot_history, samples_markdown, samples_text
 from deeprnn.resume import RESUMABLE, run_folder
 from deeprnn.train import EpochStats
@@ -29,9 +30,13 @@ def log_results(
     samples: dict[str, str],
     corpus_sha1: str,
     register: bool = True,
+    registered_model: str | None = None,
 ) -> dict[str, Any]:
     """Log final metrics, vocabulary, samples, curve, history and the model (registered and champion if
-    best, unless ``register`` is off: a sweep registers only its best trial's model)."""
+    best, unless ``register`` is off: a sweep registers only its best trial's model).
+
+    Safe to retry: the model, its version and its metrics are looked up before they are created, so a retry
+    after a partial write finishes the job instead of registering a second version."""
     history = [EpochStats(**h) for h in trained["history"]]
     final = {
         "final_train_perplexity": trained["final_train_perplexity"],
@@ -51,16 +56,56 @@ def log_results(
         tracking.log_artifact(run_id, plot)
     tracking.set_tags(run_id, {"deeprnn.step_mode": trained["step_mode"], "deeprnn.precision": trained["precision"]})
 
-    register_as = tracking.REGISTERED_MODEL if register else None
-    model = tracking.log_model(run_id, Path(trained["checkpoint"]), config.sample.prefixes[0], register_as=register_as)
+    model = publish_model(run_id, config, trained, evaluation, samples, corpus_sha1, register, registered_model)
+    get_run_logger().info("model logged: %s", model)
+    return {"model": model, "metrics": final}
+
+
+# The evaluation metrics the logged model carries (ranked by in the Models tab and search_logged_models).
+MODEL_METRICS = ["val_perplexity", "test_perplexity", "train_perplexity_eval"]
+
+
+def publish_model(
+    run_id: str,
+    config: RunConfig,
+    trained: dict[str, Any],
+    evaluation: dict[str, float | None],
+    samples: dict[str, str],
+    corpus_sha1: str,
+    register: bool,
+    registered_model: str | None,
+) -> dict[str, Any]:
+    """Log the run's model (once) with its held-out perplexities; register it (once) as ``registered_model``
+    (default: per corpus, ``tracking.default_registered_model``) and move the champion alias if it is best."""
+    name = registered_model or tracking.default_registered_model(config.data.url, corpus_sha1)
+    model = tracking.log_model(run_id, Path(trained["checkpoint"]), config.sample.prefixes[0])
+    model["metrics"] = tracking.link_model_metrics(run_id, model["model_id"], MODEL_METRICS)
     # Champions are compared on the same held-out text only: same corpus bytes, same split.
     heldout_key = f"{corpus_sha1}:{config.data.token}:val={config.data.val_fraction}:test={config.data.test_fraction}"
     score = evaluation.get("val_perplexity") or evaluation["test_perplexity"]
-    model["heldout_key"], model["heldout_score"] = heldout_key, score
-    if "version" in model and score is not None:
-        model["champion"] = tracking.promote_if_better(model["registered_model"], model["version"], score, heldout_key)
-    get_run_logger().info("model logged: %s", model)
-    return {"model": model, "metrics": final}
+    model.update(heldout_key=heldout_key, heldout_score=score, register_as=name)
+    model["facts"] = {
+        "preset": config.preset,
+        "corpus_url": redact_url(config.data.url),
+        "corpus_sha1": corpus_sha1,
+        "token": config.data.token,
+        **{k: evaluation.get(k) for k in MODEL_METRICS},
+    }
+    model["sample"] = next(iter(samples.values()), None)
+    if register:
+        model.update(register_version(model, name, run_id))
+    return model
+
+
+def register_version(model: dict[str, Any], name: str, run_id: str) -> dict[str, Any]:
+    """Register the logged ``model`` (what ``publish_model`` returned) as a version of ``name``, once per run,
+    describe it, and promote it to champion if it beats the current one. Returns name, version, champion."""
+    version = tracking.register_model(model["model_uri"], name, run_id=run_id)
+    tracking.describe_version(name, version, model.get("model_id"), model["facts"], model.get("sample"))
+    out: dict[str, Any] = {"registered_model": name, "version": version}
+    if model.get("heldout_score") is not None:
+        out["champion"] = tracking.promote_if_better(name, version, model["heldout_score"], model["heldout_key"])
+    return out
 
 
 @task(name="publish-summary", cache_policy=NO_CACHE)

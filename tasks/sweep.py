@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from deeprnn.download import redact_url
 from deeprnn.search import SearchSpace, Trial, TrialResult, rank, selection_metric, table_csv, table_markdown
 from tasks import cluster, tracking
-from tasks.results import prefect_run_tags
+from tasks.results import prefect_run_tags, register_version
 
 
 class SweepFailedError(RuntimeError):
@@ -104,10 +104,15 @@ def _collect(parent_run_id: str, trials: list[Trial], outcomes: list[Any]) -> li
 
 @task(name="summarize-sweep", cache_policy=NO_CACHE)
 def summarize_sweep(
-    parent_run_id: str, trials: list[Trial], outcomes: list[Any], register_best: bool = True
+    parent_run_id: str,
+    trials: list[Trial],
+    outcomes: list[Any],
+    register_best: bool = True,
+    registered_model: str | None = None,
 ) -> dict[str, Any]:
     """Rank the trials by held-out perplexity and roll the best up to the parent run (``best_*`` metrics,
-    ``best_trial_run_id`` tag, its model registered), with ``trials.csv``/``trials.md`` and a Prefect summary.
+    ``best_trial_run_id`` tag, its model registered as ``registered_model``, by default the one its corpus
+    gets), with ``trials.csv``/``trials.md`` and a Prefect summary.
 
     ``outcomes`` holds each trial task's result, or its exception when it failed. Raises ``SweepFailedError``
     (after logging the summary) when no trial succeeded.
@@ -134,11 +139,8 @@ def summarize_sweep(
         )
         model = dict(outcome["model"])
         if register_best and model.get("heldout_score") is not None:
-            model["registered_model"] = tracking.REGISTERED_MODEL
-            model["version"] = tracking.register_model(model["model_uri"])
-            model["champion"] = tracking.promote_if_better(
-                tracking.REGISTERED_MODEL, model["version"], model["heldout_score"], model["heldout_key"]
-            )
+            # Once per trial run, also when this task runs again: the version is looked up by run id first.
+            model.update(register_version(model, registered_model or model["register_as"], best.run_id))
     link = tracking.run_url(parent_run_id)
     header = [
         f"# deeprnn sweep: {len(succeeded)} of {len(results)} trials succeeded",

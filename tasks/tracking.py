@@ -488,18 +488,26 @@ def pip_requirements() -> list[str]:
     ]
 
 
-def log_model(run_id: str, checkpoint: Path, example_prefix: str, register_as: str | None = REGISTERED_MODEL) -> dict[str, Any]:
-    """Log the checkpoint as a pyfunc model from code (prefix in, generated text out), optionally registered.
+MODEL_NAME = "model"  # the logged model's name within its run (``runs:/<run_id>/model``)
 
-    The ``deeprnn`` library travels with the model (``code_paths``), so loading it needs only the pinned
-    requirements. Returns the model URI and, when registered, the version.
-    """
-    import deeprnn
-    import pandas as pd
-    from mlflow.models import Model, ModelSignature
+
+def default_registered_model(corpus_url: str, corpus_sha1: str) -> str:
+    """The registered model a run's model goes to unless the user names one: ``deeprnn-lm`` for the book's
+    corpus, else ``deeprnn-<file name>-<first 8 hex digits of its SHA-1>``, so models of different texts
+    never become versions of one another."""
+    from deeprnn.config import D2L_SHA1
+
+    if corpus_sha1 == D2L_SHA1:
+        return REGISTERED_MODEL
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", Path(urlsplit(corpus_url).path).stem).strip("-").lower()[:40]
+    return f"deeprnn-{stem or 'corpus'}-{corpus_sha1[:8]}"
+
+
+def _signature() -> Any:
+    from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    signature = ModelSignature(
+    return ModelSignature(
         inputs=Schema([ColSpec("string", "prefix")]),
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema(
@@ -511,33 +519,93 @@ def log_model(run_id: str, checkpoint: Path, example_prefix: str, register_as: s
             ]
         ),
     )
-    # Model.log would file the LoggedModel under the thread's active experiment; create it in the run's own
-    # experiment instead, so `runs:/<run_id>/model` resolves and the UI shows it beside the run.
+
+
+def run_logged_model(run_id: str) -> Any | None:
+    """The logged model named ``model`` that run ``run_id`` created (what an earlier attempt left), or None."""
+    from mlflow.entities import LoggedModelStatus
+
     client = MlflowClient()
     run = client.get_run(run_id)
-    logged = client.create_logged_model(
-        experiment_id=run.info.experiment_id, name="model", source_run_id=run_id, params=dict(run.data.params)
+    found = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'",
     )
-    info = Model.log(
+    # A finished one first; else one that an attempt created but did not finish uploading.
+    found.sort(key=lambda m: m.status != LoggedModelStatus.READY)
+    return found[0] if found else None
+
+
+def log_model(run_id: str, checkpoint: Path, example_prefix: str) -> dict[str, Any]:
+    """Log the checkpoint as a pyfunc model from code (prefix in, generated text out), once per run.
+
+    Safe to repeat: a model this run already logged is reused (a retry after a partial write finishes the
+    upload into the same model rather than creating a second one). The ``deeprnn`` library travels with the
+    model (``code_paths``), so loading it needs only the pinned requirements. Returns ``model_uri``
+    (``models:/<model_id>``) and ``model_id``.
+    """
+    import deeprnn
+    import pandas as pd
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.models import Model
+
+    client = MlflowClient()
+    logged = run_logged_model(run_id)
+    if logged is not None and logged.status == LoggedModelStatus.READY:
+        log.info("run %s already logged model %s; reusing it", run_id, logged.model_id)
+        return {"model_uri": f"models:/{logged.model_id}", "model_id": logged.model_id}
+    if logged is None:
+        # Model.log would file the LoggedModel under the thread's active experiment; create it in the run's
+        # own experiment instead, so `runs:/<run_id>/model` resolves and the UI shows it beside the run.
+        run = client.get_run(run_id)
+        logged = client.create_logged_model(
+            experiment_id=run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id, params=dict(run.data.params)
+        )
+    Model.log(
         artifact_path=None,  # deprecated positional in Model.log; ``name`` is the MLflow 3 spelling
-        name="model",
+        name=MODEL_NAME,
         flavor=mlflow.pyfunc,
         run_id=run_id,
         python_model=str(_PYFUNC_CODE),
         artifacts={"checkpoint": str(checkpoint)},
         code_paths=[str(Path(deeprnn.__file__).parent)],
         pip_requirements=pip_requirements(),
-        signature=signature,
+        signature=_signature(),
         input_example=pd.DataFrame({"prefix": [example_prefix]}),
-        registered_model_name=register_as,
-        await_registration_for=30,
         model_id=logged.model_id,
+        step=-1,  # Model.log copies the run's metrics of this step to the model: none; ours are linked below
     )
-    out: dict[str, Any] = {"model_uri": info.model_uri}
-    if register_as and info.registered_model_version is not None:
-        out["registered_model"] = register_as
-        out["version"] = str(info.registered_model_version)
-    return out
+    return {"model_uri": f"models:/{logged.model_id}", "model_id": logged.model_id}
+
+
+def link_model_metrics(run_id: str, model_id: str, keys: list[str]) -> dict[str, float]:
+    """Attach the run's final values of ``keys`` to the logged model, with the run's training dataset, so the
+    Models tab and ``search_logged_models(order_by=metrics.<key>)`` rank models by them.
+
+    The same points (value, step, time) are re-sent with the model's id: the run's curves gain nothing, and
+    repeating the call changes nothing. Returns what was linked.
+    """
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    inputs = run.inputs.dataset_inputs if run.inputs else []
+    dataset = inputs[0].dataset if inputs else None
+    items = []
+    for key in keys:
+        history = client.get_metric_history(run_id, key)
+        if not history:
+            continue
+        last = max(history, key=lambda m: (m.step, m.timestamp))
+        items.append(
+            Metric(
+                key, last.value, last.timestamp, last.step, model_id=model_id,
+                dataset_name=dataset.name if dataset else None, dataset_digest=dataset.digest if dataset else None,
+            )
+        )
+    known = {(m.key, m.step, m.timestamp) for m in client.get_logged_model(model_id).metrics or []}
+    fresh = [m for m in items if (m.key, m.step, m.timestamp) not in known]
+    if fresh:
+        client.log_batch(run_id, metrics=fresh)
+    return {m.key: m.value for m in items}
 
 
 def promote_if_better(name: str, version: str, score: float, heldout_key: str) -> bool:
@@ -550,6 +618,8 @@ def promote_if_better(name: str, version: str, score: float, heldout_key: str) -
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         current = None
+    if current is not None and str(current.version) == str(version):
+        return True  # a repeated call (a retry): it is the champion already
     if current is not None:
         tags = current.tags or {}
         same_text = tags.get("heldout_key") == heldout_key
@@ -604,7 +674,7 @@ def fetch_model(model_uri: str, dst: Path) -> dict[str, Any]:
     if not relative:
         raise LookupError(f"model {model_uri!r} is not a deeprnn model: it has no checkpoint artifact")
     if version is None and source_run_id:  # runs:/<id>/model: the version that run registered, if any
-        registered = client.search_model_versions(f"run_id = '{source_run_id}' and name = '{REGISTERED_MODEL}'")
+        registered = client.search_model_versions(f"run_id = '{source_run_id}'")
         version = str(registered[0].version) if registered else None
     tags = client.get_run(source_run_id).data.tags if source_run_id else {}
     return {
@@ -681,10 +751,40 @@ def child_runs(parent_run_id: str) -> list[RunRecord]:
     return [_record(r) for r in runs]
 
 
-def register_model(model_uri: str) -> str:
-    """Register a logged model as a new version of ``deeprnn-lm``; returns the version."""
-    version = mlflow.register_model(model_uri, REGISTERED_MODEL, await_registration_for=30)
+def register_model(model_uri: str, name: str = REGISTERED_MODEL, run_id: str | None = None) -> str:
+    """Register a logged model as a new version of ``name``, once: when ``run_id`` already has a version of
+    ``name`` (an earlier attempt of the same task registered it), that version is returned instead."""
+    client = MlflowClient()
+    if run_id:
+        earlier = client.search_model_versions(f"name = '{_quoted(name)}' and run_id = '{run_id}'")
+        if earlier:
+            version = min(earlier, key=lambda v: int(v.version))
+            log.info("run %s is already %s v%s; not registering it again", run_id, name, version.version)
+            return str(version.version)
+    version = mlflow.register_model(model_uri, name, await_registration_for=30)
     return str(version.version)
+
+
+def _quoted(text: str) -> str:
+    """``text`` safe inside a single-quoted MLflow filter string."""
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def describe_version(name: str, version: str, model_id: str | None, facts: dict[str, Any], sample: str | None) -> None:
+    """Say on the registered version (description and tags) and on its logged model (tags) what it is:
+    ``facts`` such as preset, corpus URL and SHA-1, perplexities, and one generated ``sample``."""
+    client = MlflowClient()
+    tags = {k: str(v) for k, v in facts.items() if v is not None}
+    lines = [f"deeprnn language model, preset {facts.get('preset')}, trained on {facts.get('corpus_url')} "
+             f"(SHA-1 {facts.get('corpus_sha1')})."]
+    lines += [f"- {k.replace('_', ' ')}: {v:.3f}" for k, v in facts.items() if k.endswith("perplexity") and v is not None]
+    if sample:
+        lines += ["", f"Greedy sample: {sample}"]
+    client.update_model_version(name, version, description="\n".join(lines))
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    if model_id:
+        client.set_logged_model_tags(model_id, tags)
 
 
 def worker_tracking_uri() -> str:

@@ -15,7 +15,7 @@ from deeprnn import checkpoint, resume
 from deeprnn.batching import Splits
 from deeprnn.config import RunConfig, SampleConfig, TrainConfig
 from deeprnn.device import describe, resolve_device
-from deeprnn.generate import generate
+from deeprnn.generate import generate_batch
 from deeprnn.pipeline import build_trainer, evaluate_splits
 from deeprnn.progress import StepStats, progress_line
 from deeprnn.train import EpochStats
@@ -168,12 +168,11 @@ def generate_samples(checkpoint_path: str, device: str, sample: SampleConfig | N
     the checkpoint's own sample settings."""
     model, voc, config = checkpoint.restore_model(checkpoint.load(Path(checkpoint_path)), resolve_device(device))
     s = sample or config.sample
-    samples = {
-        prefix: generate(
-            model, voc, prefix, s.num_chars, token=config.data.token, temperature=s.temperature, top_k=s.top_k, seed=s.seed
-        )
-        for prefix in s.prefixes
-    }
+    # All prefixes as one batch: one forward step per generated token for all of them.
+    texts = generate_batch(
+        model, voc, s.prefixes, s.num_chars, token=config.data.token, temperature=s.temperature, top_k=s.top_k, seed=s.seed
+    )
+    samples = dict(zip(s.prefixes, texts))
     logger = get_run_logger()
     for text in samples.values():
         logger.info("sample: %s", text)

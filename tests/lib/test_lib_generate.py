@@ -1,4 +1,5 @@
-"""deeprnn.generate: greedy equals the book's ``predict_ch8``; seeded sampling; top-k; unknown prefixes; words."""
+"""deeprnn.generate: greedy equals the book's ``predict_ch8``; seeded sampling; top-k; unknown prefixes; words;
+batched generation equals one prefix at a time."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from deeprnn.generate import generate, split_prefix
+from deeprnn.generate import generate, generate_batch, generate_ids, split_prefix
 from deeprnn.model import RNNLM
 from deeprnn.tokenize import flatten, preprocess_lines, tokenize
 from deeprnn.vocab import Vocab
@@ -135,3 +136,87 @@ def test_word_tokens(tiny_text: str) -> None:
     sampled = generate(model, vocab, "the time", 5, token="word", temperature=1.0, seed=1)
     assert len(sampled.split(" ")) == 7
     assert generate(model, vocab, "the", 0, token="word") == "the"
+
+
+# ----- batched generation ---------------------------------------------------------------------------
+
+
+def _trained(vocab_size: int, ids: list[int], cell: str, steps: int = 40) -> RNNLM:
+    """A tiny model trained for a few Adam steps on ``ids``: peaked, input-dependent logits, unlike random weights."""
+    torch.manual_seed(0)
+    model = RNNLM(vocab_size, cell=cell, num_hiddens=24, num_layers=2)
+    data = torch.tensor(ids)
+    span = 16
+    rows = (len(data) - 1) // span
+    x = data[: rows * span].reshape(rows, span)
+    y = data[1 : rows * span + 1].reshape(rows, span)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(steps):
+        logits, _ = model(x, model.begin_state(rows, CPU))
+        loss = nn.functional.cross_entropy(logits, y.T.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+CHAR_PREFIXES = ["time traveller", "t", "his grey eyes", "the", "was expounding a recondite", "t", "animated"]
+WORD_PREFIXES = ["the time traveller", "his", "was expounding a", "the", "his usually pale face"]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_batched_greedy_equals_one_at_a_time_chars(cell: str, tiny_tokens: list[str], tiny_vocab: Vocab) -> None:
+    model = _trained(len(tiny_vocab), tiny_vocab.encode(tiny_tokens), cell)
+    one_by_one = [generate(model, tiny_vocab, p, 60) for p in CHAR_PREFIXES]
+    batched = generate_batch(model, tiny_vocab, CHAR_PREFIXES, 60)
+    assert batched == one_by_one
+    # The rows really differ (a model that says the same thing whatever the prefix would prove nothing).
+    assert len({b[len(p):] for p, b in zip(CHAR_PREFIXES, batched)}) >= 4
+    assert [len(b) for b in batched] == [len(p) + 60 for p in CHAR_PREFIXES]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_batched_greedy_equals_one_at_a_time_words(cell: str, tiny_text: str) -> None:
+    words = flatten(tokenize(preprocess_lines(tiny_text), "word"))
+    vocab = Vocab(words)
+    model = _trained(len(vocab), vocab.encode(words), cell, steps=60)
+    one_by_one = [generate(model, vocab, p, 12, token="word") for p in WORD_PREFIXES]
+    batched = generate_batch(model, vocab, WORD_PREFIXES, 12, token="word")
+    assert batched == one_by_one
+    assert len({b[len(p):] for p, b in zip(WORD_PREFIXES, batched)}) >= 3
+    assert all(len(b.split()) == len(p.split()) + 12 for p, b in zip(WORD_PREFIXES, batched))
+
+
+def test_batched_rows_do_not_depend_on_their_neighbours(tiny_tokens: list[str], tiny_vocab: Vocab) -> None:
+    model = _trained(len(tiny_vocab), tiny_vocab.encode(tiny_tokens), "lstm")
+    alone = generate_batch(model, tiny_vocab, ["his grey eyes"], 40)
+    for company in (["t", "his grey eyes"], ["his grey eyes", "was expounding a recondite", "the"]):
+        got = generate_batch(model, tiny_vocab, company, 40)
+        assert got[company.index("his grey eyes")] == alone[0]
+
+
+def test_batched_sampling_is_seeded_and_top_k_1_is_greedy(tiny_tokens: list[str], tiny_vocab: Vocab) -> None:
+    model = _trained(len(tiny_vocab), tiny_vocab.encode(tiny_tokens), "gru")
+    a = generate_batch(model, tiny_vocab, CHAR_PREFIXES, 50, temperature=1.5, seed=3)
+    b = generate_batch(model, tiny_vocab, CHAR_PREFIXES, 50, temperature=1.5, seed=3)
+    c = generate_batch(model, tiny_vocab, CHAR_PREFIXES, 50, temperature=1.5, seed=4)
+    assert a == b and a != c
+    assert a[1] != a[5]  # the same prefix twice in one batch draws its own samples
+    greedy = generate_batch(model, tiny_vocab, CHAR_PREFIXES, 50)
+    assert generate_batch(model, tiny_vocab, CHAR_PREFIXES, 50, temperature=2.0, top_k=1, seed=9) == greedy
+    # A batch of one samples exactly what generate() samples.
+    assert generate_batch(model, tiny_vocab, ["the"], 50, temperature=1.0, seed=5) == [
+        generate(model, tiny_vocab, "the", 50, temperature=1.0, seed=5)
+    ]
+
+
+def test_batched_edge_cases(model: RNNLM, tiny_vocab: Vocab) -> None:
+    assert generate_batch(model, tiny_vocab, [], 10) == []
+    assert generate_batch(model, tiny_vocab, ["ab", "c"], 0) == ["ab", "c"]
+    assert generate_ids(model, [[3], [4, 5]], 0) == [[], []]
+    with pytest.raises(ValueError, match="at least one token"):
+        generate_batch(model, tiny_vocab, ["the", ""], 5)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate_ids(model, [[3], []], 5)
+    with pytest.raises(ValueError, match="temperature"):
+        generate_batch(model, tiny_vocab, ["the"], 5, temperature=-1.0)

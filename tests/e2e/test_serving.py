@@ -1,0 +1,235 @@
+"""Serving the champion: two models trained by the real flow, ``mlflow models serve`` as a real process on
+127.0.0.1, good and bad requests over HTTP; logged models ranked by their held-out perplexity; a retry of
+``log-results`` after its registration registers nothing twice."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+import pytest
+import requests
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from deeprnn.config import D2L_SHA1 as BOOK_SHA1
+from deeprnn.config import preset_config
+from live_servers import free_port, log_tail, start_process, stop_process_group, wait_until_healthy
+
+pytestmark = pytest.mark.e2e
+
+SMOKE = {"device": "cpu", "epochs": 1}
+
+
+class Served:
+    """What the module's fixture set up: the store, the two trained runs and the model server."""
+
+    def __init__(self, root: Path, runs: list[dict[str, Any]], url: str, log: Path) -> None:
+        self.root, self.runs, self.url, self.log = root, runs, url, log
+
+    def post(self, body: dict[str, Any]) -> requests.Response:
+        """POST ``body`` to the server's /invocations as JSON."""
+        return requests.post(f"{self.url}/invocations", json=body, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, prefect_api: str, book_url: str) -> Iterator[Served]:
+    """Two smoke models of the book (the second trained longer), then ``mlflow models serve`` on the champion."""
+    from flows.train_flow import train_lm
+
+    root = tmp_path_factory.mktemp("serving")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("DEEPRNN_CACHE_DIR", str(root / "cache"))
+        data = {"url": book_url, "sha1": BOOK_SHA1}
+        runs = [train_lm(preset="smoke", data=data, train=SMOKE), train_lm(preset="smoke", data=data, train={**SMOKE, "epochs": 3})]
+        port = free_port()
+        log = root / "serve.log"
+        # The server runs `uvicorn` from PATH: the environment's bin folder, as an activated virtualenv has it.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "DEEPRNN_DEVICE": "cpu", "PATH": path}
+        cmd = [
+            sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/deeprnn-lm@champion",
+            "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+        ]
+        proc = start_process(cmd, log, env, cwd=root)
+        try:
+            wait_until_healthy(f"http://127.0.0.1:{port}/ping", proc, log)
+            yield Served(root, runs, f"http://127.0.0.1:{port}", log)
+        finally:
+            stop_process_group(proc)
+
+
+def _champion_run(served: Served) -> dict[str, Any]:
+    champion = MlflowClient(f"sqlite:///{served.root / 'mlflow.db'}").get_model_version_by_alias("deeprnn-lm", "champion")
+    return next(r for r in served.runs if r["run_id"] == champion.run_id)
+
+
+def test_good_requests_return_the_champions_greedy_samples(served: Served) -> None:
+    run = _champion_run(served)
+    prefixes = list(run["samples"])
+    num_chars = preset_config("smoke").sample.num_chars
+    # dataframe_records, one row: the logged greedy sample.
+    one = served.post({"dataframe_records": [{"prefix": prefixes[0]}], "params": {"num_chars": num_chars}})
+    assert one.status_code == 200, one.text
+    assert one.json() == {"predictions": [run["samples"][prefixes[0]]]}
+    # inputs: several prefixes of different lengths in one batch, each the text it gives alone.
+    batch = ["time traveller", "t", "the time machine", "traveller"]
+    many = served.post({"inputs": {"prefix": batch}, "params": {"num_chars": 30}})
+    assert many.status_code == 200, many.text
+    texts = many.json()["predictions"]
+    assert [t[: len(p)] for t, p in zip(texts, batch)] == batch and len(texts) == len(batch)
+    assert all(len(t) == len(p) + 30 for t, p in zip(texts, batch))
+    for prefix, text in zip(batch, texts):
+        alone = served.post({"inputs": {"prefix": [prefix]}, "params": {"num_chars": 30}})
+        assert alone.json()["predictions"] == [text]
+    # Sampling: seeded, so repeatable; another seed, another text.
+    params = {"num_chars": 40, "temperature": 1.0, "top_k": 5, "seed": 7}
+    a = served.post({"dataframe_records": [{"prefix": "the"}], "params": params}).json()
+    b = served.post({"dataframe_records": [{"prefix": "the"}], "params": params}).json()
+    c = served.post({"dataframe_records": [{"prefix": "the"}], "params": {**params, "seed": 8}}).json()
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize(
+    ("params", "names"),
+    [
+        ({"num_chars": 100_000_000}, ["num_chars", "10000"]),
+        ({"num_chars": 0}, ["num_chars", "1"]),
+        ({"temperature": -1.0}, ["temperature", "greater than 0"]),
+        ({"temperature": 1000.0}, ["temperature", "100"]),
+        ({"top_k": -3}, ["top_k", "1"]),
+        ({"seed": -1}, ["seed", "0"]),
+        ({"num_chars": "many"}, ["num_chars"]),
+    ],
+)
+def test_bad_params_get_a_400_naming_the_param_without_a_traceback(served: Served, params: dict, names: list[str]) -> None:
+    started = time.perf_counter()
+    response = served.post({"dataframe_records": [{"prefix": "time traveller"}], "params": params})
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert all(n in body["message"] for n in names), body["message"]
+    assert "Traceback" not in response.text and "stack_trace" not in body
+    assert elapsed < 5.0  # refused before any work (the benchmark measures the real figure)
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        ([{"prefix": ""}], "prefix 0 is empty"),
+        ([{"prefix": "the"}, {"prefix": ""}], "prefix 1 is empty"),
+        ([{"prefix": "#%&"}], "no character the model knows"),
+        ([{"prefix": "x" * 1001}], "at most 1000 characters"),
+    ],
+)
+def test_empty_or_unknown_prefixes_get_a_400_without_a_traceback(served: Served, rows: list, expected: str) -> None:
+    response = served.post({"dataframe_records": rows})
+    assert response.status_code == 400, response.text
+    assert expected in response.json()["message"]
+    assert "Traceback" not in response.text and "stack_trace" not in response.json()
+
+
+def test_the_server_log_has_no_traceback_for_refused_requests(served: Served) -> None:
+    served.post({"dataframe_records": [{"prefix": ""}]})
+    assert "Traceback" not in log_tail(served.log, 200_000)
+
+
+def test_logged_models_carry_their_metrics_and_rank_by_test_perplexity(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{served.root / 'mlflow.db'}")
+    client = MlflowClient()
+    by_model = {r["model"]["model_id"]: client.get_run(r["run_id"]).data.metrics["test_perplexity"] for r in served.runs}
+    assert len(set(by_model.values())) == 2  # trained differently, so measured differently
+    experiment = client.get_experiment_by_name("deeprnn-train").experiment_id
+    ranked = mlflow.search_logged_models(
+        experiment_ids=[experiment], order_by=[{"field_name": "metrics.test_perplexity", "ascending": True}], output_format="list"
+    )
+    assert [m.model_id for m in ranked] == sorted(by_model, key=by_model.get)
+    for model in ranked:
+        metrics = {m.key: m for m in model.metrics}
+        assert metrics["test_perplexity"].value == pytest.approx(by_model[model.model_id])
+        assert "train_perplexity_eval" in metrics
+        assert metrics["test_perplexity"].dataset_name == "timemachine.txt"
+        assert metrics["test_perplexity"].dataset_digest == BOOK_SHA1[:10]
+    # The registered versions say what they are.
+    for run in served.runs:
+        version = client.get_model_version("deeprnn-lm", run["model"]["version"])
+        assert version.tags["corpus_sha1"] == BOOK_SHA1 and version.tags["preset"] == "smoke"
+        assert float(version.tags["test_perplexity"]) == pytest.approx(by_model[run["model"]["model_id"]])
+        assert BOOK_SHA1 in version.description and next(iter(run["samples"].values())) in version.description
+    # The checkpoint for resuming stays a plain artifact of the run.
+    assert [a.path for a in client.list_artifacts(served.runs[0]["run_id"], "checkpoints")] == ["checkpoints/last.pt"]
+
+
+def test_cli_generate_continues_every_prefix_in_one_batch(served: Served) -> None:
+    run = _champion_run(served)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{served.root / 'mlflow.db'}"}
+    prefixes = list(run["samples"])
+    cmd = [sys.executable, "-m", "flows.cli", "generate", "--model-uri", "models:/deeprnn-lm@champion", "--num-chars", "20"]
+    for p in prefixes:
+        cmd += ["--prefix", p]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == list(run["samples"].values())
+    bad = subprocess.run([*cmd[:6], "--prefix", "#%&"], env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no character the model knows" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_log_results_retried_after_registering_registers_one_version(
+    workdir: Path, book_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first attempt of log-results fails right after its registration (the store fails on the next
+    write: injected, as no real store can be made to fail at exactly that point); the retry finishes."""
+    from flows.train_flow import train_lm
+    from tasks import tracking
+
+    real = tracking.describe_version
+    calls: list[str] = []
+
+    def fails_once_after_writing(name: str, version: str, *args: Any) -> None:
+        real(name, version, *args)
+        calls.append(version)
+        if len(calls) == 1:
+            raise MlflowException("injected: the tracking store went away after registering")
+
+    monkeypatch.setattr(tracking, "describe_version", fails_once_after_writing)
+    result = train_lm(
+        preset="smoke", data={"url": book_url, "sha1": BOOK_SHA1}, train=SMOKE, registered_model="retry-lm"
+    )
+    assert len(calls) == 2  # the task ran twice
+    client = MlflowClient()
+    run = client.get_run(result["run_id"])
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert [m.model_id for m in models] == [result["model"]["model_id"]]
+    versions = client.search_model_versions("name = 'retry-lm'")
+    assert [(str(v.version), v.run_id) for v in versions] == [("1", result["run_id"])]
+    assert str(client.get_model_version_by_alias("retry-lm", "champion").version) == "1"
+    assert result["model"]["champion"] is True
+    # The sweep's registration of its best model goes through the same lookup: asking again changes nothing.
+    assert tracking.register_model(result["model"]["model_uri"], "retry-lm", run_id=result["run_id"]) == "1"
+    assert len(client.search_model_versions("name = 'retry-lm'")) == 1
+
+
+def test_other_corpora_get_their_own_registered_model(workdir: Path, book_path: Path) -> None:
+    from flows.train_flow import train_lm
+    from tasks import tracking
+
+    text = workdir / "my notes.txt"
+    text.write_text(book_path.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    result = train_lm(preset="smoke", data={"url": str(text)}, train=SMOKE)
+    sha1 = MlflowClient().get_run(result["run_id"]).data.tags["dataset.sha1"]
+    assert result["model"]["registered_model"] == f"deeprnn-my-notes-{sha1[:8]}"
+    assert tracking.default_registered_model("http://x/timemachine.txt", BOOK_SHA1) == "deeprnn-lm"
+    assert MlflowClient().get_model_version_by_alias(result["model"]["registered_model"], "champion").run_id == result["run_id"]
+    assert not MlflowClient().search_model_versions("name = 'deeprnn-lm'")
