@@ -69,8 +69,12 @@ def library(vocab: Vocab, prefixes: list[str], tokens: int, repeats: int) -> dic
         b = [generate(model, vocab, p, tokens) for p in prefixes]
         single.append(time.perf_counter() - started)
         same = same and a == b
-    return {"batched_s": statistics.median(batched), "one_at_a_time_s": statistics.median(single),
-            "identical": same, "model": model}
+    return {
+        "batched_s": statistics.median(batched),
+        "one_at_a_time_s": statistics.median(single),
+        "identical": same,
+        "model": model,
+    }
 
 
 def save_served_model(model: RNNLM, vocab: Vocab, folder: Path) -> Path:
@@ -81,11 +85,16 @@ def save_served_model(model: RNNLM, vocab: Vocab, folder: Path) -> Path:
     import deeprnn
     from tasks.tracking import _PYFUNC_CODE, _signature
 
-    ckpt = checkpoint.save(folder / "model.pt", checkpoint.make_payload(preset_config("d2l-9.3"), vocab, model, epoch=0))
+    ckpt = checkpoint.save(
+        folder / "model.pt", checkpoint.make_payload(preset_config("d2l-9.3"), vocab, model, epoch=0)
+    )
     path = folder / "served"
     mlflow.pyfunc.save_model(
-        str(path), python_model=str(_PYFUNC_CODE), artifacts={"checkpoint": str(ckpt)},
-        code_paths=[str(Path(deeprnn.__file__).parent)], signature=_signature(),
+        str(path),
+        python_model=str(_PYFUNC_CODE),
+        artifacts={"checkpoint": str(ckpt)},
+        code_paths=[str(Path(deeprnn.__file__).parent)],
+        signature=_signature(),
         input_example=pd.DataFrame({"prefix": ["time traveller"]}),
     )
     return path
@@ -103,10 +112,26 @@ def serve(model_path: Path, log: Path) -> tuple[subprocess.Popen, str]:
     import requests
 
     port = free_port()
-    env = {**os.environ, "DEEPRNN_DEVICE": "cpu",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_path), "--env-manager", "local",
-           "--host", "127.0.0.1", "--port", str(port)]
+    env = {
+        **os.environ,
+        "DEEPRNN_DEVICE": "cpu",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        str(model_path),
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -134,11 +159,17 @@ def server_latency(url: str, prefixes: list[str], requests_n: int) -> dict[str, 
         return (time.perf_counter() - started) * 1000, response.status_code
 
     post({"dataframe_records": [{"prefix": "time traveller"}], "params": {"num_chars": 50}})  # warm-up
-    single = [post({"dataframe_records": [{"prefix": "time traveller"}], "params": {"num_chars": 50}}) for _ in range(requests_n)]
+    single = [
+        post({"dataframe_records": [{"prefix": "time traveller"}], "params": {"num_chars": 50}})
+        for _ in range(requests_n)
+    ]
     assert all(code == 200 for _, code in single)
     batch_ms, code = post({"inputs": {"prefix": prefixes}, "params": {"num_chars": 200}})
     assert code == 200
-    refused = [post({"dataframe_records": [{"prefix": "time traveller"}], "params": {"num_chars": 100_000_000}}) for _ in range(10)]
+    refused = [
+        post({"dataframe_records": [{"prefix": "time traveller"}], "params": {"num_chars": 100_000_000}})
+        for _ in range(10)
+    ]
     assert all(code == 400 for _, code in refused)
     times = sorted(ms for ms, _ in single)
     return {
@@ -167,15 +198,28 @@ def main() -> None:
     lib = library(vocab, prefixes, args.tokens, args.repeats)
     model = lib.pop("model")
     rows = args.prefixes * args.tokens
-    print(f"\nLibrary: LSTM 2x256, {len(vocab)} tokens, {args.prefixes} prefixes x {args.tokens} tokens, greedy, "
-          f"CPU ({torch.get_num_threads()} threads), median of {args.repeats}")
+    print(
+        f"\nLibrary: LSTM 2x256, {len(vocab)} tokens, {args.prefixes} prefixes x {args.tokens} tokens, greedy, "
+        f"CPU ({torch.get_num_threads()} threads), median of {args.repeats}"
+    )
     print("| way | seconds | tokens/s | speed-up |\n| --- | --- | --- | --- |")
-    print(f"| one prefix at a time (`generate`) | {lib['one_at_a_time_s']:.2f} | {rows / lib['one_at_a_time_s']:,.0f} | 1.0x |")
-    print(f"| batched (`generate_batch`) | {lib['batched_s']:.2f} | {rows / lib['batched_s']:,.0f} | "
-          f"{lib['one_at_a_time_s'] / lib['batched_s']:.1f}x |")
+    print(
+        f"| one prefix at a time (`generate`) | {lib['one_at_a_time_s']:.2f} "
+        f"| {rows / lib['one_at_a_time_s']:,.0f} | 1.0x |"
+    )
+    print(
+        f"| batched (`generate_batch`) | {lib['batched_s']:.2f} | {rows / lib['batched_s']:,.0f} | "
+        f"{lib['one_at_a_time_s'] / lib['batched_s']:.1f}x |"
+    )
     print(f"same text both ways: {'yes' if lib['identical'] else 'NO'}")
-    result: dict[str, Any] = {"library": lib, "args": vars(args), "torch": torch.__version__,
-                              "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "machine": platform.machine()}
+    result: dict[str, Any] = {
+        "library": lib,
+        "args": vars(args),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
     if not args.skip_server:
         with tempfile.TemporaryDirectory() as tmp:
             path = save_served_model(model, vocab, Path(tmp))
@@ -191,7 +235,10 @@ def main() -> None:
         print(f"| 1 prefix x 50 tokens, p50 | {srv['single_50_p50_ms']:.1f} |")
         print(f"| 1 prefix x 50 tokens, p95 | {srv['single_50_p95_ms']:.1f} |")
         print(f"| {args.prefixes} prefixes x 200 tokens, one request | {srv['batch_ms']:.0f} |")
-        print(f"| refused (num_chars 100000000 -> 400), median / max of 10 | {srv['refused_median_ms']:.1f} / {srv['refused_max_ms']:.1f} |")
+        print(
+            f"| refused (num_chars 100000000 -> 400), median / max of 10 "
+            f"| {srv['refused_median_ms']:.1f} / {srv['refused_max_ms']:.1f} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({**result, "command": " ".join(sys.argv)}, indent=1), encoding="utf-8")
 

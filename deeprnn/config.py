@@ -60,7 +60,10 @@ class DataConfig(_Section):
         0, title="Minimum frequency", description="Tokens rarer than this map to <unk>.", ge=0, le=1_000_000
     )
     reserved_tokens: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
-        default_factory=list, title="Reserved tokens", description="Extra tokens placed right after <unk>.", max_length=64
+        default_factory=list,
+        title="Reserved tokens",
+        description="Extra tokens placed right after <unk>.",
+        max_length=64,
     )
     max_tokens: Optional[int] = Field(
         10000,
@@ -106,7 +109,9 @@ class ModelConfig(_Section):
     cell: CellType = Field("lstm", title="Cell type", description="lstm (the book), gru or rnn (tanh).")
     num_hiddens: int = Field(256, title="Hidden units", description="Width of each recurrent layer.", ge=1, le=8192)
     num_layers: int = Field(2, title="Layers", description="Stacked recurrent layers (the book: 2).", ge=1, le=16)
-    dropout: float = Field(0.0, title="Dropout", description="Dropout between recurrent layers, in [0, 1).", ge=0.0, lt=1.0)
+    dropout: float = Field(
+        0.0, title="Dropout", description="Dropout between recurrent layers, in [0, 1).", ge=0.0, lt=1.0
+    )
     embedding_dim: Optional[int] = Field(
         None,
         title="Embedding size",
@@ -129,7 +134,9 @@ class TrainConfig(_Section):
     epochs: int = Field(500, title="Epochs", description="Passes over the training tokens.", ge=1, le=100000)
     optimizer: OptimizerName = Field("sgd", title="Optimizer", description="sgd (the book), adam or adamw.")
     lr: float = Field(2.0, title="Learning rate", description="Peak learning rate.", gt=0.0, le=100.0)
-    weight_decay: float = Field(0.0, title="Weight decay", description="L2 (sgd, adam) or decoupled (adamw).", ge=0.0, le=1.0)
+    weight_decay: float = Field(
+        0.0, title="Weight decay", description="L2 (sgd, adam) or decoupled (adamw).", ge=0.0, le=1.0
+    )
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", title="LR schedule", description="constant (the book) or cosine decay to 0 over the epochs."
     )
@@ -228,9 +235,15 @@ class SampleConfig(_Section):
         min_length=1,
         max_length=32,
     )
-    num_chars: int = Field(50, title="Tokens to generate", description="Tokens appended to each prefix.", ge=1, le=10000)
+    num_chars: int = Field(
+        50, title="Tokens to generate", description="Tokens appended to each prefix.", ge=1, le=10000
+    )
     temperature: Optional[float] = Field(
-        None, title="Temperature", description="Empty: greedy argmax (the book). Otherwise sample at this temperature.", gt=0.0, le=100.0
+        None,
+        title="Temperature",
+        description="Empty: greedy argmax (the book). Otherwise sample at this temperature.",
+        gt=0.0,
+        le=100.0,
     )
     top_k: Optional[int] = Field(
         None, title="Top-k", description="Sample only among the k likeliest tokens.", ge=1, le=1_000_000
@@ -248,7 +261,9 @@ class SampleConfig(_Section):
 class RunConfig(_Section):
     """The complete configuration of one training run; defaults reproduce D2L section 9.3."""
 
-    preset: PresetName = Field("d2l-9.3", title="Preset", description="The named preset this configuration started from.")
+    preset: PresetName = Field(
+        "d2l-9.3", title="Preset", description="The named preset this configuration started from."
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -62,10 +62,10 @@ def _warm_up(model: RNNLM, encoded: list[list[int]], device: torch.device) -> tu
         if length < 2:
             continue  # a one-token prefix starts from the zero state
         index = torch.tensor(rows, device=device)
-        ids = torch.tensor([encoded[r][:-1] for r in rows], device=device)  # (G, length-1)
-        _, group_state = model(ids, _select_rows(state, index))
+        group = torch.tensor([encoded[r][:-1] for r in rows], device=device)  # (G, length-1)
+        _, group_state = model(group, _select_rows(state, index))
         _put_rows(state, index, group_state)
-    last = torch.tensor([[ids[-1]] for ids in encoded], device=device)  # (B, 1)
+    last = torch.tensor([[row[-1]] for row in encoded], device=device)  # (B, 1)
     return state, last
 
 
@@ -201,7 +201,12 @@ def check_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
         name = str(first["loc"][0])
         zero = " (or 0: greedy)" if name == "temperature" else " (or 0: no top-k filter)" if name == "top_k" else ""
         raise GenerationRequestError(f"param {name}={values[name]!r}: {first['msg'].lower()}{zero}") from None
-    return {"num_chars": checked.num_chars, "temperature": checked.temperature, "top_k": checked.top_k, "seed": checked.seed}
+    return {
+        "num_chars": checked.num_chars,
+        "temperature": checked.temperature,
+        "top_k": checked.top_k,
+        "seed": checked.seed,
+    }
 
 
 def check_prefixes(prefixes: Sequence[Any], vocab: Vocab, token: Token = "char") -> list[str]:

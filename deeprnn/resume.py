@@ -44,7 +44,9 @@ def check_run_id(run_id: str) -> str:
     allowed to point outside the runs folder.
     """
     if not _RUN_ID.match(run_id or ""):
-        raise ResumeError(f"{run_id!r} is not an MLflow run id (32 hexadecimal characters, as printed by `deeprnn run`)")
+        raise ResumeError(
+            f"{run_id!r} is not an MLflow run id (32 hexadecimal characters, as printed by `deeprnn run`)"
+        )
     return run_id
 
 
@@ -122,7 +124,9 @@ def restore_training(data: dict[str, Any], config: RunConfig, model: RNNLM, trai
     if not data.get("trainer_state"):
         raise ResumeError("the checkpoint holds no training state (a final model, not a resumable last.pt)")
     if data["epoch"] > config.train.epochs:
-        raise ResumeError(f"the checkpoint has {data['epoch']} epochs done, more than the {config.train.epochs} asked for")
+        raise ResumeError(
+            f"the checkpoint has {data['epoch']} epochs done, more than the {config.train.epochs} asked for"
+        )
     _check_steps(config, int(data["trainer_state"].get("step") or 0))
     model.load_state_dict(data["model_state"])  # weights first: the optimizer state refers to them
     trainer.load_state_dict(data["trainer_state"])

@@ -34,8 +34,14 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 EXPERIMENT = "compare-cells"
 
 
@@ -49,12 +55,31 @@ def free_port() -> int:
 def start_mlflow(root: Path) -> tuple[subprocess.Popen, str]:
     """``mlflow server`` on a free port of 127.0.0.1; returns the process and its URL once /health answers."""
     port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=(root / "mlflow.log").open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=root,
+        env=env,
+        stdout=(root / "mlflow.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(480):
         if proc.poll() is not None:
@@ -70,15 +95,45 @@ def start_mlflow(root: Path) -> tuple[subprocess.Popen, str]:
 
 def train(root: Path, url: str, data: Path, cells: list[str]) -> None:
     """One ``deeprnn run --preset smoke --cell C`` per cell, side by side, all logging to the server."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "DEEPRNN_CACHE_DIR": str(root / "cache"),
-           "PREFECT_HOME": str(root / "prefect"), "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": url,
+        "DEEPRNN_CACHE_DIR": str(root / "cache"),
+        "PREFECT_HOME": str(root / "prefect"),
+        "PYTHONPATH": str(REPO),
+    }
     env.pop("PREFECT_API_URL", None)
     procs = []
     for cell in cells:
-        cmd = [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--cell", cell, "--epochs", "8",
-               "--device", "cpu", "--data-url", str(data), "--experiment", EXPERIMENT, "--runs-dir", str(root / "runs")]
-        procs.append(subprocess.Popen(cmd, cwd=root, env={**env, "PREFECT_HOME": str(root / f"prefect-{cell}")},
-                                      stdout=(root / f"run-{cell}.log").open("wb"), stderr=subprocess.STDOUT))
+        cmd = [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "run",
+            "--preset",
+            "smoke",
+            "--cell",
+            cell,
+            "--epochs",
+            "8",
+            "--device",
+            "cpu",
+            "--data-url",
+            str(data),
+            "--experiment",
+            EXPERIMENT,
+            "--runs-dir",
+            str(root / "runs"),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=root,
+                env={**env, "PREFECT_HOME": str(root / f"prefect-{cell}")},
+                stdout=(root / f"run-{cell}.log").open("wb"),
+                stderr=subprocess.STDOUT,
+            )
+        )
     for cell, proc in zip(cells, procs):
         if proc.wait(timeout=1800) != 0:
             raise RuntimeError(f"deeprnn run --cell {cell} failed:\n" + (root / f"run-{cell}.log").read_text()[-3000:])
@@ -86,8 +141,9 @@ def train(root: Path, url: str, data: Path, cells: list[str]) -> None:
 
 def experiment_id(url: str) -> str:
     """The id of the experiment the runs went to."""
-    found = requests.get(f"{url}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": EXPERIMENT},
-                         timeout=30).json()
+    found = requests.get(
+        f"{url}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": EXPERIMENT}, timeout=30
+    ).json()
     return found["experiment"]["experiment_id"]
 
 
@@ -105,7 +161,9 @@ def shoot(url: str, exp: str, out: Path) -> list[Path]:
 
     saved = []
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"), args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(
+            executable_path=os.environ.get("CHROMIUM", "/usr/bin/chromium"), args=CHROMIUM_ARGS
+        )
         page = browser.new_page(viewport={"width": 1700, "height": 420})
         page.goto(f"{url}/#/experiments/{exp}/models?workflowType=machine_learning")
         page.get_by_text("Source run").first.wait_for(timeout=120_000)

@@ -39,7 +39,12 @@ app = typer.Typer(
 console = Console()
 err = Console(stderr=True)
 
-SECTIONS: dict[str, type[BaseModel]] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sample": SampleConfig}
+SECTIONS: dict[str, type[BaseModel]] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+}
 # Option names that differ from the field name (clashes, or names the book's users expect).
 RENAMES = {
     ("data", "url"): "data_url",
@@ -113,7 +118,9 @@ def _explain(exc: ValidationError) -> str:
 
 
 def run(
-    preset: Optional[str] = typer.Option(None, "--preset", help=f"Named preset: {', '.join(PRESETS)} (default d2l-9.3)."),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help=f"Named preset: {', '.join(PRESETS)} (default d2l-9.3)."
+    ),
     resume: Optional[str] = typer.Option(
         None,
         "--resume",
@@ -122,11 +129,15 @@ def run(
         "(--epochs may extend it; --device, --checkpoint-every, --log-every may change).",
     ),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="[train] Passes over the training tokens."),
-    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment (default: the flow's name)."),
+    experiment: Optional[str] = typer.Option(
+        None, "--experiment", help="MLflow experiment (default: the flow's name)."
+    ),
     runs_dir: str = typer.Option("runs", "--runs-dir", help="Local folder for checkpoints, one subfolder per run."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
     registered_model: Optional[str] = typer.Option(
-        None, "--registered-model", metavar="NAME",
+        None,
+        "--registered-model",
+        metavar="NAME",
         help="MLflow registered model to add the model to (default: deeprnn-lm for the book's corpus, "
         "deeprnn-<file>-<sha1 prefix> for any other text).",
     ),
@@ -143,19 +154,21 @@ def run(
             check_run_id(resume)
         except ResumeError as exc:
             err.print(f"[red]error:[/red] --resume: {exc}")
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         if preset is not None:
-            err.print("[red]error:[/red] --preset cannot be combined with --resume: a resumed run keeps its own configuration")
+            err.print(
+                "[red]error:[/red] --preset cannot be combined with --resume: a resumed run keeps its own configuration"
+            )
             raise typer.Exit(2)
     _check_registered_model(registered_model)
     try:
         config = resolve(preset or "d2l-9.3", **overrides)  # for a resume, this only validates the overrides
     except ValidationError as exc:
         err.print(f"[red]error:[/red] {_explain(exc)}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except ValueError as exc:
         err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
     temporary_api = _start_prefect_api()  # boots in its own process while the flow's imports load here
     from flows.train_flow import train_lm  # Prefect and MLflow load only once the input is known to be good
@@ -165,16 +178,26 @@ def run(
     _wait_for_api(temporary_api, preload=True)
     ready_at = time.time()  # imports done and the Prefect API answering
 
-    api = f"Prefect's temporary server {temporary_api.url}" if temporary_api else os.environ.get("PREFECT_API_URL", "from the Prefect profile")
+    api = (
+        f"Prefect's temporary server {temporary_api.url}"
+        if temporary_api
+        else os.environ.get("PREFECT_API_URL", "from the Prefect profile")
+    )
     if resume is not None:
         console.print(f"deeprnn: resuming MLflow run [bold]{resume}[/bold] from its last checkpoint")
     else:
-        console.print(f"deeprnn: preset [bold]{config.preset}[/bold], {config.train.epochs} epochs, device {config.train.device}")
+        console.print(
+            f"deeprnn: preset [bold]{config.preset}[/bold], {config.train.epochs} epochs, device {config.train.device}"
+        )
     console.print(f"Prefect API: {api}; MLflow tracking: {tracking_uri()}")
     _mark_orphaned_runs()
     result = _invoke(
         lambda: train_lm(
-            preset=config.preset, **overrides, experiment=experiment, runs_dir=runs_dir, resume_run_id=resume,
+            preset=config.preset,
+            **overrides,
+            experiment=experiment,
+            runs_dir=runs_dir,
+            resume_run_id=resume,
             registered_model=registered_model,
         ),
         "the MLflow run is marked KILLED; checkpoints are kept (continue with deeprnn run --resume RUN_ID)",
@@ -201,15 +224,15 @@ def _invoke(call: Callable[[], dict[str, Any]], on_interrupt: str) -> dict[str, 
         return call()
     except KeyboardInterrupt:
         err.print(f"[yellow]interrupted[/yellow]: {on_interrupt}")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except Exception as exc:
-        from tasks.failures import message  # expected errors: their own message; others: type and message
-
         from rich.text import Text
+
+        from tasks.failures import message  # expected errors: their own message; others: type and message
 
         # One line, as written: no markup read into it, no line breaks added at the terminal's width.
         err.print(Text.assemble(("error:", "red"), " ", message(exc)), soft_wrap=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
 
 
 def _mark_orphaned_runs() -> None:
@@ -226,7 +249,8 @@ def _mark_orphaned_runs() -> None:
         console.print(
             f"deeprnn: MLflow run {orphan.run_id} was left RUNNING by a process that is gone (pid {orphan.pid}); "
             f"marked FAILED. Continue it with: deeprnn run --resume {orphan.run_id}",
-            highlight=False, soft_wrap=True,
+            highlight=False,
+            soft_wrap=True,
         )
 
 
@@ -245,7 +269,7 @@ def _start_prefect_api() -> TemporaryAPI | None:
         return start_temporary_api()
     except (OSError, PrefectAPIError) as exc:
         err.print(f"[red]error:[/red] could not start Prefect's temporary API server: {exc}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
 
 
 def _wait_for_api(api: TemporaryAPI | None, preload: bool) -> None:
@@ -264,7 +288,7 @@ def _wait_for_api(api: TemporaryAPI | None, preload: bool) -> None:
         api.wait(timeout)
     except PrefectAPIError as exc:
         err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
 
 
 def _load_optimizer_support() -> None:
@@ -312,7 +336,11 @@ app.command("run")(run)
 
 
 def prepare(
-    preset: Optional[str] = typer.Option(None, "--preset", help=f"Named preset whose data settings to start from: {', '.join(PRESETS)} (default d2l-9.3)."),
+    preset: Optional[str] = typer.Option(
+        None,
+        "--preset",
+        help=f"Named preset whose data settings to start from: {', '.join(PRESETS)} (default d2l-9.3).",
+    ),
     json_out: Optional[str] = typer.Option(None, "--json", help="Also write the result as JSON to this file."),
     **options: Any,
 ) -> None:
@@ -321,10 +349,10 @@ def prepare(
         config = resolve(preset or "d2l-9.3", **_overrides(options))
     except ValidationError as exc:
         err.print(f"[red]error:[/red] {_explain(exc)}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except ValueError as exc:
         err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     from deeprnn.download import DownloadError, fetch_corpus, redact_url
     from deeprnn.prepare import PrepareError, dropped_letters_warning, split_sizes
     from deeprnn.prepare import prepare as prepare_corpus
@@ -335,7 +363,7 @@ def prepare(
         prepared = prepare_corpus(corpus, config.data)
     except (DownloadError, PrepareError) as exc:
         err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     seconds = time.perf_counter() - started
     warning = dropped_letters_warning(prepared)
     if warning:
@@ -344,7 +372,9 @@ def prepare(
     table = Table(title=f"prepared {redact_url(config.data.url)}", show_header=False)
     rows = {
         "token cache": str(prepared.folder),
-        "tokenized now": "no: served from the cache" if prepared.cache_hit else f"yes, in {prepared.build_seconds:.1f} s",
+        "tokenized now": "no: served from the cache"
+        if prepared.cache_hit
+        else f"yes, in {prepared.build_seconds:.1f} s",
         "corpus sha1": corpus.sha1,
         "settings": ", ".join(f"{k} {v}" for k, v in prepared.settings.describe().items()),
         "vocabulary": f"{prepared.vocab_size:,} tokens (ids stored as {prepared.dtype})",
@@ -355,9 +385,19 @@ def prepare(
     for key, value in rows.items():
         table.add_row(key, value)
     console.print(table)
-    _write_json({"folder": str(prepared.folder), "cache_hit": prepared.cache_hit, "corpus_sha1": corpus.sha1,
-                 "vocab_size": prepared.vocab_size, "dtype": prepared.dtype, "num_tokens": prepared.num_tokens,
-                 "splits": sizes, "seconds": seconds}, json_out)
+    _write_json(
+        {
+            "folder": str(prepared.folder),
+            "cache_hit": prepared.cache_hit,
+            "corpus_sha1": corpus.sha1,
+            "vocab_size": prepared.vocab_size,
+            "dtype": prepared.dtype,
+            "num_tokens": prepared.num_tokens,
+            "splits": sizes,
+            "seconds": seconds,
+        },
+        json_out,
+    )
 
 
 _sig = inspect.signature(prepare)
@@ -378,11 +418,15 @@ def _print_result(result: dict[str, Any]) -> None:
             table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))
     table.add_row("device / steps", f"{result['device']} / {result['step_mode']} / {result['precision']}")
     console.print(table)
-    console.print(f"model: {result['model'].get('model_uri')}" + (
-        f" (registered {result['model']['registered_model']} v{result['model']['version']}"
-        + (", now champion)" if result["model"].get("champion") else ")")
-        if "version" in result["model"] else ""
-    ))
+    console.print(
+        f"model: {result['model'].get('model_uri')}"
+        + (
+            f" (registered {result['model']['registered_model']} v{result['model']['version']}"
+            + (", now champion)" if result["model"].get("champion") else ")")
+            if "version" in result["model"]
+            else ""
+        )
+    )
     for text in result["samples"].values():
         console.print(f"  {text}", style="green", highlight=False, markup=False)
     console.print(f"run id: {result['run_id']}")
@@ -395,7 +439,9 @@ def generate(
         ["time traveller"], "--prefix", help="Text to continue (repeatable: all continued as one batch, one line each)."
     ),
     num_chars: int = typer.Option(50, "--num-chars", min=1, max=10000, help="Tokens to generate."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="Sample at this temperature (default greedy)."),
+    temperature: Optional[float] = typer.Option(
+        None, "--temperature", min=0.0, help="Sample at this temperature (default greedy)."
+    ),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Sample among the k likeliest tokens."),
     seed: int = typer.Option(0, "--seed", min=0, help="Sampling seed."),
 ) -> None:
@@ -409,7 +455,7 @@ def generate(
         model = load_pyfunc(model_uri)
     except LookupError as exc:
         err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     params = {"num_chars": num_chars, "temperature": temperature or 0.0, "top_k": top_k or 0, "seed": seed}
     import pandas as pd  # MLflow's pyfunc speaks DataFrames
     from mlflow.exceptions import MlflowException
@@ -418,7 +464,7 @@ def generate(
         texts = model.predict(pd.DataFrame({"prefix": prefix}), params=params)
     except MlflowException as exc:  # a refused request (empty prefix, out-of-range setting): one line
         err.print(f"[red]error:[/red] {exc.message}", markup=True, highlight=False)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     for text in texts:
         typer.echo(text)
 
@@ -431,7 +477,7 @@ def presets(name: Optional[str] = typer.Argument(None, help="Show one preset in 
             typer.echo(preset_config(name).model_dump_json(indent=2))
         except ValueError as exc:
             err.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         return
     table = Table("preset", "model", "data", "training")
     for p in PRESETS:
@@ -440,7 +486,8 @@ def presets(name: Optional[str] = typer.Argument(None, help="Show one preset in 
             p,
             f"{c.model.cell} {c.model.num_layers}x{c.model.num_hiddens}, dropout {c.model.dropout}",
             f"max_tokens {c.data.max_tokens}, val {c.data.val_fraction}, test {c.data.test_fraction}",
-            f"{c.train.optimizer} lr {c.train.lr}, batch {c.train.batch_size}x{c.train.num_steps}, {c.train.epochs} epochs",
+            f"{c.train.optimizer} lr {c.train.lr}, batch {c.train.batch_size}x{c.train.num_steps}, "
+            f"{c.train.epochs} epochs",
         )
     console.print(table)
 
@@ -448,8 +495,14 @@ def presets(name: Optional[str] = typer.Argument(None, help="Show one preset in 
 # ----- deeprnn sweep --------------------------------------------------------------------------------------
 
 # The dimensions the issue names get their own options; any other field goes through --param.
-_SWEEP_OPTIONS = {"cell": "model.cell", "num_layers": "model.num_layers", "num_hiddens": "model.num_hiddens",
-                  "dropout": "model.dropout", "lr": "train.lr", "optimizer": "train.optimizer"}
+_SWEEP_OPTIONS = {
+    "cell": "model.cell",
+    "num_layers": "model.num_layers",
+    "num_hiddens": "model.num_hiddens",
+    "dropout": "model.dropout",
+    "lr": "train.lr",
+    "optimizer": "train.optimizer",
+}
 
 
 def _sweep_space(space_file: Optional[str], options: dict[str, Optional[str]], params: list[str]) -> dict[str, Any]:
@@ -465,36 +518,72 @@ def _sweep_space(space_file: Optional[str], options: dict[str, Optional[str]], p
     for item in params:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise SearchSpaceError(f"--param {item!r}: write it as section.field=value[,value...], e.g. train.clip_norm=0.5,1")
+            raise SearchSpaceError(
+                f"--param {item!r}: write it as section.field=value[,value...], e.g. train.clip_norm=0.5,1"
+            )
         space[field_path(key)] = parse_values(text)
     return space
 
 
 @app.command()
 def sweep(
-    preset: str = typer.Option("d2l-9.3", "--preset", help=f"Named preset every trial starts from: {', '.join(PRESETS)}."),
+    preset: str = typer.Option(
+        "d2l-9.3", "--preset", help=f"Named preset every trial starts from: {', '.join(PRESETS)}."
+    ),
     cell: Optional[str] = typer.Option(None, "--cell", help="Cell types to try, comma-separated: lstm,gru,rnn."),
     num_layers: Optional[str] = typer.Option(None, "--num-layers", help="Layer counts to try, e.g. 1,2,3."),
     num_hiddens: Optional[str] = typer.Option(None, "--num-hiddens", help="Hidden sizes to try, e.g. 128,256."),
     dropout: Optional[str] = typer.Option(None, "--dropout", help="Dropout values to try, e.g. 0,0.2."),
     lr: Optional[str] = typer.Option(None, "--lr", help="Learning rates to try, e.g. 0.5,1,2."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="Optimizers to try: sgd,adam,adamw."),
-    param: list[str] = typer.Option([], "--param", help="Any field: section.field=v1,v2 (one value: fixed for all trials). Repeatable."),
-    space_file: Optional[str] = typer.Option(None, "--space", help="YAML file mapping fields to values or {low, high, log} ranges."),
-    random_search: bool = typer.Option(False, "--random", help="Random search: draw --max-trials points instead of the whole grid."),
-    max_trials: Optional[int] = typer.Option(None, "--max-trials", min=1, help="Trials a random search draws (default 10); a grid larger than this is refused."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the random search (to vary the training seed: --param train.seed=0,1,2)."),
+    param: list[str] = typer.Option(
+        [], "--param", help="Any field: section.field=v1,v2 (one value: fixed for all trials). Repeatable."
+    ),
+    space_file: Optional[str] = typer.Option(
+        None, "--space", help="YAML file mapping fields to values or {low, high, log} ranges."
+    ),
+    random_search: bool = typer.Option(
+        False, "--random", help="Random search: draw --max-trials points instead of the whole grid."
+    ),
+    max_trials: Optional[int] = typer.Option(
+        None,
+        "--max-trials",
+        min=1,
+        help="Trials a random search draws (default 10); a grid larger than this is refused.",
+    ),
+    seed: int = typer.Option(
+        0, "--seed", min=0, help="Seed of the random search (to vary the training seed: --param train.seed=0,1,2)."
+    ),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training tokens, for every trial."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or mps, for every trial; GPU trials get one GPU each."),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="auto, cpu, cuda or mps, for every trial; GPU trials get one GPU each."
+    ),
     data_url: Optional[str] = typer.Option(None, "--data-url", help="Corpus URL or path, for every trial."),
     data_sha1: Optional[str] = typer.Option(None, "--data-sha1", help="Expected SHA-1 of the corpus."),
     experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment (default: deeprnn-sweep)."),
-    runs_dir: str = typer.Option("runs", "--runs-dir", help="Checkpoint folder on each worker, one subfolder per trial."),
-    cluster_address: Optional[str] = typer.Option(None, "--cluster-address", envvar="DEEPRNN_DASK_ADDRESS", help="Dask scheduler to use, e.g. tcp://10.0.0.5:8786. Default: a new cluster on this machine."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, envvar="DEEPRNN_DASK_WORKERS", help="Worker processes of the local cluster (default: one per GPU, else one per CPU core)."),
-    register_best: bool = typer.Option(True, "--register-best/--no-register-best", help="Register the best trial's model."),
+    runs_dir: str = typer.Option(
+        "runs", "--runs-dir", help="Checkpoint folder on each worker, one subfolder per trial."
+    ),
+    cluster_address: Optional[str] = typer.Option(
+        None,
+        "--cluster-address",
+        envvar="DEEPRNN_DASK_ADDRESS",
+        help="Dask scheduler to use, e.g. tcp://10.0.0.5:8786. Default: a new cluster on this machine.",
+    ),
+    workers: Optional[int] = typer.Option(
+        None,
+        "--workers",
+        min=1,
+        envvar="DEEPRNN_DASK_WORKERS",
+        help="Worker processes of the local cluster (default: one per GPU, else one per CPU core).",
+    ),
+    register_best: bool = typer.Option(
+        True, "--register-best/--no-register-best", help="Register the best trial's model."
+    ),
     registered_model: Optional[str] = typer.Option(
-        None, "--registered-model", metavar="NAME",
+        None,
+        "--registered-model",
+        metavar="NAME",
         help="Registered model for the best trial's model (default: deeprnn-lm for the book's corpus, "
         "deeprnn-<file>-<sha1 prefix> for any other text).",
     ),
@@ -504,18 +593,27 @@ def sweep(
     from deeprnn.search import SearchSpaceError, parse_space, plan_trials
 
     _check_registered_model(registered_model)
-    dims = {"cell": cell, "num_layers": num_layers, "num_hiddens": num_hiddens, "dropout": dropout, "lr": lr, "optimizer": optimizer}
+    dims = {
+        "cell": cell,
+        "num_layers": num_layers,
+        "num_hiddens": num_hiddens,
+        "dropout": dropout,
+        "lr": lr,
+        "optimizer": optimizer,
+    }
     fixed = {"train": {"epochs": epochs, "device": device}, "data": {"url": data_url, "sha1": data_sha1}}
     overrides = {s: {k: v for k, v in values.items() if v is not None} for s, values in fixed.items()}
     try:
         space = _sweep_space(space_file, dims, param)
         search_space = parse_space(space)
         if not search_space.dims:
-            raise SearchSpaceError("nothing to sweep: give values to vary, e.g. --lr 0.5,1,2, --param train.seed=0,1 or --space FILE")
+            raise SearchSpaceError(
+                "nothing to sweep: give values to vary, e.g. --lr 0.5,1,2, --param train.seed=0,1 or --space FILE"
+            )
         trials = plan_trials(preset, overrides, search_space, random_search, max_trials, seed)
     except ValueError as exc:  # SearchSpaceError, or an unknown preset
         err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
     temporary_api = _start_prefect_api()  # boots while the imports below load, as for `deeprnn run`
     from flows.sweep_flow import sweep_lm  # Prefect, MLflow and Dask load only once the input is known to be good
@@ -535,9 +633,17 @@ def sweep(
 
     def call() -> dict[str, Any]:
         return sweep_lm.with_options(task_runner=runner)(
-            space=space, preset=preset, data=overrides["data"] or None, train=overrides["train"] or None,
-            random_search=random_search, max_trials=max_trials, seed=seed, experiment=experiment,
-            runs_dir=runs_dir, register_best=register_best, registered_model=registered_model,
+            space=space,
+            preset=preset,
+            data=overrides["data"] or None,
+            train=overrides["train"] or None,
+            random_search=random_search,
+            max_trials=max_trials,
+            seed=seed,
+            experiment=experiment,
+            runs_dir=runs_dir,
+            register_best=register_best,
+            registered_model=registered_model,
         )
 
     result = _invoke(call, "the sweep's MLflow run is marked KILLED")
@@ -552,25 +658,48 @@ def _print_sweep(result: dict[str, Any]) -> None:
         table.add_column(column)
     for t in result["trials"]:
         score = t["metrics"].get(metric)
-        table.add_row(t["name"], t["status"], "" if score is None else f"{score:.3f}", t["run_id"] or "", t["error"] or "")
+        table.add_row(
+            t["name"], t["status"], "" if score is None else f"{score:.3f}", t["run_id"] or "", t["error"] or ""
+        )
     console.print(table)
     best = result["best"]
-    console.print(f"best: {best['name']} (run {best['run_id']})" + (
-        f", registered {best['model']['registered_model']} v{best['model']['version']}"
-        if best["model"].get("version") else ""))
+    console.print(
+        f"best: {best['name']} (run {best['run_id']})"
+        + (
+            f", registered {best['model']['registered_model']} v{best['model']['version']}"
+            if best["model"].get("version")
+            else ""
+        )
+    )
     console.print(f"{result['trials_succeeded']} of {result['trials_total']} trials succeeded")
 
 
 @app.command("setup-server")
 def setup_server(
-    training_slots: int = typer.Option(1, "--training-slots", min=1, max=64, help="Training runs at once across the "
-                                       "pool's workers: one per GPU (default 1: one worker, one GPU)."),
-    alert_webhook: Optional[str] = typer.Option(None, "--alert-webhook", help="URL that gets a JSON POST for every "
-                                                "Failed or Crashed training, evaluation or sweep run."),
-    allow_private_urls: bool = typer.Option(False, "--allow-private-urls", help="Let alerts go to a private-network "
-                                            "or local address (Prefect refuses them by default)."),
-    zombie_after: int = typer.Option(90, "--zombie-after", min=31, max=86400, help="Seconds without a heartbeat "
-                                     "(sent every 30 s) after which a deployment run is marked Crashed."),
+    training_slots: int = typer.Option(
+        1,
+        "--training-slots",
+        min=1,
+        max=64,
+        help="Training runs at once across the pool's workers: one per GPU (default 1: one worker, one GPU).",
+    ),
+    alert_webhook: Optional[str] = typer.Option(
+        None,
+        "--alert-webhook",
+        help="URL that gets a JSON POST for every Failed or Crashed training, evaluation or sweep run.",
+    ),
+    allow_private_urls: bool = typer.Option(
+        False,
+        "--allow-private-urls",
+        help="Let alerts go to a private-network or local address (Prefect refuses them by default).",
+    ),
+    zombie_after: int = typer.Option(
+        90,
+        "--zombie-after",
+        min=31,
+        max=86400,
+        help="Seconds without a heartbeat (sent every 30 s) after which a deployment run is marked Crashed.",
+    ),
 ) -> None:
     """Prepare the Prefect server in PREFECT_API_URL for unattended runs: training slots, zombie detection, alerts."""
     if alert_webhook is not None and not alert_webhook.startswith(("http://", "https://")):
@@ -584,8 +713,10 @@ def setup_server(
     try:
         done = setup(training_slots, alert_webhook, allow_private_urls, zombie_after)
     except ObjectNotFound:
-        err.print(f"[red]error:[/red] no work pool {POOL!r} on the server: prefect work-pool create {POOL} --type process")
-        raise typer.Exit(1)
+        err.print(
+            f"[red]error:[/red] no work pool {POOL!r} on the server: prefect work-pool create {POOL} --type process"
+        )
+        raise typer.Exit(1) from None
     for line in done:
         console.print(line, highlight=False, soft_wrap=True)
 

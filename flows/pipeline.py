@@ -1,4 +1,5 @@
-"""The training pipeline, wired once: download -> prepared tokens and vocabulary -> splits -> train -> evaluate -> generate -> MLflow.
+"""The training pipeline as Prefect tasks, wired once: download -> prepared tokens and vocabulary -> splits ->
+train -> evaluate -> generate -> MLflow.
 
 ``run_pipeline`` is the body of the training flow (``train_lm``) and of every sweep trial (``run_trial``, a
 task that a sweep sends to its Dask workers), so both run exactly the same stages.

@@ -43,5 +43,7 @@ def prepare_lm(
         "splits": sizes,
     }
     rows = "\n".join(f"| {key} | {value} |" for key, value in {**summary, **sizes}.items() if key != "splits")
-    create_markdown_artifact(f"# deeprnn prepared corpus\n\n| | |\n| --- | --- |\n{rows}\n", key="deeprnn-prepare-summary")
+    create_markdown_artifact(
+        f"# deeprnn prepared corpus\n\n| | |\n| --- | --- |\n{rows}\n", key="deeprnn-prepare-summary"
+    )
     return summary

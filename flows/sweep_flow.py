@@ -45,8 +45,14 @@ def sweep_lm(
     The best trial's model is registered (unless ``register_best`` is off) as ``registered_model``; empty:
     ``deeprnn-lm`` for the book's corpus, a name derived from the corpus file and its SHA-1 otherwise."""
     search_space = parse_space(space)
-    trials = plan_trials(preset, {"data": data, "model": model, "train": train, "sample": sample}, search_space,
-                         random_search, max_trials, seed)
+    trials = plan_trials(
+        preset,
+        {"data": data, "model": model, "train": train, "sample": sample},
+        search_space,
+        random_search,
+        max_trials,
+        seed,
+    )
     strategy = {"strategy": "random" if random_search else "grid", "max_trials": max_trials, "seed": seed}
     tracking_uri = check_sweep_inputs()
     gpus = cluster_gpus()

@@ -12,9 +12,9 @@ from typing import Annotated, Any, Optional
 from prefect import flow
 
 from deeprnn.config import (
+    REGISTERED_MODEL_PATTERN,
     DataOverrides,
     ModelOverrides,
-    REGISTERED_MODEL_PATTERN,
     PresetName,
     SampleOverrides,
     TrainOverrides,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install deeprnn and its test tools into ./.venv, then run the whole test suite.
 #   bash scripts/test.sh [pytest args...]
+#   bash scripts/test.sh -m "not e2e"     the fast lane: the library and unit tests, under two minutes
 # TORCH_SPEC picks the torch build (default torch==2.13.0; an already-installed torch is kept). Every install is
 # held to the tested versions in constraints.txt.
 set -euo pipefail
@@ -12,5 +13,12 @@ python -c "import torch" 2>/dev/null || python -m pip install -q -c constraints.
 python -m pip install -q -c constraints.txt -e ".[test]"
 # The book's own code, for the fidelity tests. Its pinned 2022 dependencies are not needed (nor installable).
 python -m pip install -q --no-deps -c constraints.txt "d2l==0.17.6"
+
+# Hygiene first (seconds): lint and format, strict types of the library, the import contracts
+# (deeprnn imports neither prefect nor mlflow; tasks do not import flows).
+ruff check .
+ruff format --check .
+mypy
+lint-imports
 
 exec python -m pytest "$@"

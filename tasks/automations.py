@@ -132,7 +132,8 @@ def setup_server(
         if alert_webhook:
             block_id = save_alert_block(alert_webhook, allow_private_urls)
             _replace_automation(client, alert_automation(block_id))
-            done.append(f"automation {ALERT_AUTOMATION}: Failed or Crashed runs of {', '.join(WATCHED_FLOWS)} "
-                        f"are posted to the webhook block {ALERT_BLOCK}")
+            done.append(
+                f"automation {ALERT_AUTOMATION}: Failed or Crashed runs of {', '.join(WATCHED_FLOWS)} "
+                f"are posted to the webhook block {ALERT_BLOCK}"
+            )
     return done
-

@@ -73,7 +73,11 @@ def _tracking_fault(task: Any, task_run: Any, state: Any) -> bool:
 
 
 @task(
-    name="start-evaluation-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_tracking_fault
+    name="start-evaluation-run",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=_tracking_fault,
 )
 def start_evaluation(model_uri: str, device: str, experiment: str) -> str:
     """Refuse a missing device or an unreachable MLflow, then open the evaluation's MLflow run (tags link the
@@ -163,7 +167,6 @@ def publish_evaluation(
     if not flow_run_has_artifact(EVALUATION_SUMMARY):
         create_markdown_artifact(markdown, key=EVALUATION_SUMMARY, description="deeprnn evaluation summary")
     return markdown
-
 
 
 def flow_run_has_artifact(key: str) -> bool:

@@ -110,7 +110,11 @@ def register_version(model: dict[str, Any], name: str, run_id: str) -> dict[str,
 
 @task(name="publish-summary", cache_policy=NO_CACHE)
 def publish_summary(
-    run_id: str, config: RunConfig, trained: dict[str, Any], evaluation: dict[str, float | None], samples: dict[str, str]
+    run_id: str,
+    config: RunConfig,
+    trained: dict[str, Any],
+    evaluation: dict[str, float | None],
+    samples: dict[str, str],
 ) -> str:
     """A markdown artifact on the Prefect run: perplexities, speed, device, samples, link to MLflow."""
     mlflow_ref = tracking.run_markdown(run_id)
@@ -123,8 +127,10 @@ def publish_summary(
         "| --- | --- |",
         f"| final training perplexity | {fmt(trained['final_train_perplexity'])} |",
         f"| best held-out perplexity (epoch {trained['best_epoch']}) | {fmt(trained['best_heldout_perplexity'])} |",
-        f"| validation perplexity ({evaluation.get('val_tokens') or 0:,.0f} tokens) | {fmt(evaluation.get('val_perplexity'))} |",
-        f"| test perplexity ({evaluation.get('test_tokens') or 0:,.0f} tokens) | {fmt(evaluation.get('test_perplexity'))} |",
+        f"| validation perplexity ({evaluation.get('val_tokens') or 0:,.0f} tokens) "
+        f"| {fmt(evaluation.get('val_perplexity'))} |",
+        f"| test perplexity ({evaluation.get('test_tokens') or 0:,.0f} tokens) "
+        f"| {fmt(evaluation.get('test_perplexity'))} |",
         f"| tokens/s | {trained['tokens_per_sec']:,.0f} |",
         f"| training time | {trained['train_seconds']:.1f} s |",
         f"| device / step / precision | {trained['device']} / {trained['step_mode']} / {trained['precision']} |",
@@ -196,7 +202,11 @@ def start_tracking(
         run_id = resume_run_id
     else:
         run_id = tracking.start_run(
-            config, experiment, run_name=run_name or flow_run.get_name(), tags=tags, parent_run_id=parent_run_id,
+            config,
+            experiment,
+            run_name=run_name or flow_run.get_name(),
+            tags=tags,
+            parent_run_id=parent_run_id,
             opened_by=task_run.get_id(),  # a retry of this task finds the run its first attempt created
         )
     # The folder is named by the run id (letters and digits only), never by a user-given name.
@@ -204,6 +214,9 @@ def start_tracking(
     run_dir.mkdir(parents=True, exist_ok=True)
     get_run_logger().info(
         "MLflow run %s in experiment %r; checkpoints in %s (if stopped: deeprnn run --resume %s)",
-        run_id, experiment, run_dir, run_id,
+        run_id,
+        experiment,
+        run_dir,
+        run_id,
     )
     return run_id, str(run_dir)

@@ -42,9 +42,7 @@ def check_sweep_inputs() -> str:
 
 
 @task(name="start-sweep-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def start_sweep_tracking(
-    trials: list[Trial], space: SearchSpace, strategy: dict[str, Any], experiment: str
-) -> str:
+def start_sweep_tracking(trials: list[Trial], space: SearchSpace, strategy: dict[str, Any], experiment: str) -> str:
     """Open the sweep's parent MLflow run: the base configuration with each varied field's values, the
     search settings, and the space and trial list as ``space.json``; returns its id."""
     from prefect.runtime import flow_run, task_run
@@ -95,8 +93,13 @@ def _collect(parent_run_id: str, trials: list[Trial], outcomes: list[Any]) -> li
         error = _error_text(outcome) if isinstance(outcome, BaseException) else f"no result: {outcome!r}"[:300]
         results.append(
             TrialResult(
-                trial.index, trial.name, trial.values, "FAILED",
-                child.run_id if child else None, dict(child.metrics) if child else {}, error,
+                trial.index,
+                trial.name,
+                trial.values,
+                "FAILED",
+                child.run_id if child else None,
+                dict(child.metrics) if child else {},
+                error,
             )
         )
     return results
@@ -122,7 +125,11 @@ def summarize_sweep(
     ranked = rank(results)
     metric = selection_metric(results)
     succeeded = [r for r in results if r.succeeded]
-    counts = {"trials_total": len(results), "trials_succeeded": len(succeeded), "trials_failed": len(results) - len(succeeded)}
+    counts = {
+        "trials_total": len(results),
+        "trials_succeeded": len(succeeded),
+        "trials_failed": len(results) - len(succeeded),
+    }
     tracking.log_metrics(parent_run_id, counts)
     tracking.log_text(parent_run_id, table_csv(results), "trials.csv")
     table = table_markdown(results, tracking.run_url)
@@ -154,7 +161,9 @@ def summarize_sweep(
         f"Trials ranked by {metric.replace('_', ' ')} (failed trials last):",
         "",
     ]
-    create_markdown_artifact("\n".join(header) + table, key="deeprnn-sweep-summary", description="deeprnn sweep summary")
+    create_markdown_artifact(
+        "\n".join(header) + table, key="deeprnn-sweep-summary", description="deeprnn sweep summary"
+    )
     logger.info("%d of %d trials succeeded; best %s", len(succeeded), len(results), best.name if best else "none")
     for r in results:
         if not r.succeeded:
@@ -166,9 +175,22 @@ def summarize_sweep(
         "parent_run_id": parent_run_id,
         **counts,
         "selection_metric": metric,
-        "best": {"trial": best.index, "name": best.name, "run_id": best.run_id, "metrics": best.metrics, "model": model},
+        "best": {
+            "trial": best.index,
+            "name": best.name,
+            "run_id": best.run_id,
+            "metrics": best.metrics,
+            "model": model,
+        },
         "trials": [
-            {"trial": r.index, "name": r.name, "status": r.status, "run_id": r.run_id, "metrics": r.metrics, "error": r.error}
+            {
+                "trial": r.index,
+                "name": r.name,
+                "status": r.status,
+                "run_id": r.run_id,
+                "metrics": r.metrics,
+                "error": r.error,
+            }
             for r in ranked
         ],
     }

@@ -102,7 +102,9 @@ def _ensure_store() -> None:
             if "out-of-date database schema" not in str(exc):
                 raise
             found = re.search(r"found version (\w+), but expected (\w+)", str(exc))
-            versions = f" (schema {found.group(1)}, this MLflow {mlflow.__version__} needs {found.group(2)})" if found else ""
+            versions = (
+                f" (schema {found.group(1)}, this MLflow {mlflow.__version__} needs {found.group(2)})" if found else ""
+            )
             raise TrackingStoreOutdatedError(
                 f"the MLflow store {redact_url(uri)} was created by an older MLflow{versions}. Back it up (copy "
                 f"{db}), then upgrade it with: mlflow db upgrade {redact_url(uri)}"
@@ -274,7 +276,9 @@ def find_run(run_id: str) -> RunHandle:
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise LookupError(f"no MLflow run {run_id!r} in {tracking_uri()}: check the run id and MLFLOW_TRACKING_URI") from None
+        raise LookupError(
+            f"no MLflow run {run_id!r} in {tracking_uri()}: check the run id and MLFLOW_TRACKING_URI"
+        ) from None
     if run.info.lifecycle_stage != "active":
         raise LookupError(f"MLflow run {run_id} was deleted; restore it in MLflow first")
     return RunHandle(run_id, run.info.status, client.get_experiment(run.info.experiment_id).name)
@@ -544,10 +548,11 @@ def log_model(run_id: str, checkpoint: Path, example_prefix: str) -> dict[str, A
     model (``code_paths``), so loading it needs only the pinned requirements. Returns ``model_uri``
     (``models:/<model_id>``) and ``model_id``.
     """
-    import deeprnn
     import pandas as pd
     from mlflow.entities import LoggedModelStatus
     from mlflow.models import Model
+
+    import deeprnn
 
     client = MlflowClient()
     logged = run_logged_model(run_id)
@@ -597,8 +602,13 @@ def link_model_metrics(run_id: str, model_id: str, keys: list[str]) -> dict[str,
         last = max(history, key=lambda m: (m.step, m.timestamp))
         items.append(
             Metric(
-                key, last.value, last.timestamp, last.step, model_id=model_id,
-                dataset_name=dataset.name if dataset else None, dataset_digest=dataset.digest if dataset else None,
+                key,
+                last.value,
+                last.timestamp,
+                last.step,
+                model_id=model_id,
+                dataset_name=dataset.name if dataset else None,
+                dataset_digest=dataset.digest if dataset else None,
             )
         )
     known = {(m.key, m.step, m.timestamp) for m in client.get_logged_model(model_id).metrics or []}
@@ -775,9 +785,13 @@ def describe_version(name: str, version: str, model_id: str | None, facts: dict[
     ``facts`` such as preset, corpus URL and SHA-1, perplexities, and one generated ``sample``."""
     client = MlflowClient()
     tags = {k: str(v) for k, v in facts.items() if v is not None}
-    lines = [f"deeprnn language model, preset {facts.get('preset')}, trained on {facts.get('corpus_url')} "
-             f"(SHA-1 {facts.get('corpus_sha1')})."]
-    lines += [f"- {k.replace('_', ' ')}: {v:.3f}" for k, v in facts.items() if k.endswith("perplexity") and v is not None]
+    lines = [
+        f"deeprnn language model, preset {facts.get('preset')}, trained on {facts.get('corpus_url')} "
+        f"(SHA-1 {facts.get('corpus_sha1')})."
+    ]
+    lines += [
+        f"- {k.replace('_', ' ')}: {v:.3f}" for k, v in facts.items() if k.endswith("perplexity") and v is not None
+    ]
     if sample:
         lines += ["", f"Greedy sample: {sample}"]
     client.update_model_version(name, version, description="\n".join(lines))

@@ -63,9 +63,7 @@ def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     retry_delay_seconds=10,
     retry_condition_fn=_worth_retrying,
 )
-def train_model(
-    config: RunConfig, vocab: dict[str, Any], splits: Splits, run_id: str, run_dir: str
-) -> dict[str, Any]:
+def train_model(config: RunConfig, vocab: dict[str, Any], splits: Splits, run_id: str, run_dir: str) -> dict[str, Any]:
     """Train on the training split, logging every epoch to MLflow; returns the checkpoint path and metrics.
 
     When the run folder already holds ``last.pt`` (a retry of this task, or ``deeprnn run --resume``),
@@ -86,10 +84,17 @@ def train_model(
     budget = f" or {cfg.max_steps:,} steps" if cfg.max_steps is not None else ""
     logger.info(
         "training %s x%d (%d hidden) on %s: %d epochs%s of %d tokens, held-out = %s split%s",
-        config.model.cell, config.model.num_layers, config.model.num_hiddens, describe(device),
-        cfg.epochs, budget, splits.train.numel(), "validation" if has_val else "test",
+        config.model.cell,
+        config.model.num_layers,
+        config.model.num_hiddens,
+        describe(device),
+        cfg.epochs,
+        budget,
+        splits.train.numel(),
+        "validation" if has_val else "test",
         f" (its first {cfg.eval_max_tokens:,} tokens per evaluation)"
-        if cfg.eval_max_tokens is not None and cfg.eval_max_tokens < heldout.numel() else "",
+        if cfg.eval_max_tokens is not None and cfg.eval_max_tokens < heldout.numel()
+        else "",
     )
 
     metrics = tracking.MetricLogger(run_id, resuming=True)  # a retry or resume may find epochs already logged
@@ -157,7 +162,10 @@ def evaluate_model(checkpoint_path: str, splits: Splits, device: str) -> dict[st
     model, _, config = checkpoint.restore_model(checkpoint.load(Path(checkpoint_path)), resolve_device(device))
     result = evaluate_splits(model, splits, config.train).metrics()
     get_run_logger().info(
-        "evaluation: %s", ", ".join(f"{k} {v:,.3f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in result.items() if v is not None)
+        "evaluation: %s",
+        ", ".join(
+            f"{k} {v:,.3f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in result.items() if v is not None
+        ),
     )
     return result
 
@@ -170,7 +178,14 @@ def generate_samples(checkpoint_path: str, device: str, sample: SampleConfig | N
     s = sample or config.sample
     # All prefixes as one batch: one forward step per generated token for all of them.
     texts = generate_batch(
-        model, voc, s.prefixes, s.num_chars, token=config.data.token, temperature=s.temperature, top_k=s.top_k, seed=s.seed
+        model,
+        voc,
+        s.prefixes,
+        s.num_chars,
+        token=config.data.token,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        seed=s.seed,
     )
     samples = dict(zip(s.prefixes, texts))
     logger = get_run_logger()

@@ -50,7 +50,9 @@ def _flow_run_logs(flow_run_id: Any) -> list[tuple[int, str]]:
     return [(log.level, log.message) for log in logs]
 
 
-def _fault_cases(store: Path, fault_server: Any, closed_port: int) -> dict[str, tuple[dict[str, Any], dict[str, str], str]]:
+def _fault_cases(
+    store: Path, fault_server: Any, closed_port: int
+) -> dict[str, tuple[dict[str, Any], dict[str, str], str]]:
     """name -> (flow parameters, environment changes, the message the user must see)."""
     book = fault_server.url("/clean/timemachine.txt")
     cases = {
@@ -60,20 +62,30 @@ def _fault_cases(store: Path, fault_server: Any, closed_port: int) -> dict[str, 
         "binary": ({"data": {"url": str(store / "binary.txt")}}, {}, "looks binary"),
         "not-utf8": ({"data": {"url": str(store / "latin1.txt")}}, {}, "is not UTF-8 text"),
         "normalizes-to-nothing": (
-            {"data": {"url": str(store / "chinese.txt")}}, {}, "normalizes to nothing with --normalize d2l"
+            {"data": {"url": str(store / "chinese.txt")}},
+            {},
+            "normalizes to nothing with --normalize d2l",
         ),
         "ftp-url": ({"data": {"url": "ftp://example.org/book.txt"}}, {}, "unsupported URL scheme 'ftp'"),
         "too-short": ({"data": {"url": book, "max_tokens": 100}}, {}, "too few for one minibatch"),
         "mlflow-unreachable": (
-            {"data": {"url": book}}, {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed_port}"}, "is unreachable"
+            {"data": {"url": book}},
+            {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed_port}"},
+            "is unreachable",
         ),
         "diverged": (
-            {"data": {"url": book}, "train": {"epochs": 8, "lr": 100.0, "weight_decay": 0.1}}, {}, "training diverged at epoch"
+            {"data": {"url": book}, "train": {"epochs": 8, "lr": 100.0, "weight_decay": 0.1}},
+            {},
+            "training diverged at epoch",
         ),
         "resume-unknown-run": ({"resume_run_id": "f" * 32}, {}, "no MLflow run"),
     }
     if not torch.cuda.is_available():
-        cases["no-cuda"] = ({"train": {"device": "cuda"}}, {}, "'cuda' was requested but this machine has no usable CUDA GPU")
+        cases["no-cuda"] = (
+            {"train": {"device": "cuda"}},
+            {},
+            "'cuda' was requested but this machine has no usable CUDA GPU",
+        )
     return cases
 
 
@@ -103,15 +115,34 @@ def test_every_expected_failure_leaves_its_message_and_no_traceback_in_the_flow_
 
 def test_the_cli_prints_the_message_once_and_no_traceback(store: Path, fault_server: Any, prefect_api: str) -> None:
     env = {
-        **os.environ, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
-        "DEEPRNN_CACHE_DIR": str(store / "cache"), "COLUMNS": "250",
+        **os.environ,
+        "PREFECT_API_URL": prefect_api,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
+        "DEEPRNN_CACHE_DIR": str(store / "cache"),
+        "COLUMNS": "250",
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     }
     url = fault_server.url("/missing/cli/timemachine.txt")
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--device", "cpu", "--data-url", url,
-         "--experiment", "cli-404"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=store,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "run",
+            "--preset",
+            "smoke",
+            "--device",
+            "cpu",
+            "--data-url",
+            url,
+            "--experiment",
+            "cli-404",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=store,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-3000:]
@@ -144,9 +175,10 @@ def test_an_unexpected_error_keeps_its_traceback(store: Path) -> None:
 def test_training_past_its_timeout_fails_once_cleanly_and_the_run_is_failed(
     store: Path, fault_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from mlflow.tracking import MlflowClient
+
     import flows.pipeline as pipeline
     from deeprnn.config import TrainConfig
-    from mlflow.tracking import MlflowClient
     from tasks.failures import message
     from tasks.limits import training_timeout_seconds
 
@@ -155,9 +187,14 @@ def test_training_past_its_timeout_fails_once_cleanly_and_the_run_is_failed(
     assert training_timeout_seconds(TrainConfig(epochs=500), 9_000) == 3600 + 4500
     # A real timeout, shortened from minutes to a second so that the test is quick.
     monkeypatch.setattr(pipeline, "training_timeout_seconds", lambda train, tokens: 1.0)
-    state = train_lm(preset="smoke", data={"url": fault_server.url("/timeout/timemachine.txt")},
-                     train={"device": "cpu", "epochs": 500, "eval_every": 1}, experiment="timeout",
-                     runs_dir=str(store / "runs"), return_state=True)
+    state = train_lm(
+        preset="smoke",
+        data={"url": fault_server.url("/timeout/timemachine.txt")},
+        train={"device": "cpu", "epochs": 500, "eval_every": 1},
+        experiment="timeout",
+        runs_dir=str(store / "runs"),
+        return_state=True,
+    )
     assert state.is_failed()
     text = "\n".join(m for _, m in _flow_run_logs(state.state_details.flow_run_id))
     assert "exceeded timeout of 1.0 second(s)" in text and "Traceback" not in text
@@ -167,6 +204,8 @@ def test_training_past_its_timeout_fails_once_cleanly_and_the_run_is_failed(
     with get_client(sync_client=True) as client:
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     (training,) = [t for t in task_runs if t.name.startswith("train-model")]
     assert training.run_count == 1 and training.state.name == "TimedOut"  # not retried: it would time out again

@@ -18,10 +18,10 @@ from typing import Any, Iterator
 import pytest
 import requests
 import yaml
+from live_servers import Server, log_tail, start_process, stop_process_group
 from mlflow.tracking import MlflowClient
 
 from deeprnn.config import D2L_SHA1 as BOOK_SHA1
-from live_servers import Server, log_tail, start_process, stop_process_group
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +36,11 @@ def prefect_cli(server: Server, *args: str, timeout: float = 300) -> subprocess.
     """Run ``prefect ARGS`` from the project folder against the test's server."""
     return subprocess.run(
         [sys.executable, "-m", "prefect", *args],
-        cwd=PROJECT_ROOT, env=server.env, capture_output=True, text=True, timeout=timeout,
+        cwd=PROJECT_ROOT,
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -82,7 +86,9 @@ def worker(deployed: Deployed, tmp_path_factory: pytest.TempPathFactory) -> Iter
     log = root / "worker.log"
     proc = start_process(
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--name", "test-worker"],
-        log, env, cwd=PROJECT_ROOT,
+        log,
+        env,
+        cwd=PROJECT_ROOT,
     )
     try:
         yield {"root": root, "log": log, "tracking_uri": env["MLFLOW_TRACKING_URI"]}
@@ -229,10 +235,16 @@ def test_smoke_deployment_runs_on_a_worker_and_triggers_the_evaluation(
     server, log = deployed.server, worker["log"]
     runs_dir = worker["root"] / "runs"
     created = prefect_cli(
-        server, "deployment", "run", "deeprnn-train/smoke",
-        "--param", 'train={"epochs": 2, "device": "cpu"}',
-        "--param", f'data={json.dumps({"url": book_url, "sha1": BOOK_SHA1})}',
-        "--param", f"runs_dir={runs_dir}",
+        server,
+        "deployment",
+        "run",
+        "deeprnn-train/smoke",
+        "--param",
+        'train={"epochs": 2, "device": "cpu"}',
+        "--param",
+        f"data={json.dumps({'url': book_url, 'sha1': BOOK_SHA1})}",
+        "--param",
+        f"runs_dir={runs_dir}",
     )
     assert created.returncode == 0, created.stdout + created.stderr
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", created.stdout).group(1)
@@ -262,7 +274,9 @@ def test_smoke_deployment_runs_on_a_worker_and_triggers_the_evaluation(
     assert client.get_experiment(eval_run.info.experiment_id).name == "deeprnn-evaluate"
     assert eval_run.data.params["source_run_id"] == train_run.info.run_id
     assert eval_run.data.params["model_uri"] == f"runs:/{train_run.info.run_id}/model"
-    assert eval_run.data.metrics["test_perplexity"] == pytest.approx(train_run.data.metrics["test_perplexity"], rel=1e-5)
+    assert eval_run.data.metrics["test_perplexity"] == pytest.approx(
+        train_run.data.metrics["test_perplexity"], rel=1e-5
+    )
     assert {"samples.txt", "samples.json"} <= {a.path for a in client.list_artifacts(eval_run.info.run_id)}
 
     # Prefect artifacts: a markdown summary and a progress bar on the training run, a summary on the evaluation.
@@ -337,9 +351,24 @@ def unattended(deployed: Deployed, worker: dict[str, Any]) -> Iterator[AlertRece
     """`deeprnn setup-server` as the README gives it: one training slot, zombie detection, alerts to a receiver."""
     receiver = AlertReceiver()
     setup = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "setup-server", "--training-slots", "1", "--alert-webhook", receiver.url,
-         "--allow-private-urls", "--zombie-after", str(ZOMBIE_AFTER)],
-        cwd=PROJECT_ROOT, env=deployed.server.env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "setup-server",
+            "--training-slots",
+            "1",
+            "--alert-webhook",
+            receiver.url,
+            "--allow-private-urls",
+            "--zombie-after",
+            str(ZOMBIE_AFTER),
+        ],
+        cwd=PROJECT_ROOT,
+        env=deployed.server.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert setup.returncode == 0, setup.stdout + setup.stderr
     try:
@@ -351,7 +380,9 @@ def unattended(deployed: Deployed, worker: dict[str, Any]) -> Iterator[AlertRece
 def _create_run(server: Server, deployment: dict[str, Any], parameters: dict[str, Any]) -> str:
     """Create a flow run of ``deployment``; a busy sqlite server may answer 503, which Prefect's client retries too."""
     for attempt in range(6):
-        response = api(server, "POST", f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters})
+        response = api(
+            server, "POST", f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters}
+        )
         if response.status_code != 503:
             break
         time.sleep(1 + attempt)
@@ -360,8 +391,11 @@ def _create_run(server: Server, deployment: dict[str, Any], parameters: dict[str
 
 
 def _smoke_parameters(book_url: str, root: Path, **train: Any) -> dict[str, Any]:
-    return {"train": {"epochs": 2, "device": "cpu", **train}, "data": {"url": book_url, "sha1": BOOK_SHA1},
-            "runs_dir": str(root / "runs")}
+    return {
+        "train": {"epochs": 2, "device": "cpu", **train},
+        "data": {"url": book_url, "sha1": BOOK_SHA1},
+        "runs_dir": str(root / "runs"),
+    }
 
 
 def test_setup_server_creates_the_training_slot_the_zombie_automation_and_the_alert(
@@ -382,8 +416,14 @@ def test_setup_server_creates_the_training_slot_the_zombie_automation_and_the_al
     assert alert["actions"][0]["type"] == "send-notification"
     assert "mark-crashed-mlflow-runs" in automations  # from prefect.yaml, by `prefect deploy --all`
     # Running it again updates rather than duplicates.
-    again = subprocess.run([sys.executable, "-m", "flows.cli", "setup-server", "--zombie-after", str(ZOMBIE_AFTER)],
-                           cwd=PROJECT_ROOT, env=server.env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "setup-server", "--zombie-after", str(ZOMBIE_AFTER)],
+        cwd=PROJECT_ROOT,
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr
     names = [a["name"] for a in api(server, "POST", "/automations/filter", json={}).json()]
     assert names.count("deeprnn-crash-zombie-flow-runs") == 1 and names.count("deeprnn-alert-on-failure") == 1
@@ -429,8 +469,9 @@ def test_a_frozen_run_is_marked_crashed_by_its_missing_heartbeats_and_its_mlflow
     flow_run_id = _create_run(server, deployed.deployments["smoke"], params)
     deadline, run = time.monotonic() + RUN_TIMEOUT, None
     while time.monotonic() < deadline:  # until the run has trained an epoch
-        found = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                   f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+        found = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()], f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
+        )
         if found and client.get_metric_history(found[0].info.run_id, "train_perplexity"):
             run = found[0]
             break

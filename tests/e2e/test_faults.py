@@ -33,8 +33,24 @@ REPO = Path(__file__).resolve().parents[2]
 def _smoke_args(url: str, epochs: int = EPOCHS) -> list[str]:
     """One configuration for every process here, so their results can be compared bit for bit."""
     # A small held-out part keeps the evaluation after every epoch cheap.
-    return ["--preset", "smoke", "--device", "cpu", "--epochs", str(epochs), "--checkpoint-every", "1",
-            "--test-fraction", "0.02", "--data-url", url, "--data-sha1", BOOK_SHA1, "--num-chars", "10"]
+    return [
+        "--preset",
+        "smoke",
+        "--device",
+        "cpu",
+        "--epochs",
+        str(epochs),
+        "--checkpoint-every",
+        "1",
+        "--test-fraction",
+        "0.02",
+        "--data-url",
+        url,
+        "--data-sha1",
+        BOOK_SHA1,
+        "--num-chars",
+        "10",
+    ]
 
 
 @dataclass
@@ -55,8 +71,12 @@ class Machine:
         log = self.root / f"cli-{time.monotonic_ns()}.log"
         with open(log, "w", encoding="utf-8") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "flows.cli", *args], cwd=self.root, env=self.env, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
+                [sys.executable, "-m", "flows.cli", *args],
+                cwd=self.root,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.logs[proc.pid] = log
         return proc
@@ -133,8 +153,10 @@ def four_at_once(tmp_path_factory: pytest.TempPathFactory, prefect_api: str, sec
     machine = _machine(tmp_path_factory.mktemp("four") / "machine", prefect_api)
     procs = [machine.start("run", *_smoke_args(secret_url), "--json", f"result-{i}.json") for i in range(4)]
     outputs = [machine.finish(p, timeout=400) for p in procs]
-    results = [json.loads((machine.root / f"result-{i}.json").read_text()) if code == 0 else None
-               for i, (code, _) in enumerate(outputs)]
+    results = [
+        json.loads((machine.root / f"result-{i}.json").read_text()) if code == 0 else None
+        for i, (code, _) in enumerate(outputs)
+    ]
     return {"machine": machine, "outputs": outputs, "results": results}
 
 
@@ -158,9 +180,12 @@ def test_four_runs_at_once_on_a_fresh_store_and_cache_all_succeed(four_at_once: 
         got = _weights(Path(result["checkpoint"]))
         assert all(torch.equal(got[k], v) for k, v in reference.items())
         assert result["samples"] == results[0]["samples"]
-    # One download, shared: a single verified copy in the cache and no partial files left behind.
+    # One download, shared: a single verified copy in the cache and no partial files left behind; and one
+    # token cache entry, tokenized once under its lock (its lock file beside it).
     cache = machine.root / "cache"
-    assert sorted(p.name for p in cache.iterdir()) == [f"{BOOK_SHA1}.sha1", f"{BOOK_SHA1}.txt"]
+    assert sorted(p.name for p in cache.iterdir()) == [f"{BOOK_SHA1}.sha1", f"{BOOK_SHA1}.txt", "tokens"]
+    entries = sorted((cache / "tokens").iterdir())
+    assert [p.suffix for p in entries] == ["", ".lock"] and (entries[0] / "ids.bin").is_file()
     # All four models registered, as four distinct versions.
     versions = client.search_model_versions("name='deeprnn-lm'")
     assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4]
@@ -170,12 +195,14 @@ def test_four_runs_at_once_on_a_fresh_store_and_cache_all_succeed(four_at_once: 
 def test_url_credentials_appear_in_no_param_tag_artifact_or_log(four_at_once: dict[str, Any]) -> None:
     machine: Machine = four_at_once["machine"]
     client = machine.client
-    for (code, out), result in zip(four_at_once["outputs"], four_at_once["results"]):
+    for (_code, out), result in zip(four_at_once["outputs"], four_at_once["results"]):
         assert SECRET not in out  # what the CLI printed, Prefect's log lines included
         run = client.get_run(result["run_id"])
         assert run.data.params["data.url"].startswith("http://127.0.0.1:")
         assert not [k for k, v in {**run.data.params, **run.data.tags}.items() if SECRET in v]
-        config = json.loads(Path(client.download_artifacts(run.info.run_id, "config.json", str(machine.root))).read_text())
+        config = json.loads(
+            Path(client.download_artifacts(run.info.run_id, "config.json", str(machine.root))).read_text()
+        )
         assert SECRET not in json.dumps(config)
         assert SECRET not in json.dumps(checkpoint.load(Path(result["checkpoint"]))["config"])
         logs = _prefect_logs(run.data.tags["prefect.flow_run_id"])
@@ -199,15 +226,30 @@ def killed_then_resumed(tmp_path_factory: pytest.TempPathFactory, prefect_api: s
     logged_after_kill = [s for s, _ in _history(machine.client, run_id, "train_perplexity")]
     # The next deeprnn command on this host (here one that fails fast on its own input) marks the run FAILED.
     next_code, next_out = machine.run(
-        "run", "--preset", "smoke", "--device", "cpu", "--data-url", "ftp://host/book.txt", "--experiment", "next-command"
+        "run",
+        "--preset",
+        "smoke",
+        "--device",
+        "cpu",
+        "--data-url",
+        "ftp://host/book.txt",
+        "--experiment",
+        "next-command",
     )
     after_next = machine.client.get_run(run_id)
     code_resumed, resumed_out = machine.run("run", "--resume", run_id, "--json", "resumed.json")
     return {
-        "machine": machine, "run_id": run_id, "kill_code": code, "killed_at": killed_at,
-        "status_after_kill": status_after_kill, "logged_after_kill": logged_after_kill,
-        "next_code": next_code, "next_out": next_out, "after_next": after_next,
-        "code": code_resumed, "out": resumed_out,
+        "machine": machine,
+        "run_id": run_id,
+        "kill_code": code,
+        "killed_at": killed_at,
+        "status_after_kill": status_after_kill,
+        "logged_after_kill": logged_after_kill,
+        "next_code": next_code,
+        "next_out": next_out,
+        "after_next": after_next,
+        "code": code_resumed,
+        "out": resumed_out,
         "result": json.loads((machine.root / "resumed.json").read_text()) if code_resumed == 0 else None,
     }
 
@@ -229,7 +271,7 @@ def test_resume_after_sigkill_finishes_the_same_run_with_one_continuous_curve(
     assert k["code"] == 0, k["out"][-3000:]
     result, client = k["result"], k["machine"].client
     assert result["run_id"] == k["run_id"]  # the same MLflow run, not a new one
-    assert f"resuming from the checkpoint of epoch" in k["out"]
+    assert "resuming from the checkpoint at epoch" in k["out"]
     run = client.get_run(k["run_id"])
     assert run.info.status == "FINISHED"
     assert "deeprnn.failure_reason" not in run.data.tags  # resumed and finished: no longer a failure

@@ -73,8 +73,13 @@ def trained(store: Path, book_url: str) -> dict[str, Any]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tracking, "log_params", log_params)
         mp.setattr(pipeline, "start_tracking", pipeline.start_tracking.with_options(retry_delay_seconds=0))
-        result = train_lm(preset="smoke", data={"url": book_url}, train={"device": "cpu", "epochs": 1},
-                          experiment="retried-start", runs_dir=str(store / "runs"))
+        result = train_lm(
+            preset="smoke",
+            data={"url": book_url},
+            train={"device": "cpu", "epochs": 1},
+            experiment="retried-start",
+            runs_dir=str(store / "runs"),
+        )
     return {"result": result, "calls": calls}
 
 
@@ -97,7 +102,9 @@ def test_retried_evaluation_start_and_publish_leave_one_run_one_metric_point_and
     monkeypatch.setattr(evaluation, "create_markdown_artifact", artifact)
     for name in ("start_evaluation", "publish_evaluation"):
         monkeypatch.setattr(evaluate_flow, name, getattr(evaluate_flow, name).with_options(retry_delay_seconds=0))
-    result = evaluate_lm(model_uri=f"runs:/{trained['result']['run_id']}/model", device="cpu", experiment="retried-eval")
+    result = evaluate_lm(
+        model_uri=f"runs:/{trained['result']['run_id']}/model", device="cpu", experiment="retried-eval"
+    )
 
     (run,) = _runs("retried-eval")
     assert run.info.run_id == result["run_id"] and run.info.status == "FINISHED"

@@ -42,9 +42,29 @@ def _listening(port: int) -> bool:
 def test_default_run_uses_a_temporary_server_records_the_run_and_stops_it(tmp_path: Path, book_url: str) -> None:
     env = _default_env(tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--epochs", "1", "--device", "cpu",
-         "--data-url", book_url, "--data-sha1", BOOK_SHA1, "--json", str(tmp_path / "result.json")],
-        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "run",
+            "--preset",
+            "smoke",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--data-url",
+            book_url,
+            "--data-sha1",
+            BOOK_SHA1,
+            "--json",
+            str(tmp_path / "result.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # A first run on a fresh PREFECT_HOME, offline or not, says nothing the user cannot act on: no ERROR line
@@ -54,8 +74,15 @@ def test_default_run_uses_a_temporary_server_records_the_run_and_stops_it(tmp_pa
     assert "interpreted in multiple ways" not in printed and "WARNING" not in printed, printed[-5000:]
     # The stage stamps the pipeline benchmark splits a run by, in the order the stages ran.
     stamps = json.loads((tmp_path / "result.json").read_text())["timings"]
-    order = ["cli_ready_at", "pipeline_started_at", "fit_started_at", "fit_finished_at", "evaluated_at", "logged_at",
-             "flow_returned_at"]
+    order = [
+        "cli_ready_at",
+        "pipeline_started_at",
+        "fit_started_at",
+        "fit_finished_at",
+        "evaluated_at",
+        "logged_at",
+        "flow_returned_at",
+    ]
     assert list(stamps) == order and [stamps[k] for k in order] == sorted(stamps.values())
     found = re.search(r"Prefect's temporary server http://127\.0\.0\.1:(\d+)/api", proc.stdout)
     assert found, proc.stdout
@@ -94,10 +121,16 @@ def test_server_that_does_not_answer_in_time_is_stopped_with_a_clear_error(tmp_p
     env = {**_default_env(tmp_path), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--device", "cpu", "--data-url", book_url],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 1
-    assert "did not answer within 1 s" in proc.stderr and "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in proc.stderr
+    assert (
+        "did not answer within 1 s" in proc.stderr and "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in proc.stderr
+    )
     assert not (tmp_path / "cache").exists(), "nothing is downloaded when the API is not there"
 
 
@@ -110,7 +143,11 @@ def test_server_that_cannot_start_says_so(tmp_path: Path, book_url: str) -> None
     }
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--device", "cpu", "--data-url", book_url],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 1
     assert "temporary API server exited with status" in proc.stderr, proc.stderr[-3000:]
@@ -123,9 +160,30 @@ def test_default_sweep_workers_report_to_the_same_temporary_server(tmp_path: Pat
     database under PREFECT_HOME."""
     env = {**_default_env(tmp_path), "DEEPRNN_DASK_WORKERS": "2"}
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "sweep", "--preset", "smoke", "--epochs", "1", "--num-hiddens", "8,16",
-         "--device", "cpu", "--data-url", book_url, "--data-sha1", BOOK_SHA1, "--no-register-best"],
-        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "sweep",
+            "--preset",
+            "smoke",
+            "--epochs",
+            "1",
+            "--num-hiddens",
+            "8,16",
+            "--device",
+            "cpu",
+            "--data-url",
+            book_url,
+            "--data-sha1",
+            BOOK_SHA1,
+            "--no-register-best",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 of 2 trials succeeded" in proc.stdout

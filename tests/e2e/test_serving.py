@@ -14,12 +14,12 @@ from typing import Any, Iterator
 import mlflow
 import pytest
 import requests
+from live_servers import free_port, log_tail, start_process, stop_process_group, wait_until_healthy
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from deeprnn.config import D2L_SHA1 as BOOK_SHA1
 from deeprnn.config import preset_config
-from live_servers import free_port, log_tail, start_process, stop_process_group, wait_until_healthy
 
 pytestmark = pytest.mark.e2e
 
@@ -49,15 +49,29 @@ def served(tmp_path_factory: pytest.TempPathFactory, prefect_api: str, book_url:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("DEEPRNN_CACHE_DIR", str(root / "cache"))
         data = {"url": book_url, "sha1": BOOK_SHA1}
-        runs = [train_lm(preset="smoke", data=data, train=SMOKE), train_lm(preset="smoke", data=data, train={**SMOKE, "epochs": 3})]
+        runs = [
+            train_lm(preset="smoke", data=data, train=SMOKE),
+            train_lm(preset="smoke", data=data, train={**SMOKE, "epochs": 3}),
+        ]
         port = free_port()
         log = root / "serve.log"
         # The server runs `uvicorn` from PATH: the environment's bin folder, as an activated virtualenv has it.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "DEEPRNN_DEVICE": "cpu", "PATH": path}
         cmd = [
-            sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/deeprnn-lm@champion",
-            "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/deeprnn-lm@champion",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
         ]
         proc = start_process(cmd, log, env, cwd=root)
         try:
@@ -68,7 +82,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, prefect_api: str, book_url:
 
 
 def _champion_run(served: Served) -> dict[str, Any]:
-    champion = MlflowClient(f"sqlite:///{served.root / 'mlflow.db'}").get_model_version_by_alias("deeprnn-lm", "champion")
+    champion = MlflowClient(f"sqlite:///{served.root / 'mlflow.db'}").get_model_version_by_alias(
+        "deeprnn-lm", "champion"
+    )
     return next(r for r in served.runs if r["run_id"] == champion.run_id)
 
 
@@ -110,7 +126,9 @@ def test_good_requests_return_the_champions_greedy_samples(served: Served) -> No
         ({"num_chars": "many"}, ["num_chars"]),
     ],
 )
-def test_bad_params_get_a_400_naming_the_param_without_a_traceback(served: Served, params: dict, names: list[str]) -> None:
+def test_bad_params_get_a_400_naming_the_param_without_a_traceback(
+    served: Served, params: dict, names: list[str]
+) -> None:
     started = time.perf_counter()
     response = served.post({"dataframe_records": [{"prefix": "time traveller"}], "params": params})
     elapsed = time.perf_counter() - started
@@ -148,11 +166,15 @@ def test_logged_models_carry_their_metrics_and_rank_by_test_perplexity(
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{served.root / 'mlflow.db'}")
     client = MlflowClient()
-    by_model = {r["model"]["model_id"]: client.get_run(r["run_id"]).data.metrics["test_perplexity"] for r in served.runs}
+    by_model = {
+        r["model"]["model_id"]: client.get_run(r["run_id"]).data.metrics["test_perplexity"] for r in served.runs
+    }
     assert len(set(by_model.values())) == 2  # trained differently, so measured differently
     experiment = client.get_experiment_by_name("deeprnn-train").experiment_id
     ranked = mlflow.search_logged_models(
-        experiment_ids=[experiment], order_by=[{"field_name": "metrics.test_perplexity", "ascending": True}], output_format="list"
+        experiment_ids=[experiment],
+        order_by=[{"field_name": "metrics.test_perplexity", "ascending": True}],
+        output_format="list",
     )
     assert [m.model_id for m in ranked] == sorted(by_model, key=by_model.get)
     for model in ranked:
@@ -175,7 +197,16 @@ def test_cli_generate_continues_every_prefix_in_one_batch(served: Served) -> Non
     run = _champion_run(served)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{served.root / 'mlflow.db'}"}
     prefixes = list(run["samples"])
-    cmd = [sys.executable, "-m", "flows.cli", "generate", "--model-uri", "models:/deeprnn-lm@champion", "--num-chars", "20"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "generate",
+        "--model-uri",
+        "models:/deeprnn-lm@champion",
+        "--num-chars",
+        "20",
+    ]
     for p in prefixes:
         cmd += ["--prefix", p]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -231,5 +262,8 @@ def test_other_corpora_get_their_own_registered_model(workdir: Path, book_path: 
     sha1 = MlflowClient().get_run(result["run_id"]).data.tags["dataset.sha1"]
     assert result["model"]["registered_model"] == f"deeprnn-my-notes-{sha1[:8]}"
     assert tracking.default_registered_model("http://x/timemachine.txt", BOOK_SHA1) == "deeprnn-lm"
-    assert MlflowClient().get_model_version_by_alias(result["model"]["registered_model"], "champion").run_id == result["run_id"]
+    assert (
+        MlflowClient().get_model_version_by_alias(result["model"]["registered_model"], "champion").run_id
+        == result["run_id"]
+    )
     assert not MlflowClient().search_model_versions("name = 'deeprnn-lm'")

@@ -77,8 +77,11 @@ def test_a_store_of_an_older_mlflow_is_upgraded_on_first_use_keeping_its_experim
     engine = sqlalchemy.create_engine(uri)
     experiments = sqlalchemy.Table("experiments", sqlalchemy.MetaData(), autoload_with=engine)
     with engine.begin() as connection:
-        connection.execute(experiments.insert().values(name="kept", artifact_location=str(local_store.parent / "a"),
-                                                       lifecycle_stage="active"))
+        connection.execute(
+            experiments.insert().values(
+                name="kept", artifact_location=str(local_store.parent / "a"), lifecycle_stage="active"
+            )
+        )
     engine.dispose()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert tracking.check_reachable() == uri  # MLflow migrates a store that lacks its newer tables itself

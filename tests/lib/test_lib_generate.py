@@ -171,7 +171,7 @@ def test_batched_greedy_equals_one_at_a_time_chars(cell: str, tiny_tokens: list[
     batched = generate_batch(model, tiny_vocab, CHAR_PREFIXES, 60)
     assert batched == one_by_one
     # The rows really differ (a model that says the same thing whatever the prefix would prove nothing).
-    assert len({b[len(p):] for p, b in zip(CHAR_PREFIXES, batched)}) >= 4
+    assert len({b[len(p) :] for p, b in zip(CHAR_PREFIXES, batched)}) >= 4
     assert [len(b) for b in batched] == [len(p) + 60 for p in CHAR_PREFIXES]
 
 
@@ -183,7 +183,7 @@ def test_batched_greedy_equals_one_at_a_time_words(cell: str, tiny_text: str) ->
     one_by_one = [generate(model, vocab, p, 12, token="word") for p in WORD_PREFIXES]
     batched = generate_batch(model, vocab, WORD_PREFIXES, 12, token="word")
     assert batched == one_by_one
-    assert len({b[len(p):] for p, b in zip(WORD_PREFIXES, batched)}) >= 3
+    assert len({b[len(p) :] for p, b in zip(WORD_PREFIXES, batched)}) >= 3
     assert all(len(b.split()) == len(p.split()) + 12 for p, b in zip(WORD_PREFIXES, batched))
 
 
