@@ -20,6 +20,7 @@ from deeprnn.download import CorpusFile, fetch_corpus
 from deeprnn.evaluate import perplexity
 from deeprnn.model import RNNLM
 from deeprnn.prepare import PreparedCorpus, PrepareError, prepare
+from deeprnn.progress import EpochStats, FitResult
 from deeprnn.train import Trainer
 from deeprnn.vocab import Vocab
 
@@ -32,6 +33,60 @@ class Data:
     prepared: PreparedCorpus
     vocab: Vocab
     splits: Splits
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """What the training stage hands on: where the selected weights are, where they trained, and how."""
+
+    checkpoint: str  # the selected weights (a checkpoint without trainer state)
+    device: str  # described, e.g. "cuda:0 (NVIDIA H200)"
+    history: list[EpochStats]  # every epoch, also those before a resume
+    epochs_done: int
+    steps_done: int
+    final_train_perplexity: float
+    best_epoch: int | None
+    best_heldout_perplexity: float | None
+    train_seconds: float
+    tokens_per_sec: float
+    step_mode: str  # 'cuda-graph' or 'eager'
+    precision: str  # 'bf16' or 'fp32'
+    fit_started_at: float  # wall clock (time.time()), for the pipeline benchmark's phases
+    fit_finished_at: float
+
+    @classmethod
+    def of(
+        cls, fit: FitResult, earlier: list[EpochStats], checkpoint: str, device: str, started: float, finished: float
+    ) -> "TrainingOutcome":
+        """The outcome of ``fit``, continuing the ``earlier`` epochs of a resumed run."""
+        history = earlier + fit.history
+        return cls(
+            checkpoint=checkpoint,
+            device=device,
+            history=history,
+            epochs_done=fit.epochs_done,
+            steps_done=fit.steps_done,
+            final_train_perplexity=history[-1].train_perplexity if history else fit.final_train_perplexity,
+            best_epoch=fit.best_epoch,
+            best_heldout_perplexity=fit.best_heldout_perplexity,
+            train_seconds=fit.train_seconds,
+            tokens_per_sec=fit.tokens_per_sec,
+            step_mode=fit.step_mode,
+            precision=fit.precision,
+            fit_started_at=started,
+            fit_finished_at=finished,
+        )
+
+    def metrics(self) -> dict[str, float | None]:
+        """The run's final training metrics, as MLflow records them."""
+        return {
+            "final_train_perplexity": self.final_train_perplexity,
+            "best_heldout_perplexity": self.best_heldout_perplexity,
+            "best_epoch": self.best_epoch,
+            "train_seconds": self.train_seconds,
+            "mean_tokens_per_sec": self.tokens_per_sec,
+            "steps_done": self.steps_done,
+        }
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,6 @@ def evaluate_lm(
         "model_uri": model.model_uri,
         "version": model.version,
         "source_run_id": model.source_run_id,
-        "metrics": evaluation,
+        "metrics": evaluation.metrics(),
         "samples": samples,
     }

@@ -47,8 +47,8 @@ def run_pipeline(
         splits = prepare_splits(prepared, config.data, config.train)
         timeout = training_timeout_seconds(config.train, splits.train.numel())  # the user's, or derived
         trained = train_model.with_options(timeout_seconds=timeout)(config, vocab, splits, run_id, run_dir)
-        evaluation = evaluate_model(trained["checkpoint"], splits, config.train.device)
-        samples = generate_samples(trained["checkpoint"], config.train.device)
+        evaluation = evaluate_model(trained.checkpoint, splits, config.train.device)
+        samples = generate_samples(trained.checkpoint, config.train.device)
         evaluated_at = time.time()
         logged = log_results(
             run_id, config, vocab, trained, evaluation, samples, corpus.sha1, register_model, registered_model
@@ -61,18 +61,18 @@ def run_pipeline(
         "metrics": logged["metrics"],
         "samples": samples,
         "model": logged["model"],
-        "checkpoint": trained["checkpoint"],
+        "checkpoint": trained.checkpoint,
         "tokens": {"folder": str(prepared.folder), "cache_hit": prepared.cache_hit, "num_tokens": prepared.num_tokens},
-        "step_mode": trained["step_mode"],
-        "precision": trained["precision"],
-        "device": trained["device"],
-        "fit_started_at": trained["fit_started_at"],
-        "fit_finished_at": trained["fit_finished_at"],
+        "step_mode": trained.step_mode,
+        "precision": trained.precision,
+        "device": trained.device,
+        "fit_started_at": trained.fit_started_at,
+        "fit_finished_at": trained.fit_finished_at,
         # Wall-clock stamps (time.time()) of the stages, for the pipeline benchmark's breakdown.
         "timings": {
             "pipeline_started_at": flow_started_at,
-            "fit_started_at": trained["fit_started_at"],
-            "fit_finished_at": trained["fit_finished_at"],
+            "fit_started_at": trained.fit_started_at,
+            "fit_finished_at": trained.fit_finished_at,
             "evaluated_at": evaluated_at,
             "logged_at": logged_at,
         },

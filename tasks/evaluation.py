@@ -19,6 +19,7 @@ from deeprnn import checkpoint
 from deeprnn.config import RunConfig, SampleConfig
 from deeprnn.device import resolve_device
 from deeprnn.download import redact_url
+from deeprnn.pipeline import Evaluation
 from deeprnn.report import fmt, samples_markdown, samples_text
 from tasks import tracking
 from tasks.results import prefect_run_tags
@@ -136,14 +137,12 @@ def fetch_model(run_id: str, model_uri: str, folder: str, sample: BaseModel | di
 
 
 @task(name="publish-evaluation", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def publish_evaluation(
-    run_id: str, model: FetchedModel, evaluation: dict[str, float | None], samples: dict[str, str]
-) -> str:
+def publish_evaluation(run_id: str, model: FetchedModel, evaluation: Evaluation, samples: dict[str, str]) -> str:
     """Log perplexities and samples to the evaluation's MLflow run, and a markdown summary to Prefect.
 
     Safe to retry: metrics already logged are not logged again, text artifacts are rewritten in place, and the
     summary is created once per flow run."""
-    tracking.log_metrics_once(run_id, evaluation)
+    tracking.log_metrics_once(run_id, evaluation.metrics())
     tracking.log_text(run_id, samples_text(samples), "samples.txt")
     tracking.log_text(run_id, json.dumps(samples, ensure_ascii=False, indent=1), "samples.json")
 
@@ -156,10 +155,10 @@ def publish_evaluation(
         "| metric | this evaluation | reported by training |",
         "| --- | --- | --- |",
         *[
-            f"| {key} | {fmt(evaluation.get(key))} | {fmt(model.trained_metrics.get(key))} |"
+            f"| {key} | {fmt(evaluation.metrics().get(key))} | {fmt(model.trained_metrics.get(key))} |"
             for key in ("val_perplexity", "test_perplexity")
         ],
-        f"| train_perplexity_eval | {fmt(evaluation.get('train_perplexity_eval'))} | |",
+        f"| train_perplexity_eval | {fmt(evaluation.train_perplexity_eval)} | |",
         "",
         *samples_markdown(samples),
     ]

@@ -16,7 +16,6 @@ from deeprnn.config import RunConfig
 from deeprnn.download import redact_url
 from deeprnn.report import fmt, plot_history, samples_markdown, samples_text
 from deeprnn.resume import RESUMABLE, run_folder
-from deeprnn.train import EpochStats
 from tasks import tracking
 
 
@@ -37,16 +36,9 @@ def log_results(
 
     Safe to retry: the model, its version and its metrics are looked up before they are created, so a retry
     after a partial write finishes the job instead of registering a second version."""
-    history = [EpochStats(**h) for h in trained["history"]]
-    final = {
-        "final_train_perplexity": trained["final_train_perplexity"],
-        "best_heldout_perplexity": trained["best_heldout_perplexity"],
-        "best_epoch": trained["best_epoch"],
-        "train_seconds": trained["train_seconds"],
-        "mean_tokens_per_sec": trained["tokens_per_sec"],
-        **evaluation,
-    }
-    tracking.log_metrics(run_id, final, step=trained["epochs_done"])
+    history = trained.history
+    final = {**trained.metrics(), **evaluation.metrics()}
+    tracking.log_metrics(run_id, final, step=trained.epochs_done)
     tracking.log_text(run_id, json.dumps(vocab, ensure_ascii=False, indent=1), "vocab.json")
     tracking.log_text(run_id, samples_text(samples), "samples.txt")
     tracking.log_text(run_id, json.dumps(samples, ensure_ascii=False, indent=1), "samples.json")
@@ -54,7 +46,7 @@ def log_results(
     with tempfile.TemporaryDirectory() as tmp:
         plot = plot_history(history, Path(tmp) / "perplexity.png", f"{config.preset}: perplexity per epoch")
         tracking.log_artifact(run_id, plot)
-    tracking.set_tags(run_id, {"deeprnn.step_mode": trained["step_mode"], "deeprnn.precision": trained["precision"]})
+    tracking.set_tags(run_id, {"deeprnn.step_mode": trained.step_mode, "deeprnn.precision": trained.precision})
 
     model = publish_model(run_id, config, trained, evaluation, samples, corpus_sha1, register, registered_model)
     get_run_logger().info("model logged: %s", model)
@@ -78,18 +70,18 @@ def publish_model(
     """Log the run's model (once) with its held-out perplexities; register it (once) as ``registered_model``
     (default: per corpus, ``tracking.default_registered_model``) and move the champion alias if it is best."""
     name = registered_model or tracking.default_registered_model(config.data.url, corpus_sha1)
-    model = tracking.log_model(run_id, Path(trained["checkpoint"]), config.sample.prefixes[0])
+    model = tracking.log_model(run_id, Path(trained.checkpoint), config.sample.prefixes[0])
     model["metrics"] = tracking.link_model_metrics(run_id, model["model_id"], MODEL_METRICS)
     # Champions are compared on the same held-out text only: same corpus bytes, same split.
     heldout_key = f"{corpus_sha1}:{config.data.token}:val={config.data.val_fraction}:test={config.data.test_fraction}"
-    score = evaluation.get("val_perplexity") or evaluation["test_perplexity"]
+    score = evaluation.val_perplexity or evaluation.test_perplexity
     model.update(heldout_key=heldout_key, heldout_score=score, register_as=name)
     model["facts"] = {
         "preset": config.preset,
         "corpus_url": redact_url(config.data.url),
         "corpus_sha1": corpus_sha1,
         "token": config.data.token,
-        **{k: evaluation.get(k) for k in MODEL_METRICS},
+        **{k: evaluation.metrics().get(k) for k in MODEL_METRICS},
     }
     model["sample"] = next(iter(samples.values()), None)
     if register:
@@ -125,15 +117,13 @@ def publish_summary(
         "",
         "| metric | value |",
         "| --- | --- |",
-        f"| final training perplexity | {fmt(trained['final_train_perplexity'])} |",
-        f"| best held-out perplexity (epoch {trained['best_epoch']}) | {fmt(trained['best_heldout_perplexity'])} |",
-        f"| validation perplexity ({evaluation.get('val_tokens') or 0:,.0f} tokens) "
-        f"| {fmt(evaluation.get('val_perplexity'))} |",
-        f"| test perplexity ({evaluation.get('test_tokens') or 0:,.0f} tokens) "
-        f"| {fmt(evaluation.get('test_perplexity'))} |",
-        f"| tokens/s | {trained['tokens_per_sec']:,.0f} |",
-        f"| training time | {trained['train_seconds']:.1f} s |",
-        f"| device / step / precision | {trained['device']} / {trained['step_mode']} / {trained['precision']} |",
+        f"| final training perplexity | {fmt(trained.final_train_perplexity)} |",
+        f"| best held-out perplexity (epoch {trained.best_epoch}) | {fmt(trained.best_heldout_perplexity)} |",
+        f"| validation perplexity ({evaluation.val_tokens or 0:,.0f} tokens) | {fmt(evaluation.val_perplexity)} |",
+        f"| test perplexity ({evaluation.test_tokens or 0:,.0f} tokens) | {fmt(evaluation.test_perplexity)} |",
+        f"| tokens/s | {trained.tokens_per_sec:,.0f} |",
+        f"| training time | {trained.train_seconds:.1f} s |",
+        f"| device / step / precision | {trained.device} / {trained.step_mode} / {trained.precision} |",
         "",
         *samples_markdown(samples),
     ]

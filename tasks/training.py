@@ -16,7 +16,7 @@ from deeprnn.batching import Splits
 from deeprnn.config import RunConfig, SampleConfig, TrainConfig
 from deeprnn.device import describe, resolve_device
 from deeprnn.generate import generate_batch
-from deeprnn.pipeline import build_trainer, evaluate_splits
+from deeprnn.pipeline import Evaluation, TrainingOutcome, build_trainer, evaluate_splits
 from deeprnn.progress import StepStats, progress_line
 from deeprnn.train import EpochStats
 from deeprnn.vocab import Vocab
@@ -63,7 +63,7 @@ def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     retry_delay_seconds=10,
     retry_condition_fn=_worth_retrying,
 )
-def train_model(config: RunConfig, vocab: dict[str, Any], splits: Splits, run_id: str, run_dir: str) -> dict[str, Any]:
+def train_model(config: RunConfig, vocab: dict[str, Any], splits: Splits, run_id: str, run_dir: str) -> TrainingOutcome:
     """Train on the training split, logging every epoch to MLflow; returns the checkpoint path and metrics.
 
     When the run folder already holds ``last.pt`` (a retry of this task, or ``deeprnn run --resume``),
@@ -142,31 +142,23 @@ def train_model(config: RunConfig, vocab: dict[str, Any], splits: Splits, run_id
     update_progress_artifact(progress, 100.0)  # done: the budget or the epochs are spent
     fit_finished = time.time()
     final = checkpoint.save(out / MODEL, checkpoint.make_payload(config, voc, model, epoch=result.epochs_done))
-    history = earlier + result.history  # the whole curve, also after a resume
-    summary = result.to_dict()
-    summary.pop("history")
-    if history:
-        summary["final_train_perplexity"] = history[-1].train_perplexity
+    # The whole curve, also after a resume.
+    outcome = TrainingOutcome.of(result, earlier, str(final), describe(device), fit_started, fit_finished)
     logger.info(
         f"trained in {time.perf_counter() - started:.1f} s ({result.step_mode} steps, {result.precision}): "
         f"{result.epochs_done} epochs, {result.steps_done:,} steps, "
-        f"final train ppl {summary['final_train_perplexity']:.3f}, {result.tokens_per_sec:,.0f} tokens/s"
+        f"final train ppl {outcome.final_train_perplexity:.3f}, {result.tokens_per_sec:,.0f} tokens/s"
     )
-    summary.update(fit_started_at=fit_started, fit_finished_at=fit_finished)
-    return {"checkpoint": str(final), "device": describe(device), "history": [vars(h) for h in history], **summary}
+    return outcome
 
 
 @task(name="evaluate-model", cache_policy=NO_CACHE)
-def evaluate_model(checkpoint_path: str, splits: Splits, device: str) -> dict[str, float | None]:
+def evaluate_model(checkpoint_path: str, splits: Splits, device: str) -> Evaluation:
     """Perplexity of the selected model on each split (eval mode, token-weighted)."""
     model, _, config = checkpoint.restore_model(checkpoint.load(Path(checkpoint_path)), resolve_device(device))
-    result = evaluate_splits(model, splits, config.train).metrics()
-    get_run_logger().info(
-        "evaluation: %s",
-        ", ".join(
-            f"{k} {v:,.3f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in result.items() if v is not None
-        ),
-    )
+    result = evaluate_splits(model, splits, config.train)
+    shown = [f"{k} {v:,.3f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in result.metrics().items() if v]
+    get_run_logger().info("evaluation: %s", ", ".join(shown))
     return result
 
 

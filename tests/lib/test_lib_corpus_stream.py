@@ -96,8 +96,9 @@ def test_a_folder_without_text_files_is_refused(tmp_path: Path) -> None:
     [
         (b"PNG\x00\x00", "looks binary"),
         (b"ok\n" * 10 + "café".encode("latin-1"), r"is not UTF-8 text \(invalid byte at offset 33\)"),
-        (gzip.compress(b"text")[:-5], "is not a valid gzip file: .*truncated"),
+        (gzip.compress(b"text", mtime=0)[:-5], "is not a valid gzip file: .*truncated"),
     ],
+    ids=["binary", "latin-1", "truncated-gzip"],  # the same ids in every test process
 )
 def test_a_folder_with_a_file_that_is_not_text_names_that_file(tmp_path: Path, bad: bytes, words: str) -> None:
     root = _tree(tmp_path / "corpus", {"a.txt": b"fine\n", "sub/picture.png": bad, "z.txt": b"fine\n"})
