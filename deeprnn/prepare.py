@@ -289,6 +289,20 @@ def split_sizes(prepared: PreparedCorpus, data: DataConfig) -> dict[str, int]:
     return {"train": train_end, "validation": test_start - val_start, "test": prepared.num_tokens - test_start}
 
 
+def prepared_record(prepared: PreparedCorpus, data: DataConfig) -> dict[str, Any]:
+    """What a prepared corpus holds, as JSON-ready data: its folder, whether this call found it in the cache,
+    the corpus SHA-1, the vocabulary size and id type, and the tokens in all and per split of ``data``."""
+    return {
+        "folder": str(prepared.folder),
+        "cache_hit": prepared.cache_hit,
+        "corpus_sha1": prepared.corpus_sha1,
+        "vocab_size": prepared.vocab_size,
+        "dtype": prepared.dtype,
+        "num_tokens": prepared.num_tokens,
+        "splits": split_sizes(prepared, data),
+    }
+
+
 def prepared_summary(prepared: PreparedCorpus) -> str:
     """One line saying where the prepared tokens are and whether they were tokenized now."""
     what = (

@@ -354,7 +354,7 @@ def prepare(
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     from deeprnn.download import DownloadError, fetch_corpus, redact_url
-    from deeprnn.prepare import PrepareError, dropped_letters_warning, split_sizes
+    from deeprnn.prepare import PrepareError, dropped_letters_warning, prepared_record, split_sizes
     from deeprnn.prepare import prepare as prepare_corpus
 
     started = time.perf_counter()
@@ -385,19 +385,7 @@ def prepare(
     for key, value in rows.items():
         table.add_row(key, value)
     console.print(table)
-    _write_json(
-        {
-            "folder": str(prepared.folder),
-            "cache_hit": prepared.cache_hit,
-            "corpus_sha1": corpus.sha1,
-            "vocab_size": prepared.vocab_size,
-            "dtype": prepared.dtype,
-            "num_tokens": prepared.num_tokens,
-            "splits": sizes,
-            "seconds": seconds,
-        },
-        json_out,
-    )
+    _write_json({**prepared_record(prepared, config.data), "seconds": seconds}, json_out)
 
 
 _sig = inspect.signature(prepare)

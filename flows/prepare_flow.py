@@ -12,7 +12,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from deeprnn.config import DataOverrides, PresetName, form_field, resolve
-from deeprnn.prepare import split_sizes
+from deeprnn.prepare import prepared_record
 from tasks.data import download_corpus, prepare_tokens
 
 FLOW_NAME = "deeprnn-prepare"
@@ -32,17 +32,9 @@ def prepare_lm(
     config = resolve(preset, data)
     corpus = download_corpus(config.data.url, config.data.expected_sha1())
     prepared = prepare_tokens(corpus, config.data)
-    sizes = split_sizes(prepared, config.data)
-    summary = {
-        "folder": str(prepared.folder),
-        "cache_hit": prepared.cache_hit,
-        "corpus_sha1": corpus.sha1,
-        "vocab_size": prepared.vocab_size,
-        "dtype": prepared.dtype,
-        "num_tokens": prepared.num_tokens,
-        "splits": sizes,
-    }
-    rows = "\n".join(f"| {key} | {value} |" for key, value in {**summary, **sizes}.items() if key != "splits")
+    summary = prepared_record(prepared, config.data)
+    shown = {**summary, **summary["splits"]}
+    rows = "\n".join(f"| {key} | {value} |" for key, value in shown.items() if key != "splits")
     create_markdown_artifact(
         f"# deeprnn prepared corpus\n\n| | |\n| --- | --- |\n{rows}\n", key="deeprnn-prepare-summary"
     )
