@@ -566,24 +566,20 @@ def log_model(run_id: str, checkpoint: Path, example_prefix: str) -> dict[str, A
         logged = client.create_logged_model(
             experiment_id=run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id, params=dict(run.data.params)
         )
-    with warnings.catch_warnings():
-        # MLflow asks for type hints on predict() while validating the input example; this model's signature
-        # is declared explicitly instead (``_signature``), so the warning says nothing a user can act on.
-        warnings.filterwarnings("ignore", message=r".*type hints to the `predict` method", category=UserWarning)
-        Model.log(
-            artifact_path=None,  # deprecated positional in Model.log; ``name`` is the MLflow 3 spelling
-            name=MODEL_NAME,
-            flavor=mlflow.pyfunc,
-            run_id=run_id,
-            python_model=str(_PYFUNC_CODE),
-            artifacts={"checkpoint": str(checkpoint)},
-            code_paths=[str(Path(deeprnn.__file__).parent)],
-            pip_requirements=pip_requirements(),
-            signature=_signature(),
-            input_example=pd.DataFrame({"prefix": [example_prefix]}),
-            model_id=logged.model_id,
-            step=-1,  # Model.log copies the run's metrics of this step to the model: none; ours are linked below
-        )
+    Model.log(
+        artifact_path=None,  # deprecated positional in Model.log; ``name`` is the MLflow 3 spelling
+        name=MODEL_NAME,
+        flavor=mlflow.pyfunc,
+        run_id=run_id,
+        python_model=str(_PYFUNC_CODE),
+        artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(Path(deeprnn.__file__).parent)],
+        pip_requirements=pip_requirements(),
+        signature=_signature(),
+        input_example=pd.DataFrame({"prefix": [example_prefix]}),
+        model_id=logged.model_id,
+        step=-1,  # Model.log copies the run's metrics of this step to the model: none; ours are linked below
+    )
     return {"model_uri": f"models:/{logged.model_id}", "model_id": logged.model_id}
 
 
