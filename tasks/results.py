@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from deeprnn import checkpoint
-from deeprnn.config import RunConfig
+from deeprnn.config import DataConfig, RunConfig
 from deeprnn.download import redact_url
 from deeprnn.report import fmt, plot_history, samples_markdown, samples_text
 from deeprnn.resume import RESUMABLE, run_folder
@@ -53,6 +53,15 @@ def log_results(
     return {"model": model, "metrics": final}
 
 
+def heldout_text_key(data: DataConfig, corpus_sha1: str) -> str:
+    """What makes two held-out perplexities comparable: the same corpus bytes, the same tokens and the same
+    split. The book's tokenization keeps the key it always had, so earlier champions stay comparable."""
+    key = f"{corpus_sha1}:{data.token}:val={data.val_fraction}:test={data.test_fraction}"
+    if (data.normalize, data.min_freq, data.reserved_tokens) != ("d2l", 0, []):
+        key += f":normalize={data.normalize}:min_freq={data.min_freq}:reserved={','.join(data.reserved_tokens)}"
+    return key
+
+
 # The evaluation metrics the logged model carries (ranked by in the Models tab and search_logged_models).
 MODEL_METRICS = ["val_perplexity", "test_perplexity", "train_perplexity_eval"]
 
@@ -73,7 +82,7 @@ def publish_model(
     model = tracking.log_model(run_id, Path(trained.checkpoint), config.sample.prefixes[0])
     model["metrics"] = tracking.link_model_metrics(run_id, model["model_id"], MODEL_METRICS)
     # Champions are compared on the same held-out text only: same corpus bytes, same split.
-    heldout_key = f"{corpus_sha1}:{config.data.token}:val={config.data.val_fraction}:test={config.data.test_fraction}"
+    heldout_key = heldout_text_key(config.data, corpus_sha1)
     score = evaluation.val_perplexity or evaluation.test_perplexity
     model.update(heldout_key=heldout_key, heldout_score=score, register_as=name)
     model["facts"] = {
