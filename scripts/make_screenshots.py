@@ -138,10 +138,16 @@ def run_logged(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> sub
 
 
 def wait_all(procs: dict[str, tuple[subprocess.Popen[bytes], Path]], timeout: float = 1800) -> None:
-    """Wait for every process; fail with the log of the first that did not succeed."""
-    for name, (proc, log) in procs.items():
-        if proc.wait(timeout=timeout) != 0:
-            raise RuntimeError(f"{name} failed:\n{log_tail(log)}")
+    """Wait for every process; fail with the log of the first that did not succeed, ending the others."""
+    try:
+        for name, (proc, log) in procs.items():
+            if proc.wait(timeout=timeout) != 0:
+                raise RuntimeError(f"{name} failed:\n{log_tail(log)}")
+    finally:
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=60)
 
 
 def train(root: Path, url: str, data: Path) -> None:
@@ -381,7 +387,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="deeprnn-shots-") as tmp, contextlib.ExitStack() as stack:
         root = args.keep.resolve() if args.keep else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        trained = (root / "mlflow.db").exists()
+        trained = (root / "trained").exists()  # written once every run of an earlier call succeeded
         mlflow, mlflow_url = mlflow_server(root)
         stack.enter_context(mlflow)
         prefect_url = None
@@ -391,6 +397,7 @@ def main() -> None:
             deploy(env)
         if not trained:
             train(root, mlflow_url, args.data.resolve())
+            (root / "trained").touch()
         saved = shoot_all(mlflow_url, prefect_url, args.out.resolve())
     print(json.dumps([str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in saved]))
 
