@@ -150,11 +150,18 @@ def wait_all(procs: dict[str, tuple[subprocess.Popen[bytes], Path]], timeout: fl
                 proc.wait(timeout=60)
 
 
-def train(root: Path, url: str, data: Path) -> None:
-    """Three ``deeprnn run --preset smoke --cell C`` and a two-trial ``deeprnn sweep``, all logging to ``url``."""
+def train(root: Path, url: str, data: Path, prefect_api: str | None) -> None:
+    """Three ``deeprnn run --preset smoke --cell C`` and a two-trial ``deeprnn sweep``, all logging to ``url``.
+
+    Their flows run against ``prefect_api`` (the Prefect server started here), else each command starts
+    Prefect's temporary server, which can take minutes on a busy machine.
+    """
     env = {**os.environ, "MLFLOW_TRACKING_URI": url, "DEEPRNN_CACHE_DIR": str(root / "cache")}
     env["PYTHONPATH"] = str(REPO)
-    env.pop("PREFECT_API_URL", None)  # each command runs its flows on its own embedded Prefect server
+    env.pop("PREFECT_API_URL", None)
+    if prefect_api:
+        env["PREFECT_API_URL"] = prefect_api
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "600"
     common = ["--preset", "smoke", "--device", "cpu", "--data-url", str(data)]
     procs = {}
     for cell in ["lstm", "gru", "rnn"]:
@@ -396,7 +403,7 @@ def main() -> None:
             stack.enter_context(prefect)
             deploy(env)
         if not trained:
-            train(root, mlflow_url, args.data.resolve())
+            train(root, mlflow_url, args.data.resolve(), prefect_url and f"{prefect_url}/api")
             (root / "trained").touch()
         saved = shoot_all(mlflow_url, prefect_url, args.out.resolve())
     print(json.dumps([str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in saved]))
