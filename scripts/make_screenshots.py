@@ -6,8 +6,10 @@ dashboard on) in a temporary folder, trains three smoke models that differ only 
 ``deeprnn-process`` work pool and deploys ``prefect.yaml``, then opens both UIs in Chromium (Playwright) and
 saves:
 
-- ``docs/mlflow-models-ranking.png``: the experiment's *Models* tab sorted by the models' own
-  ``test_perplexity`` (best first), each with its registered version and dataset;
+- ``docs/mlflow-models.png``: the experiment's *Models* tab: each logged model with its registered version,
+  its dataset and its own ``test_perplexity`` (the MLflow 3.17 UI lists them by creation time only);
+- ``docs/mlflow-models-ranking.png``: the runs table sorted by ``test_perplexity`` (best first, checked against
+  ``search_logged_models(order_by=...)``), each run with its ``model.cell`` and registered model version;
 - ``docs/mlflow-compare.png``: the runs' chart view filtered to ``perplexity`` (per-epoch curves of the
   three runs);
 - ``docs/mlflow-sweep.png``: the sweep's runs table, the parent run expanded over its child runs;
