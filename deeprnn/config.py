@@ -1,18 +1,16 @@
 """Validated configuration: one pydantic model per stage, defaults are the book's (D2L 9.3).
 
 `RunConfig` is the complete, resolved configuration that a run uses, logs to MLflow and stores in every
-checkpoint. Users rarely write one by hand: they pick a named preset (`PRESETS`) and override a few fields.
-The `*Overrides` models mirror each section with every field optional (``None`` = keep the preset's value)
-and the same bounds, so Prefect's parameter form and the CLI refuse out-of-range values up front.
+checkpoint. Users rarely write one by hand: they pick a named preset (`PRESETS`) and change a few fields of
+its sections (`resolve`). The presets are defined here once; the deployments' forms and the CLI build on them.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Optional, cast
+from typing import Annotated, Any, Literal, Mapping, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
-from pydantic.fields import FieldInfo
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 D2L_URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"
 D2L_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
@@ -350,55 +348,40 @@ def preset_config(name: str, overrides: dict[str, Any] | None = None) -> RunConf
     return RunConfig.model_validate(merged)
 
 
-def _optional_copy(section: type[BaseModel], name: str) -> type[BaseModel]:
-    """A model with ``section``'s fields, titles, descriptions and bounds, each optional and defaulting to None."""
-    fields: dict[str, Any] = {}
-    for field_name, info in section.model_fields.items():
-        copied = info._copy()  # keeps title, description and constraints (ge/le/pattern)
-        copied.default = None
-        copied.default_factory = None
-        if copied.description and "Empty:" not in copied.description:
-            copied.description += " Empty: the preset's value."
-        fields[field_name] = (Optional[info.annotation], copied)
-    return create_model(
-        name,
-        # The dashboard labels the choice between this model and None with its title: "Override" / "None".
-        __config__=ConfigDict(extra="forbid", title="Override"),
-        __doc__=f"Overrides of {section.__name__}: set only what should differ from the preset.",
-        **fields,
-    )
-
-
-DataOverrides = _optional_copy(DataConfig, "DataOverrides")
-ModelOverrides = _optional_copy(ModelConfig, "ModelOverrides")
-TrainOverrides = _optional_copy(TrainConfig, "TrainOverrides")
-SampleOverrides = _optional_copy(SampleConfig, "SampleOverrides")
-
-
 def resolve(
     preset: str,
-    data: BaseModel | dict[str, Any] | None = None,
-    model: BaseModel | dict[str, Any] | None = None,
-    train: BaseModel | dict[str, Any] | None = None,
-    sample: BaseModel | dict[str, Any] | None = None,
+    data: BaseModel | Mapping[str, Any] | None = None,
+    model: BaseModel | Mapping[str, Any] | None = None,
+    train: BaseModel | Mapping[str, Any] | None = None,
+    sample: BaseModel | Mapping[str, Any] | None = None,
 ) -> RunConfig:
-    """Apply per-section overrides (models or dicts; None values ignored) to a preset and validate the result."""
+    """The preset with each given section's values (see ``section_values``) in place of its own, validated."""
     return preset_config(preset, overrides_dict(data, model, train, sample))
 
 
+def section_values(section: BaseModel | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The values a section gives: a model's explicitly set fields, or a mapping's keys; None gives none.
+
+    A section model built from ``{"epochs": 2}`` gives only ``epochs``: the fields it leaves out keep the
+    preset's values. A complete section (every field set, as a form sends it) replaces the preset's whole.
+    """
+    if section is None:
+        return {}
+    if isinstance(section, BaseModel):
+        return section.model_dump(include=set(section.model_fields_set))
+    return dict(section)
+
+
 def overrides_dict(
-    data: BaseModel | dict[str, Any] | None = None,
-    model: BaseModel | dict[str, Any] | None = None,
-    train: BaseModel | dict[str, Any] | None = None,
-    sample: BaseModel | dict[str, Any] | None = None,
+    data: BaseModel | Mapping[str, Any] | None = None,
+    model: BaseModel | Mapping[str, Any] | None = None,
+    train: BaseModel | Mapping[str, Any] | None = None,
+    sample: BaseModel | Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per-section overrides (models or dicts) as ``{section: {field: value}}``, None values left out."""
+    """The sections' given values (``section_values``) as ``{section: {field: value}}``, empty ones left out."""
     overrides: dict[str, dict[str, Any]] = {}
     for key, section in (("data", data), ("model", model), ("train", train), ("sample", sample)):
-        if section is None:
-            continue
-        values = section.model_dump(exclude_none=True) if isinstance(section, BaseModel) else dict(section)
-        values = {k: v for k, v in values.items() if v is not None}
+        values = section_values(section)
         if values:
             overrides[key] = values
     return overrides
@@ -407,13 +390,3 @@ def overrides_dict(
 def is_sha1(text: str) -> bool:
     """True for 40 hexadecimal digits."""
     return bool(_SHA1_RE.match(text))
-
-
-def form_field(title: str, **constraints: Any) -> FieldInfo:
-    """Metadata for a flow parameter, used as ``Annotated[T, form_field("Title", le=...)]``.
-
-    Prefect titles every flow parameter with its Python name; a title in ``json_schema_extra`` is applied
-    last, so the dashboard's form shows this one. Constraints (``ge``, ``max_length``, ...) become the
-    form's bounds. Descriptions come from the flow's docstring (its ``Args:`` section).
-    """
-    return cast(FieldInfo, Field(json_schema_extra={"title": title}, **constraints))

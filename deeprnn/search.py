@@ -28,7 +28,15 @@ from typing import Any, Callable, Mapping, cast
 
 from pydantic import BaseModel, ValidationError
 
-from deeprnn.config import DataConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig, preset_config
+from deeprnn.config import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    SampleConfig,
+    TrainConfig,
+    preset_config,
+    section_values,
+)
 
 MAX_TRIALS = 1000  # a guard against a typo that expands to a million training runs
 DEFAULT_RANDOM_TRIALS = 10
@@ -286,14 +294,12 @@ def plan_trials(
     seed: int = 0,
 ) -> list[Trial]:
     """Every trial's configuration: ``preset``, then ``overrides`` (``{section: {field: value}}``, a section
-    may be an overrides model or None), then the space's fixed values, then the trial's own. All are
-    validated here, before any trial runs."""
+    may be a section model, whose set fields count, or None), then the space's fixed values, then the trial's
+    own. All are validated here, before any trial runs."""
     given: dict[str, dict[str, Any]] = {}
     for section, values in (overrides or {}).items():
-        if isinstance(values, BaseModel):
-            values = values.model_dump(exclude_none=True)
-        if values:
-            given[section] = {k: v for k, v in dict(values).items() if v is not None}
+        if section_values(values):
+            given[section] = section_values(values)
     base = _merge(given, _nest(space.fixed))
     trials = []
     for index, values in enumerate(expand(space, random_search, max_trials, seed)):

@@ -10,8 +10,8 @@ from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
 
-from deeprnn.config import form_field
 from flows.evaluate_flow import FLOW_RUN_ID_PATTERN
+from flows.parameters import form_field
 from tasks.orphans import mark_crashed_flow_run
 
 FLOW_NAME = "deeprnn-mark-crashed"

@@ -10,7 +10,8 @@ from typing import Annotated, Any, Optional
 
 from prefect import flow
 
-from deeprnn.config import DeviceName, SampleOverrides, form_field
+from deeprnn.config import DeviceName, SampleConfig
+from flows.parameters import form_field
 from tasks import tracking
 from tasks.data import download_corpus, prepare_splits, prepare_tokens
 from tasks.evaluation import (
@@ -32,7 +33,7 @@ FLOW_RUN_ID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F
 def evaluate_lm(
     model_uri: Annotated[str, form_field("Model URI", max_length=1024, pattern=MODEL_URI_PATTERN)] = CHAMPION_URI,
     training_flow_run_id: Annotated[Optional[str], form_field("Training flow run", pattern=FLOW_RUN_ID_PATTERN)] = None,
-    sample: Annotated[Optional[SampleOverrides], form_field("Samples")] = None,  # type: ignore[valid-type]
+    sample: Annotated[Optional[SampleConfig], form_field("Samples")] = None,
     device: Annotated[DeviceName, form_field("Device")] = "auto",
     experiment: Annotated[Optional[str], form_field("MLflow experiment", min_length=1, max_length=256)] = None,
 ) -> dict[str, Any]:
@@ -43,7 +44,7 @@ def evaluate_lm(
             runs:/<run_id>/model.
         training_flow_run_id: Evaluate the model logged by this training flow run instead of model_uri
             (the deployment trigger sets it). Empty: use model_uri.
-        sample: Text generation settings that differ from the model's own. Empty: the model's.
+        sample: Text generation settings; the fields set replace the model's own. Empty: the model's.
         device: auto picks cuda, then mps, then cpu.
         experiment: MLflow experiment to log to. Empty: deeprnn-evaluate.
     """

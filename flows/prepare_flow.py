@@ -11,8 +11,9 @@ from typing import Annotated, Any, Optional
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from deeprnn.config import DataOverrides, PresetName, form_field, resolve
+from deeprnn.config import DataConfig, PresetName, resolve
 from deeprnn.prepare import prepared_record
+from flows.parameters import form_field
 from tasks.data import download_corpus, prepare_tokens
 
 FLOW_NAME = "deeprnn-prepare"
@@ -21,13 +22,13 @@ FLOW_NAME = "deeprnn-prepare"
 @flow(name=FLOW_NAME, log_prints=True)
 def prepare_lm(
     preset: Annotated[PresetName, form_field("Preset")] = "d2l-9.3",
-    data: Annotated[Optional[DataOverrides], form_field("Data")] = None,  # type: ignore[valid-type]
+    data: Annotated[Optional[DataConfig], form_field("Data")] = None,
 ) -> dict[str, Any]:
     """Download a corpus and tokenize it into the token cache (once per corpus and tokenization settings).
 
     Args:
         preset: Named configuration whose data settings to start from: d2l-9.3 (the book), full-book or smoke.
-        data: Corpus, tokenization and split settings that differ from the preset. Empty: the preset's.
+        data: Corpus, tokenization and split settings; the fields set replace the preset's. Empty: the preset's.
     """
     config = resolve(preset, data)
     corpus = download_corpus(config.data.url, config.data.expected_sha1())

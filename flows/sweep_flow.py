@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from prefect import allow_failure, flow
 
-from deeprnn.config import DataOverrides, ModelOverrides, PresetName, SampleOverrides, TrainOverrides
+from deeprnn.config import DataConfig, ModelConfig, PresetName, SampleConfig, TrainConfig
 from deeprnn.search import parse_space, plan_trials
 from flows.pipeline import run_trial
 from tasks import tracking
@@ -27,10 +27,10 @@ SWEEP_NAME = "deeprnn-sweep"
 def sweep_lm(
     space: dict[str, Any],
     preset: PresetName = "d2l-9.3",
-    data: Optional[DataOverrides] = None,  # type: ignore[valid-type]
-    model: Optional[ModelOverrides] = None,  # type: ignore[valid-type]
-    train: Optional[TrainOverrides] = None,  # type: ignore[valid-type]
-    sample: Optional[SampleOverrides] = None,  # type: ignore[valid-type]
+    data: Optional[DataConfig] = None,
+    model: Optional[ModelConfig] = None,
+    train: Optional[TrainConfig] = None,
+    sample: Optional[SampleConfig] = None,
     random_search: bool = False,
     max_trials: Optional[int] = None,
     seed: int = 0,
@@ -40,7 +40,8 @@ def sweep_lm(
     registered_model: Optional[str] = None,
 ) -> dict[str, Any]:
     """Grid or random search over a space such as ``{"model.cell": ["lstm", "gru"], "train.lr": [0.5, 1, 2]}``:
-    every trial trains from the preset with the overrides and its own values, as a child MLflow run.
+    every trial trains from the preset with the sections' fields (see ``flows.parameters``) and its own
+    values, as a child MLflow run.
 
     The best trial's model is registered (unless ``register_best`` is off) as ``registered_model``; empty:
     ``deeprnn-lm`` for the book's corpus, a name derived from the corpus file and its SHA-1 otherwise."""

@@ -1,8 +1,9 @@
 """The training flow: download -> vocabulary -> splits -> train -> evaluate -> generate -> MLflow
 (the stages are wired in ``flows.pipeline.run_pipeline``, shared with sweep trials).
 
-Parameters are the preset plus per-section overrides (validated pydantic models), so the Prefect UI shows
-them as a form and refuses out-of-range values before a run starts.
+Parameters are the preset and its sections (the configuration's own pydantic models, ``flows.parameters``), so
+the Prefect UI shows them as a form pre-filled with the deployment's values and refuses out-of-range values
+before a run starts.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from prefect import flow
 
 from deeprnn.config import (
     REGISTERED_MODEL_PATTERN,
-    DataOverrides,
-    ModelOverrides,
+    DataConfig,
+    ModelConfig,
     PresetName,
-    SampleOverrides,
-    TrainOverrides,
-    form_field,
+    SampleConfig,
+    TrainConfig,
     resolve,
 )
+from flows.parameters import form_field
 from flows.pipeline import run_pipeline
 from tasks.resume import prepare_resume
 
@@ -30,10 +31,10 @@ FLOW_NAME = "deeprnn-train"
 @flow(name=FLOW_NAME, log_prints=True)
 def train_lm(
     preset: Annotated[PresetName, form_field("Preset")] = "d2l-9.3",
-    data: Annotated[Optional[DataOverrides], form_field("Data")] = None,  # type: ignore[valid-type]
-    model: Annotated[Optional[ModelOverrides], form_field("Model")] = None,  # type: ignore[valid-type]
-    train: Annotated[Optional[TrainOverrides], form_field("Training")] = None,  # type: ignore[valid-type]
-    sample: Annotated[Optional[SampleOverrides], form_field("Samples")] = None,  # type: ignore[valid-type]
+    data: Annotated[Optional[DataConfig], form_field("Data")] = None,
+    model: Annotated[Optional[ModelConfig], form_field("Model")] = None,
+    train: Annotated[Optional[TrainConfig], form_field("Training")] = None,
+    sample: Annotated[Optional[SampleConfig], form_field("Samples")] = None,
     experiment: Annotated[Optional[str], form_field("MLflow experiment", min_length=1, max_length=256)] = None,
     runs_dir: Annotated[str, form_field("Checkpoint folder", min_length=1, max_length=1024)] = "runs",
     resume_run_id: Annotated[Optional[str], form_field("Resume MLflow run", max_length=64)] = None,
@@ -42,14 +43,14 @@ def train_lm(
     """Train a deep RNN language model from a preset (default: the book's D2L 9.3) and track it in MLflow.
 
     With ``resume_run_id``, continue that MLflow run from its last checkpoint instead: its stored
-    configuration is used (``preset`` is ignored; overrides may only restate it or extend the epochs).
+    configuration is used (``preset`` is ignored; the sections may only restate it or extend the epochs).
 
     Args:
         preset: Named configuration to start from: d2l-9.3 (the book), full-book or smoke (seconds on a CPU).
-        data: Corpus and split settings that differ from the preset. Empty: the preset's.
-        model: Cell type, depth and width that differ from the preset. Empty: the preset's.
-        train: Training settings (epochs, optimizer, device, ...) that differ from the preset. Empty: the preset's.
-        sample: Text generation settings that differ from the preset. Empty: the preset's.
+        data: Corpus and split settings; the fields set replace the preset's. Empty: the preset's.
+        model: Cell type, depth and width; the fields set replace the preset's. Empty: the preset's.
+        train: Epochs, optimizer, device and the rest; the fields set replace the preset's. Empty: the preset's.
+        sample: Text generation settings; the fields set replace the preset's. Empty: the preset's.
         experiment: MLflow experiment to log to. Empty: deeprnn-train.
         runs_dir: Folder for checkpoints, one subfolder per run; relative to the worker's working directory.
         resume_run_id: Continue this MLflow run (its id, as `deeprnn run` prints it) from its last checkpoint.

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from deeprnn import checkpoint
-from deeprnn.config import RunConfig, SampleConfig
+from deeprnn.config import RunConfig, SampleConfig, section_values
 from deeprnn.device import resolve_device
 from deeprnn.download import redact_url
 from deeprnn.pipeline import Evaluation
@@ -103,8 +103,7 @@ def fetch_model(run_id: str, model_uri: str, folder: str, sample: BaseModel | di
     found = tracking.fetch_model(model_uri, Path(folder))
     data = checkpoint.load(Path(found["checkpoint"]))
     config = RunConfig.model_validate(data["config"])
-    overrides = sample.model_dump(exclude_none=True) if isinstance(sample, BaseModel) else dict(sample or {})
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides = section_values(sample)  # the fields given; the others stay the model's own
     if overrides:
         merged = SampleConfig.model_validate({**config.sample.model_dump(), **overrides})
         config = config.model_copy(update={"sample": merged})

@@ -22,6 +22,8 @@ from live_servers import Server, log_tail, start_process, stop_process_group
 from mlflow.tracking import MlflowClient
 
 from deeprnn.config import D2L_SHA1 as BOOK_SHA1
+from deeprnn.config import preset_config, resolve
+from flows.parameters import SECTIONS, preset_sections
 
 pytestmark = pytest.mark.e2e
 
@@ -198,11 +200,86 @@ def test_parameter_form_has_title_description_and_bounds_for_every_field(deploye
     train = deployed.deployments["smoke"]["parameter_openapi_schema"]
     assert train["properties"]["preset"]["enum"] == ["d2l-9.3", "full-book", "smoke"]
     assert train["properties"]["preset"]["title"] == "Preset"
-    model = train["definitions"]["ModelOverrides"]["properties"]
-    assert model["cell"]["anyOf"][0]["enum"] == ["lstm", "gru", "rnn"]
-    training = train["definitions"]["TrainOverrides"]["properties"]
-    assert training["optimizer"]["anyOf"][0]["enum"] == ["sgd", "adam", "adamw"]
-    assert training["device"]["anyOf"][0]["enum"] == ["auto", "cpu", "cuda", "mps"]
+    # The sections are the configuration's own models: a field that is never empty is a plain field, no toggle.
+    assert set(train["definitions"]) == {"DataConfig", "ModelConfig", "TrainConfig", "SampleConfig"}
+    model = train["definitions"]["ModelConfig"]["properties"]
+    assert model["cell"]["enum"] == ["lstm", "gru", "rnn"] and "anyOf" not in model["cell"]
+    training = train["definitions"]["TrainConfig"]["properties"]
+    assert training["optimizer"]["enum"] == ["sgd", "adam", "adamw"]
+    assert training["device"]["enum"] == ["auto", "cpu", "cuda", "mps"]
+    assert {k: v for k, v in training["epochs"].items() if k != "description"} == {
+        "type": "integer",
+        "title": "Epochs",
+        "minimum": 1,
+        "maximum": 100000,
+        "default": 500,
+    }
+    assert "anyOf" not in training["lr"] and training["lr"]["type"] == "number"
+    for section, definition in (("data", "DataConfig"), ("model", "ModelConfig"), ("train", "TrainConfig")):
+        ref = train["properties"][section]["anyOf"]
+        assert ref == [{"$ref": f"#/definitions/{definition}"}, {"type": "null"}], (section, ref)
+
+
+def test_each_deployment_form_is_pre_filled_with_what_will_run(deployed: Deployed) -> None:
+    """The deployed parameters are the presets' complete sections, valid against the deployment's own schema."""
+    from prefect.utilities.schema_tools import validate
+
+    book = deployed.deployments["d2l-9.3"]["parameters"]
+    assert book["train"]["epochs"] == 500 and book["train"]["lr"] == 2.0 and book["model"]["num_layers"] == 2
+    for name in ("d2l-9.3", "full-book", "smoke"):
+        deployment = deployed.deployments[name]
+        assert deployment["parameters"] == {"preset": name, **preset_sections(name)}, name
+        validate(deployment["parameters"], deployment["parameter_openapi_schema"], raise_on_error=True)
+    full = deployed.deployments["full-book"]["parameters"]
+    assert (full["train"]["epochs"], full["train"]["optimizer"], full["model"]["num_hiddens"]) == (30, "adamw", 512)
+    assert full["data"]["max_tokens"] is None
+    sweep = deployed.deployments["sweep"]
+    validate(sweep["parameters"], sweep["parameter_openapi_schema"], raise_on_error=True)
+    assert sweep["parameters"]["train"]["epochs"] == 100
+
+
+# The one value a deployment's sections may hold that its preset does not: the sweep trains 100 epochs a trial.
+DEPLOYMENT_CHANGES: dict[str, dict[str, dict[str, Any]]] = {"sweep": {"train": {"epochs": 100}}}
+
+
+def test_prefect_yaml_holds_the_presets_sections_exactly() -> None:
+    """Fails when a preset's value is edited in deeprnn/config.py or in prefect.yaml only."""
+    checked = set()
+    for deployment in PREFECT_YAML["deployments"]:
+        parameters = deployment.get("parameters") or {}
+        if "preset" not in parameters:
+            continue
+        name, preset = deployment["name"], parameters["preset"]
+        given = tuple(s for s in SECTIONS if s in parameters)
+        assert given, f"{name}: no sections: its form would show none of the values that run"
+        expected = preset_sections(preset, DEPLOYMENT_CHANGES.get(name), given)
+        actual = {s: parameters[s] for s in given}
+        assert actual == expected, (
+            f"deployment {name!r} in prefect.yaml disagrees with preset {preset!r}; its sections should be:\n"
+            + yaml.safe_dump(expected, sort_keys=False)
+        )
+        checked.add(name)
+    assert checked == {"d2l-9.3", "full-book", "smoke", "prepare", "sweep"}
+    entrypoints = {d["name"]: d.get("entrypoint") for d in PREFECT_YAML["deployments"]}
+    assert all(entrypoints[n] == "flows/train_flow.py:train_lm" for n in ("d2l-9.3", "full-book", "smoke"))
+    # Every section the training flow takes is there: nothing falls back to a value the form does not show.
+    assert all(set(SECTIONS) <= set(d["parameters"]) for d in PREFECT_YAML["deployments"] if d["name"] == "smoke")
+
+
+def test_schedule_parameters_merged_over_the_deployments_run_the_intended_configuration() -> None:
+    """Prefect merges a schedule's parameters over the deployment's one parameter at a time (a schedule's
+    ``model: {cell: gru}`` replaces the whole ``model``); the flow then keeps the preset's other fields."""
+    from flows.train_flow import train_lm
+
+    (book,) = [d for d in PREFECT_YAML["deployments"] if d["name"] == "d2l-9.3"]
+    configs = {}
+    for schedule in book["schedules"]:
+        merged = {**book["parameters"], **schedule["parameters"]}  # as the server builds a scheduled run's
+        bound = train_lm.validate_parameters(merged)
+        configs[schedule["slug"]] = resolve(bound["preset"], *(bound[s] for s in SECTIONS))
+    assert configs["nightly"] == preset_config("d2l-9.3")
+    assert configs["weekly-gru"] == preset_config("d2l-9.3", {"model": {"cell": "gru"}})
+    assert configs["weekly-gru"].model.num_hiddens == 256 and configs["weekly-gru"].train.epochs == 500
 
 
 def test_server_refuses_out_of_range_parameters_when_the_run_is_created(deployed: Deployed) -> None:
@@ -263,6 +340,7 @@ def test_smoke_deployment_runs_on_a_worker_and_triggers_the_evaluation(
     (train_run,) = client.search_runs(experiments, f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
     assert train_run.info.status == "FINISHED"
     assert train_run.data.params["train.epochs"] == "2" and train_run.data.params["preset"] == "smoke"
+    assert train_run.data.params["train.batch_size"] == "8"  # a field the run's train section left out: smoke's
     assert train_run.data.tags["prefect.deployment"] == "smoke"
     steps = [m.step for m in client.get_metric_history(train_run.info.run_id, "train_perplexity")]
     assert sorted(steps) == [1, 2]

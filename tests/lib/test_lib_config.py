@@ -12,17 +12,14 @@ from deeprnn.config import (
     D2L_URL,
     PRESETS,
     DataConfig,
-    DataOverrides,
     ModelConfig,
-    ModelOverrides,
     RunConfig,
     SampleConfig,
-    SampleOverrides,
     TrainConfig,
-    TrainOverrides,
     is_sha1,
     preset_config,
     resolve,
+    section_values,
 )
 
 
@@ -128,32 +125,52 @@ def test_expected_sha1() -> None:
     assert not is_sha1("g" * 40) and not is_sha1("a" * 41) and not is_sha1("")
 
 
-def test_resolve_applies_override_models_and_dicts() -> None:
+def test_resolve_takes_the_fields_each_section_sets_and_the_presets_for_the_rest() -> None:
     cfg = resolve(
         "smoke",
-        data=DataOverrides(max_tokens=500),
-        model=ModelOverrides(num_layers=3, dropout=None),
-        train={"epochs": 2, "lr": None},
-        sample=SampleOverrides(),
+        data=DataConfig.model_validate({"max_tokens": 500}),
+        model=ModelConfig(num_layers=3),
+        train={"epochs": 2},
+        sample=None,
     )
     assert cfg.preset == "smoke"
-    assert cfg.data.max_tokens == 500
-    assert cfg.model.num_layers == 3 and cfg.model.dropout == 0.0  # None keeps the preset's value
-    assert cfg.train.epochs == 2 and cfg.train.lr == 1.0
-    assert cfg.sample == preset_config("smoke").sample
+    assert cfg.data.max_tokens == 500 and cfg.data.test_fraction == 0.1
+    smoke = preset_config("smoke")
+    assert cfg.model.num_layers == 3 and cfg.model.num_hiddens == smoke.model.num_hiddens == 32  # the preset's
+    assert cfg.train.epochs == 2 and cfg.train.lr == 1.0 and cfg.train.batch_size == 8
+    assert cfg.sample == smoke.sample
     assert resolve("d2l-9.3") == RunConfig()
+    # An explicit None is a value (the whole training split), not "keep the preset's".
+    assert resolve("d2l-9.3", data={"max_tokens": None}).data.max_tokens is None
+    assert resolve("d2l-9.3", data=DataConfig(max_tokens=None)).data.max_tokens is None
     with pytest.raises(ValidationError, match="num_layers"):
         resolve("d2l-9.3", model={"num_layers": 17})
 
 
-def test_overrides_refuse_out_of_range_values_up_front() -> None:
+def test_a_complete_section_replaces_the_presets_whole() -> None:
+    # What the dashboard's form sends: every field of the section, here the book's training on the smoke preset.
+    book = TrainConfig.model_validate(TrainConfig().model_dump(mode="json"))
+    cfg = resolve("smoke", train=book)
+    assert cfg.train == TrainConfig() and cfg.train.epochs == 500 and cfg.train.batch_size == 32
+    assert cfg.model == preset_config("smoke").model  # sections not given stay the preset's
+
+
+def test_section_values_are_the_fields_set() -> None:
+    assert section_values(None) == {}
+    assert section_values(TrainConfig()) == {}
+    assert section_values(TrainConfig.model_validate({"epochs": 7, "lr": 0.5})) == {"epochs": 7, "lr": 0.5}
+    assert section_values(ModelConfig(embedding_dim=None)) == {"embedding_dim": None}
+    assert section_values({"cell": "gru"}) == {"cell": "gru"}
+    assert len(section_values(preset_config("full-book").train)) >= 10  # a preset's own values count as set
+
+
+def test_sections_refuse_out_of_range_values_up_front() -> None:
     with pytest.raises(ValidationError, match="num_layers"):
-        ModelOverrides(num_layers=0)
+        ModelConfig(num_layers=0)
     with pytest.raises(ValidationError, match="sha1"):
-        DataOverrides(sha1="xyz")
+        DataConfig(sha1="xyz")
     with pytest.raises(ValidationError):
-        TrainOverrides(unknown=1)
-    assert ModelOverrides().model_dump(exclude_none=True) == {}
+        TrainConfig.model_validate({"unknown": 1})
 
 
 def _prop(model, name: str) -> dict:
@@ -161,7 +178,7 @@ def _prop(model, name: str) -> dict:
 
 
 def _bounds(prop: dict) -> dict:
-    branch = next(b for b in prop["anyOf"] if b.get("type") != "null")
+    branch = next(b for b in prop.get("anyOf", [prop]) if b.get("type") != "null")
     return {
         k: v
         for k, v in branch.items()
@@ -170,36 +187,25 @@ def _bounds(prop: dict) -> dict:
 
 
 @pytest.mark.parametrize(
-    "overrides, section, name, bounds",
+    "section, name, bounds, plain",
     [
-        (ModelOverrides, ModelConfig, "num_layers", {"minimum": 1, "maximum": 16}),
-        (ModelOverrides, ModelConfig, "dropout", {"minimum": 0.0, "exclusiveMaximum": 1.0}),
-        (TrainOverrides, TrainConfig, "lr", {"exclusiveMinimum": 0.0, "maximum": 100.0}),
-        (TrainOverrides, TrainConfig, "batch_size", {"minimum": 1, "maximum": 65536}),
-        (DataOverrides, DataConfig, "sha1", {"pattern": "^[0-9a-fA-F]{40}$"}),
-        (SampleOverrides, SampleConfig, "num_chars", {"minimum": 1, "maximum": 10000}),
+        (ModelConfig, "num_layers", {"minimum": 1, "maximum": 16}, True),
+        (ModelConfig, "dropout", {"minimum": 0.0, "exclusiveMaximum": 1.0}, True),
+        (TrainConfig, "lr", {"exclusiveMinimum": 0.0, "maximum": 100.0}, True),
+        (TrainConfig, "epochs", {"minimum": 1, "maximum": 100000}, True),
+        (TrainConfig, "batch_size", {"minimum": 1, "maximum": 65536}, True),
+        (DataConfig, "sha1", {"pattern": "^[0-9a-fA-F]{40}$"}, False),
+        (SampleConfig, "num_chars", {"minimum": 1, "maximum": 10000}, True),
     ],
 )
-def test_overrides_schema_keeps_bounds_and_titles(overrides, section, name: str, bounds: dict) -> None:
-    prop = _prop(overrides, name)
+def test_section_schema_has_bounds_titles_and_plain_types(section, name: str, bounds: dict, plain: bool) -> None:
+    """The schema Prefect's form is built from: a field that is never empty is a plain typed field, no toggle."""
+    prop = _prop(section, name)
     assert _bounds(prop) == bounds
     assert prop["title"] == section.model_fields[name].title
-    assert prop.get("default") is None
-    assert prop["description"].startswith(section.model_fields[name].description)
-    assert "Empty:" in prop["description"]  # says what leaving the field empty means
-    # The original section's description is not changed by the copy.
-    assert not section.model_fields[name].description.endswith("Empty: the preset's value.")
-
-
-def test_every_section_field_has_an_override() -> None:
-    for section, overrides in [
-        (DataConfig, DataOverrides),
-        (ModelConfig, ModelOverrides),
-        (TrainConfig, TrainOverrides),
-        (SampleConfig, SampleOverrides),
-    ]:
-        assert set(overrides.model_fields) == set(section.model_fields)
-        assert all(f.default is None for f in overrides.model_fields.values())
+    assert prop["description"] == section.model_fields[name].description
+    assert ("anyOf" not in prop) is plain
+    assert prop.get("default") == section.model_fields[name].default
 
 
 def test_flat_lists_every_value() -> None:
