@@ -320,38 +320,20 @@ def sweep_parent_name(url: str, exp: str) -> str:
 
 
 def shoot_run_form(browser: Any, url: str, path: Path) -> None:
-    """Deployments > smoke > Run > Custom run, Training overridden, epochs 2; found by role and text only."""
+    """Deployments > d2l-9.3 > Run > Custom run: the form pre-filled with the preset's values, its Training
+    section (500 epochs, lr 2) at the top of the picture; found by role and text only."""
     page = browser.new_page(viewport={"width": 1400, "height": 1330})
     page.goto(f"{url}/deployments")
-    page.get_by_role("link", name="smoke", exact=True).first.click()
+    page.get_by_role("link", name="d2l-9.3", exact=True).first.click()
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Custom run", exact=True).click()
     page.get_by_text("Parameters", exact=True).first.wait_for(timeout=60_000)
-    training = field(page, page, "Training", "Override")
-    training.get_by_role("button", name="Override", exact=True).first.click()
-    epochs = field(page, training, "Epochs", "int")
-    epochs.get_by_role("button", name="int", exact=True).first.click()
-    epochs.get_by_role("spinbutton").or_(epochs.get_by_role("textbox")).first.fill("2")
-    page.mouse.click(5, 5)  # leave the field so the form shows the value as entered
+    epochs = page.get_by_text(re.compile(r"^\s*Epochs(\s*\(Optional\))?\s*$")).first
+    epochs.wait_for(timeout=60_000)  # the form draws its fields after the deployment's schema arrives
+    training = page.get_by_text(re.compile(r"^\s*Training(\s*\(Optional\))?\s*$")).first
+    training.evaluate("element => element.scrollIntoView({block: 'start'})")
     page.wait_for_timeout(1000)
     page.screenshot(path=str(path))
-
-
-def field(page: Any, scope: Any, label: str, button: str) -> Any:
-    """The innermost element of ``scope`` holding both the field label ``label`` and a ``button``.
-
-    By text and role only, so it survives changes to the form's layout and to the other fields.
-    """
-    text = page.get_by_text(re.compile(rf"^\s*{re.escape(label)}(\s*\(Optional\))?\s*$"))
-    # Inner locators of `has=` are relative to each candidate: built from the page, not from `scope`.
-    found = scope.locator("*").filter(has=text).filter(has=page.get_by_role("button", name=button, exact=True))
-    try:
-        found.last.wait_for(timeout=60_000)  # the form draws its fields after the deployment's schema arrives
-    except Exception as error:
-        raise RuntimeError(
-            f"no form field labelled {label!r} with a {button!r} button on the custom run form"
-        ) from error
-    return found.last
 
 
 def shoot_all(mlflow_url: str, prefect_url: str | None, out: Path) -> list[Path]:

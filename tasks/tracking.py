@@ -383,6 +383,20 @@ def set_tags(run_id: str, tags: dict[str, Any]) -> None:
     MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+def _log_input_once(run_id: str, dataset: DatasetInput, attempts: int = 3) -> None:
+    """Log ``dataset`` as an input of the run. Runs that log the same dataset at the same moment (sweep trials,
+    parallel runs) race in MLflow's store, which creates each dataset once per experiment; the one that loses
+    gets a UNIQUE-constraint error, and its next attempt finds the dataset the winner created."""
+    for attempt in range(1, attempts + 1):
+        try:
+            MlflowClient().log_inputs(run_id, datasets=[dataset])
+            return
+        except MlflowException as exc:
+            if "UNIQUE constraint failed" not in str(exc) or attempt == attempts:
+                raise
+            time.sleep(0.2 * attempt)
+
+
 def log_dataset(run_id: str, corpus: CorpusFile, vocab: dict[str, Any], num_tokens: int | None = None) -> None:
     """Record the corpus's identity (URL, sha1, size, token count) as an MLflow dataset input and as tags."""
     if num_tokens is None:
@@ -396,10 +410,8 @@ def log_dataset(run_id: str, corpus: CorpusFile, vocab: dict[str, Any], num_toke
     is_http = urlsplit(source).scheme in ("http", "https")
     ds_source = HTTPDatasetSource(source) if is_http else LocalArtifactDatasetSource(source)
     dataset = MetaDataset(source=ds_source, name=Path(urlsplit(source).path).name or "corpus", digest=corpus.sha1[:10])
-    MlflowClient().log_inputs(
-        run_id,
-        datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])],
-    )
+    training = [InputTag("mlflow.data.context", "training")]
+    _log_input_once(run_id, DatasetInput(dataset._to_mlflow_entity(), tags=training))
     set_tags(
         run_id,
         {
