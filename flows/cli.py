@@ -28,7 +28,16 @@ from rich.table import Table
 if typing.TYPE_CHECKING:
     from flows.prefect_api import TemporaryAPI
 
-from deeprnn.config import PRESETS, DataConfig, ModelConfig, SampleConfig, TrainConfig, preset_config, resolve
+from deeprnn.config import (
+    PRESETS,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    SampleConfig,
+    TrainConfig,
+    preset_config,
+    resolve,
+)
 
 app = typer.Typer(
     help="Deep RNN language models (D2L 9.3) as Prefect flows tracked in MLflow.",
@@ -117,6 +126,18 @@ def _explain(exc: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(lines)
 
 
+def _resolve_or_exit(preset: str | None, overrides: dict[str, dict[str, Any]]) -> RunConfig:
+    """The preset (default d2l-9.3) with the options' overrides, validated; a bad value exits 2 naming it."""
+    try:
+        return resolve(preset or "d2l-9.3", **overrides)
+    except ValidationError as exc:
+        err.print(f"[red]error:[/red] {_explain(exc)}")
+        raise typer.Exit(2) from None
+    except ValueError as exc:  # an unknown preset
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
 def run(
     preset: Optional[str] = typer.Option(
         None, "--preset", help=f"Named preset: {', '.join(PRESETS)} (default d2l-9.3)."
@@ -161,14 +182,7 @@ def run(
             )
             raise typer.Exit(2)
     _check_registered_model(registered_model)
-    try:
-        config = resolve(preset or "d2l-9.3", **overrides)  # for a resume, this only validates the overrides
-    except ValidationError as exc:
-        err.print(f"[red]error:[/red] {_explain(exc)}")
-        raise typer.Exit(2) from None
-    except ValueError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    config = _resolve_or_exit(preset, overrides)  # for a resume, this only validates the overrides
 
     temporary_api = _start_prefect_api()  # boots in its own process while the flow's imports load here
     from flows.train_flow import train_lm  # Prefect and MLflow load only once the input is known to be good
@@ -345,14 +359,7 @@ def prepare(
     **options: Any,
 ) -> None:
     """Download and tokenize a corpus into the token cache (once per corpus and settings), and say what it holds."""
-    try:
-        config = resolve(preset or "d2l-9.3", **_overrides(options))
-    except ValidationError as exc:
-        err.print(f"[red]error:[/red] {_explain(exc)}")
-        raise typer.Exit(2) from None
-    except ValueError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    config = _resolve_or_exit(preset, _overrides(options))
     from deeprnn.download import DownloadError, fetch_corpus, redact_url
     from deeprnn.prepare import PrepareError, dropped_letters_warning, prepared_record, split_sizes
     from deeprnn.prepare import prepare as prepare_corpus

@@ -60,25 +60,13 @@ def scratch_folder() -> Iterator[str]:
         yield folder
 
 
-def _tracking_fault(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry MLflow and I/O faults only; a missing device or an unreachable store fails the same way again."""
-    try:
-        state.result()
-    except tracking.TrackingUnavailableError:
-        return False
-    except OSError:
-        return True
-    except Exception as exc:
-        return tracking.is_tracking_error(exc)
-    return False
-
-
 @task(
     name="start-evaluation-run",
     cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=2,
-    retry_condition_fn=_tracking_fault,
+    # A missing device or an unreachable store fails the same way again: only MLflow and I/O faults retry.
+    retry_condition_fn=tracking.retry_on_io_faults(tracking.TrackingUnavailableError),
 )
 def start_evaluation(model_uri: str, device: str, experiment: str) -> str:
     """Refuse a missing device or an unreachable MLflow, then open the evaluation's MLflow run (tags link the

@@ -22,7 +22,7 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 import mlflow
@@ -338,6 +338,24 @@ def epoch_history(run_id: str, upto: int) -> list[EpochStats]:
 def is_tracking_error(exc: BaseException) -> bool:
     """True for errors from MLflow itself (a store or server hiccup), which a retry may get past."""
     return isinstance(exc, MlflowException)
+
+
+def retry_on_io_faults(*never: type[BaseException]) -> Callable[[Any, Any, Any], bool]:
+    """A Prefect ``retry_condition_fn``: retry disk, network and MLflow faults, which a second attempt may get
+    past, but not the ``never`` classes nor anything else (bad settings, divergence fail the same way again)."""
+
+    def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+        try:
+            state.result()
+        except never:
+            return False
+        except OSError:
+            return True
+        except Exception as exc:
+            return is_tracking_error(exc)
+        return False
+
+    return worth_retrying
 
 
 # Seconds between system metric samples: short enough that a run of a few seconds records some.

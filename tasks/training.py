@@ -42,26 +42,13 @@ def _worth_a_line(s: StepStats, cfg: TrainConfig, seconds_since_last: float) -> 
     return s.heldout_perplexity is not None or seconds_since_last >= _LOG_SECONDS
 
 
-def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry I/O and tracking faults (disk, network, MLflow), never divergence or bad settings: those would
-    fail the same way again."""
-    try:
-        state.result()
-    except TimeoutError:  # past train.timeout_minutes (an OSError too): a retry would only run as long again
-        return False
-    except OSError:
-        return True
-    except Exception as exc:
-        return tracking.is_tracking_error(exc)
-    return False
-
-
 @task(
     name="train-model",
     cache_policy=NO_CACHE,
     retries=1,
     retry_delay_seconds=10,
-    retry_condition_fn=_worth_retrying,
+    # Not after a timeout (past train.timeout_minutes; an OSError too): a retry would only run as long again.
+    retry_condition_fn=tracking.retry_on_io_faults(TimeoutError),
 )
 def train_model(config: RunConfig, vocab: dict[str, Any], splits: Splits, run_id: str, run_dir: str) -> TrainingOutcome:
     """Train on the training split, logging every epoch to MLflow; returns the checkpoint path and metrics.
