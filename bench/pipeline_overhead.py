@@ -66,7 +66,7 @@ def phases(launched: float, stamps: dict[str, float], exited: float) -> dict[str
 def time_run(repo: Path, work: Path, index: int, data_url: str, args: list[str]) -> dict[str, Any]:
     """Run ``deeprnn run`` once from ``repo``'s code in ``work``; returns its phases in seconds."""
     out = work / f"run{index}.json"
-    cmd = [sys.executable, "-m", "flows.cli", "run", "--data-url", data_url, "--json", str(out), *args]
+    cmd = [sys.executable, "-m", "cli.app", "run", "--data-url", data_url, "--json", str(out), *args]
     launched = time.time()
     proc = subprocess.run(cmd, cwd=work, env=fresh_env(work, repo), capture_output=True, text=True)
     exited = time.time()

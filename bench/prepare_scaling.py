@@ -112,7 +112,7 @@ def main() -> None:
                 cmd = [
                     sys.executable,
                     "-m",
-                    "flows.cli",
+                    "cli.app",
                     "prepare",
                     "--data-url",
                     str(corpus),

@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 
 from flows.evaluate_flow import FLOW_RUN_ID_PATTERN
 from flows.parameters import form_field
-from tasks.orphans import mark_crashed_flow_run
+from ops.orphans import mark_crashed_flow_run
 
 FLOW_NAME = "deeprnn-mark-crashed"
 

@@ -10,9 +10,9 @@ from typing import Annotated, Any, Optional
 
 from prefect import flow
 
+import tracking
 from deeprnn.config import DeviceName, SampleConfig
 from flows.parameters import form_field
-from tasks import tracking
 from tasks.data import download_corpus, prepare_splits, prepare_tokens
 from tasks.evaluation import (
     CHAMPION_URI,

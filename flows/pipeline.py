@@ -13,11 +13,11 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+import tracking
 from deeprnn.config import RunConfig
 from deeprnn.search import Trial
-from tasks import tracking
+from ops.limits import training_timeout_seconds
 from tasks.data import download_corpus, prepare_splits, prepare_tokens
-from tasks.limits import training_timeout_seconds
 from tasks.results import check_inputs, log_results, publish_summary, start_tracking
 from tasks.training import evaluate_model, generate_samples, train_model
 

@@ -4,7 +4,7 @@ check -> plan the trials -> open the parent MLflow run -> submit every trial (th
 child run each) to the cluster -> wait for all, failed ones included -> rank and roll the best up.
 
 The Dask cluster comes from the flow's task runner: a new local one by default, or the scheduler named by
-``DEEPRNN_DASK_ADDRESS``; ``deeprnn sweep --cluster-address`` sets it per run (``tasks.cluster``).
+``DEEPRNN_DASK_ADDRESS``; ``deeprnn sweep --cluster-address`` sets it per run (``ops.cluster``).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from typing import Any, Optional
 
 from prefect import allow_failure, flow
 
+import tracking
 from deeprnn.config import DataConfig, ModelConfig, PresetName, SampleConfig, TrainConfig
 from deeprnn.search import parse_space, plan_trials
 from flows.pipeline import run_trial
-from tasks import tracking
-from tasks.cluster import cluster_gpus, gpu_request, resources, task_runner_from_env
+from ops.cluster import cluster_gpus, gpu_request, resources, task_runner_from_env
 from tasks.sweep import check_sweep_inputs, start_sweep_tracking, summarize_sweep
 
 SWEEP_NAME = "deeprnn-sweep"

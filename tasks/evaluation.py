@@ -15,13 +15,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+import tracking
 from deeprnn import checkpoint
 from deeprnn.config import RunConfig, SampleConfig, section_values
 from deeprnn.device import resolve_device
 from deeprnn.download import redact_url
 from deeprnn.pipeline import Evaluation
 from deeprnn.report import fmt, samples_markdown, samples_text
-from tasks import tracking
 from tasks.results import prefect_run_tags
 
 CHAMPION_URI = f"models:/{tracking.REGISTERED_MODEL}@{tracking.CHAMPION}"
@@ -73,7 +73,7 @@ def start_evaluation(model_uri: str, device: str, experiment: str) -> str:
     Prefect flow run; a retry finds the run its first attempt created); returns its id."""
     from prefect.runtime import flow_run, task_run
 
-    from tasks.orphans import process_tags
+    from ops.orphans import process_tags
 
     resolve_device(device)
     tracking.check_reachable()

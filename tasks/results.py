@@ -11,12 +11,12 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+import tracking
 from deeprnn import checkpoint
 from deeprnn.config import DataConfig, RunConfig
 from deeprnn.download import redact_url
 from deeprnn.report import fmt, plot_history, samples_markdown, samples_text
 from deeprnn.resume import RESUMABLE, run_folder
-from tasks import tracking
 
 
 @task(name="log-results", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
@@ -185,7 +185,7 @@ def start_tracking(
     run folder."""
     from prefect.runtime import flow_run, task_run
 
-    from tasks.orphans import process_tags
+    from ops.orphans import process_tags
 
     tags = {
         **(extra_tags or {}),

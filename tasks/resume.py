@@ -9,9 +9,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+import tracking
 from deeprnn import checkpoint, resume
 from deeprnn.config import RunConfig, overrides_dict
-from tasks import tracking
 from tasks.training import LAST
 
 CHECKPOINT_ARTIFACT = f"checkpoints/{LAST}"

@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from deeprnn.download import redact_url
 from deeprnn.search import SearchSpace, Trial, TrialResult, rank, selection_metric, table_csv, table_markdown
-from tasks import cluster, tracking
+from ops import cluster, tracking
 from tasks.results import prefect_run_tags, register_version
 
 
@@ -47,7 +47,7 @@ def start_sweep_tracking(trials: list[Trial], space: SearchSpace, strategy: dict
     search settings, and the space and trial list as ``space.json``; returns its id."""
     from prefect.runtime import flow_run, task_run
 
-    from tasks.orphans import process_tags
+    from ops.orphans import process_tags
 
     params: dict[str, Any] = dict(trials[0].config.flat())
     params["data.url"] = redact_url(params["data.url"])  # never log credentials

@@ -11,6 +11,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+import tracking
 from deeprnn import checkpoint, resume
 from deeprnn.batching import Splits
 from deeprnn.config import RunConfig, SampleConfig, TrainConfig
@@ -20,7 +21,6 @@ from deeprnn.pipeline import Evaluation, TrainingOutcome, build_trainer, evaluat
 from deeprnn.progress import StepStats, progress_line
 from deeprnn.train import EpochStats
 from deeprnn.vocab import Vocab
-from tasks import tracking
 
 LAST = "last.pt"  # resumable: weights + optimizer + RNG state, rewritten every checkpoint
 MODEL = "model.pt"  # the selected weights the run reports and logs

@@ -22,6 +22,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from typer.testing import CliRunner
 
 import flows.pipeline as pipeline
+import tracking
+from cli.app import app
 from deeprnn import checkpoint, tokenize
 from deeprnn.batching import CorpusTooShortError
 from deeprnn.config import D2L_SHA1 as BOOK_SHA1
@@ -30,10 +32,8 @@ from deeprnn.device import DeviceUnavailableError
 from deeprnn.download import DownloadError, TransientDownloadError
 from deeprnn.resume import ResumeError
 from deeprnn.train import TrainingDivergedError
-from flows.cli import app
 from flows.train_flow import train_lm
-from tasks import tracking
-from tasks.tracking import TrackingUnavailableError
+from tracking import TrackingUnavailableError
 
 pytestmark = pytest.mark.e2e
 

@@ -17,8 +17,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.logging.handlers import APILogWorker
 
+import tracking
 from flows.train_flow import train_lm
-from tasks import tracking
 
 pytestmark = pytest.mark.e2e
 
@@ -127,7 +127,7 @@ def test_the_cli_prints_the_message_once_and_no_traceback(store: Path, fault_ser
         [
             sys.executable,
             "-m",
-            "flows.cli",
+            "cli.app",
             "run",
             "--preset",
             "smoke",
@@ -179,8 +179,8 @@ def test_training_past_its_timeout_fails_once_cleanly_and_the_run_is_failed(
 
     import flows.pipeline as pipeline
     from deeprnn.config import TrainConfig
-    from tasks.failures import message
-    from tasks.limits import training_timeout_seconds
+    from ops.failures import message
+    from ops.limits import training_timeout_seconds
 
     # The timeout is the user's when set, else derived from the run's size (one hour plus 1,000 tokens/s).
     assert training_timeout_seconds(TrainConfig(timeout_minutes=5), 10_000) == 300

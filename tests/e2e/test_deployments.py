@@ -432,7 +432,7 @@ def unattended(deployed: Deployed, worker: dict[str, Any]) -> Iterator[AlertRece
         [
             sys.executable,
             "-m",
-            "flows.cli",
+            "cli.app",
             "setup-server",
             "--training-slots",
             "1",
@@ -495,7 +495,7 @@ def test_setup_server_creates_the_training_slot_the_zombie_automation_and_the_al
     assert "mark-crashed-mlflow-runs" in automations  # from prefect.yaml, by `prefect deploy --all`
     # Running it again updates rather than duplicates.
     again = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "setup-server", "--zombie-after", str(ZOMBIE_AFTER)],
+        [sys.executable, "-m", "cli.app", "setup-server", "--zombie-after", str(ZOMBIE_AFTER)],
         cwd=PROJECT_ROOT,
         env=server.env,
         capture_output=True,

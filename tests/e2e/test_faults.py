@@ -66,12 +66,12 @@ class Machine:
         return MlflowClient(tracking_uri=self.env["MLFLOW_TRACKING_URI"])
 
     def start(self, *args: str) -> subprocess.Popen:
-        """Start ``python -m flows.cli ARGS`` here, in a process of its own (signals reach only it)."""
+        """Start ``python -m cli.app ARGS`` here, in a process of its own (signals reach only it)."""
         # Output goes to a file, not a pipe: nobody reads it while the process runs, and a full pipe would block.
         log = self.root / f"cli-{time.monotonic_ns()}.log"
         with open(log, "w", encoding="utf-8") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "flows.cli", *args],
+                [sys.executable, "-m", "cli.app", *args],
                 cwd=self.root,
                 env=self.env,
                 stdout=out,
@@ -91,7 +91,7 @@ class Machine:
         return code, self.logs[proc.pid].read_text(encoding="utf-8", errors="replace")
 
     def run(self, *args: str, timeout: float = 300) -> tuple[int, str]:
-        """Run ``python -m flows.cli ARGS`` to its end."""
+        """Run ``python -m cli.app ARGS`` to its end."""
         return self.finish(self.start(*args), timeout)
 
 
@@ -355,7 +355,7 @@ def test_ctrl_c_in_the_middle_of_an_mlflow_read_still_ends_the_run_killed_at_onc
     """SQLAlchemy drops its connection when Ctrl-C lands mid-read, and the half-read cursor, held by the
     unwound frames, keeps sqlite's lock: the run must still be marked KILLED at once, not fail after sqlite's
     20 s lock timeout with "database is locked" (seen when the signal hit `get_run` during training)."""
-    from tasks import tracking
+    import tracking
 
     client, run_id, armed = store_with_a_run
     started = time.monotonic()
@@ -370,7 +370,7 @@ def test_ctrl_c_in_the_middle_of_an_mlflow_read_still_ends_the_run_killed_at_onc
 def test_ctrl_c_is_held_back_until_the_mlflow_calls_of_a_training_callback_finish(
     store_with_a_run: tuple[MlflowClient, str, list[int]],
 ) -> None:
-    from tasks import tracking
+    import tracking
 
     client, run_id, armed = store_with_a_run
     finished = []

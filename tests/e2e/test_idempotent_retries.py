@@ -19,10 +19,10 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 import flows.evaluate_flow as evaluate_flow
 import flows.pipeline as pipeline
 import tasks.evaluation as evaluation
+import tracking
 from deeprnn.search import parse_space, plan_trials
 from flows.evaluate_flow import evaluate_lm
 from flows.train_flow import train_lm
-from tasks import tracking
 from tasks.sweep import start_sweep_tracking
 
 pytestmark = pytest.mark.e2e

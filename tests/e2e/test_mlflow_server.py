@@ -15,10 +15,10 @@ import pytest
 import requests
 from live_servers import Server
 
+import tracking
 from deeprnn.config import D2L_SHA1 as BOOK_SHA1
 from flows.evaluate_flow import evaluate_lm
 from flows.train_flow import train_lm
-from tasks import tracking
 
 pytestmark = pytest.mark.e2e
 
@@ -150,7 +150,7 @@ def test_generate_from_the_champion_alias(compared: Compared) -> None:
         [
             sys.executable,
             "-m",
-            "flows.cli",
+            "cli.app",
             "generate",
             "--model-uri",
             "models:/deeprnn-lm@champion",

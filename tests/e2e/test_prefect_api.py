@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from deeprnn.config import D2L_SHA1 as BOOK_SHA1
-from flows.prefect_api import server_command
+from ops.prefect_api import server_command
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +45,7 @@ def test_default_run_uses_a_temporary_server_records_the_run_and_stops_it(tmp_pa
         [
             sys.executable,
             "-m",
-            "flows.cli",
+            "cli.app",
             "run",
             "--preset",
             "smoke",
@@ -120,7 +120,7 @@ def test_server_command_is_prefects_own(tmp_path: Path) -> None:
 def test_server_that_does_not_answer_in_time_is_stopped_with_a_clear_error(tmp_path: Path, book_url: str) -> None:
     env = {**_default_env(tmp_path), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--device", "cpu", "--data-url", book_url],
+        [sys.executable, "-m", "cli.app", "run", "--preset", "smoke", "--device", "cpu", "--data-url", book_url],
         capture_output=True,
         text=True,
         timeout=300,
@@ -142,7 +142,7 @@ def test_server_that_cannot_start_says_so(tmp_path: Path, book_url: str) -> None
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'not-a-folder' / 'prefect.db'}",
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--preset", "smoke", "--device", "cpu", "--data-url", book_url],
+        [sys.executable, "-m", "cli.app", "run", "--preset", "smoke", "--device", "cpu", "--data-url", book_url],
         capture_output=True,
         text=True,
         timeout=300,
@@ -163,7 +163,7 @@ def test_default_sweep_workers_report_to_the_same_temporary_server(tmp_path: Pat
         [
             sys.executable,
             "-m",
-            "flows.cli",
+            "cli.app",
             "sweep",
             "--preset",
             "smoke",

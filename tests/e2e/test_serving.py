@@ -200,7 +200,7 @@ def test_cli_generate_continues_every_prefix_in_one_batch(served: Served) -> Non
     cmd = [
         sys.executable,
         "-m",
-        "flows.cli",
+        "cli.app",
         "generate",
         "--model-uri",
         "models:/deeprnn-lm@champion",
@@ -222,8 +222,8 @@ def test_log_results_retried_after_registering_registers_one_version(
 ) -> None:
     """The first attempt of log-results fails right after its registration (the store fails on the next
     write: injected, as no real store can be made to fail at exactly that point); the retry finishes."""
+    import tracking
     from flows.train_flow import train_lm
-    from tasks import tracking
 
     real = tracking.describe_version
     calls: list[str] = []
@@ -253,8 +253,8 @@ def test_log_results_retried_after_registering_registers_one_version(
 
 
 def test_other_corpora_get_their_own_registered_model(workdir: Path, book_path: Path) -> None:
+    import tracking
     from flows.train_flow import train_lm
-    from tasks import tracking
 
     text = workdir / "my notes.txt"
     text.write_text(book_path.read_text(encoding="utf-8")[:60_000], encoding="utf-8")

@@ -16,8 +16,8 @@ from mlflow.store.db.utils import _get_alembic_config
 from mlflow.store.tracking.dbmodels.initial_models import Base as InitialBase
 from mlflow.tracking import MlflowClient
 
+import tracking
 from flows.train_flow import train_lm
-from tasks import tracking
 
 pytestmark = pytest.mark.e2e
 

@@ -17,10 +17,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from cli.app import app
 from deeprnn.config import D2L_SHA1 as BOOK_SHA1
-from flows.cli import app
 from flows.sweep_flow import sweep_lm
-from tasks.cluster import ClusterConfigError, dask_task_runner, gpu_request
+from ops.cluster import ClusterConfigError, dask_task_runner, gpu_request
 
 pytestmark = pytest.mark.e2e
 
@@ -140,7 +140,7 @@ def test_cli_sweep_on_an_existing_cluster_gives_each_gpu_trial_the_gpu_worker(
             [
                 sys.executable,
                 "-m",
-                "flows.cli",
+                "cli.app",
                 "sweep",
                 "--preset",
                 "smoke",

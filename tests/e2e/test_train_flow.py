@@ -88,7 +88,7 @@ def test_smoke_flow_logs_everything_and_model_reproduces_samples(workdir: Path, 
         [
             sys.executable,
             "-m",
-            "flows.cli",
+            "cli.app",
             "generate",
             "--model-uri",
             f"runs:/{run.info.run_id}/model",
@@ -121,7 +121,7 @@ def test_cli_run_prints_run_id_perplexities_and_samples(cli_env: dict[str, str],
         [
             sys.executable,
             "-m",
-            "flows.cli",
+            "cli.app",
             "run",
             "--preset",
             "smoke",
@@ -153,7 +153,7 @@ def test_cli_run_prints_run_id_perplexities_and_samples(cli_env: dict[str, str],
 
 def test_cli_refuses_bad_values_before_starting_anything(cli_env: dict[str, str]) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--num-layers", "0", "--dropout", "1.5", "--cell", "transformer"],
+        [sys.executable, "-m", "cli.app", "run", "--num-layers", "0", "--dropout", "1.5", "--cell", "transformer"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -1,4 +1,4 @@
-"""tasks.tracking without a server: the dataset input when parallel runs race to create the same dataset."""
+"""tracking without a server: the dataset input when parallel runs race to create the same dataset."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from mlflow.exceptions import MlflowException
 
-from tasks import tracking
+import tracking
 
 
 class _Store:

@@ -7,7 +7,7 @@ process). A run of this host whose process no longer exists cannot be running: n
 Its checkpoints are untouched, so ``deeprnn run --resume RUN_ID`` continues it as before.
 
 Runs of Prefect deployments on a server are watched by Prefect itself (heartbeats and the zombie automation,
-``tasks.automations``); this covers local runs, which have no server to notice.
+``ops.automations``); this covers local runs, which have no server to notice.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import psutil
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from tasks import tracking
+import tracking
 
 log = logging.getLogger(__name__)
 

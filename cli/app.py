@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 if typing.TYPE_CHECKING:
-    from flows.prefect_api import TemporaryAPI
+    from ops.prefect_api import TemporaryAPI
 
 from deeprnn.config import (
     PRESETS,
@@ -186,7 +186,7 @@ def run(
 
     temporary_api = _start_prefect_api()  # boots in its own process while the flow's imports load here
     from flows.train_flow import train_lm  # Prefect and MLflow load only once the input is known to be good
-    from tasks.tracking import tracking_uri
+    from tracking import tracking_uri
 
     _init_device(config.train.device)
     _wait_for_api(temporary_api, preload=True)
@@ -242,7 +242,7 @@ def _invoke(call: Callable[[], dict[str, Any]], on_interrupt: str) -> dict[str, 
     except Exception as exc:
         from rich.text import Text
 
-        from tasks.failures import message  # expected errors: their own message; others: type and message
+        from ops.failures import message  # expected errors: their own message; others: type and message
 
         # One line, as written: no markup read into it, no line breaks added at the terminal's width.
         err.print(Text.assemble(("error:", "red"), " ", message(exc)), soft_wrap=True)
@@ -251,8 +251,8 @@ def _invoke(call: Callable[[], dict[str, Any]], on_interrupt: str) -> dict[str, 
 
 def _mark_orphaned_runs() -> None:
     """Mark this host's MLflow runs whose process was killed outright FAILED, and say how to continue them."""
-    from tasks.orphans import mark_orphaned_runs
-    from tasks.tracking import check_reachable
+    from ops.orphans import mark_orphaned_runs
+    from tracking import check_reachable
 
     try:
         check_reachable()  # within seconds; MLflow's own client would retry a dead server for minutes
@@ -277,7 +277,7 @@ def _write_json(result: dict[str, Any], path: str | None) -> None:
 
 def _start_prefect_api() -> TemporaryAPI | None:
     """Start Prefect's temporary API server now, in its own process, when Prefect would start one later."""
-    from flows.prefect_api import PrefectAPIError, start_temporary_api
+    from ops.prefect_api import PrefectAPIError, start_temporary_api
 
     try:
         return start_temporary_api()
@@ -290,7 +290,7 @@ def _wait_for_api(api: TemporaryAPI | None, preload: bool) -> None:
     """Wait until the temporary API answers; meanwhile load what the run will need later (``preload``)."""
     if api is None:
         return
-    from flows.prefect_api import PrefectAPIError, startup_timeout
+    from ops.prefect_api import PrefectAPIError, startup_timeout
 
     timeout = startup_timeout()
     if preload:
@@ -313,7 +313,7 @@ def _load_optimizer_support() -> None:
 def _open_tracking_store() -> None:
     # Opening a local MLflow store (sqlite: engine and schema check) takes 1-2 s; MLflow keeps the opened
     # store, so the flow's first task reuses it. Remote stores are left to that task, which reports them.
-    from tasks.tracking import check_reachable, tracking_uri
+    from tracking import check_reachable, tracking_uri
 
     if tracking_uri().startswith(("sqlite:", "file:", "/")):
         try:
@@ -444,7 +444,7 @@ def generate(
     if temperature is not None and temperature <= 0:
         err.print("[red]error:[/red] --temperature must be > 0 (leave it out for greedy decoding)")
         raise typer.Exit(2)
-    from tasks.tracking import load_pyfunc
+    from tracking import load_pyfunc
 
     try:
         model = load_pyfunc(model_uri)
@@ -612,8 +612,8 @@ def sweep(
 
     temporary_api = _start_prefect_api()  # boots while the imports below load, as for `deeprnn run`
     from flows.sweep_flow import sweep_lm  # Prefect, MLflow and Dask load only once the input is known to be good
-    from tasks.cluster import dask_task_runner
-    from tasks.tracking import tracking_uri
+    from ops.cluster import dask_task_runner
+    from tracking import tracking_uri
 
     _wait_for_api(temporary_api, preload=False)
 
@@ -702,8 +702,8 @@ def setup_server(
         raise typer.Exit(2)
     from prefect.exceptions import ObjectNotFound
 
-    from tasks.automations import POOL
-    from tasks.automations import setup_server as setup
+    from ops.automations import POOL
+    from ops.automations import setup_server as setup
 
     try:
         done = setup(training_slots, alert_webhook, allow_private_urls, zombie_after)
@@ -717,7 +717,7 @@ def setup_server(
 
 
 def main() -> None:
-    """Entry point of the ``deeprnn`` command and of ``python -m flows.cli``."""
+    """Entry point of the ``deeprnn`` command and of ``python -m cli.app``."""
     try:
         app()
     finally:

@@ -28,8 +28,8 @@ EXPECTED: tuple[tuple[str, str], ...] = (
     ("deeprnn.resume", "ResumeError"),
     ("deeprnn.search", "SearchSpaceError"),
     ("deeprnn.checkpoint", "UnsafeCheckpointError"),
-    ("tasks.tracking", "TrackingUnavailableError"),  # also an MLflow store that needs `mlflow db upgrade`
-    ("tasks.cluster", "ClusterConfigError"),
+    ("tracking", "TrackingUnavailableError"),  # also an MLflow store that needs `mlflow db upgrade`
+    ("ops.cluster", "ClusterConfigError"),
     ("tasks.sweep", "SweepFailedError"),
     ("prefect.task_engine", "TaskRunTimeoutError"),  # the training task ran past its timeout (train.timeout_minutes)
     ("pydantic", "ValidationError"),  # a configuration refused inside a flow (deployment parameters)
