@@ -14,11 +14,13 @@ python -m pip install -q -c constraints.txt -e ".[test]"
 # The book's own code, for the fidelity tests. Its pinned 2022 dependencies are not needed (nor installable).
 python -m pip install -q --no-deps -c constraints.txt "d2l==0.17.6"
 
-# Hygiene first (seconds): lint and format, strict types of the library, the import contracts
-# (deeprnn imports neither prefect nor mlflow; tasks do not import flows).
+# Hygiene first (seconds): lint and format, strict types of the library, the import contracts (the layers
+# cli > flows > tasks > ops > tracking > deeprnn; the library imports neither prefect nor mlflow), and the
+# size of modules (400 lines) and functions (60).
 ruff check .
 ruff format --check .
 mypy
 lint-imports
+python scripts/check_shape.py
 
 exec python -m pytest "$@"

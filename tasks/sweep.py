@@ -12,9 +12,10 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+import tracking
 from deeprnn.download import redact_url
 from deeprnn.search import SearchSpace, Trial, TrialResult, rank, selection_metric, table_csv, table_markdown
-from ops import cluster, tracking
+from ops import cluster
 from tasks.results import prefect_run_tags, register_version
 
 
