@@ -66,7 +66,8 @@ def phases(launched: float, stamps: dict[str, float], exited: float) -> dict[str
 def time_run(repo: Path, work: Path, index: int, data_url: str, args: list[str]) -> dict[str, Any]:
     """Run ``deeprnn run`` once from ``repo``'s code in ``work``; returns its phases in seconds."""
     out = work / f"run{index}.json"
-    cmd = [sys.executable, "-m", "cli.app", "run", "--data-url", data_url, "--json", str(out), *args]
+    cli = "cli.app" if (repo / "cli" / "app.py").is_file() else "flows.cli"  # where checkouts before cli/ had it
+    cmd = [sys.executable, "-m", cli, "run", "--data-url", data_url, "--json", str(out), *args]
     launched = time.time()
     proc = subprocess.run(cmd, cwd=work, env=fresh_env(work, repo), capture_output=True, text=True)
     exited = time.time()

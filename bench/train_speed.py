@@ -19,6 +19,11 @@ the torch version, the CPU count and the exact command line.
     python bench/train_speed.py --device cpu --mode batch-sweep --epochs 2 --batch-sizes 32,128
     python bench/train_speed.py --device cpu --mode kernels
     python bench/train_speed.py --device cuda --json bench/cuda.json          # 500 epochs, the book's run
+    python bench/train_speed.py --device cpu --skip-d2l --repeats 3 --against /tmp/old   # no-slowdown check
+
+``--against PATH`` (compare mode) also runs the worker of another checkout of deeprnn (an earlier commit:
+``git worktree add /tmp/old REF``) with its own code, interleaved with this one, and prints this code's
+speed relative to it.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ BOOK_MAX_TOKENS = 10000  # the book trains on the first 10,000 characters
 BOOK = "book (d2l 0.17.6)"
 FAST = "deeprnn fast"
 EAGER = "deeprnn fast=False"
+AGAINST = "deeprnn fast, --against checkout"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -84,6 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the whole training split in batch-sweep",
     )
     p.add_argument("--skip-d2l", action="store_true", help="do not run the book's code")
+    p.add_argument("--against", type=Path, default=None, help="compare: also time another deeprnn checkout's fast path")
     p.add_argument(
         "--repeats", type=int, default=1, help="run every program this many times (interleaved); tables show medians"
     )
@@ -507,8 +514,12 @@ class Runner:
             cmd += ["--precision", a.precision]
         return cmd
 
-    def deeprnn(self, fast: bool, batch_size: int | None = None, max_tokens: int | None = None) -> dict[str, Any]:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", "deeprnn", "--fast", str(int(fast))]
+    def deeprnn(
+        self, fast: bool, batch_size: int | None = None, max_tokens: int | None = None, checkout: Path = REPO
+    ) -> dict[str, Any]:
+        """deeprnn's worker from ``checkout`` (this one by default), which imports that checkout's code."""
+        script = checkout.resolve() / "bench" / "train_speed.py"
+        cmd = [sys.executable, str(script), "--_worker", "deeprnn", "--fast", str(int(fast))]
         cmd += self._common()
         if batch_size:
             cmd += ["--batch-size", str(batch_size)]
@@ -670,6 +681,8 @@ def mode_compare(a: argparse.Namespace, runner: Runner) -> dict[str, Any]:
         programs.append((BOOK, lambda: runner.book(32, book_tokens)))
     programs.append((FAST, lambda: runner.deeprnn(True, max_tokens=max_tokens)))
     programs.append((EAGER, lambda: runner.deeprnn(False, max_tokens=max_tokens)))
+    if a.against:
+        programs.append((AGAINST, lambda: runner.deeprnn(True, max_tokens=max_tokens, checkout=a.against)))
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in programs}
     for rep in range(a.repeats):
         for name, fn in _rotated(programs, rep):
@@ -682,6 +695,8 @@ def mode_compare(a: argparse.Namespace, runner: Runner) -> dict[str, Any]:
     for name, row in rows.items():
         if name != BOOK:
             row["vs_book"] = _ratios(row, base)
+    if AGAINST in rows:
+        rows[FAST]["vs_against"] = _ratios(rows[FAST], rows[AGAINST])
     return {"rows": rows, "runs": runs, "max_tokens": max_tokens}
 
 
@@ -864,6 +879,26 @@ def render_history(result: dict[str, Any]) -> str:
     return _table(["epoch"] + [f"{n} ppl" for n in named], rows)
 
 
+def render_against(result: dict[str, Any], a: argparse.Namespace) -> str:
+    """This checkout's fast path relative to the ``--against`` checkout's, measured in the same run."""
+    fast, other = result["rows"].get(FAST, {}), result["rows"].get(AGAINST)
+    vs = fast.get("vs_against")
+    if other is None or not vs:
+        return ""
+    same = [h["train_perplexity"] for h in fast.get("history", [])] == [
+        h["train_perplexity"] for h in other.get("history", [])
+    ]
+    header = ["this vs " + str(a.against), "tok/s (epochs)", "tok/s (overall)", "train wall", "same perplexities"]
+    row = [
+        FAST,
+        _x(vs.get("tokens_per_s_x")),
+        _x(vs.get("overall_tokens_per_s_x")),
+        _x(vs.get("wall_x")),
+        "yes" if same else "NO",
+    ]
+    return _table(header, [row])
+
+
 def render_samples(result: dict[str, Any]) -> str:
     lines = []
     for name, r in result["rows"].items():
@@ -977,6 +1012,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         parts.append(f"{a.epochs} epochs, {result['max_tokens'] or 'all'} training tokens, repeats {a.repeats}")
         parts.append(render_speed(result, a, batch_col=a.mode == "batch-sweep"))
+        against = render_against(result, a) if a.mode == "compare" else ""
+        if against:
+            parts += ["Against the other checkout (>1: this code is faster)", against]
         hist = render_history(result)
         if hist and a.mode == "compare":
             parts += ["Training perplexity by epoch", hist]
