@@ -1,0 +1,149 @@
+"""One ``--option`` per configuration field, generated from the pydantic models, so the CLI, the Prefect form
+and the configuration can never disagree; options grouped back into overrides and validated."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+from typing import Annotated, Any, Callable, Optional, TypeVar
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich.markup import escape
+
+from cli.output import fail
+from deeprnn.config import (
+    REGISTERED_MODEL_PATTERN,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    SampleConfig,
+    TrainConfig,
+    resolve,
+)
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+}
+# Option names that differ from the field name (clashes, or names the book's users expect).
+RENAMES = {
+    ("data", "url"): "data_url",
+    ("data", "sha1"): "data_sha1",
+    ("data", "reserved_tokens"): "reserved_token",
+    ("sample", "prefixes"): "prefix",
+    ("sample", "seed"): "sample_seed",
+    ("sample", "num_chars"): "num_chars",
+}
+
+Command = TypeVar("Command", bound=Callable[..., None])
+
+
+def _cli_type(annotation: Any) -> tuple[Any, str]:
+    """A type Typer understands for a field's annotation, and a note on allowed values for the help."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if typing.get_origin(annotation) is typing.Union and args else annotation
+    if typing.get_origin(base) is typing.Literal:
+        return Optional[str], " Choices: " + ", ".join(map(str, typing.get_args(base))) + "."
+    if typing.get_origin(base) is list:
+        return Optional[list[str]], " Repeat the option for several values."
+    return Optional[base], ""
+
+
+def _option_fields() -> dict[str, tuple[str, str]]:
+    """CLI parameter name -> (section, field) for every configuration field."""
+    out = {}
+    for section, cls in SECTIONS.items():
+        for name in cls.model_fields:
+            out[RENAMES.get((section, name), name)] = (section, name)
+    return out
+
+
+OPTION_FIELDS = _option_fields()
+
+
+def override_parameters(sections: tuple[str, ...] = tuple(SECTIONS)) -> list[inspect.Parameter]:
+    """One keyword ``typer.Option`` per field of the configuration ``sections``."""
+    params = []
+    for cli_name, (section, name) in OPTION_FIELDS.items():
+        if section not in sections:
+            continue
+        info = SECTIONS[section].model_fields[name]
+        typ, note = _cli_type(info.annotation)
+        flag = "--" + cli_name.replace("_", "-")
+        decls = [flag, f"{flag}/--no-{cli_name.replace('_', '-')}"] if typ is Optional[bool] else [flag]
+        # Typer renders help as rich markup: escaped, "[train]" is shown instead of read as a style.
+        text = escape(f"[{section}] {info.description or ''}{note}")
+        option = typer.Option(None, decls[-1], help=text, show_default=False)
+        params.append(inspect.Parameter(cli_name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=typ))
+    return params
+
+
+def with_options(command: Command, extra: list[inspect.Parameter]) -> Command:
+    """``command`` with its ``**options`` replaced by the ``extra`` keyword options, as Typer reads a signature
+    (a parameter of the command's own wins over an extra one of the same name)."""
+    signature = inspect.signature(command, eval_str=True)  # real types: the module uses postponed annotations
+    fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    names = {p.name for p in fixed}
+    parameters = fixed + [p for p in extra if p.name not in names]
+    command.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]  # read by Typer
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    return command
+
+
+def overrides(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Group the options the user gave into ``{section: {field: value}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for cli_name, value in values.items():
+        if value is None or cli_name not in OPTION_FIELDS or (isinstance(value, list) and not value):
+            continue
+        section, name = OPTION_FIELDS[cli_name]
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def explain(exc: ValidationError) -> str:
+    """Pydantic errors phrased with the CLI's option names."""
+    by_field = {v: k for k, v in OPTION_FIELDS.items()}
+    lines = []
+    for e in exc.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        key = by_field.get(loc[:2]) if len(loc) >= 2 else None
+        where = "--" + key.replace("_", "-") if key else ".".join(loc) or "configuration"
+        lines.append(f"  {where}: {e['msg']}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def resolve_or_exit(preset: str | None, values: dict[str, dict[str, Any]]) -> RunConfig:
+    """The preset (default d2l-9.3) with the options' overrides, validated; a bad value exits 2 naming it."""
+    try:
+        return resolve(preset or "d2l-9.3", **values)
+    except ValidationError as exc:
+        fail(explain(exc))
+    except ValueError as exc:  # an unknown preset
+        fail(str(exc))
+
+
+def check_registered_model(name: str | None) -> None:
+    """Refuse a registered model name that MLflow's ``models:/<name>@alias`` URIs could not carry."""
+    if name is not None and not re.fullmatch(REGISTERED_MODEL_PATTERN, name):
+        fail(f"--registered-model {name!r}: use letters, digits, '.', '_' and '-' (at most 256)")
+
+
+# Options more than one command takes, declared once (Typer reads ``Annotated`` metadata).
+JsonOut = Annotated[Optional[str], typer.Option("--json", help="Also write the result as JSON to this file.")]
+Experiment = Annotated[
+    Optional[str], typer.Option("--experiment", help="MLflow experiment (default: the flow's name).")
+]
+RegisteredModel = Annotated[
+    Optional[str],
+    typer.Option(
+        "--registered-model",
+        metavar="NAME",
+        help="MLflow registered model to add the model to (default: deeprnn-lm for the book's corpus, "
+        "deeprnn-<file>-<sha1 prefix> for any other text).",
+    ),
+]

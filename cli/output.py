@@ -1,0 +1,87 @@
+"""What the commands print: one-line errors, result tables, JSON files."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with ``code`` (2: bad input, 1: the work failed)."""
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    """Print ``warning: message`` on stderr."""
+    err.print(f"[yellow]warning:[/yellow] {message}")
+
+
+def write_json(result: Any, path: str | None) -> None:
+    """Save a command's result as JSON when ``--json PATH`` was given."""
+    if path:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=1, default=str)
+
+
+def print_rows(title: str, rows: dict[str, str]) -> None:
+    """A two-column table without a header: one row per ``key: value``."""
+    table = Table(title=title, show_header=False)
+    for key, value in rows.items():
+        table.add_row(key, value)
+    console.print(table)
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """A training run's metrics, device, model and samples."""
+    table = Table(title=f"MLflow run {result['run_id']}", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result["metrics"].items():
+        if value is not None:
+            table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))
+    table.add_row("device / steps", f"{result['device']} / {result['step_mode']} / {result['precision']}")
+    console.print(table)
+    console.print(
+        f"model: {result['model'].get('model_uri')}"
+        + (
+            f" (registered {result['model']['registered_model']} v{result['model']['version']}"
+            + (", now champion)" if result["model"].get("champion") else ")")
+            if "version" in result["model"]
+            else ""
+        )
+    )
+    for text in result["samples"].values():
+        console.print(f"  {text}", style="green", highlight=False, markup=False)
+    console.print(f"run id: {result['run_id']}")
+
+
+def print_sweep(result: dict[str, Any]) -> None:
+    """A sweep's trials ranked by its selection metric, and the best one."""
+    metric = result["selection_metric"]
+    table = Table(title=f"MLflow parent run {result['parent_run_id']} (ranked by {metric})", show_header=True)
+    for column in ("trial", "status", metric, "run id", "error"):
+        table.add_column(column)
+    for t in result["trials"]:
+        score = t["metrics"].get(metric)
+        table.add_row(
+            t["name"], t["status"], "" if score is None else f"{score:.3f}", t["run_id"] or "", t["error"] or ""
+        )
+    console.print(table)
+    best = result["best"]
+    console.print(
+        f"best: {best['name']} (run {best['run_id']})"
+        + (
+            f", registered {best['model']['registered_model']} v{best['model']['version']}"
+            if best["model"].get("version")
+            else ""
+        )
+    )
+    console.print(f"{result['trials_succeeded']} of {result['trials_total']} trials succeeded")

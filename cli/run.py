@@ -1,0 +1,146 @@
+"""``deeprnn run`` (the training flow) and ``deeprnn prepare`` (the token cache, without training)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Optional
+
+import typer
+
+from cli import launch, options
+from cli.output import console, fail, print_result, print_rows, warn, write_json
+from deeprnn.config import PRESETS, RunConfig
+
+ON_INTERRUPT = "the MLflow run is marked KILLED; checkpoints are kept (continue with deeprnn run --resume RUN_ID)"
+
+
+Resume = Annotated[
+    Optional[str],
+    typer.Option(
+        "--resume",
+        metavar="RUN_ID",
+        help="Continue this MLflow run from its last checkpoint, with the configuration stored in it "
+        "(--epochs may extend it; --device, --checkpoint-every, --log-every may change).",
+    ),
+]
+RunsDir = Annotated[str, typer.Option("--runs-dir", help="Local folder for checkpoints, one subfolder per run.")]
+
+
+def run(
+    preset: Annotated[
+        Optional[str], typer.Option("--preset", help=f"Named preset: {', '.join(PRESETS)} (default d2l-9.3).")
+    ] = None,
+    resume: Resume = None,
+    epochs: Annotated[
+        Optional[int], typer.Option("--epochs", help="\\[train] Passes over the training tokens.")
+    ] = None,
+    experiment: options.Experiment = None,
+    runs_dir: RunsDir = "runs",
+    json_out: options.JsonOut = None,
+    registered_model: options.RegisteredModel = None,
+    **values: Any,
+) -> None:
+    """Run the training flow: download, vocabulary, train, evaluate, generate, log to MLflow."""
+    overrides = options.overrides(values)
+    if epochs is not None:
+        overrides.setdefault("train", {})["epochs"] = epochs
+    _check_resume(resume, preset)
+    options.check_registered_model(registered_model)
+    config = options.resolve_or_exit(preset, overrides)  # for a resume, this only validates the overrides
+
+    temporary_api = launch.start_prefect_api()  # boots in its own process while the flow's imports load here
+    from flows.train_flow import train_lm  # Prefect and MLflow load only once the input is known to be good
+
+    launch.init_device(config.train.device)
+    launch.wait_for_api(temporary_api, preload=True)
+    ready_at = time.time()  # imports done and the Prefect API answering
+    _announce(config, resume, launch.describe_api(temporary_api))
+    launch.mark_orphaned_runs()
+    result = launch.invoke(
+        lambda: train_lm(
+            preset=config.preset,
+            **overrides,
+            experiment=experiment,
+            runs_dir=runs_dir,
+            resume_run_id=resume,
+            registered_model=registered_model,
+        ),
+        ON_INTERRUPT,
+    )
+    result["timings"] = {"cli_ready_at": ready_at, **result.get("timings", {}), "flow_returned_at": time.time()}
+    print_result(result)
+    write_json(result, json_out)
+
+
+def _check_resume(resume: str | None, preset: str | None) -> None:
+    """A ``--resume`` id must look like an MLflow run id, and a resumed run keeps its own preset."""
+    if resume is None:
+        return
+    from deeprnn.resume import ResumeError, check_run_id
+
+    try:
+        check_run_id(resume)
+    except ResumeError as exc:
+        fail(f"--resume: {exc}")
+    if preset is not None:
+        fail("--preset cannot be combined with --resume: a resumed run keeps its own configuration")
+
+
+def _announce(config: RunConfig, resume: str | None, api: str) -> None:
+    """The run's first lines: what it trains (or resumes), and where Prefect and MLflow are."""
+    from tracking import tracking_uri
+
+    if resume is not None:
+        console.print(f"deeprnn: resuming MLflow run [bold]{resume}[/bold] from its last checkpoint")
+    else:
+        console.print(
+            f"deeprnn: preset [bold]{config.preset}[/bold], {config.train.epochs} epochs, device {config.train.device}"
+        )
+    console.print(f"Prefect API: {api}; MLflow tracking: {tracking_uri()}")
+
+
+def prepare(
+    preset: Annotated[
+        Optional[str],
+        typer.Option(
+            "--preset",
+            help=f"Named preset whose data settings to start from: {', '.join(PRESETS)} (default d2l-9.3).",
+        ),
+    ] = None,
+    json_out: options.JsonOut = None,
+    **values: Any,
+) -> None:
+    """Download and tokenize a corpus into the token cache (once per corpus and settings), and say what it holds."""
+    config = options.resolve_or_exit(preset, options.overrides(values))
+    from deeprnn.download import DownloadError, fetch_corpus, redact_url
+    from deeprnn.prepare import PrepareError, dropped_letters_warning, prepared_record, split_sizes
+    from deeprnn.prepare import prepare as prepare_corpus
+
+    started = time.perf_counter()
+    try:
+        corpus = fetch_corpus(config.data.url, config.data.expected_sha1())
+        prepared = prepare_corpus(corpus, config.data)
+    except (DownloadError, PrepareError) as exc:
+        fail(str(exc), 1)
+    seconds = time.perf_counter() - started
+    warning = dropped_letters_warning(prepared)
+    if warning:
+        warn(warning)
+    tokenized = "no: served from the cache" if prepared.cache_hit else f"yes, in {prepared.build_seconds:.1f} s"
+    rows = {
+        "token cache": str(prepared.folder),
+        "tokenized now": tokenized,
+        "corpus sha1": corpus.sha1,
+        "settings": ", ".join(f"{k} {v}" for k, v in prepared.settings.describe().items()),
+        "vocabulary": f"{prepared.vocab_size:,} tokens (ids stored as {prepared.dtype})",
+        "tokens": f"{prepared.num_tokens:,}",
+        **{f"{name} tokens": f"{count:,}" for name, count in split_sizes(prepared, config.data).items()},
+        "time": f"{seconds:.1f} s",
+    }
+    print_rows(f"prepared {redact_url(config.data.url)}", rows)
+    write_json({**prepared_record(prepared, config.data), "seconds": seconds}, json_out)
+
+
+# Typer reads the signatures: one keyword option per configuration field (data fields only for prepare).
+options.with_options(run, options.override_parameters())
+options.with_options(prepare, options.override_parameters(("data",)))

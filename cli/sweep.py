@@ -1,0 +1,192 @@
+"""``deeprnn sweep``: a grid or random search, one model per trial on a Dask cluster, tracked as one MLflow
+parent run with a child per trial."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Annotated, Any, Optional
+
+import typer
+
+from cli import launch, options
+from cli.output import console, fail, print_sweep, write_json
+from deeprnn.config import PRESETS
+
+ON_INTERRUPT = "the sweep's MLflow run is marked KILLED"
+# The dimensions most sweeps vary get options of their own (comma-separated values); any other field goes
+# through --param. Name: (configuration field, help).
+DIMENSIONS = {
+    "cell": ("model.cell", "Cell types to try, comma-separated: lstm,gru,rnn."),
+    "num_layers": ("model.num_layers", "Layer counts to try, e.g. 1,2,3."),
+    "num_hiddens": ("model.num_hiddens", "Hidden sizes to try, e.g. 128,256."),
+    "dropout": ("model.dropout", "Dropout values to try, e.g. 0,0.2."),
+    "lr": ("train.lr", "Learning rates to try, e.g. 0.5,1,2."),
+    "optimizer": ("train.optimizer", "Optimizers to try: sgd,adam,adamw."),
+}
+# Configuration fields fixed for every trial, with the options `deeprnn run` gives them.
+FIXED = ("epochs", "device", "data_url", "data_sha1")
+
+Preset = Annotated[str, typer.Option("--preset", help=f"Named preset every trial starts from: {', '.join(PRESETS)}.")]
+Param = Annotated[
+    list[str],
+    typer.Option("--param", help="Any field: section.field=v1,v2 (one value: fixed for all trials). Repeatable."),
+]
+Space = Annotated[
+    Optional[str], typer.Option("--space", help="YAML file mapping fields to values or {low, high, log} ranges.")
+]
+Random = Annotated[
+    bool, typer.Option("--random", help="Random search: draw --max-trials points instead of the whole grid.")
+]
+MaxTrials = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-trials", min=1, help="Trials a random search draws (default 10); a grid larger than this is refused."
+    ),
+]
+Seed = Annotated[
+    int,
+    typer.Option(
+        "--seed", min=0, help="Seed of the random search (to vary the training seed: --param train.seed=0,1,2)."
+    ),
+]
+RunsDir = Annotated[str, typer.Option("--runs-dir", help="Checkpoint folder on each worker, one subfolder per trial.")]
+ClusterAddress = Annotated[
+    Optional[str],
+    typer.Option(
+        "--cluster-address",
+        envvar="DEEPRNN_DASK_ADDRESS",
+        help="Dask scheduler to use, e.g. tcp://10.0.0.5:8786. Default: a new cluster on this machine.",
+    ),
+]
+Workers = Annotated[
+    Optional[int],
+    typer.Option(
+        "--workers",
+        min=1,
+        envvar="DEEPRNN_DASK_WORKERS",
+        help="Worker processes of the local cluster (default: one per GPU, else one per CPU core).",
+    ),
+]
+RegisterBest = Annotated[
+    bool, typer.Option("--register-best/--no-register-best", help="Register the best trial's model.")
+]
+
+
+def sweep(
+    preset: Preset = "d2l-9.3",
+    param: Param = [],  # noqa: B006 - Typer's default for a repeatable option; never mutated
+    space_file: Space = None,
+    random_search: Random = False,
+    max_trials: MaxTrials = None,
+    seed: Seed = 0,
+    experiment: options.Experiment = None,
+    runs_dir: RunsDir = "runs",
+    cluster_address: ClusterAddress = None,
+    workers: Workers = None,
+    register_best: RegisterBest = True,
+    registered_model: options.RegisteredModel = None,
+    json_out: options.JsonOut = None,
+    **values: Any,
+) -> None:
+    """Grid or random search: train one model per trial on a Dask cluster; one MLflow parent run, a child per trial."""
+    options.check_registered_model(registered_model)
+    fixed = options.overrides({name: values.get(name) for name in FIXED})
+    dims = {name: values.get(name) for name in DIMENSIONS}
+    space, trials = _plan(preset, fixed, space_file, dims, param, random_search, max_trials, seed)
+
+    temporary_api = launch.start_prefect_api()  # boots while the imports below load, as for `deeprnn run`
+    from flows.sweep_flow import sweep_lm  # Prefect, MLflow and Dask load only once the input is known to be good
+    from ops.cluster import dask_task_runner
+
+    launch.wait_for_api(temporary_api, preload=False)
+    runner = dask_task_runner(cluster_address, workers, use_gpus=trials[0].config.train.device != "cpu")
+    _announce(len(trials), preset, cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)")
+    launch.mark_orphaned_runs()
+    parameters = dict(space=space, preset=preset, data=fixed.get("data"), train=fixed.get("train"), seed=seed)
+    parameters.update(random_search=random_search, max_trials=max_trials, experiment=experiment, runs_dir=runs_dir)
+    parameters.update(register_best=register_best, registered_model=registered_model)
+    result = launch.invoke(lambda: sweep_lm.with_options(task_runner=runner)(**parameters), ON_INTERRUPT)
+    print_sweep(result)
+    write_json(result, json_out)
+
+
+def sweep_space(space_file: str | None, dims: dict[str, str | None], params: list[str]) -> dict[str, Any]:
+    """The search space: the YAML file, then the dimension options, then each ``--param`` (later wins)."""
+    from deeprnn.search import SearchSpaceError, field_path, load_space, parse_values
+
+    space: dict[str, Any] = {}
+    if space_file:
+        space.update({field_path(k): v for k, v in load_space(space_file).items()})
+    for name, text in dims.items():
+        if text is not None:
+            space[DIMENSIONS[name][0]] = parse_values(text)
+    for item in params:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise SearchSpaceError(
+                f"--param {item!r}: write it as section.field=value[,value...], e.g. train.clip_norm=0.5,1"
+            )
+        space[field_path(key)] = parse_values(text)
+    return space
+
+
+def _plan(
+    preset: str,
+    fixed: dict[str, dict[str, Any]],
+    space_file: str | None,
+    dims: dict[str, str | None],
+    params: list[str],
+    random_search: bool,
+    max_trials: int | None,
+    seed: int,
+) -> tuple[dict[str, Any], list[Any]]:
+    """The search space and its trials, every one validated; a bad space or value exits 2 saying why."""
+    from deeprnn.search import SearchSpaceError, parse_space, plan_trials
+
+    try:
+        space = sweep_space(space_file, dims, params)
+        search_space = parse_space(space)
+        if not search_space.dims:
+            raise SearchSpaceError(
+                "nothing to sweep: give values to vary, e.g. --lr 0.5,1,2, --param train.seed=0,1 or --space FILE"
+            )
+        return space, plan_trials(preset, fixed, search_space, random_search, max_trials, seed)
+    except ValueError as exc:  # SearchSpaceError, or an unknown preset
+        fail(str(exc))
+
+
+def _announce(trials: int, preset: str, where: str) -> None:
+    """The sweep's first lines: how many trials, on which cluster, and where MLflow and Prefect are."""
+    from tracking import tracking_uri
+
+    console.print(f"deeprnn sweep: {trials} trials of preset [bold]{preset}[/bold] on {where}")
+    console.print(f"MLflow tracking: {tracking_uri()}")
+    # The workers report to the same API: PREFECT_API_URL (the temporary server's, when it runs) reaches local
+    # workers through the environment and every worker through the settings the task runner sends along.
+    console.print(f"Prefect API: {os.environ.get('PREFECT_API_URL', 'from the Prefect profile')}")
+
+
+def _dimension_parameters() -> list[inspect.Parameter]:
+    """``--cell``, ``--num-layers``, ...: one comma-separated option per dimension of ``DIMENSIONS``."""
+    return [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, "--" + name.replace("_", "-"), help=help_text),
+            annotation=Optional[str],
+        )
+        for name, (_, help_text) in DIMENSIONS.items()
+    ]
+
+
+def _fixed_parameters() -> list[inspect.Parameter]:
+    """``--epochs``, ``--device``, ``--data-url``, ``--data-sha1``: `deeprnn run`'s options, for every trial."""
+    fixed = [p for p in options.override_parameters(("data", "train")) if p.name in FIXED]
+    for parameter in fixed:
+        parameter.default.help += " The same for every trial (GPU trials get one GPU each)."
+    return fixed
+
+
+# Typer reads the signature: the dimension options, then the fields fixed for every trial.
+options.with_options(sweep, _dimension_parameters() + _fixed_parameters())
