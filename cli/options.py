@@ -9,26 +9,12 @@ import typing
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from rich.markup import escape
 
 from cli.output import fail
-from deeprnn.config import (
-    REGISTERED_MODEL_PATTERN,
-    DataConfig,
-    ModelConfig,
-    RunConfig,
-    SampleConfig,
-    TrainConfig,
-    resolve,
-)
+from deeprnn.config import REGISTERED_MODEL_PATTERN, SECTIONS, RunConfig, resolve
 
-SECTIONS: dict[str, type[BaseModel]] = {
-    "data": DataConfig,
-    "model": ModelConfig,
-    "train": TrainConfig,
-    "sample": SampleConfig,
-}
 # Option names that differ from the field name (clashes, or names the book's users expect).
 RENAMES = {
     ("data", "url"): "data_url",

@@ -270,10 +270,20 @@ class RunConfig(_Section):
     def flat(self) -> dict[str, Any]:
         """Every value as ``section.field -> value`` (JSON types: lists stay lists, None stays None)."""
         out: dict[str, Any] = {"preset": self.preset}
-        for section in ("data", "model", "train", "sample"):
+        for section in SECTIONS:
             for key, value in getattr(self, section).model_dump(mode="json").items():
                 out[f"{section}.{key}"] = value
         return out
+
+
+# The configuration's sections by name, in the order of ``RunConfig``: the CLI's options and the search
+# spaces' field paths (``section.field``) are read from these models.
+SECTIONS: dict[str, type[_Section]] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+}
 
 
 def _presets() -> dict[str, dict[str, Any]]:
