@@ -13,7 +13,8 @@ import os
 import sys
 import time
 import typing
-from typing import Any, Callable, Optional
+from dataclasses import replace
+from typing import Any, Callable, Optional, TypeVar
 
 # Library log records (download, training) go to Prefect's handlers too; must be set before Prefect loads.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "deeprnn")
@@ -27,6 +28,8 @@ from rich.table import Table
 
 if typing.TYPE_CHECKING:
     from ops.prefect_api import TemporaryAPI
+    from tasks.results import RunResult
+    from tasks.sweep import SweepSummary
 
 from deeprnn.config import (
     PRESETS,
@@ -216,9 +219,9 @@ def run(
         ),
         "the MLflow run is marked KILLED; checkpoints are kept (continue with deeprnn run --resume RUN_ID)",
     )
-    result["timings"] = {"cli_ready_at": ready_at, **result.get("timings", {}), "flow_returned_at": time.time()}
+    result = replace(result, timings=replace(result.timings, cli_ready_at=ready_at, flow_returned_at=time.time()))
     _print_result(result)
-    _write_json(result, json_out)
+    _write_json(result.as_record(), json_out)
 
 
 def _check_registered_model(name: str | None) -> None:
@@ -232,7 +235,10 @@ def _check_registered_model(name: str | None) -> None:
         raise typer.Exit(2)
 
 
-def _invoke(call: Callable[[], dict[str, Any]], on_interrupt: str) -> dict[str, Any]:
+_Result = TypeVar("_Result")
+
+
+def _invoke(call: Callable[[], _Result], on_interrupt: str) -> _Result:
     """Run a flow; Ctrl-C exits 130 and an error exits 1, each with one line saying what happened."""
     try:
         return call()
@@ -404,27 +410,29 @@ prepare.__annotations__ = {p.name: p.annotation for p in prepare.__signature__.p
 app.command("prepare")(prepare)
 
 
-def _print_result(result: dict[str, Any]) -> None:
-    table = Table(title=f"MLflow run {result['run_id']}", show_header=True)
+def _print_result(result: RunResult) -> None:
+    table = Table(title=f"MLflow run {result.run_id}", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in result["metrics"].items():
+    for key, value in result.metrics().items():
         if value is not None:
             table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))
-    table.add_row("device / steps", f"{result['device']} / {result['step_mode']} / {result['precision']}")
+    trained = result.training
+    table.add_row("device / steps", f"{trained.device} / {trained.step_mode} / {trained.precision}")
     console.print(table)
+    registered = result.model.registration
     console.print(
-        f"model: {result['model'].get('model_uri')}"
+        f"model: {result.model.logged.model_uri}"
         + (
-            f" (registered {result['model']['registered_model']} v{result['model']['version']}"
-            + (", now champion)" if result["model"].get("champion") else ")")
-            if "version" in result["model"]
+            f" (registered {registered.registered_model} v{registered.version}"
+            + (", now champion)" if registered.champion else ")")
+            if registered
             else ""
         )
     )
-    for text in result["samples"].values():
+    for text in result.samples.values():
         console.print(f"  {text}", style="green", highlight=False, markup=False)
-    console.print(f"run id: {result['run_id']}")
+    console.print(f"run id: {result.run_id}")
 
 
 @app.command()
@@ -626,7 +634,7 @@ def sweep(
     console.print(f"Prefect API: {os.environ.get('PREFECT_API_URL', 'from the Prefect profile')}")
     _mark_orphaned_runs()
 
-    def call() -> dict[str, Any]:
+    def call() -> SweepSummary:
         return sweep_lm.with_options(task_runner=runner)(
             space=space,
             preset=preset,
@@ -643,30 +651,24 @@ def sweep(
 
     result = _invoke(call, "the sweep's MLflow run is marked KILLED")
     _print_sweep(result)
-    _write_json(result, json_out)
+    _write_json(result.as_record(), json_out)
 
 
-def _print_sweep(result: dict[str, Any]) -> None:
-    metric = result["selection_metric"]
-    table = Table(title=f"MLflow parent run {result['parent_run_id']} (ranked by {metric})", show_header=True)
+def _print_sweep(result: SweepSummary) -> None:
+    metric = result.selection_metric
+    table = Table(title=f"MLflow parent run {result.parent_run_id} (ranked by {metric})", show_header=True)
     for column in ("trial", "status", metric, "run id", "error"):
         table.add_column(column)
-    for t in result["trials"]:
-        score = t["metrics"].get(metric)
-        table.add_row(
-            t["name"], t["status"], "" if score is None else f"{score:.3f}", t["run_id"] or "", t["error"] or ""
-        )
+    for t in result.trials:
+        score = t.metrics.get(metric)
+        table.add_row(t.name, t.status, "" if score is None else f"{score:.3f}", t.run_id or "", t.error or "")
     console.print(table)
-    best = result["best"]
+    best, registered = result.best, result.best_model.registration
     console.print(
-        f"best: {best['name']} (run {best['run_id']})"
-        + (
-            f", registered {best['model']['registered_model']} v{best['model']['version']}"
-            if best["model"].get("version")
-            else ""
-        )
+        f"best: {best.name} (run {best.run_id})"
+        + (f", registered {registered.registered_model} v{registered.version}" if registered else "")
     )
-    console.print(f"{result['trials_succeeded']} of {result['trials_total']} trials succeeded")
+    console.print(f"{result.trials_succeeded} of {result.trials_total} trials succeeded")
 
 
 @app.command("setup-server")
