@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import typing
 from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if typing.TYPE_CHECKING:
+    from tasks.results import RunResult
+    from tasks.sweep import SweepSummary
 
 console = Console()
 err = Console(stderr=True)
@@ -39,49 +44,45 @@ def print_rows(title: str, rows: dict[str, str]) -> None:
     console.print(table)
 
 
-def print_result(result: dict[str, Any]) -> None:
+def print_result(result: RunResult) -> None:
     """A training run's metrics, device, model and samples."""
-    table = Table(title=f"MLflow run {result['run_id']}", show_header=True)
+    table = Table(title=f"MLflow run {result.run_id}", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in result["metrics"].items():
+    for key, value in result.metrics().items():
         if value is not None:
             table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))
-    table.add_row("device / steps", f"{result['device']} / {result['step_mode']} / {result['precision']}")
+    trained = result.training
+    table.add_row("device / steps", f"{trained.device} / {trained.step_mode} / {trained.precision}")
     console.print(table)
+    registered = result.model.registration
     console.print(
-        f"model: {result['model'].get('model_uri')}"
+        f"model: {result.model.logged.model_uri}"
         + (
-            f" (registered {result['model']['registered_model']} v{result['model']['version']}"
-            + (", now champion)" if result["model"].get("champion") else ")")
-            if "version" in result["model"]
+            f" (registered {registered.registered_model} v{registered.version}"
+            + (", now champion)" if registered.champion else ")")
+            if registered
             else ""
         )
     )
-    for text in result["samples"].values():
+    for text in result.samples.values():
         console.print(f"  {text}", style="green", highlight=False, markup=False)
-    console.print(f"run id: {result['run_id']}")
+    console.print(f"run id: {result.run_id}")
 
 
-def print_sweep(result: dict[str, Any]) -> None:
+def print_sweep(result: SweepSummary) -> None:
     """A sweep's trials ranked by its selection metric, and the best one."""
-    metric = result["selection_metric"]
-    table = Table(title=f"MLflow parent run {result['parent_run_id']} (ranked by {metric})", show_header=True)
+    metric = result.selection_metric
+    table = Table(title=f"MLflow parent run {result.parent_run_id} (ranked by {metric})", show_header=True)
     for column in ("trial", "status", metric, "run id", "error"):
         table.add_column(column)
-    for t in result["trials"]:
-        score = t["metrics"].get(metric)
-        table.add_row(
-            t["name"], t["status"], "" if score is None else f"{score:.3f}", t["run_id"] or "", t["error"] or ""
-        )
+    for t in result.trials:
+        score = t.metrics.get(metric)
+        table.add_row(t.name, t.status, "" if score is None else f"{score:.3f}", t.run_id or "", t.error or "")
     console.print(table)
-    best = result["best"]
+    best, registered = result.best, result.best_model.registration
     console.print(
-        f"best: {best['name']} (run {best['run_id']})"
-        + (
-            f", registered {best['model']['registered_model']} v{best['model']['version']}"
-            if best["model"].get("version")
-            else ""
-        )
+        f"best: {best.name} (run {best.run_id})"
+        + (f", registered {registered.registered_model} v{registered.version}" if registered else "")
     )
-    console.print(f"{result['trials_succeeded']} of {result['trials_total']} trials succeeded")
+    console.print(f"{result.trials_succeeded} of {result.trials_total} trials succeeded")

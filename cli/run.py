@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Annotated, Any, Optional
 
 import typer
@@ -67,9 +68,9 @@ def run(
         ),
         ON_INTERRUPT,
     )
-    result["timings"] = {"cli_ready_at": ready_at, **result.get("timings", {}), "flow_returned_at": time.time()}
+    result = replace(result, timings=replace(result.timings, cli_ready_at=ready_at, flow_returned_at=time.time()))
     print_result(result)
-    write_json(result, json_out)
+    write_json(result.as_record(), json_out)
 
 
 def _check_resume(resume: str | None, preset: str | None) -> None:

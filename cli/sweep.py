@@ -108,7 +108,7 @@ def sweep(
     parameters.update(register_best=register_best, registered_model=registered_model)
     result = launch.invoke(lambda: sweep_lm.with_options(task_runner=runner)(**parameters), ON_INTERRUPT)
     print_sweep(result)
-    write_json(result, json_out)
+    write_json(result.as_record(), json_out)
 
 
 def sweep_space(space_file: str | None, dims: dict[str, str | None], params: list[str]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ triggered by every completed training flow run and evaluates the model that run 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 from prefect import flow
 
@@ -16,6 +16,7 @@ from flows.parameters import form_field
 from tasks.data import download_corpus, prepare_splits, prepare_tokens
 from tasks.evaluation import (
     CHAMPION_URI,
+    EvaluationResult,
     choose_model,
     fetch_model,
     publish_evaluation,
@@ -36,7 +37,7 @@ def evaluate_lm(
     sample: Annotated[Optional[SampleConfig], form_field("Samples")] = None,
     device: Annotated[DeviceName, form_field("Device")] = "auto",
     experiment: Annotated[Optional[str], form_field("MLflow experiment", min_length=1, max_length=256)] = None,
-) -> dict[str, Any]:
+) -> EvaluationResult:
     """Measure a logged model's perplexity on its held-out text and generate samples; log to MLflow and Prefect.
 
     Args:
@@ -58,12 +59,6 @@ def evaluate_lm(
         evaluation = evaluate_model(model.checkpoint, splits, device)
         samples = generate_samples(model.checkpoint, device, model.config.sample)
         publish_evaluation(run_id, model, evaluation, samples)
-    return {
-        "run_id": run_id,
-        "experiment": experiment or FLOW_NAME,
-        "model_uri": model.model_uri,
-        "version": model.version,
-        "source_run_id": model.source_run_id,
-        "metrics": evaluation.metrics(),
-        "samples": samples,
-    }
+    return EvaluationResult(
+        run_id, experiment or FLOW_NAME, model.model_uri, model.version, model.source_run_id, evaluation, samples
+    )

@@ -8,7 +8,6 @@ task that a sweep sends to its Dask workers), so both run exactly the same stage
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -18,7 +17,15 @@ from deeprnn.config import RunConfig
 from deeprnn.search import Trial
 from ops.limits import training_timeout_seconds
 from tasks.data import download_corpus, prepare_splits, prepare_tokens
-from tasks.results import check_inputs, log_results, publish_summary, start_tracking
+from tasks.results import (
+    RunResult,
+    Timings,
+    TokenCache,
+    check_inputs,
+    log_results,
+    publish_summary,
+    start_tracking,
+)
 from tasks.training import evaluate_model, generate_samples, train_model
 
 
@@ -32,7 +39,7 @@ def run_pipeline(
     register_model: bool = True,
     resume_run_id: str | None = None,
     registered_model: str | None = None,
-) -> dict[str, Any]:
+) -> RunResult:
     """Train, evaluate and log one model as one MLflow run (nested under ``parent_run_id`` when given), or
     continue run ``resume_run_id`` from its last checkpoint; the model is registered as ``registered_model``
     (default: per corpus) unless ``register_model`` is off."""
@@ -50,37 +57,18 @@ def run_pipeline(
         evaluation = evaluate_model(trained.checkpoint, splits, config.train.device)
         samples = generate_samples(trained.checkpoint, config.train.device)
         evaluated_at = time.time()
-        logged = log_results(
+        model = log_results(
             run_id, config, vocab, trained, evaluation, samples, corpus.sha1, register_model, registered_model
         )
         publish_summary(run_id, config, trained, evaluation, samples)
         logged_at = time.time()
-    return {
-        "run_id": run_id,
-        "experiment": experiment,
-        "metrics": logged["metrics"],
-        "samples": samples,
-        "model": logged["model"],
-        "checkpoint": trained.checkpoint,
-        "tokens": {"folder": str(prepared.folder), "cache_hit": prepared.cache_hit, "num_tokens": prepared.num_tokens},
-        "step_mode": trained.step_mode,
-        "precision": trained.precision,
-        "device": trained.device,
-        "fit_started_at": trained.fit_started_at,
-        "fit_finished_at": trained.fit_finished_at,
-        # Wall-clock stamps (time.time()) of the stages, for the pipeline benchmark's breakdown.
-        "timings": {
-            "pipeline_started_at": flow_started_at,
-            "fit_started_at": trained.fit_started_at,
-            "fit_finished_at": trained.fit_finished_at,
-            "evaluated_at": evaluated_at,
-            "logged_at": logged_at,
-        },
-    }
+    tokens = TokenCache(str(prepared.folder), prepared.cache_hit, prepared.num_tokens)
+    timings = Timings(flow_started_at, trained.fit_started_at, trained.fit_finished_at, evaluated_at, logged_at)
+    return RunResult(run_id, experiment, trained, evaluation, samples, model, tokens, timings)
 
 
 @task(name="run-trial", task_run_name="trial-{trial.index}", cache_policy=NO_CACHE)
-def run_trial(trial: Trial, experiment: str, runs_dir: str, parent_run_id: str, tracking_uri: str) -> dict[str, Any]:
+def run_trial(trial: Trial, experiment: str, runs_dir: str, parent_run_id: str, tracking_uri: str) -> RunResult:
     """One sweep trial: the whole pipeline as a child MLflow run of the sweep; its model is logged, not registered."""
     from prefect.runtime import task_run
 

@@ -18,7 +18,7 @@ from deeprnn.config import DataConfig, ModelConfig, PresetName, SampleConfig, Tr
 from deeprnn.search import parse_space, plan_trials
 from flows.pipeline import run_trial
 from ops.cluster import cluster_gpus, gpu_request, resources, task_runner_from_env
-from tasks.sweep import check_sweep_inputs, start_sweep_tracking, summarize_sweep
+from tasks.sweep import SweepSummary, check_sweep_inputs, start_sweep_tracking, summarize_sweep
 
 SWEEP_NAME = "deeprnn-sweep"
 
@@ -38,7 +38,7 @@ def sweep_lm(
     runs_dir: str = "runs",
     register_best: bool = True,
     registered_model: Optional[str] = None,
-) -> dict[str, Any]:
+) -> SweepSummary:
     """Grid or random search over a space such as ``{"model.cell": ["lstm", "gru"], "train.lr": [0.5, 1, 2]}``:
     every trial trains from the preset with the sections' fields (see ``flows.parameters``) and its own
     values, as a child MLflow run.
@@ -64,7 +64,8 @@ def sweep_lm(
         for trial, request in zip(trials, requests):
             with resources(request):  # one GPU per trial where the trials train on GPUs
                 futures.append(run_trial.submit(trial, experiment or SWEEP_NAME, runs_dir, parent_run_id, tracking_uri))
+        outcomes = [allow_failure(f) for f in futures]
         summary = summarize_sweep(
-            parent_run_id, trials, [allow_failure(f) for f in futures], register_best, registered_model
+            experiment or SWEEP_NAME, parent_run_id, trials, outcomes, register_best, registered_model
         )
-    return {"experiment": experiment or SWEEP_NAME, **summary}
+    return summary

@@ -8,7 +8,7 @@ before a run starts.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 from prefect import flow
 
@@ -23,6 +23,7 @@ from deeprnn.config import (
 )
 from flows.parameters import form_field
 from flows.pipeline import run_pipeline
+from tasks.results import RunResult
 from tasks.resume import prepare_resume
 
 FLOW_NAME = "deeprnn-train"
@@ -39,7 +40,7 @@ def train_lm(
     runs_dir: Annotated[str, form_field("Checkpoint folder", min_length=1, max_length=1024)] = "runs",
     resume_run_id: Annotated[Optional[str], form_field("Resume MLflow run", max_length=64)] = None,
     registered_model: Annotated[Optional[str], form_field("Registered model", pattern=REGISTERED_MODEL_PATTERN)] = None,
-) -> dict[str, Any]:
+) -> RunResult:
     """Train a deep RNN language model from a preset (default: the book's D2L 9.3) and track it in MLflow.
 
     With ``resume_run_id``, continue that MLflow run from its last checkpoint instead: its stored

@@ -42,6 +42,19 @@ class FetchedModel:
     trained_metrics: dict[str, float]  # held-out perplexities the training run reported
 
 
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What the evaluation flow returns: its MLflow run, the model it measured, perplexities and samples."""
+
+    run_id: str
+    experiment: str
+    model_uri: str  # pinned to a version when it was an alias
+    version: str | None
+    source_run_id: str | None
+    evaluation: Evaluation
+    samples: dict[str, str]  # prefix -> generated text
+
+
 @task(name="choose-model", cache_policy=NO_CACHE)
 def choose_model(model_uri: str, training_flow_run_id: str | None) -> str:
     """The model to evaluate: the one logged by training flow run ``training_flow_run_id`` when given (the
@@ -89,36 +102,36 @@ def fetch_model(run_id: str, model_uri: str, folder: str, sample: BaseModel | di
     """Download the model into ``folder``, read the configuration stored in its checkpoint, apply ``sample``
     overrides, and log the model's identity and training configuration as params of the evaluation run."""
     found = tracking.fetch_model(model_uri, Path(folder))
-    data = checkpoint.load(Path(found["checkpoint"]))
+    data = checkpoint.load(Path(found.checkpoint))
     config = RunConfig.model_validate(data["config"])
     overrides = section_values(sample)  # the fields given; the others stay the model's own
     if overrides:
         merged = SampleConfig.model_validate({**config.sample.model_dump(), **overrides})
         config = config.model_copy(update={"sample": merged})
     trained: dict[str, float] = {}
-    if found["source_run_id"]:
-        source_metrics = tracking.get_run(found["source_run_id"]).metrics
+    if found.source_run_id:
+        source_metrics = tracking.get_run(found.source_run_id).metrics
         trained = {k: source_metrics[k] for k in ("val_perplexity", "test_perplexity") if k in source_metrics}
     params = {
-        "model_uri": found["model_uri"],
-        "model_version": found["version"],
-        "source_run_id": found["source_run_id"],
+        "model_uri": found.model_uri,
+        "model_version": found.version,
+        "source_run_id": found.source_run_id,
         **config.flat(),
     }
     params["data.url"] = redact_url(params["data.url"])  # never log credentials
     tracking.log_params(run_id, params)
-    tracking.set_tags(run_id, {"deeprnn.source_run_id": found["source_run_id"] or "", "deeprnn.preset": config.preset})
+    tracking.set_tags(run_id, {"deeprnn.source_run_id": found.source_run_id or "", "deeprnn.preset": config.preset})
     get_run_logger().info(
-        "model %s (version %s) from training run %s", found["model_uri"], found["version"], found["source_run_id"]
+        "model %s (version %s) from training run %s", found.model_uri, found.version, found.source_run_id
     )
     return FetchedModel(
-        model_uri=found["model_uri"],
-        version=found["version"],
-        source_run_id=found["source_run_id"],
-        checkpoint=found["checkpoint"],
+        model_uri=found.model_uri,
+        version=found.version,
+        source_run_id=found.source_run_id,
+        checkpoint=found.checkpoint,
         config=config,
         vocab=data["vocab"],
-        corpus_sha1=found["dataset_sha1"] or config.data.expected_sha1(),
+        corpus_sha1=found.dataset_sha1 or config.data.expected_sha1(),
         trained_metrics=trained,
     )
 

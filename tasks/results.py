@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,101 @@ import tracking
 from deeprnn import checkpoint
 from deeprnn.config import DataConfig, RunConfig
 from deeprnn.download import redact_url
+from deeprnn.pipeline import Evaluation, TrainingOutcome
 from deeprnn.report import fmt, plot_history, samples_markdown, samples_text
 from deeprnn.resume import RESUMABLE, run_folder
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The registered version a logged model became."""
+
+    registered_model: str
+    version: str
+    champion: bool | None  # whether it holds the champion alias; None: no held-out score to compare
+
+
+@dataclass(frozen=True)
+class PublishedModel:
+    """The run's logged model, what it is compared by, and (once registered) its version."""
+
+    logged: tracking.LoggedModel
+    metrics: dict[str, float]  # the run's final values linked to the model (MODEL_METRICS)
+    heldout_key: str  # champions are compared on the same held-out text only (heldout_text_key)
+    heldout_score: float | None  # validation perplexity, else test perplexity
+    register_as: str  # the registered model it becomes a version of
+    facts: tracking.ModelFacts
+    sample: str | None  # the first generated sample
+    registration: Registration | None = None  # None: not registered (a sweep trial's, until it is the best)
+
+
+@dataclass(frozen=True)
+class TokenCache:
+    """The token cache entry a run trained from."""
+
+    folder: str
+    cache_hit: bool  # found there: nothing was tokenized
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Wall-clock stamps (time.time()) of a run's stages, for the pipeline benchmark's breakdown."""
+
+    pipeline_started_at: float
+    fit_started_at: float
+    fit_finished_at: float
+    evaluated_at: float
+    logged_at: float
+    cli_ready_at: float | None = None  # set by the CLI: imports done and the Prefect API answering
+    flow_returned_at: float | None = None  # set by the CLI
+
+    def in_order(self) -> dict[str, float]:
+        """The stamps that are set, in the order the stages ran."""
+        order = ["cli_ready_at", "pipeline_started_at", "fit_started_at", "fit_finished_at", "evaluated_at"]
+        stamps = {name: getattr(self, name) for name in [*order, "logged_at", "flow_returned_at"]}
+        return {name: value for name, value in stamps.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one training run (the training flow, or one sweep trial) returns."""
+
+    run_id: str
+    experiment: str
+    training: TrainingOutcome
+    evaluation: Evaluation
+    samples: dict[str, str]  # prefix -> generated text
+    model: PublishedModel
+    tokens: TokenCache
+    timings: Timings
+
+    def metrics(self) -> dict[str, float | None]:
+        """The run's final metrics, as MLflow records them."""
+        return final_metrics(self.training, self.evaluation)
+
+    def as_record(self) -> dict[str, Any]:
+        """The result as plain JSON-ready data (``deeprnn run --json``)."""
+        return {
+            "run_id": self.run_id,
+            "experiment": self.experiment,
+            "metrics": self.metrics(),
+            "samples": self.samples,
+            "model": asdict(self.model),
+            "checkpoint": self.training.checkpoint,
+            "tokens": asdict(self.tokens),
+            "step_mode": self.training.step_mode,
+            "precision": self.training.precision,
+            "device": self.training.device,
+            "fit_started_at": self.training.fit_started_at,
+            "fit_finished_at": self.training.fit_finished_at,
+            "timings": self.timings.in_order(),
+        }
+
+
+def final_metrics(trained: TrainingOutcome, evaluation: Evaluation) -> dict[str, float | None]:
+    """The final metrics a run logs: training's and the evaluation's."""
+    return {**trained.metrics(), **evaluation.metrics()}
 
 
 @task(name="log-results", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
@@ -24,21 +118,20 @@ def log_results(
     run_id: str,
     config: RunConfig,
     vocab: dict[str, Any],
-    trained: dict[str, Any],
-    evaluation: dict[str, float | None],
+    trained: TrainingOutcome,
+    evaluation: Evaluation,
     samples: dict[str, str],
     corpus_sha1: str,
     register: bool = True,
     registered_model: str | None = None,
-) -> dict[str, Any]:
+) -> PublishedModel:
     """Log final metrics, vocabulary, samples, curve, history and the model (registered and champion if
     best, unless ``register`` is off: a sweep registers only its best trial's model).
 
     Safe to retry: the model, its version and its metrics are looked up before they are created, so a retry
     after a partial write finishes the job instead of registering a second version."""
     history = trained.history
-    final = {**trained.metrics(), **evaluation.metrics()}
-    tracking.log_metrics(run_id, final, step=trained.epochs_done)
+    tracking.log_metrics(run_id, final_metrics(trained, evaluation), step=trained.epochs_done)
     tracking.log_text(run_id, json.dumps(vocab, ensure_ascii=False, indent=1), "vocab.json")
     tracking.log_text(run_id, samples_text(samples), "samples.txt")
     tracking.log_text(run_id, json.dumps(samples, ensure_ascii=False, indent=1), "samples.json")
@@ -50,7 +143,7 @@ def log_results(
 
     model = publish_model(run_id, config, trained, evaluation, samples, corpus_sha1, register, registered_model)
     get_run_logger().info("model logged: %s", model)
-    return {"model": model, "metrics": final}
+    return model
 
 
 def heldout_text_key(data: DataConfig, corpus_sha1: str) -> str:
@@ -69,52 +162,55 @@ MODEL_METRICS = ["val_perplexity", "test_perplexity", "train_perplexity_eval"]
 def publish_model(
     run_id: str,
     config: RunConfig,
-    trained: dict[str, Any],
-    evaluation: dict[str, float | None],
+    trained: TrainingOutcome,
+    evaluation: Evaluation,
     samples: dict[str, str],
     corpus_sha1: str,
     register: bool,
     registered_model: str | None,
-) -> dict[str, Any]:
+) -> PublishedModel:
     """Log the run's model (once) with its held-out perplexities; register it (once) as ``registered_model``
     (default: per corpus, ``tracking.default_registered_model``) and move the champion alias if it is best."""
     name = registered_model or tracking.default_registered_model(config.data.url, corpus_sha1)
-    model = tracking.log_model(run_id, Path(trained.checkpoint), config.sample.prefixes[0])
-    model["metrics"] = tracking.link_model_metrics(run_id, model["model_id"], MODEL_METRICS)
-    # Champions are compared on the same held-out text only: same corpus bytes, same split.
-    heldout_key = heldout_text_key(config.data, corpus_sha1)
-    score = evaluation.val_perplexity or evaluation.test_perplexity
-    model.update(heldout_key=heldout_key, heldout_score=score, register_as=name)
-    model["facts"] = {
-        "preset": config.preset,
-        "corpus_url": redact_url(config.data.url),
-        "corpus_sha1": corpus_sha1,
-        "token": config.data.token,
-        **{k: evaluation.metrics().get(k) for k in MODEL_METRICS},
-    }
-    model["sample"] = next(iter(samples.values()), None)
-    if register:
-        model.update(register_version(model, name, run_id))
-    return model
+    logged = tracking.log_model(run_id, Path(trained.checkpoint), config.sample.prefixes[0])
+    measured = evaluation.metrics()
+    facts = tracking.ModelFacts(
+        preset=config.preset,
+        corpus_url=redact_url(config.data.url),
+        corpus_sha1=corpus_sha1,
+        token=config.data.token,
+        perplexities={k: measured.get(k) for k in MODEL_METRICS},
+    )
+    model = PublishedModel(
+        logged=logged,
+        metrics=tracking.link_model_metrics(run_id, logged.model_id, MODEL_METRICS),
+        # Champions are compared on the same held-out text only: same corpus bytes, same split.
+        heldout_key=heldout_text_key(config.data, corpus_sha1),
+        heldout_score=evaluation.val_perplexity or evaluation.test_perplexity,
+        register_as=name,
+        facts=facts,
+        sample=next(iter(samples.values()), None),
+    )
+    return register_version(model, name, run_id) if register else model
 
 
-def register_version(model: dict[str, Any], name: str, run_id: str) -> dict[str, Any]:
-    """Register the logged ``model`` (what ``publish_model`` returned) as a version of ``name``, once per run,
-    describe it, and promote it to champion if it beats the current one. Returns name, version, champion."""
-    version = tracking.register_model(model["model_uri"], name, run_id=run_id)
-    tracking.describe_version(name, version, model.get("model_id"), model["facts"], model.get("sample"))
-    out: dict[str, Any] = {"registered_model": name, "version": version}
-    if model.get("heldout_score") is not None:
-        out["champion"] = tracking.promote_if_better(name, version, model["heldout_score"], model["heldout_key"])
-    return out
+def register_version(model: PublishedModel, name: str, run_id: str) -> PublishedModel:
+    """Register the logged ``model`` as a version of ``name``, once per run, describe it, and promote it to
+    champion if it beats the current one. Returns the model with its registration."""
+    version = tracking.register_model(model.logged.model_uri, name, run_id=run_id)
+    tracking.describe_version(name, version, model.logged.model_id, model.facts, model.sample)
+    champion = None
+    if model.heldout_score is not None:
+        champion = tracking.promote_if_better(name, version, model.heldout_score, model.heldout_key)
+    return replace(model, registration=Registration(name, version, champion))
 
 
 @task(name="publish-summary", cache_policy=NO_CACHE)
 def publish_summary(
     run_id: str,
     config: RunConfig,
-    trained: dict[str, Any],
-    evaluation: dict[str, float | None],
+    trained: TrainingOutcome,
+    evaluation: Evaluation,
     samples: dict[str, str],
 ) -> str:
     """A markdown artifact on the Prefect run: perplexities, speed, device, samples, link to MLflow."""

@@ -6,6 +6,7 @@ The trials themselves are ``flows.pipeline.run_trial``: the training pipeline, o
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -16,11 +17,30 @@ import tracking
 from deeprnn.download import redact_url
 from deeprnn.search import SearchSpace, Trial, TrialResult, rank, selection_metric, table_csv, table_markdown
 from ops import cluster
-from tasks.results import prefect_run_tags, register_version
+from tasks.results import PublishedModel, RunResult, prefect_run_tags, register_version
 
 
 class SweepFailedError(RuntimeError):
     """Every trial of the sweep failed."""
+
+
+@dataclass(frozen=True)
+class SweepSummary:
+    """What a sweep returns: the trial counts, the best trial and its model, every trial ranked."""
+
+    experiment: str
+    parent_run_id: str
+    trials_total: int
+    trials_succeeded: int
+    trials_failed: int
+    selection_metric: str  # the held-out perplexity the trials are ranked by
+    best: TrialResult
+    best_model: PublishedModel  # with its registration, unless the sweep registers none
+    trials: list[TrialResult]  # ranked, failed trials last
+
+    def as_record(self) -> dict[str, Any]:
+        """The summary as plain JSON-ready data (``deeprnn sweep --json``)."""
+        return asdict(self)
 
 
 @task(name="check-sweep-inputs", cache_policy=NO_CACHE)
@@ -86,9 +106,9 @@ def _collect(parent_run_id: str, trials: list[Trial], outcomes: list[Any]) -> li
             child.status = "FAILED"
     results = []
     for trial, outcome in zip(trials, outcomes):
-        if isinstance(outcome, dict) and "run_id" in outcome:
-            metrics = {k: v for k, v in outcome["metrics"].items() if v is not None}
-            results.append(TrialResult(trial.index, trial.name, trial.values, "FINISHED", outcome["run_id"], metrics))
+        if isinstance(outcome, RunResult):
+            metrics = {k: v for k, v in outcome.metrics().items() if v is not None}
+            results.append(TrialResult(trial.index, trial.name, trial.values, "FINISHED", outcome.run_id, metrics))
             continue
         child = latest.get(str(trial.index))
         error = _error_text(outcome) if isinstance(outcome, BaseException) else f"no result: {outcome!r}"[:300]
@@ -106,14 +126,32 @@ def _collect(parent_run_id: str, trials: list[Trial], outcomes: list[Any]) -> li
     return results
 
 
+def _roll_up_best(
+    parent_run_id: str, best: TrialResult, metric: str, outcome: RunResult, register: bool, name: str | None
+) -> PublishedModel:
+    """The best trial's metrics and run on the parent run; its model registered (if ``register``) as ``name``,
+    by default the name its corpus gets."""
+    tracking.log_metrics(parent_run_id, {f"best_{k}": v for k, v in best.metrics.items()})
+    tracking.set_tags(
+        parent_run_id,
+        {"best_trial_run_id": outcome.run_id, "deeprnn.best_trial": best.name, "deeprnn.selection_metric": metric},
+    )
+    model = outcome.model
+    if register and model.heldout_score is not None:
+        # Once per trial run, also when this task runs again: the version is looked up by run id first.
+        model = register_version(model, name or model.register_as, outcome.run_id)
+    return model
+
+
 @task(name="summarize-sweep", cache_policy=NO_CACHE)
 def summarize_sweep(
+    experiment: str,
     parent_run_id: str,
     trials: list[Trial],
     outcomes: list[Any],
     register_best: bool = True,
     registered_model: str | None = None,
-) -> dict[str, Any]:
+) -> SweepSummary:
     """Rank the trials by held-out perplexity and roll the best up to the parent run (``best_*`` metrics,
     ``best_trial_run_id`` tag, its model registered as ``registered_model``, by default the one its corpus
     gets), with ``trials.csv``/``trials.md`` and a Prefect summary.
@@ -137,18 +175,10 @@ def summarize_sweep(
     tracking.log_text(parent_run_id, table + "\n", "trials.md")
 
     best = ranked[0] if succeeded else None
-    model: dict[str, Any] = {}
+    model = None
     if best is not None:
         outcome = {t.index: o for t, o in zip(trials, outcomes)}[best.index]
-        tracking.log_metrics(parent_run_id, {f"best_{k}": v for k, v in best.metrics.items()})
-        tracking.set_tags(
-            parent_run_id,
-            {"best_trial_run_id": best.run_id, "deeprnn.best_trial": best.name, "deeprnn.selection_metric": metric},
-        )
-        model = dict(outcome["model"])
-        if register_best and model.get("heldout_score") is not None:
-            # Once per trial run, also when this task runs again: the version is looked up by run id first.
-            model.update(register_version(model, registered_model or model["register_as"], best.run_id))
+        model = _roll_up_best(parent_run_id, best, metric, outcome, register_best, registered_model)
     link = tracking.run_url(parent_run_id)
     header = [
         f"# deeprnn sweep: {len(succeeded)} of {len(results)} trials succeeded",
@@ -169,29 +199,8 @@ def summarize_sweep(
     for r in results:
         if not r.succeeded:
             logger.warning("%s failed: %s", r.name, r.error)
-    if best is None:
+    if best is None or model is None:
         first = next((r.error for r in results if r.error), "unknown error")
         raise SweepFailedError(f"all {len(results)} trials failed; the first error: {first}")
-    return {
-        "parent_run_id": parent_run_id,
-        **counts,
-        "selection_metric": metric,
-        "best": {
-            "trial": best.index,
-            "name": best.name,
-            "run_id": best.run_id,
-            "metrics": best.metrics,
-            "model": model,
-        },
-        "trials": [
-            {
-                "trial": r.index,
-                "name": r.name,
-                "status": r.status,
-                "run_id": r.run_id,
-                "metrics": r.metrics,
-                "error": r.error,
-            }
-            for r in ranked
-        ],
-    }
+    done = len(succeeded)
+    return SweepSummary(experiment, parent_run_id, len(results), done, len(results) - done, metric, best, model, ranked)

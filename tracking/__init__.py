@@ -570,13 +570,20 @@ def run_logged_model(run_id: str) -> Any | None:
     return found[0] if found else None
 
 
-def log_model(run_id: str, checkpoint: Path, example_prefix: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LoggedModel:
+    """A model logged by a run: its id and the URI that loads it."""
+
+    model_id: str  # m-...
+    model_uri: str  # models:/<model_id>
+
+
+def log_model(run_id: str, checkpoint: Path, example_prefix: str) -> LoggedModel:
     """Log the checkpoint as a pyfunc model from code (prefix in, generated text out), once per run.
 
     Safe to repeat: a model this run already logged is reused (a retry after a partial write finishes the
     upload into the same model rather than creating a second one). The ``deeprnn`` library travels with the
-    model (``code_paths``), so loading it needs only the pinned requirements. Returns ``model_uri``
-    (``models:/<model_id>``) and ``model_id``.
+    model (``code_paths``), so loading it needs only the pinned requirements.
     """
     import pandas as pd
     from mlflow.entities import LoggedModelStatus
@@ -588,7 +595,7 @@ def log_model(run_id: str, checkpoint: Path, example_prefix: str) -> dict[str, A
     logged = run_logged_model(run_id)
     if logged is not None and logged.status == LoggedModelStatus.READY:
         log.info("run %s already logged model %s; reusing it", run_id, logged.model_id)
-        return {"model_uri": f"models:/{logged.model_id}", "model_id": logged.model_id}
+        return LoggedModel(logged.model_id, f"models:/{logged.model_id}")
     if logged is None:
         # Model.log would file the LoggedModel under the thread's active experiment; create it in the run's
         # own experiment instead, so `runs:/<run_id>/model` resolves and the UI shows it beside the run.
@@ -610,7 +617,7 @@ def log_model(run_id: str, checkpoint: Path, example_prefix: str) -> dict[str, A
         model_id=logged.model_id,
         step=-1,  # Model.log copies the run's metrics of this step to the model: none; ours are linked below
     )
-    return {"model_uri": f"models:/{logged.model_id}", "model_id": logged.model_id}
+    return LoggedModel(logged.model_id, f"models:/{logged.model_id}")
 
 
 def link_model_metrics(run_id: str, model_id: str, keys: list[str]) -> dict[str, float]:
@@ -685,13 +692,22 @@ def run_for_flow_run(flow_run_id: str) -> str:
     return runs[0].info.run_id
 
 
-def fetch_model(model_uri: str, dst: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DownloadedModel:
+    """A logged deeprnn model on local disk, and where it came from."""
+
+    model_uri: str  # pinned: models:/deeprnn-lm/3 rather than models:/deeprnn-lm@champion
+    version: str | None  # its registered version, if it has one
+    checkpoint: str  # local path of the model's checkpoint
+    source_run_id: str | None  # the training run that logged it
+    dataset_sha1: str | None  # the corpus hash that run recorded
+
+
+def fetch_model(model_uri: str, dst: Path) -> DownloadedModel:
     """Download a logged deeprnn model into ``dst`` and say where it came from.
 
     An alias (``models:/deeprnn-lm@champion``) is pinned to its version first, so the alias moving meanwhile
-    cannot mix two models. Returns ``model_uri`` (pinned), ``version`` (registered version or None),
-    ``checkpoint`` (local path of the model's checkpoint), ``source_run_id`` (the training run) and
-    ``dataset_sha1`` (the corpus hash that run recorded, or None). LookupError when it does not exist.
+    cannot mix two models. LookupError when it does not exist.
     """
     from mlflow.models import Model
     from mlflow.store.artifact.utils.models import get_model_name_and_version
@@ -717,13 +733,7 @@ def fetch_model(model_uri: str, dst: Path) -> dict[str, Any]:
         registered = client.search_model_versions(f"run_id = '{source_run_id}'")
         version = str(registered[0].version) if registered else None
     tags = client.get_run(source_run_id).data.tags if source_run_id else {}
-    return {
-        "model_uri": model_uri,
-        "version": version,
-        "checkpoint": str(local / relative),
-        "source_run_id": source_run_id,
-        "dataset_sha1": tags.get("dataset.sha1"),
-    }
+    return DownloadedModel(model_uri, version, str(local / relative), source_run_id, tags.get("dataset.sha1"))
 
 
 def load_pyfunc(model_uri: str) -> Any:
@@ -810,18 +820,33 @@ def _quoted(text: str) -> str:
     return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
-def describe_version(name: str, version: str, model_id: str | None, facts: dict[str, Any], sample: str | None) -> None:
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a registered version says about itself, in its description and as tags."""
+
+    preset: str
+    corpus_url: str  # credentials removed
+    corpus_sha1: str
+    token: str  # char or word
+    perplexities: dict[str, float | None]  # by metric name: val_perplexity, test_perplexity, ...
+
+    def tags(self) -> dict[str, str]:
+        """The facts as MLflow tags (perplexities under their metric names; missing ones left out)."""
+        named = {"preset": self.preset, "corpus_url": self.corpus_url, "corpus_sha1": self.corpus_sha1}
+        values: dict[str, Any] = {**named, "token": self.token, **self.perplexities}
+        return {k: str(v) for k, v in values.items() if v is not None}
+
+
+def describe_version(name: str, version: str, model_id: str | None, facts: ModelFacts, sample: str | None) -> None:
     """Say on the registered version (description and tags) and on its logged model (tags) what it is:
-    ``facts`` such as preset, corpus URL and SHA-1, perplexities, and one generated ``sample``."""
+    its ``facts`` and one generated ``sample``."""
     client = MlflowClient()
-    tags = {k: str(v) for k, v in facts.items() if v is not None}
+    tags = facts.tags()
     lines = [
-        f"deeprnn language model, preset {facts.get('preset')}, trained on {facts.get('corpus_url')} "
-        f"(SHA-1 {facts.get('corpus_sha1')})."
+        f"deeprnn language model, preset {facts.preset}, trained on {facts.corpus_url} (SHA-1 {facts.corpus_sha1})."
     ]
-    lines += [
-        f"- {k.replace('_', ' ')}: {v:.3f}" for k, v in facts.items() if k.endswith("perplexity") and v is not None
-    ]
+    held_out = {k: v for k, v in facts.perplexities.items() if k.endswith("perplexity") and v is not None}
+    lines += [f"- {k.replace('_', ' ')}: {v:.3f}" for k, v in held_out.items()]
     if sample:
         lines += ["", f"Greedy sample: {sample}"]
     client.update_model_version(name, version, description="\n".join(lines))

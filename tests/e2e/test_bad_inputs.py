@@ -183,7 +183,7 @@ def test_a_folder_with_a_gzip_file_trains_like_the_same_text_in_one_file(case: C
     (folder / ".git").mkdir(exist_ok=True)
     (folder / ".git" / "index").write_bytes(b"\x00 skipped")
     result = case.run(preset="smoke", data={"url": str(folder)}, train={**CPU, "epochs": 1})
-    run = MlflowClient().get_run(result["run_id"])
+    run = MlflowClient().get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["dataset.url"] == str(folder)
     assert int(run.data.tags["dataset.bytes"]) == cut + (folder / "part2" / "rest.txt.gz").stat().st_size
@@ -265,7 +265,7 @@ def retried(store: Path, fault_server, book_path: Path) -> Iterator[dict[str, An
 
 
 def test_prefect_retry_of_training_continues_from_the_last_checkpoint(retried: dict[str, Any]) -> None:
-    run_id = retried["result"]["run_id"]
+    run_id = retried["result"].run_id
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED"
     (task_run,) = _task_runs(run.data.tags["prefect.flow_run_id"], "train-model")
@@ -282,7 +282,7 @@ def test_prefect_retry_of_training_continues_from_the_last_checkpoint(retried: d
     # one continuous curve, every epoch once.
     for key in ("train_perplexity", "heldout_perplexity", "lr"):
         assert _steps(run_id, key) == list(range(1, EPOCHS + 1)), key
-    final = checkpoint.load(Path(retried["result"]["checkpoint"]))
+    final = checkpoint.load(Path(retried["result"].training.checkpoint))
     assert final["epoch"] == EPOCHS
     assert run.data.metrics["final_train_perplexity"] == pytest.approx(
         MlflowClient().get_metric_history(run_id, "train_perplexity")[-1].value
@@ -300,7 +300,7 @@ def test_written_files_stay_in_their_folders_whatever_the_names(retried: dict[st
     allowed = {"mlflow.db", "mlflow.db.lock", "mlruns", "runs", "cache"}
     assert {p.relative_to(root).parts[0] for p in created} <= allowed
     # The experiment exists under its odd name, its artifacts live under its numeric id.
-    run = MlflowClient().get_run(retried["result"]["run_id"])
+    run = MlflowClient().get_run(retried["result"].run_id)
     assert MlflowClient().get_experiment(run.info.experiment_id).name == ESCAPING_EXPERIMENT
     assert (
         root / "mlruns" / run.info.experiment_id / run.info.run_id / "artifacts" / "checkpoints" / "last.pt"
@@ -312,7 +312,7 @@ def test_written_files_stay_in_their_folders_whatever_the_names(retried: dict[st
 def test_unknown_prefix_characters_are_read_as_unk_with_a_warning(
     retried: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    model = tracking.load_pyfunc(f"runs:/{retried['result']['run_id']}/model")
+    model = tracking.load_pyfunc(f"runs:/{retried['result'].run_id}/model")
     with caplog.at_level(logging.WARNING, logger="deeprnn"):
         out = model.predict(pd.DataFrame({"prefix": ["time\u2603", "time\u00a7", "time e"]}), params={"num_chars": 12})
     assert out[0].startswith("time\u2603") and out[1].startswith("time\u00a7")  # printed back as typed
@@ -337,7 +337,7 @@ def test_a_model_uri_that_does_not_exist_is_a_clear_error(store: Path) -> None:
 
 
 def test_resume_refuses_settings_that_contradict_the_checkpoint(retried: dict[str, Any]) -> None:
-    run_id = retried["result"]["run_id"]
+    run_id = retried["result"].run_id
     runs_dir = str(retried["root"] / "runs" / "retried")
     done = _steps(run_id)
     with pytest.raises(ResumeError, match=r"train\.lr: the checkpoint has 1\.0, given 0\.5") as info:
@@ -358,13 +358,13 @@ def test_resume_refuses_settings_that_contradict_the_checkpoint(retried: dict[st
 def test_resume_with_more_epochs_fetches_the_checkpoint_from_mlflow_when_the_local_one_is_gone(
     retried: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run_id = retried["result"]["run_id"]
+    run_id = retried["result"].run_id
     runs_dir = retried["root"] / "runs" / "retried"
     shutil.rmtree(runs_dir / run_id)  # as on another machine
     monkeypatch.setenv("DEEPRNN_CACHE_DIR", str(retried["root"] / "cache" / "retried"))
     done = _steps(run_id)[-1]
     result = train_lm(resume_run_id=run_id, runs_dir=str(runs_dir), train={"epochs": done + 1})
-    assert result["run_id"] == run_id
+    assert result.run_id == run_id
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["deeprnn.resumed_at_epoch"] == str(done)

@@ -26,13 +26,13 @@ def test_a_step_budget_stops_inside_an_epoch_and_the_resumed_run_ends_like_an_un
     data = {"url": book_url, "sha1": BOOK_SHA1}
     train = {"device": "cpu", "epochs": 3, "eval_every_steps": 5, "checkpoint_every_steps": 5}
     straight = train_lm(preset="smoke", data=data, train=train, runs_dir="runs")
-    per_epoch = _steps(straight["run_id"], "train_perplexity")
+    per_epoch = _steps(straight.run_id, "train_perplexity")
     assert per_epoch == [1, 2, 3]  # per-epoch curves as always, one point per epoch
-    total = _steps(straight["run_id"], "step_train_perplexity")[-1]
+    total = _steps(straight.run_id, "step_train_perplexity")[-1]
     budget = 20  # the smoke preset's epoch has 15 or so minibatches: this stops inside epoch 2
 
     cut = train_lm(preset="smoke", data=data, train={**train, "max_steps": budget}, runs_dir="runs")
-    run_id = cut["run_id"]
+    run_id = cut.run_id
     assert _steps(run_id, "train_perplexity") == [1]  # the epoch cut short is not a per-epoch point
     assert _steps(run_id, "step_heldout_perplexity") == [5, 10, 15, 20]  # step = global step
     assert _steps(run_id, "step_train_perplexity")[-1] == budget
@@ -40,13 +40,13 @@ def test_a_step_budget_stops_inside_an_epoch_and_the_resumed_run_ends_like_an_un
     assert state["step"] == budget and state["position"]["epoch"] == 2
 
     resumed = train_lm(resume_run_id=run_id, runs_dir="runs", train={"max_steps": 10_000})
-    assert resumed["run_id"] == run_id
+    assert resumed.run_id == run_id
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["deeprnn.resumed_at_step"] == str(budget) and run.data.tags["deeprnn.resumed_at_epoch"] == "1"
     assert _steps(run_id, "train_perplexity") == [1, 2, 3]
     assert _steps(run_id, "step_heldout_perplexity") == sorted(set(range(5, total + 1, 5)) | {total})
     # The same weights, bit for bit, as the run that was never stopped.
-    a = checkpoint.load(Path(straight["checkpoint"]))["model_state"]
-    b = checkpoint.load(Path(resumed["checkpoint"]))["model_state"]
+    a = checkpoint.load(Path(straight.training.checkpoint))["model_state"]
+    b = checkpoint.load(Path(resumed.training.checkpoint))["model_state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -85,7 +85,7 @@ def trained(store: Path, book_url: str) -> dict[str, Any]:
 
 def test_a_retried_start_mlflow_run_leaves_one_run(trained: dict[str, Any]) -> None:
     (run,) = _runs("retried-start")
-    assert run.info.run_id == trained["result"]["run_id"]
+    assert run.info.run_id == trained["result"].run_id
     assert run.info.status == "FINISHED"
     assert run.data.params["preset"] == "smoke" and run.data.params["train.epochs"] == "1"
     counts = _task_run_counts(run.data.tags["prefect.flow_run_id"])
@@ -102,12 +102,10 @@ def test_retried_evaluation_start_and_publish_leave_one_run_one_metric_point_and
     monkeypatch.setattr(evaluation, "create_markdown_artifact", artifact)
     for name in ("start_evaluation", "publish_evaluation"):
         monkeypatch.setattr(evaluate_flow, name, getattr(evaluate_flow, name).with_options(retry_delay_seconds=0))
-    result = evaluate_lm(
-        model_uri=f"runs:/{trained['result']['run_id']}/model", device="cpu", experiment="retried-eval"
-    )
+    result = evaluate_lm(model_uri=f"runs:/{trained['result'].run_id}/model", device="cpu", experiment="retried-eval")
 
     (run,) = _runs("retried-eval")
-    assert run.info.run_id == result["run_id"] and run.info.status == "FINISHED"
+    assert run.info.run_id == result.run_id and run.info.status == "FINISHED"
     flow_run_id = run.data.tags["prefect.flow_run_id"]
     counts = _task_run_counts(flow_run_id)
     assert counts["start-evaluation-run"] == 2 and counts["publish-evaluation"] == 2

@@ -19,6 +19,7 @@ import tracking
 from deeprnn.config import D2L_SHA1 as BOOK_SHA1
 from flows.evaluate_flow import evaluate_lm
 from flows.train_flow import train_lm
+from tasks.results import RunResult
 
 pytestmark = pytest.mark.e2e
 
@@ -46,7 +47,7 @@ class Compared:
     """The training runs made against the server, in order, and the champion after each."""
 
     server: Server
-    results: list[dict[str, Any]]
+    results: list[RunResult]
     champions: list[str]
 
 
@@ -86,7 +87,7 @@ def test_rest_api_finds_runs_sorted_by_heldout_perplexity_with_params_and_histor
         "runs/search",
         json={"experiment_ids": [experiment["experiment_id"]], "order_by": ["metrics.test_perplexity ASC"]},
     )["runs"]
-    ours = {r["run_id"]: r for r in compared.results}
+    ours = {r.run_id: r for r in compared.results}
     assert {r["info"]["run_id"] for r in found} == set(ours)
 
     def metric(run: dict[str, Any], key: str) -> float:
@@ -100,7 +101,7 @@ def test_rest_api_finds_runs_sorted_by_heldout_perplexity_with_params_and_histor
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
         epochs = int(params["train.epochs"])
         assert params["preset"] == "smoke" and params["model.num_layers"] == "2"
-        assert ours[run_id]["metrics"]["test_perplexity"] == pytest.approx(metric(run, "test_perplexity"))
+        assert ours[run_id].evaluation.test_perplexity == pytest.approx(metric(run, "test_perplexity"))
         histories = {
             key: rest(server, "GET", "metrics/get-history", params={"run_id": run_id, "metric_key": key})["metrics"]
             for key in (
@@ -126,12 +127,12 @@ def test_rest_api_finds_runs_sorted_by_heldout_perplexity_with_params_and_histor
 
 
 def test_champion_alias_moves_only_to_a_better_model_on_the_same_heldout_text(compared: Compared) -> None:
-    versions = [r["model"]["version"] for r in compared.results]
-    scores = [r["metrics"]["test_perplexity"] for r in compared.results]  # smoke has no validation split
+    versions = [r.model.registration.version for r in compared.results]
+    scores = [r.evaluation.test_perplexity for r in compared.results]  # smoke has no validation split
     # What the rule says the champion must be after each run: the best so far.
     expected = [versions[min(range(i + 1), key=lambda j: scores[j])] for i in range(len(versions))]
     assert compared.champions == expected
-    moved = [r["model"]["champion"] for r in compared.results]
+    moved = [r.model.registration.champion for r in compared.results]
     assert moved[0] is True and True in moved[1:] and False in moved[1:], "runs that both move and keep the alias"
     # Every version records the score it was judged on and the held-out text it was measured on.
     for version, score in zip(versions, scores):
@@ -143,9 +144,9 @@ def test_champion_alias_moves_only_to_a_better_model_on_the_same_heldout_text(co
 
 
 def test_generate_from_the_champion_alias(compared: Compared) -> None:
-    champion = next(r for r in compared.results if r["model"]["version"] == compared.champions[-1])
-    prefixes = list(champion["samples"])
-    num_chars = len(champion["samples"][prefixes[0]]) - len(prefixes[0])
+    champion = next(r for r in compared.results if r.model.registration.version == compared.champions[-1])
+    prefixes = list(champion.samples)
+    num_chars = len(champion.samples[prefixes[0]]) - len(prefixes[0])
     cli = subprocess.run(
         [
             sys.executable,
@@ -164,7 +165,7 @@ def test_generate_from_the_champion_alias(compared: Compared) -> None:
         env=compared.server.env,
     )
     assert cli.returncode == 0, cli.stderr[-3000:]
-    assert cli.stdout.splitlines()[-len(prefixes) :] == list(champion["samples"].values())
+    assert cli.stdout.splitlines()[-len(prefixes) :] == list(champion.samples.values())
 
 
 def test_training_summary_links_to_the_mlflow_run(compared: Compared) -> None:
@@ -172,29 +173,27 @@ def test_training_summary_links_to_the_mlflow_run(compared: Compared) -> None:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     result = compared.results[-1]
-    run = rest(compared.server, "GET", "runs/get", params={"run_id": result["run_id"]})["run"]
+    run = rest(compared.server, "GET", "runs/get", params={"run_id": result.run_id})["run"]
     flow_run_id = next(t["value"] for t in run["data"]["tags"] if t["key"] == "prefect.flow_run_id")
     with get_client(sync_client=True) as client:
         by_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         artifacts = client.read_artifacts(artifact_filter=by_run)
     (summary,) = [a for a in artifacts if a.type == "markdown"]
-    link = f"{compared.server.url}/#/experiments/{run['info']['experiment_id']}/runs/{result['run_id']}"
+    link = f"{compared.server.url}/#/experiments/{run['info']['experiment_id']}/runs/{result.run_id}"
     assert f"]({link})" in summary.data
     assert [a.data for a in artifacts if a.type == "progress"] == [pytest.approx(100.0)]
 
 
 def test_evaluate_flow_measures_the_champion_on_its_heldout_text(compared: Compared) -> None:
-    champion = next(r for r in compared.results if r["model"]["version"] == compared.champions[-1])
+    champion = next(r for r in compared.results if r.model.registration.version == compared.champions[-1])
     result = evaluate_lm(device="cpu", sample={"num_chars": 7, "prefixes": ["the time"]})  # default: the champion
-    assert result["model_uri"] == f"models:/{tracking.REGISTERED_MODEL}/{compared.champions[-1]}"
-    assert result["source_run_id"] == champion["run_id"]
-    assert result["metrics"]["test_perplexity"] == pytest.approx(champion["metrics"]["test_perplexity"], rel=1e-5)
-    assert list(result["samples"]) == ["the time"] and len(result["samples"]["the time"]) == len("the time") + 7
-    run = rest(compared.server, "GET", "runs/get", params={"run_id": result["run_id"]})["run"]
+    assert result.model_uri == f"models:/{tracking.REGISTERED_MODEL}/{compared.champions[-1]}"
+    assert result.source_run_id == champion.run_id
+    assert result.evaluation.test_perplexity == pytest.approx(champion.evaluation.test_perplexity, rel=1e-5)
+    assert list(result.samples) == ["the time"] and len(result.samples["the time"]) == len("the time") + 7
+    run = rest(compared.server, "GET", "runs/get", params={"run_id": result.run_id})["run"]
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
-    assert (
-        params["requested_model_uri"] == "models:/deeprnn-lm@champion" and params["source_run_id"] == champion["run_id"]
-    )
+    assert params["requested_model_uri"] == "models:/deeprnn-lm@champion" and params["source_run_id"] == champion.run_id
     assert run["info"]["status"] == "FINISHED"
     experiment = rest(compared.server, "GET", "experiments/get", params={"experiment_id": run["info"]["experiment_id"]})
     assert experiment["experiment"]["name"] == "deeprnn-evaluate"

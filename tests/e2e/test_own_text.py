@@ -63,21 +63,21 @@ def test_own_text_keeps_every_character_trains_and_continues_a_prefix(workdir: P
         preset="smoke", data=data, train={"device": "cpu", "epochs": 1}, sample={"prefixes": [prefix], "num_chars": 15}
     )
 
-    run_id = result["run_id"]
+    run_id = result.run_id
     vocab = mlflow.artifacts.load_dict(f"runs:/{run_id}/vocab.json")["idx_to_token"]
     assert set(text) <= set(vocab)  # umlauts, CJK, digits, punctuation, capitals and the newline all kept
     assert len(vocab) == len(set(text)) + 1  # and nothing else but <unk>
-    assert not result["tokens"]["cache_hit"] and result["tokens"]["num_tokens"] == len(text)
+    assert not result.tokens.cache_hit and result.tokens.num_tokens == len(text)
     assert mlflow.get_run(run_id).data.params["data.normalize"] == "none"
 
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     (continued,) = model.predict(pd.DataFrame({"prefix": [prefix]}), params={"num_chars": 15})
     assert continued.startswith(prefix) and len(continued) == len(prefix) + 15
     assert set(continued) <= set(vocab)
-    assert continued == result["samples"][prefix]  # greedy: the logged model repeats the run's own sample
+    assert continued == result.samples[prefix]  # greedy: the logged model repeats the run's own sample
 
     # The same corpus and settings again: found in the cache, not tokenized again.
     again = prepare_lm(preset="smoke", data=data)
-    assert again["cache_hit"] and again["folder"] == result["tokens"]["folder"]
+    assert again["cache_hit"] and again["folder"] == result.tokens.folder
     assert again["vocab_size"] == len(vocab) and again["num_tokens"] == len(text)
     assert again["dtype"] == ("uint16" if language == "zh" else "uint8")

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from deeprnn.config import D2L_SHA1 as BOOK_SHA1
 from deeprnn.config import preset_config
+from tasks.results import RunResult
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +30,7 @@ SMOKE = {"device": "cpu", "epochs": 1}
 class Served:
     """What the module's fixture set up: the store, the two trained runs and the model server."""
 
-    def __init__(self, root: Path, runs: list[dict[str, Any]], url: str, log: Path) -> None:
+    def __init__(self, root: Path, runs: list[RunResult], url: str, log: Path) -> None:
         self.root, self.runs, self.url, self.log = root, runs, url, log
 
     def post(self, body: dict[str, Any]) -> requests.Response:
@@ -81,21 +82,21 @@ def served(tmp_path_factory: pytest.TempPathFactory, prefect_api: str, book_url:
             stop_process_group(proc)
 
 
-def _champion_run(served: Served) -> dict[str, Any]:
+def _champion_run(served: Served) -> RunResult:
     champion = MlflowClient(f"sqlite:///{served.root / 'mlflow.db'}").get_model_version_by_alias(
         "deeprnn-lm", "champion"
     )
-    return next(r for r in served.runs if r["run_id"] == champion.run_id)
+    return next(r for r in served.runs if r.run_id == champion.run_id)
 
 
 def test_good_requests_return_the_champions_greedy_samples(served: Served) -> None:
     run = _champion_run(served)
-    prefixes = list(run["samples"])
+    prefixes = list(run.samples)
     num_chars = preset_config("smoke").sample.num_chars
     # dataframe_records, one row: the logged greedy sample.
     one = served.post({"dataframe_records": [{"prefix": prefixes[0]}], "params": {"num_chars": num_chars}})
     assert one.status_code == 200, one.text
-    assert one.json() == {"predictions": [run["samples"][prefixes[0]]]}
+    assert one.json() == {"predictions": [run.samples[prefixes[0]]]}
     # inputs: several prefixes of different lengths in one batch, each the text it gives alone.
     batch = ["time traveller", "t", "the time machine", "traveller"]
     many = served.post({"inputs": {"prefix": batch}, "params": {"num_chars": 30}})
@@ -166,9 +167,7 @@ def test_logged_models_carry_their_metrics_and_rank_by_test_perplexity(
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{served.root / 'mlflow.db'}")
     client = MlflowClient()
-    by_model = {
-        r["model"]["model_id"]: client.get_run(r["run_id"]).data.metrics["test_perplexity"] for r in served.runs
-    }
+    by_model = {r.model.logged.model_id: client.get_run(r.run_id).data.metrics["test_perplexity"] for r in served.runs}
     assert len(set(by_model.values())) == 2  # trained differently, so measured differently
     experiment = client.get_experiment_by_name("deeprnn-train").experiment_id
     ranked = mlflow.search_logged_models(
@@ -185,18 +184,18 @@ def test_logged_models_carry_their_metrics_and_rank_by_test_perplexity(
         assert metrics["test_perplexity"].dataset_digest == BOOK_SHA1[:10]
     # The registered versions say what they are.
     for run in served.runs:
-        version = client.get_model_version("deeprnn-lm", run["model"]["version"])
+        version = client.get_model_version("deeprnn-lm", run.model.registration.version)
         assert version.tags["corpus_sha1"] == BOOK_SHA1 and version.tags["preset"] == "smoke"
-        assert float(version.tags["test_perplexity"]) == pytest.approx(by_model[run["model"]["model_id"]])
-        assert BOOK_SHA1 in version.description and next(iter(run["samples"].values())) in version.description
+        assert float(version.tags["test_perplexity"]) == pytest.approx(by_model[run.model.logged.model_id])
+        assert BOOK_SHA1 in version.description and next(iter(run.samples.values())) in version.description
     # The checkpoint for resuming stays a plain artifact of the run.
-    assert [a.path for a in client.list_artifacts(served.runs[0]["run_id"], "checkpoints")] == ["checkpoints/last.pt"]
+    assert [a.path for a in client.list_artifacts(served.runs[0].run_id, "checkpoints")] == ["checkpoints/last.pt"]
 
 
 def test_cli_generate_continues_every_prefix_in_one_batch(served: Served) -> None:
     run = _champion_run(served)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{served.root / 'mlflow.db'}"}
-    prefixes = list(run["samples"])
+    prefixes = list(run.samples)
     cmd = [
         sys.executable,
         "-m",
@@ -211,7 +210,7 @@ def test_cli_generate_continues_every_prefix_in_one_batch(served: Served) -> Non
         cmd += ["--prefix", p]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == list(run["samples"].values())
+    assert out.stdout.splitlines() == list(run.samples.values())
     bad = subprocess.run([*cmd[:6], "--prefix", "#%&"], env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no character the model knows" in bad.stderr
     assert "Traceback" not in bad.stderr
@@ -240,15 +239,15 @@ def test_log_results_retried_after_registering_registers_one_version(
     )
     assert len(calls) == 2  # the task ran twice
     client = MlflowClient()
-    run = client.get_run(result["run_id"])
+    run = client.get_run(result.run_id)
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
-    assert [m.model_id for m in models] == [result["model"]["model_id"]]
+    assert [m.model_id for m in models] == [result.model.logged.model_id]
     versions = client.search_model_versions("name = 'retry-lm'")
-    assert [(str(v.version), v.run_id) for v in versions] == [("1", result["run_id"])]
+    assert [(str(v.version), v.run_id) for v in versions] == [("1", result.run_id)]
     assert str(client.get_model_version_by_alias("retry-lm", "champion").version) == "1"
-    assert result["model"]["champion"] is True
+    assert result.model.registration.champion is True
     # The sweep's registration of its best model goes through the same lookup: asking again changes nothing.
-    assert tracking.register_model(result["model"]["model_uri"], "retry-lm", run_id=result["run_id"]) == "1"
+    assert tracking.register_model(result.model.logged.model_uri, "retry-lm", run_id=result.run_id) == "1"
     assert len(client.search_model_versions("name = 'retry-lm'")) == 1
 
 
@@ -259,11 +258,11 @@ def test_other_corpora_get_their_own_registered_model(workdir: Path, book_path: 
     text = workdir / "my notes.txt"
     text.write_text(book_path.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
     result = train_lm(preset="smoke", data={"url": str(text)}, train=SMOKE)
-    sha1 = MlflowClient().get_run(result["run_id"]).data.tags["dataset.sha1"]
-    assert result["model"]["registered_model"] == f"deeprnn-my-notes-{sha1[:8]}"
+    sha1 = MlflowClient().get_run(result.run_id).data.tags["dataset.sha1"]
+    assert result.model.registration.registered_model == f"deeprnn-my-notes-{sha1[:8]}"
     assert tracking.default_registered_model("http://x/timemachine.txt", BOOK_SHA1) == "deeprnn-lm"
     assert (
-        MlflowClient().get_model_version_by_alias(result["model"]["registered_model"], "champion").run_id
-        == result["run_id"]
+        MlflowClient().get_model_version_by_alias(result.model.registration.registered_model, "champion").run_id
+        == result.run_id
     )
     assert not MlflowClient().search_model_versions("name = 'deeprnn-lm'")

@@ -55,7 +55,7 @@ def test_sweep_runs_trials_side_by_side_and_survives_a_failing_trial(worker_env:
         experiment="sweep-check",
     )
     client = MlflowClient()
-    parent_id = result["parent_run_id"]
+    parent_id = result.parent_run_id
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
 
@@ -71,10 +71,10 @@ def test_sweep_runs_trials_side_by_side_and_survives_a_failing_trial(worker_env:
     assert all(by_trial[i].info.status == "FINISHED" for i in (0, 1, 2))
 
     # Reported as failed, with the reason, while the sweep reports how many succeeded.
-    assert (result["trials_total"], result["trials_succeeded"], result["trials_failed"]) == (4, 3, 1)
-    reported = {t["trial"]: t for t in result["trials"]}
-    assert reported[3]["status"] == "FAILED" and reported[3]["run_id"] == failed.info.run_id
-    assert reported[3]["error"].startswith("CorpusTooShortError") and "2049" in reported[3]["error"]
+    assert (result.trials_total, result.trials_succeeded, result.trials_failed) == (4, 3, 1)
+    reported = {t.index: t for t in result.trials}
+    assert reported[3].status == "FAILED" and reported[3].run_id == failed.info.run_id
+    assert reported[3].error.startswith("CorpusTooShortError") and "2049" in reported[3].error
 
     # The trials really ran side by side: two worker processes (neither is this one), overlapping in time.
     pids = {c.data.tags["deeprnn.pid"] for c in children}
@@ -92,7 +92,7 @@ def test_sweep_runs_trials_side_by_side_and_survives_a_failing_trial(worker_env:
 
     # The best trial (lowest held-out perplexity) is rolled up to the parent, and only its model registered.
     best = min((by_trial[i] for i in (0, 1, 2)), key=lambda r: r.data.metrics["test_perplexity"])
-    assert parent.data.tags["best_trial_run_id"] == best.info.run_id == result["best"]["run_id"]
+    assert parent.data.tags["best_trial_run_id"] == best.info.run_id == result.best.run_id
     assert parent.data.metrics["best_test_perplexity"] == pytest.approx(best.data.metrics["test_perplexity"])
     assert (parent.data.metrics["trials_succeeded"], parent.data.metrics["trials_failed"]) == (3, 1)
     assert json.loads(parent.data.params["train.batch_size"]) == [8, 31]  # the space, on the parent

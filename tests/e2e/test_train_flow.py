@@ -32,7 +32,7 @@ def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) 
 def test_smoke_flow_logs_everything_and_model_reproduces_samples(workdir: Path, book_url: str) -> None:
     result = train_lm(preset="smoke", data={"url": book_url, "sha1": BOOK_SHA1}, train={"device": "cpu"})
     client = MlflowClient()
-    run = client.get_run(result["run_id"])
+    run = client.get_run(result.run_id)
     config = preset_config("smoke", {"data": {"url": book_url, "sha1": BOOK_SHA1}, "train": {"device": "cpu"}})
 
     assert run.info.status == "FINISHED"
@@ -72,16 +72,16 @@ def test_smoke_flow_logs_everything_and_model_reproduces_samples(workdir: Path, 
     vocab = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/vocab.json")
     assert vocab["idx_to_token"][:3] == ["<unk>", " ", "e"] and len(vocab["idx_to_token"]) == 28
     samples_txt = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/samples.txt").splitlines()
-    assert samples_txt == list(result["samples"].values())
-    assert all(len(s) == len(p) + config.sample.num_chars for p, s in result["samples"].items())
+    assert samples_txt == list(result.samples.values())
+    assert all(len(s) == len(p) + config.sample.num_chars for p, s in result.samples.items())
 
     # The logged model, loaded back three ways, prints exactly the logged greedy samples.
-    prefixes = list(result["samples"])
-    for uri in (f"runs:/{run.info.run_id}/model", result["model"]["model_uri"], "models:/deeprnn-lm@champion"):
+    prefixes = list(result.samples)
+    for uri in (f"runs:/{run.info.run_id}/model", result.model.logged.model_uri, "models:/deeprnn-lm@champion"):
         model = mlflow.pyfunc.load_model(uri)
         out = model.predict(pd.DataFrame({"prefix": prefixes}), params={"num_chars": config.sample.num_chars})
         assert out == samples_txt, uri
-    assert result["model"]["champion"] is True
+    assert result.model.registration is not None and result.model.registration.champion is True
 
     # And from the command line, in a separate process.
     cli = subprocess.run(
