@@ -18,8 +18,7 @@ from deeprnn.config import RunConfig, SampleConfig, TrainConfig
 from deeprnn.device import describe, resolve_device
 from deeprnn.generate import generate_batch
 from deeprnn.pipeline import Evaluation, TrainingOutcome, build_trainer, evaluate_splits
-from deeprnn.progress import StepStats, progress_line
-from deeprnn.train import EpochStats
+from deeprnn.progress import EpochStats, StepStats, progress_line
 from deeprnn.vocab import Vocab
 
 LAST = "last.pt"  # resumable: weights + optimizer + RNG state, rewritten every checkpoint
