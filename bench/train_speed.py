@@ -191,7 +191,7 @@ def worker_deeprnn(a: argparse.Namespace) -> dict[str, Any]:
     from deeprnn.config import preset_config
     from deeprnn.generate import generate
     from deeprnn.pipeline import build_trainer, load_data
-    from deeprnn.train import EpochStats
+    from deeprnn.progress import EpochStats
 
     train: dict[str, Any] = {"epochs": a.epochs, "device": a.device, "fast": bool(a.fast)}
     if a.batch_size:
@@ -290,7 +290,7 @@ def worker_kernels(a: argparse.Namespace) -> dict[str, Any]:
 
     from deeprnn.config import preset_config
     from deeprnn.model import RNNLM
-    from deeprnn.train import clip_grad_norm_
+    from deeprnn.step import clip_grad_norm_
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -2,25 +2,34 @@
 
     corpus (download) -> prepared tokens + vocabulary -> splits -> model + trainer -> fit -> evaluation
 
+Training runs in a run folder (``start_training``): it continues from the folder's resumable ``last.pt``
+when there is one, rewrites it at every checkpoint and saves the selected weights as ``model.pt``; the
+layer above plugs its logging and tracking in through ``TrainingHooks``.
+
 The Prefect tasks (``tasks/``) are each one call into these, and the benchmarks and tests call them
 directly, so nothing re-wires the stages by hand.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any, Callable, ContextManager, TypeVar
 
 import torch
 
+from deeprnn import checkpoint
 from deeprnn.batching import Splits, check_enough_tokens, split_corpus
 from deeprnn.config import DataConfig, RunConfig, TrainConfig
-from deeprnn.device import resolve_device, seed_everything
+from deeprnn.device import describe, resolve_device, seed_everything
 from deeprnn.download import CorpusFile, fetch_corpus
 from deeprnn.evaluate import perplexity
 from deeprnn.model import RNNLM
 from deeprnn.prepare import PreparedCorpus, PrepareError, prepare
-from deeprnn.progress import EpochStats, FitResult
+from deeprnn.progress import EpochStats, FitResult, FitSummary, StepStats
+from deeprnn.resume import LAST, MODEL, restore_training
 from deeprnn.train import Trainer
 from deeprnn.vocab import Vocab
 
@@ -35,22 +44,13 @@ class Data:
     splits: Splits
 
 
-@dataclass(frozen=True)
-class TrainingOutcome:
-    """What the training stage hands on: where the selected weights are, where they trained, and how."""
+@dataclass(frozen=True, kw_only=True)
+class TrainingOutcome(FitSummary):
+    """What the training stage hands on: where the selected weights are, where they trained, and how (the
+    ``FitSummary`` of the whole run: its history also holds the epochs before a resume)."""
 
     checkpoint: str  # the selected weights (a checkpoint without trainer state)
     device: str  # described, e.g. "cuda:0 (NVIDIA H200)"
-    history: list[EpochStats]  # every epoch, also those before a resume
-    epochs_done: int
-    steps_done: int
-    final_train_perplexity: float
-    best_epoch: int | None
-    best_heldout_perplexity: float | None
-    train_seconds: float
-    tokens_per_sec: float
-    step_mode: str  # 'cuda-graph' or 'eager'
-    precision: str  # 'bf16' or 'fp32'
     fit_started_at: float  # wall clock (time.time()), for the pipeline benchmark's phases
     fit_finished_at: float
 
@@ -59,23 +59,11 @@ class TrainingOutcome:
         cls, fit: FitResult, earlier: list[EpochStats], checkpoint: str, device: str, started: float, finished: float
     ) -> "TrainingOutcome":
         """The outcome of ``fit``, continuing the ``earlier`` epochs of a resumed run."""
+        summary = {f.name: getattr(fit, f.name) for f in fields(FitSummary)}
         history = earlier + fit.history
-        return cls(
-            checkpoint=checkpoint,
-            device=device,
-            history=history,
-            epochs_done=fit.epochs_done,
-            steps_done=fit.steps_done,
-            final_train_perplexity=history[-1].train_perplexity if history else fit.final_train_perplexity,
-            best_epoch=fit.best_epoch,
-            best_heldout_perplexity=fit.best_heldout_perplexity,
-            train_seconds=fit.train_seconds,
-            tokens_per_sec=fit.tokens_per_sec,
-            step_mode=fit.step_mode,
-            precision=fit.precision,
-            fit_started_at=started,
-            fit_finished_at=finished,
-        )
+        summary["history"] = history
+        summary["final_train_perplexity"] = history[-1].train_perplexity if history else fit.final_train_perplexity
+        return cls(**summary, checkpoint=checkpoint, device=device, fit_started_at=started, fit_finished_at=finished)
 
     def metrics(self) -> dict[str, float | None]:
         """The run's final training metrics, as MLflow records them."""
@@ -100,14 +88,8 @@ class Evaluation:
     test_tokens: int
 
     def metrics(self) -> dict[str, float | None]:
-        """As MLflow metrics (None where there is no validation split)."""
-        return {
-            "train_perplexity_eval": self.train_perplexity_eval,
-            "val_perplexity": self.val_perplexity,
-            "test_perplexity": self.test_perplexity,
-            "val_tokens": self.val_tokens,
-            "test_tokens": self.test_tokens,
-        }
+        """As MLflow metrics, one per field (None where there is no validation split)."""
+        return asdict(self)
 
 
 def load_data(config: RunConfig, cache: Path | None = None) -> Data:
@@ -143,6 +125,104 @@ def build_trainer(config: RunConfig, vocab_size: int, splits: Splits) -> Trainer
     has_val = splits.val.numel() > 0
     heldout = splits.val if has_val else splits.test
     return Trainer(model, splits.train, config.train, device, heldout_ids=heldout, select_best=has_val)
+
+
+Guard = Callable[[], ContextManager[object]]
+_T = TypeVar("_T")
+
+
+@dataclass
+class TrainingHooks:
+    """What the layer above does while the training stage runs; every hook is optional."""
+
+    on_epoch: Callable[[EpochStats], None] | None = None  # every epoch, in order, a few at a time
+    on_step: Callable[[StepStats], None] | None = None  # every read-back, also inside long epochs
+    before_checkpoint: Callable[[], None] | None = None  # e.g. flush metrics: a checkpoint never runs ahead of them
+    after_checkpoint: Callable[[Path], None] | None = None  # the resumable checkpoint just written
+    # The context every hook (and each checkpoint with its two hooks) runs in, e.g. one holding Ctrl-C back.
+    guard: Guard = contextlib.nullcontext
+
+
+@dataclass
+class TrainingRun:
+    """The training stage of one run: its trainer in the run folder, fresh or continued from ``last.pt``."""
+
+    config: RunConfig
+    vocab: Vocab
+    splits: Splits
+    trainer: Trainer
+    folder: Path
+    epochs_done: int  # when the stage started: from the checkpoint, 0 for a fresh run
+
+    @property
+    def resumed(self) -> bool:
+        """Whether training continues from a checkpoint (whole epochs, or steps inside the first one)."""
+        return self.epochs_done > 0 or self.trainer.step > 0
+
+    def describe(self) -> str:
+        """One line: the model, the device, the epochs (and step budget), and the held-out split it evaluates."""
+        m, cfg, has_val = self.config.model, self.config.train, self.trainer.select_best
+        heldout = self.splits.val if has_val else self.splits.test
+        budget = f" or {cfg.max_steps:,} steps" if cfg.max_steps is not None else ""
+        capped = cfg.eval_max_tokens is not None and cfg.eval_max_tokens < heldout.numel()
+        per_evaluation = f" (its first {cfg.eval_max_tokens:,} tokens per evaluation)" if capped else ""
+        return (
+            f"training {m.cell} x{m.num_layers} ({m.num_hiddens} hidden) on {describe(self.trainer.device)}: "
+            f"{cfg.epochs} epochs{budget} of {self.splits.train.numel()} tokens, "
+            f"held-out = {'validation' if has_val else 'test'} split{per_evaluation}"
+        )
+
+    def fit(self, hooks: TrainingHooks, earlier: list[EpochStats] | None = None) -> TrainingOutcome:
+        """Train to the configured epochs or step budget, checkpointing into ``last.pt`` as configured and at
+        the end, then save the selected weights as ``model.pt``. ``earlier``: the epochs before a resume, which
+        the outcome's history continues."""
+        trainer, guard = self.trainer, hooks.guard
+
+        def on_checkpoint(epoch: int) -> None:
+            with guard():
+                if hooks.before_checkpoint is not None:
+                    hooks.before_checkpoint()
+                # ``epoch`` counts whole epochs; a checkpoint inside the next one carries its position.
+                path = checkpoint.save(self.folder / LAST, self._payload(epoch, trainer.state_dict()))
+                if hooks.after_checkpoint is not None:
+                    hooks.after_checkpoint(path)
+
+        started = time.time()  # wall clock, so a benchmark can split a run into overhead and training
+        result = trainer.fit(
+            on_epoch=_guarded(hooks.on_epoch, guard),
+            on_checkpoint=on_checkpoint,
+            checkpoint_every=self.config.train.checkpoint_every,
+            on_step=_guarded(hooks.on_step, guard),
+        )
+        finished = time.time()
+        final = checkpoint.save(self.folder / MODEL, self._payload(result.epochs_done))
+        return TrainingOutcome.of(result, earlier or [], str(final), describe(trainer.device), started, finished)
+
+    def _payload(self, epoch: int, trainer_state: dict[str, Any] | None = None) -> dict[str, Any]:
+        return checkpoint.make_payload(
+            self.config, self.vocab, self.trainer.model, epoch=epoch, trainer_state=trainer_state
+        )
+
+
+def start_training(config: RunConfig, vocab: Vocab, splits: Splits, run_dir: Path) -> TrainingRun:
+    """The training stage in ``run_dir``: a fresh trainer, or (the folder holds ``last.pt``: a retry, or a
+    resumed run) one continuing from that checkpoint, which must belong to this configuration."""
+    trainer = build_trainer(config, len(vocab), splits)
+    last = run_dir / LAST
+    done = restore_training(checkpoint.load(last), config, trainer.model, trainer) if last.is_file() else 0
+    return TrainingRun(config, vocab, splits, trainer, run_dir, done)
+
+
+def _guarded(hook: Callable[[_T], None] | None, guard: Guard) -> Callable[[_T], None] | None:
+    """``hook`` run inside ``guard()``, or None without a hook."""
+    if hook is None:
+        return None
+
+    def guarded(value: _T) -> None:
+        with guard():
+            hook(value)
+
+    return guarded
 
 
 def evaluate_splits(model: RNNLM, splits: Splits, train: TrainConfig) -> Evaluation:

@@ -29,12 +29,14 @@ class EpochStats:
     partial: bool = False  # the step budget ended training inside this epoch: its numbers cover the part done
 
 
-@dataclass
-class FitResult:
-    """The outcome of ``Trainer.fit``."""
+@dataclass(frozen=True, kw_only=True)
+class FitSummary:
+    """What training measured: shared by ``FitResult`` (one ``fit`` call) and ``pipeline.TrainingOutcome``
+    (the training stage of a run, across resumes)."""
 
     history: list[EpochStats]
     epochs_done: int
+    steps_done: int  # optimizer steps in total, across resumes
     final_train_perplexity: float
     best_epoch: int | None
     best_heldout_perplexity: float | None
@@ -42,7 +44,12 @@ class FitResult:
     tokens_per_sec: float
     step_mode: str  # 'cuda-graph' or 'eager'
     precision: str  # 'bf16' (autocast) or 'fp32'
-    steps_done: int = 0  # optimizer steps in total, across resumes
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitResult(FitSummary):
+    """The outcome of ``Trainer.fit``."""
+
     eval_tokens: int | None = None  # held-out tokens each periodic evaluation read (the cap, or fewer)
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,6 +18,11 @@ from deeprnn.download import redact_url
 from deeprnn.model import RNNLM
 from deeprnn.train import Trainer
 
+# The files of a run's folder: the resumable checkpoint (weights, optimizer, RNG and position, rewritten at
+# every checkpoint) and the selected weights the run reports and logs.
+LAST = "last.pt"
+MODEL = "model.pt"
+
 # Flat keys (as in ``RunConfig.flat``) a resumed run may change.
 RESUMABLE = frozenset(
     {

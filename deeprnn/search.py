@@ -1,4 +1,4 @@
-"""Hyperparameter search: a space of configuration values, the trials it expands to, and their ranking.
+"""Hyperparameter search: a space of configuration values and the trials it expands to.
 
 A space maps configuration fields to values::
 
@@ -11,40 +11,30 @@ A space maps configuration fields to values::
 Grid search takes every combination of the dimensions, in order; random search draws ``max_trials`` of
 them (distinct ones when every dimension is a list) with a seeded generator, so the same seed gives the same
 trials. Each trial is a complete ``RunConfig`` (the preset, the user's overrides, then the trial's values),
-validated before anything runs.
+validated before anything runs. What the trials produce, and their ranking, is ``deeprnn.search_results``.
 """
 
 from __future__ import annotations
 
-import csv
 import difflib
-import io
 import itertools
 import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, cast
+from typing import Any, Mapping, cast
 
 from pydantic import BaseModel, ValidationError
 
-from deeprnn.config import (
-    DataConfig,
-    ModelConfig,
-    RunConfig,
-    SampleConfig,
-    TrainConfig,
-    preset_config,
-    section_values,
-)
+from deeprnn.config import RunConfig, preset_config, section_values
 
 MAX_TRIALS = 1000  # a guard against a typo that expands to a million training runs
 DEFAULT_RANDOM_TRIALS = 10
+# The configuration's sections (data, model, train, sample) by name, as ``RunConfig`` declares them.
 _SECTIONS: dict[str, type[BaseModel]] = {
-    "data": DataConfig,
-    "model": ModelConfig,
-    "train": TrainConfig,
-    "sample": SampleConfig,
+    name: info.annotation
+    for name, info in RunConfig.model_fields.items()
+    if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
 }
 # Names people use for a field that the config spells differently.
 _ALIASES = {
@@ -316,98 +306,3 @@ def plan_trials(
 
 def _show(values: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items()) or "no varied values"
-
-
-# ----- results ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrialResult:
-    """What one trial produced: its MLflow run (if it got that far), status, final metrics or error."""
-
-    index: int
-    name: str
-    values: dict[str, Any]
-    status: str  # FINISHED or FAILED
-    run_id: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    error: str | None = None
-
-    @property
-    def succeeded(self) -> bool:
-        """True when the trial's run finished."""
-        return self.status == "FINISHED"
-
-
-def selection_metric(results: list[TrialResult]) -> str:
-    """The held-out perplexity trials are ranked by: validation when every finished trial has one (so the
-    test split stays untouched by the choice), else test."""
-    done = [r for r in results if r.succeeded]
-    if done and all(r.metrics.get("val_perplexity") is not None for r in done):
-        return "val_perplexity"
-    return "test_perplexity"
-
-
-def rank(results: list[TrialResult]) -> list[TrialResult]:
-    """Finished trials by held-out perplexity (best first), then failed ones by trial number."""
-    metric = selection_metric(results)
-
-    def key(r: TrialResult) -> tuple[int, float, int]:
-        score = r.metrics.get(metric)
-        if not r.succeeded or score is None or not math.isfinite(score):
-            return (1, math.inf, r.index)
-        return (0, score, r.index)
-
-    return sorted(results, key=key)
-
-
-_COLUMNS = ("test_perplexity", "val_perplexity", "final_train_perplexity", "train_seconds")
-
-
-def table_rows(results: list[TrialResult]) -> list[dict[str, Any]]:
-    """One flat row per trial, ranked: trial, status, varied values, perplexities, seconds, run id, error."""
-    keys: list[str] = []
-    for r in results:
-        keys += [k for k in r.values if k not in keys]
-    metric_keys = [k for k in _COLUMNS if any(k in r.metrics for r in results)]
-    rows = []
-    for r in rank(results):
-        row: dict[str, Any] = {"trial": r.index, "status": r.status}
-        row.update({k: r.values.get(k) for k in keys})
-        row.update({k: r.metrics.get(k) for k in metric_keys})
-        row.update({"run_id": r.run_id or "", "error": r.error or ""})
-        rows.append(row)
-    return rows
-
-
-def table_csv(results: list[TrialResult]) -> str:
-    """The ranked trials as CSV text."""
-    rows = table_rows(results)
-    out = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    return out.getvalue()
-
-
-def table_markdown(results: list[TrialResult], link: Callable[[str], str | None] | None = None) -> str:
-    """The ranked trials as a markdown table; ``link(run_id)`` turns run ids into links where it can."""
-    rows = table_rows(results)
-    if not rows:
-        return "(no trials)"
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    for row in rows:
-        cells = []
-        for col in columns:
-            value = row[col]
-            if col == "run_id" and value:
-                url = link(value) if link else None
-                cells.append(f"[{value[:12]}]({url})" if url else f"`{value}`")
-            elif isinstance(value, float):
-                cells.append(f"{value:.3f}")
-            else:
-                cells.append(str(value if value is not None else "").replace("|", "\\|").replace("\n", " "))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)

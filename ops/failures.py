@@ -24,7 +24,7 @@ EXPECTED: tuple[tuple[str, str], ...] = (
     ("deeprnn.prepare", "PrepareError"),  # a text that normalizes to nothing, a word vocabulary too large
     ("deeprnn.device", "DeviceUnavailableError"),
     ("deeprnn.batching", "CorpusTooShortError"),
-    ("deeprnn.train", "TrainingDivergedError"),
+    ("deeprnn.divergence", "TrainingDivergedError"),  # a NaN or infinite loss or weight
     ("deeprnn.resume", "ResumeError"),
     ("deeprnn.search", "SearchSpaceError"),
     ("deeprnn.checkpoint", "UnsafeCheckpointError"),

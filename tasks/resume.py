@@ -12,9 +12,8 @@ from pydantic import BaseModel
 import tracking
 from deeprnn import checkpoint, resume
 from deeprnn.config import RunConfig, overrides_dict
-from tasks.training import LAST
 
-CHECKPOINT_ARTIFACT = f"checkpoints/{LAST}"
+CHECKPOINT_ARTIFACT = f"checkpoints/{resume.LAST}"
 
 
 @task(name="prepare-resume", cache_policy=NO_CACHE)
@@ -39,7 +38,7 @@ def prepare_resume(
     run = tracking.find_run(run_id)
     if experiment and experiment != run.experiment:
         raise resume.ResumeError(f"run {run_id} belongs to experiment {run.experiment!r}, not {experiment!r}")
-    last = resume.run_folder(runs_dir, run_id) / LAST
+    last = resume.run_folder(runs_dir, run_id) / resume.LAST
     if last.is_file():
         logger.info("resuming MLflow run %s from %s", run_id, last)
     else:

@@ -15,7 +15,8 @@ from prefect.cache_policies import NO_CACHE
 
 import tracking
 from deeprnn.download import redact_url
-from deeprnn.search import SearchSpace, Trial, TrialResult, rank, selection_metric, table_csv, table_markdown
+from deeprnn.search import SearchSpace, Trial
+from deeprnn.search_results import TrialResult, rank, selection_metric, table_csv, table_markdown
 from ops import cluster
 from tasks.results import PublishedModel, RunResult, prefect_run_tags, register_version
 

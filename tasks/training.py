@@ -3,28 +3,28 @@ take and return checkpoint paths, metrics and text."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 import tracking
-from deeprnn import checkpoint, resume
+from deeprnn import checkpoint
 from deeprnn.batching import Splits
 from deeprnn.config import RunConfig, SampleConfig, TrainConfig
-from deeprnn.device import describe, resolve_device
+from deeprnn.device import resolve_device
 from deeprnn.generate import generate_batch
-from deeprnn.pipeline import Evaluation, TrainingOutcome, build_trainer, evaluate_splits
-from deeprnn.progress import StepStats, progress_line
-from deeprnn.train import EpochStats
+from deeprnn.pipeline import Evaluation, TrainingHooks, TrainingOutcome, evaluate_splits, start_training
+from deeprnn.progress import EpochStats, StepStats, progress_line
+from deeprnn.resume import LAST
 from deeprnn.vocab import Vocab
 
-LAST = "last.pt"  # resumable: weights + optimizer + RNG state, rewritten every checkpoint
-MODEL = "model.pt"  # the selected weights the run reports and logs
-
+Logger = logging.Logger | logging.LoggerAdapter[Any]  # what get_run_logger returns
 
 _LOG_SECONDS = 30.0  # inside a long epoch, a progress line (and progress update) at most this often
 
@@ -42,6 +42,35 @@ def _worth_a_line(s: StepStats, cfg: TrainConfig, seconds_since_last: float) -> 
     return s.heldout_perplexity is not None or seconds_since_last >= _LOG_SECONDS
 
 
+def _hooks(
+    run_id: str, cfg: TrainConfig, metrics: tracking.MetricLogger, progress: UUID, logger: Logger
+) -> TrainingHooks:
+    """Every epoch and step to MLflow, a progress line and the progress artifact now and then, each checkpoint
+    logged as an artifact; Ctrl-C is held back while they write, and raised when they are done."""
+    last_line = [time.perf_counter()]
+
+    def on_epoch(stats: EpochStats) -> None:
+        if not stats.partial:  # an epoch the step budget cut short is in the step_* curves instead
+            metrics.add_epoch(stats)
+
+    def on_step(stats: StepStats) -> None:
+        if _uses_steps(cfg):
+            metrics.add_step(stats)
+        if _worth_a_line(stats, cfg, time.perf_counter() - last_line[0]):
+            logger.info(progress_line(stats))
+            update_progress_artifact(progress, 100.0 * min(stats.step / max(stats.total_steps, 1), 1.0))
+            last_line[0] = time.perf_counter()
+
+    return TrainingHooks(
+        on_epoch=on_epoch,
+        on_step=on_step,
+        # Metrics first: once a checkpoint exists, MLflow has every epoch up to it, so a resume leaves no gap.
+        before_checkpoint=metrics.flush,
+        after_checkpoint=lambda path: tracking.log_artifact(run_id, path, "checkpoints"),
+        guard=tracking.uninterrupted,
+    )
+
+
 @task(
     name="train-model",
     cache_policy=NO_CACHE,
@@ -57,68 +86,19 @@ def train_model(config: RunConfig, vocab: dict[str, Any], splits: Splits, run_id
     training continues from it instead of starting over.
     """
     logger = get_run_logger()
-    cfg = config.train
-    voc = Vocab.from_dict(vocab)
-    trainer = build_trainer(config, len(voc), splits)
-    model, device, has_val = trainer.model, trainer.device, trainer.select_best
-    heldout = splits.val if has_val else splits.test
-    out = Path(run_dir)
-    done = resume.restore_training(checkpoint.load(out / LAST), config, model, trainer) if (out / LAST).is_file() else 0
-    earlier = tracking.epoch_history(run_id, done) if done else []
-    if done or trainer.step:
-        tracking.set_tags(run_id, {"deeprnn.resumed_at_epoch": done, "deeprnn.resumed_at_step": trainer.step})
-        logger.info("resuming from the checkpoint at epoch %d, step %d in %s", done, trainer.step, out / LAST)
-    budget = f" or {cfg.max_steps:,} steps" if cfg.max_steps is not None else ""
-    logger.info(
-        "training %s x%d (%d hidden) on %s: %d epochs%s of %d tokens, held-out = %s split%s",
-        config.model.cell,
-        config.model.num_layers,
-        config.model.num_hiddens,
-        describe(device),
-        cfg.epochs,
-        budget,
-        splits.train.numel(),
-        "validation" if has_val else "test",
-        f" (its first {cfg.eval_max_tokens:,} tokens per evaluation)"
-        if cfg.eval_max_tokens is not None and cfg.eval_max_tokens < heldout.numel()
-        else "",
-    )
-
+    run = start_training(config, Vocab.from_dict(vocab), splits, Path(run_dir))
+    step = run.trainer.step
+    if run.resumed:
+        tracking.set_tags(run_id, {"deeprnn.resumed_at_epoch": run.epochs_done, "deeprnn.resumed_at_step": step})
+        logger.info("resuming from the checkpoint at epoch %d, step %d in %s", run.epochs_done, step, run.folder / LAST)
+    logger.info(run.describe())
+    earlier = tracking.epoch_history(run_id, run.epochs_done) if run.epochs_done else []  # the whole curve
     metrics = tracking.MetricLogger(run_id, resuming=True)  # a retry or resume may find epochs already logged
     progress = create_progress_artifact(0.0, key=None, description="Training progress (% of steps)")
     started = time.perf_counter()
-    last_line = [started]
-
-    # Ctrl-C is held back while the callbacks write to MLflow and Prefect, and raised when they are done.
-    def on_epoch(stats: EpochStats) -> None:
-        if not stats.partial:  # an epoch the step budget cut short is in the step_* curves instead
-            with tracking.uninterrupted():
-                metrics.add_epoch(stats)
-
-    def on_step(stats: StepStats) -> None:
-        with tracking.uninterrupted():
-            if _uses_steps(cfg):
-                metrics.add_step(stats)
-            if _worth_a_line(stats, cfg, time.perf_counter() - last_line[0]):
-                logger.info(progress_line(stats))
-                update_progress_artifact(progress, 100.0 * min(stats.step / max(stats.total_steps, 1), 1.0))
-                last_line[0] = time.perf_counter()
-
-    def on_checkpoint(epoch: int) -> None:
-        with tracking.uninterrupted():
-            # Metrics first: once a checkpoint exists, MLflow has every epoch up to it, so a resume leaves no gap.
-            metrics.flush()
-            # ``epoch`` counts whole epochs; a checkpoint inside the next one carries its position in trainer_state.
-            payload = checkpoint.make_payload(config, voc, model, epoch=epoch, trainer_state=trainer.state_dict())
-            path = checkpoint.save(out / LAST, payload)
-            tracking.log_artifact(run_id, path, "checkpoints")
-
-    fit_started = time.time()  # wall clock, so a benchmark can split a run into overhead and training
     try:
         with tracking.system_metrics(run_id):  # CPU, memory (and GPU) use as system/* metrics
-            result = trainer.fit(
-                on_epoch=on_epoch, on_checkpoint=on_checkpoint, checkpoint_every=cfg.checkpoint_every, on_step=on_step
-            )
+            outcome = run.fit(_hooks(run_id, config.train, metrics, progress, logger), earlier)
     except BaseException:
         try:
             metrics.flush()  # whatever was measured reaches MLflow, also when training fails
@@ -127,14 +107,10 @@ def train_model(config: RunConfig, vocab: dict[str, Any], splits: Splits, run_id
         raise
     metrics.flush()
     update_progress_artifact(progress, 100.0)  # done: the budget or the epochs are spent
-    fit_finished = time.time()
-    final = checkpoint.save(out / MODEL, checkpoint.make_payload(config, voc, model, epoch=result.epochs_done))
-    # The whole curve, also after a resume.
-    outcome = TrainingOutcome.of(result, earlier, str(final), describe(device), fit_started, fit_finished)
     logger.info(
-        f"trained in {time.perf_counter() - started:.1f} s ({result.step_mode} steps, {result.precision}): "
-        f"{result.epochs_done} epochs, {result.steps_done:,} steps, "
-        f"final train ppl {outcome.final_train_perplexity:.3f}, {result.tokens_per_sec:,.0f} tokens/s"
+        f"trained in {time.perf_counter() - started:.1f} s ({outcome.step_mode} steps, {outcome.precision}): "
+        f"{outcome.epochs_done} epochs, {outcome.steps_done:,} steps, "
+        f"final train ppl {outcome.final_train_perplexity:.3f}, {outcome.tokens_per_sec:,.0f} tokens/s"
     )
     return outcome
 

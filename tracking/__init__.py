@@ -33,8 +33,7 @@ from mlflow.tracking import MlflowClient
 
 from deeprnn.config import RunConfig
 from deeprnn.download import CorpusFile, redact_url
-from deeprnn.progress import StepStats
-from deeprnn.train import EpochStats
+from deeprnn.progress import EpochStats, StepStats
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from deeprnn.batching import CorpusTooShortError
 from deeprnn.config import D2L_SHA1 as BOOK_SHA1
 from deeprnn.config import preset_config
 from deeprnn.device import DeviceUnavailableError
+from deeprnn.divergence import TrainingDivergedError
 from deeprnn.download import DownloadError, TransientDownloadError
 from deeprnn.resume import ResumeError
-from deeprnn.train import TrainingDivergedError
 from flows.train_flow import train_lm
 from tracking import TrackingUnavailableError
 

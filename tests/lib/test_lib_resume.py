@@ -9,9 +9,10 @@ import torch
 
 from deeprnn import checkpoint
 from deeprnn.config import RunConfig, preset_config
+from deeprnn.divergence import TrainingDivergedError
 from deeprnn.model import RNNLM
 from deeprnn.resume import RESUMABLE, ResumeError, check_run_id, restore_training, resume_config, run_folder
-from deeprnn.train import Trainer, TrainingDivergedError
+from deeprnn.train import Trainer
 from deeprnn.vocab import Vocab
 
 CPU = torch.device("cpu")

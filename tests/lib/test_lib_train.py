@@ -15,9 +15,12 @@ import torch.nn.functional as F
 from deeprnn import checkpoint
 from deeprnn.batching import CorpusTooShortError, random_batches
 from deeprnn.config import RunConfig, preset_config
+from deeprnn.divergence import TrainingDivergedError
 from deeprnn.evaluate import perplexity
 from deeprnn.model import RNNLM
-from deeprnn.train import EpochStats, Trainer, TrainingDivergedError, clip_grad_norm_
+from deeprnn.progress import EpochStats
+from deeprnn.step import clip_grad_norm_
+from deeprnn.train import Trainer
 from deeprnn.vocab import Vocab
 
 CPU = torch.device("cpu")

@@ -16,8 +16,8 @@ from deeprnn.batching import split_corpus
 from deeprnn.config import RunConfig, preset_config
 from deeprnn.evaluate import perplexity
 from deeprnn.model import RNNLM
-from deeprnn.progress import StepStats, eta_seconds, format_duration, progress_line
-from deeprnn.train import EpochStats, Trainer
+from deeprnn.progress import EpochStats, StepStats, eta_seconds, format_duration, progress_line
+from deeprnn.train import Trainer
 from deeprnn.vocab import Vocab
 
 CPU = torch.device("cpu")

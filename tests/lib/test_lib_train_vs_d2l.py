@@ -11,7 +11,8 @@ from torch import nn
 
 from deeprnn.config import preset_config
 from deeprnn.model import RNNLM
-from deeprnn.train import Trainer, clip_grad_norm_
+from deeprnn.step import clip_grad_norm_
+from deeprnn.train import Trainer
 
 pytestmark = [
     pytest.mark.d2l,

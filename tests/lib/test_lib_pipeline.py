@@ -1,0 +1,85 @@
+"""deeprnn.pipeline's training stage: the run folder's last.pt and model.pt, the hooks around each checkpoint,
+and a second start in the same folder (a retry, a resumed run) continuing from last.pt."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from deeprnn import checkpoint
+from deeprnn.batching import Splits
+from deeprnn.config import RunConfig, preset_config
+from deeprnn.pipeline import TrainingHooks, start_training
+from deeprnn.resume import LAST, MODEL
+from deeprnn.vocab import Vocab
+
+URL = "http://127.0.0.1:8000/timemachine.txt"
+
+
+def _config(**train: object) -> RunConfig:
+    return preset_config("smoke", {"data": {"url": URL}, "train": {"device": "cpu", "checkpoint_every": 1, **train}})
+
+
+def _splits(ids: torch.Tensor) -> Splits:
+    return Splits(train=ids[:-400], val=ids[-400:-200], test=ids[-200:])
+
+
+def test_training_stage_checkpoints_inside_the_guard_and_saves_the_selected_weights(
+    tmp_path: Path, tiny_vocab: Vocab, tiny_ids: torch.Tensor
+) -> None:
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def guard() -> Iterator[None]:
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    hooks = TrainingHooks(
+        on_epoch=lambda s: events.append(f"epoch {s.epoch}"),
+        before_checkpoint=lambda: events.append("before"),
+        after_checkpoint=lambda path: events.append(f"after {path.name} {path.is_file()}"),
+        guard=guard,
+    )
+    splits = _splits(tiny_ids)
+    run = start_training(_config(epochs=3), tiny_vocab, splits, tmp_path)
+    assert not run.resumed and run.epochs_done == 0
+    assert run.describe().endswith(f"3 epochs of {splits.train.numel()} tokens, held-out = validation split")
+    outcome = run.fit(hooks)
+
+    assert outcome.epochs_done == 3 and [h.epoch for h in outcome.history] == [1, 2, 3]
+    assert outcome.steps_done == run.trainer.step > 0 and outcome.device == "cpu"
+    # Each epoch, then its checkpoint: the hook before it, the file, the hook after it, all inside the guard.
+    each = ["enter", "epoch {}", "exit", "enter", "before", "after last.pt True", "exit"]
+    assert events == [e.format(n) for n in (1, 2, 3) for e in each]
+    last, final = checkpoint.load(tmp_path / LAST), checkpoint.load(tmp_path / MODEL)
+    assert last["epoch"] == 3 and last["trainer_state"]["step"] == outcome.steps_done
+    assert outcome.checkpoint == str(tmp_path / MODEL) and final["trainer_state"] is None
+    # With a validation split the best epoch's weights are the ones saved.
+    best = outcome.best_epoch
+    assert best is not None and outcome.best_heldout_perplexity == min(
+        h.heldout_perplexity for h in outcome.history if h.heldout_perplexity is not None
+    )
+    for key, value in run.trainer.model.state_dict().items():
+        assert torch.equal(final["model_state"][key], value)
+
+
+def test_a_second_start_in_the_folder_continues_from_last_pt_like_one_run(
+    tmp_path: Path, tiny_vocab: Vocab, tiny_ids: torch.Tensor
+) -> None:
+    splits = _splits(tiny_ids)
+    straight = start_training(_config(epochs=4), tiny_vocab, splits, tmp_path / "straight").fit(TrainingHooks())
+
+    folder = tmp_path / "resumed"
+    first = start_training(_config(epochs=2), tiny_vocab, splits, folder).fit(TrainingHooks())
+    again = start_training(_config(epochs=4), tiny_vocab, splits, folder)  # epochs may be raised on resume
+    assert again.resumed and again.epochs_done == 2 and again.trainer.step == first.steps_done
+    outcome = again.fit(TrainingHooks(), earlier=first.history)
+
+    assert [h.epoch for h in outcome.history] == [1, 2, 3, 4]
+    assert [h.train_perplexity for h in outcome.history] == [h.train_perplexity for h in straight.history]
+    assert outcome.final_train_perplexity == straight.final_train_perplexity
+    assert outcome.steps_done == straight.steps_done
