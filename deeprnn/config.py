@@ -278,12 +278,7 @@ class RunConfig(_Section):
 
 # The configuration's sections by name, in the order of ``RunConfig``: the CLI's options and the search
 # spaces' field paths (``section.field``) are read from these models.
-SECTIONS: dict[str, type[_Section]] = {
-    "data": DataConfig,
-    "model": ModelConfig,
-    "train": TrainConfig,
-    "sample": SampleConfig,
-}
+SECTIONS: dict[str, type[_Section]] = dict(data=DataConfig, model=ModelConfig, train=TrainConfig, sample=SampleConfig)
 
 
 def _presets() -> dict[str, dict[str, Any]]:

@@ -24,18 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, cast
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from deeprnn.config import RunConfig, preset_config, section_values
+from deeprnn.config import SECTIONS, RunConfig, preset_config, section_values
 
 MAX_TRIALS = 1000  # a guard against a typo that expands to a million training runs
 DEFAULT_RANDOM_TRIALS = 10
-# The configuration's sections (data, model, train, sample) by name, as ``RunConfig`` declares them.
-_SECTIONS: dict[str, type[BaseModel]] = {
-    name: info.annotation
-    for name, info in RunConfig.model_fields.items()
-    if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
-}
 # Names people use for a field that the config spells differently.
 _ALIASES = {
     "hidden_size": "model.num_hiddens",
@@ -99,7 +93,7 @@ def field_path(name: str) -> str:
     section, _, bare = key.rpartition(".")
     if bare in _ALIASES and section in ("", _ALIASES[bare].split(".")[0]):
         key = _ALIASES[bare]
-    paths = [f"{s}.{f}" for s, cls in _SECTIONS.items() for f in cls.model_fields]
+    paths = [f"{s}.{f}" for s, cls in SECTIONS.items() for f in cls.model_fields]
     if key in paths:
         return key
     matches = [p for p in paths if p.split(".", 1)[1] == key]
@@ -136,7 +130,7 @@ def _flatten(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Accept ``{model: {cell: [...]}}`` as well as ``{model.cell: [...]}``."""
     out: dict[str, Any] = {}
     for key, value in spec.items():
-        if key in _SECTIONS and isinstance(value, Mapping):
+        if key in SECTIONS and isinstance(value, Mapping):
             for sub, sub_value in value.items():
                 out[f"{key}.{sub}"] = sub_value
         else:
