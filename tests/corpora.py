@@ -7,12 +7,15 @@ chapters and a header line, as in the book's file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
 import random
 import re
+import threading
 from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 BOOK_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
@@ -116,3 +119,32 @@ CORPUS_SHA1 = BOOK_SHA1 if IS_BOOK else hashlib.sha1(STANDIN.encode("ascii")).he
 CORPUS_NUM_CHARS = BOOK_NUM_CHARS if IS_BOOK else d2l_num_chars(STANDIN)
 CORPUS_NUM_BYTES = BOOK_NUM_BYTES if IS_BOOK else len(STANDIN.encode("ascii"))
 CORPUS_MODEL = registered_model(CORPUS_SHA1, IS_BOOK)
+
+
+class CountingServer:
+    """A real HTTP server on 127.0.0.1 serving the corpus's folder; ``hits`` lists the paths asked for."""
+
+    def __init__(self, folder: Path) -> None:
+        hits: list[str] = []
+        self.hits = hits
+
+        class Handler(SimpleHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                hits.append(self.path)
+                super().do_GET()
+
+            def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        """The URL of ``path`` on this server."""
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
