@@ -29,6 +29,13 @@ from corpora import (
 )
 
 
+def pytest_report_header() -> str:
+    """Say in the session's header which corpus the tests use, so a log shows when the book was not found."""
+    if IS_BOOK:
+        return f"corpus: the book's, {BOOK_FILE}"
+    return f"corpus: a generated stand-in (sha1 {CORPUS_SHA1}); the book is not at {BOOK_FILE}"
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> CorpusFile:
     """The book's file when it is here, else the stand-in written to the session's temporary folder."""
