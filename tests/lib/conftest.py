@@ -38,7 +38,7 @@ TINY_TEXT = (
 ) * 8
 
 
-# ----- the corpus (the book's, or the generated stand-in: tests/conftest.py) ------------------------
+# ----- the corpus (the book's, or the generated stand-in: tests/corpora.py) -------------------------
 
 
 @pytest.fixture(scope="session")

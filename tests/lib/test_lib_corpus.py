@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from corpora import BOOK_SHA1, CorpusFile
+from corpora import BOOK_SHA1, CorpusFile, d2l_num_chars, standin_text
 
 from deeprnn.batching import num_batches, sequential_batches, split_corpus
 from deeprnn.config import D2L_SHA1, preset_config
 from deeprnn.download import sha1_of
+from deeprnn.tokenize import flatten, preprocess_lines, tokenize
 from deeprnn.vocab import Vocab
 
 # The vocabulary the book prints in 8.2 (after <unk>): space, then letters by descending frequency.
@@ -65,3 +66,13 @@ def test_eight_minibatches_for_every_offset(book_tokens: list[str], book_vocab: 
         assert x.shape == (8, 32, 35), offset
         assert y.shape == (8, 32, 35), offset
         assert num_batches(ids.numel(), 32, 35, offset) == 8
+
+
+def test_the_stand_in_is_the_same_text_every_time_book_sized_and_has_the_books_vocabulary() -> None:
+    # Checked with or without the book, so the corpus a clone on its own runs on keeps what the tests assume.
+    text = standin_text()
+    assert text == standin_text() and 170_000 <= len(text.encode("ascii")) <= 190_000
+    tokens = flatten(tokenize(preprocess_lines(text), "char"))
+    assert len(tokens) == d2l_num_chars(text)
+    assert sorted(Vocab(tokens).idx_to_token) == sorted(BOOK_ORDER)  # the same 28 tokens, in its own order
+    assert text.startswith("The Time Machine") and "\nI\n" in text and "," in text and "'" in text
