@@ -1,29 +1,56 @@
-"""Fixtures shared by all test folders: the book's corpus and a local HTTP server that serves it."""
+"""Fixtures shared by all test folders: the corpus the tests train on and a local HTTP server that serves it.
+
+The corpus is the book's own file when it is here: ``DEEPRNN_TEST_DATA`` names its folder (``.ci/run`` sets it
+to ``../shared/data``), else the shared folder beside the checkout is tried. A clone on its own has neither, and
+then the tests make a stand-in: a deterministic English-like text of about the book's size, with every letter
+(so the book's 28-token character vocabulary), written to the session's temporary folder. Assertions about the
+book itself check ``corpus.is_book``; everything else uses the fixture's own figures (``sha1``, ``num_chars``).
+"""
 
 from __future__ import annotations
 
 import functools
-import os
+import hashlib
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+from corpora import (
+    BOOK_FILE,
+    CORPUS_NUM_BYTES,
+    CORPUS_NUM_CHARS,
+    CORPUS_SHA1,
+    IS_BOOK,
+    STANDIN,
+    Corpus,
+    CorpusFile,
+)
 
-BOOK_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
-# The book's corpus is never inside the checkout: DEEPRNN_TEST_DATA names its folder (.ci/run sets it to
-# ../shared/data); without it, the shared folder beside the checkout is tried.
-SHARED_DATA = Path(os.environ.get("DEEPRNN_TEST_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+def pytest_report_header() -> str:
+    """Say in the session's header which corpus the tests use, so a log shows when the book was not found."""
+    if IS_BOOK:
+        return f"corpus: the book's, {BOOK_FILE}"
+    return f"corpus: a generated stand-in (sha1 {CORPUS_SHA1}); the book is not at {BOOK_FILE}"
 
 
 @pytest.fixture(scope="session")
-def book_path() -> Path:
-    """The exact file the book downloads."""
-    path = SHARED_DATA / "timemachine.txt"
-    if not path.is_file():
-        pytest.skip(f"the book's corpus is not at {path}")
-    return path
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> CorpusFile:
+    """The book's file when it is here, else the stand-in written to the session's temporary folder."""
+    if IS_BOOK:
+        return CorpusFile(BOOK_FILE, CORPUS_SHA1, CORPUS_NUM_CHARS, CORPUS_NUM_BYTES, is_book=True)
+    path = tmp_path_factory.mktemp("standin-corpus") / "timemachine.txt"
+    path.write_bytes(STANDIN.encode("ascii"))
+    assert hashlib.sha1(path.read_bytes()).hexdigest() == CORPUS_SHA1
+    return CorpusFile(path, CORPUS_SHA1, CORPUS_NUM_CHARS, CORPUS_NUM_BYTES, is_book=False)
+
+
+@pytest.fixture(scope="session")
+def book_path(corpus_file: CorpusFile) -> Path:
+    """The corpus file: the exact file the book downloads, or the stand-in when the book is not here."""
+    return corpus_file.path
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
@@ -33,7 +60,7 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="session")
 def corpus_server(book_path: Path) -> Iterator[str]:
-    """Base URL of a real HTTP server on 127.0.0.1 serving the shared data folder."""
+    """Base URL of a real HTTP server on 127.0.0.1 serving the corpus's folder."""
     handler = functools.partial(_QuietHandler, directory=str(book_path.parent))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -47,5 +74,11 @@ def corpus_server(book_path: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def book_url(corpus_server: str) -> str:
-    """URL of the book's corpus on the local server."""
+    """URL of the corpus file on the local server."""
     return f"{corpus_server}/timemachine.txt"
+
+
+@pytest.fixture(scope="session")
+def corpus(corpus_file: CorpusFile, book_url: str) -> Corpus:
+    """The corpus with its URL: pass ``corpus.sha1`` wherever a run is given the expected SHA-1."""
+    return Corpus(**{**corpus_file.__dict__, "url": book_url})

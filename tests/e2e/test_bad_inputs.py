@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import pandas as pd
 import pytest
 import torch
+from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -26,7 +27,6 @@ import tracking
 from cli.app import app
 from deeprnn import checkpoint, tokenize
 from deeprnn.batching import CorpusTooShortError
-from deeprnn.config import D2L_SHA1 as BOOK_SHA1
 from deeprnn.config import preset_config
 from deeprnn.device import DeviceUnavailableError
 from deeprnn.divergence import TrainingDivergedError

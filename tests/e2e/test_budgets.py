@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
 from mlflow.tracking import MlflowClient
 
 from deeprnn import checkpoint
-from deeprnn.config import D2L_SHA1 as BOOK_SHA1
 from flows.train_flow import train_lm
 
 pytestmark = pytest.mark.e2e

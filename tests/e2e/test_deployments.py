@@ -18,10 +18,10 @@ from typing import Any, Iterator
 import pytest
 import requests
 import yaml
+from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
 from live_servers import Server, log_tail, start_process, stop_process_group
 from mlflow.tracking import MlflowClient
 
-from deeprnn.config import D2L_SHA1 as BOOK_SHA1
 from deeprnn.config import preset_config, resolve
 from flows.parameters import SECTIONS, preset_sections
 

@@ -16,12 +16,13 @@ from typing import Any, Iterator
 
 import pytest
 import torch
+from corpora import CORPUS_MODEL
+from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from deeprnn import checkpoint
-from deeprnn.config import D2L_SHA1 as BOOK_SHA1
 
 pytestmark = pytest.mark.e2e
 
@@ -187,7 +188,7 @@ def test_four_runs_at_once_on_a_fresh_store_and_cache_all_succeed(four_at_once: 
     entries = sorted((cache / "tokens").iterdir())
     assert [p.suffix for p in entries] == ["", ".lock"] and (entries[0] / "ids.bin").is_file()
     # All four models registered, as four distinct versions.
-    versions = client.search_model_versions("name='deeprnn-lm'")
+    versions = client.search_model_versions(f"name='{CORPUS_MODEL}'")
     assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4]
     assert {v.run_id for v in versions} == run_ids
 

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
 from mlflow.tracking import MlflowClient
 
-from deeprnn.config import D2L_SHA1 as BOOK_SHA1
 from ops.prefect_api import server_command
 
 pytestmark = pytest.mark.e2e

@@ -14,12 +14,13 @@ from typing import Any, Iterator
 import mlflow
 import pytest
 import requests
+from corpora import CORPUS_MODEL
+from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
 from live_servers import free_port, log_tail, start_process, stop_process_group, wait_until_healthy
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from deeprnn.config import D2L_SHA1 as BOOK_SHA1
-from deeprnn.config import preset_config
+from deeprnn.config import D2L_SHA1, preset_config
 from tasks.results import RunResult
 
 pytestmark = pytest.mark.e2e
@@ -66,7 +67,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, prefect_api: str, book_url:
             "models",
             "serve",
             "-m",
-            "models:/deeprnn-lm@champion",
+            f"models:/{CORPUS_MODEL}@champion",
             "--env-manager",
             "local",
             "--host",
@@ -84,7 +85,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, prefect_api: str, book_url:
 
 def _champion_run(served: Served) -> RunResult:
     champion = MlflowClient(f"sqlite:///{served.root / 'mlflow.db'}").get_model_version_by_alias(
-        "deeprnn-lm", "champion"
+        CORPUS_MODEL, "champion"
     )
     return next(r for r in served.runs if r.run_id == champion.run_id)
 
@@ -184,7 +185,7 @@ def test_logged_models_carry_their_metrics_and_rank_by_test_perplexity(
         assert metrics["test_perplexity"].dataset_digest == BOOK_SHA1[:10]
     # The registered versions say what they are.
     for run in served.runs:
-        version = client.get_model_version("deeprnn-lm", run.model.registration.version)
+        version = client.get_model_version(CORPUS_MODEL, run.model.registration.version)
         assert version.tags["corpus_sha1"] == BOOK_SHA1 and version.tags["preset"] == "smoke"
         assert float(version.tags["test_perplexity"]) == pytest.approx(by_model[run.model.logged.model_id])
         assert BOOK_SHA1 in version.description and next(iter(run.samples.values())) in version.description
@@ -202,7 +203,7 @@ def test_cli_generate_continues_every_prefix_in_one_batch(served: Served) -> Non
         "cli.app",
         "generate",
         "--model-uri",
-        "models:/deeprnn-lm@champion",
+        f"models:/{CORPUS_MODEL}@champion",
         "--num-chars",
         "20",
     ]
@@ -260,7 +261,7 @@ def test_other_corpora_get_their_own_registered_model(workdir: Path, book_path: 
     result = train_lm(preset="smoke", data={"url": str(text)}, train=SMOKE)
     sha1 = MlflowClient().get_run(result.run_id).data.tags["dataset.sha1"]
     assert result.model.registration.registered_model == f"deeprnn-my-notes-{sha1[:8]}"
-    assert tracking.default_registered_model("http://x/timemachine.txt", BOOK_SHA1) == "deeprnn-lm"
+    assert tracking.default_registered_model("http://x/timemachine.txt", D2L_SHA1) == "deeprnn-lm"
     assert (
         MlflowClient().get_model_version_by_alias(result.model.registration.registered_model, "champion").run_id
         == result.run_id

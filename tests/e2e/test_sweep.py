@@ -14,11 +14,12 @@ from typing import Any
 
 import mlflow
 import pytest
+from corpora import CORPUS_MODEL
+from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from cli.app import app
-from deeprnn.config import D2L_SHA1 as BOOK_SHA1
 from flows.sweep_flow import sweep_lm
 from ops.cluster import ClusterConfigError, dask_task_runner, gpu_request
 
@@ -96,9 +97,9 @@ def test_sweep_runs_trials_side_by_side_and_survives_a_failing_trial(worker_env:
     assert parent.data.metrics["best_test_perplexity"] == pytest.approx(best.data.metrics["test_perplexity"])
     assert (parent.data.metrics["trials_succeeded"], parent.data.metrics["trials_failed"]) == (3, 1)
     assert json.loads(parent.data.params["train.batch_size"]) == [8, 31]  # the space, on the parent
-    versions = client.search_model_versions("name='deeprnn-lm'")
+    versions = client.search_model_versions(f"name='{CORPUS_MODEL}'")
     assert [v.run_id for v in versions] == [best.info.run_id]
-    assert client.get_model_version_by_alias("deeprnn-lm", "champion").run_id == best.info.run_id
+    assert client.get_model_version_by_alias(CORPUS_MODEL, "champion").run_id == best.info.run_id
 
     # The summary table artifact: ranked by held-out perplexity, the failed trial last.
     rows = list(csv.DictReader(io.StringIO(mlflow.artifacts.load_text(f"runs:/{parent_id}/trials.csv"))))

@@ -10,9 +10,10 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from corpora import CORPUS_MODEL, CORPUS_NUM_CHARS
+from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
 from mlflow.tracking import MlflowClient
 
-from deeprnn.config import D2L_SHA1 as BOOK_SHA1
 from deeprnn.config import preset_config
 from flows.train_flow import FLOW_NAME, train_lm
 
@@ -55,7 +56,7 @@ def test_smoke_flow_logs_everything_and_model_reproduces_samples(workdir: Path, 
     )
     # The dataset's identity and the link back to Prefect.
     tags = run.data.tags
-    assert tags["dataset.sha1"] == BOOK_SHA1 and tags["dataset.num_tokens"] == "170580"
+    assert tags["dataset.sha1"] == BOOK_SHA1 and tags["dataset.num_tokens"] == str(CORPUS_NUM_CHARS)
     assert tags["dataset.vocab_size"] == "28"
     assert tags["prefect.flow_run_id"] and tags["prefect.flow_name"] == FLOW_NAME
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest == BOOK_SHA1[:10]
@@ -77,7 +78,7 @@ def test_smoke_flow_logs_everything_and_model_reproduces_samples(workdir: Path, 
 
     # The logged model, loaded back three ways, prints exactly the logged greedy samples.
     prefixes = list(result.samples)
-    for uri in (f"runs:/{run.info.run_id}/model", result.model.logged.model_uri, "models:/deeprnn-lm@champion"):
+    for uri in (f"runs:/{run.info.run_id}/model", result.model.logged.model_uri, f"models:/{CORPUS_MODEL}@champion"):
         model = mlflow.pyfunc.load_model(uri)
         out = model.predict(pd.DataFrame({"prefix": prefixes}), params={"num_chars": config.sample.num_chars})
         assert out == samples_txt, uri

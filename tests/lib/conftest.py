@@ -1,4 +1,4 @@
-"""Fixtures for the library tests: tiny in-memory text, the book's corpus, the book's own d2l code, an HTTP server.
+"""Fixtures for the library tests: tiny in-memory text, the corpus's tokens, the book's own d2l code, an HTTP server.
 
 Test files here are named ``test_lib_*.py`` so that their module names cannot collide with tests elsewhere
 under ``tests/`` (there are no ``__init__.py`` files, so pytest imports test modules by their base name).
@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import importlib.util
-import os
 import random
 import shutil
 import socket
@@ -23,13 +22,10 @@ from typing import Callable
 
 import pytest
 import torch
+from corpora import CorpusFile
 
 from deeprnn.tokenize import flatten, preprocess_lines, tokenize
 from deeprnn.vocab import Vocab
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]  # tests/lib/conftest.py -> the checkout
-# The book's folder: DEEPRNN_TEST_DATA (.ci/run sets it), else the shared folder beside the checkout.
-BOOK_PATH = Path(os.environ.get("DEEPRNN_TEST_DATA") or PROJECT_ROOT.parent / "shared" / "data") / "timemachine.txt"
 
 # A few lines in the book's style: enough text for several minibatches of a tiny model, in milliseconds.
 TINY_TEXT = (
@@ -42,20 +38,12 @@ TINY_TEXT = (
 ) * 8
 
 
-# ----- the book's corpus ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def book_path() -> Path:
-    """The exact corpus the book downloads (read-only, beside the checkout); skip when it is absent."""
-    if not BOOK_PATH.is_file():
-        pytest.skip(f"the book's corpus is not at {BOOK_PATH} (the shared folder sits beside the checkout)")
-    return BOOK_PATH
+# ----- the corpus (the book's, or the generated stand-in: tests/corpora.py) -------------------------
 
 
 @pytest.fixture(scope="session")
 def book_tokens(book_path: Path) -> list[str]:
-    """The book's corpus as a flat list of characters, preprocessed as the book does."""
+    """The corpus as a flat list of characters, preprocessed as the book does."""
     return flatten(tokenize(preprocess_lines(book_path.read_text(encoding="utf-8")), "char"))
 
 
@@ -65,16 +53,21 @@ def book_vocab(book_tokens: list[str]) -> Vocab:
 
 
 @pytest.fixture()
-def d2l_data_dir(book_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def d2l_data_dir(
+    d2l: types.ModuleType, corpus_file: CorpusFile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
     """Arrange ``../data/timemachine.txt`` for d2l (it checks the sha1 and then stays offline) and chdir there.
 
-    The copy lives in pytest's temporary folder, never in the project.
+    The copy lives in pytest's temporary folder, never in the project. d2l's registry is told the corpus's
+    SHA-1 (the book's own on the book, so unchanged there), else it would download the book over the stand-in.
     """
     data = tmp_path / "data"
     work = tmp_path / "work"
     data.mkdir()
     work.mkdir()
-    shutil.copy(book_path, data / "timemachine.txt")
+    shutil.copy(corpus_file.path, data / "timemachine.txt")
+    url, _ = d2l.DATA_HUB["time_machine"]
+    monkeypatch.setitem(d2l.DATA_HUB, "time_machine", (url, corpus_file.sha1))
     monkeypatch.chdir(work)
     return data
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from corpora import CorpusFile
 
 from deeprnn.config import D2L_SHA1
 from deeprnn.download import (
@@ -165,11 +166,12 @@ def test_check_text_accepts_utf8() -> None:
     check_text("caf\u00e9 \u2014 na\u00efve\n".encode("utf-8"), "x")
 
 
-def test_the_books_file_through_the_real_download_path(http_server, book_path: Path, tmp_path: Path) -> None:
-    url = http_server.serve("/timemachine.txt", book_path.read_bytes())
-    got = fetch_corpus(url, D2L_SHA1, cache=tmp_path / "cache", retries=0)
-    assert got.sha1 == D2L_SHA1 and got.num_bytes == 178_979
-    assert sha1_of(got.path) == D2L_SHA1
+def test_the_books_file_through_the_real_download_path(http_server, corpus_file: CorpusFile, tmp_path: Path) -> None:
+    url = http_server.serve("/timemachine.txt", corpus_file.path.read_bytes())
+    got = fetch_corpus(url, corpus_file.sha1, cache=tmp_path / "cache", retries=0)  # D2L_SHA1 on the book
+    assert got.sha1 == corpus_file.sha1 and got.num_bytes == corpus_file.num_bytes  # 178,979 bytes on the book
+    assert sha1_of(got.path) == corpus_file.sha1
+    assert (corpus_file.sha1 == D2L_SHA1) == corpus_file.is_book
 
 
 def test_local_path_and_file_url(tmp_path: Path) -> None:

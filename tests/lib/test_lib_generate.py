@@ -18,12 +18,9 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture()
-def char_tokens(request: pytest.FixtureRequest) -> list[str]:
-    """The book's characters when the corpus is here, else the tiny text's."""
-    try:
-        return request.getfixturevalue("book_tokens")
-    except pytest.skip.Exception:
-        return request.getfixturevalue("tiny_tokens")
+def char_tokens(book_tokens: list[str]) -> list[str]:
+    """The corpus's characters (the book's, or the stand-in's)."""
+    return book_tokens
 
 
 @pytest.fixture()
@@ -49,7 +46,8 @@ def test_greedy_equals_predict_ch8(d2l, char_tokens: list[str], prefix: str) -> 
     expected = d2l.predict_ch8(prefix, 50, book, book_vocab, CPU)
     got = generate(mine, vocab, prefix, 50)
     assert got == expected
-    assert len(got) == len(prefix) + 50 and got.startswith(prefix)
+    # 50 new tokens; the random weights may pick <unk> (five characters) on another corpus's vocabulary.
+    assert len(got[len(prefix) :].replace("<unk>", "?")) == 50 and got.startswith(prefix)
     assert len(set(got[len(prefix) :])) > 1
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from corpora import CorpusFile
 
 from deeprnn import prepare as prep
 from deeprnn.config import DataConfig, preset_config
@@ -27,12 +28,13 @@ def _data(**fields) -> DataConfig:
     return DataConfig(**fields)
 
 
-def test_book_ids_and_vocabulary_equal_the_books_preprocessing(book_path: Path, tmp_path: Path) -> None:
+def test_book_ids_and_vocabulary_equal_the_books_preprocessing(corpus_file: CorpusFile, tmp_path: Path) -> None:
+    book_path = corpus_file.path
     tokens = flatten(tokenize(preprocess_lines(book_path.read_text(encoding="utf-8")), "char"))
     book_vocab = Vocab(tokens)
     prepared = prep.prepare(fetch_corpus(str(book_path)), preset_config("d2l-9.3").data, tmp_path)
     assert prepared.vocab().idx_to_token == book_vocab.idx_to_token and prepared.vocab_size == 28
-    assert prepared.dtype == "uint8" and prepared.num_tokens == 170_580
+    assert prepared.dtype == "uint8" and prepared.num_tokens == corpus_file.num_chars
     assert np.array_equal(prepared.ids(), np.array(book_vocab.encode(tokens)))
     assert prepared.dropped_share == 0.0 and dropped_letters_warning(prepared) is None
 
