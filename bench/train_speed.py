@@ -182,7 +182,7 @@ def _device_name(device: Any) -> str:
 
 
 def worker_deeprnn(a: argparse.Namespace) -> dict[str, Any]:
-    """deeprnn with the book's preset, built exactly as the pipeline builds it (tasks.data, tasks.training)."""
+    """deeprnn with the book's preset, built exactly as the pipeline builds it (deeprnn.pipeline)."""
     _import_repo()
     import torch
 

@@ -13,17 +13,20 @@ from prefect import flow
 import tracking
 from deeprnn.config import DeviceName, SampleConfig
 from flows.parameters import form_field
-from tasks.data import download_corpus, prepare_splits, prepare_tokens
-from tasks.evaluation import (
+from tasks.download import download_corpus
+from tasks.evaluate import (
     CHAMPION_URI,
     EvaluationResult,
     choose_model,
+    evaluate_model,
     fetch_model,
     publish_evaluation,
     scratch_folder,
     start_evaluation,
 )
-from tasks.training import evaluate_model, generate_samples
+from tasks.generate import generate_samples
+from tasks.prepare import prepare_tokens
+from tasks.splits import prepare_splits
 
 FLOW_NAME = "deeprnn-evaluate"
 MODEL_URI_PATTERN = r"^(models|runs):/\S+$"

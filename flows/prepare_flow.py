@@ -14,7 +14,8 @@ from prefect.artifacts import create_markdown_artifact
 from deeprnn.config import DataConfig, PresetName, resolve
 from deeprnn.prepare import prepared_record
 from flows.parameters import form_field
-from tasks.data import download_corpus, prepare_tokens
+from tasks.download import download_corpus
+from tasks.prepare import prepare_tokens
 
 FLOW_NAME = "deeprnn-prepare"
 

@@ -16,8 +16,8 @@ from prefect import allow_failure, flow
 import tracking
 from deeprnn.config import DataConfig, ModelConfig, PresetName, SampleConfig, TrainConfig
 from deeprnn.search import parse_space, plan_trials
-from flows.pipeline import run_trial
 from ops.cluster import cluster_gpus, gpu_request, resources, task_runner_from_env
+from tasks.pipeline import run_trial
 from tasks.sweep import SweepSummary, check_sweep_inputs, start_sweep_tracking, summarize_sweep
 
 SWEEP_NAME = "deeprnn-sweep"

@@ -1,5 +1,5 @@
 """The training flow: download -> vocabulary -> splits -> train -> evaluate -> generate -> MLflow
-(the stages are wired in ``flows.pipeline.run_pipeline``, shared with sweep trials).
+(the stages are wired in ``tasks.pipeline.run_pipeline``, shared with sweep trials).
 
 Parameters are the preset and its sections (the configuration's own pydantic models, ``flows.parameters``), so
 the Prefect UI shows them as a form pre-filled with the deployment's values and refuses out-of-range values
@@ -22,7 +22,7 @@ from deeprnn.config import (
     resolve,
 )
 from flows.parameters import form_field
-from flows.pipeline import run_pipeline
+from tasks.pipeline import run_pipeline
 from tasks.results import RunResult
 from tasks.resume import prepare_resume
 

@@ -237,18 +237,6 @@ def publish_summary(
     return markdown
 
 
-@task(name="check-inputs", cache_policy=NO_CACHE)
-def check_inputs(config: RunConfig) -> str:
-    """Refuse what would fail later, before any download or training: a missing device, an unreachable
-    MLflow. Returns the tracking URI in use."""
-    from deeprnn.device import resolve_device
-
-    device = resolve_device(config.train.device)
-    uri = tracking.check_reachable()
-    get_run_logger().info("device %s, MLflow tracking at %s", device, uri)
-    return uri
-
-
 def prefect_run_tags() -> dict[str, str]:
     """MLflow tags that link a run to the Prefect flow run (and deployment) it belongs to."""
     from prefect.runtime import deployment, flow_run

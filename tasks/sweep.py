@@ -1,6 +1,6 @@
 """Prefect tasks around a sweep's trials: check the setup, open the parent MLflow run, summarize the results.
 
-The trials themselves are ``flows.pipeline.run_trial``: the training pipeline, one child MLflow run each.
+The trials themselves are ``tasks.pipeline.run_trial``: the training pipeline, one child MLflow run each.
 """
 
 from __future__ import annotations

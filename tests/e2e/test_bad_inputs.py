@@ -22,7 +22,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from typer.testing import CliRunner
 
-import flows.pipeline as pipeline
+import tasks.pipeline as pipeline
 import tracking
 from cli.app import app
 from deeprnn import checkpoint, tokenize

@@ -177,7 +177,7 @@ def test_training_past_its_timeout_fails_once_cleanly_and_the_run_is_failed(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    import flows.pipeline as pipeline
+    import tasks.pipeline as pipeline
     from deeprnn.config import TrainConfig
     from ops.failures import message
     from ops.limits import training_timeout_seconds

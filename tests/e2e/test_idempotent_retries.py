@@ -17,8 +17,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
 import flows.evaluate_flow as evaluate_flow
-import flows.pipeline as pipeline
-import tasks.evaluation as evaluation
+import tasks.evaluate as evaluation
+import tasks.pipeline as pipeline
 import tracking
 from deeprnn.search import parse_space, plan_trials
 from flows.evaluate_flow import evaluate_lm

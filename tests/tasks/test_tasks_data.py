@@ -1,4 +1,4 @@
-"""tasks.data through ``task.fn()`` (no server, no flow): the download on a real local HTTP server, the token
+"""tasks.download through ``task.fn()`` (no server, no flow): the download on a real local HTTP server, the token
 cache built once then found, and the split sizes of the presets."""
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from deeprnn.batching import CorpusTooShortError
 from deeprnn.config import preset_config
 from deeprnn.download import DownloadError, TransientDownloadError
 from deeprnn.prepare import PrepareError
-from tasks.data import download_corpus, prepare_splits, prepare_tokens
+from tasks.download import download_corpus
+from tasks.prepare import prepare_tokens
+from tasks.splits import prepare_splits
 
 
 def _files(folder: Path) -> list[str]:

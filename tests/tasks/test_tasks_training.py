@@ -1,4 +1,4 @@
-"""tasks.training's evaluation and generation through ``task.fn()`` (no server, no flow), on a tiny model
+"""tasks.train's evaluation and generation through ``task.fn()`` (no server, no flow), on a tiny model
 trained for a few seconds on the corpus and saved as the flow saves it."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from deeprnn.generate import generate
 from deeprnn.model import RNNLM
 from deeprnn.pipeline import build_trainer, evaluate_splits, load_data
 from deeprnn.vocab import Vocab
-from tasks.training import evaluate_model, generate_samples
+from tasks.evaluate import evaluate_model
+from tasks.generate import generate_samples
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Prefect tasks of the evaluation flow: choose a logged model, open its MLflow run, fetch the model with what
-rebuilds its held-out text, publish the results. Measuring and sampling reuse the training flow's tasks."""
+"""The evaluate stage as Prefect tasks: ``evaluate-model`` measures a checkpoint's perplexity on each split
+(for the training flow and the evaluation flow); the evaluation flow's own tasks choose a logged model, open
+its MLflow run, fetch the model with what rebuilds its held-out text, and publish the results."""
 
 from __future__ import annotations
 
@@ -17,15 +18,26 @@ from pydantic import BaseModel
 
 import tracking
 from deeprnn import checkpoint
+from deeprnn.batching import Splits
 from deeprnn.config import RunConfig, SampleConfig, section_values
 from deeprnn.device import resolve_device
 from deeprnn.download import redact_url
-from deeprnn.pipeline import Evaluation
+from deeprnn.pipeline import Evaluation, evaluate_splits
 from deeprnn.report import fmt, samples_markdown, samples_text
 from tasks.results import prefect_run_tags
 
 CHAMPION_URI = f"models:/{tracking.REGISTERED_MODEL}@{tracking.CHAMPION}"
 EVALUATION_SUMMARY = "deeprnn-evaluation-summary"  # the key of the Prefect markdown artifact
+
+
+@task(name="evaluate-model", cache_policy=NO_CACHE)
+def evaluate_model(checkpoint_path: str, splits: Splits, device: str) -> Evaluation:
+    """Perplexity of the selected model on each split (eval mode, token-weighted)."""
+    model, _, config = checkpoint.restore_model(checkpoint.load(Path(checkpoint_path)), resolve_device(device))
+    result = evaluate_splits(model, splits, config.train)
+    shown = [f"{k} {v:,.3f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in result.metrics().items() if v]
+    get_run_logger().info("evaluation: %s", ", ".join(shown))
+    return result
 
 
 @dataclass(frozen=True)

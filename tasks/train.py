@@ -1,5 +1,5 @@
-"""Prefect tasks for training, evaluation and generation. Models stay out of Prefect's results: tasks
-take and return checkpoint paths, metrics and text."""
+"""The training stage as a Prefect task: one call into the library's training stage, with its progress in
+Prefect (log lines, a progress artifact) and every epoch, step and checkpoint in MLflow."""
 
 from __future__ import annotations
 
@@ -14,12 +14,9 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 import tracking
-from deeprnn import checkpoint
 from deeprnn.batching import Splits
-from deeprnn.config import RunConfig, SampleConfig, TrainConfig
-from deeprnn.device import resolve_device
-from deeprnn.generate import generate_batch
-from deeprnn.pipeline import Evaluation, TrainingHooks, TrainingOutcome, evaluate_splits, start_training
+from deeprnn.config import RunConfig, TrainConfig
+from deeprnn.pipeline import TrainingHooks, TrainingOutcome, start_training
 from deeprnn.progress import EpochStats, StepStats, progress_line
 from deeprnn.resume import LAST
 from deeprnn.vocab import Vocab
@@ -113,37 +110,3 @@ def train_model(config: RunConfig, vocab: dict[str, Any], splits: Splits, run_id
         f"final train ppl {outcome.final_train_perplexity:.3f}, {outcome.tokens_per_sec:,.0f} tokens/s"
     )
     return outcome
-
-
-@task(name="evaluate-model", cache_policy=NO_CACHE)
-def evaluate_model(checkpoint_path: str, splits: Splits, device: str) -> Evaluation:
-    """Perplexity of the selected model on each split (eval mode, token-weighted)."""
-    model, _, config = checkpoint.restore_model(checkpoint.load(Path(checkpoint_path)), resolve_device(device))
-    result = evaluate_splits(model, splits, config.train)
-    shown = [f"{k} {v:,.3f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in result.metrics().items() if v]
-    get_run_logger().info("evaluation: %s", ", ".join(shown))
-    return result
-
-
-@task(name="generate-samples", cache_policy=NO_CACHE)
-def generate_samples(checkpoint_path: str, device: str, sample: SampleConfig | None = None) -> dict[str, str]:
-    """Continue each prefix with the selected model (greedy unless a temperature is set); ``sample`` replaces
-    the checkpoint's own sample settings."""
-    model, voc, config = checkpoint.restore_model(checkpoint.load(Path(checkpoint_path)), resolve_device(device))
-    s = sample or config.sample
-    # All prefixes as one batch: one forward step per generated token for all of them.
-    texts = generate_batch(
-        model,
-        voc,
-        s.prefixes,
-        s.num_chars,
-        token=config.data.token,
-        temperature=s.temperature,
-        top_k=s.top_k,
-        seed=s.seed,
-    )
-    samples = dict(zip(s.prefixes, texts))
-    logger = get_run_logger()
-    for text in samples.values():
-        logger.info("sample: %s", text)
-    return samples

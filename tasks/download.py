@@ -1,4 +1,4 @@
-"""Prefect tasks for the data stages: download, prepared token ids and vocabulary (cached), splits."""
+"""The download stage as a Prefect task: the corpus fetched into the hash-checked cache, network faults retried."""
 
 from __future__ import annotations
 
@@ -8,12 +8,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
-from deeprnn.batching import Splits
-from deeprnn.config import DataConfig, TrainConfig
 from deeprnn.download import CorpusFile, TransientDownloadError, fetch_corpus
-from deeprnn.pipeline import make_splits
-from deeprnn.prepare import PreparedCorpus, dropped_letters_warning, prepare, prepared_summary
-from deeprnn.vocab import Vocab
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -54,28 +49,3 @@ def download_corpus(source: str, expected_sha1: str | None) -> CorpusFile:
         "corpus %s (%s): %d bytes, sha1 %s", corpus.source, corpus.kind, corpus.num_bytes, corpus.sha1
     )
     return corpus
-
-
-@task(name="prepare-tokens", cache_policy=NO_CACHE)
-def prepare_tokens(corpus: CorpusFile, data: DataConfig) -> PreparedCorpus:
-    """Tokenize the corpus once into the token cache, or find it there (then nothing is tokenized again)."""
-    prepared = prepare(corpus, data)
-    logger = get_run_logger()
-    logger.info(prepared_summary(prepared))
-    warning = dropped_letters_warning(prepared)
-    if warning:
-        logger.warning(warning)
-    return prepared
-
-
-@task(name="prepare-splits", cache_policy=NO_CACHE)
-def prepare_splits(
-    prepared: PreparedCorpus, data: DataConfig, train: TrainConfig, vocab: dict[str, Any] | None = None
-) -> Splits:
-    """Cut the cached token ids into train/validation/test (views of the memory map, nothing copied); refuse a
-    training part too short for one minibatch, and ids made with another vocabulary than ``vocab``."""
-    splits = make_splits(prepared, data, train, Vocab.from_dict(vocab) if vocab is not None else None)
-    get_run_logger().info(
-        "tokens: %d train, %d validation, %d test", splits.train.numel(), splits.val.numel(), splits.test.numel()
-    )
-    return splits

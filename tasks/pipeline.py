@@ -16,17 +16,14 @@ import tracking
 from deeprnn.config import RunConfig
 from deeprnn.search import Trial
 from ops.limits import training_timeout_seconds
-from tasks.data import download_corpus, prepare_splits, prepare_tokens
-from tasks.results import (
-    RunResult,
-    Timings,
-    TokenCache,
-    check_inputs,
-    log_results,
-    publish_summary,
-    start_tracking,
-)
-from tasks.training import evaluate_model, generate_samples, train_model
+from tasks.checks import check_inputs
+from tasks.download import download_corpus
+from tasks.evaluate import evaluate_model
+from tasks.generate import generate_samples
+from tasks.prepare import prepare_tokens
+from tasks.results import RunResult, Timings, TokenCache, log_results, publish_summary, start_tracking
+from tasks.splits import prepare_splits
+from tasks.train import train_model
 
 
 def run_pipeline(
