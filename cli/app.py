@@ -189,7 +189,7 @@ def run(
 
     temporary_api = _start_prefect_api()  # boots in its own process while the flow's imports load here
     from flows.train_flow import train_lm  # Prefect and MLflow load only once the input is known to be good
-    from tracking import tracking_uri
+    from tracking.store import tracking_uri
 
     _init_device(config.train.device)
     _wait_for_api(temporary_api, preload=True)
@@ -258,7 +258,7 @@ def _invoke(call: Callable[[], _Result], on_interrupt: str) -> _Result:
 def _mark_orphaned_runs() -> None:
     """Mark this host's MLflow runs whose process was killed outright FAILED, and say how to continue them."""
     from ops.orphans import mark_orphaned_runs
-    from tracking import check_reachable
+    from tracking.store import check_reachable
 
     try:
         check_reachable()  # within seconds; MLflow's own client would retry a dead server for minutes
@@ -319,7 +319,7 @@ def _load_optimizer_support() -> None:
 def _open_tracking_store() -> None:
     # Opening a local MLflow store (sqlite: engine and schema check) takes 1-2 s; MLflow keeps the opened
     # store, so the flow's first task reuses it. Remote stores are left to that task, which reports them.
-    from tracking import check_reachable, tracking_uri
+    from tracking.store import check_reachable, tracking_uri
 
     if tracking_uri().startswith(("sqlite:", "file:", "/")):
         try:
@@ -452,7 +452,7 @@ def generate(
     if temperature is not None and temperature <= 0:
         err.print("[red]error:[/red] --temperature must be > 0 (leave it out for greedy decoding)")
         raise typer.Exit(2)
-    from tracking import load_pyfunc
+    from tracking.models import load_pyfunc
 
     try:
         model = load_pyfunc(model_uri)
@@ -621,7 +621,7 @@ def sweep(
     temporary_api = _start_prefect_api()  # boots while the imports below load, as for `deeprnn run`
     from flows.sweep_flow import sweep_lm  # Prefect, MLflow and Dask load only once the input is known to be good
     from ops.cluster import dask_task_runner
-    from tracking import tracking_uri
+    from tracking.store import tracking_uri
 
     _wait_for_api(temporary_api, preload=False)
 

@@ -10,7 +10,6 @@ from typing import Annotated, Optional
 
 from prefect import flow
 
-import tracking
 from deeprnn.config import DeviceName, SampleConfig
 from flows.parameters import form_field
 from tasks.data import download_corpus, prepare_splits, prepare_tokens
@@ -24,6 +23,7 @@ from tasks.evaluation import (
     start_evaluation,
 )
 from tasks.training import evaluate_model, generate_samples
+from tracking import runs
 
 FLOW_NAME = "deeprnn-evaluate"
 MODEL_URI_PATTERN = r"^(models|runs):/\S+$"
@@ -51,7 +51,7 @@ def evaluate_lm(
     """
     uri = choose_model(model_uri, training_flow_run_id)
     run_id = start_evaluation(uri, device, experiment or FLOW_NAME)
-    with tracking.run_status(run_id), scratch_folder() as folder:  # FAILED/KILLED in MLflow if anything raises
+    with runs.run_status(run_id), scratch_folder() as folder:  # FAILED/KILLED in MLflow if anything raises
         model = fetch_model(run_id, uri, folder, sample)
         corpus = download_corpus(model.config.data.url, model.corpus_sha1)
         prepared = prepare_tokens(corpus, model.config.data)

@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-import tracking
 from deeprnn import checkpoint, resume
 from deeprnn.batching import Splits
 from deeprnn.config import RunConfig, SampleConfig, TrainConfig
@@ -21,6 +21,7 @@ from deeprnn.pipeline import Evaluation, TrainingOutcome, build_trainer, evaluat
 from deeprnn.progress import StepStats, progress_line
 from deeprnn.train import EpochStats
 from deeprnn.vocab import Vocab
+from tracking import metrics, runs, store
 
 LAST = "last.pt"  # resumable: weights + optimizer + RNG state, rewritten every checkpoint
 MODEL = "model.pt"  # the selected weights the run reports and logs
@@ -48,7 +49,7 @@ def _worth_a_line(s: StepStats, cfg: TrainConfig, seconds_since_last: float) -> 
     retries=1,
     retry_delay_seconds=10,
     # Not after a timeout (past train.timeout_minutes; an OSError too): a retry would only run as long again.
-    retry_condition_fn=tracking.retry_on_io_faults(TimeoutError),
+    retry_condition_fn=store.retry_on_io_faults(TimeoutError),
 )
 def train_model(config: RunConfig, vocab: dict[str, Any], splits: Splits, run_id: str, run_dir: str) -> TrainingOutcome:
     """Train on the training split, logging every epoch to MLflow; returns the checkpoint path and metrics.
@@ -64,9 +65,9 @@ def train_model(config: RunConfig, vocab: dict[str, Any], splits: Splits, run_id
     heldout = splits.val if has_val else splits.test
     out = Path(run_dir)
     done = resume.restore_training(checkpoint.load(out / LAST), config, model, trainer) if (out / LAST).is_file() else 0
-    earlier = tracking.epoch_history(run_id, done) if done else []
+    earlier = metrics.epoch_history(run_id, done) if done else []
     if done or trainer.step:
-        tracking.set_tags(run_id, {"deeprnn.resumed_at_epoch": done, "deeprnn.resumed_at_step": trainer.step})
+        runs.set_tags(run_id, {"deeprnn.resumed_at_epoch": done, "deeprnn.resumed_at_step": trainer.step})
         logger.info("resuming from the checkpoint at epoch %d, step %d in %s", done, trainer.step, out / LAST)
     budget = f" or {cfg.max_steps:,} steps" if cfg.max_steps is not None else ""
     logger.info(
@@ -84,7 +85,7 @@ def train_model(config: RunConfig, vocab: dict[str, Any], splits: Splits, run_id
         else "",
     )
 
-    metrics = tracking.MetricLogger(run_id, resuming=True)  # a retry or resume may find epochs already logged
+    curves = metrics.MetricLogger(run_id, resuming=True)  # a retry or resume may find epochs already logged
     progress = create_progress_artifact(0.0, key=None, description="Training progress (% of steps)")
     started = time.perf_counter()
     last_line = [started]
@@ -92,40 +93,40 @@ def train_model(config: RunConfig, vocab: dict[str, Any], splits: Splits, run_id
     # Ctrl-C is held back while the callbacks write to MLflow and Prefect, and raised when they are done.
     def on_epoch(stats: EpochStats) -> None:
         if not stats.partial:  # an epoch the step budget cut short is in the step_* curves instead
-            with tracking.uninterrupted():
-                metrics.add_epoch(stats)
+            with runs.uninterrupted():
+                curves.add_epoch(stats)
 
     def on_step(stats: StepStats) -> None:
-        with tracking.uninterrupted():
+        with runs.uninterrupted():
             if _uses_steps(cfg):
-                metrics.add_step(stats)
+                curves.add_step(stats)
             if _worth_a_line(stats, cfg, time.perf_counter() - last_line[0]):
                 logger.info(progress_line(stats))
                 update_progress_artifact(progress, 100.0 * min(stats.step / max(stats.total_steps, 1), 1.0))
                 last_line[0] = time.perf_counter()
 
     def on_checkpoint(epoch: int) -> None:
-        with tracking.uninterrupted():
+        with runs.uninterrupted():
             # Metrics first: once a checkpoint exists, MLflow has every epoch up to it, so a resume leaves no gap.
-            metrics.flush()
+            curves.flush()
             # ``epoch`` counts whole epochs; a checkpoint inside the next one carries its position in trainer_state.
             payload = checkpoint.make_payload(config, voc, model, epoch=epoch, trainer_state=trainer.state_dict())
             path = checkpoint.save(out / LAST, payload)
-            tracking.log_artifact(run_id, path, "checkpoints")
+            MlflowClient().log_artifact(run_id, str(path), "checkpoints")
 
     fit_started = time.time()  # wall clock, so a benchmark can split a run into overhead and training
     try:
-        with tracking.system_metrics(run_id):  # CPU, memory (and GPU) use as system/* metrics
+        with metrics.system_metrics(run_id):  # CPU, memory (and GPU) use as system/* metrics
             result = trainer.fit(
                 on_epoch=on_epoch, on_checkpoint=on_checkpoint, checkpoint_every=cfg.checkpoint_every, on_step=on_step
             )
     except BaseException:
         try:
-            metrics.flush()  # whatever was measured reaches MLflow, also when training fails
+            curves.flush()  # whatever was measured reaches MLflow, also when training fails
         except Exception as exc:  # MLflow may be the fault: never hide the original error behind this one
             logger.warning("could not log the last metrics: %s: %s", type(exc).__name__, exc)
         raise
-    metrics.flush()
+    curves.flush()
     update_progress_artifact(progress, 100.0)  # done: the budget or the epochs are spent
     fit_finished = time.time()
     final = checkpoint.save(out / MODEL, checkpoint.make_payload(config, voc, model, epoch=result.epochs_done))
