@@ -83,7 +83,7 @@ def save_served_model(model: RNNLM, vocab: Vocab, folder: Path) -> Path:
     import pandas as pd
 
     import deeprnn
-    from tracking import _PYFUNC_CODE, _signature
+    from tracking.models import _PYFUNC_CODE, _signature
 
     ckpt = checkpoint.save(
         folder / "model.pt", checkpoint.make_payload(preset_config("d2l-9.3"), vocab, model, epoch=0)

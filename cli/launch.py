@@ -53,7 +53,7 @@ def _load_optimizer_support() -> None:
 def _open_tracking_store() -> None:
     # Opening a local MLflow store (sqlite: engine and schema check) takes 1-2 s; MLflow keeps the opened
     # store, so the flow's first task reuses it. Remote stores are left to that task, which reports them.
-    from tracking import check_reachable, tracking_uri
+    from tracking.store import check_reachable, tracking_uri
 
     if tracking_uri().startswith(("sqlite:", "file:", "/")):
         try:
@@ -84,7 +84,7 @@ def init_device(device: str) -> None:
 def mark_orphaned_runs() -> None:
     """Mark this host's MLflow runs whose process was killed outright FAILED, and say how to continue them."""
     from ops.orphans import mark_orphaned_runs as mark
-    from tracking import check_reachable
+    from tracking.store import check_reachable
 
     try:
         check_reachable()  # within seconds; MLflow's own client would retry a dead server for minutes

@@ -26,7 +26,7 @@ def generate(
     """Print continuations from a logged model; greedy by default, so it repeats the run's logged samples."""
     if temperature is not None and temperature <= 0:
         fail("--temperature must be > 0 (leave it out for greedy decoding)")
-    from tracking import load_pyfunc
+    from tracking.models import load_pyfunc
 
     try:
         model = load_pyfunc(model_uri)

@@ -89,7 +89,7 @@ def _check_resume(resume: str | None, preset: str | None) -> None:
 
 def _announce(config: RunConfig, resume: str | None, api: str) -> None:
     """The run's first lines: what it trains (or resumes), and where Prefect and MLflow are."""
-    from tracking import tracking_uri
+    from tracking.store import tracking_uri
 
     if resume is not None:
         console.print(f"deeprnn: resuming MLflow run [bold]{resume}[/bold] from its last checkpoint")

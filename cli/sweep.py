@@ -158,7 +158,7 @@ def _plan(
 
 def _announce(trials: int, preset: str, where: str) -> None:
     """The sweep's first lines: how many trials, on which cluster, and where MLflow and Prefect are."""
-    from tracking import tracking_uri
+    from tracking.store import tracking_uri
 
     console.print(f"deeprnn sweep: {trials} trials of preset [bold]{preset}[/bold] on {where}")
     console.print(f"MLflow tracking: {tracking_uri()}")

@@ -10,7 +10,6 @@ from typing import Annotated, Optional
 
 from prefect import flow
 
-import tracking
 from deeprnn.config import DeviceName, SampleConfig
 from flows.parameters import form_field
 from tasks.download import download_corpus
@@ -27,6 +26,7 @@ from tasks.evaluate import (
 from tasks.generate import generate_samples
 from tasks.prepare import prepare_tokens
 from tasks.splits import prepare_splits
+from tracking import runs
 
 FLOW_NAME = "deeprnn-evaluate"
 MODEL_URI_PATTERN = r"^(models|runs):/\S+$"
@@ -54,7 +54,7 @@ def evaluate_lm(
     """
     uri = choose_model(model_uri, training_flow_run_id)
     run_id = start_evaluation(uri, device, experiment or FLOW_NAME)
-    with tracking.run_status(run_id), scratch_folder() as folder:  # FAILED/KILLED in MLflow if anything raises
+    with runs.run_status(run_id), scratch_folder() as folder:  # FAILED/KILLED in MLflow if anything raises
         model = fetch_model(run_id, uri, folder, sample)
         corpus = download_corpus(model.config.data.url, model.corpus_sha1)
         prepared = prepare_tokens(corpus, model.config.data)

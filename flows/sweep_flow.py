@@ -13,12 +13,12 @@ from typing import Any, Optional
 
 from prefect import allow_failure, flow
 
-import tracking
 from deeprnn.config import DataConfig, ModelConfig, PresetName, SampleConfig, TrainConfig
 from deeprnn.search import parse_space, plan_trials
 from ops.cluster import cluster_gpus, gpu_request, resources, task_runner_from_env
 from tasks.pipeline import run_trial
 from tasks.sweep import SweepSummary, check_sweep_inputs, start_sweep_tracking, summarize_sweep
+from tracking import runs
 
 SWEEP_NAME = "deeprnn-sweep"
 
@@ -59,7 +59,7 @@ def sweep_lm(
     gpus = cluster_gpus()
     requests = [gpu_request(trial.config.train.device, gpus) for trial in trials]
     parent_run_id = start_sweep_tracking(trials, search_space, strategy, experiment or SWEEP_NAME)
-    with tracking.run_status(parent_run_id):  # the parent run ends FAILED only if no trial succeeded
+    with runs.run_status(parent_run_id):  # the parent run ends FAILED only if no trial succeeded
         futures = []
         for trial, request in zip(trials, requests):
             with resources(request):  # one GPU per trial where the trials train on GPUs

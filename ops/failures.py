@@ -28,7 +28,7 @@ EXPECTED: tuple[tuple[str, str], ...] = (
     ("deeprnn.resume", "ResumeError"),
     ("deeprnn.search", "SearchSpaceError"),
     ("deeprnn.checkpoint", "UnsafeCheckpointError"),
-    ("tracking", "TrackingUnavailableError"),  # also an MLflow store that needs `mlflow db upgrade`
+    ("tracking.store", "TrackingUnavailableError"),  # also an MLflow store that needs `mlflow db upgrade`
     ("ops.cluster", "ClusterConfigError"),
     ("tasks.sweep", "SweepFailedError"),
     ("prefect.task_engine", "TaskRunTimeoutError"),  # the training task ran past its timeout (train.timeout_minutes)

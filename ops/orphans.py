@@ -19,15 +19,13 @@ import socket
 from dataclasses import dataclass
 
 import psutil
-from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-import tracking
+from tracking import runs
 
 log = logging.getLogger(__name__)
 
 HOST_TAG, PID_TAG, STARTED_TAG = "deeprnn.host", "deeprnn.pid", "deeprnn.process_started"
-REASON_TAG = "deeprnn.failure_reason"
 _START_SLACK = 2.0  # seconds: create_time is a float and the tag is written a moment after the process started
 
 
@@ -83,8 +81,7 @@ def mark_orphaned_runs() -> list[Orphan]:
         if process_alive(pid, _float(tags.get(STARTED_TAG))):
             continue
         reason = f"process gone: pid {pid} on {host} ended without closing the run (killed or crashed)"
-        tracking.set_tags(run.info.run_id, {REASON_TAG: reason})
-        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        runs.mark_failed(run.info.run_id, reason)
         found.append(Orphan(run.info.run_id, pid, reason))
     return found
 
@@ -101,7 +98,6 @@ def mark_crashed_flow_run(flow_run_id: str, reason: str) -> list[str]:
     query = f"attributes.status = 'RUNNING' and tags.`prefect.flow_run_id` = '{flow_run_id}'"
     marked = []
     for run in client.search_runs(experiments, query, max_results=1000):
-        tracking.set_tags(run.info.run_id, {REASON_TAG: reason})
-        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        runs.mark_failed(run.info.run_id, reason)
         marked.append(run.info.run_id)
     return marked

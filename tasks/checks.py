@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-import tracking
 from deeprnn.config import RunConfig
+from tracking import store
 
 
 @task(name="check-inputs", cache_policy=NO_CACHE)
@@ -16,6 +16,6 @@ def check_inputs(config: RunConfig) -> str:
     from deeprnn.device import resolve_device
 
     device = resolve_device(config.train.device)
-    uri = tracking.check_reachable()
+    uri = store.check_reachable()
     get_run_logger().info("device %s, MLflow tracking at %s", device, uri)
     return uri

@@ -16,7 +16,6 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-import tracking
 from deeprnn import checkpoint
 from deeprnn.batching import Splits
 from deeprnn.config import RunConfig, SampleConfig, section_values
@@ -25,8 +24,9 @@ from deeprnn.download import redact_url
 from deeprnn.pipeline import Evaluation, evaluate_splits
 from deeprnn.report import fmt, samples_markdown, samples_text
 from tasks.results import prefect_run_tags
+from tracking import metrics, models, runs, store
 
-CHAMPION_URI = f"models:/{tracking.REGISTERED_MODEL}@{tracking.CHAMPION}"
+CHAMPION_URI = f"models:/{models.REGISTERED_MODEL}@{models.CHAMPION}"
 EVALUATION_SUMMARY = "deeprnn-evaluation-summary"  # the key of the Prefect markdown artifact
 
 
@@ -73,7 +73,7 @@ def choose_model(model_uri: str, training_flow_run_id: str | None) -> str:
     trigger passes it), else ``model_uri``."""
     if not training_flow_run_id:
         return model_uri
-    uri = f"runs:/{tracking.run_for_flow_run(training_flow_run_id)}/model"
+    uri = f"runs:/{runs.run_for_flow_run(training_flow_run_id)}/model"
     get_run_logger().info("training flow run %s logged %s", training_flow_run_id, uri)
     return uri
 
@@ -91,7 +91,7 @@ def scratch_folder() -> Iterator[str]:
     retries=2,
     retry_delay_seconds=2,
     # A missing device or an unreachable store fails the same way again: only MLflow and I/O faults retry.
-    retry_condition_fn=tracking.retry_on_io_faults(tracking.TrackingUnavailableError),
+    retry_condition_fn=store.retry_on_io_faults(store.TrackingUnavailableError),
 )
 def start_evaluation(model_uri: str, device: str, experiment: str) -> str:
     """Refuse a missing device or an unreachable MLflow, then open the evaluation's MLflow run (tags link the
@@ -101,10 +101,10 @@ def start_evaluation(model_uri: str, device: str, experiment: str) -> str:
     from ops.orphans import process_tags
 
     resolve_device(device)
-    tracking.check_reachable()
+    store.check_reachable()
     tags = {**prefect_run_tags(), **process_tags(), "deeprnn.requested_model_uri": model_uri}
     params = {"requested_model_uri": model_uri, "device": device}
-    run_id = tracking.create_run(experiment, flow_run.get_name(), tags, params, opened_by=task_run.get_id())
+    run_id = runs.create_run(experiment, flow_run.get_name(), tags, params, opened_by=task_run.get_id())
     get_run_logger().info("MLflow evaluation run %s in experiment %r", run_id, experiment)
     return run_id
 
@@ -113,7 +113,7 @@ def start_evaluation(model_uri: str, device: str, experiment: str) -> str:
 def fetch_model(run_id: str, model_uri: str, folder: str, sample: BaseModel | dict[str, Any] | None) -> FetchedModel:
     """Download the model into ``folder``, read the configuration stored in its checkpoint, apply ``sample``
     overrides, and log the model's identity and training configuration as params of the evaluation run."""
-    found = tracking.fetch_model(model_uri, Path(folder))
+    found = models.fetch_model(model_uri, Path(folder))
     data = checkpoint.load(Path(found.checkpoint))
     config = RunConfig.model_validate(data["config"])
     overrides = section_values(sample)  # the fields given; the others stay the model's own
@@ -122,7 +122,7 @@ def fetch_model(run_id: str, model_uri: str, folder: str, sample: BaseModel | di
         config = config.model_copy(update={"sample": merged})
     trained: dict[str, float] = {}
     if found.source_run_id:
-        source_metrics = tracking.get_run(found.source_run_id).metrics
+        source_metrics = runs.get_run(found.source_run_id).metrics
         trained = {k: source_metrics[k] for k in ("val_perplexity", "test_perplexity") if k in source_metrics}
     params = {
         "model_uri": found.model_uri,
@@ -131,8 +131,8 @@ def fetch_model(run_id: str, model_uri: str, folder: str, sample: BaseModel | di
         **config.flat(),
     }
     params["data.url"] = redact_url(params["data.url"])  # never log credentials
-    tracking.log_params(run_id, params)
-    tracking.set_tags(run_id, {"deeprnn.source_run_id": found.source_run_id or "", "deeprnn.preset": config.preset})
+    runs.log_params(run_id, params)
+    runs.set_tags(run_id, {"deeprnn.source_run_id": found.source_run_id or "", "deeprnn.preset": config.preset})
     get_run_logger().info(
         "model %s (version %s) from training run %s", found.model_uri, found.version, found.source_run_id
     )
@@ -154,11 +154,11 @@ def publish_evaluation(run_id: str, model: FetchedModel, evaluation: Evaluation,
 
     Safe to retry: metrics already logged are not logged again, text artifacts are rewritten in place, and the
     summary is created once per flow run."""
-    tracking.log_metrics_once(run_id, evaluation.metrics())
-    tracking.log_text(run_id, samples_text(samples), "samples.txt")
-    tracking.log_text(run_id, json.dumps(samples, ensure_ascii=False, indent=1), "samples.json")
+    metrics.log_metrics_once(run_id, evaluation.metrics())
+    samples_json = json.dumps(samples, ensure_ascii=False, indent=1)
+    runs.log_texts(run_id, {"samples.txt": samples_text(samples), "samples.json": samples_json})
 
-    mlflow_ref = tracking.run_markdown(run_id)
+    mlflow_ref = runs.run_markdown(run_id)
     lines = [
         f"# deeprnn evaluation of `{model.model_uri}`",
         "",

@@ -12,7 +12,6 @@ import time
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-import tracking
 from deeprnn.config import RunConfig
 from deeprnn.search import Trial
 from ops.limits import training_timeout_seconds
@@ -24,6 +23,7 @@ from tasks.prepare import prepare_tokens
 from tasks.results import RunResult, Timings, TokenCache, log_results, publish_summary, start_tracking
 from tasks.splits import prepare_splits
 from tasks.train import train_model
+from tracking import runs, store
 
 
 def run_pipeline(
@@ -43,11 +43,11 @@ def run_pipeline(
     flow_started_at = time.time()
     check_inputs(config)
     run_id, run_dir = start_tracking(config, experiment, runs_dir, parent_run_id, run_name, tags, resume_run_id)
-    with tracking.run_status(run_id):  # FAILED/KILLED in MLflow if anything below raises
+    with runs.run_status(run_id):  # FAILED/KILLED in MLflow if anything below raises
         corpus = download_corpus(config.data.url, config.data.expected_sha1())
         prepared = prepare_tokens(corpus, config.data)
         vocab = prepared.vocab().to_dict()
-        tracking.log_dataset(run_id, corpus, vocab, prepared.num_tokens)
+        runs.log_dataset(run_id, corpus, vocab, prepared.num_tokens)
         splits = prepare_splits(prepared, config.data, config.train)
         timeout = training_timeout_seconds(config.train, splits.train.numel())  # the user's, or derived
         trained = train_model.with_options(timeout_seconds=timeout)(config, vocab, splits, run_id, run_dir)
@@ -69,6 +69,6 @@ def run_trial(trial: Trial, experiment: str, runs_dir: str, parent_run_id: str, 
     """One sweep trial: the whole pipeline as a child MLflow run of the sweep; its model is logged, not registered."""
     from prefect.runtime import task_run
 
-    tracking.use_tracking_uri(tracking_uri)  # the sweep's store, whatever this worker's environment says
+    store.use_tracking_uri(tracking_uri)  # the sweep's store, whatever this worker's environment says
     tags = {"deeprnn.trial": str(trial.index), "prefect.task_run_id": str(task_run.get_id() or "")}
     return run_pipeline(trial.config, experiment, runs_dir, parent_run_id, trial.name, tags, register_model=False)

@@ -12,13 +12,13 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-import tracking
 from deeprnn import checkpoint
 from deeprnn.config import DataConfig, RunConfig
 from deeprnn.download import redact_url
 from deeprnn.pipeline import Evaluation, TrainingOutcome
 from deeprnn.report import fmt, plot_history, samples_markdown, samples_text
 from deeprnn.resume import RESUMABLE, run_folder
+from tracking import metrics, models, runs
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,12 @@ class Registration:
 class PublishedModel:
     """The run's logged model, what it is compared by, and (once registered) its version."""
 
-    logged: tracking.LoggedModel
+    logged: models.LoggedModel
     metrics: dict[str, float]  # the run's final values linked to the model (MODEL_METRICS)
     heldout_key: str  # champions are compared on the same held-out text only (heldout_text_key)
     heldout_score: float | None  # validation perplexity, else test perplexity
     register_as: str  # the registered model it becomes a version of
-    facts: tracking.ModelFacts
+    facts: models.ModelFacts
     sample: str | None  # the first generated sample
     registration: Registration | None = None  # None: not registered (a sweep trial's, until it is the best)
 
@@ -131,15 +131,17 @@ def log_results(
     Safe to retry: the model, its version and its metrics are looked up before they are created, so a retry
     after a partial write finishes the job instead of registering a second version."""
     history = trained.history
-    tracking.log_metrics(run_id, final_metrics(trained, evaluation), step=trained.epochs_done)
-    tracking.log_text(run_id, json.dumps(vocab, ensure_ascii=False, indent=1), "vocab.json")
-    tracking.log_text(run_id, samples_text(samples), "samples.txt")
-    tracking.log_text(run_id, json.dumps(samples, ensure_ascii=False, indent=1), "samples.json")
-    tracking.log_text(run_id, json.dumps(checkpoint.config_dict(config), ensure_ascii=False, indent=1), "config.json")
+    metrics.log_metrics(run_id, final_metrics(trained, evaluation), step=trained.epochs_done)
+    texts = {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False, indent=1),
+        "samples.txt": samples_text(samples),
+        "samples.json": json.dumps(samples, ensure_ascii=False, indent=1),
+        "config.json": json.dumps(checkpoint.config_dict(config), ensure_ascii=False, indent=1),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         plot = plot_history(history, Path(tmp) / "perplexity.png", f"{config.preset}: perplexity per epoch")
-        tracking.log_artifact(run_id, plot)
-    tracking.set_tags(run_id, {"deeprnn.step_mode": trained.step_mode, "deeprnn.precision": trained.precision})
+        runs.log_texts(run_id, texts, [plot])  # one upload
+    runs.set_tags(run_id, {"deeprnn.step_mode": trained.step_mode, "deeprnn.precision": trained.precision})
 
     model = publish_model(run_id, config, trained, evaluation, samples, corpus_sha1, register, registered_model)
     get_run_logger().info("model logged: %s", model)
@@ -170,11 +172,11 @@ def publish_model(
     registered_model: str | None,
 ) -> PublishedModel:
     """Log the run's model (once) with its held-out perplexities; register it (once) as ``registered_model``
-    (default: per corpus, ``tracking.default_registered_model``) and move the champion alias if it is best."""
-    name = registered_model or tracking.default_registered_model(config.data.url, corpus_sha1)
-    logged = tracking.log_model(run_id, Path(trained.checkpoint), config.sample.prefixes[0])
+    (default: per corpus, ``models.default_registered_model``) and move the champion alias if it is best."""
+    name = registered_model or models.default_registered_model(config.data.url, corpus_sha1)
+    logged = models.log_model(run_id, Path(trained.checkpoint), config.sample.prefixes[0])
     measured = evaluation.metrics()
-    facts = tracking.ModelFacts(
+    facts = models.ModelFacts(
         preset=config.preset,
         corpus_url=redact_url(config.data.url),
         corpus_sha1=corpus_sha1,
@@ -183,7 +185,7 @@ def publish_model(
     )
     model = PublishedModel(
         logged=logged,
-        metrics=tracking.link_model_metrics(run_id, logged.model_id, MODEL_METRICS),
+        metrics=models.link_model_metrics(run_id, logged.model_id, MODEL_METRICS),
         # Champions are compared on the same held-out text only: same corpus bytes, same split.
         heldout_key=heldout_text_key(config.data, corpus_sha1),
         heldout_score=evaluation.val_perplexity or evaluation.test_perplexity,
@@ -197,11 +199,11 @@ def publish_model(
 def register_version(model: PublishedModel, name: str, run_id: str) -> PublishedModel:
     """Register the logged ``model`` as a version of ``name``, once per run, describe it, and promote it to
     champion if it beats the current one. Returns the model with its registration."""
-    version = tracking.register_model(model.logged.model_uri, name, run_id=run_id)
-    tracking.describe_version(name, version, model.logged.model_id, model.facts, model.sample)
+    version = models.register_model(model.logged.model_uri, name, run_id=run_id)
+    models.describe_version(name, version, model.logged.model_id, model.facts, model.sample)
     champion = None
     if model.heldout_score is not None:
-        champion = tracking.promote_if_better(name, version, model.heldout_score, model.heldout_key)
+        champion = models.promote_if_better(name, version, model.heldout_score, model.heldout_key)
     return replace(model, registration=Registration(name, version, champion))
 
 
@@ -214,7 +216,7 @@ def publish_summary(
     samples: dict[str, str],
 ) -> str:
     """A markdown artifact on the Prefect run: perplexities, speed, device, samples, link to MLflow."""
-    mlflow_ref = tracking.run_markdown(run_id)
+    mlflow_ref = runs.run_markdown(run_id)
     lines = [
         f"# deeprnn run ({config.preset})",
         "",
@@ -281,10 +283,10 @@ def start_tracking(
         # Params stay as first logged (MLflow never changes them); what a resume may change goes into tags.
         flat = config.flat()
         tags.update({f"resumed.{key}": str(flat[key]) for key in sorted(RESUMABLE)})
-        tracking.reopen_run(resume_run_id, tags)
+        runs.reopen_run(resume_run_id, tags)
         run_id = resume_run_id
     else:
-        run_id = tracking.start_run(
+        run_id = runs.start_run(
             config,
             experiment,
             run_name=run_name or flow_run.get_name(),

@@ -9,9 +9,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-import tracking
 from deeprnn import checkpoint, resume
 from deeprnn.config import RunConfig, overrides_dict
+from tracking import runs, store
 
 CHECKPOINT_ARTIFACT = f"checkpoints/{resume.LAST}"
 
@@ -34,8 +34,8 @@ def prepare_resume(
     """
     logger = get_run_logger()
     resume.check_run_id(run_id)
-    tracking.check_reachable()
-    run = tracking.find_run(run_id)
+    store.check_reachable()
+    run = runs.find_run(run_id)
     if experiment and experiment != run.experiment:
         raise resume.ResumeError(f"run {run_id} belongs to experiment {run.experiment!r}, not {experiment!r}")
     last = resume.run_folder(runs_dir, run_id) / resume.LAST
@@ -43,7 +43,7 @@ def prepare_resume(
         logger.info("resuming MLflow run %s from %s", run_id, last)
     else:
         logger.info("no local checkpoint at %s: fetching %s from the MLflow run", last, CHECKPOINT_ARTIFACT)
-        tracking.download_artifact(run_id, CHECKPOINT_ARTIFACT, last)
+        runs.download_artifact(run_id, CHECKPOINT_ARTIFACT, last)
     saved = checkpoint.load(last)  # weights only: a tampered file runs no code
     config = resume.resume_config(saved["config"], overrides_dict(data, model, train, sample), saved["epoch"])
     if run.status == "FINISHED" and config.train.epochs <= saved["epoch"]:

@@ -13,12 +13,12 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-import tracking
 from deeprnn.download import redact_url
 from deeprnn.search import SearchSpace, Trial
 from deeprnn.search_results import TrialResult, rank, selection_metric, table_csv, table_markdown
 from ops import cluster
 from tasks.results import PublishedModel, RunResult, prefect_run_tags, register_version
+from tracking import metrics, runs, store
 
 
 class SweepFailedError(RuntimeError):
@@ -50,17 +50,17 @@ def check_sweep_inputs() -> str:
     machine's disk while the cluster is elsewhere. Returns the tracking URI the trials must use."""
     from prefect.context import FlowRunContext
 
-    uri = tracking.check_reachable()
+    uri = store.check_reachable()
     context = FlowRunContext.get()
     address = getattr(context.task_runner, "address", None) if context else None
-    if cluster.is_remote(address) and tracking.is_local_store():
+    if cluster.is_remote(address) and store.is_local_store():
         raise cluster.ClusterConfigError(
             f"the Dask scheduler {address} is on another machine but MLflow tracks to {uri}, a file here that its "
             "workers cannot reach: start an MLflow server (`mlflow server --host 0.0.0.0 --port 5000 "
             "--serve-artifacts`) and set MLFLOW_TRACKING_URI=http://<this host>:5000"
         )
     get_run_logger().info("MLflow tracking at %s; Dask scheduler %s", uri, address or "on this machine (new)")
-    return tracking.worker_tracking_uri()
+    return store.worker_tracking_uri()
 
 
 @task(name="start-sweep-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
@@ -78,14 +78,14 @@ def start_sweep_tracking(trials: list[Trial], space: SearchSpace, strategy: dict
     params["sweep.num_trials"] = len(trials)
     tags = {"deeprnn.sweep": "true", "deeprnn.preset": trials[0].config.preset, **prefect_run_tags(), **process_tags()}
     # A retry of this task finds the parent run its first attempt created; space.json is simply rewritten.
-    run_id = tracking.create_run(experiment, flow_run.get_name(), tags, params, opened_by=task_run.get_id())
+    run_id = runs.create_run(experiment, flow_run.get_name(), tags, params, opened_by=task_run.get_id())
     plan = {
         "space": space.describe(),
         "fixed": space.fixed,
         **strategy,
         "trials": [{"trial": t.index, "name": t.name, "values": t.values} for t in trials],
     }
-    tracking.log_text(run_id, json.dumps(plan, indent=1, default=str), "space.json")
+    runs.log_texts(run_id, {"space.json": json.dumps(plan, indent=1, default=str)})
     get_run_logger().info("sweep of %d trials, MLflow parent run %s in experiment %r", len(trials), run_id, experiment)
     return run_id
 
@@ -97,19 +97,19 @@ def _error_text(outcome: BaseException) -> str:
 
 def _collect(parent_run_id: str, trials: list[Trial], outcomes: list[Any]) -> list[TrialResult]:
     """One result per trial, from what its task returned or raised and from its MLflow child run."""
-    children = tracking.child_runs(parent_run_id)
-    latest: dict[str, tracking.RunRecord] = {}
+    children = runs.child_runs(parent_run_id)
+    latest: dict[str, runs.RunRecord] = {}
     for child in children:  # oldest first: a trial that Dask re-ran after losing a worker keeps its last run
         latest[child.tags.get("deeprnn.trial", "")] = child
         if child.status == "RUNNING":
             # Every trial has returned or raised by now; a run still open lost its worker mid-way.
-            tracking.end_run(child.run_id, "FAILED")
+            runs.mark_failed(child.run_id, "its Dask worker was lost before the trial returned")
             child.status = "FAILED"
     results = []
     for trial, outcome in zip(trials, outcomes):
         if isinstance(outcome, RunResult):
-            metrics = {k: v for k, v in outcome.metrics().items() if v is not None}
-            results.append(TrialResult(trial.index, trial.name, trial.values, "FINISHED", outcome.run_id, metrics))
+            final = {k: v for k, v in outcome.metrics().items() if v is not None}
+            results.append(TrialResult(trial.index, trial.name, trial.values, "FINISHED", outcome.run_id, final))
             continue
         child = latest.get(str(trial.index))
         error = _error_text(outcome) if isinstance(outcome, BaseException) else f"no result: {outcome!r}"[:300]
@@ -132,8 +132,8 @@ def _roll_up_best(
 ) -> PublishedModel:
     """The best trial's metrics and run on the parent run; its model registered (if ``register``) as ``name``,
     by default the name its corpus gets."""
-    tracking.log_metrics(parent_run_id, {f"best_{k}": v for k, v in best.metrics.items()})
-    tracking.set_tags(
+    metrics.log_metrics(parent_run_id, {f"best_{k}": v for k, v in best.metrics.items()})
+    runs.set_tags(
         parent_run_id,
         {"best_trial_run_id": outcome.run_id, "deeprnn.best_trial": best.name, "deeprnn.selection_metric": metric},
     )
@@ -170,17 +170,16 @@ def summarize_sweep(
         "trials_succeeded": len(succeeded),
         "trials_failed": len(results) - len(succeeded),
     }
-    tracking.log_metrics(parent_run_id, counts)
-    tracking.log_text(parent_run_id, table_csv(results), "trials.csv")
-    table = table_markdown(results, tracking.run_url)
-    tracking.log_text(parent_run_id, table + "\n", "trials.md")
+    metrics.log_metrics(parent_run_id, counts)
+    table = table_markdown(results, runs.run_url)
+    runs.log_texts(parent_run_id, {"trials.csv": table_csv(results), "trials.md": table + "\n"})
 
     best = ranked[0] if succeeded else None
     model = None
     if best is not None:
         outcome = {t.index: o for t, o in zip(trials, outcomes)}[best.index]
         model = _roll_up_best(parent_run_id, best, metric, outcome, register_best, registered_model)
-    link = tracking.run_url(parent_run_id)
+    link = runs.run_url(parent_run_id)
     header = [
         f"# deeprnn sweep: {len(succeeded)} of {len(results)} trials succeeded",
         "",

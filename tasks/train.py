@@ -9,17 +9,18 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-import tracking
 from deeprnn.batching import Splits
 from deeprnn.config import RunConfig, TrainConfig
 from deeprnn.pipeline import TrainingHooks, TrainingOutcome, start_training
 from deeprnn.progress import EpochStats, StepStats, progress_line
 from deeprnn.resume import LAST
 from deeprnn.vocab import Vocab
+from tracking import metrics, runs, store
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]  # what get_run_logger returns
 
@@ -40,7 +41,7 @@ def _worth_a_line(s: StepStats, cfg: TrainConfig, seconds_since_last: float) -> 
 
 
 def _hooks(
-    run_id: str, cfg: TrainConfig, metrics: tracking.MetricLogger, progress: UUID, logger: Logger
+    run_id: str, cfg: TrainConfig, curves: metrics.MetricLogger, progress: UUID, logger: Logger
 ) -> TrainingHooks:
     """Every epoch and step to MLflow, a progress line and the progress artifact now and then, each checkpoint
     logged as an artifact; Ctrl-C is held back while they write, and raised when they are done."""
@@ -48,11 +49,11 @@ def _hooks(
 
     def on_epoch(stats: EpochStats) -> None:
         if not stats.partial:  # an epoch the step budget cut short is in the step_* curves instead
-            metrics.add_epoch(stats)
+            curves.add_epoch(stats)
 
     def on_step(stats: StepStats) -> None:
         if _uses_steps(cfg):
-            metrics.add_step(stats)
+            curves.add_step(stats)
         if _worth_a_line(stats, cfg, time.perf_counter() - last_line[0]):
             logger.info(progress_line(stats))
             update_progress_artifact(progress, 100.0 * min(stats.step / max(stats.total_steps, 1), 1.0))
@@ -62,9 +63,9 @@ def _hooks(
         on_epoch=on_epoch,
         on_step=on_step,
         # Metrics first: once a checkpoint exists, MLflow has every epoch up to it, so a resume leaves no gap.
-        before_checkpoint=metrics.flush,
-        after_checkpoint=lambda path: tracking.log_artifact(run_id, path, "checkpoints"),
-        guard=tracking.uninterrupted,
+        before_checkpoint=curves.flush,
+        after_checkpoint=lambda path: MlflowClient().log_artifact(run_id, str(path), "checkpoints"),
+        guard=runs.uninterrupted,
     )
 
 
@@ -74,7 +75,7 @@ def _hooks(
     retries=1,
     retry_delay_seconds=10,
     # Not after a timeout (past train.timeout_minutes; an OSError too): a retry would only run as long again.
-    retry_condition_fn=tracking.retry_on_io_faults(TimeoutError),
+    retry_condition_fn=store.retry_on_io_faults(TimeoutError),
 )
 def train_model(config: RunConfig, vocab: dict[str, Any], splits: Splits, run_id: str, run_dir: str) -> TrainingOutcome:
     """Train on the training split, logging every epoch to MLflow; returns the checkpoint path and metrics.
@@ -86,23 +87,23 @@ def train_model(config: RunConfig, vocab: dict[str, Any], splits: Splits, run_id
     run = start_training(config, Vocab.from_dict(vocab), splits, Path(run_dir))
     step = run.trainer.step
     if run.resumed:
-        tracking.set_tags(run_id, {"deeprnn.resumed_at_epoch": run.epochs_done, "deeprnn.resumed_at_step": step})
+        runs.set_tags(run_id, {"deeprnn.resumed_at_epoch": run.epochs_done, "deeprnn.resumed_at_step": step})
         logger.info("resuming from the checkpoint at epoch %d, step %d in %s", run.epochs_done, step, run.folder / LAST)
     logger.info(run.describe())
-    earlier = tracking.epoch_history(run_id, run.epochs_done) if run.epochs_done else []  # the whole curve
-    metrics = tracking.MetricLogger(run_id, resuming=True)  # a retry or resume may find epochs already logged
+    earlier = metrics.epoch_history(run_id, run.epochs_done) if run.epochs_done else []  # the whole curve
+    curves = metrics.MetricLogger(run_id, resuming=True)  # a retry or resume may find epochs already logged
     progress = create_progress_artifact(0.0, key=None, description="Training progress (% of steps)")
     started = time.perf_counter()
     try:
-        with tracking.system_metrics(run_id):  # CPU, memory (and GPU) use as system/* metrics
-            outcome = run.fit(_hooks(run_id, config.train, metrics, progress, logger), earlier)
+        with metrics.system_metrics(run_id):  # CPU, memory (and GPU) use as system/* metrics
+            outcome = run.fit(_hooks(run_id, config.train, curves, progress, logger), earlier)
     except BaseException:
         try:
-            metrics.flush()  # whatever was measured reaches MLflow, also when training fails
+            curves.flush()  # whatever was measured reaches MLflow, also when training fails
         except Exception as exc:  # MLflow may be the fault: never hide the original error behind this one
             logger.warning("could not log the last metrics: %s: %s", type(exc).__name__, exc)
         raise
-    metrics.flush()
+    curves.flush()
     update_progress_artifact(progress, 100.0)  # done: the budget or the epochs are spent
     logger.info(
         f"trained in {time.perf_counter() - started:.1f} s ({outcome.step_mode} steps, {outcome.precision}): "

@@ -23,7 +23,9 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from typer.testing import CliRunner
 
 import tasks.pipeline as pipeline
-import tracking
+import tracking.models
+import tracking.runs
+import tracking.store
 from cli.app import app
 from deeprnn import checkpoint, tokenize
 from deeprnn.batching import CorpusTooShortError
@@ -33,7 +35,7 @@ from deeprnn.divergence import TrainingDivergedError
 from deeprnn.download import DownloadError, TransientDownloadError
 from deeprnn.resume import ResumeError
 from flows.train_flow import train_lm
-from tracking import TrackingUnavailableError
+from tracking.store import TrackingUnavailableError
 
 pytestmark = pytest.mark.e2e
 
@@ -71,7 +73,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Iterato
         mp.chdir(root)  # MLflow puts a sqlite store's artifacts under ./mlruns
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("DEEPRNN_CACHE_DIR", str(root / "cache"))
-        tracking.check_reachable()
+        tracking.store.check_reachable()
         yield root
 
 
@@ -312,7 +314,7 @@ def test_written_files_stay_in_their_folders_whatever_the_names(retried: dict[st
 def test_unknown_prefix_characters_are_read_as_unk_with_a_warning(
     retried: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    model = tracking.load_pyfunc(f"runs:/{retried['result'].run_id}/model")
+    model = tracking.models.load_pyfunc(f"runs:/{retried['result'].run_id}/model")
     with caplog.at_level(logging.WARNING, logger="deeprnn"):
         out = model.predict(pd.DataFrame({"prefix": ["time\u2603", "time\u00a7", "time e"]}), params={"num_chars": 12})
     assert out[0].startswith("time\u2603") and out[1].startswith("time\u00a7")  # printed back as typed
@@ -397,8 +399,8 @@ class Payload:
 
 def test_resume_refuses_a_checkpoint_with_pickled_code(case: Case) -> None:
     config = preset_config("smoke", {"train": {"device": "cpu"}})
-    run_id = tracking.start_run(config, case.experiment, run_name="tampered", tags={})
-    tracking.end_run(run_id, "FAILED")
+    run_id = tracking.runs.start_run(config, case.experiment, run_name="tampered", tags={})
+    MlflowClient().set_terminated(run_id, "FAILED")
     folder = case.runs_dir / run_id
     folder.mkdir(parents=True)
     tampered = {"format": checkpoint.FORMAT, "config": config.model_dump(mode="json"), "epoch": 1, "x": Payload()}

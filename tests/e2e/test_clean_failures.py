@@ -17,7 +17,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.logging.handlers import APILogWorker
 
-import tracking
+import tracking.store
 from flows.train_flow import train_lm
 
 pytestmark = pytest.mark.e2e
@@ -38,7 +38,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Iterato
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("DEEPRNN_CACHE_DIR", str(root / "cache"))
-        tracking.check_reachable()
+        tracking.store.check_reachable()
         yield root
 
 

@@ -356,12 +356,12 @@ def test_ctrl_c_in_the_middle_of_an_mlflow_read_still_ends_the_run_killed_at_onc
     """SQLAlchemy drops its connection when Ctrl-C lands mid-read, and the half-read cursor, held by the
     unwound frames, keeps sqlite's lock: the run must still be marked KILLED at once, not fail after sqlite's
     20 s lock timeout with "database is locked" (seen when the signal hit `get_run` during training)."""
-    import tracking
+    import tracking.runs
 
     client, run_id, armed = store_with_a_run
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        with tracking.run_status(run_id):
+        with tracking.runs.run_status(run_id):
             armed.append(1)
             client.get_run(run_id)
     assert client.get_run(run_id).info.status == "KILLED"
@@ -371,14 +371,14 @@ def test_ctrl_c_in_the_middle_of_an_mlflow_read_still_ends_the_run_killed_at_onc
 def test_ctrl_c_is_held_back_until_the_mlflow_calls_of_a_training_callback_finish(
     store_with_a_run: tuple[MlflowClient, str, list[int]],
 ) -> None:
-    import tracking
+    import tracking.runs
 
     client, run_id, armed = store_with_a_run
     finished = []
     with pytest.raises(KeyboardInterrupt):
-        with tracking.uninterrupted():
+        with tracking.runs.uninterrupted():
             armed.append(1)
             finished.append(client.get_run(run_id).info.run_id)  # the read completes despite the signal
     assert finished == [run_id]
-    tracking.end_run(run_id, "KILLED")  # and the store is free at once
+    client.set_terminated(run_id, "KILLED")  # and the store is free at once
     assert client.get_run(run_id).info.status == "KILLED"

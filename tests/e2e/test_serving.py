@@ -222,10 +222,10 @@ def test_log_results_retried_after_registering_registers_one_version(
 ) -> None:
     """The first attempt of log-results fails right after its registration (the store fails on the next
     write: injected, as no real store can be made to fail at exactly that point); the retry finishes."""
-    import tracking
+    import tracking.models
     from flows.train_flow import train_lm
 
-    real = tracking.describe_version
+    real = tracking.models.describe_version
     calls: list[str] = []
 
     def fails_once_after_writing(name: str, version: str, *args: Any) -> None:
@@ -234,7 +234,7 @@ def test_log_results_retried_after_registering_registers_one_version(
         if len(calls) == 1:
             raise MlflowException("injected: the tracking store went away after registering")
 
-    monkeypatch.setattr(tracking, "describe_version", fails_once_after_writing)
+    monkeypatch.setattr(tracking.models, "describe_version", fails_once_after_writing)
     result = train_lm(
         preset="smoke", data={"url": book_url, "sha1": BOOK_SHA1}, train=SMOKE, registered_model="retry-lm"
     )
@@ -248,12 +248,12 @@ def test_log_results_retried_after_registering_registers_one_version(
     assert str(client.get_model_version_by_alias("retry-lm", "champion").version) == "1"
     assert result.model.registration.champion is True
     # The sweep's registration of its best model goes through the same lookup: asking again changes nothing.
-    assert tracking.register_model(result.model.logged.model_uri, "retry-lm", run_id=result.run_id) == "1"
+    assert tracking.models.register_model(result.model.logged.model_uri, "retry-lm", run_id=result.run_id) == "1"
     assert len(client.search_model_versions("name = 'retry-lm'")) == 1
 
 
 def test_other_corpora_get_their_own_registered_model(workdir: Path, book_path: Path) -> None:
-    import tracking
+    import tracking.models
     from flows.train_flow import train_lm
 
     text = workdir / "my notes.txt"
@@ -261,7 +261,7 @@ def test_other_corpora_get_their_own_registered_model(workdir: Path, book_path: 
     result = train_lm(preset="smoke", data={"url": str(text)}, train=SMOKE)
     sha1 = MlflowClient().get_run(result.run_id).data.tags["dataset.sha1"]
     assert result.model.registration.registered_model == f"deeprnn-my-notes-{sha1[:8]}"
-    assert tracking.default_registered_model("http://x/timemachine.txt", D2L_SHA1) == "deeprnn-lm"
+    assert tracking.models.default_registered_model("http://x/timemachine.txt", D2L_SHA1) == "deeprnn-lm"
     assert (
         MlflowClient().get_model_version_by_alias(result.model.registration.registered_model, "champion").run_id
         == result.run_id

@@ -1,4 +1,5 @@
-"""tracking without a server: the dataset input when parallel runs race to create the same dataset."""
+"""tracking.runs, the dataset input when parallel runs race to create the same dataset (a race no test can set
+up on cue: the store is stood in for)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ from typing import Any
 import pytest
 from mlflow.exceptions import MlflowException
 
-import tracking
+from tracking import runs
 
 
 class _Store:
     """Stands in for MlflowClient: fails ``fail`` times the way MLflow's store does when another run created
-    the same dataset a moment earlier (a race no test can set up on cue), then records the input."""
+    the same dataset a moment earlier, then records the input."""
 
     def __init__(self, fail: int, message: str = "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets") -> None:
         self.fail, self.message, self.logged = fail, message, []
@@ -26,19 +27,19 @@ class _Store:
 
 def test_a_run_that_loses_the_race_to_create_the_dataset_logs_it_on_the_next_attempt(monkeypatch) -> None:
     store = _Store(fail=1)
-    monkeypatch.setattr(tracking, "MlflowClient", lambda: store)
-    tracking._log_input_once("run-1", "the dataset")  # type: ignore[arg-type]
+    monkeypatch.setattr(runs, "MlflowClient", lambda: store)
+    runs._log_input_once("run-1", "the dataset")  # type: ignore[arg-type]
     assert store.logged == [("run-1", ["the dataset"])]
 
 
 def test_other_store_errors_and_a_lasting_conflict_are_not_hidden(monkeypatch) -> None:
-    monkeypatch.setattr(tracking.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(runs.time, "sleep", lambda seconds: None)
     other = _Store(fail=1, message="the store is read-only")
-    monkeypatch.setattr(tracking, "MlflowClient", lambda: other)
+    monkeypatch.setattr(runs, "MlflowClient", lambda: other)
     with pytest.raises(MlflowException, match="read-only"):
-        tracking._log_input_once("run-1", "the dataset")  # type: ignore[arg-type]
+        runs._log_input_once("run-1", "the dataset")  # type: ignore[arg-type]
     lasting = _Store(fail=5)
-    monkeypatch.setattr(tracking, "MlflowClient", lambda: lasting)
+    monkeypatch.setattr(runs, "MlflowClient", lambda: lasting)
     with pytest.raises(MlflowException, match="UNIQUE constraint"):
-        tracking._log_input_once("run-1", "the dataset", attempts=3)  # type: ignore[arg-type]
+        runs._log_input_once("run-1", "the dataset", attempts=3)  # type: ignore[arg-type]
     assert lasting.fail == 2 and not lasting.logged  # three attempts, then the error

@@ -1,0 +1,121 @@
+"""tracking.models against a real local store: a tiny checkpoint logged once per run as a pyfunc model,
+registered once per run, described, promoted only when better on the same held-out text, fetched back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from deeprnn import checkpoint
+from deeprnn.config import D2L_SHA1, preset_config
+from deeprnn.model import RNNLM
+from deeprnn.vocab import Vocab
+from tracking import models, runs
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained 8-unit model of a few letters: enough to log, load and generate."""
+    config = preset_config("smoke", {"model": {"num_hiddens": 8, "num_layers": 1}, "train": {"device": "cpu"}})
+    vocab = Vocab("the time traveller machine")
+    model = RNNLM.from_config(len(vocab), config.model)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    return checkpoint.save(path, checkpoint.make_payload(config, vocab, model, epoch=1))
+
+
+@pytest.fixture(scope="module")
+def logged(tracking_store: str, tiny_checkpoint: Path) -> tuple[str, models.LoggedModel]:
+    """A run of its own with the tiny model logged."""
+    run_id = runs.create_run("logged-models", "run", {}, {"preset": "smoke"})
+    return run_id, models.log_model(run_id, tiny_checkpoint, "time")
+
+
+def test_a_run_logs_its_model_once_and_it_loads_and_generates(
+    logged: tuple[str, models.LoggedModel], tiny_checkpoint: Path
+) -> None:
+    run_id, model = logged
+    assert model.model_uri == f"models:/{model.model_id}"
+    assert models.log_model(run_id, tiny_checkpoint, "time") == model  # a retry reuses it
+    experiment = MlflowClient().get_run(run_id).info.experiment_id
+    assert [m.model_id for m in MlflowClient().search_logged_models(experiment_ids=[experiment])] == [model.model_id]
+    loaded = models.load_pyfunc(f"runs:/{run_id}/model")
+    (text,) = loaded.predict(pd.DataFrame({"prefix": ["time"]}), params={"num_chars": 5})
+    # Five generated tokens; an untrained model may pick <unk>, one token of five characters.
+    assert text.startswith("time") and len(text.replace("<unk>", "?")) == len("time") + 5
+    with pytest.raises(LookupError, match="cannot load model 'models:/nothing-here/1'"):
+        models.load_pyfunc("models:/nothing-here/1")
+
+
+def test_a_model_is_registered_once_per_run_described_and_fetched_back(
+    logged: tuple[str, models.LoggedModel], tmp_path: Path
+) -> None:
+    run_id, model = logged
+    assert models.register_model(model.model_uri, "tiny-lm", run_id=run_id) == "1"
+    assert models.register_model(model.model_uri, "tiny-lm", run_id=run_id) == "1"  # a retry: the same version
+    assert len(MlflowClient().search_model_versions("name = 'tiny-lm'")) == 1
+    facts = models.ModelFacts(
+        "smoke",
+        "https://example.org/book.txt",
+        "ab" * 20,
+        "char",
+        {"val_perplexity": None, "test_perplexity": 5.0, "train_perplexity_eval": 4.0},
+    )
+    models.describe_version("tiny-lm", "1", model.model_id, facts, "time traveller")
+    version = MlflowClient().get_model_version("tiny-lm", "1")
+    assert version.tags == {
+        "preset": "smoke",
+        "corpus_url": "https://example.org/book.txt",
+        "corpus_sha1": "ab" * 20,
+        "token": "char",
+        "test_perplexity": "5.0",
+        "train_perplexity_eval": "4.0",
+    }
+    assert version.description.splitlines() == [
+        f"deeprnn language model, preset smoke, trained on https://example.org/book.txt (SHA-1 {'ab' * 20}).",
+        "- test perplexity: 5.000",
+        "",
+        "Greedy sample: time traveller",
+    ]
+    assert MlflowClient().get_logged_model(model.model_id).tags["test_perplexity"] == "5.0"
+
+    runs.set_tags(run_id, {"dataset.sha1": "cd" * 20})
+    assert models.promote_if_better("tiny-lm", "1", 5.0, "the book")
+    fetched = models.fetch_model("models:/tiny-lm@champion", tmp_path / "fetched")
+    assert (fetched.model_uri, fetched.version, fetched.source_run_id) == ("models:/tiny-lm/1", "1", run_id)
+    assert fetched.dataset_sha1 == "cd" * 20
+    assert checkpoint.load(Path(fetched.checkpoint))["epoch"] == 1
+    by_run = models.fetch_model(f"runs:/{run_id}/model", tmp_path / "by-run")
+    assert by_run.version == "1" and by_run.source_run_id == run_id
+    with pytest.raises(LookupError, match="cannot fetch model 'models:/tiny-lm/7'"):
+        models.fetch_model("models:/tiny-lm/7", tmp_path / "missing")
+
+
+def test_the_champion_moves_only_to_a_better_score_on_the_same_heldout_text(
+    logged: tuple[str, models.LoggedModel],
+) -> None:
+    run_id, model = logged
+    client = MlflowClient()
+    client.create_registered_model("ranked-lm")
+    for _ in range(5):
+        client.create_model_version("ranked-lm", model.model_uri, run_id=run_id)
+
+    def champion() -> str:
+        return str(client.get_model_version_by_alias("ranked-lm", models.CHAMPION).version)
+
+    assert models.promote_if_better("ranked-lm", "1", 10.0, "book:split") is True  # the first champion
+    assert models.promote_if_better("ranked-lm", "2", 12.0, "book:split") is False and champion() == "1"
+    assert models.promote_if_better("ranked-lm", "3", 8.0, "book:split") is True and champion() == "3"
+    assert models.promote_if_better("ranked-lm", "3", 8.0, "book:split") is True and champion() == "3"  # a retry
+    assert models.promote_if_better("ranked-lm", "4", 8.0, "book:split") is False  # a tie is not better
+    assert models.promote_if_better("ranked-lm", "5", 1.0, "other:split") is False and champion() == "3"
+    tags = client.get_model_version("ranked-lm", "5").tags
+    assert (tags["heldout_perplexity"], tags["heldout_key"]) == ("1.0", "other:split")
+
+
+def test_each_corpus_gets_its_own_registered_model() -> None:
+    assert models.default_registered_model("https://example.org/timemachine.txt", D2L_SHA1) == "deeprnn-lm"
+    sha1 = "0123456789abcdef" * 2 + "01234567"
+    assert models.default_registered_model("file:///home/me/My Notes.txt", sha1) == "deeprnn-my-notes-01234567"

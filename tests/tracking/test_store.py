@@ -1,0 +1,57 @@
+"""tracking.store against a real local store: reachability, set-up, experiment ids, the URI for workers, and
+which faults a retry may get past."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from prefect.states import Completed, Failed
+
+from tracking import store
+
+
+def test_a_fresh_sqlite_store_is_created_with_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "not" / "yet" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    assert store.check_reachable() == f"sqlite:///{db}"
+    assert db.is_file() and (tmp_path / "not" / "yet" / "mlflow.db.lock").exists()  # set up under its lock
+    assert [e.name for e in MlflowClient().search_experiments()] == ["Default"]
+    assert store.is_local_store()
+
+
+def test_an_unreachable_server_is_refused_naming_it_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:secret@127.0.0.1:{port}")
+    with pytest.raises(store.TrackingUnavailableError, match=f"127.0.0.1:{port} is unreachable") as info:
+        store.check_reachable(timeout=2)
+    assert "secret" not in str(info.value)
+    assert not store.is_local_store()
+
+
+def test_experiment_ids_are_created_once(experiment: str) -> None:
+    first = store.experiment_id(experiment)
+    assert store.experiment_id(experiment) == first
+    assert MlflowClient().get_experiment(first).name == experiment
+
+
+def test_workers_get_a_relative_sqlite_path_made_absolute(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db")
+    assert store.worker_tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'runs' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert store.worker_tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_a_retry_is_worth_it_for_disk_network_and_store_faults_only() -> None:
+    retry = store.retry_on_io_faults(TimeoutError)
+    assert retry(None, None, Failed(data=OSError("disk full")))
+    assert retry(None, None, Failed(data=MlflowException("database is locked")))
+    assert not retry(None, None, Failed(data=TimeoutError("ran past its timeout")))  # an OSError, but named
+    assert not retry(None, None, Failed(data=ValueError("bad setting")))
+    assert not retry(None, None, Completed(data=1))
