@@ -13,13 +13,7 @@ from deeprnn.download import CorpusFile, TransientDownloadError, fetch_corpus
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry only network faults (timeouts, refused connections, 5xx), never 4xx or hash mismatches."""
-    try:
-        state.result()
-    except TransientDownloadError:
-        return True
-    except Exception:
-        return False
-    return False
+    return isinstance(state.result(raise_on_failure=False), TransientDownloadError)  # the failed state's error
 
 
 # The one retry layer for downloads (fetch_corpus itself makes one attempt) and no Prefect cache: the
