@@ -1,5 +1,5 @@
 """A real local MLflow store (sqlite in a temporary folder) for the adapter's unit tests: created once per
-session, one experiment per test."""
+test process (creating a store takes seconds), one experiment per test."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def tracking_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def experiment(tracking_store: str, request: pytest.FixtureRequest) -> str:
-    """An experiment of the test's own (named after it), in the session's store."""
+    """An experiment of the test's own (named after it), in the shared store."""
     return re.sub(r"\W+", "-", request.node.name)
 
 
