@@ -113,7 +113,7 @@ def prepare(
 ) -> None:
     """Download and tokenize a corpus into the token cache (once per corpus and settings), and say what it holds."""
     config = options.resolve_or_exit(preset, options.overrides(values))
-    from deeprnn.download import DownloadError, fetch_corpus, redact_url
+    from deeprnn.download import DownloadError, fetch_corpus
     from deeprnn.prepare import PrepareError, dropped_letters_warning, prepared_record, split_sizes
     from deeprnn.prepare import prepare as prepare_corpus
 
@@ -138,7 +138,7 @@ def prepare(
         **{f"{name} tokens": f"{count:,}" for name, count in split_sizes(prepared, config.data).items()},
         "time": f"{seconds:.1f} s",
     }
-    print_rows(f"prepared {redact_url(config.data.url)}", rows)
+    print_rows(f"prepared {config.flat()['data.url']}", rows)  # the URL without credentials
     write_json({**prepared_record(prepared, config.data), "seconds": seconds}, json_out)
 
 

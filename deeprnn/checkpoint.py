@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from deeprnn.config import RunConfig
-from deeprnn.download import redact_url
 from deeprnn.model import RNNLM
 from deeprnn.vocab import Vocab
 
@@ -48,9 +47,7 @@ def config_dict(config: RunConfig) -> dict[str, Any]:
     This is what checkpoints and the logged ``config.json`` keep: files that travel (MLflow artifacts,
     registered models) must not carry a password. A resumed run takes the URL again from its user.
     """
-    data = config.model_dump(mode="json")
-    data["data"]["url"] = redact_url(data["data"]["url"])
-    return data
+    return config.model_dump(mode="json")  # the URL's credentials stay out (DataConfig's JSON form)
 
 
 def make_payload(

@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Mapping, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+
+from deeprnn.urls import redact_url
 
 D2L_URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"
 D2L_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
@@ -84,6 +86,12 @@ class DataConfig(_Section):
         gt=0.0,
         le=0.5,
     )
+
+    # JSON is what leaves the process (MLflow params, checkpoints, config.json, --json, the evaluation's
+    # params): the one place credentials are taken out of the corpus URL. Python values keep it to download.
+    @field_serializer("url", when_used="json")
+    def _url_without_credentials(self, url: str) -> str:
+        return redact_url(url)
 
     def expected_sha1(self) -> str | None:
         """The hash the download must match: the user's, else the book's for the book's own URL."""

@@ -24,7 +24,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import requests
 
@@ -42,6 +42,7 @@ from deeprnn.corpus_stream import (
     read_text_chunks,
     sniff_kind,
 )
+from deeprnn.urls import redact_url
 
 __all__ = [
     "CACHE_ENV",
@@ -71,15 +72,6 @@ def cache_dir() -> Path:
     import platformdirs  # small, but only needed here
 
     return Path(platformdirs.user_cache_dir("deeprnn"))
-
-
-def redact_url(url: str) -> str:
-    """The URL without user name or password, safe for logs, params and tags."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]  # host[:port] as written, so [IPv6] keeps its brackets
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 def sha1_of(path: Path) -> str:

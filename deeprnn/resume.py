@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from deeprnn.config import RunConfig
-from deeprnn.download import redact_url
 from deeprnn.model import RNNLM
 from deeprnn.train import Trainer
 
@@ -60,16 +59,9 @@ def run_folder(runs_dir: str | Path, run_id: str) -> Path:
     return Path(runs_dir).resolve() / check_run_id(run_id)
 
 
-def _comparable(flat: dict[str, Any]) -> dict[str, Any]:
-    # Checkpoints store the corpus URL without credentials: compare URLs the same way.
-    out = dict(flat)
-    out["data.url"] = redact_url(str(out["data.url"]))
-    return out
-
-
 def differences(stored: RunConfig, given: RunConfig) -> dict[str, tuple[Any, Any]]:
     """``key -> (stored, given)`` for every setting that differs and may not change on resume."""
-    before, after = _comparable(stored.flat()), _comparable(given.flat())
+    before, after = stored.flat(), given.flat()  # JSON values: URLs compared without credentials
     return {k: (before.get(k), v) for k, v in after.items() if v != before.get(k) and k not in RESUMABLE}
 
 

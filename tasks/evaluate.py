@@ -20,7 +20,6 @@ from deeprnn import checkpoint
 from deeprnn.batching import Splits
 from deeprnn.config import RunConfig, SampleConfig, section_values
 from deeprnn.device import resolve_device
-from deeprnn.download import redact_url
 from deeprnn.pipeline import Evaluation, evaluate_splits
 from deeprnn.report import fmt, samples_markdown, samples_text
 from tasks.results import prefect_run_tags
@@ -130,7 +129,6 @@ def fetch_model(run_id: str, model_uri: str, folder: str, sample: BaseModel | di
         "source_run_id": found.source_run_id,
         **config.flat(),
     }
-    params["data.url"] = redact_url(params["data.url"])  # never log credentials
     runs.log_params(run_id, params)
     runs.set_tags(run_id, {"deeprnn.source_run_id": found.source_run_id or "", "deeprnn.preset": config.preset})
     get_run_logger().info(

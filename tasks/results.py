@@ -14,7 +14,6 @@ from prefect.cache_policies import NO_CACHE
 
 from deeprnn import checkpoint
 from deeprnn.config import DataConfig, RunConfig
-from deeprnn.download import redact_url
 from deeprnn.pipeline import Evaluation, TrainingOutcome
 from deeprnn.report import fmt, plot_history, samples_markdown, samples_text
 from deeprnn.resume import RESUMABLE, run_folder
@@ -178,7 +177,7 @@ def publish_model(
     measured = evaluation.metrics()
     facts = models.ModelFacts(
         preset=config.preset,
-        corpus_url=redact_url(config.data.url),
+        corpus_url=config.flat()["data.url"],  # without credentials
         corpus_sha1=corpus_sha1,
         token=config.data.token,
         perplexities={k: measured.get(k) for k in MODEL_METRICS},

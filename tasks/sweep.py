@@ -13,7 +13,6 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from deeprnn.download import redact_url
 from deeprnn.search import SearchSpace, Trial
 from deeprnn.search_results import TrialResult, rank, selection_metric, table_csv, table_markdown
 from ops import cluster
@@ -72,7 +71,6 @@ def start_sweep_tracking(trials: list[Trial], space: SearchSpace, strategy: dict
     from ops.orphans import process_tags
 
     params: dict[str, Any] = dict(trials[0].config.flat())
-    params["data.url"] = redact_url(params["data.url"])  # never log credentials
     params.update(space.describe())  # varied fields: their values (or range) instead of trial 0's value
     params.update({f"sweep.{k}": v for k, v in strategy.items()})
     params["sweep.num_trials"] = len(trials)

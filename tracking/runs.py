@@ -29,7 +29,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from deeprnn.config import RunConfig
-from deeprnn.download import CorpusFile, redact_url
+from deeprnn.download import CorpusFile
+from deeprnn.urls import redact_url
 from tracking.store import experiment_id, tracking_uri
 
 
@@ -52,8 +53,7 @@ def start_run(
     With ``parent_run_id`` the run is nested under that run (a sweep's trial under the sweep); with
     ``opened_by`` a retry finds the run its earlier attempt created (``create_run``).
     """
-    params = config.flat()
-    params["data.url"] = redact_url(params["data.url"])  # never log credentials
+    params = config.flat()  # JSON values: the corpus URL without credentials
     return create_run(experiment, run_name, tags, params, parent_run_id, opened_by)
 
 

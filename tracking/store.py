@@ -17,7 +17,7 @@ import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from deeprnn.download import redact_url
+from deeprnn.urls import redact_url
 
 
 class TrackingUnavailableError(RuntimeError):

@@ -217,3 +217,14 @@ def test_flat_lists_every_value() -> None:
     n_fields = sum(len(s.model_fields) for s in (DataConfig, ModelConfig, TrainConfig, SampleConfig))
     assert len(flat) == n_fields + 1
     assert RunConfig.model_validate_json(RunConfig().model_dump_json()) == RunConfig()
+
+
+def test_the_json_form_of_a_configuration_carries_no_url_credentials() -> None:
+    """The one place credentials leave the corpus URL: the configuration's JSON form (MLflow params,
+    checkpoints, config.json, --json); the Python values keep them for the download."""
+    url = "https://reader:s3cr3t@example.org/private/corpus.txt"
+    config = preset_config("smoke", {"data": {"url": url}})
+    assert config.data.url == url and config.model_dump()["data"]["url"] == url
+    assert config.model_dump(mode="json")["data"]["url"] == "https://example.org/private/corpus.txt"
+    assert config.flat()["data.url"] == "https://example.org/private/corpus.txt"
+    assert "s3cr3t" not in config.model_dump_json()
