@@ -15,7 +15,10 @@ database, under ``PREFECT_HOME``, as they would with Prefect's ephemeral mode.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +33,8 @@ SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREF
 # ERROR on every run. Neither is anything the user can act on. PREFECT_SERVER_ANALYTICS_ENABLED=true turns it on.
 QUIET_SERVER_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 STARTUP_FAILURE_EXIT_CODE = 3  # uvicorn's exit status when it cannot start, e.g. its port was taken meanwhile
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 class PrefectAPIError(RuntimeError):
@@ -127,7 +132,7 @@ class TemporaryAPI:
 
     def _restart(self) -> None:
         self.port = _free_port()
-        self.process = subprocess.Popen(server_command(self.port), env=self.env)
+        self.process = _spawn(server_command(self.port), self.env)
         self.started_at = time.monotonic()
         _point_at(self.url)
 
@@ -140,6 +145,19 @@ class TemporaryAPI:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def _stop_with_parent() -> None:
+    # Runs in the server's process before it starts (Linux): SIGTERM to it when the command that started it
+    # dies, also when that command is killed outright and its atexit hook never runs.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start the server process, tied to this one's life where the platform allows it."""
+    on_linux = sys.platform.startswith("linux")
+    return subprocess.Popen(command, env=env, preexec_fn=_stop_with_parent if on_linux else None)
 
 
 def _point_at(url: str) -> None:
@@ -162,7 +180,7 @@ def start_temporary_api() -> TemporaryAPI | None:
     # The same environment Prefect gives its server: ours, its markers, then the active profile's settings.
     env = {**QUIET_SERVER_ENV, **os.environ, **SERVER_ENV, **settings.to_environment_variables(exclude_unset=True)}
     port = _free_port()
-    api = TemporaryAPI(subprocess.Popen(server_command(port), env=env), port, env)
+    api = TemporaryAPI(_spawn(server_command(port), env), port, env)
     atexit.register(api.stop)
     _point_at(api.url)
     return api

@@ -194,3 +194,30 @@ def test_default_sweep_workers_report_to_the_same_temporary_server(tmp_path: Pat
     assert len(flows) == 1 and flows[0][1] == "COMPLETED"
     assert sorted(t[0] for t in trials) == ["trial-0", "trial-1"]
     assert all(t[1] == "COMPLETED" and t[2] == flows[0][0] for t in trials)
+
+
+def test_a_command_killed_outright_leaves_no_temporary_server_behind(tmp_path: Path, book_url: str) -> None:
+    """SIGKILL skips the command's atexit hook; the server gets SIGTERM from the kernel and stops anyway."""
+    import signal
+    import time
+
+    import psutil
+
+    command = [sys.executable, "-m", "cli.app", "run", "--preset", "smoke", "--epochs", "50", "--device", "cpu"]
+    proc = subprocess.Popen(
+        [*command, "--data-url", book_url], env=_default_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline, servers = time.monotonic() + 120, []
+        while not servers and time.monotonic() < deadline and proc.poll() is None:
+            servers = [c for c in psutil.Process(proc.pid).children() if "uvicorn" in " ".join(c.cmdline())]
+            time.sleep(0.2)
+        assert servers, "the command never started its temporary server"
+        time.sleep(3)  # let the server get going
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(servers, timeout=20)
+        assert not alive, f"the temporary server outlived the killed command: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
