@@ -1,8 +1,6 @@
-"""Validated configuration: one pydantic model per stage, defaults are the book's (D2L 9.3).
-
-`RunConfig` is the complete, resolved configuration that a run uses, logs to MLflow and stores in every
-checkpoint. Users rarely write one by hand: they pick a named preset (`PRESETS`) and change a few fields of
-its sections (`resolve`). The presets are defined here once; the deployments' forms and the CLI build on them.
+"""Validated configuration: one pydantic model per stage, defaults are the book's (D2L 9.3). `RunConfig` is
+what a run uses, logs to MLflow and stores in every checkpoint; users pick a named preset (`PRESETS`) and change
+a few fields of its sections (`resolve`). The presets are defined here once; the forms and the CLI build on them.
 """
 
 from __future__ import annotations
@@ -10,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Mapping, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
 from deeprnn.urls import redact_url
 
@@ -24,6 +22,9 @@ PresetName = Literal["d2l-9.3", "full-book", "smoke"]
 _SHA1_RE = re.compile(r"^[0-9a-fA-F]{40}$")
 # Names a registered model may take: letters, digits, '.', '_' and '-', as in models:/<name>@champion.
 REGISTERED_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$"
+# The one place credentials leave the corpus URL: its JSON form, which is what leaves the process (MLflow
+# params, checkpoints, config.json, --json). Python values keep them for the download.
+CorpusURL = Annotated[str, PlainSerializer(redact_url, when_used="json")]
 
 
 class _Section(BaseModel):
@@ -35,7 +36,7 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where the corpus comes from and how it is cut into tokens and splits."""
 
-    url: str = Field(
+    url: CorpusURL = Field(
         D2L_URL,
         title="Corpus URL or path",
         description="http(s):// or file:// URL, or a local path, of a UTF-8 text file. Default: the book's.",
@@ -86,12 +87,6 @@ class DataConfig(_Section):
         gt=0.0,
         le=0.5,
     )
-
-    # JSON is what leaves the process (MLflow params, checkpoints, config.json, --json, the evaluation's
-    # params): the one place credentials are taken out of the corpus URL. Python values keep it to download.
-    @field_serializer("url", when_used="json")
-    def _url_without_credentials(self, url: str) -> str:
-        return redact_url(url)
 
     def expected_sha1(self) -> str | None:
         """The hash the download must match: the user's, else the book's for the book's own URL."""

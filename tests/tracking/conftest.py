@@ -15,10 +15,15 @@ from tracking import store
 @pytest.fixture(scope="session")
 def tracking_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The sqlite store every test of this folder writes to, through MLFLOW_TRACKING_URI."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('tracking') / 'store' / 'mlflow.db'}"
+    folder = tmp_path_factory.mktemp("tracking")
+    uri = f"sqlite:///{folder / 'store' / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        store.check_reachable()
+        # A sqlite store keeps artifacts in ./mlruns of the folder it was opened from (made absolute then, and
+        # the opened store is kept): open it from the temporary folder, not the checkout.
+        with pytest.MonkeyPatch.context() as here:
+            here.chdir(folder)
+            store.check_reachable()
         yield uri
 
 
