@@ -1,5 +1,5 @@
-"""tasks.download through ``task.fn()`` (no server, no flow): the download on a real local HTTP server, the token
-cache built once then found, and the split sizes of the presets."""
+"""The data stages through ``task.fn()`` (no server, no flow): tasks.download on a real local HTTP server,
+tasks.prepare (the token cache built once, then found) and tasks.splits (the split sizes of the presets)."""
 
 from __future__ import annotations
 

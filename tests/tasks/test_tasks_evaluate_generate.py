@@ -1,5 +1,5 @@
-"""tasks.train's evaluation and generation through ``task.fn()`` (no server, no flow), on a tiny model
-trained for a few seconds on the corpus and saved as the flow saves it."""
+"""tasks.evaluate (evaluate-model) and tasks.generate (generate-samples) through ``task.fn()`` (no server, no flow),
+on a tiny model trained for a few seconds on the corpus and saved as the flow saves it."""
 
 from __future__ import annotations
 
