@@ -42,6 +42,14 @@ class PublishedModel:
     sample: str | None  # the first generated sample
     registration: Registration | None = None  # None: not registered (a sweep trial's, until it is the best)
 
+    def describe(self) -> str:
+        """One line for the logs: the model's URI and, once registered, its version and whether it is champion."""
+        if self.registration is None:
+            return f"{self.logged.model_uri} (not registered)"
+        r = self.registration
+        champion = ", now champion" if r.champion else ""
+        return f"{self.logged.model_uri} (registered {r.registered_model} v{r.version}{champion})"
+
 
 @dataclass(frozen=True)
 class TokenCache:
@@ -143,7 +151,7 @@ def log_results(
     runs.set_tags(run_id, {"deeprnn.step_mode": trained.step_mode, "deeprnn.precision": trained.precision})
 
     model = publish_model(run_id, config, trained, evaluation, samples, corpus_sha1, register, registered_model)
-    get_run_logger().info("model logged: %s", model)
+    get_run_logger().info("model logged: %s", model.describe())
     return model
 
 
