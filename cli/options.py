@@ -9,11 +9,11 @@ import typing
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
-from pydantic import ValidationError
+from pydantic import BeforeValidator, ValidationError
 from rich.markup import escape
 
 from cli.output import fail
-from deeprnn.config import REGISTERED_MODEL_PATTERN, SECTIONS, RunConfig, resolve
+from deeprnn.config import REGISTERED_MODEL_PATTERN, SECTIONS, RunConfig, default_preset, resolve
 
 # Option names that differ from the field name (clashes, or names the book's users expect).
 RENAMES = {
@@ -32,6 +32,10 @@ def _cli_type(annotation: Any) -> tuple[Any, str]:
     """A type Typer understands for a field's annotation, and a note on allowed values for the help."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     base = args[0] if typing.get_origin(annotation) is typing.Union and args else annotation
+    if typing.get_origin(base) is Annotated:  # a value parsed from text by the model itself (e.g. a duration)
+        if any(isinstance(m, BeforeValidator) for m in base.__metadata__):
+            return Optional[str], ""
+        base = typing.get_args(base)[0]
     if typing.get_origin(base) is typing.Literal:
         return Optional[str], " Choices: " + ", ".join(map(str, typing.get_args(base))) + "."
     if typing.get_origin(base) is list:
@@ -104,9 +108,10 @@ def explain(exc: ValidationError) -> str:
 
 
 def resolve_or_exit(preset: str | None, values: dict[str, dict[str, Any]]) -> RunConfig:
-    """The preset (default d2l-9.3) with the options' overrides, validated; a bad value exits 2 naming it."""
+    """The preset (default: d2l-9.3 for the book's corpus, text for any other) with the options' overrides,
+    validated; a bad value exits 2 naming it."""
     try:
-        return resolve(preset or "d2l-9.3", **values)
+        return resolve(preset or default_preset(values.get("data", {}).get("url")), **values)
     except ValidationError as exc:
         fail(explain(exc))
     except ValueError as exc:  # an unknown preset

@@ -29,7 +29,11 @@ RunsDir = Annotated[str, typer.Option("--runs-dir", help="Local folder for check
 
 def run(
     preset: Annotated[
-        Optional[str], typer.Option("--preset", help=f"Named preset: {', '.join(PRESETS)} (default d2l-9.3).")
+        Optional[str],
+        typer.Option(
+            "--preset",
+            help=f"Named preset: {', '.join(PRESETS)} (default: d2l-9.3 for the book's corpus, text for your own).",
+        ),
     ] = None,
     resume: Resume = None,
     epochs: Annotated[
@@ -55,7 +59,7 @@ def run(
     launch.init_device(config.train.device)
     launch.wait_for_api(temporary_api, preload=True)
     ready_at = time.time()  # imports done and the Prefect API answering
-    _announce(config, resume, launch.describe_api(temporary_api))
+    _announce(config, resume, launch.describe_api(temporary_api), chosen=preset is None)
     launch.mark_orphaned_runs()
     result = launch.invoke(
         lambda: train_lm(
@@ -87,17 +91,31 @@ def _check_resume(resume: str | None, preset: str | None) -> None:
         fail("--preset cannot be combined with --resume: a resumed run keeps its own configuration")
 
 
-def _announce(config: RunConfig, resume: str | None, api: str) -> None:
+def _announce(config: RunConfig, resume: str | None, api: str, chosen: bool) -> None:
     """The run's first lines: what it trains (or resumes), and where Prefect and MLflow are."""
     from tracking.store import tracking_uri
 
     if resume is not None:
         console.print(f"deeprnn: resuming MLflow run [bold]{resume}[/bold] from its last checkpoint")
     else:
-        console.print(
-            f"deeprnn: preset [bold]{config.preset}[/bold], {config.train.epochs} epochs, device {config.train.device}"
-        )
+        console.print(f"deeprnn: {describe_plan(config, chosen)}", highlight=False)
     console.print(f"Prefect API: {api}; MLflow tracking: {tracking_uri()}")
+
+
+def describe_plan(config: RunConfig, chosen: bool) -> str:
+    """What a new run will do, in one line: the preset (and why, when it was chosen for the user), the budget."""
+    from deeprnn.durations import format_seconds
+
+    t = config.train
+    why = ""
+    if chosen and config.preset == "text":
+        why = " (your own text: every character kept, the model sized to it; --preset d2l-9.3 for the book's)"
+    bounds = [f"{t.epochs} epochs"] if t.time_budget is None else [f"time budget {format_seconds(t.time_budget)}"]
+    if t.max_steps is not None:
+        bounds.append(f"{t.max_steps:,} steps")
+    if t.patience is not None:
+        bounds.append(f"early stopping after {t.patience} evaluations without progress")
+    return f"preset [bold]{config.preset}[/bold]{why}, {', '.join(bounds)}, device {t.device}"
 
 
 def prepare(

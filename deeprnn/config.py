@@ -8,8 +8,13 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Mapping, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
+from deeprnn.durations import parse_duration
+from deeprnn.presets import PRESETS as PRESETS  # re-exported: the CLI and the forms read them here
+from deeprnn.presets import merge, preset_values
+from deeprnn.presets import overrides_dict as overrides_dict
+from deeprnn.presets import section_values as section_values
 from deeprnn.urls import redact_url
 
 D2L_URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"
@@ -18,13 +23,19 @@ D2L_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
 CellType = Literal["lstm", "gru", "rnn"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
-PresetName = Literal["d2l-9.3", "full-book", "smoke"]
+PresetName = Literal["d2l-9.3", "full-book", "smoke", "text"]
 _SHA1_RE = re.compile(r"^[0-9a-fA-F]{40}$")
 # Names a registered model may take: letters, digits, '.', '_' and '-', as in models:/<name>@champion.
 REGISTERED_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$"
 # The one place credentials leave the corpus URL: its JSON form, which is what leaves the process (MLflow
 # params, checkpoints, config.json, --json). Python values keep them for the download.
 CorpusURL = Annotated[str, PlainSerializer(redact_url, when_used="json")]
+# Seconds; the CLI and the form also take "90s", "2m", "1h30m".
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+# The book's sample prefixes: the default for the book's corpus (any other text gets prefixes drawn from it).
+BOOK_PREFIXES = ["time traveller", "traveller"]
+# What ``model.size = "auto"`` decides (``deeprnn.sizing``); a value the user gives for one of them turns it off.
+SIZED_FIELDS = (("model", "num_layers"), ("model", "num_hiddens"), ("model", "embedding_dim"), ("model", "dropout"))
 
 
 class _Section(BaseModel):
@@ -107,6 +118,14 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """The recurrent language model: cell type, depth, width."""
 
+    size: Literal["fixed", "auto"] = Field(
+        "fixed",
+        title="Model size",
+        description="fixed: the layers, width, embedding and dropout below. auto (the text preset): chosen for the "
+        "text and the time budget when the data is known (about as many weights as training tokens, and as many "
+        "as the budget can train); giving any of them fixes the size.",
+    )
+
     cell: CellType = Field("lstm", title="Cell type", description="lstm (the book), gru or rnn (tanh).")
     num_hiddens: int = Field(256, title="Hidden units", description="Width of each recurrent layer.", ge=1, le=8192)
     num_layers: int = Field(2, title="Layers", description="Stacked recurrent layers (the book: 2).", ge=1, le=16)
@@ -138,8 +157,19 @@ class TrainConfig(_Section):
     weight_decay: float = Field(
         0.0, title="Weight decay", description="L2 (sgd, adam) or decoupled (adamw).", ge=0.0, le=1.0
     )
-    lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", title="LR schedule", description="constant (the book) or cosine decay to 0 over the epochs."
+    lr_schedule: Literal["constant", "cosine", "warmup-cosine"] = Field(
+        "constant",
+        title="LR schedule",
+        description="constant (the book); cosine: decay to 0 over the epochs; warmup-cosine: linear warm-up over "
+        "warmup_steps, then cosine decay to a tenth of the peak over the planned steps (epochs, max_steps or the "
+        "time budget, whichever ends first).",
+    )
+    warmup_steps: int = Field(
+        100,
+        title="Warm-up steps",
+        description="Steps of linear warm-up (warmup-cosine; at most a tenth of the planned steps).",
+        ge=0,
+        le=10**9,
     )
     clip_norm: Optional[float] = Field(
         1.0,
@@ -174,6 +204,38 @@ class TrainConfig(_Section):
     )
     log_every: int = Field(
         10, title="Log every", description="Progress line every N epochs (and at the last).", ge=1, le=100000
+    )
+    time_budget: Optional[Duration] = Field(
+        None,
+        title="Time budget (seconds)",
+        description="Train for this long (e.g. 90s, 2m, 1h): the steps are planned from the throughput "
+        "measured in the first seconds, the learning-rate schedule follows the plan, and training ends on time "
+        "with the best validation weights. Empty: epochs and max_steps only.",
+        gt=0.0,
+        le=30 * 86400.0,
+    )
+    patience: Optional[int] = Field(
+        None,
+        title="Early-stopping patience",
+        description="Stop after this many held-out evaluations in a row without a better perplexity. Empty: never.",
+        ge=1,
+        le=100000,
+    )
+    evaluations: Optional[int] = Field(
+        None,
+        title="Evaluations over the plan",
+        description="With a time budget or max_steps: spread this many held-out evaluations evenly over the "
+        "planned steps (unless eval_every_steps is given). Empty: eval_every only.",
+        ge=1,
+        le=100000,
+    )
+    checkpoint_every_minutes: Optional[float] = Field(
+        10.0,
+        title="Checkpoint every N minutes",
+        description="Save a resumable checkpoint after every N minutes of training, so a crash loses at most "
+        "that. Empty or 0: off.",
+        ge=0.0,
+        le=100000.0,
     )
     max_steps: Optional[int] = Field(
         None,
@@ -230,10 +292,11 @@ class SampleConfig(_Section):
     """Text generated at the end of a run."""
 
     prefixes: list[Annotated[str, Field(max_length=1000)]] = Field(
-        default_factory=lambda: ["time traveller", "traveller"],
+        default_factory=lambda: list(BOOK_PREFIXES),
         title="Prefixes",
-        description="Each prefix is continued; the book uses 'time traveller' and 'traveller'.",
-        min_length=1,
+        description="Each prefix is continued; the book uses 'time traveller' and 'traveller'. Empty: the starts "
+        "of a few lines drawn from the held-out text (the default for any text but the book).",
+        min_length=0,
         max_length=32,
     )
     num_chars: int = Field(
@@ -284,76 +347,29 @@ class RunConfig(_Section):
 SECTIONS: dict[str, type[_Section]] = dict(data=DataConfig, model=ModelConfig, train=TrainConfig, sample=SampleConfig)
 
 
-def _presets() -> dict[str, dict[str, Any]]:
-    """Each preset as overrides of the book's defaults (kept as data so it reads like a parameter file)."""
-    return {
-        # The book, D2L 9.3: every default above.
-        "d2l-9.3": {},
-        # The whole book, split 80/10/10, with settings that generalize instead of memorizing 10k characters.
-        # Chosen with bench/tune_full_book.py among 12 candidates (bench/results/): on an H200, validation
-        # perplexity 4.09 at epoch 15, test 4.39, in 7 s.
-        "full-book": {
-            "data": {"max_tokens": None, "val_fraction": 0.1, "test_fraction": 0.1},
-            "model": {"num_layers": 3, "num_hiddens": 512, "dropout": 0.5, "embedding_dim": 64},
-            "train": {
-                "batch_size": 32,
-                "num_steps": 128,
-                "epochs": 30,
-                "optimizer": "adamw",
-                "lr": 3e-3,
-                "weight_decay": 0.05,
-                "lr_schedule": "cosine",
-                "precision": "fp32",  # tuned and measured in fp32
-                "eval_every": 1,
-                "log_every": 1,
-            },
-        },
-        # Seconds on a CPU: a tiny model over a sliver of the book, for tests and first contact.
-        "smoke": {
-            "data": {"max_tokens": 2000},
-            "model": {"num_hiddens": 32},
-            "train": {
-                "batch_size": 8,
-                "num_steps": 16,
-                "epochs": 3,
-                "lr": 1.0,
-                "eval_every": 1,
-                "log_every": 1,
-                # Seconds whatever the corpus: a large text is not read whole at every evaluation.
-                "eval_max_tokens": 10_000,
-                "final_eval_max_tokens": 20_000,
-            },
-            "sample": {"num_chars": 20},
-        },
-    }
-
-
-PRESETS: tuple[str, ...] = ("d2l-9.3", "full-book", "smoke")
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``update`` into a copy of ``base`` (nested dicts merged, other values replaced)."""
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def preset_config(name: str, overrides: dict[str, Any] | None = None) -> RunConfig:
     """The named preset, with ``overrides`` (nested ``{section: {field: value}}``) applied and validated.
 
     Raises ``ValueError`` naming the valid presets for an unknown name, and pydantic's ``ValidationError``
     (naming the field) for a bad override.
     """
-    presets = _presets()
+    presets = preset_values()
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    merged = _merge(presets[name], overrides or {})
+    given = overrides or {}
+    merged = merge(presets[name], given)
     merged["preset"] = name
+    if any(field in given.get(section, {}) for section, field in SIZED_FIELDS) and "size" not in given.get("model", {}):
+        merged.setdefault("model", {})["size"] = "fixed"  # the user's shape, not the fitted one
+    url = merged.get("data", {}).get("url", D2L_URL)
+    if url != D2L_URL and "prefixes" not in given.get("sample", {}):
+        merged.setdefault("sample", {})["prefixes"] = []  # drawn from the held-out text, not the book's
     return RunConfig.model_validate(merged)
+
+
+def default_preset(url: str | None) -> str:
+    """The preset a run takes when none is named: the book's for the book's corpus, ``text`` for any other."""
+    return "d2l-9.3" if url is None or url == D2L_URL else "text"
 
 
 def resolve(
@@ -365,34 +381,6 @@ def resolve(
 ) -> RunConfig:
     """The preset with each given section's values (see ``section_values``) in place of its own, validated."""
     return preset_config(preset, overrides_dict(data, model, train, sample))
-
-
-def section_values(section: BaseModel | Mapping[str, Any] | None) -> dict[str, Any]:
-    """The values a section gives: a model's explicitly set fields, or a mapping's keys; None gives none.
-
-    A section model built from ``{"epochs": 2}`` gives only ``epochs``: the fields it leaves out keep the
-    preset's values. A complete section (every field set, as a form sends it) replaces the preset's whole.
-    """
-    if section is None:
-        return {}
-    if isinstance(section, BaseModel):
-        return section.model_dump(include=set(section.model_fields_set))
-    return dict(section)
-
-
-def overrides_dict(
-    data: BaseModel | Mapping[str, Any] | None = None,
-    model: BaseModel | Mapping[str, Any] | None = None,
-    train: BaseModel | Mapping[str, Any] | None = None,
-    sample: BaseModel | Mapping[str, Any] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """The sections' given values (``section_values``) as ``{section: {field: value}}``, empty ones left out."""
-    overrides: dict[str, dict[str, Any]] = {}
-    for key, section in (("data", data), ("model", model), ("train", train), ("sample", sample)):
-        values = section_values(section)
-        if values:
-            overrides[key] = values
-    return overrides
 
 
 def is_sha1(text: str) -> bool:

@@ -25,6 +25,7 @@ from deeprnn.batching import Splits, check_enough_tokens, split_corpus
 from deeprnn.config import DataConfig, RunConfig, TrainConfig
 from deeprnn.device import describe, resolve_device, seed_everything
 from deeprnn.download import CorpusFile, fetch_corpus
+from deeprnn.durations import format_seconds
 from deeprnn.evaluate import perplexity
 from deeprnn.model import RNNLM
 from deeprnn.prepare import PreparedCorpus, PrepareError, prepare
@@ -74,6 +75,8 @@ class TrainingOutcome(FitSummary):
             "train_seconds": self.train_seconds,
             "mean_tokens_per_sec": self.tokens_per_sec,
             "steps_done": self.steps_done,
+            "best_step": self.best_step,
+            "evaluations": self.evaluations,
         }
 
 
@@ -164,6 +167,8 @@ class TrainingRun:
         m, cfg, has_val = self.config.model, self.config.train, self.trainer.select_best
         heldout = self.splits.val if has_val else self.splits.test
         budget = f" or {cfg.max_steps:,} steps" if cfg.max_steps is not None else ""
+        if cfg.time_budget is not None:
+            budget += f" or {format_seconds(cfg.time_budget)} of training"
         capped = cfg.eval_max_tokens is not None and cfg.eval_max_tokens < heldout.numel()
         per_evaluation = f" (its first {cfg.eval_max_tokens:,} tokens per evaluation)" if capped else ""
         return (

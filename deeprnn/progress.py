@@ -44,6 +44,11 @@ class FitSummary:
     tokens_per_sec: float
     step_mode: str  # 'cuda-graph' or 'eager'
     precision: str  # 'bf16' (autocast) or 'fp32'
+    # Why training ended: epochs, max_steps, time_budget or early_stopping ("" where not recorded).
+    stop_reason: str = ""
+    stop_detail: str = ""  # early stopping: at which evaluation and why
+    best_step: int | None = None  # the global step of the best held-out evaluation
+    evaluations: int = 0  # held-out evaluations during training
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,8 +103,9 @@ def progress_line(s: StepStats) -> str:
     share = f" ({100.0 * s.step / s.total_steps:.0f}%)" if s.total_steps > 0 else ""
     where = f"epoch {s.epoch}/{s.epochs}" + ("" if s.epoch_end else f", batch {s.batch}/{s.batches}")
     held = f", held-out ppl {s.heldout_perplexity:.2f}" if s.heldout_perplexity is not None else ""
+    train = f"train ppl {s.train_perplexity:.3f}" if math.isfinite(s.train_perplexity) else "no new steps"
     return (
-        f"step {s.step:,}/{s.total_steps:,}{share}, {where}: train ppl {s.train_perplexity:.3f}{held}, "
+        f"step {s.step:,}/{s.total_steps:,}{share}, {where}: {train}{held}, "
         f"{s.tokens_per_sec:,.0f} tokens/s, ETA {format_duration(s.eta_seconds)}"
     )
 

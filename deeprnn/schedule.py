@@ -1,17 +1,31 @@
-"""Budgets and schedules of one ``fit``: the learning rate of each epoch, when training stops (the epochs, or
-the step budget ``max_steps``), and which steps and epochs are due for a held-out evaluation or a checkpoint.
+"""Budgets and schedules of one ``fit``: the learning rate of each epoch or step, when training stops (the
+epochs, the step budget ``max_steps``, the time budget ``time_budget``, or early stopping), and which steps
+and epochs are due for a held-out evaluation or a checkpoint.
 
-Evaluations come every ``eval_every`` epochs and every ``eval_every_steps`` steps; checkpoints every
-``checkpoint_every`` epochs and every ``checkpoint_every_steps`` steps; both also at the very end. An epoch
-that the step budget cuts short counts as the end, never as a whole epoch of the per-epoch schedules.
+Evaluations come every ``eval_every`` epochs and every ``eval_every_steps`` steps (or ``evaluations`` spread
+over the planned steps); checkpoints every ``checkpoint_every`` epochs, every ``checkpoint_every_steps``
+steps and every ``checkpoint_every_minutes`` of training; both also at the very end. An epoch that a budget
+cuts short counts as the end, never as a whole epoch of the per-epoch schedules.
+
+A time budget is turned into a number of steps (``Schedule.planned``): the throughput is measured over the
+first seconds (``_MEASURE_SECONDS``), evaluations included, and the plan is refined at every read-back, so
+the warm-up and cosine schedule (``lr_schedule = "warmup-cosine"``) reaches its end when the time does.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from deeprnn.config import TrainConfig
+
+# Throughput is measured over at most this long (or a twentieth of the budget) before the first plan.
+_MEASURE_SECONDS = 5.0
+# warmup-cosine decays to this share of the peak learning rate.
+_FINAL_LR_SHARE = 0.1
+# Periodic evaluations may take at most this share of a time budget (fewer than ``evaluations`` if need be).
+_EVAL_SHARE = 0.08
 
 
 @dataclass(frozen=True)
@@ -22,14 +36,121 @@ class Due:
     checkpoint: bool
 
 
-@dataclass(frozen=True)
+@dataclass
 class Schedule:
-    """When a fit changes the learning rate, evaluates, checkpoints and stops."""
+    """When a fit changes the learning rate, evaluates, checkpoints and stops.
+
+    ``spent_seconds``: training time of this run before this fit (a resumed run continues its time budget).
+    """
 
     cfg: TrainConfig
     evaluates: bool  # there is held-out text to evaluate on
     checkpoints: bool  # the caller takes checkpoints
-    checkpoint_every: int | None = None  # epochs between checkpoints (None: by steps and at the end only)
+    checkpoint_every: int | None = None  # epochs between checkpoints (None: by steps, by time and at the end)
+    batches_per_epoch: int = 0
+    spent_seconds: float = 0.0
+    start_step: int = 0
+    tokens_per_step: int = 1
+    eval_tokens: int = 0  # held-out tokens one periodic evaluation reads
+    planned: int = 0  # the global step training ends at (refined while a time budget runs)
+    eval_interval: int | None = None  # steps between evaluations (eval_every_steps, or from ``evaluations``)
+    stop_reason: str | None = None  # set once training must end
+    stop_detail: str = ""
+    _started: float = field(default_factory=time.perf_counter)
+    _measured_from: tuple[int, float] | None = None  # (step, time) the throughput is measured from
+    _last_checkpoint: float = field(default_factory=time.perf_counter)
+    _eval_seconds: float | None = None  # the last periodic evaluation's duration
+
+    def __post_init__(self) -> None:
+        cfg = self.cfg
+        bounds = [cfg.epochs * self.batches_per_epoch] if self.batches_per_epoch else []
+        self.planned = min([*bounds, *([cfg.max_steps] if cfg.max_steps is not None else [])] or [10**12])
+        self.eval_interval = cfg.eval_every_steps
+        if self.eval_interval is None and cfg.evaluations and cfg.time_budget is None:
+            self.eval_interval = self._spread(self.planned)
+
+    # ----- budgets ------------------------------------------------------------------------------------
+    @property
+    def deadline(self) -> float | None:
+        """``time.perf_counter()`` at which the time budget is spent; None without one."""
+        if self.cfg.time_budget is None:
+            return None
+        return self._started + self.cfg.time_budget - self.spent_seconds
+
+    def elapsed(self) -> float:
+        """Training seconds of the run so far, earlier fits included."""
+        return self.spent_seconds + time.perf_counter() - self._started
+
+    def evaluated(self, seconds: float) -> None:
+        """An evaluation took ``seconds``: time is kept for the last one, and the spread follows its cost."""
+        self._eval_seconds = seconds
+
+    def _reserve(self) -> float:
+        """Seconds kept back at the end of a time budget for the last evaluation."""
+        return self._eval_seconds or 0.0 if self.evaluates else 0.0
+
+    def replan(self, step: int) -> None:
+        """Refine the planned steps from the throughput measured so far (with a time budget; at read-backs)."""
+        deadline, now = self.deadline, time.perf_counter()
+        if deadline is None:
+            return
+        deadline -= self._reserve()
+        if self._measured_from is None:  # the first read-back: startup costs stay out of the measurement
+            self._measured_from = (step, now)
+            return
+        first_step, first_time = self._measured_from
+        if now - first_time < min(_MEASURE_SECONDS, 0.05 * (self.cfg.time_budget or 0.0)) or step <= first_step:
+            return
+        rate = (step - first_step) / (now - first_time)  # steps per second, evaluations included
+        static = self.cfg.epochs * self.batches_per_epoch if self.batches_per_epoch else 10**12
+        if self.cfg.max_steps is not None:
+            static = min(static, self.cfg.max_steps)
+        self.planned = max(step + 1, min(static, step + int(rate * max(deadline - now, 0.0))))
+        if self.cfg.evaluations and self.cfg.eval_every_steps is None:
+            # Forward passes only: an evaluation reads about twice as many tokens a second as training.
+            cost = self._eval_seconds or self.eval_tokens / max(2.0 * rate * self.tokens_per_step, 1e-9)
+            affordable = int(_EVAL_SHARE * (self.cfg.time_budget or 0.0) / max(cost, 1e-9))
+            self.eval_interval = self._spread(self.planned, max(1, min(self.cfg.evaluations, affordable)))
+
+    def _spread(self, planned: int, evaluations: int | None = None) -> int:
+        """Steps between evaluations for ``evaluations`` (default ``cfg.evaluations``) over ``planned`` steps."""
+        return max(1, (planned - self.start_step) // max(evaluations or self.cfg.evaluations or 1, 1))
+
+    def begin(self) -> None:
+        """Start the clocks (the time budget, the time between checkpoints) now."""
+        self._started = self._last_checkpoint = time.perf_counter()
+
+    def stop(self, reason: str, detail: str) -> None:
+        """End training at the next step boundary (e.g. early stopping), saying why."""
+        self.stop_reason, self.stop_detail = reason, detail
+
+    def budget_spent(self, step: int) -> bool:
+        """Whether training must end after ``step`` steps: a budget is spent, or it was stopped."""
+        if self.stop_reason is not None:
+            return True
+        if self.cfg.max_steps is not None and step >= self.cfg.max_steps:
+            self.stop_reason = "max_steps"
+            return True
+        deadline = self.deadline
+        if deadline is not None and (step >= self.planned or time.perf_counter() + self._reserve() >= deadline):
+            self.stop_reason = "time_budget"
+            return True
+        return False
+
+    def finished(self, epochs_done: int, step: int) -> bool:
+        """All epochs done, or a budget spent, or stopped."""
+        if self.budget_spent(step):
+            return True
+        if epochs_done >= self.cfg.epochs:
+            self.stop_reason = self.stop_reason or "epochs"
+            return True
+        return False
+
+    # ----- learning rate ------------------------------------------------------------------------------
+    @property
+    def per_step(self) -> bool:
+        """Whether the learning rate changes at every step (else once per epoch)."""
+        return self.cfg.lr_schedule == "warmup-cosine"
 
     def lr(self, epoch: int) -> float:
         """Learning rate for a 1-based epoch: constant, or cosine from ``lr`` towards 0."""
@@ -37,20 +158,33 @@ class Schedule:
             return self.cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - 1) / self.cfg.epochs))
         return self.cfg.lr
 
-    def budget_spent(self, step: int) -> bool:
-        """Whether ``step`` optimizer steps use up the step budget."""
-        return self.cfg.max_steps is not None and step >= self.cfg.max_steps
+    def step_lr(self, step: int) -> float:
+        """Learning rate of 0-based global step ``step`` under warmup-cosine: a linear warm-up, then cosine
+        decay to a tenth of the peak at the planned end."""
+        peak, total = self.cfg.lr, max(self.planned, 1)
+        warmup = min(self.cfg.warmup_steps, total // 10)
+        if step < warmup:
+            return peak * (step + 1) / warmup
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        floor = peak * _FINAL_LR_SHARE
+        return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def finished(self, epochs_done: int, step: int) -> bool:
-        """All epochs done, or the step budget spent."""
-        return epochs_done >= self.cfg.epochs or self.budget_spent(step)
-
+    # ----- evaluations and checkpoints ----------------------------------------------------------------
     def due_by_steps(self, step: int) -> Due:
-        """Whether optimizer step ``step`` is due for a held-out evaluation, and for a checkpoint."""
+        """Whether optimizer step ``step`` is due for a held-out evaluation, and for a checkpoint (by steps,
+        or by the time since the last checkpoint)."""
         return Due(
-            self.evaluates and every(step, self.cfg.eval_every_steps),
-            self.checkpoints and every(step, self.cfg.checkpoint_every_steps),
+            self.evaluates and every(step, self.eval_interval),
+            self.checkpoints and (every(step, self.cfg.checkpoint_every_steps) or self._checkpoint_by_time()),
         )
+
+    def _checkpoint_by_time(self) -> bool:
+        minutes = self.cfg.checkpoint_every_minutes
+        return bool(minutes) and time.perf_counter() - self._last_checkpoint >= 60.0 * float(minutes or 0)
+
+    def checkpointed(self) -> None:
+        """A checkpoint was just written: the time-based interval starts again."""
+        self._last_checkpoint = time.perf_counter()
 
     def due_at_epoch_end(self, epoch: int, step: int, complete: bool, last: bool) -> Due:
         """After ``epoch`` (``complete``, or cut short by the budget) at ``step``; ``last``: training ends here."""

@@ -33,13 +33,14 @@ from typing import Any, Callable
 
 import torch
 
-from deeprnn.batching import EpochBatches, check_enough_tokens
+from deeprnn.batching import EpochBatches, check_enough_tokens, num_batches
 from deeprnn.config import TrainConfig
 from deeprnn.divergence import check_loss, check_weights
 from deeprnn.evaluate import perplexity, perplexity_from_loss
 from deeprnn.model import RNNLM, zero_state_
 from deeprnn.progress import EpochStats, FitResult, Reporter, StepStats
 from deeprnn.schedule import Due, Schedule
+from deeprnn.selection import Best
 from deeprnn.step import Clock, TrainStep, make_optimizer, use_bf16
 from deeprnn.train_state import Position, optimizer_state, restore_position, rng_from_lists, rng_to_lists
 
@@ -60,13 +61,6 @@ class _Pending:
     step: int
     batches: int  # minibatches the mean is over
     partial: bool
-
-
-@dataclass
-class _Best:
-    epoch: int | None = None
-    value: float | None = None
-    state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -120,7 +114,9 @@ class Trainer:
         self.step = 0  # optimizer steps taken, across resumes
         self._pos: Position | None = None  # the epoch in progress
         self._resume: dict[str, Any] | None = None  # a position inside an epoch to continue from
-        self.best = _Best()
+        self.best = Best()
+        self.spent_seconds = 0.0  # training time before this fit (a resumed run continues its time budget)
+        self._schedule: Schedule | None = None  # the running fit's
         self.use_graph = cfg.fast and device.type == "cuda"
         self.autocast = use_bf16(cfg.precision, device)
         self.optimizer = make_optimizer(
@@ -150,21 +146,31 @@ class Trainer:
         epochs, every ``cfg.checkpoint_every_steps`` steps and at the end.
         """
         cfg = self.cfg
-        now = time.perf_counter()
-        schedule = Schedule(cfg, self.heldout_ids is not None, on_checkpoint is not None, checkpoint_every)
-        reporter = Reporter(cfg.epochs, cfg.max_steps, cfg.batch_size * cfg.num_steps, self.step)
-        run = _Run(on_epoch, on_checkpoint, on_step, schedule, reporter, now, last_sync=now)
+        per_epoch = num_batches(self.train_ids.numel(), cfg.batch_size, cfg.num_steps, 0)
+        evaluates, checkpoints = self.heldout_ids is not None, on_checkpoint is not None
+        schedule = Schedule(
+            cfg, evaluates, checkpoints, checkpoint_every, per_epoch, self.spent_seconds, self.step,
+            tokens_per_step=cfg.batch_size * cfg.num_steps, eval_tokens=self._eval_tokens() or 0,
+        )  # fmt: skip
         if self.use_graph and self.train_step.graph is None and not schedule.finished(self.epoch, self.step):
             self.train_step.capture()
-        while not schedule.finished(self.epoch, self.step):
-            self._run_epoch(self.epoch + 1, run)
-        self.clock.sync()
+        schedule.begin()  # the time budget counts from here, after the one-off capture
+        self._schedule, now = schedule, time.perf_counter()
+        planned = schedule.planned if cfg.time_budget is not None else cfg.max_steps
+        reporter = Reporter(cfg.epochs, planned, cfg.batch_size * cfg.num_steps, self.step)
+        run = _Run(on_epoch, on_checkpoint, on_step, schedule, reporter, now, last_sync=now)
+        try:
+            while not schedule.finished(self.epoch, self.step):
+                self._run_epoch(self.epoch + 1, run)
+            self.clock.sync()
+        finally:
+            self.spent_seconds, self._schedule = schedule.elapsed(), None
         train_seconds = time.perf_counter() - run.t_start
         if self.select_best and self.best.state is not None:
             self.model.load_state_dict(self.best.state)
-        return self._result(run.history, train_seconds)
+        return self._result(run.history, train_seconds, schedule)
 
-    def _result(self, history: list[EpochStats], train_seconds: float) -> FitResult:
+    def _result(self, history: list[EpochStats], train_seconds: float, schedule: Schedule) -> FitResult:
         total_tokens = sum(h.tokens_per_sec * h.seconds for h in history)
         device_seconds = sum(h.seconds for h in history)
         return FitResult(
@@ -179,6 +185,10 @@ class Trainer:
             precision="bf16" if self.autocast else "fp32",
             steps_done=self.step,
             eval_tokens=self._eval_tokens(),
+            stop_reason=schedule.stop_reason or "",
+            stop_detail=schedule.stop_detail,
+            best_step=self.best.step,
+            evaluations=self.best.evaluations,
         )
 
     def _begin_epoch(self, epoch: int) -> EpochBatches:
@@ -200,7 +210,8 @@ class Trainer:
     def _run_epoch(self, epoch: int, run: _Run) -> None:
         """Train one epoch (or its rest, or until the step budget is spent), reporting as it goes."""
         cfg, step = self.cfg, self.train_step
-        lr = run.schedule.lr(epoch)
+        schedule = run.schedule
+        lr = schedule.lr(epoch)
         step.set_lr(lr)
         batches = self._begin_epoch(epoch)
         pos = self._pos
@@ -209,14 +220,17 @@ class Trainer:
         run.reporter.begin_epoch(float(step.loss_sum) if first else 0.0, first)
         start = self.clock.mark()
         for i in range(first, pos.batches):
-            if run.schedule.budget_spent(self.step):
+            if schedule.budget_spent(self.step):
                 break
+            if schedule.per_step:
+                lr = schedule.step_lr(self.step)
+                step.set_lr(lr)
             batches.load(i, step.x, step.y)
             step()
             self.step += 1
             pos.batch = i + 1
-            if pos.batch < pos.batches and not run.schedule.budget_spent(self.step):  # else the epoch's end reports
-                due = run.schedule.due_by_steps(self.step)
+            if pos.batch < pos.batches and not schedule.budget_spent(self.step):  # else the epoch's end reports
+                due = schedule.due_by_steps(self.step)
                 if due.evaluate or due.checkpoint or time.perf_counter() - run.last_sync > _SYNC_SECONDS:
                     self._report_inside(run, due)
         end = self.clock.mark()
@@ -247,7 +261,9 @@ class Trainer:
         if run.pending:
             self._drain(run, evaluate=False)
         loss_sum = float(self.train_step.loss_sum)  # syncs with the device
-        held = self._heldout_perplexity() if due.evaluate else None
+        held = self._heldout_perplexity(run.schedule) if due.evaluate else None
+        if held is not None:
+            self._consider(held, self._pos.epoch if self._pos else self.epoch, run.schedule)
         self._step_report(run, held, epoch_end=False, loss_sum=loss_sum)
         if due.checkpoint:
             self._checkpoint(run)
@@ -256,6 +272,7 @@ class Trainer:
         check_weights(self.train_step.params, self._pos.epoch if self._pos else self.epoch)  # never save NaN weights
         if run.on_checkpoint is not None:
             run.on_checkpoint(self.epoch)
+        run.schedule.checkpointed()
         run.last_sync = time.perf_counter()
 
     def _step_report(self, run: _Run, heldout: float | None, epoch_end: bool, loss_sum: float) -> None:
@@ -269,6 +286,9 @@ class Trainer:
             self.step, epoch, batch, batches, loss_sum, heldout, epoch_end and self._pos is None
         )
         check_loss(epoch, mean)
+        run.schedule.replan(self.step)  # a time budget's plan, from the throughput so far
+        if run.reporter.max_steps is not None and self.cfg.time_budget is not None:
+            run.reporter.max_steps = run.schedule.planned
         if run.on_step is not None:
             run.on_step(stats)
         run.reporter.restart_window()
@@ -292,21 +312,32 @@ class Trainer:
             )
         run.drained_loss_sum, run.drained_batches = values[-1], pending[-1].batches
         if evaluate and self.heldout_ids is not None:
-            self._record_heldout(stats[-1])
+            self._record_heldout(stats[-1], run.schedule)
         run.history.extend(stats)
         if run.on_epoch is not None:
             for s in stats:
                 run.on_epoch(s)
         return stats
 
-    def _record_heldout(self, stats: EpochStats) -> None:
-        """Measure held-out perplexity into ``stats``; keep the best whole epoch (and its weights if selecting)."""
-        value = self._heldout_perplexity()
+    def _record_heldout(self, stats: EpochStats, schedule: Schedule) -> None:
+        """Measure held-out perplexity into ``stats`` and weigh it (``_consider``)."""
+        value = self._heldout_perplexity(schedule)
         stats.heldout_perplexity = value
-        if not stats.partial and (self.best.value is None or value < self.best.value):
-            self.best.epoch, self.best.value = stats.epoch, value
-            if self.select_best:
-                self.best.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        # An epoch a step budget cut short competes only when the run is planned in steps or time: then
+        # its end is where the schedule ends, not a half-trained epoch.
+        if not stats.partial or self.cfg.time_budget is not None or self.cfg.evaluations is not None:
+            self._consider(value, stats.epoch, schedule)
+
+    def _consider(self, value: float, epoch: int, schedule: Schedule) -> None:
+        """Keep the best held-out value (and its weights if selecting); stop early once ``cfg.patience``
+        evaluations in a row bring no better one."""
+        weights = (
+            (lambda: {k: v.detach().clone() for k, v in self.model.state_dict().items()}) if self.select_best else None
+        )
+        self.best.consider(value, epoch, self.step, weights)
+        patience = self.cfg.patience
+        if patience is not None and self.best.patience_spent(patience) and schedule.stop_reason is None:
+            schedule.stop("early_stopping", self.best.why_stopped(value, self.step, patience))
 
     def _eval_tokens(self) -> int | None:
         """Held-out tokens a periodic evaluation reads: ``eval_max_tokens``, or the whole split when shorter."""
@@ -315,10 +346,15 @@ class Trainer:
         n = self.heldout_ids.numel()
         return min(n, self.cfg.eval_max_tokens) if self.cfg.eval_max_tokens is not None else n
 
-    def _heldout_perplexity(self) -> float:
-        """Held-out perplexity over the first ``cfg.eval_max_tokens`` held-out tokens (all when unset)."""
+    def _heldout_perplexity(self, schedule: Schedule | None = None) -> float:
+        """Held-out perplexity over the first ``cfg.eval_max_tokens`` held-out tokens (all when unset); the
+        schedule learns what it cost."""
         assert self.heldout_ids is not None
-        return perplexity(self.model, self.heldout_ids, rows=self.cfg.batch_size, max_tokens=self.cfg.eval_max_tokens)
+        started = time.perf_counter()
+        value = perplexity(self.model, self.heldout_ids, rows=self.cfg.batch_size, max_tokens=self.cfg.eval_max_tokens)
+        if schedule is not None:
+            schedule.evaluated(time.perf_counter() - started)
+        return value
 
     # ----- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -331,9 +367,8 @@ class Trainer:
             "python_rng": rng_to_lists(self.rng.getstate()),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "best_epoch": self.best.epoch,
-            "best_value": self.best.value,
-            "best_state": {k: v.to("cpu") for k, v in self.best.state.items()} if self.best.state else None,
+            **self.best.state_dict(),
+            "train_seconds": self._schedule.elapsed() if self._schedule is not None else self.spent_seconds,
             "position": self._pos.to_dict(self.train_step) if self._pos is not None else None,
         }
 
@@ -351,7 +386,6 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.best = _Best(state.get("best_epoch"), state.get("best_value"))
-        if state.get("best_state"):
-            self.best.state = {k: v.to(self.device) for k, v in state["best_state"].items()}
+        self.best = Best.from_state(state, self.device)
+        self.spent_seconds = float(state.get("train_seconds") or 0.0)
         self._resume = state.get("position")  # applied when the next epoch begins (after any graph capture)

@@ -19,6 +19,7 @@ from deeprnn.config import (
     PresetName,
     SampleConfig,
     TrainConfig,
+    default_preset,
     resolve,
 )
 from flows.parameters import form_field
@@ -31,7 +32,7 @@ FLOW_NAME = "deeprnn-train"
 
 @flow(name=FLOW_NAME, log_prints=True)
 def train_lm(
-    preset: Annotated[PresetName, form_field("Preset")] = "d2l-9.3",
+    preset: Annotated[Optional[PresetName], form_field("Preset")] = None,
     data: Annotated[Optional[DataConfig], form_field("Data")] = None,
     model: Annotated[Optional[ModelConfig], form_field("Model")] = None,
     train: Annotated[Optional[TrainConfig], form_field("Training")] = None,
@@ -47,7 +48,8 @@ def train_lm(
     configuration is used (``preset`` is ignored; the sections may only restate it or extend the epochs).
 
     Args:
-        preset: Named configuration to start from: d2l-9.3 (the book), full-book or smoke (seconds on a CPU).
+        preset: Named configuration to start from: d2l-9.3 (the book), full-book, smoke (seconds on a CPU) or
+            text (your own text). Empty: d2l-9.3 for the book's corpus, text for any other.
         data: Corpus and split settings; the fields set replace the preset's. Empty: the preset's.
         model: Cell type, depth and width; the fields set replace the preset's. Empty: the preset's.
         train: Epochs, optimizer, device and the rest; the fields set replace the preset's. Empty: the preset's.
@@ -62,7 +64,7 @@ def train_lm(
     if resume_run_id:
         config, experiment = prepare_resume(resume_run_id, runs_dir, experiment, data, model, train, sample)
     else:
-        config = resolve(preset, data, model, train, sample)
+        config = resolve(preset or default_preset(data.url if data is not None else None), data, model, train, sample)
     return run_pipeline(
         config, experiment or FLOW_NAME, runs_dir, resume_run_id=resume_run_id, registered_model=registered_model
     )

@@ -18,6 +18,7 @@ from ops.limits import training_timeout_seconds
 from tasks.checks import check_inputs
 from tasks.download import download_corpus
 from tasks.evaluate import evaluate_model
+from tasks.fit import fit_configuration
 from tasks.generate import generate_samples
 from tasks.prepare import prepare_tokens
 from tasks.results import RunResult, Timings, TokenCache, log_results, publish_summary, start_tracking
@@ -46,6 +47,7 @@ def run_pipeline(
     with runs.run_status(run_id):  # FAILED/KILLED in MLflow if anything below raises
         corpus = download_corpus(config.data.url, config.data.expected_sha1())
         prepared = prepare_tokens(corpus, config.data)
+        config = fit_configuration(config, prepared, run_id)  # the text preset's size, prefixes from the text
         vocab = prepared.vocab().to_dict()
         runs.log_dataset(run_id, corpus, vocab, prepared.num_tokens)
         splits = prepare_splits(prepared, config.data, config.train)

@@ -69,6 +69,24 @@ def _hooks(
     )
 
 
+STOP_REASONS = {
+    "epochs": "all epochs done",
+    "max_steps": "the step budget (max_steps) is spent",
+    "time_budget": "the time budget is spent",
+    "early_stopping": "early stopping",
+}
+
+
+def _record_stop(run_id: str, outcome: TrainingOutcome, logger: Logger) -> None:
+    """Why training ended, in the log and as MLflow tags (``deeprnn.stop_reason``, ``deeprnn.stop_detail``)."""
+    if not outcome.stop_reason:
+        return
+    detail = outcome.stop_detail or STOP_REASONS.get(outcome.stop_reason, outcome.stop_reason)
+    logger.info("training ended at step %s: %s", f"{outcome.steps_done:,}", detail)
+    tags = {"deeprnn.stop_reason": outcome.stop_reason, "deeprnn.stop_detail": detail}
+    runs.set_tags(run_id, {**tags, "deeprnn.stopped_at_step": outcome.steps_done})
+
+
 @task(
     name="train-model",
     cache_policy=NO_CACHE,
@@ -105,6 +123,7 @@ def train_model(config: RunConfig, vocab: dict[str, Any], splits: Splits, run_id
         raise
     curves.flush()
     update_progress_artifact(progress, 100.0)  # done: the budget or the epochs are spent
+    _record_stop(run_id, outcome, logger)
     logger.info(
         f"trained in {time.perf_counter() - started:.1f} s ({outcome.step_mode} steps, {outcome.precision}): "
         f"{outcome.epochs_done} epochs, {outcome.steps_done:,} steps, "

@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from deeprnn.config import RunConfig
 from deeprnn.download import CorpusFile
+from deeprnn.sizing import decided_later
 from deeprnn.urls import redact_url
 from tracking.store import experiment_id, tracking_uri
 
@@ -53,7 +54,8 @@ def start_run(
     With ``parent_run_id`` the run is nested under that run (a sweep's trial under the sweep); with
     ``opened_by`` a retry finds the run its earlier attempt created (``create_run``).
     """
-    params = config.flat()  # JSON values: the corpus URL without credentials
+    later = decided_later(config)  # the text preset's size and prefixes: logged once fitted to the text
+    params = {k: v for k, v in config.flat().items() if k not in later}  # JSON: the URL without credentials
     return create_run(experiment, run_name, tags, params, parent_run_id, opened_by)
 
 

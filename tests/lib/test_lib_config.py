@@ -41,7 +41,7 @@ def test_defaults_are_the_books() -> None:
 
 
 def test_presets_resolve() -> None:
-    assert PRESETS == ("d2l-9.3", "full-book", "smoke")
+    assert PRESETS == ("d2l-9.3", "full-book", "smoke", "text")
     for name in PRESETS:
         assert preset_config(name).preset == name
     full = preset_config("full-book")
@@ -103,11 +103,10 @@ def test_splits_must_leave_training_text() -> None:
     DataConfig(val_fraction=0.4, test_fraction=0.4)
 
 
-def test_sample_prefixes_must_not_be_empty() -> None:
+def test_each_sample_prefix_must_not_be_empty_and_no_prefix_means_drawn_from_the_text() -> None:
     with pytest.raises(ValidationError, match="prefixes"):
         SampleConfig(prefixes=["time", ""])
-    with pytest.raises(ValidationError, match="prefixes"):
-        SampleConfig(prefixes=[])
+    assert SampleConfig(prefixes=[]).prefixes == []  # drawn from the held-out text (deeprnn.sizing)
 
 
 def test_assignment_is_validated() -> None:

@@ -43,6 +43,7 @@ def tiny(corpus_file: CorpusFile, tmp_path_factory: pytest.TempPathFactory) -> T
             "data": {"url": str(corpus_file.path), "sha1": corpus_file.sha1, "test_fraction": 0.05},
             "model": {"num_hiddens": 16},
             "train": {"device": "cpu", "epochs": 4, "eval_every": 4, "final_eval_max_tokens": 3000},
+            "sample": {"prefixes": ["time traveller", "traveller"]},  # a local copy of the book: given, not drawn
         },
     )
     data = load_data(config, cache=root / "cache")

@@ -38,13 +38,25 @@ def test_a_nested_run_is_a_child_of_its_parent_and_children_come_oldest_first(ex
 
 
 def test_start_run_logs_every_setting_as_a_param_without_credentials(experiment: str) -> None:
-    config = preset_config("smoke", {"data": {"url": "https://me:secret@example.org/book.txt"}})
+    config = preset_config(
+        "smoke",
+        {"data": {"url": "https://me:secret@example.org/book.txt"}, "sample": {"prefixes": ["time traveller"]}},
+    )
     record = runs.get_run(runs.start_run(config, experiment, "smoke", {"deeprnn.preset": "smoke"}))
     assert len(record.params) == len(config.flat())
     assert record.params["data.url"] == "https://example.org/book.txt"
-    assert record.params["sample.prefixes"] == '["time traveller", "traveller"]'  # lists as JSON
+    assert record.params["sample.prefixes"] == '["time traveller"]'  # lists as JSON
     assert record.params["train.max_steps"] == ""  # None as empty
     assert record.tags["deeprnn.preset"] == "smoke" and record.status == "RUNNING"
+
+
+def test_what_the_text_decides_is_not_logged_before_it_is_decided(experiment: str) -> None:
+    config = preset_config("text", {"data": {"url": "https://example.org/faust.txt"}})
+    record = runs.get_run(runs.start_run(config, experiment, "text", {}))
+    later = {"model.size", "model.num_hiddens", "model.num_layers", "model.dropout", "train.batch_size"}
+    later |= {"train.num_steps", "sample.prefixes"}
+    assert set(config.flat()) - set(record.params) == later  # logged by the fit-to-text task, once decided
+    assert record.params["train.time_budget"] == "300.0" and record.params["data.normalize"] == "none"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,126 @@
+"""The named presets, as overrides of the book's defaults (``deeprnn.config``), kept as data so they read like a
+parameter file. ``deeprnn.config.preset_config`` applies and validates them.
+
+- ``d2l-9.3``: the book, D2L 9.3 (every default).
+- ``full-book``: the whole book with settings that generalize.
+- ``smoke``: seconds on a CPU, for tests and first contact.
+- ``text``: your own text. Every character kept, the whole text, a validation split that picks the best
+  weights, a time budget, early stopping, AdamW with warm-up and cosine decay over the planned steps, and a
+  model sized to the text (``model.size = "auto"``, ``deeprnn.sizing``); samples continue the starts of lines
+  drawn from the held-out text.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from pydantic import BaseModel
+
+PRESETS: tuple[str, ...] = ("d2l-9.3", "full-book", "smoke", "text")
+
+
+def preset_values() -> dict[str, dict[str, Any]]:
+    """Each preset as ``{section: {field: value}}`` overrides of the book's defaults."""
+    return {
+        "d2l-9.3": {},
+        # Chosen with bench/tune_full_book.py among 12 candidates (bench/results/tune_full_book.md).
+        "full-book": {
+            "data": {"max_tokens": None, "val_fraction": 0.1, "test_fraction": 0.1},
+            "model": {"num_layers": 3, "num_hiddens": 512, "dropout": 0.5, "embedding_dim": 64},
+            "train": {
+                "batch_size": 32,
+                "num_steps": 128,
+                "epochs": 30,
+                "optimizer": "adamw",
+                "lr": 3e-3,
+                "weight_decay": 0.05,
+                "lr_schedule": "cosine",
+                "precision": "fp32",  # tuned and measured in fp32
+                "eval_every": 1,
+                "log_every": 1,
+            },
+        },
+        "smoke": {
+            "data": {"max_tokens": 2000},
+            "model": {"num_hiddens": 32},
+            "train": {
+                "batch_size": 8,
+                "num_steps": 16,
+                "epochs": 3,
+                "lr": 1.0,
+                "eval_every": 1,
+                "log_every": 1,
+                # Seconds whatever the corpus: a large text is not read whole at every evaluation.
+                "eval_max_tokens": 10_000,
+                "final_eval_max_tokens": 20_000,
+            },
+            "sample": {"num_chars": 20},
+        },
+        "text": _text_preset(),
+    }
+
+
+def _text_preset() -> dict[str, Any]:
+    """Your own text: every character, the whole text, a time budget, a model sized to the text."""
+    # Chosen with bench/own_text.py on texts in German, French and Chinese (bench/results/own_text.md).
+    return {
+        "data": {"normalize": "none", "max_tokens": None, "val_fraction": 0.05, "test_fraction": 0.1},
+        "model": {"size": "auto", "num_layers": 2, "num_hiddens": 256, "embedding_dim": 64},
+        "train": {
+            "batch_size": 32,
+            "num_steps": 64,
+            "epochs": 1000,  # an upper bound: the time budget and early stopping end the run
+            "time_budget": 300.0,
+            "optimizer": "adamw",
+            "lr": 3e-3,
+            "weight_decay": 0.01,
+            "lr_schedule": "warmup-cosine",
+            "evaluations": 12,
+            "patience": 4,
+            "eval_every": 1000,  # the evaluations above are spread over the planned steps instead
+            "log_every": 1,
+            # A periodic evaluation stays a small share of a short budget on a CPU.
+            "eval_max_tokens": 40_000,
+            "precision": "auto",
+        },
+        "sample": {"prefixes": [], "num_chars": 200, "temperature": 0.8, "top_k": 20},
+    }
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``update`` into a copy of ``base`` (nested dicts merged, other values replaced)."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def section_values(section: BaseModel | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The values a section gives: a model's explicitly set fields, or a mapping's keys; None gives none.
+
+    A section model built from ``{"epochs": 2}`` gives only ``epochs``: the fields it leaves out keep the
+    preset's values. A complete section (every field set, as a form sends it) replaces the preset's whole.
+    """
+    if section is None:
+        return {}
+    if isinstance(section, BaseModel):
+        return section.model_dump(include=set(section.model_fields_set))
+    return dict(section)
+
+
+def overrides_dict(
+    data: BaseModel | Mapping[str, Any] | None = None,
+    model: BaseModel | Mapping[str, Any] | None = None,
+    train: BaseModel | Mapping[str, Any] | None = None,
+    sample: BaseModel | Mapping[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The sections' given values (``section_values``) as ``{section: {field: value}}``, empty ones left out."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for key, section in (("data", data), ("model", model), ("train", train), ("sample", sample)):
+        values = section_values(section)
+        if values:
+            overrides[key] = values
+    return overrides

@@ -1,0 +1,69 @@
+"""Model selection on held-out text: the best evaluation so far (its value, step and, when selecting, its
+weights) and early stopping after ``patience`` evaluations in a row without a better value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Best:
+    """The best held-out evaluation of a fit so far, and how many evaluations came since without beating it."""
+
+    epoch: int | None = None
+    value: float | None = None
+    state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    step: int | None = None
+    evaluations: int = 0  # held-out evaluations so far
+    stale: int = 0  # evaluations in a row without a better value
+
+    def consider(
+        self, value: float, epoch: int, step: int, weights: Callable[[], dict[str, torch.Tensor]] | None
+    ) -> bool:
+        """Count an evaluation; keep it (and ``weights()``, when given) if it is the best. True if it was."""
+        self.evaluations += 1
+        if self.value is None or value < self.value:
+            self.epoch, self.value, self.step, self.stale = epoch, value, step, 0
+            if weights is not None:
+                self.state = weights()
+            return True
+        self.stale += 1
+        return False
+
+    def patience_spent(self, patience: int | None) -> bool:
+        """Whether ``patience`` evaluations in a row have not beaten the best (never without a patience)."""
+        return patience is not None and self.stale >= patience
+
+    def why_stopped(self, value: float, step: int, patience: int) -> str:
+        """The early-stopping reason, for the logs and MLflow."""
+        return (
+            f"held-out perplexity {value:.3f} at evaluation {self.evaluations} (step {step:,}) is no better than "
+            f"{self.value:.3f} (step {self.step or 0:,}) for {patience} evaluations in a row"
+        )
+
+    def state_dict(self) -> dict[str, object]:
+        """What a checkpoint keeps of the selection (weights on the CPU)."""
+        return {
+            "best_epoch": self.epoch,
+            "best_value": self.value,
+            "best_state": {k: v.to("cpu") for k, v in self.state.items()} if self.state else None,
+            "best_step": self.step,
+            "evaluations": self.evaluations,
+            "stale_evaluations": self.stale,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, object], device: torch.device) -> "Best":
+        """The selection kept in a trainer state (``state_dict``); older states without the counters load too."""
+        weights = state.get("best_state")
+        return cls(
+            epoch=state.get("best_epoch"),  # type: ignore[arg-type]
+            value=state.get("best_value"),  # type: ignore[arg-type]
+            state={k: v.to(device) for k, v in weights.items()} if isinstance(weights, dict) else None,
+            step=state.get("best_step"),  # type: ignore[arg-type]
+            evaluations=int(state.get("evaluations") or 0),  # type: ignore[call-overload]
+            stale=int(state.get("stale_evaluations") or 0),  # type: ignore[call-overload]
+        )

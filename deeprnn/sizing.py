@@ -1,0 +1,209 @@
+"""Fitting a configuration to the text it will train on, once the text is prepared: the model's size
+(``model.size = "auto"``, the ``text`` preset), a batch shape that a short text can fill, and sample prefixes
+drawn from the held-out text (``sample.prefixes`` empty).
+
+The size rule, as char-rnn's and nanoGPT's guides size models to data:
+
+* **data**: at most about as many weights as training tokens (char-rnn's advice: more weights than
+  characters memorizes the text instead of learning it);
+* **compute**: with a time budget, at least ``TOKENS_PER_WEIGHT`` training tokens per weight within the
+  budget, at the throughput measured for that size on this device (a few timed steps each), so that the
+  model the budget can afford is trained rather than barely started.
+
+The largest of two stacked layers of ``WIDTHS`` hidden units that passes both is chosen (at least the
+smallest); dropout 0.2 when the budget will pass over the text more than ``DROPOUT_EPOCHS`` times.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from deeprnn.batching import min_tokens, split_corpus
+from deeprnn.config import BOOK_PREFIXES, D2L_SHA1, D2L_URL, ModelConfig, RunConfig
+from deeprnn.model import RNNLM
+from deeprnn.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+WIDTHS = (128, 192, 256, 384, 512, 768, 1024)
+TOKENS_PER_WEIGHT = 2.0
+DROPOUT_EPOCHS = 4.0
+_PROBE_SECONDS = 0.6  # timed steps per candidate size, after one untimed step
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A configuration fitted to its text, and one line per decision saying what and why."""
+
+    config: RunConfig
+    notes: list[str]
+
+
+def fit_to_text(
+    config: RunConfig,
+    ids: torch.Tensor,
+    vocab: Vocab,
+    device: torch.device,
+    corpus_sha1: str | None = None,
+    probe: bool = True,
+) -> Fitted:
+    """``config`` with its auto-sized fields decided for the token ``ids`` (the whole prepared corpus) on
+    ``device``, and with sample prefixes drawn from the held-out text where none are given (the book's own
+    prefixes for the book, recognized by its URL or the SHA-1 of its bytes)."""
+    data, notes = config.data, []
+    splits = split_corpus(ids, data.val_fraction, data.test_fraction, data.max_tokens)
+    train_tokens = splits.train.numel()
+    update: dict[str, dict[str, object]] = {}
+    if config.model.size == "auto":
+        model, train, note = fit_size(config, train_tokens, len(vocab), device, probe)
+        update["model"], update["train"] = model, train
+        notes.append(note)
+    if not config.sample.prefixes:
+        if data.url == D2L_URL or corpus_sha1 == D2L_SHA1:
+            prefixes = list(BOOK_PREFIXES)
+        else:
+            heldout = splits.test if splits.test.numel() else splits.val
+            prefixes = draw_prefixes(heldout, vocab, data.token, config.sample.seed)
+            notes.append("sample prefixes drawn from the held-out text: " + ", ".join(repr(p) for p in prefixes))
+        update["sample"] = {"prefixes": prefixes}
+    if not update:
+        return Fitted(config, notes)
+    merged = config.model_dump()
+    for section, values in update.items():
+        merged[section].update(values)
+    return Fitted(RunConfig.model_validate(merged), notes)
+
+
+def decided_later(config: RunConfig) -> set[str]:
+    """The ``section.field`` values ``fit_to_text`` will decide (so they are logged once decided, not before)."""
+    keys = set()
+    if config.model.size == "auto":
+        keys |= {"model.size", "model.num_hiddens", "model.num_layers", "model.dropout"}
+        keys |= {"train.batch_size", "train.num_steps"}
+    if not config.sample.prefixes:
+        keys.add("sample.prefixes")
+    return keys
+
+
+def weights(vocab_size: int, model: ModelConfig) -> int:
+    """The number of trained weights of ``model`` over ``vocab_size`` tokens (embedding, layers, output)."""
+    gates = {"lstm": 4, "gru": 3, "rnn": 1}[model.cell]
+    inputs = model.embedding_dim or vocab_size
+    total = vocab_size * model.embedding_dim if model.embedding_dim else 0
+    for layer in range(model.num_layers):
+        width_in = inputs if layer == 0 else model.num_hiddens
+        total += gates * model.num_hiddens * (width_in + model.num_hiddens + 2)
+    return total + model.num_hiddens * vocab_size + vocab_size
+
+
+def fit_size(
+    config: RunConfig, train_tokens: int, vocab_size: int, device: torch.device, probe: bool = True
+) -> tuple[dict[str, object], dict[str, object], str]:
+    """The model fields (layers, width, dropout) and batch shape for ``train_tokens`` and the time budget."""
+    train = config.train
+    batch_size, num_steps = batch_shape(train_tokens, train.batch_size, train.num_steps)
+    budget = train.time_budget
+    chosen, rate = None, None
+    for width in WIDTHS:
+        candidate = config.model.model_copy(update={"num_hiddens": width, "dropout": 0.0})
+        n = weights(vocab_size, candidate)
+        if chosen is not None and n > train_tokens:
+            break  # the data rule: no more weights than training tokens
+        if budget is not None and probe:
+            measured = measure_throughput(candidate, vocab_size, batch_size, num_steps, device, train.lr)
+            if chosen is not None and measured * budget < TOKENS_PER_WEIGHT * n:
+                break  # the compute rule: the budget could not train it
+            rate = measured
+        chosen = candidate
+    assert chosen is not None
+    n = weights(vocab_size, chosen)
+    seen = rate * budget if rate is not None and budget is not None else float(train.epochs * train_tokens)
+    passes = seen / max(train_tokens, 1)
+    dropout = 0.2 if passes > DROPOUT_EPOCHS else 0.0
+    speed = f", {rate:,.0f} tokens/s measured here" if rate is not None else ""
+    note = (
+        f"model sized to the text: {chosen.num_layers} x {chosen.num_hiddens} {chosen.cell}, {n:,} weights for "
+        f"{train_tokens:,} training tokens{speed}, about {passes:.1f} passes over the text, dropout {dropout}"
+    )
+    model = {"num_hiddens": chosen.num_hiddens, "num_layers": chosen.num_layers, "dropout": dropout, "size": "fixed"}
+    return model, {"batch_size": batch_size, "num_steps": num_steps}, note
+
+
+def batch_shape(train_tokens: int, batch_size: int, num_steps: int) -> tuple[int, int]:
+    """The preset's batch shape, made smaller for a text too short to fill it at least 16 times."""
+    while num_steps > 8 and train_tokens < 16 * min_tokens(1, num_steps):
+        num_steps //= 2
+    rows = max(1, min(batch_size, (train_tokens - num_steps - 1) // (16 * num_steps)))
+    return rows, num_steps
+
+
+def measure_throughput(
+    model_cfg: ModelConfig, vocab_size: int, batch_size: int, num_steps: int, device: torch.device, lr: float
+) -> float:
+    """Training tokens per second of a fresh model of this shape on ``device`` (a few timed steps)."""
+    model = RNNLM.from_config(vocab_size, model_cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab_size, (batch_size, num_steps), generator=generator).to(device)
+    state = model.begin_state(batch_size, device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        logits, _ = model(x, state)  # (T*B, V)
+        F.cross_entropy(logits, x.T.reshape(-1)).backward()
+        optimizer.step()
+
+    step()  # allocations and kernel choice stay out of the timing
+    _sync(device)
+    steps, started = 0, time.perf_counter()
+    while steps < 2 or time.perf_counter() - started < _PROBE_SECONDS:
+        step()
+        _sync(device)
+        steps += 1
+    return steps * batch_size * num_steps / (time.perf_counter() - started)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def draw_prefixes(heldout: torch.Tensor, vocab: Vocab, token: str, seed: int, count: int = 3) -> list[str]:
+    """``count`` prefixes from the held-out ids: the starts of lines (the first two words, or the first eight
+    characters of a text without spaces), drawn deterministically for ``seed``.
+
+    Lines are taken from the held-out text's first 200,000 tokens; a text without line breaks (e.g. the book's
+    rule joins them) gives starts of words instead. Lines holding ``<unk>`` are skipped.
+    """
+    sep = " " if token == "word" else ""
+    tokens = [vocab.idx_to_token[i] for i in heldout[:200_000].tolist()]
+    starts = [i + 1 for i, t in enumerate(tokens[:-1]) if t == "\n" and not tokens[i + 1].isspace()]
+    if len(starts) < count:
+        starts = [i + 1 for i, t in enumerate(tokens[:-1]) if t == " " and not tokens[i + 1].isspace()]
+    candidates = []
+    for start in starts:
+        line = tokens[start : start + 200]
+        text = sep.join(line[: line.index("\n")] if "\n" in line else line)
+        if text.strip() and "<unk>" not in text:
+            candidates.append(_line_start(text, token))
+    if not candidates:
+        return [sep.join(tokens[:8]) or vocab.idx_to_token[-1]]
+    picked = sorted(random.Random(seed).sample(range(len(candidates)), min(count, len(candidates))))
+    return list(dict.fromkeys(candidates[i] for i in picked))
+
+
+def _line_start(line: str, token: str) -> str:
+    """The first two words of ``line`` (three word tokens), or its first eight characters without spaces."""
+    words = line.split()
+    if token == "word":
+        return " ".join(words[:3])
+    two = " ".join(words[:2])
+    return two if len(words) > 1 and len(two) <= 24 else line.strip()[:8]

@@ -1,0 +1,32 @@
+"""The fitting stage as a Prefect task: the configuration fitted to the prepared text (the ``text`` preset's
+model size and batch shape, sample prefixes drawn from the held-out text), logged to MLflow once decided."""
+
+from __future__ import annotations
+
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from deeprnn.config import RunConfig
+from deeprnn.device import resolve_device
+from deeprnn.prepare import PreparedCorpus
+from deeprnn.sizing import decided_later, fit_to_text
+from tracking import runs
+
+
+@task(name="fit-to-text", cache_policy=NO_CACHE)
+def fit_configuration(config: RunConfig, prepared: PreparedCorpus, run_id: str) -> RunConfig:
+    """Decide what the configuration leaves to the text (``model.size = "auto"``, empty prefixes), say what
+    was chosen and why, and log the decided values as the run's params. Other configurations pass unchanged."""
+    later = decided_later(config)
+    if not later:
+        return config
+    fitted = fit_to_text(
+        config, torch.from_numpy(prepared.ids()), prepared.vocab(), resolve_device(config.train.device)
+    )
+    logger = get_run_logger()
+    for note in fitted.notes:
+        logger.info(note)
+    flat = fitted.config.flat()
+    runs.log_params(run_id, {key: flat[key] for key in sorted(later)})
+    return fitted.config
