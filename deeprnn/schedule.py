@@ -92,7 +92,7 @@ class Schedule:
     def replan(self, step: int) -> None:
         """Refine the planned steps from the throughput measured so far (with a time budget; at read-backs)."""
         deadline, now = self.deadline, time.perf_counter()
-        if deadline is None:
+        if deadline is None or self.stop_reason is not None:
             return
         deadline -= self._reserve()
         if self._measured_from is None:  # the first read-back: startup costs stay out of the measurement
@@ -133,7 +133,7 @@ class Schedule:
             return True
         deadline = self.deadline
         if deadline is not None and (step >= self.planned or time.perf_counter() + self._reserve() >= deadline):
-            self.stop_reason = "time_budget"
+            self.stop_reason, self.planned = "time_budget", step  # the plan's last word: the steps taken
             return True
         return False
 

@@ -21,9 +21,8 @@ def fit_configuration(config: RunConfig, prepared: PreparedCorpus, run_id: str) 
     later = decided_later(config)
     if not later:
         return config
-    fitted = fit_to_text(
-        config, torch.from_numpy(prepared.ids()), prepared.vocab(), resolve_device(config.train.device)
-    )
+    ids, device = torch.from_numpy(prepared.ids()), resolve_device(config.train.device)
+    fitted = fit_to_text(config, ids, prepared.vocab(), device, prepared.corpus_sha1)
     logger = get_run_logger()
     for note in fitted.notes:
         logger.info(note)
