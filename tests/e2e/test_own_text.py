@@ -4,6 +4,7 @@ continuing a prefix of that language, and the prepare flow finding the tokens in
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -81,3 +82,68 @@ def test_own_text_keeps_every_character_trains_and_continues_a_prefix(workdir: P
     assert again["cache_hit"] and again["folder"] == result.tokens.folder
     assert again["vocab_size"] == len(vocab) and again["num_tokens"] == len(text)
     assert again["dtype"] == ("uint16" if language == "zh" else "uint8")
+
+
+# ----- your own text in one command: the text preset ---------------------------------------------------
+
+LICENSES = Path("/usr/share/common-licenses")  # real English prose every Debian system ships (base-files)
+
+
+def _real_text(workdir: Path) -> Path:
+    """The license texts a Debian system ships, in one file: real text, not generated."""
+    files = sorted(p for p in LICENSES.glob("*") if p.is_file() and not p.is_symlink()) if LICENSES.is_dir() else []
+    if not files:
+        pytest.skip(f"no license texts in {LICENSES} to use as real text")
+    path = workdir / "licenses.txt"
+    path.write_bytes(b"".join(p.read_bytes() for p in files))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["generated", "real"])
+def test_the_text_preset_fits_the_text_ends_on_time_and_samples_from_the_held_out_text(
+    workdir: Path, kind: str
+) -> None:
+    corpus = workdir / "faust.txt"
+    if kind == "generated":
+        corpus.write_text(_text("de", 200_000, seed=5), encoding="utf-8", newline="")
+    else:
+        corpus = _real_text(workdir)
+    text = corpus.read_text(encoding="utf-8")
+    budget = 6.0
+
+    result = train_lm(data={"url": str(corpus)}, train={"device": "cpu", "time_budget": f"{budget:g}s"})
+
+    run = mlflow.get_run(result.run_id)
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    assert params["preset"] == "text" and params["data.normalize"] == "none" and params["model.size"] == "fixed"
+    assert int(params["model.num_hiddens"]) in (128, 192, 256, 384, 512, 768, 1024)
+    assert params["train.lr_schedule"] == "warmup-cosine" and params["data.max_tokens"] == ""  # the whole text
+    # Every character kept, and the splits: 85% training, 5% validation (picks the weights), 10% test at the end.
+    assert len(mlflow.artifacts.load_dict(f"runs:/{result.run_id}/vocab.json")["idx_to_token"]) == len(set(text)) + 1
+    assert result.evaluation.val_tokens == pytest.approx(0.05 * len(text), abs=2)
+    assert result.evaluation.test_tokens == pytest.approx(0.1 * len(text), abs=2)
+    # Ended by the budget, on time, with the best validation weights.
+    assert tags["deeprnn.stop_reason"] in ("time_budget", "early_stopping")
+    assert budget * 0.8 <= metrics["train_seconds"] <= budget + 5  # "within 5% or 5 s"
+    assert metrics["best_heldout_perplexity"] == pytest.approx(result.evaluation.val_perplexity, rel=1e-4)
+    # Samples continue prefixes drawn from the starts of held-out lines.
+    prefixes = json.loads(params["sample.prefixes"])
+    heldout = text[int(0.9 * len(text)) :]
+    assert len(prefixes) == 3 and list(result.samples) == prefixes
+    assert all(("\n" + p) in heldout and "time traveller" not in p for p in prefixes)
+
+
+def test_a_plateau_stops_early_and_mlflow_says_when_and_why(workdir: Path) -> None:
+    corpus = workdir / "plateau.txt"
+    corpus.write_text(_text("en", 100_000, seed=2), encoding="utf-8", newline="")
+    # A learning rate too small to change anything: validation perplexity stays where it started.
+    train = {"device": "cpu", "time_budget": None, "epochs": 40, "lr": 1e-12, "warmup_steps": 0}
+    train |= {"evaluations": None, "eval_every": 1, "patience": 2}
+    result = train_lm(data={"url": str(corpus)}, model={"num_hiddens": 16}, train=train)
+
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["deeprnn.stop_reason"] == "early_stopping"
+    detail = run.data.tags["deeprnn.stop_detail"]
+    assert "evaluation 3" in detail and "for 2 evaluations in a row" in detail
+    assert run.data.metrics["evaluations"] == 3 and result.training.epochs_done == 3
+    assert int(run.data.tags["deeprnn.stopped_at_step"]) == result.training.steps_done
