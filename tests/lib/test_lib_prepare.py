@@ -153,3 +153,14 @@ def test_max_tokens_zero_trains_on_the_whole_training_split(tmp_path: Path) -> N
     whole = split_sizes(prepared, _data(max_tokens=0))
     assert whole == split_sizes(prepared, _data(max_tokens=None))
     assert whole["train"] == prepared.num_tokens - whole["test"] > 10_000 == split_sizes(prepared, _data())["train"]
+
+
+def test_a_byte_order_mark_is_never_a_token(tmp_path: Path) -> None:
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfThe Time Machine\n")
+    corpus = fetch_corpus(str(path))
+    chars = prep.prepare(corpus, _data(normalize="none"), tmp_path)
+    assert chars.vocab().decode(chars.ids().tolist()) == "The Time Machine\n"
+    words = prep.prepare(corpus, _data(normalize="none", token="word"), tmp_path)
+    assert words.vocab().decode(words.ids().tolist(), " ") == "The Time Machine"
+    assert "\ufeff" not in "".join(chars.vocab().idx_to_token + words.vocab().idx_to_token)
