@@ -85,8 +85,11 @@ def _verified(folder: Path) -> dict[str, Any]:
         if not stat.S_ISREG(os.lstat(folder / name).st_mode):
             raise DamagedEntryError(f"{name} is not a plain file")
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DamagedEntryError(f"format {meta.get('format') if isinstance(meta, dict) else None!r}, not {FORMAT}")
+    if not isinstance(meta, dict):
+        raise DamagedEntryError("meta.json holds no object")
+    if meta.get("format") != FORMAT:
+        found = meta.get("format")
+        raise DamagedEntryError(f"format {found!r}, not {FORMAT}: an older version wrote it, or not deeprnn")
     if meta.get("meta_sha1") != _meta_digest(meta):
         raise DamagedEntryError("meta.json does not match its own SHA-1")
     expected = int(meta["num_tokens"]) * np.dtype(meta["dtype"]).itemsize

@@ -90,7 +90,7 @@ def test_a_damaged_entry_is_detected_and_rebuilt(tmp_path: Path, damage: str, ca
         (good.folder / "meta.json").write_text("{not json")
     else:
         good.vocab_path.unlink()
-    with caplog.at_level("WARNING", logger="deeprnn.prepare"):
+    with caplog.at_level("WARNING", logger="deeprnn.token_cache"):
         rebuilt = prep.prepare(corpus, _data(), tmp_path)
     assert not rebuilt.cache_hit and np.array_equal(rebuilt.ids(), expected)
     assert "is damaged" in caplog.text and "preparing it again" in caplog.text

@@ -154,3 +154,14 @@ def test_a_download_onto_a_full_disk_is_one_message_and_keeps_nothing(tmp_path: 
         assert f"cannot write the corpus into the cache {disk}: No space left on device" in message
         assert "4.0 MB" in message and "DEEPRNN_CACHE_DIR" in message
         assert list(disk.iterdir()) == []  # no partial download left to trust
+
+
+def test_an_entry_of_the_previous_format_is_rebuilt_in_place(corpus, tmp_path: Path, caplog) -> None:
+    first = prep.prepare(corpus, DataConfig(), tmp_path)
+    meta = json.loads((first.folder / "meta.json").read_text())
+    old = {k: v for k, v in meta.items() if k not in ("vocab_sha1", "meta_sha1")} | {"format": "deeprnn-tokens/1"}
+    (first.folder / "meta.json").write_text(json.dumps(old))  # as the version before wrote it: ids.bin hashed only
+    with caplog.at_level("WARNING", logger="deeprnn.token_cache"):
+        again = prep.prepare(corpus, DataConfig(), tmp_path)
+    assert not again.cache_hit and again.folder == first.folder and "an older version wrote it" in caplog.text
+    _books_entry(again)
