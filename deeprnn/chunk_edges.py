@@ -87,17 +87,18 @@ class CharPieces:
 
     def feed(self, chunk: str) -> np.ndarray:
         """The normalized code points of as much of the text so far as can be decided now."""
-        if self.raw_counts is not None and chunk:
-            counted = np.bincount(code_points(chunk))
+        points = code_points(chunk)
+        if self.raw_counts is not None and points.size:
+            counted = np.bincount(points)
             self.raw_counts[: counted.size] += counted
         if self.mode == "none":
-            return code_points(chunk)
+            return points
         if self.mode == "lower":
             text = self.tail + chunk
             cut = lower_cut(text)
             self.tail = text[cut:]
             return code_points(text[:cut].lower())
-        return self._feed_d2l(d2l_translate(code_points(chunk)))
+        return self._feed_d2l(d2l_translate(points))
 
     def _feed_d2l(self, lowered: np.ndarray) -> np.ndarray:
         letters = lowered >= 97
