@@ -3,8 +3,10 @@
 Everything here reads bytes in chunks and never holds a whole file. One pass both hashes the bytes (the
 corpus's SHA-1) and checks them: not empty, no NUL bytes, strict UTF-8 (an incremental decoder, so a
 multi-byte character split across two chunks is fine and an invalid byte is reported at its offset in the
-whole text). ``.gz`` corpora (recognised by the gzip magic bytes ``1f 8b``, whatever the name) are
-decompressed on the fly; their SHA-1 is that of the compressed bytes, the file as served.
+whole text). A UTF-8 byte order mark at the start of a file is dropped from its text, as text tools do: it
+marks the encoding and is no character of the text (the SHA-1 still covers it). ``.gz`` corpora
+(recognised by the gzip magic bytes ``1f 8b``, whatever the name) are decompressed on the fly; their SHA-1
+is that of the compressed bytes, the file as served.
 
 ``deeprnn.download`` fetches corpora with these; ``read_text_chunks`` (re-exported there) is how the next
 stage reads one.
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 
 CorpusKind = Literal["text", "gzip", "dir"]
 GZIP_MAGIC = b"\x1f\x8b"
+BOM = "\ufeff"  # U+FEFF at the very start of a text: a byte order mark (EF BB BF in UTF-8)
 READ_CHUNK = 1 << 16  # what the checks read at a time when nothing asks for more
 
 
@@ -55,29 +58,50 @@ class CorpusFile:
 
 
 class TextCheck:
-    """Incremental checks of UTF-8 text fed in pieces: no NUL bytes, strict UTF-8, not blank at the end."""
+    """Incremental checks of UTF-8 text fed in pieces: no NUL bytes, strict UTF-8, not blank at the end.
+
+    The decoded text leaves out a byte order mark at its start.
+    """
 
     def __init__(self, shown: str, *, decompressed: bool = False) -> None:
         self.shown = shown
         self.where = " of the decompressed text" if decompressed else ""
         self.decoder = codecs.getincrementaldecoder("utf-8")("strict")
         self.offset = 0  # bytes fed so far
-        self.has_text = False  # any byte that is not ASCII whitespace seen
+        self.has_text = False  # any byte that is not ASCII whitespace (nor the byte order mark) seen
+        self.at_start = True  # no character decoded yet: a byte order mark now is dropped
 
     def feed(self, data: bytes, *, decode: bool = True) -> str:
         """Check the next piece; return its text (``""`` without ``decode`` when the piece is plain ASCII)."""
         if b"\x00" in data:
             raise DownloadError(f"{self.shown} looks binary (it contains NUL bytes): give a UTF-8 text file")
-        if not self.has_text and data.strip():
+        if not self.has_text and self._visible(data).strip():
             self.has_text = True
         pending = len(self.decoder.getstate()[0])  # bytes of a character begun in the previous piece
         self.offset += len(data)
         if not decode and not pending and data.isascii():
+            self.at_start = self.at_start and not data
             return ""  # ASCII is UTF-8: nothing to decode (the fast path of a check-only pass)
         try:
-            return self.decoder.decode(data)
+            text = self.decoder.decode(data)
         except UnicodeDecodeError as exc:
             raise self._not_utf8(self.offset - len(data) - pending + exc.start) from None
+        return self._drop_bom(text)
+
+    def _visible(self, data: bytes) -> bytes:
+        """``data`` without the bytes of a byte order mark at the start of the text."""
+        bom = BOM.encode()
+        if self.offset >= len(bom):
+            return data
+        head = bom[self.offset :]  # what is left of a mark begun in earlier pieces (they were all its bytes)
+        return data[len(head) :] if data.startswith(head[: len(data)]) else data
+
+    def _drop_bom(self, text: str) -> str:
+        if self.at_start and text:
+            self.at_start = False
+            if text.startswith(BOM):
+                return text[1:]
+        return text
 
     def finish(self, *, require_text: bool = True) -> str:
         """End of the text: refuse a character cut off at the end, and (with ``require_text``) a blank text."""
@@ -88,7 +112,7 @@ class TextCheck:
             raise self._not_utf8(self.offset - pending) from None
         if require_text and not self.has_text:
             raise DownloadError(f"{self.shown} is empty: a corpus needs text")
-        return tail
+        return self._drop_bom(tail)
 
     def _not_utf8(self, offset: int) -> DownloadError:
         return DownloadError(

@@ -220,32 +220,55 @@ def _download(url: str, base: Path, expected: str | None, timeout: float) -> Cor
     except OSError as exc:
         raise _cache_error(base.parent, exc) from None
     tmp = Path(name)
+    size: int | None = None  # the body's length, when the server says it
+    target: Path | None = None
     try:
         with _get(url, shown, timeout) as response:
+            size = _content_length(response)
             sink = _stream_to(response, tmp, expected, shown)
         kind: CorpusKind = "gzip" if sink.kind == "gzip" else "text"
         target = base.with_suffix(_SUFFIXES[kind])
         os.replace(tmp, target)
+        for other in _SUFFIXES.values():  # a copy of another kind under the same name is stale now
+            if other != target.suffix:
+                base.with_suffix(other).unlink(missing_ok=True)
+        _atomic_write((sink.hexdigest + "\n").encode(), base.with_suffix(".sha1"))
     except OSError as exc:
         if isinstance(exc, requests.exceptions.RequestException):
             raise
-        raise _cache_error(base.parent, exc) from None
+        written = tmp.stat().st_size if tmp.exists() else None
+        if target is not None:
+            target.unlink(missing_ok=True)  # without its record it would not be trusted: keep nothing
+        raise _cache_error(base.parent, exc, size, written) from None
     finally:
         tmp.unlink(missing_ok=True)
-    for other in _SUFFIXES.values():  # a copy of another kind under the same name is stale now
-        if other != target.suffix:
-            base.with_suffix(other).unlink(missing_ok=True)
-    _atomic_write((sink.hexdigest + "\n").encode(), base.with_suffix(".sha1"))
     log.info("saved %s (%d bytes, sha1 %s)", target, sink.num_bytes, sink.hexdigest)
     return CorpusFile(target, sink.hexdigest, shown, sink.num_bytes, kind)
 
 
-def _cache_error(folder: Path, exc: OSError) -> DownloadError:
-    """The disk, not the network, failed (full, read-only, not a folder): say where, and what to do."""
+def _content_length(response: requests.Response) -> int | None:
+    try:
+        return int(response.headers["Content-Length"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _cache_error(folder: Path, exc: OSError, size: int | None = None, written: int | None = None) -> DownloadError:
+    """The disk, not the network, failed (full, read-only, not a folder): say where, how much, and what to do."""
+    sizes = []
+    if size is not None:
+        sizes.append(f"the download is {_megabytes(size)}")
+    if written:
+        sizes.append(f"{_megabytes(written)} were written, and removed")
+    told = f" ({'; '.join(sizes)})" if sizes else ""
     return DownloadError(
-        f"cannot write the corpus into the cache {folder}: {exc.strerror or exc}. "
+        f"cannot write the corpus into the cache {folder}: {exc.strerror or exc}{told}. "
         f"Free some space there, or set {CACHE_ENV} to another folder"
     )
+
+
+def _megabytes(num_bytes: int) -> str:
+    return f"{num_bytes / 1e6:,.1f} MB" if num_bytes >= 100_000 else f"{num_bytes / 1e3:,.0f} kB"
 
 
 def _atomic_write(data: bytes, target: Path) -> None:

@@ -6,9 +6,9 @@
 * ``lower``: every character kept, lower-cased (Unicode's ``str.lower``).
 * ``none``: every character kept exactly: case, punctuation, digits, newlines (char-rnn's behaviour).
 
-Everything here works on one chunk of whole lines at a time and is vectorized with numpy over Unicode code
-points, so the preparation stage (``deeprnn.prepare``) streams a corpus of any size through it with bounded
-memory. ``deeprnn.tokenize`` keeps the book's own list-of-strings functions as the reference these must
+Everything here works on a whole text and is vectorized with numpy over Unicode code points;
+``deeprnn.chunk_edges`` applies it to a corpus of any size piece by piece, cutting where the pieces cannot
+differ from the whole. ``deeprnn.tokenize`` keeps the book's own list-of-strings functions as the reference these must
 equal.
 """
 
@@ -34,7 +34,7 @@ def code_points(text: str) -> np.ndarray:
 
 
 def normalize_chars(text: str, mode: str, raw_counts: np.ndarray | None = None) -> np.ndarray:
-    """The code points of ``text`` (whole lines) after normalization ``mode``; one code point per token.
+    """The code points of ``text`` (a whole text) after normalization ``mode``; one code point per token.
 
     With ``raw_counts`` (an int64 array indexed by code point), the code points of the text as given are
     counted into it on the way: what ``letter_loss`` needs to say how much the rule dropped.
@@ -63,13 +63,22 @@ def _ascii_table() -> bytes:
 _D2L_TABLE = _ascii_table()
 
 
-def _d2l_points(points: np.ndarray) -> np.ndarray:
-    """The book's rule on the code points of whole lines: letters lower-cased, each run of other characters
-    between two letters of the same line replaced by one space, runs at a line's start or end dropped, and
-    lines joined with no separator. Returns ASCII (uint8) code points."""
+def d2l_translate(points: np.ndarray) -> np.ndarray:
+    """The book's rule character by character: letters lower-cased, line breaks (LF, CR) kept, anything else a
+    space. Returns ASCII (uint8) code points."""
     if points.dtype != np.uint8:
         points = np.minimum(points, 127).astype(np.uint8)  # every non-ASCII character is a separator, like DEL
-    lowered = np.frombuffer(points.tobytes().translate(_D2L_TABLE), dtype=np.uint8)  # (N,) a-z, space, CR, LF
+    return np.frombuffer(points.tobytes().translate(_D2L_TABLE), dtype=np.uint8)  # (N,) a-z, space, CR, LF
+
+
+def d2l_collapse(lowered: np.ndarray, continues: bool = False) -> np.ndarray:
+    """The book's rule on translated code points (``d2l_translate``): each run of non-letters between two
+    letters of the same line becomes one space; runs at a line's start or end are dropped, and lines are
+    joined with no separator.
+
+    ``continues``: a letter of the same line comes just before ``lowered`` (it is a piece of a longer text),
+    so a run at its very start is inside a line, not at a line's start. A run at its end always ends a line.
+    """
     letter = lowered >= 97  # only a-z are that high after the translation
     other = ~letter
     # Runs of non-letters: where each starts, and whether it holds a line break.
@@ -79,16 +88,21 @@ def _d2l_points(points: np.ndarray) -> np.ndarray:
     breaks = np.flatnonzero(lowered < _SPACE)  # (K,) the line breaks: the only characters below a space now
     has_break = np.zeros(starts.size, dtype=bool)
     has_break[np.searchsorted(starts, breaks, side="right") - 1] = True  # the run each break falls in
-    inside = (starts > 0) & ~has_break  # the chunk starts and ends at line boundaries
+    inside = ~has_break if continues else (starts > 0) & ~has_break
     if other[-1]:
-        inside[-1] = False  # a run that reaches the end of the chunk ends its last line
+        inside[-1] = False  # a run that reaches the end ends its last line
     keep = letter.copy()
     keep[starts[inside]] = True  # the first character of an in-line run stands for the run: one space
     return lowered[keep]
 
 
+def _d2l_points(points: np.ndarray) -> np.ndarray:
+    """The book's rule on the code points of a whole text. Returns ASCII (uint8) code points."""
+    return d2l_collapse(d2l_translate(points))
+
+
 def normalize_words(text: str, mode: str) -> list[str]:
-    """The word tokens of ``text`` (whole lines) after normalization ``mode``: whitespace-separated words,
+    """The word tokens of ``text`` (a whole text) after normalization ``mode``: whitespace-separated words,
     with the book's letters-only rule for ``d2l``."""
     if mode == "d2l":
         return _NON_LETTERS.sub(" ", text).lower().split()

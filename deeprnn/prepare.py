@@ -7,25 +7,25 @@ Like nanoGPT's ``prepare.py`` (a ``train.bin`` memory map beside a ``meta.pkl``)
         ids.bin      every token id of the corpus, in order, as the smallest unsigned type that holds the
                      vocabulary (uint8 up to 256 tokens, then uint16, then uint32): memory-mappable
         vocab.json   the vocabulary (``Vocab.to_dict``)
-        meta.json    what it was built from and a SHA-1 of ids.bin, checked on every use
+        meta.json    what it was built from, the SHA-1 of the other two files and of itself, checked on every use
 
 ``key`` is content-addressed: a hash of the corpus SHA-1 and every setting the ids depend on (token unit,
 normalization, ``min_freq``, reserved tokens). Any other setting (splits, model, training) reuses the entry.
-An entry whose files no longer match its ``meta.json`` is rebuilt. Entries are built in a temporary folder
-and renamed into place, under a file lock, so concurrent runs (sweep trials) build each one once.
+An entry that fails its checks is rebuilt (``deeprnn.token_cache``). Entries are built in a temporary folder
+and renamed into place, under a file lock, so concurrent runs (sweep trials) build each one once; the
+folders of builds that died are removed by the next call. A full disk is one ``CacheWriteError`` naming the
+folder and the space needed, with nothing half-written left.
 
-Building streams the corpus twice (count, then encode) in chunks of whole lines, vectorized with numpy over
-code points, so memory stays bounded by the chunk size whatever the size of the text.
+Building streams the corpus twice (count, then encode) in chunks, vectorized with numpy over code points,
+so memory stays bounded by the chunk size whatever the size of the text and the length of its lines.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,20 +33,28 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from deeprnn import token_cache
+from deeprnn.chunk_edges import WordTooLongError
 from deeprnn.config import DataConfig
-from deeprnn.download import CorpusFile, cache_dir, read_text_chunks
-from deeprnn.token_counts import CHUNK_BYTES, CharCounter, TooManyWordsError, WordCounter, whole_lines
+from deeprnn.download import CACHE_ENV, CorpusFile, cache_dir, read_text_chunks
+from deeprnn.token_counts import CHUNK_BYTES, CharCounter, TooManyWordsError, WordCounter
 from deeprnn.vocab import Vocab
 
 log = logging.getLogger(__name__)
 
-FORMAT = "deeprnn-tokens/1"
+KEY_FORMAT = "deeprnn-tokens/1"  # in every key: a new value moves every entry (entries of another format
+# under the same key are rebuilt in place instead, see token_cache.FORMAT)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 MAX_VOCAB = 250_000  # beyond this the one-hot input and output layer of a model no longer fit in memory
 WARN_LETTER_LOSS = 0.01  # warn when normalization drops more than this share of the text's letters
 
 
 class PrepareError(ValueError):
     """The corpus cannot be turned into training tokens with these settings; the message says what to change."""
+
+
+class CacheWriteError(PrepareError):
+    """The token cache cannot be written (a full disk, a read-only or missing folder); the message says where."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,7 @@ class TokenSettings:
 
     def key(self, corpus_sha1: str) -> str:
         """The cache key of these settings on the corpus with ``corpus_sha1``."""
-        text = json.dumps([FORMAT, corpus_sha1, self.token, self.normalize, self.min_freq, self.reserved_tokens])
+        text = json.dumps([KEY_FORMAT, corpus_sha1, self.token, self.normalize, self.min_freq, self.reserved_tokens])
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def describe(self) -> dict[str, Any]:
@@ -125,46 +133,35 @@ def id_dtype(vocab_size: int) -> np.dtype:
     raise PrepareError(f"a vocabulary of {vocab_size} tokens is too large")
 
 
-def prepare(corpus: CorpusFile, data: DataConfig, cache: Path | None = None) -> PreparedCorpus:
+def prepare(
+    corpus: CorpusFile, data: DataConfig, cache: Path | None = None, *, chunk_bytes: int = CHUNK_BYTES
+) -> PreparedCorpus:
     """The prepared token ids of ``corpus`` with ``data``'s tokenization settings: from the cache when a valid
-    entry exists (nothing is tokenized), else tokenized now and cached.
+    entry exists (nothing is tokenized), else tokenized now (reading ``chunk_bytes`` at a time) and cached.
 
-    Raises ``PrepareError`` when the settings leave nothing to train on or a word vocabulary too large to hold.
+    Raises ``PrepareError`` when the settings leave nothing to train on or a word vocabulary too large to hold,
+    and its ``CacheWriteError`` when the cache cannot be written (a full disk).
     """
     from filelock import FileLock
 
     settings = TokenSettings.of(data)
     root = (cache if cache is not None else cache_dir()) / "tokens"
-    folder = root / settings.key(corpus.sha1)
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock", timeout=3600):  # one builder per entry; the others then read it
-        found = _open_entry(folder)
-        if found is not None:
-            return found
-        return _build_entry(corpus, settings, folder)
-
-
-def _open_entry(folder: Path) -> PreparedCorpus | None:
-    """The entry in ``folder`` if it is complete and its ids still match their hash; a damaged one is removed."""
-    if not folder.exists():
-        return None
+    key = settings.key(corpus.sha1)
+    folder = root / key
     try:
-        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}, not {FORMAT}")
-        prepared = _from_meta(folder, meta, cache_hit=True)
-        expected = prepared.num_tokens * np.dtype(prepared.dtype).itemsize
-        if prepared.ids_path.stat().st_size != expected:
-            raise ValueError(f"ids.bin has {prepared.ids_path.stat().st_size} bytes, expected {expected}")
-        if _sha1_of(prepared.ids_path) != meta["ids_sha1"]:
-            raise ValueError("ids.bin does not match the SHA-1 in meta.json")
-        if len(prepared.vocab()) != prepared.vocab_size:
-            raise ValueError("vocab.json does not match meta.json")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("token cache entry %s is damaged (%s): preparing it again", folder, exc)
-        shutil.rmtree(folder, ignore_errors=True)
-        return None
-    return prepared
+        root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder) + ".lock", timeout=3600)  # one builder per entry; the others then read it
+        lock.acquire()
+    except OSError as exc:
+        raise _cache_write_error(root, exc, None) from None
+    try:
+        token_cache.remove_dead_builds(root, key)
+        meta = token_cache.read_entry(folder)
+        if meta is not None:
+            return _from_meta(folder, meta, cache_hit=True)
+        return _build_entry(corpus, settings, folder, chunk_bytes)
+    finally:
+        lock.release()
 
 
 def _from_meta(folder: Path, meta: dict[str, Any], cache_hit: bool) -> PreparedCorpus:
@@ -184,51 +181,95 @@ def _from_meta(folder: Path, meta: dict[str, Any], cache_hit: bool) -> PreparedC
     )
 
 
-def _build_entry(corpus: CorpusFile, settings: TokenSettings, folder: Path) -> PreparedCorpus:
-    """Tokenize ``corpus`` into a temporary folder beside ``folder``, then rename it into place."""
+def _build_entry(corpus: CorpusFile, settings: TokenSettings, folder: Path, chunk_bytes: int) -> PreparedCorpus:
+    """Tokenize ``corpus`` into a build folder beside ``folder``, then rename it into place."""
     started = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".build-"))
-
-    def text() -> Iterator[str]:
-        return whole_lines(read_text_chunks(corpus, CHUNK_BYTES))
-
+    try:
+        tmp = token_cache.new_build_folder(folder.parent, folder.name)
+    except OSError as exc:
+        raise _cache_write_error(folder.parent, exc, _space_needed(corpus, settings)) from None
+    counter: CharCounter | WordCounter | None = None
     try:
         if settings.token == "char":
-            counter: CharCounter | WordCounter = CharCounter(settings.normalize, tmp / "normalized.tmp")
+            counter = CharCounter(settings.normalize, tmp / "normalized.tmp")
         else:
             counter = WordCounter(settings.normalize)
-        try:
-            for chunk in text():
-                counter.add(chunk)
-        except TooManyWordsError as exc:
-            raise PrepareError(str(exc)) from None
-        vocab = Vocab.from_counts(counter.token_freqs(), settings.min_freq, settings.reserved_tokens)
-        _check_vocab(corpus, settings, counter, vocab)
-        # Only the kept tokens' counts travel on (vocab.json, checkpoints): a word corpus may count millions.
-        vocab.token_freqs = [(t, f) for t, f in vocab.token_freqs if f >= settings.min_freq]
-        dtype = id_dtype(len(vocab))
-        ids_sha1 = _write_ids(tmp / "ids.bin", counter.encoded(vocab, dtype, text))
-        vocab.save(tmp / "vocab.json")
-        loss = counter.letter_loss()
-        meta = {
-            "format": FORMAT,
-            "corpus_sha1": corpus.sha1,
-            "source": corpus.source,
-            "settings": settings.describe(),
-            "num_tokens": counter.num_tokens,
-            "vocab_size": len(vocab),
-            "dtype": dtype.name,
-            "ids_sha1": ids_sha1,
-            "letters": loss.letters,
-            "dropped_letters": loss.dropped,
-            "build_seconds": round(time.perf_counter() - started, 3),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, folder)  # atomic: readers see the whole entry or none
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        meta = _tokenize_into(tmp, corpus, settings, counter, chunk_bytes)
+        meta["build_seconds"] = round(time.perf_counter() - started, 3)
+        token_cache.seal(tmp, meta)
+        token_cache.publish(tmp, folder)
+    except BaseException as exc:
+        if counter is not None:
+            counter.close()
+        token_cache.remove(tmp)
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            raise _cache_write_error(folder.parent, exc, _space_needed(corpus, settings, counter)) from None
         raise
     return _from_meta(folder, meta, cache_hit=False)
+
+
+def _tokenize_into(
+    tmp: Path, corpus: CorpusFile, settings: TokenSettings, counter: "CharCounter | WordCounter", chunk_bytes: int
+) -> dict[str, Any]:
+    """Count, build the vocabulary, write ``ids.bin`` and ``vocab.json`` into ``tmp``; returns the meta data."""
+
+    def text() -> Iterator[str]:
+        return read_text_chunks(corpus, chunk_bytes)
+
+    try:
+        for chunk in text():
+            counter.add(chunk)
+        counter.finish()
+    except (TooManyWordsError, WordTooLongError) as exc:
+        raise PrepareError(str(exc)) from None
+    vocab = Vocab.from_counts(counter.token_freqs(), settings.min_freq, settings.reserved_tokens)
+    _check_vocab(corpus, settings, counter, vocab)
+    # Only the kept tokens' counts travel on (vocab.json, checkpoints): a word corpus may count millions.
+    vocab.token_freqs = [(t, f) for t, f in vocab.token_freqs if f >= settings.min_freq]
+    dtype = id_dtype(len(vocab))
+    ids_sha1 = _write_ids(tmp / "ids.bin", counter.encoded(vocab, dtype, text))
+    vocab.save(tmp / "vocab.json")
+    loss = counter.letter_loss()
+    return {
+        "corpus_sha1": corpus.sha1,
+        "source": corpus.source,
+        "settings": settings.describe(),
+        "num_tokens": counter.num_tokens,
+        "vocab_size": len(vocab),
+        "dtype": dtype.name,
+        "ids_sha1": ids_sha1,
+        "letters": loss.letters,
+        "dropped_letters": loss.dropped,
+    }
+
+
+def _space_needed(
+    corpus: CorpusFile, settings: TokenSettings, counter: "CharCounter | WordCounter | None" = None
+) -> int:
+    """About how many bytes the entry's build writes: the ids (one byte a token at least) and, for characters
+    with the book's rule, the normalized text spilled on the way: from the tokens counted so far, or from the
+    corpus size (its compressed size for a gzip file: less than is needed) when that is more."""
+    spill = settings.token == "char" and settings.normalize == "d2l"
+    guess = corpus.num_bytes * (2 if spill else 1)
+    if counter is None or not counter.num_tokens:
+        return guess
+    itemsize = id_dtype(len(counter.token_freqs()) + 1 + len(settings.reserved_tokens)).itemsize
+    return max(guess, counter.num_tokens * (itemsize + (1 if spill else 0)))
+
+
+def _cache_write_error(where: Path, exc: OSError, needed: int | None) -> CacheWriteError:
+    """The one message for a token cache that cannot be written: where, about how much, what to do."""
+    size = f" (preparing this corpus writes about {_megabytes(needed)})" if needed else ""
+    full = exc.errno in _DISK_FULL
+    what = "free some space there" if full else "make it writable"
+    return CacheWriteError(
+        f"cannot write the token cache in {where}: {exc.strerror or exc}{size}; nothing was kept. "
+        f"{what.capitalize()}, or set {CACHE_ENV} to a folder on a disk with room"
+    )
+
+
+def _megabytes(num_bytes: int) -> str:
+    return f"{num_bytes / 1e6:,.1f} MB" if num_bytes >= 100_000 else f"{num_bytes / 1e3:,.0f} kB"
 
 
 def _write_ids(path: Path, chunks: Iterable[np.ndarray]) -> str:
@@ -263,11 +304,6 @@ def _check_vocab(
             f"{settings.min_freq}, more than the {MAX_VOCAB:,} a model can hold in memory (its input and output "
             f"layers grow with it): raise --min-freq ({options}) or use --token char"
         )
-
-
-def _sha1_of(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha1").hexdigest()
 
 
 def split_bounds(

@@ -1,19 +1,22 @@
 """Counting and encoding a corpus's tokens chunk by chunk: what ``deeprnn.prepare`` streams a corpus through.
 
-A counter sees the text once, in chunks of whole lines, and remembers each token's count and first-seen
-position (the vocabulary's order for ties); it then yields the token ids, chunk by chunk, for a vocabulary.
-Characters are counted and looked up as numpy arrays of code points; words through a ``Counter``.
+A counter sees the text once, in chunks cut anywhere (``deeprnn.chunk_edges`` normalizes them with the
+tokens of the whole text), and remembers each token's count and first-seen position (the vocabulary's order
+for ties); it then yields the token ids, chunk by chunk, for a vocabulary. Characters are counted and looked
+up as numpy arrays of code points; words through a ``Counter``.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from deeprnn.normalize import LetterLoss, letter_loss, normalize_chars, normalize_words
+from deeprnn.chunk_edges import CharPieces, WordPieces
+from deeprnn.normalize import LetterLoss, letter_loss
 from deeprnn.vocab import Vocab
 
 CHUNK_BYTES = 1 << 24  # 16 MiB of text per step: a few hundred MB of working memory at most
@@ -23,25 +26,6 @@ _UNICODE = 0x110000
 
 class TooManyWordsError(ValueError):
     """The text has more distinct words than a word vocabulary can hold in memory."""
-
-
-def whole_lines(chunks: Iterable[str]) -> Iterator[str]:
-    """Re-cut text chunks so that each ends at a line break (the normalization works line by line).
-
-    A line longer than a chunk is carried until it ends, so memory is bounded by the chunk size plus the
-    longest line.
-    """
-    carry = ""
-    for chunk in chunks:
-        text = carry + chunk if carry else chunk
-        cut = max(text.rfind("\n"), text.rfind("\r")) + 1
-        if cut == 0:
-            carry = text
-            continue
-        yield text[:cut]
-        carry = text[cut:]
-    if carry:
-        yield carry
 
 
 class CharCounter:
@@ -59,10 +43,26 @@ class CharCounter:
         self.num_tokens = 0
         self.spill = spill if normalize == "d2l" else None
         self._spill_fh = open(self.spill, "wb") if self.spill is not None else None
+        self._pieces = CharPieces(normalize, self.raw)
 
     def add(self, text: str) -> None:
-        """Count one chunk of whole lines."""
-        points = normalize_chars(text, self.normalize, self.raw)
+        """Count the next chunk of the text."""
+        self._count(self._pieces.feed(text))
+
+    def finish(self) -> None:
+        """Count what the last chunk left undecided (the end of the text)."""
+        self._count(self._pieces.finish())
+        if self._spill_fh is not None:
+            self._spill_fh.flush()
+
+    def close(self) -> None:
+        """Close the spill file (when building stops early)."""
+        if self._spill_fh is not None:
+            self._spill_fh.close()
+
+    def _count(self, points: np.ndarray) -> None:
+        if not points.size:
+            return
         counted = np.bincount(points)
         new = np.flatnonzero((counted > 0) & (self.counts[: counted.size] == 0))
         if new.size:
@@ -89,8 +89,10 @@ class CharCounter:
             if len(token) == 1 and ord(token) < table.size:
                 table[ord(token)] = index
         if self._spill_fh is None or self.spill is None:
+            pieces = CharPieces(self.normalize)
             for chunk in text():
-                yield table[normalize_chars(chunk, self.normalize)]
+                yield table[pieces.feed(chunk)]
+            yield table[pieces.finish()]
             return
         self._spill_fh.close()
         with open(self.spill, "rb") as fh:
@@ -106,10 +108,20 @@ class WordCounter:
         self.normalize = normalize
         self.counts: collections.Counter[str] = collections.Counter()
         self.num_tokens = 0
+        self._pieces = WordPieces(normalize)
 
     def add(self, text: str) -> None:
-        """Count one chunk of whole lines; refuse a text with more distinct words than memory holds."""
-        words = normalize_words(text, self.normalize)
+        """Count the next chunk of the text; refuse a text with more distinct words than memory holds."""
+        self._count(self._pieces.feed(text))
+
+    def finish(self) -> None:
+        """Count the last word."""
+        self._count(self._pieces.finish())
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def _count(self, words: list[str]) -> None:
         self.counts.update(words)
         self.num_tokens += len(words)
         if len(self.counts) > MAX_DISTINCT_WORDS:
@@ -130,8 +142,9 @@ class WordCounter:
     def encoded(self, vocab: Vocab, dtype: np.dtype, text: Callable[[], Iterable[str]]) -> Iterator[np.ndarray]:
         """The token ids, chunk by chunk, of ``text()`` read and split again."""
         get = vocab.token_to_idx.get
-        for chunk in text():
-            words = normalize_words(chunk, self.normalize)
+        pieces = WordPieces(self.normalize)
+        for chunk in itertools.chain(text(), [None]):  # None: the end, where the last word is
+            words = pieces.feed(chunk) if chunk is not None else pieces.finish()
             yield np.fromiter((get(w, 0) for w in words), dtype=dtype, count=len(words))
 
 

@@ -20,6 +20,7 @@ from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-i
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from small_disk import small_disk
 from typer.testing import CliRunner
 
 import tasks.pipeline as pipeline
@@ -33,6 +34,7 @@ from deeprnn.config import preset_config
 from deeprnn.device import DeviceUnavailableError
 from deeprnn.divergence import TrainingDivergedError
 from deeprnn.download import DownloadError, TransientDownloadError
+from deeprnn.prepare import CacheWriteError
 from deeprnn.resume import ResumeError
 from flows.train_flow import train_lm
 from tracking.store import TrackingUnavailableError
@@ -172,6 +174,22 @@ def test_a_corrupt_gzip_corpus_is_refused_before_any_training(case: Case, book_p
     assert run.info.status == "FAILED"
     assert _steps(run.info.run_id) == []  # not one epoch was trained
     assert not any(case.runs_dir.rglob("*.pt"))
+
+
+def test_a_full_disk_under_the_token_cache_fails_the_run_with_one_message_and_keeps_nothing(
+    case: Case, book_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with small_disk(case.root / "small-disks" / case.experiment, "100k") as disk:  # the book's tokens need more
+        monkeypatch.setenv("DEEPRNN_CACHE_DIR", str(disk))
+        with pytest.raises(CacheWriteError) as info:
+            case.run(preset="smoke", data={"url": str(book_path)}, train=CPU)
+        message = str(info.value)
+        assert f"cannot write the token cache in {disk / 'tokens'}: No space left on device" in message
+        assert "writes about 0.4 MB" in message and "DEEPRNN_CACHE_DIR" in message  # the spill and the ids
+        assert [p.name for p in (disk / "tokens").iterdir() if not p.name.endswith(".lock")] == []
+    (run,) = case.runs()
+    assert run.info.status == "FAILED"
+    assert _steps(run.info.run_id) == []  # not one epoch was trained
 
 
 def test_a_folder_with_a_gzip_file_trains_like_the_same_text_in_one_file(case: Case, book_path: Path) -> None:

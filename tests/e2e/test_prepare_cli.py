@@ -6,19 +6,26 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from small_disk import small_disk
 
 pytestmark = pytest.mark.e2e
 
 ENGLISH = "The Time Traveller (for so it will be convenient to speak of him) was expounding a recondite matter.\n"
 
 
-def _prepare(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DEEPRNN_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "200"}
+def _env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "DEEPRNN_CACHE_DIR": str(cache), "COLUMNS": "200"}
+
+
+def _prepare(tmp_path: Path, *args: str, cache: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = _env(cache or tmp_path / "cache")
     return subprocess.run(
         [sys.executable, "-m", "cli.app", "prepare", *args], capture_output=True, text=True, timeout=300, env=env
     )
@@ -86,3 +93,36 @@ def test_bad_input_is_one_clear_message_and_leaves_no_entry(tmp_path: Path, case
     assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stdout + proc.stderr
     tokens = tmp_path / "cache" / "tokens"
     assert not tokens.exists() or not [p for p in tokens.iterdir() if not p.name.endswith(".lock")]
+
+
+def test_sigterm_during_prepare_then_the_next_prepare_removes_what_it_left(tmp_path: Path) -> None:
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(ENGLISH * 500_000, encoding="utf-8")  # 50 MB: about a second of tokenizing
+    tokens = tmp_path / "cache" / "tokens"
+    args = [sys.executable, "-m", "cli.app", "prepare", "--data-url", str(corpus), "--normalize", "none"]
+    proc = subprocess.Popen(args, env=_env(tmp_path / "cache"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (tokens.is_dir() and any(tokens.glob(".build-*"))):
+        assert proc.poll() is None and time.monotonic() < deadline, "prepare ended before it began building"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # what docker stop, systemd and CI runners send
+    assert proc.wait(timeout=30) in (-signal.SIGTERM, 128 + signal.SIGTERM)
+    assert not [p for p in tokens.iterdir() if not p.name.startswith(".") and not p.name.endswith(".lock")]
+
+    again = _prepare(tmp_path, "--data-url", str(corpus), "--normalize", "none")
+    assert again.returncode == 0 and "yes, in" in again.stdout, again.stderr
+    assert sorted(p.name for p in tokens.glob(".build-*")) == []  # whatever the stopped build left is gone
+    assert _prepare(tmp_path, "--data-url", str(corpus), "--normalize", "none").returncode == 0
+
+
+def test_a_full_disk_under_the_token_cache_is_one_message(tmp_path: Path) -> None:
+    corpus = tmp_path / "english.txt"
+    corpus.write_text(ENGLISH * 40_000, encoding="utf-8")  # 4 MB of text; the disk holds 2 MB
+    with small_disk(tmp_path / "disk", "2m") as disk:
+        proc = _prepare(tmp_path, "--data-url", str(corpus), cache=disk)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        said = " ".join(proc.stderr.split())
+        assert said.startswith(f"error: cannot write the token cache in {disk / 'tokens'}: No space left on device")
+        assert "MB" in said and "DEEPRNN_CACHE_DIR" in said and "Traceback" not in proc.stdout + proc.stderr
+        assert said.count("error:") == 1
+        assert [p.name for p in (disk / "tokens").iterdir() if not p.name.endswith(".lock")] == []

@@ -178,3 +178,24 @@ def test_a_path_that_is_neither_file_nor_folder_is_refused(tmp_path: Path) -> No
     os.mkfifo(fifo)  # opening it to read would wait for a writer forever
     with pytest.raises(DownloadError, match="is neither a file nor a folder"):
         fetch_corpus(str(fifo))
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 4, 1 << 16])
+def test_a_byte_order_mark_at_the_start_of_a_file_is_dropped(tmp_path: Path, chunk_bytes: int) -> None:
+    text = "The Time Traveller\n\ufeffinside the text it is a character\n"
+    plain = tmp_path / "bom.txt"
+    plain.write_bytes(BOM + text.encode())
+    packed = tmp_path / "bom.txt.gz"
+    packed.write_bytes(gzip.compress(BOM + text.encode(), mtime=0))
+    folder = _tree(tmp_path / "dir", {"a.txt": BOM + b"first", "b.txt": BOM + b"second\n"})
+    for path, expected in ((plain, text), (packed, text), (folder, "first\nsecond\n")):
+        got = fetch_corpus(str(path))
+        assert "".join(read_text_chunks(got, chunk_bytes)) == expected, path
+    assert fetch_corpus(str(plain)).sha1 == hashlib.sha1(plain.read_bytes()).hexdigest()  # the file as it is
+    blank = tmp_path / "blank.txt"
+    blank.write_bytes(BOM + b" \n")
+    with pytest.raises(DownloadError, match="is empty: a corpus needs text"):
+        fetch_corpus(str(blank))

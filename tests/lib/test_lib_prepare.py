@@ -13,7 +13,7 @@ from corpora import CorpusFile
 from deeprnn import prepare as prep
 from deeprnn.config import DataConfig, preset_config
 from deeprnn.download import fetch_corpus
-from deeprnn.prepare import PrepareError, dropped_letters_warning, id_dtype, split_sizes, whole_lines
+from deeprnn.prepare import PrepareError, dropped_letters_warning, id_dtype, split_sizes
 from deeprnn.tokenize import flatten, preprocess_lines, tokenize
 from deeprnn.vocab import Vocab
 
@@ -47,22 +47,16 @@ def test_normalize_none_keeps_every_character_exactly(tmp_path: Path) -> None:
     assert set(text) <= set(vocab.idx_to_token)
 
 
-def test_small_chunks_give_the_same_entry_as_one_chunk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_small_chunks_give_the_same_entry_as_one_chunk(tmp_path: Path) -> None:
     rng = random.Random(0)
     text = "".join(rng.choice("ab Cd\n,é时\r") for _ in range(5000))
     corpus = _corpus(tmp_path, text)
     for mode in ("d2l", "none", "lower"):
         whole = prep.prepare(corpus, _data(normalize=mode), tmp_path / "one")
-        monkeypatch.setattr(prep, "CHUNK_BYTES", 7)  # chunks cut through lines and multi-byte characters
-        small = prep.prepare(corpus, _data(normalize=mode), tmp_path / "many")
-        monkeypatch.setattr(prep, "CHUNK_BYTES", 1 << 24)
+        # chunks cut through lines and multi-byte characters
+        small = prep.prepare(corpus, _data(normalize=mode), tmp_path / "many", chunk_bytes=7)
         assert small.vocab().idx_to_token == whole.vocab().idx_to_token, mode
         assert np.array_equal(small.ids(), whole.ids()), mode
-
-
-def test_whole_lines_recuts_at_line_breaks() -> None:
-    assert list(whole_lines(["ab", "c\nde", "f\r", "\ng", "h"])) == ["abc\n", "def\r", "\n", "gh"]
-    assert "".join(whole_lines(["x" * 10, "y\n"])) == "x" * 10 + "y\n"
 
 
 def test_second_call_is_a_cache_hit_and_other_settings_get_other_entries(tmp_path: Path) -> None:
@@ -96,7 +90,7 @@ def test_a_damaged_entry_is_detected_and_rebuilt(tmp_path: Path, damage: str, ca
         (good.folder / "meta.json").write_text("{not json")
     else:
         good.vocab_path.unlink()
-    with caplog.at_level("WARNING", logger="deeprnn.prepare"):
+    with caplog.at_level("WARNING", logger="deeprnn.token_cache"):
         rebuilt = prep.prepare(corpus, _data(), tmp_path)
     assert not rebuilt.cache_hit and np.array_equal(rebuilt.ids(), expected)
     assert "is damaged" in caplog.text and "preparing it again" in caplog.text
@@ -159,3 +153,14 @@ def test_max_tokens_zero_trains_on_the_whole_training_split(tmp_path: Path) -> N
     whole = split_sizes(prepared, _data(max_tokens=0))
     assert whole == split_sizes(prepared, _data(max_tokens=None))
     assert whole["train"] == prepared.num_tokens - whole["test"] > 10_000 == split_sizes(prepared, _data())["train"]
+
+
+def test_a_byte_order_mark_is_never_a_token(tmp_path: Path) -> None:
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfThe Time Machine\n")
+    corpus = fetch_corpus(str(path))
+    chars = prep.prepare(corpus, _data(normalize="none"), tmp_path)
+    assert chars.vocab().decode(chars.ids().tolist()) == "The Time Machine\n"
+    words = prep.prepare(corpus, _data(normalize="none", token="word"), tmp_path)
+    assert words.vocab().decode(words.ids().tolist(), " ") == "The Time Machine"
+    assert "\ufeff" not in "".join(chars.vocab().idx_to_token + words.vocab().idx_to_token)

@@ -1,0 +1,187 @@
+"""The token cache's entries on disk: sealed when built, verified on every read, and the leftovers of builds
+that died removed.
+
+An entry is a folder of three files, ``ids.bin``, ``vocab.json`` and ``meta.json``. ``meta.json`` holds the
+SHA-1 of the other two and a SHA-1 of its own content (``meta_sha1``, over its canonical JSON without that
+field), so one flipped bit anywhere is found before anything is served. Anything else where an entry should
+be (a file, a symbolic link, a folder missing a file) is removed and built again.
+
+A build writes into ``.build-<key>-<random>`` beside the entries, with ``builder.json`` (the builder's pid,
+host and start time) in it, and renames it into place when complete. A build stopped by a signal or a crash
+leaves that folder behind; the next ``prepare`` removes it when its builder is gone: the folder belongs to
+the entry whose lock this call holds (so it is older than the lock's holder), its builder's process is dead
+on this host, or its entry's lock is free. A folder without ``builder.json`` and a key (made by an older
+version) is removed once it is a day old.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import stat
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT = "deeprnn-tokens/2"
+ENTRY_FILES = ("ids.bin", "vocab.json", "meta.json")
+BUILDER = "builder.json"
+LEGACY_BUILD_AGE = 24 * 3600  # seconds after which a build folder nobody claims is surely dead
+_BUILD = re.compile(r"\.build-(?P<key>[0-9a-f]{32})-")
+
+
+class DamagedEntryError(ValueError):
+    """An entry's files do not match what its ``meta.json`` says."""
+
+
+def sha1_of(path: Path) -> str:
+    """The SHA-1 of a file's bytes, read in blocks."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha1").hexdigest()
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != "meta_sha1"}
+    return hashlib.sha1(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def seal(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write ``meta.json`` into a built ``folder`` with the SHA-1 of its vocabulary and of itself; returns it."""
+    sealed = {**meta, "format": FORMAT, "vocab_sha1": sha1_of(folder / "vocab.json")}
+    sealed["meta_sha1"] = _meta_digest(sealed)
+    (folder / "meta.json").write_text(json.dumps(sealed, indent=1, ensure_ascii=False), encoding="utf-8")
+    return sealed
+
+
+def read_entry(folder: Path) -> dict[str, Any] | None:
+    """The verified ``meta.json`` of the entry in ``folder``; None when there is none. An entry that fails a
+    check is removed (one warning saying why) and None returned, so that it is built again."""
+    try:
+        kind = os.lstat(folder).st_mode
+    except FileNotFoundError:
+        return None
+    try:
+        if not stat.S_ISDIR(kind):
+            raise DamagedEntryError("a symbolic link, not a folder" if stat.S_ISLNK(kind) else "a file, not a folder")
+        return _verified(folder)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("token cache entry %s is damaged (%s): preparing it again", folder, exc)
+        remove(folder)
+        return None
+
+
+def _verified(folder: Path) -> dict[str, Any]:
+    for name in ENTRY_FILES:
+        if not stat.S_ISREG(os.lstat(folder / name).st_mode):
+            raise DamagedEntryError(f"{name} is not a plain file")
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    if not isinstance(meta, dict):
+        raise DamagedEntryError("meta.json holds no object")
+    if meta.get("format") != FORMAT:
+        found = meta.get("format")
+        raise DamagedEntryError(f"format {found!r}, not {FORMAT}: an older version wrote it, or not deeprnn")
+    if meta.get("meta_sha1") != _meta_digest(meta):
+        raise DamagedEntryError("meta.json does not match its own SHA-1")
+    expected = int(meta["num_tokens"]) * np.dtype(meta["dtype"]).itemsize
+    size = os.lstat(folder / "ids.bin").st_size
+    if size != expected:
+        raise DamagedEntryError(f"ids.bin has {size} bytes, expected {expected}")
+    for name, key in (("vocab.json", "vocab_sha1"), ("ids.bin", "ids_sha1")):
+        if sha1_of(folder / name) != meta[key]:
+            raise DamagedEntryError(f"{name} does not match the SHA-1 in meta.json")
+    return meta
+
+
+def remove(path: Path) -> None:
+    """Remove whatever is at ``path``: a folder with everything in it, a file, or a link (not its target)."""
+    try:
+        kind = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(kind):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def new_build_folder(root: Path, key: str) -> Path:
+    """A fresh build folder for entry ``key`` in ``root``, with ``builder.json`` saying who builds it."""
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".build-{key}-"))
+    builder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    (tmp / BUILDER).write_text(json.dumps(builder), encoding="utf-8")
+    return tmp
+
+
+def publish(tmp: Path, folder: Path) -> None:
+    """Rename a complete build folder into place (atomic: readers see the whole entry or none)."""
+    (tmp / BUILDER).unlink()
+    os.replace(tmp, folder)
+
+
+def remove_dead_builds(root: Path, held_key: str) -> None:
+    """Remove the build folders in ``root`` whose builder is gone (the caller holds the lock of ``held_key``)."""
+    for path in root.glob(".build-*"):
+        why = _dead_because(path, held_key)
+        if why:
+            log.info("removing %s, left by a build that stopped (%s)", path, why)
+            remove(path)
+
+
+def _dead_because(path: Path, held_key: str) -> str | None:
+    """Why the build in ``path`` is dead, or None while it may still be running."""
+    named = _BUILD.match(path.name)
+    key = named["key"] if named else None
+    if key == held_key:
+        return "its entry's lock is ours now"
+    builder = _builder(path)
+    if builder is not None and builder.get("host") == socket.gethostname() and not _alive(builder.get("pid")):
+        return f"its process {builder.get('pid')} is gone"
+    if key is not None:
+        return "nobody holds its entry's lock" if _lock_is_free(path.parent / f"{key}.lock") else None
+    try:
+        age = time.time() - os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return None
+    return "untouched for a day, by an older version" if age > LEGACY_BUILD_AGE else None
+
+
+def _builder(path: Path) -> dict[str, Any] | None:
+    try:
+        found = json.loads((path / BUILDER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # not a pid we can ask about: assume it runs
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _lock_is_free(lock: Path) -> bool:
+    from filelock import FileLock, Timeout
+
+    if not lock.exists():
+        return True
+    try:
+        with FileLock(str(lock), timeout=0):
+            return True
+    except Timeout:
+        return False
