@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 if typing.TYPE_CHECKING:
     from tasks.results import RunResult
@@ -20,13 +21,14 @@ err = Console(stderr=True)
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print ``error: message`` on stderr and exit with ``code`` (2: bad input, 1: the work failed)."""
-    err.print(f"[red]error:[/red] {message}")
+    # As written: no markup read into it, and no line breaks added at the terminal's width (paths stay whole).
+    err.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
     raise typer.Exit(code)
 
 
 def warn(message: str) -> None:
     """Print ``warning: message`` on stderr."""
-    err.print(f"[yellow]warning:[/yellow] {message}")
+    err.print(Text.assemble(("warning:", "yellow"), " ", message), soft_wrap=True)
 
 
 def write_json(result: Any, path: str | None) -> None:
