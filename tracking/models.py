@@ -55,7 +55,8 @@ def _signature() -> Any:
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "prefix")]),
+        # Optional: a request without prefixes continues the model's own (its run's sample prefixes).
+        inputs=Schema([ColSpec("string", "prefix", required=False)]),
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema(
             [
