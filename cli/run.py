@@ -33,7 +33,12 @@ def run(
     ] = None,
     resume: Resume = None,
     epochs: Annotated[
-        Optional[int], typer.Option("--epochs", help="\\[train] Passes over the training tokens.")
+        Optional[int],
+        typer.Option(
+            "--epochs",
+            metavar="INTEGER",
+            help="[train] Passes over the training tokens.  [default: the preset's; d2l-9.3: 500]",
+        ),
     ] = None,
     experiment: options.Experiment = None,
     runs_dir: RunsDir = "runs",

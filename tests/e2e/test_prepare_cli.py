@@ -18,7 +18,11 @@ ENGLISH = "The Time Traveller (for so it will be convenient to speak of him) was
 
 
 def _prepare(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DEEPRNN_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "200"}
+    env = {
+        **os.environ,
+        "DEEPRNN_CACHE_DIR": str(tmp_path / "cache"),
+        "COLUMNS": "80",
+    }  # a narrow log: the paths must still be whole
     return subprocess.run(
         [sys.executable, "-m", "cli.app", "prepare", *args], capture_output=True, text=True, timeout=300, env=env
     )
