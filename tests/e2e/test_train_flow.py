@@ -38,6 +38,9 @@ def test_smoke_flow_logs_everything_and_model_reproduces_samples(workdir: Path, 
 
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == FLOW_NAME
+    # Named after what ran, in MLflow and in Prefect: preset, corpus (file stem, SHA-1 prefix), model.
+    assert run.info.run_name == f"smoke\u00b7timemachine-{BOOK_SHA1[:8]}\u00b7lstm2x32"
+    assert run.data.tags["prefect.flow_run_name"] == run.info.run_name
     # Every configuration value is a param, with its resolved value.
     params = run.data.params
     assert set(config.flat()) <= set(params)
