@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 
-from cli.preflight import missing_device
+from cli.preflight import missing_device, missing_run
 
 pytestmark = pytest.mark.e2e
 
@@ -84,3 +84,31 @@ def test_an_unknown_or_deleted_resume_run_is_refused_before_prefect(cli_env: dic
         r.info.run_id
         for r in client.search_runs([client.get_experiment_by_name("early-refusals").experiment_id], run_view_type=3)
     ] == [deleted]
+
+
+def test_the_device_check_refuses_only_what_it_is_sure_of() -> None:
+    assert missing_device("mps", platform="linux") == "device 'mps' was requested but Apple MPS is not available here"
+    assert missing_device("mps", platform="darwin") is None  # torch decides there
+    assert missing_device("cpu") is None and missing_device("auto") is None
+    if torch.cuda.is_available():
+        assert missing_device("cuda") is None and missing_device("cuda:0") is None
+    else:  # a CPU-only build, or no driver: the message resolve_device would give
+        assert "'cuda:1' was requested but this machine has no usable CUDA GPU" in (missing_device("cuda:1") or "")
+
+
+def test_the_run_lookup_answers_for_local_stores_and_leaves_an_unreachable_server_to_the_flow(
+    tmp_path: Path, closed_port: int
+) -> None:
+    run_id = "0123456789abcdef0123456789abcdef"
+    # A file store: <root>/<experiment id>/<run id>/meta.yaml.
+    (tmp_path / "mlruns" / "1" / run_id).mkdir(parents=True)
+    (tmp_path / "mlruns" / "1" / run_id / "meta.yaml").write_text("lifecycle_stage: active\n", encoding="utf-8")
+    assert missing_run(run_id, f"file://{tmp_path / 'mlruns'}") is None
+    assert "no MLflow run 'ffff'" in (missing_run("ffff", f"file://{tmp_path / 'mlruns'}") or "")
+    # No store at all holds no run; a store that is not MLflow's is MLflow's to report.
+    assert "no MLflow run" in (missing_run(run_id, f"sqlite:///{tmp_path / 'none.db'}") or "")
+    (tmp_path / "other.db").write_bytes(b"not a database")
+    assert missing_run(run_id, f"sqlite:///{tmp_path / 'other.db'}") is None
+    started = time.perf_counter()
+    assert missing_run(run_id, f"http://127.0.0.1:{closed_port}") is None
+    assert time.perf_counter() - started < 5.0
