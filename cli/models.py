@@ -59,6 +59,7 @@ def presets(name: Optional[str] = typer.Argument(None, help="Show one preset in 
             fail(str(exc))
         return
     table = Table("preset", "model", "data", "training")
+    table.columns[0].no_wrap = True  # a name to type: never broken
     for p in PRESETS:
         c = preset_config(p)
         table.add_row(
