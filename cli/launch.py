@@ -74,9 +74,16 @@ _PRELOADS: list[Callable[[], None]] = [_load_optimizer_support, _open_tracking_s
 
 
 def init_device(device: str) -> None:
-    """Create the CUDA context now (about a second) while the API server is still booting."""
+    """Refuse a device torch cannot use here (exit 1, before any flow run), and create the CUDA context now
+    (about a second) while the API server is still booting."""
     import torch
 
+    from deeprnn.device import DeviceUnavailableError, resolve_device
+
+    try:
+        resolve_device(device)  # what the fast check in cli.preflight could not tell without torch
+    except DeviceUnavailableError as exc:
+        fail(str(exc), 1)
     if device in ("auto", "cuda") and torch.cuda.is_available():
         torch.cuda.init()
 
@@ -102,6 +109,9 @@ def mark_orphaned_runs() -> None:
 
 def invoke(call: Callable[[], Result], on_interrupt: str) -> Result:
     """Run a flow; Ctrl-C exits 130 and an error exits 1, each with one line saying what happened."""
+    from ops.failures import hide_expected_failures_on_console
+
+    hide_expected_failures_on_console()  # the message below is printed once, not also in Prefect's lines
     try:
         return call()
     except KeyboardInterrupt:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cli import launch, options
+from cli import launch, options, preflight
 from cli.output import console, fail, print_result, print_rows, warn, write_json
 from deeprnn.config import PRESETS, RunConfig
 
@@ -37,7 +37,12 @@ def run(
     ] = None,
     resume: Resume = None,
     epochs: Annotated[
-        Optional[int], typer.Option("--epochs", help="\\[train] Passes over the training tokens.")
+        Optional[int],
+        typer.Option(
+            "--epochs",
+            metavar="INTEGER",
+            help="[train] Passes over the training tokens.  [default: the preset's; d2l-9.3: 500, text: 1000]",
+        ),
     ] = None,
     experiment: options.Experiment = None,
     runs_dir: RunsDir = "runs",
@@ -52,11 +57,12 @@ def run(
     _check_resume(resume, preset)
     options.check_registered_model(registered_model)
     config = options.resolve_or_exit(preset, overrides)  # for a resume, this only validates the overrides
+    _preflight(config, overrides, resume)
 
     temporary_api = launch.start_prefect_api()  # boots in its own process while the flow's imports load here
     from flows.train_flow import train_lm  # Prefect and MLflow load only once the input is known to be good
 
-    launch.init_device(config.train.device)
+    launch.init_device(config.train.device if resume is None else overrides.get("train", {}).get("device", "auto"))
     launch.wait_for_api(temporary_api, preload=True)
     ready_at = time.time()  # imports done and the Prefect API answering
     _announce(config, resume, launch.describe_api(temporary_api), chosen=preset is None)
@@ -91,15 +97,28 @@ def _check_resume(resume: str | None, preset: str | None) -> None:
         fail("--preset cannot be combined with --resume: a resumed run keeps its own configuration")
 
 
+def _preflight(config: RunConfig, overrides: dict[str, Any], resume: str | None) -> None:
+    """What can be refused in milliseconds, before Prefect or MLflow start: the corpus, the device, the run."""
+    if resume is None:
+        preflight.check_source(config.data.url)
+        preflight.check_device(config.train.device)
+    else:  # a resumed run's settings are its own; only what the options change is checked here
+        preflight.check_source(overrides.get("data", {}).get("url"))
+        preflight.check_device(overrides.get("train", {}).get("device", "auto"))
+        preflight.check_resume(resume)
+
+
 def _announce(config: RunConfig, resume: str | None, api: str, chosen: bool) -> None:
     """The run's first lines: what it trains (or resumes), and where Prefect and MLflow are."""
     from tracking.store import tracking_uri
 
+    # soft_wrap: long lines are left to the terminal to wrap, so a URL or run id is never broken in two.
     if resume is not None:
-        console.print(f"deeprnn: resuming MLflow run [bold]{resume}[/bold] from its last checkpoint")
+        console.print(f"deeprnn: resuming MLflow run [bold]{resume}[/bold] from its last checkpoint", soft_wrap=True)
     else:
-        console.print(f"deeprnn: {describe_plan(config, chosen)}", highlight=False)
-    console.print(f"Prefect API: {api}; MLflow tracking: {tracking_uri()}")
+        console.print(f"deeprnn: {describe_plan(config, chosen)}", highlight=False, soft_wrap=True)
+    console.print(f"Prefect API: {api}", highlight=False, soft_wrap=True, markup=False)
+    console.print(f"MLflow tracking: {tracking_uri()}", highlight=False, soft_wrap=True, markup=False)
 
 
 def describe_plan(config: RunConfig, chosen: bool) -> str:
@@ -123,7 +142,8 @@ def prepare(
         Optional[str],
         typer.Option(
             "--preset",
-            help=f"Named preset whose data settings to start from: {', '.join(PRESETS)} (default d2l-9.3).",
+            help=f"Named preset whose data settings to start from: {', '.join(PRESETS)} (default: d2l-9.3 for "
+            "the book's corpus, text for your own).",
         ),
     ] = None,
     json_out: options.JsonOut = None,
@@ -131,6 +151,7 @@ def prepare(
 ) -> None:
     """Download and tokenize a corpus into the token cache (once per corpus and settings), and say what it holds."""
     config = options.resolve_or_exit(preset, options.overrides(values))
+    preflight.check_source(config.data.url)
     from deeprnn.download import DownloadError, fetch_corpus
     from deeprnn.prepare import PrepareError, dropped_letters_warning, prepared_record, split_sizes
     from deeprnn.prepare import prepare as prepare_corpus

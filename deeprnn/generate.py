@@ -16,6 +16,7 @@ import torch
 
 from deeprnn.config import SampleConfig
 from deeprnn.model import RNNLM, State
+from deeprnn.normalize import normalize_prefix
 from deeprnn.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -127,15 +128,21 @@ def generate_batch(
     temperature: float | None = None,
     top_k: int | None = None,
     seed: int = 0,
+    normalize: str = "none",
 ) -> list[str]:
     """Each prefix followed by ``num_tokens`` generated tokens, all prefixes advancing together.
+
+    Each prefix is first written as the corpus's rule ``normalize`` (``data.normalize``) wrote the training
+    text, so a model of the book's rule reads ``The Time Traveller`` as ``the time traveller``; the texts
+    returned start with the prefixes so normalized.
 
     Greedy (``temperature=None``) reproduces the book's ``predict_ch8`` for every row: warm the state up on
     the prefix, then append the argmax. Otherwise sample from ``softmax(logits / temperature)``, restricted
     to the ``top_k`` likeliest tokens if given, with one generator seeded by ``seed`` for the batch.
-    Tokens the vocabulary lacks are read as ``<unk>`` (with a warning) and printed back as they were typed.
+    Tokens the vocabulary lacks are read as ``<unk>`` (with a warning) and printed back as they were given.
     """
     check_sampling(temperature, top_k)
+    prefixes = [normalize_prefix(p, normalize, token) for p in prefixes]
     split = [split_prefix(p, token) for p in prefixes]
     if any(not tokens for tokens in split):
         raise ValueError("the prefix needs at least one token")
@@ -209,9 +216,10 @@ def check_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def check_prefixes(prefixes: Sequence[Any], vocab: Vocab, token: Token = "char") -> list[str]:
-    """The prefixes of a request, refused (``GenerationRequestError``) when there are none or too many, or
-    when one is not text, is empty, is longer than ``SampleConfig`` allows or has no token the model knows."""
+def check_prefixes(prefixes: Sequence[Any], vocab: Vocab, token: Token = "char", normalize: str = "none") -> list[str]:
+    """The prefixes of a request, normalized by the corpus's rule ``normalize`` (``normalize_prefix``);
+    refused (``GenerationRequestError``) when there are none or too many, or when one is not text, is empty,
+    is longer than ``SampleConfig`` allows or has no token the model knows once normalized."""
     if not prefixes:
         raise GenerationRequestError("no prefix to continue: send at least one row with a non-empty 'prefix'")
     if len(prefixes) > MAX_PREFIXES:
@@ -219,16 +227,18 @@ def check_prefixes(prefixes: Sequence[Any], vocab: Vocab, token: Token = "char")
     from pydantic import ValidationError
 
     unit = "character" if token == "char" else "word"
+    normalized = []
     for row, prefix in enumerate(prefixes):
         if not isinstance(prefix, str):
             raise GenerationRequestError(f"prefix {row}: must be text, got {type(prefix).__name__}")
-        tokens = split_prefix(prefix, token)
-        if not tokens:
+        if not split_prefix(prefix, token):
             raise GenerationRequestError(f"prefix {row} is empty: give at least one {unit}")
         try:
             SampleConfig(prefixes=[prefix])  # the configuration's bound on a prefix's length
         except ValidationError as exc:
             raise GenerationRequestError(f"prefix {row}: {exc.errors()[0]['msg'].lower()}") from None
-        if len(vocab.unknown(tokens)) == len(set(tokens)):
+        tokens = split_prefix(normalize_prefix(prefix, normalize, token), token)
+        if not tokens or len(vocab.unknown(tokens)) == len(set(tokens)):
             raise GenerationRequestError(f"prefix {row} ({prefix[:40]!r}) has no {unit} the model knows")
-    return list(prefixes)
+        normalized.append(normalize_prefix(prefix, normalize, token))
+    return normalized

@@ -26,11 +26,30 @@ from flows.parameters import form_field
 from tasks.pipeline import run_pipeline
 from tasks.results import RunResult
 from tasks.resume import prepare_resume
+from tracking import naming
 
 FLOW_NAME = "deeprnn-train"
 
 
-@flow(name=FLOW_NAME, log_prints=True)
+def flow_run_name() -> str:
+    """The flow run's name, as the MLflow run's says what ran (``tracking.naming``): preset, corpus and model,
+    e.g. ``smoke·faust·lstm1x32``. The corpus's SHA-1 prefix is there when it is known before the download
+    (the book's, or one given with the URL); a resumed run is named after the run it continues."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    if params.get("resume_run_id"):
+        return f"resume{naming.SEPARATOR}{params['resume_run_id']}"
+    try:
+        config = resolve(
+            params.get("preset") or "d2l-9.3", *(params.get(k) for k in ("data", "model", "train", "sample"))
+        )
+    except ValueError:  # refused by the flow's own validation right after: any name will do
+        return FLOW_NAME
+    return naming.run_name(config, naming.corpus_stem(config.data.url), config.data.expected_sha1())
+
+
+@flow(name=FLOW_NAME, log_prints=True, flow_run_name=flow_run_name)
 def train_lm(
     preset: Annotated[Optional[PresetName], form_field("Preset")] = None,
     data: Annotated[Optional[DataConfig], form_field("Data")] = None,

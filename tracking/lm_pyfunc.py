@@ -7,6 +7,8 @@ it as code. Loading uses ``torch.load(weights_only=True)``: no pickled code runs
 A request's params and prefixes are checked against the configuration's bounds before any work; what is
 refused raises ``MlflowException(INVALID_PARAMETER_VALUE)``, which ``mlflow models serve`` answers with
 HTTP 400 and the message, without a traceback. All prefixes of a request are generated as one batch.
+A request without prefixes continues the ones the model was trained with (``config.sample.prefixes``), and
+every prefix is first written as the corpus's normalization rule wrote the training text.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from mlflow.pyfunc import PythonModel
 
 
 def _prefixes(model_input: Any) -> list[Any]:
-    """The request's prefixes: the ``prefix`` column (else the first), a list, or one string."""
+    """The request's prefixes: the ``prefix`` column (else the first), a list, or one string; empty when
+    the request gives none (no column, no rows, None)."""
+    if model_input is None:
+        return []
     if hasattr(model_input, "columns"):
         if len(model_input.columns) == 0:
             return []
@@ -34,7 +39,8 @@ def _prefixes(model_input: Any) -> list[Any]:
 
 
 class DeepRNNLanguageModel(PythonModel):
-    """Continue each ``prefix``; params ``num_chars``, ``temperature`` (0: greedy), ``top_k`` (0: off), ``seed``."""
+    """Continue each ``prefix`` (none given: the model's own sample prefixes), normalized by the rule its
+    corpus went through; params ``num_chars``, ``temperature`` (0: greedy), ``top_k`` (0: off), ``seed``."""
 
     def load_context(self, context: Any) -> None:
         """Rebuild the model and vocabulary from the checkpoint artifact, on the best device here (CUDA,
@@ -53,10 +59,12 @@ class DeepRNNLanguageModel(PythonModel):
         """Generate one continuation per row of the ``prefix`` column (or per string of a list), as one batch."""
         from deeprnn.generate import GenerationRequestError, check_params, check_prefixes, generate_batch
 
-        token = self.config.data.token
+        token, rule = self.config.data.token, self.config.data.normalize
+        # No prefix in the request: the prefixes the model was trained with (its run's samples).
+        given = _prefixes(model_input) or list(self.config.sample.prefixes)
         try:  # everything is checked before the first forward step
             settings = check_params(params)
-            prefixes = check_prefixes(_prefixes(model_input), self.vocab, token)
+            prefixes = check_prefixes(given, self.vocab, token, normalize=rule)  # as the corpus's rule writes them
         except GenerationRequestError as exc:
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         return generate_batch(

@@ -142,6 +142,18 @@ def test_bad_params_get_a_400_naming_the_param_without_a_traceback(
     assert elapsed < 5.0  # refused before any work (the benchmark measures the real figure)
 
 
+@pytest.mark.parametrize("body", [{"dataframe_records": [{}]}, {"inputs": {"prefix": []}}, {"inputs": []}])
+def test_a_request_without_prefixes_gets_the_models_own_samples(served: Served, body: dict) -> None:
+    run = _champion_run(served)
+    num_chars = preset_config("smoke").sample.num_chars
+    response = served.post({**body, "params": {"num_chars": num_chars}})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"predictions": list(run.samples.values())}  # the run's own prefixes
+    # Typed with capitals and punctuation: read by the book's rule (d2l), as the training text was.
+    typed = served.post({"inputs": {"prefix": ["Time-Traveller!"]}, "params": {"num_chars": num_chars}})
+    assert typed.json() == {"predictions": [run.samples["time traveller"]]}
+
+
 @pytest.mark.parametrize(
     ("rows", "expected"),
     [

@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from deeprnn.generate import generate, generate_batch, generate_ids, split_prefix
+from deeprnn.generate import (
+    GenerationRequestError,
+    check_prefixes,
+    generate,
+    generate_batch,
+    generate_ids,
+    split_prefix,
+)
 from deeprnn.model import RNNLM
 from deeprnn.tokenize import flatten, preprocess_lines, tokenize
 from deeprnn.vocab import Vocab
@@ -218,3 +225,14 @@ def test_batched_edge_cases(model: RNNLM, tiny_vocab: Vocab) -> None:
         generate_ids(model, [[3], []], 5)
     with pytest.raises(ValueError, match="temperature"):
         generate_batch(model, tiny_vocab, ["the"], 5, temperature=-1.0)
+
+
+def test_prefixes_are_read_by_the_corpus_rule_before_encoding(model: RNNLM, tiny_vocab: Vocab) -> None:
+    typed = ["The Time-Traveller", "TRAVELLER!"]
+    normalized = generate_batch(model, tiny_vocab, typed, 12, normalize="d2l")
+    assert normalized == generate_batch(model, tiny_vocab, ["the time traveller", "traveller"], 12)
+    assert normalized[0].startswith("the time traveller")  # not "<unk>he <unk>ime ..."
+    assert check_prefixes(typed, tiny_vocab, normalize="d2l") == ["the time traveller", "traveller"]
+    assert check_prefixes(typed[:1], tiny_vocab) == typed[:1]  # "none": as typed
+    with pytest.raises(GenerationRequestError, match=r"prefix 0 \('#%&'\) has no character the model knows"):
+        check_prefixes(["#%&"], tiny_vocab, normalize="d2l")  # nothing left once normalized
