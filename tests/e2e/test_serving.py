@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import mlflow
 import pytest
 import requests
-from corpora import CORPUS_MODEL
+from corpora import CORPUS_MODEL, TRAIN_EXPERIMENT
 from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
 from live_servers import free_port, log_tail, start_process, stop_process_group, wait_until_healthy
 from mlflow.exceptions import MlflowException
@@ -182,7 +182,7 @@ def test_logged_models_carry_their_metrics_and_rank_by_test_perplexity(
     client = MlflowClient()
     by_model = {r.model.logged.model_id: client.get_run(r.run_id).data.metrics["test_perplexity"] for r in served.runs}
     assert len(set(by_model.values())) == 2  # trained differently, so measured differently
-    experiment = client.get_experiment_by_name("deeprnn-train").experiment_id
+    experiment = client.get_experiment_by_name(TRAIN_EXPERIMENT).experiment_id
     ranked = mlflow.search_logged_models(
         experiment_ids=[experiment],
         order_by=[{"field_name": "metrics.test_perplexity", "ascending": True}],

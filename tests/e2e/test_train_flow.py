@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from corpora import CORPUS_MODEL, CORPUS_NUM_CHARS
+from corpora import CORPUS_MODEL, CORPUS_NUM_CHARS, TRAIN_EXPERIMENT
 from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
 from mlflow.tracking import MlflowClient
 
@@ -37,7 +37,7 @@ def test_smoke_flow_logs_everything_and_model_reproduces_samples(workdir: Path, 
     config = preset_config("smoke", {"data": {"url": book_url, "sha1": BOOK_SHA1}, "train": {"device": "cpu"}})
 
     assert run.info.status == "FINISHED"
-    assert client.get_experiment(run.info.experiment_id).name == FLOW_NAME
+    assert client.get_experiment(run.info.experiment_id).name == TRAIN_EXPERIMENT  # the book's: FLOW_NAME
     # Named after what ran, in MLflow and in Prefect: preset, corpus (file stem, SHA-1 prefix), model.
     assert run.info.run_name == f"smoke\u00b7timemachine-{BOOK_SHA1[:8]}\u00b7lstm2x32"
     assert run.data.tags["prefect.flow_run_name"] == run.info.run_name
