@@ -58,6 +58,7 @@ def run(
     options.check_registered_model(registered_model)
     config = options.resolve_or_exit(preset, overrides)  # for a resume, this only validates the overrides
     _preflight(config, overrides, resume)
+    _announce(config, resume, chosen=preset is None)  # the first line, before anything prints
 
     temporary_api = launch.start_prefect_api()  # boots in its own process while the flow's imports load here
     from flows.train_flow import train_lm  # Prefect and MLflow load only once the input is known to be good
@@ -65,7 +66,7 @@ def run(
     launch.init_device(config.train.device if resume is None else overrides.get("train", {}).get("device", "auto"))
     launch.wait_for_api(temporary_api, preload=True)
     ready_at = time.time()  # imports done and the Prefect API answering
-    _announce(config, resume, launch.describe_api(temporary_api), chosen=preset is None)
+    _announce_services(launch.describe_api(temporary_api))
     launch.mark_orphaned_runs()
     result = launch.invoke(
         lambda: train_lm(
@@ -108,15 +109,19 @@ def _preflight(config: RunConfig, overrides: dict[str, Any], resume: str | None)
         preflight.check_resume(resume)
 
 
-def _announce(config: RunConfig, resume: str | None, api: str, chosen: bool) -> None:
-    """The run's first lines: what it trains (or resumes), and where Prefect and MLflow are."""
-    from tracking.store import tracking_uri
-
+def _announce(config: RunConfig, resume: str | None, chosen: bool) -> None:
+    """The run's first line: what it trains (or resumes)."""
     # soft_wrap: long lines are left to the terminal to wrap, so a URL or run id is never broken in two.
     if resume is not None:
         console.print(f"deeprnn: resuming MLflow run [bold]{resume}[/bold] from its last checkpoint", soft_wrap=True)
     else:
         console.print(f"deeprnn: {describe_plan(config, chosen)}", highlight=False, soft_wrap=True)
+
+
+def _announce_services(api: str) -> None:
+    """Where the flow run and the MLflow run go (once the Prefect API answers)."""
+    from tracking.store import tracking_uri
+
     console.print(f"Prefect API: {api}", highlight=False, soft_wrap=True, markup=False)
     console.print(f"MLflow tracking: {tracking_uri()}", highlight=False, soft_wrap=True, markup=False)
 
