@@ -121,7 +121,7 @@ def test_the_text_preset_fits_the_text_ends_on_time_and_samples_from_the_held_ou
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
     assert params["preset"] == "text" and params["data.normalize"] == "none" and params["model.size"] == "fixed"
     assert int(params["model.num_hiddens"]) in (128, 192, 256, 384, 512, 768, 1024)
-    assert params["train.lr_schedule"] == "warmup-cosine" and params["data.max_tokens"] == ""  # the whole text
+    assert params["train.lr_schedule"] == "warmup-stable-decay" and params["data.max_tokens"] == ""  # the whole text
     # Every character kept, and the splits: 85% training, 5% validation (picks the weights), 10% test at the end.
     assert len(mlflow.artifacts.load_dict(f"runs:/{result.run_id}/vocab.json")["idx_to_token"]) == len(set(text)) + 1
     assert result.evaluation.val_tokens == pytest.approx(0.05 * len(text), abs=2)
