@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 from prefect import flow
 
+from deeprnn import stopping
 from deeprnn.config import (
     REGISTERED_MODEL_PATTERN,
     DataConfig,
@@ -59,6 +60,9 @@ def train_lm(
         registered_model: MLflow registered model the run's model becomes a version of (champion alias per
             registered model). Empty: deeprnn-lm for the book's corpus, deeprnn-<file>-<sha1 prefix> otherwise.
     """
+    # Prefect's flow engine replaced the command's SIGTERM handler with its own (it raises at once, wherever
+    # the run is): a `deeprnn` command's run stops at a safe point instead, on SIGINT and SIGTERM alike.
+    stopping.reassert()
     if resume_run_id:
         config, experiment = prepare_resume(resume_run_id, runs_dir, experiment, data, model, train, sample)
     else:

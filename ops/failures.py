@@ -28,6 +28,7 @@ EXPECTED: tuple[tuple[str, str], ...] = (
     ("deeprnn.resume", "ResumeError"),
     ("deeprnn.search", "SearchSpaceError"),
     ("deeprnn.checkpoint", "UnsafeCheckpointError"),
+    ("deeprnn.checkpoint", "DamagedCheckpointError"),  # digest mismatch, cut short, weights not finite
     ("tracking.store", "TrackingUnavailableError"),  # also an MLflow store that needs `mlflow db upgrade`
     ("ops.cluster", "ClusterConfigError"),
     ("tasks.sweep", "SweepFailedError"),

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from deeprnn.config import preset_config
-from tracking import runs, store
+from tracking import checkpoints, runs, store
 
 
 def _run_ids(experiment: str) -> list[str]:
@@ -100,10 +100,10 @@ def test_texts_and_files_go_up_in_one_upload_and_a_retry_rewrites_them(experimen
 def test_an_artifact_is_downloaded_whole_or_a_clear_error(experiment: str, tmp_path: Path) -> None:
     run_id = runs.create_run(experiment, "run", {}, {})
     runs.log_texts(run_id, {"last.pt": "weights"})
-    target = runs.download_artifact(run_id, "last.pt", tmp_path / "runs" / run_id / "last.pt")
+    target = checkpoints.download_artifact(run_id, "last.pt", tmp_path / "runs" / run_id / "last.pt")
     assert target.read_text() == "weights" and [p.name for p in target.parent.iterdir()] == ["last.pt"]
     with pytest.raises(FileNotFoundError, match="never reached its first checkpoint"):
-        runs.download_artifact(run_id, "checkpoints/last.pt", tmp_path / "other" / "last.pt")
+        checkpoints.download_artifact(run_id, "checkpoints/last.pt", tmp_path / "other" / "last.pt")
     assert not (tmp_path / "other" / "last.pt").exists()
 
 
