@@ -12,6 +12,7 @@ loads, its weights still checked.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -37,6 +38,10 @@ class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
     """The file holds pickled objects that ``weights_only`` loading refuses (they could run code)."""
 
 
+class CheckpointDiskFullError(OSError):
+    """The disk of the run folder has no room for the checkpoint; the previous one is kept whole."""
+
+
 class DamagedCheckpointError(ValueError):
     """The file is not the checkpoint that was written: its digest differs, it is cut short, or its weights
     are not finite."""
@@ -52,16 +57,33 @@ def _sha256(data: bytes) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    """Write ``data`` to ``path`` whole or not at all; a full disk raises ``CheckpointDiskFullError``."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    except OSError as exc:
+        raise _disk_full(exc, path, data) from None
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _disk_full(exc, path, data) from None
         raise
+
+
+def _disk_full(exc: OSError, path: Path, data: bytes) -> OSError:
+    """``exc`` as one clear ``CheckpointDiskFullError`` when the disk is full (or over quota), else as it is."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return exc
+    return CheckpointDiskFullError(
+        exc.errno,
+        f"no space left to write checkpoint {path} ({len(data):,} bytes): free space on that disk, or give "
+        "--runs-dir a folder on another one; the previous checkpoint there is kept whole",
+    )
 
 
 def save(path: Path, payload: dict[str, Any]) -> Path:

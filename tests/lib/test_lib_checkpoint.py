@@ -164,3 +164,17 @@ def test_a_checkpoint_without_a_digest_file_still_loads(trained, tiny_vocab: Voc
     path = checkpoint.save(tmp_path / "last.pt", checkpoint.make_payload(cfg, tiny_vocab, model, epoch=3))
     checkpoint.digest_path(path).unlink()
     assert checkpoint.load(path)["epoch"] == 3
+
+
+def test_a_full_disk_is_one_clear_error_and_keeps_the_previous_checkpoint(
+    trained, tiny_vocab: Vocab, small_filesystem: Path
+) -> None:
+    cfg, model, _ = trained
+    path = checkpoint.save(small_filesystem / "last.pt", checkpoint.make_payload(cfg, tiny_vocab, model, epoch=1))
+    stats = os.statvfs(small_filesystem)
+    (small_filesystem / "filler").write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - 1024))
+    with pytest.raises(checkpoint.CheckpointDiskFullError, match="no space left to write checkpoint") as info:
+        checkpoint.save(path, checkpoint.make_payload(cfg, tiny_vocab, model, epoch=2))
+    assert str(path) in str(info.value) and "bytes" in str(info.value)
+    assert sorted(p.name for p in small_filesystem.iterdir()) == ["filler", "last.pt", "last.pt.sha256"]
+    assert checkpoint.load(path)["epoch"] == 1

@@ -4,9 +4,7 @@ registered once per run, described, promoted only when better on the same held-o
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import pytest
@@ -122,22 +120,6 @@ def test_each_corpus_gets_its_own_registered_model() -> None:
     assert models.default_registered_model("https://example.org/timemachine.txt", D2L_SHA1) == "deeprnn-lm"
     sha1 = "0123456789abcdef" * 2 + "01234567"
     assert models.default_registered_model("file:///home/me/My Notes.txt", sha1) == "deeprnn-my-notes-01234567"
-
-
-@pytest.fixture
-def small_filesystem(tmp_path: Path) -> Iterator[Path]:
-    """A real 4 MB filesystem (tmpfs), mounted for the test and unmounted after it; needs root."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small filesystem needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_model_upload_that_fills_the_artifact_store_completes_the_same_run_once_space_is_freed(
