@@ -125,8 +125,9 @@ def exit_on_stop(on_interrupt: str | StopMessage) -> Iterator[None]:
     except KeyboardInterrupt as exc:
         from deeprnn.stopping import StopRequested
 
-        text = on_interrupt(exc) if callable(on_interrupt) else on_interrupt
-        err.print(Text.assemble(("interrupted", "yellow"), " ", text), soft_wrap=True)
+        # "interrupted by SIGTERM: ..." from a message function; "interrupted: ..." before a fixed text.
+        text = " " + on_interrupt(exc) if callable(on_interrupt) else ": " + on_interrupt
+        err.print(Text.assemble(("interrupted", "yellow"), text), soft_wrap=True)
         raise typer.Exit(exc.exit_code if isinstance(exc, StopRequested) else 130) from None
 
 

@@ -18,7 +18,7 @@ def stopped(exc: KeyboardInterrupt) -> str:
     name = getattr(exc, "signal_name", "SIGINT")
     run_id, kept = getattr(exc, "run_id", None), getattr(exc, "checkpoint", None)
     if run_id is None:
-        return f"by {name} before the MLflow run was opened; nothing was trained"
+        return f"by {name} before the MLflow run was opened: nothing was trained or changed"
     if kept is None:
         return (
             f"by {name}: MLflow run {run_id} is marked KILLED; it stopped before its first checkpoint, so there "
@@ -86,8 +86,9 @@ def run(
         stopped,
     )
     result = replace(result, timings=replace(result.timings, cli_ready_at=ready_at, flow_returned_at=time.time()))
-    print_result(result)
-    write_json(result.as_record(), json_out)
+    with launch.exit_on_stop(f"after MLflow run {result.run_id} FINISHED: everything it logged is kept"):
+        print_result(result)
+        write_json(result.as_record(), json_out)
 
 
 def _check_resume(resume: str | None, preset: str | None) -> None:

@@ -80,16 +80,20 @@ def _exit_now(signum: int, why: str) -> None:
     os._exit(128 + signum)
 
 
-def _watchdog(signum: int) -> None:
-    time.sleep(STOP_SECONDS)
-    _exit_now(signum, f"{signal.Signals(signum).name}: the run did not stop within {STOP_SECONDS:.0f} s")
+def _watchdog(state: _State, signum: int, seconds: float) -> None:
+    time.sleep(seconds)
+    if state is _STATE:  # still this process's stop, not one a test has since replaced
+        _exit_now(signum, f"{signal.Signals(signum).name}: the run did not stop within {seconds:.0f} s")
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     if _STATE.signum is not None:
         _exit_now(signum, f"second stop signal ({signal.Signals(signum).name})")
     _STATE.signum, _STATE.received_at = signum, time.monotonic()
-    threading.Thread(target=_watchdog, args=(signum,), name="deeprnn-stop-watchdog", daemon=True).start()
+    watchdog = threading.Thread(
+        target=_watchdog, args=(_STATE, signum, STOP_SECONDS), name="deeprnn-stop-watchdog", daemon=True
+    )
+    watchdog.start()
     if _STATE.holds == 0:
         raise StopRequested(signum)
 
