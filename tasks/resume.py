@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from deeprnn import checkpoint, resume
 from deeprnn.config import RunConfig, overrides_dict
+from ops import failures as ops_failures
 from tasks.train import Logger
 from tracking import checkpoints, runs, store
 
@@ -69,8 +70,9 @@ def _load_checkpoint(run_id: str, last: Path, logger: Logger) -> dict[str, Any]:
     try:
         return checkpoints.fetch_checkpoint(run_id, last)
     except FileNotFoundError:
-        if damaged is not None:
-            raise resume.ResumeError(f"{damaged}, and MLflow run {run_id} has no copy of it") from None
+        if damaged is not None:  # its own kind (a refused pickle stays one), saying that MLflow has no copy
+            kind = type(damaged) if ops_failures.is_expected(damaged) else resume.ResumeError
+            raise kind(f"{damaged}, and MLflow run {run_id} has no copy of it") from None
         raise resume.ResumeError(
             f"MLflow run {run_id} has no checkpoint to resume from: it stopped before its first checkpoint; "
             "start a new run"
