@@ -165,19 +165,21 @@ STOP_TAG = "deeprnn.stopped"  # how a run stopped by SIGINT or SIGTERM continues
 def run_status(run_id: str, checkpoint: Path | None = None) -> Iterator[None]:
     """End the run FINISHED on success, KILLED on Ctrl-C or SIGTERM, FAILED on any error: never left RUNNING.
 
-    A stopped run gets a ``deeprnn.stopped`` tag with the command that continues it when it has a checkpoint
-    (``checkpoint``, the local resumable file, or the run's ``checkpoints/last.pt`` artifact), and the
-    ``StopRequested`` carries the run id and that checkpoint up to the command that prints them.
+    A stopped training run (``checkpoint``: its local resumable file) gets a ``deeprnn.stopped`` tag with the
+    command that continues it when it has a checkpoint (that file, or the run's ``checkpoints/last.pt``
+    artifact), and the ``StopRequested`` carries the run id and that checkpoint up to the command that prints
+    them.
     """
     try:
         yield
     except KeyboardInterrupt as exc:
         release_unwound_frames(exc)
-        kept = checkpoints.kept_checkpoint(run_id, checkpoint)
-        set_tags(run_id, {STOP_TAG: stop_note(run_id, kept)})
+        if checkpoint is not None:  # a training run: say whether and how it continues
+            kept = checkpoints.kept_checkpoint(run_id, checkpoint)
+            set_tags(run_id, {STOP_TAG: stop_note(run_id, kept)})
+            if isinstance(exc, stopping.StopRequested):
+                exc.run_id, exc.checkpoint = run_id, kept
         MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
-        if isinstance(exc, stopping.StopRequested):
-            exc.run_id, exc.checkpoint = run_id, kept
         raise
     except BaseException as exc:
         release_unwound_frames(exc)
