@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from deeprnn.config import preset_config
+from deeprnn.download import CorpusFile
 from tracking import checkpoints, runs, store
 
 
@@ -121,3 +122,16 @@ def test_a_run_is_found_by_the_prefect_flow_run_that_opened_it(experiment: str) 
         runs.run_for_flow_run(str(uuid.uuid4()))
     assert runs.run_url(run_id) is None  # a local store has no UI to link to
     assert runs.run_markdown(run_id) == f"`{run_id}` in `{store.tracking_uri()}`"
+
+
+def test_logging_the_dataset_again_for_the_same_run_changes_nothing(experiment: str, tmp_path: Path) -> None:
+    """A task retry or a resumed run logs its dataset input again: the run keeps exactly one."""
+    text = tmp_path / "timemachine.txt"
+    text.write_text("the time traveller\n", encoding="utf-8")
+    corpus = CorpusFile(text, "a" * 40, "http://127.0.0.1:1/timemachine.txt", text.stat().st_size)
+    vocab = {"idx_to_token": ["<unk>", "t", "h", "e"], "token_freqs": [["t", 3], ["h", 2], ["e", 4]]}
+    run_id = runs.create_run(experiment, "run", {}, {})
+    runs.log_dataset(run_id, corpus, vocab)
+    runs.log_dataset(run_id, corpus, vocab)
+    inputs = MlflowClient().get_run(run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("timemachine.txt", "a" * 10)]
