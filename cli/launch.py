@@ -137,7 +137,12 @@ def invoke(call: Callable[[], Result], on_interrupt: str | StopMessage) -> Resul
         try:
             return call()
         except Exception as exc:
+            from deeprnn.stopping import remembered
             from ops.failures import message  # expected errors: their own message; others: type and message
+
+            stop = remembered()
+            if stop is not None:  # the flow run ended Cancelled on a stop signal: report the stop
+                raise stop from None
 
             # One line, as written: no markup read into it, no line breaks added at the terminal's width.
             err.print(Text.assemble(("error:", "red"), " ", message(exc)), soft_wrap=True)

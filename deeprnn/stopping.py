@@ -54,6 +54,7 @@ class _State:
     signum: int | None = None
     received_at: float | None = None
     holds: int = 0  # blocks holding a stop back: the outermost raises it when it ends, training polls it
+    stopped: StopRequested | None = None  # how the run stopped, kept for the command (``remember``)
 
 
 _STATE = _State()
@@ -67,6 +68,17 @@ def installed() -> bool:
 def requested() -> int | None:
     """The signal that asked this process to stop, or None."""
     return _STATE.signum
+
+
+def remember(exc: StopRequested) -> None:
+    """Keep how the run stopped for the command to report: Prefect's flow engine turns a flow that ends
+    Cancelled into its own ``CancelledRun`` error, without the ``StopRequested`` behind it."""
+    _STATE.stopped = exc
+
+
+def remembered() -> StopRequested | None:
+    """The ``StopRequested`` that ended the run, when one was kept (``remember``)."""
+    return _STATE.stopped
 
 
 def seconds_since_request() -> float | None:
