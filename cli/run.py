@@ -12,7 +12,22 @@ from cli import launch, options, preflight
 from cli.output import console, fail, print_result, print_rows, warn, write_json
 from deeprnn.config import PRESETS, RunConfig
 
-ON_INTERRUPT = "the MLflow run is marked KILLED; checkpoints are kept (continue with deeprnn run --resume RUN_ID)"
+
+def stopped(exc: KeyboardInterrupt) -> str:
+    """What a stopped run kept, in one line: the MLflow run, its checkpoint and the command that continues it."""
+    name = getattr(exc, "signal_name", "SIGINT")
+    run_id, kept = getattr(exc, "run_id", None), getattr(exc, "checkpoint", None)
+    if run_id is None:
+        return f"by {name} before the MLflow run was opened: nothing was trained or changed"
+    if kept is None:
+        return (
+            f"by {name}: MLflow run {run_id} is marked KILLED; it stopped before its first checkpoint, so there "
+            "is nothing to resume"
+        )
+    return (
+        f"by {name}: MLflow run {run_id} is marked KILLED; its checkpoint is kept ({kept}): continue with "
+        f"deeprnn run --resume {run_id}"
+    )
 
 
 Resume = Annotated[
@@ -60,14 +75,16 @@ def run(
     _preflight(config, overrides, resume)
     _announce(config, resume, chosen=preset is None)  # the first line, before anything prints
 
-    temporary_api = launch.start_prefect_api()  # boots in its own process while the flow's imports load here
-    from flows.train_flow import train_lm  # Prefect and MLflow load only once the input is known to be good
+    launch.stop_on_signals()  # SIGINT, SIGTERM: stop at a safe point, checkpointed, with one line
+    with launch.exit_on_stop(stopped):
+        temporary_api = launch.start_prefect_api()  # boots in its own process while the flow's imports load here
+        from flows.train_flow import train_lm  # Prefect and MLflow load only once the input is known to be good
 
-    launch.init_device(config.train.device if resume is None else overrides.get("train", {}).get("device", "auto"))
-    launch.wait_for_api(temporary_api, preload=True)
-    ready_at = time.time()  # imports done and the Prefect API answering
-    _announce_services(launch.describe_api(temporary_api))
-    launch.mark_orphaned_runs()
+        launch.init_device(config.train.device if resume is None else overrides.get("train", {}).get("device", "auto"))
+        launch.wait_for_api(temporary_api, preload=True)
+        ready_at = time.time()  # imports done and the Prefect API answering
+        _announce_services(launch.describe_api(temporary_api))
+        launch.mark_orphaned_runs(runs_dir)
     result = launch.invoke(
         lambda: train_lm(
             preset=config.preset,
@@ -77,11 +94,12 @@ def run(
             resume_run_id=resume,
             registered_model=registered_model,
         ),
-        ON_INTERRUPT,
+        stopped,
     )
     result = replace(result, timings=replace(result.timings, cli_ready_at=ready_at, flow_returned_at=time.time()))
-    print_result(result)
-    write_json(result.as_record(), json_out)
+    with launch.exit_on_stop(f"after MLflow run {result.run_id} FINISHED: everything it logged is kept"):
+        print_result(result)
+        write_json(result.as_record(), json_out)
 
 
 def _check_resume(resume: str | None, preset: str | None) -> None:

@@ -33,6 +33,7 @@ RESUMABLE = frozenset(
         "train.timeout_minutes",
         "train.checkpoint_every",
         "train.checkpoint_every_steps",
+        "train.checkpoint_every_minutes",
         "train.log_every",
     }
 )

@@ -31,6 +31,8 @@ EXPECTED: tuple[tuple[str, str], ...] = (
     ("deeprnn.resume", "ResumeError"),
     ("deeprnn.search", "SearchSpaceError"),
     ("deeprnn.checkpoint", "UnsafeCheckpointError"),
+    ("deeprnn.checkpoint", "DamagedCheckpointError"),  # digest mismatch, cut short, weights not finite
+    ("deeprnn.checkpoint", "CheckpointDiskFullError"),  # the run folder's disk is full
     ("tracking.store", "TrackingUnavailableError"),  # also an MLflow store that needs `mlflow db upgrade`
     ("ops.cluster", "ClusterConfigError"),
     ("tasks.sweep", "SweepFailedError"),
@@ -68,6 +70,8 @@ def message(exc: BaseException) -> str:
         return f"{type(exc).__name__}: {exc}"
     if isinstance(exc, TimeoutError):  # Prefect's task timeout: only the training task has one
         return f"the training task ran past its timeout ({exc}); give it longer with --timeout-minutes"
+    if isinstance(exc, OSError) and exc.strerror:  # our own OSErrors: the message without "[Errno 28]"
+        return exc.strerror
     return str(exc)
 
 

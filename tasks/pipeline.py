@@ -8,11 +8,13 @@ task that a sweep sends to its Dask workers), so both run exactly the same stage
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from deeprnn.config import RunConfig
+from deeprnn.resume import LAST
 from deeprnn.search import Trial
 from ops.limits import training_timeout_seconds
 from tasks.checks import check_inputs
@@ -57,7 +59,8 @@ def run_pipeline(
     run_id, run_dir = start_tracking(
         config, experiment, runs_dir, parent_run_id, run_name, tags, resume_run_id, corpus=corpus
     )
-    with runs.run_status(run_id):  # FAILED/KILLED in MLflow if anything below raises
+    # FAILED/KILLED in MLflow if anything below raises; a stopped run says whether it can be resumed.
+    with runs.run_status(run_id, checkpoint=Path(run_dir) / LAST):
         prepared = prepare_tokens(corpus, config.data)
         # The text preset's size and the prefixes from the text; a run named by us is renamed for its model.
         rename = run_name is None and resume_run_id is None

@@ -323,11 +323,6 @@ def start_tracking(
     # The folder is named by the run id (letters and digits only), never by a user-given name.
     run_dir = run_folder(runs_dir, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    get_run_logger().info(
-        "MLflow run %s in experiment %r; checkpoints in %s (if stopped: deeprnn run --resume %s)",
-        run_id,
-        experiment,
-        run_dir,
-        run_id,
-    )
+    # No `--resume` offered here: a run stopped before its first checkpoint has nothing to resume from.
+    get_run_logger().info("MLflow run %s in experiment %r; checkpoints in %s", run_id, experiment, run_dir)
     return run_id, str(run_dir)

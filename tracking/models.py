@@ -110,18 +110,23 @@ def log_model(run_id: str, checkpoint: Path, example_prefix: str) -> LoggedModel
     if logged is not None and logged.status == LoggedModelStatus.READY:
         log.info("run %s already logged model %s; reusing it", run_id, logged.model_id)
         return LoggedModel(logged.model_id, f"models:/{logged.model_id}")
+    run = client.get_run(run_id)
     if logged is None:
         # Model.log would file the LoggedModel under the thread's active experiment; create it in the run's
         # own experiment instead, so `runs:/<run_id>/model` resolves and the UI shows it beside the run.
-        run = client.get_run(run_id)
         logged = client.create_logged_model(
             experiment_id=run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id, params=dict(run.data.params)
         )
+    # Model.log records the model as the run's output before it uploads anything, and the store allows that
+    # record once: an attempt that failed in the upload (a full artifact store) already made it, and a second
+    # one would fail with a UNIQUE constraint on every retry and resume. Look before creating it again.
+    outputs = run.outputs.model_outputs if run.outputs else []
+    linked = any(output.model_id == logged.model_id for output in outputs)
     Model.log(
         artifact_path=None,  # deprecated positional in Model.log; ``name`` is the MLflow 3 spelling
         name=MODEL_NAME,
         flavor=mlflow.pyfunc,
-        run_id=run_id,
+        run_id=None if linked else run_id,  # None: no second output record; the model keeps its source run
         python_model=str(_PYFUNC_CODE),
         artifacts={"checkpoint": str(checkpoint)},
         code_paths=[str(Path(deeprnn.__file__).parent)],

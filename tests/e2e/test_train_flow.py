@@ -72,6 +72,7 @@ def test_smoke_flow_logs_everything_and_model_reproduces_samples(workdir: Path, 
         "perplexity.png",
         "config.json",
         "checkpoints/last.pt",
+        "checkpoints/last.pt.sha256",  # its digest, checked before it is loaded
     } <= artifacts
     vocab = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/vocab.json")
     assert vocab["idx_to_token"][:3] == ["<unk>", " ", "e"] and len(vocab["idx_to_token"]) == 28

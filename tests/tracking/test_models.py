@@ -3,6 +3,7 @@ registered once per run, described, promoted only when better on the same held-o
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -153,3 +154,26 @@ def test_each_corpus_gets_its_own_registered_model() -> None:
     assert models.default_registered_model("https://example.org/timemachine.txt", D2L_SHA1) == "deeprnn-lm"
     sha1 = "0123456789abcdef" * 2 + "01234567"
     assert models.default_registered_model("file:///home/me/My Notes.txt", sha1) == "deeprnn-my-notes-01234567"
+
+
+def test_a_model_upload_that_fills_the_artifact_store_completes_the_same_run_once_space_is_freed(
+    tracking_store: str, tiny_checkpoint: Path, small_filesystem: Path, experiment: str
+) -> None:
+    """The artifact store is full while the model uploads; the retry (or a later --resume) logs it into the
+    same run and the same model, instead of failing on MLflow's UNIQUE constraint for ever."""
+    client = MlflowClient()
+    client.create_experiment(experiment, artifact_location=str(small_filesystem / "artifacts"))
+    run_id = runs.create_run(experiment, "run", {}, {"preset": "smoke"})
+    filler = small_filesystem / "filler"
+    stats = os.statvfs(small_filesystem)
+    filler.write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - 16_384))  # 16 KB left: the model needs more
+    with pytest.raises(OSError, match="No space left on device"):
+        models.log_model(run_id, tiny_checkpoint, "time")
+    filler.unlink()  # the operator frees the disk
+    model = models.log_model(run_id, tiny_checkpoint, "time")
+    run = client.get_run(run_id)
+    assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]  # one model, linked once
+    assert [m.model_id for m in client.search_logged_models([run.info.experiment_id])] == [model.model_id]
+    assert models.log_model(run_id, tiny_checkpoint, "time") == model  # and again: nothing new
+    (text,) = models.load_pyfunc(model.model_uri).predict(pd.DataFrame({"prefix": ["time"]}), params={"num_chars": 3})
+    assert text.startswith("time")
