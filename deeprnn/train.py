@@ -285,14 +285,14 @@ class Trainer:
             epoch, batch, batches = self._pos.epoch, self._pos.batch, self._pos.batches
         else:
             epoch, batch, batches = self.epoch, run.drained_batches, run.drained_batches
+        run.schedule.replan(self.step)  # a time budget's plan, from the throughput so far
+        if run.reporter.max_steps is not None and self.cfg.time_budget is not None:
+            run.reporter.max_steps = run.schedule.planned
         # A budget's end inside an epoch is reported as inside it: the line says where.
         stats, mean = run.reporter.report(
             self.step, epoch, batch, batches, loss_sum, heldout, epoch_end and self._pos is None
         )
         check_loss(epoch, mean)
-        run.schedule.replan(self.step)  # a time budget's plan, from the throughput so far
-        if run.reporter.max_steps is not None and self.cfg.time_budget is not None:
-            run.reporter.max_steps = run.schedule.planned
         if run.on_step is not None:
             run.on_step(stats)
         run.reporter.restart_window()
