@@ -65,9 +65,11 @@ def test_every_configuration_option_shows_its_default() -> None:
     for cli_name in OPTION_FIELDS:
         flag = "--" + cli_name.replace("_", "-")
         assert "[default:" in rows[flag], f"{flag}: {rows[flag]}"
-    assert "[default: the preset's; d2l-9.3: 35]" in rows["--num-steps"]
-    assert "[default: the preset's; d2l-9.3: 500]" in rows["--epochs"]
-    assert "[default: the preset's; d2l-9.3: time traveller, traveller]" in rows["--prefix"]
+    assert "[default: the preset's; d2l-9.3: 35, text: 64]" in rows["--num-steps"]  # the own-text preset's too
+    assert "[default: the preset's; d2l-9.3: 500, text: 1000]" in rows["--epochs"]
+    assert "[default: the preset's; d2l-9.3: 2.0]" in rows["--lr"].replace(", text: 0.003", "")
+    assert "[default: the preset's; d2l-9.3: time traveller, traveller, text: none]" in rows["--prefix"]
+    assert "d2l-9.3: unset, text: 300.0]" in rows["--time-budget"]
     assert "--checkpoint-every-steps" in rows and "Empty: per epoch only." in rows["--checkpoint-every-steps"]
 
 
