@@ -81,6 +81,8 @@ def override_parameters(sections: tuple[str, ...] = tuple(SECTIONS)) -> list[ins
             continue
         info = SECTIONS[section].model_fields[name]
         typ, note, metavar = _cli_type(info.annotation)
+        if any(isinstance(m, BeforeValidator) for m in info.metadata):  # parsed from text by the model itself
+            typ, note, metavar = Optional[str], "", "DURATION"
         flag = "--" + cli_name.replace("_", "-")
         decls = [flag, f"{flag}/--no-{cli_name.replace('_', '-')}"] if typ is Optional[bool] else [flag]
         # The option's own default is None (the preset's value applies): say so, with the book's value.

@@ -31,7 +31,7 @@ REGISTERED_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$"
 # params, checkpoints, config.json, --json). Python values keep them for the download.
 CorpusURL = Annotated[str, PlainSerializer(redact_url, when_used="json")]
 # Seconds; the CLI and the form also take "90s", "2m", "1h30m".
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+Duration = Annotated[Optional[float], BeforeValidator(parse_duration)]  # "off", "0", "": no budget
 # The book's sample prefixes: the default for the book's corpus (any other text gets prefixes drawn from it).
 BOOK_PREFIXES = ["time traveller", "traveller"]
 # What ``model.size = "auto"`` decides (``deeprnn.sizing``); a value the user gives for one of them turns it off.
@@ -206,7 +206,7 @@ class TrainConfig(_Section):
     log_every: int = Field(
         10, title="Log every", description="Progress line every N epochs (and at the last).", ge=1, le=100000
     )
-    time_budget: Optional[Duration] = Field(
+    time_budget: Duration = Field(
         None,
         title="Time budget (seconds)",
         description="Train for this long (e.g. 90s, 2m, 1h): the steps are planned from the throughput "
