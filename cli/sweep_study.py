@@ -11,9 +11,7 @@ from cli.output import console, fail, write_json
 ON_INTERRUPT = "the sweep's MLflow run is marked KILLED; the study keeps its finished trials"
 
 
-def check_study(
-    preset: str, fixed: dict[str, Any], space: dict[str, Any], options: dict[str, Any]
-) -> Any:
+def check_study(preset: str, fixed: dict[str, Any], space: dict[str, Any], options: dict[str, Any]) -> Any:
     """The study to run, checked before anything starts: sampler, pruner, space (and its ends as
     configurations), the storage opened, and a study of that name holding the same search. Exits 2 saying
     why when any is wrong."""
@@ -32,7 +30,9 @@ def check_study(
     return spec
 
 
-def run_study(spec: Any, fixed: dict[str, Any], options: dict[str, Any], runner: Any, invoke: Callable[..., Any]) -> None:
+def run_study(
+    spec: Any, fixed: dict[str, Any], options: dict[str, Any], runner: Any, invoke: Callable[..., Any]
+) -> None:
     """Run the adaptive sweep flow on ``runner`` and print its trials and the study's best."""
     from flows.study_flow import sweep_study
 

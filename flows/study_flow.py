@@ -11,14 +11,23 @@ the flow again with the same name and search continues it with ``max_trials`` mo
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from prefect import flow
 from prefect.futures import as_completed
 
-from deeprnn.config import DataConfig, section_values, ModelConfig, PresetName, SampleConfig, TrainConfig
-from deeprnn.search import make_trial, parse_space
+from deeprnn.config import (
+    REGISTERED_MODEL_PATTERN,
+    DataConfig,
+    ModelConfig,
+    PresetName,
+    SampleConfig,
+    TrainConfig,
+    section_values,
+)
+from deeprnn.search import MAX_TRIALS, make_trial, parse_space
 from deeprnn.study import DEFAULT_STORAGE, STARTUP_TRIALS, StudySpec, check_names, check_space, corner_values
+from flows.parameters import form_field
 from ops.cluster import cluster_gpus, gpu_request, resources, task_runner_from_env
 from tasks.study import open_study, run_study_trial
 from tasks.study_report import StudySummary, publish_progress, summarize_study
@@ -49,28 +58,49 @@ def study_spec(
 
 @flow(name=STUDY_FLOW_NAME, task_runner=task_runner_from_env(), log_prints=True)
 def sweep_study(
-    space: dict[str, Any],
-    preset: PresetName = "d2l-9.3",
-    data: Optional[DataConfig] = None,
-    model: Optional[ModelConfig] = None,
-    train: Optional[TrainConfig] = None,
-    sample: Optional[SampleConfig] = None,
-    max_trials: int = 10,
-    pruner: Literal["asha", "median", "none"] = "asha",
-    sampler: Literal["tpe"] = "tpe",
-    seed: int = 0,
-    study: Optional[str] = None,
-    storage: Optional[str] = None,
-    experiment: Optional[str] = None,
-    runs_dir: str = "runs",
-    register_best: bool = True,
-    registered_model: Optional[str] = None,
+    space: Annotated[dict[str, Any], form_field("Search space")],
+    preset: Annotated[PresetName, form_field("Preset")] = "d2l-9.3",
+    data: Annotated[Optional[DataConfig], form_field("Data")] = None,
+    model: Annotated[Optional[ModelConfig], form_field("Model")] = None,
+    train: Annotated[Optional[TrainConfig], form_field("Training")] = None,
+    sample: Annotated[Optional[SampleConfig], form_field("Samples")] = None,
+    max_trials: Annotated[int, form_field("Trials", ge=1, le=MAX_TRIALS)] = 10,
+    pruner: Annotated[Literal["asha", "median", "none"], form_field("Pruner")] = "asha",
+    sampler: Annotated[Literal["tpe"], form_field("Sampler")] = "tpe",
+    seed: Annotated[int, form_field("Seed", ge=0, le=2**31 - 1)] = 0,
+    study: Annotated[Optional[str], form_field("Study", min_length=1, max_length=256)] = None,
+    storage: Annotated[Optional[str], form_field("Study storage", min_length=1, max_length=1024)] = None,
+    experiment: Annotated[Optional[str], form_field("MLflow experiment", min_length=1, max_length=256)] = None,
+    runs_dir: Annotated[str, form_field("Checkpoint folder", min_length=1, max_length=1024)] = "runs",
+    register_best: Annotated[bool, form_field("Register the best model")] = True,
+    registered_model: Annotated[Optional[str], form_field("Registered model", pattern=REGISTERED_MODEL_PATTERN)] = None,
 ) -> StudySummary:
-    """Adaptive search over a space such as ``{"train.lr": {"low": 0.1, "high": 4, "log": true}, "model.cell":
-    ["lstm", "gru"]}``: ``max_trials`` more trials of the study ``study`` (default: the flow's name) in
-    ``storage`` (default: the journal file ``optuna.journal`` here), each reporting its held-out perplexity at
-    every evaluation; ``pruner`` stops those that fall behind. The best trial's model is registered as in
-    ``sweep_lm``."""
+    """Adaptive search (Optuna): ``max_trials`` more trials of a study, trials that fall behind stopped early.
+
+    Each trial reports its held-out perplexity at every evaluation; the pruner stops those that fall behind
+    (their MLflow runs end KILLED, tagged with the step). The best trial's model is registered as in a sweep.
+
+    Args:
+        space: Configuration fields to search, e.g. {"train.lr": {"low": 0.1, "high": 4, "log": true},
+            "model.cell": ["lstm", "gru"]}: a list is a choice, {low, high, log} a range.
+        preset: Named configuration every trial starts from.
+        data: Corpus and split settings for every trial; the fields set replace the preset's.
+        model: Cell type, depth and width for every trial; the space's values replace these.
+        train: Training settings for every trial; bound trials by max_steps and evaluate with eval_every_steps
+            so the pruner sees their curves.
+        sample: Text generation settings; the fields set replace the preset's.
+        max_trials: Trials this run adds to the study.
+        pruner: asha (asynchronous successive halving), median (below the median at the same step) or none.
+        sampler: The Optuna sampler (TPE, seeded).
+        seed: Seed of the sampler.
+        study: The study's name; the same name and search continues it. Empty: deeprnn-adaptive-sweep.
+        storage: Where the study lives: an RDB URL (sqlite:///studies.db; postgresql://... for several machines)
+            or a journal file. Empty: optuna.journal in the working directory.
+        experiment: MLflow experiment of the parent and trial runs. Empty: deeprnn-adaptive-sweep.
+        runs_dir: Folder for checkpoints on each worker, one subfolder per trial.
+        register_best: Register this run's best trial's model.
+        registered_model: MLflow registered model the best trial's model becomes a version of. Empty: per corpus.
+    """
     sections = {"data": data, "model": model, "train": train, "sample": sample}
     spec = study_spec(space, preset, sections, study, storage, sampler, pruner, seed)
     search_space = parse_space(space)

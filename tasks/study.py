@@ -75,7 +75,9 @@ def _reporter(trial: Any) -> Any:
 
 def _end_pruned(parent_run_id: str, number: int, exc: TrialPruned) -> str | None:
     """The pruned trial's run ends KILLED with why and where (the pipeline ended it FAILED); returns its id."""
-    child = next((c for c in reversed(runs.child_runs(parent_run_id)) if c.tags.get("deeprnn.trial") == str(number)), None)
+    child = next(
+        (c for c in reversed(runs.child_runs(parent_run_id)) if c.tags.get("deeprnn.trial") == str(number)), None
+    )
     if child is None:
         return None
     runs.set_tags(

@@ -92,7 +92,9 @@ def test_study_prunes_a_lagging_trial_and_continues_with_parallel_trials(worker_
     assert [v.run_id for v in client.search_model_versions(f"name='{CORPUS_MODEL}'")] == [best.info.run_id]
 
     # The same sweep again: two more trials, side by side on two workers; the first three are not run again.
-    before = {t.number: (t.state, t.value) for t in optuna.load_study(study_name="lr-study", storage=_journal(storage)).trials}
+    before = {
+        t.number: (t.state, t.value) for t in optuna.load_study(study_name="lr-study", storage=_journal(storage)).trials
+    }
     second = _sweep(book_url, storage, trials=2, workers=2)
     study = optuna.load_study(study_name="lr-study", storage=_journal(storage))
     assert {t.number: (t.state, t.value) for t in study.trials[:3]} == before
