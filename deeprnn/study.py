@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from deeprnn.search import Range, SearchSpace, SearchSpaceError, make_trial
+from deeprnn.search import Range, SearchSpace, SearchSpaceError, make_trial, parse_space
 
 if TYPE_CHECKING:  # optuna loads only when a study is used
     import optuna
@@ -99,16 +99,21 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=STARTUP_TRIALS, constant_liar=True)
 
 
-def make_pruner(name: str) -> optuna.pruners.BasePruner:
+def make_pruner(name: str, max_steps: int | None = None) -> optuna.pruners.BasePruner:
     """``asha``: asynchronous successive halving; ``median``: below the median of earlier trials at the same
-    step; ``none``: every trial runs to its end."""
+    step; ``none``: every trial runs to its end.
+
+    ASHA keeps a third of the trials at each rung; with a step budget its rungs are at 1/27, 1/9 and 1/3 of
+    ``max_steps`` (the first evaluation at or after each), else Optuna estimates them from the first
+    finished trial."""
     import optuna
 
     check_names("tpe", name)
     if name == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner()
+        first_rung: int | str = max(1, max_steps // 27) if max_steps else "auto"
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung, reduction_factor=3)
     if name == "median":
-        # Not before two trials have finished, nor in a trial's first reports (its curve is still noisy).
+        # Not before two trials have finished: one curve is no median.
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0, interval_steps=1)
     return optuna.pruners.NopPruner()
 
@@ -135,6 +140,11 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         ) from None
 
 
+def is_local_storage(url: str) -> bool:
+    """True for a storage only this machine reaches: a journal file or an sqlite database."""
+    return "://" not in url or url.startswith("sqlite")
+
+
 def _engine_kwargs(url: str) -> dict[str, Any]:
     # sqlite: several worker processes write one file; wait for its lock instead of failing at once.
     if url.startswith("sqlite"):
@@ -156,19 +166,23 @@ class StudySpec:
     seed: int = 0
 
     def signature(self) -> str:
-        """The search as JSON: a study continues only with the same one."""
-        return json.dumps({"space": self.space, "preset": self.preset, "overrides": self.overrides}, sort_keys=True)
+        """The search as JSON, its varied fields' distributions and every other field's value, however they were
+        given (options, sections or fixed values of the space): a study continues only with the same one."""
+        space = parse_space(self.space)
+        base = make_trial(self.preset, self.overrides, space, 0, corner_values(space)[0]).config.flat()
+        fixed = {k: v for k, v in base.items() if k not in space.dims}
+        return json.dumps({"search": space.describe(), "fixed": fixed}, sort_keys=True, default=str)
 
-    def load(self, seed_offset: int = 0) -> optuna.Study:
+    def load(self, seed_offset: int = 0, max_steps: int | None = None) -> optuna.Study:
         """The study, with its sampler seeded at ``seed + seed_offset`` (each trial's own offset: workers do not
-        share a random generator) and its pruner."""
+        share a random generator) and its pruner for trials of ``max_steps`` steps."""
         import optuna
 
         return optuna.load_study(
             study_name=self.name,
             storage=open_storage(self.storage),
             sampler=make_sampler(self.sampler, self.seed + seed_offset),
-            pruner=make_pruner(self.pruner),
+            pruner=make_pruner(self.pruner, max_steps),
         )
 
 

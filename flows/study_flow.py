@@ -11,6 +11,7 @@ the flow again with the same name and search continues it with ``max_trials`` mo
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Literal, Optional
 
 from prefect import flow
@@ -53,7 +54,9 @@ def study_spec(
     check_space(preset, sections, search_space)
     overrides = {k: section_values(v) for k, v in sections.items() if section_values(v)}
     name = study or STUDY_FLOW_NAME
-    return StudySpec(name, storage or DEFAULT_STORAGE, space, preset, overrides, sampler, pruner, seed)
+    # As for the CLI's --storage: the environment of the process that runs the flow names the default.
+    storage = storage or os.environ.get("DEEPRNN_OPTUNA_STORAGE") or DEFAULT_STORAGE
+    return StudySpec(name, storage, space, preset, overrides, sampler, pruner, seed)
 
 
 @flow(name=STUDY_FLOW_NAME, task_runner=task_runner_from_env(), log_prints=True)
@@ -95,7 +98,7 @@ def sweep_study(
         seed: Seed of the sampler.
         study: The study's name; the same name and search continues it. Empty: deeprnn-adaptive-sweep.
         storage: Where the study lives: an RDB URL (sqlite:///studies.db; postgresql://... for several machines)
-            or a journal file. Empty: optuna.journal in the working directory.
+            or a journal file. Empty: DEEPRNN_OPTUNA_STORAGE, else optuna.journal in the working directory.
         experiment: MLflow experiment of the parent and trial runs. Empty: deeprnn-adaptive-sweep.
         runs_dir: Folder for checkpoints on each worker, one subfolder per trial.
         register_best: Register this run's best trial's model.

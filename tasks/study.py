@@ -18,7 +18,8 @@ from prefect.cache_policies import NO_CACHE
 
 from deeprnn.progress import StepStats
 from deeprnn.search import Trial, make_trial, parse_space
-from deeprnn.study import StudySpec, check_space, create_or_continue
+from deeprnn.study import StudyError, StudySpec, check_space, create_or_continue, is_local_storage, make_pruner
+from ops import cluster
 from tasks.pipeline import run_pipeline
 from tasks.results import RunResult
 from tasks.step_watch import TrialPruned, watching
@@ -43,8 +44,18 @@ class StudyTrialOutcome:
 
 @task(name="open-study", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
 def open_study(spec: StudySpec) -> int:
-    """Create the study, or continue the one of the same name and search; returns how many trials it holds."""
+    """Create the study, or continue the one of the same name and search; returns how many trials it holds.
+    Refuses a storage on this machine's disk when the Dask scheduler is on another machine."""
+    from prefect.context import FlowRunContext
+
     check_space(spec.preset, spec.overrides, parse_space(spec.space))
+    context = FlowRunContext.get()
+    address = getattr(context.task_runner, "address", None) if context else None
+    if cluster.is_remote(address) and is_local_storage(spec.storage):
+        raise StudyError(
+            f"the Dask scheduler {address} is on another machine but the study lives in {spec.storage}, on this "
+            "machine's disk: give --storage a database every worker reaches, e.g. postgresql://user@db-host/optuna"
+        )
     study = create_or_continue(spec)
     count = len(study.trials)
     word = f"continuing study {spec.name!r} ({count} trials so far)" if count else f"new study {spec.name!r}"
@@ -115,6 +126,8 @@ def run_study_trial(
     tags["deeprnn.study"] = spec.name
     try:
         trial = make_trial(spec.preset, spec.overrides, space, asked.number, values)
+        # The pruner's rungs follow this trial's step budget (the space may vary it).
+        study.pruner = make_pruner(spec.pruner, trial.config.train.max_steps)
         with watching(_reporter(asked)):
             result = run_pipeline(trial.config, experiment, runs_dir, parent_run_id, trial.name, tags, False)
     except TrialPruned as exc:

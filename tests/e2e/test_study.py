@@ -5,7 +5,10 @@ study adds trials side by side without running the first ones again; bad input i
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +61,9 @@ def _sweep(book_url: str, storage: Path, trials: int, workers: int) -> Any:
     )
 
 
-def test_study_prunes_a_lagging_trial_and_continues_with_parallel_trials(worker_env: Path, book_url: str) -> None:
+def test_study_prunes_a_lagging_trial_and_continues_with_parallel_trials(
+    worker_env: Path, cli_env: dict[str, str], book_url: str
+) -> None:
     storage = worker_env / "studies.journal"
     first = _sweep(book_url, storage, trials=3, workers=1)
     client = MlflowClient()
@@ -91,18 +96,33 @@ def test_study_prunes_a_lagging_trial_and_continues_with_parallel_trials(worker_
     assert parent.data.tags["best_trial_run_id"] == best.info.run_id
     assert [v.run_id for v in client.search_model_versions(f"name='{CORPUS_MODEL}'")] == [best.info.run_id]
 
-    # The same sweep again: two more trials, side by side on two workers; the first three are not run again.
-    before = {
-        t.number: (t.state, t.value) for t in optuna.load_study(study_name="lr-study", storage=_journal(storage)).trials
-    }
-    second = _sweep(book_url, storage, trials=2, workers=2)
-    study = optuna.load_study(study_name="lr-study", storage=_journal(storage))
+    # The same sweep again, from the command line: two more trials side by side on two workers, the study
+    # continued (the same search, given as options), the first three trials not run again.
+    before = {t.number: (t.state, t.value) for t in _study(storage).trials}
+    out = worker_env / "second.json"
+    args = ["--lr", "2.0,0.01", "--param", "model.num_hiddens=16", "--param", "data.val_fraction=0.1"]
+    args += ["--param", f"train.max_steps={MAX_STEPS}", "--param", "train.eval_every_steps=10", "--epochs", "100"]
+    args += ["--device", "cpu", "--data-url", book_url, "--data-sha1", BOOK_SHA1, "--seed", "1"]
+    args += ["--study", "lr-study", "--storage", str(storage), "--experiment", "study-check", "--no-register-best"]
+    command = [sys.executable, "-m", "cli.app", "sweep", "--search", "optuna", "--preset", "smoke", *args]
+    command += ["--max-trials", "2", "--workers", "2", "--json", str(out)]
+    proc = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**cli_env, "PYTHONPATH": str(REPO)}
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the study holds 5 trials" in " ".join(proc.stdout.split())
+    second = json.loads(out.read_text())
+    study = _study(storage)
     assert {t.number: (t.state, t.value) for t in study.trials[:3]} == before
-    assert len(study.trials) == 5 and second.study_trials == 5
-    new = _children(client, second.parent_run_id)
+    assert len(study.trials) == 5 and second["study_trials"] == 5
+    new = _children(client, second["parent_run_id"])
     assert sorted(int(c.data.tags["deeprnn.trial"]) for c in new) == [3, 4]
     assert len({c.data.tags["deeprnn.pid"] for c in new}) == 2
     assert new[0].info.start_time < new[1].info.end_time and new[1].info.start_time < new[0].info.end_time
+
+
+def _study(path: Path) -> Any:
+    return optuna.load_study(study_name="lr-study", storage=_journal(path))
 
 
 def _journal(path: Path) -> Any:
