@@ -119,6 +119,8 @@ def sweep(
     options.check_registered_model(registered_model)
     fixed = options.overrides({name: values.get(name) for name in FIXED})
     dims = {name: values.get(name) for name in DIMENSIONS}
+    if search == "optuna" and random_search:
+        fail("--random and --search optuna each choose the search: give one")
     if search == "optuna":
         adaptive = dict(study=study or experiment, storage=storage, sampler=sampler, pruner=pruner, seed=seed)
         adaptive.update(max_trials=max_trials or 10, experiment=experiment, runs_dir=runs_dir, json_out=json_out)

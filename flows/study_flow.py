@@ -15,6 +15,7 @@ import os
 from typing import Annotated, Any, Literal, Optional
 
 from prefect import flow
+from prefect.artifacts import create_progress_artifact
 from prefect.futures import as_completed
 
 from deeprnn.config import (
@@ -116,18 +117,27 @@ def sweep_study(
     parent_run_id = start_sweep_tracking([first], search_space, strategy, experiment, planned=max_trials)
     request = gpu_request(first.config.train.device, cluster_gpus())
     with runs.run_status(parent_run_id):
-        futures = []
-        for i in range(max_trials):
-            with resources(request):  # one GPU per trial where the trials train on GPUs
-                futures.append(
-                    run_study_trial.submit(spec, earlier + i, experiment, runs_dir, parent_run_id, tracking_uri)
-                )
-        outcomes: list[Any] = []
-        for future in as_completed(futures):
-            try:
-                outcomes.append(future.result())
-            except Exception as exc:  # a failed trial is counted; the others go on
-                outcomes.append(exc)
-            publish_progress(spec, outcomes, max_trials)
+        run = (experiment, runs_dir, parent_run_id, tracking_uri)
+        outcomes = _run_trials(spec, earlier, max_trials, request, run)
         summary = summarize_study(spec, parent_run_id, outcomes, register_best, registered_model)
     return summary
+
+
+def _run_trials(
+    spec: StudySpec, earlier: int, max_trials: int, request: dict[str, float] | None, run: tuple[str, str, str, str]
+) -> list[Any]:
+    """Submit ``max_trials`` trials (numbered on from the study's ``earlier`` ones) and collect each as it ends,
+    its result or its exception, the progress artifacts updated after each."""
+    futures = []
+    for i in range(max_trials):
+        with resources(request):  # one GPU per trial where the trials train on GPUs
+            futures.append(run_study_trial.submit(spec, earlier + i, *run))
+    outcomes: list[Any] = []
+    progress = create_progress_artifact(0.0, description=f"study {spec.name}: trials done (%)")
+    for future in as_completed(futures):
+        try:
+            outcomes.append(future.result())
+        except Exception as exc:  # a failed trial is counted; the others go on
+            outcomes.append(exc)
+        publish_progress(spec, outcomes, max_trials, progress)
+    return outcomes

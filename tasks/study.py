@@ -18,11 +18,19 @@ from prefect.cache_policies import NO_CACHE
 
 from deeprnn.progress import StepStats
 from deeprnn.search import Trial, make_trial, parse_space
-from deeprnn.study import StudyError, StudySpec, check_space, create_or_continue, is_local_storage, make_pruner
+from deeprnn.study import (
+    StudyError,
+    StudySpec,
+    check_space,
+    create_or_continue,
+    distributions,
+    is_local_storage,
+    make_pruner,
+)
 from ops import cluster
 from tasks.pipeline import run_pipeline
 from tasks.results import RunResult
-from tasks.step_watch import TrialPruned, watching
+from tasks.step_watch import StepObserver, TrialPruned, watching
 from tracking import runs, store
 
 RUN_ID_ATTR = "mlflow_run_id"  # the trial's MLflow run, on the Optuna trial
@@ -69,7 +77,7 @@ def _objective(result: RunResult) -> float:
     return float(val if val is not None else result.evaluation.test_perplexity)
 
 
-def _reporter(trial: Any) -> Any:
+def _reporter(trial: Any) -> StepObserver:
     """The ``on_step`` observer of one trial: each held-out measurement to Optuna, ``TrialPruned`` when the
     pruner stops the trial there."""
 
@@ -118,8 +126,6 @@ def run_study_trial(
     logger = get_run_logger()
     study = spec.load(seed_offset=slot)
     space = parse_space(spec.space)
-    from deeprnn.study import distributions
-
     asked = study.ask(distributions(space))
     values = {key: asked.params[key] for key in space.dims}
     tags = {"deeprnn.trial": str(asked.number), "prefect.task_run_id": str(task_run.get_id() or "")}

@@ -10,10 +10,11 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
+from uuid import UUID
 
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from deeprnn.search_results import TrialResult, table_csv, table_markdown
@@ -61,10 +62,12 @@ def _counts(outcomes: list[Any]) -> dict[str, int]:
     }
 
 
-def publish_progress(spec: StudySpec, outcomes: list[Any], planned: int) -> None:
+def publish_progress(spec: StudySpec, outcomes: list[Any], planned: int, progress: UUID | None = None) -> None:
     """The study so far as a Prefect markdown artifact (a new version after each trial): trials done,
-    pruned, failed, and the best value so far."""
+    pruned, failed, and the best value so far; ``progress``, a progress artifact, to the share of trials done."""
     counts = _counts(outcomes)
+    if progress is not None:
+        update_progress_artifact(progress, 100.0 * len(outcomes) / max(planned, 1))
     finished = [o for o in outcomes if isinstance(o, StudyTrialOutcome) and o.status == "FINISHED"]
     best = min(finished, key=lambda o: o.value if o.value is not None else float("inf"), default=None)
     lines = [
