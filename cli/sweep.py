@@ -41,7 +41,10 @@ Random = Annotated[
 MaxTrials = Annotated[
     Optional[int],
     typer.Option(
-        "--max-trials", min=1, help="Trials a random search draws (default 10); a grid larger than this is refused."
+        "--max-trials",
+        min=1,
+        help="Trials a random search draws, or an optuna search adds to its study (default 10); a grid larger "
+        "than this is refused.",
     ),
 ]
 Seed = Annotated[
@@ -170,8 +173,7 @@ def _adaptive(
     from ops.cluster import dask_task_runner
 
     launch.wait_for_api(temporary_api, preload=False)
-    device = (fixed.get("train") or {}).get("device", "auto")
-    runner = dask_task_runner(cluster_address, workers, use_gpus=device != "cpu")
+    runner = dask_task_runner(cluster_address, workers, use_gpus=spec.first_point().config.train.device != "cpu")
     where = cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)"
     _announce(adaptive["max_trials"], preset, where)
     console.print(f"Optuna study {spec.name!r} in {spec.storage} (sampler {spec.sampler}, pruner {spec.pruner})")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from deeprnn.search import Range, SearchSpace, SearchSpaceError, make_trial, parse_space
+from deeprnn.search import Range, SearchSpace, SearchSpaceError, Trial, make_trial, parse_space
 
 if TYPE_CHECKING:  # optuna loads only when a study is used
     import optuna
@@ -169,9 +169,14 @@ class StudySpec:
         """The search as JSON, its varied fields' distributions and every other field's value, however they were
         given (options, sections or fixed values of the space): a study continues only with the same one."""
         space = parse_space(self.space)
-        base = make_trial(self.preset, self.overrides, space, 0, corner_values(space)[0]).config.flat()
+        base = self.first_point().config.flat()
         fixed = {k: v for k, v in base.items() if k not in space.dims}
         return json.dumps({"search": space.describe(), "fixed": fixed}, sort_keys=True, default=str)
+
+    def first_point(self) -> Trial:
+        """The space's first corner as a trial: the configuration every field not searched has."""
+        space = parse_space(self.space)
+        return make_trial(self.preset, self.overrides, space, 0, corner_values(space)[0])
 
     def load(self, seed_offset: int = 0, max_steps: int | None = None) -> optuna.Study:
         """The study, with its sampler seeded at ``seed + seed_offset`` (each trial's own offset: workers do not

@@ -27,8 +27,8 @@ from deeprnn.config import (
     TrainConfig,
     section_values,
 )
-from deeprnn.search import MAX_TRIALS, make_trial, parse_space
-from deeprnn.study import DEFAULT_STORAGE, STARTUP_TRIALS, StudySpec, check_names, check_space, corner_values
+from deeprnn.search import MAX_TRIALS, parse_space
+from deeprnn.study import DEFAULT_STORAGE, STARTUP_TRIALS, StudySpec, check_names, check_space
 from flows.parameters import form_field
 from ops.cluster import cluster_gpus, gpu_request, resources, task_runner_from_env
 from tasks.study import open_study, run_study_trial
@@ -108,7 +108,7 @@ def sweep_study(
     sections = {"data": data, "model": model, "train": train, "sample": sample}
     spec = study_spec(space, preset, sections, study, storage, sampler, pruner, seed)
     search_space = parse_space(space)
-    first = make_trial(preset, spec.overrides, search_space, 0, corner_values(search_space)[0])
+    first = spec.first_point()  # the parent run's configuration, but for the searched fields
     tracking_uri = check_sweep_inputs()
     earlier = open_study(spec)
     experiment = experiment or STUDY_FLOW_NAME

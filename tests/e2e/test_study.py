@@ -82,6 +82,11 @@ def test_study_prunes_a_lagging_trial_and_continues_with_parallel_trials(
         assert curve and max(m.step for m in curve) == step
     for run in finished:
         assert run.data.metrics["steps_done"] == MAX_STEPS
+    from prefect.artifacts import Artifact
+
+    progress = Artifact.get("deeprnn-study-progress")  # the study's progress, as of its last trial
+    assert progress is not None and "3 of 3 trials done" in progress.data
+    assert f"pruned: {len(pruned)}" in progress.data and "best so far: trial" in progress.data
 
     # The parent run: the study's best trial, value and params, Optuna's pictures, the best model registered.
     parent = client.get_run(first.parent_run_id)
