@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cli import launch, options
+from cli import launch, options, preflight
 from cli.output import console, fail, print_sweep, write_json
 from deeprnn.config import PRESETS
 
@@ -133,6 +133,11 @@ def sweep(
         fail(f"unknown search {search!r}; choose one of: grid, random, optuna")
     random_search = random_search or search == "random"
     space, trials = _plan(preset, fixed, space_file, dims, param, random_search, max_trials, seed)
+    if cluster_address is None:  # a remote cluster's workers have files and devices of their own
+        for url in sorted({t.config.data.url for t in trials}):
+            preflight.check_source(url)
+        for device in sorted({t.config.train.device for t in trials}):
+            preflight.check_device(device)
 
     temporary_api = launch.start_prefect_api()  # boots while the imports below load, as for `deeprnn run`
     from flows.sweep_flow import sweep_lm  # Prefect, MLflow and Dask load only once the input is known to be good
@@ -231,10 +236,11 @@ def _announce(trials: int, preset: str, where: str) -> None:
     from tracking.store import tracking_uri
 
     console.print(f"deeprnn sweep: {trials} trials of preset [bold]{preset}[/bold] on {where}")
-    console.print(f"MLflow tracking: {tracking_uri()}")
+    console.print(f"MLflow tracking: {tracking_uri()}", highlight=False, soft_wrap=True, markup=False)
     # The workers report to the same API: PREFECT_API_URL (the temporary server's, when it runs) reaches local
     # workers through the environment and every worker through the settings the task runner sends along.
-    console.print(f"Prefect API: {os.environ.get('PREFECT_API_URL', 'from the Prefect profile')}")
+    api = os.environ.get("PREFECT_API_URL", "from the Prefect profile")
+    console.print(f"Prefect API: {api}", highlight=False, soft_wrap=True, markup=False)
 
 
 def _dimension_parameters() -> list[inspect.Parameter]:

@@ -157,12 +157,13 @@ class TrainConfig(_Section):
     weight_decay: float = Field(
         0.0, title="Weight decay", description="L2 (sgd, adam) or decoupled (adamw).", ge=0.0, le=1.0
     )
-    lr_schedule: Literal["constant", "cosine", "warmup-cosine"] = Field(
+    lr_schedule: Literal["constant", "cosine", "warmup-cosine", "warmup-stable-decay"] = Field(
         "constant",
         title="LR schedule",
         description="constant (the book); cosine: decay to 0 over the epochs; warmup-cosine: linear warm-up over "
         "warmup_steps, then cosine decay to a tenth of the peak over the planned steps (epochs, max_steps or the "
-        "time budget, whichever ends first).",
+        "time budget, whichever ends first); warmup-stable-decay: the same warm-up, the peak until the last 20% "
+        "of the plan, and that cosine decay over it.",
     )
     warmup_steps: int = Field(
         100,

@@ -135,7 +135,9 @@ def run_study_trial(
         # The pruner's rungs follow this trial's step budget (the space may vary it).
         study.pruner = make_pruner(spec.pruner, trial.config.train.max_steps)
         with watching(_reporter(asked)):
-            result = run_pipeline(trial.config, experiment, runs_dir, parent_run_id, trial.name, tags, False)
+            result = run_pipeline(
+                trial.config, experiment, runs_dir, parent_run_id, trial.name, tags, register_model=False
+            )
     except TrialPruned as exc:
         run_id = _end_pruned(parent_run_id, asked.number, exc)
         if run_id:

@@ -19,6 +19,7 @@ import pytest
 import requests
 import yaml
 from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
+from corpora import TRAIN_EXPERIMENT
 from live_servers import Server, log_tail, start_process, stop_process_group
 from mlflow.tracking import MlflowClient
 
@@ -83,7 +84,7 @@ def worker(deployed: Deployed, tmp_path_factory: pytest.TempPathFactory) -> Iter
     }
     # Experiments made up front keep artifacts in the test's folder (a sqlite store's default is ./mlruns).
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    for experiment in ("deeprnn-train", "deeprnn-evaluate"):
+    for experiment in {"deeprnn-train", TRAIN_EXPERIMENT, "deeprnn-evaluate"}:
         client.create_experiment(experiment, artifact_location=(root / "artifacts" / experiment).as_uri())
     log = root / "worker.log"
     proc = start_process(

@@ -21,7 +21,7 @@ ENGLISH = "The Time Traveller (for so it will be convenient to speak of him) was
 
 
 def _env(cache: Path) -> dict[str, str]:
-    return {**os.environ, "DEEPRNN_CACHE_DIR": str(cache), "COLUMNS": "200"}
+    return {**os.environ, "DEEPRNN_CACHE_DIR": str(cache), "COLUMNS": "80"}  # a narrow log: paths still whole
 
 
 def _prepare(tmp_path: Path, *args: str, cache: Path | None = None) -> subprocess.CompletedProcess[str]:
