@@ -20,6 +20,7 @@ from deeprnn.pipeline import TrainingHooks, TrainingOutcome, start_training
 from deeprnn.progress import EpochStats, StepStats, progress_line
 from deeprnn.resume import LAST
 from deeprnn.vocab import Vocab
+from tasks import step_watch
 from tracking import checkpoints, metrics, runs, store
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]  # what get_run_logger returns
@@ -58,6 +59,7 @@ def _hooks(
             logger.info(progress_line(stats))
             update_progress_artifact(progress, 100.0 * min(stats.step / max(stats.total_steps, 1), 1.0))
             last_line[0] = time.perf_counter()
+        step_watch.notify(stats)  # a sweep's pruner, after the step is in the curves it keeps
 
     return TrainingHooks(
         on_epoch=on_epoch,

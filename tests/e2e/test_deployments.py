@@ -236,13 +236,20 @@ def test_each_deployment_form_is_pre_filled_with_what_will_run(deployed: Deploye
     full = deployed.deployments["full-book"]["parameters"]
     assert (full["train"]["epochs"], full["train"]["optimizer"], full["model"]["num_hiddens"]) == (30, "adamw", 512)
     assert full["data"]["max_tokens"] is None
-    sweep = deployed.deployments["sweep"]
-    validate(sweep["parameters"], sweep["parameter_openapi_schema"], raise_on_error=True)
-    assert sweep["parameters"]["train"]["epochs"] == 100
+    for name in ("sweep", "adaptive-sweep"):
+        sweep = deployed.deployments[name]
+        validate(sweep["parameters"], sweep["parameter_openapi_schema"], raise_on_error=True)
+        assert sweep["parameters"]["train"]["epochs"] == 100
+    adaptive = deployed.deployments["adaptive-sweep"]["parameter_openapi_schema"]["properties"]
+    assert adaptive["pruner"]["enum"] == ["asha", "median", "none"] and adaptive["pruner"]["title"] == "Pruner"
 
 
-# The one value a deployment's sections may hold that its preset does not: the sweep trains 100 epochs a trial.
-DEPLOYMENT_CHANGES: dict[str, dict[str, dict[str, Any]]] = {"sweep": {"train": {"epochs": 100}}}
+# The values a deployment's sections may hold that its preset does not: the sweeps train 100 epochs a trial, and
+# the adaptive one holds a validation split out for its pruner and its choice.
+DEPLOYMENT_CHANGES: dict[str, dict[str, dict[str, Any]]] = {
+    "sweep": {"train": {"epochs": 100}},
+    "adaptive-sweep": {"train": {"epochs": 100}, "data": {"val_fraction": 0.1}},
+}
 
 
 def test_prefect_yaml_holds_the_presets_sections_exactly() -> None:
@@ -262,7 +269,7 @@ def test_prefect_yaml_holds_the_presets_sections_exactly() -> None:
             + yaml.safe_dump(expected, sort_keys=False)
         )
         checked.add(name)
-    assert checked == {"d2l-9.3", "full-book", "smoke", "prepare", "sweep"}
+    assert checked == {"d2l-9.3", "full-book", "smoke", "prepare", "sweep", "adaptive-sweep"}
     entrypoints = {d["name"]: d.get("entrypoint") for d in PREFECT_YAML["deployments"]}
     assert all(entrypoints[n] == "flows/train_flow.py:train_lm" for n in ("d2l-9.3", "full-book", "smoke"))
     # Every section the training flow takes is there: nothing falls back to a value the form does not show.
@@ -485,7 +492,7 @@ def test_setup_server_creates_the_training_slot_the_zombie_automation_and_the_al
     server = deployed.server
     queue = api(server, "GET", f"/work_pools/{POOL}/queues/training").json()
     assert queue["concurrency_limit"] == 1
-    for name in ("d2l-9.3", "full-book", "smoke", "sweep"):
+    for name in ("d2l-9.3", "full-book", "smoke", "sweep", "adaptive-sweep"):
         assert deployed.deployments[name]["work_queue_name"] == "training", name
         assert deployed.deployments[name]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
     automations = {a["name"]: a for a in api(server, "POST", "/automations/filter", json={}).json()}
