@@ -48,10 +48,10 @@ def hand_tuned(budget: str) -> list[list[str]]:
         "--time-budget", budget,
     ]  # fmt: skip
     return [
-        base,
+        base,  # the recipe: full-book's optimizer at a constant rate
+        [*base, "--lr-schedule", "warmup-stable-decay"],
+        [*base, "--lr-schedule", "warmup-stable-decay", "--num-hiddens", "384"],
         [*base, "--lr-schedule", "warmup-cosine"],
-        [*base, "--lr-schedule", "warmup-cosine", "--num-hiddens", "384"],
-        [*base, "--lr-schedule", "warmup-cosine", "--num-hiddens", "192"],
     ]
 
 
