@@ -421,7 +421,7 @@ class AlertReceiver:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for body in list(self.bodies):
-                if text in json.dumps(body):
+                if text in json.dumps(body, ensure_ascii=False):  # run names hold a middle dot
                     return body
             time.sleep(1)
         pytest.fail(f"no alert mentioning {text!r} within {timeout:.0f} s; got {self.bodies}")

@@ -225,7 +225,8 @@ def killed_then_resumed(tmp_path_factory: pytest.TempPathFactory, prefect_api: s
     killed_at = checkpoint.load(last)["epoch"]
     status_after_kill = machine.client.get_run(run_id).info.status
     logged_after_kill = [s for s, _ in _history(machine.client, run_id, "train_perplexity")]
-    # The next deeprnn command on this host (here one that fails fast on its own input) marks the run FAILED.
+    # The next deeprnn command on this host that starts a flow (here one that fails on its corpus's SHA-1)
+    # marks the run FAILED; a command refused on its options alone starts nothing and looks at no run.
     next_code, next_out = machine.run(
         "run",
         "--preset",
@@ -233,7 +234,9 @@ def killed_then_resumed(tmp_path_factory: pytest.TempPathFactory, prefect_api: s
         "--device",
         "cpu",
         "--data-url",
-        "ftp://host/book.txt",
+        secret_url,
+        "--data-sha1",
+        "0" * 40,
         "--experiment",
         "next-command",
     )
@@ -267,7 +270,7 @@ def test_resume_after_sigkill_finishes_the_same_run_with_one_continuous_curve(
     reason = k["after_next"].data.tags["deeprnn.failure_reason"]
     assert reason.startswith("process gone: pid ") and "killed or crashed" in reason
     assert f"MLflow run {k['run_id']} was left RUNNING" in k["next_out"] and f"--resume {k['run_id']}" in k["next_out"]
-    assert k["next_code"] == 1 and "error: unsupported URL scheme 'ftp'" in k["next_out"]
+    assert k["next_code"] == 1 and "sha1 mismatch" in k["next_out"]
     assert "Traceback" not in k["next_out"]
     assert k["code"] == 0, k["out"][-3000:]
     result, client = k["result"], k["machine"].client
