@@ -12,23 +12,29 @@ import sys
 
 import typer
 
+from cli.help_format import Command, Group
 from cli.models import generate, presets
 from cli.run import prepare, run
 from cli.server import setup_server
 from cli.sweep import sweep
 
 app = typer.Typer(
+    cls=Group,
     help="Deep RNN language models (D2L 9.3) as Prefect flows tracked in MLflow.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help: at 80 columns (a terminal, a pipe, a CI log) every option name stays whole and a
+    # description gets the rest of the line, or the next line, instead of a narrow column of a rich table.
+    rich_markup_mode=None,
 )
-app.command("run")(run)
-app.command("prepare")(prepare)
-app.command("generate")(generate)
-app.command("presets")(presets)
-app.command("sweep")(sweep)
-app.command("setup-server")(setup_server)
+# Short help written out: the command list would otherwise cut each docstring's first line to 45 characters.
+app.command("run", short_help="Train, evaluate and log a model (the training flow).", cls=Command)(run)
+app.command("prepare", short_help="Download and tokenize a corpus into the token cache.", cls=Command)(prepare)
+app.command("generate", short_help="Continue prefixes with a logged model.", cls=Command)(generate)
+app.command("presets", short_help="List the presets, or print one as JSON.", cls=Command)(presets)
+app.command("sweep", short_help="Grid or random search, one model per trial.", cls=Command)(sweep)
+app.command("setup-server", short_help="Prepare a Prefect server for unattended runs.", cls=Command)(setup_server)
 
 
 def main() -> None:

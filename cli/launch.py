@@ -3,8 +3,9 @@ while it boots, zombie runs of this host marked, and the flow run with one line 
 
 from __future__ import annotations
 
+import contextlib
 import typing
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import typer
 from rich.text import Text
@@ -80,45 +81,88 @@ _PRELOADS: list[Callable[[], None]] = [_load_optimizer_support, _open_tracking_s
 
 
 def init_device(device: str) -> None:
-    """Create the CUDA context now (about a second) while the API server is still booting."""
+    """Refuse a device torch cannot use here (exit 1, before any flow run), and create the CUDA context now
+    (about a second) while the API server is still booting."""
     import torch
 
+    from deeprnn.device import DeviceUnavailableError, resolve_device
+
+    try:
+        resolve_device(device)  # what the fast check in cli.preflight could not tell without torch
+    except DeviceUnavailableError as exc:
+        fail(str(exc), 1)
     if device in ("auto", "cuda") and torch.cuda.is_available():
         torch.cuda.init()
 
 
-def mark_orphaned_runs() -> None:
-    """Mark this host's MLflow runs whose process was killed outright FAILED, and say how to continue them."""
+def mark_orphaned_runs(runs_dir: str | None = None) -> None:
+    """Mark this host's MLflow runs whose process was killed outright FAILED, and say how to continue them
+    (only those with a checkpoint, in ``runs_dir`` or in MLflow, can be continued)."""
     from ops.orphans import mark_orphaned_runs as mark
     from tracking.store import check_reachable
 
     try:
         check_reachable()  # within seconds; MLflow's own client would retry a dead server for minutes
-        orphans = mark()
+        orphans = mark(runs_dir)
     except Exception:  # noqa: BLE001 - an unreachable store is the flow's check-inputs task to report, clearly
         return
     for orphan in orphans:
+        then = (
+            f"Continue it with: deeprnn run --resume {orphan.run_id}"
+            if orphan.checkpoint is not None
+            else "It stopped before its first checkpoint: nothing to resume"
+        )
         console.print(
             f"deeprnn: MLflow run {orphan.run_id} was left RUNNING by a process that is gone (pid {orphan.pid}); "
-            f"marked FAILED. Continue it with: deeprnn run --resume {orphan.run_id}",
+            f"marked FAILED. {then}",
             highlight=False,
             soft_wrap=True,
         )
 
 
-def invoke(call: Callable[[], Result], on_interrupt: str) -> Result:
-    """Run a flow; Ctrl-C exits 130 and an error exits 1, each with one line saying what happened."""
-    try:
-        return call()
-    except KeyboardInterrupt:
-        err.print(f"[yellow]interrupted[/yellow]: {on_interrupt}")
-        raise typer.Exit(130) from None
-    except Exception as exc:
-        from ops.failures import message  # expected errors: their own message; others: type and message
+def stop_on_signals() -> None:
+    """From now on SIGINT and SIGTERM stop the run at a safe point (``deeprnn.stopping``), a second one at once."""
+    from deeprnn.stopping import handle_stop_signals
 
-        # One line, as written: no markup read into it, no line breaks added at the terminal's width.
-        err.print(Text.assemble(("error:", "red"), " ", message(exc)), soft_wrap=True)
-        raise typer.Exit(1) from None
+    handle_stop_signals()
+
+
+StopMessage = Callable[[KeyboardInterrupt], str]
+
+
+@contextlib.contextmanager
+def exit_on_stop(on_interrupt: str | StopMessage) -> Iterator[None]:
+    """A stop (Ctrl-C, SIGTERM) inside the block exits 130 (SIGINT) or 143 (SIGTERM) with one line."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        from deeprnn.stopping import StopRequested
+
+        # "interrupted by SIGTERM: ..." from a message function; "interrupted: ..." before a fixed text.
+        text = " " + on_interrupt(exc) if callable(on_interrupt) else ": " + on_interrupt
+        err.print(Text.assemble(("interrupted", "yellow"), text), soft_wrap=True)
+        raise typer.Exit(exc.exit_code if isinstance(exc, StopRequested) else 130) from None
+
+
+def invoke(call: Callable[[], Result], on_interrupt: str | StopMessage) -> Result:
+    """Run a flow; a stop exits 130 or 143 and an error exits 1, each with one line saying what happened."""
+    from ops.failures import hide_expected_failures_on_console
+
+    hide_expected_failures_on_console()  # the message below is printed once, not also in Prefect's lines
+    with exit_on_stop(on_interrupt):
+        try:
+            return call()
+        except Exception as exc:
+            from deeprnn.stopping import remembered
+            from ops.failures import message  # expected errors: their own message; others: type and message
+
+            stop = remembered()
+            if stop is not None:  # the flow run ended Cancelled on a stop signal: report the stop
+                raise stop from None
+
+            # One line, as written: no markup read into it, no line breaks added at the terminal's width.
+            err.print(Text.assemble(("error:", "red"), " ", message(exc)), soft_wrap=True)
+            raise typer.Exit(1) from None
 
 
 def describe_api(api: TemporaryAPI | None) -> str:

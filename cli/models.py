@@ -13,8 +13,12 @@ from deeprnn.config import PRESETS, preset_config
 
 def generate(
     model_uri: str = typer.Option(..., "--model-uri", help="runs:/<run_id>/model, models:/deeprnn-lm@champion, ..."),
-    prefix: list[str] = typer.Option(
-        ["time traveller"], "--prefix", help="Text to continue (repeatable: all continued as one batch, one line each)."
+    prefix: Optional[list[str]] = typer.Option(
+        None,
+        "--prefix",
+        help="Text to continue (repeatable: all continued as one batch, one line each), written as the model's "
+        "corpus was (e.g. lower-cased for --normalize d2l). Default: the prefixes the model was trained with.",
+        show_default=False,
     ),
     num_chars: int = typer.Option(50, "--num-chars", min=1, max=10000, help="Tokens to generate."),
     temperature: Optional[float] = typer.Option(
@@ -36,8 +40,10 @@ def generate(
     import pandas as pd  # MLflow's pyfunc speaks DataFrames
     from mlflow.exceptions import MlflowException
 
+    # No --prefix: no rows, and the model continues its own prefixes (those its run's samples were made from).
+    rows = pd.DataFrame({"prefix": pd.Series(prefix or [], dtype=object)})
     try:  # every --prefix in one batch: one forward step per token for all of them
-        texts = model.predict(pd.DataFrame({"prefix": prefix}), params=params)
+        texts = model.predict(rows, params=params)
     except MlflowException as exc:  # a refused request (empty prefix, out-of-range setting): one line
         fail(exc.message)
     for text in texts:
@@ -53,6 +59,7 @@ def presets(name: Optional[str] = typer.Argument(None, help="Show one preset in 
             fail(str(exc))
         return
     table = Table("preset", "model", "data", "training")
+    table.columns[0].no_wrap = True  # a name to type: never broken
     for p in PRESETS:
         c = preset_config(p)
         table.add_row(

@@ -10,10 +10,9 @@ from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import typer
 from pydantic import BeforeValidator, ValidationError
-from rich.markup import escape
 
 from cli.output import fail
-from deeprnn.config import REGISTERED_MODEL_PATTERN, SECTIONS, RunConfig, default_preset, resolve
+from deeprnn.config import REGISTERED_MODEL_PATTERN, SECTIONS, RunConfig, default_preset, preset_config, resolve
 
 # Option names that differ from the field name (clashes, or names the book's users expect).
 RENAMES = {
@@ -28,19 +27,36 @@ RENAMES = {
 Command = TypeVar("Command", bound=Callable[..., None])
 
 
-def _cli_type(annotation: Any) -> tuple[Any, str]:
-    """A type Typer understands for a field's annotation, and a note on allowed values for the help."""
+def _cli_type(annotation: Any) -> tuple[Any, str, str | None]:
+    """A type Typer understands for a field's annotation, a note on allowed values for the help, and the
+    metavar that shows what to type (the choices themselves for a few named values)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     base = args[0] if typing.get_origin(annotation) is typing.Union and args else annotation
     if typing.get_origin(base) is Annotated:  # a value parsed from text by the model itself (e.g. a duration)
         if any(isinstance(m, BeforeValidator) for m in base.__metadata__):
-            return Optional[str], ""
+            return Optional[str], "", "DURATION"
         base = typing.get_args(base)[0]
     if typing.get_origin(base) is typing.Literal:
-        return Optional[str], " Choices: " + ", ".join(map(str, typing.get_args(base))) + "."
+        return Optional[str], "", "[" + "|".join(map(str, typing.get_args(base))) + "]"
     if typing.get_origin(base) is list:
-        return Optional[list[str]], " Repeat the option for several values."
-    return Optional[base], ""
+        return Optional[list[str]], " Repeat the option for several values.", "TEXT"
+    metavars = {int: "INTEGER", float: "FLOAT", str: "TEXT"}
+    return Optional[base], "", metavars.get(base)
+
+
+def default_text(value: Any) -> str:
+    """A configuration value as the help shows a default: lists comma-separated, None as 'unset'."""
+    if value is None:
+        return "unset"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+# The book's preset: the help shows its value of every field, beside the words "the preset's".
+BOOK_PRESET = "d2l-9.3"
 
 
 def _option_fields() -> dict[str, tuple[str, str]]:
@@ -58,16 +74,26 @@ OPTION_FIELDS = _option_fields()
 def override_parameters(sections: tuple[str, ...] = tuple(SECTIONS)) -> list[inspect.Parameter]:
     """One keyword ``typer.Option`` per field of the configuration ``sections``."""
     params = []
+    book = preset_config(BOOK_PRESET).model_dump()
+    text = preset_config("text").model_dump()
     for cli_name, (section, name) in OPTION_FIELDS.items():
         if section not in sections:
             continue
         info = SECTIONS[section].model_fields[name]
-        typ, note = _cli_type(info.annotation)
+        typ, note, metavar = _cli_type(info.annotation)
+        if any(isinstance(m, BeforeValidator) for m in info.metadata):  # parsed from text by the model itself
+            typ, note, metavar = Optional[str], "", "DURATION"
         flag = "--" + cli_name.replace("_", "-")
         decls = [flag, f"{flag}/--no-{cli_name.replace('_', '-')}"] if typ is Optional[bool] else [flag]
-        # Typer renders help as rich markup: escaped, "[train]" is shown instead of read as a style.
-        text = escape(f"[{section}] {info.description or ''}{note}")
-        option = typer.Option(None, decls[-1], help=text, show_default=False)
+        # The option's own default is None (the preset's value applies): say so, with the book's value.
+        default = f"  [default: the preset's; {BOOK_PRESET}: {default_text(book[section][name])}"
+        if text[section][name] != book[section][name]:
+            default += f", text: {default_text(text[section][name])}"
+        default += "]"
+        if (section, name) == ("data", "url"):
+            default = "  [default: the preset's; the book]"
+        described = f"[{section}] {info.description or ''}{note}{default}"
+        option = typer.Option(None, decls[-1], help=described, show_default=False, metavar=metavar)
         params.append(inspect.Parameter(cli_name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=typ))
     return params
 
@@ -127,7 +153,13 @@ def check_registered_model(name: str | None) -> None:
 # Options more than one command takes, declared once (Typer reads ``Annotated`` metadata).
 JsonOut = Annotated[Optional[str], typer.Option("--json", help="Also write the result as JSON to this file.")]
 Experiment = Annotated[
-    Optional[str], typer.Option("--experiment", help="MLflow experiment (default: the flow's name).")
+    Optional[str],
+    typer.Option(
+        "--experiment",
+        metavar="NAME",
+        help="MLflow experiment. Default: deeprnn-train for the book's corpus, deeprnn-<file>-<sha1 prefix> for "
+        "any other text (a sweep: deeprnn-sweep).",
+    ),
 ]
 RegisteredModel = Annotated[
     Optional[str],

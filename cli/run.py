@@ -8,11 +8,26 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cli import launch, options
+from cli import launch, options, preflight
 from cli.output import console, fail, print_result, print_rows, warn, write_json
 from deeprnn.config import PRESETS, RunConfig
 
-ON_INTERRUPT = "the MLflow run is marked KILLED; checkpoints are kept (continue with deeprnn run --resume RUN_ID)"
+
+def stopped(exc: KeyboardInterrupt) -> str:
+    """What a stopped run kept, in one line: the MLflow run, its checkpoint and the command that continues it."""
+    name = getattr(exc, "signal_name", "SIGINT")
+    run_id, kept = getattr(exc, "run_id", None), getattr(exc, "checkpoint", None)
+    if run_id is None:
+        return f"by {name} before the MLflow run was opened: nothing was trained or changed"
+    if kept is None:
+        return (
+            f"by {name}: MLflow run {run_id} is marked KILLED; it stopped before its first checkpoint, so there "
+            "is nothing to resume"
+        )
+    return (
+        f"by {name}: MLflow run {run_id} is marked KILLED; its checkpoint is kept ({kept}): continue with "
+        f"deeprnn run --resume {run_id}"
+    )
 
 
 Resume = Annotated[
@@ -37,7 +52,12 @@ def run(
     ] = None,
     resume: Resume = None,
     epochs: Annotated[
-        Optional[int], typer.Option("--epochs", help="\\[train] Passes over the training tokens.")
+        Optional[int],
+        typer.Option(
+            "--epochs",
+            metavar="INTEGER",
+            help="[train] Passes over the training tokens.  [default: the preset's; d2l-9.3: 500, text: 1000]",
+        ),
     ] = None,
     experiment: options.Experiment = None,
     runs_dir: RunsDir = "runs",
@@ -52,15 +72,19 @@ def run(
     _check_resume(resume, preset)
     options.check_registered_model(registered_model)
     config = options.resolve_or_exit(preset, overrides)  # for a resume, this only validates the overrides
+    _preflight(config, overrides, resume)
+    _announce(config, resume, chosen=preset is None)  # the first line, before anything prints
 
-    temporary_api = launch.start_prefect_api()  # boots in its own process while the flow's imports load here
-    from flows.train_flow import train_lm  # Prefect and MLflow load only once the input is known to be good
+    launch.stop_on_signals()  # SIGINT, SIGTERM: stop at a safe point, checkpointed, with one line
+    with launch.exit_on_stop(stopped):
+        temporary_api = launch.start_prefect_api()  # boots in its own process while the flow's imports load here
+        from flows.train_flow import train_lm  # Prefect and MLflow load only once the input is known to be good
 
-    launch.init_device(config.train.device)
-    launch.wait_for_api(temporary_api, preload=True)
-    ready_at = time.time()  # imports done and the Prefect API answering
-    _announce(config, resume, launch.describe_api(temporary_api), chosen=preset is None)
-    launch.mark_orphaned_runs()
+        launch.init_device(config.train.device if resume is None else overrides.get("train", {}).get("device", "auto"))
+        launch.wait_for_api(temporary_api, preload=True)
+        ready_at = time.time()  # imports done and the Prefect API answering
+        _announce_services(launch.describe_api(temporary_api))
+        launch.mark_orphaned_runs(runs_dir)
     result = launch.invoke(
         lambda: train_lm(
             preset=config.preset,
@@ -70,11 +94,12 @@ def run(
             resume_run_id=resume,
             registered_model=registered_model,
         ),
-        ON_INTERRUPT,
+        stopped,
     )
     result = replace(result, timings=replace(result.timings, cli_ready_at=ready_at, flow_returned_at=time.time()))
-    print_result(result)
-    write_json(result.as_record(), json_out)
+    with launch.exit_on_stop(f"after MLflow run {result.run_id} FINISHED: everything it logged is kept"):
+        print_result(result)
+        write_json(result.as_record(), json_out)
 
 
 def _check_resume(resume: str | None, preset: str | None) -> None:
@@ -91,15 +116,32 @@ def _check_resume(resume: str | None, preset: str | None) -> None:
         fail("--preset cannot be combined with --resume: a resumed run keeps its own configuration")
 
 
-def _announce(config: RunConfig, resume: str | None, api: str, chosen: bool) -> None:
-    """The run's first lines: what it trains (or resumes), and where Prefect and MLflow are."""
+def _preflight(config: RunConfig, overrides: dict[str, Any], resume: str | None) -> None:
+    """What can be refused in milliseconds, before Prefect or MLflow start: the corpus, the device, the run."""
+    if resume is None:
+        preflight.check_source(config.data.url)
+        preflight.check_device(config.train.device)
+    else:  # a resumed run's settings are its own; only what the options change is checked here
+        preflight.check_source(overrides.get("data", {}).get("url"))
+        preflight.check_device(overrides.get("train", {}).get("device", "auto"))
+        preflight.check_resume(resume)
+
+
+def _announce(config: RunConfig, resume: str | None, chosen: bool) -> None:
+    """The run's first line: what it trains (or resumes)."""
+    # soft_wrap: long lines are left to the terminal to wrap, so a URL or run id is never broken in two.
+    if resume is not None:
+        console.print(f"deeprnn: resuming MLflow run [bold]{resume}[/bold] from its last checkpoint", soft_wrap=True)
+    else:
+        console.print(f"deeprnn: {describe_plan(config, chosen)}", highlight=False, soft_wrap=True)
+
+
+def _announce_services(api: str) -> None:
+    """Where the flow run and the MLflow run go (once the Prefect API answers)."""
     from tracking.store import tracking_uri
 
-    if resume is not None:
-        console.print(f"deeprnn: resuming MLflow run [bold]{resume}[/bold] from its last checkpoint")
-    else:
-        console.print(f"deeprnn: {describe_plan(config, chosen)}", highlight=False)
-    console.print(f"Prefect API: {api}; MLflow tracking: {tracking_uri()}")
+    console.print(f"Prefect API: {api}", highlight=False, soft_wrap=True, markup=False)
+    console.print(f"MLflow tracking: {tracking_uri()}", highlight=False, soft_wrap=True, markup=False)
 
 
 def describe_plan(config: RunConfig, chosen: bool) -> str:
@@ -123,7 +165,8 @@ def prepare(
         Optional[str],
         typer.Option(
             "--preset",
-            help=f"Named preset whose data settings to start from: {', '.join(PRESETS)} (default d2l-9.3).",
+            help=f"Named preset whose data settings to start from: {', '.join(PRESETS)} (default: d2l-9.3 for "
+            "the book's corpus, text for your own).",
         ),
     ] = None,
     json_out: options.JsonOut = None,
@@ -131,6 +174,7 @@ def prepare(
 ) -> None:
     """Download and tokenize a corpus into the token cache (once per corpus and settings), and say what it holds."""
     config = options.resolve_or_exit(preset, options.overrides(values))
+    preflight.check_source(config.data.url)
     from deeprnn.download import DownloadError, fetch_corpus
     from deeprnn.prepare import PrepareError, dropped_letters_warning, prepared_record, split_sizes
     from deeprnn.prepare import prepare as prepare_corpus

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cli import launch, options
+from cli import launch, options, preflight
 from cli.output import console, fail, print_sweep, write_json
 from deeprnn.config import PRESETS
 
@@ -41,7 +41,10 @@ Random = Annotated[
 MaxTrials = Annotated[
     Optional[int],
     typer.Option(
-        "--max-trials", min=1, help="Trials a random search draws (default 10); a grid larger than this is refused."
+        "--max-trials",
+        min=1,
+        help="Trials a random search draws, or an optuna search adds to its study (default 10); a grid larger "
+        "than this is refused.",
     ),
 ]
 Seed = Annotated[
@@ -68,6 +71,27 @@ Workers = Annotated[
         help="Worker processes of the local cluster (default: one per GPU, else one per CPU core).",
     ),
 ]
+Search = Annotated[
+    str, typer.Option("--search", help="grid, random (as --random) or optuna (adaptive: TPE, with a pruner).")
+]
+Pruner = Annotated[
+    str, typer.Option("--pruner", help="With --search optuna: asha, median or none (stops trials falling behind).")
+]
+Sampler = Annotated[str, typer.Option("--sampler", help="With --search optuna: the sampler (tpe).")]
+Storage = Annotated[
+    Optional[str],
+    typer.Option(
+        "--storage",
+        envvar="DEEPRNN_OPTUNA_STORAGE",
+        help="With --search optuna: where the study lives, an RDB URL (sqlite:///studies.db, "
+        "postgresql://...) or a journal file (default: optuna.journal here).",
+    ),
+]
+Study = Annotated[
+    Optional[str],
+    typer.Option("--study", help="With --search optuna: the study's name (default: the experiment's); the same "
+                 "name and search continues it."),
+]  # fmt: skip
 RegisterBest = Annotated[
     bool, typer.Option("--register-best/--no-register-best", help="Register the best trial's model.")
 ]
@@ -78,6 +102,11 @@ def sweep(
     param: Param = [],  # noqa: B006 - Typer's default for a repeatable option; never mutated
     space_file: Space = None,
     random_search: Random = False,
+    search: Search = "grid",
+    pruner: Pruner = "asha",
+    sampler: Sampler = "tpe",
+    storage: Storage = None,
+    study: Study = None,
     max_trials: MaxTrials = None,
     seed: Seed = 0,
     experiment: options.Experiment = None,
@@ -93,7 +122,22 @@ def sweep(
     options.check_registered_model(registered_model)
     fixed = options.overrides({name: values.get(name) for name in FIXED})
     dims = {name: values.get(name) for name in DIMENSIONS}
+    if search == "optuna" and random_search:
+        fail("--random and --search optuna each choose the search: give one")
+    if search == "optuna":
+        adaptive = dict(study=study or experiment, storage=storage, sampler=sampler, pruner=pruner, seed=seed)
+        adaptive.update(max_trials=max_trials or 10, experiment=experiment, runs_dir=runs_dir, json_out=json_out)
+        adaptive.update(register_best=register_best, registered_model=registered_model)
+        return _adaptive(preset, fixed, space_file, dims, param, cluster_address, workers, adaptive)
+    if search not in ("grid", "random"):
+        fail(f"unknown search {search!r}; choose one of: grid, random, optuna")
+    random_search = random_search or search == "random"
     space, trials = _plan(preset, fixed, space_file, dims, param, random_search, max_trials, seed)
+    if cluster_address is None:  # a remote cluster's workers have files and devices of their own
+        for url in sorted({t.config.data.url for t in trials}):
+            preflight.check_source(url)
+        for device in sorted({t.config.train.device for t in trials}):
+            preflight.check_device(device)
 
     temporary_api = launch.start_prefect_api()  # boots while the imports below load, as for `deeprnn run`
     from flows.sweep_flow import sweep_lm  # Prefect, MLflow and Dask load only once the input is known to be good
@@ -109,6 +153,37 @@ def sweep(
     result = launch.invoke(lambda: sweep_lm.with_options(task_runner=runner)(**parameters), ON_INTERRUPT)
     print_sweep(result)
     write_json(result.as_record(), json_out)
+
+
+def _adaptive(
+    preset: str,
+    fixed: dict[str, Any],
+    space_file: str | None,
+    dims: dict[str, str | None],
+    params: list[str],
+    cluster_address: str | None,
+    workers: int | None,
+    adaptive: dict[str, Any],
+) -> None:
+    """``--search optuna``: every input checked (the study's storage opened) before the cluster starts."""
+    from cli.sweep_study import check_study, run_study
+    from deeprnn.search import SearchSpaceError
+
+    try:
+        space = sweep_space(space_file, dims, params)
+    except SearchSpaceError as exc:
+        fail(str(exc))
+    spec = check_study(preset, fixed, space, adaptive)
+    temporary_api = launch.start_prefect_api()
+    from ops.cluster import dask_task_runner
+
+    launch.wait_for_api(temporary_api, preload=False)
+    runner = dask_task_runner(cluster_address, workers, use_gpus=spec.first_point().config.train.device != "cpu")
+    where = cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)"
+    _announce(adaptive["max_trials"], preset, where)
+    console.print(f"Optuna study {spec.name!r} in {spec.storage} (sampler {spec.sampler}, pruner {spec.pruner})")
+    launch.mark_orphaned_runs()
+    run_study(spec, fixed, adaptive, runner, launch.invoke)
 
 
 def sweep_space(space_file: str | None, dims: dict[str, str | None], params: list[str]) -> dict[str, Any]:
@@ -161,10 +236,11 @@ def _announce(trials: int, preset: str, where: str) -> None:
     from tracking.store import tracking_uri
 
     console.print(f"deeprnn sweep: {trials} trials of preset [bold]{preset}[/bold] on {where}")
-    console.print(f"MLflow tracking: {tracking_uri()}")
+    console.print(f"MLflow tracking: {tracking_uri()}", highlight=False, soft_wrap=True, markup=False)
     # The workers report to the same API: PREFECT_API_URL (the temporary server's, when it runs) reaches local
     # workers through the environment and every worker through the settings the task runner sends along.
-    console.print(f"Prefect API: {os.environ.get('PREFECT_API_URL', 'from the Prefect profile')}")
+    api = os.environ.get("PREFECT_API_URL", "from the Prefect profile")
+    console.print(f"Prefect API: {api}", highlight=False, soft_wrap=True, markup=False)
 
 
 def _dimension_parameters() -> list[inspect.Parameter]:

@@ -31,7 +31,7 @@ REGISTERED_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$"
 # params, checkpoints, config.json, --json). Python values keep them for the download.
 CorpusURL = Annotated[str, PlainSerializer(redact_url, when_used="json")]
 # Seconds; the CLI and the form also take "90s", "2m", "1h30m".
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+Duration = Annotated[Optional[float], BeforeValidator(parse_duration)]  # "off", "0", "": no budget
 # The book's sample prefixes: the default for the book's corpus (any other text gets prefixes drawn from it).
 BOOK_PREFIXES = ["time traveller", "traveller"]
 # What ``model.size = "auto"`` decides (``deeprnn.sizing``); a value the user gives for one of them turns it off.
@@ -157,12 +157,13 @@ class TrainConfig(_Section):
     weight_decay: float = Field(
         0.0, title="Weight decay", description="L2 (sgd, adam) or decoupled (adamw).", ge=0.0, le=1.0
     )
-    lr_schedule: Literal["constant", "cosine", "warmup-cosine"] = Field(
+    lr_schedule: Literal["constant", "cosine", "warmup-cosine", "warmup-stable-decay"] = Field(
         "constant",
         title="LR schedule",
         description="constant (the book); cosine: decay to 0 over the epochs; warmup-cosine: linear warm-up over "
         "warmup_steps, then cosine decay to a tenth of the peak over the planned steps (epochs, max_steps or the "
-        "time budget, whichever ends first).",
+        "time budget, whichever ends first); warmup-stable-decay: the same warm-up, the peak until the last 20% "
+        "of the plan, and that cosine decay over it.",
     )
     warmup_steps: int = Field(
         100,
@@ -205,7 +206,7 @@ class TrainConfig(_Section):
     log_every: int = Field(
         10, title="Log every", description="Progress line every N epochs (and at the last).", ge=1, le=100000
     )
-    time_budget: Optional[Duration] = Field(
+    time_budget: Duration = Field(
         None,
         title="Time budget (seconds)",
         description="Train for this long (e.g. 90s, 2m, 1h): the steps are planned from the throughput "

@@ -51,6 +51,7 @@ __all__ = [
     "DownloadError",
     "TransientDownloadError",
     "cache_dir",
+    "check_source",
     "check_text",
     "fetch_corpus",
     "read_text_chunks",
@@ -118,12 +119,27 @@ def _check_sha1(have: str, expected: str | None, shown: str) -> None:
         )
 
 
-def _read_local(path: Path, expected: str | None) -> CorpusFile:
-    """Check a local file or folder in place, in one streamed pass, and return its identity."""
+def _check_present(path: Path) -> None:
+    """Refuse a local corpus that is missing, neither a file nor a folder, or that this user may not read."""
     if not path.exists():
         raise DownloadError(f"corpus file not found: {path}")
     if not (path.is_file() or path.is_dir()):
         raise DownloadError(f"{path} is neither a file nor a folder: give a text file, a .gz file or a folder")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise DownloadError(f"cannot read the corpus {path}: permission denied")
+
+
+def check_source(source: str) -> None:
+    """Refuse at once, without reading a byte of it, a source that cannot work: a scheme other than http(s),
+    file or a path, or a local file or folder that is missing or unreadable. A URL is left to the download."""
+    local = _local_path(source)
+    if local is not None:
+        _check_present(local)
+
+
+def _read_local(path: Path, expected: str | None) -> CorpusFile:
+    """Check a local file or folder in place, in one streamed pass, and return its identity."""
+    _check_present(path)
     try:
         return _check_local(path, expected)
     except OSError as exc:  # unreadable: permissions, a file removed while reading, ...

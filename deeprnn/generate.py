@@ -9,6 +9,7 @@ book's greedy samples and a batch's rows are the same text.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from typing import Any, Literal, Mapping, Sequence
 
@@ -16,6 +17,7 @@ import torch
 
 from deeprnn.config import SampleConfig
 from deeprnn.model import RNNLM, State
+from deeprnn.normalize import normalize_prefix
 from deeprnn.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -48,11 +50,26 @@ def _put_rows(dst: State, rows: torch.Tensor, src: State) -> None:
         d[:, rows] = s
 
 
-def _warm_up(model: RNNLM, encoded: list[list[int]], device: torch.device) -> tuple[State, torch.Tensor]:
+_WARM_UP_POSITIONS = 65_536  # rows x positions per forward step of the warm-up: bounds its activations
+
+
+class GenerationTimeoutError(TimeoutError):
+    """Generation ran past its time limit and was stopped; nothing it made is kept."""
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise GenerationTimeoutError("generation ran past its time limit and was stopped")
+
+
+def _warm_up(
+    model: RNNLM, encoded: list[list[int]], device: torch.device, deadline: float | None = None
+) -> tuple[State, torch.Tensor]:
     """The batch state after each row's prefix (all but its last token), and the last tokens (B, 1).
 
     Rows of one length run together through the recurrent layers: no padding, so each row's state is the
-    one it would have alone.
+    one it would have alone. A large group runs in slices of positions, its state carried from one to the
+    next, so that its activations stay within ``_WARM_UP_POSITIONS`` rows x positions.
     """
     state = model.begin_state(len(encoded), device)
     by_length: dict[int, list[int]] = defaultdict(list)
@@ -63,7 +80,11 @@ def _warm_up(model: RNNLM, encoded: list[list[int]], device: torch.device) -> tu
             continue  # a one-token prefix starts from the zero state
         index = torch.tensor(rows, device=device)
         group = torch.tensor([encoded[r][:-1] for r in rows], device=device)  # (G, length-1)
-        _, group_state = model(group, _select_rows(state, index))
+        group_state = _select_rows(state, index)
+        width = max(1, _WARM_UP_POSITIONS // len(rows))
+        for start in range(0, length - 1, width):
+            _check_deadline(deadline)
+            _, group_state = model(group[:, start : start + width], group_state)
         _put_rows(state, index, group_state)
     last = torch.tensor([[row[-1]] for row in encoded], device=device)  # (B, 1)
     return state, last
@@ -91,9 +112,11 @@ def generate_ids(
     temperature: float | None = None,
     top_k: int | None = None,
     seed: int = 0,
+    deadline: float | None = None,
 ) -> list[list[int]]:
     """The ``num_tokens`` token ids generated after each encoded prefix (each at least one id), on the
-    model's device, in eval mode (the model's mode is restored afterwards)."""
+    model's device, in eval mode (the model's mode is restored afterwards). Past ``deadline`` (a
+    ``time.monotonic()`` value) it stops, raising ``GenerationTimeoutError``."""
     check_sampling(temperature, top_k)
     if any(not ids for ids in encoded):
         raise ValueError("every prefix needs at least one token")
@@ -103,11 +126,12 @@ def generate_ids(
     was_training = model.training
     model.eval()
     try:
-        state, current = _warm_up(model, encoded, device)
+        state, current = _warm_up(model, encoded, device, deadline)
         generator = torch.Generator(device=device).manual_seed(seed) if temperature is not None else None
         out: list[torch.Tensor] = []
         # Tokens stay on the device: no host sync per generated token.
         for _ in range(num_tokens):
+            _check_deadline(deadline)
             logits, state = model(current, state)  # (B, V): one step for the whole batch
             nxt = _next_tokens(logits, temperature, top_k, generator)
             out.append(nxt)
@@ -127,24 +151,31 @@ def generate_batch(
     temperature: float | None = None,
     top_k: int | None = None,
     seed: int = 0,
+    normalize: str = "none",
+    deadline: float | None = None,
 ) -> list[str]:
-    """Each prefix followed by ``num_tokens`` generated tokens, all prefixes advancing together.
+    """Each prefix followed by ``num_tokens`` generated tokens, all prefixes advancing together (stopped with
+    ``GenerationTimeoutError`` past ``deadline``, a ``time.monotonic()`` value).
+
+    Each prefix is first written as the corpus's rule ``normalize`` (``data.normalize``) wrote the training
+    text, so a model of the book's rule reads ``The Time Traveller`` as ``the time traveller``; the texts
+    returned start with the prefixes so normalized.
 
     Greedy (``temperature=None``) reproduces the book's ``predict_ch8`` for every row: warm the state up on
     the prefix, then append the argmax. Otherwise sample from ``softmax(logits / temperature)``, restricted
     to the ``top_k`` likeliest tokens if given, with one generator seeded by ``seed`` for the batch.
-    Tokens the vocabulary lacks are read as ``<unk>`` (with a warning) and printed back as they were typed.
+    Tokens the vocabulary lacks are read as ``<unk>`` (with a warning) and printed back as they were given.
     """
     check_sampling(temperature, top_k)
+    prefixes = [normalize_prefix(p, normalize, token) for p in prefixes]
     split = [split_prefix(p, token) for p in prefixes]
     if any(not tokens for tokens in split):
         raise ValueError("the prefix needs at least one token")
     missing = vocab.unknown(t for tokens in split for t in tokens)
     if missing:
         log.warning("prefix tokens not in the vocabulary are read as <unk>: %s", missing)
-    new = generate_ids(
-        model, [vocab.encode(tokens) for tokens in split], num_tokens, temperature=temperature, top_k=top_k, seed=seed
-    )
+    encoded = [vocab.encode(tokens) for tokens in split]
+    new = generate_ids(model, encoded, num_tokens, temperature=temperature, top_k=top_k, seed=seed, deadline=deadline)
     sep = " " if token == "word" else ""
     return [p + (sep if new_ids else "") + vocab.decode(new_ids, sep) for p, new_ids in zip(prefixes, new)]
 
@@ -168,7 +199,10 @@ def generate(
 
 # ----- requests from outside (the served model): checked against the configuration's bounds -------------
 
-MAX_PREFIXES = 1024  # rows per request: bounds the work one request can ask for, with num_chars
+MAX_PREFIXES = 1024  # rows per request
+# A request's work: over its prefixes, the tokens each is warmed up on plus the tokens generated after it.
+# Every row of a request advances together, so this bounds both its time and its memory.
+MAX_REQUEST_TOKENS = 1_000_000
 _PARAM_FIELDS = ("num_chars", "temperature", "top_k", "seed")
 
 
@@ -209,9 +243,10 @@ def check_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def check_prefixes(prefixes: Sequence[Any], vocab: Vocab, token: Token = "char") -> list[str]:
-    """The prefixes of a request, refused (``GenerationRequestError``) when there are none or too many, or
-    when one is not text, is empty, is longer than ``SampleConfig`` allows or has no token the model knows."""
+def check_prefixes(prefixes: Sequence[Any], vocab: Vocab, token: Token = "char", normalize: str = "none") -> list[str]:
+    """The prefixes of a request, normalized by the corpus's rule ``normalize`` (``normalize_prefix``);
+    refused (``GenerationRequestError``) when there are none or too many, or when one is not text, is empty,
+    is longer than ``SampleConfig`` allows or has no token the model knows once normalized."""
     if not prefixes:
         raise GenerationRequestError("no prefix to continue: send at least one row with a non-empty 'prefix'")
     if len(prefixes) > MAX_PREFIXES:
@@ -219,16 +254,31 @@ def check_prefixes(prefixes: Sequence[Any], vocab: Vocab, token: Token = "char")
     from pydantic import ValidationError
 
     unit = "character" if token == "char" else "word"
+    normalized = []
     for row, prefix in enumerate(prefixes):
         if not isinstance(prefix, str):
             raise GenerationRequestError(f"prefix {row}: must be text, got {type(prefix).__name__}")
-        tokens = split_prefix(prefix, token)
-        if not tokens:
+        if not split_prefix(prefix, token):
             raise GenerationRequestError(f"prefix {row} is empty: give at least one {unit}")
         try:
             SampleConfig(prefixes=[prefix])  # the configuration's bound on a prefix's length
         except ValidationError as exc:
             raise GenerationRequestError(f"prefix {row}: {exc.errors()[0]['msg'].lower()}") from None
-        if len(vocab.unknown(tokens)) == len(set(tokens)):
+        tokens = split_prefix(normalize_prefix(prefix, normalize, token), token)
+        if not tokens or len(vocab.unknown(tokens)) == len(set(tokens)):
             raise GenerationRequestError(f"prefix {row} ({prefix[:40]!r}) has no {unit} the model knows")
-    return list(prefixes)
+        normalized.append(normalize_prefix(prefix, normalize, token))
+    return normalized
+
+
+def check_work(prefixes: Sequence[str], num_tokens: int, token: Token = "char") -> int:
+    """The request's work (prefix tokens plus generated tokens, over all prefixes); ``GenerationRequestError``
+    when it is above ``MAX_REQUEST_TOKENS``."""
+    work = sum(len(split_prefix(p, token)) for p in prefixes) + len(prefixes) * num_tokens
+    if work > MAX_REQUEST_TOKENS:
+        raise GenerationRequestError(
+            f"the request asks for {work:,} tokens of work ({len(prefixes):,} prefixes: their tokens plus "
+            f"num_chars={num_tokens:,} each); at most {MAX_REQUEST_TOKENS:,} per request: send fewer or "
+            "shorter prefixes, or a smaller num_chars"
+        )
+    return work

@@ -140,3 +140,13 @@ def letter_loss(raw_counts: np.ndarray, mode: str, examples: int = 5) -> LetterL
     lost = sorted((cp for cp in alpha if cp >= 128), key=lambda cp: -int(raw_counts[cp]))
     dropped = int(sum(int(raw_counts[cp]) for cp in lost))
     return LetterLoss(letters, dropped, tuple(chr(cp) for cp in lost[:examples]))
+
+
+def normalize_prefix(prefix: str, mode: str, token: str = "char") -> str:
+    """A prefix to continue, as the corpus's own rule ``mode`` would have written it: what the model was
+    trained on (``d2l``: ``"The Time-Traveller!"`` -> ``"the time traveller"``; ``none``: unchanged). Words
+    (``token="word"``) are rejoined with single spaces. May be empty (nothing the rule keeps)."""
+    if token == "word":
+        return " ".join(normalize_words(prefix, mode))
+    points = normalize_chars(prefix, mode)
+    return points.astype("<u4").tobytes().decode("utf-32-le")

@@ -24,6 +24,7 @@ from deeprnn import checkpoint
 from deeprnn.batching import Splits, check_enough_tokens, split_corpus
 from deeprnn.config import DataConfig, RunConfig, TrainConfig
 from deeprnn.device import describe, resolve_device, seed_everything
+from deeprnn.divergence import check_weights
 from deeprnn.download import CorpusFile, fetch_corpus
 from deeprnn.durations import format_seconds
 from deeprnn.evaluate import perplexity
@@ -31,6 +32,7 @@ from deeprnn.model import RNNLM
 from deeprnn.prepare import PreparedCorpus, PrepareError, prepare
 from deeprnn.progress import EpochStats, FitResult, FitSummary, StepStats
 from deeprnn.resume import LAST, MODEL, restore_training
+from deeprnn.stopping import StopRequested
 from deeprnn.train import Trainer
 from deeprnn.vocab import Vocab
 
@@ -144,6 +146,9 @@ class TrainingHooks:
     after_checkpoint: Callable[[Path], None] | None = None  # the resumable checkpoint just written
     # The context every hook (and each checkpoint with its two hooks) runs in, e.g. one holding Ctrl-C back.
     guard: Guard = contextlib.nullcontext
+    # Polled at every step boundary the loop reports from: a signal number there ends training with a
+    # checkpoint and ``StopRequested`` (``deeprnn.stopping``).
+    stop_requested: Callable[[], int | None] | None = None
 
 
 @dataclass
@@ -197,7 +202,8 @@ class TrainingRun:
             on_epoch=_guarded(hooks.on_epoch, guard),
             on_checkpoint=on_checkpoint,
             checkpoint_every=self.config.train.checkpoint_every,
-            on_step=_guarded(hooks.on_step, guard),
+            on_step=_stoppable(_guarded(hooks.on_step, guard), hooks.stop_requested, on_checkpoint, trainer),
+            stop_requested=hooks.stop_requested,  # a report (and so the stop) at the very next step boundary
         )
         finished = time.time()
         final = checkpoint.save(self.folder / MODEL, self._payload(result.epochs_done))
@@ -228,6 +234,32 @@ def _guarded(hook: Callable[[_T], None] | None, guard: Guard) -> Callable[[_T], 
             hook(value)
 
     return guarded
+
+
+def _stoppable(
+    on_step: Callable[[StepStats], None] | None,
+    stop_requested: Callable[[], int | None] | None,
+    on_checkpoint: Callable[[int], None],
+    trainer: Trainer,
+) -> Callable[[StepStats], None] | None:
+    """``on_step``, then, once a stop is requested, a checkpoint of this step boundary and ``StopRequested``.
+
+    The loop reports (and so calls this) at every step boundary where its state is whole: the end of an
+    epoch, or inside one at least every few seconds; a checkpoint there resumes from the next minibatch.
+    """
+    if stop_requested is None:
+        return on_step
+
+    def stoppable(stats: StepStats) -> None:
+        if on_step is not None:
+            on_step(stats)
+        signum = stop_requested()
+        if signum is not None:
+            check_weights(trainer.train_step.params, stats.epoch)  # never save NaN weights
+            on_checkpoint(trainer.epoch)
+            raise StopRequested(signum)
+
+    return stoppable
 
 
 def evaluate_splits(model: RNNLM, splits: Splits, train: TrainConfig) -> Evaluation:

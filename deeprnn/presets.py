@@ -74,7 +74,7 @@ def _text_preset() -> dict[str, Any]:
             "optimizer": "adamw",
             "lr": 3e-3,
             "weight_decay": 0.01,
-            "lr_schedule": "warmup-cosine",
+            "lr_schedule": "warmup-stable-decay",
             "evaluations": 12,
             "patience": 4,
             "eval_every": 1000,  # the evaluations above are spread over the planned steps instead

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deeprnn.config import RunConfig
-from deeprnn.model import RNNLM
-from deeprnn.train import Trainer
+
+if TYPE_CHECKING:  # annotations only: checking a run id (the CLI, before anything starts) needs no torch
+    from deeprnn.model import RNNLM
+    from deeprnn.train import Trainer
 
 # The files of a run's folder: the resumable checkpoint (weights, optimizer, RNG and position, rewritten at
 # every checkpoint) and the selected weights the run reports and logs.
@@ -31,6 +33,7 @@ RESUMABLE = frozenset(
         "train.timeout_minutes",
         "train.checkpoint_every",
         "train.checkpoint_every_steps",
+        "train.checkpoint_every_minutes",
         "train.log_every",
     }
 )

@@ -24,6 +24,9 @@ from deeprnn.config import TrainConfig
 _MEASURE_SECONDS = 5.0
 # warmup-cosine decays to this share of the peak learning rate.
 _FINAL_LR_SHARE = 0.1
+# warmup-stable-decay decays over this last share of the planned steps (the stable phase before it runs at the
+# peak, so a plan refined late changes little).
+_DECAY_SHARE = 0.2
 # Periodic evaluations may take at most this share of a time budget (fewer than ``evaluations`` if need be).
 _EVAL_SHARE = 0.08
 
@@ -150,7 +153,7 @@ class Schedule:
     @property
     def per_step(self) -> bool:
         """Whether the learning rate changes at every step (else once per epoch)."""
-        return self.cfg.lr_schedule == "warmup-cosine"
+        return self.cfg.lr_schedule in ("warmup-cosine", "warmup-stable-decay")
 
     def lr(self, epoch: int) -> float:
         """Learning rate for a 1-based epoch: constant, or cosine from ``lr`` towards 0."""
@@ -159,13 +162,19 @@ class Schedule:
         return self.cfg.lr
 
     def step_lr(self, step: int) -> float:
-        """Learning rate of 0-based global step ``step`` under warmup-cosine: a linear warm-up, then cosine
-        decay to a tenth of the peak at the planned end."""
+        """Learning rate of 0-based global step ``step``: a linear warm-up, then (warmup-cosine) cosine decay to
+        a tenth of the peak at the planned end, or (warmup-stable-decay) the peak until the last
+        ``_DECAY_SHARE`` of the plan and the same cosine decay over that."""
         peak, total = self.cfg.lr, max(self.planned, 1)
         warmup = min(self.cfg.warmup_steps, total // 10)
         if step < warmup:
             return peak * (step + 1) / warmup
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        start = warmup
+        if self.cfg.lr_schedule == "warmup-stable-decay":
+            start = max(warmup, int(total * (1.0 - _DECAY_SHARE)))
+            if step < start:
+                return peak
+        progress = min((step - start) / max(total - start, 1), 1.0)
         floor = peak * _FINAL_LR_SHARE
         return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

@@ -280,22 +280,29 @@ def plan_trials(
     """Every trial's configuration: ``preset``, then ``overrides`` (``{section: {field: value}}``, a section
     may be a section model, whose set fields count, or None), then the space's fixed values, then the trial's
     own. All are validated here, before any trial runs."""
+    return [
+        make_trial(preset, overrides, space, index, values)
+        for index, values in enumerate(expand(space, random_search, max_trials, seed))
+    ]
+
+
+def make_trial(
+    preset: str, overrides: Mapping[str, Any] | None, space: SearchSpace, index: int, values: Mapping[str, Any]
+) -> Trial:
+    """Trial ``index`` with the varied ``values``: ``preset``, then ``overrides`` (as for ``plan_trials``), then
+    the space's fixed values, then ``values``; ``SearchSpaceError`` saying why when that is not a valid
+    configuration."""
     given: dict[str, dict[str, Any]] = {}
-    for section, values in (overrides or {}).items():
-        if section_values(values):
-            given[section] = section_values(values)
+    for section, section_model in (overrides or {}).items():
+        if section_values(section_model):
+            given[section] = section_values(section_model)
     base = _merge(given, _nest(space.fixed))
-    trials = []
-    for index, values in enumerate(expand(space, random_search, max_trials, seed)):
-        try:
-            config = preset_config(preset, _merge(base, _nest(values)))
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-            raise SearchSpaceError(
-                f"trial {index} ({_show(values)}) is not a valid configuration: {problems}"
-            ) from None
-        trials.append(Trial(index, values, config))
-    return trials
+    try:
+        config = preset_config(preset, _merge(base, _nest(values)))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise SearchSpaceError(f"trial {index} ({_show(values)}) is not a valid configuration: {problems}") from None
+    return Trial(index, dict(values), config)
 
 
 def _show(values: Mapping[str, Any]) -> str:

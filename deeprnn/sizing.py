@@ -6,7 +6,7 @@ The size rule, as char-rnn's and nanoGPT's guides size models to data:
 
 * **data**: at most about as many weights as training tokens (char-rnn's advice: more weights than
   characters memorizes the text instead of learning it);
-* **compute**: with a time budget, at least ``TOKENS_PER_WEIGHT`` training tokens per weight within the
+* **compute**: with a time budget, at least ``TOKENS_PER_WEIGHT`` training token per weight within the
   budget, at the throughput measured for that size on this device (a few timed steps each), so that the
   model the budget can afford is trained rather than barely started.
 
@@ -32,7 +32,7 @@ from deeprnn.vocab import Vocab
 log = logging.getLogger(__name__)
 
 WIDTHS = (128, 192, 256, 384, 512, 768, 1024)
-TOKENS_PER_WEIGHT = 2.0
+TOKENS_PER_WEIGHT = 1.0
 DROPOUT_EPOCHS = 4.0
 _PROBE_SECONDS = 0.6  # timed steps per candidate size, after one untimed step
 

@@ -78,6 +78,7 @@ class _Run:
     last_sync: float = 0.0
     drained_loss_sum: float = 0.0  # summed loss and minibatches of the last epoch read back
     drained_batches: int = 0
+    stop_requested: Callable[[], object] | None = None  # not None when the run must stop (e.g. a signal)
 
 
 class Trainer:
@@ -137,6 +138,7 @@ class Trainer:
         on_checkpoint: Callable[[int], None] | None = None,
         checkpoint_every: int | None = None,
         on_step: Callable[[StepStats], None] | None = None,
+        stop_requested: Callable[[], object] | None = None,
     ) -> FitResult:
         """Train from where the trainer stands to ``cfg.epochs`` or ``cfg.max_steps`` optimizer steps.
 
@@ -159,6 +161,7 @@ class Trainer:
         planned = schedule.planned if cfg.time_budget is not None else cfg.max_steps
         reporter = Reporter(cfg.epochs, planned, cfg.batch_size * cfg.num_steps, self.step)
         run = _Run(on_epoch, on_checkpoint, on_step, schedule, reporter, now, last_sync=now)
+        run.stop_requested = stop_requested
         try:
             while not schedule.finished(self.epoch, self.step):
                 self._run_epoch(self.epoch + 1, run)
@@ -231,7 +234,8 @@ class Trainer:
             pos.batch = i + 1
             if pos.batch < pos.batches and not schedule.budget_spent(self.step):  # else the epoch's end reports
                 due = schedule.due_by_steps(self.step)
-                if due.evaluate or due.checkpoint or time.perf_counter() - run.last_sync > _SYNC_SECONDS:
+                stop = run.stop_requested is not None and run.stop_requested() is not None
+                if due.evaluate or due.checkpoint or stop or time.perf_counter() - run.last_sync > _SYNC_SECONDS:
                     self._report_inside(run, due)
         end = self.clock.mark()
         done = pos.batch
@@ -281,14 +285,14 @@ class Trainer:
             epoch, batch, batches = self._pos.epoch, self._pos.batch, self._pos.batches
         else:
             epoch, batch, batches = self.epoch, run.drained_batches, run.drained_batches
+        run.schedule.replan(self.step)  # a time budget's plan, from the throughput so far
+        if run.reporter.max_steps is not None and self.cfg.time_budget is not None:
+            run.reporter.max_steps = run.schedule.planned
         # A budget's end inside an epoch is reported as inside it: the line says where.
         stats, mean = run.reporter.report(
             self.step, epoch, batch, batches, loss_sum, heldout, epoch_end and self._pos is None
         )
         check_loss(epoch, mean)
-        run.schedule.replan(self.step)  # a time budget's plan, from the throughput so far
-        if run.reporter.max_steps is not None and self.cfg.time_budget is not None:
-            run.reporter.max_steps = run.schedule.planned
         if run.on_step is not None:
             run.on_step(stats)
         run.reporter.restart_window()

@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 from prefect import flow
+from prefect.states import Cancelled
 
+from deeprnn import stopping
 from deeprnn.config import (
     REGISTERED_MODEL_PATTERN,
     DataConfig,
@@ -26,11 +28,30 @@ from flows.parameters import form_field
 from tasks.pipeline import run_pipeline
 from tasks.results import RunResult
 from tasks.resume import prepare_resume
+from tracking import naming
 
 FLOW_NAME = "deeprnn-train"
 
 
-@flow(name=FLOW_NAME, log_prints=True)
+def flow_run_name() -> str:
+    """The flow run's name, as the MLflow run's says what ran (``tracking.naming``): preset, corpus and model,
+    e.g. ``smoke·faust·lstm1x32``. The corpus's SHA-1 prefix is there when it is known before the download
+    (the book's, or one given with the URL); a resumed run is named after the run it continues."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    if params.get("resume_run_id"):
+        return f"resume{naming.SEPARATOR}{params['resume_run_id']}"
+    try:
+        config = resolve(
+            params.get("preset") or "d2l-9.3", *(params.get(k) for k in ("data", "model", "train", "sample"))
+        )
+    except ValueError:  # refused by the flow's own validation right after: any name will do
+        return FLOW_NAME
+    return naming.run_name(config, naming.corpus_stem(config.data.url), config.data.expected_sha1())
+
+
+@flow(name=FLOW_NAME, log_prints=True, flow_run_name=flow_run_name)
 def train_lm(
     preset: Annotated[Optional[PresetName], form_field("Preset")] = None,
     data: Annotated[Optional[DataConfig], form_field("Data")] = None,
@@ -61,10 +82,30 @@ def train_lm(
         registered_model: MLflow registered model the run's model becomes a version of (champion alias per
             registered model). Empty: deeprnn-lm for the book's corpus, deeprnn-<file>-<sha1 prefix> otherwise.
     """
-    if resume_run_id:
-        config, experiment = prepare_resume(resume_run_id, runs_dir, experiment, data, model, train, sample)
-    else:
-        config = resolve(preset or default_preset(data.url if data is not None else None), data, model, train, sample)
-    return run_pipeline(
-        config, experiment or FLOW_NAME, runs_dir, resume_run_id=resume_run_id, registered_model=registered_model
-    )
+    # Prefect's flow engine replaced the command's SIGTERM handler with its own (it raises at once, wherever
+    # the run is): a `deeprnn` command's run stops at a safe point instead, on SIGINT and SIGTERM alike.
+    stopping.reassert()
+    try:
+        if resume_run_id:
+            config, experiment = prepare_resume(resume_run_id, runs_dir, experiment, data, model, train, sample)
+        else:
+            config = resolve(
+                preset or default_preset(data.url if data is not None else None), data, model, train, sample
+            )
+        return run_pipeline(
+            config, experiment or FLOW_NAME, runs_dir, resume_run_id=resume_run_id, registered_model=registered_model
+        )
+    except stopping.StopRequested as exc:
+        # Stopped on purpose (SIGINT, SIGTERM): the flow run ends Cancelled, not Crashed (which alerts).
+        stopping.remember(exc)
+        return Cancelled(message=stop_message(exc))  # type: ignore[return-value]  # Prefect takes it as the end state
+
+
+def stop_message(exc: stopping.StopRequested) -> str:
+    """The Cancelled state's message: the signal, and how the MLflow run continues, if it can."""
+    if exc.run_id is None:
+        return f"stopped by {exc.signal_name} before the MLflow run was opened"
+    if exc.checkpoint is None:
+        return f"stopped by {exc.signal_name}: MLflow run {exc.run_id} KILLED before its first checkpoint"
+    name, run_id = exc.signal_name, exc.run_id
+    return f"stopped by {name}: MLflow run {run_id} KILLED; continue with: deeprnn run --resume {run_id}"

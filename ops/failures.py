@@ -6,6 +6,8 @@ traceback only buries it. Prefect logs every exception that ends a task or flow 
 "Engine execution exited with unexpected exception"), to the console and to the flow run's logs in the
 dashboard alike. ``quiet_expected_failures`` installs a logging filter on Prefect's run loggers that drops the
 traceback from those records when the exception is one of ours; the record itself (with the message) stays.
+The ``deeprnn`` command, which prints the message itself, also keeps those records off its console
+(``hide_expected_failures_on_console``), so the user reads it once.
 
 The exception itself is not changed: the task and flow still end ``Failed`` with the message as their state
 message, retry conditions still see the real exception, a sweep still collects each failed trial's error,
@@ -15,6 +17,7 @@ and the ``deeprnn`` command prints ``error: <message>`` once. Any other exceptio
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 # (module, class) of every error whose message tells the user what to fix. Looked up in ``sys.modules`` only:
@@ -28,6 +31,8 @@ EXPECTED: tuple[tuple[str, str], ...] = (
     ("deeprnn.resume", "ResumeError"),
     ("deeprnn.search", "SearchSpaceError"),
     ("deeprnn.checkpoint", "UnsafeCheckpointError"),
+    ("deeprnn.checkpoint", "DamagedCheckpointError"),  # digest mismatch, cut short, weights not finite
+    ("deeprnn.checkpoint", "CheckpointDiskFullError"),  # the run folder's disk is full
     ("tracking.store", "TrackingUnavailableError"),  # also an MLflow store that needs `mlflow db upgrade`
     ("ops.cluster", "ClusterConfigError"),
     ("tasks.sweep", "SweepFailedError"),
@@ -65,7 +70,23 @@ def message(exc: BaseException) -> str:
         return f"{type(exc).__name__}: {exc}"
     if isinstance(exc, TimeoutError):  # Prefect's task timeout: only the training task has one
         return f"the training task ran past its timeout ({exc}); give it longer with --timeout-minutes"
+    if isinstance(exc, OSError) and exc.strerror:  # our own OSErrors: the message without "[Errno 28]"
+        return exc.strerror
     return str(exc)
+
+
+EXPECTED_MARK = "deeprnn_expected_failure"  # set on a record whose traceback was dropped
+# How Prefect's "Finished in state Failed(...)" records name the exception that failed the task or flow run.
+_FAILED_STATE = re.compile(r"encountered an exception:? (\w+): ")
+
+
+def _names_an_expected_failure(record: logging.LogRecord) -> bool:
+    """Whether a run log record reports an expected error: with it attached, or by its class in a state."""
+    exc_info = record.exc_info
+    if getattr(record, EXPECTED_MARK, False) or (exc_info and isinstance(exc_info, tuple) and is_expected(exc_info[1])):
+        return True
+    found = _FAILED_STATE.search(record.getMessage())
+    return found is not None and found.group(1) in {"LookupError", *(name for _, name in EXPECTED)}
 
 
 class DropExpectedTracebacks(logging.Filter):
@@ -76,6 +97,7 @@ class DropExpectedTracebacks(logging.Filter):
         if exc_info and isinstance(exc_info, tuple) and is_expected(exc_info[1]):
             record.exc_info = None
             record.exc_text = None
+            setattr(record, EXPECTED_MARK, True)  # the console's filter still knows what the record reports
         return True
 
 
@@ -89,3 +111,22 @@ def quiet_expected_failures() -> None:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
+
+
+class HideExpectedFailures(logging.Filter):
+    """Drop the run log records that report an expected error, for a console whose command prints it itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith(RUN_LOGGERS) and _names_an_expected_failure(record))
+
+
+_HIDE = HideExpectedFailures()
+
+
+def hide_expected_failures_on_console() -> None:
+    """For the ``deeprnn`` command, which prints an expected error's message itself (once): keep Prefect's
+    records of it off the console. Only the console's handlers get the filter: the flow run's logs in the
+    Prefect API (the dashboard) keep every record, with its message."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and _HIDE not in handler.filters:
+            handler.addFilter(_HIDE)

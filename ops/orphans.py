@@ -4,7 +4,7 @@ killer, a power cut) are marked ``FAILED``, with a tag saying why, by the next d
 Every run records the process that opened it (tags ``deeprnn.host``, ``deeprnn.pid`` and
 ``deeprnn.process_started``, that process's start time, so a reused process id is not taken for the same
 process). A run of this host whose process no longer exists cannot be running: nothing will ever close it.
-Its checkpoints are untouched, so ``deeprnn run --resume RUN_ID`` continues it as before.
+Its checkpoints are untouched, so ``deeprnn run --resume RUN_ID`` continues it as before, when it has one.
 
 Runs of Prefect deployments on a server are watched by Prefect itself (heartbeats and the zombie automation,
 ``ops.automations``); this covers local runs, which have no server to notice.
@@ -17,11 +17,13 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 from mlflow.tracking import MlflowClient
 
-from tracking import runs
+from deeprnn.resume import LAST
+from tracking import checkpoints, runs
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class Orphan:
     run_id: str
     pid: int
     reason: str
+    checkpoint: Path | str | None = None  # the checkpoint it can resume from (local file or MLflow artifact)
 
 
 def _float(value: str | None) -> float | None:
@@ -62,9 +65,10 @@ def _float(value: str | None) -> float | None:
         return None
 
 
-def mark_orphaned_runs() -> list[Orphan]:
+def mark_orphaned_runs(runs_dir: str | None = None) -> list[Orphan]:
     """Mark every RUNNING run of this host whose recorded process is gone FAILED, with the reason as the
-    ``deeprnn.failure_reason`` tag; returns them. Runs of other hosts are left alone."""
+    ``deeprnn.failure_reason`` tag; returns them, each with the checkpoint it can resume from (in ``runs_dir``
+    or its MLflow artifacts), if any. Runs of other hosts are left alone."""
     client = MlflowClient()
     host = socket.gethostname()
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -82,7 +86,8 @@ def mark_orphaned_runs() -> list[Orphan]:
             continue
         reason = f"process gone: pid {pid} on {host} ended without closing the run (killed or crashed)"
         runs.mark_failed(run.info.run_id, reason)
-        found.append(Orphan(run.info.run_id, pid, reason))
+        local = Path(runs_dir, run.info.run_id, LAST) if runs_dir else None
+        found.append(Orphan(run.info.run_id, pid, reason, checkpoints.kept_checkpoint(run.info.run_id, local)))
     return found
 
 

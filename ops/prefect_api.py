@@ -155,9 +155,17 @@ def _stop_with_parent() -> None:
 
 
 def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Start the server process, tied to this one's life where the platform allows it."""
+    """Start the server process, tied to this one's life where the platform allows it.
+
+    In a session (and process group) of its own: a terminal's Ctrl-C, and the SIGTERM that ``timeout``,
+    ``docker stop`` or systemd send, reach the whole group of the command, and the server would die before
+    the flow run reports how it stopped. The command stops it itself at exit (``TemporaryAPI.stop``), and the
+    parent-death signal still ends it when the command is killed outright.
+    """
     on_linux = sys.platform.startswith("linux")
-    return subprocess.Popen(command, env=env, preexec_fn=_stop_with_parent if on_linux else None)
+    return subprocess.Popen(
+        command, env=env, preexec_fn=_stop_with_parent if on_linux else None, start_new_session=True
+    )
 
 
 def _point_at(url: str) -> None:

@@ -16,11 +16,14 @@ python -m pip install -q --no-deps -c constraints.txt "d2l==0.17.6"
 
 # Hygiene first (seconds): lint and format, strict types of the library, the import contracts (the layers
 # cli > flows > tasks > ops > tracking > deeprnn; the library imports neither prefect nor mlflow), and the
-# size of modules (400 lines) and functions (60).
+# size of modules (400 lines) and functions (60); then the documentation site, where a broken link, a missing
+# page or a missing image fails the build (its output goes to ./site, ignored by git). Not --quiet: it also
+# silences the warnings that --strict fails on.
 ruff check .
 ruff format --check .
 mypy
 lint-imports
 python scripts/check_shape.py
+NO_MKDOCS_2_WARNING=1 mkdocs build --strict
 
 exec python -m pytest "$@"

@@ -11,13 +11,16 @@ from deeprnn.config import RunConfig
 from deeprnn.device import resolve_device
 from deeprnn.prepare import PreparedCorpus
 from deeprnn.sizing import decided_later, fit_to_text
-from tracking import runs
+from tracking import naming, runs
 
 
 @task(name="fit-to-text", cache_policy=NO_CACHE)
-def fit_configuration(config: RunConfig, prepared: PreparedCorpus, run_id: str) -> RunConfig:
+def fit_configuration(
+    config: RunConfig, prepared: PreparedCorpus, run_id: str, corpus_source: str | None = None
+) -> RunConfig:
     """Decide what the configuration leaves to the text (``model.size = "auto"``, empty prefixes), say what
-    was chosen and why, and log the decided values as the run's params. Other configurations pass unchanged."""
+    was chosen and why, and log the decided values as the run's params; with ``corpus_source``, name the run
+    after the fitted model. Other configurations pass unchanged."""
     later = decided_later(config)
     if not later:
         return config
@@ -28,4 +31,7 @@ def fit_configuration(config: RunConfig, prepared: PreparedCorpus, run_id: str) 
         logger.info(note)
     flat = fitted.config.flat()
     runs.log_params(run_id, {key: flat[key] for key in sorted(later)})
+    if corpus_source is not None:
+        name = naming.run_name(fitted.config, naming.corpus_stem(corpus_source), prepared.corpus_sha1)
+        runs.set_tags(run_id, {"mlflow.runName": name})
     return fitted.config

@@ -29,6 +29,7 @@ def generate_samples(checkpoint_path: str, device: str, sample: SampleConfig | N
         temperature=s.temperature,
         top_k=s.top_k,
         seed=s.seed,
+        normalize=config.data.normalize,  # each prefix as the corpus's rule wrote the training text
     )
     samples = dict(zip(s.prefixes, texts))
     logger = get_run_logger()

@@ -8,11 +8,13 @@ task that a sweep sends to its Dask workers), so both run exactly the same stage
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from deeprnn.config import RunConfig
+from deeprnn.resume import LAST
 from deeprnn.search import Trial
 from ops.limits import training_timeout_seconds
 from tasks.checks import check_inputs
@@ -21,7 +23,15 @@ from tasks.evaluate import evaluate_model
 from tasks.fit import fit_configuration
 from tasks.generate import generate_samples
 from tasks.prepare import prepare_tokens
-from tasks.results import RunResult, Timings, TokenCache, log_results, publish_summary, start_tracking
+from tasks.results import (
+    RunResult,
+    Timings,
+    TokenCache,
+    log_results,
+    publish_summary,
+    start_tracking,
+    tracking_experiment,
+)
 from tasks.splits import prepare_splits
 from tasks.train import train_model
 from tracking import runs, store
@@ -43,11 +53,18 @@ def run_pipeline(
     (default: per corpus) unless ``register_model`` is off."""
     flow_started_at = time.time()
     check_inputs(config)
-    run_id, run_dir = start_tracking(config, experiment, runs_dir, parent_run_id, run_name, tags, resume_run_id)
-    with runs.run_status(run_id):  # FAILED/KILLED in MLflow if anything below raises
-        corpus = download_corpus(config.data.url, config.data.expected_sha1())
+    # The corpus first: its bytes name the run and its experiment (a text that cannot be had leaves no run).
+    corpus = download_corpus(config.data.url, config.data.expected_sha1())
+    experiment = tracking_experiment(experiment, corpus, parent_run_id)
+    run_id, run_dir = start_tracking(
+        config, experiment, runs_dir, parent_run_id, run_name, tags, resume_run_id, corpus=corpus
+    )
+    # FAILED/KILLED in MLflow if anything below raises; a stopped run says whether it can be resumed.
+    with runs.run_status(run_id, checkpoint=Path(run_dir) / LAST):
         prepared = prepare_tokens(corpus, config.data)
-        config = fit_configuration(config, prepared, run_id)  # the text preset's size, prefixes from the text
+        # The text preset's size and the prefixes from the text; a run named by us is renamed for its model.
+        rename = run_name is None and resume_run_id is None
+        config = fit_configuration(config, prepared, run_id, corpus.source if rename else None)
         vocab = prepared.vocab().to_dict()
         runs.log_dataset(run_id, corpus, vocab, prepared.num_tokens)
         splits = prepare_splits(prepared, config.data, config.train)

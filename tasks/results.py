@@ -14,10 +14,11 @@ from prefect.cache_policies import NO_CACHE
 
 from deeprnn import checkpoint
 from deeprnn.config import DataConfig, RunConfig
+from deeprnn.download import CorpusFile
 from deeprnn.pipeline import Evaluation, TrainingOutcome
 from deeprnn.report import fmt, plot_history, samples_markdown, samples_text
 from deeprnn.resume import RESUMABLE, run_folder
-from tracking import metrics, models, runs
+from tracking import metrics, models, naming, runs
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,14 @@ def prefect_run_tags() -> dict[str, str]:
     return tags
 
 
+def tracking_experiment(experiment: str, corpus: CorpusFile, parent_run_id: str | None = None) -> str:
+    """The experiment a run goes to: ``experiment``, except that the default one (``deeprnn-train``, the
+    book's) becomes the corpus's own for any other text. A sweep's trial stays with its parent run."""
+    if parent_run_id is not None or experiment != naming.BOOK_EXPERIMENT:
+        return experiment
+    return naming.experiment_name(naming.corpus_stem(corpus.source), corpus.sha1)
+
+
 @task(name="start-mlflow-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def start_tracking(
     config: RunConfig,
@@ -280,13 +289,23 @@ def start_tracking(
     run_name: str | None = None,
     extra_tags: dict[str, str] | None = None,
     resume_run_id: str | None = None,
+    *,
+    corpus: CorpusFile | None = None,
 ) -> tuple[str, str]:
     """Open the MLflow run (params, tags linking the Prefect flow run), nested under ``parent_run_id`` if
     given, or set run ``resume_run_id`` back to RUNNING to continue it; returns the run id and its local
-    run folder."""
+    run folder.
+
+    With the ``corpus`` known, the run is named after what it trains (``tracking.naming.run_name``) unless
+    ``run_name`` is given, and a run of a text other than the book that would go to the default experiment
+    goes to that text's own (``tracking_experiment``)."""
     from prefect.runtime import flow_run, task_run
 
     from ops.orphans import process_tags
+
+    if corpus is not None:
+        experiment = tracking_experiment(experiment, corpus, parent_run_id)
+        run_name = run_name or naming.run_name(config, naming.corpus_stem(corpus.source), corpus.sha1)
 
     tags = {
         **(extra_tags or {}),
@@ -312,11 +331,6 @@ def start_tracking(
     # The folder is named by the run id (letters and digits only), never by a user-given name.
     run_dir = run_folder(runs_dir, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    get_run_logger().info(
-        "MLflow run %s in experiment %r; checkpoints in %s (if stopped: deeprnn run --resume %s)",
-        run_id,
-        experiment,
-        run_dir,
-        run_id,
-    )
+    # No `--resume` offered here: a run stopped before its first checkpoint has nothing to resume from.
+    get_run_logger().info("MLflow run %s in experiment %r; checkpoints in %s", run_id, experiment, run_dir)
     return run_id, str(run_dir)

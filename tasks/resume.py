@@ -3,6 +3,7 @@ out the configuration it continues with."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 from prefect import get_run_logger, task
@@ -11,9 +12,11 @@ from pydantic import BaseModel
 
 from deeprnn import checkpoint, resume
 from deeprnn.config import RunConfig, overrides_dict
-from tracking import runs, store
+from ops import failures as ops_failures
+from tasks.train import Logger
+from tracking import checkpoints, runs, store
 
-CHECKPOINT_ARTIFACT = f"checkpoints/{resume.LAST}"
+CHECKPOINT_ARTIFACT = checkpoints.CHECKPOINT_ARTIFACT  # f"checkpoints/{resume.LAST}"
 
 
 @task(name="prepare-resume", cache_policy=NO_CACHE)
@@ -38,13 +41,7 @@ def prepare_resume(
     run = runs.find_run(run_id)
     if experiment and experiment != run.experiment:
         raise resume.ResumeError(f"run {run_id} belongs to experiment {run.experiment!r}, not {experiment!r}")
-    last = resume.run_folder(runs_dir, run_id) / resume.LAST
-    if last.is_file():
-        logger.info("resuming MLflow run %s from %s", run_id, last)
-    else:
-        logger.info("no local checkpoint at %s: fetching %s from the MLflow run", last, CHECKPOINT_ARTIFACT)
-        runs.download_artifact(run_id, CHECKPOINT_ARTIFACT, last)
-    saved = checkpoint.load(last)  # weights only: a tampered file runs no code
+    saved = _load_checkpoint(run_id, resume.run_folder(runs_dir, run_id) / resume.LAST, logger)
     config = resume.resume_config(saved["config"], overrides_dict(data, model, train, sample), saved["epoch"])
     if run.status == "FINISHED" and config.train.epochs <= saved["epoch"]:
         raise resume.ResumeError(
@@ -53,3 +50,30 @@ def prepare_resume(
         )
     logger.info("checkpoint at epoch %d; continuing to epoch %d", saved["epoch"], config.train.epochs)
     return config, run.experiment
+
+
+def _load_checkpoint(run_id: str, last: Path, logger: Logger) -> dict[str, Any]:
+    """The run's last checkpoint: the local file when it matches its digest, else the MLflow copy (which then
+    replaces it). A run with neither is refused in one line (``ResumeError``)."""
+    damaged: ValueError | None = None
+    if last.is_file():
+        try:
+            saved = checkpoint.load(last)  # digest checked; weights only: a tampered file runs no code
+        except ValueError as exc:
+            damaged = exc
+            logger.warning("%s; taking the MLflow copy (%s) instead", exc, CHECKPOINT_ARTIFACT)
+        else:
+            logger.info("resuming MLflow run %s from %s", run_id, last)
+            return saved
+    else:
+        logger.info("no local checkpoint at %s: fetching %s from the MLflow run", last, CHECKPOINT_ARTIFACT)
+    try:
+        return checkpoints.fetch_checkpoint(run_id, last)
+    except FileNotFoundError:
+        if damaged is not None:  # its own kind (a refused pickle stays one), saying that MLflow has no copy
+            kind = type(damaged) if ops_failures.is_expected(damaged) else resume.ResumeError
+            raise kind(f"{damaged}, and MLflow run {run_id} has no copy of it") from None
+        raise resume.ResumeError(
+            f"MLflow run {run_id} has no checkpoint to resume from: it stopped before its first checkpoint; "
+            "start a new run"
+        ) from None

@@ -63,9 +63,12 @@ def check_sweep_inputs() -> str:
 
 
 @task(name="start-sweep-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def start_sweep_tracking(trials: list[Trial], space: SearchSpace, strategy: dict[str, Any], experiment: str) -> str:
+def start_sweep_tracking(
+    trials: list[Trial], space: SearchSpace, strategy: dict[str, Any], experiment: str, planned: int | None = None
+) -> str:
     """Open the sweep's parent MLflow run: the base configuration with each varied field's values, the
-    search settings, and the space and trial list as ``space.json``; returns its id."""
+    search settings, and the space and trial list as ``space.json``; returns its id. An adaptive search
+    passes one trial (for the base configuration) and the ``planned`` number, its trials not drawn yet."""
     from prefect.runtime import flow_run, task_run
 
     from ops.orphans import process_tags
@@ -73,7 +76,7 @@ def start_sweep_tracking(trials: list[Trial], space: SearchSpace, strategy: dict
     params: dict[str, Any] = dict(trials[0].config.flat())
     params.update(space.describe())  # varied fields: their values (or range) instead of trial 0's value
     params.update({f"sweep.{k}": v for k, v in strategy.items()})
-    params["sweep.num_trials"] = len(trials)
+    params["sweep.num_trials"] = len(trials) if planned is None else planned
     tags = {"deeprnn.sweep": "true", "deeprnn.preset": trials[0].config.preset, **prefect_run_tags(), **process_tags()}
     # A retry of this task finds the parent run its first attempt created; space.json is simply rewritten.
     run_id = runs.create_run(experiment, flow_run.get_name(), tags, params, opened_by=task_run.get_id())
@@ -81,10 +84,12 @@ def start_sweep_tracking(trials: list[Trial], space: SearchSpace, strategy: dict
         "space": space.describe(),
         "fixed": space.fixed,
         **strategy,
-        "trials": [{"trial": t.index, "name": t.name, "values": t.values} for t in trials],
     }
+    if planned is None:
+        plan["trials"] = [{"trial": t.index, "name": t.name, "values": t.values} for t in trials]
     runs.log_texts(run_id, {"space.json": json.dumps(plan, indent=1, default=str)})
-    get_run_logger().info("sweep of %d trials, MLflow parent run %s in experiment %r", len(trials), run_id, experiment)
+    count = len(trials) if planned is None else planned
+    get_run_logger().info("sweep of %d trials, MLflow parent run %s in experiment %r", count, run_id, experiment)
     return run_id
 
 
@@ -125,7 +130,7 @@ def _collect(parent_run_id: str, trials: list[Trial], outcomes: list[Any]) -> li
     return results
 
 
-def _roll_up_best(
+def roll_up_best(
     parent_run_id: str, best: TrialResult, metric: str, outcome: RunResult, register: bool, name: str | None
 ) -> PublishedModel:
     """The best trial's metrics and run on the parent run; its model registered (if ``register``) as ``name``,
@@ -176,7 +181,7 @@ def summarize_sweep(
     model = None
     if best is not None:
         outcome = {t.index: o for t, o in zip(trials, outcomes)}[best.index]
-        model = _roll_up_best(parent_run_id, best, metric, outcome, register_best, registered_model)
+        model = roll_up_best(parent_run_id, best, metric, outcome, register_best, registered_model)
     link = runs.run_url(parent_run_id)
     header = [
         f"# deeprnn sweep: {len(succeeded)} of {len(results)} trials succeeded",

@@ -9,18 +9,19 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+from deeprnn import stopping
 from deeprnn.batching import Splits
 from deeprnn.config import RunConfig, TrainConfig
 from deeprnn.pipeline import TrainingHooks, TrainingOutcome, start_training
 from deeprnn.progress import EpochStats, StepStats, progress_line
 from deeprnn.resume import LAST
 from deeprnn.vocab import Vocab
-from tracking import metrics, runs, store
+from tasks import step_watch
+from tracking import checkpoints, metrics, runs, store
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]  # what get_run_logger returns
 
@@ -58,14 +59,17 @@ def _hooks(
             logger.info(progress_line(stats))
             update_progress_artifact(progress, 100.0 * min(stats.step / max(stats.total_steps, 1), 1.0))
             last_line[0] = time.perf_counter()
+        step_watch.notify(stats)  # a sweep's pruner, after the step is in the curves it keeps
 
     return TrainingHooks(
         on_epoch=on_epoch,
         on_step=on_step,
         # Metrics first: once a checkpoint exists, MLflow has every epoch up to it, so a resume leaves no gap.
         before_checkpoint=curves.flush,
-        after_checkpoint=lambda path: MlflowClient().log_artifact(run_id, str(path), "checkpoints"),
+        after_checkpoint=lambda path: checkpoints.upload_checkpoint(run_id, path),  # once verified on disk
         guard=runs.uninterrupted,
+        # SIGINT or SIGTERM: a checkpoint at the next step boundary, then the run stops (deeprnn.stopping).
+        stop_requested=stopping.requested,
     )
 
 
@@ -113,7 +117,8 @@ def train_model(config: RunConfig, vocab: dict[str, Any], splits: Splits, run_id
     progress = create_progress_artifact(0.0, key=None, description="Training progress (% of steps)")
     started = time.perf_counter()
     try:
-        with metrics.system_metrics(run_id):  # CPU, memory (and GPU) use as system/* metrics
+        # A stop signal is held back while training: the loop stops at its next step boundary, checkpointed.
+        with metrics.system_metrics(run_id), stopping.held():  # CPU, memory (and GPU) use as system/* metrics
             outcome = run.fit(_hooks(run_id, config.train, curves, progress, logger), earlier)
     except BaseException:
         try:

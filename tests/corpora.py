@@ -148,3 +148,14 @@ class CountingServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=5)
+
+
+def _train_experiment() -> str:
+    """The experiment a training run of this corpus goes to by default: the book's ``deeprnn-train``, or the
+    stand-in's own (runs of any other text go to an experiment named after it)."""
+    from tracking.naming import experiment_name
+
+    return experiment_name("timemachine", CORPUS_SHA1)
+
+
+TRAIN_EXPERIMENT = _train_experiment()

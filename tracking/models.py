@@ -6,18 +6,17 @@ on the same held-out text, and fetch or load a model back.
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import mlflow
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from tracking import naming
 from tracking.store import tracking_uri
 
 log = logging.getLogger(__name__)
@@ -46,12 +45,9 @@ def default_registered_model(corpus_url: str, corpus_sha1: str) -> str:
     """The registered model a run's model goes to unless the user names one: ``deeprnn-lm`` for the book's
     corpus, else ``deeprnn-<file name>-<first 8 hex digits of its SHA-1>``, so models of different texts
     never become versions of one another."""
-    from deeprnn.config import D2L_SHA1
-
-    if corpus_sha1 == D2L_SHA1:
+    if naming.is_book(corpus_sha1):
         return REGISTERED_MODEL
-    stem = re.sub(r"[^A-Za-z0-9]+", "-", Path(urlsplit(corpus_url).path).stem).strip("-").lower()[:40]
-    return f"deeprnn-{stem or 'corpus'}-{corpus_sha1[:8]}"
+    return naming.experiment_name(naming.corpus_stem(corpus_url), corpus_sha1)  # the corpus's experiment's name
 
 
 def _signature() -> Any:
@@ -59,7 +55,8 @@ def _signature() -> Any:
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "prefix")]),
+        # Optional: a request without prefixes continues the model's own (its run's sample prefixes).
+        inputs=Schema([ColSpec("string", "prefix", required=False)]),
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema(
             [
@@ -113,18 +110,23 @@ def log_model(run_id: str, checkpoint: Path, example_prefix: str) -> LoggedModel
     if logged is not None and logged.status == LoggedModelStatus.READY:
         log.info("run %s already logged model %s; reusing it", run_id, logged.model_id)
         return LoggedModel(logged.model_id, f"models:/{logged.model_id}")
+    run = client.get_run(run_id)
     if logged is None:
         # Model.log would file the LoggedModel under the thread's active experiment; create it in the run's
         # own experiment instead, so `runs:/<run_id>/model` resolves and the UI shows it beside the run.
-        run = client.get_run(run_id)
         logged = client.create_logged_model(
             experiment_id=run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id, params=dict(run.data.params)
         )
+    # Model.log records the model as the run's output before it uploads anything, and the store allows that
+    # record once: an attempt that failed in the upload (a full artifact store) already made it, and a second
+    # one would fail with a UNIQUE constraint on every retry and resume. Look before creating it again.
+    outputs = run.outputs.model_outputs if run.outputs else []
+    linked = any(output.model_id == logged.model_id for output in outputs)
     Model.log(
         artifact_path=None,  # deprecated positional in Model.log; ``name`` is the MLflow 3 spelling
         name=MODEL_NAME,
         flavor=mlflow.pyfunc,
-        run_id=run_id,
+        run_id=None if linked else run_id,  # None: no second output record; the model keeps its source run
         python_model=str(_PYFUNC_CODE),
         artifacts={"checkpoint": str(checkpoint)},
         code_paths=[str(Path(deeprnn.__file__).parent)],

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import os
 import re
 import shutil
 import signal
@@ -28,10 +27,12 @@ from mlflow.entities import DatasetInput, InputTag, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from deeprnn import stopping
 from deeprnn.config import RunConfig
 from deeprnn.download import CorpusFile
 from deeprnn.sizing import decided_later
 from deeprnn.urls import redact_url
+from tracking import checkpoints
 from tracking.store import experiment_id, tracking_uri
 
 
@@ -119,15 +120,22 @@ def mark_failed(run_id: str, reason: str) -> None:
 
 @contextlib.contextmanager
 def uninterrupted() -> Iterator[None]:
-    """Hold Ctrl-C back until the block (MLflow calls) has finished, then raise it.
+    """Hold Ctrl-C (and, in a ``deeprnn`` command, SIGTERM) back until the block (MLflow calls) has finished,
+    then raise it.
 
     A KeyboardInterrupt inside SQLAlchemy makes it drop the connection mid-read, and the sqlite store can stay
-    locked while the interrupted cursor lives, so the run could not be marked KILLED afterwards. Only in the
-    main thread, and only while Python's default Ctrl-C handler is installed; elsewhere a plain block.
+    locked while the interrupted cursor lives, so the run could not be marked KILLED afterwards. With the
+    command's stop handler (``deeprnn.stopping``) both signals are held back in the main thread; otherwise only
+    while Python's default Ctrl-C handler is installed; elsewhere a plain block.
     """
-    if threading.current_thread() is not threading.main_thread() or (
-        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if stopping.installed():
+        with stopping.held():
+            yield
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
     received: list[int] = []
@@ -152,13 +160,27 @@ def release_unwound_frames(exc: BaseException) -> None:
     gc.collect()  # cursors caught in reference cycles too
 
 
+STOP_TAG = "deeprnn.stopped"  # how a run stopped by SIGINT or SIGTERM continues, or that it cannot
+
+
 @contextlib.contextmanager
-def run_status(run_id: str) -> Iterator[None]:
-    """End the run FINISHED on success, KILLED on Ctrl-C, FAILED on any error: never left RUNNING."""
+def run_status(run_id: str, checkpoint: Path | None = None) -> Iterator[None]:
+    """End the run FINISHED on success, KILLED on Ctrl-C or SIGTERM, FAILED on any error: never left RUNNING.
+
+    A stopped training run (``checkpoint``: its local resumable file) gets a ``deeprnn.stopped`` tag with the
+    command that continues it when it has a checkpoint (that file, or the run's ``checkpoints/last.pt``
+    artifact), and the ``StopRequested`` carries the run id and that checkpoint up to the command that prints
+    them.
+    """
     try:
         yield
     except KeyboardInterrupt as exc:
         release_unwound_frames(exc)
+        if checkpoint is not None:  # a training run: say whether and how it continues
+            kept = checkpoints.kept_checkpoint(run_id, checkpoint)
+            set_tags(run_id, {STOP_TAG: stop_note(run_id, kept)})
+            if isinstance(exc, stopping.StopRequested):
+                exc.run_id, exc.checkpoint = run_id, kept
         MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
         raise
     except BaseException as exc:
@@ -166,6 +188,18 @@ def run_status(run_id: str) -> Iterator[None]:
         MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
     MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def resume_command(run_id: str) -> str:
+    """The command that continues run ``run_id`` from its last checkpoint."""
+    return f"deeprnn run --resume {run_id}"
+
+
+def stop_note(run_id: str, kept: Path | str | None) -> str:
+    """What a stopped run keeps, in a few words: how to continue it, or that it has no checkpoint."""
+    if kept is None:
+        return "stopped before its first checkpoint: nothing to resume; start a new run"
+    return f"continue with: {resume_command(run_id)}"
 
 
 @dataclass
@@ -195,25 +229,11 @@ def reopen_run(run_id: str, tags: dict[str, str]) -> None:
     """Set a run back to ``RUNNING`` (to continue it) and update its tags (e.g. the new Prefect flow run)."""
     client = MlflowClient()
     client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
-    if FAILURE_REASON_TAG in client.get_run(run_id).data.tags:  # why it stopped last time: no longer true
-        client.delete_tag(run_id, FAILURE_REASON_TAG)
+    earlier = client.get_run(run_id).data.tags
+    for tag in (FAILURE_REASON_TAG, STOP_TAG):  # why and how it stopped last time: no longer true
+        if tag in earlier:
+            client.delete_tag(run_id, tag)
     set_tags(run_id, tags)
-
-
-def download_artifact(run_id: str, artifact_path: str, target: Path) -> Path:
-    """Copy one artifact file of the run to ``target`` (whole or not at all); ``FileNotFoundError`` when the
-    run has no such file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp)
-        except (MlflowException, OSError) as exc:
-            raise FileNotFoundError(
-                f"MLflow run {run_id} has no artifact {artifact_path!r} to resume from ({type(exc).__name__}): "
-                "it never reached its first checkpoint"
-            ) from None
-        os.replace(local, target)
-    return target
 
 
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:

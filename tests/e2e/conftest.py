@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
@@ -47,9 +48,13 @@ def cli_env(workdir: Path, prefect_api: str) -> dict[str, str]:
     return env
 
 
+STALL_SECONDS = 120  # longer than any test waits for a stalled download
+
+
 class FaultServer:
     """A real HTTP server on 127.0.0.1 that serves the book at any path ending in ``timemachine.txt``,
-    answers 404 under ``/missing/`` and 500 under ``/broken/``, and records every path it was asked for."""
+    answers 404 under ``/missing/`` and 500 under ``/broken/``, stalls after the first bytes under ``/stall/``
+    (a download that is still running when a test stops it), and records every path it was asked for."""
 
     def __init__(self, book: bytes) -> None:
         self.book = book
@@ -59,6 +64,14 @@ class FaultServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 server.hits.append(self.path)
+                if self.path.startswith("/stall/"):
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(server.book)))
+                    self.end_headers()
+                    self.wfile.write(server.book[:1000])
+                    self.wfile.flush()
+                    time.sleep(STALL_SECONDS)
+                    return
                 if self.path.startswith("/missing/"):
                     status, body = 404, b"not found"
                 elif self.path.startswith("/broken/"):

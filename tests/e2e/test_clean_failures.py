@@ -149,6 +149,8 @@ def test_the_cli_prints_the_message_once_and_no_traceback(store: Path, fault_ser
     assert "Traceback" not in out, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert errors == [f"error: HTTP 404 Not Found for {url} (check the URL)"], out[-3000:]
+    # Once: not also in Prefect's lines for the failed task and flow run (they stay in the flow run's logs).
+    assert out.count("HTTP 404 Not Found") == 1, out[-3000:]
 
 
 class Bug(Exception):

@@ -19,6 +19,7 @@ import pytest
 import requests
 import yaml
 from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
+from corpora import TRAIN_EXPERIMENT
 from live_servers import Server, log_tail, start_process, stop_process_group
 from mlflow.tracking import MlflowClient
 
@@ -83,7 +84,7 @@ def worker(deployed: Deployed, tmp_path_factory: pytest.TempPathFactory) -> Iter
     }
     # Experiments made up front keep artifacts in the test's folder (a sqlite store's default is ./mlruns).
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    for experiment in ("deeprnn-train", "deeprnn-evaluate"):
+    for experiment in {"deeprnn-train", TRAIN_EXPERIMENT, "deeprnn-evaluate"}:
         client.create_experiment(experiment, artifact_location=(root / "artifacts" / experiment).as_uri())
     log = root / "worker.log"
     proc = start_process(
@@ -198,7 +199,9 @@ def test_parameter_form_has_title_description_and_bounds_for_every_field(deploye
         for param, prop in schema["properties"].items():
             assert prop["title"] != param and prop.get("description"), (name, param, prop)
     train = deployed.deployments["smoke"]["parameter_openapi_schema"]
-    assert train["properties"]["preset"]["enum"] == ["d2l-9.3", "full-book", "smoke"]
+    preset = train["properties"]["preset"]  # empty: the book's preset for the book, text for any other corpus
+    choices = [option.get("enum") for option in preset.get("anyOf", [preset]) if option.get("enum")]
+    assert choices == [["d2l-9.3", "full-book", "smoke", "text"]]
     assert train["properties"]["preset"]["title"] == "Preset"
     # The sections are the configuration's own models: a field that is never empty is a plain field, no toggle.
     assert set(train["definitions"]) == {"DataConfig", "ModelConfig", "TrainConfig", "SampleConfig"}
@@ -233,13 +236,20 @@ def test_each_deployment_form_is_pre_filled_with_what_will_run(deployed: Deploye
     full = deployed.deployments["full-book"]["parameters"]
     assert (full["train"]["epochs"], full["train"]["optimizer"], full["model"]["num_hiddens"]) == (30, "adamw", 512)
     assert full["data"]["max_tokens"] is None
-    sweep = deployed.deployments["sweep"]
-    validate(sweep["parameters"], sweep["parameter_openapi_schema"], raise_on_error=True)
-    assert sweep["parameters"]["train"]["epochs"] == 100
+    for name in ("sweep", "adaptive-sweep"):
+        sweep = deployed.deployments[name]
+        validate(sweep["parameters"], sweep["parameter_openapi_schema"], raise_on_error=True)
+        assert sweep["parameters"]["train"]["epochs"] == 100
+    adaptive = deployed.deployments["adaptive-sweep"]["parameter_openapi_schema"]["properties"]
+    assert adaptive["pruner"]["enum"] == ["asha", "median", "none"] and adaptive["pruner"]["title"] == "Pruner"
 
 
-# The one value a deployment's sections may hold that its preset does not: the sweep trains 100 epochs a trial.
-DEPLOYMENT_CHANGES: dict[str, dict[str, dict[str, Any]]] = {"sweep": {"train": {"epochs": 100}}}
+# The values a deployment's sections may hold that its preset does not: the sweeps train 100 epochs a trial, and
+# the adaptive one holds a validation split out for its pruner and its choice.
+DEPLOYMENT_CHANGES: dict[str, dict[str, dict[str, Any]]] = {
+    "sweep": {"train": {"epochs": 100}},
+    "adaptive-sweep": {"train": {"epochs": 100}, "data": {"val_fraction": 0.1}},
+}
 
 
 def test_prefect_yaml_holds_the_presets_sections_exactly() -> None:
@@ -259,7 +269,7 @@ def test_prefect_yaml_holds_the_presets_sections_exactly() -> None:
             + yaml.safe_dump(expected, sort_keys=False)
         )
         checked.add(name)
-    assert checked == {"d2l-9.3", "full-book", "smoke", "prepare", "sweep"}
+    assert checked == {"d2l-9.3", "full-book", "smoke", "prepare", "sweep", "adaptive-sweep"}
     entrypoints = {d["name"]: d.get("entrypoint") for d in PREFECT_YAML["deployments"]}
     assert all(entrypoints[n] == "flows/train_flow.py:train_lm" for n in ("d2l-9.3", "full-book", "smoke"))
     # Every section the training flow takes is there: nothing falls back to a value the form does not show.
@@ -482,7 +492,7 @@ def test_setup_server_creates_the_training_slot_the_zombie_automation_and_the_al
     server = deployed.server
     queue = api(server, "GET", f"/work_pools/{POOL}/queues/training").json()
     assert queue["concurrency_limit"] == 1
-    for name in ("d2l-9.3", "full-book", "smoke", "sweep"):
+    for name in ("d2l-9.3", "full-book", "smoke", "sweep", "adaptive-sweep"):
         assert deployed.deployments[name]["work_queue_name"] == "training", name
         assert deployed.deployments[name]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
     automations = {a["name"]: a for a in api(server, "POST", "/automations/filter", json={}).json()}

@@ -69,7 +69,11 @@ def test_own_text_keeps_every_character_trains_and_continues_a_prefix(workdir: P
     assert set(text) <= set(vocab)  # umlauts, CJK, digits, punctuation, capitals and the newline all kept
     assert len(vocab) == len(set(text)) + 1  # and nothing else but <unk>
     assert not result.tokens.cache_hit and result.tokens.num_tokens == len(text)
-    assert mlflow.get_run(run_id).data.params["data.normalize"] == "none"
+    run = mlflow.get_run(run_id)
+    assert run.data.params["data.normalize"] == "none"
+    # Named after what ran: preset, the file's stem (its SHA-1 prefix once the corpus is read), model.
+    assert run.data.tags["prefect.flow_run_name"] == f"smoke\u00b7{language}\u00b7lstm2x32"
+    assert run.info.run_name.startswith(f"smoke\u00b7{language}") and run.info.run_name.endswith("\u00b7lstm2x32")
 
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     (continued,) = model.predict(pd.DataFrame({"prefix": [prefix]}), params={"num_chars": 15})
@@ -117,7 +121,7 @@ def test_the_text_preset_fits_the_text_ends_on_time_and_samples_from_the_held_ou
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
     assert params["preset"] == "text" and params["data.normalize"] == "none" and params["model.size"] == "fixed"
     assert int(params["model.num_hiddens"]) in (128, 192, 256, 384, 512, 768, 1024)
-    assert params["train.lr_schedule"] == "warmup-cosine" and params["data.max_tokens"] == ""  # the whole text
+    assert params["train.lr_schedule"] == "warmup-stable-decay" and params["data.max_tokens"] == ""  # the whole text
     # Every character kept, and the splits: 85% training, 5% validation (picks the weights), 10% test at the end.
     assert len(mlflow.artifacts.load_dict(f"runs:/{result.run_id}/vocab.json")["idx_to_token"]) == len(set(text)) + 1
     assert result.evaluation.val_tokens == pytest.approx(0.05 * len(text), abs=2)

@@ -21,7 +21,7 @@ ENGLISH = "The Time Traveller (for so it will be convenient to speak of him) was
 
 
 def _env(cache: Path) -> dict[str, str]:
-    return {**os.environ, "DEEPRNN_CACHE_DIR": str(cache), "COLUMNS": "200"}
+    return {**os.environ, "DEEPRNN_CACHE_DIR": str(cache), "COLUMNS": "80"}  # a narrow log: paths still whole
 
 
 def _prepare(tmp_path: Path, *args: str, cache: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -34,7 +34,7 @@ def _prepare(tmp_path: Path, *args: str, cache: Path | None = None) -> subproces
 def test_prepare_prints_the_entry_and_a_second_run_is_served_from_the_cache(tmp_path: Path) -> None:
     corpus = tmp_path / "english.txt"
     corpus.write_text(ENGLISH * 2000, encoding="utf-8")
-    args = ("--data-url", str(corpus), "--normalize", "none", "--val-fraction", "0.1", "--json")
+    args = ("--preset", "d2l-9.3", "--data-url", str(corpus), "--normalize", "none", "--val-fraction", "0.1", "--json")
     first = _prepare(tmp_path, *args, str(tmp_path / "first.json"))
     assert first.returncode == 0, first.stdout + first.stderr
     result = json.loads((tmp_path / "first.json").read_text())
@@ -55,7 +55,7 @@ def test_prepare_prints_the_entry_and_a_second_run_is_served_from_the_cache(tmp_
 def test_a_text_losing_letters_to_the_books_rule_gets_a_warning(tmp_path: Path) -> None:
     corpus = tmp_path / "german.txt"
     corpus.write_text("Über die Brücke gingen die Mädchen\n" * 50, encoding="utf-8")
-    proc = _prepare(tmp_path, "--data-url", str(corpus))
+    proc = _prepare(tmp_path, "--preset", "d2l-9.3", "--data-url", str(corpus))  # your own text: `text` keeps all
     assert proc.returncode == 0, proc.stderr
     assert "warning: --normalize d2l keeps only the letters a-z: it dropped 10.3%" in " ".join(proc.stderr.split())
     assert "--normalize none" in proc.stderr
@@ -87,7 +87,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, tuple[str, ...], str]]:
 @pytest.mark.parametrize("case", ["nothing left", "corrupt gz", "binary file", "no text files", "huge word vocabulary"])
 def test_bad_input_is_one_clear_message_and_leaves_no_entry(tmp_path: Path, case: str) -> None:
     source, extra, message = _bad_inputs(tmp_path)[case]
-    proc = _prepare(tmp_path, "--data-url", str(source), *extra)
+    proc = _prepare(tmp_path, "--preset", "d2l-9.3", "--data-url", str(source), *extra)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert message in " ".join(proc.stderr.split())
     assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stdout + proc.stderr

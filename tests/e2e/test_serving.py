@@ -8,13 +8,15 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
+import psutil
 import pytest
 import requests
-from corpora import CORPUS_MODEL
+from corpora import CORPUS_MODEL, TRAIN_EXPERIMENT
 from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
 from live_servers import free_port, log_tail, start_process, stop_process_group, wait_until_healthy
 from mlflow.exceptions import MlflowException
@@ -26,13 +28,19 @@ from tasks.results import RunResult
 pytestmark = pytest.mark.e2e
 
 SMOKE = {"device": "cpu", "epochs": 1}
+REQUEST_SECONDS = 3
 
 
 class Served:
     """What the module's fixture set up: the store, the two trained runs and the model server."""
 
-    def __init__(self, root: Path, runs: list[RunResult], url: str, log: Path) -> None:
-        self.root, self.runs, self.url, self.log = root, runs, url, log
+    def __init__(self, root: Path, runs: list[RunResult], url: str, log: Path, pid: int) -> None:
+        self.root, self.runs, self.url, self.log, self.pid = root, runs, url, log, pid
+
+    def memory(self) -> int:
+        """Resident memory of the server's processes together, in bytes."""
+        server = psutil.Process(self.pid)
+        return sum(p.memory_info().rss for p in [server, *server.children(recursive=True)])
 
     def post(self, body: dict[str, Any]) -> requests.Response:
         """POST ``body`` to the server's /invocations as JSON."""
@@ -60,6 +68,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, prefect_api: str, book_url:
         # The server runs `uvicorn` from PATH: the environment's bin folder, as an activated virtualenv has it.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "DEEPRNN_DEVICE": "cpu", "PATH": path}
+        env["DEEPRNN_REQUEST_SECONDS"] = str(REQUEST_SECONDS)  # each request's limit, far below the server's 60 s
         cmd = [
             sys.executable,
             "-m",
@@ -78,7 +87,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, prefect_api: str, book_url:
         proc = start_process(cmd, log, env, cwd=root)
         try:
             wait_until_healthy(f"http://127.0.0.1:{port}/ping", proc, log)
-            yield Served(root, runs, f"http://127.0.0.1:{port}", log)
+            yield Served(root, runs, f"http://127.0.0.1:{port}", log, proc.pid)
         finally:
             stop_process_group(proc)
 
@@ -142,6 +151,18 @@ def test_bad_params_get_a_400_naming_the_param_without_a_traceback(
     assert elapsed < 5.0  # refused before any work (the benchmark measures the real figure)
 
 
+@pytest.mark.parametrize("body", [{"dataframe_records": [{}]}, {"inputs": {"prefix": []}}, {"inputs": []}])
+def test_a_request_without_prefixes_gets_the_models_own_samples(served: Served, body: dict) -> None:
+    run = _champion_run(served)
+    num_chars = preset_config("smoke").sample.num_chars
+    response = served.post({**body, "params": {"num_chars": num_chars}})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"predictions": list(run.samples.values())}  # the run's own prefixes
+    # Typed with capitals and punctuation: read by the book's rule (d2l), as the training text was.
+    typed = served.post({"inputs": {"prefix": ["Time-Traveller!"]}, "params": {"num_chars": num_chars}})
+    assert typed.json() == {"predictions": [run.samples["time traveller"]]}
+
+
 @pytest.mark.parametrize(
     ("rows", "expected"),
     [
@@ -170,7 +191,7 @@ def test_logged_models_carry_their_metrics_and_rank_by_test_perplexity(
     client = MlflowClient()
     by_model = {r.model.logged.model_id: client.get_run(r.run_id).data.metrics["test_perplexity"] for r in served.runs}
     assert len(set(by_model.values())) == 2  # trained differently, so measured differently
-    experiment = client.get_experiment_by_name("deeprnn-train").experiment_id
+    experiment = client.get_experiment_by_name(TRAIN_EXPERIMENT).experiment_id
     ranked = mlflow.search_logged_models(
         experiment_ids=[experiment],
         order_by=[{"field_name": "metrics.test_perplexity", "ascending": True}],
@@ -189,8 +210,9 @@ def test_logged_models_carry_their_metrics_and_rank_by_test_perplexity(
         assert version.tags["corpus_sha1"] == BOOK_SHA1 and version.tags["preset"] == "smoke"
         assert float(version.tags["test_perplexity"]) == pytest.approx(by_model[run.model.logged.model_id])
         assert BOOK_SHA1 in version.description and next(iter(run.samples.values())) in version.description
-    # The checkpoint for resuming stays a plain artifact of the run.
-    assert [a.path for a in client.list_artifacts(served.runs[0].run_id, "checkpoints")] == ["checkpoints/last.pt"]
+    # The checkpoint for resuming stays a plain artifact of the run, with its digest beside it.
+    listed = [a.path for a in client.list_artifacts(served.runs[0].run_id, "checkpoints")]
+    assert listed == ["checkpoints/last.pt", "checkpoints/last.pt.sha256"]
 
 
 def test_cli_generate_continues_every_prefix_in_one_batch(served: Served) -> None:
@@ -267,3 +289,35 @@ def test_other_corpora_get_their_own_registered_model(workdir: Path, book_path: 
         == result.run_id
     )
     assert not MlflowClient().search_model_versions("name = 'deeprnn-lm'")
+
+
+def test_a_request_above_the_work_budget_gets_a_400_at_once(served: Served) -> None:
+    started = time.perf_counter()
+    heavy = {"inputs": {"prefix": ["time traveller " * 66] * 1024}, "params": {"num_chars": 10_000}}
+    response = served.post(heavy)
+    assert response.status_code == 400, response.text
+    assert "tokens of work" in response.json()["message"] and "1,000,000 per request" in response.json()["message"]
+    assert time.perf_counter() - started < 5.0
+
+
+def test_a_request_past_its_time_limit_stops_and_a_burst_leaves_memory_near_idle(served: Served) -> None:
+    served.post({"inputs": {"prefix": ["the"]}, "params": {"num_chars": 5}})
+    idle = served.memory()
+    # In the budget, but longer than the limit: stopped with a 504 of ours, before the server's own timeout.
+    started = time.perf_counter()
+    response = served.post({"inputs": {"prefix": ["time traveller"] * 100}, "params": {"num_chars": 9_900}})
+    assert response.status_code == 504 and "generation stopped after 3 s" in response.json()["message"]
+    assert time.perf_counter() - started < REQUEST_SECONDS + 5
+    # A burst of three heavy requests at once, then the memory they used is handed back.
+    burst = {"inputs": {"prefix": ["the time traveller " * 12] * 500}, "params": {"num_chars": 20}}
+    peak = [idle]
+    with ThreadPoolExecutor(3) as pool:
+        pending = [pool.submit(served.post, burst) for _ in range(3)]
+        while not all(f.done() for f in pending):
+            peak.append(served.memory())
+            time.sleep(0.05)
+    assert [f.result().status_code for f in pending] == [200, 200, 200]
+    time.sleep(0.5)  # the responses are written after the work is done
+    after = served.memory()
+    assert max(peak) > idle + 20e6, "the burst did not use memory: it proves nothing"
+    assert after < idle + 0.5 * (max(peak) - idle), (idle, max(peak), after)

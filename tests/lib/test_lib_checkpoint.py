@@ -110,10 +110,71 @@ def test_save_is_atomic(trained, tiny_vocab: Vocab, tmp_path: Path) -> None:
     cfg, model, _ = trained
     path = tmp_path / "ckpt.pt"
     checkpoint.save(path, checkpoint.make_payload(cfg, tiny_vocab, model, epoch=1))
-    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.sha256"]  # its digest; no temporary file
 
     # A save that fails half-way keeps the previous checkpoint whole and leaves no temporary file.
     with pytest.raises((pickle.PicklingError, AttributeError)):  # how pickle refuses a lambda varies
         checkpoint.save(path, {"epoch": 2, "bad": lambda: None})
-    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.sha256"]
+    assert checkpoint.load(path)["epoch"] == 1
+
+
+def _flip_exponent_bit(path: Path) -> None:
+    """Flip the highest exponent bit of the first weight's first value, in place (a wrong value, not NaN)."""
+    raw = bytearray(path.read_bytes())
+    weights = next(iter(checkpoint.load(path)["model_state"].values())).flatten()
+    value = weights[0].numpy().tobytes()
+    at = raw.find(value + weights[1].numpy().tobytes())
+    assert at > 0
+    raw[at + 3] ^= 0x40  # little-endian float32: the top byte holds the sign and the upper exponent bits
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(
+    trained, tiny_vocab: Vocab, tmp_path: Path, damage: str
+) -> None:
+    cfg, model, _ = trained
+    path = checkpoint.save(tmp_path / "last.pt", checkpoint.make_payload(cfg, tiny_vocab, model, epoch=1))
+    if damage == "truncate":
+        os.truncate(path, path.stat().st_size // 2)
+    else:
+        _flip_exponent_bit(path)
+    with pytest.raises(checkpoint.DamagedCheckpointError, match="is damaged") as info:
+        checkpoint.load(path)
+    assert str(path) in str(info.value) and "last.pt.sha256" in str(info.value)
+
+
+def test_weights_that_are_not_finite_are_never_saved_nor_loaded(trained, tiny_vocab: Vocab, tmp_path: Path) -> None:
+    cfg, model, _ = trained
+    payload = checkpoint.make_payload(cfg, tiny_vocab, model, epoch=1)
+    name = next(iter(payload["model_state"]))
+    payload["model_state"][name][0] = float("nan")
+    with pytest.raises(checkpoint.DamagedCheckpointError, match="not finite"):
+        checkpoint.save(tmp_path / "last.pt", payload)
+    assert not (tmp_path / "last.pt").exists()
+    torch.save({"format": checkpoint.FORMAT, **payload}, tmp_path / "nan.pt")  # written by something else
+    with pytest.raises(checkpoint.DamagedCheckpointError, match=f"not finite \\({name}"):
+        checkpoint.load(tmp_path / "nan.pt")
+
+
+def test_a_checkpoint_without_a_digest_file_still_loads(trained, tiny_vocab: Vocab, tmp_path: Path) -> None:
+    """Checkpoints written before digests existed: loaded as they are, their weights still checked."""
+    cfg, model, _ = trained
+    path = checkpoint.save(tmp_path / "last.pt", checkpoint.make_payload(cfg, tiny_vocab, model, epoch=3))
+    checkpoint.digest_path(path).unlink()
+    assert checkpoint.load(path)["epoch"] == 3
+
+
+def test_a_full_disk_is_one_clear_error_and_keeps_the_previous_checkpoint(
+    trained, tiny_vocab: Vocab, small_filesystem: Path
+) -> None:
+    cfg, model, _ = trained
+    path = checkpoint.save(small_filesystem / "last.pt", checkpoint.make_payload(cfg, tiny_vocab, model, epoch=1))
+    stats = os.statvfs(small_filesystem)
+    (small_filesystem / "filler").write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - 1024))
+    with pytest.raises(checkpoint.CheckpointDiskFullError, match="no space left to write checkpoint") as info:
+        checkpoint.save(path, checkpoint.make_payload(cfg, tiny_vocab, model, epoch=2))
+    assert str(path) in str(info.value) and "bytes" in str(info.value)
+    assert sorted(p.name for p in small_filesystem.iterdir()) == ["filler", "last.pt", "last.pt.sha256"]
     assert checkpoint.load(path)["epoch"] == 1

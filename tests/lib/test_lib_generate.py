@@ -4,12 +4,24 @@ batched generation equals one prefix at a time."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import torch
 from torch import nn
 
-from deeprnn.generate import generate, generate_batch, generate_ids, split_prefix
+from deeprnn import generate as generate_module
+from deeprnn.generate import (
+    MAX_REQUEST_TOKENS,
+    GenerationRequestError,
+    GenerationTimeoutError,
+    check_prefixes,
+    check_work,
+    generate,
+    generate_batch,
+    generate_ids,
+    split_prefix,
+)
 from deeprnn.model import RNNLM
 from deeprnn.tokenize import flatten, preprocess_lines, tokenize
 from deeprnn.vocab import Vocab
@@ -218,3 +230,44 @@ def test_batched_edge_cases(model: RNNLM, tiny_vocab: Vocab) -> None:
         generate_ids(model, [[3], []], 5)
     with pytest.raises(ValueError, match="temperature"):
         generate_batch(model, tiny_vocab, ["the"], 5, temperature=-1.0)
+
+
+def test_prefixes_are_read_by_the_corpus_rule_before_encoding(model: RNNLM, tiny_vocab: Vocab) -> None:
+    typed = ["The Time-Traveller", "TRAVELLER!"]
+    normalized = generate_batch(model, tiny_vocab, typed, 12, normalize="d2l")
+    assert normalized == generate_batch(model, tiny_vocab, ["the time traveller", "traveller"], 12)
+    assert normalized[0].startswith("the time traveller")  # not "<unk>he <unk>ime ..."
+    assert check_prefixes(typed, tiny_vocab, normalize="d2l") == ["the time traveller", "traveller"]
+    assert check_prefixes(typed[:1], tiny_vocab) == typed[:1]  # "none": as typed
+    with pytest.raises(GenerationRequestError, match=r"prefix 0 \('#%&'\) has no character the model knows"):
+        check_prefixes(["#%&"], tiny_vocab, normalize="d2l")  # nothing left once normalized
+
+
+def test_a_request_above_the_work_budget_is_refused_before_any_work() -> None:
+    prefixes = ["x" * 1000] * 1024
+    with pytest.raises(GenerationRequestError) as info:
+        check_work(prefixes, 10_000, "char")  # the heavy in-bounds request: 11,264,000 tokens of work
+    assert "11,264,000 tokens of work" in str(info.value) and f"{MAX_REQUEST_TOKENS:,}" in str(info.value)
+    per_row = MAX_REQUEST_TOKENS // 100
+    assert check_work(["abcd"] * 100, per_row - 4, "char") == MAX_REQUEST_TOKENS  # at the budget: accepted
+    with pytest.raises(GenerationRequestError):
+        check_work(["abcd"] * 100, per_row - 3, "char")
+
+
+def test_long_prefixes_warm_up_in_slices_with_the_same_text(
+    tiny_tokens: list[str], tiny_vocab: Vocab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _trained(len(tiny_vocab), tiny_vocab.encode(tiny_tokens), "lstm")
+    prefixes = ["".join(tiny_tokens[i : i + 300]) for i in range(0, 1500, 300)]
+    whole = generate_batch(model, tiny_vocab, prefixes, 40)
+    monkeypatch.setattr(generate_module, "_WARM_UP_POSITIONS", 64)  # slices of 12 positions for 5 rows
+    assert generate_batch(model, tiny_vocab, prefixes, 40) == whole
+
+
+def test_generation_stops_at_its_deadline(model: RNNLM, tiny_vocab: Vocab) -> None:
+    with pytest.raises(GenerationTimeoutError):
+        generate_batch(model, tiny_vocab, ["the"], 10, deadline=time.monotonic() - 1)
+    started = time.monotonic()
+    with pytest.raises(GenerationTimeoutError):
+        generate_batch(model, tiny_vocab, ["the"] * 64, 10_000_000, deadline=started + 0.3)
+    assert time.monotonic() - started < 2.0  # stopped, not run to its end

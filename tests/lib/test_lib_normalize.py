@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deeprnn.normalize import code_points, letter_loss, normalize_chars, normalize_words
+from deeprnn.normalize import code_points, letter_loss, normalize_chars, normalize_prefix, normalize_words
 from deeprnn.tokenize import flatten, preprocess_lines, tokenize
 
 TRICKY = "aB c\n\r\t,.-Zé\u2028\x0c  xy\u00dcber 3"
@@ -75,3 +75,31 @@ def test_unknown_mode_is_refused() -> None:
         normalize_chars("abc", "nfkc")
     with pytest.raises(ValueError, match="unknown normalization 'nfkc'"):
         normalize_words("abc", "nfkc")
+
+
+@pytest.mark.parametrize(
+    ("prefix", "mode", "token", "expected"),
+    [
+        ("The Time Traveller", "d2l", "char", "the time traveller"),
+        ("  The Time-Traveller (for so...) ", "d2l", "char", "the time traveller for so"),
+        ("\u00dcber die Br\u00fccke", "d2l", "char", "ber die br cke"),  # as the book's rule wrote the corpus
+        ("#%&", "d2l", "char", ""),
+        ("\u00dcber die Br\u00fccke", "lower", "char", "\u00fcber die br\u00fccke"),
+        ("The Time Traveller!", "none", "char", "The Time Traveller!"),
+        ("\u65f6\u7684\u4eba", "none", "char", "\u65f6\u7684\u4eba"),
+        ("The  Time-Traveller!", "d2l", "word", "the time traveller"),
+        ("The  Time-Traveller!", "none", "word", "The Time-Traveller!"),
+    ],
+)
+def test_a_prefix_is_written_as_the_corpus_rule_writes_text(prefix: str, mode: str, token: str, expected: str) -> None:
+    assert normalize_prefix(prefix, mode, token) == expected
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_prefix_normalizes_as_a_line_of_the_corpus_does(seed: int) -> None:
+    rng = random.Random(seed)
+    line = "".join(rng.choice(TRICKY.replace("\n", "").replace("\r", "")) for _ in range(60))
+    for mode in ("d2l", "lower", "none"):
+        assert normalize_prefix(line, mode) == _text(normalize_chars(line + "\n", mode)).rstrip("\n")
+    assert normalize_prefix(line, "d2l") == _book_chars(line)  # the book's own rule, on one line
+    assert normalize_prefix(normalize_prefix(line, "d2l"), "d2l") == normalize_prefix(line, "d2l")

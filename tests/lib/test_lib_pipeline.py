@@ -4,15 +4,19 @@ and a second start in the same folder (a retry, a resumed run) continuing from l
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 
-from deeprnn import checkpoint
+from deeprnn import checkpoint, stopping
 from deeprnn.batching import Splits
 from deeprnn.config import RunConfig, preset_config
 from deeprnn.pipeline import TrainingHooks, start_training
+from deeprnn.progress import StepStats
 from deeprnn.resume import LAST, MODEL
 from deeprnn.vocab import Vocab
 
@@ -83,3 +87,53 @@ def test_a_second_start_in_the_folder_continues_from_last_pt_like_one_run(
     assert [h.train_perplexity for h in outcome.history] == [h.train_perplexity for h in straight.history]
     assert outcome.final_train_perplexity == straight.final_train_perplexity
     assert outcome.steps_done == straight.steps_done
+
+
+@pytest.fixture
+def stop_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The command's stop handler installed in this process, with a state of its own, removed afterwards."""
+    monkeypatch.setattr(stopping, "_STATE", stopping._State())
+    monkeypatch.setattr(stopping, "STOP_SECONDS", 3600.0)  # no forced exit of the test process
+    previous = {signum: signal.getsignal(signum) for signum in stopping.STOP_SIGNALS}
+    stopping.handle_stop_signals()
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def test_sigterm_in_training_checkpoints_the_step_boundary_and_resumes_like_one_run(
+    tmp_path: Path, tiny_vocab: Vocab, tiny_ids: torch.Tensor, stop_handler: None
+) -> None:
+    splits = _splits(tiny_ids)
+    config = _config(epochs=4, checkpoint_every=None)  # no checkpoint but the one the stop writes
+    straight = start_training(config, tiny_vocab, splits, tmp_path / "straight")
+    straight_outcome = straight.fit(TrainingHooks())
+
+    def signal_after_epoch_2(stats: StepStats) -> None:
+        if stats.epoch == 2 and stats.epoch_end:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, handled in this (the main) thread
+
+    folder = tmp_path / "stopped"
+    run = start_training(config, tiny_vocab, splits, folder)
+    hooks = TrainingHooks(on_step=signal_after_epoch_2, stop_requested=stopping.requested)
+    with pytest.raises(stopping.StopRequested) as info, stopping.held():
+        run.fit(hooks)
+    assert info.value.exit_code == 143 and info.value.signal_name == "SIGTERM"
+    saved = checkpoint.load(folder / LAST)
+    assert saved["epoch"] == 2 and saved["trainer_state"]["step"] == run.trainer.step
+    assert not (folder / MODEL).exists()  # stopped: no final model
+
+    again = start_training(config, tiny_vocab, splits, folder)
+    outcome = again.fit(TrainingHooks())
+    assert again.epochs_done == 2 and outcome.steps_done == straight_outcome.steps_done
+    for key, value in straight.trainer.model.state_dict().items():
+        assert torch.equal(again.trainer.model.state_dict()[key], value), key
+
+
+def test_a_stop_signal_is_held_back_until_the_block_ends(stop_handler: None) -> None:
+    done = []
+    with pytest.raises(stopping.StopRequested) as info:
+        with stopping.held():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append(stopping.requested())  # the block runs on to its end
+    assert done == [signal.SIGINT] and info.value.exit_code == 130

@@ -34,7 +34,11 @@ def test_the_book_keeps_its_preset_and_any_other_text_gets_the_text_preset() -> 
     text = preset_config("text", {"data": {"url": "faust.txt"}})
     assert (text.data.normalize, text.data.max_tokens, text.data.val_fraction) == ("none", None, 0.05)
     assert text.data.test_fraction == 0.1 and text.model.size == "auto"
-    assert (text.train.optimizer, text.train.lr_schedule, text.train.time_budget) == ("adamw", "warmup-cosine", 300)
+    assert (text.train.optimizer, text.train.lr_schedule, text.train.time_budget) == (
+        "adamw",
+        "warmup-stable-decay",
+        300,
+    )
     assert text.sample.prefixes == []  # drawn from the held-out text once it is prepared
 
 
@@ -56,6 +60,12 @@ def test_a_shape_the_user_gives_turns_auto_sizing_off_and_is_kept() -> None:
 def test_a_time_budget_is_written_as_people_write_durations(text: str, seconds: float) -> None:
     assert TrainConfig(time_budget=text).time_budget == seconds
     assert TrainConfig(time_budget=seconds).time_budget == seconds
+
+
+@pytest.mark.parametrize("off", ["off", "0", "", None])
+def test_a_time_budget_can_be_switched_off(off: str | None) -> None:
+    assert TrainConfig(time_budget=off).time_budget is None
+    assert preset_config("text", {"train": {"time_budget": off}}).train.time_budget is None
 
 
 @pytest.mark.parametrize("text", ["2 minutes", "m", "-5s", "1h 30"])
@@ -194,6 +204,15 @@ def test_warmup_cosine_rises_then_decays_to_a_tenth_over_the_plan() -> None:
     assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
     assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_warmup_stable_decay_holds_the_peak_then_decays_over_the_last_fifth() -> None:
+    cfg = TrainConfig(lr=1.0, lr_schedule="warmup-stable-decay", warmup_steps=10, max_steps=200, epochs=1000)
+    schedule = Schedule(cfg, evaluates=False, checkpoints=False, batches_per_epoch=50)
+    lrs = [schedule.step_lr(s) for s in range(200)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lrs[10:160] == [1.0] * 150  # the stable phase: the peak until 80% of the plan
+    assert lrs[-1] == pytest.approx(0.1, abs=2e-3) and all(a >= b for a, b in zip(lrs[160:], lrs[161:]))
 
 
 def test_a_short_time_budget_ends_on_time_with_the_schedule_completed(text_ids: tuple[torch.Tensor, Vocab]) -> None:

@@ -1,9 +1,16 @@
-"""tasks.results without a server: what makes two models' held-out perplexities comparable (the champion)."""
+"""tasks.results without a server: what makes two models' held-out perplexities comparable (the champion), and
+the names a run is opened with (a local sqlite MLflow store)."""
 
 from __future__ import annotations
 
-from deeprnn.config import D2L_SHA1, DataConfig, preset_config
-from tasks.results import heldout_text_key
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from deeprnn.config import D2L_SHA1, DataConfig, preset_config, resolve
+from deeprnn.download import fetch_corpus
+from tasks.results import heldout_text_key, start_tracking
 
 
 def test_the_books_tokens_keep_the_key_earlier_champions_were_tagged_with() -> None:
@@ -25,3 +32,23 @@ def test_other_tokens_of_the_same_text_are_not_comparable() -> None:
     }
     assert len(keys) == 8
     assert heldout_text_key(DataConfig(max_tokens=500), D2L_SHA1) == book  # training length is not held-out text
+
+
+def test_start_tracking_names_the_run_and_puts_an_own_text_in_its_experiment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # a sqlite store keeps its artifacts under ./mlruns
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    text = tmp_path / "Faust.txt"
+    text.write_text("Habe nun, ach! Philosophie,\n" * 50, encoding="utf-8")
+    config = resolve("smoke", data={"url": str(text)}, model={"num_layers": 2, "num_hiddens": 64})
+    corpus = fetch_corpus(str(text))
+    client = MlflowClient()
+
+    run_id, _ = start_tracking.fn(config, "deeprnn-train", str(tmp_path / "runs"), corpus=corpus)
+    run = client.get_run(run_id)
+    assert run.info.run_name == f"smoke\u00b7faust-{corpus.sha1[:8]}\u00b7lstm2x64"
+    assert client.get_experiment(run.info.experiment_id).name == f"deeprnn-faust-{corpus.sha1[:8]}"
+
+    named, _ = start_tracking.fn(config, "my-texts", str(tmp_path / "runs"), corpus=corpus)  # --experiment
+    assert client.get_experiment(client.get_run(named).info.experiment_id).name == "my-texts"

@@ -3,12 +3,15 @@ registered once per run, described, promoted only when better on the same held-o
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
 
+from cli.app import app
 from deeprnn import checkpoint
 from deeprnn.config import D2L_SHA1, preset_config
 from deeprnn.model import RNNLM
@@ -47,6 +50,38 @@ def test_a_run_logs_its_model_once_and_it_loads_and_generates(
     assert text.startswith("time") and len(text.replace("<unk>", "?")) == len("time") + 5
     with pytest.raises(LookupError, match="cannot load model 'models:/nothing-here/1'"):
         models.load_pyfunc("models:/nothing-here/1")
+
+
+def test_a_request_without_prefixes_continues_the_models_own_and_prefixes_follow_its_rule(
+    tracking_store: str, tmp_path: Path
+) -> None:
+    # A model of the book's rule (d2l: lower-case letters and spaces) with prefixes of its own.
+    config = preset_config(
+        "smoke",
+        {
+            "model": {"num_hiddens": 8, "num_layers": 1},
+            "data": {"normalize": "d2l"},
+            "sample": {"prefixes": ["machine", "the time"]},
+        },
+    )
+    vocab = Vocab("the time traveller machine")
+    model = RNNLM.from_config(len(vocab), config.model)
+    path = checkpoint.save(tmp_path / "model.pt", checkpoint.make_payload(config, vocab, model, epoch=1))
+    run_id = runs.create_run("own-prefixes", "run", {}, {"preset": "smoke"})
+    models.log_model(run_id, path, "machine")
+    loaded = models.load_pyfunc(f"runs:/{run_id}/model")
+
+    none_given = pd.DataFrame({"prefix": pd.Series([], dtype=object)})
+    own = loaded.predict(none_given, params={"num_chars": 4})
+    assert [text[:-4] for text in own] == ["machine", "the time"]
+    assert loaded.predict(pd.DataFrame({"prefix": ["machine", "the time"]}), params={"num_chars": 4}) == own
+    # Typed as a person writes it: read as the corpus's rule wrote the training text, not as <unk>s.
+    assert loaded.predict(pd.DataFrame({"prefix": ["MACHINE!", "The Time"]}), params={"num_chars": 4}) == own
+
+    # `deeprnn generate` without --prefix prints the model's own prefixes' continuations.
+    result = CliRunner().invoke(app, ["generate", "--model-uri", f"runs:/{run_id}/model", "--num-chars", "4"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == own
 
 
 def test_a_model_is_registered_once_per_run_described_and_fetched_back(
@@ -134,3 +169,26 @@ def test_each_corpus_gets_its_own_registered_model() -> None:
     assert models.default_registered_model("https://example.org/timemachine.txt", D2L_SHA1) == "deeprnn-lm"
     sha1 = "0123456789abcdef" * 2 + "01234567"
     assert models.default_registered_model("file:///home/me/My Notes.txt", sha1) == "deeprnn-my-notes-01234567"
+
+
+def test_a_model_upload_that_fills_the_artifact_store_completes_the_same_run_once_space_is_freed(
+    tracking_store: str, tiny_checkpoint: Path, small_filesystem: Path, experiment: str
+) -> None:
+    """The artifact store is full while the model uploads; the retry (or a later --resume) logs it into the
+    same run and the same model, instead of failing on MLflow's UNIQUE constraint for ever."""
+    client = MlflowClient()
+    client.create_experiment(experiment, artifact_location=str(small_filesystem / "artifacts"))
+    run_id = runs.create_run(experiment, "run", {}, {"preset": "smoke"})
+    filler = small_filesystem / "filler"
+    stats = os.statvfs(small_filesystem)
+    filler.write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - 16_384))  # 16 KB left: the model needs more
+    with pytest.raises(OSError, match="No space left on device"):
+        models.log_model(run_id, tiny_checkpoint, "time")
+    filler.unlink()  # the operator frees the disk
+    model = models.log_model(run_id, tiny_checkpoint, "time")
+    run = client.get_run(run_id)
+    assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]  # one model, linked once
+    assert [m.model_id for m in client.search_logged_models([run.info.experiment_id])] == [model.model_id]
+    assert models.log_model(run_id, tiny_checkpoint, "time") == model  # and again: nothing new
+    (text,) = models.load_pyfunc(model.model_uri).predict(pd.DataFrame({"prefix": ["time"]}), params={"num_chars": 3})
+    assert text.startswith("time")

@@ -11,7 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from deeprnn.config import preset_config
-from tracking import runs, store
+from deeprnn.download import CorpusFile
+from tracking import checkpoints, runs, store
 
 
 def _run_ids(experiment: str) -> list[str]:
@@ -112,10 +113,10 @@ def test_texts_and_files_go_up_in_one_upload_and_a_retry_rewrites_them(experimen
 def test_an_artifact_is_downloaded_whole_or_a_clear_error(experiment: str, tmp_path: Path) -> None:
     run_id = runs.create_run(experiment, "run", {}, {})
     runs.log_texts(run_id, {"last.pt": "weights"})
-    target = runs.download_artifact(run_id, "last.pt", tmp_path / "runs" / run_id / "last.pt")
+    target = checkpoints.download_artifact(run_id, "last.pt", tmp_path / "runs" / run_id / "last.pt")
     assert target.read_text() == "weights" and [p.name for p in target.parent.iterdir()] == ["last.pt"]
     with pytest.raises(FileNotFoundError, match="never reached its first checkpoint"):
-        runs.download_artifact(run_id, "checkpoints/last.pt", tmp_path / "other" / "last.pt")
+        checkpoints.download_artifact(run_id, "checkpoints/last.pt", tmp_path / "other" / "last.pt")
     assert not (tmp_path / "other" / "last.pt").exists()
 
 
@@ -133,3 +134,16 @@ def test_a_run_is_found_by_the_prefect_flow_run_that_opened_it(experiment: str) 
         runs.run_for_flow_run(str(uuid.uuid4()))
     assert runs.run_url(run_id) is None  # a local store has no UI to link to
     assert runs.run_markdown(run_id) == f"`{run_id}` in `{store.tracking_uri()}`"
+
+
+def test_logging_the_dataset_again_for_the_same_run_changes_nothing(experiment: str, tmp_path: Path) -> None:
+    """A task retry or a resumed run logs its dataset input again: the run keeps exactly one."""
+    text = tmp_path / "timemachine.txt"
+    text.write_text("the time traveller\n", encoding="utf-8")
+    corpus = CorpusFile(text, "a" * 40, "http://127.0.0.1:1/timemachine.txt", text.stat().st_size)
+    vocab = {"idx_to_token": ["<unk>", "t", "h", "e"], "token_freqs": [["t", 3], ["h", 2], ["e", 4]]}
+    run_id = runs.create_run(experiment, "run", {}, {})
+    runs.log_dataset(run_id, corpus, vocab)
+    runs.log_dataset(run_id, corpus, vocab)
+    inputs = MlflowClient().get_run(run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("timemachine.txt", "a" * 10)]
