@@ -29,8 +29,14 @@ def start_prefect_api() -> TemporaryAPI | None:
 
 
 def wait_for_api(api: TemporaryAPI | None, preload: bool) -> None:
-    """Wait until the temporary API answers; meanwhile load what the run will need later (``preload``)."""
+    """Wait until the temporary API answers; meanwhile load what the run will need later (``preload``).
+
+    Against a running API server (``api`` is None) there is nothing to wait for, and what the run needs is
+    loaded now all the same, so that it does not land inside the flow run's first tasks.
+    """
     if api is None:
+        for load in _PRELOADS if preload else []:
+            load()
         return
     from ops.prefect_api import PrefectAPIError, startup_timeout
 

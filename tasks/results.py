@@ -207,11 +207,14 @@ def publish_model(
 def register_version(model: PublishedModel, name: str, run_id: str) -> PublishedModel:
     """Register the logged ``model`` as a version of ``name``, once per run, describe it, and promote it to
     champion if it beats the current one. Returns the model with its registration."""
-    version = models.register_model(model.logged.model_uri, name, run_id=run_id)
-    models.describe_version(name, version, model.logged.model_id, model.facts, model.sample)
+    score = model.heldout_score
+    # The version's tags go with its creation: one request instead of two for each tag.
+    tags = {**model.facts.tags(), **(models.heldout_tags(score, model.heldout_key) if score is not None else {})}
+    version, created = models.register_tagged(model.logged.model_uri, name, run_id, tags)
+    models.describe_version(name, version, model.logged.model_id, model.facts, model.sample, tagged=created)
     champion = None
-    if model.heldout_score is not None:
-        champion = models.promote_if_better(name, version, model.heldout_score, model.heldout_key)
+    if score is not None:
+        champion = models.promote_if_better(name, version, score, model.heldout_key, tagged=created)
     return replace(model, registration=Registration(name, version, champion))
 
 
@@ -249,13 +252,18 @@ def publish_summary(
 
 def prefect_run_tags() -> dict[str, str]:
     """MLflow tags that link a run to the Prefect flow run (and deployment) it belongs to."""
+    from prefect.context import FlowRunContext
     from prefect.runtime import deployment, flow_run
 
+    context = FlowRunContext.get()
+    # prefect.runtime.deployment reads the flow run back from the API (a new client and two requests) even
+    # when the flow run at hand says it has no deployment: only a deployment's run needs asking.
+    no_deployment = context is not None and context.flow_run is not None and context.flow_run.deployment_id is None
     tags = {
         "prefect.flow_run_id": str(flow_run.get_id() or ""),
         "prefect.flow_run_name": str(flow_run.get_name() or ""),
         "prefect.flow_name": str(flow_run.get_flow_name() or ""),
-        "prefect.deployment": str(deployment.get_name() or ""),
+        "prefect.deployment": "" if no_deployment else str(deployment.get_name() or ""),
     }
     from prefect.settings import PREFECT_UI_URL
 

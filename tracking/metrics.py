@@ -107,7 +107,9 @@ class MetricLogger:
         # Those steps are kept as they are and not logged twice, so every curve has one point per epoch.
         self._logged: dict[str, int] = {}
         if resuming:
-            logged = _histories(self._client, run_id, _EPOCH_KEYS + STEP_KEYS)
+            # One request says which curves the run has (none, for a new run); only those are read back.
+            held = self._client.get_run(run_id).data.metrics
+            logged = _histories(self._client, run_id, tuple(k for k in _EPOCH_KEYS + STEP_KEYS if k in held))
             self._logged = {k: max(v, default=0) for k, v in logged.items()}
 
     def add_epoch(self, stats: EpochStats) -> None:

@@ -174,12 +174,20 @@ def link_model_metrics(run_id: str, model_id: str, keys: list[str]) -> dict[str,
     return {m.key: m.value for m in items}
 
 
-def promote_if_better(name: str, version: str, score: float, heldout_key: str) -> bool:
+def heldout_tags(score: float, heldout_key: str) -> dict[str, str]:
+    """The tags a version is compared by for the champion alias: its held-out perplexity and on what text."""
+    return {"heldout_perplexity": str(score), "heldout_key": heldout_key}
+
+
+def promote_if_better(name: str, version: str, score: float, heldout_key: str, tagged: bool = False) -> bool:
     """Point the ``champion`` alias at ``version`` if its held-out perplexity beats the current champion's
-    on the same held-out text (``heldout_key``: corpus sha1 and split). Returns True when moved."""
+    on the same held-out text (``heldout_key``: corpus sha1 and split). Returns True when moved.
+
+    ``tagged``: the version already carries ``heldout_tags`` (given when it was registered)."""
     client = MlflowClient()
-    client.set_model_version_tag(name, version, "heldout_perplexity", str(score))
-    client.set_model_version_tag(name, version, "heldout_key", heldout_key)
+    if not tagged:
+        for key, value in heldout_tags(score, heldout_key).items():
+            client.set_model_version_tag(name, version, key, value)
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -257,15 +265,24 @@ def load_pyfunc(model_uri: str) -> Any:
 def register_model(model_uri: str, name: str = REGISTERED_MODEL, run_id: str | None = None) -> str:
     """Register a logged model as a new version of ``name``, once: when ``run_id`` already has a version of
     ``name`` (an earlier attempt of the same task registered it), that version is returned instead."""
+    return register_tagged(model_uri, name, run_id)[0]
+
+
+def register_tagged(
+    model_uri: str, name: str, run_id: str | None = None, tags: dict[str, str] | None = None
+) -> tuple[str, bool]:
+    """``register_model``, with ``tags`` on the new version from its creation (one request rather than two
+    per tag). Returns the version and whether it was created now; a version found from an earlier attempt
+    keeps the tags it has (the caller sets them again)."""
     client = MlflowClient()
     if run_id:
         earlier = client.search_model_versions(f"name = '{_quoted(name)}' and run_id = '{run_id}'")
         if earlier:
             version = min(earlier, key=lambda v: int(v.version))
             log.info("run %s is already %s v%s; not registering it again", run_id, name, version.version)
-            return str(version.version)
-    version = mlflow.register_model(model_uri, name, await_registration_for=30)
-    return str(version.version)
+            return str(version.version), False
+    created = mlflow.register_model(model_uri, name, await_registration_for=30, tags=tags)
+    return str(created.version), True
 
 
 def _quoted(text: str) -> str:
@@ -290,9 +307,12 @@ class ModelFacts:
         return {k: str(v) for k, v in values.items() if v is not None}
 
 
-def describe_version(name: str, version: str, model_id: str | None, facts: ModelFacts, sample: str | None) -> None:
+def describe_version(
+    name: str, version: str, model_id: str | None, facts: ModelFacts, sample: str | None, tagged: bool = False
+) -> None:
     """Say on the registered version (description and tags) and on its logged model (tags) what it is:
-    its ``facts`` and one generated ``sample``."""
+    its ``facts`` and one generated ``sample``. ``tagged``: the version already carries ``facts.tags()``
+    (given when it was registered)."""
     client = MlflowClient()
     tags = facts.tags()
     lines = [
@@ -303,7 +323,7 @@ def describe_version(name: str, version: str, model_id: str | None, facts: Model
     if sample:
         lines += ["", f"Greedy sample: {sample}"]
     client.update_model_version(name, version, description="\n".join(lines))
-    for key, value in tags.items():
+    for key, value in tags.items() if not tagged else []:
         client.set_model_version_tag(name, version, key, value)
     if model_id:
         client.set_logged_model_tags(model_id, tags)

@@ -128,6 +128,21 @@ def test_a_model_is_registered_once_per_run_described_and_fetched_back(
         models.fetch_model("models:/tiny-lm/7", tmp_path / "missing")
 
 
+def test_a_version_registered_with_its_tags_has_them_from_its_creation_and_once(
+    logged: tuple[str, models.LoggedModel],
+) -> None:
+    run_id, model = logged
+    tags = {"preset": "smoke", **models.heldout_tags(5.0, "the book")}
+    assert models.register_tagged(model.model_uri, "tagged-lm", run_id, tags) == ("1", True)
+    assert models.register_tagged(model.model_uri, "tagged-lm", run_id, tags) == ("1", False)  # a retry
+    assert MlflowClient().get_model_version("tagged-lm", "1").tags == {
+        "preset": "smoke",
+        "heldout_perplexity": "5.0",
+        "heldout_key": "the book",
+    }
+    assert models.promote_if_better("tagged-lm", "1", 5.0, "the book", tagged=True)  # compared by those tags
+
+
 def test_the_champion_moves_only_to_a_better_score_on_the_same_heldout_text(
     logged: tuple[str, models.LoggedModel],
 ) -> None:
