@@ -250,8 +250,8 @@ def test_log_results_retried_after_registering_registers_one_version(
     real = tracking.models.describe_version
     calls: list[str] = []
 
-    def fails_once_after_writing(name: str, version: str, *args: Any) -> None:
-        real(name, version, *args)
+    def fails_once_after_writing(name: str, version: str, *args: Any, **kwargs: Any) -> None:
+        real(name, version, *args, **kwargs)
         calls.append(version)
         if len(calls) == 1:
             raise MlflowException("injected: the tracking store went away after registering")
