@@ -24,6 +24,7 @@ import sys
 # an exception of a class can only exist once its module is loaded, so this never imports anything.
 EXPECTED: tuple[tuple[str, str], ...] = (
     ("deeprnn.download", "DownloadError"),  # HTTP 4xx/5xx, SHA-1 mismatch, empty/binary/non-UTF-8, bad scheme
+    ("deeprnn.corpus_stream", "TransientDownloadError"),  # a network or HTTP 5xx fault that outlived its retries
     ("deeprnn.prepare", "PrepareError"),  # a text that normalizes to nothing, a word vocabulary too large
     ("deeprnn.device", "DeviceUnavailableError"),
     ("deeprnn.batching", "CorpusTooShortError"),
