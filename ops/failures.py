@@ -118,9 +118,14 @@ class HideExpectedFailures(logging.Filter):
     """Drop the run log records that report an expected error, for a console whose command prints it itself."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name.startswith(RUN_LOGGERS) and _names_an_expected_failure(record))
+        if not record.name.startswith(RUN_LOGGERS):
+            return True
+        # A stop on purpose (Ctrl-C, SIGTERM): the command says in one line what was kept; Prefect's "Crash
+        # detected" records of the interrupted task stay in the dashboard's logs only.
+        return not (_names_an_expected_failure(record) or _INTERRUPTED in record.getMessage())
 
 
+_INTERRUPTED = "aborted by an interrupt signal"
 _HIDE = HideExpectedFailures()
 
 
