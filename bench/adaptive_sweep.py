@@ -49,7 +49,7 @@ def sections(data: str, max_steps: int, eval_every: int) -> dict[str, Any]:
 
 def run_random(args: argparse.Namespace, runner: Any) -> dict[str, Any]:
     """Random search: ``--trials`` draws, every one trained to its step budget."""
-    from flows.sweep_flow import sweep_lm
+    from deeprnn.flows.sweep_flow import sweep_lm
 
     started = time.perf_counter()
     summary = sweep_lm.with_options(task_runner=runner)(
@@ -78,7 +78,7 @@ def run_random(args: argparse.Namespace, runner: Any) -> dict[str, Any]:
 
 def run_adaptive(args: argparse.Namespace, runner: Any, folder: Path) -> dict[str, Any]:
     """Optuna TPE with ASHA pruning: ``--trials`` trials, the ones falling behind stopped early."""
-    from flows.study_flow import sweep_study
+    from deeprnn.flows.study_flow import sweep_study
 
     started = time.perf_counter()
     summary = sweep_study.with_options(task_runner=runner)(
@@ -186,7 +186,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from prefect.testing.utilities import prefect_test_harness
 
-    from ops.cluster import dask_task_runner
+    from deeprnn.ops.cluster import dask_task_runner
 
     with prefect_test_harness(server_startup_timeout=120):
         results = [

@@ -32,8 +32,8 @@ def build_ids(book: Path, megabytes: float):  # -> (torch.Tensor, int, float)
     """Token ids of the book repeated to ``megabytes`` MB (uint8), its vocabulary size and the seconds it took."""
     import torch
 
-    from deeprnn.tokenize import flatten, read_lines, tokenize
-    from deeprnn.vocab import Vocab
+    from deeprnn.data.book_tokenize import flatten, read_lines, tokenize
+    from deeprnn.data.vocab import Vocab
 
     started = time.perf_counter()
     text = book.read_text(encoding="utf-8")
@@ -50,12 +50,12 @@ def build_ids(book: Path, megabytes: float):  # -> (torch.Tensor, int, float)
 
 def run(ids, vocab_size: int, preset: str, cap: int | None, device: str) -> dict[str, float | int | None]:
     """Train ``preset`` with ``eval_max_tokens=cap``; returns its times and perplexities."""
-    from deeprnn.batching import split_corpus
     from deeprnn.config import preset_config
+    from deeprnn.data.batching import split_corpus
     from deeprnn.device import resolve_device, seed_everything
     from deeprnn.evaluate import perplexity
     from deeprnn.model import RNNLM
-    from deeprnn.train import Trainer
+    from deeprnn.training.loop import Trainer
 
     config = preset_config(preset, {"train": {"device": device, "eval_max_tokens": cap}})
     dev = resolve_device(device)

@@ -34,12 +34,12 @@ BOOK = REPO.parent / "shared" / "data" / "timemachine.txt"
 
 import torch  # noqa: E402
 
-from deeprnn import checkpoint  # noqa: E402
 from deeprnn.config import preset_config  # noqa: E402
+from deeprnn.data.book_tokenize import flatten, preprocess_lines, tokenize  # noqa: E402
+from deeprnn.data.vocab import Vocab  # noqa: E402
 from deeprnn.generate import generate, generate_batch  # noqa: E402
 from deeprnn.model import RNNLM  # noqa: E402
-from deeprnn.tokenize import flatten, preprocess_lines, tokenize  # noqa: E402
-from deeprnn.vocab import Vocab  # noqa: E402
+from deeprnn.training import checkpoint  # noqa: E402
 
 
 def book_setup(num_prefixes: int) -> tuple[Vocab, list[str]]:
@@ -83,7 +83,7 @@ def save_served_model(model: RNNLM, vocab: Vocab, folder: Path) -> Path:
     import pandas as pd
 
     import deeprnn
-    from tracking.models import _PYFUNC_CODE, _signature
+    from deeprnn.tracking.model_registry import _PYFUNC_CODE, _signature
 
     ckpt = checkpoint.save(
         folder / "model.pt", checkpoint.make_payload(preset_config("d2l-9.3"), vocab, model, epoch=0)

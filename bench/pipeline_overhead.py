@@ -36,6 +36,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "timemachine.txt"
+# Where the command's module is, in this checkout and in earlier ones (for --against).
+CLI_MODULES = ("deeprnn.cli.app", "cli.app", "flows.cli")
 
 
 def fresh_env(work: Path, repo: Path, servers: dict[str, str] | None = None) -> dict[str, str]:
@@ -78,7 +80,7 @@ def time_run(
     """Run ``deeprnn run`` once from ``repo``'s code in ``work`` (against ``servers`` when given); returns its
     phases in seconds."""
     out = work / f"run{index}.json"
-    cli = "cli.app" if (repo / "cli" / "app.py").is_file() else "flows.cli"  # where checkouts before cli/ had it
+    cli = next(m for m in CLI_MODULES if (repo / (m.replace(".", "/") + ".py")).is_file())
     cmd = [sys.executable, "-m", cli, "run", "--data-url", data_url, "--json", str(out), *args]
     launched = time.time()
     proc = subprocess.run(cmd, cwd=work, env=fresh_env(work, repo, servers), capture_output=True, text=True)

@@ -87,7 +87,7 @@ def main() -> None:
                 for label, tree in trees.items():
                     cache = work / "cache"
                     env = {**os.environ, "DEEPRNN_CACHE_DIR": str(cache), "PYTHONPATH": str(tree)}
-                    cmd = [sys.executable, "-m", "cli.app", "prepare", "--data-url", str(corpus)]
+                    cmd = [sys.executable, "-m", "deeprnn.cli.app", "prepare", "--data-url", str(corpus)]
                     seconds, rss = measure([*cmd, "--normalize", normalize], env, tree)
                     shutil.rmtree(cache, ignore_errors=True)
                     row.append(f"{seconds:.1f} s, {rss / 1024:.2f} GB")

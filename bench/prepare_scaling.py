@@ -10,7 +10,7 @@ memory (``wait4``):
 * ``deeprnn prepare`` with an empty token cache (tokenizes), then the same command again (served from the
   cache), with the book's normalization (``d2l``) and with every character kept (``none``);
 * the code before the change, checked out with ``git worktree`` (``--before REV``, default: the parent of the
-  commit that added ``deeprnn/prepare.py``), running what its ``build-vocab`` and ``prepare-splits`` tasks ran:
+  commit that added ``deeprnn/data/prepare.py``), running what its ``build-vocab`` and ``prepare-splits`` tasks ran:
   read and tokenize the corpus twice with Python lists, build the vocabulary, encode to a tensor. It is only
   run up to ``--before-sizes``: at 31x the file in memory, 1 GB does not fit in this machine's 24 GB.
 
@@ -35,8 +35,8 @@ BOOK = ROOT.parent / "shared" / "data" / "timemachine.txt"
 # The previous pipeline's data stages (tasks/data.py build_vocab + prepare_splits), as the library ran them.
 BEFORE = """
 import sys, torch
-from deeprnn import tokenize
-from deeprnn.vocab import Vocab
+from deeprnn.data import book_tokenize as tokenize
+from deeprnn.data.vocab import Vocab
 path = sys.argv[1]
 tokens = tokenize.flatten(tokenize.tokenize(tokenize.read_lines(path), "char"))  # build-vocab
 vocab = Vocab(tokens)
@@ -73,14 +73,14 @@ def build_corpus(text: bytes, megabytes: int, folder: Path) -> Path:
 def before_revision() -> str:
     """The parent of the commit that added the prepared token cache."""
     added = subprocess.run(
-        ["git", "log", "--diff-filter=A", "--format=%H", "--", "deeprnn/prepare.py"],
+        ["git", "log", "--diff-filter=A", "--format=%H", "--", "deeprnn/data/prepare.py"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
     ).stdout.split()
     if not added:
-        raise SystemExit("cannot find the commit that added deeprnn/prepare.py; give --before REV")
+        raise SystemExit("cannot find the commit that added deeprnn/data/prepare.py; give --before REV")
     return added[-1] + "^"
 
 
@@ -112,7 +112,7 @@ def main() -> None:
                 cmd = [
                     sys.executable,
                     "-m",
-                    "cli.app",
+                    "deeprnn.cli.app",
                     "prepare",
                     "--data-url",
                     str(corpus),

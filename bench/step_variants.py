@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from deeprnn.model import RNNLM
-from deeprnn.step import clip_grad_norm_
+from deeprnn.training.step import clip_grad_norm_
 
 
 def time_variant(cudnn: bool, autocast: bool, batch: int, steps: int, hidden: int, layers: int, iters: int) -> float:

@@ -191,7 +191,7 @@ def worker_deeprnn(a: argparse.Namespace) -> dict[str, Any]:
     from deeprnn.config import preset_config
     from deeprnn.generate import generate
     from deeprnn.pipeline import build_trainer, load_data
-    from deeprnn.progress import EpochStats
+    from deeprnn.training.progress import EpochStats
 
     train: dict[str, Any] = {"epochs": a.epochs, "device": a.device, "fast": bool(a.fast)}
     if a.batch_size:
@@ -290,7 +290,7 @@ def worker_kernels(a: argparse.Namespace) -> dict[str, Any]:
 
     from deeprnn.config import preset_config
     from deeprnn.model import RNNLM
-    from deeprnn.step import clip_grad_norm_
+    from deeprnn.training.step import clip_grad_norm_
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -741,8 +741,8 @@ def mode_kernels(a: argparse.Namespace, runner: Runner) -> dict[str, Any]:
 def _train_split_size(data: Path) -> int:
     """Tokens in deeprnn's training split of the whole corpus (the book's test fraction held out)."""
     _import_repo()
-    from deeprnn import tokenize
     from deeprnn.config import DataConfig
+    from deeprnn.data import book_tokenize as tokenize
 
     d = DataConfig()
     n = len(tokenize.flatten(tokenize.tokenize(tokenize.read_lines(data / "timemachine.txt"), d.token)))

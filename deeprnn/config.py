@@ -10,12 +10,12 @@ from typing import Annotated, Any, Literal, Mapping, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
+from deeprnn.data.urls import redact_url
 from deeprnn.durations import parse_duration
 from deeprnn.presets import PRESETS as PRESETS  # re-exported: the CLI and the forms read them here
 from deeprnn.presets import merge, preset_values
 from deeprnn.presets import overrides_dict as overrides_dict
 from deeprnn.presets import section_values as section_values
-from deeprnn.urls import redact_url
 
 D2L_URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"
 D2L_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"

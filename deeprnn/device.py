@@ -47,6 +47,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise DeviceUnavailableError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
 
 
+def as_device(device: torch.device | str) -> torch.device:
+    """A device already resolved, as it is; a name (``auto``, ``cpu``, ``cuda:1``) resolved by ``resolve_device``."""
+    return device if isinstance(device, torch.device) else resolve_device(device)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's and torch's generators (CPU and every GPU) once, at the start of a run."""
     random.seed(seed)

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from deeprnn.batching import eval_streams
+from deeprnn.data.batching import eval_streams
 from deeprnn.model import RNNLM
 
 _MAX_LOG = 709.0  # math.exp overflows a float above ~709.78

@@ -16,9 +16,9 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 
 from deeprnn.config import SampleConfig
+from deeprnn.data.normalize import normalize_prefix
+from deeprnn.data.vocab import Vocab
 from deeprnn.model import RNNLM, State
-from deeprnn.normalize import normalize_prefix
-from deeprnn.vocab import Vocab
 
 log = logging.getLogger(__name__)
 

@@ -20,21 +20,21 @@ from typing import Any, Callable, ContextManager, TypeVar
 
 import torch
 
-from deeprnn import checkpoint
-from deeprnn.batching import Splits, check_enough_tokens, split_corpus
 from deeprnn.config import DataConfig, RunConfig, TrainConfig
+from deeprnn.data.batching import Splits, check_enough_tokens, split_corpus
+from deeprnn.data.download import CorpusFile, fetch_corpus
+from deeprnn.data.prepare import PreparedCorpus, PrepareError, prepare
+from deeprnn.data.vocab import Vocab
 from deeprnn.device import describe, resolve_device, seed_everything
-from deeprnn.divergence import check_weights
-from deeprnn.download import CorpusFile, fetch_corpus
 from deeprnn.durations import format_seconds
 from deeprnn.evaluate import perplexity
 from deeprnn.model import RNNLM
-from deeprnn.prepare import PreparedCorpus, PrepareError, prepare
-from deeprnn.progress import EpochStats, FitResult, FitSummary, StepStats
-from deeprnn.resume import LAST, MODEL, restore_training
-from deeprnn.stopping import StopRequested
-from deeprnn.train import Trainer
-from deeprnn.vocab import Vocab
+from deeprnn.training import checkpoint
+from deeprnn.training.divergence import check_weights
+from deeprnn.training.loop import Trainer
+from deeprnn.training.progress import EpochStats, FitResult, FitSummary, StepStats
+from deeprnn.training.resume import LAST, MODEL, restore_training
+from deeprnn.training.stopping import StopRequested
 
 
 @dataclass(frozen=True)
@@ -121,10 +121,11 @@ def make_splits(prepared: PreparedCorpus, data: DataConfig, train: TrainConfig, 
     return splits
 
 
-def build_trainer(config: RunConfig, vocab_size: int, splits: Splits) -> Trainer:
-    """The seeded model and its trainer on the configured device. The held-out text is the validation split
-    when there is one (and the best epoch on it is kept), else the test split (the last epoch is kept)."""
-    device = resolve_device(config.train.device)
+def build_trainer(config: RunConfig, vocab_size: int, splits: Splits, device: torch.device | None = None) -> Trainer:
+    """The seeded model and its trainer on ``device`` (default: the configured one, resolved here). The
+    held-out text is the validation split when there is one (and the best epoch on it is kept), else the test
+    split (the last epoch is kept)."""
+    device = device or resolve_device(config.train.device)
     seed_everything(config.train.seed)
     model = RNNLM.from_config(vocab_size, config.model)
     has_val = splits.val.numel() > 0
@@ -147,7 +148,7 @@ class TrainingHooks:
     # The context every hook (and each checkpoint with its two hooks) runs in, e.g. one holding Ctrl-C back.
     guard: Guard = contextlib.nullcontext
     # Polled at every step boundary the loop reports from: a signal number there ends training with a
-    # checkpoint and ``StopRequested`` (``deeprnn.stopping``).
+    # checkpoint and ``StopRequested`` (``deeprnn.training.stopping``).
     stop_requested: Callable[[], int | None] | None = None
 
 
@@ -215,10 +216,13 @@ class TrainingRun:
         )
 
 
-def start_training(config: RunConfig, vocab: Vocab, splits: Splits, run_dir: Path) -> TrainingRun:
+def start_training(
+    config: RunConfig, vocab: Vocab, splits: Splits, run_dir: Path, device: torch.device | None = None
+) -> TrainingRun:
     """The training stage in ``run_dir``: a fresh trainer, or (the folder holds ``last.pt``: a retry, or a
-    resumed run) one continuing from that checkpoint, which must belong to this configuration."""
-    trainer = build_trainer(config, len(vocab), splits)
+    resumed run) one continuing from that checkpoint, which must belong to this configuration. ``device``:
+    the one the caller resolved (default: the configured one)."""
+    trainer = build_trainer(config, len(vocab), splits, device)
     last = run_dir / LAST
     done = restore_training(checkpoint.load(last), config, trainer.model, trainer) if last.is_file() else 0
     return TrainingRun(config, vocab, splits, trainer, run_dir, done)

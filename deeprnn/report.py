@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deeprnn.progress import EpochStats
+from deeprnn.training.progress import EpochStats
 
 
 def plot_history(history: list[EpochStats], path: Path, title: str = "") -> Path:

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from deeprnn.batching import min_tokens, split_corpus
 from deeprnn.config import BOOK_PREFIXES, D2L_SHA1, D2L_URL, ModelConfig, RunConfig
+from deeprnn.data.batching import min_tokens, split_corpus
+from deeprnn.data.vocab import Vocab
 from deeprnn.model import RNNLM
-from deeprnn.vocab import Vocab
 
 log = logging.getLogger(__name__)
 

@@ -167,7 +167,7 @@ def train(root: Path, url: str, data: Path, prefect_api: str | None) -> None:
     common = ["--preset", "smoke", "--device", "cpu", "--data-url", str(data)]
     procs = {}
     for cell in ["lstm", "gru", "rnn"]:
-        cmd = [sys.executable, "-m", "cli.app", "run", *common, "--cell", cell, "--epochs", "8"]
+        cmd = [sys.executable, "-m", "deeprnn.cli.app", "run", *common, "--cell", cell, "--epochs", "8"]
         cmd += ["--experiment", EXPERIMENT, "--runs-dir", str(root / "runs")]
         log = root / f"run-{cell}.log"
         procs[f"deeprnn run --cell {cell}"] = (
@@ -175,7 +175,7 @@ def train(root: Path, url: str, data: Path, prefect_api: str | None) -> None:
             log,
         )
     wait_all(procs)
-    cmd = [sys.executable, "-m", "cli.app", "sweep", *common, "--cell", "lstm,gru", "--epochs", "4"]
+    cmd = [sys.executable, "-m", "deeprnn.cli.app", "sweep", *common, "--cell", "lstm,gru", "--epochs", "4"]
     cmd += ["--workers", "1", "--experiment", SWEEP_EXPERIMENT, "--runs-dir", str(root / "runs-sweep")]
     cmd += ["--no-register-best"]
     log = root / "sweep.log"

@@ -153,7 +153,7 @@ class CountingServer:
 def _train_experiment() -> str:
     """The experiment a training run of this corpus goes to by default: the book's ``deeprnn-train``, or the
     stand-in's own (runs of any other text go to an experiment named after it)."""
-    from tracking.naming import experiment_name
+    from deeprnn.tracking.naming import experiment_name
 
     return experiment_name("timemachine", CORPUS_SHA1)
 

@@ -23,21 +23,22 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from small_disk import small_disk
 from typer.testing import CliRunner
 
-import tasks.pipeline as pipeline
-import tracking.models
-import tracking.runs
-import tracking.store
-from cli.app import app
-from deeprnn import checkpoint, tokenize
-from deeprnn.batching import CorpusTooShortError
+import deeprnn.tasks.pipeline_tasks as pipeline
+import deeprnn.tracking.model_registry
+import deeprnn.tracking.runs
+import deeprnn.tracking.store
+from deeprnn.cli.app import app
 from deeprnn.config import preset_config
+from deeprnn.data import book_tokenize as tokenize
+from deeprnn.data.batching import CorpusTooShortError
+from deeprnn.data.download import DownloadError, TransientDownloadError
+from deeprnn.data.prepare import CacheWriteError
 from deeprnn.device import DeviceUnavailableError
-from deeprnn.divergence import TrainingDivergedError
-from deeprnn.download import DownloadError, TransientDownloadError
-from deeprnn.prepare import CacheWriteError
-from deeprnn.resume import ResumeError
-from flows.train_flow import train_lm
-from tracking.store import TrackingUnavailableError
+from deeprnn.flows.train_flow import train_lm
+from deeprnn.tracking.store import TrackingUnavailableError
+from deeprnn.training import checkpoint
+from deeprnn.training.divergence import TrainingDivergedError
+from deeprnn.training.resume import ResumeError
 
 pytestmark = pytest.mark.e2e
 
@@ -75,7 +76,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Iterato
         mp.chdir(root)  # MLflow puts a sqlite store's artifacts under ./mlruns
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("DEEPRNN_CACHE_DIR", str(root / "cache"))
-        tracking.store.check_reachable()
+        deeprnn.tracking.store.check_reachable()
         yield root
 
 
@@ -329,7 +330,7 @@ def test_typed_prefixes_are_read_by_the_models_rule_not_as_unk(
     retried: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     # The smoke preset keeps the book's rule (d2l): letters a-z and single spaces, nothing else.
-    model = tracking.models.load_pyfunc(f"runs:/{retried['result'].run_id}/model")
+    model = deeprnn.tracking.model_registry.load_pyfunc(f"runs:/{retried['result'].run_id}/model")
     with caplog.at_level(logging.WARNING, logger="deeprnn"):
         out = model.predict(
             pd.DataFrame({"prefix": ["Time\u2603", "TIME \u00a7", "time e", "time"]}), params={"num_chars": 12}
@@ -412,7 +413,7 @@ class Payload:
 
 def test_resume_refuses_a_checkpoint_with_pickled_code(case: Case) -> None:
     config = preset_config("smoke", {"train": {"device": "cpu"}})
-    run_id = tracking.runs.start_run(config, case.experiment, run_name="tampered", tags={})
+    run_id = deeprnn.tracking.runs.start_run(config, case.experiment, run_name="tampered", tags={})
     MlflowClient().set_terminated(run_id, "FAILED")
     folder = case.runs_dir / run_id
     folder.mkdir(parents=True)

@@ -10,8 +10,8 @@ import torch
 from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
 from mlflow.tracking import MlflowClient
 
-from deeprnn import checkpoint
-from flows.train_flow import train_lm
+from deeprnn.flows.train_flow import train_lm
+from deeprnn.training import checkpoint
 
 pytestmark = pytest.mark.e2e
 

@@ -17,8 +17,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.logging.handlers import APILogWorker
 
-import tracking.store
-from flows.train_flow import train_lm
+import deeprnn.tracking.store
+from deeprnn.flows.train_flow import train_lm
 
 pytestmark = pytest.mark.e2e
 
@@ -38,7 +38,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Iterato
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("DEEPRNN_CACHE_DIR", str(root / "cache"))
-        tracking.store.check_reachable()
+        deeprnn.tracking.store.check_reachable()
         yield root
 
 
@@ -127,7 +127,7 @@ def test_the_cli_prints_the_message_once_and_no_traceback(store: Path, fault_ser
         [
             sys.executable,
             "-m",
-            "cli.app",
+            "deeprnn.cli.app",
             "run",
             "--preset",
             "smoke",
@@ -179,10 +179,10 @@ def test_training_past_its_timeout_fails_once_cleanly_and_the_run_is_failed(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    import tasks.pipeline as pipeline
+    import deeprnn.tasks.pipeline_tasks as pipeline
     from deeprnn.config import TrainConfig
-    from ops.failures import message
-    from ops.limits import training_timeout_seconds
+    from deeprnn.ops.failures import message
+    from deeprnn.ops.limits import training_timeout_seconds
 
     # The timeout is the user's when set, else derived from the run's size (one hour plus 1,000 tokens/s).
     assert training_timeout_seconds(TrainConfig(timeout_minutes=5), 10_000) == 300

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import typer.main
 
-from cli.app import app
-from cli.options import OPTION_FIELDS
+from deeprnn.cli.app import app
+from deeprnn.cli.options import OPTION_FIELDS
 
 pytestmark = pytest.mark.e2e
 
@@ -25,7 +25,7 @@ def _help(*args: str) -> str:
     """``deeprnn ARGS --help`` as a pipe receives it at 80 columns."""
     env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.app", *args, "--help"], capture_output=True, text=True, timeout=60, env=env
+        [sys.executable, "-m", "deeprnn.cli.app", *args, "--help"], capture_output=True, text=True, timeout=60, env=env
     )
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     return proc.stdout

@@ -24,7 +24,7 @@ from live_servers import Server, log_tail, start_process, stop_process_group
 from mlflow.tracking import MlflowClient
 
 from deeprnn.config import preset_config, resolve
-from flows.parameters import SECTIONS, preset_sections
+from deeprnn.flows.parameters import SECTIONS, preset_sections
 
 pytestmark = pytest.mark.e2e
 
@@ -271,7 +271,13 @@ def test_prefect_yaml_holds_the_presets_sections_exactly() -> None:
         checked.add(name)
     assert checked == {"d2l-9.3", "full-book", "smoke", "prepare", "sweep", "adaptive-sweep"}
     entrypoints = {d["name"]: d.get("entrypoint") for d in PREFECT_YAML["deployments"]}
-    assert all(entrypoints[n] == "flows/train_flow.py:train_lm" for n in ("d2l-9.3", "full-book", "smoke"))
+    assert all(entrypoints[n] == "deeprnn.flows.train_flow:train_lm" for n in ("d2l-9.3", "full-book", "smoke"))
+    # Module paths, not files: the same entrypoint runs from a checkout and from an installed wheel.
+    from prefect.flows import Flow, load_flow_from_entrypoint
+
+    for name, entrypoint in entrypoints.items():
+        assert re.fullmatch(r"deeprnn\.flows\.\w+:\w+", entrypoint), (name, entrypoint)
+        assert isinstance(load_flow_from_entrypoint(entrypoint, use_placeholder_flow=False), Flow), name
     # Every section the training flow takes is there: nothing falls back to a value the form does not show.
     assert all(set(SECTIONS) <= set(d["parameters"]) for d in PREFECT_YAML["deployments"] if d["name"] == "smoke")
 
@@ -279,7 +285,7 @@ def test_prefect_yaml_holds_the_presets_sections_exactly() -> None:
 def test_schedule_parameters_merged_over_the_deployments_run_the_intended_configuration() -> None:
     """Prefect merges a schedule's parameters over the deployment's one parameter at a time (a schedule's
     ``model: {cell: gru}`` replaces the whole ``model``); the flow then keeps the preset's other fields."""
-    from flows.train_flow import train_lm
+    from deeprnn.flows.train_flow import train_lm
 
     (book,) = [d for d in PREFECT_YAML["deployments"] if d["name"] == "d2l-9.3"]
     configs = {}
@@ -442,7 +448,7 @@ def unattended(deployed: Deployed, worker: dict[str, Any]) -> Iterator[AlertRece
         [
             sys.executable,
             "-m",
-            "cli.app",
+            "deeprnn.cli.app",
             "setup-server",
             "--training-slots",
             "1",
@@ -505,7 +511,7 @@ def test_setup_server_creates_the_training_slot_the_zombie_automation_and_the_al
     assert "mark-crashed-mlflow-runs" in automations  # from prefect.yaml, by `prefect deploy --all`
     # Running it again updates rather than duplicates.
     again = subprocess.run(
-        [sys.executable, "-m", "cli.app", "setup-server", "--zombie-after", str(ZOMBIE_AFTER)],
+        [sys.executable, "-m", "deeprnn.cli.app", "setup-server", "--zombie-after", str(ZOMBIE_AFTER)],
         cwd=PROJECT_ROOT,
         env=server.env,
         capture_output=True,

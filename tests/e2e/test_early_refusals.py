@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 
-from cli.preflight import missing_device, missing_run
+from deeprnn.cli.preflight import missing_device, missing_run
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +27,7 @@ def _flow_runs() -> int:
 def _deeprnn(cli_env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.app", *args], capture_output=True, text=True, timeout=120, env=cli_env
+        [sys.executable, "-m", "deeprnn.cli.app", *args], capture_output=True, text=True, timeout=120, env=cli_env
     )
     return proc, time.perf_counter() - started
 

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-from deeprnn import checkpoint
+from deeprnn.training import checkpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -67,12 +67,12 @@ class Machine:
         return MlflowClient(tracking_uri=self.env["MLFLOW_TRACKING_URI"])
 
     def start(self, *args: str) -> subprocess.Popen:
-        """Start ``python -m cli.app ARGS`` here, in a process of its own (signals reach only it)."""
+        """Start ``python -m deeprnn.cli.app ARGS`` here, in a process of its own (signals reach only it)."""
         # Output goes to a file, not a pipe: nobody reads it while the process runs, and a full pipe would block.
         log = self.root / f"cli-{time.monotonic_ns()}.log"
         with open(log, "w", encoding="utf-8") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "cli.app", *args],
+                [sys.executable, "-m", "deeprnn.cli.app", *args],
                 cwd=self.root,
                 env=self.env,
                 stdout=out,
@@ -92,7 +92,7 @@ class Machine:
         return code, self.logs[proc.pid].read_text(encoding="utf-8", errors="replace")
 
     def run(self, *args: str, timeout: float = 300) -> tuple[int, str]:
-        """Run ``python -m cli.app ARGS`` to its end."""
+        """Run ``python -m deeprnn.cli.app ARGS`` to its end."""
         return self.finish(self.start(*args), timeout)
 
 
@@ -359,12 +359,12 @@ def test_ctrl_c_in_the_middle_of_an_mlflow_read_still_ends_the_run_killed_at_onc
     """SQLAlchemy drops its connection when Ctrl-C lands mid-read, and the half-read cursor, held by the
     unwound frames, keeps sqlite's lock: the run must still be marked KILLED at once, not fail after sqlite's
     20 s lock timeout with "database is locked" (seen when the signal hit `get_run` during training)."""
-    import tracking.runs
+    import deeprnn.tracking.runs
 
     client, run_id, armed = store_with_a_run
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        with tracking.runs.run_status(run_id):
+        with deeprnn.tracking.runs.run_status(run_id):
             armed.append(1)
             client.get_run(run_id)
     assert client.get_run(run_id).info.status == "KILLED"
@@ -374,12 +374,12 @@ def test_ctrl_c_in_the_middle_of_an_mlflow_read_still_ends_the_run_killed_at_onc
 def test_ctrl_c_is_held_back_until_the_mlflow_calls_of_a_training_callback_finish(
     store_with_a_run: tuple[MlflowClient, str, list[int]],
 ) -> None:
-    import tracking.runs
+    import deeprnn.tracking.runs
 
     client, run_id, armed = store_with_a_run
     finished = []
     with pytest.raises(KeyboardInterrupt):
-        with tracking.runs.uninterrupted():
+        with deeprnn.tracking.runs.uninterrupted():
             armed.append(1)
             finished.append(client.get_run(run_id).info.run_id)  # the read completes despite the signal
     assert finished == [run_id]

@@ -16,15 +16,15 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
-import flows.evaluate_flow as evaluate_flow
-import tasks.evaluate as evaluation
-import tasks.pipeline as pipeline
-import tracking.runs
-import tracking.store
-from deeprnn.search import parse_space, plan_trials
-from flows.evaluate_flow import evaluate_lm
-from flows.train_flow import train_lm
-from tasks.sweep import start_sweep_tracking
+import deeprnn.flows.evaluate_flow as evaluate_flow
+import deeprnn.tasks.evaluate_tasks as evaluation
+import deeprnn.tasks.pipeline_tasks as pipeline
+import deeprnn.tracking.runs
+import deeprnn.tracking.store
+from deeprnn.flows.evaluate_flow import evaluate_lm
+from deeprnn.flows.train_flow import train_lm
+from deeprnn.search.space import parse_space, plan_trials
+from deeprnn.tasks.sweep_tasks import start_sweep_tracking
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +51,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> Iterato
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("DEEPRNN_CACHE_DIR", str(root / "cache"))
-        tracking.store.check_reachable()
+        deeprnn.tracking.store.check_reachable()
         yield root
 
 
@@ -70,9 +70,9 @@ def _task_run_counts(flow_run_id: str) -> dict[str, int]:
 def trained(store: Path, book_url: str) -> dict[str, Any]:
     """A smoke run whose start-mlflow-run fails once right after creating the MLflow run (logging its params
     raises), and is retried."""
-    log_params, calls = fail_once_after(tracking.runs.log_params, MlflowException("lost answer from the store"))
+    log_params, calls = fail_once_after(deeprnn.tracking.runs.log_params, MlflowException("lost answer from the store"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tracking.runs, "log_params", log_params)
+        mp.setattr(deeprnn.tracking.runs, "log_params", log_params)
         mp.setattr(pipeline, "start_tracking", pipeline.start_tracking.with_options(retry_delay_seconds=0))
         result = train_lm(
             preset="smoke",
@@ -91,15 +91,15 @@ def test_a_retried_start_mlflow_run_leaves_one_run(trained: dict[str, Any]) -> N
     assert run.data.params["preset"] == "smoke" and run.data.params["train.epochs"] == "1"
     counts = _task_run_counts(run.data.tags["prefect.flow_run_id"])
     assert counts["start-mlflow-run"] == 2  # the fault was real to Prefect: the task ran twice
-    assert run.data.tags[tracking.runs.OPENED_BY_TAG]
+    assert run.data.tags[deeprnn.tracking.runs.OPENED_BY_TAG]
 
 
 def test_retried_evaluation_start_and_publish_leave_one_run_one_metric_point_and_one_summary(
     trained: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    log_params, _ = fail_once_after(tracking.runs.log_params, MlflowException("lost answer from the store"))
+    log_params, _ = fail_once_after(deeprnn.tracking.runs.log_params, MlflowException("lost answer from the store"))
     artifact, artifact_calls = fail_once_after(evaluation.create_markdown_artifact, OSError("connection reset"))
-    monkeypatch.setattr(tracking.runs, "log_params", log_params)
+    monkeypatch.setattr(deeprnn.tracking.runs, "log_params", log_params)
     monkeypatch.setattr(evaluation, "create_markdown_artifact", artifact)
     for name in ("start_evaluation", "publish_evaluation"):
         monkeypatch.setattr(evaluate_flow, name, getattr(evaluate_flow, name).with_options(retry_delay_seconds=0))
@@ -124,8 +124,8 @@ def test_retried_evaluation_start_and_publish_leave_one_run_one_metric_point_and
 def test_a_retried_start_sweep_run_leaves_one_parent_run(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     space = parse_space({"model.num_hiddens": [8, 16]})
     trials = plan_trials("smoke", {"train": {"device": "cpu"}}, space)
-    log_text, calls = fail_once_after(tracking.runs.log_texts, MlflowException("lost answer from the store"))
-    monkeypatch.setattr(tracking.runs, "log_texts", log_text)
+    log_text, calls = fail_once_after(deeprnn.tracking.runs.log_texts, MlflowException("lost answer from the store"))
+    monkeypatch.setattr(deeprnn.tracking.runs, "log_texts", log_text)
     start = start_sweep_tracking.with_options(retry_delay_seconds=0)
 
     @flow

@@ -17,12 +17,12 @@ from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-i
 from corpora import IS_BOOK
 from live_servers import Server
 
-import tracking.metrics
-import tracking.models
-import tracking.store
-from flows.evaluate_flow import evaluate_lm
-from flows.train_flow import train_lm
-from tasks.results import RunResult
+import deeprnn.tracking.metrics
+import deeprnn.tracking.model_registry
+import deeprnn.tracking.store
+from deeprnn.flows.evaluate_flow import evaluate_lm
+from deeprnn.flows.train_flow import train_lm
+from deeprnn.tasks.results_tasks import RunResult
 
 pytestmark = pytest.mark.e2e
 
@@ -40,7 +40,10 @@ def rest(server: Server, method: str, path: str, **kwargs: Any) -> dict[str, Any
 def champion_version(server: Server) -> str:
     """The registered version that the ``champion`` alias points at now (through the REST API)."""
     found = rest(
-        server, "GET", "registered-models/alias", params={"name": tracking.models.REGISTERED_MODEL, "alias": "champion"}
+        server,
+        "GET",
+        "registered-models/alias",
+        params={"name": deeprnn.tracking.model_registry.REGISTERED_MODEL, "alias": "champion"},
     )
     return found["model_version"]["version"]
 
@@ -77,7 +80,7 @@ def compared(
                     runs_dir=str(root / "runs"),
                     # The book's models go to deeprnn-lm by default (the evaluate flow's default too); the
                     # stand-in's would get a model of their own, so they are sent there by name.
-                    **({} if IS_BOOK else {"registered_model": tracking.models.REGISTERED_MODEL}),
+                    **({} if IS_BOOK else {"registered_model": deeprnn.tracking.model_registry.REGISTERED_MODEL}),
                 )
             )
             champions.append(champion_version(mlflow_server))
@@ -142,7 +145,7 @@ def test_champion_alias_moves_only_to_a_better_model_on_the_same_heldout_text(co
     assert moved[0] is True and True in moved[1:] and False in moved[1:], "runs that both move and keep the alias"
     # Every version records the score it was judged on and the held-out text it was measured on.
     for version, score in zip(versions, scores):
-        params = {"name": tracking.models.REGISTERED_MODEL, "version": version}
+        params = {"name": deeprnn.tracking.model_registry.REGISTERED_MODEL, "version": version}
         found = rest(compared.server, "GET", "model-versions/get", params=params)
         tags = {t["key"]: t["value"] for t in found["model_version"]["tags"]}
         assert float(tags["heldout_perplexity"]) == pytest.approx(score)
@@ -157,7 +160,7 @@ def test_generate_from_the_champion_alias(compared: Compared) -> None:
         [
             sys.executable,
             "-m",
-            "cli.app",
+            "deeprnn.cli.app",
             "generate",
             "--model-uri",
             "models:/deeprnn-lm@champion",
@@ -193,7 +196,7 @@ def test_training_summary_links_to_the_mlflow_run(compared: Compared) -> None:
 def test_evaluate_flow_measures_the_champion_on_its_heldout_text(compared: Compared) -> None:
     champion = next(r for r in compared.results if r.model.registration.version == compared.champions[-1])
     result = evaluate_lm(device="cpu", sample={"num_chars": 7, "prefixes": ["the time"]})  # default: the champion
-    assert result.model_uri == f"models:/{tracking.models.REGISTERED_MODEL}/{compared.champions[-1]}"
+    assert result.model_uri == f"models:/{deeprnn.tracking.model_registry.REGISTERED_MODEL}/{compared.champions[-1]}"
     assert result.source_run_id == champion.run_id
     assert result.evaluation.test_perplexity == pytest.approx(champion.evaluation.test_perplexity, rel=1e-5)
     assert list(result.samples) == ["the time"] and len(result.samples["the time"]) == len("the time") + 7
@@ -206,7 +209,7 @@ def test_evaluate_flow_measures_the_champion_on_its_heldout_text(compared: Compa
 
 
 def test_evaluate_flow_names_a_missing_model_and_marks_its_run_failed(compared: Compared) -> None:
-    missing = f"models:/{tracking.models.REGISTERED_MODEL}/99"
+    missing = f"models:/{deeprnn.tracking.model_registry.REGISTERED_MODEL}/99"
     with pytest.raises(LookupError, match=f"cannot fetch model '{missing}' from {compared.server.url}"):
         evaluate_lm(model_uri=missing, device="cpu")
     experiment = rest(compared.server, "GET", "experiments/get-by-name", params={"experiment_name": "deeprnn-evaluate"})
@@ -229,9 +232,9 @@ def test_system_metrics_record_points_even_for_a_block_shorter_than_one_interval
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = MlflowClient()
-    for seconds, at_least in ((0.0, 1), (2.5 * tracking.metrics.SYSTEM_METRICS_INTERVAL, 2)):
-        run_id = client.create_run(tracking.store.experiment_id("system-metrics")).info.run_id
-        with tracking.metrics.system_metrics(run_id):
+    for seconds, at_least in ((0.0, 1), (2.5 * deeprnn.tracking.metrics.SYSTEM_METRICS_INTERVAL, 2)):
+        run_id = client.create_run(deeprnn.tracking.store.experiment_id("system-metrics")).info.run_id
+        with deeprnn.tracking.metrics.system_metrics(run_id):
             time.sleep(seconds)
         for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
             history = client.get_metric_history(run_id, key)

@@ -12,8 +12,8 @@ import mlflow
 import pandas as pd
 import pytest
 
-from flows.prepare_flow import prepare_lm
-from flows.train_flow import train_lm
+from deeprnn.flows.prepare_flow import prepare_lm
+from deeprnn.flows.train_flow import train_lm
 
 pytestmark = pytest.mark.e2e
 

@@ -17,7 +17,7 @@ import pytest
 from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
 from mlflow.tracking import MlflowClient
 
-from ops.prefect_api import server_command
+from deeprnn.ops.prefect_api import server_command
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +45,7 @@ def test_default_run_uses_a_temporary_server_records_the_run_and_stops_it(tmp_pa
         [
             sys.executable,
             "-m",
-            "cli.app",
+            "deeprnn.cli.app",
             "run",
             "--preset",
             "smoke",
@@ -120,7 +120,18 @@ def test_server_command_is_prefects_own(tmp_path: Path) -> None:
 def test_server_that_does_not_answer_in_time_is_stopped_with_a_clear_error(tmp_path: Path, book_url: str) -> None:
     env = {**_default_env(tmp_path), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.app", "run", "--preset", "smoke", "--device", "cpu", "--data-url", book_url],
+        [
+            sys.executable,
+            "-m",
+            "deeprnn.cli.app",
+            "run",
+            "--preset",
+            "smoke",
+            "--device",
+            "cpu",
+            "--data-url",
+            book_url,
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -142,7 +153,18 @@ def test_server_that_cannot_start_says_so(tmp_path: Path, book_url: str) -> None
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'not-a-folder' / 'prefect.db'}",
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.app", "run", "--preset", "smoke", "--device", "cpu", "--data-url", book_url],
+        [
+            sys.executable,
+            "-m",
+            "deeprnn.cli.app",
+            "run",
+            "--preset",
+            "smoke",
+            "--device",
+            "cpu",
+            "--data-url",
+            book_url,
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -163,7 +185,7 @@ def test_default_sweep_workers_report_to_the_same_temporary_server(tmp_path: Pat
         [
             sys.executable,
             "-m",
-            "cli.app",
+            "deeprnn.cli.app",
             "sweep",
             "--preset",
             "smoke",
@@ -203,7 +225,7 @@ def test_a_command_killed_outright_leaves_no_temporary_server_behind(tmp_path: P
 
     import psutil
 
-    command = [sys.executable, "-m", "cli.app", "run", "--preset", "smoke", "--epochs", "50", "--device", "cpu"]
+    command = [sys.executable, "-m", "deeprnn.cli.app", "run", "--preset", "smoke", "--epochs", "50", "--device", "cpu"]
     proc = subprocess.Popen(
         [*command, "--data-url", book_url], env=_default_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )

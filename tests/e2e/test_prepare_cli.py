@@ -27,7 +27,11 @@ def _env(cache: Path) -> dict[str, str]:
 def _prepare(tmp_path: Path, *args: str, cache: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = _env(cache or tmp_path / "cache")
     return subprocess.run(
-        [sys.executable, "-m", "cli.app", "prepare", *args], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-m", "deeprnn.cli.app", "prepare", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
 
 
@@ -99,7 +103,7 @@ def test_sigterm_during_prepare_then_the_next_prepare_removes_what_it_left(tmp_p
     corpus = tmp_path / "big.txt"
     corpus.write_text(ENGLISH * 500_000, encoding="utf-8")  # 50 MB: about a second of tokenizing
     tokens = tmp_path / "cache" / "tokens"
-    args = [sys.executable, "-m", "cli.app", "prepare", "--data-url", str(corpus), "--normalize", "none"]
+    args = [sys.executable, "-m", "deeprnn.cli.app", "prepare", "--data-url", str(corpus), "--normalize", "none"]
     proc = subprocess.Popen(args, env=_env(tmp_path / "cache"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not (tokens.is_dir() and any(tokens.glob(".build-*"))):

@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from deeprnn.config import D2L_SHA1, preset_config
-from tasks.results import RunResult
+from deeprnn.tasks.results_tasks import RunResult
 
 pytestmark = pytest.mark.e2e
 
@@ -50,7 +50,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, prefect_api: str, book_url: str) -> Iterator[Served]:
     """Two smoke models of the book (the second trained longer), then ``mlflow models serve`` on the champion."""
-    from flows.train_flow import train_lm
+    from deeprnn.flows.train_flow import train_lm
 
     root = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -222,7 +222,7 @@ def test_cli_generate_continues_every_prefix_in_one_batch(served: Served) -> Non
     cmd = [
         sys.executable,
         "-m",
-        "cli.app",
+        "deeprnn.cli.app",
         "generate",
         "--model-uri",
         f"models:/{CORPUS_MODEL}@champion",
@@ -244,10 +244,10 @@ def test_log_results_retried_after_registering_registers_one_version(
 ) -> None:
     """The first attempt of log-results fails right after its registration (the store fails on the next
     write: injected, as no real store can be made to fail at exactly that point); the retry finishes."""
-    import tracking.models
-    from flows.train_flow import train_lm
+    import deeprnn.tracking.model_registry
+    from deeprnn.flows.train_flow import train_lm
 
-    real = tracking.models.describe_version
+    real = deeprnn.tracking.model_registry.describe_version
     calls: list[str] = []
 
     def fails_once_after_writing(name: str, version: str, *args: Any, **kwargs: Any) -> None:
@@ -256,7 +256,7 @@ def test_log_results_retried_after_registering_registers_one_version(
         if len(calls) == 1:
             raise MlflowException("injected: the tracking store went away after registering")
 
-    monkeypatch.setattr(tracking.models, "describe_version", fails_once_after_writing)
+    monkeypatch.setattr(deeprnn.tracking.model_registry, "describe_version", fails_once_after_writing)
     result = train_lm(
         preset="smoke", data={"url": book_url, "sha1": BOOK_SHA1}, train=SMOKE, registered_model="retry-lm"
     )
@@ -270,20 +270,25 @@ def test_log_results_retried_after_registering_registers_one_version(
     assert str(client.get_model_version_by_alias("retry-lm", "champion").version) == "1"
     assert result.model.registration.champion is True
     # The sweep's registration of its best model goes through the same lookup: asking again changes nothing.
-    assert tracking.models.register_model(result.model.logged.model_uri, "retry-lm", run_id=result.run_id) == "1"
+    assert (
+        deeprnn.tracking.model_registry.register_model(result.model.logged.model_uri, "retry-lm", run_id=result.run_id)
+        == "1"
+    )
     assert len(client.search_model_versions("name = 'retry-lm'")) == 1
 
 
 def test_other_corpora_get_their_own_registered_model(workdir: Path, book_path: Path) -> None:
-    import tracking.models
-    from flows.train_flow import train_lm
+    import deeprnn.tracking.model_registry
+    from deeprnn.flows.train_flow import train_lm
 
     text = workdir / "my notes.txt"
     text.write_text(book_path.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
     result = train_lm(preset="smoke", data={"url": str(text)}, train=SMOKE)
     sha1 = MlflowClient().get_run(result.run_id).data.tags["dataset.sha1"]
     assert result.model.registration.registered_model == f"deeprnn-my-notes-{sha1[:8]}"
-    assert tracking.models.default_registered_model("http://x/timemachine.txt", D2L_SHA1) == "deeprnn-lm"
+    assert (
+        deeprnn.tracking.model_registry.default_registered_model("http://x/timemachine.txt", D2L_SHA1) == "deeprnn-lm"
+    )
     assert (
         MlflowClient().get_model_version_by_alias(result.model.registration.registered_model, "champion").run_id
         == result.run_id

@@ -17,8 +17,8 @@ import psutil
 import pytest
 from test_faults import Machine, _machine, _smoke_args
 
-from deeprnn import checkpoint
-from ops.prefect_api import QUIET_SERVER_ENV, SERVER_ENV, server_command
+from deeprnn.ops.prefect_api import QUIET_SERVER_ENV, SERVER_ENV, server_command
+from deeprnn.training import checkpoint
 
 pytestmark = pytest.mark.e2e
 

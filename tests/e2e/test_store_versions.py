@@ -16,8 +16,8 @@ from mlflow.store.db.utils import _get_alembic_config
 from mlflow.store.tracking.dbmodels.initial_models import Base as InitialBase
 from mlflow.tracking import MlflowClient
 
-import tracking.store
-from flows.train_flow import train_lm
+import deeprnn.tracking.store
+from deeprnn.flows.train_flow import train_lm
 
 pytestmark = pytest.mark.e2e
 
@@ -84,10 +84,10 @@ def test_a_store_of_an_older_mlflow_is_upgraded_on_first_use_keeping_its_experim
         )
     engine.dispose()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    assert tracking.store.check_reachable() == uri  # MLflow migrates a store that lacks its newer tables itself
+    assert deeprnn.tracking.store.check_reachable() == uri  # MLflow migrates a store that lacks its newer tables itself
     assert _schema_revision(uri) == _get_latest_revision()
     assert MlflowClient().get_experiment_by_name("kept") is not None
-    run_id = MlflowClient().create_run(tracking.store.experiment_id("after-upgrade")).info.run_id
+    run_id = MlflowClient().create_run(deeprnn.tracking.store.experiment_id("after-upgrade")).info.run_id
     assert MlflowClient().get_run(run_id).info.status == "RUNNING"
 
 
@@ -100,8 +100,8 @@ def test_a_store_mlflow_will_not_upgrade_itself_is_refused_naming_mlflow_db_upgr
     config = _get_alembic_config(uri)
     command.stamp(config, STAMPED_REVISION)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    with pytest.raises(tracking.store.TrackingStoreOutdatedError) as info:
-        tracking.store.check_reachable()
+    with pytest.raises(deeprnn.tracking.store.TrackingStoreOutdatedError) as info:
+        deeprnn.tracking.store.check_reachable()
     message = str(info.value)
     assert f"mlflow db upgrade {uri}" in message and "created by an older MLflow" in message
     assert STAMPED_REVISION in message

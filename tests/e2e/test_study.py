@@ -19,9 +19,9 @@ from corpora import CORPUS_SHA1 as BOOK_SHA1
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from cli.app import app
-from flows.study_flow import sweep_study
-from ops.cluster import dask_task_runner
+from deeprnn.cli.app import app
+from deeprnn.flows.study_flow import sweep_study
+from deeprnn.ops.cluster import dask_task_runner
 
 pytestmark = pytest.mark.e2e
 
@@ -109,7 +109,7 @@ def test_study_prunes_a_lagging_trial_and_continues_with_parallel_trials(
     args += ["--param", f"train.max_steps={MAX_STEPS}", "--param", "train.eval_every_steps=10", "--epochs", "100"]
     args += ["--device", "cpu", "--data-url", book_url, "--data-sha1", BOOK_SHA1, "--seed", "1"]
     args += ["--study", "lr-study", "--storage", str(storage), "--experiment", "study-check", "--no-register-best"]
-    command = [sys.executable, "-m", "cli.app", "sweep", "--search", "optuna", "--preset", "smoke", *args]
+    command = [sys.executable, "-m", "deeprnn.cli.app", "sweep", "--search", "optuna", "--preset", "smoke", *args]
     command += ["--max-trials", "2", "--workers", "2", "--json", str(out)]
     proc = subprocess.run(
         command, capture_output=True, text=True, timeout=600, env={**cli_env, "PYTHONPATH": str(REPO)}

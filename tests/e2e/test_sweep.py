@@ -19,9 +19,9 @@ from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-i
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from cli.app import app
-from flows.sweep_flow import sweep_lm
-from ops.cluster import ClusterConfigError, dask_task_runner, gpu_request
+from deeprnn.cli.app import app
+from deeprnn.flows.sweep_flow import sweep_lm
+from deeprnn.ops.cluster import ClusterConfigError, dask_task_runner, gpu_request
 
 pytestmark = pytest.mark.e2e
 
@@ -141,7 +141,7 @@ def test_cli_sweep_on_an_existing_cluster_gives_each_gpu_trial_the_gpu_worker(
             [
                 sys.executable,
                 "-m",
-                "cli.app",
+                "deeprnn.cli.app",
                 "sweep",
                 "--preset",
                 "smoke",

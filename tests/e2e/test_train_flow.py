@@ -15,7 +15,7 @@ from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-i
 from mlflow.tracking import MlflowClient
 
 from deeprnn.config import preset_config
-from flows.train_flow import FLOW_NAME, train_lm
+from deeprnn.flows.train_flow import FLOW_NAME, train_lm
 
 pytestmark = pytest.mark.e2e
 
@@ -93,7 +93,7 @@ def test_smoke_flow_logs_everything_and_model_reproduces_samples(workdir: Path, 
         [
             sys.executable,
             "-m",
-            "cli.app",
+            "deeprnn.cli.app",
             "generate",
             "--model-uri",
             f"runs:/{run.info.run_id}/model",
@@ -125,7 +125,7 @@ def test_cli_run_prints_run_id_perplexities_and_samples(cli_env: dict[str, str],
         [
             sys.executable,
             "-m",
-            "cli.app",
+            "deeprnn.cli.app",
             "run",
             "--preset",
             "smoke",
@@ -157,7 +157,18 @@ def test_cli_run_prints_run_id_perplexities_and_samples(cli_env: dict[str, str],
 
 def test_cli_refuses_bad_values_before_starting_anything(cli_env: dict[str, str]) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "cli.app", "run", "--num-layers", "0", "--dropout", "1.5", "--cell", "transformer"],
+        [
+            sys.executable,
+            "-m",
+            "deeprnn.cli.app",
+            "run",
+            "--num-layers",
+            "0",
+            "--dropout",
+            "1.5",
+            "--cell",
+            "transformer",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

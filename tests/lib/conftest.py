@@ -24,8 +24,8 @@ import pytest
 import torch
 from corpora import CorpusFile
 
-from deeprnn.tokenize import flatten, preprocess_lines, tokenize
-from deeprnn.vocab import Vocab
+from deeprnn.data.book_tokenize import flatten, preprocess_lines, tokenize
+from deeprnn.data.vocab import Vocab
 
 # A few lines in the book's style: enough text for several minibatches of a tiny model, in milliseconds.
 TINY_TEXT = (

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deeprnn.batching import split_corpus
 from deeprnn.config import preset_config
+from deeprnn.data.batching import split_corpus
 from deeprnn.device import seed_everything
 from deeprnn.model import RNNLM
-from deeprnn.train import Trainer
+from deeprnn.training.loop import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -1,4 +1,4 @@
-"""deeprnn.batching: splits, minibatches equal to the book's iterators (D2L 8.3), evaluation streams."""
+"""deeprnn.data.batching: splits, minibatches equal to the book's iterators (D2L 8.3), evaluation streams."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from deeprnn.batching import (
+from deeprnn.data.batching import (
     BOOK_SHUFFLE_MAX,
     CorpusTooShortError,
     EpochBatches,

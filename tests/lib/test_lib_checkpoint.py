@@ -1,4 +1,5 @@
-"""deeprnn.checkpoint: one dict (config, vocab, weights, trainer state), saved atomically, loaded weights-only."""
+"""deeprnn.training.checkpoint: one dict (config, vocab, weights, trainer state), saved atomically, loaded
+weights-only."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from deeprnn import checkpoint
 from deeprnn.config import RunConfig, preset_config
+from deeprnn.data.vocab import Vocab
 from deeprnn.model import RNNLM
-from deeprnn.train import Trainer
-from deeprnn.vocab import Vocab
+from deeprnn.training import checkpoint
+from deeprnn.training.loop import Trainer
 
 CPU = torch.device("cpu")
 SIDE_EFFECTS: list[str] = []

@@ -1,4 +1,4 @@
-"""deeprnn.chunk_edges: a text normalized piece by piece gives the tokens of the whole text, whatever the chunk
+"""deeprnn.data.chunk_edges: a text normalized piece by piece gives the tokens of the whole text, whatever the chunk
 edges cut (a line, a word, a run of spaces, a final sigma), and holds back only a little of each chunk."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deeprnn import prepare as prep
-from deeprnn.chunk_edges import MAX_WORD_CHARS, CharPieces, WordPieces, WordTooLongError
 from deeprnn.config import DataConfig
-from deeprnn.download import fetch_corpus
-from deeprnn.normalize import normalize_chars, normalize_words
-from deeprnn.tokenize import flatten, preprocess_lines, tokenize
-from deeprnn.vocab import Vocab
+from deeprnn.data import prepare as prep
+from deeprnn.data.book_tokenize import flatten, preprocess_lines, tokenize
+from deeprnn.data.chunk_edges import MAX_WORD_CHARS, CharPieces, WordPieces, WordTooLongError
+from deeprnn.data.download import fetch_corpus
+from deeprnn.data.normalize import normalize_chars, normalize_words
+from deeprnn.data.vocab import Vocab
 
 # Letters, runs of spaces, every kind of line break, non-ASCII letters, and what Unicode's final-sigma rule
 # looks across (an apostrophe, a full stop, a combining accent) beside capital sigmas.

@@ -227,3 +227,31 @@ def test_the_json_form_of_a_configuration_carries_no_url_credentials() -> None:
     assert config.model_dump(mode="json")["data"]["url"] == "https://example.org/private/corpus.txt"
     assert config.flat()["data.url"] == "https://example.org/private/corpus.txt"
     assert "s3cr3t" not in config.model_dump_json()
+
+
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [
+        ("d2l-9.3", {}),
+        ("d2l-9.3", {"train": {"epochs": 3}, "model": {"num_hiddens": 64}}),
+        ("text", {"data": {"url": "my.txt"}}),
+        ("text", {"data": {"url": "my.txt"}, "model": {"num_layers": 3}, "sample": {"prefixes": ["Der"]}}),
+        ("smoke", {"train": {"device": "cpu", "time_budget": "5s"}}),
+        ("full-book", {}),
+    ],
+)
+def test_the_sections_the_cli_hands_a_flow_resolve_to_the_same_configuration(
+    preset: str, overrides: dict[str, dict[str, object]]
+) -> None:
+    """The command validates once and hands the flow complete sections: resolving them again over the preset
+    changes nothing (the preset's rules for sized fields and prefixes included)."""
+    from deeprnn.cli.options import complete_sections
+
+    config = resolve(preset, **overrides)
+    handed = complete_sections(config)
+    assert all(part.model_fields_set == set(type(part).model_fields) for part in handed.values())
+    assert resolve(preset, **handed) == config
+    # As Prefect hands them to the flow: validated from their JSON.
+    assert (
+        resolve(preset, **{k: type(v).model_validate(v.model_dump(mode="json")) for k, v in handed.items()}) == config
+    )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deeprnn.download import CorpusFile, DownloadError, fetch_corpus, read_text_chunks
+from deeprnn.data.download import CorpusFile, DownloadError, fetch_corpus, read_text_chunks
 
 
 def _tree(root: Path, files: dict[str, bytes]) -> Path:

@@ -1,4 +1,4 @@
-"""deeprnn.download at the library level: a real HTTP server on 127.0.0.1, a cache in a temporary folder."""
+"""deeprnn.data.download at the library level: a real HTTP server on 127.0.0.1, a cache in a temporary folder."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from corpora import CorpusFile
 
 from deeprnn.config import D2L_SHA1
-from deeprnn.download import (
+from deeprnn.data.download import (
     CACHE_ENV,
     DownloadError,
     TransientDownloadError,
@@ -91,7 +91,7 @@ def test_corrupted_cache_is_detected_and_fetched_again(
     expected = SHA1 if pinned else None
     first = fetch_corpus(url, expected, cache=cache, retries=0)
     first.path.write_bytes(TEXT[:-5] + b"XXXX\n")
-    with caplog.at_level(logging.WARNING, logger="deeprnn.download"):
+    with caplog.at_level(logging.WARNING, logger="deeprnn.data.download"):
         again = fetch_corpus(url, expected, cache=cache, retries=0)
     assert again.path.read_bytes() == TEXT
     assert len(http_server.hits) == 2

@@ -1,4 +1,4 @@
-"""deeprnn.download verifies TLS: a real HTTPS server on 127.0.0.1 with a certificate nobody vouches for is
+"""deeprnn.data.download verifies TLS: a real HTTPS server on 127.0.0.1 with a certificate nobody vouches for is
 refused, clearly and at once, and nothing is cached."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from deeprnn.download import DownloadError, TransientDownloadError, fetch_corpus
+from deeprnn.data.download import DownloadError, TransientDownloadError, fetch_corpus
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402

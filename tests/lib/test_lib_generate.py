@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from deeprnn import generate as generate_module
+from deeprnn.data.book_tokenize import flatten, preprocess_lines, tokenize
+from deeprnn.data.vocab import Vocab
 from deeprnn.generate import (
     MAX_REQUEST_TOKENS,
     GenerationRequestError,
@@ -23,8 +25,6 @@ from deeprnn.generate import (
     split_prefix,
 )
 from deeprnn.model import RNNLM
-from deeprnn.tokenize import flatten, preprocess_lines, tokenize
-from deeprnn.vocab import Vocab
 
 CPU = torch.device("cpu")
 

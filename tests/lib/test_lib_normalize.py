@@ -1,4 +1,4 @@
-"""deeprnn.normalize: the vectorized normalizations against the book's own list-of-strings rule."""
+"""deeprnn.data.normalize: the vectorized normalizations against the book's own list-of-strings rule."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deeprnn.normalize import code_points, letter_loss, normalize_chars, normalize_prefix, normalize_words
-from deeprnn.tokenize import flatten, preprocess_lines, tokenize
+from deeprnn.data.book_tokenize import flatten, preprocess_lines, tokenize
+from deeprnn.data.normalize import code_points, letter_loss, normalize_chars, normalize_prefix, normalize_words
 
 TRICKY = "aB c\n\r\t,.-Zé\u2028\x0c  xy\u00dcber 3"
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from deeprnn import checkpoint, stopping
-from deeprnn.batching import Splits
 from deeprnn.config import RunConfig, preset_config
+from deeprnn.data.batching import Splits
+from deeprnn.data.vocab import Vocab
 from deeprnn.pipeline import TrainingHooks, start_training
-from deeprnn.progress import StepStats
-from deeprnn.resume import LAST, MODEL
-from deeprnn.vocab import Vocab
+from deeprnn.training import checkpoint, stopping
+from deeprnn.training.progress import StepStats
+from deeprnn.training.resume import LAST, MODEL
 
 URL = "http://127.0.0.1:8000/timemachine.txt"
 

@@ -1,4 +1,4 @@
-"""deeprnn.prepare: the prepared token cache (tokenize once, memory-mappable ids, vocabulary beside them)."""
+"""deeprnn.data.prepare: the prepared token cache (tokenize once, memory-mappable ids, vocabulary beside them)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from corpora import CorpusFile
 
-from deeprnn import prepare as prep
 from deeprnn.config import DataConfig, preset_config
-from deeprnn.download import fetch_corpus
-from deeprnn.prepare import PrepareError, dropped_letters_warning, id_dtype, split_sizes
-from deeprnn.tokenize import flatten, preprocess_lines, tokenize
-from deeprnn.vocab import Vocab
+from deeprnn.data import prepare as prep
+from deeprnn.data.book_tokenize import flatten, preprocess_lines, tokenize
+from deeprnn.data.download import fetch_corpus
+from deeprnn.data.prepare import PrepareError, dropped_letters_warning, id_dtype, split_sizes
+from deeprnn.data.vocab import Vocab
 
 
 def _corpus(tmp_path: Path, text: str, name: str = "corpus.txt"):
@@ -90,7 +90,7 @@ def test_a_damaged_entry_is_detected_and_rebuilt(tmp_path: Path, damage: str, ca
         (good.folder / "meta.json").write_text("{not json")
     else:
         good.vocab_path.unlink()
-    with caplog.at_level("WARNING", logger="deeprnn.token_cache"):
+    with caplog.at_level("WARNING", logger="deeprnn.data.token_cache"):
         rebuilt = prep.prepare(corpus, _data(), tmp_path)
     assert not rebuilt.cache_hit and np.array_equal(rebuilt.ids(), expected)
     assert "is damaged" in caplog.text and "preparing it again" in caplog.text
@@ -135,7 +135,7 @@ def test_a_word_vocabulary_too_large_for_memory_is_refused_naming_min_freq(tmp_p
 def test_split_sizes_match_the_splits_the_training_uses(tmp_path: Path) -> None:
     import torch
 
-    from deeprnn.batching import split_corpus
+    from deeprnn.data.batching import split_corpus
 
     prepared = prep.prepare(_corpus(tmp_path, "abcdefghij klmnop\n" * 300), _data(), tmp_path)
     for data in (_data(), _data(val_fraction=0.1, test_fraction=0.2, max_tokens=None), _data(max_tokens=50)):

@@ -1,4 +1,4 @@
-"""deeprnn.resume: the configuration a resumed run continues with, its folder, and its restored state."""
+"""deeprnn.training.resume: the configuration a resumed run continues with, its folder, and its restored state."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from deeprnn import checkpoint
 from deeprnn.config import RunConfig, preset_config
-from deeprnn.divergence import TrainingDivergedError
+from deeprnn.data.vocab import Vocab
 from deeprnn.model import RNNLM
-from deeprnn.resume import RESUMABLE, ResumeError, check_run_id, restore_training, resume_config, run_folder
-from deeprnn.train import Trainer
-from deeprnn.vocab import Vocab
+from deeprnn.training import checkpoint
+from deeprnn.training.divergence import TrainingDivergedError
+from deeprnn.training.loop import Trainer
+from deeprnn.training.resume import RESUMABLE, ResumeError, check_run_id, restore_training, resume_config, run_folder
 
 CPU = torch.device("cpu")
 URL = "http://127.0.0.1:8000/timemachine.txt"

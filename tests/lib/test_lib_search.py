@@ -1,4 +1,4 @@
-"""deeprnn.search: spaces from YAML and the command line, grid and random expansion, trial configs."""
+"""deeprnn.search.space: spaces from YAML and the command line, grid and random expansion, trial configs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from deeprnn.search import (
+from deeprnn.search.space import (
     Range,
     SearchSpaceError,
     expand,

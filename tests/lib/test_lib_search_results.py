@@ -1,11 +1,11 @@
-"""deeprnn.search_results: trials ranked by held-out perplexity (failures last), as CSV and markdown."""
+"""deeprnn.search.ranking: trials ranked by held-out perplexity (failures last), as CSV and markdown."""
 
 from __future__ import annotations
 
 import csv
 import io
 
-from deeprnn.search_results import TrialResult, rank, selection_metric, table_csv, table_markdown
+from deeprnn.search.ranking import TrialResult, rank, selection_metric, table_csv, table_markdown
 
 
 def _result(index: int, status: str, **metrics: float) -> TrialResult:

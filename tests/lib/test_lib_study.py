@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from deeprnn.search import parse_space
-from deeprnn.study import StudyError, StudySpec, check_space, create_or_continue, distributions
+from deeprnn.search.optuna_study import StudyError, StudySpec, check_space, create_or_continue, distributions
+from deeprnn.search.space import parse_space
 
 
 def test_choices_ranges_and_log_scales_map_to_optuna_distributions() -> None:

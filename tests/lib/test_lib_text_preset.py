@@ -14,13 +14,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from deeprnn.batching import check_enough_tokens, split_corpus
 from deeprnn.config import D2L_URL, RunConfig, TrainConfig, default_preset, preset_config
+from deeprnn.data.batching import check_enough_tokens, split_corpus
+from deeprnn.data.vocab import Vocab
 from deeprnn.model import RNNLM
-from deeprnn.schedule import Schedule
 from deeprnn.sizing import WIDTHS, batch_shape, draw_prefixes, fit_size, fit_to_text, weights
-from deeprnn.train import Trainer
-from deeprnn.vocab import Vocab
+from deeprnn.training.loop import Trainer
+from deeprnn.training.schedule import Schedule
 
 CPU = torch.device("cpu")
 

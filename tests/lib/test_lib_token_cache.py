@@ -16,12 +16,12 @@ import pytest
 from filelock import FileLock
 from small_disk import small_disk
 
-from deeprnn import prepare as prep
 from deeprnn.config import DataConfig
-from deeprnn.download import DownloadError, fetch_corpus
-from deeprnn.prepare import CacheWriteError
-from deeprnn.tokenize import flatten, preprocess_lines, tokenize
-from deeprnn.vocab import Vocab
+from deeprnn.data import prepare as prep
+from deeprnn.data.book_tokenize import flatten, preprocess_lines, tokenize
+from deeprnn.data.download import DownloadError, fetch_corpus
+from deeprnn.data.prepare import CacheWriteError
+from deeprnn.data.vocab import Vocab
 
 TEXT = "The Time Traveller (for so it will be convenient to speak of him)\nwas expounding a recondite matter.\n"
 
@@ -47,7 +47,7 @@ def test_a_flipped_bit_in_vocab_json_is_found_and_rebuilt(corpus, tmp_path: Path
     at = raw.index(b'"e"') + 1
     raw[at] ^= 0x02  # "e" -> "g": a vocabulary without the letter e, ids unchanged
     good.vocab_path.write_bytes(bytes(raw))
-    with caplog.at_level("WARNING", logger="deeprnn.token_cache"):
+    with caplog.at_level("WARNING", logger="deeprnn.data.token_cache"):
         again = prep.prepare(corpus, DataConfig(), tmp_path)
     assert not again.cache_hit and "vocab.json does not match the SHA-1 in meta.json" in caplog.text
     assert len(caplog.records) == 1 and "preparing it again" in caplog.text
@@ -83,7 +83,7 @@ def test_an_entry_of_the_wrong_kind_is_rebuilt(corpus, tmp_path: Path, kind: str
         folder.symlink_to(elsewhere)
     else:
         folder.mkdir()
-    with caplog.at_level("WARNING", logger="deeprnn.token_cache"):
+    with caplog.at_level("WARNING", logger="deeprnn.data.token_cache"):
         again = prep.prepare(corpus, DataConfig(), tmp_path)
     assert not again.cache_hit and folder.is_dir() and not folder.is_symlink()
     assert "is damaged" in caplog.text
@@ -120,7 +120,7 @@ def test_build_folders_of_dead_builds_are_removed_and_live_ones_kept(corpus, tmp
         "locked, other host": _build_folder(root, f".build-{busy}-e5", {"pid": 1, "host": "another-host"}),
         "recent, no record": _build_folder(root, ".build-q1w2e3"),
     }
-    with FileLock(str(root / f"{busy}.lock")), caplog.at_level("INFO", logger="deeprnn.token_cache"):
+    with FileLock(str(root / f"{busy}.lock")), caplog.at_level("INFO", logger="deeprnn.data.token_cache"):
         prepared = prep.prepare(corpus, DataConfig(), tmp_path)
     assert [name for name, path in dead.items() if path.exists()] == []
     assert [name for name, path in live.items() if not path.exists()] == []
@@ -161,7 +161,7 @@ def test_an_entry_of_the_previous_format_is_rebuilt_in_place(corpus, tmp_path: P
     meta = json.loads((first.folder / "meta.json").read_text())
     old = {k: v for k, v in meta.items() if k not in ("vocab_sha1", "meta_sha1")} | {"format": "deeprnn-tokens/1"}
     (first.folder / "meta.json").write_text(json.dumps(old))  # as the version before wrote it: ids.bin hashed only
-    with caplog.at_level("WARNING", logger="deeprnn.token_cache"):
+    with caplog.at_level("WARNING", logger="deeprnn.data.token_cache"):
         again = prep.prepare(corpus, DataConfig(), tmp_path)
     assert not again.cache_hit and again.folder == first.folder and "an older version wrote it" in caplog.text
     _books_entry(again)

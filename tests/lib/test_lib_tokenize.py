@@ -1,4 +1,4 @@
-"""deeprnn.tokenize: the book's preprocessing (D2L 8.2), on tiny text and against d2l on the real corpus."""
+"""deeprnn.data.book_tokenize: the book's preprocessing (D2L 8.2), on tiny text and against d2l on the real corpus."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deeprnn.tokenize import flatten, preprocess_lines, read_lines, tokenize
+from deeprnn.data.book_tokenize import flatten, preprocess_lines, read_lines, tokenize
 
 
 def _book_lines(path: Path) -> list[str]:

@@ -1,4 +1,5 @@
-"""deeprnn.train.Trainer on tiny text: learning, callbacks, divergence, bit-for-bit resume, best epoch, options."""
+"""deeprnn.training.loop.Trainer on tiny text: learning, callbacks, divergence, bit-for-bit resume, best epoch,
+options."""
 
 from __future__ import annotations
 
@@ -12,16 +13,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deeprnn import checkpoint
-from deeprnn.batching import CorpusTooShortError, random_batches
 from deeprnn.config import RunConfig, preset_config
-from deeprnn.divergence import TrainingDivergedError
+from deeprnn.data.batching import CorpusTooShortError, random_batches
+from deeprnn.data.vocab import Vocab
 from deeprnn.evaluate import perplexity
 from deeprnn.model import RNNLM
-from deeprnn.progress import EpochStats
-from deeprnn.step import clip_grad_norm_
-from deeprnn.train import Trainer
-from deeprnn.vocab import Vocab
+from deeprnn.training import checkpoint
+from deeprnn.training.divergence import TrainingDivergedError
+from deeprnn.training.loop import Trainer
+from deeprnn.training.progress import EpochStats
+from deeprnn.training.step import clip_grad_norm_
 
 CPU = torch.device("cpu")
 

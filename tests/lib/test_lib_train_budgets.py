@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from deeprnn import train as train_module
-from deeprnn.batching import split_corpus
 from deeprnn.config import RunConfig, preset_config
+from deeprnn.data.batching import split_corpus
+from deeprnn.data.vocab import Vocab
 from deeprnn.evaluate import perplexity
 from deeprnn.model import RNNLM
-from deeprnn.progress import EpochStats, StepStats, eta_seconds, format_duration, progress_line
-from deeprnn.train import Trainer
-from deeprnn.vocab import Vocab
+from deeprnn.training import loop as train_module
+from deeprnn.training.loop import Trainer
+from deeprnn.training.progress import EpochStats, StepStats, eta_seconds, format_duration, progress_line
 
 CPU = torch.device("cpu")
 

@@ -11,8 +11,8 @@ from torch import nn
 
 from deeprnn.config import preset_config
 from deeprnn.model import RNNLM
-from deeprnn.step import clip_grad_norm_
-from deeprnn.train import Trainer
+from deeprnn.training.loop import Trainer
+from deeprnn.training.step import clip_grad_norm_
 
 pytestmark = [
     pytest.mark.d2l,

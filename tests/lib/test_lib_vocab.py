@@ -1,4 +1,4 @@
-"""deeprnn.vocab: the book's vocabulary order, encode/decode, persistence; compared with d2l's ``Vocab``."""
+"""deeprnn.data.vocab: the book's vocabulary order, encode/decode, persistence; compared with d2l's ``Vocab``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from deeprnn.vocab import UNK, Vocab
+from deeprnn.data.vocab import UNK, Vocab
 
 
 def test_unk_first_then_reserved_then_descending_frequency() -> None:

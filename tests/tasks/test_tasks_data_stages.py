@@ -1,5 +1,6 @@
-"""The data stages through ``task.fn()`` (no server, no flow): tasks.download on a real local HTTP server,
-tasks.prepare (the token cache built once, then found) and tasks.splits (the split sizes of the presets)."""
+"""The data stages through ``task.fn()`` (no server, no flow): deeprnn.tasks.download_task on a real local HTTP server,
+deeprnn.tasks.prepare_task (the token cache built once, then found) and deeprnn.tasks.splits_task (the split
+sizes of the presets)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import numpy as np
 import pytest
 from corpora import CorpusFile, CountingServer
 
-from deeprnn.batching import CorpusTooShortError
 from deeprnn.config import preset_config
-from deeprnn.download import DownloadError, TransientDownloadError
-from deeprnn.prepare import PrepareError
-from tasks.download import download_corpus
-from tasks.prepare import prepare_tokens
-from tasks.splits import prepare_splits
+from deeprnn.data.batching import CorpusTooShortError
+from deeprnn.data.download import DownloadError, TransientDownloadError
+from deeprnn.data.prepare import PrepareError
+from deeprnn.tasks.download_task import download_corpus
+from deeprnn.tasks.prepare_task import prepare_tokens
+from deeprnn.tasks.splits_task import prepare_splits
 
 
 def _files(folder: Path) -> list[str]:

@@ -1,5 +1,6 @@
-"""tasks.evaluate (evaluate-model) and tasks.generate (generate-samples) through ``task.fn()`` (no server, no flow),
-on a tiny model trained for a few seconds on the corpus and saved as the flow saves it."""
+"""deeprnn.tasks.evaluate_tasks (evaluate-model) and deeprnn.tasks.generate_task (generate-samples) through
+``task.fn()`` (no server, no flow), on a tiny model trained for a few seconds on the corpus and saved as
+the flow saves it."""
 
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ import pytest
 import torch
 from corpora import CorpusFile
 
-from deeprnn import checkpoint
-from deeprnn.batching import Splits
 from deeprnn.config import RunConfig, SampleConfig, preset_config
+from deeprnn.data.batching import Splits
+from deeprnn.data.vocab import Vocab
 from deeprnn.generate import generate
 from deeprnn.model import RNNLM
 from deeprnn.pipeline import build_trainer, evaluate_splits, load_data
-from deeprnn.vocab import Vocab
-from tasks.evaluate import evaluate_model
-from tasks.generate import generate_samples
+from deeprnn.tasks.evaluate_tasks import evaluate_model
+from deeprnn.tasks.generate_task import generate_samples
+from deeprnn.training import checkpoint
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""tasks.results without a server: what makes two models' held-out perplexities comparable (the champion), and
+"""deeprnn.tasks.results_tasks without a server: what makes two models' held-out perplexities comparable (the
+champion), and
 the names a run is opened with (a local sqlite MLflow store)."""
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from deeprnn.config import D2L_SHA1, DataConfig, preset_config, resolve
-from deeprnn.download import fetch_corpus
-from tasks.results import heldout_text_key, start_tracking
+from deeprnn.data.download import fetch_corpus
+from deeprnn.tasks.results_tasks import heldout_text_key, start_tracking
 
 
 def test_the_books_tokens_keep_the_key_earlier_champions_were_tagged_with() -> None:

@@ -1,4 +1,5 @@
-"""tasks.resume's ``prepare_resume`` through ``task.fn()`` (no Prefect server, no flow), against a real MLflow
+"""deeprnn.tasks.resume_task's ``prepare_resume`` through ``task.fn()`` (no Prefect server, no flow), against a real
+MLflow
 sqlite store in a temporary folder: where the checkpoint comes from, what configuration the run continues
 with, and every refusal before anything is changed."""
 
@@ -11,12 +12,12 @@ from typing import Iterator
 import pytest
 from mlflow.tracking import MlflowClient
 
-from deeprnn import checkpoint
 from deeprnn.config import RunConfig, preset_config
+from deeprnn.data.vocab import Vocab
 from deeprnn.model import RNNLM
-from deeprnn.resume import ResumeError
-from deeprnn.vocab import Vocab
-from tasks.resume import CHECKPOINT_ARTIFACT, prepare_resume
+from deeprnn.tasks.resume_task import CHECKPOINT_ARTIFACT, prepare_resume
+from deeprnn.training import checkpoint
+from deeprnn.training.resume import ResumeError
 
 EXPERIMENT = "resume-unit"
 

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 
-from tracking import store
+from deeprnn.tracking import store
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""tracking.checkpoints against a real local store: a checkpoint is uploaded only once it matches its digest,
+"""deeprnn.tracking.run_checkpoints against a real local store: a checkpoint is uploaded only once it matches its
+digest,
 and fetched back only once the MLflow copy matches its own."""
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from deeprnn import checkpoint
 from deeprnn.config import preset_config
+from deeprnn.data.vocab import Vocab
 from deeprnn.model import RNNLM
-from deeprnn.vocab import Vocab
-from tracking import checkpoints, runs
+from deeprnn.tracking import run_checkpoints, runs
+from deeprnn.training import checkpoint
 
 
 def _saved(folder: Path, epoch: int) -> Path:
@@ -26,22 +27,22 @@ def _saved(folder: Path, epoch: int) -> Path:
 def test_a_damaged_file_is_never_uploaded_and_a_damaged_copy_is_never_fetched(experiment: str, tmp_path: Path) -> None:
     run_id = runs.create_run(experiment, "run", {}, {})
     good = _saved(tmp_path / "good", epoch=2)
-    checkpoints.upload_checkpoint(run_id, good)
-    assert checkpoints.kept_checkpoint(run_id) == checkpoints.CHECKPOINT_ARTIFACT
+    run_checkpoints.upload_checkpoint(run_id, good)
+    assert run_checkpoints.kept_checkpoint(run_id) == run_checkpoints.CHECKPOINT_ARTIFACT
 
     damaged = _saved(tmp_path / "damaged", epoch=3)
     os.truncate(damaged, damaged.stat().st_size - 100)
     with pytest.raises(checkpoint.DamagedCheckpointError, match="is damaged"):
-        checkpoints.upload_checkpoint(run_id, damaged)
+        run_checkpoints.upload_checkpoint(run_id, damaged)
     # The good copy is still the run's, and it replaces a damaged local file whole, digest and all.
-    saved = checkpoints.fetch_checkpoint(run_id, damaged)
+    saved = run_checkpoints.fetch_checkpoint(run_id, damaged)
     assert saved["epoch"] == 2 and checkpoint.load(damaged)["epoch"] == 2
 
     # A damaged MLflow copy (its store's disk, say) is refused, naming the artifact; the local file stays.
-    copy = Path(MlflowClient().download_artifacts(run_id, checkpoints.CHECKPOINT_ARTIFACT, str(tmp_path / "dl")))
+    copy = Path(MlflowClient().download_artifacts(run_id, run_checkpoints.CHECKPOINT_ARTIFACT, str(tmp_path / "dl")))
     os.truncate(copy, copy.stat().st_size // 2)
     MlflowClient().log_artifact(run_id, str(copy), "checkpoints")
     local = _saved(tmp_path / "local", epoch=5)
     with pytest.raises(checkpoint.DamagedCheckpointError, match="the MLflow copy of the checkpoint .* is damaged"):
-        checkpoints.fetch_checkpoint(run_id, local)
+        run_checkpoints.fetch_checkpoint(run_id, local)
     assert checkpoint.load(local)["epoch"] == 5

@@ -1,4 +1,4 @@
-"""tracking.metrics against a real local store: curves sent in batches MLflow accepts, one point per step also
+"""deeprnn.tracking.metrics against a real local store: curves sent in batches MLflow accepts, one point per step also
 after a resume, epoch histories read back, final metrics logged once."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import math
 
 from mlflow.tracking import MlflowClient
 
-from deeprnn.progress import EpochStats, StepStats
-from tracking import metrics, runs
+from deeprnn.tracking import metrics, runs
+from deeprnn.training.progress import EpochStats, StepStats
 
 
 def _steps(run_id: str, key: str) -> list[tuple[int, float]]:

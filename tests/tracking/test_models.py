@@ -1,4 +1,4 @@
-"""tracking.models against a real local store: a tiny checkpoint logged once per run as a pyfunc model,
+"""deeprnn.tracking.model_registry against a real local store: a tiny checkpoint logged once per run as a pyfunc model,
 registered once per run, described, promoted only when better on the same held-out text, fetched back."""
 
 from __future__ import annotations
@@ -6,17 +6,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from cli.app import app
-from deeprnn import checkpoint
+from deeprnn.cli.app import app
 from deeprnn.config import D2L_SHA1, preset_config
+from deeprnn.data.vocab import Vocab
 from deeprnn.model import RNNLM
-from deeprnn.vocab import Vocab
-from tracking import models, runs
+from deeprnn.tracking import model_registry, runs
+from deeprnn.training import checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -30,26 +31,26 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def logged(tracking_store: str, tiny_checkpoint: Path) -> tuple[str, models.LoggedModel]:
+def logged(tracking_store: str, tiny_checkpoint: Path) -> tuple[str, model_registry.LoggedModel]:
     """A run of its own with the tiny model logged."""
     run_id = runs.create_run("logged-models", "run", {}, {"preset": "smoke"})
-    return run_id, models.log_model(run_id, tiny_checkpoint, "time")
+    return run_id, model_registry.log_model(run_id, tiny_checkpoint, "time")
 
 
 def test_a_run_logs_its_model_once_and_it_loads_and_generates(
-    logged: tuple[str, models.LoggedModel], tiny_checkpoint: Path
+    logged: tuple[str, model_registry.LoggedModel], tiny_checkpoint: Path
 ) -> None:
     run_id, model = logged
     assert model.model_uri == f"models:/{model.model_id}"
-    assert models.log_model(run_id, tiny_checkpoint, "time") == model  # a retry reuses it
+    assert model_registry.log_model(run_id, tiny_checkpoint, "time") == model  # a retry reuses it
     experiment = MlflowClient().get_run(run_id).info.experiment_id
     assert [m.model_id for m in MlflowClient().search_logged_models(experiment_ids=[experiment])] == [model.model_id]
-    loaded = models.load_pyfunc(f"runs:/{run_id}/model")
+    loaded = model_registry.load_pyfunc(f"runs:/{run_id}/model")
     (text,) = loaded.predict(pd.DataFrame({"prefix": ["time"]}), params={"num_chars": 5})
     # Five generated tokens; an untrained model may pick <unk>, one token of five characters.
     assert text.startswith("time") and len(text.replace("<unk>", "?")) == len("time") + 5
     with pytest.raises(LookupError, match="cannot load model 'models:/nothing-here/1'"):
-        models.load_pyfunc("models:/nothing-here/1")
+        model_registry.load_pyfunc("models:/nothing-here/1")
 
 
 def test_a_request_without_prefixes_continues_the_models_own_and_prefixes_follow_its_rule(
@@ -68,8 +69,8 @@ def test_a_request_without_prefixes_continues_the_models_own_and_prefixes_follow
     model = RNNLM.from_config(len(vocab), config.model)
     path = checkpoint.save(tmp_path / "model.pt", checkpoint.make_payload(config, vocab, model, epoch=1))
     run_id = runs.create_run("own-prefixes", "run", {}, {"preset": "smoke"})
-    models.log_model(run_id, path, "machine")
-    loaded = models.load_pyfunc(f"runs:/{run_id}/model")
+    model_registry.log_model(run_id, path, "machine")
+    loaded = model_registry.load_pyfunc(f"runs:/{run_id}/model")
 
     none_given = pd.DataFrame({"prefix": pd.Series([], dtype=object)})
     own = loaded.predict(none_given, params={"num_chars": 4})
@@ -86,20 +87,20 @@ def test_a_request_without_prefixes_continues_the_models_own_and_prefixes_follow
 
 
 def test_a_model_is_registered_once_per_run_described_and_fetched_back(
-    logged: tuple[str, models.LoggedModel], tmp_path: Path
+    logged: tuple[str, model_registry.LoggedModel], tmp_path: Path
 ) -> None:
     run_id, model = logged
-    assert models.register_model(model.model_uri, "tiny-lm", run_id=run_id) == "1"
-    assert models.register_model(model.model_uri, "tiny-lm", run_id=run_id) == "1"  # a retry: the same version
+    assert model_registry.register_model(model.model_uri, "tiny-lm", run_id=run_id) == "1"
+    assert model_registry.register_model(model.model_uri, "tiny-lm", run_id=run_id) == "1"  # a retry: the same version
     assert len(MlflowClient().search_model_versions("name = 'tiny-lm'")) == 1
-    facts = models.ModelFacts(
+    facts = model_registry.ModelFacts(
         "smoke",
         "https://example.org/book.txt",
         "ab" * 20,
         "char",
         {"val_perplexity": None, "test_perplexity": 5.0, "train_perplexity_eval": 4.0},
     )
-    models.describe_version("tiny-lm", "1", model.model_id, facts, "time traveller")
+    model_registry.describe_version("tiny-lm", "1", model.model_id, facts, "time traveller")
     version = MlflowClient().get_model_version("tiny-lm", "1")
     assert version.tags == {
         "preset": "smoke",
@@ -118,34 +119,34 @@ def test_a_model_is_registered_once_per_run_described_and_fetched_back(
     assert MlflowClient().get_logged_model(model.model_id).tags["test_perplexity"] == "5.0"
 
     runs.set_tags(run_id, {"dataset.sha1": "cd" * 20})
-    assert models.promote_if_better("tiny-lm", "1", 5.0, "the book")
-    fetched = models.fetch_model("models:/tiny-lm@champion", tmp_path / "fetched")
+    assert model_registry.promote_if_better("tiny-lm", "1", 5.0, "the book")
+    fetched = model_registry.fetch_model("models:/tiny-lm@champion", tmp_path / "fetched")
     assert (fetched.model_uri, fetched.version, fetched.source_run_id) == ("models:/tiny-lm/1", "1", run_id)
     assert fetched.dataset_sha1 == "cd" * 20
     assert checkpoint.load(Path(fetched.checkpoint))["epoch"] == 1
-    by_run = models.fetch_model(f"runs:/{run_id}/model", tmp_path / "by-run")
+    by_run = model_registry.fetch_model(f"runs:/{run_id}/model", tmp_path / "by-run")
     assert by_run.version == "1" and by_run.source_run_id == run_id
     with pytest.raises(LookupError, match="cannot fetch model 'models:/tiny-lm/7'"):
-        models.fetch_model("models:/tiny-lm/7", tmp_path / "missing")
+        model_registry.fetch_model("models:/tiny-lm/7", tmp_path / "missing")
 
 
 def test_a_version_registered_with_its_tags_has_them_from_its_creation_and_once(
-    logged: tuple[str, models.LoggedModel],
+    logged: tuple[str, model_registry.LoggedModel],
 ) -> None:
     run_id, model = logged
-    tags = {"preset": "smoke", **models.heldout_tags(5.0, "the book")}
-    assert models.register_tagged(model.model_uri, "tagged-lm", run_id, tags) == ("1", True)
-    assert models.register_tagged(model.model_uri, "tagged-lm", run_id, tags) == ("1", False)  # a retry
+    tags = {"preset": "smoke", **model_registry.heldout_tags(5.0, "the book")}
+    assert model_registry.register_tagged(model.model_uri, "tagged-lm", run_id, tags) == ("1", True)
+    assert model_registry.register_tagged(model.model_uri, "tagged-lm", run_id, tags) == ("1", False)  # a retry
     assert MlflowClient().get_model_version("tagged-lm", "1").tags == {
         "preset": "smoke",
         "heldout_perplexity": "5.0",
         "heldout_key": "the book",
     }
-    assert models.promote_if_better("tagged-lm", "1", 5.0, "the book", tagged=True)  # compared by those tags
+    assert model_registry.promote_if_better("tagged-lm", "1", 5.0, "the book", tagged=True)  # compared by those tags
 
 
 def test_the_champion_moves_only_to_a_better_score_on_the_same_heldout_text(
-    logged: tuple[str, models.LoggedModel],
+    logged: tuple[str, model_registry.LoggedModel],
 ) -> None:
     run_id, model = logged
     client = MlflowClient()
@@ -154,22 +155,24 @@ def test_the_champion_moves_only_to_a_better_score_on_the_same_heldout_text(
         client.create_model_version("ranked-lm", model.model_uri, run_id=run_id)
 
     def champion() -> str:
-        return str(client.get_model_version_by_alias("ranked-lm", models.CHAMPION).version)
+        return str(client.get_model_version_by_alias("ranked-lm", model_registry.CHAMPION).version)
 
-    assert models.promote_if_better("ranked-lm", "1", 10.0, "book:split") is True  # the first champion
-    assert models.promote_if_better("ranked-lm", "2", 12.0, "book:split") is False and champion() == "1"
-    assert models.promote_if_better("ranked-lm", "3", 8.0, "book:split") is True and champion() == "3"
-    assert models.promote_if_better("ranked-lm", "3", 8.0, "book:split") is True and champion() == "3"  # a retry
-    assert models.promote_if_better("ranked-lm", "4", 8.0, "book:split") is False  # a tie is not better
-    assert models.promote_if_better("ranked-lm", "5", 1.0, "other:split") is False and champion() == "3"
+    assert model_registry.promote_if_better("ranked-lm", "1", 10.0, "book:split") is True  # the first champion
+    assert model_registry.promote_if_better("ranked-lm", "2", 12.0, "book:split") is False and champion() == "1"
+    assert model_registry.promote_if_better("ranked-lm", "3", 8.0, "book:split") is True and champion() == "3"
+    assert (
+        model_registry.promote_if_better("ranked-lm", "3", 8.0, "book:split") is True and champion() == "3"
+    )  # a retry
+    assert model_registry.promote_if_better("ranked-lm", "4", 8.0, "book:split") is False  # a tie is not better
+    assert model_registry.promote_if_better("ranked-lm", "5", 1.0, "other:split") is False and champion() == "3"
     tags = client.get_model_version("ranked-lm", "5").tags
     assert (tags["heldout_perplexity"], tags["heldout_key"]) == ("1.0", "other:split")
 
 
 def test_each_corpus_gets_its_own_registered_model() -> None:
-    assert models.default_registered_model("https://example.org/timemachine.txt", D2L_SHA1) == "deeprnn-lm"
+    assert model_registry.default_registered_model("https://example.org/timemachine.txt", D2L_SHA1) == "deeprnn-lm"
     sha1 = "0123456789abcdef" * 2 + "01234567"
-    assert models.default_registered_model("file:///home/me/My Notes.txt", sha1) == "deeprnn-my-notes-01234567"
+    assert model_registry.default_registered_model("file:///home/me/My Notes.txt", sha1) == "deeprnn-my-notes-01234567"
 
 
 def test_a_model_upload_that_fills_the_artifact_store_completes_the_same_run_once_space_is_freed(
@@ -184,12 +187,28 @@ def test_a_model_upload_that_fills_the_artifact_store_completes_the_same_run_onc
     stats = os.statvfs(small_filesystem)
     filler.write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - 16_384))  # 16 KB left: the model needs more
     with pytest.raises(OSError, match="No space left on device"):
-        models.log_model(run_id, tiny_checkpoint, "time")
+        model_registry.log_model(run_id, tiny_checkpoint, "time")
     filler.unlink()  # the operator frees the disk
-    model = models.log_model(run_id, tiny_checkpoint, "time")
+    model = model_registry.log_model(run_id, tiny_checkpoint, "time")
     run = client.get_run(run_id)
     assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]  # one model, linked once
     assert [m.model_id for m in client.search_logged_models([run.info.experiment_id])] == [model.model_id]
-    assert models.log_model(run_id, tiny_checkpoint, "time") == model  # and again: nothing new
-    (text,) = models.load_pyfunc(model.model_uri).predict(pd.DataFrame({"prefix": ["time"]}), params={"num_chars": 3})
+    assert model_registry.log_model(run_id, tiny_checkpoint, "time") == model  # and again: nothing new
+    (text,) = model_registry.load_pyfunc(model.model_uri).predict(
+        pd.DataFrame({"prefix": ["time"]}), params={"num_chars": 3}
+    )
+    assert text.startswith("time")
+
+
+def test_a_logged_model_carries_the_library_without_the_prefect_and_mlflow_layers(
+    experiment: str, tiny_checkpoint: Path
+) -> None:
+    run_id = runs.create_run(experiment, "run", {}, {"preset": "smoke"})
+    model = model_registry.log_model(run_id, tiny_checkpoint, "time")
+    local = Path(mlflow.artifacts.download_artifacts(model.model_uri))
+    code = local / "code" / "deeprnn"
+    assert (code / "model.py").is_file() and (code / "data" / "vocab.py").is_file()
+    assert (code / "training" / "checkpoint.py").is_file() and (code / "generate.py").is_file()
+    assert not [layer for layer in model_registry.OUTER_LAYERS if (code / layer).exists()]
+    (text,) = model_registry.load_pyfunc(model.model_uri).predict(pd.DataFrame({"prefix": ["time"]}))
     assert text.startswith("time")

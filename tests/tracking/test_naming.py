@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from deeprnn.config import D2L_SHA1, D2L_URL, preset_config, resolve
-from tracking import naming
+from deeprnn.tracking import naming
 
 FAUST_SHA1 = "1f3a9c2e" + "0" * 32
 

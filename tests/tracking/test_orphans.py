@@ -1,4 +1,4 @@
-"""ops.orphans against a real local store: runs left RUNNING by a process that is gone are marked FAILED, and
+"""deeprnn.ops.orphans against a real local store: runs left RUNNING by a process that is gone are marked FAILED, and
 only those with a checkpoint (in the runs folder or in MLflow) are said to be resumable."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from ops import orphans
-from tracking import checkpoints, runs
+from deeprnn.ops import orphans
+from deeprnn.tracking import run_checkpoints, runs
 
 
 def _dead_pid() -> int:
@@ -33,6 +33,6 @@ def test_orphans_are_marked_failed_and_only_runs_with_a_checkpoint_are_resumable
     found = {o.run_id: o for o in orphans.mark_orphaned_runs(str(runs_dir)) if o.run_id in (never, local, uploaded)}
     assert found[never].checkpoint is None
     assert found[local].checkpoint == runs_dir / local / "last.pt"
-    assert found[uploaded].checkpoint == checkpoints.CHECKPOINT_ARTIFACT
+    assert found[uploaded].checkpoint == run_checkpoints.CHECKPOINT_ARTIFACT
     for run_id in (never, local, uploaded):
         assert MlflowClient().get_run(run_id).info.status == "FAILED"

@@ -1,4 +1,4 @@
-"""tracking.runs against a real local store: a run created once per Prefect task run, its status on every way
+"""deeprnn.tracking.runs against a real local store: a run created once per Prefect task run, its status on every way
 out, params, tags, artifacts, and reading runs back."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from deeprnn.config import preset_config
-from deeprnn.download import CorpusFile
-from tracking import checkpoints, runs, store
+from deeprnn.data.download import CorpusFile
+from deeprnn.data.vocab import Vocab
+from deeprnn.tracking import run_checkpoints, runs, store
 
 
 def _run_ids(experiment: str) -> list[str]:
@@ -113,10 +114,10 @@ def test_texts_and_files_go_up_in_one_upload_and_a_retry_rewrites_them(experimen
 def test_an_artifact_is_downloaded_whole_or_a_clear_error(experiment: str, tmp_path: Path) -> None:
     run_id = runs.create_run(experiment, "run", {}, {})
     runs.log_texts(run_id, {"last.pt": "weights"})
-    target = checkpoints.download_artifact(run_id, "last.pt", tmp_path / "runs" / run_id / "last.pt")
+    target = run_checkpoints.download_artifact(run_id, "last.pt", tmp_path / "runs" / run_id / "last.pt")
     assert target.read_text() == "weights" and [p.name for p in target.parent.iterdir()] == ["last.pt"]
     with pytest.raises(FileNotFoundError, match="never reached its first checkpoint"):
-        checkpoints.download_artifact(run_id, "checkpoints/last.pt", tmp_path / "other" / "last.pt")
+        run_checkpoints.download_artifact(run_id, "checkpoints/last.pt", tmp_path / "other" / "last.pt")
     assert not (tmp_path / "other" / "last.pt").exists()
 
 
@@ -141,7 +142,7 @@ def test_logging_the_dataset_again_for_the_same_run_changes_nothing(experiment: 
     text = tmp_path / "timemachine.txt"
     text.write_text("the time traveller\n", encoding="utf-8")
     corpus = CorpusFile(text, "a" * 40, "http://127.0.0.1:1/timemachine.txt", text.stat().st_size)
-    vocab = {"idx_to_token": ["<unk>", "t", "h", "e"], "token_freqs": [["t", 3], ["h", 2], ["e", 4]]}
+    vocab = Vocab(list("the time traveller"))
     run_id = runs.create_run(experiment, "run", {}, {})
     runs.log_dataset(run_id, corpus, vocab)
     runs.log_dataset(run_id, corpus, vocab)

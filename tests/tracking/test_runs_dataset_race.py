@@ -1,4 +1,4 @@
-"""tracking.runs, the dataset input when parallel runs race to create the same dataset (a race no test can set
+"""deeprnn.tracking.runs, the dataset input when parallel runs race to create the same dataset (a race no test can set
 up on cue: the store is stood in for)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from mlflow.exceptions import MlflowException
 
-from tracking import runs
+from deeprnn.tracking import runs
 
 
 class _Store:

@@ -1,4 +1,4 @@
-"""tracking.store against a real local store: reachability, set-up, experiment ids, the URI for workers, and
+"""deeprnn.tracking.store against a real local store: reachability, set-up, experiment ids, the URI for workers, and
 which faults a retry may get past."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect.states import Completed, Failed
 
-from tracking import store
+from deeprnn.tracking import store
 
 
 def test_a_fresh_sqlite_store_is_created_with_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

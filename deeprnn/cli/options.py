@@ -1,0 +1,183 @@
+"""One ``--option`` per configuration field, generated from the pydantic models, so the CLI, the Prefect form
+and the configuration can never disagree; options grouped back into overrides and validated."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+from typing import Annotated, Any, Callable, Optional, TypeVar
+
+import typer
+from pydantic import BaseModel, BeforeValidator, ValidationError
+
+from deeprnn.cli.output import fail
+from deeprnn.config import REGISTERED_MODEL_PATTERN, SECTIONS, RunConfig, default_preset, preset_config, resolve
+
+# Option names that differ from the field name (clashes, or names the book's users expect).
+RENAMES = {
+    ("data", "url"): "data_url",
+    ("data", "sha1"): "data_sha1",
+    ("data", "reserved_tokens"): "reserved_token",
+    ("sample", "prefixes"): "prefix",
+    ("sample", "seed"): "sample_seed",
+    ("sample", "num_chars"): "num_chars",
+}
+
+Command = TypeVar("Command", bound=Callable[..., None])
+
+
+def _cli_type(annotation: Any) -> tuple[Any, str, str | None]:
+    """A type Typer understands for a field's annotation, a note on allowed values for the help, and the
+    metavar that shows what to type (the choices themselves for a few named values)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if typing.get_origin(annotation) is typing.Union and args else annotation
+    if typing.get_origin(base) is Annotated:  # a value parsed from text by the model itself (e.g. a duration)
+        if any(isinstance(m, BeforeValidator) for m in base.__metadata__):
+            return Optional[str], "", "DURATION"
+        base = typing.get_args(base)[0]
+    if typing.get_origin(base) is typing.Literal:
+        return Optional[str], "", "[" + "|".join(map(str, typing.get_args(base))) + "]"
+    if typing.get_origin(base) is list:
+        return Optional[list[str]], " Repeat the option for several values.", "TEXT"
+    metavars = {int: "INTEGER", float: "FLOAT", str: "TEXT"}
+    return Optional[base], "", metavars.get(base)
+
+
+def default_text(value: Any) -> str:
+    """A configuration value as the help shows a default: lists comma-separated, None as 'unset'."""
+    if value is None:
+        return "unset"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+# The book's preset: the help shows its value of every field, beside the words "the preset's".
+BOOK_PRESET = "d2l-9.3"
+
+
+def _option_fields() -> dict[str, tuple[str, str]]:
+    """CLI parameter name -> (section, field) for every configuration field."""
+    out = {}
+    for section, cls in SECTIONS.items():
+        for name in cls.model_fields:
+            out[RENAMES.get((section, name), name)] = (section, name)
+    return out
+
+
+OPTION_FIELDS = _option_fields()
+
+
+def override_parameters(sections: tuple[str, ...] = tuple(SECTIONS)) -> list[inspect.Parameter]:
+    """One keyword ``typer.Option`` per field of the configuration ``sections``."""
+    params = []
+    book = preset_config(BOOK_PRESET).model_dump()
+    text = preset_config("text").model_dump()
+    for cli_name, (section, name) in OPTION_FIELDS.items():
+        if section not in sections:
+            continue
+        info = SECTIONS[section].model_fields[name]
+        typ, note, metavar = _cli_type(info.annotation)
+        if any(isinstance(m, BeforeValidator) for m in info.metadata):  # parsed from text by the model itself
+            typ, note, metavar = Optional[str], "", "DURATION"
+        flag = "--" + cli_name.replace("_", "-")
+        decls = [flag, f"{flag}/--no-{cli_name.replace('_', '-')}"] if typ is Optional[bool] else [flag]
+        # The option's own default is None (the preset's value applies): say so, with the book's value.
+        default = f"  [default: the preset's; {BOOK_PRESET}: {default_text(book[section][name])}"
+        if text[section][name] != book[section][name]:
+            default += f", text: {default_text(text[section][name])}"
+        default += "]"
+        if (section, name) == ("data", "url"):
+            default = "  [default: the preset's; the book]"
+        described = f"[{section}] {info.description or ''}{note}{default}"
+        option = typer.Option(None, decls[-1], help=described, show_default=False, metavar=metavar)
+        params.append(inspect.Parameter(cli_name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=typ))
+    return params
+
+
+def with_options(command: Command, extra: list[inspect.Parameter]) -> Command:
+    """``command`` with its ``**options`` replaced by the ``extra`` keyword options, as Typer reads a signature
+    (a parameter of the command's own wins over an extra one of the same name)."""
+    signature = inspect.signature(command, eval_str=True)  # real types: the module uses postponed annotations
+    fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    names = {p.name for p in fixed}
+    parameters = fixed + [p for p in extra if p.name not in names]
+    command.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]  # read by Typer
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    return command
+
+
+def overrides(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Group the options the user gave into ``{section: {field: value}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for cli_name, value in values.items():
+        if value is None or cli_name not in OPTION_FIELDS or (isinstance(value, list) and not value):
+            continue
+        section, name = OPTION_FIELDS[cli_name]
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def explain(exc: ValidationError) -> str:
+    """Pydantic errors phrased with the CLI's option names."""
+    by_field = {v: k for k, v in OPTION_FIELDS.items()}
+    lines = []
+    for e in exc.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        key = by_field.get(loc[:2]) if len(loc) >= 2 else None
+        where = "--" + key.replace("_", "-") if key else ".".join(loc) or "configuration"
+        lines.append(f"  {where}: {e['msg']}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def resolve_or_exit(preset: str | None, values: dict[str, dict[str, Any]]) -> RunConfig:
+    """The preset (default: d2l-9.3 for the book's corpus, text for any other) with the options' overrides,
+    validated; a bad value exits 2 naming it."""
+    try:
+        return resolve(preset or default_preset(values.get("data", {}).get("url")), **values)
+    except ValidationError as exc:
+        fail(explain(exc))
+    except ValueError as exc:  # an unknown preset
+        fail(str(exc))
+
+
+def complete_sections(config: RunConfig) -> dict[str, BaseModel]:
+    """The resolved configuration's sections, each with every field set: handed to a flow, each replaces its
+    preset's section whole (``deeprnn.presets.section_values``), so the flow runs exactly what the command
+    validated and printed, and resolves nothing again."""
+    return {
+        name: type(part).model_construct(_fields_set=set(type(part).model_fields), **dict(part))
+        for name in SECTIONS
+        for part in [getattr(config, name)]
+    }
+
+
+def check_registered_model(name: str | None) -> None:
+    """Refuse a registered model name that MLflow's ``models:/<name>@alias`` URIs could not carry."""
+    if name is not None and not re.fullmatch(REGISTERED_MODEL_PATTERN, name):
+        fail(f"--registered-model {name!r}: use letters, digits, '.', '_' and '-' (at most 256)")
+
+
+# Options more than one command takes, declared once (Typer reads ``Annotated`` metadata).
+JsonOut = Annotated[Optional[str], typer.Option("--json", help="Also write the result as JSON to this file.")]
+Experiment = Annotated[
+    Optional[str],
+    typer.Option(
+        "--experiment",
+        metavar="NAME",
+        help="MLflow experiment. Default: deeprnn-train for the book's corpus, deeprnn-<file>-<sha1 prefix> for "
+        "any other text (a sweep: deeprnn-sweep).",
+    ),
+]
+RegisteredModel = Annotated[
+    Optional[str],
+    typer.Option(
+        "--registered-model",
+        metavar="NAME",
+        help="MLflow registered model to add the model to (default: deeprnn-lm for the book's corpus, "
+        "deeprnn-<file>-<sha1 prefix> for any other text).",
+    ),
+]

@@ -1,0 +1,211 @@
+"""``deeprnn run`` (the training flow) and ``deeprnn prepare`` (the token cache, without training)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Annotated, Any, Optional
+
+import typer
+
+from deeprnn.cli import launch, options, preflight
+from deeprnn.cli.output import console, fail, print_result, print_rows, warn, write_json
+from deeprnn.config import PRESETS, RunConfig
+
+
+def stopped(exc: KeyboardInterrupt) -> str:
+    """What a stopped run kept, in one line: the MLflow run, its checkpoint and the command that continues it."""
+    name = getattr(exc, "signal_name", "SIGINT")
+    run_id, kept = getattr(exc, "run_id", None), getattr(exc, "checkpoint", None)
+    if run_id is None:
+        return f"by {name} before the MLflow run was opened: nothing was trained or changed"
+    if kept is None:
+        return (
+            f"by {name}: MLflow run {run_id} is marked KILLED; it stopped before its first checkpoint, so there "
+            "is nothing to resume"
+        )
+    return (
+        f"by {name}: MLflow run {run_id} is marked KILLED; its checkpoint is kept ({kept}): continue with "
+        f"deeprnn run --resume {run_id}"
+    )
+
+
+Resume = Annotated[
+    Optional[str],
+    typer.Option(
+        "--resume",
+        metavar="RUN_ID",
+        help="Continue this MLflow run from its last checkpoint, with the configuration stored in it "
+        "(--epochs may extend it; --device, --checkpoint-every, --log-every may change).",
+    ),
+]
+RunsDir = Annotated[str, typer.Option("--runs-dir", help="Local folder for checkpoints, one subfolder per run.")]
+
+
+def run(
+    preset: Annotated[
+        Optional[str],
+        typer.Option(
+            "--preset",
+            help=f"Named preset: {', '.join(PRESETS)} (default: d2l-9.3 for the book's corpus, text for your own).",
+        ),
+    ] = None,
+    resume: Resume = None,
+    epochs: Annotated[
+        Optional[int],
+        typer.Option(
+            "--epochs",
+            metavar="INTEGER",
+            help="[train] Passes over the training tokens.  [default: the preset's; d2l-9.3: 500, text: 1000]",
+        ),
+    ] = None,
+    experiment: options.Experiment = None,
+    runs_dir: RunsDir = "runs",
+    json_out: options.JsonOut = None,
+    registered_model: options.RegisteredModel = None,
+    **values: Any,
+) -> None:
+    """Run the training flow: download, vocabulary, train, evaluate, generate, log to MLflow."""
+    overrides = options.overrides(values)
+    if epochs is not None:
+        overrides.setdefault("train", {})["epochs"] = epochs
+    _check_resume(resume, preset)
+    options.check_registered_model(registered_model)
+    config = options.resolve_or_exit(preset, overrides)  # for a resume, this only validates the overrides
+    _preflight(config, overrides, resume)
+    _announce(config, resume, chosen=preset is None)  # the first line, before anything prints
+
+    launch.stop_on_signals()  # SIGINT, SIGTERM: stop at a safe point, checkpointed, with one line
+    with launch.exit_on_stop(stopped):
+        temporary_api = launch.start_prefect_api()  # boots in its own process while the flow's imports load here
+        from deeprnn.flows.train_flow import train_lm  # Prefect and MLflow load only once the input is known to be good
+
+        launch.init_device(config.train.device if resume is None else overrides.get("train", {}).get("device", "auto"))
+        launch.wait_for_api(temporary_api, preload=True)
+        ready_at = time.time()  # imports done and the Prefect API answering
+        _announce_services(launch.describe_api(temporary_api))
+        launch.mark_orphaned_runs(runs_dir)
+    result = launch.invoke(
+        lambda: train_lm(
+            preset=config.preset,
+            # A new run gets the validated sections whole; a resumed run its stored configuration, which the
+            # options may only restate or extend (checked by the resume task).
+            **(overrides if resume else options.complete_sections(config)),
+            experiment=experiment,
+            runs_dir=runs_dir,
+            resume_run_id=resume,
+            registered_model=registered_model,
+        ),
+        stopped,
+    )
+    result = replace(result, timings=replace(result.timings, cli_ready_at=ready_at, flow_returned_at=time.time()))
+    with launch.exit_on_stop(f"after MLflow run {result.run_id} FINISHED: everything it logged is kept"):
+        print_result(result)
+        write_json(result.as_record(), json_out)
+
+
+def _check_resume(resume: str | None, preset: str | None) -> None:
+    """A ``--resume`` id must look like an MLflow run id, and a resumed run keeps its own preset."""
+    if resume is None:
+        return
+    from deeprnn.training.resume import ResumeError, check_run_id
+
+    try:
+        check_run_id(resume)
+    except ResumeError as exc:
+        fail(f"--resume: {exc}")
+    if preset is not None:
+        fail("--preset cannot be combined with --resume: a resumed run keeps its own configuration")
+
+
+def _preflight(config: RunConfig, overrides: dict[str, Any], resume: str | None) -> None:
+    """What can be refused in milliseconds, before Prefect or MLflow start: the corpus, the device, the run."""
+    if resume is None:
+        preflight.check_source(config.data.url)
+        preflight.check_device(config.train.device)
+    else:  # a resumed run's settings are its own; only what the options change is checked here
+        preflight.check_source(overrides.get("data", {}).get("url"))
+        preflight.check_device(overrides.get("train", {}).get("device", "auto"))
+        preflight.check_resume(resume)
+
+
+def _announce(config: RunConfig, resume: str | None, chosen: bool) -> None:
+    """The run's first line: what it trains (or resumes)."""
+    # soft_wrap: long lines are left to the terminal to wrap, so a URL or run id is never broken in two.
+    if resume is not None:
+        console.print(f"deeprnn: resuming MLflow run [bold]{resume}[/bold] from its last checkpoint", soft_wrap=True)
+    else:
+        console.print(f"deeprnn: {describe_plan(config, chosen)}", highlight=False, soft_wrap=True)
+
+
+def _announce_services(api: str) -> None:
+    """Where the flow run and the MLflow run go (once the Prefect API answers)."""
+    from deeprnn.tracking.store import tracking_uri
+
+    console.print(f"Prefect API: {api}", highlight=False, soft_wrap=True, markup=False)
+    console.print(f"MLflow tracking: {tracking_uri()}", highlight=False, soft_wrap=True, markup=False)
+
+
+def describe_plan(config: RunConfig, chosen: bool) -> str:
+    """What a new run will do, in one line: the preset (and why, when it was chosen for the user), the budget."""
+    from deeprnn.durations import format_seconds
+
+    t = config.train
+    why = ""
+    if chosen and config.preset == "text":
+        why = " (your own text: every character kept, the model sized to it; --preset d2l-9.3 for the book's)"
+    bounds = [f"{t.epochs} epochs"] if t.time_budget is None else [f"time budget {format_seconds(t.time_budget)}"]
+    if t.max_steps is not None:
+        bounds.append(f"{t.max_steps:,} steps")
+    if t.patience is not None:
+        bounds.append(f"early stopping after {t.patience} evaluations without progress")
+    return f"preset [bold]{config.preset}[/bold]{why}, {', '.join(bounds)}, device {t.device}"
+
+
+def prepare(
+    preset: Annotated[
+        Optional[str],
+        typer.Option(
+            "--preset",
+            help=f"Named preset whose data settings to start from: {', '.join(PRESETS)} (default: d2l-9.3 for "
+            "the book's corpus, text for your own).",
+        ),
+    ] = None,
+    json_out: options.JsonOut = None,
+    **values: Any,
+) -> None:
+    """Download and tokenize a corpus into the token cache (once per corpus and settings), and say what it holds."""
+    config = options.resolve_or_exit(preset, options.overrides(values))
+    preflight.check_source(config.data.url)
+    from deeprnn.data.download import DownloadError, fetch_corpus
+    from deeprnn.data.prepare import PrepareError, dropped_letters_warning, prepared_record, split_sizes
+    from deeprnn.data.prepare import prepare as prepare_corpus
+
+    started = time.perf_counter()
+    try:
+        corpus = fetch_corpus(config.data.url, config.data.expected_sha1())
+        prepared = prepare_corpus(corpus, config.data)
+    except (DownloadError, PrepareError) as exc:
+        fail(str(exc), 1)
+    seconds = time.perf_counter() - started
+    warning = dropped_letters_warning(prepared)
+    if warning:
+        warn(warning)
+    tokenized = "no: served from the cache" if prepared.cache_hit else f"yes, in {prepared.build_seconds:.1f} s"
+    rows = {
+        "token cache": str(prepared.folder),
+        "tokenized now": tokenized,
+        "corpus sha1": corpus.sha1,
+        "settings": ", ".join(f"{k} {v}" for k, v in prepared.settings.describe().items()),
+        "vocabulary": f"{prepared.vocab_size:,} tokens (ids stored as {prepared.dtype})",
+        "tokens": f"{prepared.num_tokens:,}",
+        **{f"{name} tokens": f"{count:,}" for name, count in split_sizes(prepared, config.data).items()},
+        "time": f"{seconds:.1f} s",
+    }
+    print_rows(f"prepared {config.flat()['data.url']}", rows)  # the URL without credentials
+    write_json({**prepared_record(prepared, config.data), "seconds": seconds}, json_out)
+
+
+# Typer reads the signatures: one keyword option per configuration field (data fields only for prepare).
+options.with_options(run, options.override_parameters())
+options.with_options(prepare, options.override_parameters(("data",)))

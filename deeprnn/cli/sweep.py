@@ -1,0 +1,270 @@
+"""``deeprnn sweep``: a grid or random search, one model per trial on a Dask cluster, tracked as one MLflow
+parent run with a child per trial."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Annotated, Any, Optional
+
+import typer
+
+from deeprnn.cli import launch, options, preflight
+from deeprnn.cli.output import console, fail, print_sweep, write_json
+from deeprnn.config import PRESETS
+
+ON_INTERRUPT = "the sweep's MLflow run is marked KILLED"
+# The dimensions most sweeps vary get options of their own (comma-separated values); any other field goes
+# through --param. Name: (configuration field, help).
+DIMENSIONS = {
+    "cell": ("model.cell", "Cell types to try, comma-separated: lstm,gru,rnn."),
+    "num_layers": ("model.num_layers", "Layer counts to try, e.g. 1,2,3."),
+    "num_hiddens": ("model.num_hiddens", "Hidden sizes to try, e.g. 128,256."),
+    "dropout": ("model.dropout", "Dropout values to try, e.g. 0,0.2."),
+    "lr": ("train.lr", "Learning rates to try, e.g. 0.5,1,2."),
+    "optimizer": ("train.optimizer", "Optimizers to try: sgd,adam,adamw."),
+}
+# Configuration fields fixed for every trial, with the options `deeprnn run` gives them.
+FIXED = ("epochs", "device", "data_url", "data_sha1")
+
+Preset = Annotated[str, typer.Option("--preset", help=f"Named preset every trial starts from: {', '.join(PRESETS)}.")]
+Param = Annotated[
+    list[str],
+    typer.Option("--param", help="Any field: section.field=v1,v2 (one value: fixed for all trials). Repeatable."),
+]
+Space = Annotated[
+    Optional[str], typer.Option("--space", help="YAML file mapping fields to values or {low, high, log} ranges.")
+]
+Random = Annotated[
+    bool, typer.Option("--random", help="Random search: draw --max-trials points instead of the whole grid.")
+]
+MaxTrials = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-trials",
+        min=1,
+        help="Trials a random search draws, or an optuna search adds to its study (default 10); a grid larger "
+        "than this is refused.",
+    ),
+]
+Seed = Annotated[
+    int,
+    typer.Option(
+        "--seed", min=0, help="Seed of the random search (to vary the training seed: --param train.seed=0,1,2)."
+    ),
+]
+RunsDir = Annotated[str, typer.Option("--runs-dir", help="Checkpoint folder on each worker, one subfolder per trial.")]
+ClusterAddress = Annotated[
+    Optional[str],
+    typer.Option(
+        "--cluster-address",
+        envvar="DEEPRNN_DASK_ADDRESS",
+        help="Dask scheduler to use, e.g. tcp://10.0.0.5:8786. Default: a new cluster on this machine.",
+    ),
+]
+Workers = Annotated[
+    Optional[int],
+    typer.Option(
+        "--workers",
+        min=1,
+        envvar="DEEPRNN_DASK_WORKERS",
+        help="Worker processes of the local cluster (default: one per GPU, else one per CPU core).",
+    ),
+]
+Search = Annotated[
+    str, typer.Option("--search", help="grid, random (as --random) or optuna (adaptive: TPE, with a pruner).")
+]
+Pruner = Annotated[
+    str, typer.Option("--pruner", help="With --search optuna: asha, median or none (stops trials falling behind).")
+]
+Sampler = Annotated[str, typer.Option("--sampler", help="With --search optuna: the sampler (tpe).")]
+Storage = Annotated[
+    Optional[str],
+    typer.Option(
+        "--storage",
+        envvar="DEEPRNN_OPTUNA_STORAGE",
+        help="With --search optuna: where the study lives, an RDB URL (sqlite:///studies.db, "
+        "postgresql://...) or a journal file (default: optuna.journal here).",
+    ),
+]
+Study = Annotated[
+    Optional[str],
+    typer.Option("--study", help="With --search optuna: the study's name (default: the experiment's); the same "
+                 "name and search continues it."),
+]  # fmt: skip
+RegisterBest = Annotated[
+    bool, typer.Option("--register-best/--no-register-best", help="Register the best trial's model.")
+]
+
+
+def sweep(
+    preset: Preset = "d2l-9.3",
+    param: Param = [],  # noqa: B006 - Typer's default for a repeatable option; never mutated
+    space_file: Space = None,
+    random_search: Random = False,
+    search: Search = "grid",
+    pruner: Pruner = "asha",
+    sampler: Sampler = "tpe",
+    storage: Storage = None,
+    study: Study = None,
+    max_trials: MaxTrials = None,
+    seed: Seed = 0,
+    experiment: options.Experiment = None,
+    runs_dir: RunsDir = "runs",
+    cluster_address: ClusterAddress = None,
+    workers: Workers = None,
+    register_best: RegisterBest = True,
+    registered_model: options.RegisteredModel = None,
+    json_out: options.JsonOut = None,
+    **values: Any,
+) -> None:
+    """Grid or random search: train one model per trial on a Dask cluster; one MLflow parent run, a child per trial."""
+    options.check_registered_model(registered_model)
+    fixed = options.overrides({name: values.get(name) for name in FIXED})
+    dims = {name: values.get(name) for name in DIMENSIONS}
+    if search == "optuna" and random_search:
+        fail("--random and --search optuna each choose the search: give one")
+    if search == "optuna":
+        adaptive = dict(study=study or experiment, storage=storage, sampler=sampler, pruner=pruner, seed=seed)
+        adaptive.update(max_trials=max_trials or 10, experiment=experiment, runs_dir=runs_dir, json_out=json_out)
+        adaptive.update(register_best=register_best, registered_model=registered_model)
+        return _adaptive(preset, fixed, space_file, dims, param, cluster_address, workers, adaptive)
+    if search not in ("grid", "random"):
+        fail(f"unknown search {search!r}; choose one of: grid, random, optuna")
+    random_search = random_search or search == "random"
+    space, trials = _plan(preset, fixed, space_file, dims, param, random_search, max_trials, seed)
+    if cluster_address is None:  # a remote cluster's workers have files and devices of their own
+        for url in sorted({t.config.data.url for t in trials}):
+            preflight.check_source(url)
+        for device in sorted({t.config.train.device for t in trials}):
+            preflight.check_device(device)
+
+    temporary_api = launch.start_prefect_api()  # boots while the imports below load, as for `deeprnn run`
+    from deeprnn.flows.sweep_flow import (
+        sweep_lm,  # Prefect, MLflow and Dask load only once the input is known to be good
+    )
+    from deeprnn.ops.cluster import dask_task_runner
+
+    launch.wait_for_api(temporary_api, preload=False)
+    runner = dask_task_runner(cluster_address, workers, use_gpus=trials[0].config.train.device != "cpu")
+    _announce(len(trials), preset, cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)")
+    launch.mark_orphaned_runs()
+    parameters = dict(space=space, preset=preset, data=fixed.get("data"), train=fixed.get("train"), seed=seed)
+    parameters.update(random_search=random_search, max_trials=max_trials, experiment=experiment, runs_dir=runs_dir)
+    parameters.update(register_best=register_best, registered_model=registered_model)
+    result = launch.invoke(lambda: sweep_lm.with_options(task_runner=runner)(**parameters), ON_INTERRUPT)
+    print_sweep(result)
+    write_json(result.as_record(), json_out)
+
+
+def _adaptive(
+    preset: str,
+    fixed: dict[str, Any],
+    space_file: str | None,
+    dims: dict[str, str | None],
+    params: list[str],
+    cluster_address: str | None,
+    workers: int | None,
+    adaptive: dict[str, Any],
+) -> None:
+    """``--search optuna``: every input checked (the study's storage opened) before the cluster starts."""
+    from deeprnn.cli.sweep_study import check_study, run_study
+    from deeprnn.search.space import SearchSpaceError
+
+    try:
+        space = sweep_space(space_file, dims, params)
+    except SearchSpaceError as exc:
+        fail(str(exc))
+    spec = check_study(preset, fixed, space, adaptive)
+    temporary_api = launch.start_prefect_api()
+    from deeprnn.ops.cluster import dask_task_runner
+
+    launch.wait_for_api(temporary_api, preload=False)
+    runner = dask_task_runner(cluster_address, workers, use_gpus=spec.first_point().config.train.device != "cpu")
+    where = cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)"
+    _announce(adaptive["max_trials"], preset, where)
+    console.print(f"Optuna study {spec.name!r} in {spec.storage} (sampler {spec.sampler}, pruner {spec.pruner})")
+    launch.mark_orphaned_runs()
+    run_study(spec, fixed, adaptive, runner, launch.invoke)
+
+
+def sweep_space(space_file: str | None, dims: dict[str, str | None], params: list[str]) -> dict[str, Any]:
+    """The search space: the YAML file, then the dimension options, then each ``--param`` (later wins)."""
+    from deeprnn.search.space import SearchSpaceError, field_path, load_space, parse_values
+
+    space: dict[str, Any] = {}
+    if space_file:
+        space.update({field_path(k): v for k, v in load_space(space_file).items()})
+    for name, text in dims.items():
+        if text is not None:
+            space[DIMENSIONS[name][0]] = parse_values(text)
+    for item in params:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise SearchSpaceError(
+                f"--param {item!r}: write it as section.field=value[,value...], e.g. train.clip_norm=0.5,1"
+            )
+        space[field_path(key)] = parse_values(text)
+    return space
+
+
+def _plan(
+    preset: str,
+    fixed: dict[str, dict[str, Any]],
+    space_file: str | None,
+    dims: dict[str, str | None],
+    params: list[str],
+    random_search: bool,
+    max_trials: int | None,
+    seed: int,
+) -> tuple[dict[str, Any], list[Any]]:
+    """The search space and its trials, every one validated; a bad space or value exits 2 saying why."""
+    from deeprnn.search.space import SearchSpaceError, parse_space, plan_trials
+
+    try:
+        space = sweep_space(space_file, dims, params)
+        search_space = parse_space(space)
+        if not search_space.dims:
+            raise SearchSpaceError(
+                "nothing to sweep: give values to vary, e.g. --lr 0.5,1,2, --param train.seed=0,1 or --space FILE"
+            )
+        return space, plan_trials(preset, fixed, search_space, random_search, max_trials, seed)
+    except ValueError as exc:  # SearchSpaceError, or an unknown preset
+        fail(str(exc))
+
+
+def _announce(trials: int, preset: str, where: str) -> None:
+    """The sweep's first lines: how many trials, on which cluster, and where MLflow and Prefect are."""
+    from deeprnn.tracking.store import tracking_uri
+
+    console.print(f"deeprnn sweep: {trials} trials of preset [bold]{preset}[/bold] on {where}")
+    console.print(f"MLflow tracking: {tracking_uri()}", highlight=False, soft_wrap=True, markup=False)
+    # The workers report to the same API: PREFECT_API_URL (the temporary server's, when it runs) reaches local
+    # workers through the environment and every worker through the settings the task runner sends along.
+    api = os.environ.get("PREFECT_API_URL", "from the Prefect profile")
+    console.print(f"Prefect API: {api}", highlight=False, soft_wrap=True, markup=False)
+
+
+def _dimension_parameters() -> list[inspect.Parameter]:
+    """``--cell``, ``--num-layers``, ...: one comma-separated option per dimension of ``DIMENSIONS``."""
+    return [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, "--" + name.replace("_", "-"), help=help_text),
+            annotation=Optional[str],
+        )
+        for name, (_, help_text) in DIMENSIONS.items()
+    ]
+
+
+def _fixed_parameters() -> list[inspect.Parameter]:
+    """``--epochs``, ``--device``, ``--data-url``, ``--data-sha1``: `deeprnn run`'s options, for every trial."""
+    fixed = [p for p in options.override_parameters(("data", "train")) if p.name in FIXED]
+    for parameter in fixed:
+        parameter.default.help += " The same for every trial (GPU trials get one GPU each)."
+    return fixed
+
+
+# Typer reads the signature: the dimension options, then the fields fixed for every trial.
+options.with_options(sweep, _dimension_parameters() + _fixed_parameters())

@@ -1,0 +1,354 @@
+"""Reading a corpus as a stream: text checks, gzip, directories of text files, in bounded memory.
+
+Everything here reads bytes in chunks and never holds a whole file. One pass both hashes the bytes (the
+corpus's SHA-1) and checks them: not empty, no NUL bytes, strict UTF-8 (an incremental decoder, so a
+multi-byte character split across two chunks is fine and an invalid byte is reported at its offset in the
+whole text). A UTF-8 byte order mark at the start of a file is dropped from its text, as text tools do: it
+marks the encoding and is no character of the text (the SHA-1 still covers it). ``.gz`` corpora
+(recognised by the gzip magic bytes ``1f 8b``, whatever the name) are decompressed on the fly; their SHA-1
+is that of the compressed bytes, the file as served.
+
+``deeprnn.data.download`` fetches corpora with these; ``read_text_chunks`` (re-exported there) is how the next
+stage reads one.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
+
+CorpusKind = Literal["text", "gzip", "dir"]
+GZIP_MAGIC = b"\x1f\x8b"
+BOM = "\ufeff"  # U+FEFF at the very start of a text: a byte order mark (EF BB BF in UTF-8)
+READ_CHUNK = 1 << 16  # what the checks read at a time when nothing asks for more
+
+
+class DownloadError(RuntimeError):
+    """The corpus could not be fetched or is not what was expected; the message says what to fix."""
+
+
+class TransientDownloadError(DownloadError):
+    """A network fault worth retrying later: timeout, refused connection, HTTP 5xx, a broken transfer."""
+
+
+@dataclass(frozen=True)
+class CorpusFile:
+    """A verified local corpus and its identity.
+
+    ``kind`` says how to read ``path``: ``text`` (a UTF-8 file), ``gzip`` (a gzip-compressed UTF-8 file) or
+    ``dir`` (a folder of UTF-8 or gzip files, see ``dir_files``). ``sha1`` and ``num_bytes`` are those of the
+    bytes on disk: the compressed bytes for ``gzip``; for ``dir``, the folder digest that ``dir_text`` defines
+    and the files' total size. Read the text with ``read_text_chunks``.
+    """
+
+    path: Path
+    sha1: str
+    source: str  # the URL or path it came from, with any credentials removed
+    num_bytes: int
+    kind: CorpusKind = "text"
+
+
+class TextCheck:
+    """Incremental checks of UTF-8 text fed in pieces: no NUL bytes, strict UTF-8, not blank at the end.
+
+    The decoded text leaves out a byte order mark at its start.
+    """
+
+    def __init__(self, shown: str, *, decompressed: bool = False) -> None:
+        self.shown = shown
+        self.where = " of the decompressed text" if decompressed else ""
+        self.decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        self.offset = 0  # bytes fed so far
+        self.has_text = False  # any byte that is not ASCII whitespace (nor the byte order mark) seen
+        self.at_start = True  # no character decoded yet: a byte order mark now is dropped
+
+    def feed(self, data: bytes, *, decode: bool = True) -> str:
+        """Check the next piece; return its text (``""`` without ``decode`` when the piece is plain ASCII)."""
+        if b"\x00" in data:
+            raise DownloadError(f"{self.shown} looks binary (it contains NUL bytes): give a UTF-8 text file")
+        if not self.has_text and self._visible(data).strip():
+            self.has_text = True
+        pending = len(self.decoder.getstate()[0])  # bytes of a character begun in the previous piece
+        self.offset += len(data)
+        if not decode and not pending and data.isascii():
+            self.at_start = self.at_start and not data
+            return ""  # ASCII is UTF-8: nothing to decode (the fast path of a check-only pass)
+        try:
+            text = self.decoder.decode(data)
+        except UnicodeDecodeError as exc:
+            raise self._not_utf8(self.offset - len(data) - pending + exc.start) from None
+        return self._drop_bom(text)
+
+    def _visible(self, data: bytes) -> bytes:
+        """``data`` without the bytes of a byte order mark at the start of the text."""
+        bom = BOM.encode()
+        if self.offset >= len(bom):
+            return data
+        head = bom[self.offset :]  # what is left of a mark begun in earlier pieces (they were all its bytes)
+        return data[len(head) :] if data.startswith(head[: len(data)]) else data
+
+    def _drop_bom(self, text: str) -> str:
+        if self.at_start and text:
+            self.at_start = False
+            if text.startswith(BOM):
+                return text[1:]
+        return text
+
+    def finish(self, *, require_text: bool = True) -> str:
+        """End of the text: refuse a character cut off at the end, and (with ``require_text``) a blank text."""
+        pending = len(self.decoder.getstate()[0])
+        try:
+            tail = self.decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise self._not_utf8(self.offset - pending) from None
+        if require_text and not self.has_text:
+            raise DownloadError(f"{self.shown} is empty: a corpus needs text")
+        return self._drop_bom(tail)
+
+    def _not_utf8(self, offset: int) -> DownloadError:
+        return DownloadError(
+            f"{self.shown} is not UTF-8 text (invalid byte at offset {offset}{self.where}): convert it to UTF-8 first"
+        )
+
+
+class Gunzip:
+    """A push-style gzip decompressor with bounded output: corrupt or truncated input is one clear error.
+
+    Handles files of several gzip members (``cat a.gz b.gz``, bgzip, pigz) and zero padding after the last
+    member, as ``gzip`` does; the CRC and length in each member's trailer are checked by zlib.
+    """
+
+    def __init__(self, shown: str, out_max: int = READ_CHUNK) -> None:
+        self.shown = shown
+        self.out_max = max(1, out_max)
+        self.inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # 16+: gzip header and trailer
+        self.between_members = False
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Decompress the next piece; yield the output in pieces of at most ``out_max`` bytes."""
+        while data:
+            if self.between_members:
+                data = data.lstrip(b"\x00")
+                if not data:
+                    return
+                self.inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+                self.between_members = False
+            while True:
+                try:
+                    out = self.inflate.decompress(data, self.out_max)
+                except zlib.error as exc:
+                    raise self.error(str(exc)) from None
+                if out:
+                    yield out
+                if self.inflate.eof:
+                    self.between_members, data = True, self.inflate.unused_data
+                    break
+                data = self.inflate.unconsumed_tail
+                if not data and len(out) < self.out_max:  # all input used and no output held back
+                    return
+
+    def finish(self) -> None:
+        """End of input: refuse a file cut off inside a member."""
+        if not self.between_members:
+            raise self.error("it ends before its compressed data does (truncated)")
+
+    def error(self, reason: str) -> DownloadError:
+        """The one message for a bad gzip file."""
+        return DownloadError(
+            f"{self.shown} is not a valid gzip file: {reason}. Fetch it again, or give the uncompressed text"
+        )
+
+
+class ByteSink:
+    """What the bytes of one text or gzip corpus pass through once: SHA-1, gzip detection, text checks.
+
+    Feed it the bytes as they come (from the network or a file); ``finish`` ends the checks. With ``decode``,
+    ``feed`` and ``finish`` yield the text; without, they yield nothing and only check. ``blank_ok`` accepts a
+    text with nothing but whitespace (one file of a folder). With ``defer``, a bad
+    text is remembered instead of raised, so that the SHA-1 of a wrong file is still computed and a hash
+    mismatch (the more basic fault) can be reported first; ``finish`` raises it. ``feed`` and ``finish`` are
+    generators: iterate them, even when not decoding, or nothing happens.
+    """
+
+    def __init__(
+        self,
+        shown: str,
+        *,
+        decode: bool = False,
+        defer: bool = False,
+        out_max: int = READ_CHUNK,
+        blank_ok: bool = False,
+    ) -> None:
+        self.shown, self.decode, self.defer, self.out_max, self.blank_ok = shown, decode, defer, out_max, blank_ok
+        self.sha1 = hashlib.sha1()
+        self.num_bytes = 0
+        self.kind: CorpusKind | None = None  # known once two bytes are in
+        self.head = b""
+        self.gunzip: Gunzip | None = None
+        self.text = TextCheck(shown)
+        self.fault: DownloadError | None = None
+
+    def feed(self, data: bytes) -> Iterator[str]:
+        """Take the next bytes; yield their text when decoding."""
+        self.sha1.update(data)
+        self.num_bytes += len(data)
+        if self.kind is None:
+            self.head += data
+            if len(self.head) < len(GZIP_MAGIC):
+                return
+            data, self.head = self.head, b""
+            self._start(data)
+        yield from self._guarded(self._check(data))
+
+    def finish(self) -> Iterator[str]:
+        """No more bytes: end the checks (yield the last text when decoding); raise a deferred fault."""
+        if self.kind is None:
+            self._start(self.head)
+            yield from self._guarded(self._check(self.head))
+        yield from self._guarded(self._end())
+        if self.fault is not None:
+            raise self.fault
+
+    @property
+    def hexdigest(self) -> str:
+        """The SHA-1 of every byte fed so far."""
+        return self.sha1.hexdigest()
+
+    def _start(self, head: bytes) -> None:
+        self.kind = "gzip" if head.startswith(GZIP_MAGIC) else "text"
+        if self.kind == "gzip":
+            self.gunzip = Gunzip(self.shown, self.out_max)
+            self.text = TextCheck(self.shown, decompressed=True)
+
+    def _check(self, data: bytes) -> Iterator[str]:
+        pieces = self.gunzip.feed(data) if self.gunzip is not None else iter((data,))
+        for piece in pieces:
+            text = self.text.feed(piece, decode=self.decode)
+            if text:
+                yield text
+
+    def _end(self) -> Iterator[str]:
+        if self.gunzip is not None:
+            self.gunzip.finish()
+        tail = self.text.finish(require_text=not self.blank_ok)
+        if tail:
+            yield tail
+
+    def _guarded(self, pieces: Iterator[str]) -> Iterator[str]:
+        if self.fault is not None:
+            return  # already refused: only the hash still matters
+        try:
+            yield from pieces
+        except DownloadError as exc:
+            if not self.defer:
+                raise
+            self.fault = exc
+
+
+def sniff_kind(path: Path) -> CorpusKind:
+    """``dir`` for a folder, ``gzip`` when the file starts with the gzip magic bytes, else ``text``."""
+    if path.is_dir():
+        return "dir"
+    with open(path, "rb") as fh:
+        return "gzip" if fh.read(len(GZIP_MAGIC)) == GZIP_MAGIC else "text"
+
+
+def dir_files(root: Path) -> list[tuple[str, Path]]:
+    """The files of a corpus folder as ``(relative POSIX path, path)``, sorted by the relative path (as Python
+    compares strings), found recursively; hidden files and folders (names starting with ``.``, such as
+    ``.git``) are skipped, and so are folders reached through symbolic links."""
+    found: list[tuple[str, Path]] = []
+    for folder, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        for name in files:
+            path = Path(folder) / name
+            if not name.startswith(".") and path.is_file():
+                found.append((path.relative_to(root).as_posix(), path))
+    return sorted(found)
+
+
+def dir_text(
+    root: Path, shown: str, digest: _Hash, chunk_bytes: int = READ_CHUNK, *, decode: bool = True
+) -> Iterator[str]:
+    """Check (and with ``decode`` yield) the text of every file of a corpus folder, in ``dir_files`` order;
+    a gzip file in it (found by its magic bytes) is decompressed.
+
+    The folder digest is fed into ``digest``: for each file in that order, its relative POSIX path (its bytes
+    as the file system has them: UTF-8 for ordinary names), a NUL byte, its size in bytes as decimal ASCII
+    digits, a NUL byte, then its bytes as stored (compressed for a gzip file). A non-empty file whose text does
+    not end with ``"\\n"`` is followed by one, so that no token spans two files. Refused, naming the file: a
+    binary, non-UTF-8 or corrupt gzip file; naming the folder: one with no files, or whose files are all blank.
+    """
+    files = dir_files(root)
+    if not files:
+        raise DownloadError(f"{shown} holds no text files (hidden files and folders are skipped): add some")
+    has_text = False
+    for rel, path in files:
+        digest.update(os.fsencode(rel) + b"\x00" + str(path.stat().st_size).encode() + b"\x00")
+        sink = ByteSink(str(path), decode=decode, out_max=chunk_bytes, blank_ok=True)
+        last = ""
+        with open(path, "rb") as fh:
+            while chunk := fh.read(chunk_bytes):
+                digest.update(chunk)
+                for text in sink.feed(chunk):
+                    last = text
+                    yield text
+        for text in sink.finish():
+            last = text
+            yield text
+        has_text = has_text or sink.text.has_text
+        if decode and last and not last.endswith("\n"):
+            yield "\n"
+    if not has_text:
+        raise DownloadError(f"{shown} is empty: a corpus needs text (every file in it is blank)")
+
+
+def check_file(path: Path, shown: str, chunk_bytes: int = READ_CHUNK, *, decode: bool, defer: bool = False) -> ByteSink:
+    """Pass a text or gzip file through a ``ByteSink`` (all checks); returns the sink for its hash and kind."""
+    sink = ByteSink(shown, decode=decode, defer=defer, out_max=chunk_bytes)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            for _ in sink.feed(chunk):
+                pass
+    for _ in sink.finish():
+        pass
+    return sink
+
+
+def read_text_chunks(corpus: CorpusFile, chunk_bytes: int = 1 << 24) -> Iterator[str]:
+    """The corpus's text in order, in pieces, decoded strictly as UTF-8, in memory bounded by ``chunk_bytes``.
+
+    ``gzip`` corpora are decompressed on the fly; a ``dir`` corpus gives each file's text in sorted order of
+    its relative path, a ``"\\n"`` after each non-empty file that does not end with one. The same checks as at
+    fetch time run again, and the bytes are hashed on the way: a file changed since ``fetch_corpus`` verified
+    it raises ``DownloadError`` after its last piece, so nothing built from it should be kept. Raises
+    ``DownloadError`` (binary, not UTF-8, not a valid gzip file, ...) with the message saying what to fix.
+    """
+    chunk_bytes = max(1, chunk_bytes)
+    shown = str(corpus.path)
+    if corpus.kind == "dir":
+        digest = hashlib.sha1()
+        yield from dir_text(corpus.path, shown, digest, chunk_bytes)
+        have = digest.hexdigest()
+    else:
+        sink = ByteSink(shown, decode=True, out_max=chunk_bytes)
+        with open(corpus.path, "rb") as fh:
+            while chunk := fh.read(chunk_bytes):
+                yield from sink.feed(chunk)
+        yield from sink.finish()
+        if sink.kind != corpus.kind:
+            raise DownloadError(f"{shown} is now {sink.kind}, not {corpus.kind}: it changed since it was fetched")
+        have = sink.hexdigest
+    if have != corpus.sha1:
+        raise DownloadError(
+            f"{shown} changed since it was fetched (sha1 {corpus.sha1}, now {have}): fetch the corpus again"
+        )

@@ -1,0 +1,337 @@
+"""Stage 1: fetch the corpus into a local, hash-checked cache.
+
+Sources are ``http(s)://`` URLs (fetched with ``requests``), ``file://`` URLs and local paths: a text file, a
+gzip-compressed one (``.gz``, recognised by its first bytes) or a folder of text files. Downloads stream to a
+temporary file in the cache folder with the SHA-1 computed and the text checked on the way (never the whole
+file in memory), and are renamed into place only once verified (the SHA-1 when one is expected, the text
+always), so a failed or tampered download never leaves a file behind. A cached file is reused only while its
+hash still matches, so a corrupted cache is fetched again and a valid one needs no network. Local sources are
+read in place, in the same one streamed pass of checks.
+
+The SHA-1 of a download is that of the body as ``requests`` hands it over, once any HTTP
+``Content-Encoding`` is undone: a ``.gz`` file served as a file keeps its compressed bytes and SHA-1.
+
+Retrying is the caller's choice: ``fetch_corpus`` makes one attempt unless given ``retries``. In the
+pipeline the ``download-corpus`` task is the one retry layer (Prefect task retries of transient faults only),
+so it leaves ``retries`` at 0. Read the text with ``read_text_chunks``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import requests
+
+from deeprnn.data.corpus_stream import (
+    READ_CHUNK,
+    ByteSink,
+    CorpusFile,
+    CorpusKind,
+    DownloadError,
+    TextCheck,
+    TransientDownloadError,
+    check_file,
+    dir_files,
+    dir_text,
+    read_text_chunks,
+    sniff_kind,
+)
+from deeprnn.data.urls import redact_url
+
+__all__ = [
+    "CACHE_ENV",
+    "CorpusFile",
+    "CorpusKind",
+    "DownloadError",
+    "TransientDownloadError",
+    "cache_dir",
+    "check_source",
+    "check_text",
+    "fetch_corpus",
+    "read_text_chunks",
+    "redact_url",
+    "sha1_of",
+]
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "DEEPRNN_CACHE_DIR"
+_SUFFIXES: dict[CorpusKind, str] = {"text": ".txt", "gzip": ".gz"}  # how a cached copy is named, by kind
+
+
+def cache_dir() -> Path:
+    """The cache folder: ``$DEEPRNN_CACHE_DIR`` if set, else the platform's user cache folder."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    import platformdirs  # small, but only needed here
+
+    return Path(platformdirs.user_cache_dir("deeprnn"))
+
+
+def sha1_of(path: Path) -> str:
+    """SHA-1 of a file, read in chunks."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(READ_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_text(data: bytes, source: str) -> None:
+    """Refuse what cannot be a text corpus: empty, binary (NUL bytes) or not UTF-8 (bytes already in memory)."""
+    check = TextCheck(source)
+    check.feed(data, decode=False)
+    check.finish()
+
+
+def _local_path(source: str) -> Path | None:
+    """The path for ``file://`` URLs and plain paths, None for http(s); refuse every other scheme."""
+    parts = urlsplit(source)
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
+        return None
+    if scheme == "file":
+        return Path(unquote(parts.path))
+    if scheme == "" or (len(scheme) == 1 and os.name == "nt"):  # a bare path (or a Windows drive letter)
+        return Path(source).expanduser()
+    raise DownloadError(f"unsupported URL scheme {scheme!r} in {redact_url(source)!r}: use http, https, file or a path")
+
+
+def _cache_base(source: str, expected_sha1: str | None, cache: Path | None) -> Path:
+    """The cached copy's path without its suffix (``.txt`` or ``.gz``, by kind); its record adds ``.sha1``."""
+    # Never derived from the user's file name, so nothing can escape the cache folder.
+    name = expected_sha1 or f"url-{hashlib.sha256(source.encode()).hexdigest()[:24]}"
+    return (cache if cache is not None else cache_dir()) / name
+
+
+def _check_sha1(have: str, expected: str | None, shown: str) -> None:
+    if expected and have != expected:
+        raise DownloadError(
+            f"sha1 mismatch for {shown}: expected {expected}, got {have}. "
+            "The file changed or the wrong URL was given; nothing was cached"
+        )
+
+
+def _check_present(path: Path) -> None:
+    """Refuse a local corpus that is missing, neither a file nor a folder, or that this user may not read."""
+    if not path.exists():
+        raise DownloadError(f"corpus file not found: {path}")
+    if not (path.is_file() or path.is_dir()):
+        raise DownloadError(f"{path} is neither a file nor a folder: give a text file, a .gz file or a folder")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise DownloadError(f"cannot read the corpus {path}: permission denied")
+
+
+def check_source(source: str) -> None:
+    """Refuse at once, without reading a byte of it, a source that cannot work: a scheme other than http(s),
+    file or a path, or a local file or folder that is missing or unreadable. A URL is left to the download."""
+    local = _local_path(source)
+    if local is not None:
+        _check_present(local)
+
+
+def _read_local(path: Path, expected: str | None) -> CorpusFile:
+    """Check a local file or folder in place, in one streamed pass, and return its identity."""
+    _check_present(path)
+    try:
+        return _check_local(path, expected)
+    except OSError as exc:  # unreadable: permissions, a file removed while reading, ...
+        raise DownloadError(f"cannot read the corpus {exc.filename or path}: {exc.strerror or exc}") from None
+
+
+def _check_local(path: Path, expected: str | None) -> CorpusFile:
+    """The streamed pass of ``_read_local``: hash and check every byte (decompressed for gzip)."""
+    shown = str(path)
+    kind = sniff_kind(path)
+    if kind == "dir":
+        digest = hashlib.sha1()
+        for _ in dir_text(path, shown, digest, decode=False):
+            pass
+        have, size = digest.hexdigest(), sum(p.stat().st_size for _, p in dir_files(path))
+    else:
+        # With an expected hash, a bad text is reported only after the hash: a wrong file is the first fault.
+        sink = check_file(path, shown, decode=False, defer=expected is not None)
+        have, size = sink.hexdigest, sink.num_bytes
+    _check_sha1(have, expected, shown)
+    return CorpusFile(path, have, shown, size, kind)
+
+
+def _cached(base: Path, expected: str | None, shown: str) -> CorpusFile | None:
+    """The cached copy when its hash matches the expected (or recorded) one; a corrupted one is removed."""
+    record = base.with_suffix(".sha1")
+    for kind, suffix in _SUFFIXES.items():
+        copy = base.with_suffix(suffix)
+        if not copy.is_file():
+            continue
+        want = expected or (record.read_text().strip() if record.is_file() else None)
+        have = sha1_of(copy)
+        if want and have == want:
+            log.info("using cached corpus %s (sha1 %s)", copy, have)
+            return CorpusFile(copy, have, shown, copy.stat().st_size, kind)
+        log.warning("cached corpus %s has sha1 %s, expected %s: fetching it again", copy, have, want)
+        copy.unlink(missing_ok=True)
+    return None
+
+
+def _get(url: str, shown: str, timeout: float) -> requests.Response:
+    """Send the GET (streamed: the body is read later); map refusals and 4xx/5xx to clear errors."""
+    try:
+        # verify=True is requests' default; stated so that nobody turns TLS checks off by accident.
+        response = requests.get(url, stream=True, timeout=timeout, verify=True)
+    except requests.exceptions.SSLError as exc:
+        raise DownloadError(f"TLS verification failed for {shown}: {exc}") from None
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        raise TransientDownloadError(
+            f"could not reach {shown} ({type(exc).__name__}); check the URL and network"
+        ) from None
+    except requests.exceptions.RequestException as exc:  # a malformed URL and the like; its text may hold it
+        raise DownloadError(f"cannot fetch {shown} ({type(exc).__name__}): check the URL") from None
+    if response.status_code >= 400:
+        code, reason = response.status_code, response.reason
+        response.close()
+        if code >= 500:
+            raise TransientDownloadError(f"HTTP {code} {reason} for {shown} (a server fault, worth retrying later)")
+        raise DownloadError(f"HTTP {code} {reason} for {shown} (check the URL)")
+    return response
+
+
+def _stream_to(response: requests.Response, tmp: Path, expected: str | None, shown: str) -> ByteSink:
+    """Write the body to ``tmp`` chunk by chunk, hashing and checking it on the way; fsync before returning."""
+    sink = ByteSink(shown, defer=expected is not None)
+    try:
+        with open(tmp, "wb") as fh:
+            for chunk in response.iter_content(READ_CHUNK):
+                fh.write(chunk)
+                for _ in sink.feed(chunk):
+                    pass
+            _check_sha1(sink.hexdigest, expected, shown)  # the hash first: a wrong file is the first fault
+            for _ in sink.finish():
+                pass
+            fh.flush()
+            os.fsync(fh.fileno())
+    except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+        raise TransientDownloadError(
+            f"the download of {shown} broke off ({type(exc).__name__}); nothing was cached"
+        ) from None
+    except requests.exceptions.ContentDecodingError as exc:
+        raise DownloadError(f"{shown} sent a body its Content-Encoding does not decode: {exc}") from None
+    return sink
+
+
+def _download(url: str, base: Path, expected: str | None, timeout: float) -> CorpusFile:
+    """One streamed download into the cache: a temporary file renamed into place only once verified."""
+    shown = redact_url(url)
+    log.info("downloading %s", shown)
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=base.parent, prefix=".part-", suffix=".tmp")
+        os.close(fd)
+    except OSError as exc:
+        raise _cache_error(base.parent, exc) from None
+    tmp = Path(name)
+    size: int | None = None  # the body's length, when the server says it
+    target: Path | None = None
+    try:
+        with _get(url, shown, timeout) as response:
+            size = _content_length(response)
+            sink = _stream_to(response, tmp, expected, shown)
+        kind: CorpusKind = "gzip" if sink.kind == "gzip" else "text"
+        target = base.with_suffix(_SUFFIXES[kind])
+        os.replace(tmp, target)
+        for other in _SUFFIXES.values():  # a copy of another kind under the same name is stale now
+            if other != target.suffix:
+                base.with_suffix(other).unlink(missing_ok=True)
+        _atomic_write((sink.hexdigest + "\n").encode(), base.with_suffix(".sha1"))
+    except OSError as exc:
+        if isinstance(exc, requests.exceptions.RequestException):
+            raise
+        written = tmp.stat().st_size if tmp.exists() else None
+        if target is not None:
+            target.unlink(missing_ok=True)  # without its record it would not be trusted: keep nothing
+        raise _cache_error(base.parent, exc, size, written) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("saved %s (%d bytes, sha1 %s)", target, sink.num_bytes, sink.hexdigest)
+    return CorpusFile(target, sink.hexdigest, shown, sink.num_bytes, kind)
+
+
+def _content_length(response: requests.Response) -> int | None:
+    try:
+        return int(response.headers["Content-Length"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _cache_error(folder: Path, exc: OSError, size: int | None = None, written: int | None = None) -> DownloadError:
+    """The disk, not the network, failed (full, read-only, not a folder): say where, how much, and what to do."""
+    sizes = []
+    if size is not None:
+        sizes.append(f"the download is {_megabytes(size)}")
+    if written:
+        sizes.append(f"{_megabytes(written)} were written, and removed")
+    told = f" ({'; '.join(sizes)})" if sizes else ""
+    return DownloadError(
+        f"cannot write the corpus into the cache {folder}: {exc.strerror or exc}{told}. "
+        f"Free some space there, or set {CACHE_ENV} to another folder"
+    )
+
+
+def _megabytes(num_bytes: int) -> str:
+    return f"{num_bytes / 1e6:,.1f} MB" if num_bytes >= 100_000 else f"{num_bytes / 1e3:,.0f} kB"
+
+
+def _atomic_write(data: bytes, target: Path) -> None:
+    """Write a small file to a temporary file in the same folder, then rename: readers see all or nothing."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fetch_corpus(
+    source: str,
+    expected_sha1: str | None = None,
+    *,
+    cache: Path | None = None,
+    timeout: float = 30.0,
+    retries: int = 0,
+) -> CorpusFile:
+    """Return a verified local corpus for ``source`` (URL, path or folder), downloading only when the cache
+    lacks it.
+
+    With ``expected_sha1`` the content must match it; without one, the hash recorded at the first download
+    guards the cached copy against corruption. ``retries`` extra attempts are made after a transient fault
+    (1 s, 2 s, 4 s, ... apart); leave it at 0 where something else retries (the ``download-corpus`` task).
+    """
+    expected = expected_sha1.lower() if expected_sha1 else None
+    local = _local_path(source)
+    if local is not None:
+        return _read_local(local, expected)
+    base = _cache_base(source, expected, cache)
+    cached = _cached(base, expected, redact_url(source))
+    if cached is not None:
+        return cached
+    for attempt in range(retries + 1):
+        try:
+            return _download(source, base, expected, timeout)
+        except TransientDownloadError as exc:
+            if attempt == retries and not retries:
+                raise
+            if attempt == retries:
+                raise TransientDownloadError(f"{exc}; gave up after {retries + 1} attempts") from None
+            log.warning("%s; attempt %d of %d, trying again", exc, attempt + 1, retries + 1)
+            time.sleep(2**attempt)
+    raise AssertionError("unreachable")  # the loop returns or raises

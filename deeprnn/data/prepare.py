@@ -1,0 +1,360 @@
+"""Stage 3: tokenize a corpus once and keep its token ids on disk (the prepared token cache).
+
+Like nanoGPT's ``prepare.py`` (a ``train.bin`` memory map beside a ``meta.pkl``) or torch-rnn's
+``preprocess.py`` (an HDF5 array beside a JSON vocabulary), each prepared corpus is a folder::
+
+    <cache>/tokens/<key>/
+        ids.bin      every token id of the corpus, in order, as the smallest unsigned type that holds the
+                     vocabulary (uint8 up to 256 tokens, then uint16, then uint32): memory-mappable
+        vocab.json   the vocabulary (``Vocab.to_dict``)
+        meta.json    what it was built from, the SHA-1 of the other two files and of itself, checked on every use
+
+``key`` is content-addressed: a hash of the corpus SHA-1 and every setting the ids depend on (token unit,
+normalization, ``min_freq``, reserved tokens). Any other setting (splits, model, training) reuses the entry.
+An entry that fails its checks is rebuilt (``deeprnn.data.token_cache``). Entries are built in a temporary folder
+and renamed into place, under a file lock, so concurrent runs (sweep trials) build each one once; the
+folders of builds that died are removed by the next call. A full disk is one ``CacheWriteError`` naming the
+folder and the space needed, with nothing half-written left.
+
+Building streams the corpus twice (count, then encode) in chunks, vectorized with numpy over code points,
+so memory stays bounded by the chunk size whatever the size of the text and the length of its lines.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from deeprnn.config import DataConfig
+from deeprnn.data import token_cache
+from deeprnn.data.chunk_edges import WordTooLongError
+from deeprnn.data.download import CACHE_ENV, CorpusFile, cache_dir, read_text_chunks
+from deeprnn.data.token_counts import CHUNK_BYTES, CharCounter, TooManyWordsError, WordCounter
+from deeprnn.data.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+KEY_FORMAT = "deeprnn-tokens/1"  # in every key: a new value moves every entry (entries of another format
+# under the same key are rebuilt in place instead, see token_cache.FORMAT)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+MAX_VOCAB = 250_000  # beyond this the one-hot input and output layer of a model no longer fit in memory
+WARN_LETTER_LOSS = 0.01  # warn when normalization drops more than this share of the text's letters
+
+
+class PrepareError(ValueError):
+    """The corpus cannot be turned into training tokens with these settings; the message says what to change."""
+
+
+class CacheWriteError(PrepareError):
+    """The token cache cannot be written (a full disk, a read-only or missing folder); the message says where."""
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """Everything besides the corpus bytes that the token ids depend on."""
+
+    token: str
+    normalize: str
+    min_freq: int
+    reserved_tokens: tuple[str, ...]
+
+    @classmethod
+    def of(cls, data: DataConfig) -> "TokenSettings":
+        """The settings of a data configuration."""
+        return cls(data.token, data.normalize, data.min_freq, tuple(data.reserved_tokens))
+
+    def key(self, corpus_sha1: str) -> str:
+        """The cache key of these settings on the corpus with ``corpus_sha1``."""
+        text = json.dumps([KEY_FORMAT, corpus_sha1, self.token, self.normalize, self.min_freq, self.reserved_tokens])
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready form, as ``meta.json`` stores it."""
+        return {
+            "token": self.token,
+            "normalize": self.normalize,
+            "min_freq": self.min_freq,
+            "reserved_tokens": list(self.reserved_tokens),
+        }
+
+
+@dataclass(frozen=True)
+class PreparedCorpus:
+    """A corpus's token ids on disk, its vocabulary, and how they were made."""
+
+    folder: Path
+    corpus_sha1: str
+    settings: TokenSettings
+    num_tokens: int
+    vocab_size: int
+    dtype: str  # numpy dtype name of ids.bin: uint8, uint16 or uint32
+    letters: int  # letters in the text as given
+    dropped_letters: int  # of those, letters the normalization removed
+    build_seconds: float  # how long tokenizing took when the entry was built
+    cache_hit: bool  # True when this call found the entry and tokenized nothing
+
+    @property
+    def ids_path(self) -> Path:
+        """The memory-mappable token ids."""
+        return self.folder / "ids.bin"
+
+    @property
+    def vocab_path(self) -> Path:
+        """The vocabulary, as JSON."""
+        return self.folder / "vocab.json"
+
+    @property
+    def dropped_share(self) -> float:
+        """The share of the text's letters that normalization removed."""
+        return self.dropped_letters / self.letters if self.letters else 0.0
+
+    def ids(self) -> np.ndarray:
+        """The token ids as a read-only-on-disk memory map (copy-on-write in memory; nothing is read yet)."""
+        return np.memmap(self.ids_path, dtype=self.dtype, mode="c", shape=(self.num_tokens,))
+
+    def vocab(self) -> Vocab:
+        """The vocabulary the ids index."""
+        return Vocab.load(self.vocab_path)
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every index of a vocabulary of ``vocab_size``."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise PrepareError(f"a vocabulary of {vocab_size} tokens is too large")
+
+
+def prepare(
+    corpus: CorpusFile, data: DataConfig, cache: Path | None = None, *, chunk_bytes: int = CHUNK_BYTES
+) -> PreparedCorpus:
+    """The prepared token ids of ``corpus`` with ``data``'s tokenization settings: from the cache when a valid
+    entry exists (nothing is tokenized), else tokenized now (reading ``chunk_bytes`` at a time) and cached.
+
+    Raises ``PrepareError`` when the settings leave nothing to train on or a word vocabulary too large to hold,
+    and its ``CacheWriteError`` when the cache cannot be written (a full disk).
+    """
+    from filelock import FileLock
+
+    settings = TokenSettings.of(data)
+    root = (cache if cache is not None else cache_dir()) / "tokens"
+    key = settings.key(corpus.sha1)
+    folder = root / key
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder) + ".lock", timeout=3600)  # one builder per entry; the others then read it
+        lock.acquire()
+    except OSError as exc:
+        raise _cache_write_error(root, exc, None) from None
+    try:
+        token_cache.remove_dead_builds(root, key)
+        meta = token_cache.read_entry(folder)
+        if meta is not None:
+            return _from_meta(folder, meta, cache_hit=True)
+        return _build_entry(corpus, settings, folder, chunk_bytes)
+    finally:
+        lock.release()
+
+
+def _from_meta(folder: Path, meta: dict[str, Any], cache_hit: bool) -> PreparedCorpus:
+    s = meta["settings"]
+    settings = TokenSettings(s["token"], s["normalize"], int(s["min_freq"]), tuple(s["reserved_tokens"]))
+    return PreparedCorpus(
+        folder=folder,
+        corpus_sha1=meta["corpus_sha1"],
+        settings=settings,
+        num_tokens=int(meta["num_tokens"]),
+        vocab_size=int(meta["vocab_size"]),
+        dtype=str(meta["dtype"]),
+        letters=int(meta["letters"]),
+        dropped_letters=int(meta["dropped_letters"]),
+        build_seconds=float(meta["build_seconds"]),
+        cache_hit=cache_hit,
+    )
+
+
+def _build_entry(corpus: CorpusFile, settings: TokenSettings, folder: Path, chunk_bytes: int) -> PreparedCorpus:
+    """Tokenize ``corpus`` into a build folder beside ``folder``, then rename it into place."""
+    started = time.perf_counter()
+    try:
+        tmp = token_cache.new_build_folder(folder.parent, folder.name)
+    except OSError as exc:
+        raise _cache_write_error(folder.parent, exc, _space_needed(corpus, settings)) from None
+    counter: CharCounter | WordCounter | None = None
+    try:
+        if settings.token == "char":
+            counter = CharCounter(settings.normalize, tmp / "normalized.tmp")
+        else:
+            counter = WordCounter(settings.normalize)
+        meta = _tokenize_into(tmp, corpus, settings, counter, chunk_bytes)
+        meta["build_seconds"] = round(time.perf_counter() - started, 3)
+        token_cache.seal(tmp, meta)
+        token_cache.publish(tmp, folder)
+    except BaseException as exc:
+        if counter is not None:
+            counter.close()
+        token_cache.remove(tmp)
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            raise _cache_write_error(folder.parent, exc, _space_needed(corpus, settings, counter)) from None
+        raise
+    return _from_meta(folder, meta, cache_hit=False)
+
+
+def _tokenize_into(
+    tmp: Path, corpus: CorpusFile, settings: TokenSettings, counter: "CharCounter | WordCounter", chunk_bytes: int
+) -> dict[str, Any]:
+    """Count, build the vocabulary, write ``ids.bin`` and ``vocab.json`` into ``tmp``; returns the meta data."""
+
+    def text() -> Iterator[str]:
+        return read_text_chunks(corpus, chunk_bytes)
+
+    try:
+        for chunk in text():
+            counter.add(chunk)
+        counter.finish()
+    except (TooManyWordsError, WordTooLongError) as exc:
+        raise PrepareError(str(exc)) from None
+    vocab = Vocab.from_counts(counter.token_freqs(), settings.min_freq, settings.reserved_tokens)
+    _check_vocab(corpus, settings, counter, vocab)
+    # Only the kept tokens' counts travel on (vocab.json, checkpoints): a word corpus may count millions.
+    vocab.token_freqs = [(t, f) for t, f in vocab.token_freqs if f >= settings.min_freq]
+    dtype = id_dtype(len(vocab))
+    ids_sha1 = _write_ids(tmp / "ids.bin", counter.encoded(vocab, dtype, text))
+    vocab.save(tmp / "vocab.json")
+    loss = counter.letter_loss()
+    return {
+        "corpus_sha1": corpus.sha1,
+        "source": corpus.source,
+        "settings": settings.describe(),
+        "num_tokens": counter.num_tokens,
+        "vocab_size": len(vocab),
+        "dtype": dtype.name,
+        "ids_sha1": ids_sha1,
+        "letters": loss.letters,
+        "dropped_letters": loss.dropped,
+    }
+
+
+def _space_needed(
+    corpus: CorpusFile, settings: TokenSettings, counter: "CharCounter | WordCounter | None" = None
+) -> int:
+    """About how many bytes the entry's build writes: the ids (one byte a token at least) and, for characters
+    with the book's rule, the normalized text spilled on the way: from the tokens counted so far, or from the
+    corpus size (its compressed size for a gzip file: less than is needed) when that is more."""
+    spill = settings.token == "char" and settings.normalize == "d2l"
+    guess = corpus.num_bytes * (2 if spill else 1)
+    if counter is None or not counter.num_tokens:
+        return guess
+    itemsize = id_dtype(len(counter.token_freqs()) + 1 + len(settings.reserved_tokens)).itemsize
+    return max(guess, counter.num_tokens * (itemsize + (1 if spill else 0)))
+
+
+def _cache_write_error(where: Path, exc: OSError, needed: int | None) -> CacheWriteError:
+    """The one message for a token cache that cannot be written: where, about how much, what to do."""
+    size = f" (preparing this corpus writes about {_megabytes(needed)})" if needed else ""
+    full = exc.errno in _DISK_FULL
+    what = "free some space there" if full else "make it writable"
+    return CacheWriteError(
+        f"cannot write the token cache in {where}: {exc.strerror or exc}{size}; nothing was kept. "
+        f"{what.capitalize()}, or set {CACHE_ENV} to a folder on a disk with room"
+    )
+
+
+def _megabytes(num_bytes: int) -> str:
+    return f"{num_bytes / 1e6:,.1f} MB" if num_bytes >= 100_000 else f"{num_bytes / 1e3:,.0f} kB"
+
+
+def _write_ids(path: Path, chunks: Iterable[np.ndarray]) -> str:
+    """Write the id chunks one after the other to ``path``; returns the SHA-1 of what was written."""
+    digest = hashlib.sha1()
+    with open(path, "wb") as fh:
+        for ids in chunks:
+            digest.update(ids.data)
+            fh.write(ids.data)
+    return digest.hexdigest()
+
+
+def _check_vocab(
+    corpus: CorpusFile, settings: TokenSettings, counter: "CharCounter | WordCounter", vocab: Vocab
+) -> None:
+    """Refuse settings that leave nothing to train on, or a vocabulary too large to hold in memory."""
+    if counter.num_tokens == 0:
+        rule = "the book's rule keeps only the letters a-z" if settings.normalize == "d2l" else "it has no tokens"
+        raise PrepareError(
+            f"{corpus.source} normalizes to nothing with --normalize {settings.normalize} ({rule}, and this text "
+            "has none): use --normalize none to keep every character"
+        )
+    if len(vocab) > MAX_VOCAB:
+        counts = np.array([f for _, f in counter.token_freqs()], dtype=np.int64)
+        options = ", ".join(
+            f"--min-freq {m} gives {int((counts >= m).sum()) + 1 + len(settings.reserved_tokens):,}"
+            for m in (2, 5, 10, 50)
+            if m > settings.min_freq
+        )
+        raise PrepareError(
+            f"the {settings.token} vocabulary of {corpus.source} would hold {len(vocab):,} tokens with min_freq "
+            f"{settings.min_freq}, more than the {MAX_VOCAB:,} a model can hold in memory (its input and output "
+            f"layers grow with it): raise --min-freq ({options}) or use --token char"
+        )
+
+
+def split_bounds(
+    num_tokens: int, val_fraction: float, test_fraction: float, max_tokens: int | None
+) -> tuple[int, int, int]:
+    """``(train_end, val_start, test_start)``: the corpus is ``[train | val | test]`` by fractions, the test part
+    at its end, and training keeps at most its first ``max_tokens`` (0 or None: all of it)."""
+    test_start = num_tokens - int(round(num_tokens * test_fraction))
+    val_start = test_start - int(round(num_tokens * val_fraction))
+    train_end = min(val_start, max_tokens) if max_tokens else val_start
+    return train_end, val_start, test_start
+
+
+def split_sizes(prepared: PreparedCorpus, data: DataConfig) -> dict[str, int]:
+    """How many tokens each split of ``prepared`` gets with ``data``'s fractions."""
+    train_end, val_start, test_start = split_bounds(
+        prepared.num_tokens, data.val_fraction, data.test_fraction, data.max_tokens
+    )
+    return {"train": train_end, "validation": test_start - val_start, "test": prepared.num_tokens - test_start}
+
+
+def prepared_record(prepared: PreparedCorpus, data: DataConfig) -> dict[str, Any]:
+    """What a prepared corpus holds, as JSON-ready data: its folder, whether this call found it in the cache,
+    the corpus SHA-1, the vocabulary size and id type, and the tokens in all and per split of ``data``."""
+    return {
+        "folder": str(prepared.folder),
+        "cache_hit": prepared.cache_hit,
+        "corpus_sha1": prepared.corpus_sha1,
+        "vocab_size": prepared.vocab_size,
+        "dtype": prepared.dtype,
+        "num_tokens": prepared.num_tokens,
+        "splits": split_sizes(prepared, data),
+    }
+
+
+def prepared_summary(prepared: PreparedCorpus) -> str:
+    """One line saying where the prepared tokens are and whether they were tokenized now."""
+    what = (
+        f"{prepared.num_tokens:,} {prepared.settings.token} tokens, vocabulary {prepared.vocab_size} ({prepared.dtype})"
+    )
+    if prepared.cache_hit:
+        return f"token cache hit: {what} in {prepared.folder}; not tokenized again"
+    return f"tokenized the corpus in {prepared.build_seconds:.1f} s: {what}; cached in {prepared.folder}"
+
+
+def dropped_letters_warning(prepared: PreparedCorpus) -> str | None:
+    """A warning when normalization dropped more than ``WARN_LETTER_LOSS`` of the text's letters, else None."""
+    if prepared.dropped_share <= WARN_LETTER_LOSS:
+        return None
+    return (
+        f"--normalize {prepared.settings.normalize} keeps only the letters a-z: it dropped "
+        f"{prepared.dropped_share:.1%} of this text's letters ({prepared.dropped_letters:,} of "
+        f"{prepared.letters:,}); use --normalize none to keep every character"
+    )

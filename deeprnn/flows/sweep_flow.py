@@ -1,0 +1,71 @@
+"""The sweep flow: one training run per point of a search space, run side by side on a Dask cluster.
+
+check -> plan the trials -> open the parent MLflow run -> submit every trial (the training pipeline, one
+child run each) to the cluster -> wait for all, failed ones included -> rank and roll the best up.
+
+The Dask cluster comes from the flow's task runner: a new local one by default, or the scheduler named by
+``DEEPRNN_DASK_ADDRESS``; ``deeprnn sweep --cluster-address`` sets it per run (``deeprnn.ops.cluster``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from prefect import allow_failure, flow
+
+from deeprnn.config import DataConfig, ModelConfig, PresetName, SampleConfig, TrainConfig
+from deeprnn.ops.cluster import cluster_gpus, gpu_request, resources, task_runner_from_env
+from deeprnn.search.space import parse_space, plan_trials
+from deeprnn.tasks.pipeline_tasks import run_trial
+from deeprnn.tasks.sweep_tasks import SweepSummary, check_sweep_inputs, start_sweep_tracking, summarize_sweep
+from deeprnn.tracking import runs
+
+SWEEP_NAME = "deeprnn-sweep"
+
+
+@flow(name=SWEEP_NAME, task_runner=task_runner_from_env(), log_prints=True)
+def sweep_lm(
+    space: dict[str, Any],
+    preset: PresetName = "d2l-9.3",
+    data: Optional[DataConfig] = None,
+    model: Optional[ModelConfig] = None,
+    train: Optional[TrainConfig] = None,
+    sample: Optional[SampleConfig] = None,
+    random_search: bool = False,
+    max_trials: Optional[int] = None,
+    seed: int = 0,
+    experiment: Optional[str] = None,
+    runs_dir: str = "runs",
+    register_best: bool = True,
+    registered_model: Optional[str] = None,
+) -> SweepSummary:
+    """Grid or random search over a space such as ``{"model.cell": ["lstm", "gru"], "train.lr": [0.5, 1, 2]}``:
+    every trial trains from the preset with the sections' fields (see ``deeprnn.flows.parameters``) and its own
+    values, as a child MLflow run.
+
+    The best trial's model is registered (unless ``register_best`` is off) as ``registered_model``; empty:
+    ``deeprnn-lm`` for the book's corpus, a name derived from the corpus file and its SHA-1 otherwise."""
+    search_space = parse_space(space)
+    trials = plan_trials(
+        preset,
+        {"data": data, "model": model, "train": train, "sample": sample},
+        search_space,
+        random_search,
+        max_trials,
+        seed,
+    )
+    strategy = {"strategy": "random" if random_search else "grid", "max_trials": max_trials, "seed": seed}
+    tracking_uri = check_sweep_inputs()
+    gpus = cluster_gpus()
+    requests = [gpu_request(trial.config.train.device, gpus) for trial in trials]
+    parent_run_id = start_sweep_tracking(trials, search_space, strategy, experiment or SWEEP_NAME)
+    with runs.run_status(parent_run_id):  # the parent run ends FAILED only if no trial succeeded
+        futures = []
+        for trial, request in zip(trials, requests):
+            with resources(request):  # one GPU per trial where the trials train on GPUs
+                futures.append(run_trial.submit(trial, experiment or SWEEP_NAME, runs_dir, parent_run_id, tracking_uri))
+        outcomes = [allow_failure(f) for f in futures]
+        summary = summarize_sweep(
+            experiment or SWEEP_NAME, parent_run_id, trials, outcomes, register_best, registered_model
+        )
+    return summary

@@ -1,0 +1,111 @@
+"""The training flow: download -> vocabulary -> splits -> train -> evaluate -> generate -> MLflow
+(the stages are wired in ``deeprnn.tasks.pipeline_tasks.run_pipeline``, shared with sweep trials).
+
+Parameters are the preset and its sections (the configuration's own pydantic models, ``deeprnn.flows.parameters``), so
+the Prefect UI shows them as a form pre-filled with the deployment's values and refuses out-of-range values
+before a run starts.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+from prefect import flow
+from prefect.states import Cancelled
+
+from deeprnn.config import (
+    REGISTERED_MODEL_PATTERN,
+    DataConfig,
+    ModelConfig,
+    PresetName,
+    SampleConfig,
+    TrainConfig,
+    default_preset,
+    resolve,
+)
+from deeprnn.flows.parameters import form_field
+from deeprnn.tasks.pipeline_tasks import run_pipeline
+from deeprnn.tasks.results_tasks import RunResult
+from deeprnn.tasks.resume_task import prepare_resume
+from deeprnn.tracking import naming
+from deeprnn.training import stopping
+
+FLOW_NAME = "deeprnn-train"
+
+
+def flow_run_name() -> str:
+    """The flow run's name, as the MLflow run's says what ran (``deeprnn.tracking.naming``): preset, corpus and model,
+    e.g. ``smoke·faust·lstm1x32``. The corpus's SHA-1 prefix is there when it is known before the download
+    (the book's, or one given with the URL); a resumed run is named after the run it continues."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    if params.get("resume_run_id"):
+        return f"resume{naming.SEPARATOR}{params['resume_run_id']}"
+    try:
+        config = resolve(
+            params.get("preset") or "d2l-9.3", *(params.get(k) for k in ("data", "model", "train", "sample"))
+        )
+    except ValueError:  # refused by the flow's own validation right after: any name will do
+        return FLOW_NAME
+    return naming.run_name(config, naming.corpus_stem(config.data.url), config.data.expected_sha1())
+
+
+@flow(name=FLOW_NAME, log_prints=True, flow_run_name=flow_run_name)
+def train_lm(
+    preset: Annotated[Optional[PresetName], form_field("Preset")] = None,
+    data: Annotated[Optional[DataConfig], form_field("Data")] = None,
+    model: Annotated[Optional[ModelConfig], form_field("Model")] = None,
+    train: Annotated[Optional[TrainConfig], form_field("Training")] = None,
+    sample: Annotated[Optional[SampleConfig], form_field("Samples")] = None,
+    experiment: Annotated[Optional[str], form_field("MLflow experiment", min_length=1, max_length=256)] = None,
+    runs_dir: Annotated[str, form_field("Checkpoint folder", min_length=1, max_length=1024)] = "runs",
+    resume_run_id: Annotated[Optional[str], form_field("Resume MLflow run", max_length=64)] = None,
+    registered_model: Annotated[Optional[str], form_field("Registered model", pattern=REGISTERED_MODEL_PATTERN)] = None,
+) -> RunResult:
+    """Train a deep RNN language model from a preset (default: the book's D2L 9.3) and track it in MLflow.
+
+    With ``resume_run_id``, continue that MLflow run from its last checkpoint instead: its stored
+    configuration is used (``preset`` is ignored; the sections may only restate it or extend the epochs).
+
+    Args:
+        preset: Named configuration to start from: d2l-9.3 (the book), full-book, smoke (seconds on a CPU) or
+            text (your own text). Empty: d2l-9.3 for the book's corpus, text for any other.
+        data: Corpus and split settings; the fields set replace the preset's. Empty: the preset's.
+        model: Cell type, depth and width; the fields set replace the preset's. Empty: the preset's.
+        train: Epochs, optimizer, device and the rest; the fields set replace the preset's. Empty: the preset's.
+        sample: Text generation settings; the fields set replace the preset's. Empty: the preset's.
+        experiment: MLflow experiment to log to. Empty: deeprnn-train.
+        runs_dir: Folder for checkpoints, one subfolder per run; relative to the worker's working directory.
+        resume_run_id: Continue this MLflow run (its id, as `deeprnn run` prints it) from its last checkpoint.
+            Empty: a new run.
+        registered_model: MLflow registered model the run's model becomes a version of (champion alias per
+            registered model). Empty: deeprnn-lm for the book's corpus, deeprnn-<file>-<sha1 prefix> otherwise.
+    """
+    # Prefect's flow engine replaced the command's SIGTERM handler with its own (it raises at once, wherever
+    # the run is): a `deeprnn` command's run stops at a safe point instead, on SIGINT and SIGTERM alike.
+    stopping.reassert()
+    try:
+        if resume_run_id:
+            config, experiment = prepare_resume(resume_run_id, runs_dir, experiment, data, model, train, sample)
+        else:
+            config = resolve(
+                preset or default_preset(data.url if data is not None else None), data, model, train, sample
+            )
+        return run_pipeline(
+            config, experiment or FLOW_NAME, runs_dir, resume_run_id=resume_run_id, registered_model=registered_model
+        )
+    except stopping.StopRequested as exc:
+        # Stopped on purpose (SIGINT, SIGTERM): the flow run ends Cancelled, not Crashed (which alerts).
+        stopping.remember(exc)
+        return Cancelled(message=stop_message(exc))  # type: ignore[return-value]  # Prefect takes it as the end state
+
+
+def stop_message(exc: stopping.StopRequested) -> str:
+    """The Cancelled state's message: the signal, and how the MLflow run continues, if it can."""
+    if exc.run_id is None:
+        return f"stopped by {exc.signal_name} before the MLflow run was opened"
+    if exc.checkpoint is None:
+        return f"stopped by {exc.signal_name}: MLflow run {exc.run_id} KILLED before its first checkpoint"
+    name, run_id = exc.signal_name, exc.run_id
+    return f"stopped by {name}: MLflow run {run_id} KILLED; continue with: deeprnn run --resume {run_id}"

@@ -1,0 +1,108 @@
+"""Runs whose process is gone: MLflow runs left ``RUNNING`` by a process killed outright (SIGKILL, the OOM
+killer, a power cut) are marked ``FAILED``, with a tag saying why, by the next deeprnn command on the same host.
+
+Every run records the process that opened it (tags ``deeprnn.host``, ``deeprnn.pid`` and
+``deeprnn.process_started``, that process's start time, so a reused process id is not taken for the same
+process). A run of this host whose process no longer exists cannot be running: nothing will ever close it.
+Its checkpoints are untouched, so ``deeprnn run --resume RUN_ID`` continues it as before, when it has one.
+
+Runs of Prefect deployments on a server are watched by Prefect itself (heartbeats and the zombie automation,
+``deeprnn.ops.automations``); this covers local runs, which have no server to notice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from mlflow.tracking import MlflowClient
+
+from deeprnn.tracking import run_checkpoints, runs
+from deeprnn.training.resume import LAST
+
+log = logging.getLogger(__name__)
+
+HOST_TAG, PID_TAG, STARTED_TAG = "deeprnn.host", "deeprnn.pid", "deeprnn.process_started"
+_START_SLACK = 2.0  # seconds: create_time is a float and the tag is written a moment after the process started
+
+
+def process_tags() -> dict[str, str]:
+    """The tags that identify this process: host, process id and its start time."""
+    pid = os.getpid()
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), STARTED_TAG: f"{psutil.Process(pid).create_time():.3f}"}
+
+
+def process_alive(pid: int, started: float | None) -> bool:
+    """True while process ``pid`` of this host exists and, when ``started`` is known, is the same process."""
+    try:
+        created = psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:  # another user's process: it exists
+        return True
+    return started is None or abs(created - started) <= _START_SLACK
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A run marked FAILED because its process was gone."""
+
+    run_id: str
+    pid: int
+    reason: str
+    checkpoint: Path | str | None = None  # the checkpoint it can resume from (local file or MLflow artifact)
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def mark_orphaned_runs(runs_dir: str | None = None) -> list[Orphan]:
+    """Mark every RUNNING run of this host whose recorded process is gone FAILED, with the reason as the
+    ``deeprnn.failure_reason`` tag; returns them, each with the checkpoint it can resume from (in ``runs_dir``
+    or its MLflow artifacts), if any. Runs of other hosts are left alone."""
+    client = MlflowClient()
+    host = socket.gethostname()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    query = f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host.replace(chr(39), '')}'"
+    found = []
+    for run in client.search_runs(experiments, query, max_results=1000):
+        tags = run.data.tags
+        pid_text = tags.get(PID_TAG, "")
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        pid = int(pid_text)
+        if process_alive(pid, _float(tags.get(STARTED_TAG))):
+            continue
+        reason = f"process gone: pid {pid} on {host} ended without closing the run (killed or crashed)"
+        runs.mark_failed(run.info.run_id, reason)
+        local = Path(runs_dir, run.info.run_id, LAST) if runs_dir else None
+        found.append(Orphan(run.info.run_id, pid, reason, run_checkpoints.kept_checkpoint(run.info.run_id, local)))
+    return found
+
+
+def mark_crashed_flow_run(flow_run_id: str, reason: str) -> list[str]:
+    """Mark every RUNNING MLflow run that Prefect flow run ``flow_run_id`` opened FAILED, with ``reason`` as the
+    ``deeprnn.failure_reason`` tag; returns their ids."""
+    if not re.fullmatch(r"[0-9a-fA-F-]{36}", flow_run_id):  # it goes into a filter string
+        raise ValueError(f"not a Prefect flow run id: {flow_run_id!r}")
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    query = f"attributes.status = 'RUNNING' and tags.`prefect.flow_run_id` = '{flow_run_id}'"
+    marked = []
+    for run in client.search_runs(experiments, query, max_results=1000):
+        runs.mark_failed(run.info.run_id, reason)
+        marked.append(run.info.run_id)
+    return marked

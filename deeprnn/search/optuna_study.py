@@ -1,0 +1,216 @@
+"""Adaptive search with Optuna: a search space as Optuna distributions, the sampler and pruner by name, and
+the storage a study lives in.
+
+The space is the one grid and random search read (``deeprnn.search.space``): a list of values becomes a categorical
+distribution, a ``{low, high, log}`` range a float (or, with integer bounds, an int) distribution. A study
+lives in an Optuna storage that outlives the process and that every Dask worker opens: an RDB URL
+(``sqlite:///studies.db`` on one machine, ``postgresql://...`` or ``mysql://...`` for a cluster) or a journal
+file (any other value: a path on this machine). Running a sweep again with the same study name continues it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from deeprnn.search.space import Range, SearchSpace, SearchSpaceError, Trial, make_trial, parse_space
+
+if TYPE_CHECKING:  # optuna loads only when a study is used
+    import optuna
+    from optuna.distributions import BaseDistribution
+
+SAMPLERS = ("tpe",)
+PRUNERS = ("asha", "median", "none")
+DEFAULT_STORAGE = "optuna.journal"  # a journal file in the folder the sweep starts in
+# Trials TPE draws at random before it models the space: a few, since a sweep here has tens of trials.
+STARTUP_TRIALS = 4
+_CATEGORY_TYPES = (str, int, float, bool, type(None))
+
+
+class StudyError(ValueError):
+    """The study cannot run as asked: unknown sampler or pruner, a space Optuna cannot hold, a storage that
+    cannot be opened, or a study that holds another search. The message says which and why."""
+
+
+def check_names(sampler: str, pruner: str) -> None:
+    """Refuse a sampler or pruner this sweep does not know, naming the known ones."""
+    if sampler not in SAMPLERS:
+        raise StudyError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    if pruner not in PRUNERS:
+        raise StudyError(f"unknown pruner {pruner!r}; choose one of: {', '.join(PRUNERS)}")
+
+
+def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
+    """Each varied field of ``space`` as an Optuna distribution; ``StudyError`` for a space with nothing to
+    vary, a range with nothing in it, or values Optuna cannot store."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if not space.dims:
+        raise StudyError("nothing to search: give a range or several values, e.g. --param train.lr=0.5,1,2")
+    out: dict[str, BaseDistribution] = {}
+    for key, dim in space.dims.items():
+        if isinstance(dim, Range):
+            if dim.low == dim.high:
+                raise StudyError(f"{key}: the range {dim.low}..{dim.high} holds one value; give it as a value")
+            if dim.integer:
+                out[key] = IntDistribution(int(dim.low), int(dim.high), log=dim.log)
+            else:
+                out[key] = FloatDistribution(dim.low, dim.high, log=dim.log)
+            continue
+        odd = [v for v in dim if not isinstance(v, _CATEGORY_TYPES)]
+        if odd:
+            raise StudyError(f"{key}: a choice holds numbers, words, true/false or null, not {odd[0]!r}")
+        out[key] = CategoricalDistribution(dim)
+    return out
+
+
+def corner_values(space: SearchSpace) -> list[dict[str, Any]]:
+    """Points that reach every end of the space: each value of each dimension (both ends of a range), the
+    others at their first value. Validating them catches a space with configurations that cannot run."""
+    first = {k: (d.low if isinstance(d, Range) else d[0]) for k, d in space.dims.items()}
+    points = []
+    for key, dim in space.dims.items():
+        ends = [dim.low, dim.high] if isinstance(dim, Range) else dim
+        for value in ends:
+            if isinstance(dim, Range) and dim.integer:
+                value = int(value)
+            points.append({**first, key: value})
+    return points
+
+
+def check_space(preset: str, overrides: Mapping[str, Any] | None, space: SearchSpace) -> None:
+    """Refuse, before any trial, a space Optuna cannot hold or whose ends are not valid configurations."""
+    distributions(space)
+    for point in corner_values(space):
+        try:
+            make_trial(preset, overrides, space, 0, point)
+        except SearchSpaceError as exc:
+            raise StudyError(str(exc).replace("trial 0 ", "the search space's point ", 1)) from None
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """The named sampler, seeded. TPE assumes the running trials' values are bad (``constant_liar``), so
+    workers asking at the same time spread out instead of drawing the same point."""
+    import optuna
+
+    check_names(name, "none")
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=STARTUP_TRIALS, constant_liar=True)
+
+
+def make_pruner(name: str, max_steps: int | None = None) -> optuna.pruners.BasePruner:
+    """``asha``: asynchronous successive halving; ``median``: below the median of earlier trials at the same
+    step; ``none``: every trial runs to its end.
+
+    ASHA keeps a third of the trials at each rung; with a step budget its rungs are at 1/27, 1/9 and 1/3 of
+    ``max_steps`` (the first evaluation at or after each), else Optuna estimates them from the first
+    finished trial."""
+    import optuna
+
+    check_names("tpe", name)
+    if name == "asha":
+        first_rung: int | str = max(1, max_steps // 27) if max_steps else "auto"
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung, reduction_factor=3)
+    if name == "median":
+        # Not before two trials have finished: one curve is no median.
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0, interval_steps=1)
+    return optuna.pruners.NopPruner()
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """The storage at ``url``: an RDB URL (``dialect://...``) or a journal file path. ``StudyError`` saying
+    why when it cannot be opened (server down, no such folder, no driver)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    try:
+        if "://" in url:
+            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+        path = Path(url).expanduser()
+        if not path.parent.is_dir():
+            raise StudyError(f"cannot open the study storage {url}: folder {path.parent} does not exist")
+        return JournalStorage(JournalFileBackend(str(path)))
+    except StudyError:
+        raise
+    except Exception as exc:  # SQLAlchemy and drivers raise their own kinds; all mean "cannot open"
+        lines = str(exc).strip().splitlines()
+        raise StudyError(
+            f"cannot open the study storage {url}: {type(exc).__name__}: {lines[0] if lines else ''}"
+        ) from None
+
+
+def is_local_storage(url: str) -> bool:
+    """True for a storage only this machine reaches: a journal file or an sqlite database."""
+    return "://" not in url or url.startswith("sqlite")
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    # sqlite: several worker processes write one file; wait for its lock instead of failing at once.
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": 60}}
+    return {"pool_pre_ping": True}  # a server's idle connections may be closed between two trials
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """What a study is: its name, where it lives, the search and its settings; what every worker opens."""
+
+    name: str
+    storage: str
+    space: dict[str, Any]  # as the sweep was given it (``parse_space`` reads it)
+    preset: str
+    overrides: dict[str, dict[str, Any]]  # the sections' fields every trial starts from
+    sampler: str = "tpe"
+    pruner: str = "asha"
+    seed: int = 0
+
+    def signature(self) -> str:
+        """The search as JSON, its varied fields' distributions and every other field's value, however they were
+        given (options, sections or fixed values of the space): a study continues only with the same one."""
+        space = parse_space(self.space)
+        base = self.first_point().config.flat()
+        fixed = {k: v for k, v in base.items() if k not in space.dims}
+        return json.dumps({"search": space.describe(), "fixed": fixed}, sort_keys=True, default=str)
+
+    def first_point(self) -> Trial:
+        """The space's first corner as a trial: the configuration every field not searched has."""
+        space = parse_space(self.space)
+        return make_trial(self.preset, self.overrides, space, 0, corner_values(space)[0])
+
+    def load(self, seed_offset: int = 0, max_steps: int | None = None) -> optuna.Study:
+        """The study, with its sampler seeded at ``seed + seed_offset`` (each trial's own offset: workers do not
+        share a random generator) and its pruner for trials of ``max_steps`` steps."""
+        import optuna
+
+        return optuna.load_study(
+            study_name=self.name,
+            storage=open_storage(self.storage),
+            sampler=make_sampler(self.sampler, self.seed + seed_offset),
+            pruner=make_pruner(self.pruner, max_steps),
+        )
+
+
+def create_or_continue(spec: StudySpec) -> optuna.Study:
+    """Create the study, or continue the one of that name when it ran the same search; ``StudyError`` when it
+    ran another (another space, preset or fixed fields)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial lines repeat what the sweep logs
+    study = optuna.create_study(
+        study_name=spec.name,
+        storage=open_storage(spec.storage),
+        direction="minimize",
+        load_if_exists=True,
+        sampler=make_sampler(spec.sampler, spec.seed),
+        pruner=make_pruner(spec.pruner),
+    )
+    known = study.user_attrs.get("deeprnn.search")
+    if known is None:
+        study.set_user_attr("deeprnn.search", spec.signature())
+    elif known != spec.signature():
+        raise StudyError(
+            f"study {spec.name!r} in {spec.storage} holds trials of another search (space, preset or fixed "
+            "fields differ): give the same search to continue it, or another --study name"
+        )
+    return study

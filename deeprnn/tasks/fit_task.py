@@ -1,0 +1,40 @@
+"""The fitting stage as a Prefect task: the configuration fitted to the prepared text (the ``text`` preset's
+model size and batch shape, sample prefixes drawn from the held-out text), logged to MLflow once decided."""
+
+from __future__ import annotations
+
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from deeprnn.config import RunConfig
+from deeprnn.data.prepare import PreparedCorpus
+from deeprnn.sizing import decided_later, fit_to_text
+from deeprnn.tracking import naming, runs
+
+
+@task(name="fit-to-text", cache_policy=NO_CACHE)
+def fit_configuration(
+    config: RunConfig,
+    prepared: PreparedCorpus,
+    run_id: str,
+    device: torch.device,
+    corpus_source: str | None = None,
+) -> RunConfig:
+    """Decide what the configuration leaves to the text (``model.size = "auto"``, empty prefixes), say what
+    was chosen and why, and log the decided values as the run's params; with ``corpus_source``, name the run
+    after the fitted model. Other configurations pass unchanged."""
+    later = decided_later(config)
+    if not later:
+        return config
+    ids = torch.from_numpy(prepared.ids())
+    fitted = fit_to_text(config, ids, prepared.vocab(), device, prepared.corpus_sha1)
+    logger = get_run_logger()
+    for note in fitted.notes:
+        logger.info(note)
+    flat = fitted.config.flat()
+    runs.log_params(run_id, {key: flat[key] for key in sorted(later)})
+    if corpus_source is not None:
+        name = naming.run_name(fitted.config, naming.corpus_stem(corpus_source), prepared.corpus_sha1)
+        runs.set_tags(run_id, {"mlflow.runName": name})
+    return fitted.config

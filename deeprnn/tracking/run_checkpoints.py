@@ -1,0 +1,81 @@
+"""A run's resumable checkpoint in MLflow: uploaded only once verified on disk, fetched back only once it
+matches its digest, and whether a run has one at all (a run without one is never offered ``--resume``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from deeprnn.training import checkpoint
+
+CHECKPOINT_ARTIFACT = "checkpoints/last.pt"  # the resumable checkpoint, as the run's artifact
+
+
+def kept_checkpoint(run_id: str, local: Path | None = None) -> Path | str | None:
+    """Where run ``run_id``'s resumable checkpoint is: the ``local`` file when it exists, else the run's
+    ``checkpoints/last.pt`` artifact (as that path), else None: nothing to resume from."""
+    if local is not None and local.is_file():
+        return local
+    folder, name = CHECKPOINT_ARTIFACT.rsplit("/", 1)
+    try:
+        listed = MlflowClient().list_artifacts(run_id, folder)
+    except (MlflowException, OSError):
+        return None
+    return CHECKPOINT_ARTIFACT if any(f.path.rsplit("/", 1)[-1] == name for f in listed) else None
+
+
+def download_artifact(run_id: str, artifact_path: str, target: Path) -> Path:
+    """Copy one artifact file of the run to ``target`` (whole or not at all); ``FileNotFoundError`` when the
+    run has no such file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp)
+        except (MlflowException, OSError) as exc:
+            raise FileNotFoundError(
+                f"MLflow run {run_id} has no artifact {artifact_path!r} to resume from ({type(exc).__name__}): "
+                "it never reached its first checkpoint"
+            ) from None
+        os.replace(local, target)
+    return target
+
+
+def upload_checkpoint(run_id: str, path: Path) -> None:
+    """Upload a checkpoint and its digest file as the run's ``checkpoints/`` artifacts, only once the file on
+    disk matches its digest (``DamagedCheckpointError`` otherwise): a damaged file never replaces a good copy."""
+    checkpoint.verify(path)
+    client = MlflowClient()
+    client.log_artifact(run_id, str(path), CHECKPOINT_ARTIFACT.rsplit("/", 1)[0])
+    sidecar = checkpoint.digest_path(path)
+    if sidecar.is_file():
+        client.log_artifact(run_id, str(sidecar), CHECKPOINT_ARTIFACT.rsplit("/", 1)[0])
+
+
+def fetch_checkpoint(run_id: str, target: Path) -> dict[str, Any]:
+    """The run's ``checkpoints/last.pt`` artifact, checked against its digest and loaded, then put at
+    ``target`` (with its digest file) in place of whatever was there; ``FileNotFoundError`` when the run has
+    none, ``DamagedCheckpointError`` naming the artifact when it does not match its digest."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
+        local = download_artifact(run_id, CHECKPOINT_ARTIFACT, Path(tmp) / target.name)
+        with contextlib.suppress(FileNotFoundError):  # a run checkpointed before digests existed has none
+            download_artifact(run_id, CHECKPOINT_ARTIFACT + checkpoint.DIGEST_SUFFIX, checkpoint.digest_path(local))
+        try:
+            saved = checkpoint.load(local)
+        except ValueError as exc:
+            raise checkpoint.DamagedCheckpointError(
+                f"the MLflow copy of the checkpoint ({CHECKPOINT_ARTIFACT} of run {run_id}) is damaged too: "
+                + str(exc).replace(str(local), CHECKPOINT_ARTIFACT)
+            ) from None
+        checkpoint.digest_path(target).unlink(missing_ok=True)  # no stale digest beside the new file
+        os.replace(local, target)
+        if checkpoint.digest_path(local).is_file():
+            os.replace(checkpoint.digest_path(local), checkpoint.digest_path(target))
+    return saved

@@ -1,0 +1,362 @@
+"""MLflow runs: create (once per Prefect task run), find, reopen and end them (FINISHED, FAILED, or KILLED on
+Ctrl-C), their params, tags, dataset input and artifacts, and reading them back (records, children, UI links).
+
+Everything goes through an explicit ``run_id`` and ``MlflowClient``: MLflow's "active run" is thread-local, and
+Prefect may run tasks on other threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import re
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+from urllib.parse import urlsplit
+
+import mlflow
+from mlflow.entities import DatasetInput, InputTag, Param, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from deeprnn.config import RunConfig
+from deeprnn.data.download import CorpusFile
+from deeprnn.data.urls import redact_url
+from deeprnn.data.vocab import Vocab
+from deeprnn.sizing import decided_later
+from deeprnn.tracking import run_checkpoints
+from deeprnn.tracking.store import experiment_id, tracking_uri
+from deeprnn.training import stopping
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    return "" if value is None else str(value)
+
+
+def start_run(
+    config: RunConfig,
+    experiment: str,
+    run_name: str | None,
+    tags: dict[str, str],
+    parent_run_id: str | None = None,
+    opened_by: str | None = None,
+) -> str:
+    """Create the MLflow run with every configuration value as a param; returns its id.
+
+    With ``parent_run_id`` the run is nested under that run (a sweep's trial under the sweep); with
+    ``opened_by`` a retry finds the run its earlier attempt created (``create_run``).
+    """
+    later = decided_later(config)  # the text preset's size and prefixes: logged once fitted to the text
+    params = {k: v for k, v in config.flat().items() if k not in later}  # JSON: the URL without credentials
+    return create_run(experiment, run_name, tags, params, parent_run_id, opened_by)
+
+
+OPENED_BY_TAG = "deeprnn.opened_by"  # the Prefect task run that created the run: its retries find it again
+
+
+def create_run(
+    experiment: str,
+    run_name: str | None,
+    tags: dict[str, str],
+    params: dict[str, Any],
+    parent_run_id: str | None = None,
+    opened_by: str | None = None,
+) -> str:
+    """Create a run with these tags and params (lists and dicts as JSON); nested when ``parent_run_id`` is set.
+
+    With ``opened_by`` (the id of the Prefect task run creating it), a retry of that task run that finds the
+    run its earlier attempt created completes that run (tags and params again: same values, so no change)
+    instead of creating a second one.
+    """
+    client = MlflowClient()
+    if parent_run_id:
+        tags = {**tags, "mlflow.parentRunId": parent_run_id}  # what the MLflow UI nests runs by
+    exp_id = experiment_id(experiment)
+    earlier = run_opened_by(exp_id, opened_by) if opened_by else None
+    if earlier is not None:
+        set_tags(earlier, tags)
+        run_id = earlier
+    else:
+        tags = {**tags, OPENED_BY_TAG: opened_by} if opened_by else tags
+        run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    log_params(run_id, params)
+    return run_id
+
+
+def run_opened_by(experiment_id: str, opened_by: str) -> str | None:
+    """The run that Prefect task run ``opened_by`` created in this experiment, if any."""
+    if not re.fullmatch(r"[0-9a-fA-F-]{36}", opened_by):  # it goes into a filter string
+        raise ValueError(f"not a Prefect task run id: {opened_by!r}")
+    found = MlflowClient().search_runs([experiment_id], f"tags.`{OPENED_BY_TAG}` = '{opened_by}'", max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    """Log params (lists and dicts as JSON, None as empty), 100 per call as MLflow allows."""
+    client = MlflowClient()
+    items = [Param(k, _param_value(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+FAILURE_REASON_TAG = "deeprnn.failure_reason"  # why a run that could not end itself was marked FAILED
+
+
+def mark_failed(run_id: str, reason: str) -> None:
+    """End a run whose process cannot end it any more (gone, or lost with its worker) FAILED, with ``reason``
+    as its ``deeprnn.failure_reason`` tag."""
+    set_tags(run_id, {FAILURE_REASON_TAG: reason})
+    MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold Ctrl-C (and, in a ``deeprnn`` command, SIGTERM) back until the block (MLflow calls) has finished,
+    then raise it.
+
+    A KeyboardInterrupt inside SQLAlchemy makes it drop the connection mid-read, and the sqlite store can stay
+    locked while the interrupted cursor lives, so the run could not be marked KILLED afterwards. With the
+    command's stop handler (``deeprnn.training.stopping``) both signals are held back in the main thread; otherwise only
+    while Python's default Ctrl-C handler is installed; elsewhere a plain block.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if stopping.installed():
+        with stopping.held():
+            yield
+        return
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
+
+
+def release_unwound_frames(exc: BaseException) -> None:
+    """Free what the frames that ``exc`` unwound still hold, before the store is written again.
+
+    Ctrl-C can land while MLflow is part-way through reading a sqlite store. The half-read cursor, kept
+    alive by the traceback's frames, keeps the database's read lock, and every later write (the last
+    metrics, the run's KILLED status) would wait for it until sqlite gives up with "database is locked".
+    Frames still running (the caller's) are left alone; the traceback still prints in full.
+    """
+    traceback.clear_frames(exc.__traceback__)
+    gc.collect()  # cursors caught in reference cycles too
+
+
+STOP_TAG = "deeprnn.stopped"  # how a run stopped by SIGINT or SIGTERM continues, or that it cannot
+
+
+@contextlib.contextmanager
+def run_status(run_id: str, checkpoint: Path | None = None) -> Iterator[None]:
+    """End the run FINISHED on success, KILLED on Ctrl-C or SIGTERM, FAILED on any error: never left RUNNING.
+
+    A stopped training run (``checkpoint``: its local resumable file) gets a ``deeprnn.stopped`` tag with the
+    command that continues it when it has a checkpoint (that file, or the run's ``checkpoints/last.pt``
+    artifact), and the ``StopRequested`` carries the run id and that checkpoint up to the command that prints
+    them.
+    """
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        release_unwound_frames(exc)
+        if checkpoint is not None:  # a training run: say whether and how it continues
+            kept = run_checkpoints.kept_checkpoint(run_id, checkpoint)
+            set_tags(run_id, {STOP_TAG: stop_note(run_id, kept)})
+            if isinstance(exc, stopping.StopRequested):
+                exc.run_id, exc.checkpoint = run_id, kept
+        MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException as exc:
+        release_unwound_frames(exc)
+        MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def resume_command(run_id: str) -> str:
+    """The command that continues run ``run_id`` from its last checkpoint."""
+    return f"deeprnn run --resume {run_id}"
+
+
+def stop_note(run_id: str, kept: Path | str | None) -> str:
+    """What a stopped run keeps, in a few words: how to continue it, or that it has no checkpoint."""
+    if kept is None:
+        return "stopped before its first checkpoint: nothing to resume; start a new run"
+    return f"continue with: {resume_command(run_id)}"
+
+
+@dataclass
+class RunHandle:
+    """What resuming needs to know about an existing run."""
+
+    run_id: str
+    status: str
+    experiment: str
+
+
+def find_run(run_id: str) -> RunHandle:
+    """The run's status and experiment name; ``LookupError`` naming the run and the store when it is absent."""
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise LookupError(
+            f"no MLflow run {run_id!r} in {tracking_uri()}: check the run id and MLFLOW_TRACKING_URI"
+        ) from None
+    if run.info.lifecycle_stage != "active":
+        raise LookupError(f"MLflow run {run_id} was deleted; restore it in MLflow first")
+    return RunHandle(run_id, run.info.status, client.get_experiment(run.info.experiment_id).name)
+
+
+def reopen_run(run_id: str, tags: dict[str, str]) -> None:
+    """Set a run back to ``RUNNING`` (to continue it) and update its tags (e.g. the new Prefect flow run)."""
+    client = MlflowClient()
+    client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    earlier = client.get_run(run_id).data.tags
+    for tag in (FAILURE_REASON_TAG, STOP_TAG):  # why and how it stopped last time: no longer true
+        if tag in earlier:
+            client.delete_tag(run_id, tag)
+    set_tags(run_id, tags)
+
+
+def set_tags(run_id: str, tags: dict[str, Any]) -> None:
+    """Set several tags at once."""
+    from mlflow.entities import RunTag
+
+    MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def _log_input_once(run_id: str, dataset: DatasetInput, attempts: int = 3) -> None:
+    """Log ``dataset`` as an input of the run. Runs that log the same dataset at the same moment (sweep trials,
+    parallel runs) race in MLflow's store, which creates each dataset once per experiment; the one that loses
+    gets a UNIQUE-constraint error, and its next attempt finds the dataset the winner created."""
+    for attempt in range(1, attempts + 1):
+        try:
+            MlflowClient().log_inputs(run_id, datasets=[dataset])
+            return
+        except MlflowException as exc:
+            if "UNIQUE constraint failed" not in str(exc) or attempt == attempts:
+                raise
+            time.sleep(0.2 * attempt)
+
+
+def log_dataset(run_id: str, corpus: CorpusFile, vocab: Vocab, num_tokens: int | None = None) -> None:
+    """Record the corpus's identity (URL, sha1, size, token count) as an MLflow dataset input and as tags."""
+    if num_tokens is None:
+        num_tokens = sum(freq for _, freq in vocab.token_freqs)
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import HTTPDatasetSource, LocalArtifactDatasetSource
+
+    source = corpus.source
+    # Said explicitly: MLflow's own guess (resolve_dataset_source) warns on every run that an http URL "can
+    # be interpreted in multiple ways" (an HTTP source or an http artifact repository).
+    is_http = urlsplit(source).scheme in ("http", "https")
+    ds_source = HTTPDatasetSource(source) if is_http else LocalArtifactDatasetSource(source)
+    dataset = MetaDataset(source=ds_source, name=Path(urlsplit(source).path).name or "corpus", digest=corpus.sha1[:10])
+    training = [InputTag("mlflow.data.context", "training")]
+    _log_input_once(run_id, DatasetInput(dataset._to_mlflow_entity(), tags=training))
+    set_tags(
+        run_id,
+        {
+            "dataset.url": source,
+            "dataset.sha1": corpus.sha1,
+            "dataset.bytes": corpus.num_bytes,
+            "dataset.num_tokens": num_tokens,
+            "dataset.vocab_size": len(vocab),
+        },
+    )
+
+
+def log_texts(run_id: str, texts: dict[str, str], files: Sequence[Path] = ()) -> None:
+    """Store each text as an artifact file of the run under its name (``{"vocab.json": "..."}``), with copies of
+    the small ``files``, in one upload. Files the run already has are replaced: a retry rewrites them."""
+    with tempfile.TemporaryDirectory(prefix="deeprnn-artifacts-") as folder:
+        for name, text in texts.items():
+            Path(folder, name).write_text(text, encoding="utf-8")
+        for path in files:
+            shutil.copyfile(path, Path(folder, path.name))
+        MlflowClient().log_artifacts(run_id, folder)
+
+
+def run_for_flow_run(flow_run_id: str) -> str:
+    """The id of the MLflow run that the Prefect flow run ``flow_run_id`` opened (its ``prefect.flow_run_id``
+    tag), in any experiment. Raises LookupError when there is none."""
+    if not re.fullmatch(r"[0-9a-fA-F-]{36}", flow_run_id):  # it goes into a filter string
+        raise ValueError(f"not a Prefect flow run id: {flow_run_id!r}")
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=1)
+    if not runs:
+        raise LookupError(f"no MLflow run in {tracking_uri()} was logged by Prefect flow run {flow_run_id}")
+    return runs[0].info.run_id
+
+
+def run_markdown(run_id: str) -> str:
+    """The run as markdown: a link when the tracking server has a UI, else its id and store."""
+    link = run_url(run_id)
+    return f"[{run_id}]({link})" if link else f"`{run_id}` in `{tracking_uri()}`"
+
+
+def run_url(run_id: str) -> str | None:
+    """A browser link to the run when the tracking server is an http(s) one."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    run = MlflowClient().get_run(run_id)
+    return f"{redact_url(uri).rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+@dataclass
+class RunRecord:
+    """What a finished run recorded, for tests and the CLI (times in milliseconds since the epoch)."""
+
+    run_id: str
+    status: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    start_time: int | None = None
+    end_time: int | None = None
+
+
+def _record(run: Any) -> RunRecord:
+    info, data = run.info, run.data
+    return RunRecord(
+        info.run_id, info.status, dict(data.params), dict(data.metrics), dict(data.tags), info.start_time, info.end_time
+    )
+
+
+def get_run(run_id: str) -> RunRecord:
+    """Read a run back."""
+    return _record(MlflowClient().get_run(run_id))
+
+
+def child_runs(parent_run_id: str) -> list[RunRecord]:
+    """Every run nested under ``parent_run_id``, oldest first."""
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=5000,
+    )
+    return [_record(r) for r in runs]

@@ -1,0 +1,150 @@
+"""The MLflow tracking store: which one is in use, whether it is reachable, its first set-up (under a file lock
+for a local sqlite file), its schema, experiment ids, and which faults a retry may get past.
+
+The tracking URI is MLflow's own: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db`` in the working
+directory.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import mlflow
+import requests
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from deeprnn.data.urls import redact_url
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking store cannot be reached."""
+
+
+class TrackingStoreOutdatedError(TrackingUnavailableError):
+    """The MLflow store was created by an older MLflow: its schema must be upgraded before this one uses it."""
+
+
+def tracking_uri() -> str:
+    """The tracking URI in force (credentials removed: safe to print)."""
+    return redact_url(mlflow.get_tracking_uri())
+
+
+def check_reachable(timeout: float = 5.0) -> str:
+    """Fail fast, naming the URI, when the tracking server is down; create a local store's folder.
+
+    Returns the (redacted) URI. Called before any download or training.
+    """
+    uri = mlflow.get_tracking_uri()
+    scheme = urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        try:
+            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+            response.raise_for_status()
+        except requests.RequestException as exc:
+            raise TrackingUnavailableError(
+                f"MLflow tracking server {redact_url(uri)} is unreachable ({type(exc).__name__}). Start it "
+                "(see README: mlflow server) or set MLFLOW_TRACKING_URI to a reachable store"
+            ) from None
+    elif scheme == "sqlite":
+        path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        if path is not None and str(path) not in ("", ":memory:"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+    _ensure_store()
+    return redact_url(uri)
+
+
+def _ensure_store() -> None:
+    """Create the tracking store once, under a file lock for local sqlite stores.
+
+    MLflow creates the sqlite schema (and runs its migrations) on first use; several processes doing that
+    at once on a fresh file corrupt it or fail. Serialize the first touch across processes.
+    """
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        MlflowClient().search_experiments(max_results=1)
+        return
+    from filelock import FileLock  # a Prefect and MLflow dependency already
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    with FileLock(str(db) + ".lock", timeout=300):
+        try:
+            MlflowClient().search_experiments(max_results=1)
+        except MlflowException as exc:
+            # MLflow creates a new store at its own schema but never migrates an existing one by itself.
+            if "out-of-date database schema" not in str(exc):
+                raise
+            found = re.search(r"found version (\w+), but expected (\w+)", str(exc))
+            versions = (
+                f" (schema {found.group(1)}, this MLflow {mlflow.__version__} needs {found.group(2)})" if found else ""
+            )
+            raise TrackingStoreOutdatedError(
+                f"the MLflow store {redact_url(uri)} was created by an older MLflow{versions}. Back it up (copy "
+                f"{db}), then upgrade it with: mlflow db upgrade {redact_url(uri)}"
+            ) from None
+
+
+def experiment_id(name: str) -> str:
+    """The id of experiment ``name``, created if missing (safe when several runs create it at once)."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        found = client.get_experiment_by_name(name)  # another process created it first
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def is_tracking_error(exc: BaseException) -> bool:
+    """True for errors from MLflow itself (a store or server hiccup), which a retry may get past."""
+    return isinstance(exc, MlflowException)
+
+
+def retry_on_io_faults(*never: type[BaseException]) -> Callable[[Any, Any, Any], bool]:
+    """A Prefect ``retry_condition_fn``: retry disk, network and MLflow faults, which a second attempt may get
+    past, but not the ``never`` classes nor anything else (bad settings, divergence fail the same way again)."""
+
+    def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+        try:
+            state.result()
+        except never:
+            return False
+        except OSError:
+            return True
+        except Exception as exc:
+            return is_tracking_error(exc)
+        return False
+
+    return worth_retrying
+
+
+def worker_tracking_uri() -> str:
+    """The tracking URI as other processes must see it: a relative sqlite path made absolute.
+
+    Sweep trials run in other processes, possibly started elsewhere; they get this URI explicitly rather
+    than trusting their own environment, so that every trial lands in the same store as its sweep.
+    """
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = uri.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            return "sqlite:///" + str(Path(path).resolve())
+    return uri
+
+
+def use_tracking_uri(uri: str) -> None:
+    """Point this process's MLflow client at ``uri`` (a sweep trial, in its worker process)."""
+    if mlflow.get_tracking_uri() != uri:
+        mlflow.set_tracking_uri(uri)
+
+
+def is_local_store() -> bool:
+    """True when the tracking store is a file on this machine (sqlite or a folder), not a server."""
+    return urlsplit(mlflow.get_tracking_uri()).scheme in ("", "file", "sqlite")

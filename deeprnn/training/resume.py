@@ -1,0 +1,133 @@
+"""Continuing an interrupted run: which configuration it continues with, and where its files live.
+
+A resumed run keeps the configuration stored in its checkpoint. Settings that only say how or where to run
+may change (``RESUMABLE``); everything that shapes the model or its training trajectory may not, because the
+metric history and the weights already logged were produced with it. ``epochs`` may be raised, never lowered
+below the epochs already done; ``max_steps`` likewise, and a checkpoint taken inside an epoch continues
+from the minibatch after it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deeprnn.config import RunConfig
+
+if TYPE_CHECKING:  # annotations only: checking a run id (the CLI, before anything starts) needs no torch
+    from deeprnn.model import RNNLM
+    from deeprnn.training.loop import Trainer
+
+# The files of a run's folder: the resumable checkpoint (weights, optimizer, RNG and position, rewritten at
+# every checkpoint) and the selected weights the run reports and logs.
+LAST = "last.pt"
+MODEL = "model.pt"
+
+# Flat keys (as in ``RunConfig.flat``) a resumed run may change.
+RESUMABLE = frozenset(
+    {
+        "train.epochs",
+        "train.max_steps",
+        "train.device",
+        "train.timeout_minutes",
+        "train.checkpoint_every",
+        "train.checkpoint_every_steps",
+        "train.checkpoint_every_minutes",
+        "train.log_every",
+    }
+)
+_RUN_ID = re.compile(r"^[0-9A-Za-z]{1,64}$")
+
+
+class ResumeError(ValueError):
+    """A run cannot be resumed as asked; the message says what to change."""
+
+
+def check_run_id(run_id: str) -> str:
+    """Return ``run_id`` if it is a plain MLflow run id (letters and digits only).
+
+    The id names a local folder, so anything with separators or dots (``../x``) is refused rather than
+    allowed to point outside the runs folder.
+    """
+    if not _RUN_ID.match(run_id or ""):
+        raise ResumeError(
+            f"{run_id!r} is not an MLflow run id (32 hexadecimal characters, as printed by `deeprnn run`)"
+        )
+    return run_id
+
+
+def run_folder(runs_dir: str | Path, run_id: str) -> Path:
+    """The run's local folder (checkpoints): ``<runs_dir>/<run_id>``, never outside ``runs_dir``."""
+    return Path(runs_dir).resolve() / check_run_id(run_id)
+
+
+def differences(stored: RunConfig, given: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """``key -> (stored, given)`` for every setting that differs and may not change on resume."""
+    before, after = stored.flat(), given.flat()  # JSON values: URLs compared without credentials
+    return {k: (before.get(k), v) for k, v in after.items() if v != before.get(k) and k not in RESUMABLE}
+
+
+def resume_config(
+    stored: dict[str, Any], overrides: dict[str, dict[str, Any]], epochs_done: int, steps_done: int = 0
+) -> RunConfig:
+    """The configuration a resumed run continues with: the checkpoint's ``stored`` config, plus ``overrides``.
+
+    ``overrides`` (``{section: {field: value}}``, None values ignored) may restate the stored values, change
+    the ``RESUMABLE`` ones, or give the corpus URL again with its credentials (checkpoints keep it without).
+    Anything else raises ``ResumeError`` naming each setting, its stored value and the value given, and so
+    do ``epochs`` below ``epochs_done`` and ``max_steps`` below ``steps_done`` (the checkpoint's
+    ``trainer_state["step"]``).
+    """
+    base = RunConfig.model_validate(stored)
+    merged = base.model_dump(mode="json")
+    for section, values in overrides.items():
+        merged[section].update({k: v for k, v in values.items() if v is not None})
+    config = RunConfig.model_validate(merged)
+    conflicts = differences(base, config)
+    if conflicts:
+        lines = [f"  {key}: the checkpoint has {old!r}, given {new!r}" for key, (old, new) in sorted(conflicts.items())]
+        raise ResumeError(
+            "a resumed run keeps its checkpoint's configuration; these settings differ:\n"
+            + "\n".join(lines)
+            + f"\nleave them out (only {', '.join(sorted(RESUMABLE))} may change) or start a new run"
+        )
+    if config.train.epochs < epochs_done:
+        raise ResumeError(
+            f"the checkpoint already has {epochs_done} epochs done; --epochs {config.train.epochs} would undo "
+            f"them: give at least {epochs_done}"
+        )
+    _check_steps(config, steps_done)
+    return config
+
+
+def _check_steps(config: RunConfig, steps_done: int) -> None:
+    if config.train.max_steps is not None and steps_done > config.train.max_steps:
+        raise ResumeError(
+            f"the checkpoint already has {steps_done} steps done; --max-steps {config.train.max_steps} would undo "
+            f"them: give at least {steps_done}"
+        )
+
+
+def restore_training(data: dict[str, Any], config: RunConfig, model: RNNLM, trainer: Trainer) -> int:
+    """Load a resumable checkpoint dict into ``model`` and ``trainer``; returns the epochs already done.
+
+    Refuses (``ResumeError``) a checkpoint from another configuration, one without training state (a final
+    ``model.pt``), and one with more epochs (or steps) done than ``config`` asks for.
+    """
+    conflicts = differences(RunConfig.model_validate(data["config"]), config)
+    if conflicts:
+        raise ResumeError(
+            f"the checkpoint was written with other settings ({', '.join(sorted(conflicts))}): it belongs to "
+            "another run; start a new run or resume that one"
+        )
+    if not data.get("trainer_state"):
+        raise ResumeError("the checkpoint holds no training state (a final model, not a resumable last.pt)")
+    if data["epoch"] > config.train.epochs:
+        raise ResumeError(
+            f"the checkpoint has {data['epoch']} epochs done, more than the {config.train.epochs} asked for"
+        )
+    _check_steps(config, int(data["trainer_state"].get("step") or 0))
+    model.load_state_dict(data["model_state"])  # weights first: the optimizer state refers to them
+    trainer.load_state_dict(data["trainer_state"])
+    return trainer.epoch
