@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,7 +24,7 @@ from corpora import TRAIN_EXPERIMENT
 from live_servers import Server, log_tail, start_process, stop_process_group
 from mlflow.tracking import MlflowClient
 
-from deeprnn.config import preset_config, resolve
+from deeprnn.config import CellType, preset_config, resolve
 from deeprnn.flows.parameters import SECTIONS, preset_sections
 
 pytestmark = pytest.mark.e2e
@@ -206,7 +207,7 @@ def test_parameter_form_has_title_description_and_bounds_for_every_field(deploye
     # The sections are the configuration's own models: a field that is never empty is a plain field, no toggle.
     assert set(train["definitions"]) == {"DataConfig", "ModelConfig", "TrainConfig", "SampleConfig"}
     model = train["definitions"]["ModelConfig"]["properties"]
-    assert model["cell"]["enum"] == ["lstm", "gru", "rnn"] and "anyOf" not in model["cell"]
+    assert model["cell"]["enum"] == list(typing.get_args(CellType)) and "anyOf" not in model["cell"]
     training = train["definitions"]["TrainConfig"]["properties"]
     assert training["optimizer"]["enum"] == ["sgd", "adam", "adamw"]
     assert training["device"]["enum"] == ["auto", "cpu", "cuda", "mps"]

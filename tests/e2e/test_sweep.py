@@ -185,7 +185,7 @@ def test_cli_sweep_on_an_existing_cluster_gives_each_gpu_trial_the_gpu_worker(
 def test_cli_sweep_refuses_bad_spaces_before_starting_anything(cli_env: dict[str, str], tmp_path: Path) -> None:
     runner = CliRunner()
     cases = [
-        (["--cell", "lstm,transformer"], "model.cell: Input should be 'lstm', 'gru' or 'rnn'"),
+        (["--cell", "lstm,transformer"], "model.cell: Input should be 'lstm', 'gru'"),
         (["--param", "train.num_step=16,32"], "did you mean train.num_steps"),
         (["--lr", "0.5,1", "--num-layers", "1,2,3", "--max-trials", "4"], "the grid has 6 trials, more than 4"),
         (["--preset", "smoke"], "nothing to sweep"),
