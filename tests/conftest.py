@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import signal
 import subprocess
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +37,20 @@ def pytest_report_header() -> str:
     if IS_BOOK:
         return f"corpus: the book's, {BOOK_FILE}"
     return f"corpus: a generated stand-in (sha1 {CORPUS_SHA1}); the book is not at {BOOK_FILE}"
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored() -> Iterator[None]:
+    """Each test ends with the SIGINT and SIGTERM handlers, and deeprnn's stop state, it started with: a
+    command run in this process (typer's ``CliRunner``) installs deeprnn's stop handler for good, which would
+    turn a later test's real Ctrl-C into a stop request instead of a ``KeyboardInterrupt``."""
+    from deeprnn.training import stopping
+
+    handlers = {signum: signal.getsignal(signum) for signum in stopping.STOP_SIGNALS}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+    stopping._STATE = stopping._State()
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from deeprnn.config import preset_config
 from deeprnn.data.batching import CorpusTooShortError
 from deeprnn.data.download import DownloadError, TransientDownloadError
 from deeprnn.data.prepare import PrepareError
+from deeprnn.data.vocab import Vocab
 from deeprnn.tasks.download_task import download_corpus
 from deeprnn.tasks.prepare_task import prepare_tokens
 from deeprnn.tasks.splits_task import prepare_splits
@@ -89,8 +90,8 @@ def test_prepare_splits_refuses_another_vocabulary_and_too_little_text(corpus_fi
     config = preset_config("smoke")
     prepared = prepare_tokens.fn(download_corpus.fn(str(corpus_file.path), corpus_file.sha1), config.data)
     own = prepared.vocab()
-    assert prepare_splits.fn(prepared, config.data, config.train, own.to_dict()).train.numel() == 2000
-    reordered = {**own.to_dict(), "idx_to_token": ["<unk>", *own.idx_to_token[:0:-1]]}  # same tokens, other ids
+    assert prepare_splits.fn(prepared, config.data, config.train, own).train.numel() == 2000
+    reordered = Vocab.from_dict({**own.to_dict(), "idx_to_token": ["<unk>", *own.idx_to_token[:0:-1]]})  # other ids
     with pytest.raises(PrepareError, match="another vocabulary than the model's"):
         prepare_splits.fn(prepared, config.data, config.train, reordered)
     big = config.train.model_copy(update={"batch_size": 200})
