@@ -65,7 +65,7 @@ def _text_preset() -> dict[str, Any]:
     # Chosen with bench/own_text.py on texts in German, French and Chinese (bench/results/cpu-own-text.md).
     return {
         "data": {"normalize": "none", "max_tokens": None, "val_fraction": 0.05, "test_fraction": 0.1},
-        "model": {"size": "auto", "num_layers": 2, "num_hiddens": 256, "embedding_dim": 64},
+        "model": {"size": "auto", "num_layers": 2, "num_hiddens": 256, "embedding_dim": 128},
         "train": {
             "batch_size": 32,
             "num_steps": 64,

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 WIDTHS = (128, 192, 256, 384, 512, 768, 1024)
 TOKENS_PER_WEIGHT = 1.0
-DROPOUT_EPOCHS = 4.0
+DROPOUT_EPOCHS = 8.0
 _PROBE_SECONDS = 0.6  # timed steps per candidate size, after one untimed step
 
 
