@@ -349,7 +349,11 @@ def store_with_a_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
             os.kill(os.getpid(), signal.SIGINT)
 
     event.listen(engine, "after_cursor_execute", ctrl_c)
+    # Python's own Ctrl-C, even where the test process started with SIGINT ignored (as a shell starts a
+    # command it runs in the background): the signal must raise KeyboardInterrupt here.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield client, run_id, armed
+    signal.signal(signal.SIGINT, previous)
     event.remove(engine, "after_cursor_execute", ctrl_c)
 
 
