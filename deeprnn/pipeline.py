@@ -125,7 +125,7 @@ def build_trainer(config: RunConfig, vocab_size: int, splits: Splits, device: to
     """The seeded model and its trainer on ``device`` (default: the configured one, resolved here). The
     held-out text is the validation split when there is one (and the best epoch on it is kept), else the test
     split (the last epoch is kept)."""
-    device = device or resolve_device(config.train.device)
+    device = resolve_device(config.train.device) if device is None else device
     seed_everything(config.train.seed)
     model = RNNLM.from_config(vocab_size, config.model)
     has_val = splits.val.numel() > 0

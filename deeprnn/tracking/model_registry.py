@@ -102,7 +102,6 @@ def log_model(run_id: str, checkpoint: Path, example_prefix: str) -> LoggedModel
     model (``code_paths``), so loading it needs only the pinned requirements.
     """
     from mlflow.entities import LoggedModelStatus
-    from mlflow.models import Model
 
     client = MlflowClient()
     logged = run_logged_model(run_id)
@@ -122,7 +121,7 @@ def log_model(run_id: str, checkpoint: Path, example_prefix: str) -> LoggedModel
     outputs = run.outputs.model_outputs if run.outputs else []
     linked = any(output.model_id == logged.model_id for output in outputs)
     with tempfile.TemporaryDirectory(prefix="deeprnn-code-") as folder:
-        _log_pyfunc(Model, run_id, logged.model_id, linked, checkpoint, library_code(Path(folder)), example_prefix)
+        _log_pyfunc(run_id, logged.model_id, linked, checkpoint, library_code(Path(folder)), example_prefix)
     return LoggedModel(logged.model_id, f"models:/{logged.model_id}")
 
 
@@ -140,13 +139,12 @@ def library_code(folder: Path) -> Path:
     return target
 
 
-def _log_pyfunc(
-    model: Any, run_id: str, model_id: str, linked: bool, checkpoint: Path, code: Path, example_prefix: str
-) -> None:
+def _log_pyfunc(run_id: str, model_id: str, linked: bool, checkpoint: Path, code: Path, example_prefix: str) -> None:
     """``Model.log`` of the pyfunc from code into the logged model ``model_id``, carrying ``code``."""
     import pandas as pd
+    from mlflow.models import Model
 
-    model.log(
+    Model.log(
         artifact_path=None,  # deprecated positional in Model.log; ``name`` is the MLflow 3 spelling
         name=MODEL_NAME,
         flavor=mlflow.pyfunc,
