@@ -215,6 +215,15 @@ class TrainConfig(_Section):
         gt=0.0,
         le=30 * 86400.0,
     )
+    min_planned_steps: int = Field(
+        0,
+        title="Steps the budget plans at least",
+        description="With a time budget: halve the batch (down to 8 rows) until the budget plans at least this "
+        "many optimizer steps at the throughput measured on this device, so that a short budget on a slow device "
+        "makes more, smaller steps. 0: keep the batch (giving batch_size keeps it too).",
+        ge=0,
+        le=10**9,
+    )
     patience: Optional[int] = Field(
         None,
         title="Early-stopping patience",
@@ -362,6 +371,8 @@ def preset_config(name: str, overrides: dict[str, Any] | None = None) -> RunConf
     merged["preset"] = name
     if any(field in given.get(section, {}) for section, field in SIZED_FIELDS) and "size" not in given.get("model", {}):
         merged.setdefault("model", {})["size"] = "fixed"  # the user's shape, not the fitted one
+    if "batch_size" in given.get("train", {}) and "min_planned_steps" not in given["train"]:
+        merged.setdefault("train", {})["min_planned_steps"] = 0  # the user's batch, not the fitted one
     url = merged.get("data", {}).get("url", D2L_URL)
     if url != D2L_URL and "prefixes" not in given.get("sample", {}):
         merged.setdefault("sample", {})["prefixes"] = []  # drawn from the held-out text, not the book's

@@ -12,6 +12,11 @@ The size rule, as char-rnn's and nanoGPT's guides size models to data:
 
 The largest of two stacked layers of ``WIDTHS`` hidden units that passes both is chosen (at least the
 smallest); dropout 0.2 when the budget will pass over the text more than ``DROPOUT_EPOCHS`` times.
+
+The batch: with a time budget and ``train.min_planned_steps``, the preset's rows are halved (down to
+``MIN_ROWS``) until the budget plans that many steps at the measured throughput. A CPU trains about as many
+tokens a second with fewer rows, so a short budget there gets more, smaller steps; a GPU's budget already plans
+more steps than that at the full batch, so it keeps it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ log = logging.getLogger(__name__)
 WIDTHS = (128, 192, 256, 384, 512, 768, 1024)
 TOKENS_PER_WEIGHT = 1.0
 DROPOUT_EPOCHS = 8.0
+MIN_ROWS = 8
 _PROBE_SECONDS = 0.6  # timed steps per candidate size, after one untimed step
 
 
@@ -64,6 +70,9 @@ def fit_to_text(
         model, train, note = fit_size(config, train_tokens, len(vocab), device, probe)
         update["model"], update["train"] = model, train
         notes.append(note)
+    elif _plans_batch(config):
+        update["train"], note = fit_batch(config, train_tokens, len(vocab), device)
+        notes.append(note)
     if not config.sample.prefixes:
         if data.url == D2L_URL or corpus_sha1 == D2L_SHA1:
             prefixes = list(BOOK_PREFIXES)
@@ -86,9 +95,15 @@ def decided_later(config: RunConfig) -> set[str]:
     if config.model.size == "auto":
         keys |= {"model.size", "model.num_hiddens", "model.num_layers", "model.dropout"}
         keys |= {"train.batch_size", "train.num_steps"}
+    if _plans_batch(config):
+        keys |= {"train.batch_size", "train.min_planned_steps"}
     if not config.sample.prefixes:
         keys.add("sample.prefixes")
     return keys
+
+
+def _plans_batch(config: RunConfig) -> bool:
+    return config.train.min_planned_steps > 0 and config.train.time_budget is not None
 
 
 def weights(vocab_size: int, model: ModelConfig) -> int:
@@ -132,7 +147,40 @@ def fit_size(
         f"{train_tokens:,} training tokens{speed}, about {passes:.1f} passes over the text, dropout {dropout}"
     )
     model = {"num_hiddens": chosen.num_hiddens, "num_layers": chosen.num_layers, "dropout": dropout, "size": "fixed"}
-    return model, {"batch_size": batch_size, "num_steps": num_steps}, note
+    if _plans_batch(config) and rate is not None:
+        batch_size = rows_for_steps(rate, config, batch_size, num_steps)
+        note += _batch_note(rate, config, batch_size, num_steps)
+    train_fields: dict[str, object] = {"batch_size": batch_size, "num_steps": num_steps}
+    if _plans_batch(config):
+        train_fields["min_planned_steps"] = 0  # decided once: a resumed run keeps this batch
+    return model, train_fields, note
+
+
+def fit_batch(
+    config: RunConfig, train_tokens: int, vocab_size: int, device: torch.device
+) -> tuple[dict[str, object], str]:
+    """The batch fields for a model of a fixed size: its throughput measured here, then ``rows_for_steps``."""
+    train = config.train
+    batch_size, num_steps = batch_shape(train_tokens, train.batch_size, train.num_steps)
+    rate = measure_throughput(config.model, vocab_size, batch_size, num_steps, device, train.lr)
+    rows = rows_for_steps(rate, config, batch_size, num_steps)
+    note = f"batch fitted to the budget: {rate:,.0f} tokens/s measured here"
+    note += _batch_note(rate, config, rows, num_steps)
+    return {"batch_size": rows, "num_steps": num_steps, "min_planned_steps": 0}, note
+
+
+def rows_for_steps(rate: float, config: RunConfig, batch_size: int, num_steps: int) -> int:
+    """``batch_size`` halved (not below ``MIN_ROWS``) until ``rate`` tokens/s over the time budget make at
+    least ``train.min_planned_steps`` steps of ``rows x num_steps`` tokens."""
+    tokens = rate * (config.train.time_budget or 0.0)
+    while batch_size // 2 >= MIN_ROWS and tokens / (batch_size * num_steps) < config.train.min_planned_steps:
+        batch_size //= 2
+    return batch_size
+
+
+def _batch_note(rate: float, config: RunConfig, rows: int, num_steps: int) -> str:
+    planned = rate * (config.train.time_budget or 0.0) / (rows * num_steps)
+    return f", batch {rows} x {num_steps}: about {planned:,.0f} steps in the budget"
 
 
 def batch_shape(train_tokens: int, batch_size: int, num_steps: int) -> tuple[int, int]:

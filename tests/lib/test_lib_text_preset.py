@@ -18,7 +18,16 @@ from deeprnn.config import D2L_URL, RunConfig, TrainConfig, default_preset, pres
 from deeprnn.data.batching import check_enough_tokens, split_corpus
 from deeprnn.data.vocab import Vocab
 from deeprnn.model import RNNLM
-from deeprnn.sizing import WIDTHS, batch_shape, draw_prefixes, fit_size, fit_to_text, weights
+from deeprnn.sizing import (
+    WIDTHS,
+    batch_shape,
+    decided_later,
+    draw_prefixes,
+    fit_size,
+    fit_to_text,
+    rows_for_steps,
+    weights,
+)
 from deeprnn.training.loop import Trainer
 from deeprnn.training.schedule import Schedule
 
@@ -116,6 +125,40 @@ def test_the_batch_shape_fits_a_short_text(tokens: int) -> None:
     rows, steps = batch_shape(tokens, 32, 64)
     check_enough_tokens(tokens, rows, steps)  # raises when one minibatch cannot be filled
     assert (rows, steps) == (32, 64) or tokens < 32 * 64 * 16
+
+
+@pytest.mark.parametrize(("rate", "rows"), [(1e3, 8), (30e3, 8), (60e3, 16), (200e3, 32), (1e9, 32)])
+def test_a_short_budget_on_a_slow_device_halves_the_batch_for_more_steps(rate: float, rows: int) -> None:
+    config = preset_config("text", {"train": {"time_budget": "2m"}})
+    assert config.train.min_planned_steps == 4000
+    assert rows_for_steps(rate, config, 32, 64) == rows  # halved until 2 minutes plan 4,000 steps, never below 8
+    assert rows_for_steps(rate, config, 6, 64) == 6  # a batch already below 8 rows is never cut
+
+
+def test_a_batch_the_user_gives_is_kept_and_the_book_keeps_its_own() -> None:
+    assert preset_config("text", {"train": {"batch_size": 64}}).train.min_planned_steps == 0
+    asked = preset_config("text", {"train": {"batch_size": 64, "min_planned_steps": 100}})
+    assert asked.train.min_planned_steps == 100
+    for name in ("d2l-9.3", "full-book", "smoke"):
+        assert preset_config(name, {"train": {"time_budget": "2m"}}).train.min_planned_steps == 0
+    unbounded = preset_config("text", {"train": {"time_budget": None}})  # no budget: no steps to plan
+    assert "train.min_planned_steps" not in decided_later(unbounded)
+
+
+@pytest.mark.parametrize("size", ["auto", "fixed"])
+def test_the_fitted_batch_follows_the_measured_throughput_and_is_decided_once(size: str) -> None:
+    text = _lines(3, 3000)
+    vocab = Vocab(list(text))
+    ids = torch.tensor(vocab.encode(list(text)))
+    model = {"size": size, "num_hiddens": 32, "num_layers": 1, "embedding_dim": 16}
+    for budget, rows in ((1.0, 8), (30 * 86400.0, 32)):  # no CPU plans 4,000 steps in 1 s; a month plans more
+        config = preset_config("text", {"model": model, "train": {"time_budget": budget, "num_steps": 16}})
+        assert {"train.batch_size", "train.min_planned_steps"} <= decided_later(config)
+        fitted = fit_to_text(config, ids, vocab, CPU)
+        assert (fitted.config.train.batch_size, fitted.config.train.min_planned_steps) == (rows, 0)
+        assert f"batch {rows} x 16: about" in " ".join(fitted.notes)
+        # A resumed run continues the checkpoint's fitted configuration: nothing is left to decide again.
+        assert not {"train.batch_size", "model.size"} & decided_later(fitted.config)
 
 
 def test_the_throughput_probe_measures_a_real_model() -> None:
