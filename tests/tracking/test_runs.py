@@ -56,7 +56,7 @@ def test_what_the_text_decides_is_not_logged_before_it_is_decided(experiment: st
     config = preset_config("text", {"data": {"url": "https://example.org/faust.txt"}})
     record = runs.get_run(runs.start_run(config, experiment, "text", {}))
     later = {"model.size", "model.num_hiddens", "model.num_layers", "model.dropout", "train.batch_size"}
-    later |= {"train.num_steps", "sample.prefixes"}
+    later |= {"train.num_steps", "train.min_planned_steps", "sample.prefixes"}
     assert set(config.flat()) - set(record.params) == later  # logged by the fit-to-text task, once decided
     assert record.params["train.time_budget"] == "300.0" and record.params["data.normalize"] == "none"
 
