@@ -15,8 +15,9 @@ smallest); dropout 0.2 when the budget will pass over the text more than ``DROPO
 
 The batch: with a time budget and ``train.min_planned_steps``, the preset's rows are halved (down to
 ``MIN_ROWS``) until the budget plans that many steps at the measured throughput. A CPU trains about as many
-tokens a second with fewer rows, so a short budget there gets more, smaller steps; a GPU's budget already plans
-more steps than that at the full batch, so it keeps it.
+tokens a second with fewer rows, so a short budget there gets more, smaller steps. A GPU's budget mostly plans
+more steps than that at the full batch; where it does not, half the rows are measured too and kept only if
+they keep most of the tokens a second.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +43,7 @@ WIDTHS = (128, 192, 256, 384, 512, 768, 1024)
 TOKENS_PER_WEIGHT = 1.0
 DROPOUT_EPOCHS = 8.0
 MIN_ROWS = 8
+HALF_ROWS_RATE = 0.6
 _PROBE_SECONDS = 0.6  # timed steps per candidate size, after one untimed step
 
 
@@ -148,7 +152,8 @@ def fit_size(
     )
     model = {"num_hiddens": chosen.num_hiddens, "num_layers": chosen.num_layers, "dropout": dropout, "size": "fixed"}
     if _plans_batch(config) and rate is not None:
-        batch_size = rows_for_steps(rate, config, batch_size, num_steps)
+        measure = partial(measure_throughput, chosen, vocab_size, num_steps=num_steps, device=device, lr=train.lr)
+        batch_size, rate = rows_for_steps(rate, config, batch_size, num_steps, measure)
         note += _batch_note(rate, config, batch_size, num_steps)
     train_fields: dict[str, object] = {"batch_size": batch_size, "num_steps": num_steps}
     if _plans_batch(config):
@@ -162,20 +167,29 @@ def fit_batch(
     """The batch fields for a model of a fixed size: its throughput measured here, then ``rows_for_steps``."""
     train = config.train
     batch_size, num_steps = batch_shape(train_tokens, train.batch_size, train.num_steps)
-    rate = measure_throughput(config.model, vocab_size, batch_size, num_steps, device, train.lr)
-    rows = rows_for_steps(rate, config, batch_size, num_steps)
+    measure = partial(measure_throughput, config.model, vocab_size, num_steps=num_steps, device=device, lr=train.lr)
+    rows, rate = rows_for_steps(measure(batch_size), config, batch_size, num_steps, measure)
     note = f"batch fitted to the budget: {rate:,.0f} tokens/s measured here"
     note += _batch_note(rate, config, rows, num_steps)
     return {"batch_size": rows, "num_steps": num_steps, "min_planned_steps": 0}, note
 
 
-def rows_for_steps(rate: float, config: RunConfig, batch_size: int, num_steps: int) -> int:
-    """``batch_size`` halved (not below ``MIN_ROWS``) until ``rate`` tokens/s over the time budget make at
-    least ``train.min_planned_steps`` steps of ``rows x num_steps`` tokens."""
-    tokens = rate * (config.train.time_budget or 0.0)
-    while batch_size // 2 >= MIN_ROWS and tokens / (batch_size * num_steps) < config.train.min_planned_steps:
-        batch_size //= 2
-    return batch_size
+def rows_for_steps(
+    rate: float, config: RunConfig, batch_size: int, num_steps: int, measure: Callable[[int], float]
+) -> tuple[int, float]:
+    """The rows of a batch for the time budget, and their throughput: ``batch_size`` (at ``rate`` tokens/s)
+    halved, not below ``MIN_ROWS``, while the budget plans fewer than ``train.min_planned_steps`` steps of
+    ``rows x num_steps`` tokens and half the rows keep ``HALF_ROWS_RATE`` of the tokens a second
+    (``measure(rows)``). On a CPU they keep nearly all, so the budget makes more steps; on a GPU whose step
+    time hardly depends on the rows, fewer rows would only mean fewer tokens."""
+    budget = config.train.time_budget or 0.0
+    rows = batch_size
+    while rows // 2 >= MIN_ROWS and rate * budget / (rows * num_steps) < config.train.min_planned_steps:
+        half = measure(rows // 2)
+        if half < HALF_ROWS_RATE * rate:
+            break
+        rows, rate = rows // 2, half
+    return rows, rate
 
 
 def _batch_note(rate: float, config: RunConfig, rows: int, num_steps: int) -> str:

@@ -121,8 +121,8 @@ def test_the_text_preset_fits_the_text_ends_on_time_and_samples_from_the_held_ou
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
     assert params["preset"] == "text" and params["data.normalize"] == "none" and params["model.size"] == "fixed"
     assert int(params["model.num_hiddens"]) in (128, 192, 256, 384, 512, 768, 1024)
-    # No CPU plans 4,000 steps of 32 rows in 6 s: the rows are halved to 8, decided once.
-    assert (params["train.batch_size"], params["train.min_planned_steps"]) == ("8", "0")
+    # No CPU plans 4,000 steps of 32 rows in 6 s: the rows are halved (to 8 unless a probe is disturbed), once.
+    assert params["train.batch_size"] in ("8", "16") and params["train.min_planned_steps"] == "0"
     assert params["train.lr_schedule"] == "warmup-stable-decay" and params["data.max_tokens"] == ""  # the whole text
     # Every character kept, and the splits: 85% training, 5% validation (picks the weights), 10% test at the end.
     assert len(mlflow.artifacts.load_dict(f"runs:/{result.run_id}/vocab.json")["idx_to_token"]) == len(set(text)) + 1
