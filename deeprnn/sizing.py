@@ -43,7 +43,7 @@ WIDTHS = (128, 192, 256, 384, 512, 768, 1024)
 TOKENS_PER_WEIGHT = 1.0
 DROPOUT_EPOCHS = 8.0
 MIN_ROWS = 8
-HALF_ROWS_RATE = 0.6
+HALF_ROWS_RATE = 0.6  # a CPU keeps nearly all its tokens a second at half the rows; a flat-step GPU keeps half
 _PROBE_SECONDS = 0.6  # timed steps per candidate size, after one untimed step
 
 
