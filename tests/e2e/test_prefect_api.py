@@ -34,6 +34,12 @@ def _default_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def _deeprnn(tmp_path: Path, env: dict[str, str], *args: str, timeout: int) -> subprocess.CompletedProcess[str]:
+    """``deeprnn ARGS`` as a user types it, in ``tmp_path`` with ``env``, its output captured."""
+    command = [sys.executable, "-m", "deeprnn.cli.app", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+
+
 def _listening(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -41,30 +47,23 @@ def _listening(port: int) -> bool:
 
 def test_default_run_uses_a_temporary_server_records_the_run_and_stops_it(tmp_path: Path, book_url: str) -> None:
     env = _default_env(tmp_path)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deeprnn.cli.app",
-            "run",
-            "--preset",
-            "smoke",
-            "--epochs",
-            "1",
-            "--device",
-            "cpu",
-            "--data-url",
-            book_url,
-            "--data-sha1",
-            BOOK_SHA1,
-            "--json",
-            str(tmp_path / "result.json"),
-        ],
-        capture_output=True,
-        text=True,
+    proc = _deeprnn(
+        tmp_path,
+        env,
+        "run",
+        "--preset",
+        "smoke",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--data-url",
+        book_url,
+        "--data-sha1",
+        BOOK_SHA1,
+        "--json",
+        str(tmp_path / "result.json"),
         timeout=600,
-        env=env,
-        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # A first run on a fresh PREFECT_HOME, offline or not, says nothing the user cannot act on: no ERROR line
@@ -119,25 +118,7 @@ def test_server_command_is_prefects_own(tmp_path: Path) -> None:
 
 def test_server_that_does_not_answer_in_time_is_stopped_with_a_clear_error(tmp_path: Path, book_url: str) -> None:
     env = {**_default_env(tmp_path), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deeprnn.cli.app",
-            "run",
-            "--preset",
-            "smoke",
-            "--device",
-            "cpu",
-            "--data-url",
-            book_url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-    )
+    proc = _deeprnn(tmp_path, env, "run", "--preset", "smoke", "--device", "cpu", "--data-url", book_url, timeout=300)
     assert proc.returncode == 1
     assert (
         "did not answer within 1 s" in proc.stderr and "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in proc.stderr
@@ -152,25 +133,7 @@ def test_server_that_cannot_start_says_so(tmp_path: Path, book_url: str) -> None
         # A database the server cannot create: it fails at start-up, as with a broken PREFECT_HOME.
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'not-a-folder' / 'prefect.db'}",
     }
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deeprnn.cli.app",
-            "run",
-            "--preset",
-            "smoke",
-            "--device",
-            "cpu",
-            "--data-url",
-            book_url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-    )
+    proc = _deeprnn(tmp_path, env, "run", "--preset", "smoke", "--device", "cpu", "--data-url", book_url, timeout=300)
     assert proc.returncode == 1
     assert "temporary API server exited with status" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "cache").exists()
@@ -181,31 +144,24 @@ def test_default_sweep_workers_report_to_the_same_temporary_server(tmp_path: Pat
     that server's, and the sweep's flow run and every trial's task run are recorded, completed, in the one
     database under PREFECT_HOME."""
     env = {**_default_env(tmp_path), "DEEPRNN_DASK_WORKERS": "2"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deeprnn.cli.app",
-            "sweep",
-            "--preset",
-            "smoke",
-            "--epochs",
-            "1",
-            "--num-hiddens",
-            "8,16",
-            "--device",
-            "cpu",
-            "--data-url",
-            book_url,
-            "--data-sha1",
-            BOOK_SHA1,
-            "--no-register-best",
-        ],
-        capture_output=True,
-        text=True,
+    proc = _deeprnn(
+        tmp_path,
+        env,
+        "sweep",
+        "--preset",
+        "smoke",
+        "--epochs",
+        "1",
+        "--num-hiddens",
+        "8,16",
+        "--device",
+        "cpu",
+        "--data-url",
+        book_url,
+        "--data-sha1",
+        BOOK_SHA1,
+        "--no-register-best",
         timeout=600,
-        env=env,
-        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 of 2 trials succeeded" in proc.stdout
