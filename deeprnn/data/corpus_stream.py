@@ -265,15 +265,33 @@ def sniff_kind(path: Path) -> CorpusKind:
 def dir_files(root: Path) -> list[tuple[str, Path]]:
     """The files of a corpus folder as ``(relative POSIX path, path)``, sorted by the relative path (as Python
     compares strings), found recursively; hidden files and folders (names starting with ``.``, such as
-    ``.git``) are skipped, and so are folders reached through symbolic links."""
+    ``.git``) are skipped, and so are folders reached through symbolic links.
+
+    A symbolic link to a file inside the folder is read as that file; one that leads out of the folder raises
+    ``DownloadError`` naming the link and its target, so no file from elsewhere joins the corpus unseen."""
     found: list[tuple[str, Path]] = []
+    inside = root.resolve()
     for folder, subdirs, files in os.walk(root):
         subdirs[:] = [d for d in subdirs if not d.startswith(".")]
         for name in files:
             path = Path(folder) / name
             if not name.startswith(".") and path.is_file():
+                if path.is_symlink():
+                    _check_link(path, inside)
                 found.append((path.relative_to(root).as_posix(), path))
     return sorted(found)
+
+
+def _check_link(link: Path, inside: Path) -> None:
+    """Refuse a symbolic link in a corpus folder whose target (followed to the end) is outside ``inside``."""
+    target = link.resolve()
+    if not target.is_relative_to(inside):
+        # Refused rather than skipped: the folder lists the file, so leaving it out would train on less than
+        # the user sees there, and reading it would train on a file from elsewhere.
+        raise DownloadError(
+            f"{link} is a symbolic link to {target}, outside the corpus folder {inside}: copy that file into the "
+            "folder, or remove the link"
+        )
 
 
 def dir_text(

@@ -131,10 +131,13 @@ def _check_present(path: Path) -> None:
 
 def check_source(source: str) -> None:
     """Refuse at once, without reading a byte of it, a source that cannot work: a scheme other than http(s),
-    file or a path, or a local file or folder that is missing or unreadable. A URL is left to the download."""
+    file or a path, a local file or folder that is missing or unreadable, or a folder with a symbolic link that
+    leads out of it (``dir_files``). A URL is left to the download."""
     local = _local_path(source)
     if local is not None:
         _check_present(local)
+        if local.is_dir():
+            dir_files(local)  # only the listing: a link out of the folder is refused before anything starts
 
 
 def _read_local(path: Path, expected: str | None) -> CorpusFile:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deeprnn.data.download import CorpusFile, DownloadError, fetch_corpus, read_text_chunks
+from deeprnn.data.download import CorpusFile, DownloadError, check_source, fetch_corpus, read_text_chunks
 
 
 def _tree(root: Path, files: dict[str, bytes]) -> Path:
@@ -104,6 +104,33 @@ def test_a_folder_with_a_file_that_is_not_text_names_that_file(tmp_path: Path, b
     root = _tree(tmp_path / "corpus", {"a.txt": b"fine\n", "sub/picture.png": bad, "z.txt": b"fine\n"})
     with pytest.raises(DownloadError, match=f"{re.escape(str(root / 'sub' / 'picture.png'))} {words}"):
         fetch_corpus(str(root))
+
+
+def test_a_symbolic_link_inside_the_folder_is_read_and_one_leading_out_is_refused(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "corpus", {"a.txt": b"first\n", "sub/b.txt": b"second\n"})
+    (root / "c.txt").symlink_to(Path("sub") / "b.txt")  # relative, to a file inside the folder
+    (root / "sub" / "d.txt").symlink_to(root / "a.txt")  # absolute, to a file inside the folder
+    got = fetch_corpus(str(root))
+    assert "".join(read_text_chunks(got)) == "first\nsecond\nsecond\nfirst\n"  # a, c, sub/b, sub/d
+
+    # A system file every machine has, and a file beside the folder reached through a link inside it.
+    outside = Path("/etc/hostname") if Path("/etc/hostname").is_file() else Path(os.__file__)
+    (tmp_path / "secret.txt").write_bytes(b"not corpus\n")
+    for link, target in [(root / "z.txt", outside), (root / "sub" / "y.txt", Path("..") / ".." / "secret.txt")]:
+        link.symlink_to(target)
+        shown = re.escape(f"{link} is a symbolic link to {(link.parent / target).resolve()}, outside the corpus")
+        with pytest.raises(DownloadError, match=shown):
+            check_source(str(root))  # the listing alone: before anything is read
+        with pytest.raises(DownloadError, match=shown):
+            fetch_corpus(str(root))
+        link.unlink()
+    # A link to a link inside that leads out: followed to the end.
+    (root / "hop.txt").symlink_to(tmp_path / "secret.txt")
+    (root / "sub" / "e.txt").symlink_to(root / "hop.txt")
+    with pytest.raises(DownloadError, match=re.escape(f"{root / 'hop.txt'} is a symbolic link")):
+        check_source(str(root))
+    (root / "hop.txt").unlink()  # dangling now: neither a file nor read
+    assert fetch_corpus(str(root)).sha1 == got.sha1
 
 
 def test_a_local_gzip_file_is_read_in_place_and_decompressed(tmp_path: Path) -> None:
