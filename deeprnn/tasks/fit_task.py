@@ -23,7 +23,8 @@ def fit_configuration(
 ) -> RunConfig:
     """Decide what the configuration leaves to the text (``model.size = "auto"``, empty prefixes), say what
     was chosen and why, and log the decided values as the run's params; with ``corpus_source``, name the run
-    after the fitted model. Other configurations pass unchanged."""
+    (the MLflow run and the Prefect flow run it belongs to) after the fitted model. Other configurations pass
+    unchanged."""
     later = decided_later(config)
     if not later:
         return config
@@ -36,5 +37,23 @@ def fit_configuration(
     runs.log_params(run_id, {key: flat[key] for key in sorted(later)})
     if corpus_source is not None:
         name = naming.run_name(fitted.config, naming.corpus_stem(corpus_source), prepared.corpus_sha1)
-        runs.set_tags(run_id, {"mlflow.runName": name})
+        tags = {"mlflow.runName": name}
+        if _rename_flow_run(name):
+            tags["prefect.flow_run_name"] = name
+        runs.set_tags(run_id, tags)
+        logger.info(f"run named for the fitted model: {name}")
     return fitted.config
+
+
+def _rename_flow_run(name: str) -> bool:
+    """Rename the flow run this task runs in (in the API and in this process); False outside a flow run."""
+    from prefect import get_client
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return False
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_name(context.flow_run.id, name)
+    context.flow_run.name = name  # what prefect.runtime.flow_run.get_name() answers from now on
+    return True
