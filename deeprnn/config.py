@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Mapping, Optional
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
 from deeprnn.data.urls import redact_url
-from deeprnn.durations import parse_duration
+from deeprnn.durations import MAX_BUDGET, MIN_BUDGET, parse_budget
 from deeprnn.presets import PRESETS as PRESETS  # re-exported: the CLI and the forms read them here
 from deeprnn.presets import merge, preset_values
 from deeprnn.presets import overrides_dict as overrides_dict
@@ -30,8 +30,8 @@ REGISTERED_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$"
 # The one place credentials leave the corpus URL: its JSON form, which is what leaves the process (MLflow
 # params, checkpoints, config.json, --json). Python values keep them for the download.
 CorpusURL = Annotated[str, PlainSerializer(redact_url, when_used="json")]
-# Seconds; the CLI and the form also take "90s", "2m", "1h30m".
-Duration = Annotated[Optional[float], BeforeValidator(parse_duration)]  # "off", "0", "": no budget
+# Seconds; the CLI and the form also take "90s", "2m", "1h30m". "off" or None: no budget; 0 and blanks are refused.
+Duration = Annotated[Optional[float], BeforeValidator(parse_budget)]
 # The book's sample prefixes: the default for the book's corpus (any other text gets prefixes drawn from it).
 BOOK_PREFIXES = ["time traveller", "traveller"]
 # What ``model.size = "auto"`` decides (``deeprnn.sizing``); a value the user gives for one of them turns it off.
@@ -211,9 +211,9 @@ class TrainConfig(_Section):
         title="Time budget (seconds)",
         description="Train for this long (e.g. 90s, 2m, 1h): the steps are planned from the throughput "
         "measured in the first seconds, the learning-rate schedule follows the plan, and training ends on time "
-        "with the best validation weights. Empty: epochs and max_steps only.",
-        gt=0.0,
-        le=30 * 86400.0,
+        "with the best validation weights. off (in the form: empty): epochs and max_steps only.",
+        ge=MIN_BUDGET,
+        le=MAX_BUDGET,
     )
     min_planned_steps: int = Field(
         0,

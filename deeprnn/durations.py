@@ -1,25 +1,36 @@
-"""Durations as people write them: ``90s``, ``2m``, ``1h30m``, ``1.5h`` or a plain number of seconds."""
+"""Durations as people write them: ``90s``, ``2m``, ``1h30m``, ``1.5h`` or a plain number of seconds; and the
+time budget they give, which is such a duration or ``off``."""
 
 from __future__ import annotations
 
+import math
 import re
 
-_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s|ms)?", re.IGNORECASE)
-_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, None: 1.0}
+_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)?", re.IGNORECASE)
+_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, None: 1.0}
+# A time budget is planned from the throughput measured in its first seconds: below a second there is nothing
+# to plan. Thirty days is far beyond any run this pipeline makes.
+MIN_BUDGET = 1.0
+MAX_BUDGET = 30 * 86400.0
+OFF = "off"
+DURATION_FORMS = "90s, 2m, 1h30m or 1.5h (units h, m, s; a plain number is seconds)"
+# What a time budget takes, as every refusal says it.
+BUDGET_FORMS = f"a duration such as {DURATION_FORMS}, from 1 s to 30 days, or off for none"
+
+
+class DurationError(ValueError):
+    """A value that is not a duration (or not a time budget); the message says which forms are taken."""
 
 
 def parse_duration(value: object) -> object:
     """Seconds (a float) for a duration text such as ``"2m"``, ``"90s"``, ``"1h30m"`` or ``"45"``.
 
-    Numbers pass through unchanged (seconds), as does anything else pydantic should reject itself; an empty
-    text or ``"0"`` / ``"off"`` / ``"none"`` mean no budget (None). Raises ``ValueError`` for a text that is not
-    a duration, naming the forms it takes.
+    Anything that is not text passes through unchanged, for pydantic to judge. Raises ``DurationError`` for a
+    text that is not a duration, naming the forms it takes.
     """
     if not isinstance(value, str):
         return value
     text = value.strip().lower()
-    if text in ("", "0", "off", "none"):
-        return None
     pos, total, units = 0, 0.0, []
     for match in _PART.finditer(text):
         if match.start() != pos and text[pos : match.start()].strip():
@@ -29,8 +40,30 @@ def parse_duration(value: object) -> object:
         total += float(match.group(1)) * _SECONDS[unit]
         pos = match.end()
     if not units or text[pos:].strip() or (len(units) > 1 and None in units):
-        raise ValueError(f"{value!r} is not a duration: write e.g. 90s, 2m, 1h30m or a number of seconds")
+        raise DurationError(f"{value!r} is not a duration: write e.g. {DURATION_FORMS}")
     return total
+
+
+def parse_budget(value: object) -> float | None:
+    """A time budget in seconds, or None for ``"off"`` (or a Python None: the form's empty field).
+
+    Takes a duration text (``parse_duration``) or a number of seconds, between ``MIN_BUDGET`` and
+    ``MAX_BUDGET``. Everything else raises ``DurationError`` naming what is taken: ``0``, ``"0s"``, a blank
+    text, a bool, a negative or non-finite number. A zero budget is never taken to mean "no budget", so a
+    typo cannot turn a five-minute run into an unbounded one.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() == OFF):
+        return None
+    refused = DurationError(f"{value!r} is not a time budget: give {BUDGET_FORMS}")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise refused
+    try:
+        seconds = float(parse_duration(value))  # type: ignore[arg-type]  # text or a number: a float either way
+    except DurationError:
+        raise refused from None
+    if not math.isfinite(seconds) or not MIN_BUDGET <= seconds <= MAX_BUDGET:
+        raise refused
+    return seconds
 
 
 def format_seconds(seconds: float) -> str:

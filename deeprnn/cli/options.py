@@ -111,14 +111,27 @@ def with_options(command: Command, extra: list[inspect.Parameter]) -> Command:
 
 
 def overrides(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Group the options the user gave into ``{section: {field: value}}``."""
+    """Group the options the user gave into ``{section: {field: value}}``; a ``--time-budget`` that is not one
+    exits 2 in one line (``check_time_budget``)."""
     out: dict[str, dict[str, Any]] = {}
     for cli_name, value in values.items():
         if value is None or cli_name not in OPTION_FIELDS or (isinstance(value, list) and not value):
             continue
         section, name = OPTION_FIELDS[cli_name]
         out.setdefault(section, {})[name] = value
+    check_time_budget(out.get("train", {}).get("time_budget"))
     return out
+
+
+def check_time_budget(value: str | None) -> None:
+    """Refuse a ``--time-budget`` that is neither a duration nor ``off`` (``0``, a blank, ``1ms``, ``2x``) in
+    one line naming what it takes, before the configuration is resolved (whose message would span lines)."""
+    from deeprnn.durations import DurationError, parse_budget
+
+    try:
+        parse_budget(value)
+    except DurationError as exc:
+        fail(f"--time-budget: {exc}")
 
 
 def explain(exc: ValidationError) -> str:

@@ -112,3 +112,18 @@ def test_the_run_lookup_answers_for_local_stores_and_leaves_an_unreachable_serve
     started = time.perf_counter()
     assert missing_run(run_id, f"http://127.0.0.1:{closed_port}") is None
     assert time.perf_counter() - started < 5.0
+
+
+@pytest.mark.parametrize("budget", ["0", " ", "1ms", "none"])
+def test_a_time_budget_that_is_not_one_is_refused_in_one_line(
+    cli_env: dict[str, str], workdir: Path, budget: str
+) -> None:
+    """0 and blanks once meant "no budget" (a thousand epochs instead of five minutes); now nothing but a
+    duration or ``off`` is taken, and the refusal lists what is."""
+    proc, seconds = _deeprnn(cli_env, "run", "--data-url", "my.txt", "--time-budget", budget)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"error: --time-budget: {budget!r} is not a time budget: give a duration such as 90s, 2m, 1h30m or 1.5h "
+        "(units h, m, s; a plain number is seconds), from 1 s to 30 days, or off for none"
+    ]
+    assert seconds < 3.0 and not (workdir / "mlflow.db").exists()

@@ -255,3 +255,36 @@ def test_the_sections_the_cli_hands_a_flow_resolve_to_the_same_configuration(
     assert (
         resolve(preset, **{k: type(v).model_validate(v.model_dump(mode="json")) for k, v in handed.items()}) == config
     )
+
+
+# ----- the time budget: a duration or off, nothing that could pass for one --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "seconds"),
+    [("90s", 90.0), ("2m", 120.0), ("1h30m", 5400.0), ("1.5h", 5400.0), (" 45 ", 45.0), (1, 1.0), (600, 600.0)],
+)
+def test_a_time_budget_is_a_duration_of_one_second_or_more(given: object, seconds: float) -> None:
+    assert TrainConfig(time_budget=given).time_budget == seconds
+    assert preset_config("smoke", {"train": {"time_budget": given}}).train.time_budget == seconds
+
+
+@pytest.mark.parametrize("off", ["off", " OFF ", None])
+def test_off_and_the_forms_empty_field_mean_no_time_budget(off: str | None) -> None:
+    assert preset_config("text", {"train": {"time_budget": off}}).train.time_budget is None
+
+
+@pytest.mark.parametrize(
+    "bad", ["0", "0s", 0, 0.0, "", " ", "none", "1ms", "500ms", 0.5, "2x", "-5", -5, float("nan"), float("inf"), True]
+)
+def test_zero_blanks_and_anything_else_are_refused_naming_what_a_time_budget_takes(bad: object) -> None:
+    """0 and blanks never mean "no budget" (a five-minute run would quietly train 1,000 epochs); sub-second
+    budgets leave nothing to plan from, so ``ms`` is no unit."""
+    with pytest.raises(ValidationError) as refused:
+        preset_config("text", {"train": {"time_budget": bad}})
+    assert "is not a time budget: give a duration such as 90s, 2m, 1h30m or 1.5h (units h, m, s;" in str(refused.value)
+    assert "or off for none" in str(refused.value)
+
+
+def test_the_forms_time_budget_field_is_seconds_from_one_to_thirty_days() -> None:
+    assert _bounds(_prop(TrainConfig, "time_budget")) == {"minimum": 1.0, "maximum": 30 * 86400.0}

@@ -71,13 +71,13 @@ def test_a_time_budget_is_written_as_people_write_durations(text: str, seconds: 
     assert TrainConfig(time_budget=seconds).time_budget == seconds
 
 
-@pytest.mark.parametrize("off", ["off", "0", "", None])
+@pytest.mark.parametrize("off", ["off", None])
 def test_a_time_budget_can_be_switched_off(off: str | None) -> None:
     assert TrainConfig(time_budget=off).time_budget is None
     assert preset_config("text", {"train": {"time_budget": off}}).train.time_budget is None
 
 
-@pytest.mark.parametrize("text", ["2 minutes", "m", "-5s", "1h 30"])
+@pytest.mark.parametrize("text", ["2 minutes", "m", "-5s", "1h 30", "0", ""])
 def test_a_time_budget_that_is_not_a_duration_is_refused_naming_the_forms(text: str) -> None:
     with pytest.raises(ValidationError, match="time_budget"):
         TrainConfig(time_budget=text)
