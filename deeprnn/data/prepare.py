@@ -14,7 +14,8 @@ normalization, ``min_freq``, reserved tokens). Any other setting (splits, model,
 An entry that fails its checks is rebuilt (``deeprnn.data.token_cache``). Entries are built in a temporary folder
 and renamed into place, under a file lock, so concurrent runs (sweep trials) build each one once; the
 folders of builds that died are removed by the next call. A full disk is one ``CacheWriteError`` naming the
-folder and the space needed, with nothing half-written left.
+folder and the space needed, with nothing half-written left: refused before tokenizing when the free space is
+less than ``estimate_space`` says the build takes (from the text's first MB), or when the disk fills anyway.
 
 Building streams the corpus twice (count, then encode) in chunks, vectorized with numpy over code points,
 so memory stays bounded by the chunk size whatever the size of the text and the length of its lines.
@@ -26,6 +27,8 @@ import errno
 import hashlib
 import json
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 
 KEY_FORMAT = "deeprnn-tokens/1"  # in every key: a new value moves every entry (entries of another format
 # under the same key are rebuilt in place instead, see token_cache.FORMAT)
+SAMPLE_BYTES = 1 << 20  # text tokenized to estimate the cache entry's size
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 MAX_VOCAB = 250_000  # beyond this the one-hot input and output layer of a model no longer fit in memory
 WARN_LETTER_LOSS = 0.01  # warn when normalization drops more than this share of the text's letters
@@ -184,10 +188,12 @@ def _from_meta(folder: Path, meta: dict[str, Any], cache_hit: bool) -> PreparedC
 def _build_entry(corpus: CorpusFile, settings: TokenSettings, folder: Path, chunk_bytes: int) -> PreparedCorpus:
     """Tokenize ``corpus`` into a build folder beside ``folder``, then rename it into place."""
     started = time.perf_counter()
+    needed = estimate_space(corpus, settings)
     try:
+        _check_free_space(folder.parent, needed)
         tmp = token_cache.new_build_folder(folder.parent, folder.name)
     except OSError as exc:
-        raise _cache_write_error(folder.parent, exc, _space_needed(corpus, settings)) from None
+        raise _cache_write_error(folder.parent, exc, needed) from None
     counter: CharCounter | WordCounter | None = None
     try:
         if settings.token == "char":
@@ -203,7 +209,7 @@ def _build_entry(corpus: CorpusFile, settings: TokenSettings, folder: Path, chun
             counter.close()
         token_cache.remove(tmp)
         if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-            raise _cache_write_error(folder.parent, exc, _space_needed(corpus, settings, counter)) from None
+            raise _cache_write_error(folder.parent, exc, needed) from None
         raise
     return _from_meta(folder, meta, cache_hit=False)
 
@@ -243,23 +249,52 @@ def _tokenize_into(
     }
 
 
-def _space_needed(
-    corpus: CorpusFile, settings: TokenSettings, counter: "CharCounter | WordCounter | None" = None
-) -> int:
-    """About how many bytes the entry's build writes: the ids (one byte a token at least) and, for characters
-    with the book's rule, the normalized text spilled on the way: from the tokens counted so far, or from the
-    corpus size (its compressed size for a gzip file: less than is needed) when that is more."""
-    spill = settings.token == "char" and settings.normalize == "d2l"
-    guess = corpus.num_bytes * (2 if spill else 1)
-    if counter is None or not counter.num_tokens:
-        return guess
-    itemsize = id_dtype(len(counter.token_freqs()) + 1 + len(settings.reserved_tokens)).itemsize
-    return max(guess, counter.num_tokens * (itemsize + (1 if spill else 0)))
+def estimate_space(corpus: CorpusFile, settings: TokenSettings) -> token_cache.SpaceEstimate:
+    """About how much disk preparing ``corpus`` takes, from its first ``SAMPLE_BYTES`` of text tokenized with
+    ``settings`` (tokens a byte of text, the vocabulary seen) scaled to the whole text, without writing."""
+    pieces, size = [], 0
+    for piece in read_text_chunks(corpus, SAMPLE_BYTES):  # stopped early: only the sample is read
+        pieces.append(piece)
+        size += len(piece)
+        if size >= SAMPLE_BYTES:
+            break
+    counter = CharCounter(settings.normalize) if settings.token == "char" else WordCounter(settings.normalize)
+    try:
+        counter.add("".join(pieces))
+        counter.finish()
+    except (TooManyWordsError, WordTooLongError) as exc:  # the same text is refused at once by the build
+        raise PrepareError(str(exc)) from None
+    sampled = max(1, sum(len(p.encode("utf-8")) for p in pieces))
+    num_tokens = round(counter.num_tokens * max(sampled, _text_bytes(corpus)) / sampled)
+    vocab_size = len(counter.token_freqs()) + 1 + len(settings.reserved_tokens)
+    return token_cache.space_for(num_tokens, vocab_size, settings.token == "char" and settings.normalize == "d2l")
 
 
-def _cache_write_error(where: Path, exc: OSError, needed: int | None) -> CacheWriteError:
+def _text_bytes(corpus: CorpusFile) -> int:
+    """The bytes of text in ``corpus``: for gzip, its trailer's size of the decompressed data (modulo 2**32)."""
+    if corpus.kind != "gzip":
+        return corpus.num_bytes
+    with open(corpus.path, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        return int.from_bytes(fh.read(4), "little")
+
+
+def _check_free_space(where: Path, needed: token_cache.SpaceEstimate) -> None:
+    """Refuse, before tokenizing, a build that the disk under ``where`` has no room for."""
+    free = shutil.disk_usage(where).free
+    if free < needed.peak:
+        raise _cache_write_error(where, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), needed, free)
+
+
+def _cache_write_error(
+    where: Path, exc: OSError, needed: token_cache.SpaceEstimate | None, free: int | None = None
+) -> CacheWriteError:
     """The one message for a token cache that cannot be written: where, about how much, what to do."""
-    size = f" (preparing this corpus writes about {_megabytes(needed)})" if needed else ""
+    size = ""
+    if needed is not None:
+        size = f" (preparing this corpus writes about {_megabytes(needed.peak)}"
+        size += f" and keeps {_megabytes(needed.entry)}" if needed.entry != needed.peak else ""
+        size += f"; {_megabytes(free)} free there)" if free is not None else ")"
     full = exc.errno in _DISK_FULL
     what = "free some space there" if full else "make it writable"
     return CacheWriteError(

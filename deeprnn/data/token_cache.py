@@ -26,6 +26,7 @@ import socket
 import stat
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,31 @@ ENTRY_FILES = ("ids.bin", "vocab.json", "meta.json")
 BUILDER = "builder.json"
 LEGACY_BUILD_AGE = 24 * 3600  # seconds after which a build folder nobody claims is surely dead
 _BUILD = re.compile(r"\.build-(?P<key>[0-9a-f]{32})-")
+
+
+# vocab.json holds each token twice (``idx_to_token`` and ``token_freqs``) with its count and JSON punctuation.
+VOCAB_BYTES_PER_TOKEN = 40
+VOCAB_BYTES_FIXED = 1000  # meta.json, builder.json and vocab.json's own keys
+
+
+@dataclass(frozen=True)
+class SpaceEstimate:
+    """About how much disk an entry's build takes: ``entry`` bytes kept, ``peak`` bytes held at once while
+    building (the entry and, for the book's rule, the normalized text spilled on the way, one byte a token)."""
+
+    entry: int
+    peak: int
+
+
+def id_itemsize(vocab_size: int) -> int:
+    """Bytes per id in ``ids.bin``: the smallest unsigned type holding every index of ``vocab_size`` tokens."""
+    return 1 if vocab_size <= 1 << 8 else 2 if vocab_size <= 1 << 16 else 4
+
+
+def space_for(num_tokens: int, vocab_size: int, spill: bool) -> SpaceEstimate:
+    """The disk an entry of ``num_tokens`` ids over ``vocab_size`` tokens takes (``spill``: the book's rule)."""
+    entry = num_tokens * id_itemsize(vocab_size) + vocab_size * VOCAB_BYTES_PER_TOKEN + VOCAB_BYTES_FIXED
+    return SpaceEstimate(entry, entry + (num_tokens if spill else 0))
 
 
 class DamagedEntryError(ValueError):

@@ -3,6 +3,7 @@ folders of dead builds removed, and a full disk is one message with nothing half
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import socket
@@ -128,6 +129,49 @@ def test_build_folders_of_dead_builds_are_removed_and_live_ones_kept(corpus, tmp
     _books_entry(prepared)
 
 
+def _cjk_text() -> str:
+    """A multi-byte text of 300 Chinese characters (three UTF-8 bytes each): more than uint8 ids hold."""
+    chars = [chr(0x4E00 + 7 * i) for i in range(300)]
+    return "".join("".join(chars[(i * 13 + j) % 300] for j in range(25)) + "。\n" for i in range(40_000))
+
+
+@pytest.mark.parametrize(
+    "kind, data, dtype",
+    [
+        ("book", {}, "uint8"),  # ASCII, the book's rule: the ids and the spilled text
+        ("book", {"normalize": "none"}, "uint8"),
+        ("book-gz", {}, "uint8"),  # the sample's tokens a byte scaled by the gzip trailer's text size
+        ("book", {"token": "word", "normalize": "none"}, "uint16"),
+        ("cjk", {"normalize": "none"}, "uint16"),  # 3 MB of multi-byte text, 1 MB of tokens
+        ("many-words", {"token": "word", "normalize": "none"}, "uint32"),  # 70,000 words
+    ],
+)
+def test_the_space_estimate_is_within_a_fifth_of_what_the_build_takes(
+    book_path: Path, tmp_path: Path, kind: str, data: dict[str, str], dtype: str
+) -> None:
+    source = tmp_path / f"{kind}.txt"
+    if kind.startswith("book"):
+        source.write_bytes(book_path.read_bytes() * 12)  # about 2 MB: the estimate reads the first MB only
+        if kind == "book-gz":
+            source.write_bytes(gzip.compress(source.read_bytes(), mtime=0))
+    elif kind == "cjk":
+        source.write_text(_cjk_text(), encoding="utf-8")
+    else:
+        source.write_text(" ".join(f"w{i}" for i in range(70_000)) + "\n", encoding="utf-8")
+    corpus = fetch_corpus(str(source))
+    config = DataConfig(**data)
+    estimate = prep.estimate_space(corpus, prep.TokenSettings.of(config))
+    prepared = prep.prepare(corpus, config, tmp_path / "cache")
+    kept = sum((prepared.folder / name).stat().st_size for name in ("ids.bin", "vocab.json", "meta.json"))
+    assert (
+        prepared.dtype == dtype and prepared.ids_path.stat().st_size == prepared.num_tokens * np.dtype(dtype).itemsize
+    )
+    assert estimate.entry == pytest.approx(kept, rel=0.2)
+    # While building with the book's rule the normalized text, one byte a token, is on disk beside the ids.
+    spill = prepared.num_tokens if config.normalize == "d2l" else 0
+    assert estimate.peak == pytest.approx(kept + spill, rel=0.2)
+
+
 def test_a_full_disk_is_one_message_and_keeps_nothing(tmp_path: Path) -> None:
     source = tmp_path / "big.txt"
     source.write_text(TEXT * 40_000, encoding="utf-8")  # 4 MB: the spill and the ids need about twice that
@@ -137,7 +181,8 @@ def test_a_full_disk_is_one_message_and_keeps_nothing(tmp_path: Path) -> None:
             prep.prepare(corpus, DataConfig(), disk)
         message = str(caught.value)
         assert f"cannot write the token cache in {disk / 'tokens'}: No space left on device" in message
-        assert f"writes about {2 * source.stat().st_size / 1e6:.1f} MB" in message  # 8.1 MB
+        tokens = 3_840_000  # the book's rule keeps 96 of TEXT's 99 characters
+        assert f"writes about {2 * tokens / 1e6:.1f} MB and keeps {tokens / 1e6:.1f} MB" in message  # 7.7, 3.8
         assert "free some space there" in message.lower()
         assert "DEEPRNN_CACHE_DIR" in message
         assert sorted(p.name for p in (disk / "tokens").iterdir() if not p.name.endswith(".lock")) == []
