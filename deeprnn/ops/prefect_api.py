@@ -10,6 +10,13 @@ several more seconds to answer. Together that is most of a short run's start-up.
 process it starts, such as Dask workers) at it through ``PREFECT_API_URL``. The server runs while this
 process imports the flow, and it is stopped at exit as Prefect stops its own. Flow runs land in the same
 database, under ``PREFECT_HOME``, as they would with Prefect's ephemeral mode.
+
+Several commands started together (terminals opened at once on a fresh machine) would each start a server on
+that one database, and each server creates or migrates it as it starts: two migrations at once on a new
+sqlite file fail ("index ... already exists"). The servers of one ``PREFECT_HOME`` therefore start one after
+the other, under a file lock held from a server's start until it answers (by then its migrations and block
+registrations are done); a command waiting for the lock goes on loading the flow meanwhile. Each command
+keeps its own server, so none depends on another command's lifetime.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 # Prefect marks its temporary server with these; the UI is not served (see prefect.server.api.server).
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
@@ -32,6 +41,10 @@ SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREF
 # and fails with "database is locked" and a long traceback; offline, it logs "Failed to send telemetry" at
 # ERROR on every run. Neither is anything the user can act on. PREFECT_SERVER_ANALYTICS_ENABLED=true turns it on.
 QUIET_SERVER_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+# The lock that orders start-ups in PREFECT_HOME, and how long a command waits for it, in start-up timeouts:
+# each command ahead holds it for one start-up at most.
+START_LOCK_NAME = ".deeprnn-temporary-server.lock"
+LOCK_WAIT_STARTS = 6
 STARTUP_FAILURE_EXIT_CODE = 3  # uvicorn's exit status when it cannot start, e.g. its port was taken meanwhile
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
@@ -79,11 +92,14 @@ def server_command(port: int) -> list[str]:
 
 @dataclass
 class TemporaryAPI:
-    """A running temporary Prefect API server, owned by this process."""
+    """A temporary Prefect API server owned by this process: started at once, or as soon as the servers that
+    other commands are starting on the same database answer (``lock``)."""
 
-    process: subprocess.Popen[bytes]
-    port: int
     env: dict[str, str] = field(repr=False)
+    lock: Any = None  # a filelock.FileLock on PREFECT_HOME, held from this server's start until it answers
+    process: subprocess.Popen[bytes] | None = None  # None while waiting for the lock
+    port: int = 0
+    queued_at: float = field(default_factory=time.monotonic)
     started_at: float = field(default_factory=time.monotonic)
     ready: bool = False
 
@@ -92,10 +108,20 @@ class TemporaryAPI:
         """The API's base URL, as ``PREFECT_API_URL`` takes it."""
         return f"http://127.0.0.1:{self.port}/api"
 
+    def try_start(self) -> bool:
+        """Start the server if it has not started and the lock is free now (no waiting); True once started."""
+        if self.process is None:
+            if self.lock is not None and not _acquire(self.lock):
+                return False
+            self._spawn_on(_free_port())
+        return True
+
     def is_ready(self) -> bool:
         """True once the server answers its health check (one quick request, no waiting)."""
         if self.ready:
             return True
+        if not self.try_start():
+            return False
         import httpx  # Prefect's own HTTP client; already loaded with prefect
 
         try:
@@ -105,16 +131,42 @@ class TemporaryAPI:
         return self.ready
 
     def starting(self, timeout: float) -> bool:
-        """True while the server is still on its way up: not answering yet, running, and within ``timeout``."""
-        return not self.is_ready() and self.process.poll() is None and time.monotonic() < self.started_at + timeout
+        """True while the server is still on its way up: not answering yet, waiting for its turn or running,
+        and within ``timeout``."""
+        if self.is_ready():
+            return False
+        if self.process is None:
+            return time.monotonic() < self.queued_at + timeout * LOCK_WAIT_STARTS
+        return self.process.poll() is None and time.monotonic() < self.started_at + timeout
 
     def wait(self, timeout: float) -> None:
-        """Block until the server answers; raise ``PrefectAPIError`` saying why if it does not."""
+        """Block until the server answers; raise ``PrefectAPIError`` saying why if it does not. The lock is
+        released either way: the database is ready, or this server will not make it so."""
+        try:
+            self._wait_for_turn(timeout * LOCK_WAIT_STARTS)
+            self._wait_until_ready(timeout)
+        finally:
+            _release(self.lock)
+
+    def _wait_for_turn(self, seconds: float) -> None:
+        while not self.try_start():
+            if time.monotonic() > self.queued_at + seconds:
+                raise PrefectAPIError(
+                    f"other commands have been starting Prefect's temporary API server on this PREFECT_HOME for "
+                    f"{seconds:.0f} s (lock file {self.lock.lock_file}). Raise "
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server with `prefect server "
+                    "start` and set PREFECT_API_URL"
+                )
+            time.sleep(0.1)
+
+    def _wait_until_ready(self, timeout: float) -> None:
         deadline = self.started_at + timeout  # counted from the start, as Prefect counts for its own server
         while not self.is_ready():
+            assert self.process is not None  # started by _wait_for_turn
             code = self.process.poll()
             if code == STARTUP_FAILURE_EXIT_CODE and _port_taken(self.port):
-                self._restart()  # another program took the port between our choosing it and the server binding it
+                self._spawn_on(_free_port())  # another program took the port between our choosing it and binding it
+                deadline = self.started_at + timeout
             elif code is not None:
                 raise PrefectAPIError(
                     f"Prefect's temporary API server exited with status {code} before answering (its errors are "
@@ -130,21 +182,53 @@ class TemporaryAPI:
                 )
             time.sleep(0.1)
 
-    def _restart(self) -> None:
-        self.port = _free_port()
-        self.process = _spawn(server_command(self.port), self.env)
+    def _spawn_on(self, port: int) -> None:
+        self.port = port
+        self.process = _spawn(server_command(port), self.env)
         self.started_at = time.monotonic()
         _point_at(self.url)
 
     def stop(self) -> None:
         """Stop the server as Prefect stops its own: terminate, then kill after 5 s."""
-        if self.process.poll() is None:
+        _release(self.lock)
+        if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
                 self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def _start_lock(home: Path) -> Any:
+    """The lock that orders the temporary servers' start-ups on ``home``'s database; None where the folder
+    cannot be made (the server then says what is wrong with it, as it starts)."""
+    from filelock import FileLock  # a Prefect dependency already
+
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return FileLock(str(home / START_LOCK_NAME))
+
+
+def _acquire(lock: Any) -> bool:
+    """Take ``lock`` if it is free now; True when this process holds it (an unusable lock file counts as held:
+    the servers then start as they would without one)."""
+    from filelock import Timeout
+
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _release(lock: Any) -> None:
+    if lock is not None and lock.is_locked:
+        lock.release(force=True)
 
 
 def _stop_with_parent() -> None:
@@ -187,10 +271,9 @@ def start_temporary_api() -> TemporaryAPI | None:
         return None
     # The same environment Prefect gives its server: ours, its markers, then the active profile's settings.
     env = {**QUIET_SERVER_ENV, **os.environ, **SERVER_ENV, **settings.to_environment_variables(exclude_unset=True)}
-    port = _free_port()
-    api = TemporaryAPI(_spawn(server_command(port), env), port, env)
+    api = TemporaryAPI(env, lock=_start_lock(Path(settings.home)))
     atexit.register(api.stop)
-    _point_at(api.url)
+    api.try_start()  # now, unless another command's server is starting on the same database
     return api
 
 
