@@ -34,6 +34,7 @@ EXPECTED: tuple[tuple[str, str], ...] = (
     ("deeprnn.training.checkpoint", "UnsafeCheckpointError"),
     ("deeprnn.training.checkpoint", "DamagedCheckpointError"),  # digest mismatch, cut short, weights not finite
     ("deeprnn.training.checkpoint", "CheckpointDiskFullError"),  # the run folder's disk is full
+    ("deeprnn.tracking.model_registry", "ArtifactStoreFullError"),  # the artifact store filled while logging the model
     ("deeprnn.tracking.store", "TrackingUnavailableError"),  # also an MLflow store that needs `mlflow db upgrade`
     ("deeprnn.ops.cluster", "ClusterConfigError"),
     ("deeprnn.tasks.sweep_tasks", "SweepFailedError"),

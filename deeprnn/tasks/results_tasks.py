@@ -17,7 +17,7 @@ from deeprnn.data.download import CorpusFile
 from deeprnn.data.vocab import Vocab
 from deeprnn.pipeline import Evaluation, TrainingOutcome
 from deeprnn.report import fmt, plot_history, samples_markdown, samples_text
-from deeprnn.tracking import metrics, model_registry, naming, runs
+from deeprnn.tracking import metrics, model_registry, naming, runs, store
 from deeprnn.training import checkpoint
 from deeprnn.training.resume import RESUMABLE, run_folder
 
@@ -122,7 +122,13 @@ def final_metrics(trained: TrainingOutcome, evaluation: Evaluation) -> dict[str,
     return {**trained.metrics(), **evaluation.metrics()}
 
 
-@task(name="log-results", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+@task(
+    name="log-results",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=store.retry_on_io_faults(),  # not a full artifact store: seconds later it is still full
+)
 def log_results(
     run_id: str,
     config: RunConfig,

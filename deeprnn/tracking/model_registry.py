@@ -5,6 +5,7 @@ on the same held-out text, and fetch or load a model back.
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from deeprnn.tracking import naming
-from deeprnn.tracking.store import tracking_uri
+from deeprnn.tracking.store import is_disk_full, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,30 @@ def log_model(run_id: str, checkpoint: Path, example_prefix: str) -> LoggedModel
     outputs = run.outputs.model_outputs if run.outputs else []
     linked = any(output.model_id == logged.model_id for output in outputs)
     with tempfile.TemporaryDirectory(prefix="deeprnn-code-") as folder:
-        _log_pyfunc(run_id, logged.model_id, linked, checkpoint, library_code(Path(folder)), example_prefix)
+        code = library_code(Path(folder))
+        try:
+            _log_pyfunc(run_id, logged.model_id, linked, checkpoint, code, example_prefix)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            needed = checkpoint.stat().st_size + sum(p.stat().st_size for p in code.rglob("*") if p.is_file())
+            raise ArtifactStoreFullError(run.info.artifact_uri, needed, run_id) from None
     return LoggedModel(logged.model_id, f"models:/{logged.model_id}")
+
+
+class ArtifactStoreFullError(OSError):
+    """The artifact store filled while a model was logged; the message names the store and the space needed."""
+
+    def __init__(self, store: str, needed: int, run_id: str) -> None:
+        text = (
+            f"the artifact store {store} is full: logging the model needs about {needed / 1e6:,.1f} MB there "
+            f"(its checkpoint and code). Free some space, then continue with `deeprnn run --resume {run_id}`: "
+            "the same run logs the same model"
+        )
+        super().__init__(errno.ENOSPC, text)
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # without the "[Errno 28]" prefix
 
 
 # The layers around the library: the model's code needs none of them (``lm_pyfunc`` imports the library only).

@@ -7,6 +7,8 @@ directory.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +41,7 @@ def check_reachable(timeout: float = 5.0) -> str:
     Returns the (redacted) URI. Called before any download or training.
     """
     uri = mlflow.get_tracking_uri()
+    _quiet_run_links(uri)
     scheme = urlsplit(uri).scheme
     if scheme in ("http", "https"):
         try:
@@ -87,6 +90,13 @@ def _ensure_store() -> None:
             ) from None
 
 
+def _quiet_run_links(uri: str) -> None:
+    """MLflow prints a link to every run it ends ("View run ... at: <tracking URI>/#/..."), with the user and
+    password the URI carries: off when it carries any (deeprnn's own links leave them out)."""
+    if redact_url(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
 def experiment_id(name: str) -> str:
     """The id of experiment ``name``, created if missing (safe when several runs create it at once)."""
     client = MlflowClient()
@@ -107,17 +117,26 @@ def is_tracking_error(exc: BaseException) -> bool:
     return isinstance(exc, MlflowException)
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk or quota: a retry seconds later fails again
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a full disk (or quota): not worth retrying until someone frees space."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL
+
+
 def retry_on_io_faults(*never: type[BaseException]) -> Callable[[Any, Any, Any], bool]:
     """A Prefect ``retry_condition_fn``: retry disk, network and MLflow faults, which a second attempt may get
-    past, but not the ``never`` classes nor anything else (bad settings, divergence fail the same way again)."""
+    past, but not a full disk, the ``never`` classes nor anything else (bad settings, divergence fail the same
+    way again)."""
 
     def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
         try:
             state.result()
         except never:
             return False
-        except OSError:
-            return True
+        except OSError as exc:
+            return not is_disk_full(exc)
         except Exception as exc:
             return is_tracking_error(exc)
         return False
@@ -141,6 +160,7 @@ def worker_tracking_uri() -> str:
 
 def use_tracking_uri(uri: str) -> None:
     """Point this process's MLflow client at ``uri`` (a sweep trial, in its worker process)."""
+    _quiet_run_links(uri)
     if mlflow.get_tracking_uri() != uri:
         mlflow.set_tracking_uri(uri)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pandas as pd
@@ -16,7 +17,9 @@ from deeprnn.cli.app import app
 from deeprnn.config import D2L_SHA1, preset_config
 from deeprnn.data.vocab import Vocab
 from deeprnn.model import RNNLM
+from deeprnn.ops import failures
 from deeprnn.tracking import model_registry, runs
+from deeprnn.tracking import store as store_module
 from deeprnn.training import checkpoint
 
 
@@ -186,8 +189,20 @@ def test_a_model_upload_that_fills_the_artifact_store_completes_the_same_run_onc
     filler = small_filesystem / "filler"
     stats = os.statvfs(small_filesystem)
     filler.write_bytes(b"\0" * (stats.f_bavail * stats.f_frsize - 16_384))  # 16 KB left: the model needs more
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(model_registry.ArtifactStoreFullError) as full:
         model_registry.log_model(run_id, tiny_checkpoint, "time")
+    # One line: the store, about how much the model needs, what to do; not retried (a full disk stays full).
+    said = str(full.value)
+    store = client.get_run(run_id).info.artifact_uri
+    assert said.startswith(f"the artifact store {store} is full: logging the model needs about ")
+    needed = float(said.split("needs about ")[1].split(" MB")[0])
+    assert needed * 1e6 >= tiny_checkpoint.stat().st_size and f"deeprnn run --resume {run_id}" in said
+    assert "\n" not in said and "Errno" not in said and failures.message(full.value) == said
+    assert failures.is_expected(full.value)
+    failed = SimpleNamespace(result=lambda: (_ for _ in ()).throw(full.value))
+    assert store_module.retry_on_io_faults()(None, None, failed) is False
+    broken = SimpleNamespace(result=lambda: (_ for _ in ()).throw(ConnectionResetError("reset")))
+    assert store_module.retry_on_io_faults()(None, None, broken) is True
     filler.unlink()  # the operator frees the disk
     model = model_registry.log_model(run_id, tiny_checkpoint, "time")
     run = client.get_run(run_id)
