@@ -32,7 +32,7 @@ from deeprnn.tasks.results_tasks import (
     tracking_experiment,
 )
 from deeprnn.tasks.splits_task import prepare_splits
-from deeprnn.tasks.train_task import train_model
+from deeprnn.tasks.train_task import outcome, train_model
 from deeprnn.tracking import runs, store
 from deeprnn.training.resume import LAST
 
@@ -69,7 +69,9 @@ def run_pipeline(
         runs.log_dataset(run_id, corpus, vocab, prepared.num_tokens)
         splits = prepare_splits(prepared, config.data, config.train)
         timeout = training_timeout_seconds(config.train, splits.train.numel())  # the user's, or derived
-        trained = train_model.with_options(timeout_seconds=timeout)(config, vocab, splits, run_id, run_dir, device)
+        trained = outcome(
+            train_model.with_options(timeout_seconds=timeout)(config, vocab, splits, run_id, run_dir, device)
+        )
         evaluation = evaluate_model(trained.checkpoint, splits, device)
         samples = generate_samples(trained.checkpoint, device)
         evaluated_at = time.time()

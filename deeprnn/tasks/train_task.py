@@ -4,6 +4,7 @@ Prefect (log lines, a progress artifact) and every epoch, step and checkpoint in
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Cancelled, State
 
 from deeprnn.config import RunConfig, TrainConfig
 from deeprnn.data.batching import Splits
@@ -106,8 +108,29 @@ def train_model(
     """Train on the training split, logging every epoch to MLflow; returns the checkpoint path and metrics.
 
     When the run folder already holds ``last.pt`` (a retry of this task, or ``deeprnn run --resume``),
-    training continues from it instead of starting over.
+    training continues from it instead of starting over. Stopped by SIGINT or SIGTERM (checkpointed at a
+    step boundary), the task run ends Cancelled and returns that state: ``outcome`` raises the stop again.
     """
+    try:
+        return _train(config, vocab, splits, run_id, run_dir, device)
+    except stopping.StopRequested as exc:
+        # A stop is not a crash: Prefect's engine would end the task run Crashed on this KeyboardInterrupt
+        # (which alerts) inside a flow run that ends Cancelled. Returned, the state is the task run's end state.
+        return Cancelled(message=f"stopped by {exc.signal_name}")  # type: ignore[return-value]
+
+
+def outcome(result: TrainingOutcome | State) -> TrainingOutcome:
+    """What ``train_model`` returned; when a stop ended it (its task run Cancelled), the stop raised again for
+    the stages around it: the MLflow run marked KILLED with its checkpoint, the flow run Cancelled."""
+    if isinstance(result, State):
+        raise stopping.StopRequested(stopping.requested() or signal.SIGINT)
+    return result
+
+
+def _train(
+    config: RunConfig, vocab: Vocab, splits: Splits, run_id: str, run_dir: str, device: torch.device
+) -> TrainingOutcome:
+    """The task's body: training, with its progress in Prefect and MLflow."""
     logger = get_run_logger()
     run = start_training(config, vocab, splits, Path(run_dir), device)
     step = run.trainer.step
@@ -122,7 +145,7 @@ def train_model(
     try:
         # A stop signal is held back while training: the loop stops at its next step boundary, checkpointed.
         with metrics.system_metrics(run_id), stopping.held():  # CPU, memory (and GPU) use as system/* metrics
-            outcome = run.fit(_hooks(run_id, config.train, curves, progress, logger), earlier)
+            trained = run.fit(_hooks(run_id, config.train, curves, progress, logger), earlier)
     except BaseException:
         try:
             curves.flush()  # whatever was measured reaches MLflow, also when training fails
@@ -131,10 +154,10 @@ def train_model(
         raise
     curves.flush()
     update_progress_artifact(progress, 100.0)  # done: the budget or the epochs are spent
-    _record_stop(run_id, outcome, logger)
+    _record_stop(run_id, trained, logger)
     logger.info(
-        f"trained in {time.perf_counter() - started:.1f} s ({outcome.step_mode} steps, {outcome.precision}): "
-        f"{outcome.epochs_done} epochs, {outcome.steps_done:,} steps, "
-        f"final train ppl {outcome.final_train_perplexity:.3f}, {outcome.tokens_per_sec:,.0f} tokens/s"
+        f"trained in {time.perf_counter() - started:.1f} s ({trained.step_mode} steps, {trained.precision}): "
+        f"{trained.epochs_done} epochs, {trained.steps_done:,} steps, "
+        f"final train ppl {trained.final_train_perplexity:.3f}, {trained.tokens_per_sec:,.0f} tokens/s"
     )
-    return outcome
+    return trained

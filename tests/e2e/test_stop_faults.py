@@ -63,8 +63,9 @@ def _wait_for_hit(server: Any, prefix: str, proc: subprocess.Popen, timeout: flo
         time.sleep(0.05)
 
 
-def _flow_run_states(machine: Machine, flow_run_ids: list[str]) -> dict[str, str]:
-    """Each flow run's state type, read from the Prefect API served on the machine's own database."""
+def _flow_run_states(machine: Machine, flow_run_ids: list[str]) -> dict[str, Any]:
+    """Each flow run's state type, and those of its task runs by name, read from the Prefect API served on the
+    machine's own database: ``{id: state, (id, task run name): state}``."""
     port = _free_port()
     env = {**machine.env, **SERVER_ENV}
     server = subprocess.Popen(server_command(port), env=env, start_new_session=True)
@@ -79,7 +80,13 @@ def _flow_run_states(machine: Machine, flow_run_ids: list[str]) -> dict[str, str
                 pass
             assert time.monotonic() < deadline and server.poll() is None, "Prefect's API did not start"
             time.sleep(0.2)
-        return {i: httpx.get(f"{url}/flow_runs/{i}", timeout=10).json()["state"]["type"] for i in flow_run_ids}
+        states: dict[Any, str] = {}
+        for i in flow_run_ids:
+            states[i] = httpx.get(f"{url}/flow_runs/{i}", timeout=10).json()["state"]["type"]
+            query = {"flow_runs": {"id": {"any_": [i]}}}
+            for task_run in httpx.post(f"{url}/task_runs/filter", json=query, timeout=10).json():
+                states[i, task_run["name"]] = task_run["state"]["type"]
+        return states
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -157,7 +164,13 @@ def test_sigint_to_the_group_in_training_checkpoints_marks_killed_and_exits_130(
     assert run.info.status == "KILLED"
     assert run.data.tags["deeprnn.stopped"] == f"continue with: deeprnn run --resume {run_id}"
     # The flow run reported how it ended before its API server went away (it was left RUNNING before).
-    assert stopped["flow_run_states"][run.data.tags["prefect.flow_run_id"]] == "CANCELLED"
+    flow_run_id = run.data.tags["prefect.flow_run_id"]
+    states = stopped["flow_run_states"]
+    assert states[flow_run_id] == "CANCELLED"
+    # The task run that the stop ended is Cancelled with it, not Crashed; those before it completed.
+    tasks = {key[1]: state for key, state in states.items() if isinstance(key, tuple) and key[0] == flow_run_id}
+    assert [state for name, state in tasks.items() if name.startswith("train-model")] == ["CANCELLED"], tasks
+    assert set(tasks.values()) == {"COMPLETED", "CANCELLED"}, tasks
 
 
 def test_a_damaged_checkpoint_is_named_and_the_mlflow_copy_resumes_the_run(stopped: dict[str, Any]) -> None:
