@@ -72,7 +72,7 @@ def run(
     _check_resume(resume, preset)
     options.check_registered_model(registered_model)
     config = options.resolve_or_exit(preset, overrides)  # for a resume, this only validates the overrides
-    _preflight(config, overrides, resume)
+    _preflight(config, overrides, resume, experiment, runs_dir)
     _announce(config, resume, chosen=preset is None)  # the first line, before anything prints
 
     launch.stop_on_signals()  # SIGINT, SIGTERM: stop at a safe point, checkpointed, with one line
@@ -118,15 +118,18 @@ def _check_resume(resume: str | None, preset: str | None) -> None:
         fail("--preset cannot be combined with --resume: a resumed run keeps its own configuration")
 
 
-def _preflight(config: RunConfig, overrides: dict[str, Any], resume: str | None) -> None:
-    """What can be refused in milliseconds, before Prefect or MLflow start: the corpus, the device, the run."""
+def _preflight(
+    config: RunConfig, overrides: dict[str, Any], resume: str | None, experiment: str | None, runs_dir: str
+) -> None:
+    """What can be refused in milliseconds, before Prefect or MLflow start: the corpus, the device, the run
+    (absent, another experiment's, without a checkpoint, or finished with nothing left to train)."""
     if resume is None:
         preflight.check_source(config.data.url)
         preflight.check_device(config.train.device)
     else:  # a resumed run's settings are its own; only what the options change is checked here
         preflight.check_source(overrides.get("data", {}).get("url"))
         preflight.check_device(overrides.get("train", {}).get("device", "auto"))
-        preflight.check_resume(resume)
+        preflight.check_resume(resume, experiment, runs_dir, overrides.get("train", {}))
 
 
 def _announce(config: RunConfig, resume: str | None, chosen: bool) -> None:

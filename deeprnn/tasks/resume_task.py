@@ -33,7 +33,8 @@ def prepare_resume(
     configuration stored in it, with the allowed overrides applied, and the run's experiment.
 
     Refuses, before anything is changed: an id that is not a run here, an experiment other than the run's,
-    overrides that contradict the checkpoint, and a finished run that is not given more epochs.
+    overrides that contradict the checkpoint, and a FINISHED run that would have nothing left to train (its
+    epochs, or the step or time budget it stopped on, not raised).
     """
     logger = get_run_logger()
     resume.check_run_id(run_id)
@@ -41,20 +42,26 @@ def prepare_resume(
     run = runs.find_run(run_id)
     if experiment and experiment != run.experiment:
         raise resume.ResumeError(f"run {run_id} belongs to experiment {run.experiment!r}, not {experiment!r}")
-    saved = _load_checkpoint(run_id, resume.run_folder(runs_dir, run_id) / resume.LAST, logger)
-    config = resume.resume_config(saved["config"], overrides_dict(data, model, train, sample), saved["epoch"])
-    if run.status == "FINISHED" and config.train.epochs <= saved["epoch"]:
-        raise resume.ResumeError(
-            f"run {run_id} already FINISHED its {saved['epoch']} epochs: give --epochs above {saved['epoch']} "
-            "to train it further"
-        )
+    saved = _load_checkpoint(run_id, resume.run_folder(runs_dir, run_id) / resume.LAST, run.tags, logger)
+    state = saved.get("trainer_state") or {}
+    steps, seconds = int(state.get("step") or 0), float(state.get("train_seconds") or 0.0)
+    overrides = overrides_dict(data, model, train, sample)
+    config = resume.resume_config(saved["config"], overrides, saved["epoch"], steps, seconds)
+    if run.status == "FINISHED":
+        stored = RunConfig.model_validate(saved["config"]).train
+        done = resume.Finished(run.tags.get("deeprnn.stop_reason", ""), saved["epoch"], steps, stored.time_budget)
+        left = config.train
+        refusal = resume.nothing_left(run_id, done, left.epochs, left.max_steps, left.time_budget)
+        if refusal:
+            raise resume.ResumeError(refusal)
     logger.info("checkpoint at epoch %d; continuing to epoch %d", saved["epoch"], config.train.epochs)
     return config, run.experiment
 
 
-def _load_checkpoint(run_id: str, last: Path, logger: Logger) -> dict[str, Any]:
+def _load_checkpoint(run_id: str, last: Path, tags: dict[str, str], logger: Logger) -> dict[str, Any]:
     """The run's last checkpoint: the local file when it matches its digest, else the MLflow copy (which then
-    replaces it). A run with neither is refused in one line (``ResumeError``)."""
+    replaces it). A run with neither is refused in one line (``ResumeError``) that says, from the run's
+    ``tags``, whether it never logged one or its files are gone."""
     damaged: ValueError | None = None
     if last.is_file():
         try:
@@ -73,7 +80,4 @@ def _load_checkpoint(run_id: str, last: Path, logger: Logger) -> dict[str, Any]:
         if damaged is not None:  # its own kind (a refused pickle stays one), saying that MLflow has no copy
             kind = type(damaged) if ops_failures.is_expected(damaged) else resume.ResumeError
             raise kind(f"{damaged}, and MLflow run {run_id} has no copy of it") from None
-        raise resume.ResumeError(
-            f"MLflow run {run_id} has no checkpoint to resume from: it stopped before its first checkpoint; "
-            "start a new run"
-        ) from None
+        raise resume.ResumeError(resume.no_checkpoint(run_id, tags, last)) from None

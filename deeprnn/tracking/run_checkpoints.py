@@ -14,6 +14,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from deeprnn.training import checkpoint
+from deeprnn.training.resume import CHECKPOINT_TAG
 
 CHECKPOINT_ARTIFACT = "checkpoints/last.pt"  # the resumable checkpoint, as the run's artifact
 
@@ -49,13 +50,15 @@ def download_artifact(run_id: str, artifact_path: str, target: Path) -> Path:
 
 def upload_checkpoint(run_id: str, path: Path) -> None:
     """Upload a checkpoint and its digest file as the run's ``checkpoints/`` artifacts, only once the file on
-    disk matches its digest (``DamagedCheckpointError`` otherwise): a damaged file never replaces a good copy."""
+    disk matches its digest (``DamagedCheckpointError`` otherwise): a damaged file never replaces a good copy.
+    The run is tagged ``deeprnn.checkpoint``, so a resume can tell a run that never had one from lost files."""
     checkpoint.verify(path)
     client = MlflowClient()
     client.log_artifact(run_id, str(path), CHECKPOINT_ARTIFACT.rsplit("/", 1)[0])
     sidecar = checkpoint.digest_path(path)
     if sidecar.is_file():
         client.log_artifact(run_id, str(sidecar), CHECKPOINT_ARTIFACT.rsplit("/", 1)[0])
+    client.set_tag(run_id, CHECKPOINT_TAG, CHECKPOINT_ARTIFACT)  # the run had one, even once its files are gone
 
 
 def fetch_checkpoint(run_id: str, target: Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit
@@ -210,6 +210,7 @@ class RunHandle:
     run_id: str
     status: str
     experiment: str
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 def find_run(run_id: str) -> RunHandle:
@@ -223,7 +224,7 @@ def find_run(run_id: str) -> RunHandle:
         ) from None
     if run.info.lifecycle_stage != "active":
         raise LookupError(f"MLflow run {run_id} was deleted; restore it in MLflow first")
-    return RunHandle(run_id, run.info.status, client.get_experiment(run.info.experiment_id).name)
+    return RunHandle(run_id, run.info.status, client.get_experiment(run.info.experiment_id).name, run.data.tags)
 
 
 def reopen_run(run_id: str, tags: dict[str, str]) -> None:

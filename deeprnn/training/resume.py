@@ -10,10 +10,12 @@ from the minibatch after it.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deeprnn.config import RunConfig
+from deeprnn.durations import format_seconds
 
 if TYPE_CHECKING:  # annotations only: checking a run id (the CLI, before anything starts) needs no torch
     from deeprnn.model import RNNLM
@@ -29,6 +31,7 @@ RESUMABLE = frozenset(
     {
         "train.epochs",
         "train.max_steps",
+        "train.time_budget",
         "train.device",
         "train.timeout_minutes",
         "train.checkpoint_every",
@@ -38,6 +41,12 @@ RESUMABLE = frozenset(
     }
 )
 _RUN_ID = re.compile(r"^[0-9A-Za-z]{1,64}$")
+# MLflow tags that show a run logged a resumable checkpoint at some point: the one set at every upload, the
+# stop note of a run stopped with one, the mark of an earlier resume (it started from one).
+CHECKPOINT_TAG = "deeprnn.checkpoint"
+_STOP_TAG, _RESUMED_TAG = "deeprnn.stopped", "deeprnn.resumed_at_epoch"
+# Why training ended (tag ``deeprnn.stop_reason``); each of these writes a last checkpoint as it ends.
+TRAINING_ENDS = ("epochs", "max_steps", "time_budget", "early_stopping")
 
 
 class ResumeError(ValueError):
@@ -57,6 +66,63 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
+@dataclass(frozen=True)
+class Finished:
+    """Where a FINISHED run's training ended: why (``deeprnn.stop_reason``), the epochs and steps done (0 when
+    not known), and the time budget it ran under (seconds, None for none)."""
+
+    stop_reason: str
+    epochs: int = 0
+    steps: int = 0
+    budget: float | None = None
+
+
+def nothing_left(run_id: str, done: Finished, epochs: int, max_steps: int | None, budget: float | None) -> str | None:
+    """Why a FINISHED run continued with ``epochs``, ``max_steps`` and ``budget`` (seconds) would train nothing,
+    naming what to give instead; None when something is left to train. Epochs count whatever the run stopped
+    on; a step or time budget only when the run stopped on it (what was done of it is then all of it)."""
+    if done.epochs and epochs <= done.epochs:
+        return (
+            f"MLflow run {run_id} already FINISHED its {done.epochs} epochs, so nothing is left to train: give "
+            f"--epochs above {done.epochs} to train it further"
+        )
+    if done.stop_reason == "max_steps" and max_steps is not None and max_steps <= done.steps:
+        return (
+            f"MLflow run {run_id} already FINISHED its step budget ({done.steps:,} steps), so nothing is left to "
+            f"train: give --max-steps above {done.steps} to train it further"
+        )
+    if done.stop_reason == "time_budget" and budget is not None and budget <= (done.budget or 0.0):
+        spent = format_seconds(done.budget or 0.0)
+        return (
+            f"MLflow run {run_id} already FINISHED its time budget ({spent}), so nothing is left to train: give a "
+            f"longer --time-budget (above {spent}), or --time-budget off and --epochs, to train it further"
+        )
+    return None
+
+
+def logged_checkpoint(tags: dict[str, str]) -> bool:
+    """Whether a run's MLflow ``tags`` show it logged a resumable checkpoint at some point."""
+    return (
+        CHECKPOINT_TAG in tags
+        or _RESUMED_TAG in tags
+        or tags.get(_STOP_TAG, "").startswith("continue with")
+        or tags.get("deeprnn.stop_reason") in TRAINING_ENDS
+    )
+
+
+def no_checkpoint(run_id: str, tags: dict[str, str], local: Path) -> str:
+    """Why run ``run_id`` cannot be resumed when neither ``local`` nor its MLflow copy exists: it never logged
+    a checkpoint, or (its ``tags`` say it did) the files are gone."""
+    if logged_checkpoint(tags):
+        return (
+            f"MLflow run {run_id} logged a checkpoint, but its files are gone: neither {local} nor the run's "
+            "artifact checkpoints/last.pt exists any more; start a new run"
+        )
+    return (
+        f"MLflow run {run_id} has no checkpoint to resume from: it stopped before its first checkpoint; start a new run"
+    )
+
+
 def run_folder(runs_dir: str | Path, run_id: str) -> Path:
     """The run's local folder (checkpoints): ``<runs_dir>/<run_id>``, never outside ``runs_dir``."""
     return Path(runs_dir).resolve() / check_run_id(run_id)
@@ -69,15 +135,19 @@ def differences(stored: RunConfig, given: RunConfig) -> dict[str, tuple[Any, Any
 
 
 def resume_config(
-    stored: dict[str, Any], overrides: dict[str, dict[str, Any]], epochs_done: int, steps_done: int = 0
+    stored: dict[str, Any],
+    overrides: dict[str, dict[str, Any]],
+    epochs_done: int,
+    steps_done: int = 0,
+    seconds_done: float = 0.0,
 ) -> RunConfig:
     """The configuration a resumed run continues with: the checkpoint's ``stored`` config, plus ``overrides``.
 
     ``overrides`` (``{section: {field: value}}``, None values ignored) may restate the stored values, change
     the ``RESUMABLE`` ones, or give the corpus URL again with its credentials (checkpoints keep it without).
     Anything else raises ``ResumeError`` naming each setting, its stored value and the value given, and so
-    do ``epochs`` below ``epochs_done`` and ``max_steps`` below ``steps_done`` (the checkpoint's
-    ``trainer_state["step"]``).
+    do ``epochs`` below ``epochs_done``, ``max_steps`` below ``steps_done`` (the checkpoint's
+    ``trainer_state["step"]``) and a changed time budget no longer than the ``seconds_done`` of training.
     """
     base = RunConfig.model_validate(stored)
     merged = base.model_dump(mode="json")
@@ -98,6 +168,12 @@ def resume_config(
             f"them: give at least {epochs_done}"
         )
     _check_steps(config, steps_done)
+    budget = config.train.time_budget
+    if budget is not None and budget != base.train.time_budget and budget <= seconds_done:
+        raise ResumeError(
+            f"the checkpoint already has {format_seconds(seconds_done)} of training; --time-budget "
+            f"{format_seconds(budget)} would leave none: give more than {format_seconds(seconds_done)}, or off"
+        )
     return config
 
 

@@ -13,7 +13,18 @@ from deeprnn.model import RNNLM
 from deeprnn.training import checkpoint
 from deeprnn.training.divergence import TrainingDivergedError
 from deeprnn.training.loop import Trainer
-from deeprnn.training.resume import RESUMABLE, ResumeError, check_run_id, restore_training, resume_config, run_folder
+from deeprnn.training.resume import (
+    RESUMABLE,
+    Finished,
+    ResumeError,
+    check_run_id,
+    logged_checkpoint,
+    no_checkpoint,
+    nothing_left,
+    restore_training,
+    resume_config,
+    run_folder,
+)
 
 CPU = torch.device("cpu")
 URL = "http://127.0.0.1:8000/timemachine.txt"
@@ -55,6 +66,51 @@ def test_the_step_budget_may_be_raised_never_cut_below_the_steps_done() -> None:
         ResumeError, match="already has 50 steps done; --max-steps 40 would undo them: give at least 50"
     ):
         resume_config(_stored(max_steps=50), {"train": {"max_steps": 40}}, epochs_done=1, steps_done=50)
+
+
+def test_the_time_budget_may_change_but_must_leave_time_to_train() -> None:
+    assert (
+        resume_config(_stored(time_budget=5), {"train": {"time_budget": "1m"}}, 0, seconds_done=5).train.time_budget
+        == 60
+    )
+    assert (
+        resume_config(_stored(time_budget=5), {"train": {"time_budget": "off"}}, 0, seconds_done=5).train.time_budget
+        is None
+    )
+    assert resume_config(_stored(time_budget=5), {}, 0, seconds_done=3).train.time_budget == 5  # unchanged: goes on
+    with pytest.raises(ResumeError, match="already has 1m of training; --time-budget 30s would leave none"):
+        resume_config(_stored(time_budget=120), {"train": {"time_budget": "30s"}}, 0, seconds_done=60)
+
+
+def test_a_finished_run_has_nothing_left_until_the_budget_it_stopped_on_is_raised() -> None:
+    run = "a" * 32
+    by_epochs, by_steps, by_time = (
+        Finished("epochs", 3, 45),
+        Finished("max_steps", 1, 40),
+        Finished("time_budget", 2, 9, 5.0),
+    )
+    assert "give --epochs above 3" in (nothing_left(run, by_epochs, 3, None, None) or "")
+    assert nothing_left(run, by_epochs, 4, None, None) is None
+    assert "give --max-steps above 40" in (nothing_left(run, by_steps, 10, 40, None) or "")
+    assert nothing_left(run, by_steps, 10, 41, None) is None
+    spent = nothing_left(run, by_time, 1000, None, 5.0) or ""
+    assert "its time budget (5s), so nothing is left to train: give a longer --time-budget (above 5s)" in spent
+    assert nothing_left(run, by_time, 1000, None, 6.0) is None and nothing_left(run, by_time, 1000, None, None) is None
+    assert nothing_left(run, Finished("early_stopping", 7), 1000, None, None) is None  # stops again, after training
+
+
+def test_the_checkpoint_message_says_whether_one_was_ever_logged(tmp_path: Path) -> None:
+    local = tmp_path / "last.pt"
+    for tags in (
+        {"deeprnn.checkpoint": "checkpoints/last.pt"},
+        {"deeprnn.stop_reason": "epochs"},
+        {"deeprnn.stopped": "continue with: deeprnn run --resume x"},
+        {"deeprnn.resumed_at_epoch": "2"},
+    ):
+        assert logged_checkpoint(tags) and "its files are gone: neither" in no_checkpoint("r", tags, local)
+    for tags in ({}, {"deeprnn.stopped": "stopped before its first checkpoint: nothing to resume"}):
+        assert not logged_checkpoint(tags)
+        assert "it stopped before its first checkpoint" in no_checkpoint("r", tags, local)
 
 
 def test_runtime_settings_may_change() -> None:

@@ -5,6 +5,7 @@ with, and every refusal before anything is changed."""
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -80,7 +81,7 @@ def test_the_local_checkpoint_is_used_when_there_is_one(store: Store, tmp_path: 
 def test_allowed_overrides_apply_and_a_finished_run_needs_more_epochs(store: Store, tmp_path: Path) -> None:
     run_id = store.run_with_checkpoint(_config(epochs=3), epoch=3, status="FINISHED")
     runs = str(tmp_path / "runs")
-    with pytest.raises(ResumeError, match=f"run {run_id} already FINISHED its 3 epochs: give --epochs above 3"):
+    with pytest.raises(ResumeError, match=f"run {run_id} already FINISHED its 3 epochs, .*: give --epochs above 3"):
         prepare_resume.fn(run_id, runs, None)
     config, _ = prepare_resume.fn(run_id, runs, None, train={"epochs": 5, "device": "cpu"})
     assert config.train.epochs == 5 and config.model.num_hiddens == 8
@@ -100,3 +101,27 @@ def test_refusals_name_what_to_change_and_change_nothing(store: Store, tmp_path:
         prepare_resume.fn(run_id, str(runs), None, model={"num_hiddens": 16})
     with pytest.raises(ResumeError, match="the checkpoint already has 2 epochs done; --epochs 1 would undo them"):
         prepare_resume.fn(run_id, str(runs), None, train={"epochs": 1})
+
+
+def test_a_finished_run_whose_time_budget_is_spent_needs_a_longer_one(store: Store, tmp_path: Path) -> None:
+    config = preset_config("smoke", {"model": {"num_hiddens": 8}, "train": {"device": "cpu", "time_budget": 2}})
+    run_id = store.run_with_checkpoint(config, epoch=1, status="FINISHED")
+    store.client.set_tag(run_id, "deeprnn.stop_reason", "time_budget")
+    runs = str(tmp_path / "runs")
+    for train in (None, {"epochs": 5000}, {"time_budget": "2s"}):
+        with pytest.raises(ResumeError, match=r"FINISHED its time budget \(2s\), so nothing is left to train: give a"):
+            prepare_resume.fn(run_id, runs, None, train=train)
+    assert prepare_resume.fn(run_id, runs, None, train={"time_budget": "1m"})[0].train.time_budget == 60.0
+    assert prepare_resume.fn(run_id, runs, None, train={"time_budget": "off"})[0].train.time_budget is None
+
+
+def test_lost_checkpoint_files_are_told_apart_from_a_run_that_never_logged_one(store: Store, tmp_path: Path) -> None:
+    run_id = store.run_with_checkpoint(_config(epochs=3), epoch=2, status="KILLED")
+    store.client.set_tag(run_id, "deeprnn.checkpoint", CHECKPOINT_ARTIFACT)  # as every upload tags it
+    shutil.rmtree(Path(store.client.get_run(run_id).info.artifact_uri) / "checkpoints")
+    with pytest.raises(ResumeError, match=f"MLflow run {run_id} logged a checkpoint, but its files are gone"):
+        prepare_resume.fn(run_id, str(tmp_path / "runs"), None)
+    never = store.client.create_run(store.experiment_id).info.run_id
+    store.client.set_terminated(never, "KILLED")
+    with pytest.raises(ResumeError, match=f"MLflow run {never} has no checkpoint to resume from: it stopped before"):
+        prepare_resume.fn(never, str(tmp_path / "runs"), None)
