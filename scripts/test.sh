@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
 python -c "import torch" 2>/dev/null || python -m pip install -q -c constraints.txt "${TORCH_SPEC:-torch==2.13.0}"
-python -m pip install -q -c constraints.txt -e ".[test]"
+# postgres: the drivers of the team's stack (tests/e2e/test_team_stack.py runs it on PostgreSQL).
+python -m pip install -q -c constraints.txt -e ".[test,postgres]"
 # The book's own code, for the fidelity tests. Its pinned 2022 dependencies are not needed (nor installable).
 python -m pip install -q --no-deps -c constraints.txt "d2l==0.17.6"
 
