@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from rich.table import Table
@@ -15,14 +16,17 @@ def check_study(preset: str, fixed: dict[str, Any], space: dict[str, Any], optio
     """The study to run, checked before anything starts: sampler, pruner, space (and its ends as
     configurations), the storage opened, and a study of that name holding the same search. Exits 2 saying
     why when any is wrong."""
-    from deeprnn.flows.study_flow import study_spec
+    from deeprnn.data.urls import has_password, is_masked
+    from deeprnn.flows.study_flow import study_spec, study_storage
     from deeprnn.search.optuna_study import create_or_continue
     from deeprnn.search.space import SearchSpaceError
 
+    given = options["storage"]
     try:
+        # A URL with its password stays in this process; anything else reads as the flow reads it (secret:NAME).
+        storage = given if given and has_password(given) and not is_masked(given) else study_storage(given)
         spec = study_spec(
-            space, preset, fixed, options["study"], options["storage"], options["sampler"], options["pruner"],
-            options["seed"],
+            space, preset, fixed, options["study"], storage, options["sampler"], options["pruner"], options["seed"]
         )  # fmt: skip
         create_or_continue(spec)
     except (SearchSpaceError, ValueError) as exc:  # StudyError is a ValueError, as is an unknown preset
@@ -33,11 +37,17 @@ def check_study(preset: str, fixed: dict[str, Any], space: dict[str, Any], optio
 def run_study(
     spec: Any, fixed: dict[str, Any], options: dict[str, Any], runner: Any, invoke: Callable[..., Any]
 ) -> None:
-    """Run the adaptive sweep flow on ``runner`` and print its trials and the study's best."""
-    from deeprnn.flows.study_flow import sweep_study
+    """Run the adaptive sweep flow on ``runner`` and print its trials and the study's best.
 
+    The flow run's ``storage`` parameter is the URL with its password masked (Prefect keeps and shows
+    parameters); the flow, in this process, and the local Dask workers it starts read the URL itself from
+    ``DEEPRNN_OPTUNA_STORAGE``."""
+    from deeprnn.flows.study_flow import STORAGE_ENV, sweep_study
+
+    if spec.shown_storage != spec.storage:
+        os.environ[STORAGE_ENV] = spec.storage
     parameters = dict(space=spec.space, preset=spec.preset, data=fixed.get("data"), train=fixed.get("train"))
-    parameters.update(study=spec.name, storage=spec.storage, sampler=spec.sampler, pruner=spec.pruner)
+    parameters.update(study=spec.name, storage=spec.shown_storage, sampler=spec.sampler, pruner=spec.pruner)
     for key in ("max_trials", "seed", "experiment", "runs_dir", "register_best", "registered_model"):
         parameters[key] = options[key]
     result = invoke(lambda: sweep_study.with_options(task_runner=runner)(**parameters), ON_INTERRUPT)

@@ -11,10 +11,11 @@ file (any other value: a path on this machine). Running a sweep again with the s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from deeprnn.data.urls import hide_password, mask_password
 from deeprnn.search.space import Range, SearchSpace, SearchSpaceError, Trial, make_trial, parse_space
 
 if TYPE_CHECKING:  # optuna loads only when a study is used
@@ -134,9 +135,9 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     except StudyError:
         raise
     except Exception as exc:  # SQLAlchemy and drivers raise their own kinds; all mean "cannot open"
-        lines = str(exc).strip().splitlines()
+        lines = hide_password(str(exc), url).strip().splitlines()  # a driver may quote the URL it was given
         raise StudyError(
-            f"cannot open the study storage {url}: {type(exc).__name__}: {lines[0] if lines else ''}"
+            f"cannot open the study storage {mask_password(url)}: {type(exc).__name__}: {lines[0] if lines else ''}"
         ) from None
 
 
@@ -157,13 +158,18 @@ class StudySpec:
     """What a study is: its name, where it lives, the search and its settings; what every worker opens."""
 
     name: str
-    storage: str
+    storage: str = field(repr=False)  # may hold a password: show ``shown_storage``
     space: dict[str, Any]  # as the sweep was given it (``parse_space`` reads it)
     preset: str
     overrides: dict[str, dict[str, Any]]  # the sections' fields every trial starts from
     sampler: str = "tpe"
     pruner: str = "asha"
     seed: int = 0
+
+    @property
+    def shown_storage(self) -> str:
+        """The storage as it may be printed, logged or kept as a parameter: its password masked."""
+        return mask_password(self.storage)
 
     def signature(self) -> str:
         """The search as JSON, its varied fields' distributions and every other field's value, however they were
@@ -210,7 +216,7 @@ def create_or_continue(spec: StudySpec) -> optuna.Study:
         study.set_user_attr("deeprnn.search", spec.signature())
     elif known != spec.signature():
         raise StudyError(
-            f"study {spec.name!r} in {spec.storage} holds trials of another search (space, preset or fixed "
+            f"study {spec.name!r} in {spec.shown_storage} holds trials of another search (space, preset or fixed "
             "fields differ): give the same search to continue it, or another --study name"
         )
     return study

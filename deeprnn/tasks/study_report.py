@@ -33,7 +33,7 @@ class StudySummary:
     """What an adaptive sweep returns: this run's trials, and the study's best over every run of it."""
 
     study: str
-    storage: str
+    storage: str  # its password masked
     parent_run_id: str
     trials_total: int  # started by this sweep
     trials_finished: int
@@ -154,7 +154,7 @@ def summarize_study(
     counts = _counts(outcomes)
     steps = sum(o.steps for o in outcomes if isinstance(o, StudyTrialOutcome))
     metrics.log_metrics(parent_run_id, {**counts, "trials_steps": steps, "study_trials": len(study.trials)})
-    facts = {"study": spec.name, "storage": spec.storage, "best_trial": number, "best_value": value}
+    facts = {"study": spec.name, "storage": spec.shown_storage, "best_trial": number, "best_value": value}
     facts["best_params"] = params
     if number is not None and value is not None:
         metrics.log_metrics(parent_run_id, {"study_best_value": value})
@@ -187,6 +187,6 @@ def summarize_study(
         first = next((r.error for r in results if r.error), "unknown error")
         raise SweepFailedError(f"all {len(results)} trials failed; the first error: {first}")
     return StudySummary(
-        spec.name, spec.storage, parent_run_id, len(outcomes), counts["trials_finished"], counts["trials_pruned"],
+        spec.name, spec.shown_storage, parent_run_id, len(outcomes), counts["trials_finished"], counts["trials_pruned"],
         counts["trials_failed"], len(study.trials), number, value, params, model, results, steps,
     )  # fmt: skip

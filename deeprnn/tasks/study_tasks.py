@@ -67,7 +67,7 @@ def open_study(spec: StudySpec) -> int:
     study = create_or_continue(spec)
     count = len(study.trials)
     word = f"continuing study {spec.name!r} ({count} trials so far)" if count else f"new study {spec.name!r}"
-    get_run_logger().info("%s in %s: sampler %s, pruner %s", word, spec.storage, spec.sampler, spec.pruner)
+    get_run_logger().info("%s in %s: sampler %s, pruner %s", word, spec.shown_storage, spec.sampler, spec.pruner)
     return count
 
 

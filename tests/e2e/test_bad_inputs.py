@@ -250,22 +250,22 @@ ESCAPING_PATH = "/..%2F..%2Fescaped-url/../timemachine.txt"
 
 @pytest.fixture(scope="module")
 def retried(store: Path, fault_server, book_path: Path) -> Iterator[dict[str, Any]]:
-    """A full smoke run whose disk is full once, when the second checkpoint is saved (injected: a real disk
-    cannot be filled on cue), so Prefect retries the training task. Its experiment name and corpus URL path
-    try to climb out of their folders."""
+    """A full smoke run whose disk fails once, when the second checkpoint is saved (an I/O error, injected: a real
+    disk cannot fail on cue), so Prefect retries the training task (a full disk is not retried: it stays full).
+    Its experiment name and corpus URL path try to climb out of their folders."""
     saves: list[str] = []
     real_save = checkpoint.save
 
-    def disk_full_once(path: Path, payload: dict[str, Any]) -> Path:
+    def disk_fails_once(path: Path, payload: dict[str, Any]) -> Path:
         saves.append(f"{Path(path).name}@{payload['epoch']}")
         if len(saves) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            raise OSError(errno.EIO, "Input/output error", str(path))
         return real_save(path, payload)
 
     base = store.parents[3]
     before = set(base.rglob("*"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(checkpoint, "save", disk_full_once)
+        mp.setattr(checkpoint, "save", disk_fails_once)
         # The real task and its real retry; only the pause before the retry is shortened.
         mp.setattr(pipeline, "train_model", pipeline.train_model.with_options(retry_delay_seconds=0))
         mp.setenv("DEEPRNN_CACHE_DIR", str(store / "cache" / "retried"))
