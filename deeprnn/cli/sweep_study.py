@@ -18,7 +18,7 @@ def check_study(preset: str, fixed: dict[str, Any], space: dict[str, Any], optio
     why when any is wrong."""
     from deeprnn.data.urls import has_password, is_masked
     from deeprnn.flows.study_flow import study_spec, study_storage
-    from deeprnn.search.optuna_study import create_or_continue
+    from deeprnn.search.optuna_study import check_storage
     from deeprnn.search.space import SearchSpaceError
 
     given = options["storage"]
@@ -28,7 +28,7 @@ def check_study(preset: str, fixed: dict[str, Any], space: dict[str, Any], optio
         spec = study_spec(
             space, preset, fixed, options["study"], storage, options["sampler"], options["pruner"], options["seed"]
         )  # fmt: skip
-        create_or_continue(spec)
+        check_storage(spec)  # reads the study, writes nothing: the flow writes once the sweep runs
     except (SearchSpaceError, ValueError) as exc:  # StudyError is a ValueError, as is an unknown preset
         fail(str(exc))
     return spec
@@ -70,7 +70,7 @@ def print_study(result: Any) -> None:
     console.print(table)
     console.print(
         f"{result.trials_finished} finished, {result.trials_pruned} pruned, {result.trials_failed} failed "
-        f"({result.steps_total:,} training steps); the study holds {result.study_trials} trials"
+        f"({result.steps_total:,} training steps); the study holds {result.study_trials} finished trials"
     )
     if result.best_trial is not None:
         console.print(f"study best: trial {result.best_trial}, {result.best_value:.3f}, {result.best_params}")

@@ -11,12 +11,16 @@ file (any other value: a path on this machine). Running a sweep again with the s
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from deeprnn.data.urls import hide_password, mask_password
 from deeprnn.search.space import Range, SearchSpace, SearchSpaceError, Trial, make_trial, parse_space
+from deeprnn.search.study_journal import JournalDamagedError, check_journal, drop_torn_record
+from deeprnn.search.study_orphans import GRACE_S, HEARTBEAT_S, Cleanup, fail_orphaned_trials
 
 if TYPE_CHECKING:  # optuna loads only when a study is used
     import optuna
@@ -28,6 +32,8 @@ DEFAULT_STORAGE = "optuna.journal"  # a journal file in the folder the sweep sta
 # Trials TPE draws at random before it models the space: a few, since a sweep here has tens of trials.
 STARTUP_TRIALS = 4
 _CATEGORY_TYPES = (str, int, float, bool, type(None))
+SIGNATURE_ATTR = "deeprnn.search"  # the study's search, as ``StudySpec.signature`` writes it
+_log = logging.getLogger(__name__)
 
 
 class StudyError(ValueError):
@@ -120,25 +126,42 @@ def make_pruner(name: str, max_steps: int | None = None) -> optuna.pruners.BaseP
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """The storage at ``url``: an RDB URL (``dialect://...``) or a journal file path. ``StudyError`` saying
-    why when it cannot be opened (server down, no such folder, no driver)."""
+    """The storage at ``url``: an RDB URL (``dialect://...``, with Optuna's heartbeat on its trials) or a journal
+    file path (its records checked first, ``check_journal``). ``StudyError`` saying why when it cannot be opened
+    (server down, no such folder, no driver, a damaged journal)."""
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     try:
         if "://" in url:
-            return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+            with warnings.catch_warnings():  # Optuna marks the heartbeat "experimental"
+                warnings.simplefilter("ignore")
+                return optuna.storages.RDBStorage(
+                    driver_url(url), engine_kwargs=_engine_kwargs(url), heartbeat_interval=HEARTBEAT_S,
+                    grace_period=GRACE_S,
+                )  # fmt: skip
         path = Path(url).expanduser()
         if not path.parent.is_dir():
             raise StudyError(f"cannot open the study storage {url}: folder {path.parent} does not exist")
+        check_journal(path)
         return JournalStorage(JournalFileBackend(str(path)))
     except StudyError:
         raise
+    except JournalDamagedError as exc:
+        raise StudyError(str(exc)) from None
     except Exception as exc:  # SQLAlchemy and drivers raise their own kinds; all mean "cannot open"
         lines = hide_password(str(exc), url).strip().splitlines()  # a driver may quote the URL it was given
         raise StudyError(
             f"cannot open the study storage {mask_password(url)}: {type(exc).__name__}: {lines[0] if lines else ''}"
         ) from None
+
+
+def driver_url(url: str) -> str:
+    """``url`` with the driver SQLAlchemy should use: ``postgresql://`` and ``postgres://`` name psycopg 3
+    (``postgresql+psycopg://``; SQLAlchemy's default would be psycopg2); any other URL, an explicit
+    ``postgresql+driver://`` included, as given."""
+    scheme, sep, rest = url.partition("://")
+    return f"postgresql+psycopg://{rest}" if sep and scheme in ("postgresql", "postgres") else url
 
 
 def is_local_storage(url: str) -> bool:
@@ -197,26 +220,73 @@ class StudySpec:
         )
 
 
-def create_or_continue(spec: StudySpec) -> optuna.Study:
-    """Create the study, or continue the one of that name when it ran the same search; ``StudyError`` when it
-    ran another (another space, preset or fixed fields)."""
-    import optuna
+def check_storage(spec: StudySpec) -> int | None:
+    """Decide, writing nothing, whether ``spec`` can run: the storage opens (a journal's records are checked)
+    and a study of that name, if any, ran the same search. Returns how many trials it holds (``None``: no
+    such study yet); ``StudyError`` saying why not."""
+    return _existing(spec)[1]
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial lines repeat what the sweep logs
-    study = optuna.create_study(
-        study_name=spec.name,
-        storage=open_storage(spec.storage),
-        direction="minimize",
-        load_if_exists=True,
-        sampler=make_sampler(spec.sampler, spec.seed),
-        pruner=make_pruner(spec.pruner),
-    )
-    known = study.user_attrs.get("deeprnn.search")
-    if known is None:
-        study.set_user_attr("deeprnn.search", spec.signature())
-    elif known != spec.signature():
+
+def create_or_continue(spec: StudySpec, warn: Callable[[str], None] = _log.warning) -> optuna.Study:
+    """Create the study, or continue the one of that name when it ran the same search; ``StudyError`` when it
+    ran another (another space, preset or fixed fields). Everything is checked before the first write; a
+    journal's torn last record is then dropped, with a warning to ``warn``."""
+    return _create_or_continue(spec, warn)[0]
+
+
+def start_study(spec: StudySpec, warn: Callable[[str], None] = _log.warning) -> tuple[optuna.Study, Cleanup]:
+    """``create_or_continue``, then the trials earlier sweeps left ``RUNNING`` whose process is gone marked
+    ``FAIL`` (``deeprnn.search.study_orphans``)."""
+    study, storage = _create_or_continue(spec, warn)
+    return study, fail_orphaned_trials(study, storage)
+
+
+def _existing(spec: StudySpec) -> tuple[optuna.storages.BaseStorage | None, int | None]:
+    """The storage opened (``None`` for a journal file not there yet: opening would create it) and the number
+    of trials of the study named ``spec.name`` (``None``: none of that name), its search checked."""
+    path = Path(spec.storage).expanduser()
+    if "://" not in spec.storage and not path.exists():
+        if not path.parent.is_dir():
+            raise StudyError(f"cannot open the study storage {spec.storage}: folder {path.parent} does not exist")
+        return None, None
+    storage = open_storage(spec.storage)
+    try:
+        study_id = storage.get_study_id_from_name(spec.name)
+    except KeyError:
+        return storage, None
+    known = storage.get_study_user_attrs(study_id).get(SIGNATURE_ATTR)
+    if known is not None and known != spec.signature():
         raise StudyError(
             f"study {spec.name!r} in {spec.shown_storage} holds trials of another search (space, preset or fixed "
             "fields differ): give the same search to continue it, or another --study name"
         )
-    return study
+    return storage, len(storage.get_all_trials(study_id, deepcopy=False))
+
+
+def _create_or_continue(
+    spec: StudySpec, warn: Callable[[str], None]
+) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial lines repeat what the sweep logs
+    storage, count = _existing(spec)  # every check before the first write
+    if "://" not in spec.storage:
+        dropped = drop_torn_record(Path(spec.storage).expanduser())
+        if dropped:
+            warn(dropped)
+    storage = storage or open_storage(spec.storage)
+    sampler, pruner = make_sampler(spec.sampler, spec.seed), make_pruner(spec.pruner)
+    if count is not None:  # loading writes nothing (creating again would append a record to a journal)
+        return optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner), storage
+    study = optuna.create_study(
+        study_name=spec.name, storage=storage, direction="minimize", load_if_exists=True, sampler=sampler,
+        pruner=pruner,
+    )  # fmt: skip
+    known = study.user_attrs.get(SIGNATURE_ATTR)
+    if known is None:
+        study.set_user_attr(SIGNATURE_ATTR, spec.signature())
+    elif known != spec.signature():  # another sweep created it with another search a moment ago
+        raise StudyError(
+            f"study {spec.name!r} in {spec.shown_storage} holds trials of another search: give another --study"
+        )
+    return study, storage

@@ -39,7 +39,7 @@ class StudySummary:
     trials_finished: int
     trials_pruned: int
     trials_failed: int
-    study_trials: int  # in the study, earlier sweeps' included
+    study_trials: int  # finished (complete, pruned or failed) in the study, earlier sweeps' included
     best_trial: int | None  # the study's best, by Optuna trial number
     best_value: float | None
     best_params: dict[str, Any]
@@ -128,6 +128,11 @@ def _save_plots(study: Any, folder: Path, log: Callable[[str], None]) -> list[Pa
     return saved
 
 
+def _finished(study: Any) -> int:
+    """The study's finished trials (complete, pruned or failed): a trial still running elsewhere is not counted."""
+    return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+
+
 def _study_best(study: Any) -> tuple[int | None, float | None, dict[str, Any]]:
     finished = [t for t in study.trials if t.value is not None and t.state.name == "COMPLETE"]
     if not finished:
@@ -153,7 +158,7 @@ def summarize_study(
     results = _results(list(range(len(outcomes))), outcomes)
     counts = _counts(outcomes)
     steps = sum(o.steps for o in outcomes if isinstance(o, StudyTrialOutcome))
-    metrics.log_metrics(parent_run_id, {**counts, "trials_steps": steps, "study_trials": len(study.trials)})
+    metrics.log_metrics(parent_run_id, {**counts, "trials_steps": steps, "study_trials": _finished(study)})
     facts = {"study": spec.name, "storage": spec.shown_storage, "best_trial": number, "best_value": value}
     facts["best_params"] = params
     if number is not None and value is not None:
@@ -188,5 +193,5 @@ def summarize_study(
         raise SweepFailedError(f"all {len(results)} trials failed; the first error: {first}")
     return StudySummary(
         spec.name, spec.shown_storage, parent_run_id, len(outcomes), counts["trials_finished"], counts["trials_pruned"],
-        counts["trials_failed"], len(study.trials), number, value, params, model, results, steps,
+        counts["trials_failed"], _finished(study), number, value, params, model, results, steps,
     )  # fmt: skip

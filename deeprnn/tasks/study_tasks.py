@@ -8,6 +8,8 @@ pruner says so: its run then ends KILLED, tagged with the step and the reason, i
 from __future__ import annotations
 
 import math
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,12 +23,13 @@ from deeprnn.search.optuna_study import (
     StudyError,
     StudySpec,
     check_space,
-    create_or_continue,
     distributions,
     is_local_storage,
     make_pruner,
+    start_study,
 )
 from deeprnn.search.space import Trial, make_trial, parse_space
+from deeprnn.search.study_orphans import Cleanup, claim, heartbeat
 from deeprnn.tasks.pipeline_tasks import run_pipeline
 from deeprnn.tasks.results_tasks import RunResult
 from deeprnn.tasks.step_watch import StepObserver, TrialPruned, watching
@@ -64,11 +67,28 @@ def open_study(spec: StudySpec) -> int:
             f"the Dask scheduler {address} is on another machine but the study lives in {spec.storage}, on this "
             "machine's disk: give --storage a database every worker reaches, e.g. postgresql://user@db-host/optuna"
         )
-    study = create_or_continue(spec)
-    count = len(study.trials)
-    word = f"continuing study {spec.name!r} ({count} trials so far)" if count else f"new study {spec.name!r}"
-    get_run_logger().info("%s in %s: sampler %s, pruner %s", word, spec.shown_storage, spec.sampler, spec.pruner)
-    return count
+    study, cleanup = start_study(spec, get_run_logger().warning)
+    _report_cleanup(spec, study, cleanup)
+    return len(study.trials)
+
+
+def _report_cleanup(spec: StudySpec, study: Any, cleanup: Cleanup) -> None:
+    """Log the study's trials by state, the orphaned ones just failed, and those still running elsewhere."""
+    logger = get_run_logger()
+    for number, reason in cleanup.failed:
+        logger.warning("trial %d of study %r was left RUNNING: marked FAIL (%s)", number, spec.name, reason)
+    if cleanup.left_running:
+        logger.info(
+            "trials %s of study %r are RUNNING: left alone (their process is alive, on another host, or not "
+            "recorded%s)", cleanup.left_running, spec.name,
+            f": no owner for {cleanup.no_owner}" if cleanup.no_owner else "",
+        )  # fmt: skip
+    states = Counter(t.state.name for t in study.get_trials(deepcopy=False))
+    finished = states["COMPLETE"] + states["PRUNED"] + states["FAIL"]
+    counts = f"{states['COMPLETE']} complete, {states['PRUNED']} pruned, {states['FAIL']} failed"
+    word = f"continuing study {spec.name!r} ({finished} finished trials: {counts})" if finished else (
+        f"new study {spec.name!r}" if not states else f"study {spec.name!r} (no finished trial yet)")  # fmt: skip
+    logger.info("%s in %s: sampler %s, pruner %s", word, spec.shown_storage, spec.sampler, spec.pruner)
 
 
 def _objective(result: RunResult) -> float:
@@ -126,28 +146,32 @@ def run_study_trial(
     logger = get_run_logger()
     study = spec.load(seed_offset=slot)
     space = parse_space(spec.space)
-    asked = study.ask(distributions(space))
+    with warnings.catch_warnings():  # "heartbeat is meant for Study.optimize": we beat it ourselves
+        warnings.simplefilter("ignore")
+        asked = study.ask(distributions(space))
+    claim(asked)  # this process owns the trial: a later sweep fails it once this process is gone
     values = {key: asked.params[key] for key in space.dims}
     tags = {"deeprnn.trial": str(asked.number), "prefect.task_run_id": str(task_run.get_id() or "")}
     tags["deeprnn.search.optuna_study"] = spec.name
-    try:
-        trial = make_trial(spec.preset, spec.overrides, space, asked.number, values)
-        # The pruner's rungs follow this trial's step budget (the space may vary it).
-        study.pruner = make_pruner(spec.pruner, trial.config.train.max_steps)
-        with watching(_reporter(asked)):
-            result = run_pipeline(
-                trial.config, experiment, runs_dir, parent_run_id, trial.name, tags, register_model=False
-            )
-    except TrialPruned as exc:
-        run_id = _end_pruned(parent_run_id, asked.number, exc)
-        if run_id:
-            asked.set_user_attr(RUN_ID_ATTR, run_id)
-        study.tell(asked, state=optuna.trial.TrialState.PRUNED)
-        logger.info("trial %d %s", asked.number, exc)
-        return StudyTrialOutcome(trial, "PRUNED", run_id, exc.value, exc.step, reason=str(exc))
-    except BaseException:
-        study.tell(asked, state=optuna.trial.TrialState.FAIL)
-        raise
+    with heartbeat(asked):
+        try:
+            trial = make_trial(spec.preset, spec.overrides, space, asked.number, values)
+            # The pruner's rungs follow this trial's step budget (the space may vary it).
+            study.pruner = make_pruner(spec.pruner, trial.config.train.max_steps)
+            with watching(_reporter(asked)):
+                result = run_pipeline(
+                    trial.config, experiment, runs_dir, parent_run_id, trial.name, tags, register_model=False
+                )
+        except TrialPruned as exc:
+            run_id = _end_pruned(parent_run_id, asked.number, exc)
+            if run_id:
+                asked.set_user_attr(RUN_ID_ATTR, run_id)
+            study.tell(asked, state=optuna.trial.TrialState.PRUNED)
+            logger.info("trial %d %s", asked.number, exc)
+            return StudyTrialOutcome(trial, "PRUNED", run_id, exc.value, exc.step, reason=str(exc))
+        except BaseException:
+            study.tell(asked, state=optuna.trial.TrialState.FAIL)
+            raise
     value = _objective(result)
     asked.set_user_attr(RUN_ID_ATTR, result.run_id)
     study.tell(asked, value if math.isfinite(value) else None, state=_state(value))

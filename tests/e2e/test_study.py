@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +117,7 @@ def test_study_prunes_a_lagging_trial_and_continues_with_parallel_trials(
         command, capture_output=True, text=True, timeout=600, env={**cli_env, "PYTHONPATH": str(REPO)}
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "the study holds 5 trials" in " ".join(proc.stdout.split())
+    assert "the study holds 5 finished trials" in " ".join(proc.stdout.split())
     second = json.loads(out.read_text())
     study = _study(storage)
     assert {t.number: (t.state, t.value) for t in study.trials[:3]} == before
@@ -124,10 +126,6 @@ def test_study_prunes_a_lagging_trial_and_continues_with_parallel_trials(
     assert sorted(int(c.data.tags["deeprnn.trial"]) for c in new) == [3, 4]
     assert len({c.data.tags["deeprnn.pid"] for c in new}) == 2
     assert new[0].info.start_time < new[1].info.end_time and new[1].info.start_time < new[0].info.end_time
-
-
-def _study(path: Path) -> Any:
-    return optuna.load_study(study_name="lr-study", storage=_journal(path))
 
 
 def _journal(path: Path) -> Any:
@@ -166,3 +164,86 @@ def _space(folder: Path, text: str) -> Path:
     path = folder / f"space-{abs(hash(text))}.yaml"
     path.write_text(text + "\n")
     return path
+
+
+def _cli_sweep(book_url: str, storage: Path, study: str, trials: int) -> list[str]:
+    """The ``deeprnn sweep --search optuna`` command of a lean study on one worker: lr 2 or 0.5, each trial
+    6 seconds of training, evaluated every 10 steps, no pruner."""
+    args = ["--lr", "2.0,0.5", "--param", "model.num_hiddens=16", "--param", "train.time_budget=6"]
+    args += ["--param", "train.eval_every_steps=10", "--param", "data.val_fraction=0.1", "--epochs", "1000"]
+    args += ["--device", "cpu", "--pruner", "none", "--data-url", book_url, "--data-sha1", BOOK_SHA1]
+    args += ["--study", study, "--storage", str(storage), "--experiment", "study-orphans", "--no-register-best"]
+    args += ["--max-trials", str(trials), "--workers", "1"]
+    return [sys.executable, "-m", "deeprnn.cli.app", "sweep", "--search", "optuna", "--preset", "smoke", *args]
+
+
+def _stop_mid_trial(command: list[str], env: dict[str, str], storage: Path, study: str, sig: signal.Signals) -> str:
+    """Start the sweep in a process group of its own and, as soon as a trial has reported a held-out value,
+    send ``sig`` to the whole group (a terminal's Ctrl-C, or SIGKILL); returns the command's output."""
+    before = len(_study(storage, study).trials) if storage.exists() else 0
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and not _reported(storage, study, before):
+            time.sleep(0.2)
+        assert proc.poll() is None and _reported(storage, study, before), "no new trial reported before the end"
+        os.killpg(proc.pid, sig)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if sig == signal.SIGINT:  # the command's own clean stop
+        assert proc.returncode == 130, out[-3000:]
+    return out
+
+
+def _reported(storage: Path, name: str, after: int) -> bool:
+    """Whether a trial numbered ``after`` or later is running and has reported a held-out value."""
+    if not storage.exists():
+        return False
+    try:
+        trials = _study(storage, name).trials
+    except KeyError:  # the study is not created yet
+        return False
+    return any(t.state.name == "RUNNING" and t.intermediate_values for t in trials[after:])
+
+
+def test_a_sweep_stopped_mid_trial_leaves_no_running_trial_once_the_next_one_starts(
+    worker_env: Path, cli_env: dict[str, str], book_url: str
+) -> None:
+    storage, name = worker_env / "orphans.journal", "orphans"
+    env = {**cli_env, "PYTHONPATH": str(REPO)}
+    command = _cli_sweep(book_url, storage, name, trials=1)
+    _stop_mid_trial(command, env, storage, name, signal.SIGINT)  # Ctrl-C
+    # Unless the stop let the worker end it, the trial stays RUNNING: nothing ends a torn-down worker's trial.
+    assert [t.state.name for t in _study(storage, name).trials] in (["RUNNING"], ["FAIL"])
+    _stop_mid_trial(command, env, storage, name, signal.SIGKILL)  # the next sweep, killed outright
+    assert [t.state.name for t in _study(storage, name).trials] == ["FAIL", "RUNNING"]  # it failed trial 0 first
+
+    # The same sweep again, to its end: the killed sweep's trial failed too, one more trial finished.
+    out_json = worker_env / "third.json"
+    started = time.monotonic()
+    proc = subprocess.run([*command, "--json", str(out_json)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    said = " ".join((proc.stdout + proc.stderr).split())
+    assert "trial 1 of study 'orphans' was left RUNNING: marked FAIL (process gone: pid" in said, said[-3000:]
+    assert "the study holds 3 finished trials" in said, said[-2000:]
+    study = _study(storage, name)
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL", "COMPLETE"]
+    assert all(t.user_attrs["deeprnn.fail_reason"].startswith("process gone") for t in study.trials[:2])
+    assert json.loads(out_json.read_text())["study_trials"] == 3
+    # MLflow and the study agree: the child runs FAILED are the trials failed in the study.
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("study-orphans")
+    children = client.search_runs([experiment.experiment_id], "tags.`deeprnn.search.optuna_study` = 'orphans'")
+    status = {int(c.data.tags["deeprnn.trial"]): c.info.status for c in children}
+    assert status[1] == "FAILED" and status[2] == "FINISHED"  # the run of the killed sweep's trial: FAILED
+    assert status[0] in ("FAILED", "KILLED")  # FAILED as an orphan, or KILLED by a stop that reached it
+    print(f"the third sweep took {time.monotonic() - started:.1f} s")
+
+
+def _study(path: Path, name: str = "lr-study") -> Any:
+    return optuna.load_study(study_name=name, storage=_journal(path))
