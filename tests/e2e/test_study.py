@@ -157,6 +157,15 @@ def test_cli_adaptive_sweep_refuses_bad_input_before_any_trial(cli_env: dict[str
     optuna.create_study(study_name="taken", storage=_journal(Path(journal))).set_user_attr("deeprnn.search", "{}")
     outcome = runner.invoke(app, [*base, "--lr", "0.5,1", "--study", "taken"])
     assert outcome.exit_code == 2 and "holds trials of another search" in " ".join(outcome.output.split())
+    # A journal damaged before its last line (a record appended onto one a crash cut short): one line naming
+    # the file and what to do, the file left as it was.
+    damaged = tmp_path / "damaged.journal"
+    damaged.write_bytes(Path(journal).read_bytes()[:-20] + b'{"op_code":0,"study_name":"x"}\n{"op_code":3}\n')
+    before = damaged.read_bytes()
+    outcome = runner.invoke(app, [*base, "--lr", "0.5,1", "--storage", str(damaged)])
+    said = " ".join(outcome.output.split())
+    assert outcome.exit_code == 2 and f"the study journal {damaged} is damaged: line" in said, outcome.output
+    assert "KEPT.journal" in said and "Traceback" not in outcome.output and damaged.read_bytes() == before
     assert not Path(cli_env["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")).exists()
 
 
