@@ -183,6 +183,25 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def component_members(stack: Stack, key: str) -> list[int]:
+    """The live processes of component ``key`` ("prefect", "mlflow", "worker:NAME"): its process group's, when
+    that group still runs the component's program (after a reboot its number may belong to another one)."""
+    members = group_members(stack.pids[key]) if key in stack.pids else []
+    program = b"mlflow" if key == "mlflow" else b"prefect"
+    for pid in members:
+        with contextlib.suppress(OSError):
+            if program in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return members
+    return []
+
+
+def _stop_component(stack: Stack, key: str, first: signal.Signals = signal.SIGTERM, grace: float = 30.0) -> None:
+    if component_members(stack, key):
+        stop_group(stack.pids[key], first, grace)
+    stack.pids.pop(key, None)
+    stack.save()
+
+
 def stop_group(pgid: int, first: signal.Signals = signal.SIGTERM, grace: float = 30.0) -> None:
     """Signal process group ``pgid`` (``first``, then SIGKILL after ``grace`` s) until none of it is left."""
     deadline = time.monotonic() + grace
@@ -219,7 +238,7 @@ def _wait_healthy(stack: Stack, key: str, url: str, timeout: float = START_TIMEO
     """Poll ``url`` until it answers 200; StackError with the log's end if the process exits or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not group_members(stack.pids[key]):
+        if not component_members(stack, key):
             tail = stack.log(key.split(":")[-1]).read_text(errors="replace")[-3000:]
             raise StackError(f"{key} exited before answering {url}; its log ends:\n{tail}")
         with contextlib.suppress(OSError):
@@ -233,11 +252,12 @@ def _wait_healthy(stack: Stack, key: str, url: str, timeout: float = START_TIMEO
 # ---- PostgreSQL ---------------------------------------------------------------------------------------------
 
 
-def find_postgres() -> Path:
-    """The folder of PostgreSQL's server programs (initdb, pg_ctl, postgres): PATH, then Debian's folders."""
+def find_postgres(debian: Path = Path("/usr/lib/postgresql")) -> Path:
+    """The folder of PostgreSQL's server programs (initdb, pg_ctl, postgres, psql): PATH's, else the newest
+    version's in ``debian`` (Debian keeps them off PATH, in /usr/lib/postgresql/VERSION/bin)."""
     found = shutil.which("initdb")
     folders = [Path(found).resolve().parent] if found else []
-    by_version = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
+    by_version = sorted(debian.glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
     for folder in folders + by_version:
         if all((folder / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres", "psql")):
             return folder
@@ -353,10 +373,7 @@ def start_mlflow(stack: Stack, wait: bool = True) -> None:
 
 def stop_mlflow(stack: Stack) -> None:
     """Stop the MLflow server (SIGTERM to its process group); ``start_mlflow`` brings it back on the same port."""
-    pgid = stack.pids.pop("mlflow", None)
-    if pgid is not None:
-        stop_group(pgid)
-    stack.save()
+    _stop_component(stack, "mlflow")
 
 
 def worker_env(stack: Stack, folder: Path) -> dict[str, str]:
@@ -385,17 +402,14 @@ def start_worker(stack: Stack, name: str) -> Path:
 
 
 def _end_worker(stack: Stack, name: str, sig: signal.Signals, grace: float) -> None:
-    pgid = stack.pids.pop(f"worker:{name}", None)
-    if pgid is None:
-        return
-    runs = descendants(pgid)  # taken first: once the worker is gone they belong to init
-    stop_group(pgid, sig, grace)
+    key = f"worker:{name}"
+    runs = descendants(stack.pids[key]) if component_members(stack, key) else set()
+    _stop_component(stack, key, sig, grace)  # the flow runs were found first: now they belong to init
     for pid in runs:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             pgrp = os.getpgid(pid)
             if group_members(pgrp):
                 stop_group(pgrp, sig, grace)
-    stack.save()
 
 
 def kill_worker(stack: Stack, name: str) -> None:
@@ -426,8 +440,8 @@ def deploy(stack: Stack) -> None:
 def status(stack: Stack) -> dict[str, bool]:
     """Each component (postgres, prefect, mlflow, worker:NAME) and whether it is running."""
     running = {"postgres": postgres_running(stack)}
-    for key, pgid in stack.pids.items():
-        running[key] = bool(group_members(pgid))
+    for key in stack.pids:
+        running[key] = bool(component_members(stack, key))
     return running
 
 
@@ -496,10 +510,7 @@ def down(root: Path, purge: bool = False) -> None:
     for name in stack.workers:
         stop_worker(stack, name)
     for key in ("prefect", "mlflow"):
-        pgid = stack.pids.pop(key, None)
-        if pgid is not None:
-            stop_group(pgid)
-    stack.save()
+        _stop_component(stack, key)
     if postgres_running(stack):
         _pg_ctl(stack, "-m", "fast", "stop")
     if purge:

@@ -4,6 +4,7 @@ process workers in empty folders that know only the servers' URLs, a smoke deplo
 
 from __future__ import annotations
 
+import getpass
 import os
 import socket
 import time
@@ -63,6 +64,12 @@ def test_servers_keep_their_state_in_postgresql(team_stack: Any) -> None:
     automations = {row[0] for row in query(team_stack, "prefect", "SELECT name FROM automation")}
     assert "deeprnn-crash-zombie-flow-runs" in automations  # `deeprnn setup-server` ran
     assert query(team_stack, "optuna", "SELECT current_database(), current_user") == [("optuna", "deeprnn")]
+    # PostgreSQL never runs as root: its data belongs to `postgres` then, in a folder that user can reach.
+    owner = "postgres" if os.geteuid() == 0 else getpass.getuser()
+    assert Path(team_stack.pg_folder, "data").owner() == owner
+    with pytest.raises(stack_script.StackError, match="is running"):
+        stack_script.up(team_stack.root)  # a second `up` on a running stack is refused and changes nothing
+    assert all(stack_script.status(team_stack).values())
 
 
 def test_workers_start_in_empty_folders_with_only_the_servers_urls(team_stack: Any) -> None:

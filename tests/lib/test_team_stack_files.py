@@ -13,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,3 +115,12 @@ def test_the_command_line_refuses_a_folder_without_a_stack_in_one_line(tmp_path:
     assert err.count("\n") == 1 and "no stack in" in err and "Traceback" not in err
     ts.down(tmp_path)  # nothing to stop: nothing happens
     assert list(tmp_path.iterdir()) == []
+
+
+def test_without_postgresql_one_line_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no initdb on PATH, and no Debian folder of versions
+    with pytest.raises(ts.StackError) as refused:
+        ts.find_postgres(tmp_path / "no-postgresql")
+    assert str(refused.value) == (
+        "PostgreSQL is not installed: install Debian's postgresql package (apt-get install -y postgresql)"
+    )
