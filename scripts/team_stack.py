@@ -66,7 +66,7 @@ WORKER_BASICS = (
 )
 # Uvicorn processes of the MLflow server: one serves a team's training runs (requests run in its thread pool).
 MLFLOW_WORKERS = 1
-START_TIMEOUT = 240.0  # a server answers in 15-40 s on a busy 2-core machine
+START_TIMEOUT = 240.0  # seconds for a server to answer: generous, a loaded machine starts them slowly
 STATE = "stack.json"
 ENV_FILE = "team.env"
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}  # processes this Python process started, reaped when stopped
@@ -257,7 +257,8 @@ def find_postgres(debian: Path = Path("/usr/lib/postgresql")) -> Path:
     version's in ``debian`` (Debian keeps them off PATH, in /usr/lib/postgresql/VERSION/bin)."""
     found = shutil.which("initdb")
     folders = [Path(found).resolve().parent] if found else []
-    by_version = sorted(debian.glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
+    versions = [p for p in debian.glob("*/bin") if p.parent.name.isdigit()]
+    by_version = sorted(versions, key=lambda p: int(p.parent.name), reverse=True)
     for folder in folders + by_version:
         if all((folder / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres", "psql")):
             return folder

@@ -23,7 +23,7 @@ import requests
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 WORKERS = 2  # enough to stop a run on one and resume it on the other
-RUN_TIMEOUT = 600.0  # seconds for a smoke run (about 20 s on an idle machine) to reach a final state
+RUN_TIMEOUT = 600.0  # seconds for a smoke run to reach a final state, on a loaded machine too
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
