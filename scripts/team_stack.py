@@ -273,6 +273,7 @@ def _as_pg_user(cmd: list[str]) -> list[str]:
 def _pg_folder(root: Path) -> Path:
     """A folder for PostgreSQL's data that its user owns and can reach."""
     if os.geteuid() != 0:
+        (root / "postgres").mkdir(mode=0o700, exist_ok=True)
         return root / "postgres"
     if shutil.which("runuser") is None or subprocess.run(["id", "postgres"], capture_output=True).returncode:
         raise StackError("run as root, PostgreSQL needs the `postgres` user and runuser (Debian's postgresql package)")
