@@ -14,7 +14,7 @@ its data goes to a fresh ``/tmp/deeprnn-pg-*`` folder instead (``down --purge`` 
 
 The Python API, for tests and fault drills (every function but ``up`` and ``down`` takes the ``Stack``):
 
-    up(root, workers=0, deploy=False, scheduler=True) -> Stack     start everything, wait for both servers
+    up(root, workers=0, deploy_all=False, scheduler=True) -> Stack start everything, wait for both servers
     down(root, purge=False) -> None                                stop workers, servers, PostgreSQL; safe twice
     Stack.load(root) -> Stack                                      the stack recorded in root/stack.json
     status(stack) -> dict[str, bool]                               component -> running
@@ -22,6 +22,7 @@ The Python API, for tests and fault drills (every function but ``up`` and ``down
     restart_postgres(stack)                                        pg_ctl restart -m fast
     stop_mlflow(stack) / start_mlflow(stack)                       the MLflow server down / up again
     start_worker(stack, name) / kill_worker(stack, name)           a worker up / SIGKILL to it and its flow runs
+    stop_worker(stack, name)                                       SIGTERM to it and its flow runs
 
 Every server and worker runs in its own process group, so one signal stops it with its children.
 """
