@@ -14,6 +14,23 @@ from deeprnn.cli.output import console, fail, print_sweep, write_json
 from deeprnn.config import PRESETS
 
 ON_INTERRUPT = "the sweep's MLflow run is marked KILLED"
+# A stopped sweep closes its Dask cluster, whose workers end their trials first: more than a run's stop.
+SWEEP_STOP_SECONDS = 30.0
+
+
+def before_start(exc: KeyboardInterrupt) -> str:
+    """What a sweep stopped before its flow started left: nothing."""
+    return f"by {getattr(exc, 'signal_name', 'SIGINT')} before the sweep started: nothing was trained or changed"
+
+
+def sweep_stopped(exc: KeyboardInterrupt) -> str:
+    """What a stopped sweep kept, in one line."""
+    return (
+        f"by {getattr(exc, 'signal_name', 'SIGINT')}: {ON_INTERRUPT}; the trials that finished keep their MLflow "
+        "runs, the others are stopped with the Dask cluster"
+    )
+
+
 # The dimensions most sweeps vary get options of their own (comma-separated values); any other field goes
 # through --param. Name: (configuration field, help).
 DIMENSIONS = {
@@ -139,20 +156,22 @@ def sweep(
         for device in sorted({t.config.train.device for t in trials}):
             preflight.check_device(device)
 
-    temporary_api = launch.start_prefect_api()  # boots while the imports below load, as for `deeprnn run`
-    from deeprnn.flows.sweep_flow import (
-        sweep_lm,  # Prefect, MLflow and Dask load only once the input is known to be good
-    )
-    from deeprnn.ops.cluster import dask_task_runner
+    launch.stop_on_signals(SWEEP_STOP_SECONDS)  # SIGINT, SIGTERM: one line, exit 130 or 143, the cluster stopped
+    with launch.exit_on_stop(before_start):
+        temporary_api = launch.start_prefect_api()  # boots while the imports below load, as for `deeprnn run`
+        from deeprnn.flows.sweep_flow import (
+            sweep_lm,  # Prefect, MLflow and Dask load only once the input is known to be good
+        )
+        from deeprnn.ops.cluster import dask_task_runner
 
-    launch.wait_for_api(temporary_api, preload=False)
-    runner = dask_task_runner(cluster_address, workers, use_gpus=trials[0].config.train.device != "cpu")
-    _announce(len(trials), preset, cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)")
-    launch.mark_orphaned_runs()
+        launch.wait_for_api(temporary_api, preload=False)
+        runner = dask_task_runner(cluster_address, workers, use_gpus=trials[0].config.train.device != "cpu")
+        _announce(len(trials), preset, cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)")
+        launch.mark_orphaned_runs()
     parameters = dict(space=space, preset=preset, data=fixed.get("data"), train=fixed.get("train"), seed=seed)
     parameters.update(random_search=random_search, max_trials=max_trials, experiment=experiment, runs_dir=runs_dir)
     parameters.update(register_best=register_best, registered_model=registered_model)
-    result = launch.invoke(lambda: sweep_lm.with_options(task_runner=runner)(**parameters), ON_INTERRUPT)
+    result = launch.invoke(lambda: sweep_lm.with_options(task_runner=runner)(**parameters), sweep_stopped)
     print_sweep(result)
     write_json(result.as_record(), json_out)
 
@@ -176,15 +195,19 @@ def _adaptive(
     except SearchSpaceError as exc:
         fail(str(exc))
     spec = check_study(preset, fixed, space, adaptive)
-    temporary_api = launch.start_prefect_api()
-    from deeprnn.ops.cluster import dask_task_runner
+    launch.stop_on_signals(SWEEP_STOP_SECONDS)
+    with launch.exit_on_stop(before_start):
+        temporary_api = launch.start_prefect_api()
+        from deeprnn.ops.cluster import dask_task_runner
 
-    launch.wait_for_api(temporary_api, preload=False)
-    runner = dask_task_runner(cluster_address, workers, use_gpus=spec.first_point().config.train.device != "cpu")
-    where = cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)"
-    _announce(adaptive["max_trials"], preset, where)
-    console.print(f"Optuna study {spec.name!r} in {spec.shown_storage} (sampler {spec.sampler}, pruner {spec.pruner})")
-    launch.mark_orphaned_runs()
+        launch.wait_for_api(temporary_api, preload=False)
+        runner = dask_task_runner(cluster_address, workers, use_gpus=spec.first_point().config.train.device != "cpu")
+        where = cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)"
+        _announce(adaptive["max_trials"], preset, where)
+        console.print(
+            f"Optuna study {spec.name!r} in {spec.storage} (sampler {spec.sampler}, pruner {spec.pruner})"
+        )
+        launch.mark_orphaned_runs()
     run_study(spec, fixed, adaptive, runner, launch.invoke)
 
 

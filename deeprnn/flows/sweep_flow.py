@@ -19,6 +19,7 @@ from deeprnn.search.space import parse_space, plan_trials
 from deeprnn.tasks.pipeline_tasks import run_trial
 from deeprnn.tasks.sweep_tasks import SweepSummary, check_sweep_inputs, start_sweep_tracking, summarize_sweep
 from deeprnn.tracking import runs
+from deeprnn.training import stopping
 
 SWEEP_NAME = "deeprnn-sweep"
 
@@ -45,6 +46,7 @@ def sweep_lm(
 
     The best trial's model is registered (unless ``register_best`` is off) as ``registered_model``; empty:
     ``deeprnn-lm`` for the book's corpus, a name derived from the corpus file and its SHA-1 otherwise."""
+    stopping.reassert()  # as the training flow: a `deeprnn` command's SIGTERM stops as its SIGINT does
     search_space = parse_space(space)
     trials = plan_trials(
         preset,

@@ -53,6 +53,7 @@ class _State:
     installed: bool = False
     signum: int | None = None
     received_at: float | None = None
+    seconds: float = STOP_SECONDS  # this command's budget for a whole stop (``handle_stop_signals``)
     holds: int = 0  # blocks holding a stop back: the outermost raises it when it ends, training polls it
     stopped: StopRequested | None = None  # how the run stopped, kept for the command (``remember``)
 
@@ -103,17 +104,19 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
         _exit_now(signum, f"second stop signal ({signal.Signals(signum).name})")
     _STATE.signum, _STATE.received_at = signum, time.monotonic()
     watchdog = threading.Thread(
-        target=_watchdog, args=(_STATE, signum, STOP_SECONDS), name="deeprnn-stop-watchdog", daemon=True
+        target=_watchdog, args=(_STATE, signum, _STATE.seconds), name="deeprnn-stop-watchdog", daemon=True
     )
     watchdog.start()
     if _STATE.holds == 0:
         raise StopRequested(signum)
 
 
-def handle_stop_signals() -> None:
-    """Install the stop handler for SIGINT and SIGTERM (main thread only; elsewhere nothing happens)."""
+def handle_stop_signals(seconds: float = STOP_SECONDS) -> None:
+    """Install the stop handler for SIGINT and SIGTERM (main thread only; elsewhere nothing happens); a stop
+    that has not ended the process ``seconds`` after the first signal ends it at once."""
     if threading.current_thread() is not threading.main_thread():
         return
+    _STATE.seconds = seconds
     for signum in STOP_SIGNALS:
         signal.signal(signum, _on_signal)
     _STATE.installed = True

@@ -1,6 +1,7 @@
-"""Stopping `deeprnn run` for real, as a terminal, `timeout`, `docker stop` or systemd do: SIGINT or SIGTERM to
-the command's whole process group, with Prefect's temporary API server (not the harness's) so that the server
-must outlive the flow run's last report; then damaged and missing checkpoints on `--resume`."""
+"""Stopping `deeprnn run` (and `deeprnn sweep`) for real, as a terminal, `timeout`, `docker stop` or systemd do:
+SIGINT or SIGTERM to the command's whole process group, with Prefect's temporary API server (not the
+harness's) so that the server must outlive the flow run's last report; then damaged and missing checkpoints on
+`--resume`."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
 from test_faults import Machine, _machine, _smoke_args
 
+from deeprnn.cli.sweep import SWEEP_STOP_SECONDS
 from deeprnn.ops.prefect_api import QUIET_SERVER_ENV, SERVER_ENV, server_command
 from deeprnn.training import checkpoint
 
@@ -219,3 +222,31 @@ def test_a_second_ctrl_c_stops_at_once(stopped: dict[str, Any]) -> None:
     assert "second stop signal (SIGINT); stopped at once" in out
     gone, alive = psutil.wait_procs(servers, timeout=10)
     assert servers and not alive, "the temporary Prefect API server outlived its command"  # parent-death signal
+
+
+def test_sigterm_to_a_sweeps_group_marks_it_killed_stops_its_workers_and_exits_143(
+    tmp_path_factory: pytest.TempPathFactory, prefect_api: str, book_url: str
+) -> None:
+    """`deeprnn sweep` stops as `deeprnn run` does: SIGTERM to its whole group (as `docker stop`, systemd) while
+    its trials train on a local Dask cluster; one line, exit 143, no process of it left."""
+    machine = _own_api(_machine(tmp_path_factory.mktemp("sweep-stop") / "machine", prefect_api))
+    machine.env["DEEPRNN_DASK_WORKERS"] = "2"
+    args = ["--preset", "smoke", "--device", "cpu", "--epochs", "300", "--data-url", book_url, "--data-sha1", BOOK_SHA1]
+    proc = machine.start("sweep", *args, "--num-hiddens", "8,16", "--no-register-best")
+    _wait_in_log(machine, proc, "epoch 3/300")
+    children = psutil.Process(proc.pid).children(recursive=True)  # Dask workers, the temporary API server
+    assert any("uvicorn" in " ".join(c.cmdline()) for c in children) and len(children) >= 3, children
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, out = machine.finish(proc, timeout=120)
+    seconds = time.monotonic() - sent
+    assert code == 143, out[-3000:]
+    assert seconds < SWEEP_STOP_SECONDS, f"stopped {seconds:.1f} s after the signal"
+    assert out.count("interrupted by ") == 1 and "Traceback" not in out, out[-3000:]
+    assert "interrupted by SIGTERM: the sweep's MLflow run is marked KILLED" in out, out[-3000:]
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"processes of the sweep outlived it: {alive}"
+    experiment = machine.client.get_experiment_by_name("deeprnn-sweep")
+    runs = machine.client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "KILLED"
