@@ -123,9 +123,9 @@ def mark_orphaned_runs(runs_dir: str | None = None) -> None:
 def stop_on_signals(seconds: float | None = None) -> None:
     """From now on SIGINT and SIGTERM stop the run at a safe point (``deeprnn.training.stopping``), within
     ``seconds`` (default: ``STOP_SECONDS``), a second one at once."""
-    from deeprnn.training.stopping import STOP_SECONDS, handle_stop_signals
+    from deeprnn.training.stopping import handle_stop_signals
 
-    handle_stop_signals(seconds or STOP_SECONDS)
+    handle_stop_signals(seconds)
 
 
 StopMessage = Callable[[KeyboardInterrupt], str]

@@ -111,12 +111,12 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
         raise StopRequested(signum)
 
 
-def handle_stop_signals(seconds: float = STOP_SECONDS) -> None:
+def handle_stop_signals(seconds: float | None = None) -> None:
     """Install the stop handler for SIGINT and SIGTERM (main thread only; elsewhere nothing happens); a stop
-    that has not ended the process ``seconds`` after the first signal ends it at once."""
+    that has not ended the process ``seconds`` (default ``STOP_SECONDS``) after the first signal ends it at once."""
     if threading.current_thread() is not threading.main_thread():
         return
-    _STATE.seconds = seconds
+    _STATE.seconds = STOP_SECONDS if seconds is None else seconds
     for signum in STOP_SIGNALS:
         signal.signal(signum, _on_signal)
     _STATE.installed = True
