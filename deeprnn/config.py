@@ -5,7 +5,6 @@ a few fields of its sections (`resolve`). The presets are defined here once; the
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal, Mapping, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator, model_validator
@@ -24,7 +23,6 @@ CellType = Literal["lstm", "gru", "rnn"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 PresetName = Literal["d2l-9.3", "full-book", "smoke", "text"]
-_SHA1_RE = re.compile(r"^[0-9a-fA-F]{40}$")
 # Names a registered model may take: letters, digits, '.', '_' and '-', as in models:/<name>@champion.
 REGISTERED_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$"
 # The one place credentials leave the corpus URL: its JSON form, which is what leaves the process (MLflow
@@ -393,8 +391,3 @@ def resolve(
 ) -> RunConfig:
     """The preset with each given section's values (see ``section_values``) in place of its own, validated."""
     return preset_config(preset, overrides_dict(data, model, train, sample))
-
-
-def is_sha1(text: str) -> bool:
-    """True for 40 hexadecimal digits."""
-    return bool(_SHA1_RE.match(text))

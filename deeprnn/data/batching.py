@@ -126,28 +126,6 @@ def gather_rows(
     return corpus[pos], corpus[pos + 1]
 
 
-def random_batches(
-    corpus: torch.Tensor, batch_size: int, num_steps: int, rng: random.Random
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One epoch of the book's random minibatches, drawn with ``rng`` (offset, then a shuffle).
-
-    Returns ``X, Y`` of shape ``(num_batches, batch_size, num_steps)``. The whole epoch is gathered at once;
-    the trainer gathers one minibatch at a time from ``random_starts`` instead.
-    """
-    return gather_rows(corpus, random_starts(corpus.numel(), batch_size, num_steps, rng), num_steps)
-
-
-def epoch_batches(
-    corpus: torch.Tensor, batch_size: int, num_steps: int, partition: str, rng: random.Random
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The minibatches of one epoch for ``partition`` ('sequential' or 'random'), drawing from ``rng``."""
-    if partition == "sequential":
-        return sequential_batches(corpus, batch_size, num_steps, rng.randint(0, num_steps))
-    if partition == "random":
-        return random_batches(corpus, batch_size, num_steps, rng)
-    raise ValueError(f"unknown partition {partition!r}; use 'sequential' or 'random'")
-
-
 class EpochBatches:
     """One epoch's minibatches, loaded one at a time into the trainer's int64 ``x``/``y`` buffers.
 
@@ -165,8 +143,10 @@ class EpochBatches:
         if partition == "random":
             self.starts = random_starts(corpus.numel(), batch_size, num_steps, rng).to(corpus.device)
             self.steps = torch.arange(num_steps, device=corpus.device)
+        elif partition == "sequential":  # a fresh offset in [0, num_steps] per epoch, as the book draws it
+            self.views = sequential_batches(corpus, batch_size, num_steps, rng.randint(0, num_steps))
         else:
-            self.views = epoch_batches(corpus, batch_size, num_steps, partition, rng)
+            raise ValueError(f"unknown partition {partition!r}; use 'sequential' or 'random'")
 
     def __len__(self) -> int:
         if self.views is not None:

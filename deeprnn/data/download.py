@@ -11,9 +11,10 @@ read in place, in the same one streamed pass of checks.
 The SHA-1 of a download is that of the body as ``requests`` hands it over, once any HTTP
 ``Content-Encoding`` is undone: a ``.gz`` file served as a file keeps its compressed bytes and SHA-1.
 
-Retrying is the caller's choice: ``fetch_corpus`` makes one attempt unless given ``retries``. In the
-pipeline the ``download-corpus`` task is the one retry layer (Prefect task retries of transient faults only),
-so it leaves ``retries`` at 0. Read the text with ``read_text_chunks``.
+``fetch_corpus`` makes one attempt: a network fault raises ``TransientDownloadError`` (worth trying again
+later), anything else ``DownloadError``. In the pipeline the ``download-corpus`` task is the one retry layer
+(Prefect task retries of transient faults only); a caller of its own retries, or not, as it sees fit. Read
+the text with ``read_text_chunks``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import hashlib
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -34,7 +34,6 @@ from deeprnn.data.corpus_stream import (
     CorpusFile,
     CorpusKind,
     DownloadError,
-    TextCheck,
     TransientDownloadError,
     check_file,
     dir_files,
@@ -52,7 +51,6 @@ __all__ = [
     "TransientDownloadError",
     "cache_dir",
     "check_source",
-    "check_text",
     "fetch_corpus",
     "read_text_chunks",
     "redact_url",
@@ -82,13 +80,6 @@ def sha1_of(path: Path) -> str:
         for chunk in iter(lambda: fh.read(READ_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def check_text(data: bytes, source: str) -> None:
-    """Refuse what cannot be a text corpus: empty, binary (NUL bytes) or not UTF-8 (bytes already in memory)."""
-    check = TextCheck(source)
-    check.feed(data, decode=False)
-    check.finish()
 
 
 def _local_path(source: str) -> Path | None:
@@ -310,14 +301,13 @@ def fetch_corpus(
     *,
     cache: Path | None = None,
     timeout: float = 30.0,
-    retries: int = 0,
 ) -> CorpusFile:
     """Return a verified local corpus for ``source`` (URL, path or folder), downloading only when the cache
     lacks it.
 
     With ``expected_sha1`` the content must match it; without one, the hash recorded at the first download
-    guards the cached copy against corruption. ``retries`` extra attempts are made after a transient fault
-    (1 s, 2 s, 4 s, ... apart); leave it at 0 where something else retries (the ``download-corpus`` task).
+    guards the cached copy against corruption. One attempt: a network fault raises ``TransientDownloadError``
+    for the caller to retry (the ``download-corpus`` task does, with Prefect's retries).
     """
     expected = expected_sha1.lower() if expected_sha1 else None
     local = _local_path(source)
@@ -327,14 +317,4 @@ def fetch_corpus(
     cached = _cached(base, expected, redact_url(source))
     if cached is not None:
         return cached
-    for attempt in range(retries + 1):
-        try:
-            return _download(source, base, expected, timeout)
-        except TransientDownloadError as exc:
-            if attempt == retries and not retries:
-                raise
-            if attempt == retries:
-                raise TransientDownloadError(f"{exc}; gave up after {retries + 1} attempts") from None
-            log.warning("%s; attempt %d of %d, trying again", exc, attempt + 1, retries + 1)
-            time.sleep(2**attempt)
-    raise AssertionError("unreachable")  # the loop returns or raises
+    return _download(source, base, expected, timeout)

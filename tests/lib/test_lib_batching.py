@@ -13,11 +13,9 @@ from deeprnn.data.batching import (
     CorpusTooShortError,
     EpochBatches,
     check_enough_tokens,
-    epoch_batches,
     eval_streams,
     min_tokens,
     num_batches,
-    random_batches,
     random_starts,
     sequential_batches,
     split_corpus,
@@ -28,6 +26,18 @@ from deeprnn.data.batching import (
 def corpus() -> torch.Tensor:
     # Unique values, so that any shift or reordering of positions is visible.
     return torch.randperm(10000, generator=torch.Generator().manual_seed(3))
+
+
+def _epoch(
+    corpus: torch.Tensor, batch_size: int, num_steps: int, partition: str, rng: random.Random
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole epoch as the trainer gets it, one minibatch at a time: ``X, Y`` of shape ``(batches, B, T)``."""
+    batches = EpochBatches(corpus, batch_size, num_steps, partition, rng)
+    x = torch.empty(len(batches), batch_size, num_steps, dtype=torch.long)
+    y = torch.empty_like(x)
+    for i in range(len(batches)):
+        batches.load(i, x[i], y[i])
+    return x, y
 
 
 class RecordingRandom(random.Random):
@@ -96,7 +106,7 @@ def test_min_tokens_gives_a_minibatch_for_every_offset(batch_size: int, num_step
     for offset in range(num_steps + 1):
         assert sequential_batches(ids, batch_size, num_steps, offset)[0].shape[0] >= 1
     for seed in range(5):
-        assert random_batches(ids, batch_size, num_steps, random.Random(seed))[0].shape[0] >= 1
+        assert len(EpochBatches(ids, batch_size, num_steps, "random", random.Random(seed))) >= 1
 
 
 # ----- sequential -----------------------------------------------------------------------------------
@@ -133,7 +143,7 @@ def test_sequential_equals_d2l(d2l, corpus: torch.Tensor, monkeypatch: pytest.Mo
 
 def test_epoch_batches_sequential_draws_offset_in_0_to_num_steps(corpus: torch.Tensor) -> None:
     rng = RecordingRandom(5)
-    x, y = epoch_batches(corpus, 8, 10, "sequential", rng)
+    x, y = _epoch(corpus, 8, 10, "sequential", rng)
     assert len(rng.calls) == 1
     name, a, b, offset = rng.calls[0]
     assert (name, a, b) == ("randint", 0, 10)
@@ -143,7 +153,7 @@ def test_epoch_batches_sequential_draws_offset_in_0_to_num_steps(corpus: torch.T
 
 def test_epoch_batches_unknown_partition(corpus: torch.Tensor) -> None:
     with pytest.raises(ValueError, match="unknown partition 'shuffled'"):
-        epoch_batches(corpus, 8, 10, "shuffled", random.Random(0))
+        EpochBatches(corpus, 8, 10, "shuffled", random.Random(0))
 
 
 def test_num_batches_matches_sequential(corpus: torch.Tensor) -> None:
@@ -161,7 +171,7 @@ def test_random_equals_d2l_with_the_global_random(
 ) -> None:
     random.seed(seed)
     book = list(d2l.seq_data_iter_random(corpus.tolist(), 32, 35))
-    x, y = random_batches(corpus, 32, 35, random.Random(seed))
+    x, y = _epoch(corpus, 32, 35, "random", random.Random(seed))
     assert x.shape == (len(book), 32, 35)
     for i, (bx, by) in enumerate(book):
         assert torch.equal(x[i], bx), i
@@ -174,7 +184,7 @@ def test_random_makes_the_same_calls_as_d2l(d2l, corpus: torch.Tensor, monkeypat
     monkeypatch.setattr(d2l, "random", book_rng)
     list(d2l.seq_data_iter_random(corpus.tolist(), 16, 20))
     mine = RecordingRandom(9)
-    random_batches(corpus, 16, 20, mine)
+    EpochBatches(corpus, 16, 20, "random", mine)
     assert mine.calls == book_rng.calls
     assert [c[0] for c in mine.calls] == ["randint", "shuffle"]
     assert mine.calls[0][1:3] == (0, 19)  # the offset is drawn in [0, num_steps - 1]
@@ -182,7 +192,7 @@ def test_random_makes_the_same_calls_as_d2l(d2l, corpus: torch.Tensor, monkeypat
 
 def test_random_uses_each_subsequence_at_most_once(corpus: torch.Tensor) -> None:
     rng = RecordingRandom(4)
-    x, y = random_batches(corpus, 8, 10, rng)
+    x, y = _epoch(corpus, 8, 10, "random", rng)
     offset = rng.calls[0][3]
     starts = sorted((row[0] == corpus).nonzero().item() for row in x.reshape(-1, 10))
     assert len(set(starts)) == len(starts) == x.shape[0] * 8
@@ -216,7 +226,7 @@ def test_eval_streams_short_text_uses_fewer_rows() -> None:
 
 def test_random_starts_equal_the_book_minibatches(corpus: torch.Tensor) -> None:
     starts = random_starts(corpus.numel(), 8, 10, random.Random(7))
-    x, y = random_batches(corpus, 8, 10, random.Random(7))
+    x, y = _epoch(corpus, 8, 10, "random", random.Random(7))
     assert starts.shape == x.shape[:2] and starts.dtype == torch.int64
     for i in range(starts.shape[0]):
         for b in range(8):
@@ -245,7 +255,7 @@ def test_epoch_batches_load_one_minibatch_at_a_time_into_int64_buffers(corpus: t
     small = (corpus % 200).to(torch.uint8)  # ids as a token cache stores them
     for partition in ("sequential", "random"):
         batches = EpochBatches(small, 4, 5, partition, random.Random(2))
-        xs, ys = epoch_batches(small, 4, 5, partition, random.Random(2))
+        xs, ys = _epoch(small.long(), 4, 5, partition, random.Random(2))  # the same epoch of int64 ids
         assert len(batches) == xs.shape[0]
         x, y = torch.zeros(4, 5, dtype=torch.long), torch.zeros(4, 5, dtype=torch.long)
         for i in (0, 1, len(batches) - 1):

@@ -16,7 +16,6 @@ from deeprnn.config import (
     RunConfig,
     SampleConfig,
     TrainConfig,
-    is_sha1,
     preset_config,
     resolve,
     section_values,
@@ -120,8 +119,10 @@ def test_expected_sha1() -> None:
     assert DataConfig().expected_sha1() == D2L_SHA1
     assert DataConfig(url="https://example.com/other.txt").expected_sha1() is None
     assert DataConfig(url="https://example.com/x", sha1="A" * 40).expected_sha1() == "a" * 40
-    assert is_sha1(D2L_SHA1) and is_sha1("F" * 40)
-    assert not is_sha1("g" * 40) and not is_sha1("a" * 41) and not is_sha1("")
+    assert DataConfig(sha1=D2L_SHA1.upper()).expected_sha1() == D2L_SHA1
+    for wrong in ("g" * 40, "a" * 41):
+        with pytest.raises(ValidationError, match="sha1"):
+            DataConfig(sha1=wrong)
 
 
 def test_resolve_takes_the_fields_each_section_sets_and_the_presets_for_the_rest() -> None:

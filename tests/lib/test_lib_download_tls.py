@@ -83,7 +83,7 @@ def test_an_untrusted_certificate_is_refused_at_once_and_nothing_is_cached(
     url, hits = https_url
     cache = tmp_path / "cache"
     with pytest.raises(DownloadError, match=f"TLS verification failed for {url}") as info:
-        fetch_corpus(url.replace("https://", "https://reader:s3cret@"), None, cache=cache, retries=0)
+        fetch_corpus(url.replace("https://", "https://reader:s3cret@"), None, cache=cache)
     assert not isinstance(info.value, TransientDownloadError)  # not a network hiccup: no retry would help
     assert "s3cret" not in str(info.value)
     assert hits == []  # the handshake failed: the request was never sent

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from deeprnn.config import RunConfig, preset_config
-from deeprnn.data.batching import CorpusTooShortError, random_batches
+from deeprnn.data.batching import CorpusTooShortError, gather_rows, random_starts
 from deeprnn.data.vocab import Vocab
 from deeprnn.evaluate import perplexity
 from deeprnn.model import RNNLM
@@ -186,7 +186,7 @@ def test_random_partition_equals_a_plain_loop(tiny_vocab: Vocab, tiny_ids: torch
 
     # The book's random partitioning: a fresh zero state for every minibatch.
     opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
-    xs, ys = random_batches(tiny_ids, 8, 16, random.Random(cfg.train.seed))
+    xs, ys = gather_rows(tiny_ids, random_starts(tiny_ids.numel(), 8, 16, random.Random(cfg.train.seed)), 16)
     losses = []
     for x, y in zip(xs, ys):
         opt.zero_grad()
