@@ -41,6 +41,7 @@ from deeprnn.data.corpus_stream import (
     read_text_chunks,
     sniff_kind,
 )
+from deeprnn.data.file_io import megabytes, sha1_of, write_atomic
 from deeprnn.data.urls import redact_url
 
 __all__ = [
@@ -54,7 +55,6 @@ __all__ = [
     "fetch_corpus",
     "read_text_chunks",
     "redact_url",
-    "sha1_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,15 +71,6 @@ def cache_dir() -> Path:
     import platformdirs  # small, but only needed here
 
     return Path(platformdirs.user_cache_dir("deeprnn"))
-
-
-def sha1_of(path: Path) -> str:
-    """SHA-1 of a file, read in chunks."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(READ_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _local_path(source: str) -> Path | None:
@@ -242,7 +233,7 @@ def _download(url: str, base: Path, expected: str | None, timeout: float) -> Cor
         for other in _SUFFIXES.values():  # a copy of another kind under the same name is stale now
             if other != target.suffix:
                 base.with_suffix(other).unlink(missing_ok=True)
-        _atomic_write((sink.hexdigest + "\n").encode(), base.with_suffix(".sha1"))
+        write_atomic(base.with_suffix(".sha1"), (sink.hexdigest + "\n").encode())
     except OSError as exc:
         if isinstance(exc, requests.exceptions.RequestException):
             raise
@@ -267,32 +258,14 @@ def _cache_error(folder: Path, exc: OSError, size: int | None = None, written: i
     """The disk, not the network, failed (full, read-only, not a folder): say where, how much, and what to do."""
     sizes = []
     if size is not None:
-        sizes.append(f"the download is {_megabytes(size)}")
+        sizes.append(f"the download is {megabytes(size)}")
     if written:
-        sizes.append(f"{_megabytes(written)} were written, and removed")
+        sizes.append(f"{megabytes(written)} were written, and removed")
     told = f" ({'; '.join(sizes)})" if sizes else ""
     return DownloadError(
         f"cannot write the corpus into the cache {folder}: {exc.strerror or exc}{told}. "
         f"Free some space there, or set {CACHE_ENV} to another folder"
     )
-
-
-def _megabytes(num_bytes: int) -> str:
-    return f"{num_bytes / 1e6:,.1f} MB" if num_bytes >= 100_000 else f"{num_bytes / 1e3:,.0f} kB"
-
-
-def _atomic_write(data: bytes, target: Path) -> None:
-    """Write a small file to a temporary file in the same folder, then rename: readers see all or nothing."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def fetch_corpus(

@@ -40,6 +40,7 @@ from deeprnn.config import DataConfig
 from deeprnn.data import token_cache
 from deeprnn.data.chunk_edges import WordTooLongError
 from deeprnn.data.download import CACHE_ENV, CorpusFile, cache_dir, read_text_chunks
+from deeprnn.data.file_io import megabytes
 from deeprnn.data.token_counts import CHUNK_BYTES, CharCounter, TooManyWordsError, WordCounter
 from deeprnn.data.vocab import Vocab
 
@@ -292,19 +293,15 @@ def _cache_write_error(
     """The one message for a token cache that cannot be written: where, about how much, what to do."""
     size = ""
     if needed is not None:
-        size = f" (preparing this corpus writes about {_megabytes(needed.peak)}"
-        size += f" and keeps {_megabytes(needed.entry)}" if needed.entry != needed.peak else ""
-        size += f"; {_megabytes(free)} free there)" if free is not None else ")"
+        size = f" (preparing this corpus writes about {megabytes(needed.peak)}"
+        size += f" and keeps {megabytes(needed.entry)}" if needed.entry != needed.peak else ""
+        size += f"; {megabytes(free)} free there)" if free is not None else ")"
     full = exc.errno in _DISK_FULL
     what = "free some space there" if full else "make it writable"
     return CacheWriteError(
         f"cannot write the token cache in {where}: {exc.strerror or exc}{size}; nothing was kept. "
         f"{what.capitalize()}, or set {CACHE_ENV} to a folder on a disk with room"
     )
-
-
-def _megabytes(num_bytes: int) -> str:
-    return f"{num_bytes / 1e6:,.1f} MB" if num_bytes >= 100_000 else f"{num_bytes / 1e3:,.0f} kB"
 
 
 def _write_ids(path: Path, chunks: Iterable[np.ndarray]) -> str:

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from deeprnn.data.file_io import sha1_of
+
 log = logging.getLogger(__name__)
 
 FORMAT = "deeprnn-tokens/2"
@@ -68,12 +70,6 @@ def space_for(num_tokens: int, vocab_size: int, spill: bool) -> SpaceEstimate:
 
 class DamagedEntryError(ValueError):
     """An entry's files do not match what its ``meta.json`` says."""
-
-
-def sha1_of(path: Path) -> str:
-    """The SHA-1 of a file's bytes, read in blocks."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha1").hexdigest()
 
 
 def _meta_digest(meta: dict[str, Any]) -> str:

@@ -15,16 +15,15 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from deeprnn.config import RunConfig
+from deeprnn.data.file_io import write_atomic
 from deeprnn.data.vocab import Vocab
 from deeprnn.model import RNNLM
 
@@ -59,20 +58,9 @@ def _sha256(data: bytes) -> str:
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` whole or not at all; a full disk raises ``CheckpointDiskFullError``."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+        write_atomic(path, data)
     except OSError as exc:
         raise _disk_full(exc, path, data) from None
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise _disk_full(exc, path, data) from None
-        raise
 
 
 def _disk_full(exc: OSError, path: Path, data: bytes) -> OSError:

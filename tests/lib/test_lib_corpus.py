@@ -15,7 +15,7 @@ from corpora import BOOK_SHA1, CorpusFile, d2l_num_chars, standin_text
 from deeprnn.config import D2L_SHA1, preset_config
 from deeprnn.data.batching import num_batches, sequential_batches, split_corpus
 from deeprnn.data.book_tokenize import flatten, preprocess_lines, tokenize
-from deeprnn.data.download import sha1_of
+from deeprnn.data.file_io import sha1_of
 from deeprnn.data.vocab import Vocab
 
 # The vocabulary the book prints in 8.2 (after <unk>): space, then letters by descending frequency.

@@ -25,8 +25,8 @@ from deeprnn.data.download import (
     fetch_corpus,
     read_text_chunks,
     redact_url,
-    sha1_of,
 )
+from deeprnn.data.file_io import sha1_of
 
 TEXT = b"The Time Machine, by H. G. Wells\n\nThe Time Traveller (for so it will be convenient)\n"
 SHA1 = hashlib.sha1(TEXT).hexdigest()
