@@ -119,15 +119,15 @@ def heartbeat(trial: optuna.Trial) -> Iterator[None]:
     study_id = storage.get_study_id_from_name(trial.study.study_name)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
     stop = threading.Event()
+    # The first beat before the block: a trial with no beat at all is never stale to Optuna.
+    storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
 
     def beat() -> None:
-        while True:
+        while not stop.wait(interval):
             try:
                 storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
             except Exception:  # noqa: BLE001, S110 - the next beat tries again; the grace period allows for it
                 pass
-            if stop.wait(interval):
-                return
 
     thread = threading.Thread(target=beat, name=f"optuna-heartbeat-{trial.number}", daemon=True)
     thread.start()
