@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,8 +93,7 @@ def mark_orphaned_runs(runs_dir: str | None = None) -> list[Orphan]:
 def mark_crashed_flow_run(flow_run_id: str, reason: str) -> list[str]:
     """Mark every RUNNING MLflow run that Prefect flow run ``flow_run_id`` opened FAILED, with ``reason`` as the
     ``deeprnn.failure_reason`` tag; returns their ids."""
-    if not re.fullmatch(r"[0-9a-fA-F-]{36}", flow_run_id):  # it goes into a filter string
-        raise ValueError(f"not a Prefect flow run id: {flow_run_id!r}")
+    runs.check_prefect_id(flow_run_id, "flow run")
     client = MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:

@@ -27,6 +27,7 @@ from typing import Any, Mapping, cast
 from pydantic import ValidationError
 
 from deeprnn.config import SECTIONS, RunConfig, preset_config, section_values
+from deeprnn.presets import merge
 
 MAX_TRIALS = 1000  # a guard against a typo that expands to a million training runs
 DEFAULT_RANDOM_TRIALS = 10
@@ -247,13 +248,6 @@ def _nest(values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _merge(base: dict[str, dict[str, Any]], update: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    out = {section: dict(values) for section, values in base.items()}
-    for section, values in update.items():
-        out.setdefault(section, {}).update(values)
-    return out
-
-
 @dataclass(frozen=True)
 class Trial:
     """One point of the search: its number, the values it varies and its complete configuration."""
@@ -296,9 +290,9 @@ def make_trial(
     for section, section_model in (overrides or {}).items():
         if section_values(section_model):
             given[section] = section_values(section_model)
-    base = _merge(given, _nest(space.fixed))
+    base = merge(given, _nest(space.fixed))
     try:
-        config = preset_config(preset, _merge(base, _nest(values)))
+        config = preset_config(preset, merge(base, _nest(values)))
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise SearchSpaceError(f"trial {index} ({_show(values)}) is not a valid configuration: {problems}") from None

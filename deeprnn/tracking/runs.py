@@ -93,10 +93,17 @@ def create_run(
     return run_id
 
 
+def check_prefect_id(value: str, kind: str) -> str:
+    """Return ``value`` if it looks like a Prefect ``kind`` id (a UUID), else raise ValueError: it goes into an
+    MLflow filter string, so nothing else may."""
+    if not re.fullmatch(r"[0-9a-fA-F-]{36}", value):
+        raise ValueError(f"not a Prefect {kind} id: {value!r}")
+    return value
+
+
 def run_opened_by(experiment_id: str, opened_by: str) -> str | None:
     """The run that Prefect task run ``opened_by`` created in this experiment, if any."""
-    if not re.fullmatch(r"[0-9a-fA-F-]{36}", opened_by):  # it goes into a filter string
-        raise ValueError(f"not a Prefect task run id: {opened_by!r}")
+    check_prefect_id(opened_by, "task run")
     found = MlflowClient().search_runs([experiment_id], f"tags.`{OPENED_BY_TAG}` = '{opened_by}'", max_results=1)
     return found[0].info.run_id if found else None
 
@@ -300,8 +307,7 @@ def log_texts(run_id: str, texts: dict[str, str], files: Sequence[Path] = ()) ->
 def run_for_flow_run(flow_run_id: str) -> str:
     """The id of the MLflow run that the Prefect flow run ``flow_run_id`` opened (its ``prefect.flow_run_id``
     tag), in any experiment. Raises LookupError when there is none."""
-    if not re.fullmatch(r"[0-9a-fA-F-]{36}", flow_run_id):  # it goes into a filter string
-        raise ValueError(f"not a Prefect flow run id: {flow_run_id!r}")
+    check_prefect_id(flow_run_id, "flow run")
     client = MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=1)
