@@ -31,6 +31,7 @@ EXPECTED: tuple[tuple[str, str], ...] = (
     ("deeprnn.training.divergence", "TrainingDivergedError"),  # a NaN or infinite loss or weight
     ("deeprnn.training.resume", "ResumeError"),
     ("deeprnn.search.space", "SearchSpaceError"),
+    ("deeprnn.search.optuna_study", "StudyError"),  # a damaged journal, a study of another search, no storage
     ("deeprnn.training.checkpoint", "UnsafeCheckpointError"),
     ("deeprnn.training.checkpoint", "DamagedCheckpointError"),  # digest mismatch, cut short, weights not finite
     ("deeprnn.training.checkpoint", "CheckpointDiskFullError"),  # the run folder's disk is full
