@@ -87,7 +87,9 @@ def test_a_run_marked_failed_says_why_and_reopening_it_forgets_that(experiment: 
     record = runs.get_run(run_id)
     assert record.status == "RUNNING" and runs.FAILURE_REASON_TAG not in record.tags
     assert record.tags["prefect.flow_run_id"] == "new"
-    assert runs.find_run(run_id) == runs.RunHandle(run_id, "RUNNING", experiment)
+    handle = runs.find_run(run_id)
+    assert (handle.run_id, handle.status, handle.experiment) == (run_id, "RUNNING", experiment)
+    assert handle.tags["prefect.flow_run_id"] == "new" and runs.FAILURE_REASON_TAG not in handle.tags
 
 
 def test_find_run_names_a_missing_or_deleted_run(experiment: str) -> None:
