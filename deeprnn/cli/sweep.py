@@ -204,7 +204,9 @@ def _adaptive(
         runner = dask_task_runner(cluster_address, workers, use_gpus=spec.first_point().config.train.device != "cpu")
         where = cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)"
         _announce(adaptive["max_trials"], preset, where)
-        console.print(f"Optuna study {spec.name!r} in {spec.storage} (sampler {spec.sampler}, pruner {spec.pruner})")
+        console.print(
+            f"Optuna study {spec.name!r} in {spec.shown_storage} (sampler {spec.sampler}, pruner {spec.pruner})"
+        )
         launch.mark_orphaned_runs()
     run_study(spec, fixed, adaptive, runner, launch.invoke)
 
