@@ -1,8 +1,10 @@
-"""Stage 7: perplexity, token-weighted and safe against overflow."""
+"""Stage 7: perplexity, token-weighted and safe against overflow, in pieces whose logits stay within
+``LOGIT_FLOATS`` whatever the vocabulary, and (with a deadline) only as far as time allows."""
 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,9 @@ from deeprnn.data.batching import eval_streams
 from deeprnn.model import RNNLM
 
 _MAX_LOG = 709.0  # math.exp overflows a float above ~709.78
+# Logits (rows x steps x vocabulary) of one piece of an evaluation at most: 64 MiB of floats. Only a large
+# vocabulary makes the pieces shorter than ``chunk``.
+LOGIT_FLOATS = 2**24
 
 
 def perplexity_from_loss(mean_loss: float) -> float:
@@ -20,25 +25,45 @@ def perplexity_from_loss(mean_loss: float) -> float:
     return math.exp(mean_loss) if mean_loss < _MAX_LOG else math.inf
 
 
+def piece_steps(rows: int, vocab_size: int, chunk: int = 512) -> int:
+    """Steps of one evaluation piece: ``chunk``, or fewer where ``rows`` x steps x ``vocab_size`` logits would
+    exceed ``LOGIT_FLOATS``."""
+    return max(1, min(chunk, LOGIT_FLOATS // max(rows * vocab_size, 1)))
+
+
 @torch.no_grad()
-def loss_sum(model: RNNLM, ids: torch.Tensor, rows: int = 32, chunk: int = 512) -> tuple[torch.Tensor, int]:
+def loss_sum(
+    model: RNNLM, ids: torch.Tensor, rows: int = 32, chunk: int = 512, deadline: float | None = None
+) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over ``ids`` (on the model's device, not synced) and the number of targets.
 
-    The text is laid out as ``rows`` streams read in ``chunk``-step pieces with the state carried across
-    pieces, so every token after a stream's first is predicted from its full left context within the stream.
-    ``ids`` may be of any integer dtype and on any device (a CPU tensor over a memory-mapped token cache, say):
-    each piece is copied to the model's device as int64 on its own, never the whole split at once.
+    The text is laid out as ``rows`` streams read in ``chunk``-step pieces (shorter at a large vocabulary:
+    ``piece_steps``) with the state carried across pieces, so every token after a stream's first is predicted
+    from its full left context within the stream. ``ids`` may be of any integer dtype and on any device (a CPU
+    tensor over a memory-mapped token cache, say): each piece is copied to the model's device as int64 on its
+    own, never the whole split at once. With ``deadline`` (a ``time.perf_counter()`` value) no piece starts
+    after it, though the first always runs: the sum and count then cover the pieces read.
     """
     device = next(model.parameters()).device
     x, y = eval_streams(ids, rows)  # (R, L), views of ids where it lives
     state = model.begin_state(x.shape[0], device)
     total = torch.zeros((), device=device, dtype=torch.float64)
-    for start in range(0, x.shape[1], chunk):
-        xs = x[:, start : start + chunk].to(device=device, dtype=torch.long)  # (R, t)
-        ys = y[:, start : start + chunk].to(device=device, dtype=torch.long)
+    step = piece_steps(x.shape[0], model.vocab_size, chunk)
+    for start in range(0, x.shape[1], step):
+        if deadline is not None and start and _now(device) >= deadline:
+            return total, y[:, :start].numel()
+        xs = x[:, start : start + step].to(device=device, dtype=torch.long)  # (R, t)
+        ys = y[:, start : start + step].to(device=device, dtype=torch.long)
         logits, state = model(xs, state)  # (t*R, V)
         total += F.cross_entropy(logits, ys.T.reshape(-1), reduction="sum").to(torch.float64)
     return total, y.numel()
+
+
+def _now(device: torch.device) -> float:
+    """The host's clock once the device has done what it was given (a deadline means device time)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def perplexity(
@@ -49,6 +74,18 @@ def perplexity(
     ``max_tokens`` reads only the first N tokens of ``ids`` (a cheaper estimate on a large split). The model
     is put in eval mode for the measurement and returned to the mode it was in.
     """
+    return perplexity_until(model, ids, None, rows, chunk, max_tokens)[0]
+
+
+def perplexity_until(
+    model: RNNLM,
+    ids: torch.Tensor,
+    deadline: float | None,
+    rows: int = 32,
+    chunk: int = 512,
+    max_tokens: int | None = None,
+) -> tuple[float, int]:
+    """``perplexity`` over the tokens read before ``deadline`` (``loss_sum``), and how many targets that was."""
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if ids.numel() < 2:
@@ -56,7 +93,7 @@ def perplexity(
     was_training = model.training
     model.eval()
     try:
-        total, count = loss_sum(model, ids, rows, chunk)
+        total, count = loss_sum(model, ids, rows, chunk, deadline)
     finally:
         model.train(was_training)
-    return perplexity_from_loss(total.item() / count)
+    return perplexity_from_loss(total.item() / count), count

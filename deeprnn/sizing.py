@@ -13,6 +13,14 @@ The size rule, as char-rnn's and nanoGPT's guides size models to data:
 The largest of two stacked layers of ``WIDTHS`` hidden units that passes both is chosen (at least the
 smallest); dropout 0.2 when the budget will pass over the text more than ``DROPOUT_EPOCHS`` times.
 
+A large vocabulary: the output layer's logits (rows x steps x vocabulary floats, and their gradients) dominate
+a step's time and memory, so the batch is made shorter until one step's logits fit ``LOGIT_FLOATS`` (rows
+halved down to ``MIN_ROWS``, then steps down to 8): more, cheaper steps in the budget. There, with a time
+budget, the held-out evaluations are capped too, to what the budget affords at the measured speed: one periodic
+evaluation about ``EVAL_SHARE`` of it, the final one of each held-out split about ``FINAL_EVAL_SHARE / 2``, so
+that a run reaches its samples in time. A vocabulary of up to 8,192 tokens keeps the preset's batch and
+evaluations.
+
 The batch: with a time budget and ``train.min_planned_steps``, the preset's rows are halved (down to
 ``MIN_ROWS``) until the budget plans that many steps at the measured throughput. A CPU trains about as many
 tokens a second with fewer rows, so a short budget there gets more, smaller steps. A GPU's budget mostly plans
@@ -35,6 +43,7 @@ import torch.nn.functional as F
 from deeprnn.config import BOOK_PREFIXES, D2L_SHA1, D2L_URL, ModelConfig, RunConfig
 from deeprnn.data.batching import min_tokens, split_corpus
 from deeprnn.data.vocab import Vocab
+from deeprnn.evaluate import LOGIT_FLOATS
 from deeprnn.model import RNNLM
 
 log = logging.getLogger(__name__)
@@ -45,6 +54,10 @@ DROPOUT_EPOCHS = 8.0
 MIN_ROWS = 8
 HALF_ROWS_RATE = 0.6  # a CPU keeps nearly all its tokens a second at half the rows; a flat-step GPU keeps half
 _PROBE_SECONDS = 0.6  # timed steps per candidate size, after one untimed step
+EVAL_SHARE = 0.1  # one periodic held-out evaluation at most about this share of the time budget
+FINAL_EVAL_SHARE = 0.1  # the final evaluation of the two held-out splits together at most about this share
+MIN_EVAL_TOKENS = 1_000  # an evaluation reads at least this many tokens (or the whole split)
+_EVAL_SPEEDUP = 2.0  # an evaluation (forward passes only) reads about twice the tokens a second of training
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,8 @@ def fit_to_text(
 def decided_later(config: RunConfig) -> set[str]:
     """The ``section.field`` values ``fit_to_text`` will decide (so they are logged once decided, not before)."""
     keys = set()
+    if _caps_evaluations(config):
+        keys |= {"train.eval_max_tokens", "train.final_eval_max_tokens"}
     if config.model.size == "auto":
         keys |= {"model.size", "model.num_hiddens", "model.num_layers", "model.dropout"}
         keys |= {"train.batch_size", "train.num_steps"}
@@ -108,6 +123,42 @@ def decided_later(config: RunConfig) -> set[str]:
 
 def _plans_batch(config: RunConfig) -> bool:
     return config.train.min_planned_steps > 0 and config.train.time_budget is not None
+
+
+def _caps_evaluations(config: RunConfig) -> bool:
+    return config.train.time_budget is not None and (config.model.size == "auto" or _plans_batch(config))
+
+
+def within_logits(rows: int, num_steps: int, vocab_size: int) -> tuple[int, int]:
+    """A batch shape whose logits (``rows`` x ``num_steps`` x ``vocab_size``) fit ``LOGIT_FLOATS``: rows
+    halved down to ``MIN_ROWS``, then steps down to 8; a small vocabulary keeps the shape it has."""
+    while rows * num_steps * vocab_size > LOGIT_FLOATS and rows // 2 >= MIN_ROWS:
+        rows //= 2
+    while rows * num_steps * vocab_size > LOGIT_FLOATS and num_steps // 2 >= 8:
+        num_steps //= 2
+    return rows, num_steps
+
+
+def eval_caps(config: RunConfig, rate: float, train_tokens: int) -> tuple[dict[str, object], str]:
+    """The held-out tokens the time budget affords at ``rate`` training tokens a second: ``eval_max_tokens``
+    for one periodic evaluation, ``final_eval_max_tokens`` for each held-out split of the final one; each only
+    where it reads less than the configuration would (and the split is longer), with a note saying so."""
+    train, data = config.train, config.data
+    eval_rate = _EVAL_SPEEDUP * rate * (train.time_budget or 0.0)  # tokens an evaluation reads in the budget
+    heldout = (
+        train_tokens
+        * max(data.val_fraction, data.test_fraction)
+        / max(1.0 - data.val_fraction - data.test_fraction, 0.01)
+    )
+    fields: dict[str, object] = {}
+    one = max(int(EVAL_SHARE * eval_rate), MIN_EVAL_TOKENS)
+    if one < (train.eval_max_tokens or heldout) and one < heldout:
+        fields["eval_max_tokens"] = one
+    final = max(int(FINAL_EVAL_SHARE * eval_rate / 2), MIN_EVAL_TOKENS)
+    if final < (train.final_eval_max_tokens or heldout) and final < heldout:
+        fields["final_eval_max_tokens"] = final
+    shown = ", ".join(f"{k} {v:,}" for k, v in fields.items())
+    return fields, f"; held-out evaluations capped to what the budget affords: {shown}" if fields else ""
 
 
 def weights(vocab_size: int, model: ModelConfig) -> int:
@@ -126,7 +177,9 @@ def fit_size(
 ) -> tuple[dict[str, object], dict[str, object], str]:
     """The model fields (layers, width, dropout) and batch shape for ``train_tokens`` and the time budget."""
     train = config.train
-    batch_size, num_steps = batch_shape(train_tokens, train.batch_size, train.num_steps)
+    shape = batch_shape(train_tokens, train.batch_size, train.num_steps)
+    batch_size, num_steps = within_logits(*shape, vocab_size)
+    large = (batch_size, num_steps) != shape  # a vocabulary whose logits shortened the batch
     budget = train.time_budget
     chosen, rate = None, None
     for width in WIDTHS:
@@ -158,6 +211,10 @@ def fit_size(
     train_fields: dict[str, object] = {"batch_size": batch_size, "num_steps": num_steps}
     if _plans_batch(config):
         train_fields["min_planned_steps"] = 0  # decided once: a resumed run keeps this batch
+    if large and rate is not None and budget is not None:
+        caps, caps_note = eval_caps(config, rate, train_tokens)
+        train_fields.update(caps)
+        note += caps_note
     return model, train_fields, note
 
 
@@ -166,12 +223,14 @@ def fit_batch(
 ) -> tuple[dict[str, object], str]:
     """The batch fields for a model of a fixed size: its throughput measured here, then ``rows_for_steps``."""
     train = config.train
-    batch_size, num_steps = batch_shape(train_tokens, train.batch_size, train.num_steps)
+    shape = batch_shape(train_tokens, train.batch_size, train.num_steps)
+    batch_size, num_steps = within_logits(*shape, vocab_size)
     measure = partial(measure_throughput, config.model, vocab_size, num_steps=num_steps, device=device, lr=train.lr)
     rows, rate = rows_for_steps(measure(batch_size), config, batch_size, num_steps, measure)
+    caps, caps_note = eval_caps(config, rate, train_tokens) if (batch_size, num_steps) != shape else ({}, "")
     note = f"batch fitted to the budget: {rate:,.0f} tokens/s measured here"
-    note += _batch_note(rate, config, rows, num_steps)
-    return {"batch_size": rows, "num_steps": num_steps, "min_planned_steps": 0}, note
+    note += _batch_note(rate, config, rows, num_steps) + caps_note
+    return {"batch_size": rows, "num_steps": num_steps, "min_planned_steps": 0, **caps}, note
 
 
 def rows_for_steps(

@@ -35,7 +35,7 @@ import torch
 
 from deeprnn.config import TrainConfig
 from deeprnn.data.batching import EpochBatches, check_enough_tokens, num_batches
-from deeprnn.evaluate import perplexity, perplexity_from_loss
+from deeprnn.evaluate import perplexity_from_loss, perplexity_until
 from deeprnn.model import RNNLM, zero_state_
 from deeprnn.training.divergence import check_loss, check_weights
 from deeprnn.training.progress import EpochStats, FitResult, Reporter, StepStats
@@ -351,13 +351,14 @@ class Trainer:
         return min(n, self.cfg.eval_max_tokens) if self.cfg.eval_max_tokens is not None else n
 
     def _heldout_perplexity(self, schedule: Schedule | None = None) -> float:
-        """Held-out perplexity over the first ``cfg.eval_max_tokens`` held-out tokens (all when unset); the
-        schedule learns what it cost."""
+        """Held-out perplexity over the first ``cfg.eval_max_tokens`` held-out tokens (all when unset), or as
+        many as the time budget leaves time for; the schedule learns what it cost."""
         assert self.heldout_ids is not None
-        started = time.perf_counter()
-        value = perplexity(self.model, self.heldout_ids, rows=self.cfg.batch_size, max_tokens=self.cfg.eval_max_tokens)
+        started, deadline = time.perf_counter(), schedule.deadline if schedule is not None else None
+        cap, rows = self.cfg.eval_max_tokens, self.cfg.batch_size
+        value, read = perplexity_until(self.model, self.heldout_ids, deadline, rows=rows, max_tokens=cap)
         if schedule is not None:
-            schedule.evaluated(time.perf_counter() - started)
+            schedule.evaluated(time.perf_counter() - started, read)
         return value
 
     # ----- resume ---------------------------------------------------------------------------------

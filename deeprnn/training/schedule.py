@@ -7,15 +7,20 @@ over the planned steps); checkpoints every ``checkpoint_every`` epochs, every ``
 steps and every ``checkpoint_every_minutes`` of training; both also at the very end. An epoch that a budget
 cuts short counts as the end, never as a whole epoch of the per-epoch schedules.
 
-A time budget is turned into a number of steps (``Schedule.planned``): the throughput is measured over the
-first seconds (``_MEASURE_SECONDS``), evaluations included, and the plan is refined at every read-back, so
-the warm-up and cosine schedule (``lr_schedule = "warmup-cosine"``) reaches its end when the time does.
+A time budget is turned into a number of steps (``Schedule.planned``): the training throughput is measured
+over the first seconds (``_MEASURE_SECONDS``), then over a moving window of the recent read-backs (evaluations
+left out, their cost counted apart), and the plan is refined at every read-back, so the warm-up and cosine
+schedule (``lr_schedule = "warmup-cosine"``) reaches its end when the time does, also when the machine slows
+down or speeds up mid-run. Training stops before a step that would not end before the time kept for the last
+evaluation, which is estimated from the recent speed; an evaluation reads its held-out text only while the
+budget lasts (``Schedule.deadline``), so the budget holds, evaluations included.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from deeprnn.config import TrainConfig
@@ -29,6 +34,21 @@ _FINAL_LR_SHARE = 0.1
 _DECAY_SHARE = 0.2
 # Periodic evaluations may take at most this share of a time budget (fewer than ``evaluations`` if need be).
 _EVAL_SHARE = 0.08
+# The moving window the throughput is measured over: this share of the budget, within these bounds in seconds
+# (short enough to follow a change of load, long enough to span a few read-backs).
+_WINDOW_SHARE, _WINDOW_BOUNDS = 0.1, (4.0, 60.0)
+# Before the first evaluation: an evaluation (forward passes only, no backward pass or optimizer) reads about
+# three times as many tokens a second as training; afterwards the measured ratio.
+_EVAL_SPEEDUP = 3.0
+
+
+@dataclass(frozen=True)
+class _Mark:
+    """A read-back: the global step, the time, and the evaluation seconds spent before it."""
+
+    step: int
+    time: float
+    eval_seconds: float
 
 
 @dataclass(frozen=True)
@@ -60,9 +80,12 @@ class Schedule:
     stop_reason: str | None = None  # set once training must end
     stop_detail: str = ""
     _started: float = field(default_factory=time.perf_counter)
-    _measured_from: tuple[int, float] | None = None  # (step, time) the throughput is measured from
+    _marks: deque[_Mark] = field(default_factory=deque)  # the read-backs of the moving window
+    _step_seconds: float | None = None  # training seconds per step over the window (None: not measured yet)
     _last_checkpoint: float = field(default_factory=time.perf_counter)
-    _eval_seconds: float | None = None  # the last periodic evaluation's duration
+    _eval_seconds: float | None = None  # the last evaluation's duration
+    _eval_total: float = 0.0  # seconds spent in evaluations during this fit
+    _eval_speedup: float = _EVAL_SPEEDUP  # evaluation tokens a second over training tokens a second
 
     def __post_init__(self) -> None:
         cfg = self.cfg
@@ -84,34 +107,60 @@ class Schedule:
         """Training seconds of the run so far, earlier fits included."""
         return self.spent_seconds + time.perf_counter() - self._started
 
-    def evaluated(self, seconds: float) -> None:
-        """An evaluation took ``seconds``: time is kept for the last one, and the spread follows its cost."""
+    def evaluated(self, seconds: float, tokens: int = 0) -> None:
+        """An evaluation read ``tokens`` held-out tokens in ``seconds``: its cost is kept out of the training
+        throughput, and the next evaluations' costs are estimated from it."""
         self._eval_seconds = seconds
+        self._eval_total += seconds
+        if tokens > 0 and seconds > 0 and self._step_seconds is not None:
+            train_rate = self.tokens_per_step / self._step_seconds
+            self._eval_speedup = tokens / seconds / train_rate
+
+    def eval_cost(self) -> float:
+        """Estimated seconds of one periodic evaluation at the recent training speed (0 when unknown)."""
+        if self._step_seconds is None:
+            return self._eval_seconds or 0.0
+        return self.eval_tokens * self._step_seconds / (self._eval_speedup * self.tokens_per_step)
 
     def _reserve(self) -> float:
         """Seconds kept back at the end of a time budget for the last evaluation."""
-        return self._eval_seconds or 0.0 if self.evaluates else 0.0
+        return self.eval_cost() if self.evaluates else 0.0
 
     def replan(self, step: int) -> None:
-        """Refine the planned steps from the throughput measured so far (with a time budget; at read-backs)."""
+        """Refine the planned steps from the recent throughput (with a time budget; at read-backs)."""
         deadline, now = self.deadline, time.perf_counter()
         if deadline is None or self.stop_reason is not None:
             return
-        deadline -= self._reserve()
-        if self._measured_from is None:  # the first read-back: startup costs stay out of the measurement
-            self._measured_from = (step, now)
+        budget = self.cfg.time_budget or 0.0
+        self._marks.append(_Mark(step, now, self._eval_total))
+        if len(self._marks) == 1:  # the first read-back: startup costs stay out of the measurement
             return
-        first_step, first_time = self._measured_from
-        if now - first_time < min(_MEASURE_SECONDS, 0.05 * (self.cfg.time_budget or 0.0)) or step <= first_step:
+        window = min(max(_WINDOW_SHARE * budget, _WINDOW_BOUNDS[0]), _WINDOW_BOUNDS[1])
+        while len(self._marks) > 2 and self._marks[1].time <= now - window:
+            self._marks.popleft()  # the newest mark at least a window old stays as the base
+        base = self._marks[0]
+        training = now - base.time - (self._eval_total - base.eval_seconds)
+        first = len(self._marks) == 2 and self._step_seconds is None
+        if step <= base.step or training <= 0 or (first and now - base.time < min(_MEASURE_SECONDS, 0.05 * budget)):
+            if first:
+                self._marks.pop()  # too early to measure: keep measuring from the first read-back
             return
-        rate = (step - first_step) / (now - first_time)  # steps per second, evaluations included
+        self._step_seconds = training / (step - base.step)
+        self._plan(step, now, deadline)
+
+    def _plan(self, step: int, now: float, deadline: float) -> None:
+        """The planned steps and the evaluations' spread from the measured seconds a step."""
+        assert self._step_seconds is not None
         static = self.cfg.epochs * self.batches_per_epoch if self.batches_per_epoch else 10**12
         if self.cfg.max_steps is not None:
             static = min(static, self.cfg.max_steps)
-        self.planned = max(step + 1, min(static, step + int(rate * max(deadline - now, 0.0))))
+        left = max(deadline - now - self._reserve(), 0.0)
+        cost = self.eval_cost()
+        per_step = self._step_seconds  # and a share of each periodic evaluation still to come
+        if self.evaluates and self.eval_interval:
+            per_step += cost / self.eval_interval
+        self.planned = max(step + 1, min(static, step + int(left / per_step)))
         if self.cfg.evaluations and self.cfg.eval_every_steps is None:
-            # Forward passes only: an evaluation reads about twice as many tokens a second as training.
-            cost = self._eval_seconds or self.eval_tokens / max(2.0 * rate * self.tokens_per_step, 1e-9)
             affordable = int(_EVAL_SHARE * (self.cfg.time_budget or 0.0) / max(cost, 1e-9))
             self.eval_interval = self._spread(self.planned, max(1, min(self.cfg.evaluations, affordable)))
 
@@ -135,7 +184,14 @@ class Schedule:
             self.stop_reason = "max_steps"
             return True
         deadline = self.deadline
-        if deadline is not None and (step >= self.planned or time.perf_counter() + self._reserve() >= deadline):
+        if deadline is None:
+            return False
+        # The next step must end before the time kept for the last evaluation.
+        left = deadline - time.perf_counter() - self._reserve()
+        if step >= self.planned and self._step_seconds is not None and left > 3 * self._step_seconds:
+            # Planned at a slower moment than this one: the steps that still fit, at the recent speed.
+            self.planned = step + int(left / self._step_seconds) - 1
+        if step >= self.planned or left <= (self._step_seconds or 0.0):
             self.stop_reason, self.planned = "time_budget", step  # the plan's last word: the steps taken
             return True
         return False
