@@ -52,7 +52,6 @@ class StopRequested(KeyboardInterrupt):
 class _State:
     installed: bool = False
     signum: int | None = None
-    received_at: float | None = None
     seconds: float = STOP_SECONDS  # this command's budget for a whole stop (``handle_stop_signals``)
     holds: int = 0  # blocks holding a stop back: the outermost raises it when it ends, training polls it
     stopped: StopRequested | None = None  # how the run stopped, kept for the command (``remember``)
@@ -82,11 +81,6 @@ def remembered() -> StopRequested | None:
     return _STATE.stopped
 
 
-def seconds_since_request() -> float | None:
-    """Seconds since the first stop signal, or None."""
-    return None if _STATE.received_at is None else time.monotonic() - _STATE.received_at
-
-
 def _exit_now(signum: int, why: str) -> None:
     # os.write: no Python buffering or locks that the interrupted main thread may hold.
     os.write(2, f"deeprnn: {why}; stopped at once\n".encode())
@@ -102,7 +96,7 @@ def _watchdog(state: _State, signum: int, seconds: float) -> None:
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     if _STATE.signum is not None:
         _exit_now(signum, f"second stop signal ({signal.Signals(signum).name})")
-    _STATE.signum, _STATE.received_at = signum, time.monotonic()
+    _STATE.signum = signum
     watchdog = threading.Thread(
         target=_watchdog, args=(_STATE, signum, _STATE.seconds), name="deeprnn-stop-watchdog", daemon=True
     )
