@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # deeprnn, and the tests' free_port
 BOOK = REPO.parent / "shared" / "data" / "timemachine.txt"
 
 import torch  # noqa: E402
+from ports import free_port  # noqa: E402
 
 from deeprnn.config import preset_config  # noqa: E402
 from deeprnn.data.book_tokenize import flatten, preprocess_lines, tokenize  # noqa: E402
@@ -98,13 +98,6 @@ def save_served_model(model: RNNLM, vocab: Vocab, folder: Path) -> Path:
         input_example=pd.DataFrame({"prefix": ["time traveller"]}),
     )
     return path
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve(model_path: Path, log: Path) -> tuple[subprocess.Popen, str]:

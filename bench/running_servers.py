@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path[:0] = [str(TESTS / "e2e"), str(TESTS)]  # live_servers, and the ports helper it imports
 from live_servers import free_port, start_process, stop_process_group, wait_until_healthy  # noqa: E402
 
 

@@ -33,7 +33,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,9 @@ from typing import Any
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from ports import free_port  # noqa: E402  # the tests' own helper, one copy
+
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -57,13 +59,6 @@ EXPERIMENT = "compare-cells"
 SWEEP_EXPERIMENT = "sweep-cells"
 START_TIMEOUT = 240.0  # a fresh server answers in ~15 s on an idle 2-core machine
 ML = "workflowType=machine_learning"  # the MLflow 3 UI's model-training view (it opens in its GenAI view)
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def log_tail(path: Path, chars: int = 3000) -> str:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from ports import free_port
 
 USER, PASSWORD, DATABASE = "deeprnn", "s3cret-pw", "optuna"
 
@@ -41,12 +42,6 @@ def _no_user(name: str) -> bool:
     return subprocess.run(["id", name], capture_output=True).returncode != 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def postgres_database() -> Iterator[str]:
     """A running server with database ``optuna`` owned by user ``deeprnn``; yields its URL, password included
@@ -58,7 +53,7 @@ def postgres_database() -> Iterator[str]:
     as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_pg:
         shutil.chown(folder, "postgres", "postgres")
-    data, port = folder / "data", _free_port()
+    data, port = folder / "data", free_port()
     (folder / "pw").write_text(PASSWORD + "\n")
     run = lambda *cmd: subprocess.run([*as_pg, *cmd], check=True, capture_output=True, timeout=120)  # noqa: E731
     try:

@@ -5,7 +5,6 @@ fresh MLflow sqlite store, corpus cache and working directory per test, and real
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import threading
 import time
@@ -120,9 +119,7 @@ def fault_server(book_path: Path) -> Iterator[FaultServer]:
 @pytest.fixture
 def closed_port() -> int:
     """A port on 127.0.0.1 that nothing listens on (connections are refused)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port()
 
 
 # ---- Real servers on 127.0.0.1, started by the test modules that need them and stopped by them -------------

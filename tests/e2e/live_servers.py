@@ -7,22 +7,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ports import free_port as free_port  # the one copy, re-exported for the e2e tests
 
 SERVER_START_TIMEOUT = 240.0  # a fresh server answers in ~15 s on an idle 2-core machine; CI may be busy
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def log_tail(path: Path, chars: int = 4000) -> str:

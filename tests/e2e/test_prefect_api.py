@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
 from mlflow.tracking import MlflowClient
+from ports import free_port
 
 from deeprnn.ops.prefect_api import server_command
 
@@ -103,9 +104,7 @@ def test_server_command_is_prefects_own(tmp_path: Path) -> None:
     started and stopped here), so a Prefect upgrade that changes it fails this test."""
     from prefect.server.api.server import SubprocessASGIServer
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = SubprocessASGIServer(port=port)
     process = server._run_uvicorn_command()
     try:

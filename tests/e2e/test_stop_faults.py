@@ -17,6 +17,7 @@ import httpx
 import psutil
 import pytest
 from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
+from ports import free_port
 from test_faults import Machine, _machine, _smoke_args
 
 from deeprnn.cli.sweep import SWEEP_STOP_SECONDS
@@ -69,7 +70,7 @@ def _wait_for_hit(server: Any, prefix: str, proc: subprocess.Popen, timeout: flo
 def _flow_run_states(machine: Machine, flow_run_ids: list[str]) -> dict[str, Any]:
     """Each flow run's state type, and those of its task runs by name, read from the Prefect API served on the
     machine's own database: ``{id: state, (id, task run name): state}``."""
-    port = _free_port()
+    port = free_port()
     env = {**machine.env, **SERVER_ENV}
     server = subprocess.Popen(server_command(port), env=env, start_new_session=True)
     try:
@@ -93,14 +94,6 @@ def _flow_run_states(machine: Machine, flow_run_ids: list[str]) -> dict[str, Any
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _flip_exponent_bit(path: Path) -> float:

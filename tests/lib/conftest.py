@@ -11,7 +11,6 @@ import importlib.machinery
 import importlib.util
 import random
 import shutil
-import socket
 import sys
 import threading
 import types
@@ -23,6 +22,7 @@ from typing import Callable
 import pytest
 import torch
 from corpora import CorpusFile
+from ports import free_port
 
 from deeprnn.data.book_tokenize import flatten, preprocess_lines, tokenize
 from deeprnn.data.vocab import Vocab
@@ -236,9 +236,6 @@ def closed_port_url() -> Callable[[str], str]:
     """A URL on 127.0.0.1 whose port nobody listens on (connection refused)."""
 
     def make(path: str = "/corpus.txt") -> str:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        return f"http://127.0.0.1:{port}{path}"
+        return f"http://127.0.0.1:{free_port()}{path}"
 
     return make

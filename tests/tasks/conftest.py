@@ -3,13 +3,13 @@ no flow run; a corpus cache per test; a local HTTP server that counts the reques
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 import torch
 from corpora import CorpusFile, CountingServer
+from ports import free_port
 from prefect.logging import disable_run_logger
 
 
@@ -51,7 +51,4 @@ def counting_server(corpus_file: CorpusFile) -> Iterator[CountingServer]:
 @pytest.fixture
 def refused_url() -> str:
     """A URL on 127.0.0.1 whose port nobody listens on (the connection is refused)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/timemachine.txt"
+    return f"http://127.0.0.1:{free_port()}/timemachine.txt"

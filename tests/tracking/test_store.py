@@ -3,12 +3,12 @@ which faults a retry may get past."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from ports import free_port
 from prefect.states import Completed, Failed
 
 from deeprnn.tracking import store
@@ -24,9 +24,7 @@ def test_a_fresh_sqlite_store_is_created_with_its_folder(tmp_path: Path, monkeyp
 
 
 def test_an_unreachable_server_is_refused_naming_it_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens on it
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:secret@127.0.0.1:{port}")
     with pytest.raises(store.TrackingUnavailableError, match=f"127.0.0.1:{port} is unreachable") as info:
         store.check_reachable(timeout=2)
