@@ -33,7 +33,7 @@ from deeprnn.tasks.results_tasks import (
 )
 from deeprnn.tasks.splits_task import prepare_splits
 from deeprnn.tasks.train_task import outcome, train_model
-from deeprnn.tracking import runs, store
+from deeprnn.tracking import model_registry, runs, store
 from deeprnn.training.resume import LAST
 
 
@@ -56,9 +56,13 @@ def run_pipeline(
     # The corpus first: its bytes name the run and its experiment (a text that cannot be had leaves no run).
     corpus = download_corpus(config.data.url, config.data.expected_sha1())
     experiment = tracking_experiment(experiment, corpus, parent_run_id)
+    if registered_model:  # kept with the run: its resume registers the model there, whoever resumes it
+        tags = {**(tags or {}), model_registry.REGISTERED_MODEL_TAG: registered_model}
     run_id, run_dir = start_tracking(
         config, experiment, runs_dir, parent_run_id, run_name, tags, resume_run_id, corpus=corpus
     )
+    if resume_run_id and not registered_model:
+        registered_model = runs.find_run(run_id).tags.get(model_registry.REGISTERED_MODEL_TAG)
     # FAILED/KILLED in MLflow if anything below raises; a stopped run says whether it can be resumed.
     with runs.run_status(run_id, checkpoint=Path(run_dir) / LAST):
         prepared = prepare_tokens(corpus, config.data)

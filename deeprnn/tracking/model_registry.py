@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 REGISTERED_MODEL = "deeprnn-lm"  # the book's models; other corpora get their own (default_registered_model)
 CHAMPION = "champion"  # the alias of the best version on the same held-out text
+# The registered model a run was started with (when named): a resume, on any machine, registers there too.
+REGISTERED_MODEL_TAG = "deeprnn.registered_model"
 _PYFUNC_CODE = Path(__file__).with_name("lm_pyfunc.py")
 
 
