@@ -23,7 +23,8 @@ def preset_values() -> dict[str, dict[str, Any]]:
     """Each preset as ``{section: {field: value}}`` overrides of the book's defaults."""
     return {
         "d2l-9.3": {},
-        # Chosen with bench/tune_full_book.py among 12 candidates (bench/results/tune_full_book.md).
+        # Chosen with bench/tune_full_book.py among 12 candidates in two rounds of 6 (bench/results/
+        # h200-full-book-candidates.json and -2.json; the chosen one alone: h200-full-book-chosen.json).
         "full-book": {
             "data": {"max_tokens": None, "val_fraction": 0.1, "test_fraction": 0.1},
             "model": {"num_layers": 3, "num_hiddens": 512, "dropout": 0.5, "embedding_dim": 64},

@@ -33,7 +33,7 @@ app.command("run", short_help="Train, evaluate and log a model (the training flo
 app.command("prepare", short_help="Download and tokenize a corpus into the token cache.", cls=Command)(prepare)
 app.command("generate", short_help="Continue prefixes with a logged model.", cls=Command)(generate)
 app.command("presets", short_help="List the presets, or print one as JSON.", cls=Command)(presets)
-app.command("sweep", short_help="Grid or random search, one model per trial.", cls=Command)(sweep)
+app.command("sweep", short_help="Grid, random or adaptive (Optuna) search, one model per trial.", cls=Command)(sweep)
 app.command("setup-server", short_help="Prepare a Prefect server for unattended runs.", cls=Command)(setup_server)
 
 

@@ -135,7 +135,7 @@ def sweep(
     json_out: options.JsonOut = None,
     **values: Any,
 ) -> None:
-    """Grid or random search: train one model per trial on a Dask cluster; one MLflow parent run, a child per trial."""
+    """Grid, random or Optuna search: one model per trial on a Dask cluster; an MLflow parent run, a child per trial."""
     options.check_registered_model(registered_model)
     fixed = options.overrides({name: values.get(name) for name in FIXED})
     dims = {name: values.get(name) for name in DIMENSIONS}

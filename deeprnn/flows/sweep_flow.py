@@ -9,11 +9,12 @@ The Dask cluster comes from the flow's task runner: a new local one by default, 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 from prefect import allow_failure, flow
 
-from deeprnn.config import DataConfig, ModelConfig, PresetName, SampleConfig, TrainConfig
+from deeprnn.config import REGISTERED_MODEL_PATTERN, DataConfig, ModelConfig, PresetName, SampleConfig, TrainConfig
+from deeprnn.flows.parameters import form_field
 from deeprnn.ops.cluster import cluster_gpus, gpu_request, resources, task_runner_from_env
 from deeprnn.search.space import parse_space, plan_trials
 from deeprnn.tasks.pipeline_tasks import run_trial
@@ -26,26 +27,40 @@ SWEEP_NAME = "deeprnn-sweep"
 
 @flow(name=SWEEP_NAME, task_runner=task_runner_from_env(), log_prints=True)
 def sweep_lm(
-    space: dict[str, Any],
-    preset: PresetName = "d2l-9.3",
-    data: Optional[DataConfig] = None,
-    model: Optional[ModelConfig] = None,
-    train: Optional[TrainConfig] = None,
-    sample: Optional[SampleConfig] = None,
-    random_search: bool = False,
-    max_trials: Optional[int] = None,
-    seed: int = 0,
-    experiment: Optional[str] = None,
-    runs_dir: str = "runs",
-    register_best: bool = True,
-    registered_model: Optional[str] = None,
+    space: Annotated[dict[str, Any], form_field("Search space")],
+    preset: Annotated[PresetName, form_field("Preset")] = "d2l-9.3",
+    data: Annotated[Optional[DataConfig], form_field("Data")] = None,
+    model: Annotated[Optional[ModelConfig], form_field("Model")] = None,
+    train: Annotated[Optional[TrainConfig], form_field("Training")] = None,
+    sample: Annotated[Optional[SampleConfig], form_field("Samples")] = None,
+    random_search: Annotated[bool, form_field("Random search")] = False,
+    max_trials: Annotated[Optional[int], form_field("Trials", ge=1)] = None,
+    seed: Annotated[int, form_field("Seed")] = 0,
+    experiment: Annotated[Optional[str], form_field("MLflow experiment", min_length=1, max_length=256)] = None,
+    runs_dir: Annotated[str, form_field("Checkpoint folder", min_length=1, max_length=1024)] = "runs",
+    register_best: Annotated[bool, form_field("Register the best model")] = True,
+    registered_model: Annotated[Optional[str], form_field("Registered model", pattern=REGISTERED_MODEL_PATTERN)] = None,
 ) -> SweepSummary:
     """Grid or random search over a space such as ``{"model.cell": ["lstm", "gru"], "train.lr": [0.5, 1, 2]}``:
     every trial trains from the preset with the sections' fields (see ``deeprnn.flows.parameters``) and its own
     values, as a child MLflow run.
 
-    The best trial's model is registered (unless ``register_best`` is off) as ``registered_model``; empty:
-    ``deeprnn-lm`` for the book's corpus, a name derived from the corpus file and its SHA-1 otherwise."""
+    Args:
+        space: Configuration fields to search, e.g. {"model.cell": ["lstm", "gru"], "train.lr": [0.5, 1, 2]}:
+            a list is a choice, {low, high, log} a range (random search only).
+        preset: Named configuration every trial starts from.
+        data: Corpus and split settings for every trial; the fields set replace the preset's.
+        model: Cell type, depth and width for every trial; the space's values replace these.
+        train: Training settings for every trial; the space's values replace these.
+        sample: Text generation settings; the fields set replace the preset's.
+        random_search: Draw max_trials points of the space at random instead of taking the whole grid.
+        max_trials: Most trials (a larger grid is refused), or the random draws. Empty: the grid, or 10 draws.
+        seed: Seed of the random draws.
+        experiment: MLflow experiment of the parent and trial runs. Empty: deeprnn-sweep.
+        runs_dir: Folder for checkpoints on each worker, one subfolder per trial.
+        register_best: Register the best trial's model.
+        registered_model: MLflow registered model the best trial's model becomes a version of. Empty: per corpus.
+    """
     stopping.reassert()  # as the training flow: a `deeprnn` command's SIGTERM stops as its SIGINT does
     search_space = parse_space(space)
     trials = plan_trials(

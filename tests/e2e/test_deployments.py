@@ -199,6 +199,9 @@ def test_parameter_form_has_title_description_and_bounds_for_every_field(deploye
         # Prefect titles a parameter with its Python name unless told otherwise: each one has a real title.
         for param, prop in schema["properties"].items():
             assert prop["title"] != param and prop.get("description"), (name, param, prop)
+    for name in ("sweep", "adaptive-sweep"):  # the sweeps' own parameters (their sections are checked above)
+        for param, prop in deployed.deployments[name]["parameter_openapi_schema"]["properties"].items():
+            assert prop["title"] != param and prop.get("description"), (name, param, prop)
     train = deployed.deployments["smoke"]["parameter_openapi_schema"]
     preset = train["properties"]["preset"]  # empty: the book's preset for the book, text for any other corpus
     choices = [option.get("enum") for option in preset.get("anyOf", [preset]) if option.get("enum")]
