@@ -6,8 +6,11 @@ Training runs in a run folder (``start_training``): it continues from the folder
 when there is one, rewrites it at every checkpoint and saves the selected weights as ``model.pt``; the
 layer above plugs its logging and tracking in through ``TrainingHooks``.
 
-The Prefect tasks (``tasks/``) are each one call into these, and the benchmarks and tests call them
-directly, so nothing re-wires the stages by hand.
+The Prefect tasks (``tasks/``) are each one call into these or into the stage's own module (``download-corpus``
+calls ``fetch_corpus``, ``prepare-tokens`` calls ``prepare``). The training flow and a sweep's trials chain the
+tasks in this order through ``deeprnn.tasks.pipeline_tasks.run_pipeline``; the evaluation flow chains download,
+prepare and splits itself (a logged model's corpus, checked against the model's vocabulary), the prepare flow
+the first two. The benchmarks and tests call the functions here directly.
 """
 
 from __future__ import annotations

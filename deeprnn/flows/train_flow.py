@@ -1,5 +1,6 @@
-"""The training flow: download -> vocabulary -> splits -> train -> evaluate -> generate -> MLflow
-(the stages are wired in ``deeprnn.tasks.pipeline_tasks.run_pipeline``, shared with sweep trials).
+"""The training flow: check inputs -> download -> prepare -> fit to the text -> splits -> train -> evaluate ->
+generate -> MLflow. The flow resolves the configuration (or the resumed run's) and hands it to
+``deeprnn.tasks.pipeline_tasks.run_pipeline``, which chains the stages' tasks, shared with sweep trials.
 
 Parameters are the preset and its sections (the configuration's own pydantic models, ``deeprnn.flows.parameters``), so
 the Prefect UI shows them as a form pre-filled with the deployment's values and refuses out-of-range values
