@@ -55,6 +55,7 @@ class _State:
     seconds: float = STOP_SECONDS  # this command's budget for a whole stop (``handle_stop_signals``)
     holds: int = 0  # blocks holding a stop back: the outermost raises it when it ends, training polls it
     stopped: StopRequested | None = None  # how the run stopped, kept for the command (``remember``)
+    leaves: str | None = None  # what a stop cut short leaves, for its last line (``note_what_a_stop_leaves``)
 
 
 _STATE = _State()
@@ -81,9 +82,16 @@ def remembered() -> StopRequested | None:
     return _STATE.stopped
 
 
+def note_what_a_stop_leaves(text: str | None) -> None:
+    """What a stop that has to end the process at once leaves behind, said on its last line (the outer layers
+    know the run: e.g. which MLflow run and how to continue it); ``None`` forgets it."""
+    _STATE.leaves = text
+
+
 def _exit_now(signum: int, why: str) -> None:
+    leaves = f" ({_STATE.leaves})" if _STATE.leaves else ""
     # os.write: no Python buffering or locks that the interrupted main thread may hold.
-    os.write(2, f"deeprnn: {why}; stopped at once\n".encode())
+    os.write(2, f"deeprnn: {why}; stopped at once{leaves}\n".encode())
     os._exit(128 + signum)
 
 
