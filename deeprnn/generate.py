@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
-from typing import Any, Literal, Mapping, Sequence
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 
@@ -282,3 +283,96 @@ def check_work(prefixes: Sequence[str], num_tokens: int, token: Token = "char") 
             "shorter prefixes, or a smaller num_chars"
         )
     return work
+
+
+# ----- how long a request takes here: measured once when the model loads, then estimated per request -----
+
+
+@dataclass(frozen=True)
+class GenerationSpeed:
+    """Seconds a model takes on one device, each measured at 1 row and at ``rows`` rows (in between and
+    beyond: linear in the rows): ``warm`` per position of a prefix's warm-up, ``greedy`` and ``sampled`` per
+    generated token (one forward step of the whole batch)."""
+
+    rows: int
+    warm: tuple[float, float]
+    greedy: tuple[float, float]
+    sampled: tuple[float, float]
+
+    def at(self, pair: tuple[float, float], batch: int) -> float:
+        """``pair``'s seconds at ``batch`` rows (never below its 1-row figure)."""
+        one, many = pair
+        return one + max(many - one, 0.0) * (batch - 1) / max(self.rows - 1, 1)
+
+    def seconds(self, lengths: Sequence[int], num_tokens: int, sampled: bool = False) -> float:
+        """The estimated seconds to continue prefixes of ``lengths`` tokens by ``num_tokens`` each, as one
+        batch: each group of one length warmed up together (as ``_warm_up`` runs them), then every step."""
+        warm = sum((n - 1) * self.at(self.warm, rows) for n, rows in Counter(lengths).items() if n > 1)
+        return warm + num_tokens * self.at(self.sampled if sampled else self.greedy, len(lengths))
+
+    def faster(self, other: GenerationSpeed) -> GenerationSpeed:
+        """Each figure the smaller of this one's and ``other``'s (measured at the same ``rows``)."""
+
+        def low(mine: tuple[float, float], theirs: tuple[float, float]) -> tuple[float, float]:
+            return min(mine[0], theirs[0]), min(mine[1], theirs[1])
+
+        return GenerationSpeed(
+            self.rows, low(self.warm, other.warm), low(self.greedy, other.greedy), low(self.sampled, other.sampled)
+        )
+
+    def tokens_within(self, lengths: Sequence[int], seconds: float, sampled: bool = False) -> int:
+        """The most tokens per prefix that ``seconds`` allow after the prefixes' warm-up (0: none)."""
+        left = seconds - self.seconds(lengths, 0)
+        return max(int(left / self.at(self.sampled if sampled else self.greedy, len(lengths))), 0)
+
+
+def _fastest_seconds(work: Callable[[], object], repeats: int, budget: float = 0.2) -> float:
+    """The shortest time of ``work()`` over ``repeats`` calls, or over two once they took ``budget`` seconds.
+
+    The shortest, not a typical one: the figures hold for the server's whole life, and a moment of load
+    while they are taken would otherwise refuse work for good; a request slowed down by load later is what
+    the margin of its time limit is for.
+    """
+    times: list[float] = []
+    while len(times) < repeats and (len(times) < 2 or sum(times) < budget):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+@torch.no_grad()
+def measure_speed(model: RNNLM, rows: int = 1024, repeats: int = 3) -> GenerationSpeed:
+    """Time ``model`` here, on its device: warm-up positions and generated tokens at 1 row and at ``rows``
+    rows, each the fastest of up to ``repeats`` runs (fewer steps and positions a run at ``rows`` rows, which
+    cost the most), after one short run of each kind that is not counted (lazy set-up on the device)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+
+    def warm_up(batch: int, positions: int) -> float:
+        def run() -> None:
+            state, _ = _warm_up(model, [[0] * (positions + 1)] * batch, device)
+            (state[0] if isinstance(state, tuple) else state).sum().item()  # waits for the device
+
+        return _fastest_seconds(run, repeats) / positions
+
+    def steps(batch: int, count: int, temperature: float | None) -> float:
+        top_k = 2 if temperature else None  # the top-k path: the costliest sampling
+
+        def run() -> None:
+            generate_ids(model, [[0]] * batch, count, temperature=temperature, top_k=top_k)
+
+        return _fastest_seconds(run, repeats) / count
+
+    try:
+        generate_ids(model, [[0, 0]], 1)  # not counted: the first forward step sets things up
+        generate_ids(model, [[0]], 1, temperature=1.0, top_k=2)
+        return GenerationSpeed(
+            rows=rows,
+            warm=(warm_up(1, 32), warm_up(rows, 8)),
+            greedy=(steps(1, 32, None), steps(rows, 1, None)),
+            sampled=(steps(1, 32, 1.0), steps(rows, 1, 1.0)),
+        )
+    finally:
+        model.train(was_training)

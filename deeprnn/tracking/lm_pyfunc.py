@@ -6,9 +6,11 @@ it as code. Loading uses ``torch.load(weights_only=True)``: no pickled code runs
 
 A request's params and prefixes are checked against the configuration's bounds before any work, and so is
 its total work (``deeprnn.generate.MAX_REQUEST_TOKENS``: over its prefixes, their tokens plus ``num_chars``
-each); what is refused raises ``MlflowException(INVALID_PARAMETER_VALUE)``, which ``mlflow models serve``
-answers with HTTP 400 and the message, without a traceback. All prefixes of a request are generated as one
-batch.
+each) and its time: loading times this model's generation on this machine (``measure_speed``; a refusal on
+figures older than ``MEASURE_AGAIN_AFTER`` times it again in the background, keeping the faster figures), and a
+request whose estimate is above ``fit_share()`` of its time limit is refused. What is refused raises
+``MlflowException(INVALID_PARAMETER_VALUE)``, which ``mlflow models serve`` answers with HTTP 400 and the
+message, without a traceback. All prefixes of a request are generated as one batch.
 
 A request stops at a time limit below the server's own (``REQUEST_SHARE`` of
 ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``, or ``DEEPRNN_REQUEST_SECONDS``): the server answers a request that
@@ -24,10 +26,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import logging
 import os
 import sys
+import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import pandas as pd
@@ -35,9 +39,19 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
+if TYPE_CHECKING:
+    from deeprnn.generate import GenerationSpeed, Token
+
 REQUEST_SHARE = 0.8  # of the server's request timeout: our limit ends the work before the server gives up
 RELEASE_AFTER_TOKENS = 100_000  # a request this large hands its memory back to the system afterwards
 SERVER_TIMEOUT_SECONDS = 60.0  # MLflow's default for MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+# Of a request's time limit, what its estimate may fill: the rest is for a machine busier than when it was measured.
+FIT_SHARE = 0.5
+# A refusal measures the speed again, in the background, when the figures are older than this (seconds): a
+# moment of load while they were taken does not refuse work for the server's whole life.
+MEASURE_AGAIN_AFTER = 10.0
+
+log = logging.getLogger("deeprnn.serving")
 
 
 def request_seconds() -> float:
@@ -45,8 +59,43 @@ def request_seconds() -> float:
     request timeout."""
     if os.environ.get("DEEPRNN_REQUEST_SECONDS"):
         return float(os.environ["DEEPRNN_REQUEST_SECONDS"])
-    server = float(os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT") or SERVER_TIMEOUT_SECONDS)
-    return REQUEST_SHARE * server
+    return REQUEST_SHARE * _server_timeout()
+
+
+def fit_share() -> float | None:
+    """How much of a request's time limit its estimate may fill: ``DEEPRNN_REQUEST_FIT`` (above 0, at most 1;
+    ``off``: no estimate, the time limit alone stops what runs over), else ``FIT_SHARE``."""
+    raw = os.environ.get("DEEPRNN_REQUEST_FIT", "").strip()
+    if not raw:
+        return FIT_SHARE
+    if raw.lower() == "off":
+        return None
+    try:
+        share = float(raw)
+    except ValueError:
+        share = 0.0
+    if not 0 < share <= 1:
+        raise ValueError(f"DEEPRNN_REQUEST_FIT={raw!r}: a share of the time limit above 0 and at most 1, or off")
+    return share
+
+
+def _server_timeout() -> float:
+    return float(os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT") or SERVER_TIMEOUT_SECONDS)
+
+
+def _limit_text() -> str:
+    """The request's time limit, in words, for a message."""
+    if os.environ.get("DEEPRNN_REQUEST_SECONDS"):
+        return f"its {_secs(request_seconds())} s limit per request (DEEPRNN_REQUEST_SECONDS)"
+    return f"its {_secs(_server_timeout())} s timeout"
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds:.1f}" if seconds < 10 else f"{seconds:,.0f}"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"
 
 
 M_ARENA_MAX = -8  # mallopt(3): how many memory pools the C allocator may make
@@ -85,6 +134,59 @@ def _prefixes(model_input: Any) -> list[Any]:
     return list(model_input)
 
 
+def _say_speed(speed: GenerationSpeed, device: str, took: float, share: float, again: bool) -> None:
+    """One line with the figures in use, in the server's log (to stderr when MLflow's scoring server settings
+    are in the environment)."""
+    if "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT" in os.environ and not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    log.info(
+        "generation speed on %s, measured %sin %s s: a token %s at 1 row, %s at %d rows (sampling: %s, %s); "
+        "a prefix's warm-up %s a token at 1 row, %s at %d rows; a request may take about %s s of "
+        "generation, within %s",
+        device,
+        "again (the faster figures kept) " if again else "",
+        _secs(took),
+        _ms(speed.greedy[0]),
+        _ms(speed.greedy[1]),
+        speed.rows,
+        _ms(speed.sampled[0]),
+        _ms(speed.sampled[1]),
+        _ms(speed.warm[0]),
+        _ms(speed.warm[1]),
+        speed.rows,
+        _secs(share * request_seconds()),
+        _limit_text(),
+    )
+
+
+def check_time(
+    speed: GenerationSpeed, share: float, prefixes: list[str], num_chars: int, token: Token, sampled: bool
+) -> None:
+    """``GenerationRequestError`` when the request's estimated time (``speed``: this model on this machine) is
+    above ``share`` of its time limit, naming both and the most the request's prefixes may ask for."""
+    from deeprnn.generate import GenerationRequestError, split_prefix
+
+    lengths = [len(split_prefix(p, token)) for p in prefixes]
+    asked, fits = speed.seconds(lengths, num_chars, sampled), share * request_seconds()
+    if asked <= fits:
+        return
+    unit = "character" if token == "char" else "word"
+    most = speed.tokens_within(lengths, fits, sampled)
+    todo = (
+        f"{len(prefixes):,} prefixes: at most about {most:,} {unit}s each"
+        if most
+        else "their warm-up alone takes longer: fewer or shorter prefixes"
+    )
+    raise GenerationRequestError(
+        f"this request asks for about {_secs(asked)} s of generation ({len(prefixes):,} prefixes x {num_chars:,} "
+        f"{unit}s{', sampled' if sampled else ''}); at the speed this server measured, it does about "
+        f"{_secs(fits)} s a request within {_limit_text()}: send fewer prefixes or {unit}s per request ({todo})"
+    )
+
+
 class DeepRNNLanguageModel(PythonModel):
     """Continue each ``prefix`` (none given: the model's own sample prefixes), normalized by the rule its
     corpus went through; params ``num_chars``, ``temperature`` (0: greedy), ``top_k`` (0: off), ``seed``."""
@@ -99,6 +201,40 @@ class DeepRNNLanguageModel(PythonModel):
         device = resolve_device(os.environ.get("DEEPRNN_DEVICE", "auto"))
         data = checkpoint.load(context.artifacts["checkpoint"])
         self.model, self.vocab, self.config = checkpoint.restore_model(data, device)
+        self.device, self.speed, self.measured_at = device, None, 0.0
+        self.share = fit_share()  # a wrong setting stops the server's start, before the measurement
+        self._measuring = threading.Lock()
+        if self.share is not None:
+            self._measure()
+
+    def _measure(self) -> None:
+        """Time this model's generation here (again: keeping the faster of each figure); one at a time."""
+        from deeprnn.generate import MAX_PREFIXES, measure_speed
+
+        if self.share is None or not self._measuring.acquire(blocking=False):
+            return
+        try:
+            self.measured_at = started = time.monotonic()
+            speed = measure_speed(self.model, rows=MAX_PREFIXES)
+            again = self.speed is not None
+            self.speed = self.speed.faster(speed) if self.speed is not None else speed
+            _say_speed(self.speed, self.device.type, time.monotonic() - started, self.share, again)
+        finally:
+            self._measuring.release()
+
+    def _check_time(self, prefixes: list[str], num_chars: int, token: Token, sampled: bool) -> None:
+        """``check_time`` with the figures in use; a refusal on figures older than ``MEASURE_AGAIN_AFTER``
+        starts a new measurement in the background, for the requests that follow."""
+        from deeprnn.generate import GenerationRequestError
+
+        if self.speed is None or self.share is None:
+            return  # DEEPRNN_REQUEST_FIT=off
+        try:
+            check_time(self.speed, self.share, prefixes, num_chars, token, sampled)
+        except GenerationRequestError:
+            if time.monotonic() - self.measured_at > MEASURE_AGAIN_AFTER:
+                threading.Thread(target=self._measure, name="deeprnn-measure-speed", daemon=True).start()
+            raise
 
     # A DataFrame hint is one MLflow infers no schema from (the signature is given explicitly when the model is
     # logged), and with it MLflow does not warn that predict() has no type hints. Served and loaded models
@@ -121,6 +257,7 @@ class DeepRNNLanguageModel(PythonModel):
             settings = check_params(params)
             prefixes = check_prefixes(given, self.vocab, token, normalize=rule)  # as the corpus's rule writes them
             work = check_work(prefixes, settings["num_chars"], token)
+            self._check_time(prefixes, settings["num_chars"], token, settings["temperature"] is not None)
         except GenerationRequestError as exc:
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         limit = request_seconds()

@@ -16,12 +16,14 @@ from deeprnn.data.vocab import Vocab
 from deeprnn.generate import (
     MAX_REQUEST_TOKENS,
     GenerationRequestError,
+    GenerationSpeed,
     GenerationTimeoutError,
     check_prefixes,
     check_work,
     generate,
     generate_batch,
     generate_ids,
+    measure_speed,
     split_prefix,
 )
 from deeprnn.model import RNNLM
@@ -271,3 +273,38 @@ def test_generation_stops_at_its_deadline(model: RNNLM, tiny_vocab: Vocab) -> No
     with pytest.raises(GenerationTimeoutError):
         generate_batch(model, tiny_vocab, ["the"] * 64, 10_000_000, deadline=started + 0.3)
     assert time.monotonic() - started < 2.0  # stopped, not run to its end
+
+
+def test_a_requests_time_is_estimated_from_the_measured_figures() -> None:
+    speed = GenerationSpeed(rows=101, warm=(0.001, 0.011), greedy=(0.002, 0.102), sampled=(0.004, 0.204))
+    assert speed.at(speed.greedy, 1) == 0.002 and speed.at(speed.greedy, 101) == pytest.approx(0.102)
+    assert speed.at(speed.greedy, 51) == pytest.approx(0.052)  # linear in between
+    assert speed.at(speed.greedy, 201) == pytest.approx(0.202)  # and beyond
+    # Two prefixes of 5 tokens warm up together (4 positions at 2 rows), one of 1 token not at all; then 10
+    # steps of the 3 rows.
+    expected = 4 * 0.0011 + 10 * 0.004
+    assert speed.seconds([5, 1, 5], 10) == pytest.approx(expected)
+    assert speed.seconds([5, 1, 5], 10, sampled=True) == pytest.approx(4 * 0.0011 + 10 * 0.008)
+    most = speed.tokens_within([5, 1, 5], 1.0)
+    assert speed.seconds([5, 1, 5], most) <= 1.0 < speed.seconds([5, 1, 5], most + 1)
+    assert speed.tokens_within([1000] * 101, 1.0) == 0  # the warm-up alone takes longer
+    noisy = GenerationSpeed(rows=101, warm=(0.01, 0.001), greedy=(0.02, 0.001), sampled=(0.02, 0.001))
+    assert noisy.at(noisy.greedy, 101) == 0.02  # more rows never take less than one
+    # Measured again: the faster of each figure is kept.
+    assert speed.faster(noisy) == GenerationSpeed(101, (0.001, 0.001), (0.002, 0.001), (0.004, 0.001))
+
+
+def test_the_measured_speed_predicts_a_real_generation(tiny_vocab: Vocab) -> None:
+    torch.manual_seed(0)
+    model = RNNLM(len(tiny_vocab), num_hiddens=32, num_layers=2).train()
+    started = time.perf_counter()
+    speed = measure_speed(model, rows=64)
+    assert time.perf_counter() - started < 10.0 and model.training  # short, and the model's mode is kept
+    assert all(0 < s < 1.0 for pair in (speed.warm, speed.greedy, speed.sampled) for s in pair)
+    encoded = [[1] * 30] * 16 + [[2] * 10] * 16
+    started = time.perf_counter()
+    generate_ids(model, encoded, 200)
+    real = time.perf_counter() - started
+    estimate = speed.seconds([len(e) for e in encoded], 200)
+    # Timings on a shared machine vary; a wrong unit or a missing factor is off by far more than this.
+    assert real / 20 < estimate < real * 20 + 0.1, (estimate, real, speed)
