@@ -10,21 +10,19 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 from corpora import CORPUS_SHA1 as BOOK_SHA1
 from live_servers import Server, free_port, start_process, stop_process_group, wait_until_healthy
+from postgres_server import PostgresServer, needs_postgres, postgres_server
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, needs_postgres]
 
 REPO = Path(__file__).resolve().parents[2]
-PG_BIN = Path(os.environ.get("DEEPRNN_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
 # Distinct, unguessable passwords: a hit names the URL it came from.
 STUDY_PW = f"study-{secrets.token_hex(6)}"
 PREFECT_PW = f"prefect-{secrets.token_hex(6)}"
@@ -32,60 +30,18 @@ MLFLOW_PW = f"mlflow-{secrets.token_hex(6)}"
 PASSWORDS = (STUDY_PW, PREFECT_PW, MLFLOW_PW)
 
 
-class Postgres:
-    """A PostgreSQL cluster in a folder of its own, on a free port of 127.0.0.1."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.port, self.data = root, free_port(), root / "data"
-        self.as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        if self.as_owner:
-            shutil.chown(root, "postgres")
-
-    def run(self, tool: str, *args: str) -> str:
-        """One PostgreSQL program as the cluster's owner; its output."""
-        command = [*self.as_owner, str(PG_BIN / tool), *args]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=self.root)
-        assert done.returncode == 0, f"{tool}: {done.stdout}{done.stderr}"
-        return done.stdout
-
-    def sql(self, statement: str) -> None:
-        """A statement as the superuser, through the cluster's own socket."""
-        self.run(
-            "psql", "-h", str(self.root), "-p", str(self.port), "-U", "postgres", "-d", "postgres", "-c", statement
-        )
-
-    def dump(self, database: str) -> str:
-        """The whole database as SQL text."""
-        return self.run("pg_dump", "-h", str(self.root), "-p", str(self.port), "-U", "postgres", database)
-
-    def url(self, driver: str, user: str, password: str, database: str) -> str:
-        return f"postgresql+{driver}://{user}:{password}@127.0.0.1:{self.port}/{database}"
-
-
 @pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
+def postgres() -> Iterator[PostgresServer]:
     """The Optuna study's database (user ``deeprnn``) and the Prefect server's (user ``prefect``), each with a
     password that TCP connections must give."""
-    if not (PG_BIN / "initdb").exists() or (os.geteuid() == 0 and not shutil.which("runuser")):
-        pytest.skip(f"no PostgreSQL server programs in {PG_BIN} (set DEEPRNN_TEST_PG_BIN)")
-    # A folder of its own under the system's temporary folder: pytest's are closed to the ``postgres`` user.
-    pg = Postgres(Path(tempfile.mkdtemp(prefix="deeprnn-pg-")))
-    pg.run("initdb", "-D", str(pg.data), "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256")
-    options = f"-p {pg.port} -k {pg.root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    pg.run("pg_ctl", "-D", str(pg.data), "-o", options, "-l", str(pg.root / "server.log"), "-w", "start")
-    try:
-        for user, password in (("deeprnn", STUDY_PW), ("prefect", PREFECT_PW)):
-            pg.sql(f"CREATE ROLE {user} LOGIN PASSWORD '{password}'")
-        pg.sql("CREATE DATABASE optuna OWNER deeprnn")
-        pg.sql("CREATE DATABASE prefect OWNER prefect")
-        yield pg
-    finally:
-        pg.run("pg_ctl", "-D", str(pg.data), "-m", "fast", "-w", "stop")
-        shutil.rmtree(pg.root, ignore_errors=True)
+    with postgres_server() as server:
+        server.add_database("optuna", "deeprnn", STUDY_PW)
+        server.add_database("prefect", "prefect", PREFECT_PW)
+        yield server
 
 
 @pytest.fixture(scope="module")
-def prefect_on_postgres(tmp_path_factory: pytest.TempPathFactory, postgres: Postgres) -> Iterator[Server]:
+def prefect_on_postgres(tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer) -> Iterator[Server]:
     """``prefect server start`` whose database is PostgreSQL, reached with a password."""
     root = tmp_path_factory.mktemp("prefect-pg")
     port = free_port()
@@ -93,7 +49,7 @@ def prefect_on_postgres(tmp_path_factory: pytest.TempPathFactory, postgres: Post
         **os.environ,
         "PREFECT_HOME": str(root / "home"),
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_API_DATABASE_CONNECTION_URL": postgres.url("asyncpg", "prefect", PREFECT_PW, "prefect"),
+        "PREFECT_API_DATABASE_CONNECTION_URL": postgres.url("prefect", PREFECT_PW, "prefect", "asyncpg"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
         "PREFECT_SERVER_UI_ENABLED": "false",
@@ -166,12 +122,12 @@ def _checkpoint_leaks(runs_dir: Path) -> dict[str, list[str]]:
 
 
 def test_adaptive_sweep_keeps_every_password_out_of_what_it_shows_and_keeps(
-    tmp_path: Path, postgres: Postgres, prefect_on_postgres: Server, mlflow_server: Server, book_url: str
+    tmp_path: Path, postgres: PostgresServer, prefect_on_postgres: Server, mlflow_server: Server, book_url: str
 ) -> None:
     import optuna
     from mlflow.tracking import MlflowClient
 
-    storage = postgres.url("psycopg", "deeprnn", STUDY_PW, "optuna")
+    storage = postgres.url("deeprnn", STUDY_PW, "optuna", "psycopg")
     env = {**os.environ, "PREFECT_API_URL": prefect_on_postgres.url, "PYTHONPATH": str(REPO)}
     env.update(MLFLOW_TRACKING_URI=_with_password(mlflow_server.url), DEEPRNN_CACHE_DIR=str(tmp_path / "cache"))
     env.pop("DEEPRNN_OPTUNA_STORAGE", None)
@@ -214,7 +170,7 @@ def test_adaptive_sweep_keeps_every_password_out_of_what_it_shows_and_keeps(
 
 
 def test_form_refuses_a_written_out_password_and_a_secret_block_supplies_it(
-    postgres: Postgres, prefect_on_postgres: Server, monkeypatch: pytest.MonkeyPatch
+    postgres: PostgresServer, prefect_on_postgres: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import asyncio
 
@@ -227,7 +183,7 @@ def test_form_refuses_a_written_out_password_and_a_secret_block_supplies_it(
     from deeprnn.flows.study_flow import PASSWORD_REFUSED, study_storage, sweep_study
     from deeprnn.search.optuna_study import StudyError
 
-    storage = postgres.url("psycopg", "deeprnn", STUDY_PW, "optuna")
+    storage = postgres.url("deeprnn", STUDY_PW, "optuna", "psycopg")
     masked = storage.replace(STUDY_PW, "***")
 
     async def create_runs() -> tuple[list[str], int]:

@@ -16,17 +16,14 @@ import optuna
 import pytest
 from corpora import CORPUS_SHA1 as BOOK_SHA1
 from mlflow.tracking import MlflowClient
-from postgres_server import postgres_database, why_not
+from postgres_server import needs_postgres, postgres_server
 
 from deeprnn.flows.study_flow import sweep_study
 from deeprnn.ops.cluster import dask_task_runner
 from deeprnn.search.optuna_study import StudySpec, create_or_continue, driver_url, open_storage
 from deeprnn.search.study_orphans import fail_orphaned_trials
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(why_not() is not None, reason=f"no PostgreSQL server can start here: {why_not()}"),
-]
+pytestmark = [pytest.mark.e2e, needs_postgres]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,8 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     """``postgresql://deeprnn:PASSWORD@127.0.0.1:PORT/optuna`` on a server of this module's own."""
-    with postgres_database() as url:
-        yield url
+    with postgres_server() as server:
+        yield server.add_database("optuna", "deeprnn", "s3cret-pw")
 
 
 def test_postgres_urls_open_with_psycopg_3_and_hold_a_study(postgres_url: str) -> None:
