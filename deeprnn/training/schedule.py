@@ -37,6 +37,9 @@ _EVAL_SHARE = 0.08
 # The moving window the throughput is measured over: this share of the budget, within these bounds in seconds
 # (short enough to follow a change of load, long enough to span a few read-backs).
 _WINDOW_SHARE, _WINDOW_BOUNDS = 0.1, (4.0, 60.0)
+# The next step may take this many times the recent mean (a busy machine's steps vary): no step starts
+# unless that much time is left before the last evaluation.
+_STEP_MARGIN = 1.25
 # Before the first evaluation: an evaluation (forward passes only, no backward pass or optimizer) reads about
 # three times as many tokens a second as training; afterwards the measured ratio.
 _EVAL_SPEEDUP = 3.0
@@ -191,7 +194,7 @@ class Schedule:
         if step >= self.planned and self._step_seconds is not None and left > 3 * self._step_seconds:
             # Planned at a slower moment than this one: the steps that still fit, at the recent speed.
             self.planned = step + int(left / self._step_seconds) - 1
-        if step >= self.planned or left <= (self._step_seconds or 0.0):
+        if step >= self.planned or left <= _STEP_MARGIN * (self._step_seconds or 0.0):
             self.stop_reason, self.planned = "time_budget", step  # the plan's last word: the steps taken
             return True
         return False

@@ -155,7 +155,8 @@ def test_a_vocabulary_of_65536_characters_keeps_its_budget_and_reaches_its_sampl
     result = trainer.fit()
     elapsed = time.perf_counter() - started
     assert result.stop_reason == "time_budget" and result.evaluations >= 1
-    assert budget * 0.85 <= elapsed <= budget * 1.05, elapsed
+    # A step here takes a tenth of the budget or more: ending a step early is a larger share than above.
+    assert budget * 0.7 <= elapsed <= budget * 1.05, elapsed
     assert result.steps_done >= 2
     started = time.perf_counter()
     evaluation = evaluate_splits(trainer.model, splits, train)
