@@ -371,8 +371,8 @@ def measure_speed(model: RNNLM, rows: int = 1024, repeats: int = 3) -> Generatio
         return GenerationSpeed(
             rows=rows,
             warm=(warm_up(1, 32), warm_up(rows, 8)),
-            greedy=(steps(1, 32, None), steps(rows, 1, None)),
-            sampled=(steps(1, 32, 1.0), steps(rows, 1, 1.0)),
+            greedy=(steps(1, 16, None), steps(rows, 1, None)),
+            sampled=(steps(1, 16, 1.0), steps(rows, 1, 1.0)),
         )
     finally:
         model.train(was_training)
