@@ -354,7 +354,7 @@ class Trainer:
         """Held-out perplexity over the first ``cfg.eval_max_tokens`` held-out tokens (all when unset), or as
         many as the time budget leaves time for; the schedule learns what it cost."""
         assert self.heldout_ids is not None
-        started, deadline = time.perf_counter(), schedule.deadline if schedule is not None else None
+        started, deadline = time.perf_counter(), schedule.eval_deadline if schedule is not None else None
         cap, rows = self.cfg.eval_max_tokens, self.cfg.batch_size
         value, read = perplexity_until(self.model, self.heldout_ids, deadline, rows=rows, max_tokens=cap)
         if schedule is not None:

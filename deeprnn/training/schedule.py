@@ -13,7 +13,8 @@ left out, their cost counted apart), and the plan is refined at every read-back,
 schedule (``lr_schedule = "warmup-cosine"``) reaches its end when the time does, also when the machine slows
 down or speeds up mid-run. Training stops before a step that would not end before the time kept for the last
 evaluation, which is estimated from the recent speed; an evaluation reads its held-out text only while the
-budget lasts (``Schedule.deadline``), so the budget holds, evaluations included.
+budget lasts (``Schedule.eval_deadline``: a small grace past its end), so the budget holds, evaluations
+included.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ _EVAL_SHARE = 0.08
 # The moving window the throughput is measured over: this share of the budget, within these bounds in seconds
 # (short enough to follow a change of load, long enough to span a few read-backs).
 _WINDOW_SHARE, _WINDOW_BOUNDS = 0.1, (4.0, 60.0)
+# An evaluation may run this share of the budget past its end before it stops reading (a shorter read is a
+# noisier estimate, and the best weights are chosen on it).
+_EVAL_GRACE = 0.03
 # The next step may take this many times the recent mean (a busy machine's steps vary): no step starts
 # unless that much time is left before the last evaluation.
 _STEP_MARGIN = 1.25
@@ -105,6 +109,13 @@ class Schedule:
         if self.cfg.time_budget is None:
             return None
         return self._started + self.cfg.time_budget - self.spent_seconds
+
+    @property
+    def eval_deadline(self) -> float | None:
+        """When an evaluation stops reading: ``_EVAL_GRACE`` of the budget past its end, so that an evaluation
+        the time kept back was meant for reads its tokens whole, and only one slowed down past that is cut."""
+        deadline = self.deadline
+        return None if deadline is None else deadline + _EVAL_GRACE * (self.cfg.time_budget or 0.0)
 
     def elapsed(self) -> float:
         """Training seconds of the run so far, earlier fits included."""
