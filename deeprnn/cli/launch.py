@@ -11,6 +11,7 @@ import typer
 from rich.text import Text
 
 from deeprnn.cli.output import console, err, fail
+from deeprnn.ops.password_scrub import scrub
 
 if typing.TYPE_CHECKING:
     from deeprnn.ops.prefect_api import TemporaryAPI
@@ -141,15 +142,17 @@ def exit_on_stop(on_interrupt: str | StopMessage) -> Iterator[None]:
 
         # "interrupted by SIGTERM: ..." from a message function; "interrupted: ..." before a fixed text.
         text = " " + on_interrupt(exc) if callable(on_interrupt) else ": " + on_interrupt
-        err.print(Text.assemble(("interrupted", "yellow"), text), soft_wrap=True)
+        err.print(Text.assemble(("interrupted", "yellow"), scrub(text)), soft_wrap=True)
         raise typer.Exit(exc.exit_code if isinstance(exc, StopRequested) else 130) from None
 
 
 def invoke(call: Callable[[], Result], on_interrupt: str | StopMessage) -> Result:
     """Run a flow; a stop exits 130 or 143 and an error exits 1, each with one line saying what happened."""
     from deeprnn.ops.failures import hide_expected_failures_on_console
+    from deeprnn.ops.password_scrub import scrub_log_handlers
 
     hide_expected_failures_on_console()  # the message below is printed once, not also in Prefect's lines
+    scrub_log_handlers()  # MLflow quotes its tracking URL, password and all, in the errors of an outage
     with exit_on_stop(on_interrupt):
         try:
             return call()
@@ -162,7 +165,7 @@ def invoke(call: Callable[[], Result], on_interrupt: str | StopMessage) -> Resul
                 raise stop from None
 
             # One line, as written: no markup read into it, no line breaks added at the terminal's width.
-            err.print(Text.assemble(("error:", "red"), " ", message(exc)), soft_wrap=True)
+            err.print(Text.assemble(("error:", "red"), " ", scrub(message(exc))), soft_wrap=True)
             raise typer.Exit(1) from None
 
 

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from deeprnn.ops.password_scrub import scrub
+
 if typing.TYPE_CHECKING:
     from deeprnn.tasks.results_tasks import RunResult
     from deeprnn.tasks.sweep_tasks import SweepSummary
@@ -20,15 +22,16 @@ err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    """Print ``error: message`` on stderr and exit with ``code`` (2: bad input, 1: the work failed)."""
+    """Print ``error: message`` on stderr, any password of a URL in play masked, and exit with ``code`` (2: bad
+    input, 1: the work failed)."""
     # As written: no markup read into it, and no line breaks added at the terminal's width (paths stay whole).
-    err.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
+    err.print(Text.assemble(("error:", "red"), " ", scrub(message)), soft_wrap=True)
     raise typer.Exit(code)
 
 
 def warn(message: str) -> None:
     """Print ``warning: message`` on stderr."""
-    err.print(Text.assemble(("warning:", "yellow"), " ", message), soft_wrap=True)
+    err.print(Text.assemble(("warning:", "yellow"), " ", scrub(message)), soft_wrap=True)
 
 
 def write_json(result: Any, path: str | None) -> None:
@@ -90,7 +93,7 @@ def print_sweep(result: SweepSummary) -> None:
     table.add_column("error", overflow="fold")
     for t in result.trials:
         score = t.metrics.get(metric)
-        table.add_row(t.name, t.status, "" if score is None else f"{score:.3f}", t.run_id or "", t.error or "")
+        table.add_row(t.name, t.status, "" if score is None else f"{score:.3f}", t.run_id or "", scrub(t.error or ""))
     console.print(table)
     best, registered = result.best, result.best_model.registration
     print_line(
