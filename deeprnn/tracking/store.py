@@ -2,7 +2,8 @@
 for a local sqlite file), its schema, experiment ids, and which faults a retry may get past.
 
 The tracking URI is MLflow's own: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db`` in the working
-directory.
+directory. Against a tracking server, MLflow's HTTP client retries each failed request; deeprnn bounds its waits
+(``bound_http_retries``) unless the user set MLflow's variables.
 """
 
 from __future__ import annotations
@@ -35,6 +36,25 @@ def tracking_uri() -> str:
     return redact_url(mlflow.get_tracking_uri())
 
 
+# MLflow's HTTP retries when the user has not set them: a backoff factor of 0 turns off the doubling, so every
+# wait is the jitter alone, a random 0-15 s (the first retry is immediate). Ten retries wait about a minute in
+# all on average, never over 135 s, and a request goes on at most 15 s after the server is back. MLflow's own
+# defaults (7 retries, factor 2, waits up to 120 s each, about 4 minutes) can leave a run asleep a minute after
+# a short outage ended; its Retry's backoff_max is not configurable.
+HTTP_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10",  # MLflow refuses more than 10
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "15",
+}
+
+
+def bound_http_retries() -> None:
+    """Set MLflow's HTTP retry variables to ``HTTP_RETRIES`` where the user left them unset (for this process
+    and the ones it starts), so a request never sleeps long after a tracking server's outage ends."""
+    for name, value in HTTP_RETRIES.items():
+        os.environ.setdefault(name, value)
+
+
 def check_reachable(timeout: float = 5.0) -> str:
     """Fail fast, naming the URI, when the tracking server is down; create a local store's folder.
 
@@ -42,6 +62,7 @@ def check_reachable(timeout: float = 5.0) -> str:
     """
     uri = mlflow.get_tracking_uri()
     _quiet_run_links(uri)
+    bound_http_retries()
     scheme = urlsplit(uri).scheme
     if scheme in ("http", "https"):
         try:
@@ -161,6 +182,7 @@ def worker_tracking_uri() -> str:
 def use_tracking_uri(uri: str) -> None:
     """Point this process's MLflow client at ``uri`` (a sweep trial, in its worker process)."""
     _quiet_run_links(uri)
+    bound_http_retries()
     if mlflow.get_tracking_uri() != uri:
         mlflow.set_tracking_uri(uri)
 

@@ -6,8 +6,9 @@ A test module uses it by importing the fixture (pytest finds fixtures in the mod
 
     from team_stack_fixture import stack_script, team_stack, run_deployment, wait_for_flow_run
 
-Each module that imports ``team_stack`` gets its own stack (module scope), so a module that restarts PostgreSQL
-(``stack_script.restart_postgres(stack)``), stops the MLflow server or kills a worker disturbs no other.
+Each module that imports ``team_stack`` gets its own stack (module scope): bringing it up is the costly part, so
+one module (tests/e2e/test_team_stack.py) holds every test of it, the disruptive ones (a PostgreSQL restart, the
+MLflow server stopped, a worker killed) after the ones they would break.
 """
 
 from __future__ import annotations
