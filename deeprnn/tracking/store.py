@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import mlflow
 import requests
@@ -55,18 +55,39 @@ def bound_http_retries() -> None:
         os.environ.setdefault(name, value)
 
 
+# MLflow's own variables for a tracking server's basic auth (``MlflowHostCreds``).
+USERNAME, PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+
+
+def credentials_to_environment() -> None:
+    """Move the user and password of an http(s) tracking URI into MLflow's own variables, and use the URI
+    without them (here and in the processes this one starts): MLflow sends them as basic auth all the same, and
+    no message it builds from the URI (``API request to <url> failed``) can carry the password any more."""
+    uri = mlflow.get_tracking_uri()
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or redact_url(uri) == uri:
+        return
+    os.environ.setdefault(USERNAME, unquote(parts.username or ""))
+    if parts.password is not None:
+        os.environ.setdefault(PASSWORD, unquote(parts.password))
+    bare = redact_url(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = bare
+    mlflow.set_tracking_uri(bare)
+
+
 def check_reachable(timeout: float = 5.0) -> str:
     """Fail fast, naming the URI, when the tracking server is down; create a local store's folder.
 
     Returns the (redacted) URI. Called before any download or training.
     """
+    credentials_to_environment()
     uri = mlflow.get_tracking_uri()
     _quiet_run_links(uri)
     bound_http_retries()
     scheme = urlsplit(uri).scheme
     if scheme in ("http", "https"):
         try:
-            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout, auth=_basic_auth())
             response.raise_for_status()
         except requests.RequestException as exc:
             raise TrackingUnavailableError(
@@ -79,6 +100,12 @@ def check_reachable(timeout: float = 5.0) -> str:
             path.parent.mkdir(parents=True, exist_ok=True)
     _ensure_store()
     return redact_url(uri)
+
+
+def _basic_auth() -> tuple[str, str] | None:
+    """The tracking server's basic auth from MLflow's variables, when they are set."""
+    user = os.environ.get(USERNAME)
+    return (user, os.environ.get(PASSWORD, "")) if user else None
 
 
 def _ensure_store() -> None:
@@ -176,6 +203,13 @@ def worker_tracking_uri() -> str:
         path = uri.removeprefix("sqlite:///")
         if path and path != ":memory:":
             return "sqlite:///" + str(Path(path).resolve())
+    auth = _basic_auth()
+    parts = urlsplit(uri)
+    if auth and parts.scheme in ("http", "https") and "@" not in parts.netloc:
+        # A trial on a machine of its own has none of this process's environment: the credentials go with the
+        # URI (a task's argument, never stored), and its process moves them to its environment again.
+        netloc = f"{quote(auth[0], safe='')}:{quote(auth[1], safe='')}@{parts.netloc}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
     return uri
 
 
@@ -185,6 +219,7 @@ def use_tracking_uri(uri: str) -> None:
     bound_http_retries()
     if mlflow.get_tracking_uri() != uri:
         mlflow.set_tracking_uri(uri)
+    credentials_to_environment()
 
 
 def is_local_store() -> bool:
