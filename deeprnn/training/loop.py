@@ -265,8 +265,8 @@ class Trainer:
         if run.pending:
             self._drain(run, evaluate=False)
         loss_sum = float(self.train_step.loss_sum)  # syncs with the device
-        held = self._heldout_perplexity(run.schedule) if due.evaluate else None
-        if held is not None:
+        held, whole = self._heldout_perplexity(run.schedule) if due.evaluate else (None, False)
+        if held is not None and (whole or self.best.value is None):  # as in _record_heldout
             self._consider(held, self._pos.epoch if self._pos else self.epoch, run.schedule)
         self._step_report(run, held, epoch_end=False, loss_sum=loss_sum)
         if due.checkpoint:
@@ -325,12 +325,14 @@ class Trainer:
 
     def _record_heldout(self, stats: EpochStats, schedule: Schedule) -> None:
         """Measure held-out perplexity into ``stats`` and weigh it (``_consider``)."""
-        value = self._heldout_perplexity(schedule)
+        value, whole = self._heldout_perplexity(schedule)
         stats.heldout_perplexity = value
         # An epoch a step budget cut short competes only when the run is planned in steps or time: then
-        # its end is where the schedule ends, not a half-trained epoch.
+        # its end is where the schedule ends, not a half-trained epoch. An evaluation the deadline cut short
+        # read other tokens than the rest: it competes only while there is nothing else to keep.
         if not stats.partial or self.cfg.time_budget is not None or self.cfg.evaluations is not None:
-            self._consider(value, stats.epoch, schedule)
+            if whole or self.best.value is None:
+                self._consider(value, stats.epoch, schedule)
 
     def _consider(self, value: float, epoch: int, schedule: Schedule) -> None:
         """Keep the best held-out value (and its weights if selecting); stop early once ``cfg.patience``
@@ -350,16 +352,18 @@ class Trainer:
         n = self.heldout_ids.numel()
         return min(n, self.cfg.eval_max_tokens) if self.cfg.eval_max_tokens is not None else n
 
-    def _heldout_perplexity(self, schedule: Schedule | None = None) -> float:
+    def _heldout_perplexity(self, schedule: Schedule | None = None) -> tuple[float, bool]:
         """Held-out perplexity over the first ``cfg.eval_max_tokens`` held-out tokens (all when unset), or as
-        many as the time budget leaves time for; the schedule learns what it cost."""
+        many as the time budget leaves time for, and whether it read them all; the schedule learns the cost."""
         assert self.heldout_ids is not None
         started, deadline = time.perf_counter(), schedule.eval_deadline if schedule is not None else None
         cap, rows = self.cfg.eval_max_tokens, self.cfg.batch_size
         value, read = perplexity_until(self.model, self.heldout_ids, deadline, rows=rows, max_tokens=cap)
+        ended = time.perf_counter()
         if schedule is not None:
-            schedule.evaluated(time.perf_counter() - started, read)
-        return value
+            schedule.evaluated(ended - started, read)
+        # No piece starts past the deadline: one that ended before it read every token it was meant to.
+        return value, deadline is None or ended < deadline
 
     # ----- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

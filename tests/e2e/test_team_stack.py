@@ -338,6 +338,7 @@ def test_a_run_stopped_on_one_host_resumes_on_another_through_an_mlflow_outage_a
     assert (moved["folder_b"] / "runs" / run_id / "last.pt").is_file()
 
 
+@pytest.mark.team_load
 def test_a_killed_worker_run_is_crashed_closed_and_resumed_on_the_other_worker(
     team: Team, killed: dict[str, Any]
 ) -> None:
@@ -389,6 +390,7 @@ def load(team: Team, killed: dict[str, Any]) -> dict[str, Any]:
     return {"finals": finals, "sweep": (code, out)}
 
 
+@pytest.mark.team_load
 def test_eight_deployment_runs_beside_a_sweep_complete_once_each_with_contiguous_versions(
     team: Team, load: dict[str, Any]
 ) -> None:
