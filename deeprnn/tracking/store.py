@@ -64,15 +64,25 @@ def credentials_to_environment() -> None:
     without them (here and in the processes this one starts): MLflow sends them as basic auth all the same, and
     no message it builds from the URI (``API request to <url> failed``) can carry the password any more."""
     uri = mlflow.get_tracking_uri()
+    bare = _without_credentials(uri)
+    if bare == uri:
+        return
+    if os.environ.get("MLFLOW_TRACKING_URI") == uri:
+        os.environ["MLFLOW_TRACKING_URI"] = bare  # the environment's URI: MLflow reads it on every call
+    else:
+        mlflow.set_tracking_uri(bare)  # one set in this process (it writes the variable too)
+
+
+def _without_credentials(uri: str) -> str:
+    """``uri`` without the user and password of an http(s) URI, which go to MLflow's own variables (unless the
+    user set those); any other URI as it is."""
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https") or redact_url(uri) == uri:
-        return
+        return uri
     os.environ.setdefault(USERNAME, unquote(parts.username or ""))
     if parts.password is not None:
         os.environ.setdefault(PASSWORD, unquote(parts.password))
-    bare = redact_url(uri)
-    os.environ["MLFLOW_TRACKING_URI"] = bare
-    mlflow.set_tracking_uri(bare)
+    return redact_url(uri)
 
 
 def check_reachable(timeout: float = 5.0) -> str:
@@ -216,10 +226,10 @@ def worker_tracking_uri() -> str:
 def use_tracking_uri(uri: str) -> None:
     """Point this process's MLflow client at ``uri`` (a sweep trial, in its worker process)."""
     _quiet_run_links(uri)
+    uri = _without_credentials(uri)
     bound_http_retries()
     if mlflow.get_tracking_uri() != uri:
         mlflow.set_tracking_uri(uri)
-    credentials_to_environment()
 
 
 def is_local_store() -> bool:
