@@ -58,6 +58,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, prefect_api: str, book_path:
     )
     # Smoke steps take milliseconds: a two-second budget ends training long before its thousand epochs.
     args = ["--preset", "smoke", "--device", "cpu", "--data-url", str(book_path), "--epochs", "1000"]
+    args += ["--checkpoint-every", "1"]  # a checkpoint in MLflow however few epochs a busy machine trains
     made = Store(root, env, "", "")
     proc, _ = made.deeprnn("run", *args, "--time-budget", "2s", "--json", str(root / "run.json"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

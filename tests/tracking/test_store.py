@@ -83,7 +83,9 @@ def test_experiment_ids_are_created_once(experiment: str) -> None:
     assert MlflowClient().get_experiment(first).name == experiment
 
 
-def test_workers_get_a_relative_sqlite_path_made_absolute(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_workers_get_a_relative_sqlite_path_made_absolute(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, own_credentials: None
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db")
     assert store.worker_tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'runs' / 'mlflow.db'}"
