@@ -6,6 +6,7 @@ harness's) so that the server must outlive the flow run's last report; then dama
 from __future__ import annotations
 
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -235,7 +236,13 @@ def test_sigterm_to_a_sweeps_group_marks_it_killed_stops_its_workers_and_exits_1
     seconds = time.monotonic() - sent
     assert code == 143, out[-3000:]
     assert seconds < SWEEP_STOP_SECONDS, f"stopped {seconds:.1f} s after the signal"
-    assert out.count("interrupted by ") == 1 and "Traceback" not in out, out[-3000:]
+    assert out.count("interrupted by ") == 1, out[-3000:]
+    # No traceback of deeprnn's. Dask's own comm teardown may log one while its cluster closes under a stop
+    # (CommClosedError, a cancelled heartbeat): tolerated here, and only that.
+    dask_teardown = ("distributed", "CommClosedError", "CancelledError")
+    tracebacks = out.split("Traceback (most recent call last):")[1:]
+    assert all(any(mark in block for mark in dask_teardown) for block in tracebacks), out[-3000:]
+    assert not re.search(r"/deeprnn/(cli|flows|tasks|ops|tracking|training|data|search)/", "".join(tracebacks)), out
     assert "interrupted by SIGTERM: the sweep's MLflow run is marked KILLED" in out, out[-3000:]
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"processes of the sweep outlived it: {alive}"
