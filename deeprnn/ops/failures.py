@@ -101,7 +101,13 @@ class DropExpectedTracebacks(logging.Filter):
             record.exc_info = None
             record.exc_text = None
             setattr(record, EXPECTED_MARK, True)  # the console's filter still knows what the record reports
+        if record.levelno > logging.INFO and _STOPPED_STATE in record.getMessage():
+            # Prefect logs every final state but Completed at ERROR; a stop on purpose is no error.
+            record.levelno, record.levelname = logging.INFO, "INFO"
         return True
+
+
+_STOPPED_STATE = "Finished in state Cancelled('stopped by SIG"
 
 
 _FILTER = DropExpectedTracebacks()
