@@ -113,7 +113,11 @@ def run_deeprnn(args: list[str], text: Path, work: Path, name: str, threads: int
         return {"name": name, "error": (done.stderr or done.stdout).strip().splitlines()[-1:], "wall": wall}
     record = json.loads(out.read_text())
     metrics = record["metrics"]
+    fitted = [
+        line.split(" - ", 1)[-1] for line in (done.stdout + done.stderr).splitlines() if "Task run 'fit-to-text" in line
+    ]
     return {
+        "fitted": fitted,
         "name": name,
         "test_nats": math.log(metrics["test_perplexity"]),
         "train_seconds": metrics["train_seconds"],
@@ -160,11 +164,14 @@ def main() -> None:
     parser.add_argument(
         "--parallel", type=int, default=1, help="commands at once, one thread each (side by side on a shared machine)"
     )
+    parser.add_argument(
+        "--threads", type=int, help="torch threads per command (default: 1 with --parallel, else torch's own)"
+    )
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="deeprnn-own-text-"))
     work.mkdir(parents=True, exist_ok=True)
-    threads = 1 if args.parallel > 1 else None
+    threads = args.threads or (1 if args.parallel > 1 else None)
     texts = {lang: assemble(lang, args.size, work) for lang in args.langs}
     rows: list[tuple[str, dict[str, object], list[str]]] = []
     for lang, text in texts.items():
@@ -181,6 +188,8 @@ def main() -> None:
             rows.append((LANGS[lang], result, flags))
             label = "default" if k == 0 else "nanoGPT" if flags == ["nanoGPT"] else f"hand {k}"
             print(f"  {label}: {_describe(result)}", flush=True)
+            for note in result.get("fitted", []):  # type: ignore[union-attr]
+                print(f"    {note}", flush=True)
     print()
     print("| text | command | test loss (nats/char) | training s | steps | wall s |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -190,7 +199,8 @@ def main() -> None:
             f"| {lang} | `{label}` | {_num(r.get('test_nats'), 3)} | {_num(r.get('train_seconds'), 1)} | "
             f"{r.get('steps', '')} | {_num(r.get('wall'), 0)} |"
         )
-    print(f"\nscratch folder (logs, samples): {work}")
+    (work / "results.json").write_text(json.dumps([[lang, r, flags] for lang, r, flags in rows], indent=1))
+    print(f"\nscratch folder (logs, samples, results.json): {work}")
 
 
 def _num(value: object, digits: int) -> str:
