@@ -61,12 +61,14 @@ WORKER_BASICS = (
     "TZ",
     "TMPDIR",
     "CUDA_VISIBLE_DEVICES",
+    "OMP_NUM_THREADS",  # torch's threads per flow run, where a machine runs several at once
     "HTTP_PROXY",
     "HTTPS_PROXY",
     "NO_PROXY",
 )
 # Uvicorn processes of the MLflow server: one serves a team's training runs (requests run in its thread pool).
 MLFLOW_WORKERS = 1
+IDLE_WORKER_GRACE = 5.0  # seconds an idle worker gets to stop before SIGKILL
 START_TIMEOUT = 240.0  # seconds for a server to answer: generous, a loaded machine starts them slowly
 STATE = "stack.json"
 ENV_FILE = "team.env"
@@ -407,12 +409,24 @@ def start_worker(stack: Stack, name: str) -> Path:
 def _end_worker(stack: Stack, name: str, sig: signal.Signals, grace: float) -> None:
     key = f"worker:{name}"
     runs = descendants(stack.pids[key]) if component_members(stack, key) else set()
-    _stop_component(stack, key, sig, grace)  # the flow runs were found first: now they belong to init
+    # A worker with no flow run has nothing to save: Prefect's worker can take its whole grace to act on a
+    # signal, so an idle one gets a short one.
+    idle = not any(_is_flow_run(pid) for pid in runs)
+    # The flow runs were found first: once their worker is gone they belong to init.
+    _stop_component(stack, key, sig, min(grace, IDLE_WORKER_GRACE) if idle else grace)
     for pid in runs:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             pgrp = os.getpgid(pid)
             if group_members(pgrp):
                 stop_group(pgrp, sig, grace)
+
+
+def _is_flow_run(pid: int) -> bool:
+    """Whether process ``pid`` is a flow run a process worker started (``python -m prefect.engine``)."""
+    try:
+        return b"prefect.engine" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def kill_worker(stack: Stack, name: str) -> None:

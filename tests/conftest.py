@@ -31,6 +31,11 @@ from corpora import (
     CorpusFile,
 )
 
+# One torch thread in every test process and every process a test starts (commands, workers, servers): the
+# suite runs two test processes at once on a small runner, and more OpenMP threads than cores make each
+# training spin and crawl. Set before anything imports torch; a value given by the caller is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def pytest_report_header() -> str:
     """Say in the session's header which corpus the tests use, so a log shows when the book was not found."""

@@ -57,15 +57,19 @@ def team_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         pytest.skip(str(error))
     root = tmp_path_factory.mktemp("team-stack")
     started = time.monotonic()
-    try:
-        stack = stack_script.up(root, workers=WORKERS, deploy_all=True, scheduler=False)
-    except stack_script.StackError as error:
-        pytest.fail(f"team_stack up failed: {error}")
-    stack.startup_seconds = time.monotonic() - started
-    try:
-        yield stack
-    finally:
-        stack_script.down(root, purge=True)
+    with pytest.MonkeyPatch.context() as patch:
+        # One torch thread per flow run: the workers' runs share the test machine's cores with each other and
+        # with the rest of the suite, and oversubscribed OpenMP threads slow every run down many times over.
+        patch.setenv("OMP_NUM_THREADS", "1")
+        try:
+            stack = stack_script.up(root, workers=WORKERS, deploy_all=True, scheduler=False)
+        except stack_script.StackError as error:
+            pytest.fail(f"team_stack up failed: {error}")
+        stack.startup_seconds = time.monotonic() - started
+        try:
+            yield stack
+        finally:
+            stack_script.down(root, purge=True)
 
 
 def prefect_api(stack: Any, method: str, path: str, **kwargs: Any) -> requests.Response:
