@@ -20,6 +20,8 @@ import os
 from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import urlsplit
 
+from deeprnn.ops.dask_worker_logs import PRELOAD
+
 if TYPE_CHECKING:  # imported where used: the GPU helpers need only dask.distributed and torch
     from prefect_dask import DaskTaskRunner
 
@@ -58,6 +60,7 @@ def local_gpu_cluster(gpus: list[str]) -> Any:
                 "nthreads": 1,
                 "resources": {GPU: 1},
                 "env": {"CUDA_VISIBLE_DEVICES": gpu},  # the worker's torch sees its GPU as cuda:0
+                "preload": [PRELOAD],
             },
         }
         for gpu in gpus
@@ -87,6 +90,7 @@ def dask_task_runner(address: str | None = None, workers: int | None = None, use
             "processes": True,
             "host": "127.0.0.1",
             "dashboard_address": "127.0.0.1:0",
+            "preload": [PRELOAD],  # no traceback from a worker closing with a stopped sweep
         }
     )
 

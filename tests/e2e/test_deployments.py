@@ -97,8 +97,9 @@ def worker(deployed: Deployed, tmp_path_factory: pytest.TempPathFactory) -> Iter
     try:
         yield {"root": root, "log": log, "tracking_uri": env["MLFLOW_TRACKING_URI"]}
     finally:
-        # Ctrl-C is the worker's graceful stop; the fixture order stops it before the server.
-        stop_process_group(proc, first=signal.SIGINT, grace=20)
+        # Ctrl-C is the worker's graceful stop; the fixture order stops it before the server. Prefect's worker
+        # can wait out a flow run it started (the last test's is killed): a few seconds, then SIGKILL.
+        stop_process_group(proc, first=signal.SIGINT, grace=5)
 
 
 def wait_for_final_state(server: Server, flow_run_id: str, log: Path, timeout: float = RUN_TIMEOUT) -> dict[str, Any]:
