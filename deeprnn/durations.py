@@ -1,5 +1,5 @@
-"""Durations as people write them: ``90s``, ``2m``, ``1h30m``, ``1.5h`` or a plain number of seconds; and the
-time budget they give, which is such a duration or ``off``."""
+"""Durations as people write them: ``90s``, ``2m``, ``1h30m``, ``1.5h`` or a plain number of seconds; the
+time budget they give, which is such a duration or ``off``; and seconds written back as such a text."""
 
 from __future__ import annotations
 
@@ -66,10 +66,31 @@ def parse_budget(value: object) -> float | None:
     return seconds
 
 
-def format_seconds(seconds: float) -> str:
-    """A budget as the user would write it: ``"2m"``, ``"90s"``, ``"1h30m"``."""
+def format_duration(seconds: float | None, *, short: bool = False) -> str:
+    """A duration as people write it; ``"?"`` for None, a negative or a non-finite number (a time not known yet).
+
+    By default every unit it has, in whole seconds, as ``parse_duration`` reads it back (a budget as the user
+    would write it): ``"2m"``, ``"1m30s"``, ``"1h2m5s"``, ``"0s"``. ``short=True`` keeps the two largest units,
+    the second zero-padded, for a time that changes while it is shown (an ETA): ``"45s"``, ``"12m05s"``,
+    ``"3h07m"``, ``"2d04h"``.
+    """
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "?"
     s = int(round(seconds))
+    if short:
+        return _two_units(s)
     h, rest = divmod(s, 3600)
     m, sec = divmod(rest, 60)
     parts = [f"{h}h" if h else "", f"{m}m" if m else "", f"{sec}s" if sec or s == 0 else ""]
     return "".join(parts)
+
+
+def _two_units(s: int) -> str:
+    """Whole seconds ``s`` in their two largest units: ``"45s"``, ``"12m05s"``, ``"3h07m"``, ``"2d04h"``."""
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"

@@ -29,7 +29,7 @@ from deeprnn.data.download import CorpusFile, fetch_corpus
 from deeprnn.data.prepare import PreparedCorpus, PrepareError, prepare
 from deeprnn.data.vocab import Vocab
 from deeprnn.device import describe, resolve_device, seed_everything
-from deeprnn.durations import format_seconds
+from deeprnn.durations import format_duration
 from deeprnn.evaluate import perplexity
 from deeprnn.model import RNNLM
 from deeprnn.training import checkpoint
@@ -177,7 +177,7 @@ class TrainingRun:
         heldout = self.splits.val if has_val else self.splits.test
         budget = f" or {cfg.max_steps:,} steps" if cfg.max_steps is not None else ""
         if cfg.time_budget is not None:
-            budget += f" or {format_seconds(cfg.time_budget)} of training"
+            budget += f" or {format_duration(cfg.time_budget)} of training"
         capped = cfg.eval_max_tokens is not None and cfg.eval_max_tokens < heldout.numel()
         per_evaluation = f" (its first {cfg.eval_max_tokens:,} tokens per evaluation)" if capped else ""
         return (

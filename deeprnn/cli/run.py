@@ -151,13 +151,13 @@ def _announce_services(api: str) -> None:
 
 def describe_plan(config: RunConfig, chosen: bool) -> str:
     """What a new run will do, in one line: the preset (and why, when it was chosen for the user), the budget."""
-    from deeprnn.durations import format_seconds
+    from deeprnn.durations import format_duration
 
     t = config.train
     why = ""
     if chosen and config.preset == "text":
         why = " (your own text: every character kept, the model sized to it; --preset d2l-9.3 for the book's)"
-    bounds = [f"{t.epochs} epochs"] if t.time_budget is None else [f"time budget {format_seconds(t.time_budget)}"]
+    bounds = [f"{t.epochs} epochs"] if t.time_budget is None else [f"time budget {format_duration(t.time_budget)}"]
     if t.max_steps is not None:
         bounds.append(f"{t.max_steps:,} steps")
     if t.patience is not None:

@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from deeprnn.durations import format_duration
 from deeprnn.evaluate import perplexity_from_loss
 
 
@@ -83,20 +84,6 @@ class StepStats:
         return asdict(self)
 
 
-def format_duration(seconds: float | None) -> str:
-    """A short duration: ``"45s"``, ``"12m05s"``, ``"3h07m"``, ``"2d04h"``; ``"?"`` when unknown."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
 def progress_line(s: StepStats) -> str:
     """``step 120/900 (13%), epoch 2/10, batch 40/90: train ppl 8.123, held-out ppl 9.01, 25,000 tokens/s,
     ETA 1m05s``."""
@@ -106,7 +93,7 @@ def progress_line(s: StepStats) -> str:
     train = f"train ppl {s.train_perplexity:.3f}" if math.isfinite(s.train_perplexity) else "no new steps"
     return (
         f"step {s.step:,}/{s.total_steps:,}{share}, {where}: {train}{held}, "
-        f"{s.tokens_per_sec:,.0f} tokens/s, ETA {format_duration(s.eta_seconds)}"
+        f"{s.tokens_per_sec:,.0f} tokens/s, ETA {format_duration(s.eta_seconds, short=True)}"
     )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deeprnn.config import RunConfig
-from deeprnn.durations import format_seconds
+from deeprnn.durations import format_duration
 
 if TYPE_CHECKING:  # annotations only: checking a run id (the CLI, before anything starts) needs no torch
     from deeprnn.model import RNNLM
@@ -92,7 +92,7 @@ def nothing_left(run_id: str, done: Finished, epochs: int, max_steps: int | None
             f"train: give --max-steps above {done.steps} to train it further"
         )
     if done.stop_reason == "time_budget" and budget is not None and budget <= (done.budget or 0.0):
-        spent = format_seconds(done.budget or 0.0)
+        spent = format_duration(done.budget or 0.0)
         return (
             f"MLflow run {run_id} already FINISHED its time budget ({spent}), so nothing is left to train: give a "
             f"longer --time-budget (above {spent}), or --time-budget off and --epochs, to train it further"
@@ -171,8 +171,8 @@ def resume_config(
     budget = config.train.time_budget
     if budget is not None and budget != base.train.time_budget and budget <= seconds_done:
         raise ResumeError(
-            f"the checkpoint already has {format_seconds(seconds_done)} of training; --time-budget "
-            f"{format_seconds(budget)} would leave none: give more than {format_seconds(seconds_done)}, or off"
+            f"the checkpoint already has {format_duration(seconds_done)} of training; --time-budget "
+            f"{format_duration(budget)} would leave none: give more than {format_duration(seconds_done)}, or off"
         )
     return config
 

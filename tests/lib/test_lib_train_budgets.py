@@ -14,11 +14,12 @@ import torch
 from deeprnn.config import RunConfig, preset_config
 from deeprnn.data.batching import split_corpus
 from deeprnn.data.vocab import Vocab
+from deeprnn.durations import format_duration, parse_duration
 from deeprnn.evaluate import perplexity
 from deeprnn.model import RNNLM
 from deeprnn.training import loop as train_module
 from deeprnn.training.loop import Trainer
-from deeprnn.training.progress import EpochStats, StepStats, eta_seconds, format_duration, progress_line
+from deeprnn.training.progress import EpochStats, StepStats, eta_seconds, progress_line
 
 CPU = torch.device("cpu")
 
@@ -219,8 +220,18 @@ def test_progress_line_shows_steps_epoch_speed_and_time_left() -> None:
         (2 * 86400 + 4 * 3600, "2d04h"),
     ],
 )
-def test_format_duration(seconds: float | None, text: str) -> None:
+def test_format_duration_short(seconds: float | None, text: str) -> None:
+    assert format_duration(seconds, short=True) == text
+
+
+@pytest.mark.parametrize(
+    "seconds, text",
+    [(None, "?"), (0.0, "0s"), (30, "30s"), (90, "1m30s"), (120, "2m"), (3600, "1h"), (3725.4, "1h2m5s")],
+)
+def test_format_duration_writes_what_parse_duration_reads(seconds: float | None, text: str) -> None:
     assert format_duration(seconds) == text
+    if seconds is not None:
+        assert parse_duration(text) == round(seconds)
 
 
 def test_eta_from_the_pace_so_far() -> None:
