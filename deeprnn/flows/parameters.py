@@ -13,15 +13,14 @@ hold; ``tests/e2e/test_deployments.py`` fails when ``prefect.yaml`` and the pres
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from typing import Any, cast
 
 import yaml
 from pydantic import Field
 from pydantic.fields import FieldInfo
 
-from deeprnn.config import PRESETS, preset_config
-
-SECTIONS = ("data", "model", "train", "sample")
+from deeprnn.config import PRESETS, SECTIONS, preset_config
 
 
 def form_field(title: str, **constraints: Any) -> FieldInfo:
@@ -35,9 +34,11 @@ def form_field(title: str, **constraints: Any) -> FieldInfo:
 
 
 def preset_sections(
-    preset: str, overrides: dict[str, dict[str, Any]] | None = None, sections: tuple[str, ...] = SECTIONS
+    preset: str, overrides: dict[str, dict[str, Any]] | None = None, sections: Iterable[str] = SECTIONS
 ) -> dict[str, dict[str, Any]]:
-    """The preset's complete ``sections`` (with ``overrides`` applied) as JSON values: a deployment's form."""
+    """The preset's complete ``sections`` (with ``overrides`` applied) as JSON values: a deployment's form.
+
+    ``sections`` names the sections to give (all of ``config.SECTIONS``, in their order, by default)."""
     config = preset_config(preset, overrides)
     return {name: getattr(config, name).model_dump(mode="json") for name in sections}
 

@@ -24,8 +24,8 @@ from corpora import TRAIN_EXPERIMENT
 from live_servers import Server, log_tail, start_process, stop_process_group
 from mlflow.tracking import MlflowClient
 
-from deeprnn.config import CellType, preset_config, resolve
-from deeprnn.flows.parameters import SECTIONS, preset_sections
+from deeprnn.config import SECTIONS, CellType, preset_config, resolve
+from deeprnn.flows.parameters import preset_sections
 
 pytestmark = pytest.mark.e2e
 
