@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from deeprnn.config import RunConfig
 from deeprnn.durations import format_duration
+from deeprnn.presets import merge
 
 if TYPE_CHECKING:  # annotations only: checking a run id (the CLI, before anything starts) needs no torch
     from deeprnn.model import RNNLM
@@ -150,10 +151,8 @@ def resume_config(
     ``trainer_state["step"]``) and a changed time budget no longer than the ``seconds_done`` of training.
     """
     base = RunConfig.model_validate(stored)
-    merged = base.model_dump(mode="json")
-    for section, values in overrides.items():
-        merged[section].update({k: v for k, v in values.items() if v is not None})
-    config = RunConfig.model_validate(merged)
+    given = {section: {k: v for k, v in values.items() if v is not None} for section, values in overrides.items()}
+    config = RunConfig.model_validate(merge(base.model_dump(mode="json"), given))
     conflicts = differences(base, config)
     if conflicts:
         lines = [f"  {key}: the checkpoint has {old!r}, given {new!r}" for key, (old, new) in sorted(conflicts.items())]
