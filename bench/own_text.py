@@ -113,11 +113,13 @@ def run_deeprnn(args: list[str], text: Path, work: Path, name: str, threads: int
         return {"name": name, "error": (done.stderr or done.stdout).strip().splitlines()[-1:], "wall": wall}
     record = json.loads(out.read_text())
     metrics = record["metrics"]
-    fitted = [
-        line.split(" - ", 1)[-1] for line in (done.stdout + done.stderr).splitlines() if "Task run 'fit-to-text" in line
+    sized = [
+        line.split(" - ", 1)[-1]
+        for line in (done.stdout + done.stderr).splitlines()
+        if "Task run 'size-to-text" in line
     ]
     return {
-        "fitted": fitted,
+        "sized": sized,
         "name": name,
         "test_nats": math.log(metrics["test_perplexity"]),
         "train_seconds": metrics["train_seconds"],
@@ -188,7 +190,7 @@ def main() -> None:
             rows.append((LANGS[lang], result, flags))
             label = "default" if k == 0 else "nanoGPT" if flags == ["nanoGPT"] else f"hand {k}"
             print(f"  {label}: {_describe(result)}", flush=True)
-            for note in result.get("fitted", []):  # type: ignore[union-attr]
+            for note in result.get("sized", []):  # type: ignore[union-attr]
                 print(f"    {note}", flush=True)
     print()
     print("| text | command | test loss (nats/char) | training s | steps | wall s |")

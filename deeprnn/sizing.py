@@ -1,4 +1,4 @@
-"""Fitting a configuration to the text it will train on, once the text is prepared: the model's size
+"""Sizing a configuration to the text it will train on, once the text is prepared: the model's size
 (``model.size = "auto"``, the ``text`` preset), a batch shape that a short text can fill, and sample prefixes
 drawn from the held-out text (``sample.prefixes`` empty).
 
@@ -61,21 +61,21 @@ _EVAL_SPEEDUP = 2.0  # an evaluation (forward passes only) reads about twice the
 
 
 @dataclass(frozen=True)
-class Fitted:
-    """A configuration fitted to its text, and one line per decision saying what and why."""
+class Sized:
+    """A configuration sized to its text, and one line per decision saying what and why."""
 
     config: RunConfig
     notes: list[str]
 
 
-def fit_to_text(
+def size_to_text(
     config: RunConfig,
     ids: torch.Tensor,
     vocab: Vocab,
     device: torch.device,
     corpus_sha1: str | None = None,
     probe: bool = True,
-) -> Fitted:
+) -> Sized:
     """``config`` with its auto-sized fields decided for the token ``ids`` (the whole prepared corpus) on
     ``device``, and with sample prefixes drawn from the held-out text where none are given (the book's own
     prefixes for the book, recognized by its URL or the SHA-1 of its bytes)."""
@@ -84,11 +84,11 @@ def fit_to_text(
     train_tokens = splits.train.numel()
     update: dict[str, dict[str, object]] = {}
     if config.model.size == "auto":
-        model, train, note = fit_size(config, train_tokens, len(vocab), device, probe)
+        model, train, note = size_model(config, train_tokens, len(vocab), device, probe)
         update["model"], update["train"] = model, train
         notes.append(note)
     elif _plans_batch(config):
-        update["train"], note = fit_batch(config, train_tokens, len(vocab), device)
+        update["train"], note = size_batch(config, train_tokens, len(vocab), device)
         notes.append(note)
     if not config.sample.prefixes:
         if data.url == D2L_URL or corpus_sha1 == D2L_SHA1:
@@ -99,15 +99,15 @@ def fit_to_text(
             notes.append("sample prefixes drawn from the held-out text: " + ", ".join(repr(p) for p in prefixes))
         update["sample"] = {"prefixes": prefixes}
     if not update:
-        return Fitted(config, notes)
+        return Sized(config, notes)
     merged = config.model_dump()
     for section, values in update.items():
         merged[section].update(values)
-    return Fitted(RunConfig.model_validate(merged), notes)
+    return Sized(RunConfig.model_validate(merged), notes)
 
 
 def decided_later(config: RunConfig) -> set[str]:
-    """The ``section.field`` values ``fit_to_text`` will decide (so they are logged once decided, not before)."""
+    """The ``section.field`` values ``size_to_text`` will decide (so they are logged once decided, not before)."""
     keys = set()
     if _caps_evaluations(config):
         keys |= {"train.eval_max_tokens", "train.final_eval_max_tokens"}
@@ -172,7 +172,7 @@ def weights(vocab_size: int, model: ModelConfig) -> int:
     return total + model.num_hiddens * vocab_size + vocab_size
 
 
-def fit_size(
+def size_model(
     config: RunConfig, train_tokens: int, vocab_size: int, device: torch.device, probe: bool = True
 ) -> tuple[dict[str, object], dict[str, object], str]:
     """The model fields (layers, width, dropout) and batch shape for ``train_tokens`` and the time budget."""
@@ -218,7 +218,7 @@ def fit_size(
     return model, train_fields, note
 
 
-def fit_batch(
+def size_batch(
     config: RunConfig, train_tokens: int, vocab_size: int, device: torch.device
 ) -> tuple[dict[str, object], str]:
     """The batch fields for a model of a fixed size: its throughput measured here, then ``rows_for_steps``."""
@@ -228,7 +228,7 @@ def fit_batch(
     measure = partial(measure_throughput, config.model, vocab_size, num_steps=num_steps, device=device, lr=train.lr)
     rows, rate = rows_for_steps(measure(batch_size), config, batch_size, num_steps, measure)
     caps, caps_note = eval_caps(config, rate, train_tokens) if (batch_size, num_steps) != shape else ({}, "")
-    note = f"batch fitted to the budget: {rate:,.0f} tokens/s measured here"
+    note = f"batch sized to the budget: {rate:,.0f} tokens/s measured here"
     note += _batch_note(rate, config, rows, num_steps) + caps_note
     return {"batch_size": rows, "num_steps": num_steps, "min_planned_steps": 0, **caps}, note
 

@@ -1,4 +1,4 @@
-"""The training flow: check inputs -> download -> prepare -> fit to the text -> splits -> train -> evaluate ->
+"""The training flow: check inputs -> download -> prepare -> size to the text -> splits -> train -> evaluate ->
 generate -> MLflow. The flow resolves the configuration (or the resumed run's) and hands it to
 ``deeprnn.tasks.pipeline_tasks.run_pipeline``, which chains the stages' tasks, shared with sweep trials.
 

@@ -19,7 +19,6 @@ from deeprnn.search.space import Trial
 from deeprnn.tasks.checks_task import check_inputs
 from deeprnn.tasks.download_task import download_corpus
 from deeprnn.tasks.evaluate_tasks import evaluate_model
-from deeprnn.tasks.fit_task import fit_configuration
 from deeprnn.tasks.generate_task import generate_samples
 from deeprnn.tasks.prepare_task import prepare_tokens
 from deeprnn.tasks.results_tasks import (
@@ -31,6 +30,7 @@ from deeprnn.tasks.results_tasks import (
     start_tracking,
     tracking_experiment,
 )
+from deeprnn.tasks.size_task import size_configuration
 from deeprnn.tasks.splits_task import prepare_splits
 from deeprnn.tasks.train_task import outcome, train_model
 from deeprnn.tracking import model_registry, runs, store
@@ -71,7 +71,7 @@ def run_pipeline(
         prepared = prepare_tokens(corpus, config.data)
         # The text preset's size and the prefixes from the text; a run named by us is renamed for its model.
         rename = run_name is None and resume_run_id is None
-        config = fit_configuration(config, prepared, run_id, device, corpus.source if rename else None)
+        config = size_configuration(config, prepared, run_id, device, corpus.source if rename else None)
         vocab = prepared.vocab()
         runs.log_dataset(run_id, corpus, vocab, prepared.num_tokens)
         splits = prepare_splits(prepared, config.data, config.train)

@@ -2,7 +2,7 @@
 
 A run is named ``<preset>·<corpus>·<cell><layers>x<hidden>``, e.g. ``text·faust-1f3a9c2e·lstm2x256``, where
 the corpus is its file name's stem and the first 8 hex digits of its SHA-1 (two versions of one file differ).
-A model sized to its text is named ``...·lstm2xauto`` until the fitting stage decides its size, and then
+A model sized to its text is named ``...·lstm2xauto`` until the sizing stage decides its size, and then
 renamed for the size it decided (both the MLflow run and the Prefect flow run).
 Runs of the book go to the experiment ``deeprnn-train``; runs of any other text to ``deeprnn-<corpus>``
 unless the user names one, so the MLflow UI lists each text's runs together.
@@ -33,7 +33,7 @@ def corpus_label(corpus_name: str, sha1: str | None) -> str:
 
 def model_label(config: RunConfig) -> str:
     """The model's shape: cell, layers and hidden size, e.g. ``lstm2x256``; ``lstm2xauto`` while the size is
-    still to be fitted to the text (``model.size = "auto"``), so no name states a width the run may not train."""
+    still to be sized to the text (``model.size = "auto"``), so no name states a width the run may not train."""
     width = "auto" if config.model.size == "auto" else str(config.model.num_hiddens)
     return f"{config.model.cell}{config.model.num_layers}x{width}"
 

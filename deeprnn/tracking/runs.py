@@ -56,7 +56,7 @@ def start_run(
     With ``parent_run_id`` the run is nested under that run (a sweep's trial under the sweep); with
     ``opened_by`` a retry finds the run its earlier attempt created (``create_run``).
     """
-    later = decided_later(config)  # the text preset's size and prefixes: logged once fitted to the text
+    later = decided_later(config)  # the text preset's size and prefixes: logged once sized to the text
     params = {k: v for k, v in config.flat().items() if k not in later}  # JSON: the URL without credentials
     return create_run(experiment, run_name, tags, params, parent_run_id, opened_by)
 

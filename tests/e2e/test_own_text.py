@@ -104,7 +104,7 @@ def _real_text(workdir: Path) -> Path:
 
 
 @pytest.mark.parametrize("kind", ["generated", "real"])
-def test_the_text_preset_fits_the_text_ends_on_time_and_samples_from_the_held_out_text(
+def test_the_text_preset_sizes_to_the_text_ends_on_time_and_samples_from_the_held_out_text(
     workdir: Path, kind: str
 ) -> None:
     corpus = workdir / "faust.txt"

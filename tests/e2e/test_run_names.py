@@ -1,5 +1,5 @@
 """A run sized to its text is named for the model it trains: the MLflow run, its Prefect flow run and the tag
-that links them all say the fitted width, not the preset's, once the fitting stage has decided it."""
+that links them all say the sized width, not the preset's, once the sizing stage has decided it."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from deeprnn.flows.train_flow import train_lm
 pytestmark = pytest.mark.e2e
 
 
-def test_a_run_sized_to_a_small_text_is_named_for_the_fitted_model(workdir: Path) -> None:
+def test_a_run_sized_to_a_small_text_is_named_for_the_sized_model(workdir: Path) -> None:
     rng = random.Random(3)
     words = "Über die Brücke gingen die Mädchen und Jungen der Stadt . Die Straße war schön".split()
     corpus = workdir / "kurz.txt"  # about 20 KB: fewer tokens than the weights of 2 x 128, the smallest size

@@ -21,7 +21,7 @@ from deeprnn.evaluate import LOGIT_FLOATS, perplexity, perplexity_until
 from deeprnn.generate import generate_batch
 from deeprnn.model import RNNLM
 from deeprnn.pipeline import build_trainer, evaluate_splits
-from deeprnn.sizing import fit_to_text, within_logits
+from deeprnn.sizing import size_to_text, within_logits
 from deeprnn.training.loop import Trainer
 from deeprnn.training.progress import StepStats
 
@@ -144,7 +144,7 @@ def test_a_vocabulary_of_65536_characters_keeps_its_budget_and_reaches_its_sampl
     ids = torch.tensor(vocab.encode(list(text)), dtype=torch.int32)
     budget = 8.0
     config = preset_config("text", {"data": {"url": "many.txt"}, "train": {"time_budget": budget, "device": "cpu"}})
-    fitted = fit_to_text(config, ids, vocab, CPU)
+    fitted = size_to_text(config, ids, vocab, CPU)
     train = fitted.config.train
     assert train.batch_size * train.num_steps * len(vocab) <= LOGIT_FLOATS
     assert train.eval_max_tokens is not None and train.eval_max_tokens < 40_000  # what the budget affords

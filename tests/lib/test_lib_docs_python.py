@@ -24,7 +24,7 @@ def test_the_page_has_the_examples_it_promises() -> None:
     assert len(blocks) == 2
     for name in ("load_data", "start_training", "evaluate_splits", "generate("):
         assert name in blocks[0]
-    assert "fit_to_text" in blocks[1]
+    assert "size_to_text" in blocks[1]
 
 
 def test_the_python_page_runs_as_written(
@@ -51,7 +51,7 @@ def test_the_python_page_runs_as_written(
     )
     assert (tmp_path / "runs" / "example" / "model.pt").is_file()
     assert (tmp_path / "runs" / "text-example" / "model.pt").is_file()
-    fitted = namespace["config"]
-    prefixes = fitted.sample.prefixes  # type: ignore[attr-defined]
+    sized = namespace["config"]
+    prefixes = sized.sample.prefixes  # type: ignore[attr-defined]
     # Each drawn prefix is in the note that names it and again in its continuation.
     assert prefixes and all(out.count(p) >= 2 for p in prefixes)

@@ -23,9 +23,9 @@ from deeprnn.sizing import (
     batch_shape,
     decided_later,
     draw_prefixes,
-    fit_size,
-    fit_to_text,
     rows_for_steps,
+    size_model,
+    size_to_text,
     weights,
 )
 from deeprnn.training.loop import Trainer
@@ -97,11 +97,11 @@ def test_the_model_grows_with_the_text_and_never_has_more_weights_than_training_
     config = preset_config("text", {"train": {"time_budget": None}})
     chosen = []
     for tokens in (20_000, 300_000, 1_000_000, 3_000_000, 100_000_000):
-        model, _, note = fit_size(config, tokens, 80, CPU, probe=False)
-        fitted = config.model.model_copy(update={k: v for k, v in model.items() if k != "size"})
-        assert fitted.num_hiddens == WIDTHS[0] or weights(80, fitted) <= tokens
+        model, _, note = size_model(config, tokens, 80, CPU, probe=False)
+        sized = config.model.model_copy(update={k: v for k, v in model.items() if k != "size"})
+        assert sized.num_hiddens == WIDTHS[0] or weights(80, sized) <= tokens
         assert model["size"] == "fixed" and f"{tokens:,} training tokens" in note
-        chosen.append(fitted.num_hiddens)
+        chosen.append(sized.num_hiddens)
     assert chosen == sorted(chosen) and chosen[0] == WIDTHS[0] and chosen[-1] == WIDTHS[-1]
 
 
@@ -111,10 +111,10 @@ def test_a_short_time_budget_affords_a_smaller_model_than_the_data_alone(monkeyp
     # A device that trains 100,000 tokens a second whatever the size: 1 s affords 50,000 weights, 1 h all.
     monkeypatch.setattr(sizing, "measure_throughput", lambda *args, **kwargs: 100_000.0)
     config = preset_config("text")
-    short, _, _ = fit_size(
+    short, _, _ = size_model(
         config.model_copy(update={"train": config.train.model_copy(update={"time_budget": 1.0})}), 10**8, 80, CPU
     )
-    long, _, _ = fit_size(
+    long, _, _ = size_model(
         config.model_copy(update={"train": config.train.model_copy(update={"time_budget": 3600.0})}), 10**8, 80, CPU
     )
     assert short["num_hiddens"] == WIDTHS[0] and long["num_hiddens"] == WIDTHS[-1]
@@ -163,7 +163,7 @@ def test_a_batch_the_user_gives_is_kept_and_the_book_keeps_its_own() -> None:
 
 
 @pytest.mark.parametrize("size", ["auto", "fixed"])
-def test_the_fitted_batch_follows_the_measured_throughput_and_is_decided_once(size: str) -> None:
+def test_the_sized_batch_follows_the_measured_throughput_and_is_decided_once(size: str) -> None:
     text = _lines(3, 3000)
     vocab = Vocab(list(text))
     ids = torch.tensor(vocab.encode(list(text)))
@@ -172,11 +172,11 @@ def test_the_fitted_batch_follows_the_measured_throughput_and_is_decided_once(si
     for budget, rows in ((1.0, 8), (30 * 86400.0, 32)):  # no CPU plans 4,000 steps in 1 s; a month plans more
         config = preset_config("text", {"model": model, "train": {"time_budget": budget}})
         assert {"train.batch_size", "train.min_planned_steps"} <= decided_later(config)
-        fitted = fit_to_text(config, ids, vocab, CPU)
-        assert (fitted.config.train.batch_size, fitted.config.train.min_planned_steps) == (rows, 0)
-        assert f"batch {rows} x 64: about" in " ".join(fitted.notes)
-        # A resumed run continues the checkpoint's fitted configuration: nothing is left to decide again.
-        assert not {"train.batch_size", "model.size"} & decided_later(fitted.config)
+        sized = size_to_text(config, ids, vocab, CPU)
+        assert (sized.config.train.batch_size, sized.config.train.min_planned_steps) == (rows, 0)
+        assert f"batch {rows} x 64: about" in " ".join(sized.notes)
+        # A resumed run continues the checkpoint's sized configuration: nothing is left to decide again.
+        assert not {"train.batch_size", "model.size"} & decided_later(sized.config)
 
 
 def test_the_throughput_probe_measures_a_real_model() -> None:
@@ -221,17 +221,17 @@ def test_a_text_without_spaces_gives_its_first_characters_and_one_without_lines_
     assert prefixes and all((" " + p + " ") in joined for p in prefixes)
 
 
-def test_fitting_to_the_book_keeps_the_books_prefixes(tiny_text: str) -> None:
+def test_sizing_to_the_book_keeps_the_books_prefixes(tiny_text: str) -> None:
     from deeprnn.config import D2L_SHA1
 
     config = preset_config("smoke", {"data": {"url": "local-copy.txt"}})
     vocab = Vocab(list(tiny_text))
     ids = torch.tensor(vocab.encode(list(tiny_text)))
-    assert fit_to_text(config, ids, vocab, CPU, corpus_sha1=D2L_SHA1).config.sample.prefixes == [
+    assert size_to_text(config, ids, vocab, CPU, corpus_sha1=D2L_SHA1).config.sample.prefixes == [
         "time traveller",
         "traveller",
     ]
-    drawn = fit_to_text(config, ids, vocab, CPU, corpus_sha1="0" * 40)
+    drawn = size_to_text(config, ids, vocab, CPU, corpus_sha1="0" * 40)
     assert drawn.config.sample.prefixes and drawn.config.sample.prefixes[0] in tiny_text
     assert "drawn from the held-out text" in drawn.notes[0]
 

@@ -14,11 +14,11 @@ def test_a_run_of_an_own_text_is_named_by_preset_corpus_and_model() -> None:
     assert naming.run_name(config, stem, FAUST_SHA1) == "smoke\u00b7faust-1f3a9c2e\u00b7lstm2x256"
 
 
-def test_a_model_still_to_be_sized_states_no_width_until_it_is_fitted() -> None:
+def test_a_model_still_to_be_sized_states_no_width_until_it_is_sized() -> None:
     config = preset_config("text")  # model.size "auto", the preset's 256 only a starting point
     assert naming.run_name(config, "faust", FAUST_SHA1) == "text\u00b7faust-1f3a9c2e\u00b7lstm2xauto"
-    fitted = resolve("text", model={"size": "fixed", "num_hiddens": 128})
-    assert naming.run_name(fitted, "faust", FAUST_SHA1) == "text\u00b7faust-1f3a9c2e\u00b7lstm2x128"
+    sized = resolve("text", model={"size": "fixed", "num_hiddens": 128})
+    assert naming.run_name(sized, "faust", FAUST_SHA1) == "text\u00b7faust-1f3a9c2e\u00b7lstm2x128"
 
 
 def test_a_run_of_the_book_says_so_and_its_experiment_stays_deeprnn_train() -> None:

@@ -58,7 +58,7 @@ def test_what_the_text_decides_is_not_logged_before_it_is_decided(experiment: st
     later = {"model.size", "model.num_hiddens", "model.num_layers", "model.dropout", "train.batch_size"}
     later |= {"train.num_steps", "train.min_planned_steps", "sample.prefixes"}
     later |= {"train.eval_max_tokens", "train.final_eval_max_tokens"}  # capped at a large vocabulary
-    assert set(config.flat()) - set(record.params) == later  # logged by the fit-to-text task, once decided
+    assert set(config.flat()) - set(record.params) == later  # logged by the size-to-text task, once decided
     assert record.params["train.time_budget"] == "300.0" and record.params["data.normalize"] == "none"
 
 

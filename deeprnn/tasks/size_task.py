@@ -1,4 +1,4 @@
-"""The fitting stage as a Prefect task: the configuration fitted to the prepared text (the ``text`` preset's
+"""The sizing stage as a Prefect task: the configuration sized to the prepared text (the ``text`` preset's
 model size and batch shape, sample prefixes drawn from the held-out text), logged to MLflow once decided."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from prefect.cache_policies import NO_CACHE
 
 from deeprnn.config import RunConfig
 from deeprnn.data.prepare import PreparedCorpus
-from deeprnn.sizing import decided_later, fit_to_text
+from deeprnn.sizing import decided_later, size_to_text
 from deeprnn.tracking import naming, runs
 
 
-@task(name="fit-to-text", cache_policy=NO_CACHE)
-def fit_configuration(
+@task(name="size-to-text", cache_policy=NO_CACHE)
+def size_configuration(
     config: RunConfig,
     prepared: PreparedCorpus,
     run_id: str,
@@ -23,26 +23,26 @@ def fit_configuration(
 ) -> RunConfig:
     """Decide what the configuration leaves to the text (``model.size = "auto"``, empty prefixes), say what
     was chosen and why, and log the decided values as the run's params; with ``corpus_source``, name the run
-    (the MLflow run and the Prefect flow run it belongs to) after the fitted model. Other configurations pass
+    (the MLflow run and the Prefect flow run it belongs to) after the sized model. Other configurations pass
     unchanged."""
     later = decided_later(config)
     if not later:
         return config
     ids = torch.from_numpy(prepared.ids())
-    fitted = fit_to_text(config, ids, prepared.vocab(), device, prepared.corpus_sha1)
+    sized = size_to_text(config, ids, prepared.vocab(), device, prepared.corpus_sha1)
     logger = get_run_logger()
-    for note in fitted.notes:
+    for note in sized.notes:
         logger.info(note)
-    flat = fitted.config.flat()
+    flat = sized.config.flat()
     runs.log_params(run_id, {key: flat[key] for key in sorted(later)})
     if corpus_source is not None:
-        name = naming.run_name(fitted.config, naming.corpus_stem(corpus_source), prepared.corpus_sha1)
+        name = naming.run_name(sized.config, naming.corpus_stem(corpus_source), prepared.corpus_sha1)
         tags = {"mlflow.runName": name}
         if _rename_flow_run(name):
             tags["prefect.flow_run_name"] = name
         runs.set_tags(run_id, tags)
-        logger.info(f"run named for the fitted model: {name}")
-    return fitted.config
+        logger.info(f"run named for the sized model: {name}")
+    return sized.config
 
 
 def _rename_flow_run(name: str) -> bool:
