@@ -116,7 +116,7 @@ def test_only_a_large_vocabulary_shortens_the_batch_and_caps_the_evaluations(
 
     monkeypatch.setattr(sizing, "measure_throughput", lambda *args, **kwargs: 2_000.0)  # as slow as it gets
     config = preset_config("text", {"train": {"time_budget": "15s"}})
-    _, train, note = sizing.fit_size(config, 2_000_000, vocab_size, CPU)
+    _, train, note = sizing.size_model(config, 2_000_000, vocab_size, CPU)
     if vocab_size <= 8192:  # the preset's evaluations, and its batch but for the rows a short budget halves
         assert train["num_steps"] == 64 and "eval_max_tokens" not in train and "capped" not in note
     else:
@@ -144,13 +144,13 @@ def test_a_vocabulary_of_65536_characters_keeps_its_budget_and_reaches_its_sampl
     ids = torch.tensor(vocab.encode(list(text)), dtype=torch.int32)
     budget = 8.0
     config = preset_config("text", {"data": {"url": "many.txt"}, "train": {"time_budget": budget, "device": "cpu"}})
-    fitted = size_to_text(config, ids, vocab, CPU)
-    train = fitted.config.train
+    sized = size_to_text(config, ids, vocab, CPU)
+    train = sized.config.train
     assert train.batch_size * train.num_steps * len(vocab) <= LOGIT_FLOATS
     assert train.eval_max_tokens is not None and train.eval_max_tokens < 40_000  # what the budget affords
     assert train.final_eval_max_tokens is not None
-    splits = split_corpus(ids, fitted.config.data.val_fraction, fitted.config.data.test_fraction, None)
-    trainer = build_trainer(fitted.config, len(vocab), splits, CPU)
+    splits = split_corpus(ids, sized.config.data.val_fraction, sized.config.data.test_fraction, None)
+    trainer = build_trainer(sized.config, len(vocab), splits, CPU)
     started = time.perf_counter()
     result = trainer.fit()
     elapsed = time.perf_counter() - started
@@ -161,6 +161,6 @@ def test_a_vocabulary_of_65536_characters_keeps_its_budget_and_reaches_its_sampl
     started = time.perf_counter()
     evaluation = evaluate_splits(trainer.model, splits, train)
     sample: dict[str, Any] = {"temperature": 0.8, "top_k": 20}
-    texts = generate_batch(trainer.model, vocab, fitted.config.sample.prefixes, 20, **sample)
+    texts = generate_batch(trainer.model, vocab, sized.config.sample.prefixes, 20, **sample)
     assert evaluation.test_tokens == train.final_eval_max_tokens and all(len(t) > 20 for t in texts)
     assert time.perf_counter() - started < 2 * budget  # to the samples in time

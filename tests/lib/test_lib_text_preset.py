@@ -167,7 +167,7 @@ def test_the_sized_batch_follows_the_measured_throughput_and_is_decided_once(siz
     text = _lines(3, 3000)
     vocab = Vocab(list(text))
     ids = torch.tensor(vocab.encode(list(text)))
-    # The narrowest model the text preset fits: on a CPU, 8 rows train most of the tokens a second 32 do.
+    # The narrowest model the text preset sizes: on a CPU, 8 rows train most of the tokens a second 32 do.
     model = {"size": size, "num_hiddens": 128, "num_layers": 2, "embedding_dim": 128}
     for budget, rows in ((1.0, 8), (30 * 86400.0, 32)):  # no CPU plans 4,000 steps in 1 s; a month plans more
         config = preset_config("text", {"model": model, "train": {"time_budget": budget}})
