@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 from prefect import flow
 
-from deeprnn.config import DeviceName, SampleConfig
-from deeprnn.flows.parameters import form_field
+from deeprnn.config import DeviceName
+from deeprnn.flows.parameters import ExperimentField, SampleField, form_field
 from deeprnn.tasks.download_task import download_corpus
 from deeprnn.tasks.evaluate_tasks import (
     CHAMPION_URI,
@@ -37,9 +37,9 @@ FLOW_RUN_ID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F
 def evaluate_lm(
     model_uri: Annotated[str, form_field("Model URI", max_length=1024, pattern=MODEL_URI_PATTERN)] = CHAMPION_URI,
     training_flow_run_id: Annotated[Optional[str], form_field("Training flow run", pattern=FLOW_RUN_ID_PATTERN)] = None,
-    sample: Annotated[Optional[SampleConfig], form_field("Samples")] = None,
+    sample: SampleField = None,
     device: Annotated[DeviceName, form_field("Device")] = "auto",
-    experiment: Annotated[Optional[str], form_field("MLflow experiment", min_length=1, max_length=256)] = None,
+    experiment: ExperimentField = None,
 ) -> EvaluationResult:
     """Measure a logged model's perplexity on its held-out text and generate samples; log to MLflow and Prefect.
 

@@ -1,5 +1,5 @@
-"""What the flows' parameters look like in Prefect: titles for the dashboard's form, and the preset sections
-each deployment in ``prefect.yaml`` is pre-filled with.
+"""What the flows' parameters look like in Prefect: titles for the dashboard's form (the fields several flows
+take, declared once), and the preset sections each deployment in ``prefect.yaml`` is pre-filled with.
 
 The flows take the configuration's own section models (``DataConfig``, ``ModelConfig``, ``TrainConfig``,
 ``SampleConfig``) as parameters, so the form shows each field with its title, description, bounds and the
@@ -14,13 +14,23 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Annotated, Any, Optional, cast
 
 import yaml
 from pydantic import Field
 from pydantic.fields import FieldInfo
 
-from deeprnn.config import PRESETS, SECTIONS, preset_config
+from deeprnn.config import (
+    PRESETS,
+    REGISTERED_MODEL_PATTERN,
+    SECTIONS,
+    DataConfig,
+    ModelConfig,
+    PresetName,
+    SampleConfig,
+    TrainConfig,
+    preset_config,
+)
 
 
 def form_field(title: str, **constraints: Any) -> FieldInfo:
@@ -31,6 +41,20 @@ def form_field(title: str, **constraints: Any) -> FieldInfo:
     form's bounds. Descriptions come from the flow's docstring (its ``Args:`` section).
     """
     return cast(FieldInfo, Field(json_schema_extra={"title": title}, **constraints))
+
+
+# The form's fields that more than one flow takes, declared once: ``name: PresetField = "d2l-9.3"`` in a flow's
+# signature. Each flow keeps its own default and its own description (its docstring's ``Args:``).
+PresetField = Annotated[PresetName, form_field("Preset")]
+DataField = Annotated[Optional[DataConfig], form_field("Data")]
+ModelField = Annotated[Optional[ModelConfig], form_field("Model")]
+TrainField = Annotated[Optional[TrainConfig], form_field("Training")]
+SampleField = Annotated[Optional[SampleConfig], form_field("Samples")]
+SpaceField = Annotated[dict[str, Any], form_field("Search space")]
+ExperimentField = Annotated[Optional[str], form_field("MLflow experiment", min_length=1, max_length=256)]
+RunsDirField = Annotated[str, form_field("Checkpoint folder", min_length=1, max_length=1024)]
+RegisterBestField = Annotated[bool, form_field("Register the best model")]
+RegisteredModelField = Annotated[Optional[str], form_field("Registered model", pattern=REGISTERED_MODEL_PATTERN)]
 
 
 def preset_sections(

@@ -6,14 +6,14 @@ of the trainings that will use it (they then find it in the cache and tokenize n
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from deeprnn.config import DataConfig, PresetName, resolve
+from deeprnn.config import resolve
 from deeprnn.data.prepare import prepared_record
-from deeprnn.flows.parameters import form_field
+from deeprnn.flows.parameters import DataField, PresetField
 from deeprnn.tasks.download_task import download_corpus
 from deeprnn.tasks.prepare_task import prepare_tokens
 
@@ -22,8 +22,8 @@ FLOW_NAME = "deeprnn-prepare"
 
 @flow(name=FLOW_NAME, log_prints=True)
 def prepare_lm(
-    preset: Annotated[PresetName, form_field("Preset")] = "d2l-9.3",
-    data: Annotated[Optional[DataConfig], form_field("Data")] = None,
+    preset: PresetField = "d2l-9.3",
+    data: DataField = None,
 ) -> dict[str, Any]:
     """Download a corpus and tokenize it into the token cache (once per corpus and tokenization settings).
 

@@ -21,17 +21,21 @@ from prefect.artifacts import create_progress_artifact
 from prefect.futures import as_completed
 from pydantic import Field
 
-from deeprnn.config import (
-    REGISTERED_MODEL_PATTERN,
-    DataConfig,
-    ModelConfig,
-    PresetName,
-    SampleConfig,
-    TrainConfig,
-    section_values,
-)
+from deeprnn.config import section_values
 from deeprnn.data.urls import has_password, is_masked, mask_password
-from deeprnn.flows.parameters import form_field
+from deeprnn.flows.parameters import (
+    DataField,
+    ExperimentField,
+    ModelField,
+    PresetField,
+    RegisterBestField,
+    RegisteredModelField,
+    RunsDirField,
+    SampleField,
+    SpaceField,
+    TrainField,
+    form_field,
+)
 from deeprnn.ops.cluster import cluster_gpus, gpu_request, resources, task_runner_from_env
 from deeprnn.search.optuna_study import (
     DEFAULT_STORAGE,
@@ -128,22 +132,22 @@ def study_spec(
 
 @flow(name=STUDY_FLOW_NAME, task_runner=task_runner_from_env(), log_prints=True)
 def sweep_study(
-    space: Annotated[dict[str, Any], form_field("Search space")],
-    preset: Annotated[PresetName, form_field("Preset")] = "d2l-9.3",
-    data: Annotated[Optional[DataConfig], form_field("Data")] = None,
-    model: Annotated[Optional[ModelConfig], form_field("Model")] = None,
-    train: Annotated[Optional[TrainConfig], form_field("Training")] = None,
-    sample: Annotated[Optional[SampleConfig], form_field("Samples")] = None,
+    space: SpaceField,
+    preset: PresetField = "d2l-9.3",
+    data: DataField = None,
+    model: ModelField = None,
+    train: TrainField = None,
+    sample: SampleField = None,
     max_trials: Annotated[int, form_field("Trials", ge=1, le=MAX_TRIALS)] = 10,
     pruner: Annotated[Literal["asha", "median", "none"], form_field("Pruner")] = "asha",
     sampler: Annotated[Literal["tpe"], form_field("Sampler")] = "tpe",
     seed: Annotated[int, form_field("Seed", ge=0, le=2**31 - 1)] = 0,
     study: Annotated[Optional[str], form_field("Study", min_length=1, max_length=256)] = None,
     storage: StorageField = None,
-    experiment: Annotated[Optional[str], form_field("MLflow experiment", min_length=1, max_length=256)] = None,
-    runs_dir: Annotated[str, form_field("Checkpoint folder", min_length=1, max_length=1024)] = "runs",
-    register_best: Annotated[bool, form_field("Register the best model")] = True,
-    registered_model: Annotated[Optional[str], form_field("Registered model", pattern=REGISTERED_MODEL_PATTERN)] = None,
+    experiment: ExperimentField = None,
+    runs_dir: RunsDirField = "runs",
+    register_best: RegisterBestField = True,
+    registered_model: RegisteredModelField = None,
 ) -> StudySummary:
     """Adaptive search (Optuna): ``max_trials`` more trials of a study, trials that fall behind stopped early.
 

@@ -9,12 +9,23 @@ The Dask cluster comes from the flow's task runner: a new local one by default, 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 from prefect import allow_failure, flow
 
-from deeprnn.config import REGISTERED_MODEL_PATTERN, DataConfig, ModelConfig, PresetName, SampleConfig, TrainConfig
-from deeprnn.flows.parameters import form_field
+from deeprnn.flows.parameters import (
+    DataField,
+    ExperimentField,
+    ModelField,
+    PresetField,
+    RegisterBestField,
+    RegisteredModelField,
+    RunsDirField,
+    SampleField,
+    SpaceField,
+    TrainField,
+    form_field,
+)
 from deeprnn.ops.cluster import cluster_gpus, gpu_request, resources, task_runner_from_env
 from deeprnn.search.space import parse_space, plan_trials
 from deeprnn.tasks.pipeline_tasks import run_trial
@@ -27,19 +38,19 @@ SWEEP_NAME = "deeprnn-sweep"
 
 @flow(name=SWEEP_NAME, task_runner=task_runner_from_env(), log_prints=True)
 def sweep_lm(
-    space: Annotated[dict[str, Any], form_field("Search space")],
-    preset: Annotated[PresetName, form_field("Preset")] = "d2l-9.3",
-    data: Annotated[Optional[DataConfig], form_field("Data")] = None,
-    model: Annotated[Optional[ModelConfig], form_field("Model")] = None,
-    train: Annotated[Optional[TrainConfig], form_field("Training")] = None,
-    sample: Annotated[Optional[SampleConfig], form_field("Samples")] = None,
+    space: SpaceField,
+    preset: PresetField = "d2l-9.3",
+    data: DataField = None,
+    model: ModelField = None,
+    train: TrainField = None,
+    sample: SampleField = None,
     random_search: Annotated[bool, form_field("Random search")] = False,
     max_trials: Annotated[Optional[int], form_field("Trials", ge=1)] = None,
     seed: Annotated[int, form_field("Seed")] = 0,
-    experiment: Annotated[Optional[str], form_field("MLflow experiment", min_length=1, max_length=256)] = None,
-    runs_dir: Annotated[str, form_field("Checkpoint folder", min_length=1, max_length=1024)] = "runs",
-    register_best: Annotated[bool, form_field("Register the best model")] = True,
-    registered_model: Annotated[Optional[str], form_field("Registered model", pattern=REGISTERED_MODEL_PATTERN)] = None,
+    experiment: ExperimentField = None,
+    runs_dir: RunsDirField = "runs",
+    register_best: RegisterBestField = True,
+    registered_model: RegisteredModelField = None,
 ) -> SweepSummary:
     """Grid or random search over a space such as ``{"model.cell": ["lstm", "gru"], "train.lr": [0.5, 1, 2]}``:
     every trial trains from the preset with the sections' fields (see ``deeprnn.flows.parameters``) and its own

@@ -14,17 +14,17 @@ from typing import Annotated, Optional
 from prefect import flow
 from prefect.states import Cancelled
 
-from deeprnn.config import (
-    REGISTERED_MODEL_PATTERN,
-    DataConfig,
-    ModelConfig,
-    PresetName,
-    SampleConfig,
-    TrainConfig,
-    default_preset,
-    resolve,
+from deeprnn.config import PresetName, default_preset, resolve
+from deeprnn.flows.parameters import (
+    DataField,
+    ExperimentField,
+    ModelField,
+    RegisteredModelField,
+    RunsDirField,
+    SampleField,
+    TrainField,
+    form_field,
 )
-from deeprnn.flows.parameters import form_field
 from deeprnn.tasks.pipeline_tasks import run_pipeline
 from deeprnn.tasks.results_tasks import RunResult
 from deeprnn.tasks.resume_task import prepare_resume
@@ -55,14 +55,14 @@ def flow_run_name() -> str:
 @flow(name=FLOW_NAME, log_prints=True, flow_run_name=flow_run_name)
 def train_lm(
     preset: Annotated[Optional[PresetName], form_field("Preset")] = None,
-    data: Annotated[Optional[DataConfig], form_field("Data")] = None,
-    model: Annotated[Optional[ModelConfig], form_field("Model")] = None,
-    train: Annotated[Optional[TrainConfig], form_field("Training")] = None,
-    sample: Annotated[Optional[SampleConfig], form_field("Samples")] = None,
-    experiment: Annotated[Optional[str], form_field("MLflow experiment", min_length=1, max_length=256)] = None,
-    runs_dir: Annotated[str, form_field("Checkpoint folder", min_length=1, max_length=1024)] = "runs",
+    data: DataField = None,
+    model: ModelField = None,
+    train: TrainField = None,
+    sample: SampleField = None,
+    experiment: ExperimentField = None,
+    runs_dir: RunsDirField = "runs",
     resume_run_id: Annotated[Optional[str], form_field("Resume MLflow run", max_length=64)] = None,
-    registered_model: Annotated[Optional[str], form_field("Registered model", pattern=REGISTERED_MODEL_PATTERN)] = None,
+    registered_model: RegisteredModelField = None,
 ) -> RunResult:
     """Train a deep RNN language model from a preset (default: the book's D2L 9.3) and track it in MLflow.
 
