@@ -37,7 +37,7 @@ from deeprnn.training.divergence import check_weights
 from deeprnn.training.loop import Trainer
 from deeprnn.training.progress import EpochStats, FitResult, FitSummary, StepStats
 from deeprnn.training.resume import LAST, MODEL, restore_training
-from deeprnn.training.stopping import StopRequested
+from deeprnn.training.stop_signals import StopRequested
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ class TrainingHooks:
     # The context every hook (and each checkpoint with its two hooks) runs in, e.g. one holding Ctrl-C back.
     guard: Guard = contextlib.nullcontext
     # Polled at every step boundary the loop reports from: a signal number there ends training with a
-    # checkpoint and ``StopRequested`` (``deeprnn.training.stopping``).
+    # checkpoint and ``StopRequested`` (``deeprnn.training.stop_signals``).
     stop_requested: Callable[[], int | None] | None = None
 
 

@@ -49,13 +49,13 @@ def signal_handlers_restored() -> Iterator[None]:
     """Each test ends with the SIGINT and SIGTERM handlers, and deeprnn's stop state, it started with: a
     command run in this process (typer's ``CliRunner``) installs deeprnn's stop handler for good, which would
     turn a later test's real Ctrl-C into a stop request instead of a ``KeyboardInterrupt``."""
-    from deeprnn.training import stopping
+    from deeprnn.training import stop_signals
 
-    handlers = {signum: signal.getsignal(signum) for signum in stopping.STOP_SIGNALS}
+    handlers = {signum: signal.getsignal(signum) for signum in stop_signals.STOP_SIGNALS}
     yield
     for signum, handler in handlers.items():
         signal.signal(signum, handler)
-    stopping._STATE = stopping._State()
+    stop_signals._STATE = stop_signals._State()
 
 
 @pytest.fixture(scope="session")

@@ -122,9 +122,9 @@ def mark_orphaned_runs(runs_dir: str | None = None) -> None:
 
 
 def stop_on_signals(seconds: float | None = None) -> None:
-    """From now on SIGINT and SIGTERM stop the run at a safe point (``deeprnn.training.stopping``), within
+    """From now on SIGINT and SIGTERM stop the run at a safe point (``deeprnn.training.stop_signals``), within
     ``seconds`` (default: ``STOP_SECONDS``), a second one at once."""
-    from deeprnn.training.stopping import handle_stop_signals
+    from deeprnn.training.stop_signals import handle_stop_signals
 
     handle_stop_signals(seconds)
 
@@ -138,7 +138,7 @@ def exit_on_stop(on_interrupt: str | StopMessage) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt as exc:
-        from deeprnn.training.stopping import StopRequested
+        from deeprnn.training.stop_signals import StopRequested
 
         # "interrupted by SIGTERM: ..." from a message function; "interrupted: ..." before a fixed text.
         text = " " + on_interrupt(exc) if callable(on_interrupt) else ": " + on_interrupt
@@ -158,7 +158,7 @@ def invoke(call: Callable[[], Result], on_interrupt: str | StopMessage) -> Resul
             return call()
         except Exception as exc:
             from deeprnn.ops.failures import message  # expected errors: their own message; others: type and message
-            from deeprnn.training.stopping import remembered
+            from deeprnn.training.stop_signals import remembered
 
             stop = remembered()
             if stop is not None:  # the flow run ended Cancelled on a stop signal: report the stop

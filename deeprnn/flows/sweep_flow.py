@@ -31,7 +31,7 @@ from deeprnn.search.space import parse_space, plan_trials
 from deeprnn.tasks.pipeline_tasks import run_trial
 from deeprnn.tasks.sweep_tasks import SweepSummary, check_sweep_inputs, start_sweep_tracking, summarize_sweep
 from deeprnn.tracking import runs
-from deeprnn.training import stopping
+from deeprnn.training import stop_signals
 
 SWEEP_NAME = "deeprnn-sweep"
 
@@ -72,7 +72,7 @@ def sweep_lm(
         register_best: Register the best trial's model.
         registered_model: MLflow registered model the best trial's model becomes a version of. Empty: per corpus.
     """
-    stopping.reassert()  # as the training flow: a `deeprnn` command's SIGTERM stops as its SIGINT does
+    stop_signals.reassert()  # as the training flow: a `deeprnn` command's SIGTERM stops as its SIGINT does
     search_space = parse_space(space)
     trials = plan_trials(
         preset,

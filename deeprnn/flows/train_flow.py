@@ -29,7 +29,7 @@ from deeprnn.tasks.pipeline_tasks import run_pipeline
 from deeprnn.tasks.results_tasks import RunResult
 from deeprnn.tasks.resume_task import prepare_resume
 from deeprnn.tracking import naming
-from deeprnn.training import stopping
+from deeprnn.training import stop_signals
 
 FLOW_NAME = "deeprnn-train"
 
@@ -85,7 +85,7 @@ def train_lm(
     """
     # Prefect's flow engine replaced the command's SIGTERM handler with its own (it raises at once, wherever
     # the run is): a `deeprnn` command's run stops at a safe point instead, on SIGINT and SIGTERM alike.
-    stopping.reassert()
+    stop_signals.reassert()
     try:
         if resume_run_id:
             config, experiment = prepare_resume(resume_run_id, runs_dir, experiment, data, model, train, sample)
@@ -96,13 +96,13 @@ def train_lm(
         return run_pipeline(
             config, experiment or FLOW_NAME, runs_dir, resume_run_id=resume_run_id, registered_model=registered_model
         )
-    except stopping.StopRequested as exc:
+    except stop_signals.StopRequested as exc:
         # Stopped on purpose (SIGINT, SIGTERM): the flow run ends Cancelled, not Crashed (which alerts).
-        stopping.remember(exc)
+        stop_signals.remember(exc)
         return Cancelled(message=stop_message(exc))  # type: ignore[return-value]  # Prefect takes it as the end state
 
 
-def stop_message(exc: stopping.StopRequested) -> str:
+def stop_message(exc: stop_signals.StopRequested) -> str:
     """The Cancelled state's message: the signal, and how the MLflow run continues, if it can."""
     if exc.run_id is None:
         return f"stopped by {exc.signal_name} before the MLflow run was opened"

@@ -34,7 +34,7 @@ from deeprnn.tasks.size_task import size_configuration
 from deeprnn.tasks.splits_task import prepare_splits
 from deeprnn.tasks.train_task import outcome, train_model
 from deeprnn.tracking import model_registry, runs, store
-from deeprnn.training import stopping
+from deeprnn.training import stop_signals
 from deeprnn.training.resume import LAST
 
 
@@ -65,7 +65,7 @@ def run_pipeline(
     if resume_run_id and not registered_model:
         registered_model = runs.find_run(run_id).tags.get(model_registry.REGISTERED_MODEL_TAG)
     if parent_run_id is None:  # a stop that must end the process at once still names the run to continue
-        stopping.note_what_a_stop_leaves(f"MLflow run {run_id}: continue it with `deeprnn run --resume {run_id}`")
+        stop_signals.note_what_a_stop_leaves(f"MLflow run {run_id}: continue it with `deeprnn run --resume {run_id}`")
     # FAILED/KILLED in MLflow if anything below raises; a stopped run says whether it can be resumed.
     with runs.run_status(run_id, checkpoint=Path(run_dir) / LAST):
         prepared = prepare_tokens(corpus, config.data)

@@ -22,7 +22,7 @@ from deeprnn.data.vocab import Vocab
 from deeprnn.pipeline import TrainingHooks, TrainingOutcome, start_training
 from deeprnn.tasks import step_watch
 from deeprnn.tracking import metrics, run_checkpoints, runs, store
-from deeprnn.training import stopping
+from deeprnn.training import stop_signals
 from deeprnn.training.progress import EpochStats, StepStats, progress_line
 from deeprnn.training.resume import LAST
 
@@ -71,8 +71,8 @@ def _hooks(
         before_checkpoint=curves.flush,
         after_checkpoint=lambda path: run_checkpoints.upload_checkpoint(run_id, path),  # once verified on disk
         guard=runs.uninterrupted,
-        # SIGINT or SIGTERM: a checkpoint at the next step boundary, then the run stops (deeprnn.training.stopping).
-        stop_requested=stopping.requested,
+        # SIGINT or SIGTERM: a checkpoint at the next step boundary, then the run stops (deeprnn.training.stop_signals).
+        stop_requested=stop_signals.requested,
     )
 
 
@@ -113,7 +113,7 @@ def train_model(
     """
     try:
         return _train(config, vocab, splits, run_id, run_dir, device)
-    except stopping.StopRequested as exc:
+    except stop_signals.StopRequested as exc:
         # A stop is not a crash: Prefect's engine would end the task run Crashed on this KeyboardInterrupt
         # (which alerts) inside a flow run that ends Cancelled. Returned, the state is the task run's end state.
         return Cancelled(message=f"stopped by {exc.signal_name}")  # type: ignore[return-value]
@@ -123,7 +123,7 @@ def outcome(result: TrainingOutcome | State) -> TrainingOutcome:
     """What ``train_model`` returned; when a stop ended it (its task run Cancelled), the stop raised again for
     the stages around it: the MLflow run marked KILLED with its checkpoint, the flow run Cancelled."""
     if isinstance(result, State):
-        raise stopping.StopRequested(stopping.requested() or signal.SIGINT)
+        raise stop_signals.StopRequested(stop_signals.requested() or signal.SIGINT)
     return result
 
 
@@ -144,7 +144,7 @@ def _train(
     started = time.perf_counter()
     try:
         # A stop signal is held back while training: the loop stops at its next step boundary, checkpointed.
-        with metrics.system_metrics(run_id), stopping.held():  # CPU, memory (and GPU) use as system/* metrics
+        with metrics.system_metrics(run_id), stop_signals.held():  # CPU, memory (and GPU) use as system/* metrics
             trained = run.fit(_hooks(run_id, config.train, curves, progress, logger), earlier)
     except BaseException:
         try:

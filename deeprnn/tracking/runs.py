@@ -34,7 +34,7 @@ from deeprnn.data.vocab import Vocab
 from deeprnn.sizing import decided_later
 from deeprnn.tracking import run_checkpoints
 from deeprnn.tracking.store import experiment_id, tracking_uri
-from deeprnn.training import stopping
+from deeprnn.training import stop_signals
 
 
 def _param_value(value: Any) -> str:
@@ -133,14 +133,14 @@ def uninterrupted() -> Iterator[None]:
 
     A KeyboardInterrupt inside SQLAlchemy makes it drop the connection mid-read, and the sqlite store can stay
     locked while the interrupted cursor lives, so the run could not be marked KILLED afterwards. With the
-    command's stop handler (``deeprnn.training.stopping``) both signals are held back in the main thread; otherwise only
-    while Python's default Ctrl-C handler is installed; elsewhere a plain block.
+    command's stop handler (``deeprnn.training.stop_signals``) both signals are held back in the main thread;
+    otherwise only while Python's default Ctrl-C handler is installed; elsewhere a plain block.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    if stopping.installed():
-        with stopping.held():
+    if stop_signals.installed():
+        with stop_signals.held():
             yield
         return
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
@@ -187,7 +187,7 @@ def run_status(run_id: str, checkpoint: Path | None = None) -> Iterator[None]:
         if checkpoint is not None:  # a training run: say whether and how it continues
             kept = run_checkpoints.kept_checkpoint(run_id, checkpoint)
             set_tags(run_id, {STOP_TAG: stop_note(run_id, kept)})
-            if isinstance(exc, stopping.StopRequested):
+            if isinstance(exc, stop_signals.StopRequested):
                 exc.run_id, exc.checkpoint = run_id, kept
         MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
         raise

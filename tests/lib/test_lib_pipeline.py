@@ -16,7 +16,7 @@ from deeprnn.config import RunConfig, preset_config
 from deeprnn.data.batching import Splits
 from deeprnn.data.vocab import Vocab
 from deeprnn.pipeline import TrainingHooks, start_training
-from deeprnn.training import checkpoint, stopping
+from deeprnn.training import checkpoint, stop_signals
 from deeprnn.training.progress import StepStats
 from deeprnn.training.resume import LAST, MODEL
 
@@ -92,10 +92,10 @@ def test_a_second_start_in_the_folder_continues_from_last_pt_like_one_run(
 @pytest.fixture
 def stop_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The command's stop handler installed in this process, with a state of its own, removed afterwards."""
-    monkeypatch.setattr(stopping, "_STATE", stopping._State())
-    monkeypatch.setattr(stopping, "STOP_SECONDS", 3600.0)  # no forced exit of the test process
-    previous = {signum: signal.getsignal(signum) for signum in stopping.STOP_SIGNALS}
-    stopping.handle_stop_signals()
+    monkeypatch.setattr(stop_signals, "_STATE", stop_signals._State())
+    monkeypatch.setattr(stop_signals, "STOP_SECONDS", 3600.0)  # no forced exit of the test process
+    previous = {signum: signal.getsignal(signum) for signum in stop_signals.STOP_SIGNALS}
+    stop_signals.handle_stop_signals()
     yield
     for signum, handler in previous.items():
         signal.signal(signum, handler)
@@ -115,8 +115,8 @@ def test_sigterm_in_training_checkpoints_the_step_boundary_and_resumes_like_one_
 
     folder = tmp_path / "stopped"
     run = start_training(config, tiny_vocab, splits, folder)
-    hooks = TrainingHooks(on_step=signal_after_epoch_2, stop_requested=stopping.requested)
-    with pytest.raises(stopping.StopRequested) as info, stopping.held():
+    hooks = TrainingHooks(on_step=signal_after_epoch_2, stop_requested=stop_signals.requested)
+    with pytest.raises(stop_signals.StopRequested) as info, stop_signals.held():
         run.fit(hooks)
     assert info.value.exit_code == 143 and info.value.signal_name == "SIGTERM"
     saved = checkpoint.load(folder / LAST)
@@ -132,8 +132,8 @@ def test_sigterm_in_training_checkpoints_the_step_boundary_and_resumes_like_one_
 
 def test_a_stop_signal_is_held_back_until_the_block_ends(stop_handler: None) -> None:
     done = []
-    with pytest.raises(stopping.StopRequested) as info:
-        with stopping.held():
+    with pytest.raises(stop_signals.StopRequested) as info:
+        with stop_signals.held():
             os.kill(os.getpid(), signal.SIGINT)
-            done.append(stopping.requested())  # the block runs on to its end
+            done.append(stop_signals.requested())  # the block runs on to its end
     assert done == [signal.SIGINT] and info.value.exit_code == 130

@@ -16,11 +16,11 @@ import pytest
 STUCK = textwrap.dedent(
     """
     import sys, time
-    from deeprnn.training import stopping
+    from deeprnn.training import stop_signals
 
-    stopping.handle_stop_signals(seconds=1.0)
-    stopping.note_what_a_stop_leaves(sys.argv[1] or None)
-    with stopping.held():
+    stop_signals.handle_stop_signals(seconds=1.0)
+    stop_signals.note_what_a_stop_leaves(sys.argv[1] or None)
+    with stop_signals.held():
         print("ready", flush=True)
         time.sleep(60)
     """
