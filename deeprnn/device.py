@@ -1,4 +1,4 @@
-"""Device choice (once per run) and seeding."""
+"""Device choice (once per run), seeding, and waiting for a device to finish its queued work."""
 
 from __future__ import annotations
 
@@ -56,6 +56,15 @@ def seed_everything(seed: int) -> None:
     """Seed Python's and torch's generators (CPU and every GPU) once, at the start of a run."""
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until ``device`` has finished the work queued on it (CUDA and Apple MPS run asynchronously to the
+    host); on the CPU, where every call has finished when it returns, do nothing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def describe(device: torch.device) -> str:

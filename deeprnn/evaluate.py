@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from deeprnn.data.batching import eval_streams
+from deeprnn.device import synchronize
 from deeprnn.model import RNNLM
 
 _MAX_LOG = 709.0  # math.exp overflows a float above ~709.78
@@ -61,8 +62,7 @@ def loss_sum(
 
 def _now(device: torch.device) -> float:
     """The host's clock once the device has done what it was given (a deadline means device time)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return time.perf_counter()
 
 

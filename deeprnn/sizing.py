@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from deeprnn.config import BOOK_PREFIXES, D2L_SHA1, D2L_URL, ModelConfig, RunConfig
 from deeprnn.data.batching import min_tokens, split_corpus
 from deeprnn.data.vocab import Vocab
+from deeprnn.device import synchronize
 from deeprnn.evaluate import LOGIT_FLOATS
 from deeprnn.model import RNNLM
 
@@ -281,20 +282,13 @@ def measure_throughput(
         optimizer.step()
 
     step()  # allocations and kernel choice stay out of the timing
-    _sync(device)
+    synchronize(device)
     steps, started = 0, time.perf_counter()
     while steps < 2 or time.perf_counter() - started < _PROBE_SECONDS:
         step()
-        _sync(device)
+        synchronize(device)
         steps += 1
     return steps * batch_size * num_steps / (time.perf_counter() - started)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def draw_prefixes(heldout: torch.Tensor, vocab: Vocab, token: str, seed: int, count: int = 3) -> list[str]:

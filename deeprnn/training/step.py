@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from deeprnn.config import TrainConfig
+from deeprnn.device import synchronize
 from deeprnn.model import RNNLM, copy_state_, detach_state, zero_state_
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,8 @@ class Clock:
         return float(end - start)
 
     def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        elif self.device.type == "mps":
-            torch.mps.synchronize()
+        """Wait for the device's queued work (``deeprnn.device.synchronize``), e.g. before reading events."""
+        synchronize(self.device)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -146,7 +145,7 @@ class TrainStep:
             self.graph, self.mode = graph, "cuda-graph"
         except Exception as exc:  # capture is an optimization: never fail a run over it
             log.warning("CUDA graph capture failed (%s: %s); using eager steps", type(exc).__name__, exc)
-            torch.cuda.synchronize(self.device)
+            synchronize(self.device)
             self._restore(saved)
             self.graph, self.mode = None, "eager"
 
