@@ -368,9 +368,9 @@ def preset_config(name: str, overrides: dict[str, Any] | None = None) -> RunConf
     merged = merge(presets[name], given)
     merged["preset"] = name
     if any(field in given.get(section, {}) for section, field in SIZED_FIELDS) and "size" not in given.get("model", {}):
-        merged.setdefault("model", {})["size"] = "fixed"  # the user's shape, not the fitted one
+        merged.setdefault("model", {})["size"] = "fixed"  # the user's shape, not the sized one
     if "batch_size" in given.get("train", {}) and "min_planned_steps" not in given["train"]:
-        merged.setdefault("train", {})["min_planned_steps"] = 0  # the user's batch, not the fitted one
+        merged.setdefault("train", {})["min_planned_steps"] = 0  # the user's batch, not the sized one
     url = merged.get("data", {}).get("url", D2L_URL)
     if url != D2L_URL and "prefixes" not in given.get("sample", {}):
         merged.setdefault("sample", {})["prefixes"] = []  # drawn from the held-out text, not the book's
