@@ -9,14 +9,11 @@ cd "$(dirname "$0")/.."
 
 python3 -m venv .venv
 . .venv/bin/activate
-# --no-compile: Python compiles what the tests import when they import it; compiling every installed module
-# up front (pip's default) costs the test command most of a minute.
-PIP=(python -m pip install -q --no-compile -c constraints.txt)
-python -c "import torch" 2>/dev/null || "${PIP[@]}" "${TORCH_SPEC:-torch==2.13.0}"
+python -c "import torch" 2>/dev/null || python -m pip install -q -c constraints.txt "${TORCH_SPEC:-torch==2.13.0}"
 # postgres: the drivers of the team's stack (tests/e2e/test_team_stack.py runs it on PostgreSQL).
-"${PIP[@]}" -e ".[test,postgres]"
+python -m pip install -q -c constraints.txt -e ".[test,postgres]"
 # The book's own code, for the fidelity tests. Its pinned 2022 dependencies are not needed (nor installable).
-"${PIP[@]}" --no-deps "d2l==0.17.6"
+python -m pip install -q --no-deps -c constraints.txt "d2l==0.17.6"
 
 # Hygiene first (seconds): lint and format, strict types of the library, the import contracts (the layers
 # cli > flows > tasks > ops > tracking > deeprnn; the library imports neither prefect nor mlflow), and the
