@@ -3,6 +3,8 @@ model size and batch shape, sample prefixes drawn from the held-out text), logge
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -56,4 +58,25 @@ def _rename_flow_run(name: str) -> bool:
     with get_client(sync_client=True) as client:
         client.set_flow_run_name(context.flow_run.id, name)
     context.flow_run.name = name  # what prefect.runtime.flow_run.get_name() answers from now on
+    _RENAMED.names[str(context.flow_run.id)] = name
     return True
+
+
+class _RenamedFlowRuns(logging.Filter):
+    """The new name on the flow-run engine's own log lines (``Finished in state ...``): its logger keeps the
+    name the flow run started with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: dict[str, str] = {}  # flow run id -> its name since sizing
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rename, never drop."""
+        name = self.names.get(str(getattr(record, "flow_run_id", "")))
+        if name is not None:
+            record.flow_run_name = name
+        return True
+
+
+_RENAMED = _RenamedFlowRuns()
+logging.getLogger("prefect.flow_runs").addFilter(_RENAMED)
