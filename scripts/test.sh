@@ -10,10 +10,18 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
 python -c "import torch" 2>/dev/null || python -m pip install -q -c constraints.txt "${TORCH_SPEC:-torch==2.13.0}"
+# The rest with uv, which installs and compiles to bytecode in parallel (pip's serial install took minutes);
+# pip where uv cannot be had. Bytecode is compiled at install: a process that may not write .pyc files
+# (PYTHONDONTWRITEBYTECODE) would otherwise compile mlflow and prefect on every import.
+if python -m pip install -q -c constraints.txt uv 2>/dev/null; then
+    install=(uv pip install -q --compile-bytecode)
+else
+    install=(python -m pip install -q)
+fi
 # postgres: the drivers of the team's stack (tests/e2e/test_team_stack.py runs it on PostgreSQL).
-python -m pip install -q -c constraints.txt -e ".[test,postgres]"
+"${install[@]}" -c constraints.txt -e ".[test,postgres]"
 # The book's own code, for the fidelity tests. Its pinned 2022 dependencies are not needed (nor installable).
-python -m pip install -q --no-deps -c constraints.txt "d2l==0.17.6"
+"${install[@]}" --no-deps -c constraints.txt "d2l==0.17.6"
 
 # Hygiene first (seconds): lint and format, strict types of the library, the import contracts (the layers
 # cli > flows > tasks > ops > tracking > deeprnn; the library imports neither prefect nor mlflow), and the

@@ -5,12 +5,14 @@ with all its children."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ports import free_port as free_port  # the one copy, re-exported for the e2e tests
@@ -72,3 +74,44 @@ class Server:
     env: dict[str, str]
     log: Path
     startup_seconds: float
+
+
+class AlertReceiver:
+    """A real HTTP server on 127.0.0.1 that records the JSON bodies POSTed to it (the alert webhook)."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.bodies: list[dict[str, Any]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                length = int(self.headers.get("Content-Length") or 0)
+                receiver.bodies.append(json.loads(self.rfile.read(length) or b"{}"))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/alerts"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait_for(self, text: str, timeout: float = 180.0) -> dict[str, Any]:
+        """The first body whose text mentions ``text``; fails after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for body in list(self.bodies):
+                if text in json.dumps(body, ensure_ascii=False):  # run names hold a middle dot
+                    return body
+            time.sleep(1)
+        pytest.fail(f"no alert mentioning {text!r} within {timeout:.0f} s; got {self.bodies}")
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -21,7 +21,7 @@ import requests
 import yaml
 from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
 from corpora import TRAIN_EXPERIMENT
-from live_servers import Server, log_tail, start_process, stop_process_group
+from live_servers import AlertReceiver, Server, log_tail, start_process, stop_process_group
 from mlflow.tracking import MlflowClient
 
 from deeprnn.config import SECTIONS, CellType, preset_config, resolve
@@ -398,48 +398,7 @@ def test_smoke_deployment_runs_on_a_worker_and_triggers_the_evaluation(
     assert f"{eval_run.data.metrics['test_perplexity']:.3f}" in eval_summary["data"]
 
 
-# ----- running unattended: one training per GPU, alerts, zombie runs ----------------------------------------
-
-
-class AlertReceiver:
-    """A real HTTP server on 127.0.0.1 that records the JSON bodies POSTed to it (the alert webhook)."""
-
-    def __init__(self) -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.bodies: list[dict[str, Any]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                length = int(self.headers.get("Content-Length") or 0)
-                receiver.bodies.append(json.loads(self.rfile.read(length) or b"{}"))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/alerts"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def wait_for(self, text: str, timeout: float = 180.0) -> dict[str, Any]:
-        """The first body whose text mentions ``text``; fails after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for body in list(self.bodies):
-                if text in json.dumps(body, ensure_ascii=False):  # run names hold a middle dot
-                    return body
-            time.sleep(1)
-        pytest.fail(f"no alert mentioning {text!r} within {timeout:.0f} s; got {self.bodies}")
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+# ----- running unattended: one training per GPU, alerts (zombie runs: tests/e2e/test_team_stack.py) ---------
 
 
 ZOMBIE_AFTER = 60  # two missed heartbeats (every 30 s): long enough that a busy machine's runs are not taken for dead
@@ -555,44 +514,3 @@ def test_a_failed_run_is_alerted_with_its_name_and_message_and_its_logs_have_no_
     text = "\n".join(entry["message"] for entry in logs)
     assert "HTTP 404 Not Found" in text and "Traceback" not in text, text[-3000:]
     assert "HTTP 404 Not Found" in run["state"]["message"]
-
-
-def test_a_frozen_run_is_marked_crashed_by_its_missing_heartbeats_and_its_mlflow_run_failed(
-    deployed: Deployed, worker: dict[str, Any], unattended: AlertReceiver, book_url: str
-) -> None:
-    import os
-
-    server = deployed.server
-    client = MlflowClient(tracking_uri=worker["tracking_uri"])
-    params = _smoke_parameters(book_url, worker["root"], epochs=100000, checkpoint_every=1)
-    flow_run_id = _create_run(server, deployed.deployments["smoke"], params)
-    deadline, run = time.monotonic() + RUN_TIMEOUT, None
-    while time.monotonic() < deadline:  # until the run has trained an epoch
-        found = client.search_runs(
-            [e.experiment_id for e in client.search_experiments()], f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
-        )
-        if found and client.get_metric_history(found[0].info.run_id, "train_perplexity"):
-            run = found[0]
-            break
-        time.sleep(1)
-    assert run is not None, log_tail(worker["log"])
-    pid = int(run.data.tags["deeprnn.pid"])
-    os.kill(pid, signal.SIGSTOP)  # a machine that froze: the process is there, but sends nothing
-    try:
-        deadline = time.monotonic() + ZOMBIE_AFTER + 120
-        while api(server, "GET", f"/flow_runs/{flow_run_id}").json()["state_type"] != "CRASHED":
-            assert time.monotonic() < deadline, "the frozen run was never marked Crashed"
-            time.sleep(2)
-    finally:
-        os.kill(pid, signal.SIGKILL)  # now gone for good (and its store locks with it)
-    states = api(server, "GET", "/flow_run_states/", params={"flow_run_id": flow_run_id}).json()
-    assert any("no heartbeat" in (s["message"] or "") for s in states if s["type"] == "CRASHED"), states
-    # The mark-crashed deployment, triggered by the Crashed state, closes the MLflow run.
-    deadline = time.monotonic() + RUN_TIMEOUT
-    while client.get_run(run.info.run_id).info.status == "RUNNING":
-        assert time.monotonic() < deadline, log_tail(worker["log"])
-        time.sleep(2)
-    closed = client.get_run(run.info.run_id)
-    assert closed.info.status == "FAILED"
-    assert "crashed" in closed.data.tags["deeprnn.failure_reason"]
-    assert unattended.wait_for(api(server, "GET", f"/flow_runs/{flow_run_id}").json()["name"])

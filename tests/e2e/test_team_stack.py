@@ -4,7 +4,7 @@ URLs. The corpus comes by URL from a server on 127.0.0.1.
 
 One stack for the module (bringing it up is the costly part), its tests in an order that keeps the disruptive
 ones from breaking the others: the servers' state and the workers' environments first; then a worker is killed
-mid-training, and while its flow run waits to be found a zombie, a `deeprnn run` moves between two folders that
+mid-training, and while its flow run waits to be found a zombie (then alerted, its MLflow run closed), a `deeprnn run` moves between two folders that
 share nothing (Ctrl-C in one, ``--resume`` in the other) through a 30 s MLflow outage and a PostgreSQL restart.
 Then the killed run resumes on the other worker, eight deployment runs (their artifacts on the server, no
 MLflow store on any worker) and an adaptive sweep run at once, a sweep killed mid-way is continued, no log shows
@@ -28,6 +28,7 @@ import optuna
 import psycopg
 import pytest
 from corpora import CORPUS_SHA1
+from live_servers import AlertReceiver
 from mlflow.tracking import MlflowClient
 from team_stack_fixture import (
     PROJECT_ROOT,
@@ -55,10 +56,12 @@ CURVES = ("train_perplexity", "heldout_perplexity", "lr")
 
 @dataclass
 class Team:
-    """The stack, the corpus's URL, the commands' logs and what the scenarios measured (seconds)."""
+    """The stack, the corpus's URL, the alerts it sent, the commands' logs and what the scenarios measured
+    (seconds)."""
 
     stack: Any
     url: str
+    alerts: AlertReceiver
     logs: dict[int, Path] = field(default_factory=dict)  # process id -> its output
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -220,10 +223,12 @@ def test_workers_start_in_empty_folders_with_only_the_servers_urls(team_stack: A
 
 @pytest.fixture(scope="module")
 def team(team_stack: Any, book_url: str) -> Iterator[Team]:
-    """The stack set up for this module: two training slots (one per worker), zombies after 60 s; no
-    evaluation after each training (it would double the load of every scenario)."""
+    """The stack set up for this module: two training slots (one per worker), zombies after 60 s, alerts to a
+    receiver on 127.0.0.1; no evaluation after each training (it would double the load of every scenario)."""
     env = {**os.environ, **team_stack.team_env()}
+    alerts = AlertReceiver()
     setup = ["setup-server", "--training-slots", "2", "--zombie-after", str(ZOMBIE_AFTER)]
+    setup += ["--alert-webhook", alerts.url, "--allow-private-urls"]
     done = subprocess.run(
         [sys.executable, "-m", "deeprnn.cli.app", *setup], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True
     )
@@ -232,7 +237,10 @@ def team(team_stack: Any, book_url: str) -> Iterator[Team]:
         if automation["name"] == "evaluate-after-training":
             answer = prefect_api(team_stack, "PATCH", f"/automations/{automation['id']}", json={"enabled": False})
             assert answer.status_code == 204, answer.text
-    yield Team(team_stack, book_url)
+    try:
+        yield Team(team_stack, book_url, alerts)
+    finally:
+        alerts.stop()
 
 
 @pytest.fixture(scope="module")
@@ -346,11 +354,17 @@ def test_a_killed_worker_run_is_crashed_closed_and_resumed_on_the_other_worker(
     state = lambda: prefect_api(stack, "GET", f"/flow_runs/{killed['flow_run_id']}").json()["state_type"]  # noqa: E731
     until("the killed flow run marked Crashed", lambda: state() == "CRASHED", timeout=ZOMBIE_AFTER + 240, every=1)
     team.seconds["kill to Crashed"] = time.monotonic() - killed["at"]
+    # Nothing reported the kill (the worker died with the run): the server found the heartbeats missing.
+    states = prefect_api(stack, "GET", "/flow_run_states/", params={"flow_run_id": killed["flow_run_id"]}).json()
+    assert any("no heartbeat" in (s["message"] or "") for s in states if s["type"] == "CRASHED"), states
     until("its MLflow run closed", lambda: team.mlflow.get_run(run_id).info.status != "RUNNING", every=1)
     team.seconds["kill to MLflow FAILED"] = time.monotonic() - killed["at"]
     closed = team.mlflow.get_run(run_id)
     assert closed.info.status == "FAILED"
-    assert closed.data.tags["deeprnn.failure_reason"].startswith("Prefect flow run"), closed.data.tags
+    reason = closed.data.tags["deeprnn.failure_reason"]
+    assert reason.startswith("Prefect flow run") and "crashed" in reason, closed.data.tags
+    name = prefect_api(stack, "GET", f"/flow_runs/{killed['flow_run_id']}").json()["name"]
+    assert "Crashed" in team.alerts.wait_for(name)["text"]  # the alert names the run and how it ended
     (other,) = [w for w in stack.workers if w != killed["worker"]]
     started = time.monotonic()
     resumed = run_deployment(stack, "deeprnn-train/smoke", {**killed["params"], "resume_run_id": run_id})

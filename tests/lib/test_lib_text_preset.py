@@ -167,14 +167,15 @@ def test_the_sized_batch_follows_the_measured_throughput_and_is_decided_once(siz
     text = _lines(3, 3000)
     vocab = Vocab(list(text))
     ids = torch.tensor(vocab.encode(list(text)))
-    # The narrowest model the text preset sizes: on a CPU, 8 rows train most of the tokens a second 32 do.
+    # The narrowest model the text preset sizes: on a CPU, half of 32 rows train most of the tokens a second 32
+    # do, so a short budget halves them; how far (16 or 8) depends on how busy the machine is while it measures.
     model = {"size": size, "num_hiddens": 128, "num_layers": 2, "embedding_dim": 128}
-    for budget, rows in ((1.0, 8), (30 * 86400.0, 32)):  # no CPU plans 4,000 steps in 1 s; a month plans more
+    for budget, rows in ((1.0, {8, 16}), (30 * 86400.0, {32})):  # no CPU plans 4,000 steps in 1 s; a month does
         config = preset_config("text", {"model": model, "train": {"time_budget": budget}})
         assert {"train.batch_size", "train.min_planned_steps"} <= decided_later(config)
         sized = size_to_text(config, ids, vocab, CPU)
-        assert (sized.config.train.batch_size, sized.config.train.min_planned_steps) == (rows, 0)
-        assert f"batch {rows} x 64: about" in " ".join(sized.notes)
+        assert sized.config.train.batch_size in rows and sized.config.train.min_planned_steps == 0
+        assert f"batch {sized.config.train.batch_size} x 64: about" in " ".join(sized.notes)
         # A resumed run continues the checkpoint's sized configuration: nothing is left to decide again.
         assert not {"train.batch_size", "model.size"} & decided_later(sized.config)
 
