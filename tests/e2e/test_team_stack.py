@@ -4,11 +4,11 @@ URLs. The corpus comes by URL from a server on 127.0.0.1.
 
 One stack for the module (bringing it up is the costly part), its tests in an order that keeps the disruptive
 ones from breaking the others: the servers' state and the workers' environments first; then a worker is killed
-mid-training, and while its flow run waits to be found a zombie (then alerted, its MLflow run closed), a `deeprnn run` moves between two folders that
-share nothing (Ctrl-C in one, ``--resume`` in the other) through a 30 s MLflow outage and a PostgreSQL restart.
-Then the killed run resumes on the other worker, eight deployment runs (their artifacts on the server, no
-MLflow store on any worker) and an adaptive sweep run at once, a sweep killed mid-way is continued, no log shows
-a pool or lock error, and ``down`` leaves no process behind."""
+mid-training, and while its flow run waits to be found a zombie (then alerted, its MLflow run closed), a
+`deeprnn run` moves between two folders that share nothing (Ctrl-C in one, ``--resume`` in the other) through a
+30 s MLflow outage and a PostgreSQL restart. Then the killed run resumes on the other worker, eight deployment
+runs (their artifacts on the server, no MLflow store on any worker) and an adaptive sweep run at once, a sweep
+killed mid-way is continued, no log shows a pool or lock error, and ``down`` leaves no process behind."""
 
 from __future__ import annotations
 
