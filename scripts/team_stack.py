@@ -62,6 +62,7 @@ WORKER_BASICS = (
     "TMPDIR",
     "CUDA_VISIBLE_DEVICES",
     "OMP_NUM_THREADS",  # torch's threads per flow run, where a machine runs several at once
+    "PREFECT_WORKER_QUERY_SECONDS",  # how often a worker asks the server for runs (Prefect's default: 10 s)
     "HTTP_PROXY",
     "HTTPS_PROXY",
     "NO_PROXY",

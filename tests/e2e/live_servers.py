@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 from ports import free_port as free_port  # the one copy, re-exported for the e2e tests
 
+# The test workers ask for runs every second, not every 10 s (Prefect's default): each run starts sooner.
+WORKER_QUERY_SECONDS = "1"
 SERVER_START_TIMEOUT = 240.0  # a fresh server answers in ~15 s on an idle 2-core machine; CI may be busy
 
 

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import pytest
 import requests
+from live_servers import WORKER_QUERY_SECONDS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 WORKERS = 2  # enough to stop a run on one and resume it on the other
@@ -61,6 +62,7 @@ def team_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         # One torch thread per flow run: the workers' runs share the test machine's cores with each other and
         # with the rest of the suite, and oversubscribed OpenMP threads slow every run down many times over.
         patch.setenv("OMP_NUM_THREADS", "1")
+        patch.setenv("PREFECT_WORKER_QUERY_SECONDS", WORKER_QUERY_SECONDS)
         try:
             stack = stack_script.up(root, workers=WORKERS, deploy_all=True, scheduler=False)
         except stack_script.StackError as error:

@@ -21,7 +21,7 @@ import requests
 import yaml
 from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
 from corpora import TRAIN_EXPERIMENT
-from live_servers import AlertReceiver, Server, log_tail, start_process, stop_process_group
+from live_servers import WORKER_QUERY_SECONDS, AlertReceiver, Server, log_tail, start_process, stop_process_group
 from mlflow.tracking import MlflowClient
 
 from deeprnn.config import SECTIONS, CellType, preset_config, resolve
@@ -82,6 +82,7 @@ def worker(deployed: Deployed, tmp_path_factory: pytest.TempPathFactory) -> Iter
         **deployed.server.env,
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
         "DEEPRNN_CACHE_DIR": str(root / "cache"),
+        "PREFECT_WORKER_QUERY_SECONDS": WORKER_QUERY_SECONDS,
     }
     # Experiments made up front keep artifacts in the test's folder (a sqlite store's default is ./mlruns).
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])

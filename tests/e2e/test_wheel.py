@@ -26,7 +26,7 @@ import pytest
 import requests
 import yaml
 from corpora import CORPUS_SHA1
-from live_servers import Server, log_tail, start_process, stop_process_group
+from live_servers import WORKER_QUERY_SECONDS, Server, log_tail, start_process, stop_process_group
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.e2e
@@ -181,7 +181,9 @@ def test_deployed_from_the_checkout_a_deployment_runs_on_a_worker_with_only_the_
     # The worker's folder holds no code: its flow runs import deeprnn from the wheel's environment.
     folder = tmp_path / "worker"
     folder.mkdir()
-    worker_env = _env(folder, PREFECT_API_URL=prefect_server.env["PREFECT_API_URL"])
+    worker_env = _env(
+        folder, PREFECT_API_URL=prefect_server.env["PREFECT_API_URL"], PREFECT_WORKER_QUERY_SECONDS=WORKER_QUERY_SECONDS
+    )
     log = folder / "worker.log"
     worker = start_process(
         [str(installed.python), "-m", "prefect", "worker", "start", "--pool", POOL, "--name", "wheel-worker"],
