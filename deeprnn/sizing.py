@@ -240,14 +240,19 @@ def rows_for_steps(
     """The rows of a batch for the time budget, and their throughput: ``batch_size`` (at ``rate`` tokens/s)
     halved, not below ``MIN_ROWS``, while the budget plans fewer than ``train.min_planned_steps`` steps of
     ``rows x num_steps`` tokens and half the rows keep ``HALF_ROWS_RATE`` of the tokens a second
-    (``measure(rows)``). On a CPU they keep nearly all, so the budget makes more steps; on a GPU whose step
-    time hardly depends on the rows, fewer rows would only mean fewer tokens."""
+    (``measure(rows)``; a half that looks slow is measured again beside the whole). On a CPU they keep nearly
+    all, so the budget makes more steps; on a GPU whose step time hardly depends on the rows, fewer rows would
+    only mean fewer tokens."""
     budget = config.train.time_budget or 0.0
     rows = batch_size
     while rows // 2 >= MIN_ROWS and rate * budget / (rows * num_steps) < config.train.min_planned_steps:
         half = measure(rows // 2)
         if half < HALF_ROWS_RATE * rate:
-            break
+            # A busy machine slows some probes and not others: before keeping the rows, measure both sizes
+            # once more, back to back, and compare each one's best (a probe is only ever slowed down).
+            rate, half = max(rate, measure(rows)), max(half, measure(rows // 2))
+            if half < HALF_ROWS_RATE * rate:
+                break
         rows, rate = rows // 2, half
     return rows, rate
 

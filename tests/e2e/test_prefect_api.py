@@ -138,41 +138,6 @@ def test_server_that_cannot_start_says_so(tmp_path: Path, book_url: str) -> None
     assert not (tmp_path / "cache").exists()
 
 
-def test_default_sweep_workers_report_to_the_same_temporary_server(tmp_path: Path, book_url: str) -> None:
-    """A default sweep runs end to end on the temporary server: the URL handed to the local Dask workers is
-    that server's, and the sweep's flow run and every trial's task run are recorded, completed, in the one
-    database under PREFECT_HOME."""
-    env = {**_default_env(tmp_path), "DEEPRNN_DASK_WORKERS": "2"}
-    proc = _deeprnn(
-        tmp_path,
-        env,
-        "sweep",
-        "--preset",
-        "smoke",
-        "--epochs",
-        "1",
-        "--num-hiddens",
-        "8,16",
-        "--device",
-        "cpu",
-        "--data-url",
-        book_url,
-        "--data-sha1",
-        BOOK_SHA1,
-        "--no-register-best",
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 of 2 trials succeeded" in proc.stdout
-    assert re.search(r"Prefect API: http://127\.0\.0\.1:\d+/api", proc.stdout), proc.stdout
-    with sqlite3.connect(tmp_path / "prefect-home" / "prefect.db") as db:
-        flows = db.execute("SELECT id, state_type FROM flow_run").fetchall()
-        trials = db.execute("SELECT name, state_type, flow_run_id FROM task_run WHERE name LIKE 'trial-%'").fetchall()
-    assert len(flows) == 1 and flows[0][1] == "COMPLETED"
-    assert sorted(t[0] for t in trials) == ["trial-0", "trial-1"]
-    assert all(t[1] == "COMPLETED" and t[2] == flows[0][0] for t in trials)
-
-
 def test_a_command_killed_outright_leaves_no_temporary_server_behind(tmp_path: Path, book_url: str) -> None:
     """SIGKILL skips the command's atexit hook; the server gets SIGTERM from the kernel and stops anyway."""
     import signal

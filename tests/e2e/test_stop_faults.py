@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sqlite3
 import struct
 import subprocess
 import time
@@ -222,7 +223,8 @@ def test_sigterm_to_a_sweeps_group_marks_it_killed_stops_its_workers_and_exits_1
     tmp_path_factory: pytest.TempPathFactory, prefect_api: str, book_url: str
 ) -> None:
     """`deeprnn sweep` stops as `deeprnn run` does: SIGTERM to its whole group (as `docker stop`, systemd) while
-    its trials train on a local Dask cluster; one line, exit 143, no process of it left."""
+    its trials train on a local Dask cluster; one line, exit 143, no process of it left. Its trials reported to
+    the command's temporary Prefect server."""
     machine = _own_api(_machine(tmp_path_factory.mktemp("sweep-stop") / "machine", prefect_api))
     machine.env["DEEPRNN_DASK_WORKERS"] = "2"
     args = ["--preset", "smoke", "--device", "cpu", "--epochs", "300", "--data-url", book_url, "--data-sha1", BOOK_SHA1]
@@ -250,3 +252,10 @@ def test_sigterm_to_a_sweeps_group_marks_it_killed_stops_its_workers_and_exits_1
     runs = machine.client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "KILLED"
+    # The local Dask workers were handed the temporary server's URL: the sweep's flow run and every trial's
+    # task run are in the one database under PREFECT_HOME.
+    with sqlite3.connect(machine.root / "prefect" / "prefect.db") as db:
+        flows = [row[0] for row in db.execute("SELECT id FROM flow_run")]
+        trials = db.execute("SELECT name, flow_run_id FROM task_run WHERE name LIKE 'trial-%'").fetchall()
+    assert len(flows) == 1 and sorted(name for name, _ in trials) == ["trial-0", "trial-1"], (flows, trials)
+    assert {flow_run for _, flow_run in trials} == set(flows)

@@ -149,7 +149,17 @@ def test_a_device_whose_step_time_does_not_depend_on_the_rows_keeps_them() -> No
         return 30e3 * n / 32
 
     assert rows_for_steps(30e3, config, 32, 64, gpu) == (32, 30e3)
-    assert asked == [16]  # one probe of half the rows, then no more
+    assert asked == [16, 32, 16]  # half the rows, then both again to rule out a busy moment; no more
+
+
+def test_a_half_batch_slowed_by_a_busy_moment_is_measured_again_before_the_rows_are_kept() -> None:
+    config = preset_config("text", {"train": {"time_budget": "2m"}})
+    probes = iter([10e3, 30e3, 30e3, 30e3, 30e3, 30e3])  # the first probe of 16 rows lands in a busy second
+
+    def cpu(n: int) -> float:
+        return next(probes)
+
+    assert rows_for_steps(30e3, config, 32, 64, cpu) == (8, 30e3)
 
 
 def test_a_batch_the_user_gives_is_kept_and_the_book_keeps_its_own() -> None:
