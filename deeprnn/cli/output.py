@@ -15,7 +15,7 @@ from deeprnn.ops.password_scrub import scrub
 
 if typing.TYPE_CHECKING:
     from deeprnn.tasks.results_tasks import RunResult
-    from deeprnn.tasks.sweep_tasks import SweepSummary
+    from deeprnn.tasks.sweep_report import SweepSummary
 
 console = Console()
 err = Console(stderr=True)
@@ -83,21 +83,32 @@ def print_result(result: RunResult) -> None:
 
 
 def print_sweep(result: SweepSummary) -> None:
-    """A sweep's trials ranked by its selection metric, and the best one."""
+    """A sweep's trials ranked by its selection metric, its best, and the study's best over every run of it."""
     metric = result.selection_metric
     print_line(f"MLflow parent run {result.parent_run_id} (ranked by {metric})")
     table = Table(show_header=True)
-    for column in ("trial", "status", metric):
+    for column in ("trial", "status", metric, "steps"):
         table.add_column(column)
     table.add_column("run id", no_wrap=True, min_width=32)  # whole: it is what `deeprnn run --resume` takes
-    table.add_column("error", overflow="fold")
+    table.add_column("note", overflow="fold")
     for t in result.trials:
-        score = t.metrics.get(metric)
-        table.add_row(t.name, t.status, "" if score is None else f"{score:.3f}", t.run_id or "", scrub(t.error or ""))
+        score, steps = t.metrics.get(metric), t.metrics.get("steps")
+        table.add_row(
+            t.name, t.status, "" if score is None else f"{score:.3f}", "" if steps is None else f"{int(steps):,}",
+            t.run_id or "", scrub(t.error or ""),
+        )  # fmt: skip
     console.print(table)
-    best, registered = result.best, result.best_model.registration
-    print_line(
-        f"best: {best.name} (run {best.run_id})"
-        + (f", registered {registered.registered_model} v{registered.version}" if registered else "")
+    if result.best is not None:
+        registered = result.best_model.registration if result.best_model else None
+        print_line(
+            f"best: {result.best.name} (run {result.best.run_id})"
+            + (f", registered {registered.registered_model} v{registered.version}" if registered else "")
+        )
+    console.print(
+        f"{result.trials_finished} of {result.trials_total} trials finished, {result.trials_pruned} pruned, "
+        f"{result.trials_failed} failed ({result.steps_total:,} training steps); the study holds "
+        f"{result.study_trials} finished trials"
     )
-    console.print(f"{result.trials_succeeded} of {result.trials_total} trials succeeded")
+    if result.study_best_trial is not None:
+        print_line(f"study best: trial {result.study_best_trial}, {result.study_best_value:.3f}, "
+                   f"{result.study_best_params}")  # fmt: skip

@@ -1,5 +1,5 @@
-"""``deeprnn sweep``: a grid or random search, one model per trial on a Dask cluster, tracked as one MLflow
-parent run with a child per trial."""
+"""``deeprnn sweep``: a grid, random or adaptive (Optuna) search, run as an Optuna study, one model per trial on
+a Dask cluster, tracked as one MLflow parent run with a child per trial."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import typer
 from deeprnn.cli import launch, options, preflight
 from deeprnn.cli.output import console, fail, print_sweep, write_json
 from deeprnn.config import PRESETS
+from deeprnn.ops.study_storage import STORAGE_ENV
+from deeprnn.search.optuna_study import DEFAULT_TRIALS, SAMPLERS
 
-ON_INTERRUPT = "the sweep's MLflow run is marked KILLED"
+SWEEP_NAME = "deeprnn-sweep"  # the flow's name, and the experiment of a sweep that names none
 # A stopped sweep closes its Dask cluster, whose workers end their trials first: more than a run's stop.
 SWEEP_STOP_SECONDS = 30.0
 
@@ -26,8 +28,9 @@ def before_start(exc: KeyboardInterrupt) -> str:
 def sweep_stopped(exc: KeyboardInterrupt) -> str:
     """What a stopped sweep kept, in one line."""
     return (
-        f"by {getattr(exc, 'signal_name', 'SIGINT')}: {ON_INTERRUPT}; the trials that finished keep their MLflow "
-        "runs, the others are stopped with the Dask cluster"
+        f"by {getattr(exc, 'signal_name', 'SIGINT')}: the sweep's MLflow run is marked KILLED; the trials that "
+        "finished keep their MLflow runs and their place in the study, the others are stopped with the Dask "
+        "cluster: run the same sweep again to continue it"
     )
 
 
@@ -94,20 +97,21 @@ Search = Annotated[
 Pruner = Annotated[
     str, typer.Option("--pruner", help="With --search optuna: asha, median or none (stops trials falling behind).")
 ]
-Sampler = Annotated[str, typer.Option("--sampler", help="With --search optuna: the sampler (tpe).")]
+# Each search has its sampler (grid, random, tpe); --sampler tpe is still taken with --search optuna.
+Sampler = Annotated[Optional[str], typer.Option("--sampler", hidden=True)]
 Storage = Annotated[
     Optional[str],
     typer.Option(
         "--storage",
         envvar="DEEPRNN_OPTUNA_STORAGE",
-        help="With --search optuna: where the study lives, an RDB URL (sqlite:///studies.db, "
-        "postgresql://...) or a journal file (default: optuna.journal here).",
+        help="Where the sweep's Optuna study lives: an RDB URL (sqlite:///studies.db, postgresql://...) or a "
+        "journal file (default: optuna.journal here).",
     ),
 ]
 Study = Annotated[
     Optional[str],
-    typer.Option("--study", help="With --search optuna: the study's name (default: the experiment's); the same "
-                 "name and search continues it."),
+    typer.Option("--study", help="The study's name (default: EXPERIMENT-SEARCH); the same name and search "
+                 "continues it."),
 ]  # fmt: skip
 RegisterBest = Annotated[
     bool, typer.Option("--register-best/--no-register-best", help="Register the best trial's model.")
@@ -121,7 +125,7 @@ def sweep(
     random_search: Random = False,
     search: Search = "grid",
     pruner: Pruner = "asha",
-    sampler: Sampler = "tpe",
+    sampler: Sampler = None,
     storage: Storage = None,
     study: Study = None,
     max_trials: MaxTrials = None,
@@ -135,80 +139,72 @@ def sweep(
     json_out: options.JsonOut = None,
     **values: Any,
 ) -> None:
-    """Grid, random or Optuna search: one model per trial on a Dask cluster; an MLflow parent run, a child per trial."""
+    """Grid, random or Optuna search as an Optuna study: one model per trial on a Dask cluster; an MLflow parent
+    run, a child per trial. Run it again to continue it."""
     options.check_registered_model(registered_model)
-    fixed = options.overrides({name: values.get(name) for name in FIXED})
-    dims = {name: values.get(name) for name in DIMENSIONS}
     if search == "optuna" and random_search:
         fail("--random and --search optuna each choose the search: give one")
-    if search == "optuna":
-        adaptive = dict(study=study or experiment, storage=storage, sampler=sampler, pruner=pruner, seed=seed)
-        adaptive.update(max_trials=max_trials or 10, experiment=experiment, runs_dir=runs_dir, json_out=json_out)
-        adaptive.update(register_best=register_best, registered_model=registered_model)
-        return _adaptive(preset, fixed, space_file, dims, param, cluster_address, workers, adaptive)
-    if search not in ("grid", "random"):
-        fail(f"unknown search {search!r}; choose one of: grid, random, optuna")
-    random_search = random_search or search == "random"
-    space, trials = _plan(preset, fixed, space_file, dims, param, random_search, max_trials, seed)
+    search = "random" if random_search else search
+    if sampler is not None and sampler != SAMPLERS.get(search):
+        fail(f"unknown sampler {sampler!r}; choose one of: {SAMPLERS.get(search, 'tpe')}")
+    fixed = options.overrides({name: values.get(name) for name in FIXED})
+    dims = {name: values.get(name) for name in DIMENSIONS}
+    spec = _check(preset, fixed, space_file, dims, param, dict(search=search, max_trials=max_trials, study=study,
+                  storage=storage, pruner=pruner, seed=seed, experiment=experiment or SWEEP_NAME))  # fmt: skip
+    first = spec.first_point().config
     if cluster_address is None:  # a remote cluster's workers have files and devices of their own
-        for url in sorted({t.config.data.url for t in trials}):
-            preflight.check_source(url)
-        for device in sorted({t.config.train.device for t in trials}):
-            preflight.check_device(device)
+        preflight.check_source(first.data.url)
+        preflight.check_device(first.train.device)
 
     launch.stop_on_signals(SWEEP_STOP_SECONDS)  # SIGINT, SIGTERM: one line, exit 130 or 143, the cluster stopped
     with launch.exit_on_stop(before_start):
         temporary_api = launch.start_prefect_api()  # boots while the imports below load, as for `deeprnn run`
-        from deeprnn.flows.sweep_flow import (
-            sweep_lm,  # Prefect, MLflow and Dask load only once the input is known to be good
-        )
+        from deeprnn.flows.sweep_flow import sweep_lm  # Prefect, MLflow and Dask load once the input is good
         from deeprnn.ops.cluster import dask_task_runner
 
         launch.wait_for_api(temporary_api, preload=False)
-        runner = dask_task_runner(cluster_address, workers, use_gpus=trials[0].config.train.device != "cpu")
-        _announce(len(trials), preset, cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)")
+        runner = dask_task_runner(cluster_address, workers, use_gpus=first.train.device != "cpu")
+        trials = len(spec.points()) or spec.max_trials or DEFAULT_TRIALS
+        _announce(trials, preset, cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)")
+        console.print(f"Optuna study {spec.name!r} in {spec.shown_storage} (sampler {spec.sampler}, pruner "
+                      f"{spec.pruner})", highlight=False, soft_wrap=True, markup=False)  # fmt: skip
         launch.mark_orphaned_runs()
-    parameters = dict(space=space, preset=preset, data=fixed.get("data"), train=fixed.get("train"), seed=seed)
-    parameters.update(random_search=random_search, max_trials=max_trials, experiment=experiment, runs_dir=runs_dir)
-    parameters.update(register_best=register_best, registered_model=registered_model)
+    if spec.shown_storage != spec.storage:  # the flow, here, and the local Dask workers read the URL from here
+        os.environ[STORAGE_ENV] = spec.storage
+    parameters = dict(space=spec.space, preset=preset, data=fixed.get("data"), train=fixed.get("train"), seed=seed)
+    parameters.update(search=search, max_trials=max_trials, pruner=pruner, study=spec.name, storage=spec.shown_storage)
+    parameters.update(experiment=experiment, runs_dir=runs_dir, register_best=register_best)
+    parameters.update(registered_model=registered_model)
     result = launch.invoke(lambda: sweep_lm.with_options(task_runner=runner)(**parameters), sweep_stopped)
     print_sweep(result)
     write_json(result.as_record(), json_out)
 
 
-def _adaptive(
+def _check(
     preset: str,
     fixed: dict[str, Any],
     space_file: str | None,
     dims: dict[str, str | None],
     params: list[str],
-    cluster_address: str | None,
-    workers: int | None,
-    adaptive: dict[str, Any],
-) -> None:
-    """``--search optuna``: every input checked (the study's storage opened) before the cluster starts."""
-    from deeprnn.cli.sweep_study import check_study, run_study
-    from deeprnn.search.space import SearchSpaceError
+    settings: dict[str, Any],
+) -> Any:
+    """The study to run, checked before anything starts: search, pruner, space (its ends and every grid or
+    random point as configurations), the storage opened, and a study of that name holding the same search
+    with something left to run. Exits 2 saying why when any is wrong."""
+    from deeprnn.data.urls import has_password, is_masked
+    from deeprnn.ops.study_storage import study_storage
+    from deeprnn.search.optuna_study import check_storage, study_spec
 
+    given = settings.pop("storage")
     try:
         space = sweep_space(space_file, dims, params)
-    except SearchSpaceError as exc:
+        # A URL with its password stays in this process; anything else reads as the flow reads it (secret:NAME).
+        storage = given if given and has_password(given) and not is_masked(given) else study_storage(given)
+        spec = study_spec(space, preset, fixed, storage=storage, **settings)
+        check_storage(spec)  # reads the study, writes nothing: the flow writes once the sweep runs
+    except ValueError as exc:  # SearchSpaceError and StudyError are ValueErrors, as is an unknown preset
         fail(str(exc))
-    spec = check_study(preset, fixed, space, adaptive)
-    launch.stop_on_signals(SWEEP_STOP_SECONDS)
-    with launch.exit_on_stop(before_start):
-        temporary_api = launch.start_prefect_api()
-        from deeprnn.ops.cluster import dask_task_runner
-
-        launch.wait_for_api(temporary_api, preload=False)
-        runner = dask_task_runner(cluster_address, workers, use_gpus=spec.first_point().config.train.device != "cpu")
-        where = cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)"
-        _announce(adaptive["max_trials"], preset, where)
-        console.print(
-            f"Optuna study {spec.name!r} in {spec.shown_storage} (sampler {spec.sampler}, pruner {spec.pruner})"
-        )
-        launch.mark_orphaned_runs()
-    run_study(spec, fixed, adaptive, runner, launch.invoke)
+    return spec
 
 
 def sweep_space(space_file: str | None, dims: dict[str, str | None], params: list[str]) -> dict[str, Any]:
@@ -229,31 +225,6 @@ def sweep_space(space_file: str | None, dims: dict[str, str | None], params: lis
             )
         space[field_path(key)] = parse_values(text)
     return space
-
-
-def _plan(
-    preset: str,
-    fixed: dict[str, dict[str, Any]],
-    space_file: str | None,
-    dims: dict[str, str | None],
-    params: list[str],
-    random_search: bool,
-    max_trials: int | None,
-    seed: int,
-) -> tuple[dict[str, Any], list[Any]]:
-    """The search space and its trials, every one validated; a bad space or value exits 2 saying why."""
-    from deeprnn.search.space import SearchSpaceError, parse_space, plan_trials
-
-    try:
-        space = sweep_space(space_file, dims, params)
-        search_space = parse_space(space)
-        if not search_space.dims:
-            raise SearchSpaceError(
-                "nothing to sweep: give values to vary, e.g. --lr 0.5,1,2, --param train.seed=0,1 or --space FILE"
-            )
-        return space, plan_trials(preset, fixed, search_space, random_search, max_trials, seed)
-    except ValueError as exc:  # SearchSpaceError, or an unknown preset
-        fail(str(exc))
 
 
 def _announce(trials: int, preset: str, where: str) -> None:

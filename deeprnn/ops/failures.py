@@ -38,7 +38,7 @@ EXPECTED: tuple[tuple[str, str], ...] = (
     ("deeprnn.tracking.model_registry", "ArtifactStoreFullError"),  # the artifact store filled while logging the model
     ("deeprnn.tracking.store", "TrackingUnavailableError"),  # also an MLflow store that needs `mlflow db upgrade`
     ("deeprnn.ops.cluster", "ClusterConfigError"),
-    ("deeprnn.tasks.sweep_tasks", "SweepFailedError"),
+    ("deeprnn.tasks.sweep_report", "SweepFailedError"),
     ("prefect.task_engine", "TaskRunTimeoutError"),  # the training task ran past its timeout (train.timeout_minutes)
     ("pydantic", "ValidationError"),  # a configuration refused inside a flow (deployment parameters)
 )

@@ -1,11 +1,14 @@
-"""Adaptive search with Optuna: a search space as Optuna distributions, the sampler and pruner by name, and
-the storage a study lives in.
+"""Every sweep is an Optuna study: the search space as Optuna distributions, the sampler and pruner of each
+search, and the storage a study lives in.
 
-The space is the one grid and random search read (``deeprnn.search.space``): a list of values becomes a categorical
-distribution, a ``{low, high, log}`` range a float (or, with integer bounds, an int) distribution. A study
-lives in an Optuna storage that outlives the process and that every Dask worker opens: an RDB URL
+The space is ``deeprnn.search.space``'s: a list of values becomes a categorical distribution, a ``{low, high,
+log}`` range a float (or, with integer bounds, an int) distribution. Grid search enqueues the grid's points in
+order (``GridSampler`` is the study's sampler), random search its seeded draws (``RandomSampler``), and each
+trial asks the study for the next one; adaptive search (``optuna``) asks TPE, with a pruner. A study lives in
+an Optuna storage that outlives the process and that every Dask worker opens: an RDB URL
 (``sqlite:///studies.db`` on one machine, ``postgresql://...`` or ``mysql://...`` for a cluster) or a journal
-file (any other value: a path on this machine). Running a sweep again with the same study name continues it.
+file (any other value: a path on this machine). Running a sweep again with the same study name continues it: a
+grid or random sweep runs the points it has not finished, an adaptive one adds trials.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from deeprnn.config import section_values
 from deeprnn.data.urls import hide_password, mask_password
-from deeprnn.search.space import Range, SearchSpace, SearchSpaceError, Trial, make_trial, parse_space
+from deeprnn.search.space import Range, SearchSpace, SearchSpaceError, Trial, expand, make_trial, parse_space
 from deeprnn.search.study_journal import JournalDamagedError, check_journal, drop_torn_record
 from deeprnn.search.study_orphans import GRACE_S, HEARTBEAT_S, Cleanup, fail_orphaned_trials
 
@@ -26,12 +30,14 @@ if TYPE_CHECKING:  # optuna loads only when a study is used
     import optuna
     from optuna.distributions import BaseDistribution
 
-SAMPLERS = ("tpe",)
+SEARCHES = ("grid", "random", "optuna")
+SAMPLERS = {"grid": "grid", "random": "random", "optuna": "tpe"}  # each search's Optuna sampler
 PRUNERS = ("asha", "median", "none")
 DEFAULT_STORAGE = "optuna.journal"  # a journal file in the folder the sweep starts in
 # Trials TPE draws at random before it models the space: a few, since a sweep here has tens of trials.
 STARTUP_TRIALS = 4
 _CATEGORY_TYPES = (str, int, float, bool, type(None))
+DEFAULT_TRIALS = 10  # an adaptive sweep's trials per run, unless --max-trials says
 SIGNATURE_ATTR = "deeprnn.search"  # the study's search, as ``StudySpec.signature`` writes it
 _log = logging.getLogger(__name__)
 
@@ -41,10 +47,10 @@ class StudyError(ValueError):
     cannot be opened, or a study that holds another search. The message says which and why."""
 
 
-def check_names(sampler: str, pruner: str) -> None:
-    """Refuse a sampler or pruner this sweep does not know, naming the known ones."""
-    if sampler not in SAMPLERS:
-        raise StudyError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+def check_names(search: str, pruner: str) -> None:
+    """Refuse a search or pruner this sweep does not know, naming the known ones."""
+    if search not in SEARCHES:
+        raise StudyError(f"unknown search {search!r}; choose one of: {', '.join(SEARCHES)}")
     if pruner not in PRUNERS:
         raise StudyError(f"unknown pruner {pruner!r}; choose one of: {', '.join(PRUNERS)}")
 
@@ -55,7 +61,9 @@ def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     if not space.dims:
-        raise StudyError("nothing to search: give a range or several values, e.g. --param train.lr=0.5,1,2")
+        raise StudyError(
+            "nothing to search: give values to vary, e.g. --lr 0.5,1,2, --param train.seed=0,1 or --space FILE"
+        )
     out: dict[str, BaseDistribution] = {}
     for key, dim in space.dims.items():
         if isinstance(dim, Range):
@@ -97,12 +105,17 @@ def check_space(preset: str, overrides: Mapping[str, Any] | None, space: SearchS
             raise StudyError(str(exc).replace("trial 0 ", "the search space's point ", 1)) from None
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """The named sampler, seeded. TPE assumes the running trials' values are bad (``constant_liar``), so
-    workers asking at the same time spread out instead of drawing the same point."""
+def make_sampler(search: str, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    """The sampler of ``search``, seeded. Grid and random trials take the points their sweep enqueued; TPE
+    assumes the running trials' values are bad (``constant_liar``), so workers asking at the same time spread
+    out instead of drawing the same point."""
     import optuna
 
-    check_names(name, "none")
+    check_names(search, "none")
+    if search == "grid":
+        return optuna.samplers.GridSampler({k: v for k, v in space.dims.items() if isinstance(v, list)}, seed=seed)
+    if search == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=STARTUP_TRIALS, constant_liar=True)
 
 
@@ -115,7 +128,7 @@ def make_pruner(name: str, max_steps: int | None = None) -> optuna.pruners.BaseP
     finished trial."""
     import optuna
 
-    check_names("tpe", name)
+    check_names("optuna", name)
     if name == "asha":
         first_rung: int | str = max(1, max_steps // 27) if max_steps else "auto"
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung, reduction_factor=3)
@@ -185,9 +198,15 @@ class StudySpec:
     space: dict[str, Any]  # as the sweep was given it (``parse_space`` reads it)
     preset: str
     overrides: dict[str, dict[str, Any]]  # the sections' fields every trial starts from
-    sampler: str = "tpe"
-    pruner: str = "asha"
+    search: str = "optuna"  # grid, random or optuna (adaptive)
+    pruner: str = "asha"  # grid and random sweeps run every trial to its end: "none"
     seed: int = 0
+    max_trials: int | None = None  # grid: the most points; random: the draws; optuna: trials each run adds
+
+    @property
+    def sampler(self) -> str:
+        """The Optuna sampler of this search: grid, random or tpe."""
+        return SAMPLERS[self.search]
 
     @property
     def shown_storage(self) -> str:
@@ -200,7 +219,15 @@ class StudySpec:
         space = parse_space(self.space)
         base = self.first_point().config.flat()
         fixed = {k: v for k, v in base.items() if k not in space.dims}
-        return json.dumps({"search": space.describe(), "fixed": fixed}, sort_keys=True, default=str)
+        kind = {} if self.search == "optuna" else {"kind": self.search}  # an adaptive study's as it always was
+        return json.dumps({"search": space.describe(), "fixed": fixed, **kind}, sort_keys=True, default=str)
+
+    def points(self) -> list[dict[str, Any]]:
+        """A grid or random sweep's points, in order (``SearchSpaceError`` for a grid larger than
+        ``max_trials`` or with ranges); an adaptive sweep has none: its sampler draws them."""
+        if self.search == "optuna":
+            return []
+        return expand(parse_space(self.space), self.search == "random", self.max_trials, self.seed)
 
     def first_point(self) -> Trial:
         """The space's first corner as a trial: the configuration every field not searched has."""
@@ -215,16 +242,76 @@ class StudySpec:
         return optuna.load_study(
             study_name=self.name,
             storage=open_storage(self.storage),
-            sampler=make_sampler(self.sampler, self.seed + seed_offset),
+            sampler=make_sampler(self.search, self.seed + seed_offset, parse_space(self.space)),
             pruner=make_pruner(self.pruner, max_steps),
         )
 
 
+def study_spec(
+    space: dict[str, Any],
+    preset: str,
+    sections: Mapping[str, Any],
+    search: str = "optuna",
+    max_trials: int | None = None,
+    study: str | None = None,
+    storage: str = DEFAULT_STORAGE,
+    pruner: str = "asha",
+    seed: int = 0,
+    experiment: str = "deeprnn-sweep",
+) -> StudySpec:
+    """The study to run, every input checked (names, space, its ends as configurations, and every point of a
+    grid or random sweep), nothing opened yet. ``study``: its name, by default ``EXPERIMENT-SEARCH``."""
+    check_names(search, pruner)
+    search_space = parse_space(space)
+    check_space(preset, sections, search_space)
+    overrides = {k: section_values(v) for k, v in sections.items() if section_values(v)}
+    pruner = pruner if search == "optuna" else "none"  # grid and random trials run to their end
+    name = study or f"{experiment}-{search}"
+    spec = StudySpec(name, storage, space, preset, overrides, search, pruner, seed, max_trials)
+    for index, point in enumerate(spec.points()):  # a grid or random sweep: each of its trials is valid
+        make_trial(preset, overrides, search_space, index, point)
+    return spec
+
+
 def check_storage(spec: StudySpec) -> int | None:
-    """Decide, writing nothing, whether ``spec`` can run: the storage opens (a journal's records are checked)
-    and a study of that name, if any, ran the same search. Returns how many trials it holds (``None``: no
-    such study yet); ``StudyError`` saying why not."""
-    return _existing(spec)[1]
+    """Decide, writing nothing, whether ``spec`` can run: the storage opens (a journal's records are checked),
+    a study of that name, if any, ran the same search, and a grid or random sweep has points left to run.
+    Returns how many trials the study holds (``None``: no such study yet); ``StudyError`` saying why not."""
+    storage, count = _existing(spec)
+    if count and spec.points() and storage is not None:
+        study_id = storage.get_study_id_from_name(spec.name)
+        _missing(spec, storage.get_all_trials(study_id, deepcopy=False))
+    return count
+
+
+def _missing(spec: StudySpec, trials: list[Any]) -> list[dict[str, Any]]:
+    """The points of a grid or random sweep that no trial finished (COMPLETE): those it still runs.
+    ``StudyError`` when there are none."""
+    done = [t.params for t in trials if t.state.name == "COMPLETE"]
+    missing = [p for p in spec.points() if p not in done]
+    if not missing:
+        raise StudyError(
+            f"study {spec.name!r} in {spec.shown_storage} has finished every point of this {spec.search} search: "
+            "nothing is left to run; give another --study name to run it again"
+        )
+    return missing
+
+
+def enqueue_points(study: optuna.Study, spec: StudySpec) -> int:
+    """Enqueue each point of a grid or random sweep that the study has neither finished nor holds waiting (an
+    earlier run of the sweep may have been stopped); returns how many trials this run is to take, ``max_trials``
+    (10 by default) for an adaptive sweep."""
+    if spec.search == "optuna":
+        return spec.max_trials or DEFAULT_TRIALS
+    trials = study.get_trials(deepcopy=False)
+    waiting = [t.system_attrs.get("fixed_params") for t in trials if t.state.name == "WAITING"]
+    missing = _missing(spec, trials)
+    for point in missing:
+        if point in waiting:
+            waiting.remove(point)
+        else:
+            study.enqueue_trial(point)
+    return len(missing)
 
 
 def create_or_continue(spec: StudySpec, warn: Callable[[str], None] = _log.warning) -> optuna.Study:
@@ -275,7 +362,7 @@ def _create_or_continue(
         if dropped:
             warn(dropped)
     storage = storage or open_storage(spec.storage)
-    sampler, pruner = make_sampler(spec.sampler, spec.seed), make_pruner(spec.pruner)
+    sampler, pruner = make_sampler(spec.search, spec.seed, parse_space(spec.space)), make_pruner(spec.pruner)
     if count is not None:  # loading writes nothing (creating again would append a record to a journal)
         return optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner), storage
     study = optuna.create_study(

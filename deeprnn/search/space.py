@@ -259,8 +259,13 @@ class Trial:
     @property
     def name(self) -> str:
         """A short label for logs and the MLflow UI, e.g. ``trial-2 cell=gru lr=1``."""
-        shown = " ".join(f"{k.split('.', 1)[1]}={v}" for k, v in self.values.items())
-        return f"trial-{self.index}" + (f" {shown}" if shown else "")
+        return trial_name(self.index, self.values)
+
+
+def trial_name(index: int, values: Mapping[str, Any]) -> str:
+    """Trial ``index``'s label: ``trial-2 cell=gru lr=1``."""
+    shown = " ".join(f"{k.split('.', 1)[1]}={v}" for k, v in values.items())
+    return f"trial-{index}" + (f" {shown}" if shown else "")
 
 
 def plan_trials(

@@ -1,8 +1,9 @@
 """The training pipeline as Prefect tasks, wired once: download -> prepared tokens and vocabulary -> splits ->
 train -> evaluate -> generate -> MLflow.
 
-``run_pipeline`` is the body of the training flow (``train_lm``) and of every sweep trial (``run_trial``, a
-task that a sweep sends to its Dask workers), so both run exactly the same stages.
+``run_pipeline`` is the body of the training flow (``train_lm``) and of every sweep trial
+(``deeprnn.tasks.trial_task.run_trial``, a task that a sweep sends to its Dask workers), so both run exactly the
+same stages.
 """
 
 from __future__ import annotations
@@ -10,12 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from deeprnn.config import RunConfig
 from deeprnn.ops.limits import training_timeout_seconds
-from deeprnn.search.space import Trial
 from deeprnn.tasks.checks_task import check_inputs
 from deeprnn.tasks.download_task import download_corpus
 from deeprnn.tasks.evaluate_tasks import evaluate_model
@@ -33,7 +30,7 @@ from deeprnn.tasks.results_tasks import (
 from deeprnn.tasks.size_task import size_configuration
 from deeprnn.tasks.splits_task import prepare_splits
 from deeprnn.tasks.train_task import outcome, train_model
-from deeprnn.tracking import model_registry, runs, store
+from deeprnn.tracking import model_registry, runs
 from deeprnn.training import stop_signals
 from deeprnn.training.resume import LAST
 
@@ -90,13 +87,3 @@ def run_pipeline(
     tokens = TokenCache(str(prepared.folder), prepared.cache_hit, prepared.num_tokens)
     timings = Timings(flow_started_at, trained.fit_started_at, trained.fit_finished_at, evaluated_at, logged_at)
     return RunResult(run_id, experiment, trained, evaluation, samples, model, tokens, timings)
-
-
-@task(name="run-trial", task_run_name="trial-{trial.index}", cache_policy=NO_CACHE)
-def run_trial(trial: Trial, experiment: str, runs_dir: str, parent_run_id: str, tracking_uri: str) -> RunResult:
-    """One sweep trial: the whole pipeline as a child MLflow run of the sweep; its model is logged, not registered."""
-    from prefect.runtime import task_run
-
-    store.use_tracking_uri(tracking_uri)  # the sweep's store, whatever this worker's environment says
-    tags = {"deeprnn.trial": str(trial.index), "prefect.task_run_id": str(task_run.get_id() or "")}
-    return run_pipeline(trial.config, experiment, runs_dir, parent_run_id, trial.name, tags, register_model=False)

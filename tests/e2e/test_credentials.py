@@ -180,7 +180,8 @@ def test_form_refuses_a_written_out_password_and_a_secret_block_supplies_it(
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.utilities.callables import parameter_schema
 
-    from deeprnn.flows.study_flow import PASSWORD_REFUSED, study_storage, sweep_study
+    from deeprnn.flows.sweep_flow import sweep_lm
+    from deeprnn.ops.study_storage import PASSWORD_REFUSED, study_storage
     from deeprnn.search.optuna_study import StudyError
 
     storage = postgres.url("deeprnn", STUDY_PW, "optuna", "psycopg")
@@ -188,10 +189,10 @@ def test_form_refuses_a_written_out_password_and_a_secret_block_supplies_it(
 
     async def create_runs() -> tuple[list[str], int]:
         async with get_client() as client:
-            flow_id = await client.create_flow_from_name(sweep_study.name)
-            schema = parameter_schema(sweep_study).model_dump_for_openapi()
+            flow_id = await client.create_flow_from_name(sweep_lm.name)
+            schema = parameter_schema(sweep_lm).model_dump_for_openapi()
             deployment = await client.create_deployment(
-                flow_id, "adaptive-sweep-form", parameter_openapi_schema=schema, enforce_parameter_schema=True
+                flow_id, "sweep-form", parameter_openapi_schema=schema, enforce_parameter_schema=True
             )
             refused = []
             for value in (storage, storage.replace("psycopg", "asyncpg")):

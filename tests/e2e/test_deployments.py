@@ -201,9 +201,9 @@ def test_parameter_form_has_title_description_and_bounds_for_every_field(deploye
         # Prefect titles a parameter with its Python name unless told otherwise: each one has a real title.
         for param, prop in schema["properties"].items():
             assert prop["title"] != param and prop.get("description"), (name, param, prop)
-    for name in ("sweep", "adaptive-sweep"):  # the sweeps' own parameters (their sections are checked above)
-        for param, prop in deployed.deployments[name]["parameter_openapi_schema"]["properties"].items():
-            assert prop["title"] != param and prop.get("description"), (name, param, prop)
+    # The sweep's own parameters (its sections are checked above).
+    for param, prop in deployed.deployments["sweep"]["parameter_openapi_schema"]["properties"].items():
+        assert prop["title"] != param and prop.get("description"), ("sweep", param, prop)
     train = deployed.deployments["smoke"]["parameter_openapi_schema"]
     preset = train["properties"]["preset"]  # empty: the book's preset for the book, text for any other corpus
     choices = [option.get("enum") for option in preset.get("anyOf", [preset]) if option.get("enum")]
@@ -242,20 +242,16 @@ def test_each_deployment_form_is_pre_filled_with_what_will_run(deployed: Deploye
     full = deployed.deployments["full-book"]["parameters"]
     assert (full["train"]["epochs"], full["train"]["optimizer"], full["model"]["num_hiddens"]) == (30, "adamw", 512)
     assert full["data"]["max_tokens"] is None
-    for name in ("sweep", "adaptive-sweep"):
-        sweep = deployed.deployments[name]
-        validate(sweep["parameters"], sweep["parameter_openapi_schema"], raise_on_error=True)
-        assert sweep["parameters"]["train"]["epochs"] == 100
-    adaptive = deployed.deployments["adaptive-sweep"]["parameter_openapi_schema"]["properties"]
-    assert adaptive["pruner"]["enum"] == ["asha", "median", "none"] and adaptive["pruner"]["title"] == "Pruner"
+    sweep = deployed.deployments["sweep"]
+    validate(sweep["parameters"], sweep["parameter_openapi_schema"], raise_on_error=True)
+    assert sweep["parameters"]["train"]["epochs"] == 100
+    form = sweep["parameter_openapi_schema"]["properties"]  # one form picks the search
+    assert form["search"]["enum"] == ["grid", "random", "optuna"] and form["search"]["title"] == "Search"
+    assert form["pruner"]["enum"] == ["asha", "median", "none"] and form["pruner"]["title"] == "Pruner"
 
 
-# The values a deployment's sections may hold that its preset does not: the sweeps train 100 epochs a trial, and
-# the adaptive one holds a validation split out for its pruner and its choice.
-DEPLOYMENT_CHANGES: dict[str, dict[str, dict[str, Any]]] = {
-    "sweep": {"train": {"epochs": 100}},
-    "adaptive-sweep": {"train": {"epochs": 100}, "data": {"val_fraction": 0.1}},
-}
+# The values a deployment's sections may hold that its preset does not: the sweep trains 100 epochs a trial.
+DEPLOYMENT_CHANGES: dict[str, dict[str, dict[str, Any]]] = {"sweep": {"train": {"epochs": 100}}}
 
 
 def test_prefect_yaml_holds_the_presets_sections_exactly() -> None:
@@ -275,7 +271,7 @@ def test_prefect_yaml_holds_the_presets_sections_exactly() -> None:
             + yaml.safe_dump(expected, sort_keys=False)
         )
         checked.add(name)
-    assert checked == {"d2l-9.3", "full-book", "smoke", "prepare", "sweep", "adaptive-sweep"}
+    assert checked == {"d2l-9.3", "full-book", "smoke", "prepare", "sweep"}
     entrypoints = {d["name"]: d.get("entrypoint") for d in PREFECT_YAML["deployments"]}
     assert all(entrypoints[n] == "deeprnn.flows.train_flow:train_lm" for n in ("d2l-9.3", "full-book", "smoke"))
     # Module paths, not files: the same entrypoint runs from a checkout and from an installed wheel.
@@ -463,7 +459,7 @@ def test_setup_server_creates_the_training_slot_the_zombie_automation_and_the_al
     server = deployed.server
     queue = api(server, "GET", f"/work_pools/{POOL}/queues/training").json()
     assert queue["concurrency_limit"] == 1
-    for name in ("d2l-9.3", "full-book", "smoke", "sweep", "adaptive-sweep"):
+    for name in ("d2l-9.3", "full-book", "smoke", "sweep"):
         assert deployed.deployments[name]["work_queue_name"] == "training", name
         assert deployed.deployments[name]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
     automations = {a["name"]: a for a in api(server, "POST", "/automations/filter", json={}).json()}

@@ -23,7 +23,7 @@ import deeprnn.tracking.runs
 import deeprnn.tracking.store
 from deeprnn.flows.evaluate_flow import evaluate_lm
 from deeprnn.flows.train_flow import train_lm
-from deeprnn.search.space import parse_space, plan_trials
+from deeprnn.search.space import make_trial, parse_space
 from deeprnn.tasks.sweep_tasks import start_sweep_tracking
 
 pytestmark = pytest.mark.e2e
@@ -123,14 +123,14 @@ def test_retried_evaluation_start_and_publish_leave_one_run_one_metric_point_and
 
 def test_a_retried_start_sweep_run_leaves_one_parent_run(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     space = parse_space({"model.num_hiddens": [8, 16]})
-    trials = plan_trials("smoke", {"train": {"device": "cpu"}}, space)
+    first = make_trial("smoke", {"train": {"device": "cpu"}}, space, 0, {"model.num_hiddens": 8})
     log_text, calls = fail_once_after(deeprnn.tracking.runs.log_texts, MlflowException("lost answer from the store"))
     monkeypatch.setattr(deeprnn.tracking.runs, "log_texts", log_text)
     start = start_sweep_tracking.with_options(retry_delay_seconds=0)
 
     @flow
     def open_sweep() -> str:
-        return start(trials, space, {"strategy": "grid"}, "retried-sweep")
+        return start(first, space, {"strategy": "grid"}, "retried-sweep", 2)
 
     parent = open_sweep()
     (run,) = _runs("retried-sweep")

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from deeprnn.cli.app import app
-from deeprnn.flows.study_flow import sweep_study
+from deeprnn.flows.sweep_flow import sweep_lm
 from deeprnn.ops.cluster import dask_task_runner
 
 pytestmark = pytest.mark.e2e
@@ -48,8 +48,9 @@ def _children(client: MlflowClient, parent_run_id: str) -> list[Any]:
 
 
 def _sweep(book_url: str, storage: Path, trials: int, workers: int) -> Any:
-    return sweep_study.with_options(task_runner=dask_task_runner(workers=workers, use_gpus=False))(
+    return sweep_lm.with_options(task_runner=dask_task_runner(workers=workers, use_gpus=False))(
         space=SPACE,
+        search="optuna",
         preset="smoke",
         data={"url": book_url, "sha1": BOOK_SHA1, "val_fraction": 0.1},
         model={"num_hiddens": 16},
@@ -86,7 +87,7 @@ def test_study_prunes_a_lagging_trial_and_continues_with_parallel_trials(
         assert run.data.metrics["steps_done"] == MAX_STEPS
     from prefect.artifacts import Artifact
 
-    progress = Artifact.get("deeprnn-study-progress")  # the study's progress, as of its last trial
+    progress = Artifact.get("deeprnn-sweep-progress")  # the study's progress, as of its last trial
     assert progress is not None and "3 of 3 trials done" in progress.data
     assert f"pruned: {len(pruned)}" in progress.data and "best so far: trial" in progress.data
 

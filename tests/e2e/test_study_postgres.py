@@ -18,7 +18,7 @@ from corpora import CORPUS_SHA1 as BOOK_SHA1
 from mlflow.tracking import MlflowClient
 from postgres_server import needs_postgres, postgres_server
 
-from deeprnn.flows.study_flow import sweep_study
+from deeprnn.flows.sweep_flow import sweep_lm
 from deeprnn.ops.cluster import dask_task_runner
 from deeprnn.search.optuna_study import StudySpec, create_or_continue, driver_url, open_storage
 from deeprnn.search.study_orphans import fail_orphaned_trials
@@ -96,12 +96,13 @@ def test_a_sweep_runs_its_trials_in_postgres(
 ) -> None:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     monkeypatch.setenv("DEEPRNN_OPTUNA_STORAGE", postgres_url)  # a URL with a password goes by the environment
-    summary: Any = sweep_study.with_options(task_runner=dask_task_runner(workers=1, use_gpus=False))(
+    summary: Any = sweep_lm.with_options(task_runner=dask_task_runner(workers=1, use_gpus=False))(
         space={"train.lr": [2.0, 0.5]},
         preset="smoke",
         data={"url": book_url, "sha1": BOOK_SHA1, "val_fraction": 0.1},
         model={"num_hiddens": 16},
         train={"device": "cpu", "max_steps": 20, "eval_every_steps": 10, "epochs": 100},
+        search="optuna",
         max_trials=1,
         pruner="none",
         study="pg-sweep",

@@ -72,7 +72,7 @@ def test_sweep_runs_trials_side_by_side_and_survives_a_failing_trial(worker_env:
     assert all(by_trial[i].info.status == "FINISHED" for i in (0, 1, 2))
 
     # Reported as failed, with the reason, while the sweep reports how many succeeded.
-    assert (result.trials_total, result.trials_succeeded, result.trials_failed) == (4, 3, 1)
+    assert (result.trials_total, result.trials_finished, result.trials_failed) == (4, 3, 1)
     reported = {t.index: t for t in result.trials}
     assert reported[3].status == "FAILED" and reported[3].run_id == failed.info.run_id
     assert reported[3].error.startswith("CorpusTooShortError") and "2049" in reported[3].error
@@ -95,7 +95,7 @@ def test_sweep_runs_trials_side_by_side_and_survives_a_failing_trial(worker_env:
     best = min((by_trial[i] for i in (0, 1, 2)), key=lambda r: r.data.metrics["test_perplexity"])
     assert parent.data.tags["best_trial_run_id"] == best.info.run_id == result.best.run_id
     assert parent.data.metrics["best_test_perplexity"] == pytest.approx(best.data.metrics["test_perplexity"])
-    assert (parent.data.metrics["trials_succeeded"], parent.data.metrics["trials_failed"]) == (3, 1)
+    assert (parent.data.metrics["trials_finished"], parent.data.metrics["trials_failed"]) == (3, 1)
     assert json.loads(parent.data.params["train.batch_size"]) == [8, 31]  # the space, on the parent
     versions = client.search_model_versions(f"name='{CORPUS_MODEL}'")
     assert [v.run_id for v in versions] == [best.info.run_id]
@@ -112,7 +112,7 @@ def test_sweep_runs_trials_side_by_side_and_survives_a_failing_trial(worker_env:
 
     artifact = Artifact.get("deeprnn-sweep-summary")
     assert artifact is not None and str(artifact.flow_run_id) == parent.data.tags["prefect.flow_run_id"]
-    assert "3 of 4 trials succeeded" in artifact.data
+    assert "3 of 4 trials finished" in artifact.data
     positions = [artifact.data.index(r.info.run_id) for r in finished + [failed]]
     assert positions == sorted(positions)
 
@@ -171,7 +171,7 @@ def test_cli_sweep_on_an_existing_cluster_gives_each_gpu_trial_the_gpu_worker(
             env={**cli_env, "PYTHONPATH": str(REPO)},
         )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 of 2 trials succeeded" in proc.stdout
+    assert "2 of 2 trials finished" in " ".join(proc.stdout.split())
     result = json.loads(out.read_text())
     client = MlflowClient(tracking_uri=cli_env["MLFLOW_TRACKING_URI"])
     children = _children(client, result["parent_run_id"])
@@ -188,7 +188,7 @@ def test_cli_sweep_refuses_bad_spaces_before_starting_anything(cli_env: dict[str
         (["--cell", "lstm,transformer"], "model.cell: Input should be 'lstm', 'gru'"),
         (["--param", "train.num_step=16,32"], "did you mean train.num_steps"),
         (["--lr", "0.5,1", "--num-layers", "1,2,3", "--max-trials", "4"], "the grid has 6 trials, more than 4"),
-        (["--preset", "smoke"], "nothing to sweep"),
+        (["--preset", "smoke"], "nothing to search"),
         (["--space", str(tmp_path / "missing.yaml")], "cannot read search space file"),
     ]
     for args, message in cases:

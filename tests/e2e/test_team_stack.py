@@ -188,7 +188,7 @@ def test_servers_keep_their_state_in_postgresql(team_stack: Any) -> None:
     }
     assert {"flow_run", "deployment", "work_pool", "automation"} <= tables
     deployments = {row[0] for row in query(team_stack, "prefect", "SELECT name FROM deployment")}
-    assert {"smoke", "evaluate", "d2l-9.3", "adaptive-sweep"} <= deployments
+    assert {"smoke", "evaluate", "d2l-9.3", "sweep"} <= deployments
     automations = {row[0] for row in query(team_stack, "prefect", "SELECT name FROM automation")}
     assert "deeprnn-crash-zombie-flow-runs" in automations  # `deeprnn setup-server` ran
     assert query(team_stack, "optuna", "SELECT current_database(), current_user") == [("optuna", "deeprnn")]

@@ -1,15 +1,15 @@
-"""Prefect tasks of an adaptive sweep: open (or continue) the Optuna study, and run one trial of it.
+"""The Prefect task of one sweep trial, on whichever Dask worker runs it.
 
-A trial asks the study for its values on the worker that runs it, trains them with the whole pipeline as a
-child MLflow run, reports its held-out perplexity to the study at every evaluation, and stops when the
-pruner says so: its run then ends KILLED, tagged with the step and the reason, its curve kept.
+A trial asks the sweep's Optuna study for its values (a grid or random sweep's next enqueued point, or TPE's
+draw), trains them with the whole pipeline as a child MLflow run, reports its held-out perplexity to the study
+at every evaluation, and stops when the pruner says so: its run then ends KILLED, tagged with the step and the
+reason, its curve kept. A failed trial is told to the study as FAIL, with its error, and raises.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,18 +18,9 @@ from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from deeprnn.ops import cluster
-from deeprnn.search.optuna_study import (
-    StudyError,
-    StudySpec,
-    check_space,
-    distributions,
-    is_local_storage,
-    make_pruner,
-    start_study,
-)
+from deeprnn.search.optuna_study import StudySpec, distributions, make_pruner
 from deeprnn.search.space import Trial, make_trial, parse_space
-from deeprnn.search.study_orphans import Cleanup, claim, heartbeat
+from deeprnn.search.study_orphans import claim, heartbeat
 from deeprnn.tasks.pipeline_tasks import run_pipeline
 from deeprnn.tasks.results_tasks import RunResult
 from deeprnn.tasks.step_watch import StepObserver, TrialPruned, watching
@@ -37,11 +28,13 @@ from deeprnn.tracking import runs, store
 from deeprnn.training.progress import StepStats
 
 RUN_ID_ATTR = "mlflow_run_id"  # the trial's MLflow run, on the Optuna trial
+PARENT_ATTR = "deeprnn.parent_run_id"  # the sweep (its parent MLflow run) that ran the trial
+ERROR_ATTR = "deeprnn.error"  # why a trial failed
 
 
 @dataclass
-class StudyTrialOutcome:
-    """What one trial of a study did: PRUNED (stopped at ``stopped_at_step``) or FINISHED with its result."""
+class TrialOutcome:
+    """What one trial did: PRUNED (stopped at ``steps``) or FINISHED with its result."""
 
     trial: Trial  # its index is the Optuna trial number
     status: str
@@ -53,42 +46,10 @@ class StudyTrialOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-@task(name="open-study", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def open_study(spec: StudySpec) -> int:
-    """Create the study, or continue the one of the same name and search; returns how many trials it holds.
-    Refuses a storage on this machine's disk when the Dask scheduler is on another machine."""
-    from prefect.context import FlowRunContext
-
-    check_space(spec.preset, spec.overrides, parse_space(spec.space))
-    context = FlowRunContext.get()
-    address = getattr(context.task_runner, "address", None) if context else None
-    if cluster.is_remote(address) and is_local_storage(spec.storage):
-        raise StudyError(
-            f"the Dask scheduler {address} is on another machine but the study lives in {spec.storage}, on this "
-            "machine's disk: give --storage a database every worker reaches, e.g. postgresql://user@db-host/optuna"
-        )
-    study, cleanup = start_study(spec, get_run_logger().warning)
-    _report_cleanup(spec, study, cleanup)
-    return len(study.trials)
-
-
-def _report_cleanup(spec: StudySpec, study: Any, cleanup: Cleanup) -> None:
-    """Log the study's trials by state, the orphaned ones just failed, and those still running elsewhere."""
-    logger = get_run_logger()
-    for number, reason in cleanup.failed:
-        logger.warning("trial %d of study %r was left RUNNING: marked FAIL (%s)", number, spec.name, reason)
-    if cleanup.left_running:
-        logger.info(
-            "trials %s of study %r are RUNNING: left alone (their process is alive, on another host, or not "
-            "recorded%s)", cleanup.left_running, spec.name,
-            f": no owner for {cleanup.no_owner}" if cleanup.no_owner else "",
-        )  # fmt: skip
-    states = Counter(t.state.name for t in study.get_trials(deepcopy=False))
-    finished = states["COMPLETE"] + states["PRUNED"] + states["FAIL"]
-    counts = f"{states['COMPLETE']} complete, {states['PRUNED']} pruned, {states['FAIL']} failed"
-    word = f"continuing study {spec.name!r} ({finished} finished trials: {counts})" if finished else (
-        f"new study {spec.name!r}" if not states else f"study {spec.name!r} (no finished trial yet)")  # fmt: skip
-    logger.info("%s in %s: sampler %s, pruner %s", word, spec.shown_storage, spec.sampler, spec.pruner)
+def error_text(exc: BaseException) -> str:
+    """``Type: first line of the message``, at most 300 characters: a failed trial's error in tables."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _objective(result: RunResult) -> float:
@@ -132,24 +93,24 @@ def _end_pruned(parent_run_id: str, number: int, exc: TrialPruned) -> str | None
     return child.run_id
 
 
-@task(name="run-study-trial", task_run_name="study-trial-{slot}", cache_policy=NO_CACHE)
-def run_study_trial(
+@task(name="run-trial", task_run_name="trial-{slot}", cache_policy=NO_CACHE)
+def run_trial(
     spec: StudySpec, slot: int, experiment: str, runs_dir: str, parent_run_id: str, tracking_uri: str
-) -> StudyTrialOutcome:
-    """One trial of the study (``slot``: its place among every trial the study has had, which seeds its
-    sampler): ask for values, train them as a child MLflow run, tell the study the value, or that it was
+) -> TrialOutcome:
+    """One trial of the sweep's study (``slot``: its place among every trial the study has had, which seeds
+    its sampler): ask for values, train them as a child MLflow run, tell the study the value, or that it was
     pruned, or that it failed (then raise)."""
     import optuna
     from prefect.runtime import task_run
 
-    store.use_tracking_uri(tracking_uri)
-    logger = get_run_logger()
+    store.use_tracking_uri(tracking_uri)  # the sweep's store, whatever this worker's environment says
     study = spec.load(seed_offset=slot)
     space = parse_space(spec.space)
     with warnings.catch_warnings():  # "heartbeat is meant for Study.optimize": we beat it ourselves
         warnings.simplefilter("ignore")
         asked = study.ask(distributions(space))
     claim(asked)  # this process owns the trial: a later sweep fails it once this process is gone
+    asked.set_user_attr(PARENT_ATTR, parent_run_id)
     values = {key: asked.params[key] for key in space.dims}
     tags = {"deeprnn.trial": str(asked.number), "prefect.task_run_id": str(task_run.get_id() or "")}
     tags["deeprnn.search.optuna_study"] = spec.name
@@ -167,9 +128,11 @@ def run_study_trial(
             if run_id:
                 asked.set_user_attr(RUN_ID_ATTR, run_id)
             study.tell(asked, state=optuna.trial.TrialState.PRUNED)
-            logger.info("trial %d %s", asked.number, exc)
-            return StudyTrialOutcome(trial, "PRUNED", run_id, exc.value, exc.step, reason=str(exc))
-        except BaseException:
+            get_run_logger().info("trial %d %s", asked.number, exc)
+            return TrialOutcome(trial, "PRUNED", run_id, exc.value, exc.step, reason=str(exc))
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                asked.set_user_attr(ERROR_ATTR, error_text(exc))
             study.tell(asked, state=optuna.trial.TrialState.FAIL)
             raise
     value = _objective(result)
@@ -177,7 +140,7 @@ def run_study_trial(
     study.tell(asked, value if math.isfinite(value) else None, state=_state(value))
     final = {k: v for k, v in result.metrics().items() if v is not None}
     steps = result.training.steps_done
-    return StudyTrialOutcome(trial, "FINISHED", result.run_id, value, steps, result, metrics=final)
+    return TrialOutcome(trial, "FINISHED", result.run_id, value, steps, result, metrics=final)
 
 
 def _state(value: float) -> Any:
