@@ -1,6 +1,6 @@
 """Adaptive search (Optuna TPE + ASHA pruning) against random search, side by side in one run.
 
-Both run through the real sweep flows (Prefect's temporary server, a local Dask cluster, a fresh MLflow sqlite
+Both run through the real sweep flow (Prefect's temporary server, a local Dask cluster, a fresh MLflow sqlite
 store), over the same search space, the same number of trials, the same seeds, on the book's characters.
 Trials are bounded by steps, not time, so the machine's load changes the wall times but not the results.
 
@@ -47,7 +47,7 @@ def sections(data: str, max_steps: int, eval_every: int) -> dict[str, Any]:
     }
 
 
-def run_random(args: argparse.Namespace, runner: Any) -> dict[str, Any]:
+def run_random(args: argparse.Namespace, runner: Any, folder: Path) -> dict[str, Any]:
     """Random search: ``--trials`` draws, every one trained to its step budget."""
     from deeprnn.flows.sweep_flow import sweep_lm
 
@@ -56,9 +56,10 @@ def run_random(args: argparse.Namespace, runner: Any) -> dict[str, Any]:
         space=SPACE,
         preset="d2l-9.3",
         **sections(args.data, args.max_steps, args.eval_every),
-        random_search=True,
+        search="random",
         max_trials=args.trials,
         seed=args.seed,
+        storage=str(folder / "studies.journal"),
         experiment="bench-random",
         register_best=False,
     )
@@ -68,7 +69,7 @@ def run_random(args: argparse.Namespace, runner: Any) -> dict[str, Any]:
             "trial": t.index,
             "values": t.values,
             "status": t.status,
-            "steps": int(t.metrics.get("steps_done", 0)),
+            "steps": int(t.metrics.get("steps", 0)),
             "val_perplexity": t.metrics.get("val_perplexity"),
         }
         for t in sorted(summary.trials, key=lambda t: t.index)
@@ -78,13 +79,14 @@ def run_random(args: argparse.Namespace, runner: Any) -> dict[str, Any]:
 
 def run_adaptive(args: argparse.Namespace, runner: Any, folder: Path) -> dict[str, Any]:
     """Optuna TPE with ASHA pruning: ``--trials`` trials, the ones falling behind stopped early."""
-    from deeprnn.flows.study_flow import sweep_study
+    from deeprnn.flows.sweep_flow import sweep_lm
 
     started = time.perf_counter()
-    summary = sweep_study.with_options(task_runner=runner)(
+    summary = sweep_lm.with_options(task_runner=runner)(
         space=SPACE,
         preset="d2l-9.3",
         **sections(args.data, args.max_steps, args.eval_every),
+        search="optuna",
         max_trials=args.trials,
         pruner="asha",
         seed=args.seed,
@@ -190,7 +192,7 @@ def main() -> None:
 
     with prefect_test_harness(server_startup_timeout=120):
         results = [
-            run_random(args, dask_task_runner(workers=args.workers, use_gpus=False)),
+            run_random(args, dask_task_runner(workers=args.workers, use_gpus=False), folder),
             run_adaptive(args, dask_task_runner(workers=args.workers, use_gpus=False), folder),
         ]
     text = markdown(results, args)
