@@ -87,16 +87,13 @@ def print_sweep(result: SweepSummary) -> None:
     metric = result.selection_metric
     print_line(f"MLflow parent run {result.parent_run_id} (ranked by {metric})")
     table = Table(show_header=True)
-    for column in ("trial", "status", metric, "steps"):
+    for column in ("trial", "status", metric):
         table.add_column(column)
     table.add_column("run id", no_wrap=True, min_width=32)  # whole: it is what `deeprnn run --resume` takes
-    table.add_column("note", overflow="fold")
+    table.add_column("note", overflow="fold")  # why a trial failed, or where the pruner stopped it
     for t in result.trials:
-        score, steps = t.metrics.get(metric), t.metrics.get("steps")
-        table.add_row(
-            t.name, t.status, "" if score is None else f"{score:.3f}", "" if steps is None else f"{int(steps):,}",
-            t.run_id or "", scrub(t.error or ""),
-        )  # fmt: skip
+        score = t.metrics.get(metric)
+        table.add_row(t.name, t.status, "" if score is None else f"{score:.3f}", t.run_id or "", scrub(t.error or ""))
     console.print(table)
     if result.best is not None:
         registered = result.best_model.registration if result.best_model else None

@@ -1,5 +1,6 @@
 """Sweeps on real Dask clusters (worker processes on 127.0.0.1) under Prefect's harness, tracked in a real
-sqlite MLflow store: trials overlap, one fails honestly, the best is rolled up; the CLI on an existing cluster."""
+sqlite MLflow store: trials overlap, one fails honestly, the best is rolled up, the same sweep again runs only
+what did not finish; the CLI on an existing cluster."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import optuna
 import pytest
 from corpora import CORPUS_MODEL
 from corpora import CORPUS_SHA1 as BOOK_SHA1  # the book's SHA-1, or the stand-in's without the book
@@ -22,6 +24,7 @@ from typer.testing import CliRunner
 from deeprnn.cli.app import app
 from deeprnn.flows.sweep_flow import sweep_lm
 from deeprnn.ops.cluster import ClusterConfigError, dask_task_runner, gpu_request
+from deeprnn.tasks.sweep_report import SweepFailedError
 
 pytestmark = pytest.mark.e2e
 
@@ -40,6 +43,12 @@ def _children(client: MlflowClient, parent_run_id: str) -> list[Any]:
     return client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
+def _journal(path: Path) -> Any:
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
 def _overlap(a: Any, b: Any) -> bool:
     return a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time
 
@@ -47,14 +56,9 @@ def _overlap(a: Any, b: Any) -> bool:
 def test_sweep_runs_trials_side_by_side_and_survives_a_failing_trial(worker_env: Path, book_url: str) -> None:
     # 2 x 2 grid; only batch 31 x 64 steps fails, at run time: it needs 2,049 training tokens, smoke has 2,000.
     space = {"train.num_steps": [16, 64], "train.batch_size": [8, 31]}
-    result = sweep_lm.with_options(task_runner=dask_task_runner(workers=2, use_gpus=False))(
-        space=space,
-        preset="smoke",
-        data={"url": book_url, "sha1": BOOK_SHA1},
-        model={"num_hiddens": 16},
-        train={"epochs": 2, "device": "cpu"},
-        experiment="sweep-check",
-    )
+    arguments: dict[str, Any] = dict(space=space, preset="smoke", data={"url": book_url, "sha1": BOOK_SHA1})
+    arguments.update(model={"num_hiddens": 16}, train={"epochs": 2, "device": "cpu"}, experiment="sweep-check")
+    result = sweep_lm.with_options(task_runner=dask_task_runner(workers=2, use_gpus=False))(**arguments)
     client = MlflowClient()
     parent_id = result.parent_run_id
     parent = client.get_run(parent_id)
@@ -115,6 +119,19 @@ def test_sweep_runs_trials_side_by_side_and_survives_a_failing_trial(worker_env:
     assert "3 of 4 trials finished" in artifact.data
     positions = [artifact.data.index(r.info.run_id) for r in finished + [failed]]
     assert positions == sorted(positions)
+
+    # Every sweep is an Optuna study (in optuna.journal here): the same sweep again continues it, running only
+    # the point that did not finish (it fails again), as trial 4 under a new parent run.
+    with pytest.raises(SweepFailedError, match="all 1 trials failed; the first error: CorpusTooShortError"):
+        sweep_lm.with_options(task_runner=dask_task_runner(workers=1, use_gpus=False))(**arguments)
+    study = optuna.load_study(study_name="sweep-check-grid", storage=_journal(worker_env / "optuna.journal"))
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3 + ["FAIL", "FAIL"]
+    assert study.trials[4].params == {"train.num_steps": 64, "train.batch_size": 31}
+    (second,) = [r for r in client.search_runs([parent.info.experiment_id]) if r.info.run_id != parent_id and
+                 "mlflow.parentRunId" not in r.data.tags]  # fmt: skip
+    (retried,) = _children(client, second.info.run_id)
+    assert retried.data.tags["deeprnn.trial"] == "4" and retried.data.params["train.batch_size"] == "31"
+    assert second.info.status == "FAILED" and second.data.params["sweep.study_trials_before"] == "4"
 
 
 def test_cli_sweep_on_an_existing_cluster_gives_each_gpu_trial_the_gpu_worker(

@@ -1,4 +1,5 @@
-"""The search space as Optuna distributions, and a study that continues only with the same search."""
+"""The search space as Optuna distributions, a study that continues only with the same search, and a grid or
+random sweep that continues with the points it has not finished."""
 
 from __future__ import annotations
 
@@ -6,8 +7,18 @@ from pathlib import Path
 
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
 
-from deeprnn.search.optuna_study import StudyError, StudySpec, check_space, create_or_continue, distributions
+from deeprnn.search.optuna_study import (
+    StudyError,
+    StudySpec,
+    check_space,
+    check_storage,
+    create_or_continue,
+    distributions,
+    enqueue_points,
+    study_spec,
+)
 from deeprnn.search.space import parse_space
 
 
@@ -43,3 +54,35 @@ def test_the_same_study_name_continues_only_the_same_search(tmp_path: Path) -> N
     other = StudySpec("s", storage, {"train.lr": [0.5, 2]}, "smoke", {})
     with pytest.raises(StudyError, match="holds trials of another search"):
         create_or_continue(other)
+
+
+@pytest.mark.parametrize("search", ["grid", "random"])
+def test_a_grid_or_random_sweep_run_again_runs_only_the_points_it_has_not_finished(search: str, tmp_path: Path) -> None:
+    space = {"train.lr": [0.5, 1, 2], "model.num_hiddens": [8, 16]}
+    max_trials = 4 if search == "random" else None
+    spec = study_spec(space, "smoke", {}, search, max_trials, storage=str(tmp_path / "studies.journal"))
+    points = spec.points()
+    assert len(points) == (4 if search == "random" else 6) and len({str(p) for p in points}) == len(points)
+    if search == "grid":  # every combination, the last field varying fastest
+        assert points[:2] == [{"train.lr": 0.5, "model.num_hiddens": 8}, {"train.lr": 0.5, "model.num_hiddens": 16}]
+    assert spec.sampler == {"grid": "grid", "random": "random"}[search] and spec.pruner == "none"
+    study = create_or_continue(spec)
+    assert enqueue_points(study, spec) == len(points)
+    # Trials take the points in order, whichever worker asks.
+    dims = distributions(parse_space(space))
+    first, second = study.ask(dims), study.ask(dims)
+    assert (first.number, first.params, second.params) == (0, points[0], points[1])
+    study.tell(first, 3.0)
+    study.tell(second, state=TrialState.FAIL)
+    # Stopped there; run again: the failed point is enqueued again, the ones still waiting are not enqueued twice.
+    again = create_or_continue(spec)
+    assert enqueue_points(again, spec) == len(points) - 1
+    waiting = [t.system_attrs["fixed_params"] for t in again.get_trials(states=(TrialState.WAITING,))]
+    assert sorted(map(str, waiting)) == sorted(map(str, points[1:]))
+    for _ in waiting:
+        again.tell(again.ask(dims), 2.0)
+    with pytest.raises(StudyError, match="has finished every point of this .* search: nothing is left to run"):
+        check_storage(spec)
+    # Another seed draws other points: a random sweep is the same search only with the same seed's draws.
+    if search == "random":
+        assert study_spec(space, "smoke", {}, search, max_trials, seed=1).points() != points
