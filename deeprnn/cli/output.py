@@ -103,9 +103,9 @@ def print_sweep(result: SweepSummary) -> None:
         )
     console.print(
         f"{result.trials_finished} of {result.trials_total} trials finished, {result.trials_pruned} pruned, "
-        f"{result.trials_failed} failed ({result.steps_total:,} training steps); the study holds "
-        f"{result.study_trials} finished trials"
+        f"{result.trials_failed} failed ({result.steps_total:,} training steps)"
     )
+    console.print(f"the study holds {result.study_trials} finished trials")
     if result.study_best_trial is not None:
         print_line(f"study best: trial {result.study_best_trial}, {result.study_best_value:.3f}, "
                    f"{result.study_best_params}")  # fmt: skip

@@ -110,8 +110,8 @@ Storage = Annotated[
 ]
 Study = Annotated[
     Optional[str],
-    typer.Option("--study", help="The study's name (default: EXPERIMENT-SEARCH); the same name and search "
-                 "continues it."),
+    typer.Option("--study", help="The study's name (default: the experiment, the search and a digest of it: "
+                 "the same sweep again continues it)."),
 ]  # fmt: skip
 RegisterBest = Annotated[
     bool, typer.Option("--register-best/--no-register-best", help="Register the best trial's model.")

@@ -95,7 +95,8 @@ def sweep_lm(
         pruner: optuna only: asha (asynchronous successive halving), median (below the median at the same step)
             or none.
         seed: Seed of the random draws, or of TPE.
-        study: The study's name; the same name and search continues it. Empty: EXPERIMENT-SEARCH.
+        study: The study's name; the same name and search continues it. Empty: EXPERIMENT-SEARCH-DIGEST, the
+            digest of the search, so the same sweep again continues its study.
         storage: Where the study lives: an RDB URL (sqlite:///studies.db, postgresql://...) or a journal file; a URL
             with a password as secret:NAME, the Secret block NAME holding it. Empty: DEEPRNN_OPTUNA_STORAGE, else
             optuna.journal in the folder the flow runs in.

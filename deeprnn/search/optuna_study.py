@@ -13,6 +13,8 @@ grid or random sweep runs the points it has not finished, an adaptive one adds t
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import warnings
@@ -260,14 +262,18 @@ def study_spec(
     experiment: str = "deeprnn-sweep",
 ) -> StudySpec:
     """The study to run, every input checked (names, space, its ends as configurations, and every point of a
-    grid or random sweep), nothing opened yet. ``study``: its name, by default ``EXPERIMENT-SEARCH``."""
+    grid or random sweep), nothing opened yet. ``study``: its name; by default ``EXPERIMENT-SEARCH-DIGEST``, the
+    digest of the search (``StudySpec.signature``): the same sweep again continues its study, another starts its
+    own."""
     check_names(search, pruner)
     search_space = parse_space(space)
     check_space(preset, sections, search_space)
     overrides = {k: section_values(v) for k, v in sections.items() if section_values(v)}
     pruner = pruner if search == "optuna" else "none"  # grid and random trials run to their end
-    name = study or f"{experiment}-{search}"
-    spec = StudySpec(name, storage, space, preset, overrides, search, pruner, seed, max_trials)
+    spec = StudySpec(study or "", storage, space, preset, overrides, search, pruner, seed, max_trials)
+    if not study:
+        digest = hashlib.sha1(spec.signature().encode()).hexdigest()[:8]
+        spec = dataclasses.replace(spec, name=f"{experiment}-{search}-{digest}")
     for index, point in enumerate(spec.points()):  # a grid or random sweep: each of its trials is valid
         make_trial(preset, overrides, search_space, index, point)
     return spec

@@ -124,7 +124,10 @@ def test_sweep_runs_trials_side_by_side_and_survives_a_failing_trial(worker_env:
     # the point that did not finish (it fails again), as trial 4 under a new parent run.
     with pytest.raises(SweepFailedError, match="all 1 trials failed; the first error: CorpusTooShortError"):
         sweep_lm.with_options(task_runner=dask_task_runner(workers=1, use_gpus=False))(**arguments)
-    study = optuna.load_study(study_name="sweep-check-grid", storage=_journal(worker_env / "optuna.journal"))
+    journal = _journal(worker_env / "optuna.journal")
+    (name,) = optuna.get_all_study_names(journal)  # named after the experiment, the search and its digest
+    assert name.startswith("sweep-check-grid-")
+    study = optuna.load_study(study_name=name, storage=journal)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3 + ["FAIL", "FAIL"]
     assert study.trials[4].params == {"train.num_steps": 64, "train.batch_size": 31}
     (second,) = [r for r in client.search_runs([parent.info.experiment_id]) if r.info.run_id != parent_id and

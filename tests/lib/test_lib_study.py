@@ -83,6 +83,11 @@ def test_a_grid_or_random_sweep_run_again_runs_only_the_points_it_has_not_finish
         again.tell(again.ask(dims), 2.0)
     with pytest.raises(StudyError, match="has finished every point of this .* search: nothing is left to run"):
         check_storage(spec)
+    # The default name follows the search: the same sweep again gets its study, another sweep a study of its own.
+    assert spec.name.startswith(f"deeprnn-sweep-{search}-")
+    assert study_spec(space, "smoke", {}, search, max_trials, storage=spec.storage).name == spec.name
+    other = study_spec({**space, "train.epochs": 7}, "smoke", {}, search, max_trials, storage=spec.storage)
+    assert other.name != spec.name and check_storage(other) is None
     # Another seed draws other points: a random sweep is the same search only with the same seed's draws.
     if search == "random":
         assert study_spec(space, "smoke", {}, search, max_trials, seed=1).points() != points
