@@ -76,30 +76,23 @@ def sweep_lm(
     registered_model: RegisteredModelField = None,
 ) -> SweepSummary:
     """A search over a space such as ``{"model.cell": ["lstm", "gru"], "train.lr": [0.5, 1, 2]}``, as an Optuna
-    study: every trial trains from the preset with the sections' fields (see ``deeprnn.flows.parameters``) and
-    its own values, as a child MLflow run; the best trial's model is registered.
+    study: every trial trains from the preset with the sections' fields and its own values, as a child MLflow run.
 
     Args:
-        space: Configuration fields to search, e.g. {"model.cell": ["lstm", "gru"], "train.lr": [0.5, 1, 2]}:
-            a list is a choice, {low, high, log} a range (random and optuna search).
+        space: Fields to search, e.g. {"model.cell": ["lstm", "gru"], "train.lr": [0.5, 1, 2]}: a list is a choice,
+            {low, high, log} a range (random and optuna search).
         preset: Named configuration every trial starts from.
         data: Corpus and split settings for every trial; the fields set replace the preset's.
         model: Cell type, depth and width for every trial; the space's values replace these.
-        train: Training settings for every trial; the space's values replace these. For optuna, bound trials
-            by max_steps and evaluate with eval_every_steps so the pruner sees their curves.
+        train: Training settings for every trial; for optuna, bound trials by max_steps and evaluate with
+            eval_every_steps so the pruner sees their curves.
         sample: Text generation settings; the fields set replace the preset's.
-        search: grid (every combination), random (max_trials seeded draws) or optuna (TPE, trials that fall
-            behind stopped early by the pruner).
-        max_trials: grid: the most trials (a larger grid is refused); random: the draws (10 if empty); optuna:
-            the trials this run adds to the study (10 if empty).
-        pruner: optuna only: asha (asynchronous successive halving), median (below the median at the same step)
-            or none.
+        search: grid (every combination), random (max_trials draws) or optuna (TPE, laggards pruned).
+        max_trials: grid: the most trials; random: the draws; optuna: the trials this run adds. Empty: all, 10, 10.
+        pruner: optuna only: asha (successive halving), median (below the median at the same step) or none.
         seed: Seed of the random draws, or of TPE.
-        study: The study's name; the same name and search continues it. Empty: EXPERIMENT-SEARCH-DIGEST, the
-            digest of the search, so the same sweep again continues its study.
-        storage: Where the study lives: an RDB URL (sqlite:///studies.db, postgresql://...) or a journal file; a URL
-            with a password as secret:NAME, the Secret block NAME holding it. Empty: DEEPRNN_OPTUNA_STORAGE, else
-            optuna.journal in the folder the flow runs in.
+        study: The study's name; the same name and search continues it. Empty: EXPERIMENT-SEARCH-DIGEST.
+        storage: The study's RDB URL or journal file; secret:NAME: in Secret block NAME. Empty: DEEPRNN_OPTUNA_STORAGE.
         experiment: MLflow experiment of the parent and trial runs. Empty: deeprnn-sweep.
         runs_dir: Folder for checkpoints on each worker, one subfolder per trial.
         register_best: Register the best trial's model.
@@ -116,8 +109,7 @@ def sweep_lm(
     earlier, planned = open_study(spec)
     strategy: dict[str, Any] = {"strategy": search, "sampler": spec.sampler, "pruner": spec.pruner, "seed": seed}
     strategy.update(max_trials=max_trials, study=spec.name, storage=spec.shown_storage, study_trials_before=earlier)
-    if search == "optuna":
-        strategy["startup_trials"] = STARTUP_TRIALS
+    strategy.update({"startup_trials": STARTUP_TRIALS} if search == "optuna" else {})
     parent_run_id = start_sweep_tracking(first, parse_space(space), strategy, experiment, planned)
     request = gpu_request(first.config.train.device, cluster_gpus())
     with runs.run_status(parent_run_id):  # the parent run ends FAILED only if no trial finished

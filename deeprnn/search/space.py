@@ -268,29 +268,12 @@ def trial_name(index: int, values: Mapping[str, Any]) -> str:
     return f"trial-{index}" + (f" {shown}" if shown else "")
 
 
-def plan_trials(
-    preset: str,
-    overrides: Mapping[str, Any] | None,
-    space: SearchSpace,
-    random_search: bool = False,
-    max_trials: int | None = None,
-    seed: int = 0,
-) -> list[Trial]:
-    """Every trial's configuration: ``preset``, then ``overrides`` (``{section: {field: value}}``, a section
-    may be a section model, whose set fields count, or None), then the space's fixed values, then the trial's
-    own. All are validated here, before any trial runs."""
-    return [
-        make_trial(preset, overrides, space, index, values)
-        for index, values in enumerate(expand(space, random_search, max_trials, seed))
-    ]
-
-
 def make_trial(
     preset: str, overrides: Mapping[str, Any] | None, space: SearchSpace, index: int, values: Mapping[str, Any]
 ) -> Trial:
-    """Trial ``index`` with the varied ``values``: ``preset``, then ``overrides`` (as for ``plan_trials``), then
-    the space's fixed values, then ``values``; ``SearchSpaceError`` saying why when that is not a valid
-    configuration."""
+    """Trial ``index`` with the varied ``values``: ``preset``, then ``overrides`` (``{section: {field: value}}``,
+    a section may be a section model, whose set fields count, or None), then the space's fixed values, then
+    ``values``; ``SearchSpaceError`` saying why when that is not a valid configuration."""
     given: dict[str, dict[str, Any]] = {}
     for section, section_model in (overrides or {}).items():
         if section_values(section_model):

@@ -166,6 +166,29 @@ def _save_plots(study: Any, folder: Path, log: Callable[[str], None]) -> list[Pa
     return saved
 
 
+def _log_study(
+    spec: StudySpec, study: Any, parent_run_id: str, results: list[TrialResult], log: Callable[[str], None]
+) -> tuple[int | None, float | None, dict[str, Any]]:
+    """The study and this sweep's trials on the parent run: the study's best trial (``study_best_value``,
+    ``deeprnn.study.best_*`` tags, ``study.json``), ``trials.csv`` and ``trials.md``, Optuna's pictures under
+    ``study/``. Returns the study's best trial number, value and parameters."""
+    number, value, params = _study_best(study)
+    if number is not None and value is not None:
+        metrics.log_metrics(parent_run_id, {"study_best_value": value})
+        best_run = study.trials[number].user_attrs.get(RUN_ID_ATTR, "")
+        tags = {"deeprnn.study.best_trial": number, "deeprnn.study.best_run_id": best_run}
+        runs.set_tags(parent_run_id, {**tags, **{f"deeprnn.study.best.{k}": v for k, v in params.items()}})
+    facts = {"study": spec.name, "storage": spec.shown_storage, "best_trial": number, "best_value": value}
+    texts = {"study.json": json.dumps({**facts, "best_params": params}, indent=1, default=str)}
+    texts.update({"trials.csv": table_csv(results), "trials.md": table_markdown(results, runs.run_url) + "\n"})
+    with tempfile.TemporaryDirectory(prefix="deeprnn-study-") as folder:
+        pictures = _save_plots(study, Path(folder), log)
+        runs.log_texts(parent_run_id, texts)
+        for picture in pictures:
+            MlflowClient().log_artifact(parent_run_id, str(picture), "study")
+    return number, value, params
+
+
 def _study_best(study: Any) -> tuple[int | None, float | None, dict[str, Any]]:
     finished = [t for t in study.get_trials(deepcopy=False) if t.value is not None and t.state.name == "COMPLETE"]
     if not finished:
@@ -218,21 +241,7 @@ def summarize_sweep(
     steps = sum(o.steps for o in outcomes if isinstance(o, TrialOutcome))
     finished_in_study = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
     metrics.log_metrics(parent_run_id, {**counts, "trials_steps": steps, "study_trials": finished_in_study})
-    number, value, params = _study_best(study)
-    facts = {"study": spec.name, "storage": spec.shown_storage, "best_trial": number, "best_value": value}
-    facts["best_params"] = params
-    if number is not None and value is not None:
-        metrics.log_metrics(parent_run_id, {"study_best_value": value})
-        best_run = study.trials[number].user_attrs.get(RUN_ID_ATTR, "")
-        tags = {"deeprnn.study.best_trial": number, "deeprnn.study.best_run_id": best_run}
-        runs.set_tags(parent_run_id, {**tags, **{f"deeprnn.study.best.{k}": v for k, v in params.items()}})
-    table = table_markdown(results, runs.run_url)
-    texts = {"study.json": json.dumps(facts, indent=1, default=str), "trials.csv": table_csv(results)}
-    with tempfile.TemporaryDirectory(prefix="deeprnn-study-") as folder:
-        pictures = _save_plots(study, Path(folder), logger.warning)
-        runs.log_texts(parent_run_id, {**texts, "trials.md": table + "\n"})
-        for picture in pictures:
-            MlflowClient().log_artifact(parent_run_id, str(picture), "study")
+    number, value, params = _log_study(spec, study, parent_run_id, results, logger.warning)
     summary = _summary_markdown(spec, parent_run_id, results, metric)
     create_markdown_artifact(summary, key="deeprnn-sweep-summary", description="deeprnn sweep summary")
 

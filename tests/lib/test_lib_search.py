@@ -8,14 +8,21 @@ import pytest
 
 from deeprnn.search.space import (
     Range,
+    SearchSpace,
     SearchSpaceError,
+    Trial,
     expand,
     field_path,
     load_space,
+    make_trial,
     parse_space,
     parse_values,
-    plan_trials,
 )
+
+
+def plan_trials(preset: str, overrides: dict | None, space: SearchSpace) -> list[Trial]:
+    """Every grid point of ``space`` as a trial, as a grid sweep's study enqueues them."""
+    return [make_trial(preset, overrides, space, index, values) for index, values in enumerate(expand(space))]
 
 
 def test_field_names_resolve_to_section_paths() -> None:
@@ -95,7 +102,7 @@ def test_random_search_samples_ranges_within_bounds() -> None:
     assert {d["model.cell"] for d in draws} == {"lstm", "gru"}
 
 
-def test_plan_trials_layers_preset_overrides_fixed_and_trial_values() -> None:
+def test_trials_layer_preset_overrides_fixed_and_trial_values() -> None:
     space = parse_space({"cell": ["lstm", "gru"], "train.epochs": 2})
     trials = plan_trials("smoke", {"train": {"epochs": 5, "device": "cpu"}, "model": None}, space)
     assert [t.config.model.cell for t in trials] == ["lstm", "gru"]
