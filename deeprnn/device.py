@@ -21,11 +21,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     never a silent fallback: a run meant for the GPU must not quietly take hours on the CPU.
     """
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise DeviceUnavailableError(

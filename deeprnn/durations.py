@@ -6,8 +6,11 @@ from __future__ import annotations
 import math
 import re
 
-_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)?", re.IGNORECASE)
-_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, None: 1.0}
+_NUMBER = r"\d+(?:\.\d+)?"
+# A plain number, or one or more numbers each with its unit (repeats add up).
+_DURATION = re.compile(rf"{_NUMBER}|(?:{_NUMBER}\s*[hms]\s*)+")
+_PART = re.compile(rf"({_NUMBER})\s*([hms]?)")
+_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "": 1.0}
 # A time budget is planned from the throughput measured in its first seconds: below a second there is nothing
 # to plan. Thirty days is far beyond any run this pipeline makes.
 MIN_BUDGET = 1.0
@@ -31,17 +34,9 @@ def parse_duration(value: object) -> object:
     if not isinstance(value, str):
         return value
     text = value.strip().lower()
-    pos, total, units = 0, 0.0, []
-    for match in _PART.finditer(text):
-        if match.start() != pos and text[pos : match.start()].strip():
-            break
-        unit = match.group(2).lower() if match.group(2) else None
-        units.append(unit)
-        total += float(match.group(1)) * _SECONDS[unit]
-        pos = match.end()
-    if not units or text[pos:].strip() or (len(units) > 1 and None in units):
+    if not _DURATION.fullmatch(text):
         raise DurationError(f"{value!r} is not a duration: write e.g. {DURATION_FORMS}")
-    return total
+    return sum(float(number) * _SECONDS[unit] for number, unit in _PART.findall(text))
 
 
 def parse_budget(value: object) -> float | None:

@@ -51,19 +51,15 @@ def loss_sum(
     total = torch.zeros((), device=device, dtype=torch.float64)
     step = piece_steps(x.shape[0], model.vocab_size, chunk)
     for start in range(0, x.shape[1], step):
-        if deadline is not None and start and _now(device) >= deadline:
-            return total, y[:, :start].numel()
+        if deadline is not None and start:
+            synchronize(device)  # a deadline means device time: the clock is read once queued work is done
+            if time.perf_counter() >= deadline:
+                return total, y[:, :start].numel()
         xs = x[:, start : start + step].to(device=device, dtype=torch.long)  # (R, t)
         ys = y[:, start : start + step].to(device=device, dtype=torch.long)
         logits, state = model(xs, state)  # (t*R, V)
         total += F.cross_entropy(logits, ys.T.reshape(-1), reduction="sum").to(torch.float64)
     return total, y.numel()
-
-
-def _now(device: torch.device) -> float:
-    """The host's clock once the device has done what it was given (a deadline means device time)."""
-    synchronize(device)
-    return time.perf_counter()
 
 
 def perplexity(

@@ -19,7 +19,7 @@ import torch
 from deeprnn.config import SampleConfig
 from deeprnn.data.normalize import normalize_prefix
 from deeprnn.data.vocab import Vocab
-from deeprnn.model import RNNLM, State
+from deeprnn.model import RNNLM, State, state_tensors
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _select_rows(state: State, rows: torch.Tensor) -> State:
 
 def _put_rows(dst: State, rows: torch.Tensor, src: State) -> None:
     """Write ``src`` (a group's state) into rows ``rows`` of the batch state ``dst``, in place."""
-    for d, s in zip(dst if isinstance(dst, tuple) else (dst,), src if isinstance(src, tuple) else (src,)):
+    for d, s in zip(state_tensors(dst), state_tensors(src)):
         d[:, rows] = s
 
 
@@ -236,12 +236,7 @@ def check_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
         name = str(first["loc"][0])
         zero = " (or 0: greedy)" if name == "temperature" else " (or 0: no top-k filter)" if name == "top_k" else ""
         raise GenerationRequestError(f"param {name}={values[name]!r}: {first['msg'].lower()}{zero}") from None
-    return {
-        "num_chars": checked.num_chars,
-        "temperature": checked.temperature,
-        "top_k": checked.top_k,
-        "seed": checked.seed,
-    }
+    return checked.model_dump(include=set(_PARAM_FIELDS))
 
 
 def check_prefixes(prefixes: Sequence[Any], vocab: Vocab, token: Token = "char", normalize: str = "none") -> list[str]:
@@ -353,7 +348,7 @@ def measure_speed(model: RNNLM, rows: int = 1024, repeats: int = 3) -> Generatio
     def warm_up(batch: int, positions: int) -> float:
         def run() -> None:
             state, _ = _warm_up(model, [[0] * (positions + 1)] * batch, device)
-            (state[0] if isinstance(state, tuple) else state).sum().item()  # waits for the device
+            state_tensors(state)[0].sum().item()  # waits for the device
 
         return _fastest_seconds(run, repeats) / positions
 

@@ -68,24 +68,26 @@ class RNNLM(nn.Module):
         return h
 
 
+def state_tensors(state: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The tensors of a state: ``(h, c)`` for an LSTM, ``(h,)`` otherwise."""
+    return state if isinstance(state, tuple) else (state,)
+
+
 def detach_state(state: State) -> State:
     """Cut the graph behind a carried state (truncated back-propagation through time)."""
     if isinstance(state, tuple):
-        h, c = state
-        return h.detach(), c.detach()
+        return state[0].detach(), state[1].detach()
     return state.detach()
 
 
-def copy_state_(dst: State, src: State) -> None:
-    """Copy ``src`` into the buffers of ``dst`` in place (keeps addresses stable for CUDA graphs)."""
-    if isinstance(dst, tuple):
-        for d, s in zip(dst, src):
-            d.copy_(s)
-    elif isinstance(src, torch.Tensor):
-        dst.copy_(src)
+def copy_state_(dst: State, src: State | tuple[torch.Tensor, ...]) -> None:
+    """Copy ``src`` (a state, or its ``state_tensors``) into the buffers of ``dst`` in place (keeps addresses
+    stable for CUDA graphs)."""
+    for d, s in zip(state_tensors(dst), state_tensors(src)):
+        d.copy_(s)
 
 
 def zero_state_(state: State) -> None:
     """Reset a state to zeros in place."""
-    for s in state if isinstance(state, tuple) else (state,):
+    for s in state_tensors(state):
         s.zero_()

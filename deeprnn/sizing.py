@@ -166,11 +166,10 @@ def weights(vocab_size: int, model: ModelConfig) -> int:
     """The number of trained weights of ``model`` over ``vocab_size`` tokens (embedding, layers, output)."""
     gates = {"lstm": 4, "gru": 3, "rnn": 1}[model.cell]
     inputs = model.embedding_dim or vocab_size
-    total = vocab_size * model.embedding_dim if model.embedding_dim else 0
-    for layer in range(model.num_layers):
-        width_in = inputs if layer == 0 else model.num_hiddens
-        total += gates * model.num_hiddens * (width_in + model.num_hiddens + 2)
-    return total + model.num_hiddens * vocab_size + vocab_size
+    embedding = vocab_size * model.embedding_dim if model.embedding_dim else 0
+    widths_in = [inputs] + [model.num_hiddens] * (model.num_layers - 1)
+    layers = sum(gates * model.num_hiddens * (width_in + model.num_hiddens + 2) for width_in in widths_in)
+    return embedding + layers + model.num_hiddens * vocab_size + vocab_size
 
 
 def size_model(

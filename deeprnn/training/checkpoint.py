@@ -60,18 +60,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
     try:
         write_atomic(path, data)
     except OSError as exc:
-        raise _disk_full(exc, path, data) from None
-
-
-def _disk_full(exc: OSError, path: Path, data: bytes) -> OSError:
-    """``exc`` as one clear ``CheckpointDiskFullError`` when the disk is full (or over quota), else as it is."""
-    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-        return exc
-    return CheckpointDiskFullError(
-        exc.errno,
-        f"no space left to write checkpoint {path} ({len(data):,} bytes): free space on that disk, or give "
-        "--runs-dir a folder on another one; the previous checkpoint there is kept whole",
-    )
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):  # a full disk (or quota) gets one clear message
+            raise
+        raise CheckpointDiskFullError(
+            exc.errno,
+            f"no space left to write checkpoint {path} ({len(data):,} bytes): free space on that disk, or give "
+            "--runs-dir a folder on another one; the previous checkpoint there is kept whole",
+        ) from None
 
 
 def save(path: Path, payload: dict[str, Any]) -> Path:

@@ -52,8 +52,7 @@ class _Pending:
     """An epoch (or its part trained) whose results are still on the device."""
 
     epoch: int
-    loss: torch.Tensor  # mean training loss of the epoch (or of its part trained), on the device
-    loss_sum: torch.Tensor  # the summed loss behind it, on the device
+    loss_sum: torch.Tensor  # summed training loss of the epoch (or of its part trained), on the device
     start: Any
     end: Any
     tokens: int
@@ -70,6 +69,7 @@ class _Run:
     on_epoch: Callable[[EpochStats], None] | None
     on_checkpoint: Callable[[int], None] | None
     on_step: Callable[[StepStats], None] | None
+    stop_requested: Callable[[], object] | None  # not None when the run must stop (e.g. a signal)
     schedule: Schedule
     reporter: Reporter
     t_start: float
@@ -78,7 +78,6 @@ class _Run:
     last_sync: float = 0.0
     drained_loss_sum: float = 0.0  # summed loss and minibatches of the last epoch read back
     drained_batches: int = 0
-    stop_requested: Callable[[], object] | None = None  # not None when the run must stop (e.g. a signal)
 
 
 class Trainer:
@@ -160,8 +159,7 @@ class Trainer:
         self._schedule, now = schedule, time.perf_counter()
         planned = schedule.planned if cfg.time_budget is not None else cfg.max_steps
         reporter = Reporter(cfg.epochs, planned, cfg.batch_size * cfg.num_steps, self.step)
-        run = _Run(on_epoch, on_checkpoint, on_step, schedule, reporter, now, last_sync=now)
-        run.stop_requested = stop_requested
+        run = _Run(on_epoch, on_checkpoint, on_step, stop_requested, schedule, reporter, now, last_sync=now)
         try:
             while not schedule.finished(self.epoch, self.step):
                 self._run_epoch(self.epoch + 1, run)
@@ -194,7 +192,7 @@ class Trainer:
             evaluations=self.best.evaluations,
         )
 
-    def _begin_epoch(self, epoch: int) -> EpochBatches:
+    def _begin_epoch(self, epoch: int) -> tuple[EpochBatches, Position]:
         """Draw the epoch's minibatches and reset (or, resuming inside it, restore) the carried state."""
         cfg = self.cfg
         resume, self._resume = self._resume, None
@@ -208,7 +206,7 @@ class Trainer:
         self.train_step.loss_sum.zero_()
         first = restore_position(resume, self.train_step) if resume is not None else 0
         self._pos = Position(epoch, first, len(batches), rng_before)
-        return batches
+        return batches, self._pos
 
     def _run_epoch(self, epoch: int, run: _Run) -> None:
         """Train one epoch (or its rest, or until the step budget is spent), reporting as it goes."""
@@ -216,9 +214,7 @@ class Trainer:
         schedule = run.schedule
         lr = schedule.lr(epoch)
         step.set_lr(lr)
-        batches = self._begin_epoch(epoch)
-        pos = self._pos
-        assert pos is not None
+        batches, pos = self._begin_epoch(epoch)
         first = pos.batch
         run.reporter.begin_epoch(float(step.loss_sum) if first else 0.0, first)
         start = self.clock.mark()
@@ -241,10 +237,7 @@ class Trainer:
         done = pos.batch
         tokens = (done - first) * cfg.batch_size * cfg.num_steps
         partial = done < pos.batches
-        loss_sum = step.loss_sum
-        run.pending.append(
-            _Pending(epoch, loss_sum / done, loss_sum.clone(), start, end, tokens, lr, self.step, done, partial)
-        )
+        run.pending.append(_Pending(epoch, step.loss_sum.clone(), start, end, tokens, lr, self.step, done, partial))
         if not partial:
             self.epoch, self._pos = epoch, None
         self._end_epoch(epoch, partial, run)
@@ -302,18 +295,15 @@ class Trainer:
     def _drain(self, run: _Run, evaluate: bool) -> list[EpochStats]:
         """Read the pending epochs' losses and times back (one sync), check them, evaluate if due, report."""
         pending, run.pending = run.pending, []
-        values = torch.stack([t for p in pending for t in (p.loss, p.loss_sum)]).tolist()  # the only sync
+        values = torch.stack([t for p in pending for t in (p.loss_sum / p.batches, p.loss_sum)]).tolist()  # one sync
         self.clock.sync()
         stats = []
         for k, p in enumerate(pending):
             loss = values[2 * k]
             check_loss(p.epoch, loss)
             seconds = max(self.clock.seconds(p.start, p.end), 1e-9)
-            stats.append(
-                EpochStats(
-                    p.epoch, perplexity_from_loss(loss), p.tokens / seconds, seconds, p.lr, None, p.step, p.partial
-                )
-            )
+            ppl = perplexity_from_loss(loss)
+            stats.append(EpochStats(p.epoch, ppl, p.tokens / seconds, seconds, p.lr, None, p.step, p.partial))
         run.drained_loss_sum, run.drained_batches = values[-1], pending[-1].batches
         if evaluate and self.heldout_ids is not None:
             self._record_heldout(stats[-1], run.schedule)

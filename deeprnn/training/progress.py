@@ -79,10 +79,6 @@ class StepStats:
     heldout_perplexity: float | None = None  # measured at this step
     epoch_end: bool = False  # reported at the end of ``epoch`` (else inside it)
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return asdict(self)
-
 
 def progress_line(s: StepStats) -> str:
     """``step 120/900 (13%), epoch 2/10, batch 40/90: train ppl 8.123, held-out ppl 9.01, 25,000 tokens/s,

@@ -96,11 +96,15 @@ class Schedule:
 
     def __post_init__(self) -> None:
         cfg = self.cfg
-        bounds = [cfg.epochs * self.batches_per_epoch] if self.batches_per_epoch else []
-        self.planned = min([*bounds, *([cfg.max_steps] if cfg.max_steps is not None else [])] or [10**12])
+        self.planned = self._bound
         self.eval_interval = cfg.eval_every_steps
         if self.eval_interval is None and cfg.evaluations and cfg.time_budget is None:
             self.eval_interval = self._spread(self.planned)
+
+    @property
+    def _bound(self) -> int:
+        """The global step the epochs and ``max_steps`` end training at (10**12 when neither is known)."""
+        return min(self.cfg.epochs * self.batches_per_epoch or 10**12, self.cfg.max_steps or 10**12)
 
     # ----- budgets ------------------------------------------------------------------------------------
     @property
@@ -165,15 +169,12 @@ class Schedule:
     def _plan(self, step: int, now: float, deadline: float) -> None:
         """The planned steps and the evaluations' spread from the measured seconds a step."""
         assert self._step_seconds is not None
-        static = self.cfg.epochs * self.batches_per_epoch if self.batches_per_epoch else 10**12
-        if self.cfg.max_steps is not None:
-            static = min(static, self.cfg.max_steps)
         left = max(deadline - now - self._reserve(), 0.0)
         cost = self.eval_cost()
         per_step = self._step_seconds  # and a share of each periodic evaluation still to come
         if self.evaluates and self.eval_interval:
             per_step += cost / self.eval_interval
-        self.planned = max(step + 1, min(static, step + int(left / per_step)))
+        self.planned = max(step + 1, min(self._bound, step + int(left / per_step)))
         if self.cfg.evaluations and self.cfg.eval_every_steps is None:
             affordable = int(_EVAL_SHARE * (self.cfg.time_budget or 0.0) / max(cost, 1e-9))
             self.eval_interval = self._spread(self.planned, max(1, min(self.cfg.evaluations, affordable)))
@@ -212,12 +213,9 @@ class Schedule:
 
     def finished(self, epochs_done: int, step: int) -> bool:
         """All epochs done, or a budget spent, or stopped."""
-        if self.budget_spent(step):
-            return True
-        if epochs_done >= self.cfg.epochs:
-            self.stop_reason = self.stop_reason or "epochs"
-            return True
-        return False
+        if not self.budget_spent(step) and epochs_done >= self.cfg.epochs:
+            self.stop_reason = "epochs"  # budget_spent is False only while no stop reason is set
+        return self.stop_reason is not None
 
     # ----- learning rate ------------------------------------------------------------------------------
     @property
@@ -268,12 +266,9 @@ class Schedule:
     def due_at_epoch_end(self, epoch: int, step: int, complete: bool, last: bool) -> Due:
         """After ``epoch`` (``complete``, or cut short by the budget) at ``step``; ``last``: training ends here."""
         by_steps = self.due_by_steps(step)
-        by_epochs = Due(
-            complete and every(epoch, self.cfg.eval_every), complete and every(epoch, self.checkpoint_every)
-        )
         return Due(
-            self.evaluates and (last or by_steps.evaluate or by_epochs.evaluate),
-            self.checkpoints and (last or by_steps.checkpoint or by_epochs.checkpoint),
+            self.evaluates and (last or by_steps.evaluate or (complete and every(epoch, self.cfg.eval_every))),
+            self.checkpoints and (last or by_steps.checkpoint or (complete and every(epoch, self.checkpoint_every))),
         )
 
     def logs_at(self, epoch: int) -> bool:

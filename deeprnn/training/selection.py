@@ -22,16 +22,14 @@ class Best:
 
     def consider(
         self, value: float, epoch: int, step: int, weights: Callable[[], dict[str, torch.Tensor]] | None
-    ) -> bool:
-        """Count an evaluation; keep it (and ``weights()``, when given) if it is the best. True if it was."""
+    ) -> None:
+        """Count an evaluation; keep it (and ``weights()``, when given) if it is the best."""
         self.evaluations += 1
+        self.stale += 1
         if self.value is None or value < self.value:
             self.epoch, self.value, self.step, self.stale = epoch, value, step, 0
             if weights is not None:
                 self.state = weights()
-            return True
-        self.stale += 1
-        return False
 
     def patience_spent(self, patience: int | None) -> bool:
         """Whether ``patience`` evaluations in a row have not beaten the best (never without a patience)."""

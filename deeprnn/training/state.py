@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from deeprnn.model import copy_state_
+from deeprnn.model import copy_state_, state_tensors
 from deeprnn.training.step import TrainStep
 
 
@@ -30,20 +30,18 @@ class Position:
         """The position with ``step``'s carried state and summed loss; None at an epoch boundary."""
         if self.batch in (0, self.batches):  # nothing to carry
             return None
-        state = step.state if isinstance(step.state, tuple) else (step.state,)
         return {
             "epoch": self.epoch,
             "batch": self.batch,
             "rng_before": self.rng_before,
-            "state": [t.detach().to("cpu", copy=True) for t in state],
+            "state": [t.detach().to("cpu", copy=True) for t in state_tensors(step.state)],
             "loss_sum": step.loss_sum.detach().to("cpu", copy=True),
         }
 
 
 def restore_position(saved: dict[str, Any], step: TrainStep) -> int:
     """Put a saved position's carried state and loss so far back into ``step``; returns the minibatches done."""
-    state = saved["state"]
-    copy_state_(step.state, tuple(state) if isinstance(step.state, tuple) else state[0])
+    copy_state_(step.state, tuple(saved["state"]))
     step.loss_sum.copy_(saved["loss_sum"])
     return int(saved["batch"])
 

@@ -160,9 +160,7 @@ class TrainStep:
     def _snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         tensors = [p.data for p in self.params]
         tensors += [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-        for group in self.optimizer.param_groups:
-            if torch.is_tensor(group["lr"]):
-                tensors.append(group["lr"])
+        tensors += [group["lr"] for group in self.optimizer.param_groups if torch.is_tensor(group["lr"])]
         return [(t, t.detach().clone()) for t in tensors]
 
     def _restore(self, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -105,10 +105,9 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     if _STATE.signum is not None:
         _exit_now(signum, f"second stop signal ({signal.Signals(signum).name})")
     _STATE.signum = signum
-    watchdog = threading.Thread(
+    threading.Thread(
         target=_watchdog, args=(_STATE, signum, _STATE.seconds), name="deeprnn-stop-watchdog", daemon=True
-    )
-    watchdog.start()
+    ).start()
     if _STATE.holds == 0:
         raise StopRequested(signum)
 
