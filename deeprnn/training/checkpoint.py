@@ -51,10 +51,6 @@ def digest_path(path: Path) -> Path:
     return path.with_name(path.name + DIGEST_SUFFIX)
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` whole or not at all; a full disk raises ``CheckpointDiskFullError``."""
     try:
@@ -80,7 +76,7 @@ def save(path: Path, payload: dict[str, Any]) -> Path:
     data = buffer.getvalue()
     # Stopped between the two writes, the file and its digest disagree: it reads as damaged, never as good.
     _write_atomic(path, data)
-    _write_atomic(digest_path(path), f"{_sha256(data)}  {path.name}\n".encode())
+    _write_atomic(digest_path(path), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())
     return path
 
 
@@ -92,7 +88,7 @@ def verify(path: Path) -> bytes:
     sidecar = digest_path(path)
     if sidecar.is_file():
         expected = sidecar.read_text(encoding="utf-8", errors="replace").split(maxsplit=1)[:1]
-        if expected != [_sha256(data)]:
+        if expected != [hashlib.sha256(data).hexdigest()]:
             raise DamagedCheckpointError(
                 f"checkpoint {path} is damaged: its SHA-256 is not the one in {sidecar.name} "
                 f"({len(data):,} bytes; cut short or changed on disk)"

@@ -115,11 +115,6 @@ class Reporter:
         """A new window inside the epoch starting now (``batch`` > 0: resumed inside it, with its loss so far)."""
         self.loss_sum, self.batch = loss_sum, batch
 
-    def planned_steps(self, step: int, epoch: int, batch: int, batches: int) -> int:
-        """Steps the run will have taken at its end: the budget, or the remaining epochs at this epoch's size."""
-        planned = step + (batches - batch) + (self.epochs - epoch) * batches
-        return min(planned, self.max_steps) if self.max_steps is not None else planned
-
     def report(
         self, step: int, epoch: int, batch: int, batches: int, loss_sum: float, heldout: float | None, epoch_end: bool
     ) -> tuple[StepStats, float | None]:
@@ -128,7 +123,9 @@ class Reporter:
         now = time.perf_counter()
         count = batch - self.batch
         mean = (loss_sum - self.loss_sum) / count if count > 0 else None
-        total = self.planned_steps(step, epoch, batch, batches)
+        total = step + (batches - batch) + (self.epochs - epoch) * batches  # the remaining epochs at this size
+        if self.max_steps is not None:  # or the budget, when it ends sooner
+            total = min(total, self.max_steps)
         stats = StepStats(
             step=step,
             total_steps=total,
