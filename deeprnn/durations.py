@@ -82,10 +82,7 @@ def format_duration(seconds: float | None, *, short: bool = False) -> str:
 
 def _two_units(s: int) -> str:
     """Whole seconds ``s`` in their two largest units: ``"45s"``, ``"12m05s"``, ``"3h07m"``, ``"2d04h"``."""
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    for size, unit, small, small_unit in ((86400, "d", 3600, "h"), (3600, "h", 60, "m"), (60, "m", 1, "s")):
+        if s >= size:
+            return f"{s // size}{unit}{s % size // small:02d}{small_unit}"
+    return f"{s}s"
