@@ -221,7 +221,9 @@ class StudySpec:
         space = parse_space(self.space)
         base = self.first_point().config.flat()
         fixed = {k: v for k, v in base.items() if k not in space.dims}
-        kind = {} if self.search == "optuna" else {"kind": self.search}  # an adaptive study's as it always was
+        # An adaptive study's signature is as it always was; a random sweep's points are its seed's draws.
+        kind = {} if self.search == "optuna" else {"kind": self.search}
+        kind.update({"seed": self.seed} if self.search == "random" else {})
         return json.dumps({"search": space.describe(), "fixed": fixed, **kind}, sort_keys=True, default=str)
 
     def points(self) -> list[dict[str, Any]]:

@@ -90,4 +90,5 @@ def test_a_grid_or_random_sweep_run_again_runs_only_the_points_it_has_not_finish
     assert other.name != spec.name and check_storage(other) is None
     # Another seed draws other points: a random sweep is the same search only with the same seed's draws.
     if search == "random":
-        assert study_spec(space, "smoke", {}, search, max_trials, seed=1).points() != points
+        reseeded = study_spec(space, "smoke", {}, search, max_trials, seed=1)
+        assert reseeded.points() != points and reseeded.name != spec.name
