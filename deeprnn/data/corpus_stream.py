@@ -314,15 +314,8 @@ def dir_text(
         digest.update(os.fsencode(rel) + b"\x00" + str(path.stat().st_size).encode() + b"\x00")
         sink = ByteSink(str(path), decode=decode, out_max=chunk_bytes, blank_ok=True)
         last = ""
-        with open(path, "rb") as fh:
-            while chunk := fh.read(chunk_bytes):
-                digest.update(chunk)
-                for text in sink.feed(chunk):
-                    last = text
-                    yield text
-        for text in sink.finish():
-            last = text
-            yield text
+        for last in _passed(sink, path, chunk_bytes, digest):
+            yield last
         has_text = has_text or sink.text.has_text
         if decode and last and not last.endswith("\n"):
             yield "\n"
@@ -330,14 +323,21 @@ def dir_text(
         raise DownloadError(f"{shown} is empty: a corpus needs text (every file in it is blank)")
 
 
+def _passed(sink: ByteSink, path: Path, chunk_bytes: int, digest: _Hash | None = None) -> Iterator[str]:
+    """Every byte of the file at ``path`` fed through ``sink`` (and into ``digest``), then its end; yields what
+    the sink yields (the text, when it decodes)."""
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            if digest is not None:
+                digest.update(chunk)
+            yield from sink.feed(chunk)
+    yield from sink.finish()
+
+
 def check_file(path: Path, shown: str, chunk_bytes: int = READ_CHUNK, *, decode: bool, defer: bool = False) -> ByteSink:
     """Pass a text or gzip file through a ``ByteSink`` (all checks); returns the sink for its hash and kind."""
     sink = ByteSink(shown, decode=decode, defer=defer, out_max=chunk_bytes)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_bytes):
-            for _ in sink.feed(chunk):
-                pass
-    for _ in sink.finish():
+    for _ in _passed(sink, path, chunk_bytes):
         pass
     return sink
 
@@ -359,10 +359,7 @@ def read_text_chunks(corpus: CorpusFile, chunk_bytes: int = 1 << 24) -> Iterator
         have = digest.hexdigest()
     else:
         sink = ByteSink(shown, decode=True, out_max=chunk_bytes)
-        with open(corpus.path, "rb") as fh:
-            while chunk := fh.read(chunk_bytes):
-                yield from sink.feed(chunk)
-        yield from sink.finish()
+        yield from _passed(sink, corpus.path, chunk_bytes)
         if sink.kind != corpus.kind:
             raise DownloadError(f"{shown} is now {sink.kind}, not {corpus.kind}: it changed since it was fetched")
         have = sink.hexdigest

@@ -23,6 +23,7 @@ so memory stays bounded by the chunk size whatever the size of the text and the 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -30,7 +31,6 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -62,7 +62,7 @@ class CacheWriteError(PrepareError):
     """The token cache cannot be written (a full disk, a read-only or missing folder); the message says where."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class TokenSettings:
     """Everything besides the corpus bytes that the token ids depend on."""
 
@@ -83,15 +83,10 @@ class TokenSettings:
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready form, as ``meta.json`` stores it."""
-        return {
-            "token": self.token,
-            "normalize": self.normalize,
-            "min_freq": self.min_freq,
-            "reserved_tokens": list(self.reserved_tokens),
-        }
+        return {**dataclasses.asdict(self), "reserved_tokens": list(self.reserved_tokens)}
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class PreparedCorpus:
     """A corpus's token ids on disk, its vocabulary, and how they were made."""
 
@@ -131,11 +126,9 @@ class PreparedCorpus:
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned integer type that holds every index of a vocabulary of ``vocab_size``."""
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if vocab_size - 1 <= np.iinfo(dtype).max:
-            return np.dtype(dtype)
-    raise PrepareError(f"a vocabulary of {vocab_size} tokens is too large")
+    """The smallest unsigned integer type that holds every index of a vocabulary of ``vocab_size`` (at least 1;
+    ``_check_vocab`` has refused one beyond ``MAX_VOCAB``, so it is uint8, uint16 or uint32)."""
+    return np.min_scalar_type(vocab_size - 1)
 
 
 def prepare(
@@ -170,20 +163,10 @@ def prepare(
 
 
 def _from_meta(folder: Path, meta: dict[str, Any], cache_hit: bool) -> PreparedCorpus:
-    s = meta["settings"]
-    settings = TokenSettings(s["token"], s["normalize"], int(s["min_freq"]), tuple(s["reserved_tokens"]))
-    return PreparedCorpus(
-        folder=folder,
-        corpus_sha1=meta["corpus_sha1"],
-        settings=settings,
-        num_tokens=int(meta["num_tokens"]),
-        vocab_size=int(meta["vocab_size"]),
-        dtype=str(meta["dtype"]),
-        letters=int(meta["letters"]),
-        dropped_letters=int(meta["dropped_letters"]),
-        build_seconds=float(meta["build_seconds"]),
-        cache_hit=cache_hit,
-    )
+    """The prepared corpus that a verified ``meta.json`` (its own SHA-1 checked: as written) describes."""
+    settings = TokenSettings(**{**meta["settings"], "reserved_tokens": tuple(meta["settings"]["reserved_tokens"])})
+    stored = {f.name for f in dataclasses.fields(PreparedCorpus)} - {"folder", "settings", "cache_hit"}
+    return PreparedCorpus(folder, settings=settings, cache_hit=cache_hit, **{k: meta[k] for k in stored})
 
 
 def _build_entry(corpus: CorpusFile, settings: TokenSettings, folder: Path, chunk_bytes: int) -> PreparedCorpus:
@@ -195,19 +178,12 @@ def _build_entry(corpus: CorpusFile, settings: TokenSettings, folder: Path, chun
         tmp = token_cache.new_build_folder(folder.parent, folder.name)
     except OSError as exc:
         raise _cache_write_error(folder.parent, exc, needed) from None
-    counter: CharCounter | WordCounter | None = None
     try:
-        if settings.token == "char":
-            counter = CharCounter(settings.normalize, tmp / "normalized.tmp")
-        else:
-            counter = WordCounter(settings.normalize)
-        meta = _tokenize_into(tmp, corpus, settings, counter, chunk_bytes)
+        meta = _tokenize_into(tmp, corpus, settings, chunk_bytes)
         meta["build_seconds"] = round(time.perf_counter() - started, 3)
         token_cache.seal(tmp, meta)
         token_cache.publish(tmp, folder)
     except BaseException as exc:
-        if counter is not None:
-            counter.close()
         token_cache.remove(tmp)
         if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
             raise _cache_write_error(folder.parent, exc, needed) from None
@@ -215,26 +191,22 @@ def _build_entry(corpus: CorpusFile, settings: TokenSettings, folder: Path, chun
     return _from_meta(folder, meta, cache_hit=False)
 
 
-def _tokenize_into(
-    tmp: Path, corpus: CorpusFile, settings: TokenSettings, counter: "CharCounter | WordCounter", chunk_bytes: int
-) -> dict[str, Any]:
+def _tokenize_into(tmp: Path, corpus: CorpusFile, settings: TokenSettings, chunk_bytes: int) -> dict[str, Any]:
     """Count, build the vocabulary, write ``ids.bin`` and ``vocab.json`` into ``tmp``; returns the meta data."""
 
     def text() -> Iterator[str]:
         return read_text_chunks(corpus, chunk_bytes)
 
+    counter = _counted(settings, text(), tmp / "normalized.tmp")
     try:
-        for chunk in text():
-            counter.add(chunk)
-        counter.finish()
-    except (TooManyWordsError, WordTooLongError) as exc:
-        raise PrepareError(str(exc)) from None
-    vocab = Vocab.from_counts(counter.token_freqs(), settings.min_freq, settings.reserved_tokens)
-    _check_vocab(corpus, settings, counter, vocab)
-    # Only the kept tokens' counts travel on (vocab.json, checkpoints): a word corpus may count millions.
-    vocab.token_freqs = [(t, f) for t, f in vocab.token_freqs if f >= settings.min_freq]
-    dtype = id_dtype(len(vocab))
-    ids_sha1 = _write_ids(tmp / "ids.bin", counter.encoded(vocab, dtype, text))
+        vocab = Vocab.from_counts(counter.token_freqs(), settings.min_freq, settings.reserved_tokens)
+        _check_vocab(corpus, settings, counter, vocab)
+        # Only the kept tokens' counts travel on (vocab.json, checkpoints): a word corpus may count millions.
+        vocab.token_freqs = [(t, f) for t, f in vocab.token_freqs if f >= settings.min_freq]
+        dtype = id_dtype(len(vocab))
+        ids_sha1 = _write_ids(tmp / "ids.bin", counter.encoded(vocab, dtype, text))
+    finally:
+        counter.close()
     vocab.save(tmp / "vocab.json")
     loss = counter.letter_loss()
     return {
@@ -259,16 +231,28 @@ def estimate_space(corpus: CorpusFile, settings: TokenSettings) -> token_cache.S
         size += len(piece)
         if size >= SAMPLE_BYTES:
             break
-    counter = CharCounter(settings.normalize) if settings.token == "char" else WordCounter(settings.normalize)
-    try:
-        counter.add("".join(pieces))
-        counter.finish()
-    except (TooManyWordsError, WordTooLongError) as exc:  # the same text is refused at once by the build
-        raise PrepareError(str(exc)) from None
+    counter = _counted(settings, ["".join(pieces)])  # a text refused here is refused at once by the build
     sampled = max(1, sum(len(p.encode("utf-8")) for p in pieces))
     num_tokens = round(counter.num_tokens * max(sampled, _text_bytes(corpus)) / sampled)
     vocab_size = len(counter.token_freqs()) + 1 + len(settings.reserved_tokens)
     return token_cache.space_for(num_tokens, vocab_size, settings.token == "char" and settings.normalize == "d2l")
+
+
+def _counted(settings: TokenSettings, text: Iterable[str], spill: Path | None = None) -> CharCounter | WordCounter:
+    """The tokens of ``text`` counted with ``settings`` (``spill``: where a char counter keeps the normalized
+    text); a text the counters refuse (too many words, a word too long) is one ``PrepareError``."""
+    counter = CharCounter(settings.normalize, spill) if settings.token == "char" else WordCounter(settings.normalize)
+    try:
+        for chunk in text:
+            counter.add(chunk)
+        counter.finish()
+    except (TooManyWordsError, WordTooLongError) as exc:
+        counter.close()
+        raise PrepareError(str(exc)) from None
+    except BaseException:
+        counter.close()
+        raise
+    return counter
 
 
 def _text_bytes(corpus: CorpusFile) -> int:

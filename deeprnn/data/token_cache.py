@@ -57,14 +57,10 @@ class SpaceEstimate:
     peak: int
 
 
-def id_itemsize(vocab_size: int) -> int:
-    """Bytes per id in ``ids.bin``: the smallest unsigned type holding every index of ``vocab_size`` tokens."""
-    return 1 if vocab_size <= 1 << 8 else 2 if vocab_size <= 1 << 16 else 4
-
-
 def space_for(num_tokens: int, vocab_size: int, spill: bool) -> SpaceEstimate:
     """The disk an entry of ``num_tokens`` ids over ``vocab_size`` tokens takes (``spill``: the book's rule)."""
-    entry = num_tokens * id_itemsize(vocab_size) + vocab_size * VOCAB_BYTES_PER_TOKEN + VOCAB_BYTES_FIXED
+    itemsize = np.min_scalar_type(vocab_size - 1).itemsize  # bytes per id, as ``prepare.id_dtype`` picks them
+    entry = num_tokens * itemsize + vocab_size * VOCAB_BYTES_PER_TOKEN + VOCAB_BYTES_FIXED
     return SpaceEstimate(entry, entry + (num_tokens if spill else 0))
 
 
@@ -126,11 +122,7 @@ def _verified(folder: Path) -> dict[str, Any]:
 
 def remove(path: Path) -> None:
     """Remove whatever is at ``path``: a folder with everything in it, a file, or a link (not its target)."""
-    try:
-        kind = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(kind):
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
@@ -193,7 +185,7 @@ def _alive(pid: object) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # someone else's process
+        pass  # someone else's process
     return True
 
 
