@@ -75,15 +75,15 @@ def sequential_batches(
     Returns ``X, Y`` of shape ``(num_batches, batch_size, num_steps)``; ``X[i]`` equals the book's i-th
     minibatch for the same offset.
     """
-    num_tokens = ((corpus.numel() - offset - 1) // batch_size) * batch_size
-    xs = corpus[offset : offset + num_tokens].reshape(batch_size, -1)  # (B, L)
-    ys = corpus[offset + 1 : offset + 1 + num_tokens].reshape(batch_size, -1)  # (B, L)
-    num_batches = xs.shape[1] // num_steps
-    used = num_batches * num_steps
-    # (B, nb*T) -> (B, nb, T) -> (nb, B, T)
-    x = xs[:, :used].reshape(batch_size, num_batches, num_steps).transpose(0, 1)
-    y = ys[:, :used].reshape(batch_size, num_batches, num_steps).transpose(0, 1)
-    return x, y
+    length = (corpus.numel() - offset - 1) // batch_size  # tokens per stream
+    nb = length // num_steps
+
+    def streams(start: int) -> torch.Tensor:
+        # (B, L) -> (B, nb*T) -> (B, nb, T) -> (nb, B, T)
+        rows = corpus[start : start + batch_size * length].reshape(batch_size, length)
+        return rows[:, : nb * num_steps].reshape(batch_size, nb, num_steps).transpose(0, 1)
+
+    return streams(offset), streams(offset + 1)
 
 
 # Up to this many subsequences an epoch is shuffled exactly as the book does (``random.shuffle`` of a list:

@@ -123,27 +123,23 @@ def check_source(source: str) -> None:
 
 
 def _read_local(path: Path, expected: str | None) -> CorpusFile:
-    """Check a local file or folder in place, in one streamed pass, and return its identity."""
+    """Check a local file or folder in place, in one streamed pass (every byte hashed and checked, decompressed
+    for gzip), and return its identity."""
     _check_present(path)
+    shown = str(path)
     try:
-        return _check_local(path, expected)
+        kind = sniff_kind(path)
+        if kind == "dir":
+            digest = hashlib.sha1()
+            for _ in dir_text(path, shown, digest, decode=False):
+                pass
+            have, size = digest.hexdigest(), sum(p.stat().st_size for _, p in dir_files(path))
+        else:
+            # With an expected hash, a bad text is reported only after the hash: a wrong file is the first fault.
+            sink = check_file(path, shown, decode=False, defer=expected is not None)
+            have, size = sink.hexdigest, sink.num_bytes
     except OSError as exc:  # unreadable: permissions, a file removed while reading, ...
         raise DownloadError(f"cannot read the corpus {exc.filename or path}: {exc.strerror or exc}") from None
-
-
-def _check_local(path: Path, expected: str | None) -> CorpusFile:
-    """The streamed pass of ``_read_local``: hash and check every byte (decompressed for gzip)."""
-    shown = str(path)
-    kind = sniff_kind(path)
-    if kind == "dir":
-        digest = hashlib.sha1()
-        for _ in dir_text(path, shown, digest, decode=False):
-            pass
-        have, size = digest.hexdigest(), sum(p.stat().st_size for _, p in dir_files(path))
-    else:
-        # With an expected hash, a bad text is reported only after the hash: a wrong file is the first fault.
-        sink = check_file(path, shown, decode=False, defer=expected is not None)
-        have, size = sink.hexdigest, sink.num_bytes
     _check_sha1(have, expected, shown)
     return CorpusFile(path, have, shown, size, kind)
 

@@ -26,6 +26,12 @@ _NON_LETTERS = re.compile("[^A-Za-z]+")
 _SPACE, _LF, _CR = 32, 10, 13
 
 
+def check_mode(mode: str) -> None:
+    """Refuse a normalization that is none of ``NORMALIZE_MODES``, naming them."""
+    if mode not in NORMALIZE_MODES:
+        raise ValueError(f"unknown normalization {mode!r}; use one of {', '.join(NORMALIZE_MODES)}")
+
+
 def code_points(text: str) -> np.ndarray:
     """The code points of ``text``: ``uint8`` for ASCII text (no copy through UTF-32), else ``uint32``."""
     if text.isascii():  # O(1) in CPython: a flag on the string
@@ -39,28 +45,19 @@ def normalize_chars(text: str, mode: str, raw_counts: np.ndarray | None = None) 
     With ``raw_counts`` (an int64 array indexed by code point), the code points of the text as given are
     counted into it on the way: what ``letter_loss`` needs to say how much the rule dropped.
     """
-    if mode == "lower":
-        text = text.lower()
-    elif mode not in ("none", "d2l"):
-        raise ValueError(f"unknown normalization {mode!r}; use one of {', '.join(NORMALIZE_MODES)}")
-    points = code_points(text)
+    check_mode(mode)
+    points = code_points(text.lower() if mode == "lower" else text)
     if raw_counts is not None:
         counted = np.bincount(points)
         raw_counts[: counted.size] += counted
-    return _d2l_points(points) if mode == "d2l" else points
+    return d2l_collapse(d2l_translate(points)) if mode == "d2l" else points
 
 
-def _ascii_table() -> bytes:
-    """A ``bytes.translate`` table over ASCII: letters lower-cased, line breaks kept, anything else a space."""
-    table = bytearray(b" " * 256)
-    for c in range(128):
-        if chr(c).isalpha():
-            table[c] = ord(chr(c).lower())
-    table[_LF], table[_CR] = _LF, _CR
-    return bytes(table)
-
-
-_D2L_TABLE = _ascii_table()
+# A ``bytes.translate`` table: ASCII letters lower-cased, line breaks kept, any other byte a space.
+_D2L_TABLE = bytes(
+    ord(chr(c).lower()) if chr(c).isascii() and chr(c).isalpha() else c if c in (_LF, _CR) else _SPACE
+    for c in range(256)
+)
 
 
 def d2l_translate(points: np.ndarray) -> np.ndarray:
@@ -96,21 +93,13 @@ def d2l_collapse(lowered: np.ndarray, continues: bool = False) -> np.ndarray:
     return lowered[keep]
 
 
-def _d2l_points(points: np.ndarray) -> np.ndarray:
-    """The book's rule on the code points of a whole text. Returns ASCII (uint8) code points."""
-    return d2l_collapse(d2l_translate(points))
-
-
 def normalize_words(text: str, mode: str) -> list[str]:
     """The word tokens of ``text`` (a whole text) after normalization ``mode``: whitespace-separated words,
     with the book's letters-only rule for ``d2l``."""
+    check_mode(mode)
     if mode == "d2l":
-        return _NON_LETTERS.sub(" ", text).lower().split()
-    if mode == "lower":
-        return text.lower().split()
-    if mode == "none":
-        return text.split()
-    raise ValueError(f"unknown normalization {mode!r}; use one of {', '.join(NORMALIZE_MODES)}")
+        text = _NON_LETTERS.sub(" ", text)
+    return (text if mode == "none" else text.lower()).split()
 
 
 @dataclass(frozen=True)
@@ -134,11 +123,11 @@ def letter_loss(raw_counts: np.ndarray, mode: str, examples: int = 5) -> LetterL
     """
     present = np.flatnonzero(raw_counts)
     alpha = [int(cp) for cp in present if chr(int(cp)).isalpha()]
-    letters = int(sum(int(raw_counts[cp]) for cp in alpha))
+    letters = int(raw_counts[alpha].sum())
     if mode != "d2l":
         return LetterLoss(letters, 0, ())
     lost = sorted((cp for cp in alpha if cp >= 128), key=lambda cp: -int(raw_counts[cp]))
-    dropped = int(sum(int(raw_counts[cp]) for cp in lost))
+    dropped = int(raw_counts[lost].sum())
     return LetterLoss(letters, dropped, tuple(chr(cp) for cp in lost[:examples]))
 
 
