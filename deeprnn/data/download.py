@@ -47,7 +47,6 @@ from deeprnn.data.urls import redact_url
 __all__ = [
     "CACHE_ENV",
     "CorpusFile",
-    "CorpusKind",
     "DownloadError",
     "TransientDownloadError",
     "cache_dir",
@@ -84,13 +83,6 @@ def _local_path(source: str) -> Path | None:
     if scheme == "" or (len(scheme) == 1 and os.name == "nt"):  # a bare path (or a Windows drive letter)
         return Path(source).expanduser()
     raise DownloadError(f"unsupported URL scheme {scheme!r} in {redact_url(source)!r}: use http, https, file or a path")
-
-
-def _cache_base(source: str, expected_sha1: str | None, cache: Path | None) -> Path:
-    """The cached copy's path without its suffix (``.txt`` or ``.gz``, by kind); its record adds ``.sha1``."""
-    # Never derived from the user's file name, so nothing can escape the cache folder.
-    name = expected_sha1 or f"url-{hashlib.sha256(source.encode()).hexdigest()[:24]}"
-    return (cache if cache is not None else cache_dir()) / name
 
 
 def _check_sha1(have: str, expected: str | None, shown: str) -> None:
@@ -282,7 +274,10 @@ def fetch_corpus(
     local = _local_path(source)
     if local is not None:
         return _read_local(local, expected)
-    base = _cache_base(source, expected, cache)
+    # The cached copy's path without its suffix (.txt or .gz, by kind; its record adds .sha1): never derived
+    # from the user's file name, so nothing can escape the cache folder.
+    name = expected or f"url-{hashlib.sha256(source.encode()).hexdigest()[:24]}"
+    base = (cache if cache is not None else cache_dir()) / name
     cached = _cached(base, expected, redact_url(source))
     if cached is not None:
         return cached

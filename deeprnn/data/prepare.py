@@ -174,7 +174,9 @@ def _build_entry(corpus: CorpusFile, settings: TokenSettings, folder: Path, chun
     started = time.perf_counter()
     needed = estimate_space(corpus, settings)
     try:
-        _check_free_space(folder.parent, needed)
+        free = shutil.disk_usage(folder.parent).free  # a build the disk has no room for is refused before it starts
+        if free < needed.peak:
+            raise _cache_write_error(folder.parent, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), needed, free)
         tmp = token_cache.new_build_folder(folder.parent, folder.name)
     except OSError as exc:
         raise _cache_write_error(folder.parent, exc, needed) from None
@@ -262,13 +264,6 @@ def _text_bytes(corpus: CorpusFile) -> int:
     with open(corpus.path, "rb") as fh:
         fh.seek(-4, os.SEEK_END)
         return int.from_bytes(fh.read(4), "little")
-
-
-def _check_free_space(where: Path, needed: token_cache.SpaceEstimate) -> None:
-    """Refuse, before tokenizing, a build that the disk under ``where`` has no room for."""
-    free = shutil.disk_usage(where).free
-    if free < needed.peak:
-        raise _cache_write_error(where, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), needed, free)
 
 
 def _cache_write_error(

@@ -84,11 +84,10 @@ def seal(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
 def read_entry(folder: Path) -> dict[str, Any] | None:
     """The verified ``meta.json`` of the entry in ``folder``; None when there is none. An entry that fails a
     check is removed (one warning saying why) and None returned, so that it is built again."""
-    try:
-        kind = os.lstat(folder).st_mode
-    except FileNotFoundError:
+    if not os.path.lexists(folder):
         return None
     try:
+        kind = os.lstat(folder).st_mode
         if not stat.S_ISDIR(kind):
             raise DamagedEntryError("a symbolic link, not a folder" if stat.S_ISLNK(kind) else "a file, not a folder")
         return _verified(folder)
