@@ -213,7 +213,8 @@ def _download(url: str, base: Path, expected: str | None, timeout: float) -> Cor
     target: Path | None = None
     try:
         with _get(url, shown, timeout) as response:
-            size = _content_length(response)
+            length = response.headers.get("Content-Length", "")
+            size = int(length) if length.isdigit() else None
             sink = _stream_to(response, tmp, expected, shown)
         kind: CorpusKind = "gzip" if sink.kind == "gzip" else "text"
         target = base.with_suffix(_SUFFIXES[kind])
@@ -235,20 +236,10 @@ def _download(url: str, base: Path, expected: str | None, timeout: float) -> Cor
     return CorpusFile(target, sink.hexdigest, shown, sink.num_bytes, kind)
 
 
-def _content_length(response: requests.Response) -> int | None:
-    try:
-        return int(response.headers["Content-Length"])
-    except (KeyError, ValueError):
-        return None
-
-
 def _cache_error(folder: Path, exc: OSError, size: int | None = None, written: int | None = None) -> DownloadError:
     """The disk, not the network, failed (full, read-only, not a folder): say where, how much, and what to do."""
-    sizes = []
-    if size is not None:
-        sizes.append(f"the download is {megabytes(size)}")
-    if written:
-        sizes.append(f"{megabytes(written)} were written, and removed")
+    sizes = [f"the download is {megabytes(size)}"] if size is not None else []
+    sizes += [f"{megabytes(written)} were written, and removed"] if written else []
     told = f" ({'; '.join(sizes)})" if sizes else ""
     return DownloadError(
         f"cannot write the corpus into the cache {folder}: {exc.strerror or exc}{told}. "

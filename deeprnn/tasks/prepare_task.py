@@ -17,7 +17,6 @@ def prepare_tokens(corpus: CorpusFile, data: DataConfig) -> PreparedCorpus:
     prepared = prepare(corpus, data)
     logger = get_run_logger()
     logger.info(prepared_summary(prepared))
-    warning = dropped_letters_warning(prepared)
-    if warning:
+    if warning := dropped_letters_warning(prepared):
         logger.warning(warning)
     return prepared
