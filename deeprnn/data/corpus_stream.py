@@ -254,14 +254,6 @@ class ByteSink:
             self.fault = exc
 
 
-def sniff_kind(path: Path) -> CorpusKind:
-    """``dir`` for a folder, ``gzip`` when the file starts with the gzip magic bytes, else ``text``."""
-    if path.is_dir():
-        return "dir"
-    with open(path, "rb") as fh:
-        return "gzip" if fh.read(len(GZIP_MAGIC)) == GZIP_MAGIC else "text"
-
-
 def dir_files(root: Path) -> list[tuple[str, Path]]:
     """The files of a corpus folder as ``(relative POSIX path, path)``, sorted by the relative path (as Python
     compares strings), found recursively; hidden files and folders (names starting with ``.``, such as

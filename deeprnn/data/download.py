@@ -39,7 +39,6 @@ from deeprnn.data.corpus_stream import (
     dir_files,
     dir_text,
     read_text_chunks,
-    sniff_kind,
 )
 from deeprnn.data.file_io import megabytes, sha1_of, write_atomic
 from deeprnn.data.urls import redact_url
@@ -120,8 +119,8 @@ def _read_local(path: Path, expected: str | None) -> CorpusFile:
     _check_present(path)
     shown = str(path)
     try:
-        kind = sniff_kind(path)
-        if kind == "dir":
+        if path.is_dir():
+            kind: CorpusKind = "dir"
             digest = hashlib.sha1()
             for _ in dir_text(path, shown, digest, decode=False):
                 pass
@@ -130,6 +129,7 @@ def _read_local(path: Path, expected: str | None) -> CorpusFile:
             # With an expected hash, a bad text is reported only after the hash: a wrong file is the first fault.
             sink = check_file(path, shown, decode=False, defer=expected is not None)
             have, size = sink.hexdigest, sink.num_bytes
+            kind = "gzip" if sink.kind == "gzip" else "text"  # found by the gzip magic bytes, as the sink read them
     except OSError as exc:  # unreadable: permissions, a file removed while reading, ...
         raise DownloadError(f"cannot read the corpus {exc.filename or path}: {exc.strerror or exc}") from None
     _check_sha1(have, expected, shown)
