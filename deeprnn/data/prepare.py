@@ -275,11 +275,10 @@ def _cache_write_error(
         size = f" (preparing this corpus writes about {megabytes(needed.peak)}"
         size += f" and keeps {megabytes(needed.entry)}" if needed.entry != needed.peak else ""
         size += f"; {megabytes(free)} free there)" if free is not None else ")"
-    full = exc.errno in _DISK_FULL
-    what = "free some space there" if full else "make it writable"
+    what = "Free some space there" if exc.errno in _DISK_FULL else "Make it writable"
     return CacheWriteError(
         f"cannot write the token cache in {where}: {exc.strerror or exc}{size}; nothing was kept. "
-        f"{what.capitalize()}, or set {CACHE_ENV} to a folder on a disk with room"
+        f"{what}, or set {CACHE_ENV} to a folder on a disk with room"
     )
 
 
