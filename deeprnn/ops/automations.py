@@ -31,7 +31,6 @@ ALERT_BLOCK = "deeprnn-alerts"
 ZOMBIE_AUTOMATION = "deeprnn-crash-zombie-flow-runs"
 ALERT_AUTOMATION = "deeprnn-alert-on-failure"
 WATCHED_FLOWS = ["deeprnn-train", "deeprnn-evaluate", "deeprnn-sweep"]
-HEARTBEAT_SECONDS = 30  # what prefect.yaml gives deployment runs (Prefect's minimum)
 ZOMBIE_AFTER = 90  # three missed heartbeats
 
 ALERT_SUBJECT = "deeprnn: {{ flow.name }} run {{ flow_run.name }} {{ flow_run.state.name }}"

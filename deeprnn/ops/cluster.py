@@ -138,9 +138,7 @@ def gpu_request(device: str, gpus: int) -> dict[str, float] | None:
                 f"`dask worker <scheduler> --resources {GPU}=1 --nthreads 1` (one per GPU), or use --device cpu"
             )
         return {GPU: 1}
-    if device == "auto" and gpus > 0:
-        return {GPU: 1}
-    return None
+    return {GPU: 1} if device == "auto" and gpus > 0 else None
 
 
 @contextlib.contextmanager

@@ -71,23 +71,9 @@ def server_command(port: int) -> list[str]:
     """The uvicorn command line Prefect's ``SubprocessASGIServer`` runs for its temporary server."""
     import prefect
 
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--app-dir",
-        str(prefect.__module_path__.parent),
-        "--factory",
-        "prefect.server.api.server:create_app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "error",
-        "--lifespan",
-        "on",
-    ]
+    options = f"--factory prefect.server.api.server:create_app --host 127.0.0.1 --port {port} --log-level error"
+    app_dir = str(prefect.__module_path__.parent)  # a folder name may hold spaces: one argument whatever it is
+    return [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, *options.split(), "--lifespan", "on"]
 
 
 @dataclass

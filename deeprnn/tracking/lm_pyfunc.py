@@ -70,13 +70,10 @@ def fit_share() -> float | None:
         return FIT_SHARE
     if raw.lower() == "off":
         return None
-    try:
-        share = float(raw)
-    except ValueError:
-        share = 0.0
-    if not 0 < share <= 1:
-        raise ValueError(f"DEEPRNN_REQUEST_FIT={raw!r}: a share of the time limit above 0 and at most 1, or off")
-    return share
+    with contextlib.suppress(ValueError):
+        if 0 < (share := float(raw)) <= 1:
+            return share
+    raise ValueError(f"DEEPRNN_REQUEST_FIT={raw!r}: a share of the time limit above 0 and at most 1, or off")
 
 
 def _server_timeout() -> float:

@@ -114,26 +114,26 @@ class MetricLogger:
 
     def add_epoch(self, stats: EpochStats) -> None:
         """Queue one epoch's metrics, with the epoch as the step (skipping steps the run already has)."""
-        ts = int(time.time() * 1000)
         values = {"train_perplexity": stats.train_perplexity, "tokens_per_sec": stats.tokens_per_sec, "lr": stats.lr}
-        if stats.heldout_perplexity is not None:
-            values["heldout_perplexity"] = stats.heldout_perplexity
-        self._buffer += [
-            Metric(k, float(v), ts, stats.epoch) for k, v in values.items() if stats.epoch > self._logged.get(k, 0)
-        ]
-        if time.monotonic() - self._last > self.flush_seconds:
-            self.flush()
+        self._queue(values, stats.heldout_perplexity, stats.epoch, "")
 
     def add_step(self, stats: StepStats) -> None:
         """Queue one progress report as ``step_*`` metrics, with the global optimizer step as the step."""
+        values = {"train_perplexity": stats.train_perplexity, "tokens_per_sec": stats.tokens_per_sec}
+        self._queue(values, stats.heldout_perplexity, stats.step, "step_", finite_only=True)
+
+    def _queue(
+        self, values: dict[str, float], heldout: float | None, step: int, prefix: str, finite_only: bool = False
+    ) -> None:
+        """Queue ``values`` (and ``heldout`` when measured) under ``prefix``, skipping steps the run already has;
+        flush when the last send is ``flush_seconds`` old."""
         ts = int(time.time() * 1000)
-        values = {"step_train_perplexity": stats.train_perplexity, "step_tokens_per_sec": stats.tokens_per_sec}
-        if stats.heldout_perplexity is not None:
-            values["step_heldout_perplexity"] = stats.heldout_perplexity
+        if heldout is not None:
+            values["heldout_perplexity"] = heldout
         self._buffer += [
-            Metric(k, float(v), ts, stats.step)
+            Metric(prefix + k, float(v), ts, step)
             for k, v in values.items()
-            if stats.step > self._logged.get(k, 0) and math.isfinite(v)
+            if step > self._logged.get(prefix + k, 0) and (math.isfinite(v) or not finite_only)
         ]
         if time.monotonic() - self._last > self.flush_seconds:
             self.flush()

@@ -195,24 +195,15 @@ def link_model_metrics(run_id: str, model_id: str, keys: list[str]) -> dict[str,
     client = MlflowClient()
     run = client.get_run(run_id)
     inputs = run.inputs.dataset_inputs if run.inputs else []
-    dataset = inputs[0].dataset if inputs else None
+    name, digest = (inputs[0].dataset.name, inputs[0].dataset.digest) if inputs else (None, None)
     items = []
     for key in keys:
         history = client.get_metric_history(run_id, key)
-        if not history:
-            continue
-        last = max(history, key=lambda m: (m.step, m.timestamp))
-        items.append(
-            Metric(
-                key,
-                last.value,
-                last.timestamp,
-                last.step,
-                model_id=model_id,
-                dataset_name=dataset.name if dataset else None,
-                dataset_digest=dataset.digest if dataset else None,
+        if history:
+            last = max(history, key=lambda m: (m.step, m.timestamp))
+            items.append(
+                Metric(key, last.value, last.timestamp, last.step, model_id, dataset_name=name, dataset_digest=digest)
             )
-        )
     known = {(m.key, m.step, m.timestamp) for m in client.get_logged_model(model_id).metrics or []}
     fresh = [m for m in items if (m.key, m.step, m.timestamp) not in known]
     if fresh:
@@ -283,8 +274,7 @@ def fetch_model(model_uri: str, dst: Path) -> DownloadedModel:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
         source_run_id = mlflow.models.get_model_info(model_uri).run_id
     except (MlflowException, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LookupError(f"cannot fetch model {model_uri!r} from {tracking_uri()}: {first}") from None
+        raise _not_found("fetch", model_uri, exc) from None
     flavor = Model.load(str(local / "MLmodel")).flavors.get("python_function", {})
     relative = flavor.get("artifacts", {}).get("checkpoint", {}).get("path")
     if not relative:
@@ -304,8 +294,13 @@ def load_pyfunc(model_uri: str) -> Any:
             warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\..*")
             return mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LookupError(f"cannot load model {model_uri!r} from {tracking_uri()}: {first}") from None
+        raise _not_found("load", model_uri, exc) from None
+
+
+def _not_found(action: str, model_uri: str, exc: Exception) -> LookupError:
+    """The one-line error for a model that cannot be fetched or loaded: the first line of MLflow's reason."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return LookupError(f"cannot {action} model {model_uri!r} from {tracking_uri()}: {first}")
 
 
 def register_model(model_uri: str, name: str = REGISTERED_MODEL, run_id: str | None = None) -> str:

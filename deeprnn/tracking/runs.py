@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit
 
 import mlflow
-from mlflow.entities import DatasetInput, InputTag, Param, RunStatus
+from mlflow.entities import DatasetInput, InputTag, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -123,7 +123,7 @@ def mark_failed(run_id: str, reason: str) -> None:
     """End a run whose process cannot end it any more (gone, or lost with its worker) FAILED, with ``reason``
     as its ``deeprnn.failure_reason`` tag."""
     set_tags(run_id, {FAILURE_REASON_TAG: reason})
-    MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+    MlflowClient().set_terminated(run_id, "FAILED")
 
 
 @contextlib.contextmanager
@@ -186,28 +186,19 @@ def run_status(run_id: str, checkpoint: Path | None = None) -> Iterator[None]:
         release_unwound_frames(exc)
         if checkpoint is not None:  # a training run: say whether and how it continues
             kept = run_checkpoints.kept_checkpoint(run_id, checkpoint)
-            set_tags(run_id, {STOP_TAG: stop_note(run_id, kept)})
+            note = f"continue with: deeprnn run --resume {run_id}"
+            if kept is None:
+                note = "stopped before its first checkpoint: nothing to resume; start a new run"
+            set_tags(run_id, {STOP_TAG: note})
             if isinstance(exc, stop_signals.StopRequested):
                 exc.run_id, exc.checkpoint = run_id, kept
-        MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+        MlflowClient().set_terminated(run_id, "KILLED")
         raise
     except BaseException as exc:
         release_unwound_frames(exc)
-        MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        MlflowClient().set_terminated(run_id, "FAILED")
         raise
-    MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-
-
-def resume_command(run_id: str) -> str:
-    """The command that continues run ``run_id`` from its last checkpoint."""
-    return f"deeprnn run --resume {run_id}"
-
-
-def stop_note(run_id: str, kept: Path | str | None) -> str:
-    """What a stopped run keeps, in a few words: how to continue it, or that it has no checkpoint."""
-    if kept is None:
-        return "stopped before its first checkpoint: nothing to resume; start a new run"
-    return f"continue with: {resume_command(run_id)}"
+    MlflowClient().set_terminated(run_id, "FINISHED")
 
 
 @dataclass
@@ -237,7 +228,7 @@ def find_run(run_id: str) -> RunHandle:
 def reopen_run(run_id: str, tags: dict[str, str]) -> None:
     """Set a run back to ``RUNNING`` (to continue it) and update its tags (e.g. the new Prefect flow run)."""
     client = MlflowClient()
-    client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    client.update_run(run_id, status="RUNNING")
     earlier = client.get_run(run_id).data.tags
     for tag in (FAILURE_REASON_TAG, STOP_TAG):  # why and how it stopped last time: no longer true
         if tag in earlier:
@@ -247,8 +238,6 @@ def reopen_run(run_id: str, tags: dict[str, str]) -> None:
 
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
     """Set several tags at once."""
-    from mlflow.entities import RunTag
-
     MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 

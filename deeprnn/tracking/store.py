@@ -170,11 +170,6 @@ def experiment_id(name: str) -> str:
         return found.experiment_id
 
 
-def is_tracking_error(exc: BaseException) -> bool:
-    """True for errors from MLflow itself (a store or server hiccup), which a retry may get past."""
-    return isinstance(exc, MlflowException)
-
-
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk or quota: a retry seconds later fails again
 
 
@@ -196,7 +191,7 @@ def retry_on_io_faults(*never: type[BaseException]) -> Callable[[Any, Any, Any],
         except OSError as exc:
             return not is_disk_full(exc)
         except Exception as exc:
-            return is_tracking_error(exc)
+            return isinstance(exc, MlflowException)  # a tracking store or server hiccup
         return False
 
     return worth_retrying
