@@ -99,8 +99,7 @@ class TextCheck:
     def _drop_bom(self, text: str) -> str:
         if self.at_start and text:
             self.at_start = False
-            if text.startswith(BOM):
-                return text[1:]
+            return text.removeprefix(BOM)
         return text
 
     def finish(self, *, require_text: bool = True) -> str:
