@@ -49,19 +49,13 @@ RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine")
 
 def expected_classes() -> tuple[type[BaseException], ...]:
     """The expected error classes whose modules are loaded in this process."""
-    found = []
-    for module, name in EXPECTED:
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type):
-            found.append(cls)
-    return tuple(found)
+    found = (getattr(sys.modules.get(module), name, None) for module, name in EXPECTED)
+    return tuple(cls for cls in found if isinstance(cls, type))
 
 
 def is_expected(exc: BaseException | None) -> bool:
     """True for an error the user can fix from its message: one of ``EXPECTED``, or a ``LookupError`` that
     names a missing run or model (``KeyError`` and ``IndexError`` are bugs, not lookups)."""
-    if exc is None:
-        return False
     if isinstance(exc, LookupError) and not isinstance(exc, (KeyError, IndexError)):
         return True
     return isinstance(exc, expected_classes())

@@ -54,10 +54,9 @@ def upload_checkpoint(run_id: str, path: Path) -> None:
     The run is tagged ``deeprnn.checkpoint``, so a resume can tell a run that never had one from lost files."""
     checkpoint.verify(path)
     client = MlflowClient()
-    client.log_artifact(run_id, str(path), CHECKPOINT_ARTIFACT.rsplit("/", 1)[0])
-    sidecar = checkpoint.digest_path(path)
-    if sidecar.is_file():
-        client.log_artifact(run_id, str(sidecar), CHECKPOINT_ARTIFACT.rsplit("/", 1)[0])
+    for file in (path, checkpoint.digest_path(path)):  # verified: the checkpoint is there; its digest may not be
+        if file.is_file():
+            client.log_artifact(run_id, str(file), CHECKPOINT_ARTIFACT.rsplit("/", 1)[0])
     client.set_tag(run_id, CHECKPOINT_TAG, CHECKPOINT_ARTIFACT)  # the run had one, even once its files are gone
 
 
