@@ -222,7 +222,7 @@ class StudySpec:
         base = self.first_point().config.flat()
         fixed = {k: v for k, v in base.items() if k not in space.dims}
         # An adaptive study's signature is as it always was; a random sweep's points are its seed's draws.
-        kind = {} if self.search == "optuna" else {"kind": self.search}
+        kind: dict[str, Any] = {} if self.search == "optuna" else {"kind": self.search}
         kind.update({"seed": self.seed} if self.search == "random" else {})
         return json.dumps({"search": space.describe(), "fixed": fixed, **kind}, sort_keys=True, default=str)
 
