@@ -41,8 +41,7 @@ def local_gpus() -> list[str]:
 
     if not torch.cuda.is_available():
         return []
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else []
+    ids = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     count = torch.cuda.device_count()
     return ids[:count] if ids else [str(i) for i in range(count)]
 

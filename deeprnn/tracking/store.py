@@ -94,8 +94,7 @@ def check_reachable(timeout: float = 5.0) -> str:
     uri = mlflow.get_tracking_uri()
     _quiet_run_links(uri)
     bound_http_retries()
-    scheme = urlsplit(uri).scheme
-    if scheme in ("http", "https"):
+    if urlsplit(uri).scheme in ("http", "https"):
         try:
             response = requests.get(uri.rstrip("/") + "/health", timeout=timeout, auth=_basic_auth())
             response.raise_for_status()
@@ -104,10 +103,8 @@ def check_reachable(timeout: float = 5.0) -> str:
                 f"MLflow tracking server {redact_url(uri)} is unreachable ({type(exc).__name__}). Start it "
                 "(see README: mlflow server) or set MLFLOW_TRACKING_URI to a reachable store"
             ) from None
-    elif scheme == "sqlite":
-        path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-        if path is not None and str(path) not in ("", ":memory:"):
-            path.parent.mkdir(parents=True, exist_ok=True)
+    elif uri.startswith("sqlite:///"):  # in memory, or a file in the working directory: its folder is "."
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     _ensure_store()
     return redact_url(uri)
 
