@@ -42,13 +42,9 @@ def evaluate_model(checkpoint_path: str, splits: Splits, device: torch.device | 
 
 
 @dataclass(frozen=True)
-class FetchedModel:
+class FetchedModel(model_registry.DownloadedModel):
     """A logged model on local disk, with what the evaluation needs to rebuild the text it was tested on."""
 
-    model_uri: str  # pinned: models:/deeprnn-lm/3 rather than models:/deeprnn-lm@champion
-    version: str | None  # its registered version, if it has one
-    source_run_id: str | None  # the training run that logged it
-    checkpoint: str  # local path of its checkpoint
     config: RunConfig  # the training configuration (corpus, splits), with the requested sample settings
     vocab: Vocab  # the vocabulary it was trained with: the held-out text is encoded with it
     corpus_sha1: str | None  # the corpus bytes the training run read; the evaluation must read the same
@@ -137,10 +133,7 @@ def fetch_model(run_id: str, model_uri: str, folder: str, sample: BaseModel | di
         "model %s (version %s) from training run %s", found.model_uri, found.version, found.source_run_id
     )
     return FetchedModel(
-        model_uri=found.model_uri,
-        version=found.version,
-        source_run_id=found.source_run_id,
-        checkpoint=found.checkpoint,
+        **vars(found),
         config=config,
         vocab=Vocab.from_dict(data["vocab"]),
         corpus_sha1=found.dataset_sha1 or config.data.expected_sha1(),
