@@ -93,14 +93,7 @@ def mark_orphaned_runs(runs_dir: str | None = None) -> list[Orphan]:
 def mark_crashed_flow_run(flow_run_id: str, reason: str) -> list[str]:
     """Mark every RUNNING MLflow run that Prefect flow run ``flow_run_id`` opened FAILED, with ``reason`` as the
     ``deeprnn.failure_reason`` tag; returns their ids."""
-    runs.check_prefect_id(flow_run_id, "flow run")
-    client = MlflowClient()
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if not experiments:
-        return []
-    query = f"attributes.status = 'RUNNING' and tags.`prefect.flow_run_id` = '{flow_run_id}'"
-    marked = []
-    for run in client.search_runs(experiments, query, max_results=1000):
-        runs.mark_failed(run.info.run_id, reason)
-        marked.append(run.info.run_id)
+    marked = runs.flow_run_runs(flow_run_id, running_only=True)
+    for run_id in marked:
+        runs.mark_failed(run_id, reason)
     return marked
