@@ -31,11 +31,6 @@ Logger = logging.Logger | logging.LoggerAdapter[Any]  # what get_run_logger retu
 _LOG_SECONDS = 30.0  # inside a long epoch, a progress line (and progress update) at most this often
 
 
-def _uses_steps(cfg: TrainConfig) -> bool:
-    """Whether the run counts in steps (budget, evaluations or checkpoints), so MLflow gets step_* curves."""
-    return any(v is not None for v in (cfg.max_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps))
-
-
 def _worth_a_line(s: StepStats, cfg: TrainConfig, seconds_since_last: float) -> bool:
     """Log every ``log_every`` epochs, the last epoch, every held-out measurement, and at most every
     ``_LOG_SECONDS`` inside a long epoch."""
@@ -50,13 +45,15 @@ def _hooks(
     """Every epoch and step to MLflow, a progress line and the progress artifact now and then, each checkpoint
     logged as an artifact; Ctrl-C is held back while they write, and raised when they are done."""
     last_line = [time.perf_counter()]
+    # A run that counts in steps (budget, evaluations or checkpoints) gets step_* curves in MLflow.
+    uses_steps = any(v is not None for v in (cfg.max_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps))
 
     def on_epoch(stats: EpochStats) -> None:
         if not stats.partial:  # an epoch the step budget cut short is in the step_* curves instead
             curves.add_epoch(stats)
 
     def on_step(stats: StepStats) -> None:
-        if _uses_steps(cfg):
+        if uses_steps:
             curves.add_step(stats)
         if _worth_a_line(stats, cfg, time.perf_counter() - last_line[0]):
             logger.info(progress_line(stats))
