@@ -20,7 +20,7 @@ import os
 from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import urlsplit
 
-from deeprnn.ops.dask_worker_logs import PRELOAD
+from deeprnn.ops.dask_worker_logs import PRELOAD, quiet_closed_comms
 
 if TYPE_CHECKING:  # imported where used: the GPU helpers need only dask.distributed and torch
     from prefect_dask import DaskTaskRunner
@@ -79,6 +79,7 @@ def dask_task_runner(address: str | None = None, workers: int | None = None, use
         if "://" not in address:
             address = "tcp://" + address
         return DaskTaskRunner(address=address)
+    quiet_closed_comms()  # the local cluster's scheduler runs in this process
     gpus = local_gpus() if use_gpus else []
     if gpus:
         return DaskTaskRunner(cluster_class=local_gpu_cluster, cluster_kwargs={"gpus": gpus[: workers or len(gpus)]})

@@ -5,6 +5,10 @@ When a stopped sweep closes its cluster, a worker's heartbeat can race the worke
 ``Failed to communicate with scheduler during heartbeat`` with the traceback of ``CommClosedError:
 ConnectionPool closing``. That is the worker shutting down as asked, not a fault, and a Ctrl-C must print no
 traceback: the filter drops that record, and only that one.
+
+When any sweep's cluster closes, the scheduler (in the sweep's own process) and the workers may log the INFO line
+``Batched Comm Closed`` with the traceback of the stream their peer just closed: the line is kept, its traceback
+dropped (``quiet_closed_comms``, installed in the workers and in the process that starts a local cluster).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 PRELOAD = __name__  # what the cluster's workers are given as ``preload``
 HEARTBEAT_FAILED = "Failed to communicate with scheduler during heartbeat"
 POOL_CLOSING = "ConnectionPool closing"
+BATCHED_CLOSED = "Batched Comm Closed"  # distributed.batched's INFO line when the other side hung up
 
 
 class ClosingHeartbeatFilter(logging.Filter):
@@ -29,8 +34,26 @@ class ClosingHeartbeatFilter(logging.Filter):
         return not (closing and record.getMessage().startswith(HEARTBEAT_FAILED))
 
 
+class ClosedCommFilter(logging.Filter):
+    """Keeps Dask's INFO line that a batched connection closed, without the traceback of the close."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Always True; the ``Batched Comm Closed`` record at INFO or below loses its traceback."""
+        if record.levelno <= logging.INFO and record.getMessage().startswith(BATCHED_CLOSED):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_closed_comms() -> None:
+    """Install ``ClosedCommFilter`` on ``distributed.batched``'s logger in this process (once)."""
+    logger = logging.getLogger("distributed.batched")
+    if not any(isinstance(f, ClosedCommFilter) for f in logger.filters):
+        logger.addFilter(ClosedCommFilter())
+
+
 def dask_setup(worker: Any) -> None:
-    """Install the filter on the worker's logger (``distributed`` calls this once per worker process)."""
+    """Install the filters on the worker's loggers (``distributed`` calls this once per worker process)."""
     logger = logging.getLogger("distributed.worker")
     if not any(isinstance(f, ClosingHeartbeatFilter) for f in logger.filters):
         logger.addFilter(ClosingHeartbeatFilter())
+    quiet_closed_comms()
