@@ -5,14 +5,15 @@ a few fields of its sections (`resolve`). The presets are defined here once; the
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Mapping, Optional
+import copy
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
 from deeprnn.data.urls import redact_url
 from deeprnn.durations import MAX_BUDGET, MIN_BUDGET, parse_budget
+from deeprnn.presets import PRESET_VALUES, Section, merge
 from deeprnn.presets import PRESETS as PRESETS  # re-exported: the CLI and the forms read them here
-from deeprnn.presets import merge, preset_values
 from deeprnn.presets import overrides_dict as overrides_dict
 from deeprnn.presets import section_values as section_values
 
@@ -34,6 +35,13 @@ Duration = Annotated[Optional[float], BeforeValidator(parse_budget)]
 BOOK_PREFIXES = ["time traveller", "traveller"]
 # What ``model.size = "auto"`` decides (``deeprnn.sizing``); a value the user gives for one of them turns it off.
 SIZED_FIELDS = (("model", "num_layers"), ("model", "num_hiddens"), ("model", "embedding_dim"), ("model", "dropout"))
+# Bounds several fields share: counts of epochs or evaluations, optimizer steps (a budget, a period; a share of
+# the plan), held-out tokens, layer widths.
+Count = Annotated[int, Field(ge=1, le=100_000)]
+Steps = Annotated[int, Field(ge=1, le=10**12)]
+PlannedSteps = Annotated[int, Field(ge=0, le=10**9)]
+HeldOutTokens = Annotated[int, Field(ge=2, le=10**12)]
+Width = Annotated[int, Field(ge=1, le=8192)]
 
 
 class _Section(BaseModel):
@@ -125,17 +133,15 @@ class ModelConfig(_Section):
     )
 
     cell: CellType = Field("lstm", title="Cell type", description="lstm (the book), gru or rnn (tanh).")
-    num_hiddens: int = Field(256, title="Hidden units", description="Width of each recurrent layer.", ge=1, le=8192)
+    num_hiddens: Width = Field(256, title="Hidden units", description="Width of each recurrent layer.")
     num_layers: int = Field(2, title="Layers", description="Stacked recurrent layers (the book: 2).", ge=1, le=16)
     dropout: float = Field(
         0.0, title="Dropout", description="Dropout between recurrent layers, in [0, 1).", ge=0.0, lt=1.0
     )
-    embedding_dim: Optional[int] = Field(
+    embedding_dim: Optional[Width] = Field(
         None,
         title="Embedding size",
         description="Learned embedding of this size. Empty: one-hot input, as in the book.",
-        ge=1,
-        le=8192,
     )
 
 
@@ -149,7 +155,7 @@ class TrainConfig(_Section):
         title="Partitioning",
         description="sequential: state carried across minibatches (the book); random: state reset per minibatch.",
     )
-    epochs: int = Field(500, title="Epochs", description="Passes over the training tokens.", ge=1, le=100000)
+    epochs: Count = Field(500, title="Epochs", description="Passes over the training tokens.")
     optimizer: OptimizerName = Field("sgd", title="Optimizer", description="sgd (the book), adam or adamw.")
     lr: float = Field(2.0, title="Learning rate", description="Peak learning rate.", gt=0.0, le=100.0)
     weight_decay: float = Field(
@@ -163,12 +169,10 @@ class TrainConfig(_Section):
         "time budget, whichever ends first); warmup-stable-decay: the same warm-up, the peak until the last 20% "
         "of the plan, and that cosine decay over it.",
     )
-    warmup_steps: int = Field(
+    warmup_steps: PlannedSteps = Field(
         100,
         title="Warm-up steps",
         description="Steps of linear warm-up (warmup-cosine; at most a tenth of the planned steps).",
-        ge=0,
-        le=10**9,
     )
     clip_norm: Optional[float] = Field(
         1.0,
@@ -179,13 +183,11 @@ class TrainConfig(_Section):
     )
     seed: int = Field(0, title="Seed", description="Seeds weights, minibatch offsets, dropout.", ge=0, le=2**32 - 1)
     device: DeviceName = Field("auto", title="Device", description="auto picks cuda, then mps, then cpu.")
-    timeout_minutes: Optional[int] = Field(
+    timeout_minutes: Optional[Count] = Field(
         None,
         title="Training timeout (minutes)",
         description="Fail the training task after this long. Empty: one hour plus one minute per 60,000 training "
         "tokens (epochs x tokens), far above any healthy run.",
-        ge=1,
-        le=100_000,
     )
     fast: bool = Field(
         True,
@@ -198,12 +200,10 @@ class TrainConfig(_Section):
         description="Training-step arithmetic. auto: bf16 autocast on CUDA GPUs that support it (about 1.7x faster "
         "steps, same results for the book), fp32 elsewhere. fp32: the book's exact numerics. bf16: CUDA only.",
     )
-    eval_every: int = Field(
-        10, title="Evaluate every", description="Held-out perplexity every N epochs (and at the last).", ge=1, le=100000
+    eval_every: Count = Field(
+        10, title="Evaluate every", description="Held-out perplexity every N epochs (and at the last)."
     )
-    log_every: int = Field(
-        10, title="Log every", description="Progress line every N epochs (and at the last).", ge=1, le=100000
-    )
+    log_every: Count = Field(10, title="Log every", description="Progress line every N epochs (and at the last).")
     time_budget: Duration = Field(
         None,
         title="Time budget (seconds)",
@@ -213,29 +213,23 @@ class TrainConfig(_Section):
         ge=MIN_BUDGET,
         le=MAX_BUDGET,
     )
-    min_planned_steps: int = Field(
+    min_planned_steps: PlannedSteps = Field(
         0,
         title="Steps the budget plans at least",
         description="With a time budget: halve the batch (down to 8 rows) until the budget plans at least this "
         "many optimizer steps at the throughput measured on this device, so that a short budget on a slow device "
         "makes more, smaller steps. 0: keep the batch (giving batch_size keeps it too).",
-        ge=0,
-        le=10**9,
     )
-    patience: Optional[int] = Field(
+    patience: Optional[Count] = Field(
         None,
         title="Early-stopping patience",
         description="Stop after this many held-out evaluations in a row without a better perplexity. Empty: never.",
-        ge=1,
-        le=100000,
     )
-    evaluations: Optional[int] = Field(
+    evaluations: Optional[Count] = Field(
         None,
         title="Evaluations over the plan",
         description="With a time budget or max_steps: spread this many held-out evaluations evenly over the "
         "planned steps (unless eval_every_steps is given). Empty: eval_every only.",
-        ge=1,
-        le=100000,
     )
     checkpoint_every_minutes: Optional[float] = Field(
         10.0,
@@ -245,54 +239,42 @@ class TrainConfig(_Section):
         ge=0.0,
         le=100000.0,
     )
-    max_steps: Optional[int] = Field(
+    max_steps: Optional[Steps] = Field(
         None,
         title="Step budget",
         description="Stop after N optimizer steps in total, also inside an epoch (resumable from there). "
         "Empty: train for the epochs only.",
-        ge=1,
-        le=10**12,
     )
-    eval_every_steps: Optional[int] = Field(
+    eval_every_steps: Optional[Steps] = Field(
         None,
         title="Evaluate every N steps",
         description="Also measure held-out perplexity every N optimizer steps, inside epochs too (MLflow "
         "step_* metrics, step = global step). Empty: per epoch only.",
-        ge=1,
-        le=10**12,
     )
-    checkpoint_every_steps: Optional[int] = Field(
+    checkpoint_every_steps: Optional[Steps] = Field(
         None,
         title="Checkpoint every N steps",
         description="Also save a resumable checkpoint every N optimizer steps, inside epochs too. Empty: per "
         "epoch only.",
-        ge=1,
-        le=10**12,
     )
     # 1M tokens: above every preset's held-out split on the book (17,058 tokens), so the book's numbers do not
     # change, while an evaluation on a gigabyte corpus stays seconds instead of an hour.
-    eval_max_tokens: Optional[int] = Field(
+    eval_max_tokens: Optional[HeldOutTokens] = Field(
         1_000_000,
         title="Held-out tokens per evaluation",
         description="Periodic evaluations during training read only the first N held-out tokens (the final "
         "test perplexity still reads the whole test split). Default 1,000,000; a larger N reads more.",
-        ge=2,
-        le=10**12,
     )
-    final_eval_max_tokens: Optional[int] = Field(
+    final_eval_max_tokens: Optional[HeldOutTokens] = Field(
         None,
         title="Held-out tokens of the final evaluation",
         description="The final validation and test perplexities read only the first N tokens of each split "
         "(the results say how many: val_tokens, test_tokens). Empty: the whole splits.",
-        ge=2,
-        le=10**12,
     )
-    checkpoint_every: Optional[int] = Field(
+    checkpoint_every: Optional[Count] = Field(
         None,
         title="Checkpoint every",
         description="Save a resumable checkpoint every N epochs. Empty: at the end only.",
-        ge=1,
-        le=100000,
     )
 
 
@@ -343,11 +325,8 @@ class RunConfig(_Section):
 
     def flat(self) -> dict[str, Any]:
         """Every value as ``section.field -> value`` (JSON types: lists stay lists, None stays None)."""
-        out: dict[str, Any] = {"preset": self.preset}
-        for section in SECTIONS:
-            for key, value in getattr(self, section).model_dump(mode="json").items():
-                out[f"{section}.{key}"] = value
-        return out
+        sections = self.model_dump(mode="json", exclude={"preset"})
+        return {"preset": self.preset} | {f"{s}.{k}": v for s, values in sections.items() for k, v in values.items()}
 
 
 # The configuration's sections by name, in the order of ``RunConfig``: the CLI's options and the search
@@ -361,11 +340,10 @@ def preset_config(name: str, overrides: dict[str, Any] | None = None) -> RunConf
     Raises ``ValueError`` naming the valid presets for an unknown name, and pydantic's ``ValidationError``
     (naming the field) for a bad override.
     """
-    presets = preset_values()
-    if name not in presets:
+    if name not in PRESET_VALUES:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     given = overrides or {}
-    merged = merge(presets[name], given)
+    merged = merge(copy.deepcopy(PRESET_VALUES[name]), given)  # the rules below must not change the preset
     merged["preset"] = name
     if any(field in given.get(section, {}) for section, field in SIZED_FIELDS) and "size" not in given.get("model", {}):
         merged.setdefault("model", {})["size"] = "fixed"  # the user's shape, not the sized one
@@ -383,11 +361,7 @@ def default_preset(url: str | None) -> str:
 
 
 def resolve(
-    preset: str,
-    data: BaseModel | Mapping[str, Any] | None = None,
-    model: BaseModel | Mapping[str, Any] | None = None,
-    train: BaseModel | Mapping[str, Any] | None = None,
-    sample: BaseModel | Mapping[str, Any] | None = None,
+    preset: str, data: Section = None, model: Section = None, train: Section = None, sample: Section = None
 ) -> RunConfig:
     """The preset with each given section's values (see ``section_values``) in place of its own, validated."""
     return preset_config(preset, overrides_dict(data, model, train, sample))

@@ -16,55 +16,45 @@ from typing import Any, Mapping
 
 from pydantic import BaseModel
 
-PRESETS: tuple[str, ...] = ("d2l-9.3", "full-book", "smoke", "text")
-
-
-def preset_values() -> dict[str, dict[str, Any]]:
-    """Each preset as ``{section: {field: value}}`` overrides of the book's defaults."""
-    return {
-        "d2l-9.3": {},
-        # Chosen with bench/tune_full_book.py among 12 candidates in two rounds of 6 (bench/results/
-        # h200-full-book-candidates.json and -2.json; the chosen one alone: h200-full-book-chosen.json).
-        "full-book": {
-            "data": {"max_tokens": None, "val_fraction": 0.1, "test_fraction": 0.1},
-            "model": {"num_layers": 3, "num_hiddens": 512, "dropout": 0.5, "embedding_dim": 64},
-            "train": {
-                "batch_size": 32,
-                "num_steps": 128,
-                "epochs": 30,
-                "optimizer": "adamw",
-                "lr": 3e-3,
-                "weight_decay": 0.05,
-                "lr_schedule": "cosine",
-                "precision": "fp32",  # tuned and measured in fp32
-                "eval_every": 1,
-                "log_every": 1,
-            },
+# Each preset as ``{section: {field: value}}`` overrides of the book's defaults.
+PRESET_VALUES: dict[str, dict[str, Any]] = {
+    "d2l-9.3": {},
+    # Chosen with bench/tune_full_book.py among 12 candidates in two rounds of 6 (bench/results/
+    # h200-full-book-candidates.json and -2.json; the chosen one alone: h200-full-book-chosen.json).
+    "full-book": {
+        "data": {"max_tokens": None, "val_fraction": 0.1, "test_fraction": 0.1},
+        "model": {"num_layers": 3, "num_hiddens": 512, "dropout": 0.5, "embedding_dim": 64},
+        "train": {
+            "batch_size": 32,
+            "num_steps": 128,
+            "epochs": 30,
+            "optimizer": "adamw",
+            "lr": 3e-3,
+            "weight_decay": 0.05,
+            "lr_schedule": "cosine",
+            "precision": "fp32",  # tuned and measured in fp32
+            "eval_every": 1,
+            "log_every": 1,
         },
-        "smoke": {
-            "data": {"max_tokens": 2000},
-            "model": {"num_hiddens": 32},
-            "train": {
-                "batch_size": 8,
-                "num_steps": 16,
-                "epochs": 3,
-                "lr": 1.0,
-                "eval_every": 1,
-                "log_every": 1,
-                # Seconds whatever the corpus: a large text is not read whole at every evaluation.
-                "eval_max_tokens": 10_000,
-                "final_eval_max_tokens": 20_000,
-            },
-            "sample": {"num_chars": 20},
+    },
+    "smoke": {
+        "data": {"max_tokens": 2000},
+        "model": {"num_hiddens": 32},
+        "train": {
+            "batch_size": 8,
+            "num_steps": 16,
+            "epochs": 3,
+            "lr": 1.0,
+            "eval_every": 1,
+            "log_every": 1,
+            # Seconds whatever the corpus: a large text is not read whole at every evaluation.
+            "eval_max_tokens": 10_000,
+            "final_eval_max_tokens": 20_000,
         },
-        "text": _text_preset(),
-    }
-
-
-def _text_preset() -> dict[str, Any]:
-    """Your own text: every character, the whole text, a time budget, a model sized to the text."""
-    # Chosen with bench/own_text.py on texts in five languages (bench/results/cpu-own-text.md).
-    return {
+        "sample": {"num_chars": 20},
+    },
+    # Your own text, chosen with bench/own_text.py on texts in five languages (bench/results/cpu-own-text.md).
+    "text": {
         "data": {"normalize": "none", "max_tokens": None, "val_fraction": 0.05, "test_fraction": 0.1},
         "model": {"size": "auto", "num_layers": 2, "num_hiddens": 256, "embedding_dim": 128},
         "train": {
@@ -91,7 +81,11 @@ def _text_preset() -> dict[str, Any]:
             "precision": "auto",
         },
         "sample": {"prefixes": [], "num_chars": 200, "temperature": 0.8, "top_k": 20},
-    }
+    },
+}
+PRESETS: tuple[str, ...] = tuple(PRESET_VALUES)
+# A section as callers give it: its model (the fields set count), a mapping of fields, or None for none.
+Section = BaseModel | Mapping[str, Any] | None
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -105,29 +99,21 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def section_values(section: BaseModel | Mapping[str, Any] | None) -> dict[str, Any]:
+def section_values(section: Section) -> dict[str, Any]:
     """The values a section gives: a model's explicitly set fields, or a mapping's keys; None gives none.
 
     A section model built from ``{"epochs": 2}`` gives only ``epochs``: the fields it leaves out keep the
     preset's values. A complete section (every field set, as a form sends it) replaces the preset's whole.
     """
-    if section is None:
-        return {}
     if isinstance(section, BaseModel):
         return section.model_dump(include=set(section.model_fields_set))
-    return dict(section)
+    return dict(section or {})
 
 
 def overrides_dict(
-    data: BaseModel | Mapping[str, Any] | None = None,
-    model: BaseModel | Mapping[str, Any] | None = None,
-    train: BaseModel | Mapping[str, Any] | None = None,
-    sample: BaseModel | Mapping[str, Any] | None = None,
+    data: Section = None, model: Section = None, train: Section = None, sample: Section = None
 ) -> dict[str, dict[str, Any]]:
     """The sections' given values (``section_values``) as ``{section: {field: value}}``, empty ones left out."""
-    overrides: dict[str, dict[str, Any]] = {}
-    for key, section in (("data", data), ("model", model), ("train", train), ("sample", sample)):
-        values = section_values(section)
-        if values:
-            overrides[key] = values
-    return overrides
+    sections = {"data": data, "model": model, "train": train, "sample": sample}
+    given = {key: section_values(section) for key, section in sections.items()}
+    return {key: values for key, values in given.items() if values}

@@ -11,16 +11,9 @@ from typing import Sequence
 import typer
 import typer.core
 
-# Typer's plain help names a type by its Python spelling; click's words read better in a help text.
-METAVARS = {
-    "<str>": "TEXT",
-    "<int>": "INTEGER",
-    "<int range>": "INTEGER",
-    "<float>": "FLOAT",
-    "<float range>": "FLOAT",
-    "<list[str]>": "TEXT",
-}
-_METAVAR = re.compile("|".join(re.escape(m) for m in METAVARS))
+# Typer's plain help names a type by its Python spelling (<int>, <float range>); click's words read better.
+METAVARS = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "list[str]": "TEXT"}
+_METAVAR = re.compile(r"<(str|int|float|list\[str\])(?: range)?>")
 
 
 def wrap(text: str, width: int) -> list[str]:
@@ -42,7 +35,7 @@ class HelpFormatter(typer.Context.formatter_class):  # type: ignore[misc,name-de
 
     def write_dl(self, rows: Sequence[tuple[str, str]], col_max: int = 30, col_spacing: int = 2) -> None:
         """Two columns: each name, and its text beside it (or on the next line when the name is longer)."""
-        rows = [(_METAVAR.sub(lambda m: METAVARS[m.group(0)], name), text) for name, text in rows]
+        rows = [(_METAVAR.sub(lambda m: METAVARS[m.group(1)], name), text) for name, text in rows]
         first = min(max((len(name) for name, _ in rows), default=0), col_max) + col_spacing
         indent = " " * self.current_indent
         for name, text in rows:

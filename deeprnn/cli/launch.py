@@ -10,7 +10,7 @@ from typing import Callable, Iterator, TypeVar
 import typer
 from rich.text import Text
 
-from deeprnn.cli.output import console, err, fail
+from deeprnn.cli.output import err, fail, print_line
 from deeprnn.ops.password_scrub import scrub
 
 if typing.TYPE_CHECKING:
@@ -35,20 +35,16 @@ def wait_for_api(api: TemporaryAPI | None, preload: bool) -> None:
     Against a running API server (``api`` is None) there is nothing to wait for, and what the run needs is
     loaded now all the same, so that it does not land inside the flow run's first tasks.
     """
-    if api is None:
-        for load in _PRELOADS if preload else []:
-            load()
-        return
     from deeprnn.ops.prefect_api import PrefectAPIError, startup_timeout
 
     timeout = startup_timeout()
-    if preload:
-        for load in _PRELOADS:
-            if not api.starting(timeout):
-                break
-            load()
+    for load in _PRELOADS if preload else []:
+        if api is not None and not api.starting(timeout):
+            break  # the server answers already: the flow run's tasks load the rest
+        load()
     try:
-        api.wait(timeout)
+        if api is not None:
+            api.wait(timeout)
     except PrefectAPIError as exc:
         fail(str(exc), 1)
 
@@ -64,10 +60,8 @@ def _open_tracking_store() -> None:
     from deeprnn.tracking.store import check_reachable, tracking_uri
 
     if tracking_uri().startswith(("sqlite:", "file:", "/")):
-        try:
+        with contextlib.suppress(Exception):  # the check-inputs task repeats this and reports it in the flow run
             check_reachable()
-        except Exception:  # noqa: BLE001 - the check-inputs task repeats this and reports it in the flow run
-            pass
 
 
 def _load_plotting() -> None:
@@ -108,25 +102,13 @@ def mark_orphaned_runs(runs_dir: str | None = None) -> None:
     except Exception:  # noqa: BLE001 - an unreachable store is the flow's check-inputs task to report, clearly
         return
     for orphan in orphans:
-        then = (
-            f"Continue it with: deeprnn run --resume {orphan.run_id}"
-            if orphan.checkpoint is not None
-            else "It stopped before its first checkpoint: nothing to resume"
-        )
-        console.print(
+        then = f"Continue it with: deeprnn run --resume {orphan.run_id}"
+        if orphan.checkpoint is None:
+            then = "It stopped before its first checkpoint: nothing to resume"
+        print_line(
             f"deeprnn: MLflow run {orphan.run_id} was left RUNNING by a process that is gone (pid {orphan.pid}); "
-            f"marked FAILED. {then}",
-            highlight=False,
-            soft_wrap=True,
+            f"marked FAILED. {then}"
         )
-
-
-def stop_on_signals(seconds: float | None = None) -> None:
-    """From now on SIGINT and SIGTERM stop the run at a safe point (``deeprnn.training.stop_signals``), within
-    ``seconds`` (default: ``STOP_SECONDS``), a second one at once."""
-    from deeprnn.training.stop_signals import handle_stop_signals
-
-    handle_stop_signals(seconds)
 
 
 StopMessage = Callable[[KeyboardInterrupt], str]
@@ -163,16 +145,18 @@ def invoke(call: Callable[[], Result], on_interrupt: str | StopMessage) -> Resul
             stop = remembered()
             if stop is not None:  # the flow run ended Cancelled on a stop signal: report the stop
                 raise stop from None
-
-            # One line, as written: no markup read into it, no line breaks added at the terminal's width.
-            err.print(Text.assemble(("error:", "red"), " ", scrub(message(exc))), soft_wrap=True)
-            raise typer.Exit(1) from None
+            fail(message(exc), 1)
 
 
-def describe_api(api: TemporaryAPI | None) -> str:
-    """Which Prefect API the flow runs report to, for the command's first lines."""
+def announce_services(api: TemporaryAPI | None) -> None:
+    """Where the flow runs go (Prefect's temporary server ``api``, else PREFECT_API_URL's) and the MLflow runs,
+    once the Prefect API answers."""
     import os
 
+    from deeprnn.tracking.store import tracking_uri
+
+    prefect_api = os.environ.get("PREFECT_API_URL", "from the Prefect profile")
     if api is not None:
-        return f"Prefect's temporary server {api.url}"
-    return os.environ.get("PREFECT_API_URL", "from the Prefect profile")
+        prefect_api = f"Prefect's temporary server {api.url}"
+    print_line(f"Prefect API: {prefect_api}")
+    print_line(f"MLflow tracking: {tracking_uri()}")

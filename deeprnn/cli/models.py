@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from deeprnn.cli.output import console, fail
 from deeprnn.config import PRESETS, preset_config
@@ -58,8 +58,7 @@ def presets(name: Optional[str] = typer.Argument(None, help="Show one preset in 
         except ValueError as exc:
             fail(str(exc))
         return
-    table = Table("preset", "model", "data", "training")
-    table.columns[0].no_wrap = True  # a name to type: never broken
+    table = Table(Column("preset", no_wrap=True), "model", "data", "training")  # a name to type: never broken
     for p in PRESETS:
         c = preset_config(p)
         table.add_row(

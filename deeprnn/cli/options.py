@@ -13,6 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ValidationError
 
 from deeprnn.cli.output import fail
 from deeprnn.config import REGISTERED_MODEL_PATTERN, SECTIONS, RunConfig, default_preset, preset_config, resolve
+from deeprnn.durations import DurationError, parse_budget
 
 # Option names that differ from the field name (clashes, or names the book's users expect).
 RENAMES = {
@@ -32,9 +33,7 @@ def _cli_type(annotation: Any) -> tuple[Any, str, str | None]:
     metavar that shows what to type (the choices themselves for a few named values)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     base = args[0] if typing.get_origin(annotation) is typing.Union and args else annotation
-    if typing.get_origin(base) is Annotated:  # a value parsed from text by the model itself (e.g. a duration)
-        if any(isinstance(m, BeforeValidator) for m in base.__metadata__):
-            return Optional[str], "", "DURATION"
+    if typing.get_origin(base) is Annotated:  # an optional bounded type (config.Count, ...)
         base = typing.get_args(base)[0]
     if typing.get_origin(base) is typing.Literal:
         return Optional[str], "", "[" + "|".join(map(str, typing.get_args(base))) + "]"
@@ -59,16 +58,8 @@ def default_text(value: Any) -> str:
 BOOK_PRESET = "d2l-9.3"
 
 
-def _option_fields() -> dict[str, tuple[str, str]]:
-    """CLI parameter name -> (section, field) for every configuration field."""
-    out = {}
-    for section, cls in SECTIONS.items():
-        for name in cls.model_fields:
-            out[RENAMES.get((section, name), name)] = (section, name)
-    return out
-
-
-OPTION_FIELDS = _option_fields()
+# CLI parameter name -> (section, field) for every configuration field.
+OPTION_FIELDS = {RENAMES.get((s, name), name): (s, name) for s, cls in SECTIONS.items() for name in cls.model_fields}
 
 
 def override_parameters(sections: tuple[str, ...] = tuple(SECTIONS)) -> list[inspect.Parameter]:
@@ -100,38 +91,30 @@ def override_parameters(sections: tuple[str, ...] = tuple(SECTIONS)) -> list[ins
 
 def with_options(command: Command, extra: list[inspect.Parameter]) -> Command:
     """``command`` with its ``**options`` replaced by the ``extra`` keyword options, as Typer reads a signature
-    (a parameter of the command's own wins over an extra one of the same name)."""
+    (an extra option of the same name as a parameter of the command's own takes that parameter's place)."""
     signature = inspect.signature(command, eval_str=True)  # real types: the module uses postponed annotations
-    fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    names = {p.name for p in fixed}
-    parameters = fixed + [p for p in extra if p.name not in names]
+    generated = {p.name: p for p in extra}
+    own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    parameters = [generated.pop(p.name, p).replace(kind=p.kind) for p in own] + list(generated.values())
     command.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]  # read by Typer
     command.__annotations__ = {p.name: p.annotation for p in parameters}
     return command
 
 
 def overrides(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Group the options the user gave into ``{section: {field: value}}``; a ``--time-budget`` that is not one
-    exits 2 in one line (``check_time_budget``)."""
+    """Group the options the user gave into ``{section: {field: value}}``; a ``--time-budget`` that is neither a
+    duration nor ``off`` (``0``, a blank, ``1ms``, ``2x``) exits 2 in one line."""
     out: dict[str, dict[str, Any]] = {}
     for cli_name, value in values.items():
         if value is None or cli_name not in OPTION_FIELDS or (isinstance(value, list) and not value):
             continue
         section, name = OPTION_FIELDS[cli_name]
         out.setdefault(section, {})[name] = value
-    check_time_budget(out.get("train", {}).get("time_budget"))
-    return out
-
-
-def check_time_budget(value: str | None) -> None:
-    """Refuse a ``--time-budget`` that is neither a duration nor ``off`` (``0``, a blank, ``1ms``, ``2x``) in
-    one line naming what it takes, before the configuration is resolved (whose message would span lines)."""
-    from deeprnn.durations import DurationError, parse_budget
-
-    try:
-        parse_budget(value)
+    try:  # refused here in one line naming what it takes: the configuration's message would span lines
+        parse_budget(out.get("train", {}).get("time_budget"))
     except DurationError as exc:
         fail(f"--time-budget: {exc}")
+    return out
 
 
 def explain(exc: ValidationError) -> str:
@@ -140,7 +123,7 @@ def explain(exc: ValidationError) -> str:
     lines = []
     for e in exc.errors():
         loc = tuple(str(p) for p in e["loc"])
-        key = by_field.get(loc[:2]) if len(loc) >= 2 else None
+        key = by_field.get(loc[:2])
         where = "--" + key.replace("_", "-") if key else ".".join(loc) or "configuration"
         lines.append(f"  {where}: {e['msg']}")
     return "invalid configuration:\n" + "\n".join(lines)
@@ -161,11 +144,7 @@ def complete_sections(config: RunConfig) -> dict[str, BaseModel]:
     """The resolved configuration's sections, each with every field set: handed to a flow, each replaces its
     preset's section whole (``deeprnn.presets.section_values``), so the flow runs exactly what the command
     validated and printed, and resolves nothing again."""
-    return {
-        name: type(part).model_construct(_fields_set=set(type(part).model_fields), **dict(part))
-        for name in SECTIONS
-        for part in [getattr(config, name)]
-    }
+    return {name: cls.model_validate(getattr(config, name).model_dump()) for name, cls in SECTIONS.items()}
 
 
 def check_registered_model(name: str | None) -> None:

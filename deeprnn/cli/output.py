@@ -8,7 +8,7 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from deeprnn.ops.password_scrub import scrub
@@ -58,25 +58,19 @@ def print_rows(title: str, rows: dict[str, str]) -> None:
 def print_result(result: RunResult) -> None:
     """A training run's metrics, device, model and samples."""
     print_line(f"MLflow run {result.run_id}")  # whole, not a table title that wraps at the table's width
-    table = Table(show_header=True)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
+    table = Table("metric", Column("value", justify="right"))
     for key, value in result.metrics().items():
         if value is not None:
             table.add_row(key, f"{value:,.3f}" if isinstance(value, float) else str(value))
     trained = result.training
     table.add_row("device / steps", f"{trained.device} / {trained.step_mode} / {trained.precision}")
     console.print(table)
+    line = f"model: {result.model.logged.model_uri}"
     registered = result.model.registration
-    print_line(
-        f"model: {result.model.logged.model_uri}"
-        + (
-            f" (registered {registered.registered_model} v{registered.version}"
-            + (", now champion)" if registered.champion else ")")
-            if registered
-            else ""
-        )
-    )
+    if registered:
+        champion = ", now champion" if registered.champion else ""
+        line += f" (registered {registered.registered_model} v{registered.version}{champion})"
+    print_line(line)
     for text in result.samples.values():
         console.print(f"  {text}", style="green", highlight=False, markup=False, soft_wrap=True)
     print_line(f"run id: {result.run_id}")
@@ -86,11 +80,11 @@ def print_sweep(result: SweepSummary) -> None:
     """A sweep's trials ranked by its selection metric, its best, and the study's best over every run of it."""
     metric = result.selection_metric
     print_line(f"MLflow parent run {result.parent_run_id} (ranked by {metric})")
-    table = Table(show_header=True)
-    for column in ("trial", "status", metric):
-        table.add_column(column)
-    table.add_column("run id", no_wrap=True, min_width=32)  # whole: it is what `deeprnn run --resume` takes
-    table.add_column("note", overflow="fold")  # why a trial failed, or where the pruner stopped it
+    # The run id whole: it is what `deeprnn run --resume` takes; the note: why a trial failed, or where the
+    # pruner stopped it.
+    table = Table(
+        "trial", "status", metric, Column("run id", no_wrap=True, min_width=32), Column("note", overflow="fold")
+    )
     for t in result.trials:
         score = t.metrics.get(metric)
         table.add_row(t.name, t.status, "" if score is None else f"{score:.3f}", t.run_id or "", scrub(t.error or ""))

@@ -11,6 +11,7 @@ import typer
 from deeprnn.cli import launch, options, preflight
 from deeprnn.cli.output import console, fail, print_result, print_rows, warn, write_json
 from deeprnn.config import PRESETS, RunConfig
+from deeprnn.training.stop_signals import handle_stop_signals
 
 
 def stopped(exc: KeyboardInterrupt) -> str:
@@ -43,22 +44,13 @@ RunsDir = Annotated[str, typer.Option("--runs-dir", help="Local folder for check
 
 
 def run(
-    preset: Annotated[
-        Optional[str],
-        typer.Option(
-            "--preset",
-            help=f"Named preset: {', '.join(PRESETS)} (default: d2l-9.3 for the book's corpus, text for your own).",
-        ),
-    ] = None,
+    preset: Optional[str] = typer.Option(
+        None,
+        "--preset",
+        help=f"Named preset: {', '.join(PRESETS)} (default: d2l-9.3 for the book's corpus, text for your own).",
+    ),
     resume: Resume = None,
-    epochs: Annotated[
-        Optional[int],
-        typer.Option(
-            "--epochs",
-            metavar="INTEGER",
-            help="[train] Passes over the training tokens.  [default: the preset's; d2l-9.3: 500, text: 1000]",
-        ),
-    ] = None,
+    epochs: Optional[int] = None,  # the configuration's option, placed here by ``options.with_options``
     experiment: options.Experiment = None,
     runs_dir: RunsDir = "runs",
     json_out: options.JsonOut = None,
@@ -66,24 +58,22 @@ def run(
     **values: Any,
 ) -> None:
     """Run the training flow: download, vocabulary, train, evaluate, generate, log to MLflow."""
-    overrides = options.overrides(values)
-    if epochs is not None:
-        overrides.setdefault("train", {})["epochs"] = epochs
+    overrides = options.overrides({**values, "epochs": epochs})
     _check_resume(resume, preset)
     options.check_registered_model(registered_model)
     config = options.resolve_or_exit(preset, overrides)  # for a resume, this only validates the overrides
-    _preflight(config, overrides, resume, experiment, runs_dir)
+    device = _preflight(config, overrides, resume, experiment, runs_dir)
     _announce(config, resume, chosen=preset is None)  # the first line, before anything prints
 
-    launch.stop_on_signals()  # SIGINT, SIGTERM: stop at a safe point, checkpointed, with one line
+    handle_stop_signals()  # SIGINT, SIGTERM: stop at a safe point, checkpointed, with one line
     with launch.exit_on_stop(stopped):
         temporary_api = launch.start_prefect_api()  # boots in its own process while the flow's imports load here
         from deeprnn.flows.train_flow import train_lm  # Prefect and MLflow load only once the input is known to be good
 
-        launch.init_device(config.train.device if resume is None else overrides.get("train", {}).get("device", "auto"))
+        launch.init_device(device)
         launch.wait_for_api(temporary_api, preload=True)
         ready_at = time.time()  # imports done and the Prefect API answering
-        _announce_services(launch.describe_api(temporary_api))
+        launch.announce_services(temporary_api)
         launch.mark_orphaned_runs(runs_dir)
     result = launch.invoke(
         lambda: train_lm(
@@ -120,37 +110,27 @@ def _check_resume(resume: str | None, preset: str | None) -> None:
 
 def _preflight(
     config: RunConfig, overrides: dict[str, Any], resume: str | None, experiment: str | None, runs_dir: str
-) -> None:
+) -> str:
     """What can be refused in milliseconds, before Prefect or MLflow start: the corpus, the device, the run
-    (absent, another experiment's, without a checkpoint, or finished with nothing left to train)."""
-    if resume is None:
-        preflight.check_source(config.data.url)
-        preflight.check_device(config.train.device)
-    else:  # a resumed run's settings are its own; only what the options change is checked here
-        preflight.check_source(overrides.get("data", {}).get("url"))
-        preflight.check_device(overrides.get("train", {}).get("device", "auto"))
+    (absent, another experiment's, without a checkpoint, or finished with nothing left to train). Returns the
+    device the run asks for."""
+    # A resumed run's settings are its own: only what the options change is checked here.
+    given = config.model_dump() if resume is None else overrides
+    device = given.get("train", {}).get("device", "auto")
+    preflight.check_source(given.get("data", {}).get("url"))
+    preflight.check_device(device)
+    if resume is not None:
         preflight.check_resume(resume, experiment, runs_dir, overrides.get("train", {}))
+    return device
 
 
 def _announce(config: RunConfig, resume: str | None, chosen: bool) -> None:
-    """The run's first line: what it trains (or resumes)."""
+    """The run's first line: what a new run will do (the preset, and why when it was chosen for the user, the
+    budget), or which run it resumes."""
     # soft_wrap: long lines are left to the terminal to wrap, so a URL or run id is never broken in two.
     if resume is not None:
         console.print(f"deeprnn: resuming MLflow run [bold]{resume}[/bold] from its last checkpoint", soft_wrap=True)
-    else:
-        console.print(f"deeprnn: {describe_plan(config, chosen)}", highlight=False, soft_wrap=True)
-
-
-def _announce_services(api: str) -> None:
-    """Where the flow run and the MLflow run go (once the Prefect API answers)."""
-    from deeprnn.tracking.store import tracking_uri
-
-    console.print(f"Prefect API: {api}", highlight=False, soft_wrap=True, markup=False)
-    console.print(f"MLflow tracking: {tracking_uri()}", highlight=False, soft_wrap=True, markup=False)
-
-
-def describe_plan(config: RunConfig, chosen: bool) -> str:
-    """What a new run will do, in one line: the preset (and why, when it was chosen for the user), the budget."""
+        return
     from deeprnn.durations import format_duration
 
     t = config.train
@@ -162,18 +142,17 @@ def describe_plan(config: RunConfig, chosen: bool) -> str:
         bounds.append(f"{t.max_steps:,} steps")
     if t.patience is not None:
         bounds.append(f"early stopping after {t.patience} evaluations without progress")
-    return f"preset [bold]{config.preset}[/bold]{why}, {', '.join(bounds)}, device {t.device}"
+    plan = f"preset [bold]{config.preset}[/bold]{why}, {', '.join(bounds)}, device {t.device}"
+    console.print(f"deeprnn: {plan}", highlight=False, soft_wrap=True)
 
 
 def prepare(
-    preset: Annotated[
-        Optional[str],
-        typer.Option(
-            "--preset",
-            help=f"Named preset whose data settings to start from: {', '.join(PRESETS)} (default: d2l-9.3 for "
-            "the book's corpus, text for your own).",
-        ),
-    ] = None,
+    preset: Optional[str] = typer.Option(
+        None,
+        "--preset",
+        help=f"Named preset whose data settings to start from: {', '.join(PRESETS)} (default: d2l-9.3 for "
+        "the book's corpus, text for your own).",
+    ),
     json_out: options.JsonOut = None,
     **values: Any,
 ) -> None:

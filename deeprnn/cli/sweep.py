@@ -10,10 +10,11 @@ from typing import Annotated, Any, Optional
 import typer
 
 from deeprnn.cli import launch, options, preflight
-from deeprnn.cli.output import console, fail, print_sweep, write_json
+from deeprnn.cli.output import console, fail, print_line, print_sweep, write_json
 from deeprnn.config import PRESETS
 from deeprnn.ops.study_storage import STORAGE_ENV
 from deeprnn.search.optuna_study import DEFAULT_TRIALS, SAMPLERS
+from deeprnn.training.stop_signals import handle_stop_signals
 
 SWEEP_NAME = "deeprnn-sweep"  # the flow's name, and the experiment of a sweep that names none
 # A stopped sweep closes its Dask cluster, whose workers end their trials first: more than a run's stop.
@@ -46,6 +47,7 @@ DIMENSIONS = {
 }
 # Configuration fields fixed for every trial, with the options `deeprnn run` gives them.
 FIXED = ("epochs", "device", "data_url", "data_sha1")
+
 
 Preset = Annotated[str, typer.Option("--preset", help=f"Named preset every trial starts from: {', '.join(PRESETS)}.")]
 Param = Annotated[
@@ -156,7 +158,7 @@ def sweep(
         preflight.check_source(first.data.url)
         preflight.check_device(first.train.device)
 
-    launch.stop_on_signals(SWEEP_STOP_SECONDS)  # SIGINT, SIGTERM: one line, exit 130 or 143, the cluster stopped
+    handle_stop_signals(SWEEP_STOP_SECONDS)  # SIGINT, SIGTERM: one line, exit 130 or 143, the cluster stopped
     with launch.exit_on_stop(before_start):
         temporary_api = launch.start_prefect_api()  # boots while the imports below load, as for `deeprnn run`
         from deeprnn.flows.sweep_flow import sweep_lm  # Prefect, MLflow and Dask load once the input is good
@@ -164,10 +166,7 @@ def sweep(
 
         launch.wait_for_api(temporary_api, preload=False)
         runner = dask_task_runner(cluster_address, workers, use_gpus=first.train.device != "cpu")
-        trials = len(spec.points()) or spec.max_trials or DEFAULT_TRIALS
-        _announce(trials, preset, cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)")
-        console.print(f"Optuna study {spec.name!r} in {spec.shown_storage} (sampler {spec.sampler}, pruner "
-                      f"{spec.pruner})", highlight=False, soft_wrap=True, markup=False)  # fmt: skip
+        _announce(spec, preset, cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)")
         launch.mark_orphaned_runs()
     if spec.shown_storage != spec.storage:  # the flow, here, and the local Dask workers read the URL from here
         os.environ[STORAGE_ENV] = spec.storage
@@ -227,16 +226,15 @@ def sweep_space(space_file: str | None, dims: dict[str, str | None], params: lis
     return space
 
 
-def _announce(trials: int, preset: str, where: str) -> None:
-    """The sweep's first lines: how many trials, on which cluster, and where MLflow and Prefect are."""
-    from deeprnn.tracking.store import tracking_uri
-
+def _announce(spec: Any, preset: str, where: str) -> None:
+    """The sweep's first lines: how many trials of which preset on which cluster, where Prefect and MLflow are,
+    and the study."""
+    trials = len(spec.points()) or spec.max_trials or DEFAULT_TRIALS
     console.print(f"deeprnn sweep: {trials} trials of preset [bold]{preset}[/bold] on {where}")
-    console.print(f"MLflow tracking: {tracking_uri()}", highlight=False, soft_wrap=True, markup=False)
     # The workers report to the same API: PREFECT_API_URL (the temporary server's, when it runs) reaches local
     # workers through the environment and every worker through the settings the task runner sends along.
-    api = os.environ.get("PREFECT_API_URL", "from the Prefect profile")
-    console.print(f"Prefect API: {api}", highlight=False, soft_wrap=True, markup=False)
+    launch.announce_services(None)
+    print_line(f"Optuna study {spec.name!r} in {spec.shown_storage} (sampler {spec.sampler}, pruner {spec.pruner})")
 
 
 def _dimension_parameters() -> list[inspect.Parameter]:
