@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Annotated, Any, Optional
+from typing import Any, Optional
 
 import typer
 
@@ -31,28 +31,22 @@ def stopped(exc: KeyboardInterrupt) -> str:
     )
 
 
-Resume = Annotated[
-    Optional[str],
-    typer.Option(
-        "--resume",
-        metavar="RUN_ID",
-        help="Continue this MLflow run from its last checkpoint, with the configuration stored in it "
-        "(--epochs may extend it; --device, --checkpoint-every, --log-every may change).",
-    ),
-]
-RunsDir = Annotated[str, typer.Option("--runs-dir", help="Local folder for checkpoints, one subfolder per run.")]
-
-
 def run(
     preset: Optional[str] = typer.Option(
         None,
         "--preset",
         help=f"Named preset: {', '.join(PRESETS)} (default: d2l-9.3 for the book's corpus, text for your own).",
     ),
-    resume: Resume = None,
+    resume: Optional[str] = typer.Option(
+        None,
+        "--resume",
+        metavar="RUN_ID",
+        help="Continue this MLflow run from its last checkpoint, with the configuration stored in it "
+        "(--epochs may extend it; --device, --checkpoint-every, --log-every may change).",
+    ),
     epochs: Optional[int] = None,  # the configuration's option, placed here by ``options.with_options``
     experiment: options.Experiment = None,
-    runs_dir: RunsDir = "runs",
+    runs_dir: str = typer.Option("runs", "--runs-dir", help="Local folder for checkpoints, one subfolder per run."),
     json_out: options.JsonOut = None,
     registered_model: options.RegisteredModel = None,
     **values: Any,

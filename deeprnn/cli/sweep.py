@@ -150,8 +150,9 @@ def sweep(
     if sampler is not None and sampler != SAMPLERS.get(search):
         fail(f"unknown sampler {sampler!r}; choose one of: {SAMPLERS.get(search, 'tpe')}")
     fixed = options.overrides({name: values.get(name) for name in FIXED})
-    dims = {name: values.get(name) for name in DIMENSIONS}
-    spec = _check(preset, fixed, space_file, dims, param, dict(search=search, max_trials=max_trials, study=study,
+    # A dimension option is its field's --param, before those given (a later one wins).
+    params = [f"{field}={values[name]}" for name, (field, _) in DIMENSIONS.items() if values.get(name) is not None]
+    spec = _check(preset, fixed, space_file, params + param, dict(search=search, max_trials=max_trials, study=study,
                   storage=storage, pruner=pruner, seed=seed, experiment=experiment or SWEEP_NAME))  # fmt: skip
     first = spec.first_point().config
     if cluster_address is None:  # a remote cluster's workers have files and devices of their own
@@ -180,12 +181,7 @@ def sweep(
 
 
 def _check(
-    preset: str,
-    fixed: dict[str, Any],
-    space_file: str | None,
-    dims: dict[str, str | None],
-    params: list[str],
-    settings: dict[str, Any],
+    preset: str, fixed: dict[str, Any], space_file: str | None, params: list[str], settings: dict[str, Any]
 ) -> Any:
     """The study to run, checked before anything starts: search, pruner, space (its ends and every grid or
     random point as configurations), the storage opened, and a study of that name holding the same search
@@ -196,7 +192,7 @@ def _check(
 
     given = settings.pop("storage")
     try:
-        space = sweep_space(space_file, dims, params)
+        space = sweep_space(space_file, params)
         # A URL with its password stays in this process; anything else reads as the flow reads it (secret:NAME).
         storage = given if given and has_password(given) and not is_masked(given) else study_storage(given)
         spec = study_spec(space, preset, fixed, storage=storage, **settings)
@@ -206,16 +202,13 @@ def _check(
     return spec
 
 
-def sweep_space(space_file: str | None, dims: dict[str, str | None], params: list[str]) -> dict[str, Any]:
-    """The search space: the YAML file, then the dimension options, then each ``--param`` (later wins)."""
+def sweep_space(space_file: str | None, params: list[str]) -> dict[str, Any]:
+    """The search space: the YAML file, then each ``section.field=values`` of ``params`` (later wins)."""
     from deeprnn.search.space import SearchSpaceError, field_path, load_space, parse_values
 
     space: dict[str, Any] = {}
     if space_file:
         space.update({field_path(k): v for k, v in load_space(space_file).items()})
-    for name, text in dims.items():
-        if text is not None:
-            space[DIMENSIONS[name][0]] = parse_values(text)
     for item in params:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
