@@ -1,15 +1,14 @@
-"""The evaluate stage as Prefect tasks: ``evaluate-model`` measures a checkpoint's perplexity on each split
-(for the training flow and the evaluation flow); the evaluation flow's own tasks choose a logged model, open
-its MLflow run, fetch the model with what rebuilds its held-out text, and publish the results."""
+"""The evaluate and generate stages as Prefect tasks: ``evaluate-model`` measures a checkpoint's perplexity on each
+split and ``generate-samples`` continues every prefix with it (for the training flow and the evaluation flow);
+the evaluation flow's own tasks choose a logged model, open its MLflow run, fetch the model with what rebuilds
+its held-out text, and publish the results."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from prefect import get_run_logger, task
@@ -21,6 +20,7 @@ from deeprnn.config import RunConfig, SampleConfig, section_values
 from deeprnn.data.batching import Splits
 from deeprnn.data.vocab import Vocab
 from deeprnn.device import as_device, resolve_device
+from deeprnn.generate import generate_batch
 from deeprnn.pipeline import Evaluation, evaluate_splits
 from deeprnn.report import fmt, samples_markdown, samples_text
 from deeprnn.tasks.results_tasks import prefect_run_tags
@@ -39,6 +39,33 @@ def evaluate_model(checkpoint_path: str, splits: Splits, device: torch.device | 
     shown = [f"{k} {v:,.3f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in result.metrics().items() if v]
     get_run_logger().info("evaluation: %s", ", ".join(shown))
     return result
+
+
+@task(name="generate-samples", cache_policy=NO_CACHE)
+def generate_samples(
+    checkpoint_path: str, device: torch.device | str, sample: SampleConfig | None = None
+) -> dict[str, str]:
+    """Continue each prefix with the selected model (greedy unless a temperature is set); ``sample`` replaces
+    the checkpoint's own sample settings."""
+    model, voc, config = checkpoint.restore_model(checkpoint.load(Path(checkpoint_path)), as_device(device))
+    s = sample or config.sample
+    # All prefixes as one batch: one forward step per generated token for all of them.
+    texts = generate_batch(
+        model,
+        voc,
+        s.prefixes,
+        s.num_chars,
+        token=config.data.token,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        seed=s.seed,
+        normalize=config.data.normalize,  # each prefix as the corpus's rule wrote the training text
+    )
+    samples = dict(zip(s.prefixes, texts))
+    logger = get_run_logger()
+    for text in samples.values():
+        logger.info("sample: %s", text)
+    return samples
 
 
 @dataclass(frozen=True)
@@ -73,13 +100,6 @@ def choose_model(model_uri: str, training_flow_run_id: str | None) -> str:
     uri = f"runs:/{runs.run_for_flow_run(training_flow_run_id)}/model"
     get_run_logger().info("training flow run %s logged %s", training_flow_run_id, uri)
     return uri
-
-
-@contextlib.contextmanager
-def scratch_folder() -> Iterator[str]:
-    """A temporary folder for the downloaded model, removed when the evaluation ends (MLflow keeps the model)."""
-    with tempfile.TemporaryDirectory(prefix="deeprnn-evaluate-") as folder:
-        yield folder
 
 
 @task(

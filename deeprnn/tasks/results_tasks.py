@@ -293,30 +293,26 @@ def tracking_experiment(experiment: str, corpus: CorpusFile, parent_run_id: str 
 @task(name="start-mlflow-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def start_tracking(
     config: RunConfig,
+    corpus: CorpusFile,
     experiment: str,
     runs_dir: str,
     parent_run_id: str | None = None,
     run_name: str | None = None,
     extra_tags: dict[str, str] | None = None,
     resume_run_id: str | None = None,
-    *,
-    corpus: CorpusFile | None = None,
-) -> tuple[str, str]:
+) -> tuple[str, str, str]:
     """Open the MLflow run (params, tags linking the Prefect flow run), nested under ``parent_run_id`` if
-    given, or set run ``resume_run_id`` back to RUNNING to continue it; returns the run id and its local
-    run folder.
+    given, or set run ``resume_run_id`` back to RUNNING to continue it; returns the run id, its local run
+    folder and its experiment.
 
-    With the ``corpus`` known, the run is named after what it trains (``deeprnn.tracking.naming.run_name``) unless
-    ``run_name`` is given, and a run of a text other than the book that would go to the default experiment
-    goes to that text's own (``tracking_experiment``)."""
-    from prefect.runtime import flow_run, task_run
+    The run is named after what it trains (``deeprnn.tracking.naming.run_name``) unless ``run_name`` is given,
+    and a run of a text other than the book that would go to the default experiment goes to that text's own
+    (``tracking_experiment``)."""
+    from prefect.runtime import task_run
 
     from deeprnn.ops.orphans import process_tags
 
-    if corpus is not None:
-        experiment = tracking_experiment(experiment, corpus, parent_run_id)
-        run_name = run_name or naming.run_name(config, naming.corpus_stem(corpus.source), corpus.sha1)
-
+    experiment = tracking_experiment(experiment, corpus, parent_run_id)
     tags = {
         **(extra_tags or {}),
         **process_tags(),  # host, pid and its start time: a later command can tell when this process is gone
@@ -333,7 +329,7 @@ def start_tracking(
         run_id = runs.start_run(
             config,
             experiment,
-            run_name=run_name or flow_run.get_name(),
+            run_name=run_name or naming.run_name(config, naming.corpus_stem(corpus.source), corpus.sha1),
             tags=tags,
             parent_run_id=parent_run_id,
             opened_by=task_run.get_id(),  # a retry of this task finds the run its first attempt created
@@ -343,4 +339,4 @@ def start_tracking(
     run_dir.mkdir(parents=True, exist_ok=True)
     # No `--resume` offered here: a run stopped before its first checkpoint has nothing to resume from.
     get_run_logger().info("MLflow run %s in experiment %r; checkpoints in %s", run_id, experiment, run_dir)
-    return run_id, str(run_dir)
+    return run_id, str(run_dir), experiment
