@@ -23,7 +23,7 @@ from deeprnn.device import as_device, resolve_device
 from deeprnn.generate import generate_batch
 from deeprnn.pipeline import Evaluation, evaluate_splits
 from deeprnn.report import fmt, samples_markdown, samples_text
-from deeprnn.tasks.results_tasks import prefect_run_tags
+from deeprnn.tasks.results_tasks import open_run
 from deeprnn.tracking import metrics, model_registry, runs, store
 from deeprnn.training import checkpoint
 
@@ -113,15 +113,10 @@ def choose_model(model_uri: str, training_flow_run_id: str | None) -> str:
 def start_evaluation(model_uri: str, device: str, experiment: str) -> str:
     """Refuse a missing device or an unreachable MLflow, then open the evaluation's MLflow run (tags link the
     Prefect flow run; a retry finds the run its first attempt created); returns its id."""
-    from prefect.runtime import flow_run, task_run
-
-    from deeprnn.ops.orphans import process_tags
-
     resolve_device(device)
     store.check_reachable()
-    tags = {**prefect_run_tags(), **process_tags(), "deeprnn.requested_model_uri": model_uri}
-    params = {"requested_model_uri": model_uri, "device": device}
-    run_id = runs.create_run(experiment, flow_run.get_name(), tags, params, opened_by=task_run.get_id())
+    tags = {"deeprnn.requested_model_uri": model_uri}
+    run_id = open_run(experiment, tags, {"requested_model_uri": model_uri, "device": device})
     get_run_logger().info("MLflow evaluation run %s in experiment %r", run_id, experiment)
     return run_id
 

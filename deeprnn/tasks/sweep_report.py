@@ -104,8 +104,8 @@ def _collect(spec: StudySpec, study: Any, parent_run_id: str, outcomes: list[Any
     rows = []
     for o in outcomes:
         if isinstance(o, TrialOutcome):
-            row_metrics = dict(o.metrics) or {"val_perplexity": o.value if o.value is not None else float("nan")}
-            row_metrics["steps"] = o.steps
+            measured = o.result.metrics() if o.result else {"val_perplexity": o.value}  # pruned: its last value
+            row_metrics = {k: v for k, v in measured.items() if v is not None} | {"steps": o.steps}
             rows.append(TrialResult(o.trial.index, o.trial.name, o.trial.values, o.status, o.run_id, row_metrics,
                                     o.reason or None))  # fmt: skip
     dims = parse_space(spec.space).dims
@@ -135,7 +135,7 @@ def roll_up_best(
         {"best_trial_run_id": outcome.run_id, "deeprnn.best_trial": best.name, "deeprnn.selection_metric": metric},
     )
     model = outcome.model
-    if register and model.heldout_score is not None:
+    if register:
         # Once per trial run, also when this task runs again: the version is looked up by run id first.
         model = register_version(model, name or model.register_as, outcome.run_id)
     return model
@@ -197,13 +197,14 @@ def _study_best(study: Any) -> tuple[int | None, float | None, dict[str, Any]]:
     return best.number, float(best.value), dict(best.params)
 
 
-def _summary_markdown(spec: StudySpec, parent_run_id: str, results: list[TrialResult], metric: str) -> str:
+def _summary_markdown(
+    spec: StudySpec, parent_run_id: str, results: list[TrialResult], best: TrialResult | None, metric: str
+) -> str:
     """The Prefect summary artifact: how many trials finished, the parent run, the best, the ranked table."""
-    finished = [r for r in results if r.succeeded]
-    best = rank(results)[0] if finished else None
+    finished = sum(r.succeeded for r in results)
     link = runs.run_url(parent_run_id)
     return "\n".join([
-        f"# deeprnn sweep ({spec.search}): {len(finished)} of {len(results)} trials finished",
+        f"# deeprnn sweep ({spec.search}): {finished} of {len(results)} trials finished",
         "",
         f"MLflow parent run: [{parent_run_id}]({link})" if link else f"MLflow parent run: `{parent_run_id}`",
         "",
@@ -242,10 +243,10 @@ def summarize_sweep(
     finished_in_study = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
     metrics.log_metrics(parent_run_id, {**counts, "trials_steps": steps, "study_trials": finished_in_study})
     number, value, params = _log_study(spec, study, parent_run_id, results, logger.warning)
-    summary = _summary_markdown(spec, parent_run_id, results, metric)
+    ranked = rank(results)
+    best = ranked[0] if counts["trials_finished"] else None
+    summary = _summary_markdown(spec, parent_run_id, results, best, metric)
     create_markdown_artifact(summary, key="deeprnn-sweep-summary", description="deeprnn sweep summary")
-
-    best = rank(results)[0] if counts["trials_finished"] else None
     model = None
     if best is not None:
         outcome = next(o for o in outcomes if isinstance(o, TrialOutcome) and o.trial.index == best.index)
@@ -260,7 +261,7 @@ def summarize_sweep(
         first = next((r.error for r in results if r.error), "unknown error")
         raise SweepFailedError(f"all {len(results)} trials failed; the first error: {first}")
     return SweepSummary(
-        experiment, parent_run_id, spec.search, spec.name, spec.shown_storage, counts["trials_total"],
-        counts["trials_finished"], counts["trials_pruned"], counts["trials_failed"], steps, metric, best, model,
-        rank(results), finished_in_study, number, value, params,
+        experiment, parent_run_id, spec.search, spec.name, spec.shown_storage, **counts, steps_total=steps,
+        selection_metric=metric, best=best, best_model=model, trials=ranked, study_trials=finished_in_study,
+        study_best_trial=number, study_best_value=value, study_best_params=params,
     )  # fmt: skip

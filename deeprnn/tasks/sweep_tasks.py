@@ -22,7 +22,7 @@ from deeprnn.search.optuna_study import (
 )
 from deeprnn.search.space import SearchSpace, Trial, parse_space
 from deeprnn.search.study_orphans import Cleanup
-from deeprnn.tasks.results_tasks import prefect_run_tags
+from deeprnn.tasks.results_tasks import open_run
 from deeprnn.tracking import runs, store
 
 
@@ -94,17 +94,12 @@ def start_sweep_tracking(
     """Open the sweep's parent MLflow run: the base configuration (``first``'s, but for the searched fields)
     with each varied field's values, the search settings, ``planned`` trials, and the space as ``space.json``;
     returns its id."""
-    from prefect.runtime import flow_run, task_run
-
-    from deeprnn.ops.orphans import process_tags
-
     params: dict[str, Any] = dict(first.config.flat())
     params.update(space.describe())  # varied fields: their values (or range) instead of the first point's value
     params.update({f"sweep.{k}": v for k, v in strategy.items()})
     params["sweep.num_trials"] = planned
-    tags = {"deeprnn.sweep": "true", "deeprnn.preset": first.config.preset, **prefect_run_tags(), **process_tags()}
     # A retry of this task finds the parent run its first attempt created; space.json is simply rewritten.
-    run_id = runs.create_run(experiment, flow_run.get_name(), tags, params, opened_by=task_run.get_id())
+    run_id = open_run(experiment, {"deeprnn.sweep": "true", "deeprnn.preset": first.config.preset}, params)
     plan = {"space": space.describe(), "fixed": space.fixed, **strategy}
     runs.log_texts(run_id, {"space.json": json.dumps(plan, indent=1, default=str)})
     get_run_logger().info("sweep of %d trials, MLflow parent run %s in experiment %r", planned, run_id, experiment)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mlflow.entities import RunStatus
@@ -43,19 +43,12 @@ class TrialOutcome:
     steps: int  # training steps it took
     result: RunResult | None = None
     reason: str = ""
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def error_text(exc: BaseException) -> str:
     """``Type: first line of the message``, at most 300 characters: a failed trial's error in tables."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
-def _objective(result: RunResult) -> float:
-    """Validation perplexity when there is a validation split, else test perplexity (``selection_metric``)."""
-    val = result.evaluation.val_perplexity
-    return float(val if val is not None else result.evaluation.test_perplexity)
 
 
 def _reporter(trial: Any) -> StepObserver:
@@ -100,7 +93,7 @@ def run_trial(
     """One trial of the sweep's study (``slot``: its place among every trial the study has had, which seeds
     its sampler): ask for values, train them as a child MLflow run, tell the study the value, or that it was
     pruned, or that it failed (then raise)."""
-    import optuna
+    from optuna.trial import TrialState
     from prefect.runtime import task_run
 
     store.use_tracking_uri(tracking_uri)  # the sweep's store, whatever this worker's environment says
@@ -127,24 +120,18 @@ def run_trial(
             run_id = _end_pruned(parent_run_id, asked.number, exc)
             if run_id:
                 asked.set_user_attr(RUN_ID_ATTR, run_id)
-            study.tell(asked, state=optuna.trial.TrialState.PRUNED)
+            study.tell(asked, state=TrialState.PRUNED)
             get_run_logger().info("trial %d %s", asked.number, exc)
             return TrialOutcome(trial, "PRUNED", run_id, exc.value, exc.step, reason=str(exc))
         except BaseException as exc:
             if isinstance(exc, Exception):
                 asked.set_user_attr(ERROR_ATTR, error_text(exc))
-            study.tell(asked, state=optuna.trial.TrialState.FAIL)
+            study.tell(asked, state=TrialState.FAIL)
             raise
-    value = _objective(result)
+    # The objective: validation perplexity when there is a validation split, else test perplexity.
+    value = float(result.evaluation.val_perplexity or result.evaluation.test_perplexity)
     asked.set_user_attr(RUN_ID_ATTR, result.run_id)
-    study.tell(asked, value if math.isfinite(value) else None, state=_state(value))
-    final = {k: v for k, v in result.metrics().items() if v is not None}
-    steps = result.training.steps_done
-    return TrialOutcome(trial, "FINISHED", result.run_id, value, steps, result, metrics=final)
-
-
-def _state(value: float) -> Any:
-    """A diverged trial (infinite perplexity) is a failed one to Optuna: it takes no infinite values."""
-    import optuna
-
-    return optuna.trial.TrialState.COMPLETE if math.isfinite(value) else optuna.trial.TrialState.FAIL
+    finite = math.isfinite(value)
+    # A diverged trial (infinite perplexity) is a failed one to Optuna: it takes no infinite values.
+    study.tell(asked, value if finite else None, state=TrialState.COMPLETE if finite else TrialState.FAIL)
+    return TrialOutcome(trial, "FINISHED", result.run_id, value, result.training.steps_done, result)
