@@ -43,8 +43,7 @@ from deeprnn.ops.study_storage import NO_PASSWORD_PATTERN, study_storage
 from deeprnn.search.optuna_study import STARTUP_TRIALS, StudySpec, study_spec
 from deeprnn.search.space import MAX_TRIALS, parse_space
 from deeprnn.tasks.sweep_report import SweepSummary, publish_progress, summarize_sweep
-from deeprnn.tasks.sweep_tasks import check_sweep_inputs, open_study, start_sweep_tracking
-from deeprnn.tasks.trial_task import run_trial
+from deeprnn.tasks.sweep_tasks import check_sweep_inputs, open_study, run_trial, start_sweep_tracking
 from deeprnn.tracking import runs
 from deeprnn.training import stop_signals
 

@@ -4,7 +4,7 @@
 The data stages' tasks live here (``check-inputs``, ``download-corpus``, ``prepare-tokens``, ``size-to-text``,
 ``prepare-splits``), each a call into the library with its Prefect concerns; training, evaluation and results have
 modules of their own. ``run_pipeline`` is the body of the training flow (``train_lm``) and of every sweep trial
-(``deeprnn.tasks.trial_task.run_trial``, a task that a sweep sends to its Dask workers), so both run exactly the
+(``deeprnn.tasks.sweep_tasks.run_trial``, a task that a sweep sends to its Dask workers), so both run exactly the
 same stages. The evaluation flow runs download, prepare and splits for a logged model, the prepare flow the first
 two.
 """

@@ -21,7 +21,7 @@ from deeprnn.search.optuna_study import StudySpec
 from deeprnn.search.ranking import TrialResult, rank, selection_metric, table_csv, table_markdown
 from deeprnn.search.space import parse_space, trial_name
 from deeprnn.tasks.results_tasks import PublishedModel, RunResult, register_version
-from deeprnn.tasks.trial_task import ERROR_ATTR, PARENT_ATTR, RUN_ID_ATTR, TrialOutcome, error_text
+from deeprnn.tasks.sweep_tasks import ERROR_ATTR, PARENT_ATTR, RUN_ID_ATTR, TrialOutcome, error_text
 from deeprnn.tracking import metrics, runs
 
 PROGRESS_KEY = "deeprnn-sweep-progress"
