@@ -35,7 +35,7 @@ from deeprnn.model import RNNLM
 from deeprnn.training import checkpoint
 from deeprnn.training.divergence import check_weights
 from deeprnn.training.loop import Trainer
-from deeprnn.training.progress import EpochStats, FitResult, FitSummary, StepStats
+from deeprnn.training.progress import EpochStats, FitSummary, StepStats
 from deeprnn.training.resume import LAST, MODEL, restore_training
 from deeprnn.training.stop_signals import StopRequested
 
@@ -59,17 +59,6 @@ class TrainingOutcome(FitSummary):
     device: str  # described, e.g. "cuda:0 (NVIDIA H200)"
     fit_started_at: float  # wall clock (time.time()), for the pipeline benchmark's phases
     fit_finished_at: float
-
-    @classmethod
-    def of(
-        cls, fit: FitResult, earlier: list[EpochStats], checkpoint: str, device: str, started: float, finished: float
-    ) -> "TrainingOutcome":
-        """The outcome of ``fit``, continuing the ``earlier`` epochs of a resumed run."""
-        summary = {f.name: getattr(fit, f.name) for f in fields(FitSummary)}
-        history = earlier + fit.history
-        summary["history"] = history
-        summary["final_train_perplexity"] = history[-1].train_perplexity if history else fit.final_train_perplexity
-        return cls(**summary, checkpoint=checkpoint, device=device, fit_started_at=started, fit_finished_at=finished)
 
     def metrics(self) -> dict[str, float | None]:
         """The run's final training metrics, as MLflow records them."""
@@ -228,7 +217,14 @@ class TrainingRun:
         )
         finished = time.time()
         final = checkpoint.save(self.folder / MODEL, self._payload(result.epochs_done))
-        return TrainingOutcome.of(result, earlier or [], str(final), describe(trainer.device), started, finished)
+        history = (earlier or []) + result.history  # the whole run's: a resume's continues the earlier epochs
+        summary = {f.name: getattr(result, f.name) for f in fields(FitSummary)} | {"history": history}
+        if history:
+            summary["final_train_perplexity"] = history[-1].train_perplexity
+        device = describe(trainer.device)
+        return TrainingOutcome(
+            **summary, checkpoint=str(final), device=device, fit_started_at=started, fit_finished_at=finished
+        )
 
     def _payload(self, epoch: int, trainer_state: dict[str, Any] | None = None) -> dict[str, Any]:
         return checkpoint.make_payload(

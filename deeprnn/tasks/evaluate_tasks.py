@@ -128,14 +128,11 @@ def fetch_model(run_id: str, model_uri: str, folder: str, sample: BaseModel | di
     found = model_registry.fetch_model(model_uri, Path(folder))
     data = checkpoint.load(Path(found.checkpoint))
     config = RunConfig.model_validate(data["config"])
-    overrides = section_values(sample)  # the fields given; the others stay the model's own
-    if overrides:
-        merged = SampleConfig.model_validate({**config.sample.model_dump(), **overrides})
-        config = config.model_copy(update={"sample": merged})
-    trained: dict[str, float] = {}
-    if found.source_run_id:
-        source_metrics = runs.get_run(found.source_run_id).metrics
-        trained = {k: source_metrics[k] for k in ("val_perplexity", "test_perplexity") if k in source_metrics}
+    # The sample fields given; the others stay the model's own.
+    merged = SampleConfig.model_validate({**config.sample.model_dump(), **section_values(sample)})
+    config = config.model_copy(update={"sample": merged})
+    source_metrics = runs.get_run(found.source_run_id).metrics if found.source_run_id else {}
+    trained = {k: source_metrics[k] for k in ("val_perplexity", "test_perplexity") if k in source_metrics}
     params = {
         "model_uri": found.model_uri,
         "model_version": found.version,

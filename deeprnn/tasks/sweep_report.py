@@ -70,21 +70,20 @@ def _counts(outcomes: list[Any]) -> dict[str, int]:
     }
 
 
-def publish_progress(spec: StudySpec, outcomes: list[Any], planned: int, progress: UUID | None = None) -> None:
+def publish_progress(spec: StudySpec, outcomes: list[Any], planned: int, progress: UUID) -> None:
     """The sweep so far as a Prefect markdown artifact (a new version after each trial): trials done,
     pruned, failed, and the best value so far; ``progress``, a progress artifact, to the share of trials done."""
     counts = _counts(outcomes)
-    if progress is not None:
-        update_progress_artifact(progress, 100.0 * len(outcomes) / max(planned, 1))
+    update_progress_artifact(progress, 100.0 * len(outcomes) / max(planned, 1))
     finished = [o for o in outcomes if isinstance(o, TrialOutcome) and o.status == "FINISHED"]
-    best = min(finished, key=lambda o: o.value if o.value is not None else float("inf"), default=None)
+    best = min(finished, key=lambda o: o.value, default=None)  # a finished trial has its value
     lines = [
         f"# Study {spec.name}: {len(outcomes)} of {planned} trials done",
         "",
         f"- finished: {counts['trials_finished']}, pruned: {counts['trials_pruned']}, "
         f"failed: {counts['trials_failed']}",
         f"- best so far: trial {best.trial.index}, held-out perplexity {best.value:.3f} ({best.trial.name})"
-        if best is not None and best.value is not None
+        if best is not None
         else "- best so far: none yet",
     ]
     create_markdown_artifact("\n".join(lines), key=PROGRESS_KEY, description=f"progress of study {spec.name}")
@@ -172,8 +171,12 @@ def _log_study(
     """The study and this sweep's trials on the parent run: the study's best trial (``study_best_value``,
     ``deeprnn.study.best_*`` tags, ``study.json``), ``trials.csv`` and ``trials.md``, Optuna's pictures under
     ``study/``. Returns the study's best trial number, value and parameters."""
-    number, value, params = _study_best(study)
-    if number is not None and value is not None:
+    try:
+        best = study.best_trial  # the study's best complete trial, earlier runs' included
+        number, value, params = best.number, float(best.value), dict(best.params)
+    except ValueError:  # no complete trial yet
+        number, value, params = None, None, {}
+    if number is not None:
         metrics.log_metrics(parent_run_id, {"study_best_value": value})
         best_run = study.trials[number].user_attrs.get(RUN_ID_ATTR, "")
         tags = {"deeprnn.study.best_trial": number, "deeprnn.study.best_run_id": best_run}
@@ -187,14 +190,6 @@ def _log_study(
         for picture in pictures:
             MlflowClient().log_artifact(parent_run_id, str(picture), "study")
     return number, value, params
-
-
-def _study_best(study: Any) -> tuple[int | None, float | None, dict[str, Any]]:
-    finished = [t for t in study.get_trials(deepcopy=False) if t.value is not None and t.state.name == "COMPLETE"]
-    if not finished:
-        return None, None, {}
-    best = min(finished, key=lambda t: t.value)
-    return best.number, float(best.value), dict(best.params)
 
 
 def _summary_markdown(

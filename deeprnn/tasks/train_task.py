@@ -67,14 +67,6 @@ Logger = logging.Logger | logging.LoggerAdapter[Any]  # what get_run_logger retu
 _LOG_SECONDS = 30.0  # inside a long epoch, a progress line (and progress update) at most this often
 
 
-def _worth_a_line(s: StepStats, cfg: TrainConfig, seconds_since_last: float) -> bool:
-    """Log every ``log_every`` epochs, the last epoch, every held-out measurement, and at most every
-    ``_LOG_SECONDS`` inside a long epoch."""
-    if s.epoch_end and (s.epoch % cfg.log_every == 0 or s.epoch == cfg.epochs or s.step == s.total_steps):
-        return True
-    return s.heldout_perplexity is not None or seconds_since_last >= _LOG_SECONDS
-
-
 def _hooks(
     run_id: str, cfg: TrainConfig, curves: metrics.MetricLogger, progress: UUID, logger: Logger
 ) -> TrainingHooks:
@@ -91,7 +83,11 @@ def _hooks(
     def on_step(stats: StepStats) -> None:
         if uses_steps:
             curves.add_step(stats)
-        if _worth_a_line(stats, cfg, time.perf_counter() - last_line[0]):
+        # A line every ``log_every`` epochs, at the last epoch, at every held-out measurement, and at most every
+        # ``_LOG_SECONDS`` inside a long epoch.
+        ends = stats.epoch % cfg.log_every == 0 or stats.epoch == cfg.epochs or stats.step == stats.total_steps
+        due = stats.heldout_perplexity is not None or time.perf_counter() - last_line[0] >= _LOG_SECONDS
+        if (stats.epoch_end and ends) or due:
             logger.info(progress_line(stats))
             update_progress_artifact(progress, 100.0 * min(stats.step / max(stats.total_steps, 1), 1.0))
             last_line[0] = time.perf_counter()
