@@ -112,10 +112,8 @@ def sweep_lm(
     parent_run_id = start_sweep_tracking(first, parse_space(space), strategy, experiment, planned)
     request = gpu_request(first.config.train.device, cluster_gpus())
     with runs.run_status(parent_run_id):  # the parent run ends FAILED only if no trial finished
-        run = (experiment, runs_dir, parent_run_id, tracking_uri)
-        outcomes = _run_trials(spec, earlier, planned, request, run)
-        summary = summarize_sweep(spec, experiment, parent_run_id, outcomes, register_best, registered_model)
-    return summary
+        outcomes = _run_trials(spec, earlier, planned, request, (experiment, runs_dir, parent_run_id, tracking_uri))
+        return summarize_sweep(spec, experiment, parent_run_id, outcomes, register_best, registered_model)
 
 
 def _run_trials(

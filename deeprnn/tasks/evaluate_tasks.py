@@ -163,11 +163,11 @@ def publish_evaluation(run_id: str, model: FetchedModel, evaluation: Evaluation,
     samples_json = json.dumps(samples, ensure_ascii=False, indent=1)
     runs.log_texts(run_id, {"samples.txt": samples_text(samples), "samples.json": samples_json})
 
-    mlflow_ref = runs.run_markdown(run_id)
     lines = [
         f"# deeprnn evaluation of `{model.model_uri}`",
         "",
-        f"MLflow run: {mlflow_ref}; trained by run `{model.source_run_id}` ({model.config.preset} preset)",
+        f"MLflow run: {runs.run_markdown(run_id)}; trained by run `{model.source_run_id}` "
+        f"({model.config.preset} preset)",
         "",
         "| metric | this evaluation | reported by training |",
         "| --- | --- | --- |",

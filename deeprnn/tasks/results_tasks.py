@@ -214,11 +214,10 @@ def publish_summary(
     samples: dict[str, str],
 ) -> str:
     """A markdown artifact on the Prefect run: perplexities, speed, device, samples, link to MLflow."""
-    mlflow_ref = runs.run_markdown(run_id)
     lines = [
         f"# deeprnn run ({config.preset})",
         "",
-        f"MLflow run: {mlflow_ref}",
+        f"MLflow run: {runs.run_markdown(run_id)}",
         "",
         "| metric | value |",
         "| --- | --- |",
