@@ -44,14 +44,6 @@ class PublishedModel:
     sample: str | None  # the first generated sample
     registration: Registration | None = None  # None: not registered (a sweep trial's, until it is the best)
 
-    def describe(self) -> str:
-        """One line for the logs: the model's URI and, once registered, its version and whether it is champion."""
-        if self.registration is None:
-            return f"{self.logged.model_uri} (not registered)"
-        r = self.registration
-        champion = ", now champion" if r.champion else ""
-        return f"{self.logged.model_uri} (registered {r.registered_model} v{r.version}{champion})"
-
 
 @dataclass(frozen=True)
 class TokenCache:
@@ -174,9 +166,12 @@ def log_results(
         facts=facts,
         sample=next(iter(samples.values()), None),
     )
+    shown = "not registered"
     if register:
-        model = register_version(model, name, run_id)
-    get_run_logger().info("model logged: %s", model.describe())
+        r = register_version(model, name, run_id)
+        model = replace(model, registration=r)
+        shown = f"registered {r.registered_model} v{r.version}" + (", now champion" if r.champion else "")
+    get_run_logger().info("model logged: %s (%s)", model.logged.model_uri, shown)
     return model
 
 
@@ -193,16 +188,16 @@ def heldout_text_key(data: DataConfig, corpus_sha1: str) -> str:
 MODEL_METRICS = ["val_perplexity", "test_perplexity", "train_perplexity_eval"]
 
 
-def register_version(model: PublishedModel, name: str, run_id: str) -> PublishedModel:
+def register_version(model: PublishedModel, name: str, run_id: str) -> Registration:
     """Register the logged ``model`` as a version of ``name``, once per run, describe it, and promote it to
-    champion if it beats the current one. Returns the model with its registration."""
+    champion if it beats the current one."""
     score, key = model.heldout_score, model.heldout_key
     # The version's tags go with its creation: one request instead of two for each tag.
     tags = {**model.facts.tags(), **model_registry.heldout_tags(score, key)}
     version, created = model_registry.register_tagged(model.logged.model_uri, name, run_id, tags)
     model_registry.describe_version(name, version, model.logged.model_id, model.facts, model.sample, tagged=created)
     champion = model_registry.promote_if_better(name, version, score, key, tagged=created)
-    return replace(model, registration=Registration(name, version, champion))
+    return Registration(name, version, champion)
 
 
 @task(name="publish-summary", cache_policy=NO_CACHE)

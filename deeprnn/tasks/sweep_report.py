@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 from uuid import UUID
@@ -136,7 +136,7 @@ def roll_up_best(
     model = outcome.model
     if register:
         # Once per trial run, also when this task runs again: the version is looked up by run id first.
-        model = register_version(model, name or model.register_as, outcome.run_id)
+        model = replace(model, registration=register_version(model, name or model.register_as, outcome.run_id))
     return model
 
 

@@ -115,16 +115,6 @@ STOP_REASONS = {
 }
 
 
-def _record_stop(run_id: str, outcome: TrainingOutcome, logger: Logger) -> None:
-    """Why training ended, in the log and as MLflow tags (``deeprnn.stop_reason``, ``deeprnn.stop_detail``)."""
-    if not outcome.stop_reason:
-        return
-    detail = outcome.stop_detail or STOP_REASONS.get(outcome.stop_reason, outcome.stop_reason)
-    logger.info("training ended at step %s: %s", f"{outcome.steps_done:,}", detail)
-    tags = {"deeprnn.stop_reason": outcome.stop_reason, "deeprnn.stop_detail": detail}
-    runs.set_tags(run_id, {**tags, "deeprnn.stopped_at_step": outcome.steps_done})
-
-
 @task(
     name="train-model",
     cache_policy=NO_CACHE,
@@ -185,7 +175,11 @@ def _train(
         raise
     curves.flush()
     update_progress_artifact(progress, 100.0)  # done: the budget or the epochs are spent
-    _record_stop(run_id, trained, logger)
+    if trained.stop_reason:  # why training ended, in the log and as MLflow tags
+        detail = trained.stop_detail or STOP_REASONS.get(trained.stop_reason, trained.stop_reason)
+        logger.info("training ended at step %s: %s", f"{trained.steps_done:,}", detail)
+        tags = {"deeprnn.stop_reason": trained.stop_reason, "deeprnn.stop_detail": detail}
+        runs.set_tags(run_id, {**tags, "deeprnn.stopped_at_step": trained.steps_done})
     logger.info(
         f"trained in {time.perf_counter() - started:.1f} s ({trained.step_mode} steps, {trained.precision}): "
         f"{trained.epochs_done} epochs, {trained.steps_done:,} steps, "
