@@ -133,13 +133,8 @@ def fetch_model(run_id: str, model_uri: str, folder: str, sample: BaseModel | di
     config = config.model_copy(update={"sample": merged})
     source_metrics = runs.get_run(found.source_run_id).metrics if found.source_run_id else {}
     trained = {k: source_metrics[k] for k in ("val_perplexity", "test_perplexity") if k in source_metrics}
-    params = {
-        "model_uri": found.model_uri,
-        "model_version": found.version,
-        "source_run_id": found.source_run_id,
-        **config.flat(),
-    }
-    runs.log_params(run_id, params)
+    identity = {"model_uri": found.model_uri, "model_version": found.version, "source_run_id": found.source_run_id}
+    runs.log_params(run_id, {**identity, **config.flat()})
     runs.set_tags(run_id, {"deeprnn.source_run_id": found.source_run_id or "", "deeprnn.preset": config.preset})
     get_run_logger().info(
         "model %s (version %s) from training run %s", found.model_uri, found.version, found.source_run_id

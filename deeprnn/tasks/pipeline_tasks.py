@@ -96,11 +96,7 @@ def prepare_tokens(corpus: CorpusFile, data: DataConfig) -> PreparedCorpus:
 
 @task(name="size-to-text", cache_policy=NO_CACHE)
 def size_configuration(
-    config: RunConfig,
-    prepared: PreparedCorpus,
-    run_id: str,
-    device: torch.device,
-    corpus_source: str | None = None,
+    config: RunConfig, prepared: PreparedCorpus, run_id: str, device: torch.device, corpus_source: str | None = None
 ) -> RunConfig:
     """Decide what the configuration leaves to the text (``model.size = "auto"``, empty prefixes), say what
     was chosen and why, and log the decided values as the run's params; with ``corpus_source``, name the run

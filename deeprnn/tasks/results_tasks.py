@@ -202,11 +202,7 @@ def register_version(model: PublishedModel, name: str, run_id: str) -> Registrat
 
 @task(name="publish-summary", cache_policy=NO_CACHE)
 def publish_summary(
-    run_id: str,
-    config: RunConfig,
-    trained: TrainingOutcome,
-    evaluation: Evaluation,
-    samples: dict[str, str],
+    run_id: str, config: RunConfig, trained: TrainingOutcome, evaluation: Evaluation, samples: dict[str, str]
 ) -> str:
     """A markdown artifact on the Prefect run: perplexities, speed, device, samples, link to MLflow."""
     lines = [
