@@ -261,14 +261,6 @@ def open_run(experiment: str, tags: dict[str, str], params: dict[str, Any]) -> s
     return runs.create_run(experiment, flow_run.get_name(), all_tags, params, opened_by=task_run.get_id())
 
 
-def tracking_experiment(experiment: str, corpus: CorpusFile, parent_run_id: str | None = None) -> str:
-    """The experiment a run goes to: ``experiment``, except that the default one (``deeprnn-train``, the
-    book's) becomes the corpus's own for any other text. A sweep's trial stays with its parent run."""
-    if parent_run_id is not None or experiment != naming.BOOK_EXPERIMENT:
-        return experiment
-    return naming.experiment_name(naming.corpus_stem(corpus.source), corpus.sha1)
-
-
 @task(name="start-mlflow-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def start_tracking(
     config: RunConfig,
@@ -285,11 +277,12 @@ def start_tracking(
     folder and its experiment.
 
     The run is named after what it trains (``deeprnn.tracking.naming.run_name``) unless ``run_name`` is given,
-    and a run of a text other than the book that would go to the default experiment goes to that text's own
-    (``tracking_experiment``)."""
+    and a run of a text other than the book that would go to the default experiment (``deeprnn-train``, the
+    book's) goes to that text's own; a sweep's trial stays with its parent run."""
     from prefect.runtime import task_run
 
-    experiment = tracking_experiment(experiment, corpus, parent_run_id)
+    if parent_run_id is None and experiment == naming.BOOK_EXPERIMENT:
+        experiment = naming.experiment_name(naming.corpus_stem(corpus.source), corpus.sha1)
     tags = {**(extra_tags or {}), **run_tags(), "deeprnn.preset": config.preset}
     if resume_run_id:
         # Params stay as first logged (MLflow never changes them); what a resume may change goes into tags.

@@ -80,8 +80,7 @@ def open_study(spec: StudySpec) -> tuple[int, int]:
         )
     study, cleanup = start_study(spec, get_run_logger().warning)
     _report_cleanup(spec, study, cleanup)
-    earlier = len(study.trials)
-    return earlier, enqueue_points(study, spec)
+    return len(study.trials), enqueue_points(study, spec)  # the trials it held before the points are enqueued
 
 
 def _report_cleanup(spec: StudySpec, study: Any, cleanup: Cleanup) -> None:
