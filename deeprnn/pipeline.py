@@ -19,7 +19,7 @@ import contextlib
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, ContextManager, TypeVar
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -35,7 +35,7 @@ from deeprnn.model import RNNLM
 from deeprnn.training import checkpoint
 from deeprnn.training.divergence import check_weights
 from deeprnn.training.loop import Trainer
-from deeprnn.training.progress import EpochStats, FitResult, FitSummary, StepStats
+from deeprnn.training.progress import EpochStats, FitSummary, StepStats
 from deeprnn.training.resume import LAST, MODEL, restore_training
 from deeprnn.training.stop_signals import StopRequested
 
@@ -59,17 +59,6 @@ class TrainingOutcome(FitSummary):
     device: str  # described, e.g. "cuda:0 (NVIDIA H200)"
     fit_started_at: float  # wall clock (time.time()), for the pipeline benchmark's phases
     fit_finished_at: float
-
-    @classmethod
-    def of(
-        cls, fit: FitResult, earlier: list[EpochStats], checkpoint: str, device: str, started: float, finished: float
-    ) -> "TrainingOutcome":
-        """The outcome of ``fit``, continuing the ``earlier`` epochs of a resumed run."""
-        summary = {f.name: getattr(fit, f.name) for f in fields(FitSummary)}
-        history = earlier + fit.history
-        summary["history"] = history
-        summary["final_train_perplexity"] = history[-1].train_perplexity if history else fit.final_train_perplexity
-        return cls(**summary, checkpoint=checkpoint, device=device, fit_started_at=started, fit_finished_at=finished)
 
     def metrics(self) -> dict[str, float | None]:
         """The run's final training metrics, as MLflow records them."""
@@ -137,7 +126,6 @@ def build_trainer(config: RunConfig, vocab_size: int, splits: Splits, device: to
 
 
 Guard = Callable[[], ContextManager[object]]
-_T = TypeVar("_T")
 
 
 @dataclass
@@ -201,17 +189,42 @@ class TrainingRun:
                 if hooks.after_checkpoint is not None:
                     hooks.after_checkpoint(path)
 
+        def on_epoch(stats: EpochStats) -> None:
+            if hooks.on_epoch is not None:
+                with guard():
+                    hooks.on_epoch(stats)
+
+        def on_step(stats: StepStats) -> None:
+            # The loop reports at every step boundary where its state is whole: the end of an epoch, or inside
+            # one at least every few seconds. A stop requested there checkpoints it (resuming from the next
+            # minibatch) and raises ``StopRequested``.
+            if hooks.on_step is not None:
+                with guard():
+                    hooks.on_step(stats)
+            signum = hooks.stop_requested() if hooks.stop_requested is not None else None
+            if signum is not None:
+                check_weights(trainer.train_step.params, stats.epoch)  # never save NaN weights
+                on_checkpoint(trainer.epoch)
+                raise StopRequested(signum)
+
         started = time.time()  # wall clock, so a benchmark can split a run into overhead and training
         result = trainer.fit(
-            on_epoch=_guarded(hooks.on_epoch, guard),
+            on_epoch=on_epoch,
             on_checkpoint=on_checkpoint,
             checkpoint_every=self.config.train.checkpoint_every,
-            on_step=_stoppable(_guarded(hooks.on_step, guard), hooks.stop_requested, on_checkpoint, trainer),
+            on_step=on_step,
             stop_requested=hooks.stop_requested,  # a report (and so the stop) at the very next step boundary
         )
         finished = time.time()
         final = checkpoint.save(self.folder / MODEL, self._payload(result.epochs_done))
-        return TrainingOutcome.of(result, earlier or [], str(final), describe(trainer.device), started, finished)
+        history = (earlier or []) + result.history  # the whole run's: a resume's continues the earlier epochs
+        summary = {f.name: getattr(result, f.name) for f in fields(FitSummary)} | {"history": history}
+        if history:
+            summary["final_train_perplexity"] = history[-1].train_perplexity
+        device = describe(trainer.device)
+        return TrainingOutcome(
+            **summary, checkpoint=str(final), device=device, fit_started_at=started, fit_finished_at=finished
+        )
 
     def _payload(self, epoch: int, trainer_state: dict[str, Any] | None = None) -> dict[str, Any]:
         return checkpoint.make_payload(
@@ -231,54 +244,14 @@ def start_training(
     return TrainingRun(config, vocab, splits, trainer, run_dir, done)
 
 
-def _guarded(hook: Callable[[_T], None] | None, guard: Guard) -> Callable[[_T], None] | None:
-    """``hook`` run inside ``guard()``, or None without a hook."""
-    if hook is None:
-        return None
-
-    def guarded(value: _T) -> None:
-        with guard():
-            hook(value)
-
-    return guarded
-
-
-def _stoppable(
-    on_step: Callable[[StepStats], None] | None,
-    stop_requested: Callable[[], int | None] | None,
-    on_checkpoint: Callable[[int], None],
-    trainer: Trainer,
-) -> Callable[[StepStats], None] | None:
-    """``on_step``, then, once a stop is requested, a checkpoint of this step boundary and ``StopRequested``.
-
-    The loop reports (and so calls this) at every step boundary where its state is whole: the end of an
-    epoch, or inside one at least every few seconds; a checkpoint there resumes from the next minibatch.
-    """
-    if stop_requested is None:
-        return on_step
-
-    def stoppable(stats: StepStats) -> None:
-        if on_step is not None:
-            on_step(stats)
-        signum = stop_requested()
-        if signum is not None:
-            check_weights(trainer.train_step.params, stats.epoch)  # never save NaN weights
-            on_checkpoint(trainer.epoch)
-            raise StopRequested(signum)
-
-    return stoppable
-
-
 def evaluate_splits(model: RNNLM, splits: Splits, train: TrainConfig) -> Evaluation:
     """Perplexity of ``model`` on each split. The training split is read up to ``eval_max_tokens`` (a
     diagnostic); the held-out splits up to ``final_eval_max_tokens``, whole by default."""
     rows = train.batch_size
-    train_ids = splits.train[: train.eval_max_tokens] if train.eval_max_tokens else splits.train
-    val = splits.val[: train.final_eval_max_tokens] if train.final_eval_max_tokens else splits.val
-    test = splits.test[: train.final_eval_max_tokens] if train.final_eval_max_tokens else splits.test
+    val, test = splits.val[: train.final_eval_max_tokens], splits.test[: train.final_eval_max_tokens]  # None: whole
     has_val = val.numel() > 1
     return Evaluation(
-        train_perplexity_eval=perplexity(model, train_ids, rows=rows),
+        train_perplexity_eval=perplexity(model, splits.train[: train.eval_max_tokens], rows=rows),
         val_perplexity=perplexity(model, val, rows=rows) if has_val else None,
         test_perplexity=perplexity(model, test, rows=rows),
         val_tokens=val.numel() if has_val else None,

@@ -6,26 +6,24 @@ triggered by every completed training flow run and evaluates the model that run 
 
 from __future__ import annotations
 
+import tempfile
 from typing import Annotated, Optional
 
 from prefect import flow
 
 from deeprnn.config import DeviceName
 from deeprnn.flows.parameters import ExperimentField, SampleField, form_field
-from deeprnn.tasks.download_task import download_corpus
 from deeprnn.tasks.evaluate_tasks import (
     CHAMPION_URI,
     EvaluationResult,
     choose_model,
     evaluate_model,
     fetch_model,
+    generate_samples,
     publish_evaluation,
-    scratch_folder,
     start_evaluation,
 )
-from deeprnn.tasks.generate_task import generate_samples
-from deeprnn.tasks.prepare_task import prepare_tokens
-from deeprnn.tasks.splits_task import prepare_splits
+from deeprnn.tasks.pipeline_tasks import download_corpus, prepare_splits, prepare_tokens
 from deeprnn.tracking import runs
 
 FLOW_NAME = "deeprnn-evaluate"
@@ -54,7 +52,8 @@ def evaluate_lm(
     """
     uri = choose_model(model_uri, training_flow_run_id)
     run_id = start_evaluation(uri, device, experiment or FLOW_NAME)
-    with runs.run_status(run_id), scratch_folder() as folder:  # FAILED/KILLED in MLflow if anything raises
+    # FAILED/KILLED in MLflow if anything raises; the downloaded model is removed at the end (MLflow keeps it).
+    with runs.run_status(run_id), tempfile.TemporaryDirectory(prefix="deeprnn-evaluate-") as folder:
         model = fetch_model(run_id, uri, folder, sample)
         corpus = download_corpus(model.config.data.url, model.corpus_sha1)
         prepared = prepare_tokens(corpus, model.config.data)

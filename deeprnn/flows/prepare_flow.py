@@ -14,8 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from deeprnn.config import resolve
 from deeprnn.data.prepare import prepared_record
 from deeprnn.flows.parameters import DataField, PresetField
-from deeprnn.tasks.download_task import download_corpus
-from deeprnn.tasks.prepare_task import prepare_tokens
+from deeprnn.tasks.pipeline_tasks import download_corpus, prepare_tokens
 
 FLOW_NAME = "deeprnn-prepare"
 

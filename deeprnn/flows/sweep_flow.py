@@ -43,8 +43,7 @@ from deeprnn.ops.study_storage import NO_PASSWORD_PATTERN, study_storage
 from deeprnn.search.optuna_study import STARTUP_TRIALS, StudySpec, study_spec
 from deeprnn.search.space import MAX_TRIALS, parse_space
 from deeprnn.tasks.sweep_report import SweepSummary, publish_progress, summarize_sweep
-from deeprnn.tasks.sweep_tasks import check_sweep_inputs, open_study, start_sweep_tracking
-from deeprnn.tasks.trial_task import run_trial
+from deeprnn.tasks.sweep_tasks import check_sweep_inputs, open_study, run_trial, start_sweep_tracking
 from deeprnn.tracking import runs
 from deeprnn.training import stop_signals
 
@@ -113,10 +112,8 @@ def sweep_lm(
     parent_run_id = start_sweep_tracking(first, parse_space(space), strategy, experiment, planned)
     request = gpu_request(first.config.train.device, cluster_gpus())
     with runs.run_status(parent_run_id):  # the parent run ends FAILED only if no trial finished
-        run = (experiment, runs_dir, parent_run_id, tracking_uri)
-        outcomes = _run_trials(spec, earlier, planned, request, run)
-        summary = summarize_sweep(spec, experiment, parent_run_id, outcomes, register_best, registered_model)
-    return summary
+        outcomes = _run_trials(spec, earlier, planned, request, (experiment, runs_dir, parent_run_id, tracking_uri))
+        return summarize_sweep(spec, experiment, parent_run_id, outcomes, register_best, registered_model)
 
 
 def _run_trials(

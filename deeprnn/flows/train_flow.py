@@ -27,7 +27,7 @@ from deeprnn.flows.parameters import (
 )
 from deeprnn.tasks.pipeline_tasks import run_pipeline
 from deeprnn.tasks.results_tasks import RunResult
-from deeprnn.tasks.resume_task import prepare_resume
+from deeprnn.tasks.train_task import prepare_resume
 from deeprnn.tracking import naming
 from deeprnn.training import stop_signals
 

@@ -1,15 +1,14 @@
-"""The evaluate stage as Prefect tasks: ``evaluate-model`` measures a checkpoint's perplexity on each split
-(for the training flow and the evaluation flow); the evaluation flow's own tasks choose a logged model, open
-its MLflow run, fetch the model with what rebuilds its held-out text, and publish the results."""
+"""The evaluate and generate stages as Prefect tasks: ``evaluate-model`` measures a checkpoint's perplexity on each
+split and ``generate-samples`` continues every prefix with it (for the training flow and the evaluation flow);
+the evaluation flow's own tasks choose a logged model, open its MLflow run, fetch the model with what rebuilds
+its held-out text, and publish the results."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from prefect import get_run_logger, task
@@ -21,9 +20,10 @@ from deeprnn.config import RunConfig, SampleConfig, section_values
 from deeprnn.data.batching import Splits
 from deeprnn.data.vocab import Vocab
 from deeprnn.device import as_device, resolve_device
+from deeprnn.generate import generate_batch
 from deeprnn.pipeline import Evaluation, evaluate_splits
 from deeprnn.report import fmt, samples_markdown, samples_text
-from deeprnn.tasks.results_tasks import prefect_run_tags
+from deeprnn.tasks.results_tasks import open_run
 from deeprnn.tracking import metrics, model_registry, runs, store
 from deeprnn.training import checkpoint
 
@@ -39,6 +39,33 @@ def evaluate_model(checkpoint_path: str, splits: Splits, device: torch.device | 
     shown = [f"{k} {v:,.3f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in result.metrics().items() if v]
     get_run_logger().info("evaluation: %s", ", ".join(shown))
     return result
+
+
+@task(name="generate-samples", cache_policy=NO_CACHE)
+def generate_samples(
+    checkpoint_path: str, device: torch.device | str, sample: SampleConfig | None = None
+) -> dict[str, str]:
+    """Continue each prefix with the selected model (greedy unless a temperature is set); ``sample`` replaces
+    the checkpoint's own sample settings."""
+    model, voc, config = checkpoint.restore_model(checkpoint.load(Path(checkpoint_path)), as_device(device))
+    s = sample or config.sample
+    # All prefixes as one batch: one forward step per generated token for all of them.
+    texts = generate_batch(
+        model,
+        voc,
+        s.prefixes,
+        s.num_chars,
+        token=config.data.token,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        seed=s.seed,
+        normalize=config.data.normalize,  # each prefix as the corpus's rule wrote the training text
+    )
+    samples = dict(zip(s.prefixes, texts))
+    logger = get_run_logger()
+    for text in samples.values():
+        logger.info("sample: %s", text)
+    return samples
 
 
 @dataclass(frozen=True)
@@ -75,13 +102,6 @@ def choose_model(model_uri: str, training_flow_run_id: str | None) -> str:
     return uri
 
 
-@contextlib.contextmanager
-def scratch_folder() -> Iterator[str]:
-    """A temporary folder for the downloaded model, removed when the evaluation ends (MLflow keeps the model)."""
-    with tempfile.TemporaryDirectory(prefix="deeprnn-evaluate-") as folder:
-        yield folder
-
-
 @task(
     name="start-evaluation-run",
     cache_policy=NO_CACHE,
@@ -93,15 +113,10 @@ def scratch_folder() -> Iterator[str]:
 def start_evaluation(model_uri: str, device: str, experiment: str) -> str:
     """Refuse a missing device or an unreachable MLflow, then open the evaluation's MLflow run (tags link the
     Prefect flow run; a retry finds the run its first attempt created); returns its id."""
-    from prefect.runtime import flow_run, task_run
-
-    from deeprnn.ops.orphans import process_tags
-
     resolve_device(device)
     store.check_reachable()
-    tags = {**prefect_run_tags(), **process_tags(), "deeprnn.requested_model_uri": model_uri}
-    params = {"requested_model_uri": model_uri, "device": device}
-    run_id = runs.create_run(experiment, flow_run.get_name(), tags, params, opened_by=task_run.get_id())
+    tags = {"deeprnn.requested_model_uri": model_uri}
+    run_id = open_run(experiment, tags, {"requested_model_uri": model_uri, "device": device})
     get_run_logger().info("MLflow evaluation run %s in experiment %r", run_id, experiment)
     return run_id
 
@@ -113,21 +128,13 @@ def fetch_model(run_id: str, model_uri: str, folder: str, sample: BaseModel | di
     found = model_registry.fetch_model(model_uri, Path(folder))
     data = checkpoint.load(Path(found.checkpoint))
     config = RunConfig.model_validate(data["config"])
-    overrides = section_values(sample)  # the fields given; the others stay the model's own
-    if overrides:
-        merged = SampleConfig.model_validate({**config.sample.model_dump(), **overrides})
-        config = config.model_copy(update={"sample": merged})
-    trained: dict[str, float] = {}
-    if found.source_run_id:
-        source_metrics = runs.get_run(found.source_run_id).metrics
-        trained = {k: source_metrics[k] for k in ("val_perplexity", "test_perplexity") if k in source_metrics}
-    params = {
-        "model_uri": found.model_uri,
-        "model_version": found.version,
-        "source_run_id": found.source_run_id,
-        **config.flat(),
-    }
-    runs.log_params(run_id, params)
+    # The sample fields given; the others stay the model's own.
+    merged = SampleConfig.model_validate({**config.sample.model_dump(), **section_values(sample)})
+    config = config.model_copy(update={"sample": merged})
+    source_metrics = runs.get_run(found.source_run_id).metrics if found.source_run_id else {}
+    trained = {k: source_metrics[k] for k in ("val_perplexity", "test_perplexity") if k in source_metrics}
+    identity = {"model_uri": found.model_uri, "model_version": found.version, "source_run_id": found.source_run_id}
+    runs.log_params(run_id, {**identity, **config.flat()})
     runs.set_tags(run_id, {"deeprnn.source_run_id": found.source_run_id or "", "deeprnn.preset": config.preset})
     get_run_logger().info(
         "model %s (version %s) from training run %s", found.model_uri, found.version, found.source_run_id
@@ -151,11 +158,11 @@ def publish_evaluation(run_id: str, model: FetchedModel, evaluation: Evaluation,
     samples_json = json.dumps(samples, ensure_ascii=False, indent=1)
     runs.log_texts(run_id, {"samples.txt": samples_text(samples), "samples.json": samples_json})
 
-    mlflow_ref = runs.run_markdown(run_id)
     lines = [
         f"# deeprnn evaluation of `{model.model_uri}`",
         "",
-        f"MLflow run: {mlflow_ref}; trained by run `{model.source_run_id}` ({model.config.preset} preset)",
+        f"MLflow run: {runs.run_markdown(run_id)}; trained by run `{model.source_run_id}` "
+        f"({model.config.preset} preset)",
         "",
         "| metric | this evaluation | reported by training |",
         "| --- | --- | --- |",

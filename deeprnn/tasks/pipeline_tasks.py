@@ -1,38 +1,168 @@
-"""The training pipeline as Prefect tasks, wired once: download -> prepared tokens and vocabulary -> splits ->
-train -> evaluate -> generate -> MLflow.
+"""The training pipeline as Prefect tasks, wired once: check inputs -> download -> prepared tokens and vocabulary
+-> size to the text -> splits -> train -> evaluate -> generate -> MLflow.
 
-``run_pipeline`` is the body of the training flow (``train_lm``) and of every sweep trial
-(``deeprnn.tasks.trial_task.run_trial``, a task that a sweep sends to its Dask workers), so both run exactly the
-same stages.
+The data stages' tasks live here (``check-inputs``, ``download-corpus``, ``prepare-tokens``, ``size-to-text``,
+``prepare-splits``), each a call into the library with its Prefect concerns; training, evaluation and results have
+modules of their own. ``run_pipeline`` is the body of the training flow (``train_lm``) and of every sweep trial
+(``deeprnn.tasks.sweep_tasks.run_trial``, a task that a sweep sends to its Dask workers), so both run exactly the
+same stages. The evaluation flow runs download, prepare and splits for a logged model, the prepare flow the first
+two.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
+from typing import Any
 
-from deeprnn.config import RunConfig
+import torch
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+
+from deeprnn.config import DataConfig, RunConfig, TrainConfig
+from deeprnn.data.batching import Splits
+from deeprnn.data.download import CorpusFile, TransientDownloadError, fetch_corpus
+from deeprnn.data.prepare import PreparedCorpus, dropped_letters_warning, prepare, prepared_summary
+from deeprnn.data.vocab import Vocab
 from deeprnn.ops.limits import training_timeout_seconds
-from deeprnn.tasks.checks_task import check_inputs
-from deeprnn.tasks.download_task import download_corpus
-from deeprnn.tasks.evaluate_tasks import evaluate_model
-from deeprnn.tasks.generate_task import generate_samples
-from deeprnn.tasks.prepare_task import prepare_tokens
-from deeprnn.tasks.results_tasks import (
-    RunResult,
-    Timings,
-    TokenCache,
-    log_results,
-    publish_summary,
-    start_tracking,
-    tracking_experiment,
-)
-from deeprnn.tasks.size_task import size_configuration
-from deeprnn.tasks.splits_task import prepare_splits
+from deeprnn.pipeline import make_splits
+from deeprnn.sizing import decided_later, size_to_text
+from deeprnn.tasks.evaluate_tasks import evaluate_model, generate_samples
+from deeprnn.tasks.results_tasks import RunResult, Timings, TokenCache, log_results, publish_summary, start_tracking
 from deeprnn.tasks.train_task import outcome, train_model
-from deeprnn.tracking import model_registry, runs
+from deeprnn.tracking import model_registry, naming, runs, store
 from deeprnn.training import stop_signals
 from deeprnn.training.resume import LAST
+
+
+@task(name="check-inputs", cache_policy=NO_CACHE)
+def check_inputs(config: RunConfig) -> torch.device:
+    """Refuse what would fail later, before any download or training: a missing device, an unreachable
+    MLflow. Returns the device, resolved once for the whole run: the later tasks take it as it is."""
+    from deeprnn.device import resolve_device
+
+    device = resolve_device(config.train.device)
+    uri = store.check_reachable()
+    get_run_logger().info("device %s, MLflow tracking at %s", device, uri)
+    return device
+
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only network faults (timeouts, refused connections, 5xx), never 4xx or hash mismatches."""
+    return isinstance(state.result(raise_on_failure=False), TransientDownloadError)  # the failed state's error
+
+
+# The one retry layer for downloads (fetch_corpus itself makes one attempt) and no Prefect cache: the
+# library's hash-checked cache is the one cache, checked on every run, so a deleted or corrupted copy is
+# always fetched again and another DEEPRNN_CACHE_DIR never reuses this one's result.
+@task(
+    name="download-corpus",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[2, 8],
+    retry_condition_fn=_transient,
+)
+def download_corpus(source: str, expected_sha1: str | None) -> CorpusFile:
+    """Fetch the corpus into the hash-checked cache (no network when the cache is valid)."""
+    try:
+        corpus = fetch_corpus(source, expected_sha1)
+    except TransientDownloadError as exc:
+        context = TaskRunContext.get()
+        if context is None:  # called as a plain function: no retries to speak of
+            raise
+        attempt, attempts = context.task_run.run_count, context.task.retries + 1
+        if attempt < attempts:
+            get_run_logger().warning("%s; attempt %d of %d, Prefect retries it", exc, attempt, attempts)
+            raise
+        raise TransientDownloadError(f"{exc}; gave up after {attempts} attempts") from None
+    get_run_logger().info(
+        "corpus %s (%s): %d bytes, sha1 %s", corpus.source, corpus.kind, corpus.num_bytes, corpus.sha1
+    )
+    return corpus
+
+
+@task(name="prepare-tokens", cache_policy=NO_CACHE)
+def prepare_tokens(corpus: CorpusFile, data: DataConfig) -> PreparedCorpus:
+    """Tokenize the corpus once into the token cache, or find it there (then nothing is tokenized again)."""
+    prepared = prepare(corpus, data)
+    logger = get_run_logger()
+    logger.info(prepared_summary(prepared))
+    if warning := dropped_letters_warning(prepared):
+        logger.warning(warning)
+    return prepared
+
+
+@task(name="size-to-text", cache_policy=NO_CACHE)
+def size_configuration(
+    config: RunConfig, prepared: PreparedCorpus, run_id: str, device: torch.device, corpus_source: str | None = None
+) -> RunConfig:
+    """Decide what the configuration leaves to the text (``model.size = "auto"``, empty prefixes), say what
+    was chosen and why, and log the decided values as the run's params; with ``corpus_source``, name the run
+    (the MLflow run and the Prefect flow run it belongs to) after the sized model. Other configurations pass
+    unchanged."""
+    later = decided_later(config)
+    if not later:
+        return config
+    ids = torch.from_numpy(prepared.ids())
+    sized = size_to_text(config, ids, prepared.vocab(), device, prepared.corpus_sha1)
+    logger = get_run_logger()
+    for note in sized.notes:
+        logger.info(note)
+    flat = sized.config.flat()
+    runs.log_params(run_id, {key: flat[key] for key in sorted(later)})
+    if corpus_source is not None:
+        name = naming.run_name(sized.config, naming.corpus_stem(corpus_source), prepared.corpus_sha1)
+        tags = {"mlflow.runName": name}
+        if _rename_flow_run(name):
+            tags["prefect.flow_run_name"] = name
+        runs.set_tags(run_id, tags)
+        logger.info(f"run named for the sized model: {name}")
+    return sized.config
+
+
+_RENAMED: dict[str, str] = {}  # flow run id -> its name since sizing
+
+
+def _rename_flow_run(name: str) -> bool:
+    """Rename the flow run this task runs in (in the API and in this process); False outside a flow run."""
+    from prefect import get_client
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return False
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_name(context.flow_run.id, name)
+    context.flow_run.name = name  # what prefect.runtime.flow_run.get_name() answers from now on
+    _RENAMED[str(context.flow_run.id)] = name
+    return True
+
+
+def _renamed_flow_runs(record: logging.LogRecord) -> bool:
+    """The new name on the flow-run engine's own log lines (``Finished in state ...``): its logger keeps the
+    name the flow run started with. Renames, never drops."""
+    name = _RENAMED.get(str(getattr(record, "flow_run_id", "")))
+    if name is not None:
+        record.flow_run_name = name
+    return True
+
+
+logging.getLogger("prefect.flow_runs").addFilter(_renamed_flow_runs)
+
+
+@task(name="prepare-splits", cache_policy=NO_CACHE)
+def prepare_splits(
+    prepared: PreparedCorpus, data: DataConfig, train: TrainConfig, vocab: Vocab | None = None
+) -> Splits:
+    """Cut the cached token ids into train/validation/test (views of the memory map, nothing copied); refuse a
+    training part too short for one minibatch, and ids made with another vocabulary than ``vocab``."""
+    splits = make_splits(prepared, data, train, vocab)
+    get_run_logger().info(
+        "tokens: %d train, %d validation, %d test", splits.train.numel(), splits.val.numel(), splits.test.numel()
+    )
+    return splits
 
 
 def run_pipeline(
@@ -53,11 +183,10 @@ def run_pipeline(
     device = check_inputs(config)  # resolved once: every later task takes it as it is
     # The corpus first: its bytes name the run and its experiment (a text that cannot be had leaves no run).
     corpus = download_corpus(config.data.url, config.data.expected_sha1())
-    experiment = tracking_experiment(experiment, corpus, parent_run_id)
     if registered_model:  # kept with the run: its resume registers the model there, whoever resumes it
         tags = {**(tags or {}), model_registry.REGISTERED_MODEL_TAG: registered_model}
-    run_id, run_dir = start_tracking(
-        config, experiment, runs_dir, parent_run_id, run_name, tags, resume_run_id, corpus=corpus
+    run_id, run_dir, experiment = start_tracking(
+        config, corpus, experiment, runs_dir, parent_run_id, run_name, tags, resume_run_id
     )
     if resume_run_id and not registered_model:
         registered_model = runs.find_run(run_id).tags.get(model_registry.REGISTERED_MODEL_TAG)

@@ -28,7 +28,7 @@ class Registration:
 
     registered_model: str
     version: str
-    champion: bool | None  # whether it holds the champion alias; None: no held-out score to compare
+    champion: bool  # whether it holds the champion alias
 
 
 @dataclass(frozen=True)
@@ -38,19 +38,11 @@ class PublishedModel:
     logged: model_registry.LoggedModel
     metrics: dict[str, float]  # the run's final values linked to the model (MODEL_METRICS)
     heldout_key: str  # champions are compared on the same held-out text only (heldout_text_key)
-    heldout_score: float | None  # validation perplexity, else test perplexity
+    heldout_score: float  # validation perplexity, else test perplexity
     register_as: str  # the registered model it becomes a version of
     facts: model_registry.ModelFacts
     sample: str | None  # the first generated sample
     registration: Registration | None = None  # None: not registered (a sweep trial's, until it is the best)
-
-    def describe(self) -> str:
-        """One line for the logs: the model's URI and, once registered, its version and whether it is champion."""
-        if self.registration is None:
-            return f"{self.logged.model_uri} (not registered)"
-        r = self.registration
-        champion = ", now champion" if r.champion else ""
-        return f"{self.logged.model_uri} (registered {r.registered_model} v{r.version}{champion})"
 
 
 @dataclass(frozen=True)
@@ -96,7 +88,7 @@ class RunResult:
 
     def metrics(self) -> dict[str, float | None]:
         """The run's final metrics, as MLflow records them."""
-        return final_metrics(self.training, self.evaluation)
+        return {**self.training.metrics(), **self.evaluation.metrics()}
 
     def as_record(self) -> dict[str, Any]:
         """The result as plain JSON-ready data (``deeprnn run --json``)."""
@@ -115,11 +107,6 @@ class RunResult:
             "fit_finished_at": self.training.fit_finished_at,
             "timings": self.timings.in_order(),
         }
-
-
-def final_metrics(trained: TrainingOutcome, evaluation: Evaluation) -> dict[str, float | None]:
-    """The final metrics a run logs: training's and the evaluation's."""
-    return {**trained.metrics(), **evaluation.metrics()}
 
 
 @task(
@@ -145,8 +132,7 @@ def log_results(
 
     Safe to retry: the model, its version and its metrics are looked up before they are created, so a retry
     after a partial write finishes the job instead of registering a second version."""
-    history = trained.history
-    metrics.log_metrics(run_id, final_metrics(trained, evaluation), step=trained.epochs_done)
+    metrics.log_metrics(run_id, {**trained.metrics(), **evaluation.metrics()}, step=trained.epochs_done)
     texts = {
         "vocab.json": json.dumps(vocab.to_dict(), ensure_ascii=False, indent=1),
         "samples.txt": samples_text(samples),
@@ -154,40 +140,12 @@ def log_results(
         "config.json": json.dumps(checkpoint.config_dict(config), ensure_ascii=False, indent=1),
     }
     with tempfile.TemporaryDirectory() as tmp:
-        plot = plot_history(history, Path(tmp) / "perplexity.png", f"{config.preset}: perplexity per epoch")
+        plot = plot_history(trained.history, Path(tmp) / "perplexity.png", f"{config.preset}: perplexity per epoch")
         runs.log_texts(run_id, texts, [plot])  # one upload
     runs.set_tags(run_id, {"deeprnn.step_mode": trained.step_mode, "deeprnn.precision": trained.precision})
 
-    model = publish_model(run_id, config, trained, evaluation, samples, corpus_sha1, register, registered_model)
-    get_run_logger().info("model logged: %s", model.describe())
-    return model
-
-
-def heldout_text_key(data: DataConfig, corpus_sha1: str) -> str:
-    """What makes two held-out perplexities comparable: the same corpus bytes, the same tokens and the same
-    split. The book's tokenization keeps the key it always had, so earlier champions stay comparable."""
-    key = f"{corpus_sha1}:{data.token}:val={data.val_fraction}:test={data.test_fraction}"
-    if (data.normalize, data.min_freq, data.reserved_tokens) != ("d2l", 0, []):
-        key += f":normalize={data.normalize}:min_freq={data.min_freq}:reserved={','.join(data.reserved_tokens)}"
-    return key
-
-
-# The evaluation metrics the logged model carries (ranked by in the Models tab and search_logged_models).
-MODEL_METRICS = ["val_perplexity", "test_perplexity", "train_perplexity_eval"]
-
-
-def publish_model(
-    run_id: str,
-    config: RunConfig,
-    trained: TrainingOutcome,
-    evaluation: Evaluation,
-    samples: dict[str, str],
-    corpus_sha1: str,
-    register: bool,
-    registered_model: str | None,
-) -> PublishedModel:
-    """Log the run's model (once) with its held-out perplexities; register it (once) as ``registered_model``
-    (default: per corpus, ``model_registry.default_registered_model``) and move the champion alias if it is best."""
+    # The model, logged once with its held-out perplexities; registered (once) as ``registered_model``, by
+    # default per corpus (``model_registry.default_registered_model``), the champion alias moved if it is best.
     name = registered_model or model_registry.default_registered_model(config.data.url, corpus_sha1)
     logged = model_registry.log_model(run_id, Path(trained.checkpoint), config.sample.prefixes[0])
     measured = evaluation.metrics()
@@ -208,40 +166,49 @@ def publish_model(
         facts=facts,
         sample=next(iter(samples.values()), None),
     )
-    return register_version(model, name, run_id) if register else model
+    shown = "not registered"
+    if register:
+        r = register_version(model, name, run_id)
+        model = replace(model, registration=r)
+        shown = f"registered {r.registered_model} v{r.version}" + (", now champion" if r.champion else "")
+    get_run_logger().info("model logged: %s (%s)", model.logged.model_uri, shown)
+    return model
 
 
-def register_version(model: PublishedModel, name: str, run_id: str) -> PublishedModel:
+def heldout_text_key(data: DataConfig, corpus_sha1: str) -> str:
+    """What makes two held-out perplexities comparable: the same corpus bytes, the same tokens and the same
+    split. The book's tokenization keeps the key it always had, so earlier champions stay comparable."""
+    key = f"{corpus_sha1}:{data.token}:val={data.val_fraction}:test={data.test_fraction}"
+    if (data.normalize, data.min_freq, data.reserved_tokens) != ("d2l", 0, []):
+        key += f":normalize={data.normalize}:min_freq={data.min_freq}:reserved={','.join(data.reserved_tokens)}"
+    return key
+
+
+# The evaluation metrics the logged model carries (ranked by in the Models tab and search_logged_models).
+MODEL_METRICS = ["val_perplexity", "test_perplexity", "train_perplexity_eval"]
+
+
+def register_version(model: PublishedModel, name: str, run_id: str) -> Registration:
     """Register the logged ``model`` as a version of ``name``, once per run, describe it, and promote it to
-    champion if it beats the current one. Returns the model with its registration."""
-    score = model.heldout_score
+    champion if it beats the current one."""
+    score, key = model.heldout_score, model.heldout_key
     # The version's tags go with its creation: one request instead of two for each tag.
-    tags = {
-        **model.facts.tags(),
-        **(model_registry.heldout_tags(score, model.heldout_key) if score is not None else {}),
-    }
+    tags = {**model.facts.tags(), **model_registry.heldout_tags(score, key)}
     version, created = model_registry.register_tagged(model.logged.model_uri, name, run_id, tags)
     model_registry.describe_version(name, version, model.logged.model_id, model.facts, model.sample, tagged=created)
-    champion = None
-    if score is not None:
-        champion = model_registry.promote_if_better(name, version, score, model.heldout_key, tagged=created)
-    return replace(model, registration=Registration(name, version, champion))
+    champion = model_registry.promote_if_better(name, version, score, key, tagged=created)
+    return Registration(name, version, champion)
 
 
 @task(name="publish-summary", cache_policy=NO_CACHE)
 def publish_summary(
-    run_id: str,
-    config: RunConfig,
-    trained: TrainingOutcome,
-    evaluation: Evaluation,
-    samples: dict[str, str],
+    run_id: str, config: RunConfig, trained: TrainingOutcome, evaluation: Evaluation, samples: dict[str, str]
 ) -> str:
     """A markdown artifact on the Prefect run: perplexities, speed, device, samples, link to MLflow."""
-    mlflow_ref = runs.run_markdown(run_id)
     lines = [
         f"# deeprnn run ({config.preset})",
         "",
-        f"MLflow run: {mlflow_ref}",
+        f"MLflow run: {runs.run_markdown(run_id)}",
         "",
         "| metric | value |",
         "| --- | --- |",
@@ -260,69 +227,63 @@ def publish_summary(
     return markdown
 
 
-def prefect_run_tags() -> dict[str, str]:
-    """MLflow tags that link a run to the Prefect flow run (and deployment) it belongs to."""
+def run_tags() -> dict[str, str]:
+    """MLflow tags that link a run to the Prefect flow run (and deployment) it belongs to, and to this process:
+    host, pid and its start time, so that a later command can tell when the process is gone."""
     from prefect.context import FlowRunContext
     from prefect.runtime import deployment, flow_run
+    from prefect.settings import PREFECT_UI_URL
+
+    from deeprnn.ops.orphans import process_tags
 
     context = FlowRunContext.get()
     # prefect.runtime.deployment reads the flow run back from the API (a new client and two requests) even
     # when the flow run at hand says it has no deployment: only a deployment's run needs asking.
     no_deployment = context is not None and context.flow_run is not None and context.flow_run.deployment_id is None
     tags = {
+        **process_tags(),
         "prefect.flow_run_id": str(flow_run.get_id() or ""),
         "prefect.flow_run_name": str(flow_run.get_name() or ""),
         "prefect.flow_name": str(flow_run.get_flow_name() or ""),
         "prefect.deployment": "" if no_deployment else str(deployment.get_name() or ""),
     }
-    from prefect.settings import PREFECT_UI_URL
-
     if PREFECT_UI_URL.value():  # no UI behind an ephemeral or temporary API: no link rather than a broken one
         tags["prefect.flow_run_url"] = str(flow_run.get_flow_run_ui_url())
     return tags
 
 
-def tracking_experiment(experiment: str, corpus: CorpusFile, parent_run_id: str | None = None) -> str:
-    """The experiment a run goes to: ``experiment``, except that the default one (``deeprnn-train``, the
-    book's) becomes the corpus's own for any other text. A sweep's trial stays with its parent run."""
-    if parent_run_id is not None or experiment != naming.BOOK_EXPERIMENT:
-        return experiment
-    return naming.experiment_name(naming.corpus_stem(corpus.source), corpus.sha1)
+def open_run(experiment: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+    """A new MLflow run named after the flow run, tagged with ``run_tags()`` and ``tags``; a retry of the task
+    that opens it finds the run its first attempt created. Returns its id."""
+    from prefect.runtime import flow_run, task_run
+
+    all_tags = {**run_tags(), **tags}
+    return runs.create_run(experiment, flow_run.get_name(), all_tags, params, opened_by=task_run.get_id())
 
 
 @task(name="start-mlflow-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def start_tracking(
     config: RunConfig,
+    corpus: CorpusFile,
     experiment: str,
     runs_dir: str,
     parent_run_id: str | None = None,
     run_name: str | None = None,
     extra_tags: dict[str, str] | None = None,
     resume_run_id: str | None = None,
-    *,
-    corpus: CorpusFile | None = None,
-) -> tuple[str, str]:
+) -> tuple[str, str, str]:
     """Open the MLflow run (params, tags linking the Prefect flow run), nested under ``parent_run_id`` if
-    given, or set run ``resume_run_id`` back to RUNNING to continue it; returns the run id and its local
-    run folder.
+    given, or set run ``resume_run_id`` back to RUNNING to continue it; returns the run id, its local run
+    folder and its experiment.
 
-    With the ``corpus`` known, the run is named after what it trains (``deeprnn.tracking.naming.run_name``) unless
-    ``run_name`` is given, and a run of a text other than the book that would go to the default experiment
-    goes to that text's own (``tracking_experiment``)."""
-    from prefect.runtime import flow_run, task_run
+    The run is named after what it trains (``deeprnn.tracking.naming.run_name``) unless ``run_name`` is given,
+    and a run of a text other than the book that would go to the default experiment (``deeprnn-train``, the
+    book's) goes to that text's own; a sweep's trial stays with its parent run."""
+    from prefect.runtime import task_run
 
-    from deeprnn.ops.orphans import process_tags
-
-    if corpus is not None:
-        experiment = tracking_experiment(experiment, corpus, parent_run_id)
-        run_name = run_name or naming.run_name(config, naming.corpus_stem(corpus.source), corpus.sha1)
-
-    tags = {
-        **(extra_tags or {}),
-        **process_tags(),  # host, pid and its start time: a later command can tell when this process is gone
-        **prefect_run_tags(),
-        "deeprnn.preset": config.preset,
-    }
+    if parent_run_id is None and experiment == naming.BOOK_EXPERIMENT:
+        experiment = naming.experiment_name(naming.corpus_stem(corpus.source), corpus.sha1)
+    tags = {**(extra_tags or {}), **run_tags(), "deeprnn.preset": config.preset}
     if resume_run_id:
         # Params stay as first logged (MLflow never changes them); what a resume may change goes into tags.
         flat = config.flat()
@@ -333,7 +294,7 @@ def start_tracking(
         run_id = runs.start_run(
             config,
             experiment,
-            run_name=run_name or flow_run.get_name(),
+            run_name=run_name or naming.run_name(config, naming.corpus_stem(corpus.source), corpus.sha1),
             tags=tags,
             parent_run_id=parent_run_id,
             opened_by=task_run.get_id(),  # a retry of this task finds the run its first attempt created
@@ -343,4 +304,4 @@ def start_tracking(
     run_dir.mkdir(parents=True, exist_ok=True)
     # No `--resume` offered here: a run stopped before its first checkpoint has nothing to resume from.
     get_run_logger().info("MLflow run %s in experiment %r; checkpoints in %s", run_id, experiment, run_dir)
-    return run_id, str(run_dir)
+    return run_id, str(run_dir), experiment

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 from uuid import UUID
@@ -21,7 +21,7 @@ from deeprnn.search.optuna_study import StudySpec
 from deeprnn.search.ranking import TrialResult, rank, selection_metric, table_csv, table_markdown
 from deeprnn.search.space import parse_space, trial_name
 from deeprnn.tasks.results_tasks import PublishedModel, RunResult, register_version
-from deeprnn.tasks.trial_task import ERROR_ATTR, PARENT_ATTR, RUN_ID_ATTR, TrialOutcome, error_text
+from deeprnn.tasks.sweep_tasks import ERROR_ATTR, PARENT_ATTR, RUN_ID_ATTR, TrialOutcome, error_text
 from deeprnn.tracking import metrics, runs
 
 PROGRESS_KEY = "deeprnn-sweep-progress"
@@ -70,21 +70,20 @@ def _counts(outcomes: list[Any]) -> dict[str, int]:
     }
 
 
-def publish_progress(spec: StudySpec, outcomes: list[Any], planned: int, progress: UUID | None = None) -> None:
+def publish_progress(spec: StudySpec, outcomes: list[Any], planned: int, progress: UUID) -> None:
     """The sweep so far as a Prefect markdown artifact (a new version after each trial): trials done,
     pruned, failed, and the best value so far; ``progress``, a progress artifact, to the share of trials done."""
     counts = _counts(outcomes)
-    if progress is not None:
-        update_progress_artifact(progress, 100.0 * len(outcomes) / max(planned, 1))
+    update_progress_artifact(progress, 100.0 * len(outcomes) / max(planned, 1))
     finished = [o for o in outcomes if isinstance(o, TrialOutcome) and o.status == "FINISHED"]
-    best = min(finished, key=lambda o: o.value if o.value is not None else float("inf"), default=None)
+    best = min(finished, key=lambda o: o.value, default=None)  # a finished trial has its value
     lines = [
         f"# Study {spec.name}: {len(outcomes)} of {planned} trials done",
         "",
         f"- finished: {counts['trials_finished']}, pruned: {counts['trials_pruned']}, "
         f"failed: {counts['trials_failed']}",
         f"- best so far: trial {best.trial.index}, held-out perplexity {best.value:.3f} ({best.trial.name})"
-        if best is not None and best.value is not None
+        if best is not None
         else "- best so far: none yet",
     ]
     create_markdown_artifact("\n".join(lines), key=PROGRESS_KEY, description=f"progress of study {spec.name}")
@@ -104,8 +103,8 @@ def _collect(spec: StudySpec, study: Any, parent_run_id: str, outcomes: list[Any
     rows = []
     for o in outcomes:
         if isinstance(o, TrialOutcome):
-            row_metrics = dict(o.metrics) or {"val_perplexity": o.value if o.value is not None else float("nan")}
-            row_metrics["steps"] = o.steps
+            measured = o.result.metrics() if o.result else {"val_perplexity": o.value}  # pruned: its last value
+            row_metrics = {k: v for k, v in measured.items() if v is not None} | {"steps": o.steps}
             rows.append(TrialResult(o.trial.index, o.trial.name, o.trial.values, o.status, o.run_id, row_metrics,
                                     o.reason or None))  # fmt: skip
     dims = parse_space(spec.space).dims
@@ -135,9 +134,9 @@ def roll_up_best(
         {"best_trial_run_id": outcome.run_id, "deeprnn.best_trial": best.name, "deeprnn.selection_metric": metric},
     )
     model = outcome.model
-    if register and model.heldout_score is not None:
+    if register:
         # Once per trial run, also when this task runs again: the version is looked up by run id first.
-        model = register_version(model, name or model.register_as, outcome.run_id)
+        model = replace(model, registration=register_version(model, name or model.register_as, outcome.run_id))
     return model
 
 
@@ -172,8 +171,12 @@ def _log_study(
     """The study and this sweep's trials on the parent run: the study's best trial (``study_best_value``,
     ``deeprnn.study.best_*`` tags, ``study.json``), ``trials.csv`` and ``trials.md``, Optuna's pictures under
     ``study/``. Returns the study's best trial number, value and parameters."""
-    number, value, params = _study_best(study)
-    if number is not None and value is not None:
+    try:
+        best = study.best_trial  # the study's best complete trial, earlier runs' included
+        number, value, params = best.number, float(best.value), dict(best.params)
+    except ValueError:  # no complete trial yet
+        number, value, params = None, None, {}
+    if number is not None:
         metrics.log_metrics(parent_run_id, {"study_best_value": value})
         best_run = study.trials[number].user_attrs.get(RUN_ID_ATTR, "")
         tags = {"deeprnn.study.best_trial": number, "deeprnn.study.best_run_id": best_run}
@@ -189,21 +192,14 @@ def _log_study(
     return number, value, params
 
 
-def _study_best(study: Any) -> tuple[int | None, float | None, dict[str, Any]]:
-    finished = [t for t in study.get_trials(deepcopy=False) if t.value is not None and t.state.name == "COMPLETE"]
-    if not finished:
-        return None, None, {}
-    best = min(finished, key=lambda t: t.value)
-    return best.number, float(best.value), dict(best.params)
-
-
-def _summary_markdown(spec: StudySpec, parent_run_id: str, results: list[TrialResult], metric: str) -> str:
+def _summary_markdown(
+    spec: StudySpec, parent_run_id: str, results: list[TrialResult], best: TrialResult | None, metric: str
+) -> str:
     """The Prefect summary artifact: how many trials finished, the parent run, the best, the ranked table."""
-    finished = [r for r in results if r.succeeded]
-    best = rank(results)[0] if finished else None
+    finished = sum(r.succeeded for r in results)
     link = runs.run_url(parent_run_id)
     return "\n".join([
-        f"# deeprnn sweep ({spec.search}): {len(finished)} of {len(results)} trials finished",
+        f"# deeprnn sweep ({spec.search}): {finished} of {len(results)} trials finished",
         "",
         f"MLflow parent run: [{parent_run_id}]({link})" if link else f"MLflow parent run: `{parent_run_id}`",
         "",
@@ -242,10 +238,10 @@ def summarize_sweep(
     finished_in_study = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
     metrics.log_metrics(parent_run_id, {**counts, "trials_steps": steps, "study_trials": finished_in_study})
     number, value, params = _log_study(spec, study, parent_run_id, results, logger.warning)
-    summary = _summary_markdown(spec, parent_run_id, results, metric)
+    ranked = rank(results)
+    best = ranked[0] if counts["trials_finished"] else None
+    summary = _summary_markdown(spec, parent_run_id, results, best, metric)
     create_markdown_artifact(summary, key="deeprnn-sweep-summary", description="deeprnn sweep summary")
-
-    best = rank(results)[0] if counts["trials_finished"] else None
     model = None
     if best is not None:
         outcome = next(o for o in outcomes if isinstance(o, TrialOutcome) and o.trial.index == best.index)
@@ -260,7 +256,7 @@ def summarize_sweep(
         first = next((r.error for r in results if r.error), "unknown error")
         raise SweepFailedError(f"all {len(results)} trials failed; the first error: {first}")
     return SweepSummary(
-        experiment, parent_run_id, spec.search, spec.name, spec.shown_storage, counts["trials_total"],
-        counts["trials_finished"], counts["trials_pruned"], counts["trials_failed"], steps, metric, best, model,
-        rank(results), finished_in_study, number, value, params,
+        experiment, parent_run_id, spec.search, spec.name, spec.shown_storage, **counts, steps_total=steps,
+        selection_metric=metric, best=best, best_model=model, trials=ranked, study_trials=finished_in_study,
+        study_best_trial=number, study_best_value=value, study_best_params=params,
     )  # fmt: skip

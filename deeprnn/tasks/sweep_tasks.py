@@ -1,13 +1,24 @@
-"""Prefect tasks that open a sweep: check the setup, open (or continue) its Optuna study, open the parent
-MLflow run. The trials are ``deeprnn.tasks.trial_task.run_trial``; the summary is ``deeprnn.tasks.sweep_report``.
+"""Prefect tasks of a sweep: check the setup, open (or continue) its Optuna study, open the parent MLflow run,
+and run one trial (``run-trial``, on whichever Dask worker runs it). The summary is
+``deeprnn.tasks.sweep_report``.
+
+A trial asks the sweep's Optuna study for its values (a grid or random sweep's next enqueued point, or TPE's
+draw), trains them with the whole pipeline as a child MLflow run, reports its held-out perplexity to the study
+at every evaluation, and stops when the pruner says so: its run then ends KILLED, tagged with the step and the
+reason, its curve kept. A failed trial is told to the study as FAIL, with its error, and raises.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -16,14 +27,19 @@ from deeprnn.search.optuna_study import (
     StudyError,
     StudySpec,
     check_space,
+    distributions,
     enqueue_points,
     is_local_storage,
+    make_pruner,
     start_study,
 )
-from deeprnn.search.space import SearchSpace, Trial, parse_space
-from deeprnn.search.study_orphans import Cleanup
-from deeprnn.tasks.results_tasks import prefect_run_tags
+from deeprnn.search.space import SearchSpace, Trial, make_trial, parse_space
+from deeprnn.search.study_orphans import Cleanup, claim, heartbeat
+from deeprnn.tasks.pipeline_tasks import run_pipeline
+from deeprnn.tasks.results_tasks import RunResult, open_run
+from deeprnn.tasks.train_task import StepObserver, TrialPruned, watching
 from deeprnn.tracking import runs, store
+from deeprnn.training.progress import StepStats
 
 
 def _scheduler_address() -> str | None:
@@ -64,8 +80,7 @@ def open_study(spec: StudySpec) -> tuple[int, int]:
         )
     study, cleanup = start_study(spec, get_run_logger().warning)
     _report_cleanup(spec, study, cleanup)
-    earlier = len(study.trials)
-    return earlier, enqueue_points(study, spec)
+    return len(study.trials), enqueue_points(study, spec)  # the trials it held before the points are enqueued
 
 
 def _report_cleanup(spec: StudySpec, study: Any, cleanup: Cleanup) -> None:
@@ -94,18 +109,123 @@ def start_sweep_tracking(
     """Open the sweep's parent MLflow run: the base configuration (``first``'s, but for the searched fields)
     with each varied field's values, the search settings, ``planned`` trials, and the space as ``space.json``;
     returns its id."""
-    from prefect.runtime import flow_run, task_run
-
-    from deeprnn.ops.orphans import process_tags
-
     params: dict[str, Any] = dict(first.config.flat())
     params.update(space.describe())  # varied fields: their values (or range) instead of the first point's value
     params.update({f"sweep.{k}": v for k, v in strategy.items()})
     params["sweep.num_trials"] = planned
-    tags = {"deeprnn.sweep": "true", "deeprnn.preset": first.config.preset, **prefect_run_tags(), **process_tags()}
     # A retry of this task finds the parent run its first attempt created; space.json is simply rewritten.
-    run_id = runs.create_run(experiment, flow_run.get_name(), tags, params, opened_by=task_run.get_id())
+    run_id = open_run(experiment, {"deeprnn.sweep": "true", "deeprnn.preset": first.config.preset}, params)
     plan = {"space": space.describe(), "fixed": space.fixed, **strategy}
     runs.log_texts(run_id, {"space.json": json.dumps(plan, indent=1, default=str)})
     get_run_logger().info("sweep of %d trials, MLflow parent run %s in experiment %r", planned, run_id, experiment)
     return run_id
+
+
+RUN_ID_ATTR = "mlflow_run_id"  # the trial's MLflow run, on the Optuna trial
+PARENT_ATTR = "deeprnn.parent_run_id"  # the sweep (its parent MLflow run) that ran the trial
+ERROR_ATTR = "deeprnn.error"  # why a trial failed
+
+
+@dataclass
+class TrialOutcome:
+    """What one trial did: PRUNED (stopped at ``steps``) or FINISHED with its result."""
+
+    trial: Trial  # its index is the Optuna trial number
+    status: str
+    run_id: str | None
+    value: float | None  # the objective: held-out perplexity (last measured, for a pruned trial)
+    steps: int  # training steps it took
+    result: RunResult | None = None
+    reason: str = ""
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: first line of the message``, at most 300 characters: a failed trial's error in tables."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _reporter(trial: Any) -> StepObserver:
+    """The ``on_step`` observer of one trial: each held-out measurement to Optuna, ``TrialPruned`` when the
+    pruner stops the trial there."""
+
+    def report(stats: StepStats) -> None:
+        value = stats.heldout_perplexity
+        if value is None:
+            return
+        trial.report(value, stats.step)
+        if trial.should_prune():
+            raise TrialPruned(stats.step, value, f"{trial.study.pruner.__class__.__name__} stopped it")
+
+    return report
+
+
+def _end_pruned(parent_run_id: str, number: int, exc: TrialPruned) -> str | None:
+    """The pruned trial's run ends KILLED with why and where (the pipeline ended it FAILED); returns its id."""
+    child = next(
+        (c for c in reversed(runs.child_runs(parent_run_id)) if c.tags.get("deeprnn.trial") == str(number)), None
+    )
+    if child is None:
+        return None
+    runs.set_tags(
+        child.run_id,
+        {
+            "deeprnn.stop_reason": "pruned",
+            "deeprnn.stop_detail": str(exc),
+            "deeprnn.stopped_at_step": exc.step,
+            "deeprnn.pruned_at_step": exc.step,
+        },
+    )
+    MlflowClient().set_terminated(child.run_id, RunStatus.to_string(RunStatus.KILLED))
+    return child.run_id
+
+
+@task(name="run-trial", task_run_name="trial-{slot}", cache_policy=NO_CACHE)
+def run_trial(
+    spec: StudySpec, slot: int, experiment: str, runs_dir: str, parent_run_id: str, tracking_uri: str
+) -> TrialOutcome:
+    """One trial of the sweep's study (``slot``: its place among every trial the study has had, which seeds
+    its sampler): ask for values, train them as a child MLflow run, tell the study the value, or that it was
+    pruned, or that it failed (then raise)."""
+    from optuna.trial import TrialState
+    from prefect.runtime import task_run
+
+    store.use_tracking_uri(tracking_uri)  # the sweep's store, whatever this worker's environment says
+    study = spec.load(seed_offset=slot)
+    space = parse_space(spec.space)
+    with warnings.catch_warnings():  # "heartbeat is meant for Study.optimize": we beat it ourselves
+        warnings.simplefilter("ignore")
+        asked = study.ask(distributions(space))
+    claim(asked)  # this process owns the trial: a later sweep fails it once this process is gone
+    asked.set_user_attr(PARENT_ATTR, parent_run_id)
+    values = {key: asked.params[key] for key in space.dims}
+    tags = {"deeprnn.trial": str(asked.number), "prefect.task_run_id": str(task_run.get_id() or "")}
+    tags["deeprnn.search.optuna_study"] = spec.name
+    with heartbeat(asked):
+        try:
+            trial = make_trial(spec.preset, spec.overrides, space, asked.number, values)
+            # The pruner's rungs follow this trial's step budget (the space may vary it).
+            study.pruner = make_pruner(spec.pruner, trial.config.train.max_steps)
+            with watching(_reporter(asked)):
+                result = run_pipeline(
+                    trial.config, experiment, runs_dir, parent_run_id, trial.name, tags, register_model=False
+                )
+        except TrialPruned as exc:
+            run_id = _end_pruned(parent_run_id, asked.number, exc)
+            if run_id:
+                asked.set_user_attr(RUN_ID_ATTR, run_id)
+            study.tell(asked, state=TrialState.PRUNED)
+            get_run_logger().info("trial %d %s", asked.number, exc)
+            return TrialOutcome(trial, "PRUNED", run_id, exc.value, exc.step, reason=str(exc))
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                asked.set_user_attr(ERROR_ATTR, error_text(exc))
+            study.tell(asked, state=TrialState.FAIL)
+            raise
+    # The objective: validation perplexity when there is a validation split, else test perplexity.
+    value = float(result.evaluation.val_perplexity or result.evaluation.test_perplexity)
+    asked.set_user_attr(RUN_ID_ATTR, result.run_id)
+    finite = math.isfinite(value)
+    # A diverged trial (infinite perplexity) is a failed one to Optuna: it takes no infinite values.
+    study.tell(asked, value if finite else None, state=TrialState.COMPLETE if finite else TrialState.FAIL)
+    return TrialOutcome(trial, "FINISHED", result.run_id, value, result.training.steps_done, result)

@@ -1,13 +1,23 @@
-"""The training stage as a Prefect task: one call into the library's training stage, with its progress in
-Prefect (log lines, a progress artifact) and every epoch, step and checkpoint in MLflow."""
+"""The training stage as Prefect tasks: ``train-model``, one call into the library's training stage, with its
+progress in Prefect (log lines, a progress artifact) and every epoch, step and checkpoint in MLflow; and
+``prepare-resume``, which finds a run to continue, its last checkpoint and the configuration it continues with.
+
+What else watches a run's progress, for the caller of the pipeline (a sweep trial's pruner): ``run_pipeline`` is
+the same for every run, so a caller that needs every held-out measurement (an Optuna trial reporting to its
+pruner) sets ``watching(observer)`` around it; the training task calls the observer from its ``on_step`` hook,
+after the step is in the MLflow curves. An observer stops the run by raising ``TrialPruned``: the training task
+flushes the curves and the exception reaches the caller.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Optional
 from uuid import UUID
 
 import torch
@@ -15,28 +25,46 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled, State
+from pydantic import BaseModel
 
-from deeprnn.config import RunConfig, TrainConfig
+from deeprnn.config import RunConfig, TrainConfig, overrides_dict
 from deeprnn.data.batching import Splits
 from deeprnn.data.vocab import Vocab
+from deeprnn.ops import failures as ops_failures
 from deeprnn.pipeline import TrainingHooks, TrainingOutcome, start_training
-from deeprnn.tasks import step_watch
 from deeprnn.tracking import metrics, run_checkpoints, runs, store
-from deeprnn.training import stop_signals
+from deeprnn.tracking.run_checkpoints import CHECKPOINT_ARTIFACT
+from deeprnn.training import checkpoint, resume, stop_signals
 from deeprnn.training.progress import EpochStats, StepStats, progress_line
 from deeprnn.training.resume import LAST
+
+StepObserver = Callable[[StepStats], None]
+
+# A context variable: a Dask worker runs several trials in threads, each with its own observer.
+_observer: ContextVar[StepObserver | None] = ContextVar("deeprnn_step_observer", default=None)
+
+
+class TrialPruned(Exception):
+    """A sweep's pruner stopped this trial at ``step``: its held-out perplexity fell behind other trials'."""
+
+    def __init__(self, step: int, value: float, reason: str) -> None:
+        super().__init__(f"pruned at step {step:,} (held-out perplexity {value:.3f}): {reason}")
+        self.step, self.value, self.reason = step, value, reason
+
+
+@contextlib.contextmanager
+def watching(observer: StepObserver) -> Iterator[None]:
+    """Call ``observer`` with every progress report of the training run(s) started inside this block."""
+    token = _observer.set(observer)
+    try:
+        yield
+    finally:
+        _observer.reset(token)
+
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]  # what get_run_logger returns
 
 _LOG_SECONDS = 30.0  # inside a long epoch, a progress line (and progress update) at most this often
-
-
-def _worth_a_line(s: StepStats, cfg: TrainConfig, seconds_since_last: float) -> bool:
-    """Log every ``log_every`` epochs, the last epoch, every held-out measurement, and at most every
-    ``_LOG_SECONDS`` inside a long epoch."""
-    if s.epoch_end and (s.epoch % cfg.log_every == 0 or s.epoch == cfg.epochs or s.step == s.total_steps):
-        return True
-    return s.heldout_perplexity is not None or seconds_since_last >= _LOG_SECONDS
 
 
 def _hooks(
@@ -55,11 +83,17 @@ def _hooks(
     def on_step(stats: StepStats) -> None:
         if uses_steps:
             curves.add_step(stats)
-        if _worth_a_line(stats, cfg, time.perf_counter() - last_line[0]):
+        # A line every ``log_every`` epochs, at the last epoch, at every held-out measurement, and at most every
+        # ``_LOG_SECONDS`` inside a long epoch.
+        ends = stats.epoch % cfg.log_every == 0 or stats.epoch == cfg.epochs or stats.step == stats.total_steps
+        due = stats.heldout_perplexity is not None or time.perf_counter() - last_line[0] >= _LOG_SECONDS
+        if (stats.epoch_end and ends) or due:
             logger.info(progress_line(stats))
             update_progress_artifact(progress, 100.0 * min(stats.step / max(stats.total_steps, 1), 1.0))
             last_line[0] = time.perf_counter()
-        step_watch.notify(stats)  # a sweep's pruner, after the step is in the curves it keeps
+        observer = _observer.get()
+        if observer is not None:  # a sweep's pruner, after the step is in the curves it keeps; may raise TrialPruned
+            observer(stats)
 
     return TrainingHooks(
         on_epoch=on_epoch,
@@ -79,16 +113,6 @@ STOP_REASONS = {
     "time_budget": "the time budget is spent",
     "early_stopping": "early stopping",
 }
-
-
-def _record_stop(run_id: str, outcome: TrainingOutcome, logger: Logger) -> None:
-    """Why training ended, in the log and as MLflow tags (``deeprnn.stop_reason``, ``deeprnn.stop_detail``)."""
-    if not outcome.stop_reason:
-        return
-    detail = outcome.stop_detail or STOP_REASONS.get(outcome.stop_reason, outcome.stop_reason)
-    logger.info("training ended at step %s: %s", f"{outcome.steps_done:,}", detail)
-    tags = {"deeprnn.stop_reason": outcome.stop_reason, "deeprnn.stop_detail": detail}
-    runs.set_tags(run_id, {**tags, "deeprnn.stopped_at_step": outcome.steps_done})
 
 
 @task(
@@ -151,10 +175,78 @@ def _train(
         raise
     curves.flush()
     update_progress_artifact(progress, 100.0)  # done: the budget or the epochs are spent
-    _record_stop(run_id, trained, logger)
+    if trained.stop_reason:  # why training ended, in the log and as MLflow tags
+        detail = trained.stop_detail or STOP_REASONS.get(trained.stop_reason, trained.stop_reason)
+        logger.info("training ended at step %s: %s", f"{trained.steps_done:,}", detail)
+        tags = {"deeprnn.stop_reason": trained.stop_reason, "deeprnn.stop_detail": detail}
+        runs.set_tags(run_id, {**tags, "deeprnn.stopped_at_step": trained.steps_done})
     logger.info(
         f"trained in {time.perf_counter() - started:.1f} s ({trained.step_mode} steps, {trained.precision}): "
         f"{trained.epochs_done} epochs, {trained.steps_done:,} steps, "
         f"final train ppl {trained.final_train_perplexity:.3f}, {trained.tokens_per_sec:,.0f} tokens/s"
     )
     return trained
+
+
+@task(name="prepare-resume", cache_policy=NO_CACHE)
+def prepare_resume(
+    run_id: str,
+    runs_dir: str,
+    experiment: Optional[str],
+    data: BaseModel | dict[str, Any] | None = None,
+    model: BaseModel | dict[str, Any] | None = None,
+    train: BaseModel | dict[str, Any] | None = None,
+    sample: BaseModel | dict[str, Any] | None = None,
+) -> tuple[RunConfig, str]:
+    """Put the run's last checkpoint in its run folder (from MLflow if the local copy is gone) and return the
+    configuration stored in it, with the allowed overrides applied, and the run's experiment.
+
+    Refuses, before anything is changed: an id that is not a run here, an experiment other than the run's,
+    overrides that contradict the checkpoint, and a FINISHED run that would have nothing left to train (its
+    epochs, or the step or time budget it stopped on, not raised).
+    """
+    logger = get_run_logger()
+    resume.check_run_id(run_id)
+    store.check_reachable()
+    run = runs.find_run(run_id)
+    if experiment and experiment != run.experiment:
+        raise resume.ResumeError(f"run {run_id} belongs to experiment {run.experiment!r}, not {experiment!r}")
+    saved = _load_checkpoint(run_id, resume.run_folder(runs_dir, run_id) / resume.LAST, run.tags, logger)
+    state = saved.get("trainer_state") or {}
+    steps, seconds = int(state.get("step") or 0), float(state.get("train_seconds") or 0.0)
+    overrides = overrides_dict(data, model, train, sample)
+    config = resume.resume_config(saved["config"], overrides, saved["epoch"], steps, seconds)
+    if run.status == "FINISHED":
+        stored = RunConfig.model_validate(saved["config"]).train
+        done = resume.Finished(run.tags.get("deeprnn.stop_reason", ""), saved["epoch"], steps, stored.time_budget)
+        left = config.train
+        refusal = resume.nothing_left(run_id, done, left.epochs, left.max_steps, left.time_budget)
+        if refusal:
+            raise resume.ResumeError(refusal)
+    logger.info("checkpoint at epoch %d; continuing to epoch %d", saved["epoch"], config.train.epochs)
+    return config, run.experiment
+
+
+def _load_checkpoint(run_id: str, last: Path, tags: dict[str, str], logger: Logger) -> dict[str, Any]:
+    """The run's last checkpoint: the local file when it matches its digest, else the MLflow copy (which then
+    replaces it). A run with neither is refused in one line (``ResumeError``) that says, from the run's
+    ``tags``, whether it never logged one or its files are gone."""
+    damaged: ValueError | None = None
+    if last.is_file():
+        try:
+            saved = checkpoint.load(last)  # digest checked; weights only: a tampered file runs no code
+        except ValueError as exc:
+            damaged = exc
+            logger.warning("%s; taking the MLflow copy (%s) instead", exc, CHECKPOINT_ARTIFACT)
+        else:
+            logger.info("resuming MLflow run %s from %s", run_id, last)
+            return saved
+    else:
+        logger.info("no local checkpoint at %s: fetching %s from the MLflow run", last, CHECKPOINT_ARTIFACT)
+    try:
+        return run_checkpoints.fetch_checkpoint(run_id, last)
+    except FileNotFoundError:
+        if damaged is not None:  # its own kind (a refused pickle stays one), saying that MLflow has no copy
+            kind = type(damaged) if ops_failures.is_expected(damaged) else resume.ResumeError
+            raise kind(f"{damaged}, and MLflow run {run_id} has no copy of it") from None
+        raise resume.ResumeError(resume.no_checkpoint(run_id, tags, last)) from None

@@ -1,6 +1,6 @@
-"""The data stages through ``task.fn()`` (no server, no flow): deeprnn.tasks.download_task on a real local HTTP server,
-deeprnn.tasks.prepare_task (the token cache built once, then found) and deeprnn.tasks.splits_task (the split
-sizes of the presets)."""
+"""The data stages of deeprnn.tasks.pipeline_tasks through ``task.fn()`` (no server, no flow): download-corpus
+on a real local HTTP server, prepare-tokens (the token cache built once, then found) and prepare-splits (the
+split sizes of the presets)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,7 @@ from deeprnn.data.batching import CorpusTooShortError
 from deeprnn.data.download import DownloadError, TransientDownloadError
 from deeprnn.data.prepare import PrepareError
 from deeprnn.data.vocab import Vocab
-from deeprnn.tasks.download_task import download_corpus
-from deeprnn.tasks.prepare_task import prepare_tokens
-from deeprnn.tasks.splits_task import prepare_splits
+from deeprnn.tasks.pipeline_tasks import download_corpus, prepare_splits, prepare_tokens
 
 
 def _files(folder: Path) -> list[str]:

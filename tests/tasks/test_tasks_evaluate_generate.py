@@ -1,6 +1,5 @@
-"""deeprnn.tasks.evaluate_tasks (evaluate-model) and deeprnn.tasks.generate_task (generate-samples) through
-``task.fn()`` (no server, no flow), on a tiny model trained for a few seconds on the corpus and saved as
-the flow saves it."""
+"""deeprnn.tasks.evaluate_tasks (evaluate-model and generate-samples) through ``task.fn()`` (no server, no
+flow), on a tiny model trained for a few seconds on the corpus and saved as the flow saves it."""
 
 from __future__ import annotations
 
@@ -18,8 +17,7 @@ from deeprnn.data.vocab import Vocab
 from deeprnn.generate import generate
 from deeprnn.model import RNNLM
 from deeprnn.pipeline import build_trainer, evaluate_splits, load_data
-from deeprnn.tasks.evaluate_tasks import evaluate_model
-from deeprnn.tasks.generate_task import generate_samples
+from deeprnn.tasks.evaluate_tasks import evaluate_model, generate_samples
 from deeprnn.training import checkpoint
 
 

@@ -46,10 +46,10 @@ def test_start_tracking_names_the_run_and_puts_an_own_text_in_its_experiment(
     corpus = fetch_corpus(str(text))
     client = MlflowClient()
 
-    run_id, _ = start_tracking.fn(config, "deeprnn-train", str(tmp_path / "runs"), corpus=corpus)
+    run_id, _, experiment = start_tracking.fn(config, corpus, "deeprnn-train", str(tmp_path / "runs"))
     run = client.get_run(run_id)
     assert run.info.run_name == f"smoke\u00b7faust-{corpus.sha1[:8]}\u00b7lstm2x64"
-    assert client.get_experiment(run.info.experiment_id).name == f"deeprnn-faust-{corpus.sha1[:8]}"
+    assert client.get_experiment(run.info.experiment_id).name == experiment == f"deeprnn-faust-{corpus.sha1[:8]}"
 
-    named, _ = start_tracking.fn(config, "my-texts", str(tmp_path / "runs"), corpus=corpus)  # --experiment
+    named, _, _ = start_tracking.fn(config, corpus, "my-texts", str(tmp_path / "runs"))  # --experiment
     assert client.get_experiment(client.get_run(named).info.experiment_id).name == "my-texts"

@@ -1,6 +1,5 @@
-"""deeprnn.tasks.resume_task's ``prepare_resume`` through ``task.fn()`` (no Prefect server, no flow), against a real
-MLflow
-sqlite store in a temporary folder: where the checkpoint comes from, what configuration the run continues
+"""deeprnn.tasks.train_task's ``prepare_resume`` through ``task.fn()`` (no Prefect server, no flow), against a real
+MLflow sqlite store in a temporary folder: where the checkpoint comes from, what configuration the run continues
 with, and every refusal before anything is changed."""
 
 from __future__ import annotations
@@ -16,7 +15,8 @@ from mlflow.tracking import MlflowClient
 from deeprnn.config import RunConfig, preset_config
 from deeprnn.data.vocab import Vocab
 from deeprnn.model import RNNLM
-from deeprnn.tasks.resume_task import CHECKPOINT_ARTIFACT, prepare_resume
+from deeprnn.tasks.train_task import prepare_resume
+from deeprnn.tracking.run_checkpoints import CHECKPOINT_ARTIFACT
 from deeprnn.training import checkpoint
 from deeprnn.training.resume import ResumeError
 
