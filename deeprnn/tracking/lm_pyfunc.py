@@ -98,15 +98,6 @@ def _ms(seconds: float) -> str:
 M_ARENA_MAX = -8  # mallopt(3): how many memory pools the C allocator may make
 
 
-def few_memory_pools() -> None:
-    """Let the C allocator keep two memory pools instead of one per thread (eight per core): the server runs
-    each request in a thread of a pool, and memory freed in one thread's pool is never handed back while
-    another thread's pool holds the pages around it."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 2)
-
-
 def release_memory() -> None:
     """Hand the memory a request used back to the system: the C allocator keeps freed memory for reuse, so a
     burst of large requests would leave the server at its peak for good."""
@@ -139,48 +130,14 @@ def _say_speed(speed: GenerationSpeed, device: str, took: float, share: float, a
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+    (greedy_1, greedy_n), (sampled_1, sampled_n), (warm_1, warm_n) = (
+        map(_ms, pair) for pair in (speed.greedy, speed.sampled, speed.warm)
+    )
     log.info(
-        "generation speed on %s, measured %sin %s s: a token %s at 1 row, %s at %d rows (sampling: %s, %s); "
-        "a prefix's warm-up %s a token at 1 row, %s at %d rows; a request may take about %s s of "
-        "generation, within %s",
-        device,
-        "again (the faster figures kept) " if again else "",
-        _secs(took),
-        _ms(speed.greedy[0]),
-        _ms(speed.greedy[1]),
-        speed.rows,
-        _ms(speed.sampled[0]),
-        _ms(speed.sampled[1]),
-        _ms(speed.warm[0]),
-        _ms(speed.warm[1]),
-        speed.rows,
-        _secs(share * request_seconds()),
-        _limit_text(),
-    )
-
-
-def check_time(
-    speed: GenerationSpeed, share: float, prefixes: list[str], num_chars: int, token: Token, sampled: bool
-) -> None:
-    """``GenerationRequestError`` when the request's estimated time (``speed``: this model on this machine) is
-    above ``share`` of its time limit, naming both and the most the request's prefixes may ask for."""
-    from deeprnn.generate import GenerationRequestError, split_prefix
-
-    lengths = [len(split_prefix(p, token)) for p in prefixes]
-    asked, fits = speed.seconds(lengths, num_chars, sampled), share * request_seconds()
-    if asked <= fits:
-        return
-    unit = "character" if token == "char" else "word"
-    most = speed.tokens_within(lengths, fits, sampled)
-    todo = (
-        f"{len(prefixes):,} prefixes: at most about {most:,} {unit}s each"
-        if most
-        else "their warm-up alone takes longer: fewer or shorter prefixes"
-    )
-    raise GenerationRequestError(
-        f"this request asks for about {_secs(asked)} s of generation ({len(prefixes):,} prefixes x {num_chars:,} "
-        f"{unit}s{', sampled' if sampled else ''}); at the speed this server measured, it does about "
-        f"{_secs(fits)} s a request within {_limit_text()}: send fewer prefixes or {unit}s per request ({todo})"
+        f"generation speed on {device}, measured {'again (the faster figures kept) ' if again else ''}in "
+        f"{_secs(took)} s: a token {greedy_1} at 1 row, {greedy_n} at {speed.rows} rows (sampling: {sampled_1}, "
+        f"{sampled_n}); a prefix's warm-up {warm_1} a token at 1 row, {warm_n} at {speed.rows} rows; a request may "
+        f"take about {_secs(share * request_seconds())} s of generation, within {_limit_text()}"
     )
 
 
@@ -194,7 +151,12 @@ class DeepRNNLanguageModel(PythonModel):
         from deeprnn.device import resolve_device
         from deeprnn.training import checkpoint
 
-        few_memory_pools()
+        # Two memory pools for the C allocator instead of one per thread (eight per core): the server runs each
+        # request in a thread of a pool, and memory freed in one thread's pool is never handed back while
+        # another thread's pool holds the pages around it.
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 2)
         device = resolve_device(os.environ.get("DEEPRNN_DEVICE", "auto"))
         data = checkpoint.load(context.artifacts["checkpoint"])
         self.model, self.vocab, self.config = checkpoint.restore_model(data, device)
@@ -220,18 +182,33 @@ class DeepRNNLanguageModel(PythonModel):
             self._measuring.release()
 
     def _check_time(self, prefixes: list[str], num_chars: int, token: Token, sampled: bool) -> None:
-        """``check_time`` with the figures in use; a refusal on figures older than ``MEASURE_AGAIN_AFTER``
-        starts a new measurement in the background, for the requests that follow."""
-        from deeprnn.generate import GenerationRequestError
+        """``GenerationRequestError`` when the request's estimated time (by the speed measured here) is above
+        ``share`` of its time limit, naming both and the most the request's prefixes may ask for. A refusal on
+        figures older than ``MEASURE_AGAIN_AFTER`` starts a new measurement in the background, for the
+        requests that follow."""
+        from deeprnn.generate import GenerationRequestError, split_prefix
 
         if self.speed is None or self.share is None:
             return  # DEEPRNN_REQUEST_FIT=off
-        try:
-            check_time(self.speed, self.share, prefixes, num_chars, token, sampled)
-        except GenerationRequestError:
-            if time.monotonic() - self.measured_at > MEASURE_AGAIN_AFTER:
-                threading.Thread(target=self._measure, name="deeprnn-measure-speed", daemon=True).start()
-            raise
+        lengths = [len(split_prefix(p, token)) for p in prefixes]
+        asked, fits = self.speed.seconds(lengths, num_chars, sampled), self.share * request_seconds()
+        if asked <= fits:
+            return
+        if time.monotonic() - self.measured_at > MEASURE_AGAIN_AFTER:
+            threading.Thread(target=self._measure, name="deeprnn-measure-speed", daemon=True).start()
+        unit = "character" if token == "char" else "word"
+        most = self.speed.tokens_within(lengths, fits, sampled)
+        todo = (
+            f"{len(prefixes):,} prefixes: at most about {most:,} {unit}s each"
+            if most
+            else "their warm-up alone takes longer: fewer or shorter prefixes"
+        )
+        raise GenerationRequestError(
+            f"this request asks for about {_secs(asked)} s of generation ({len(prefixes):,} prefixes x "
+            f"{num_chars:,} {unit}s{', sampled' if sampled else ''}); at the speed this server measured, it does "
+            f"about {_secs(fits)} s a request within {_limit_text()}: send fewer prefixes or {unit}s per request "
+            f"({todo})"
+        )
 
     # A DataFrame hint is one MLflow infers no schema from (the signature is given explicitly when the model is
     # logged), and with it MLflow does not warn that predict() has no type hints. Served and loaded models

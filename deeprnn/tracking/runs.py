@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit
@@ -82,12 +82,15 @@ def create_run(
     if parent_run_id:
         tags = {**tags, "mlflow.parentRunId": parent_run_id}  # what the MLflow UI nests runs by
     exp_id = experiment_id(experiment)
-    earlier = run_opened_by(exp_id, opened_by) if opened_by else None
-    if earlier is not None:
-        set_tags(earlier, tags)
-        run_id = earlier
+    earlier = []
+    if opened_by:
+        query = f"tags.`{OPENED_BY_TAG}` = '{check_prefect_id(opened_by, 'task run')}'"
+        earlier = client.search_runs([exp_id], query, max_results=1)
+        tags = {**tags, OPENED_BY_TAG: opened_by}
+    if earlier:
+        run_id = earlier[0].info.run_id
+        set_tags(run_id, tags)
     else:
-        tags = {**tags, OPENED_BY_TAG: opened_by} if opened_by else tags
         run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
     log_params(run_id, params)
     return run_id
@@ -101,19 +104,9 @@ def check_prefect_id(value: str, kind: str) -> str:
     return value
 
 
-def run_opened_by(experiment_id: str, opened_by: str) -> str | None:
-    """The run that Prefect task run ``opened_by`` created in this experiment, if any."""
-    check_prefect_id(opened_by, "task run")
-    found = MlflowClient().search_runs([experiment_id], f"tags.`{OPENED_BY_TAG}` = '{opened_by}'", max_results=1)
-    return found[0].info.run_id if found else None
-
-
 def log_params(run_id: str, params: dict[str, Any]) -> None:
-    """Log params (lists and dicts as JSON, None as empty), 100 per call as MLflow allows."""
-    client = MlflowClient()
-    items = [Param(k, _param_value(v)) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i : i + 100])
+    """Log params (lists and dicts as JSON, None as empty); MLflow's client sends them 100 per request."""
+    MlflowClient().log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
 
 
 FAILURE_REASON_TAG = "deeprnn.failure_reason"  # why a run that could not end itself was marked FAILED
@@ -201,18 +194,8 @@ def run_status(run_id: str, checkpoint: Path | None = None) -> Iterator[None]:
     MlflowClient().set_terminated(run_id, "FINISHED")
 
 
-@dataclass
-class RunHandle:
-    """What resuming needs to know about an existing run."""
-
-    run_id: str
-    status: str
-    experiment: str
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-def find_run(run_id: str) -> RunHandle:
-    """The run's status and experiment name; ``LookupError`` naming the run and the store when it is absent."""
+def find_run(run_id: str) -> RunRecord:
+    """The run with its experiment's name; ``LookupError`` naming the run and the store when it is absent."""
     client = MlflowClient()
     try:
         run = client.get_run(run_id)
@@ -222,7 +205,7 @@ def find_run(run_id: str) -> RunHandle:
         ) from None
     if run.info.lifecycle_stage != "active":
         raise LookupError(f"MLflow run {run_id} was deleted; restore it in MLflow first")
-    return RunHandle(run_id, run.info.status, client.get_experiment(run.info.experiment_id).name, run.data.tags)
+    return replace(_record(run), experiment=client.get_experiment(run.info.experiment_id).name)
 
 
 def reopen_run(run_id: str, tags: dict[str, str]) -> None:
@@ -340,6 +323,7 @@ class RunRecord:
     tags: dict[str, str]
     start_time: int | None = None
     end_time: int | None = None
+    experiment: str = ""  # its name, when read by find_run
 
 
 def _record(run: Any) -> RunRecord:
