@@ -54,12 +54,14 @@ MEASURE_AGAIN_AFTER = 10.0
 log = logging.getLogger("deeprnn.serving")
 
 
-def request_seconds() -> float:
-    """How long one request may generate: ``DEEPRNN_REQUEST_SECONDS``, else ``REQUEST_SHARE`` of the server's
-    request timeout."""
+def request_limit() -> tuple[float, str]:
+    """How long one request may generate, and that limit in words for a message: ``DEEPRNN_REQUEST_SECONDS``,
+    else ``REQUEST_SHARE`` of the server's request timeout."""
     if os.environ.get("DEEPRNN_REQUEST_SECONDS"):
-        return float(os.environ["DEEPRNN_REQUEST_SECONDS"])
-    return REQUEST_SHARE * _server_timeout()
+        seconds = float(os.environ["DEEPRNN_REQUEST_SECONDS"])
+        return seconds, f"its {_secs(seconds)} s limit per request (DEEPRNN_REQUEST_SECONDS)"
+    timeout = float(os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT") or SERVER_TIMEOUT_SECONDS)
+    return REQUEST_SHARE * timeout, f"its {_secs(timeout)} s timeout"
 
 
 def fit_share() -> float | None:
@@ -74,17 +76,6 @@ def fit_share() -> float | None:
         if 0 < (share := float(raw)) <= 1:
             return share
     raise ValueError(f"DEEPRNN_REQUEST_FIT={raw!r}: a share of the time limit above 0 and at most 1, or off")
-
-
-def _server_timeout() -> float:
-    return float(os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT") or SERVER_TIMEOUT_SECONDS)
-
-
-def _limit_text() -> str:
-    """The request's time limit, in words, for a message."""
-    if os.environ.get("DEEPRNN_REQUEST_SECONDS"):
-        return f"its {_secs(request_seconds())} s limit per request (DEEPRNN_REQUEST_SECONDS)"
-    return f"its {_secs(_server_timeout())} s timeout"
 
 
 def _secs(seconds: float) -> str:
@@ -133,11 +124,12 @@ def _say_speed(speed: GenerationSpeed, device: str, took: float, share: float, a
     (greedy_1, greedy_n), (sampled_1, sampled_n), (warm_1, warm_n) = (
         map(_ms, pair) for pair in (speed.greedy, speed.sampled, speed.warm)
     )
+    limit, limit_text = request_limit()
     log.info(
         f"generation speed on {device}, measured {'again (the faster figures kept) ' if again else ''}in "
         f"{_secs(took)} s: a token {greedy_1} at 1 row, {greedy_n} at {speed.rows} rows (sampling: {sampled_1}, "
         f"{sampled_n}); a prefix's warm-up {warm_1} a token at 1 row, {warm_n} at {speed.rows} rows; a request may "
-        f"take about {_secs(share * request_seconds())} s of generation, within {_limit_text()}"
+        f"take about {_secs(share * limit)} s of generation, within {limit_text}"
     )
 
 
@@ -191,7 +183,8 @@ class DeepRNNLanguageModel(PythonModel):
         if self.speed is None or self.share is None:
             return  # DEEPRNN_REQUEST_FIT=off
         lengths = [len(split_prefix(p, token)) for p in prefixes]
-        asked, fits = self.speed.seconds(lengths, num_chars, sampled), self.share * request_seconds()
+        limit, limit_text = request_limit()
+        asked, fits = self.speed.seconds(lengths, num_chars, sampled), self.share * limit
         if asked <= fits:
             return
         if time.monotonic() - self.measured_at > MEASURE_AGAIN_AFTER:
@@ -206,7 +199,7 @@ class DeepRNNLanguageModel(PythonModel):
         raise GenerationRequestError(
             f"this request asks for about {_secs(asked)} s of generation ({len(prefixes):,} prefixes x "
             f"{num_chars:,} {unit}s{', sampled' if sampled else ''}); at the speed this server measured, it does "
-            f"about {_secs(fits)} s a request within {_limit_text()}: send fewer prefixes or {unit}s per request "
+            f"about {_secs(fits)} s a request within {limit_text}: send fewer prefixes or {unit}s per request "
             f"({todo})"
         )
 
@@ -215,39 +208,26 @@ class DeepRNNLanguageModel(PythonModel):
     # receive a DataFrame; a list or a string works when called directly.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         """Generate one continuation per row of the ``prefix`` column (or per string of a list), as one batch."""
-        from deeprnn.generate import (
-            GenerationRequestError,
-            GenerationTimeoutError,
-            check_params,
-            check_prefixes,
-            check_work,
-            generate_batch,
-        )
+        from deeprnn import generate
 
         token, rule = self.config.data.token, self.config.data.normalize
         # No prefix in the request: the prefixes the model was trained with (its run's samples).
         given = _prefixes(model_input) or list(self.config.sample.prefixes)
         try:  # everything is checked before the first forward step
-            settings = check_params(params)
-            prefixes = check_prefixes(given, self.vocab, token, normalize=rule)  # as the corpus's rule writes them
-            work = check_work(prefixes, settings["num_chars"], token)
-            self._check_time(prefixes, settings["num_chars"], token, settings["temperature"] is not None)
-        except GenerationRequestError as exc:
+            settings = generate.check_params(params)  # num_chars, and temperature, top_k and seed as generated
+            num_chars = settings.pop("num_chars")
+            prefixes = generate.check_prefixes(given, self.vocab, token, normalize=rule)  # as the corpus's rule has it
+            work = generate.check_work(prefixes, num_chars, token)
+            self._check_time(prefixes, num_chars, token, settings["temperature"] is not None)
+        except generate.GenerationRequestError as exc:
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
-        limit = request_seconds()
+        limit = request_limit()[0]
         try:
-            return generate_batch(
-                self.model,
-                self.vocab,
-                prefixes,
-                settings["num_chars"],
-                token=token,
-                temperature=settings["temperature"],
-                top_k=settings["top_k"],
-                seed=settings["seed"],
-                deadline=time.monotonic() + limit,
+            deadline = time.monotonic() + limit
+            return generate.generate_batch(
+                self.model, self.vocab, prefixes, num_chars, token=token, deadline=deadline, **settings
             )
-        except GenerationTimeoutError:
+        except generate.GenerationTimeoutError:
             raise MlflowException(
                 f"generation stopped after {limit:.0f} s, this server's limit per request: send fewer or shorter "
                 "prefixes, or a smaller num_chars",

@@ -129,24 +129,21 @@ def uninterrupted() -> Iterator[None]:
     command's stop handler (``deeprnn.training.stop_signals``) both signals are held back in the main thread;
     otherwise only while Python's default Ctrl-C handler is installed; elsewhere a plain block.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    if stop_signals.installed():
+    main = threading.current_thread() is threading.main_thread()
+    if main and stop_signals.installed():
         with stop_signals.held():
             yield
-        return
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    elif main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        received: list[int] = []
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if received:
+                raise KeyboardInterrupt
+    else:
         yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            raise KeyboardInterrupt
 
 
 def release_unwound_frames(exc: BaseException) -> None:
@@ -175,9 +172,10 @@ def run_status(run_id: str, checkpoint: Path | None = None) -> Iterator[None]:
     """
     try:
         yield
-    except KeyboardInterrupt as exc:
+    except BaseException as exc:
         release_unwound_frames(exc)
-        if checkpoint is not None:  # a training run: say whether and how it continues
+        stopped = isinstance(exc, KeyboardInterrupt)
+        if stopped and checkpoint is not None:  # a training run: say whether and how it continues
             kept = run_checkpoints.kept_checkpoint(run_id, checkpoint)
             note = f"continue with: deeprnn run --resume {run_id}"
             if kept is None:
@@ -185,11 +183,7 @@ def run_status(run_id: str, checkpoint: Path | None = None) -> Iterator[None]:
             set_tags(run_id, {STOP_TAG: note})
             if isinstance(exc, stop_signals.StopRequested):
                 exc.run_id, exc.checkpoint = run_id, kept
-        MlflowClient().set_terminated(run_id, "KILLED")
-        raise
-    except BaseException as exc:
-        release_unwound_frames(exc)
-        MlflowClient().set_terminated(run_id, "FAILED")
+        MlflowClient().set_terminated(run_id, "KILLED" if stopped else "FAILED")
         raise
     MlflowClient().set_terminated(run_id, "FINISHED")
 
@@ -238,10 +232,8 @@ def _log_input_once(run_id: str, dataset: DatasetInput, attempts: int = 3) -> No
             time.sleep(0.2 * attempt)
 
 
-def log_dataset(run_id: str, corpus: CorpusFile, vocab: Vocab, num_tokens: int | None = None) -> None:
+def log_dataset(run_id: str, corpus: CorpusFile, vocab: Vocab, num_tokens: int) -> None:
     """Record the corpus's identity (URL, sha1, size, token count) as an MLflow dataset input and as tags."""
-    if num_tokens is None:
-        num_tokens = sum(freq for _, freq in vocab.token_freqs)
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import HTTPDatasetSource, LocalArtifactDatasetSource
 
@@ -253,16 +245,9 @@ def log_dataset(run_id: str, corpus: CorpusFile, vocab: Vocab, num_tokens: int |
     dataset = MetaDataset(source=ds_source, name=Path(urlsplit(source).path).name or "corpus", digest=corpus.sha1[:10])
     training = [InputTag("mlflow.data.context", "training")]
     _log_input_once(run_id, DatasetInput(dataset._to_mlflow_entity(), tags=training))
-    set_tags(
-        run_id,
-        {
-            "dataset.url": source,
-            "dataset.sha1": corpus.sha1,
-            "dataset.bytes": corpus.num_bytes,
-            "dataset.num_tokens": num_tokens,
-            "dataset.vocab_size": len(vocab),
-        },
-    )
+    facts: dict[str, Any] = {"url": source, "sha1": corpus.sha1, "bytes": corpus.num_bytes}
+    facts.update(num_tokens=num_tokens, vocab_size=len(vocab))
+    set_tags(run_id, {f"dataset.{key}": value for key, value in facts.items()})
 
 
 def log_texts(run_id: str, texts: dict[str, str], files: Sequence[Path] = ()) -> None:

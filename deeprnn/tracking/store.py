@@ -103,8 +103,6 @@ def check_reachable(timeout: float = 5.0) -> str:
                 f"MLflow tracking server {redact_url(uri)} is unreachable ({type(exc).__name__}). Start it "
                 "(see README: mlflow server) or set MLFLOW_TRACKING_URI to a reachable store"
             ) from None
-    elif uri.startswith("sqlite:///"):  # in memory, or a file in the working directory: its folder is "."
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     _ensure_store()
     return redact_url(uri)
 
@@ -116,7 +114,7 @@ def _basic_auth() -> tuple[str, str] | None:
 
 
 def _ensure_store() -> None:
-    """Create the tracking store once, under a file lock for local sqlite stores.
+    """Create the tracking store once, with its folder and under a file lock for local sqlite stores.
 
     MLflow creates the sqlite schema (and runs its migrations) on first use; several processes doing that
     at once on a fresh file corrupt it or fail. Serialize the first touch across processes.
@@ -127,7 +125,8 @@ def _ensure_store() -> None:
         return
     from filelock import FileLock  # a Prefect and MLflow dependency already
 
-    db = Path(uri.removeprefix("sqlite:///"))
+    db = Path(uri.removeprefix("sqlite:///"))  # in memory, or a file in the working directory: its folder is "."
+    db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(db) + ".lock", timeout=300):
         try:
             MlflowClient().search_experiments(max_results=1)
