@@ -174,14 +174,11 @@ def link_model_metrics(run_id: str, model_id: str, keys: list[str]) -> dict[str,
     run = client.get_run(run_id)
     inputs = run.inputs.dataset_inputs if run.inputs else []
     name, digest = (inputs[0].dataset.name, inputs[0].dataset.digest) if inputs else (None, None)
-    items = []
-    for key in keys:
-        history = client.get_metric_history(run_id, key)
-        if history:
-            last = max(history, key=lambda m: (m.step, m.timestamp))
-            items.append(
-                Metric(key, last.value, last.timestamp, last.step, model_id, dataset_name=name, dataset_digest=digest)
-            )
+    histories = [client.get_metric_history(run_id, key) for key in keys]
+    lasts = [max(history, key=lambda m: (m.step, m.timestamp)) for history in histories if history]
+    items = [
+        Metric(m.key, m.value, m.timestamp, m.step, model_id, dataset_name=name, dataset_digest=digest) for m in lasts
+    ]
     known = {(m.key, m.step, m.timestamp) for m in client.get_logged_model(model_id).metrics or []}
     fresh = [m for m in items if (m.key, m.step, m.timestamp) not in known]
     if fresh:
@@ -314,7 +311,7 @@ class ModelFacts:
 
 
 def describe_version(
-    name: str, version: str, model_id: str | None, facts: ModelFacts, sample: str | None, tagged: bool = False
+    name: str, version: str, model_id: str, facts: ModelFacts, sample: str | None, tagged: bool = False
 ) -> None:
     """Say on the registered version (description and tags) and on its logged model (tags) what it is:
     its ``facts`` and one generated ``sample``. ``tagged``: the version already carries ``facts.tags()``
@@ -331,5 +328,4 @@ def describe_version(
     client.update_model_version(name, version, description="\n".join(lines))
     for key, value in tags.items() if not tagged else []:
         client.set_model_version_tag(name, version, key, value)
-    if model_id:
-        client.set_logged_model_tags(model_id, tags)
+    client.set_logged_model_tags(model_id, tags)

@@ -37,12 +37,6 @@ from deeprnn.tracking.store import experiment_id, tracking_uri
 from deeprnn.training import stop_signals
 
 
-def _param_value(value: Any) -> str:
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, ensure_ascii=False)
-    return "" if value is None else str(value)
-
-
 def start_run(
     config: RunConfig,
     experiment: str,
@@ -106,7 +100,8 @@ def check_prefect_id(value: str, kind: str) -> str:
 
 def log_params(run_id: str, params: dict[str, Any]) -> None:
     """Log params (lists and dicts as JSON, None as empty); MLflow's client sends them 100 per request."""
-    MlflowClient().log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
+    values = {k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for k, v in params.items()}
+    MlflowClient().log_batch(run_id, params=[Param(k, "" if v is None else str(v)) for k, v in values.items()])
 
 
 FAILURE_REASON_TAG = "deeprnn.failure_reason"  # why a run that could not end itself was marked FAILED
