@@ -34,12 +34,11 @@ def check_source(url: str | None) -> None:
     """Exit 1 when ``--data-url`` is a local file or folder that is missing or unreadable (or an unknown scheme)."""
     if url is None:
         return
-    from deeprnn.data.download import DownloadError
-    from deeprnn.data.download import check_source as check
+    from deeprnn.data import download
 
     try:
-        check(url)
-    except DownloadError as exc:
+        download.check_source(url)
+    except download.DownloadError as exc:
         fail(str(exc), 1)
 
 
