@@ -14,7 +14,7 @@ import os
 import re
 import sqlite3
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -26,18 +26,19 @@ CHECKPOINT_ARTIFACT = "checkpoints/last.pt"  # a run's resumable checkpoint, as 
 # The store MLflow uses when MLFLOW_TRACKING_URI is not set.
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 REMOTE_TIMEOUT = 3.0  # seconds a tracking server gets to answer the run lookup; after that the flow decides
+TABLES = ("tags", "params")  # a run's key-value pairs, in every store
+FILE_STORE_STATUS = {1: "RUNNING", 3: "FINISHED", 4: "FAILED", 5: "KILLED"}  # the file store's RunStatus numbers
 
 
 def check_source(url: str | None) -> None:
     """Exit 1 when ``--data-url`` is a local file or folder that is missing or unreadable (or an unknown scheme)."""
     if url is None:
         return
-    from deeprnn.data.download import DownloadError
-    from deeprnn.data.download import check_source as check
+    from deeprnn.data import download
 
     try:
-        check(url)
-    except DownloadError as exc:
+        download.check_source(url)
+    except download.DownloadError as exc:
         fail(str(exc), 1)
 
 
@@ -80,11 +81,8 @@ def _torch_build() -> dict[str, str | None]:
         text = (Path(spec.origin).parent / "version.py").read_text(encoding="utf-8")
     except OSError:
         return {}
-    found: dict[str, str | None] = {}
-    for key, value in re.findall(r"^(__version__|cuda|hip)\b[^=\n]*=\s*(.+)$", text, re.MULTILINE):
-        value = value.strip()
-        found[key] = None if value == "None" else value.strip("'\"")
-    return found
+    found = re.findall(r"^(__version__|cuda|hip)\b[^=\n]*=\s*(.+)$", text, re.MULTILINE)
+    return {key: None if value.strip() == "None" else value.strip().strip("'\"") for key, value in found}
 
 
 def check_resume(
@@ -108,17 +106,18 @@ def resume_refusal(run_id: str, uri: str, experiment: str | None, runs_dir: str,
     from deeprnn.training import resume
 
     found = stored_run(run_id, uri)
-    absent = _absent(run_id, uri, found)
-    if absent or not isinstance(found, StoredRun):
-        return absent
+    if found == "":
+        return f"no MLflow run {run_id!r} in {redact_url(uri)}: check the run id and MLFLOW_TRACKING_URI"
+    if found is None:
+        return None
+    if found.stage != "active":
+        return f"MLflow run {run_id} was deleted; restore it in MLflow first"
     if experiment and found.experiment is not None and experiment != found.experiment:
         return f"run {run_id} belongs to experiment {found.experiment!r}, not {experiment!r}"
     local = resume.run_folder(runs_dir, run_id) / resume.LAST
     if not local.is_file() and found.artifact_missing(CHECKPOINT_ARTIFACT):
         return resume.no_checkpoint(run_id, found.tags, local)
-    if found.status != "FINISHED":
-        return None
-    return _nothing_left(run_id, found, train)
+    return _nothing_left(run_id, found, train) if found.status == "FINISHED" else None
 
 
 def _nothing_left(run_id: str, found: StoredRun, train: dict[str, Any]) -> str | None:
@@ -129,18 +128,13 @@ def _nothing_left(run_id: str, found: StoredRun, train: dict[str, Any]) -> str |
 
     reason = found.tags.get("deeprnn.stop_reason", "")
     try:
-        epochs, max_steps, budget = (found.setting(k) for k in ("epochs", "max_steps", "time_budget"))
-        stored_epochs, stored_budget = int(epochs or 0), parse_budget(budget or None)
-        done = resume.Finished(
-            reason,
-            stored_epochs if reason == "epochs" else 0,
-            int(found.tags.get("deeprnn.stopped_at_step") or 0),
-            stored_budget,
-        )
-        given_steps = train.get("max_steps", max_steps or None)
-        given_budget = parse_budget(train["time_budget"]) if "time_budget" in train else stored_budget
-        steps = None if given_steps is None else int(given_steps)
-        return resume.nothing_left(run_id, done, int(train.get("epochs") or stored_epochs), steps, given_budget)
+        epochs, budget = int(found.setting("epochs") or 0), parse_budget(found.setting("time_budget"))
+        steps = train.get("max_steps", found.setting("max_steps"))
+        at_step = int(found.tags.get("deeprnn.stopped_at_step") or 0)
+        done = resume.Finished(reason, epochs if reason == "epochs" else 0, at_step, budget)
+        given_budget = parse_budget(train["time_budget"]) if "time_budget" in train else budget
+        steps = None if steps is None else int(steps)
+        return resume.nothing_left(run_id, done, int(train.get("epochs") or epochs), steps, given_budget)
     except (ValueError, TypeError, DurationError):
         return None
 
@@ -151,10 +145,10 @@ class StoredRun:
     name, tags, params and artifact location (None where not read)."""
 
     stage: str
-    status: str = ""
-    experiment: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-    params: dict[str, str] = field(default_factory=dict)
+    status: str
+    experiment: str | None
+    tags: dict[str, str]
+    params: dict[str, str]
     artifact_uri: str | None = None
 
     def setting(self, name: str) -> str | None:
@@ -173,41 +167,21 @@ class StoredRun:
         return not (Path(uri) / path).is_file()
 
 
-def missing_run(run_id: str, uri: str) -> str | None:
-    """Why ``run_id`` cannot be resumed from the store at ``uri``: it is not there, or it was deleted. None
-    when it is there, or the store cannot be asked quickly (the flow then looks it up and reports it)."""
-    return _absent(run_id, uri, stored_run(run_id, uri))
-
-
-def _absent(run_id: str, uri: str, found: StoredRun | str | None) -> str | None:
-    if found == "":
-        return f"no MLflow run {run_id!r} in {redact_url(uri)}: check the run id and MLFLOW_TRACKING_URI"
-    if isinstance(found, StoredRun) and found.stage != "active":
-        return f"MLflow run {run_id} was deleted; restore it in MLflow first"
-    return None
-
-
 def stored_run(run_id: str, uri: str) -> StoredRun | str | None:
     """The run as the store at ``uri`` holds it; "" when the store surely lacks it; None when it cannot tell
     quickly (databricks and other stores, a locked or foreign database, an unreachable server)."""
     scheme = urlsplit(uri).scheme.lower()
-    if scheme == "sqlite":
-        return _sqlite_run(uri, run_id)
     if scheme in ("", "file"):
-        return _file_store_run(uri, run_id)
+        return _file_store_run(Path(unquote(urlsplit(uri).path) if scheme else uri), run_id)
     if scheme in ("http", "https"):
         return _server_run(uri, run_id)
-    return None
-
-
-def _sqlite_run(uri: str, run_id: str) -> StoredRun | str | None:
-    if not uri.startswith("sqlite:///"):
-        return None
     path = uri.removeprefix("sqlite:///").split("?")[0]
-    if path in ("", ":memory:"):
+    if not uri.startswith("sqlite:///") or path in ("", ":memory:"):
         return None
-    if not Path(path).exists():
-        return ""  # no store yet: it holds no run
+    return _sqlite_run(Path(path), run_id) if Path(path).exists() else ""  # no store yet: it holds no run
+
+
+def _sqlite_run(path: Path, run_id: str) -> StoredRun | str | None:
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)) as db:
             row = db.execute(
@@ -215,82 +189,53 @@ def _sqlite_run(uri: str, run_id: str) -> StoredRun | str | None:
                 "LEFT JOIN experiments e ON e.experiment_id = r.experiment_id WHERE r.run_uuid = ?",
                 (run_id,),
             ).fetchone()
-            if row is None:
-                return ""
-            tags = db.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (run_id,)).fetchall()
-            params = db.execute("SELECT key, value FROM params WHERE run_uuid = ?", (run_id,)).fetchall()
+            tags, params = (
+                dict(db.execute(f"SELECT key, value FROM {t} WHERE run_uuid = ?", (run_id,))) for t in TABLES
+            )
     except sqlite3.Error:
         return None  # locked, not an MLflow store, an older schema: MLflow reports it in the flow
-    return StoredRun(str(row[0]), str(row[1] or ""), row[2], dict(tags), dict(params), row[3])
+    return "" if row is None else StoredRun(row[0], row[1] or "", row[2], tags, params, row[3])
 
 
-def _file_store_run(uri: str, run_id: str) -> StoredRun | str | None:
-    root = Path(unquote(urlsplit(uri).path) if uri.lower().startswith("file:") else uri)
-    if not root.is_dir():
-        return ""
+def _file_store_run(root: Path, run_id: str) -> StoredRun | str:
+    """The run in a file store: ``<root>/<experiment id>/<run id>/meta.yaml``, one file per tag and param."""
     for meta in root.glob(f"*/{run_id}/meta.yaml"):
-        text = meta.read_text(encoding="utf-8")
-        stage = re.search(r"^lifecycle_stage:\s*(\w+)", text, re.MULTILINE)
-        found = StoredRun(stage.group(1) if stage else "active")
-        # The file store keeps the status as a number (RunStatus: 1 RUNNING, 3 FINISHED, 4 FAILED, 5 KILLED).
-        status = re.search(r"^status:\s*(\d+)", text, re.MULTILINE)
-        found.status = {"1": "RUNNING", "3": "FINISHED", "4": "FAILED", "5": "KILLED"}.get(
-            status.group(1) if status else "", ""
-        )
-        artifacts = re.search(r"^artifact_uri:\s*(\S+)", text, re.MULTILINE)
-        found.artifact_uri = artifacts.group(1) if artifacts else None
-        name = re.search(r"^name:\s*(.+)$", _read(meta.parent.parent / "meta.yaml"), re.MULTILINE)
-        found.experiment = name.group(1).strip().strip("'\"") if name else None
-        found.tags, found.params = _files(meta.parent / "tags"), _files(meta.parent / "params")
-        return found
+        run, experiment = _yaml(meta), _yaml(meta.parent.parent / "meta.yaml")
+        status = FILE_STORE_STATUS.get(run.get("status"), "")
+        tags, params = (_files(meta.parent / table) for table in TABLES)
+        stage = run.get("lifecycle_stage", "active")
+        return StoredRun(stage, status, experiment.get("name"), tags, params, run.get("artifact_uri"))
     return ""
 
 
-def _read(path: Path) -> str:
+def _yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
     try:
-        return path.read_text(encoding="utf-8")
-    except OSError:
-        return ""
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
 
 
 def _files(folder: Path) -> dict[str, str]:
     """A file store's tags or params: one file per key (a key with '/' in it is a nested path)."""
-    if not folder.is_dir():
-        return {}
-    return {str(f.relative_to(folder)): _read(f) for f in folder.rglob("*") if f.is_file()}
+    return {str(f.relative_to(folder)): f.read_text(encoding="utf-8") for f in folder.rglob("*") if f.is_file()}
 
 
 def _server_run(uri: str, run_id: str) -> StoredRun | str | None:
     import requests
 
-    headers, auth = {}, None
-    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
-        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
-    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
-        auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
-    verify = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() not in ("true", "1")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    auth = (user, os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) if user else None
+    url = uri.rstrip("/") + "/api/2.0/mlflow/runs/get"
     try:
-        response = requests.get(
-            uri.rstrip("/") + "/api/2.0/mlflow/runs/get",
-            params={"run_id": run_id},
-            headers=headers,
-            auth=auth,
-            verify=verify,
-            timeout=REMOTE_TIMEOUT,
-        )
-    except requests.RequestException:
-        return None  # unreachable: the flow's check says so, clearly
-    if response.status_code == 404 and "RESOURCE_DOES_NOT_EXIST" in response.text:
-        return ""
-    if response.status_code != 200:
-        return None
-    try:
+        response = requests.get(url, params={"run_id": run_id}, auth=auth, timeout=REMOTE_TIMEOUT)
+        if response.status_code == 404 and "RESOURCE_DOES_NOT_EXIST" in response.text:
+            return ""
+        response.raise_for_status()
         run = response.json()["run"]
-        info, data = run["info"], run.get("data", {})
-        pairs = {k: {p["key"]: p.get("value", "") for p in data.get(k, [])} for k in ("tags", "params")}
+        tags, params = ({p["key"]: p.get("value", "") for p in run.get("data", {}).get(t, [])} for t in TABLES)
         # The experiment's name is one more request: only its id is read here, and the flow compares names.
-        return StoredRun(
-            str(info["lifecycle_stage"]), str(info.get("status", "")), None, pairs["tags"], pairs["params"]
-        )
-    except (ValueError, KeyError, TypeError):
-        return None
+        return StoredRun(run["info"]["lifecycle_stage"], run["info"].get("status", ""), None, tags, params)
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return None  # unreachable (the flow's check says so, clearly), or an answer that is not MLflow's

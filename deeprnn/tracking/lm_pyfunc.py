@@ -54,12 +54,14 @@ MEASURE_AGAIN_AFTER = 10.0
 log = logging.getLogger("deeprnn.serving")
 
 
-def request_seconds() -> float:
-    """How long one request may generate: ``DEEPRNN_REQUEST_SECONDS``, else ``REQUEST_SHARE`` of the server's
-    request timeout."""
+def request_limit() -> tuple[float, str]:
+    """How long one request may generate, and that limit in words for a message: ``DEEPRNN_REQUEST_SECONDS``,
+    else ``REQUEST_SHARE`` of the server's request timeout."""
     if os.environ.get("DEEPRNN_REQUEST_SECONDS"):
-        return float(os.environ["DEEPRNN_REQUEST_SECONDS"])
-    return REQUEST_SHARE * _server_timeout()
+        seconds = float(os.environ["DEEPRNN_REQUEST_SECONDS"])
+        return seconds, f"its {_secs(seconds)} s limit per request (DEEPRNN_REQUEST_SECONDS)"
+    timeout = float(os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT") or SERVER_TIMEOUT_SECONDS)
+    return REQUEST_SHARE * timeout, f"its {_secs(timeout)} s timeout"
 
 
 def fit_share() -> float | None:
@@ -76,17 +78,6 @@ def fit_share() -> float | None:
     raise ValueError(f"DEEPRNN_REQUEST_FIT={raw!r}: a share of the time limit above 0 and at most 1, or off")
 
 
-def _server_timeout() -> float:
-    return float(os.environ.get("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT") or SERVER_TIMEOUT_SECONDS)
-
-
-def _limit_text() -> str:
-    """The request's time limit, in words, for a message."""
-    if os.environ.get("DEEPRNN_REQUEST_SECONDS"):
-        return f"its {_secs(request_seconds())} s limit per request (DEEPRNN_REQUEST_SECONDS)"
-    return f"its {_secs(_server_timeout())} s timeout"
-
-
 def _secs(seconds: float) -> str:
     return f"{seconds:.1f}" if seconds < 10 else f"{seconds:,.0f}"
 
@@ -96,15 +87,6 @@ def _ms(seconds: float) -> str:
 
 
 M_ARENA_MAX = -8  # mallopt(3): how many memory pools the C allocator may make
-
-
-def few_memory_pools() -> None:
-    """Let the C allocator keep two memory pools instead of one per thread (eight per core): the server runs
-    each request in a thread of a pool, and memory freed in one thread's pool is never handed back while
-    another thread's pool holds the pages around it."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 2)
 
 
 def release_memory() -> None:
@@ -139,48 +121,15 @@ def _say_speed(speed: GenerationSpeed, device: str, took: float, share: float, a
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+    (greedy_1, greedy_n), (sampled_1, sampled_n), (warm_1, warm_n) = (
+        map(_ms, pair) for pair in (speed.greedy, speed.sampled, speed.warm)
+    )
+    limit, limit_text = request_limit()
     log.info(
-        "generation speed on %s, measured %sin %s s: a token %s at 1 row, %s at %d rows (sampling: %s, %s); "
-        "a prefix's warm-up %s a token at 1 row, %s at %d rows; a request may take about %s s of "
-        "generation, within %s",
-        device,
-        "again (the faster figures kept) " if again else "",
-        _secs(took),
-        _ms(speed.greedy[0]),
-        _ms(speed.greedy[1]),
-        speed.rows,
-        _ms(speed.sampled[0]),
-        _ms(speed.sampled[1]),
-        _ms(speed.warm[0]),
-        _ms(speed.warm[1]),
-        speed.rows,
-        _secs(share * request_seconds()),
-        _limit_text(),
-    )
-
-
-def check_time(
-    speed: GenerationSpeed, share: float, prefixes: list[str], num_chars: int, token: Token, sampled: bool
-) -> None:
-    """``GenerationRequestError`` when the request's estimated time (``speed``: this model on this machine) is
-    above ``share`` of its time limit, naming both and the most the request's prefixes may ask for."""
-    from deeprnn.generate import GenerationRequestError, split_prefix
-
-    lengths = [len(split_prefix(p, token)) for p in prefixes]
-    asked, fits = speed.seconds(lengths, num_chars, sampled), share * request_seconds()
-    if asked <= fits:
-        return
-    unit = "character" if token == "char" else "word"
-    most = speed.tokens_within(lengths, fits, sampled)
-    todo = (
-        f"{len(prefixes):,} prefixes: at most about {most:,} {unit}s each"
-        if most
-        else "their warm-up alone takes longer: fewer or shorter prefixes"
-    )
-    raise GenerationRequestError(
-        f"this request asks for about {_secs(asked)} s of generation ({len(prefixes):,} prefixes x {num_chars:,} "
-        f"{unit}s{', sampled' if sampled else ''}); at the speed this server measured, it does about "
-        f"{_secs(fits)} s a request within {_limit_text()}: send fewer prefixes or {unit}s per request ({todo})"
+        f"generation speed on {device}, measured {'again (the faster figures kept) ' if again else ''}in "
+        f"{_secs(took)} s: a token {greedy_1} at 1 row, {greedy_n} at {speed.rows} rows (sampling: {sampled_1}, "
+        f"{sampled_n}); a prefix's warm-up {warm_1} a token at 1 row, {warm_n} at {speed.rows} rows; a request may "
+        f"take about {_secs(share * limit)} s of generation, within {limit_text}"
     )
 
 
@@ -194,7 +143,12 @@ class DeepRNNLanguageModel(PythonModel):
         from deeprnn.device import resolve_device
         from deeprnn.training import checkpoint
 
-        few_memory_pools()
+        # Two memory pools for the C allocator instead of one per thread (eight per core): the server runs each
+        # request in a thread of a pool, and memory freed in one thread's pool is never handed back while
+        # another thread's pool holds the pages around it.
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 2)
         device = resolve_device(os.environ.get("DEEPRNN_DEVICE", "auto"))
         data = checkpoint.load(context.artifacts["checkpoint"])
         self.model, self.vocab, self.config = checkpoint.restore_model(data, device)
@@ -220,57 +174,60 @@ class DeepRNNLanguageModel(PythonModel):
             self._measuring.release()
 
     def _check_time(self, prefixes: list[str], num_chars: int, token: Token, sampled: bool) -> None:
-        """``check_time`` with the figures in use; a refusal on figures older than ``MEASURE_AGAIN_AFTER``
-        starts a new measurement in the background, for the requests that follow."""
-        from deeprnn.generate import GenerationRequestError
+        """``GenerationRequestError`` when the request's estimated time (by the speed measured here) is above
+        ``share`` of its time limit, naming both and the most the request's prefixes may ask for. A refusal on
+        figures older than ``MEASURE_AGAIN_AFTER`` starts a new measurement in the background, for the
+        requests that follow."""
+        from deeprnn.generate import GenerationRequestError, split_prefix
 
         if self.speed is None or self.share is None:
             return  # DEEPRNN_REQUEST_FIT=off
-        try:
-            check_time(self.speed, self.share, prefixes, num_chars, token, sampled)
-        except GenerationRequestError:
-            if time.monotonic() - self.measured_at > MEASURE_AGAIN_AFTER:
-                threading.Thread(target=self._measure, name="deeprnn-measure-speed", daemon=True).start()
-            raise
+        lengths = [len(split_prefix(p, token)) for p in prefixes]
+        limit, limit_text = request_limit()
+        asked, fits = self.speed.seconds(lengths, num_chars, sampled), self.share * limit
+        if asked <= fits:
+            return
+        if time.monotonic() - self.measured_at > MEASURE_AGAIN_AFTER:
+            threading.Thread(target=self._measure, name="deeprnn-measure-speed", daemon=True).start()
+        unit = "character" if token == "char" else "word"
+        most = self.speed.tokens_within(lengths, fits, sampled)
+        todo = (
+            f"{len(prefixes):,} prefixes: at most about {most:,} {unit}s each"
+            if most
+            else "their warm-up alone takes longer: fewer or shorter prefixes"
+        )
+        raise GenerationRequestError(
+            f"this request asks for about {_secs(asked)} s of generation ({len(prefixes):,} prefixes x "
+            f"{num_chars:,} {unit}s{', sampled' if sampled else ''}); at the speed this server measured, it does "
+            f"about {_secs(fits)} s a request within {limit_text}: send fewer prefixes or {unit}s per request "
+            f"({todo})"
+        )
 
     # A DataFrame hint is one MLflow infers no schema from (the signature is given explicitly when the model is
     # logged), and with it MLflow does not warn that predict() has no type hints. Served and loaded models
     # receive a DataFrame; a list or a string works when called directly.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         """Generate one continuation per row of the ``prefix`` column (or per string of a list), as one batch."""
-        from deeprnn.generate import (
-            GenerationRequestError,
-            GenerationTimeoutError,
-            check_params,
-            check_prefixes,
-            check_work,
-            generate_batch,
-        )
+        from deeprnn import generate
 
         token, rule = self.config.data.token, self.config.data.normalize
         # No prefix in the request: the prefixes the model was trained with (its run's samples).
         given = _prefixes(model_input) or list(self.config.sample.prefixes)
         try:  # everything is checked before the first forward step
-            settings = check_params(params)
-            prefixes = check_prefixes(given, self.vocab, token, normalize=rule)  # as the corpus's rule writes them
-            work = check_work(prefixes, settings["num_chars"], token)
-            self._check_time(prefixes, settings["num_chars"], token, settings["temperature"] is not None)
-        except GenerationRequestError as exc:
+            settings = generate.check_params(params)  # num_chars, and temperature, top_k and seed as generated
+            num_chars = settings.pop("num_chars")
+            prefixes = generate.check_prefixes(given, self.vocab, token, normalize=rule)  # as the corpus's rule has it
+            work = generate.check_work(prefixes, num_chars, token)
+            self._check_time(prefixes, num_chars, token, settings["temperature"] is not None)
+        except generate.GenerationRequestError as exc:
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
-        limit = request_seconds()
+        limit = request_limit()[0]
         try:
-            return generate_batch(
-                self.model,
-                self.vocab,
-                prefixes,
-                settings["num_chars"],
-                token=token,
-                temperature=settings["temperature"],
-                top_k=settings["top_k"],
-                seed=settings["seed"],
-                deadline=time.monotonic() + limit,
+            deadline = time.monotonic() + limit
+            return generate.generate_batch(
+                self.model, self.vocab, prefixes, num_chars, token=token, deadline=deadline, **settings
             )
-        except GenerationTimeoutError:
+        except generate.GenerationTimeoutError:
             raise MlflowException(
                 f"generation stopped after {limit:.0f} s, this server's limit per request: send fewer or shorter "
                 "prefixes, or a smaller num_chars",

@@ -67,14 +67,9 @@ SYSTEM_METRICS_INTERVAL = 1.0
 def system_metrics(run_id: str, interval: float = SYSTEM_METRICS_INTERVAL) -> Iterator[None]:
     """Log CPU, memory, disk and network use (and GPU use where ``nvidia-ml-py`` finds a GPU) to ``run_id`` as
     ``system/*`` metrics while the block runs, with MLflow's own monitor on a background thread."""
-    try:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=mlflow.get_tracking_uri())
-    except ImportError as exc:  # psutil missing: train anyway
-        log.warning("system metrics are not logged: %s", exc)
-        yield
-        return
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=mlflow.get_tracking_uri())
     monitor.start()
     try:
         yield

@@ -74,21 +74,6 @@ def _signature() -> Any:
     )
 
 
-def run_logged_model(run_id: str) -> Any | None:
-    """The logged model named ``model`` that run ``run_id`` created (what an earlier attempt left), or None."""
-    from mlflow.entities import LoggedModelStatus
-
-    client = MlflowClient()
-    run = client.get_run(run_id)
-    found = client.search_logged_models(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'",
-    )
-    # A finished one first; else one that an attempt created but did not finish uploading.
-    found.sort(key=lambda m: m.status != LoggedModelStatus.READY)
-    return found[0] if found else None
-
-
 @dataclass(frozen=True)
 class LoggedModel:
     """A model logged by a run: its id and the URI that loads it."""
@@ -102,16 +87,26 @@ def log_model(run_id: str, checkpoint: Path, example_prefix: str) -> LoggedModel
 
     Safe to repeat: a model this run already logged is reused (a retry after a partial write finishes the
     upload into the same model rather than creating a second one). The ``deeprnn`` library travels with the
-    model (``code_paths``), so loading it needs only the pinned requirements.
+    model (``code_paths``, without the Prefect and MLflow layers), so loading it needs only the pinned
+    requirements.
     """
+    import pandas as pd
     from mlflow.entities import LoggedModelStatus
+    from mlflow.models import Model
+
+    import deeprnn
 
     client = MlflowClient()
-    logged = run_logged_model(run_id)
+    run = client.get_run(run_id)
+    found = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'",
+    )
+    # A finished one first; else one that an attempt created but did not finish uploading.
+    logged = min(found, key=lambda m: m.status != LoggedModelStatus.READY, default=None)
     if logged is not None and logged.status == LoggedModelStatus.READY:
         log.info("run %s already logged model %s; reusing it", run_id, logged.model_id)
         return LoggedModel(logged.model_id, f"models:/{logged.model_id}")
-    run = client.get_run(run_id)
     if logged is None:
         # Model.log would file the LoggedModel under the thread's active experiment; create it in the run's
         # own experiment instead, so `runs:/<run_id>/model` resolves and the UI shows it beside the run.
@@ -121,12 +116,26 @@ def log_model(run_id: str, checkpoint: Path, example_prefix: str) -> LoggedModel
     # Model.log records the model as the run's output before it uploads anything, and the store allows that
     # record once: an attempt that failed in the upload (a full artifact store) already made it, and a second
     # one would fail with a UNIQUE constraint on every retry and resume. Look before creating it again.
-    outputs = run.outputs.model_outputs if run.outputs else []
-    linked = any(output.model_id == logged.model_id for output in outputs)
+    linked = any(output.model_id == logged.model_id for output in (run.outputs.model_outputs if run.outputs else []))
     with tempfile.TemporaryDirectory(prefix="deeprnn-code-") as folder:
-        code = library_code(Path(folder))
+        code = Path(folder) / "deeprnn"
+        layers = shutil.ignore_patterns("__pycache__", *OUTER_LAYERS)
+        shutil.copytree(Path(deeprnn.__file__).parent, code, ignore=layers)
         try:
-            _log_pyfunc(run_id, logged.model_id, linked, checkpoint, code, example_prefix)
+            Model.log(
+                artifact_path=None,  # deprecated positional in Model.log; ``name`` is the MLflow 3 spelling
+                name=MODEL_NAME,
+                flavor=mlflow.pyfunc,
+                run_id=None if linked else run_id,  # None: no second output record; the model keeps its source run
+                python_model=str(_PYFUNC_CODE),
+                artifacts={"checkpoint": str(checkpoint)},
+                code_paths=[str(code)],
+                pip_requirements=pip_requirements(),
+                signature=_signature(),
+                input_example=pd.DataFrame({"prefix": [example_prefix]}),
+                model_id=logged.model_id,
+                step=-1,  # Model.log copies the run's metrics of this step to the model: none; ours are linked later
+            )
         except OSError as exc:
             if not is_disk_full(exc):
                 raise
@@ -154,37 +163,6 @@ class ArtifactStoreFullError(OSError):
 OUTER_LAYERS = ("cli", "flows", "tasks", "ops", "tracking")
 
 
-def library_code(folder: Path) -> Path:
-    """A copy of the ``deeprnn`` library in ``folder`` (without the Prefect and MLflow layers, which the
-    served model never imports): the code a logged model carries."""
-    import deeprnn
-
-    target = folder / "deeprnn"
-    shutil.copytree(Path(deeprnn.__file__).parent, target, ignore=shutil.ignore_patterns("__pycache__", *OUTER_LAYERS))
-    return target
-
-
-def _log_pyfunc(run_id: str, model_id: str, linked: bool, checkpoint: Path, code: Path, example_prefix: str) -> None:
-    """``Model.log`` of the pyfunc from code into the logged model ``model_id``, carrying ``code``."""
-    import pandas as pd
-    from mlflow.models import Model
-
-    Model.log(
-        artifact_path=None,  # deprecated positional in Model.log; ``name`` is the MLflow 3 spelling
-        name=MODEL_NAME,
-        flavor=mlflow.pyfunc,
-        run_id=None if linked else run_id,  # None: no second output record; the model keeps its source run
-        python_model=str(_PYFUNC_CODE),
-        artifacts={"checkpoint": str(checkpoint)},
-        code_paths=[str(code)],
-        pip_requirements=pip_requirements(),
-        signature=_signature(),
-        input_example=pd.DataFrame({"prefix": [example_prefix]}),
-        model_id=model_id,
-        step=-1,  # Model.log copies the run's metrics of this step to the model: none; ours are linked below
-    )
-
-
 def link_model_metrics(run_id: str, model_id: str, keys: list[str]) -> dict[str, float]:
     """Attach the run's final values of ``keys`` to the logged model, with the run's training dataset, so the
     Models tab and ``search_logged_models(order_by=metrics.<key>)`` rank models by them.
@@ -196,14 +174,11 @@ def link_model_metrics(run_id: str, model_id: str, keys: list[str]) -> dict[str,
     run = client.get_run(run_id)
     inputs = run.inputs.dataset_inputs if run.inputs else []
     name, digest = (inputs[0].dataset.name, inputs[0].dataset.digest) if inputs else (None, None)
-    items = []
-    for key in keys:
-        history = client.get_metric_history(run_id, key)
-        if history:
-            last = max(history, key=lambda m: (m.step, m.timestamp))
-            items.append(
-                Metric(key, last.value, last.timestamp, last.step, model_id, dataset_name=name, dataset_digest=digest)
-            )
+    histories = [client.get_metric_history(run_id, key) for key in keys]
+    lasts = [max(history, key=lambda m: (m.step, m.timestamp)) for history in histories if history]
+    items = [
+        Metric(m.key, m.value, m.timestamp, m.step, model_id, dataset_name=name, dataset_digest=digest) for m in lasts
+    ]
     known = {(m.key, m.step, m.timestamp) for m in client.get_logged_model(model_id).metrics or []}
     fresh = [m for m in items if (m.key, m.step, m.timestamp) not in known]
     if fresh:
@@ -229,15 +204,12 @@ def promote_if_better(name: str, version: str, score: float, heldout_key: str, t
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         current = None
-    if current is not None and str(current.version) == str(version):
-        return True  # a repeated call (a retry): it is the champion already
-    if current is not None:
+    if current is not None and str(current.version) != str(version):  # the same one: a retry, champion already
         tags = current.tags or {}
-        same_text = tags.get("heldout_key") == heldout_key
-        if same_text and float(tags.get("heldout_perplexity", "inf")) <= score:
-            return False
-        if not same_text:
+        if tags.get("heldout_key") != heldout_key:
             log.info("champion v%s was measured on other held-out text; not comparable, keeping it", current.version)
+            return False
+        if float(tags.get("heldout_perplexity", "inf")) <= score:
             return False
     client.set_registered_model_alias(name, CHAMPION, version)
     return True
@@ -303,32 +275,23 @@ def _not_found(action: str, model_uri: str, exc: Exception) -> LookupError:
     return LookupError(f"cannot {action} model {model_uri!r} from {tracking_uri()}: {first}")
 
 
-def register_model(model_uri: str, name: str = REGISTERED_MODEL, run_id: str | None = None) -> str:
-    """Register a logged model as a new version of ``name``, once: when ``run_id`` already has a version of
-    ``name`` (an earlier attempt of the same task registered it), that version is returned instead."""
-    return register_tagged(model_uri, name, run_id)[0]
-
-
 def register_tagged(
     model_uri: str, name: str, run_id: str | None = None, tags: dict[str, str] | None = None
 ) -> tuple[str, bool]:
-    """``register_model``, with ``tags`` on the new version from its creation (one request rather than two
-    per tag). Returns the version and whether it was created now; a version found from an earlier attempt
-    keeps the tags it has (the caller sets them again)."""
+    """Register a logged model as a new version of ``name``, once, with ``tags`` on the new version from its
+    creation (one request rather than two per tag). Returns the version and whether it was created now: when
+    ``run_id`` already has a version of ``name`` (an earlier attempt of the same task registered it), that
+    version, which keeps the tags it has (the caller sets them again)."""
     client = MlflowClient()
     if run_id:
-        earlier = client.search_model_versions(f"name = '{_quoted(name)}' and run_id = '{run_id}'")
+        quoted = name.replace("\\", "\\\\").replace("'", "\\'")  # safe inside a single-quoted filter
+        earlier = client.search_model_versions(f"name = '{quoted}' and run_id = '{run_id}'")
         if earlier:
             version = min(earlier, key=lambda v: int(v.version))
             log.info("run %s is already %s v%s; not registering it again", run_id, name, version.version)
             return str(version.version), False
     created = mlflow.register_model(model_uri, name, await_registration_for=30, tags=tags)
     return str(created.version), True
-
-
-def _quoted(text: str) -> str:
-    """``text`` safe inside a single-quoted MLflow filter string."""
-    return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
 @dataclass(frozen=True)
@@ -343,13 +306,12 @@ class ModelFacts:
 
     def tags(self) -> dict[str, str]:
         """The facts as MLflow tags (perplexities under their metric names; missing ones left out)."""
-        named = {"preset": self.preset, "corpus_url": self.corpus_url, "corpus_sha1": self.corpus_sha1}
-        values: dict[str, Any] = {**named, "token": self.token, **self.perplexities}
-        return {k: str(v) for k, v in values.items() if v is not None}
+        values: dict[str, Any] = {**vars(self), **self.perplexities}
+        return {k: str(v) for k, v in values.items() if v is not None and k != "perplexities"}
 
 
 def describe_version(
-    name: str, version: str, model_id: str | None, facts: ModelFacts, sample: str | None, tagged: bool = False
+    name: str, version: str, model_id: str, facts: ModelFacts, sample: str | None, tagged: bool = False
 ) -> None:
     """Say on the registered version (description and tags) and on its logged model (tags) what it is:
     its ``facts`` and one generated ``sample``. ``tagged``: the version already carries ``facts.tags()``
@@ -366,5 +328,4 @@ def describe_version(
     client.update_model_version(name, version, description="\n".join(lines))
     for key, value in tags.items() if not tagged else []:
         client.set_model_version_tag(name, version, key, value)
-    if model_id:
-        client.set_logged_model_tags(model_id, tags)
+    client.set_logged_model_tags(model_id, tags)

@@ -32,22 +32,6 @@ def kept_checkpoint(run_id: str, local: Path | None = None) -> Path | str | None
     return CHECKPOINT_ARTIFACT if any(f.path.rsplit("/", 1)[-1] == name for f in listed) else None
 
 
-def download_artifact(run_id: str, artifact_path: str, target: Path) -> Path:
-    """Copy one artifact file of the run to ``target`` (whole or not at all); ``FileNotFoundError`` when the
-    run has no such file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp)
-        except (MlflowException, OSError) as exc:
-            raise FileNotFoundError(
-                f"MLflow run {run_id} has no artifact {artifact_path!r} to resume from ({type(exc).__name__}): "
-                "it never reached its first checkpoint"
-            ) from None
-        os.replace(local, target)
-    return target
-
-
 def upload_checkpoint(run_id: str, path: Path) -> None:
     """Upload a checkpoint and its digest file as the run's ``checkpoints/`` artifacts, only once the file on
     disk matches its digest (``DamagedCheckpointError`` otherwise): a damaged file never replaces a good copy.
@@ -66,9 +50,18 @@ def fetch_checkpoint(run_id: str, target: Path) -> dict[str, Any]:
     none, ``DamagedCheckpointError`` naming the artifact when it does not match its digest."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
-        local = download_artifact(run_id, CHECKPOINT_ARTIFACT, Path(tmp) / target.name)
-        with contextlib.suppress(FileNotFoundError):  # a run checkpointed before digests existed has none
-            download_artifact(run_id, CHECKPOINT_ARTIFACT + checkpoint.DIGEST_SUFFIX, checkpoint.digest_path(local))
+        try:
+            local = Path(
+                mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=tmp)
+            )
+        except (MlflowException, OSError) as exc:
+            raise FileNotFoundError(
+                f"MLflow run {run_id} has no artifact {CHECKPOINT_ARTIFACT!r} to resume from ({type(exc).__name__}): "
+                "it never reached its first checkpoint"
+            ) from None
+        digest = CHECKPOINT_ARTIFACT + checkpoint.DIGEST_SUFFIX  # beside it; a run checkpointed before digests has none
+        with contextlib.suppress(MlflowException, OSError):
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=digest, dst_path=tmp)
         try:
             saved = checkpoint.load(local)
         except ValueError as exc:

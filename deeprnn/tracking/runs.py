@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit
@@ -35,12 +35,6 @@ from deeprnn.sizing import decided_later
 from deeprnn.tracking import run_checkpoints
 from deeprnn.tracking.store import experiment_id, tracking_uri
 from deeprnn.training import stop_signals
-
-
-def _param_value(value: Any) -> str:
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, ensure_ascii=False)
-    return "" if value is None else str(value)
 
 
 def start_run(
@@ -82,12 +76,15 @@ def create_run(
     if parent_run_id:
         tags = {**tags, "mlflow.parentRunId": parent_run_id}  # what the MLflow UI nests runs by
     exp_id = experiment_id(experiment)
-    earlier = run_opened_by(exp_id, opened_by) if opened_by else None
-    if earlier is not None:
-        set_tags(earlier, tags)
-        run_id = earlier
+    earlier = []
+    if opened_by:
+        query = f"tags.`{OPENED_BY_TAG}` = '{check_prefect_id(opened_by, 'task run')}'"
+        earlier = client.search_runs([exp_id], query, max_results=1)
+        tags = {**tags, OPENED_BY_TAG: opened_by}
+    if earlier:
+        run_id = earlier[0].info.run_id
+        set_tags(run_id, tags)
     else:
-        tags = {**tags, OPENED_BY_TAG: opened_by} if opened_by else tags
         run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
     log_params(run_id, params)
     return run_id
@@ -101,19 +98,10 @@ def check_prefect_id(value: str, kind: str) -> str:
     return value
 
 
-def run_opened_by(experiment_id: str, opened_by: str) -> str | None:
-    """The run that Prefect task run ``opened_by`` created in this experiment, if any."""
-    check_prefect_id(opened_by, "task run")
-    found = MlflowClient().search_runs([experiment_id], f"tags.`{OPENED_BY_TAG}` = '{opened_by}'", max_results=1)
-    return found[0].info.run_id if found else None
-
-
 def log_params(run_id: str, params: dict[str, Any]) -> None:
-    """Log params (lists and dicts as JSON, None as empty), 100 per call as MLflow allows."""
-    client = MlflowClient()
-    items = [Param(k, _param_value(v)) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i : i + 100])
+    """Log params (lists and dicts as JSON, None as empty); MLflow's client sends them 100 per request."""
+    values = {k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for k, v in params.items()}
+    MlflowClient().log_batch(run_id, params=[Param(k, "" if v is None else str(v)) for k, v in values.items()])
 
 
 FAILURE_REASON_TAG = "deeprnn.failure_reason"  # why a run that could not end itself was marked FAILED
@@ -136,24 +124,21 @@ def uninterrupted() -> Iterator[None]:
     command's stop handler (``deeprnn.training.stop_signals``) both signals are held back in the main thread;
     otherwise only while Python's default Ctrl-C handler is installed; elsewhere a plain block.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    if stop_signals.installed():
+    main = threading.current_thread() is threading.main_thread()
+    if main and stop_signals.installed():
         with stop_signals.held():
             yield
-        return
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    elif main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        received: list[int] = []
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if received:
+                raise KeyboardInterrupt
+    else:
         yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            raise KeyboardInterrupt
 
 
 def release_unwound_frames(exc: BaseException) -> None:
@@ -182,9 +167,10 @@ def run_status(run_id: str, checkpoint: Path | None = None) -> Iterator[None]:
     """
     try:
         yield
-    except KeyboardInterrupt as exc:
+    except BaseException as exc:
         release_unwound_frames(exc)
-        if checkpoint is not None:  # a training run: say whether and how it continues
+        stopped = isinstance(exc, KeyboardInterrupt)
+        if stopped and checkpoint is not None:  # a training run: say whether and how it continues
             kept = run_checkpoints.kept_checkpoint(run_id, checkpoint)
             note = f"continue with: deeprnn run --resume {run_id}"
             if kept is None:
@@ -192,27 +178,13 @@ def run_status(run_id: str, checkpoint: Path | None = None) -> Iterator[None]:
             set_tags(run_id, {STOP_TAG: note})
             if isinstance(exc, stop_signals.StopRequested):
                 exc.run_id, exc.checkpoint = run_id, kept
-        MlflowClient().set_terminated(run_id, "KILLED")
-        raise
-    except BaseException as exc:
-        release_unwound_frames(exc)
-        MlflowClient().set_terminated(run_id, "FAILED")
+        MlflowClient().set_terminated(run_id, "KILLED" if stopped else "FAILED")
         raise
     MlflowClient().set_terminated(run_id, "FINISHED")
 
 
-@dataclass
-class RunHandle:
-    """What resuming needs to know about an existing run."""
-
-    run_id: str
-    status: str
-    experiment: str
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-def find_run(run_id: str) -> RunHandle:
-    """The run's status and experiment name; ``LookupError`` naming the run and the store when it is absent."""
+def find_run(run_id: str) -> RunRecord:
+    """The run with its experiment's name; ``LookupError`` naming the run and the store when it is absent."""
     client = MlflowClient()
     try:
         run = client.get_run(run_id)
@@ -222,7 +194,7 @@ def find_run(run_id: str) -> RunHandle:
         ) from None
     if run.info.lifecycle_stage != "active":
         raise LookupError(f"MLflow run {run_id} was deleted; restore it in MLflow first")
-    return RunHandle(run_id, run.info.status, client.get_experiment(run.info.experiment_id).name, run.data.tags)
+    return replace(_record(run), experiment=client.get_experiment(run.info.experiment_id).name)
 
 
 def reopen_run(run_id: str, tags: dict[str, str]) -> None:
@@ -255,10 +227,8 @@ def _log_input_once(run_id: str, dataset: DatasetInput, attempts: int = 3) -> No
             time.sleep(0.2 * attempt)
 
 
-def log_dataset(run_id: str, corpus: CorpusFile, vocab: Vocab, num_tokens: int | None = None) -> None:
+def log_dataset(run_id: str, corpus: CorpusFile, vocab: Vocab, num_tokens: int) -> None:
     """Record the corpus's identity (URL, sha1, size, token count) as an MLflow dataset input and as tags."""
-    if num_tokens is None:
-        num_tokens = sum(freq for _, freq in vocab.token_freqs)
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import HTTPDatasetSource, LocalArtifactDatasetSource
 
@@ -270,16 +240,9 @@ def log_dataset(run_id: str, corpus: CorpusFile, vocab: Vocab, num_tokens: int |
     dataset = MetaDataset(source=ds_source, name=Path(urlsplit(source).path).name or "corpus", digest=corpus.sha1[:10])
     training = [InputTag("mlflow.data.context", "training")]
     _log_input_once(run_id, DatasetInput(dataset._to_mlflow_entity(), tags=training))
-    set_tags(
-        run_id,
-        {
-            "dataset.url": source,
-            "dataset.sha1": corpus.sha1,
-            "dataset.bytes": corpus.num_bytes,
-            "dataset.num_tokens": num_tokens,
-            "dataset.vocab_size": len(vocab),
-        },
-    )
+    facts: dict[str, Any] = {"url": source, "sha1": corpus.sha1, "bytes": corpus.num_bytes}
+    facts.update(num_tokens=num_tokens, vocab_size=len(vocab))
+    set_tags(run_id, {f"dataset.{key}": value for key, value in facts.items()})
 
 
 def log_texts(run_id: str, texts: dict[str, str], files: Sequence[Path] = ()) -> None:
@@ -340,6 +303,7 @@ class RunRecord:
     tags: dict[str, str]
     start_time: int | None = None
     end_time: int | None = None
+    experiment: str = ""  # its name, when read by find_run
 
 
 def _record(run: Any) -> RunRecord:

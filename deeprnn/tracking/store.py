@@ -59,30 +59,28 @@ def bound_http_retries() -> None:
 USERNAME, PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 
 
-def credentials_to_environment() -> None:
-    """Move the user and password of an http(s) tracking URI into MLflow's own variables, and use the URI
-    without them (here and in the processes this one starts): MLflow sends them as basic auth all the same, and
-    no message it builds from the URI (``API request to <url> failed``) can carry the password any more."""
-    uri = mlflow.get_tracking_uri()
-    bare = _without_credentials(uri)
-    if bare == uri:
+def use_tracking_uri(uri: str | None = None) -> None:
+    """Point this process's MLflow client at ``uri`` (a sweep trial's, in its worker process), else at the URI
+    in force, without the user and password of an http(s) URI: they go to MLflow's own variables (unless the
+    user set those), here and in the processes this one starts. MLflow sends them as basic auth all the same,
+    and no message it builds from the URI (``API request to <url> failed``) can carry the password any more.
+    MLflow's run links go quiet for a URI with credentials, and its HTTP retries are bounded."""
+    current = mlflow.get_tracking_uri()
+    target = uri or current
+    _quiet_run_links(target)
+    bound_http_retries()
+    parts = urlsplit(target)
+    if parts.scheme in ("http", "https") and redact_url(target) != target:
+        os.environ.setdefault(USERNAME, unquote(parts.username or ""))
+        if parts.password is not None:
+            os.environ.setdefault(PASSWORD, unquote(parts.password))
+        target = redact_url(target)
+    if target == current:
         return
-    if os.environ.get("MLFLOW_TRACKING_URI") == uri:
-        os.environ["MLFLOW_TRACKING_URI"] = bare  # the environment's URI: MLflow reads it on every call
+    if uri is None and os.environ.get("MLFLOW_TRACKING_URI") == current:
+        os.environ["MLFLOW_TRACKING_URI"] = target  # the environment's URI: MLflow reads it on every call
     else:
-        mlflow.set_tracking_uri(bare)  # one set in this process (it writes the variable too)
-
-
-def _without_credentials(uri: str) -> str:
-    """``uri`` without the user and password of an http(s) URI, which go to MLflow's own variables (unless the
-    user set those); any other URI as it is."""
-    parts = urlsplit(uri)
-    if parts.scheme not in ("http", "https") or redact_url(uri) == uri:
-        return uri
-    os.environ.setdefault(USERNAME, unquote(parts.username or ""))
-    if parts.password is not None:
-        os.environ.setdefault(PASSWORD, unquote(parts.password))
-    return redact_url(uri)
+        mlflow.set_tracking_uri(target)  # one set in this process (it writes the variable too)
 
 
 def check_reachable(timeout: float = 5.0) -> str:
@@ -90,10 +88,8 @@ def check_reachable(timeout: float = 5.0) -> str:
 
     Returns the (redacted) URI. Called before any download or training.
     """
-    credentials_to_environment()
+    use_tracking_uri()
     uri = mlflow.get_tracking_uri()
-    _quiet_run_links(uri)
-    bound_http_retries()
     if urlsplit(uri).scheme in ("http", "https"):
         try:
             response = requests.get(uri.rstrip("/") + "/health", timeout=timeout, auth=_basic_auth())
@@ -103,8 +99,6 @@ def check_reachable(timeout: float = 5.0) -> str:
                 f"MLflow tracking server {redact_url(uri)} is unreachable ({type(exc).__name__}). Start it "
                 "(see README: mlflow server) or set MLFLOW_TRACKING_URI to a reachable store"
             ) from None
-    elif uri.startswith("sqlite:///"):  # in memory, or a file in the working directory: its folder is "."
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     _ensure_store()
     return redact_url(uri)
 
@@ -116,7 +110,7 @@ def _basic_auth() -> tuple[str, str] | None:
 
 
 def _ensure_store() -> None:
-    """Create the tracking store once, under a file lock for local sqlite stores.
+    """Create the tracking store once, with its folder and under a file lock for local sqlite stores.
 
     MLflow creates the sqlite schema (and runs its migrations) on first use; several processes doing that
     at once on a fresh file corrupt it or fail. Serialize the first touch across processes.
@@ -127,7 +121,8 @@ def _ensure_store() -> None:
         return
     from filelock import FileLock  # a Prefect and MLflow dependency already
 
-    db = Path(uri.removeprefix("sqlite:///"))
+    db = Path(uri.removeprefix("sqlite:///"))  # in memory, or a file in the working directory: its folder is "."
+    db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(db) + ".lock", timeout=300):
         try:
             MlflowClient().search_experiments(max_results=1)
@@ -213,15 +208,6 @@ def worker_tracking_uri() -> str:
         netloc = f"{quote(auth[0], safe='')}:{quote(auth[1], safe='')}@{parts.netloc}"
         return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
     return uri
-
-
-def use_tracking_uri(uri: str) -> None:
-    """Point this process's MLflow client at ``uri`` (a sweep trial, in its worker process)."""
-    _quiet_run_links(uri)
-    uri = _without_credentials(uri)
-    bound_http_retries()
-    if mlflow.get_tracking_uri() != uri:
-        mlflow.set_tracking_uri(uri)
 
 
 def is_local_store() -> bool:

@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 
-from deeprnn.cli.preflight import missing_device, missing_run
+from deeprnn.cli.preflight import missing_device, resume_refusal
 
 pytestmark = pytest.mark.e2e
 
@@ -100,6 +100,10 @@ def test_the_run_lookup_answers_for_local_stores_and_leaves_an_unreachable_serve
     tmp_path: Path, closed_port: int
 ) -> None:
     run_id = "0123456789abcdef0123456789abcdef"
+
+    def missing_run(run_id: str, uri: str) -> str | None:
+        return resume_refusal(run_id, uri, None, str(tmp_path / "runs"), {})
+
     # A file store: <root>/<experiment id>/<run id>/meta.yaml.
     (tmp_path / "mlruns" / "1" / run_id).mkdir(parents=True)
     (tmp_path / "mlruns" / "1" / run_id / "meta.yaml").write_text("lifecycle_stage: active\n", encoding="utf-8")

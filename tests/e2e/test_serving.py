@@ -276,11 +276,9 @@ def test_log_results_retried_after_registering_registers_one_version(
     assert [(str(v.version), v.run_id) for v in versions] == [("1", result.run_id)]
     assert str(client.get_model_version_by_alias("retry-lm", "champion").version) == "1"
     assert result.model.registration.champion is True
-    # The sweep's registration of its best model goes through the same lookup: asking again changes nothing.
-    assert (
-        deeprnn.tracking.model_registry.register_model(result.model.logged.model_uri, "retry-lm", run_id=result.run_id)
-        == "1"
-    )
+    # Registering it again changes nothing: the version that run has is found.
+    again = deeprnn.tracking.model_registry.register_tagged(result.model.logged.model_uri, "retry-lm", result.run_id)
+    assert again == ("1", False)
     assert len(client.search_model_versions("name = 'retry-lm'")) == 1
 
 

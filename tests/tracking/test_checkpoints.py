@@ -37,6 +37,7 @@ def test_a_damaged_file_is_never_uploaded_and_a_damaged_copy_is_never_fetched(ex
     # The good copy is still the run's, and it replaces a damaged local file whole, digest and all.
     saved = run_checkpoints.fetch_checkpoint(run_id, damaged)
     assert saved["epoch"] == 2 and checkpoint.load(damaged)["epoch"] == 2
+    assert sorted(p.name for p in damaged.parent.iterdir()) == ["last.pt", "last.pt.sha256"]  # no download left over
 
     # A damaged MLflow copy (its store's disk, say) is refused, naming the artifact; the local file stays.
     copy = Path(MlflowClient().download_artifacts(run_id, run_checkpoints.CHECKPOINT_ARTIFACT, str(tmp_path / "dl")))

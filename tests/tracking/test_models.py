@@ -93,8 +93,11 @@ def test_a_model_is_registered_once_per_run_described_and_fetched_back(
     logged: tuple[str, model_registry.LoggedModel], tmp_path: Path
 ) -> None:
     run_id, model = logged
-    assert model_registry.register_model(model.model_uri, "tiny-lm", run_id=run_id) == "1"
-    assert model_registry.register_model(model.model_uri, "tiny-lm", run_id=run_id) == "1"  # a retry: the same version
+    assert model_registry.register_tagged(model.model_uri, "tiny-lm", run_id) == ("1", True)
+    assert model_registry.register_tagged(model.model_uri, "tiny-lm", run_id) == (
+        "1",
+        False,
+    )  # a retry: the same version
     assert len(MlflowClient().search_model_versions("name = 'tiny-lm'")) == 1
     facts = model_registry.ModelFacts(
         "smoke",

@@ -114,14 +114,12 @@ def test_texts_and_files_go_up_in_one_upload_and_a_retry_rewrites_them(experimen
     assert mlflow.artifacts.load_text(f"runs:/{run_id}/vocab.json") == '{"a": "ä"}'
 
 
-def test_an_artifact_is_downloaded_whole_or_a_clear_error(experiment: str, tmp_path: Path) -> None:
+def test_a_run_without_a_checkpoint_gives_a_clear_error_and_no_file(experiment: str, tmp_path: Path) -> None:
     run_id = runs.create_run(experiment, "run", {}, {})
-    runs.log_texts(run_id, {"last.pt": "weights"})
-    target = run_checkpoints.download_artifact(run_id, "last.pt", tmp_path / "runs" / run_id / "last.pt")
-    assert target.read_text() == "weights" and [p.name for p in target.parent.iterdir()] == ["last.pt"]
+    runs.log_texts(run_id, {"last.pt": "weights"})  # not where a checkpoint goes
     with pytest.raises(FileNotFoundError, match="never reached its first checkpoint"):
-        run_checkpoints.download_artifact(run_id, "checkpoints/last.pt", tmp_path / "other" / "last.pt")
-    assert not (tmp_path / "other" / "last.pt").exists()
+        run_checkpoints.fetch_checkpoint(run_id, tmp_path / "other" / "last.pt")
+    assert list((tmp_path / "other").iterdir()) == []
 
 
 def test_params_beyond_one_call_of_100_are_all_logged(experiment: str) -> None:
@@ -147,7 +145,7 @@ def test_logging_the_dataset_again_for_the_same_run_changes_nothing(experiment: 
     corpus = CorpusFile(text, "a" * 40, "http://127.0.0.1:1/timemachine.txt", text.stat().st_size)
     vocab = Vocab(list("the time traveller"))
     run_id = runs.create_run(experiment, "run", {}, {})
-    runs.log_dataset(run_id, corpus, vocab)
-    runs.log_dataset(run_id, corpus, vocab)
+    runs.log_dataset(run_id, corpus, vocab, 18)
+    runs.log_dataset(run_id, corpus, vocab, 18)
     inputs = MlflowClient().get_run(run_id).inputs.dataset_inputs
     assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("timemachine.txt", "a" * 10)]

@@ -57,7 +57,7 @@ def test_credentials_of_a_tracking_server_move_to_mlflows_variables(
 ) -> None:
     # MLflow sends them as basic auth from its variables; no message it builds from the URI can show them.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://ann:p%40ss%2Fw0rd@mlflow.example:5000/prefix")
-    store.credentials_to_environment()
+    store.use_tracking_uri()
     assert mlflow.get_tracking_uri() == os.environ["MLFLOW_TRACKING_URI"] == "https://mlflow.example:5000/prefix"
     assert (os.environ[store.USERNAME], os.environ[store.PASSWORD]) == ("ann", "p@ss/w0rd")
     # A trial on another machine gets them with the URI, and moves them to its own variables again.
@@ -72,7 +72,7 @@ def test_credentials_of_a_tracking_server_move_to_mlflows_variables(
 def test_a_store_without_credentials_is_left_as_it_is(monkeypatch: pytest.MonkeyPatch, own_credentials: None) -> None:
     for uri in ("http://127.0.0.1:5000", "sqlite:///mlflow.db", "postgresql://u:pw@db/mlflow"):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        store.credentials_to_environment()
+        store.use_tracking_uri()
         assert os.environ["MLFLOW_TRACKING_URI"] == mlflow.get_tracking_uri() == uri
         assert store.USERNAME not in os.environ
 
