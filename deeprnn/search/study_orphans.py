@@ -48,21 +48,29 @@ def claim(trial: optuna.Trial) -> None:
     trial.set_user_attr(OWNER_ATTR, owner())
 
 
+def process_alive(pid: int, started: float | None) -> bool:
+    """True while process ``pid`` of this host exists and, when its start time ``started`` is known, is the same
+    process (not a later one that reuses its pid)."""
+    try:
+        created = psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:  # another user's process: it exists
+        return True
+    return started is None or abs(created - started) <= _START_SLACK
+
+
 def gone_reason(record: Any, host: str) -> str | None:
     """Why the trial owned by ``record`` (its ``deeprnn.owner`` attr) is orphaned, or ``None`` when it is not
     known to be: no owner recorded, another host, or a process of this host that is still there."""
     if not isinstance(record, dict) or record.get("host") != host or not isinstance(record.get("pid"), int):
         return None
     pid, started = record["pid"], record.get("started")
-    try:
-        created = psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return f"process gone: pid {pid} on {host} ended without ending the trial (killed or crashed)"
-    except psutil.AccessDenied:  # another user's process: it exists
+    if process_alive(pid, started if isinstance(started, (int, float)) else None):
         return None
-    if isinstance(started, (int, float)) and abs(created - started) > _START_SLACK:
+    if psutil.pid_exists(pid):
         return f"process gone: pid {pid} on {host} is now another process"
-    return None
+    return f"process gone: pid {pid} on {host} ended without ending the trial (killed or crashed)"
 
 
 @dataclass(frozen=True)
