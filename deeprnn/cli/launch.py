@@ -39,16 +39,15 @@ def wait_for_api(api: TemporaryAPI | None, preload: bool) -> None:
         for load in _PRELOADS if preload else []:
             load()
         return
-    from deeprnn.ops.prefect_api import PrefectAPIError, startup_timeout
+    from deeprnn.ops.prefect_api import PrefectAPIError
 
-    timeout = startup_timeout()
     if preload:
         for load in _PRELOADS:
-            if not api.starting(timeout):
+            if not api.starting():
                 break
             load()
     try:
-        api.wait(timeout)
+        api.wait()
     except PrefectAPIError as exc:
         fail(str(exc), 1)
 

@@ -130,8 +130,7 @@ def _flatten(spec: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in spec.items():
         if key in SECTIONS and isinstance(value, Mapping):
-            for sub, sub_value in value.items():
-                out[f"{key}.{sub}"] = sub_value
+            out.update({f"{key}.{sub}": sub_value for sub, sub_value in value.items()})
         else:
             out[str(key)] = value
     return out
@@ -198,8 +197,8 @@ def expand(
     """
     if max_trials is not None and max_trials < 1:
         raise SearchSpaceError(f"--max-trials must be at least 1, got {max_trials}")
-    keys = list(space.dims)
     size = space.grid_size()
+    lists = [cast(list[Any], v) for v in space.dims.values()]  # a grid: every dimension is a list
     if not random_search:
         if size is None:
             ranged = [k for k, v in space.dims.items() if isinstance(v, Range)]
@@ -210,29 +209,26 @@ def expand(
                 f"the grid has {size} trials, more than {limit}: use --random --max-trials N to sample it, "
                 "or give fewer values"
             )
-        lists = [cast(list[Any], space.dims[k]) for k in keys]  # no ranges here: checked above
-        return [dict(zip(keys, combo)) for combo in itertools.product(*lists)]
-
+        return [dict(zip(space.dims, combo)) for combo in itertools.product(*lists)]
     wanted = min(max_trials or DEFAULT_RANDOM_TRIALS, MAX_TRIALS)
     rng = random.Random(seed)
     if size is not None:
         # Distinct combinations: draw indices into the grid without replacement, decode them digit by digit.
         picks = rng.sample(range(size), min(wanted, size))
-        return [_decode(index, keys, space) for index in picks]
+        return [dict(zip(space.dims, _decode(index, lists))) for index in picks]
     return [
         {k: v.draw(rng) if isinstance(v, Range) else rng.choice(v) for k, v in space.dims.items()}
         for _ in range(wanted)
     ]
 
 
-def _decode(index: int, keys: list[str], space: SearchSpace) -> dict[str, Any]:
-    """The ``index``-th grid combination (the last key varies fastest, as in ``itertools.product``)."""
-    out: dict[str, Any] = {}
-    for key in reversed(keys):
-        values = cast(list[Any], space.dims[key])  # a grid: every dimension is a list
+def _decode(index: int, lists: list[list[Any]]) -> list[Any]:
+    """The ``index``-th combination of ``itertools.product(*lists)`` (the last list varies fastest)."""
+    combo = []
+    for values in reversed(lists):
         index, digit = divmod(index, len(values))
-        out[key] = values[digit]
-    return {k: out[k] for k in keys}
+        combo.append(values[digit])
+    return combo[::-1]
 
 
 def _nest(values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

@@ -21,7 +21,7 @@ import os
 import socket
 import threading
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -37,15 +37,12 @@ GRACE_S = 180  # database storages: a running trial silent for longer than this 
 _START_SLACK = 2.0  # seconds: a process's start time is a float, recorded a moment after it started
 
 
-def owner() -> dict[str, Any]:
-    """This process, as a trial's owner: host, pid and start time (so a reused pid is not taken for it)."""
-    pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "started": round(psutil.Process(pid).create_time(), 3)}
-
-
 def claim(trial: optuna.Trial) -> None:
-    """Record this process as the owner of ``trial``."""
-    trial.set_user_attr(OWNER_ATTR, owner())
+    """Record this process as the owner of ``trial``: host, pid and start time (so a reused pid is not taken
+    for it)."""
+    pid = os.getpid()
+    started = round(psutil.Process(pid).create_time(), 3)
+    trial.set_user_attr(OWNER_ATTR, {"host": socket.gethostname(), "pid": pid, "started": started})
 
 
 def process_alive(pid: int, started: float | None) -> bool:
@@ -132,10 +129,8 @@ def heartbeat(trial: optuna.Trial) -> Iterator[None]:
 
     def beat() -> None:
         while not stop.wait(interval):
-            try:
+            with suppress(Exception):  # the next beat tries again; the grace period allows for it
                 storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
-            except Exception:  # noqa: BLE001, S110 - the next beat tries again; the grace period allows for it
-                pass
 
     thread = threading.Thread(target=beat, name=f"optuna-heartbeat-{trial.number}", daemon=True)
     thread.start()
