@@ -46,13 +46,6 @@ class Orphan:
     checkpoint: Path | str | None = None  # the checkpoint it can resume from (local file or MLflow artifact)
 
 
-def _float(value: str | None) -> float | None:
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
-
-
 def mark_orphaned_runs(runs_dir: str | None = None) -> list[Orphan]:
     """Mark every RUNNING run of this host whose recorded process is gone FAILED, with the reason as the
     ``deeprnn.failure_reason`` tag; returns them, each with the checkpoint it can resume from (in ``runs_dir``
@@ -70,7 +63,7 @@ def mark_orphaned_runs(runs_dir: str | None = None) -> list[Orphan]:
         if not pid_text.isdigit() or int(pid_text) == os.getpid():
             continue
         pid = int(pid_text)
-        if process_alive(pid, _float(tags.get(STARTED_TAG))):
+        if process_alive(pid, tags.get(STARTED_TAG)):
             continue
         reason = f"process gone: pid {pid} on {host} ended without closing the run (killed or crashed)"
         runs.mark_failed(run.info.run_id, reason)

@@ -45,16 +45,19 @@ def claim(trial: optuna.Trial) -> None:
     trial.set_user_attr(OWNER_ATTR, {"host": socket.gethostname(), "pid": pid, "started": started})
 
 
-def process_alive(pid: int, started: float | None) -> bool:
-    """True while process ``pid`` of this host exists and, when its start time ``started`` is known, is the same
-    process (not a later one that reuses its pid)."""
+def process_alive(pid: int, started: Any) -> bool:
+    """True while process ``pid`` of this host exists and, when its start time ``started`` is known (a number, or
+    its text), is the same process (not a later one that reuses its pid)."""
     try:
-        created = psutil.Process(pid).create_time()
+        created: float = psutil.Process(pid).create_time()
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return False
     except psutil.AccessDenied:  # another user's process: it exists
         return True
-    return started is None or abs(created - started) <= _START_SLACK
+    try:
+        return abs(created - float(started)) <= _START_SLACK
+    except (TypeError, ValueError):  # no start time recorded
+        return True
 
 
 def gone_reason(record: Any, host: str) -> str | None:
@@ -63,7 +66,7 @@ def gone_reason(record: Any, host: str) -> str | None:
     if not isinstance(record, dict) or record.get("host") != host or not isinstance(record.get("pid"), int):
         return None
     pid, started = record["pid"], record.get("started")
-    if process_alive(pid, started if isinstance(started, (int, float)) else None):
+    if process_alive(pid, started):
         return None
     if psutil.pid_exists(pid):
         return f"process gone: pid {pid} on {host} is now another process"
