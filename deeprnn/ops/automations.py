@@ -33,6 +33,7 @@ ALERT_AUTOMATION = "deeprnn-alert-on-failure"
 WATCHED_FLOWS = ["deeprnn-train", "deeprnn-evaluate", "deeprnn-sweep"]
 ZOMBIE_AFTER = 90  # three missed heartbeats
 FLOW_RUNS = ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]})
+ENDED_BADLY = {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
 WATCHED = ResourceSpecification({"prefect.resource.role": "flow", "prefect.resource.name": WATCHED_FLOWS})
 
 ALERT_SUBJECT = "deeprnn: {{ flow.name }} run {{ flow_run.name }} {{ flow_run.state.name }}"
@@ -83,11 +84,7 @@ def alert_automation(url: str, allow_private_urls: bool = False) -> AutomationCo
     return AutomationCore(
         name=ALERT_AUTOMATION,
         description="Post every Failed or Crashed deeprnn flow run to the deeprnn-alerts webhook.",
-        trigger=EventTrigger(
-            expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
-            match=FLOW_RUNS,
-            match_related=WATCHED,
-        ),
+        trigger=EventTrigger(expect=ENDED_BADLY, match=FLOW_RUNS, match_related=WATCHED),
         actions=[notify],
     )
 
