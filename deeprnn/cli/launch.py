@@ -35,16 +35,15 @@ def wait_for_api(api: TemporaryAPI | None, preload: bool) -> None:
     Against a running API server (``api`` is None) there is nothing to wait for, and what the run needs is
     loaded now all the same, so that it does not land inside the flow run's first tasks.
     """
-    from deeprnn.ops.prefect_api import PrefectAPIError, startup_timeout
+    from deeprnn.ops.prefect_api import PrefectAPIError
 
-    timeout = startup_timeout()
     for load in _PRELOADS if preload else []:
-        if api is not None and not api.starting(timeout):
+        if api is not None and not api.starting():
             break  # the server answers already: the flow run's tasks load the rest
         load()
     try:
         if api is not None:
-            api.wait(timeout)
+            api.wait()
     except PrefectAPIError as exc:
         fail(str(exc), 1)
 

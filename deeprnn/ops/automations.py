@@ -32,6 +32,9 @@ ZOMBIE_AUTOMATION = "deeprnn-crash-zombie-flow-runs"
 ALERT_AUTOMATION = "deeprnn-alert-on-failure"
 WATCHED_FLOWS = ["deeprnn-train", "deeprnn-evaluate", "deeprnn-sweep"]
 ZOMBIE_AFTER = 90  # three missed heartbeats
+FLOW_RUNS = ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]})
+ENDED_BADLY = {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+WATCHED = ResourceSpecification({"prefect.resource.role": "flow", "prefect.resource.name": WATCHED_FLOWS})
 
 ALERT_SUBJECT = "deeprnn: {{ flow.name }} run {{ flow_run.name }} {{ flow_run.state.name }}"
 ALERT_BODY = (
@@ -49,10 +52,9 @@ def zombie_automation(zombie_after: int = ZOMBIE_AFTER) -> AutomationCore:
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
             expect={"prefect.flow-run.*"},
-            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match=FLOW_RUNS,
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
-            threshold=1,
             within=timedelta(seconds=zombie_after),
         ),
         actions=[
@@ -64,30 +66,11 @@ def zombie_automation(zombie_after: int = ZOMBIE_AFTER) -> AutomationCore:
     )
 
 
-def alert_automation(block_document_id: Any) -> AutomationCore:
-    """Notify through the alert block when a training, evaluation or sweep flow run fails or crashes."""
-    return AutomationCore(
-        name=ALERT_AUTOMATION,
-        description="Post every Failed or Crashed deeprnn flow run to the deeprnn-alerts webhook.",
-        trigger=EventTrigger(
-            expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
-            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-            match_related=ResourceSpecification(
-                {"prefect.resource.role": "flow", "prefect.resource.name": WATCHED_FLOWS}
-            ),
-            posture=Posture.Reactive,
-            threshold=1,
-            within=timedelta(0),
-        ),
-        actions=[SendNotification(block_document_id=block_document_id, subject=ALERT_SUBJECT, body=ALERT_BODY)],
-    )
-
-
-def save_alert_block(url: str, allow_private_urls: bool = False) -> Any:
-    """Create or update the webhook block that alerts post to; returns its block document id.
-
-    The JSON it posts: ``{"subject": ..., "text": ...}``. ``allow_private_urls`` lets it post to a host on a
-    private network or this machine (Prefect refuses those by default)."""
+def alert_automation(url: str, allow_private_urls: bool = False) -> AutomationCore:
+    """Notify when a training, evaluation or sweep flow run fails or crashes, through the webhook block
+    ``deeprnn-alerts``, created or updated here: it posts ``{"subject": ..., "text": ...}`` to ``url``.
+    ``allow_private_urls`` lets it post to a host on a private network or this machine (Prefect refuses those by
+    default)."""
     block = CustomWebhookNotificationBlock(
         name="deeprnn alerts",
         url=url,
@@ -95,22 +78,21 @@ def save_alert_block(url: str, allow_private_urls: bool = False) -> Any:
         json_data={"subject": "{{subject}}", "text": "{{body}}"},
         allow_private_urls=allow_private_urls,
     )
-    return block.save(ALERT_BLOCK, overwrite=True)
+    notify = SendNotification(
+        block_document_id=block.save(ALERT_BLOCK, overwrite=True), subject=ALERT_SUBJECT, body=ALERT_BODY
+    )
+    return AutomationCore(
+        name=ALERT_AUTOMATION,
+        description="Post every Failed or Crashed deeprnn flow run to the deeprnn-alerts webhook.",
+        trigger=EventTrigger(expect=ENDED_BADLY, match=FLOW_RUNS, match_related=WATCHED),
+        actions=[notify],
+    )
 
 
 def _replace_automation(client: Any, automation: AutomationCore) -> Any:
     for existing in client.read_automations_by_name(automation.name):
         client.delete_automation(existing.id)
     return client.create_automation(automation)
-
-
-def set_training_slots(client: Any, slots: int) -> None:
-    """Give the pool's ``training`` work queue its concurrency limit, creating the queue when needed."""
-    try:
-        queue = client.read_work_queue_by_name(TRAINING_QUEUE, work_pool_name=POOL)
-        client.update_work_queue(queue.id, concurrency_limit=slots)
-    except ObjectNotFound:
-        client.create_work_queue(TRAINING_QUEUE, work_pool_name=POOL, concurrency_limit=slots)
 
 
 def setup_server(
@@ -124,13 +106,16 @@ def setup_server(
     done = []
     with get_client(sync_client=True) as client:
         client.read_work_pool(POOL)  # ObjectNotFound, said clearly by the command, when it is not there
-        set_training_slots(client, training_slots)
+        try:  # the training work queue's concurrency limit, the queue created when needed
+            queue = client.read_work_queue_by_name(TRAINING_QUEUE, work_pool_name=POOL)
+            client.update_work_queue(queue.id, concurrency_limit=training_slots)
+        except ObjectNotFound:
+            client.create_work_queue(TRAINING_QUEUE, work_pool_name=POOL, concurrency_limit=training_slots)
         done.append(f"work queue {POOL}/{TRAINING_QUEUE}: {training_slots} training run(s) at a time")
         _replace_automation(client, zombie_automation(zombie_after))
         done.append(f"automation {ZOMBIE_AUTOMATION}: runs without a heartbeat for {zombie_after} s are marked Crashed")
         if alert_webhook:
-            block_id = save_alert_block(alert_webhook, allow_private_urls)
-            _replace_automation(client, alert_automation(block_id))
+            _replace_automation(client, alert_automation(alert_webhook, allow_private_urls))
             done.append(
                 f"automation {ALERT_AUTOMATION}: Failed or Crashed runs of {', '.join(WATCHED_FLOWS)} "
                 f"are posted to the webhook block {ALERT_BLOCK}"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from deeprnn.ops.dask_worker_logs import PRELOAD, quiet_closed_comms
@@ -76,9 +76,7 @@ def dask_task_runner(address: str | None = None, workers: int | None = None, use
     if workers is not None and workers < 1:
         raise ClusterConfigError(f"--workers must be at least 1, got {workers}")
     if address:
-        if "://" not in address:
-            address = "tcp://" + address
-        return DaskTaskRunner(address=address)
+        return DaskTaskRunner(address=address if "://" in address else "tcp://" + address)
     quiet_closed_comms()  # the local cluster's scheduler runs in this process
     gpus = local_gpus() if use_gpus else []
     if gpus:
@@ -141,13 +139,8 @@ def gpu_request(device: str, gpus: int) -> dict[str, float] | None:
     return {GPU: 1} if device == "auto" and gpus > 0 else None
 
 
-@contextlib.contextmanager
-def resources(request: dict[str, float] | None) -> Iterator[None]:
+def resources(request: dict[str, float] | None) -> contextlib.AbstractContextManager[Any]:
     """Attach Dask resource requirements to the tasks submitted inside this block."""
-    if not request:
-        yield
-        return
     import dask
 
-    with dask.annotate(resources=request):
-        yield
+    return dask.annotate(resources=request) if request else contextlib.nullcontext()

@@ -44,16 +44,16 @@ class ClosedCommFilter(logging.Filter):
         return True
 
 
+_CLOSED_COMM, _CLOSING = ClosedCommFilter(), ClosingHeartbeatFilter()
+
+
 def quiet_closed_comms() -> None:
-    """Install ``ClosedCommFilter`` on ``distributed.batched``'s logger in this process (once)."""
-    logger = logging.getLogger("distributed.batched")
-    if not any(isinstance(f, ClosedCommFilter) for f in logger.filters):
-        logger.addFilter(ClosedCommFilter())
+    """Install ``ClosedCommFilter`` on ``distributed.batched``'s logger in this process (once: a logger keeps
+    one of each filter)."""
+    logging.getLogger("distributed.batched").addFilter(_CLOSED_COMM)
 
 
 def dask_setup(worker: Any) -> None:
     """Install the filters on the worker's loggers (``distributed`` calls this once per worker process)."""
-    logger = logging.getLogger("distributed.worker")
-    if not any(isinstance(f, ClosingHeartbeatFilter) for f in logger.filters):
-        logger.addFilter(ClosingHeartbeatFilter())
+    logging.getLogger("distributed.worker").addFilter(_CLOSING)
     quiet_closed_comms()

@@ -47,18 +47,13 @@ EXPECTED: tuple[tuple[str, str], ...] = (
 RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine")
 
 
-def expected_classes() -> tuple[type[BaseException], ...]:
-    """The expected error classes whose modules are loaded in this process."""
-    found = (getattr(sys.modules.get(module), name, None) for module, name in EXPECTED)
-    return tuple(cls for cls in found if isinstance(cls, type))
-
-
 def is_expected(exc: BaseException | None) -> bool:
     """True for an error the user can fix from its message: one of ``EXPECTED``, or a ``LookupError`` that
     names a missing run or model (``KeyError`` and ``IndexError`` are bugs, not lookups)."""
     if isinstance(exc, LookupError) and not isinstance(exc, (KeyError, IndexError)):
         return True
-    return isinstance(exc, expected_classes())
+    found = (getattr(sys.modules.get(module), name, None) for module, name in EXPECTED)  # only classes loaded
+    return isinstance(exc, tuple(cls for cls in found if isinstance(cls, type)))
 
 
 def message(exc: BaseException) -> str:
@@ -77,10 +72,13 @@ EXPECTED_MARK = "deeprnn_expected_failure"  # set on a record whose traceback wa
 _FAILED_STATE = re.compile(r"encountered an exception:? (\w+): ")
 
 
+def _carries_expected(record: logging.LogRecord) -> bool:
+    return isinstance(record.exc_info, tuple) and is_expected(record.exc_info[1])
+
+
 def _names_an_expected_failure(record: logging.LogRecord) -> bool:
     """Whether a run log record reports an expected error: with it attached, or by its class in a state."""
-    exc_info = record.exc_info
-    if getattr(record, EXPECTED_MARK, False) or (exc_info and isinstance(exc_info, tuple) and is_expected(exc_info[1])):
+    if getattr(record, EXPECTED_MARK, False) or _carries_expected(record):
         return True
     found = _FAILED_STATE.search(record.getMessage())
     return found is not None and found.group(1) in {"LookupError", *(name for _, name in EXPECTED)}
@@ -90,8 +88,7 @@ class DropExpectedTracebacks(logging.Filter):
     """Keep a run log record, but without its traceback when it reports an expected error."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        exc_info = record.exc_info
-        if exc_info and isinstance(exc_info, tuple) and is_expected(exc_info[1]):
+        if _carries_expected(record):
             record.exc_info = None
             record.exc_text = None
             setattr(record, EXPECTED_MARK, True)  # the console's filter still knows what the record reports
@@ -111,9 +108,7 @@ def quiet_expected_failures() -> None:
     """Install the filter on Prefect's run loggers (idempotent). Filters stay when Prefect re-reads its logging
     configuration, so once per process is enough: ``deeprnn/tasks/__init__.py`` calls it."""
     for name in RUN_LOGGERS:
-        logger = logging.getLogger(name)
-        if _FILTER not in logger.filters:
-            logger.addFilter(_FILTER)
+        logging.getLogger(name).addFilter(_FILTER)  # a logger keeps one of each filter
 
 
 class HideExpectedFailures(logging.Filter):
@@ -136,5 +131,5 @@ def hide_expected_failures_on_console() -> None:
     records of it off the console. Only the console's handlers get the filter: the flow run's logs in the
     Prefect API (the dashboard) keep every record, with its message."""
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and _HIDE not in handler.filters:
-            handler.addFilter(_HIDE)
+        if isinstance(handler, logging.StreamHandler):
+            handler.addFilter(_HIDE)  # a handler keeps one of each filter

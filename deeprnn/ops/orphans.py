@@ -21,30 +21,19 @@ from pathlib import Path
 import psutil
 from mlflow.tracking import MlflowClient
 
+from deeprnn.search.study_orphans import process_alive
 from deeprnn.tracking import run_checkpoints, runs
 from deeprnn.training.resume import LAST
 
 log = logging.getLogger(__name__)
 
 HOST_TAG, PID_TAG, STARTED_TAG = "deeprnn.host", "deeprnn.pid", "deeprnn.process_started"
-_START_SLACK = 2.0  # seconds: create_time is a float and the tag is written a moment after the process started
 
 
 def process_tags() -> dict[str, str]:
     """The tags that identify this process: host, process id and its start time."""
     pid = os.getpid()
     return {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), STARTED_TAG: f"{psutil.Process(pid).create_time():.3f}"}
-
-
-def process_alive(pid: int, started: float | None) -> bool:
-    """True while process ``pid`` of this host exists and, when ``started`` is known, is the same process."""
-    try:
-        created = psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return False
-    except psutil.AccessDenied:  # another user's process: it exists
-        return True
-    return started is None or abs(created - started) <= _START_SLACK
 
 
 @dataclass(frozen=True)
@@ -55,13 +44,6 @@ class Orphan:
     pid: int
     reason: str
     checkpoint: Path | str | None = None  # the checkpoint it can resume from (local file or MLflow artifact)
-
-
-def _float(value: str | None) -> float | None:
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
 
 
 def mark_orphaned_runs(runs_dir: str | None = None) -> list[Orphan]:
@@ -81,7 +63,7 @@ def mark_orphaned_runs(runs_dir: str | None = None) -> list[Orphan]:
         if not pid_text.isdigit() or int(pid_text) == os.getpid():
             continue
         pid = int(pid_text)
-        if process_alive(pid, _float(tags.get(STARTED_TAG))):
+        if process_alive(pid, tags.get(STARTED_TAG)):
             continue
         reason = f"process gone: pid {pid} on {host} ended without closing the run (killed or crashed)"
         runs.mark_failed(run.info.run_id, reason)

@@ -77,5 +77,4 @@ def scrub_log_handlers() -> None:
     loggers += [logger for logger in logging.root.manager.loggerDict.values() if isinstance(logger, logging.Logger)]
     for logger in loggers:
         for handler in logger.handlers:
-            if _FILTER not in handler.filters:
-                handler.addFilter(_FILTER)
+            handler.addFilter(_FILTER)  # a handler keeps one of each filter

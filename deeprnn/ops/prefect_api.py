@@ -82,7 +82,8 @@ class TemporaryAPI:
     other commands are starting on the same database answer (``lock``)."""
 
     env: dict[str, str] = field(repr=False)
-    lock: Any = None  # a filelock.FileLock on PREFECT_HOME, held from this server's start until it answers
+    lock: Any  # a filelock.FileLock on PREFECT_HOME, held from this server's start until it answers
+    timeout: float  # seconds to wait for it: Prefect's own setting for its ephemeral server
     process: subprocess.Popen[bytes] | None = None  # None while waiting for the lock
     port: int = 0
     queued_at: float = field(default_factory=time.monotonic)
@@ -96,83 +97,88 @@ class TemporaryAPI:
 
     def try_start(self) -> bool:
         """Start the server if it has not started and the lock is free now (no waiting); True once started."""
+        from filelock import Timeout  # a Prefect dependency, as filelock.FileLock
+
         if self.process is None:
-            if self.lock is not None and not _acquire(self.lock):
+            try:
+                self.lock.acquire(blocking=False)
+            except Timeout:
                 return False
+            except OSError:  # an unusable lock file: the servers start as they would without one
+                pass
             self._spawn_on(_free_port())
         return True
 
     def is_ready(self) -> bool:
         """True once the server answers its health check (one quick request, no waiting)."""
-        if self.ready:
-            return True
-        if not self.try_start():
-            return False
-        import httpx  # Prefect's own HTTP client; already loaded with prefect
+        if not self.ready and self.try_start():
+            import httpx  # Prefect's own HTTP client; already loaded with prefect
 
-        try:
-            self.ready = httpx.get(f"{self.url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            self.ready = False
+            with contextlib.suppress(httpx.HTTPError):
+                self.ready = httpx.get(f"{self.url}/health", timeout=2).status_code == 200
         return self.ready
 
-    def starting(self, timeout: float) -> bool:
+    def starting(self) -> bool:
         """True while the server is still on its way up: not answering yet, waiting for its turn or running,
-        and within ``timeout``."""
+        and within its timeout."""
         if self.is_ready():
             return False
         if self.process is None:
-            return time.monotonic() < self.queued_at + timeout * LOCK_WAIT_STARTS
-        return self.process.poll() is None and time.monotonic() < self.started_at + timeout
+            return time.monotonic() < self.queued_at + self.timeout * LOCK_WAIT_STARTS
+        return self.process.poll() is None and time.monotonic() < self.started_at + self.timeout
 
-    def wait(self, timeout: float) -> None:
+    def wait(self) -> None:
         """Block until the server answers; raise ``PrefectAPIError`` saying why if it does not. The lock is
-        released either way: the database is ready, or this server will not make it so."""
+        released either way: the database is ready, or this server will not make it so. Its turn may take
+        ``LOCK_WAIT_STARTS`` start-ups; its start is timed as Prefect times its own server's."""
+        turn = self.timeout * LOCK_WAIT_STARTS
         try:
-            self._wait_for_turn(timeout * LOCK_WAIT_STARTS)
-            self._wait_until_ready(timeout)
+            while not self.is_ready():
+                if self.process is None and time.monotonic() > self.queued_at + turn:
+                    raise PrefectAPIError(
+                        f"other commands have been starting Prefect's temporary API server on this PREFECT_HOME "
+                        f"for {turn:.0f} s (lock file {self.lock.lock_file}). Raise "
+                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server with `prefect server "
+                        "start` and set PREFECT_API_URL"
+                    )
+                code = None if self.process is None else self.process.poll()
+                if code == STARTUP_FAILURE_EXIT_CODE and _port_taken(self.port):
+                    self._spawn_on(_free_port())  # another program took the port between our choosing and binding it
+                elif code is not None:
+                    raise PrefectAPIError(
+                        f"Prefect's temporary API server exited with status {code} before answering (its errors "
+                        "are printed above). Check PREFECT_HOME's database, or start a server with `prefect server "
+                        "start` and set PREFECT_API_URL"
+                    )
+                if self.process is not None and time.monotonic() > self.started_at + self.timeout:
+                    self.stop()
+                    raise PrefectAPIError(
+                        f"Prefect's temporary API server did not answer within {self.timeout:.0f} s. Raise "
+                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server with `prefect server "
+                        "start` and set PREFECT_API_URL"
+                    )
+                time.sleep(0.1)
         finally:
             _release(self.lock)
 
-    def _wait_for_turn(self, seconds: float) -> None:
-        while not self.try_start():
-            if time.monotonic() > self.queued_at + seconds:
-                raise PrefectAPIError(
-                    f"other commands have been starting Prefect's temporary API server on this PREFECT_HOME for "
-                    f"{seconds:.0f} s (lock file {self.lock.lock_file}). Raise "
-                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server with `prefect server "
-                    "start` and set PREFECT_API_URL"
-                )
-            time.sleep(0.1)
-
-    def _wait_until_ready(self, timeout: float) -> None:
-        deadline = self.started_at + timeout  # counted from the start, as Prefect counts for its own server
-        while not self.is_ready():
-            assert self.process is not None  # started by _wait_for_turn
-            code = self.process.poll()
-            if code == STARTUP_FAILURE_EXIT_CODE and _port_taken(self.port):
-                self._spawn_on(_free_port())  # another program took the port between our choosing it and binding it
-                deadline = self.started_at + timeout
-            elif code is not None:
-                raise PrefectAPIError(
-                    f"Prefect's temporary API server exited with status {code} before answering (its errors are "
-                    "printed above). Check PREFECT_HOME's database, or start a server with `prefect server "
-                    "start` and set PREFECT_API_URL"
-                )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise PrefectAPIError(
-                    f"Prefect's temporary API server did not answer within {timeout:.0f} s. Raise "
-                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server with `prefect server "
-                    "start` and set PREFECT_API_URL"
-                )
-            time.sleep(0.1)
-
     def _spawn_on(self, port: int) -> None:
+        """Start the server process on ``port``, tied to this one's life where the platform allows it, and point
+        this process (and its children) at it, with no UI link: the server has no UI.
+
+        In a session (and process group) of its own: a terminal's Ctrl-C, and the SIGTERM that ``timeout``,
+        ``docker stop`` or systemd send, reach the whole group of the command, and the server would die before
+        the flow run reports how it stopped. The command stops it itself at exit (``TemporaryAPI.stop``), and the
+        parent-death signal still ends it when the command is killed outright.
+        """
+        from prefect.context import refresh_global_settings_context
+
         self.port = port
-        self.process = _spawn(server_command(port), self.env)
+        preexec = _stop_with_parent if sys.platform.startswith("linux") else None
+        self.process = subprocess.Popen(server_command(port), env=self.env, preexec_fn=preexec, start_new_session=True)
         self.started_at = time.monotonic()
-        _point_at(self.url)
+        os.environ["PREFECT_API_URL"] = self.url
+        os.environ["PREFECT_UI_URL"] = ""  # else Prefect would derive a link to a UI that this server does not serve
+        refresh_global_settings_context()  # Prefect read its settings at import; let it see the variables above
 
     def stop(self) -> None:
         """Stop the server as Prefect stops its own: terminate, then kill after 5 s."""
@@ -186,34 +192,8 @@ class TemporaryAPI:
                 self.process.wait()
 
 
-def _start_lock(home: Path) -> Any:
-    """The lock that orders the temporary servers' start-ups on ``home``'s database; None where the folder
-    cannot be made (the server then says what is wrong with it, as it starts)."""
-    from filelock import FileLock  # a Prefect dependency already
-
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    return FileLock(str(home / START_LOCK_NAME))
-
-
-def _acquire(lock: Any) -> bool:
-    """Take ``lock`` if it is free now; True when this process holds it (an unusable lock file counts as held:
-    the servers then start as they would without one)."""
-    from filelock import Timeout
-
-    try:
-        lock.acquire(blocking=False)
-    except Timeout:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 def _release(lock: Any) -> None:
-    if lock is not None and lock.is_locked:
+    if lock.is_locked:
         lock.release(force=True)
 
 
@@ -224,32 +204,10 @@ def _stop_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Start the server process, tied to this one's life where the platform allows it.
-
-    In a session (and process group) of its own: a terminal's Ctrl-C, and the SIGTERM that ``timeout``,
-    ``docker stop`` or systemd send, reach the whole group of the command, and the server would die before
-    the flow run reports how it stopped. The command stops it itself at exit (``TemporaryAPI.stop``), and the
-    parent-death signal still ends it when the command is killed outright.
-    """
-    on_linux = sys.platform.startswith("linux")
-    return subprocess.Popen(
-        command, env=env, preexec_fn=_stop_with_parent if on_linux else None, start_new_session=True
-    )
-
-
-def _point_at(url: str) -> None:
-    """Make this process (and its children) use the API at ``url``, with no UI link: the server has no UI."""
-    from prefect.context import refresh_global_settings_context
-
-    os.environ["PREFECT_API_URL"] = url
-    os.environ["PREFECT_UI_URL"] = ""  # else Prefect would derive a link to a UI that this server does not serve
-    refresh_global_settings_context()  # Prefect read its settings at import; let it see the variables above
-
-
 def start_temporary_api() -> TemporaryAPI | None:
     """Start Prefect's temporary API server now when Prefect would start one later; None when an API URL is
     configured (environment or profile) or ephemeral mode is off. The server is stopped at exit."""
+    from filelock import FileLock
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
@@ -257,14 +215,11 @@ def start_temporary_api() -> TemporaryAPI | None:
         return None
     # The same environment Prefect gives its server: ours, its markers, then the active profile's settings.
     env = {**QUIET_SERVER_ENV, **os.environ, **SERVER_ENV, **settings.to_environment_variables(exclude_unset=True)}
-    api = TemporaryAPI(env, lock=_start_lock(Path(settings.home)))
+    home = Path(settings.home)
+    with contextlib.suppress(OSError):  # a folder that cannot be made: the server says what is wrong with it
+        home.mkdir(parents=True, exist_ok=True)
+    timeout = float(settings.server.ephemeral.startup_timeout_seconds)
+    api = TemporaryAPI(env, FileLock(str(home / START_LOCK_NAME)), timeout)
     atexit.register(api.stop)
     api.try_start()  # now, unless another command's server is starting on the same database
     return api
-
-
-def startup_timeout() -> float:
-    """Seconds to wait for the temporary server: Prefect's own setting for its ephemeral server."""
-    from prefect.settings import get_current_settings
-
-    return float(get_current_settings().server.ephemeral.startup_timeout_seconds)

@@ -1,15 +1,16 @@
 """Every sweep is an Optuna study: the search space as Optuna distributions, the sampler and pruner of each
 search, and the storage a study lives in.
 
-The space is ``deeprnn.search.space``'s: a list of values becomes a categorical distribution, a ``{low, high,
-log}`` range a float (or, with integer bounds, an int) distribution. Grid search enqueues the grid's points in
-order (``GridSampler`` is the study's sampler), random search its seeded draws (``RandomSampler``), and each
-trial asks the study for the next one; adaptive search (``optuna``) asks TPE, with a pruner. A study lives in
-an Optuna storage that outlives the process and that every Dask worker opens: an RDB URL
-(``sqlite:///studies.db`` on one machine, ``postgresql://...`` or ``mysql://...`` for a cluster) or a journal
-file (any other value: a path on this machine). Running a sweep again with the same study name continues it: a
-grid or random sweep runs the points it has not finished, an adaptive one adds trials.
-"""
+A list of values becomes a categorical distribution, a ``{low, high, log}`` range a float (or, with integer bounds,
+an int) distribution. Grid search enqueues the grid's points in order (``GridSampler``), random search its seeded
+draws (``RandomSampler``); adaptive search (``optuna``) asks TPE, with a pruner. A study lives in an RDB URL
+(``sqlite:///studies.db``, ``postgresql://...``) or a journal file (any other value), and running a sweep again
+with the same study name continues it: a grid or random sweep runs the points it has not finished.
+
+A crash while a journal record is written leaves the last line cut short: Optuna skips it, but glues its next
+record onto it, and from then on cannot read the study, with an error that names no file. So ``check_journal``
+refuses a record that is no JSON before the last line, and ``drop_torn_record`` cuts a torn last one off, under
+Optuna's own lock, once a sweep has decided to run (Optuna never read it: the study is the same without it)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 from deeprnn.config import section_values
 from deeprnn.data.urls import hide_password, mask_password
 from deeprnn.search.space import Range, SearchSpace, SearchSpaceError, Trial, expand, make_trial, parse_space
-from deeprnn.search.study_journal import JournalDamagedError, check_journal, drop_torn_record
 from deeprnn.search.study_orphans import GRACE_S, HEARTBEAT_S, Cleanup, fail_orphaned_trials
 
 if TYPE_CHECKING:  # optuna loads only when a study is used
@@ -49,14 +50,6 @@ class StudyError(ValueError):
     cannot be opened, or a study that holds another search. The message says which and why."""
 
 
-def check_names(search: str, pruner: str) -> None:
-    """Refuse a search or pruner this sweep does not know, naming the known ones."""
-    if search not in SEARCHES:
-        raise StudyError(f"unknown search {search!r}; choose one of: {', '.join(SEARCHES)}")
-    if pruner not in PRUNERS:
-        raise StudyError(f"unknown pruner {pruner!r}; choose one of: {', '.join(PRUNERS)}")
-
-
 def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
     """Each varied field of ``space`` as an Optuna distribution; ``StudyError`` for a space with nothing to
     vary, a range with nothing in it, or values Optuna cannot store."""
@@ -68,33 +61,26 @@ def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
         )
     out: dict[str, BaseDistribution] = {}
     for key, dim in space.dims.items():
-        if isinstance(dim, Range):
-            if dim.low == dim.high:
-                raise StudyError(f"{key}: the range {dim.low}..{dim.high} holds one value; give it as a value")
-            if dim.integer:
-                out[key] = IntDistribution(int(dim.low), int(dim.high), log=dim.log)
-            else:
-                out[key] = FloatDistribution(dim.low, dim.high, log=dim.log)
-            continue
-        odd = [v for v in dim if not isinstance(v, _CATEGORY_TYPES)]
-        if odd:
-            raise StudyError(f"{key}: a choice holds numbers, words, true/false or null, not {odd[0]!r}")
-        out[key] = CategoricalDistribution(dim)
+        if not isinstance(dim, Range):
+            odd = [v for v in dim if not isinstance(v, _CATEGORY_TYPES)]
+            if odd:
+                raise StudyError(f"{key}: a choice holds numbers, words, true/false or null, not {odd[0]!r}")
+            out[key] = CategoricalDistribution(dim)
+        elif dim.low == dim.high:
+            raise StudyError(f"{key}: the range {dim.low}..{dim.high} holds one value; give it as a value")
+        elif dim.integer:
+            out[key] = IntDistribution(int(dim.low), int(dim.high), log=dim.log)
+        else:
+            out[key] = FloatDistribution(dim.low, dim.high, log=dim.log)
     return out
 
 
 def corner_values(space: SearchSpace) -> list[dict[str, Any]]:
     """Points that reach every end of the space: each value of each dimension (both ends of a range), the
     others at their first value. Validating them catches a space with configurations that cannot run."""
-    first = {k: (d.low if isinstance(d, Range) else d[0]) for k, d in space.dims.items()}
-    points = []
-    for key, dim in space.dims.items():
-        ends = [dim.low, dim.high] if isinstance(dim, Range) else dim
-        for value in ends:
-            if isinstance(dim, Range) and dim.integer:
-                value = int(value)
-            points.append({**first, key: value})
-    return points
+    ends = {k: d.ends if isinstance(d, Range) else d for k, d in space.dims.items()}
+    first = {k: values[0] for k, values in ends.items()}
+    return [{**first, key: value} for key, values in ends.items() for value in values]
 
 
 def check_space(preset: str, overrides: Mapping[str, Any] | None, space: SearchSpace) -> None:
@@ -113,7 +99,6 @@ def make_sampler(search: str, seed: int, space: SearchSpace) -> optuna.samplers.
     out instead of drawing the same point."""
     import optuna
 
-    check_names(search, "none")
     if search == "grid":
         return optuna.samplers.GridSampler({k: v for k, v in space.dims.items() if isinstance(v, list)}, seed=seed)
     if search == "random":
@@ -122,15 +107,11 @@ def make_sampler(search: str, seed: int, space: SearchSpace) -> optuna.samplers.
 
 
 def make_pruner(name: str, max_steps: int | None = None) -> optuna.pruners.BasePruner:
-    """``asha``: asynchronous successive halving; ``median``: below the median of earlier trials at the same
-    step; ``none``: every trial runs to its end.
-
-    ASHA keeps a third of the trials at each rung; with a step budget its rungs are at 1/27, 1/9 and 1/3 of
-    ``max_steps`` (the first evaluation at or after each), else Optuna estimates them from the first
-    finished trial."""
+    """``asha``: asynchronous successive halving, a third of the trials kept at each rung (with a step budget at
+    1/27, 1/9 and 1/3 of ``max_steps``, else as Optuna estimates from the first finished trial); ``median``:
+    below the median of earlier trials at the same step; ``none``: every trial runs to its end."""
     import optuna
 
-    check_names("optuna", name)
     if name == "asha":
         first_rung: int | str = max(1, max_steps // 27) if max_steps else "auto"
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung, reduction_factor=3)
@@ -147,28 +128,78 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+    # sqlite: workers wait for the file's lock; a server's idle connections may close between two trials.
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        if "://" in url:
-            with warnings.catch_warnings():  # Optuna marks the heartbeat "experimental"
-                warnings.simplefilter("ignore")
-                return optuna.storages.RDBStorage(
-                    driver_url(url), engine_kwargs=_engine_kwargs(url), heartbeat_interval=HEARTBEAT_S,
-                    grace_period=GRACE_S,
-                )  # fmt: skip
-        path = Path(url).expanduser()
-        if not path.parent.is_dir():
-            raise StudyError(f"cannot open the study storage {url}: folder {path.parent} does not exist")
-        check_journal(path)
-        return JournalStorage(JournalFileBackend(str(path)))
+        if "://" not in url:
+            return JournalStorage(JournalFileBackend(str(check_journal(url))))
+        with warnings.catch_warnings():  # Optuna marks the heartbeat "experimental"
+            warnings.simplefilter("ignore")
+            return optuna.storages.RDBStorage(
+                driver_url(url), engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
+            )
     except StudyError:
         raise
-    except JournalDamagedError as exc:
-        raise StudyError(str(exc)) from None
     except Exception as exc:  # SQLAlchemy and drivers raise their own kinds; all mean "cannot open"
         lines = hide_password(str(exc), url).strip().splitlines()  # a driver may quote the URL it was given
         raise StudyError(
             f"cannot open the study storage {mask_password(url)}: {type(exc).__name__}: {lines[0] if lines else ''}"
         ) from None
+
+
+def _journal_path(url: str) -> Path:
+    path = Path(url).expanduser()
+    if not path.parent.is_dir():
+        raise StudyError(f"cannot open the study storage {url}: folder {path.parent} does not exist")
+    return path
+
+
+def check_journal(url: str) -> Path:
+    """The journal file at ``url``, its records read; ``StudyError`` naming the file, the first damaged line and
+    what to do when a complete line is not a JSON record (or naming the folder when it does not exist)."""
+    path = _journal_path(url)
+    if not path.exists():
+        return path
+    lines = path.read_bytes().split(b"\n")
+    tail = lines.pop()  # what follows the last newline: nothing, unless the last record is cut short
+    for number, line in enumerate(lines, start=1):
+        try:
+            json.loads(line)
+        except ValueError as exc:  # JSONDecodeError, or bytes that are no UTF-8
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+            keep = f"head -n {number - 1} {path} > KEPT.journal" if number > 1 else "nothing before it to keep"
+            raise StudyError(
+                f"the study journal {path} is damaged: line {number} of {len(lines) + bool(tail)} is no record "
+                f"({why}), so Optuna cannot read the study. Restore the file from a backup, or keep the "
+                f"{number - 1} records before it ({keep}) and give --storage that file"
+            ) from None
+    return path
+
+
+def drop_torn_record(path: Path) -> str | None:
+    """Cut a torn last record (a line without its newline) off the journal at ``path``, holding Optuna's lock
+    on the file; returns the warning to show, or ``None`` when there was nothing to cut."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    if not path.exists():
+        return None
+    lock = JournalFileSymlinkLock(str(path))  # the lock Optuna's JournalFileBackend writes under
+    lock.acquire()
+    try:
+        data = path.read_bytes()
+        keep = data.rfind(b"\n") + 1  # 0 when no record is complete
+        if keep == len(data):
+            return None
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        lock.release()
+    return (
+        f"the study journal {path} ended in a record cut short ({len(data) - keep} bytes, a crash while it was "
+        "written): dropped it; Optuna had never read it, so the study is unchanged"
+    )
 
 
 def driver_url(url: str) -> str:
@@ -182,13 +213,6 @@ def driver_url(url: str) -> str:
 def is_local_storage(url: str) -> bool:
     """True for a storage only this machine reaches: a journal file or an sqlite database."""
     return "://" not in url or url.startswith("sqlite")
-
-
-def _engine_kwargs(url: str) -> dict[str, Any]:
-    # sqlite: several worker processes write one file; wait for its lock instead of failing at once.
-    if url.startswith("sqlite"):
-        return {"connect_args": {"timeout": 60}}
-    return {"pool_pre_ping": True}  # a server's idle connections may be closed between two trials
 
 
 @dataclass(frozen=True)
@@ -267,7 +291,10 @@ def study_spec(
     grid or random sweep), nothing opened yet. ``study``: its name; by default ``EXPERIMENT-SEARCH-DIGEST``, the
     digest of the search (``StudySpec.signature``): the same sweep again continues its study, another starts its
     own."""
-    check_names(search, pruner)
+    if search not in SEARCHES:
+        raise StudyError(f"unknown search {search!r}; choose one of: {', '.join(SEARCHES)}")
+    if pruner not in PRUNERS:
+        raise StudyError(f"unknown pruner {pruner!r}; choose one of: {', '.join(PRUNERS)}")
     search_space = parse_space(space)
     check_space(preset, sections, search_space)
     overrides = {k: section_values(v) for k, v in sections.items() if section_values(v)}
@@ -285,11 +312,10 @@ def check_storage(spec: StudySpec) -> int | None:
     """Decide, writing nothing, whether ``spec`` can run: the storage opens (a journal's records are checked),
     a study of that name, if any, ran the same search, and a grid or random sweep has points left to run.
     Returns how many trials the study holds (``None``: no such study yet); ``StudyError`` saying why not."""
-    storage, count = _existing(spec)
-    if count and spec.points() and storage is not None:
-        study_id = storage.get_study_id_from_name(spec.name)
-        _missing(spec, storage.get_all_trials(study_id, deepcopy=False))
-    return count
+    trials = _existing(spec)[1]
+    if trials and spec.points():
+        _missing(spec, trials)
+    return None if trials is None else len(trials)
 
 
 def _missing(spec: StudySpec, trials: list[Any]) -> list[dict[str, Any]]:
@@ -322,66 +348,51 @@ def enqueue_points(study: optuna.Study, spec: StudySpec) -> int:
     return len(missing)
 
 
-def create_or_continue(spec: StudySpec, warn: Callable[[str], None] = _log.warning) -> optuna.Study:
-    """Create the study, or continue the one of that name when it ran the same search; ``StudyError`` when it
-    ran another (another space, preset or fixed fields). Everything is checked before the first write; a
-    journal's torn last record is then dropped, with a warning to ``warn``."""
-    return _create_or_continue(spec, warn)[0]
-
-
-def start_study(spec: StudySpec, warn: Callable[[str], None] = _log.warning) -> tuple[optuna.Study, Cleanup]:
-    """``create_or_continue``, then the trials earlier sweeps left ``RUNNING`` whose process is gone marked
-    ``FAIL`` (``deeprnn.search.study_orphans``)."""
-    study, storage = _create_or_continue(spec, warn)
-    return study, fail_orphaned_trials(study, storage)
-
-
-def _existing(spec: StudySpec) -> tuple[optuna.storages.BaseStorage | None, int | None]:
-    """The storage opened (``None`` for a journal file not there yet: opening would create it) and the number
-    of trials of the study named ``spec.name`` (``None``: none of that name), its search checked."""
-    path = Path(spec.storage).expanduser()
-    if "://" not in spec.storage and not path.exists():
-        if not path.parent.is_dir():
-            raise StudyError(f"cannot open the study storage {spec.storage}: folder {path.parent} does not exist")
+def _existing(spec: StudySpec) -> tuple[optuna.storages.BaseStorage | None, list[Any] | None]:
+    """The storage opened (``None`` for a journal file not there yet: opening would create it) and the trials
+    of the study named ``spec.name`` (``None``: none of that name), its search checked."""
+    if "://" not in spec.storage and not _journal_path(spec.storage).exists():
         return None, None
     storage = open_storage(spec.storage)
     try:
         study_id = storage.get_study_id_from_name(spec.name)
     except KeyError:
         return storage, None
-    known = storage.get_study_user_attrs(study_id).get(SIGNATURE_ATTR)
+    _check_search(spec, storage.get_study_user_attrs(study_id))
+    return storage, storage.get_all_trials(study_id, deepcopy=False)
+
+
+def _check_search(spec: StudySpec, attrs: Mapping[str, Any]) -> None:
+    known = attrs.get(SIGNATURE_ATTR)
     if known is not None and known != spec.signature():
         raise StudyError(
             f"study {spec.name!r} in {spec.shown_storage} holds trials of another search (space, preset or fixed "
             "fields differ): give the same search to continue it, or another --study name"
         )
-    return storage, len(storage.get_all_trials(study_id, deepcopy=False))
 
 
-def _create_or_continue(
-    spec: StudySpec, warn: Callable[[str], None]
-) -> tuple[optuna.Study, optuna.storages.BaseStorage]:
+def start_study(spec: StudySpec, warn: Callable[[str], None] = _log.warning) -> tuple[optuna.Study, Cleanup]:
+    """Create the study, or continue the one of that name when it ran the same search (``StudyError`` when it
+    ran another: another space, preset or fixed fields), then mark ``FAIL`` the trials earlier sweeps left
+    ``RUNNING`` whose process is gone (``deeprnn.search.study_orphans``). Everything is checked before the first
+    write; a journal's torn last record is then dropped, with a warning to ``warn``."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial lines repeat what the sweep logs
-    storage, count = _existing(spec)  # every check before the first write
+    storage, trials = _existing(spec)  # every check before the first write
     if "://" not in spec.storage:
         dropped = drop_torn_record(Path(spec.storage).expanduser())
         if dropped:
             warn(dropped)
     storage = storage or open_storage(spec.storage)
     sampler, pruner = make_sampler(spec.search, spec.seed, parse_space(spec.space)), make_pruner(spec.pruner)
-    if count is not None:  # loading writes nothing (creating again would append a record to a journal)
-        return optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner), storage
-    study = optuna.create_study(
-        study_name=spec.name, storage=storage, direction="minimize", load_if_exists=True, sampler=sampler,
-        pruner=pruner,
-    )  # fmt: skip
-    known = study.user_attrs.get(SIGNATURE_ATTR)
-    if known is None:
+    if trials is not None:  # loading writes nothing (creating again would append a record to a journal)
+        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner)
+    else:
+        study = optuna.create_study(
+            study_name=spec.name, storage=storage, direction="minimize", load_if_exists=True, sampler=sampler,
+            pruner=pruner,
+        )  # fmt: skip
+        _check_search(spec, study.user_attrs)  # another sweep may have created it with another search meanwhile
         study.set_user_attr(SIGNATURE_ATTR, spec.signature())
-    elif known != spec.signature():  # another sweep created it with another search a moment ago
-        raise StudyError(
-            f"study {spec.name!r} in {spec.shown_storage} holds trials of another search: give another --study"
-        )
-    return study, storage
+    return study, fail_orphaned_trials(study, storage)

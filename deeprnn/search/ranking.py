@@ -54,16 +54,12 @@ _COLUMNS = ("test_perplexity", "val_perplexity", "final_train_perplexity", "trai
 
 def table_rows(results: list[TrialResult]) -> list[dict[str, Any]]:
     """One flat row per trial, ranked: trial, status, varied values, perplexities, seconds, run id, error."""
-    keys: list[str] = []
-    for r in results:
-        keys += [k for k in r.values if k not in keys]
+    keys = list(dict.fromkeys(k for r in results for k in r.values))
     metric_keys = [k for k in _COLUMNS if any(k in r.metrics for r in results)]
     rows = []
     for r in rank(results):
-        row: dict[str, Any] = {"trial": r.index, "status": r.status}
-        row.update({k: r.values.get(k) for k in keys})
-        row.update({k: r.metrics.get(k) for k in metric_keys})
-        row.update({"run_id": r.run_id or "", "error": r.error or ""})
+        row: dict[str, Any] = {"trial": r.index, "status": r.status, **{k: r.values.get(k) for k in keys}}
+        row.update({k: r.metrics.get(k) for k in metric_keys}, run_id=r.run_id or "", error=r.error or "")
         rows.append(row)
     return rows
 
@@ -84,12 +80,10 @@ def table_markdown(results: list[TrialResult], link: Callable[[str], str | None]
     rows = table_rows(results)
     if not rows:
         return "(no trials)"
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0])]
     for row in rows:
         cells = []
-        for col in columns:
-            value = row[col]
+        for col, value in row.items():
             if col == "run_id" and value:
                 url = link(value) if link else None
                 cells.append(f"[{value[:12]}]({url})" if url else f"`{value}`")

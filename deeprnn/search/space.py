@@ -63,6 +63,12 @@ class Range:
             return min(max(int(round(value)), int(self.low)), int(self.high))
         return float(f"{value:.4g}")  # 4 significant digits: readable in the MLflow UI, plenty for tuning
 
+    @property
+    def ends(self) -> list[float | int]:
+        """Its two ends, as integers for an integer range."""
+        kind = int if self.integer else float
+        return [kind(self.low), kind(self.high)]
+
 
 @dataclass(frozen=True)
 class SearchSpace:
@@ -79,10 +85,8 @@ class SearchSpace:
 
     def describe(self) -> dict[str, Any]:
         """The space as plain JSON-ready data (ranges as ``{low, high, log}``)."""
-        out: dict[str, Any] = {}
-        for key, value in self.dims.items():
-            out[key] = {"low": value.low, "high": value.high, "log": value.log} if isinstance(value, Range) else value
-        return out
+        ranges = {k: {"low": v.low, "high": v.high, "log": v.log} for k, v in self.dims.items() if isinstance(v, Range)}
+        return {**self.dims, **ranges}
 
 
 def field_path(name: str) -> str:
@@ -102,14 +106,8 @@ def field_path(name: str) -> str:
         return matches[0]
     if len(matches) > 1:
         raise SearchSpaceError(f"{name!r} is ambiguous: write one of {', '.join(matches)}")
-    if "." in key:
-        close = difflib.get_close_matches(key, paths, n=3)
-    else:
-        close = [
-            p
-            for p in paths
-            if p.split(".", 1)[1] in difflib.get_close_matches(key, [p.split(".", 1)[1] for p in paths], n=3)
-        ]
+    near = difflib.get_close_matches(key, paths if "." in key else [p.split(".", 1)[1] for p in paths], n=3)
+    close = [p for p in paths if p in near or p.split(".", 1)[1] in near]
     hint = f"; did you mean {' or '.join(close)}?" if close else "; see `deeprnn presets smoke` for the fields"
     raise SearchSpaceError(f"unknown configuration field {name!r} in the search space{hint}")
 
@@ -132,8 +130,7 @@ def _flatten(spec: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in spec.items():
         if key in SECTIONS and isinstance(value, Mapping):
-            for sub, sub_value in value.items():
-                out[f"{key}.{sub}"] = sub_value
+            out.update({f"{key}.{sub}": sub_value for sub, sub_value in value.items()})
         else:
             out[str(key)] = value
     return out
@@ -151,10 +148,7 @@ def parse_space(spec: Mapping[str, Any]) -> SearchSpace:
         if isinstance(value, Mapping):
             dims[key] = _range(key, value)
         elif isinstance(value, (list, tuple)):
-            values: list[Any] = []
-            for v in value:
-                if v not in values:
-                    values.append(v)
+            values = [v for i, v in enumerate(value) if v not in value[:i]]
             if not values:
                 raise SearchSpaceError(f"{key}: the list of values is empty")
             if len(values) == 1:
@@ -203,8 +197,8 @@ def expand(
     """
     if max_trials is not None and max_trials < 1:
         raise SearchSpaceError(f"--max-trials must be at least 1, got {max_trials}")
-    keys = list(space.dims)
     size = space.grid_size()
+    lists = [cast(list[Any], v) for v in space.dims.values()]  # a grid: every dimension is a list
     if not random_search:
         if size is None:
             ranged = [k for k, v in space.dims.items() if isinstance(v, Range)]
@@ -215,29 +209,26 @@ def expand(
                 f"the grid has {size} trials, more than {limit}: use --random --max-trials N to sample it, "
                 "or give fewer values"
             )
-        lists = [cast(list[Any], space.dims[k]) for k in keys]  # no ranges here: checked above
-        return [dict(zip(keys, combo)) for combo in itertools.product(*lists)]
-
+        return [dict(zip(space.dims, combo)) for combo in itertools.product(*lists)]
     wanted = min(max_trials or DEFAULT_RANDOM_TRIALS, MAX_TRIALS)
     rng = random.Random(seed)
     if size is not None:
         # Distinct combinations: draw indices into the grid without replacement, decode them digit by digit.
         picks = rng.sample(range(size), min(wanted, size))
-        return [_decode(index, keys, space) for index in picks]
+        return [dict(zip(space.dims, _decode(index, lists))) for index in picks]
     return [
         {k: v.draw(rng) if isinstance(v, Range) else rng.choice(v) for k, v in space.dims.items()}
         for _ in range(wanted)
     ]
 
 
-def _decode(index: int, keys: list[str], space: SearchSpace) -> dict[str, Any]:
-    """The ``index``-th grid combination (the last key varies fastest, as in ``itertools.product``)."""
-    out: dict[str, Any] = {}
-    for key in reversed(keys):
-        values = cast(list[Any], space.dims[key])  # a grid: every dimension is a list
+def _decode(index: int, lists: list[list[Any]]) -> list[Any]:
+    """The ``index``-th combination of ``itertools.product(*lists)`` (the last list varies fastest)."""
+    combo = []
+    for values in reversed(lists):
         index, digit = divmod(index, len(values))
-        out[key] = values[digit]
-    return {k: out[k] for k in keys}
+        combo.append(values[digit])
+    return combo[::-1]
 
 
 def _nest(values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -274,18 +265,12 @@ def make_trial(
     """Trial ``index`` with the varied ``values``: ``preset``, then ``overrides`` (``{section: {field: value}}``,
     a section may be a section model, whose set fields count, or None), then the space's fixed values, then
     ``values``; ``SearchSpaceError`` saying why when that is not a valid configuration."""
-    given: dict[str, dict[str, Any]] = {}
-    for section, section_model in (overrides or {}).items():
-        if section_values(section_model):
-            given[section] = section_values(section_model)
+    given = {section: section_values(model) for section, model in (overrides or {}).items() if section_values(model)}
     base = merge(given, _nest(space.fixed))
     try:
         config = preset_config(preset, merge(base, _nest(values)))
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise SearchSpaceError(f"trial {index} ({_show(values)}) is not a valid configuration: {problems}") from None
+        shown = ", ".join(f"{k}={v}" for k, v in values.items()) or "no varied values"
+        raise SearchSpaceError(f"trial {index} ({shown}) is not a valid configuration: {problems}") from None
     return Trial(index, dict(values), config)
-
-
-def _show(values: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in values.items()) or "no varied values"

@@ -21,7 +21,7 @@ import os
 import socket
 import threading
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -37,15 +37,27 @@ GRACE_S = 180  # database storages: a running trial silent for longer than this 
 _START_SLACK = 2.0  # seconds: a process's start time is a float, recorded a moment after it started
 
 
-def owner() -> dict[str, Any]:
-    """This process, as a trial's owner: host, pid and start time (so a reused pid is not taken for it)."""
-    pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "started": round(psutil.Process(pid).create_time(), 3)}
-
-
 def claim(trial: optuna.Trial) -> None:
-    """Record this process as the owner of ``trial``."""
-    trial.set_user_attr(OWNER_ATTR, owner())
+    """Record this process as the owner of ``trial``: host, pid and start time (so a reused pid is not taken
+    for it)."""
+    pid = os.getpid()
+    started = round(psutil.Process(pid).create_time(), 3)
+    trial.set_user_attr(OWNER_ATTR, {"host": socket.gethostname(), "pid": pid, "started": started})
+
+
+def process_alive(pid: int, started: Any) -> bool:
+    """True while process ``pid`` of this host exists and, when its start time ``started`` is known (a number, or
+    its text), is the same process (not a later one that reuses its pid)."""
+    try:
+        created: float = psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:  # another user's process: it exists
+        return True
+    try:
+        return abs(created - float(started)) <= _START_SLACK
+    except (TypeError, ValueError):  # no start time recorded
+        return True
 
 
 def gone_reason(record: Any, host: str) -> str | None:
@@ -54,15 +66,11 @@ def gone_reason(record: Any, host: str) -> str | None:
     if not isinstance(record, dict) or record.get("host") != host or not isinstance(record.get("pid"), int):
         return None
     pid, started = record["pid"], record.get("started")
-    try:
-        created = psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return f"process gone: pid {pid} on {host} ended without ending the trial (killed or crashed)"
-    except psutil.AccessDenied:  # another user's process: it exists
+    if process_alive(pid, started):
         return None
-    if isinstance(started, (int, float)) and abs(created - started) > _START_SLACK:
+    if psutil.pid_exists(pid):
         return f"process gone: pid {pid} on {host} is now another process"
-    return None
+    return f"process gone: pid {pid} on {host} ended without ending the trial (killed or crashed)"
 
 
 @dataclass(frozen=True)
@@ -124,10 +132,8 @@ def heartbeat(trial: optuna.Trial) -> Iterator[None]:
 
     def beat() -> None:
         while not stop.wait(interval):
-            try:
+            with suppress(Exception):  # the next beat tries again; the grace period allows for it
                 storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
-            except Exception:  # noqa: BLE001, S110 - the next beat tries again; the grace period allows for it
-                pass
 
     thread = threading.Thread(target=beat, name=f"optuna-heartbeat-{trial.number}", daemon=True)
     thread.start()

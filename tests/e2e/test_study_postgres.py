@@ -20,7 +20,7 @@ from postgres_server import needs_postgres, postgres_server
 
 from deeprnn.flows.sweep_flow import sweep_lm
 from deeprnn.ops.cluster import dask_task_runner
-from deeprnn.search.optuna_study import StudySpec, create_or_continue, driver_url, open_storage
+from deeprnn.search.optuna_study import StudySpec, driver_url, open_storage, start_study
 from deeprnn.search.study_orphans import fail_orphaned_trials
 
 pytestmark = [pytest.mark.e2e, needs_postgres]
@@ -40,8 +40,8 @@ def test_postgres_urls_open_with_psycopg_3_and_hold_a_study(postgres_url: str) -
         storage = open_storage(url)
         assert storage.engine.dialect.driver == "psycopg"  # type: ignore[attr-defined]
     spec = StudySpec("pg", postgres_url.replace("postgresql://", "postgres://", 1), {"train.lr": [0.5, 1]}, "smoke", {})
-    create_or_continue(spec).enqueue_trial({"train.lr": 0.5})
-    assert len(create_or_continue(StudySpec("pg", postgres_url, spec.space, "smoke", {})).trials) == 1
+    start_study(spec)[0].enqueue_trial({"train.lr": 0.5})
+    assert len(start_study(StudySpec("pg", postgres_url, spec.space, "smoke", {}))[0].trials) == 1
 
 
 # A worker of another machine (its owner names another host) holding a trial, its heartbeat beating each second.

@@ -14,9 +14,9 @@ from deeprnn.search.optuna_study import (
     StudySpec,
     check_space,
     check_storage,
-    create_or_continue,
     distributions,
     enqueue_points,
+    start_study,
     study_spec,
 )
 from deeprnn.search.space import parse_space
@@ -49,11 +49,11 @@ def test_a_space_whose_end_is_no_valid_configuration_is_refused_naming_it() -> N
 def test_the_same_study_name_continues_only_the_same_search(tmp_path: Path) -> None:
     storage = str(tmp_path / "studies.journal")
     spec = StudySpec("s", storage, {"train.lr": [0.5, 1]}, "smoke", {})
-    create_or_continue(spec).enqueue_trial({"train.lr": 0.5})
-    assert len(create_or_continue(spec).trials) == 1  # continued, not created again
+    start_study(spec)[0].enqueue_trial({"train.lr": 0.5})
+    assert len(start_study(spec)[0].trials) == 1  # continued, not created again
     other = StudySpec("s", storage, {"train.lr": [0.5, 2]}, "smoke", {})
     with pytest.raises(StudyError, match="holds trials of another search"):
-        create_or_continue(other)
+        start_study(other)
 
 
 @pytest.mark.parametrize("search", ["grid", "random"])
@@ -66,7 +66,7 @@ def test_a_grid_or_random_sweep_run_again_runs_only_the_points_it_has_not_finish
     if search == "grid":  # every combination, the last field varying fastest
         assert points[:2] == [{"train.lr": 0.5, "model.num_hiddens": 8}, {"train.lr": 0.5, "model.num_hiddens": 16}]
     assert spec.sampler == {"grid": "grid", "random": "random"}[search] and spec.pruner == "none"
-    study = create_or_continue(spec)
+    study = start_study(spec)[0]
     assert enqueue_points(study, spec) == len(points)
     # Trials take the points in order, whichever worker asks.
     dims = distributions(parse_space(space))
@@ -75,7 +75,7 @@ def test_a_grid_or_random_sweep_run_again_runs_only_the_points_it_has_not_finish
     study.tell(first, 3.0)
     study.tell(second, state=TrialState.FAIL)
     # Stopped there; run again: the failed point is enqueued again, the ones still waiting are not enqueued twice.
-    again = create_or_continue(spec)
+    again = start_study(spec)[0]
     assert enqueue_points(again, spec) == len(points) - 1
     waiting = [t.system_attrs["fixed_params"] for t in again.get_trials(states=(TrialState.WAITING,))]
     assert sorted(map(str, waiting)) == sorted(map(str, points[1:]))

@@ -22,7 +22,6 @@ from deeprnn.search.optuna_study import (
     StudyError,
     StudySpec,
     check_storage,
-    create_or_continue,
     driver_url,
     start_study,
 )
@@ -93,7 +92,7 @@ def test_trials_of_a_killed_process_are_failed_and_those_of_a_live_one_left_runn
 ) -> None:
     storage = str(tmp_path / "studies.journal")
     spec = StudySpec("s", storage, SPACE, "smoke", {})
-    study = create_or_continue(spec)
+    study = start_study(spec)[0]
     study.tell(study.ask({"train.lr": optuna.distributions.CategoricalDistribution([0.5, 1.0])}), 3.0)
     killed = _own_a_trial(owners, storage)
     _own_a_trial(owners, storage)  # a sweep still running on this machine
@@ -146,7 +145,7 @@ def test_the_heartbeat_beats_only_where_the_storage_has_one(tmp_path: Path) -> N
 
 def _torn(path: Path, spec: StudySpec) -> bytes:
     """A journal of ``spec``'s study whose last record a crash cut short, its bytes."""
-    study = create_or_continue(spec)
+    study = start_study(spec)[0]
     study.tell(study.ask({"train.lr": optuna.distributions.CategoricalDistribution([0.5, 1.0])}), 2.0)
     whole = path.read_bytes()
     record = json.dumps({"op_code": 5, "worker_id": "w", "trial_id": 0, "user_attr": {"x": 1}}).encode()
@@ -161,7 +160,7 @@ def test_a_torn_last_record_is_dropped_with_a_warning_once_the_sweep_runs(tmp_pa
     assert check_storage(spec) == 1 and path.read_bytes() == torn  # read, nothing written
     # A sweep refused for another reason writes nothing either (it used to append onto the cut line).
     other = StudySpec("s", str(path), {"train.lr": [0.5, 2.0]}, "smoke", {})
-    for refused in (check_storage, create_or_continue, start_study):
+    for refused in (check_storage, start_study):
         with pytest.raises(StudyError, match="holds trials of another search"):
             refused(other)
         assert path.read_bytes() == torn
@@ -184,7 +183,7 @@ def test_a_journal_damaged_before_its_last_record_is_refused_naming_the_file(tmp
     path.write_bytes(torn + b'{"op_code":0,"worker_id":"w","study_name":"t","directions":[1]}\n{"op_code":3}\n')
     damaged = path.read_bytes()
     lines = damaged.count(b"\n")
-    for call in (check_storage, create_or_continue, start_study):
+    for call in (check_storage, start_study):
         with pytest.raises(StudyError) as caught:
             call(spec)
         text = str(caught.value)
