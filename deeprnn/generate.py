@@ -45,12 +45,6 @@ def _select_rows(state: State, rows: torch.Tensor) -> State:
     return state[:, rows]
 
 
-def _put_rows(dst: State, rows: torch.Tensor, src: State) -> None:
-    """Write ``src`` (a group's state) into rows ``rows`` of the batch state ``dst``, in place."""
-    for d, s in zip(state_tensors(dst), state_tensors(src)):
-        d[:, rows] = s
-
-
 _WARM_UP_POSITIONS = 65_536  # rows x positions per forward step of the warm-up: bounds its activations
 
 
@@ -86,7 +80,8 @@ def _warm_up(
         for start in range(0, length - 1, width):
             _check_deadline(deadline)
             _, group_state = model(group[:, start : start + width], group_state)
-        _put_rows(state, index, group_state)
+        for whole, part in zip(state_tensors(state), state_tensors(group_state)):
+            whole[:, index] = part  # the group's rows of the batch state, in place
     last = torch.tensor([[row[-1]] for row in encoded], device=device)  # (B, 1)
     return state, last
 
@@ -167,7 +162,6 @@ def generate_batch(
     to the ``top_k`` likeliest tokens if given, with one generator seeded by ``seed`` for the batch.
     Tokens the vocabulary lacks are read as ``<unk>`` (with a warning) and printed back as they were given.
     """
-    check_sampling(temperature, top_k)
     prefixes = [normalize_prefix(p, normalize, token) for p in prefixes]
     split = [split_prefix(p, token) for p in prefixes]
     if any(not tokens for tokens in split):
@@ -307,13 +301,8 @@ class GenerationSpeed:
 
     def faster(self, other: GenerationSpeed) -> GenerationSpeed:
         """Each figure the smaller of this one's and ``other``'s (measured at the same ``rows``)."""
-
-        def low(mine: tuple[float, float], theirs: tuple[float, float]) -> tuple[float, float]:
-            return min(mine[0], theirs[0]), min(mine[1], theirs[1])
-
-        return GenerationSpeed(
-            self.rows, low(self.warm, other.warm), low(self.greedy, other.greedy), low(self.sampled, other.sampled)
-        )
+        pairs = zip((self.warm, self.greedy, self.sampled), (other.warm, other.greedy, other.sampled))
+        return GenerationSpeed(self.rows, *((min(a[0], b[0]), min(a[1], b[1])) for a, b in pairs))
 
     def tokens_within(self, lengths: Sequence[int], seconds: float, sampled: bool = False) -> int:
         """The most tokens per prefix that ``seconds`` allow after the prefixes' warm-up (0: none)."""

@@ -73,18 +73,12 @@ def state_tensors(state: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch
     return state if isinstance(state, tuple) else (state,)
 
 
-def detach_state(state: State) -> State:
-    """Cut the graph behind a carried state (truncated back-propagation through time)."""
-    if isinstance(state, tuple):
-        return state[0].detach(), state[1].detach()
-    return state.detach()
-
-
 def copy_state_(dst: State, src: State | tuple[torch.Tensor, ...]) -> None:
     """Copy ``src`` (a state, or its ``state_tensors``) into the buffers of ``dst`` in place (keeps addresses
-    stable for CUDA graphs)."""
+    stable for CUDA graphs), detached: the graph behind a carried state is cut (truncated back-propagation
+    through time)."""
     for d, s in zip(state_tensors(dst), state_tensors(src)):
-        d.copy_(s)
+        d.copy_(s.detach())
 
 
 def zero_state_(state: State) -> None:
