@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from deeprnn.data.batching import eval_streams
 from deeprnn.device import synchronize
-from deeprnn.model import RNNLM
+from deeprnn.model import RNNLM, evaluating
 
 _MAX_LOG = 709.0  # math.exp overflows a float above ~709.78
 # Logits (rows x steps x vocabulary) of one piece of an evaluation at most: 64 MiB of floats. Only a large
@@ -81,10 +81,6 @@ def perplexity_until(
         ids = ids[:max_tokens]
     if ids.numel() < 2:
         raise ValueError("perplexity needs at least two tokens")
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         total, count = loss_sum(model, ids, rows, chunk, deadline)
-    finally:
-        model.train(was_training)
     return perplexity_from_loss(total.item() / count), count

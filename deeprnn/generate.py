@@ -19,7 +19,7 @@ import torch
 from deeprnn.config import SampleConfig
 from deeprnn.data.normalize import normalize_prefix
 from deeprnn.data.vocab import Vocab
-from deeprnn.model import RNNLM, State, state_tensors
+from deeprnn.model import RNNLM, State, evaluating, state_tensors
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +29,6 @@ Token = Literal["char", "word"]
 def split_prefix(prefix: str, token: Token = "char") -> list[str]:
     """The prefix as tokens of the vocabulary's kind."""
     return prefix.split() if token == "word" else list(prefix)
-
-
-def check_sampling(temperature: float | None, top_k: int | None) -> None:
-    """``ValueError`` for a temperature that is not > 0 or a top-k below 1 (None means off for both)."""
-    if temperature is not None and temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
 def _select_rows(state: State, rows: torch.Tensor) -> State:
@@ -113,15 +105,16 @@ def generate_ids(
     """The ``num_tokens`` token ids generated after each encoded prefix (each at least one id), on the
     model's device, in eval mode (the model's mode is restored afterwards). Past ``deadline`` (a
     ``time.monotonic()`` value) it stops, raising ``GenerationTimeoutError``."""
-    check_sampling(temperature, top_k)
+    if temperature is not None and temperature <= 0:  # None means off for both
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
     if any(not ids for ids in encoded):
         raise ValueError("every prefix needs at least one token")
     if not encoded or num_tokens == 0:
         return [[] for _ in encoded]
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         state, current = _warm_up(model, encoded, device, deadline)
         generator = torch.Generator(device=device).manual_seed(seed) if temperature is not None else None
         out: list[torch.Tensor] = []
@@ -132,8 +125,6 @@ def generate_ids(
             nxt = _next_tokens(logits, temperature, top_k, generator)
             out.append(nxt)
             current = nxt.reshape(-1, 1)
-    finally:
-        model.train(was_training)
     return torch.stack(out, dim=1).tolist()  # (B, num_tokens)
 
 
@@ -331,8 +322,6 @@ def measure_speed(model: RNNLM, rows: int = 1024, repeats: int = 3) -> Generatio
     rows, each the fastest of up to ``repeats`` runs (fewer steps and positions a run at ``rows`` rows, which
     cost the most), after one short run of each kind that is not counted (lazy set-up on the device)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
 
     def warm_up(batch: int, positions: int) -> float:
         def run() -> None:
@@ -349,7 +338,7 @@ def measure_speed(model: RNNLM, rows: int = 1024, repeats: int = 3) -> Generatio
 
         return _fastest_seconds(run, repeats) / count
 
-    try:
+    with evaluating(model):
         generate_ids(model, [[0, 0]], 1)  # not counted: the first forward step sets things up
         generate_ids(model, [[0]], 1, temperature=1.0, top_k=2)
         return GenerationSpeed(
@@ -358,5 +347,3 @@ def measure_speed(model: RNNLM, rows: int = 1024, repeats: int = 3) -> Generatio
             greedy=(steps(1, 16, None), steps(rows, 1, None)),
             sampled=(steps(1, 16, 1.0), steps(rows, 1, 1.0)),
         )
-    finally:
-        model.train(was_training)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Union
+import contextlib
+from typing import Callable, Iterator, Union
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,17 @@ def copy_state_(dst: State, src: State | tuple[torch.Tensor, ...]) -> None:
     through time)."""
     for d, s in zip(state_tensors(dst), state_tensors(src)):
         d.copy_(s.detach())
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def zero_state_(state: State) -> None:

@@ -160,10 +160,8 @@ class Trainer:
         cfg = self.cfg
         per_epoch = num_batches(self.train_ids.numel(), cfg.batch_size, cfg.num_steps, 0)
         evaluates, checkpoints = self.heldout_ids is not None, on_checkpoint is not None
-        schedule = Schedule(
-            cfg, evaluates, checkpoints, checkpoint_every, per_epoch, self.spent_seconds, self.step,
-            tokens_per_step=cfg.batch_size * cfg.num_steps, eval_tokens=self.eval_tokens or 0,
-        )  # fmt: skip
+        schedule = Schedule(cfg, evaluates, checkpoints, checkpoint_every, per_epoch, self.spent_seconds, self.step)
+        schedule.eval_tokens = self.eval_tokens or 0
         if self.use_graph and self.train_step.graph is None and not schedule.finished(self.epoch, self.step):
             self.train_step.capture()
         schedule.begin()  # the time budget counts from here, after the one-off capture

@@ -8,8 +8,7 @@ couple of seconds, also inside a long epoch); ``progress_line`` turns one into t
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from deeprnn.durations import format_duration
 
@@ -55,10 +54,6 @@ class FitResult(FitSummary):
     """The outcome of ``Trainer.fit``."""
 
     eval_tokens: int | None = None  # held-out tokens each periodic evaluation read (the cap, or fewer)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return asdict(self)
 
 
 @dataclass

@@ -72,7 +72,6 @@ class Schedule:
     batches_per_epoch: int = 0
     spent_seconds: float = 0.0
     start_step: int = 0
-    tokens_per_step: int = 1
     eval_tokens: int = 0  # held-out tokens one periodic evaluation reads
     planned: int = 0  # the global step training ends at (refined while a time budget runs)
     eval_interval: int | None = None  # steps between evaluations (eval_every_steps, or from ``evaluations``)
@@ -123,14 +122,14 @@ class Schedule:
         self._eval_seconds = seconds
         self._eval_total += seconds
         if tokens > 0 and seconds > 0 and self._step_seconds is not None:
-            train_rate = self.tokens_per_step / self._step_seconds
+            train_rate = self.cfg.batch_size * self.cfg.num_steps / self._step_seconds
             self._eval_speedup = tokens / seconds / train_rate
 
     def eval_cost(self) -> float:
         """Estimated seconds of one periodic evaluation at the recent training speed (0 when unknown)."""
         if self._step_seconds is None:
             return self._eval_seconds or 0.0
-        return self.eval_tokens * self._step_seconds / (self._eval_speedup * self.tokens_per_step)
+        return self.eval_tokens * self._step_seconds / (self._eval_speedup * self.cfg.batch_size * self.cfg.num_steps)
 
     def _reserve(self) -> float:
         """Seconds kept back at the end of a time budget for the last evaluation."""
