@@ -72,17 +72,12 @@ def format_duration(seconds: float | None, *, short: bool = False) -> str:
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return "?"
     s = int(round(seconds))
-    if short:
-        return _two_units(s)
+    if short:  # the two largest units
+        for size, unit, small, small_unit in ((86400, "d", 3600, "h"), (3600, "h", 60, "m"), (60, "m", 1, "s")):
+            if s >= size:
+                return f"{s // size}{unit}{s % size // small:02d}{small_unit}"
+        return f"{s}s"
     h, rest = divmod(s, 3600)
     m, sec = divmod(rest, 60)
     parts = [f"{h}h" if h else "", f"{m}m" if m else "", f"{sec}s" if sec or s == 0 else ""]
     return "".join(parts)
-
-
-def _two_units(s: int) -> str:
-    """Whole seconds ``s`` in their two largest units: ``"45s"``, ``"12m05s"``, ``"3h07m"``, ``"2d04h"``."""
-    for size, unit, small, small_unit in ((86400, "d", 3600, "h"), (3600, "h", 60, "m"), (60, "m", 1, "s")):
-        if s >= size:
-            return f"{s // size}{unit}{s % size // small:02d}{small_unit}"
-    return f"{s}s"

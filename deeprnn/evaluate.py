@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from deeprnn.data.batching import eval_streams
 from deeprnn.device import synchronize
-from deeprnn.model import RNNLM
+from deeprnn.model import RNNLM, evaluating
 
 _MAX_LOG = 709.0  # math.exp overflows a float above ~709.78
 # Logits (rows x steps x vocabulary) of one piece of an evaluation at most: 64 MiB of floats. Only a large
@@ -26,12 +26,6 @@ def perplexity_from_loss(mean_loss: float) -> float:
     return math.exp(mean_loss) if mean_loss < _MAX_LOG else math.inf
 
 
-def piece_steps(rows: int, vocab_size: int, chunk: int = 512) -> int:
-    """Steps of one evaluation piece: ``chunk``, or fewer where ``rows`` x steps x ``vocab_size`` logits would
-    exceed ``LOGIT_FLOATS``."""
-    return max(1, min(chunk, LOGIT_FLOATS // max(rows * vocab_size, 1)))
-
-
 @torch.no_grad()
 def loss_sum(
     model: RNNLM, ids: torch.Tensor, rows: int = 32, chunk: int = 512, deadline: float | None = None
@@ -39,17 +33,18 @@ def loss_sum(
     """Summed cross-entropy over ``ids`` (on the model's device, not synced) and the number of targets.
 
     The text is laid out as ``rows`` streams read in ``chunk``-step pieces (shorter at a large vocabulary:
-    ``piece_steps``) with the state carried across pieces, so every token after a stream's first is predicted
-    from its full left context within the stream. ``ids`` may be of any integer dtype and on any device (a CPU
-    tensor over a memory-mapped token cache, say): each piece is copied to the model's device as int64 on its
-    own, never the whole split at once. With ``deadline`` (a ``time.perf_counter()`` value) no piece starts
-    after it, though the first always runs: the sum and count then cover the pieces read.
+    at most ``LOGIT_FLOATS`` logits a piece) with the state carried across pieces, so every token after a
+    stream's first is predicted from its full left context within the stream. ``ids`` may be of any integer
+    dtype and on any device (a CPU tensor over a memory-mapped token cache, say): each piece is copied to the
+    model's device as int64 on its own, never the whole split at once. With ``deadline`` (a
+    ``time.perf_counter()`` value) no piece starts after it, though the first always runs: the sum and count
+    then cover the pieces read.
     """
     device = next(model.parameters()).device
     x, y = eval_streams(ids, rows)  # (R, L), views of ids where it lives
     state = model.begin_state(x.shape[0], device)
     total = torch.zeros((), device=device, dtype=torch.float64)
-    step = piece_steps(x.shape[0], model.vocab_size, chunk)
+    step = max(1, min(chunk, LOGIT_FLOATS // max(x.shape[0] * model.vocab_size, 1)))
     for start in range(0, x.shape[1], step):
         if deadline is not None and start:
             synchronize(device)  # a deadline means device time: the clock is read once queued work is done
@@ -86,10 +81,6 @@ def perplexity_until(
         ids = ids[:max_tokens]
     if ids.numel() < 2:
         raise ValueError("perplexity needs at least two tokens")
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         total, count = loss_sum(model, ids, rows, chunk, deadline)
-    finally:
-        model.train(was_training)
     return perplexity_from_loss(total.item() / count), count

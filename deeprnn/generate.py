@@ -19,7 +19,7 @@ import torch
 from deeprnn.config import SampleConfig
 from deeprnn.data.normalize import normalize_prefix
 from deeprnn.data.vocab import Vocab
-from deeprnn.model import RNNLM, State, state_tensors
+from deeprnn.model import RNNLM, State, evaluating, state_tensors
 
 log = logging.getLogger(__name__)
 
@@ -31,24 +31,10 @@ def split_prefix(prefix: str, token: Token = "char") -> list[str]:
     return prefix.split() if token == "word" else list(prefix)
 
 
-def check_sampling(temperature: float | None, top_k: int | None) -> None:
-    """``ValueError`` for a temperature that is not > 0 or a top-k below 1 (None means off for both)."""
-    if temperature is not None and temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-
-
 def _select_rows(state: State, rows: torch.Tensor) -> State:
     if isinstance(state, tuple):
         return tuple(s[:, rows] for s in state)  # type: ignore[return-value]
     return state[:, rows]
-
-
-def _put_rows(dst: State, rows: torch.Tensor, src: State) -> None:
-    """Write ``src`` (a group's state) into rows ``rows`` of the batch state ``dst``, in place."""
-    for d, s in zip(state_tensors(dst), state_tensors(src)):
-        d[:, rows] = s
 
 
 _WARM_UP_POSITIONS = 65_536  # rows x positions per forward step of the warm-up: bounds its activations
@@ -86,7 +72,8 @@ def _warm_up(
         for start in range(0, length - 1, width):
             _check_deadline(deadline)
             _, group_state = model(group[:, start : start + width], group_state)
-        _put_rows(state, index, group_state)
+        for whole, part in zip(state_tensors(state), state_tensors(group_state)):
+            whole[:, index] = part  # the group's rows of the batch state, in place
     last = torch.tensor([[row[-1]] for row in encoded], device=device)  # (B, 1)
     return state, last
 
@@ -118,15 +105,16 @@ def generate_ids(
     """The ``num_tokens`` token ids generated after each encoded prefix (each at least one id), on the
     model's device, in eval mode (the model's mode is restored afterwards). Past ``deadline`` (a
     ``time.monotonic()`` value) it stops, raising ``GenerationTimeoutError``."""
-    check_sampling(temperature, top_k)
+    if temperature is not None and temperature <= 0:  # None means off for both
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
     if any(not ids for ids in encoded):
         raise ValueError("every prefix needs at least one token")
     if not encoded or num_tokens == 0:
         return [[] for _ in encoded]
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         state, current = _warm_up(model, encoded, device, deadline)
         generator = torch.Generator(device=device).manual_seed(seed) if temperature is not None else None
         out: list[torch.Tensor] = []
@@ -137,8 +125,6 @@ def generate_ids(
             nxt = _next_tokens(logits, temperature, top_k, generator)
             out.append(nxt)
             current = nxt.reshape(-1, 1)
-    finally:
-        model.train(was_training)
     return torch.stack(out, dim=1).tolist()  # (B, num_tokens)
 
 
@@ -167,7 +153,6 @@ def generate_batch(
     to the ``top_k`` likeliest tokens if given, with one generator seeded by ``seed`` for the batch.
     Tokens the vocabulary lacks are read as ``<unk>`` (with a warning) and printed back as they were given.
     """
-    check_sampling(temperature, top_k)
     prefixes = [normalize_prefix(p, normalize, token) for p in prefixes]
     split = [split_prefix(p, token) for p in prefixes]
     if any(not tokens for tokens in split):
@@ -307,13 +292,8 @@ class GenerationSpeed:
 
     def faster(self, other: GenerationSpeed) -> GenerationSpeed:
         """Each figure the smaller of this one's and ``other``'s (measured at the same ``rows``)."""
-
-        def low(mine: tuple[float, float], theirs: tuple[float, float]) -> tuple[float, float]:
-            return min(mine[0], theirs[0]), min(mine[1], theirs[1])
-
-        return GenerationSpeed(
-            self.rows, low(self.warm, other.warm), low(self.greedy, other.greedy), low(self.sampled, other.sampled)
-        )
+        pairs = zip((self.warm, self.greedy, self.sampled), (other.warm, other.greedy, other.sampled))
+        return GenerationSpeed(self.rows, *((min(a[0], b[0]), min(a[1], b[1])) for a, b in pairs))
 
     def tokens_within(self, lengths: Sequence[int], seconds: float, sampled: bool = False) -> int:
         """The most tokens per prefix that ``seconds`` allow after the prefixes' warm-up (0: none)."""
@@ -342,8 +322,6 @@ def measure_speed(model: RNNLM, rows: int = 1024, repeats: int = 3) -> Generatio
     rows, each the fastest of up to ``repeats`` runs (fewer steps and positions a run at ``rows`` rows, which
     cost the most), after one short run of each kind that is not counted (lazy set-up on the device)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
 
     def warm_up(batch: int, positions: int) -> float:
         def run() -> None:
@@ -360,7 +338,7 @@ def measure_speed(model: RNNLM, rows: int = 1024, repeats: int = 3) -> Generatio
 
         return _fastest_seconds(run, repeats) / count
 
-    try:
+    with evaluating(model):
         generate_ids(model, [[0, 0]], 1)  # not counted: the first forward step sets things up
         generate_ids(model, [[0]], 1, temperature=1.0, top_k=2)
         return GenerationSpeed(
@@ -369,5 +347,3 @@ def measure_speed(model: RNNLM, rows: int = 1024, repeats: int = 3) -> Generatio
             greedy=(steps(1, 16, None), steps(rows, 1, None)),
             sampled=(steps(1, 16, 1.0), steps(rows, 1, 1.0)),
         )
-    finally:
-        model.train(was_training)

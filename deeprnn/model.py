@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Union
+import contextlib
+from typing import Callable, Iterator, Union
 
 import torch
 import torch.nn.functional as F
@@ -73,18 +74,23 @@ def state_tensors(state: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch
     return state if isinstance(state, tuple) else (state,)
 
 
-def detach_state(state: State) -> State:
-    """Cut the graph behind a carried state (truncated back-propagation through time)."""
-    if isinstance(state, tuple):
-        return state[0].detach(), state[1].detach()
-    return state.detach()
-
-
 def copy_state_(dst: State, src: State | tuple[torch.Tensor, ...]) -> None:
     """Copy ``src`` (a state, or its ``state_tensors``) into the buffers of ``dst`` in place (keeps addresses
-    stable for CUDA graphs)."""
+    stable for CUDA graphs), detached: the graph behind a carried state is cut (truncated back-propagation
+    through time)."""
     for d, s in zip(state_tensors(dst), state_tensors(src)):
-        d.copy_(s)
+        d.copy_(s.detach())
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def zero_state_(state: State) -> None:

@@ -46,6 +46,7 @@ from deeprnn.data.vocab import Vocab
 from deeprnn.device import synchronize
 from deeprnn.evaluate import LOGIT_FLOATS
 from deeprnn.model import RNNLM
+from deeprnn.presets import merge
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +100,13 @@ def size_to_text(
             prefixes = draw_prefixes(heldout, vocab, data.token, config.sample.seed)
             notes.append("sample prefixes drawn from the held-out text: " + ", ".join(repr(p) for p in prefixes))
         update["sample"] = {"prefixes": prefixes}
-    if not update:
-        return Sized(config, notes)
-    merged = config.model_dump()
-    for section, values in update.items():
-        merged[section].update(values)
-    return Sized(RunConfig.model_validate(merged), notes)
+    return Sized(RunConfig.model_validate(merge(config.model_dump(), update)) if update else config, notes)
 
 
 def decided_later(config: RunConfig) -> set[str]:
     """The ``section.field`` values ``size_to_text`` will decide (so they are logged once decided, not before)."""
     keys = set()
-    if _caps_evaluations(config):
+    if config.train.time_budget is not None and (config.model.size == "auto" or _plans_batch(config)):
         keys |= {"train.eval_max_tokens", "train.final_eval_max_tokens"}
     if config.model.size == "auto":
         keys |= {"model.size", "model.num_hiddens", "model.num_layers", "model.dropout"}
@@ -124,10 +120,6 @@ def decided_later(config: RunConfig) -> set[str]:
 
 def _plans_batch(config: RunConfig) -> bool:
     return config.train.min_planned_steps > 0 and config.train.time_budget is not None
-
-
-def _caps_evaluations(config: RunConfig) -> bool:
-    return config.train.time_budget is not None and (config.model.size == "auto" or _plans_batch(config))
 
 
 def within_logits(rows: int, num_steps: int, vocab_size: int) -> tuple[int, int]:
@@ -177,9 +169,7 @@ def size_model(
 ) -> tuple[dict[str, object], dict[str, object], str]:
     """The model fields (layers, width, dropout) and batch shape for ``train_tokens`` and the time budget."""
     train = config.train
-    shape = batch_shape(train_tokens, train.batch_size, train.num_steps)
-    batch_size, num_steps = within_logits(*shape, vocab_size)
-    large = (batch_size, num_steps) != shape  # a vocabulary whose logits shortened the batch
+    batch_size, num_steps = within_logits(*batch_shape(train_tokens, train.batch_size, train.num_steps), vocab_size)
     budget = train.time_budget
     chosen, rate = None, None
     for width in WIDTHS:
@@ -204,18 +194,8 @@ def size_model(
         f"{train_tokens:,} training tokens{speed}, about {passes:.1f} passes over the text, dropout {dropout}"
     )
     model = {"num_hiddens": chosen.num_hiddens, "num_layers": chosen.num_layers, "dropout": dropout, "size": "fixed"}
-    if _plans_batch(config) and rate is not None:
-        measure = partial(measure_throughput, chosen, vocab_size, num_steps=num_steps, device=device, lr=train.lr)
-        batch_size, rate = rows_for_steps(rate, config, batch_size, num_steps, measure)
-        note += _batch_note(rate, config, batch_size, num_steps)
-    train_fields: dict[str, object] = {"batch_size": batch_size, "num_steps": num_steps}
-    if _plans_batch(config):
-        train_fields["min_planned_steps"] = 0  # decided once: a resumed run keeps this batch
-    if large and rate is not None and budget is not None:
-        caps, caps_note = eval_caps(config, rate, train_tokens)
-        train_fields.update(caps)
-        note += caps_note
-    return model, train_fields, note
+    train_fields, _, batch_note = _fit_batch(config, chosen, rate, train_tokens, vocab_size, device)
+    return model, train_fields, note + batch_note
 
 
 def size_batch(
@@ -223,14 +203,41 @@ def size_batch(
 ) -> tuple[dict[str, object], str]:
     """The batch fields for a model of a fixed size: its throughput measured here, then ``rows_for_steps``."""
     train = config.train
+    batch_size, num_steps = within_logits(*batch_shape(train_tokens, train.batch_size, train.num_steps), vocab_size)
+    rate = measure_throughput(config.model, vocab_size, batch_size, num_steps, device, train.lr)
+    fields, at_rows, note = _fit_batch(config, config.model, rate, train_tokens, vocab_size, device)
+    assert at_rows is not None  # measured, and the batch planned: this is only called for a time budget
+    return fields, f"batch sized to the budget: {at_rows:,.0f} tokens/s measured here{note}"
+
+
+def _fit_batch(
+    config: RunConfig,
+    model: ModelConfig,
+    rate: float | None,
+    train_tokens: int,
+    vocab_size: int,
+    device: torch.device,
+) -> tuple[dict[str, object], float | None, str]:
+    """The batch fields of ``model`` (its throughput ``rate`` at the batch ``batch_shape`` and ``within_logits``
+    give, None where not measured), the throughput at the rows chosen, and a note: with a batch planned for
+    the time budget, its rows from ``rows_for_steps``; where the logits shortened the batch, ``eval_caps``."""
+    train = config.train
     shape = batch_shape(train_tokens, train.batch_size, train.num_steps)
     batch_size, num_steps = within_logits(*shape, vocab_size)
-    measure = partial(measure_throughput, config.model, vocab_size, num_steps=num_steps, device=device, lr=train.lr)
-    rows, rate = rows_for_steps(measure(batch_size), config, batch_size, num_steps, measure)
-    caps, caps_note = eval_caps(config, rate, train_tokens) if (batch_size, num_steps) != shape else ({}, "")
-    note = f"batch sized to the budget: {rate:,.0f} tokens/s measured here"
-    note += _batch_note(rate, config, rows, num_steps) + caps_note
-    return {"batch_size": rows, "num_steps": num_steps, "min_planned_steps": 0, **caps}, note
+    fields: dict[str, object] = {"batch_size": batch_size, "num_steps": num_steps}
+    note = ""
+    if _plans_batch(config):
+        fields["min_planned_steps"] = 0  # decided once: a resumed run keeps this batch
+        if rate is not None:
+            measure = partial(measure_throughput, model, vocab_size, num_steps=num_steps, device=device, lr=train.lr)
+            rows, rate = rows_for_steps(rate, config, batch_size, num_steps, measure)
+            planned = rate * (train.time_budget or 0.0) / (rows * num_steps)
+            fields["batch_size"], note = rows, f", batch {rows} x {num_steps}: about {planned:,.0f} steps in the budget"
+    if (batch_size, num_steps) != shape and rate is not None and train.time_budget is not None:
+        caps, caps_note = eval_caps(config, rate, train_tokens)  # a vocabulary whose logits shortened the batch
+        fields.update(caps)
+        note += caps_note
+    return fields, rate, note
 
 
 def rows_for_steps(
@@ -254,11 +261,6 @@ def rows_for_steps(
                 break
         rows, rate = rows // 2, half
     return rows, rate
-
-
-def _batch_note(rate: float, config: RunConfig, rows: int, num_steps: int) -> str:
-    planned = rate * (config.train.time_budget or 0.0) / (rows * num_steps)
-    return f", batch {rows} x {num_steps}: about {planned:,.0f} steps in the budget"
 
 
 def batch_shape(train_tokens: int, batch_size: int, num_steps: int) -> tuple[int, int]:

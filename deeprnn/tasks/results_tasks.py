@@ -18,7 +18,6 @@ from deeprnn.data.vocab import Vocab
 from deeprnn.pipeline import Evaluation, TrainingOutcome
 from deeprnn.report import fmt, plot_history, samples_markdown, samples_text
 from deeprnn.tracking import metrics, model_registry, naming, runs, store
-from deeprnn.training import checkpoint
 from deeprnn.training.resume import RESUMABLE, run_folder
 
 
@@ -137,7 +136,7 @@ def log_results(
         "vocab.json": json.dumps(vocab.to_dict(), ensure_ascii=False, indent=1),
         "samples.txt": samples_text(samples),
         "samples.json": json.dumps(samples, ensure_ascii=False, indent=1),
-        "config.json": json.dumps(checkpoint.config_dict(config), ensure_ascii=False, indent=1),
+        "config.json": json.dumps(config.model_dump(mode="json"), ensure_ascii=False, indent=1),
     }
     with tempfile.TemporaryDirectory() as tmp:
         plot = plot_history(trained.history, Path(tmp) / "perplexity.png", f"{config.preset}: perplexity per epoch")

@@ -51,32 +51,29 @@ def digest_path(path: Path) -> Path:
     return path.with_name(path.name + DIGEST_SUFFIX)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all; a full disk raises ``CheckpointDiskFullError``."""
-    try:
-        write_atomic(path, data)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):  # a full disk (or quota) gets one clear message
-            raise
-        raise CheckpointDiskFullError(
-            exc.errno,
-            f"no space left to write checkpoint {path} ({len(data):,} bytes): free space on that disk, or give "
-            "--runs-dir a folder on another one; the previous checkpoint there is kept whole",
-        ) from None
-
-
 def save(path: Path, payload: dict[str, Any]) -> Path:
     """Write ``payload`` (plus the format tag) to ``path`` atomically, with its SHA-256 beside it; returns
-    ``path``. Refuses (``DamagedCheckpointError``) weights that are not finite."""
+    ``path``. Refuses (``DamagedCheckpointError``) weights that are not finite; a full disk raises
+    ``CheckpointDiskFullError`` and keeps the previous checkpoint whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _check_finite(path, payload.get("model_state") or {})
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **payload}, buffer)
     data = buffer.getvalue()
+    digest = f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode()
     # Stopped between the two writes, the file and its digest disagree: it reads as damaged, never as good.
-    _write_atomic(path, data)
-    _write_atomic(digest_path(path), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())
+    for target, content in ((path, data), (digest_path(path), digest)):
+        try:
+            write_atomic(target, content)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):  # a full disk (or quota) gets one clear message
+                raise
+            raise CheckpointDiskFullError(
+                exc.errno,
+                f"no space left to write checkpoint {target} ({len(content):,} bytes): free space on that disk, "
+                "or give --runs-dir a folder on another one; the previous checkpoint there is kept whole",
+            ) from None
     return path
 
 
@@ -102,22 +99,15 @@ def _check_finite(path: Path, state: dict[str, Any]) -> None:
         raise DamagedCheckpointError(f"checkpoint {path} holds weights that are not finite ({', '.join(bad[:3])})")
 
 
-def config_dict(config: RunConfig) -> dict[str, Any]:
-    """The configuration as JSON-ready data, with any credentials removed from the corpus URL.
-
-    This is what checkpoints and the logged ``config.json`` keep: files that travel (MLflow artifacts,
-    registered models) must not carry a password. A resumed run takes the URL again from its user.
-    """
-    return config.model_dump(mode="json")  # the URL's credentials stay out (DataConfig's JSON form)
-
-
 def make_payload(
     config: RunConfig, vocab: Vocab, model: RNNLM, *, epoch: int, trainer_state: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The checkpoint dict: JSON config (no credentials), vocabulary, CPU weights, epochs done, optional
     resumable state."""
+    # The URL's credentials stay out (DataConfig's JSON form): files that travel (MLflow artifacts, registered
+    # models) must not carry a password. A resumed run takes the URL again from its user.
     return {
-        "config": config_dict(config),
+        "config": config.model_dump(mode="json"),
         "vocab": vocab.to_dict(),
         "model_state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
         "epoch": epoch,
@@ -131,16 +121,9 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    data = _unpickle(path, verify(path), map_location)
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a deeprnn checkpoint (format {FORMAT})")
-    _check_finite(path, data.get("model_state") or {})
-    return data
-
-
-def _unpickle(path: Path, raw: bytes, map_location: str | torch.device) -> Any:
+    raw = verify(path)
     try:
-        return torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
+        data = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only" not in str(exc).lower():  # a damaged or foreign pickle, not a refused object
             raise ValueError(f"{path} is not a deeprnn checkpoint that loads safely: {exc}") from None
@@ -154,6 +137,10 @@ def _unpickle(path: Path, raw: bytes, map_location: str | torch.device) -> Any:
     except (EOFError, KeyError, OSError, RuntimeError, ValueError) as exc:
         # Anything else torch trips over means it is no torch file at all, or one cut short.
         raise ValueError(f"{path} is not a deeprnn checkpoint that loads safely: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a deeprnn checkpoint (format {FORMAT})")
+    _check_finite(path, data.get("model_state") or {})
+    return data
 
 
 def restore_model(data: dict[str, Any], device: str | torch.device = "cpu") -> tuple[RNNLM, Vocab, RunConfig]:
@@ -163,3 +150,15 @@ def restore_model(data: dict[str, Any], device: str | torch.device = "cpu") -> t
     model = RNNLM.from_config(len(vocab), config.model)
     model.load_state_dict(data["model_state"])
     return model.to(device).eval(), vocab, config
+
+
+def rng_to_lists(state: tuple[Any, ...]) -> list[Any]:
+    """``random.Random``'s state as plain lists, which ``torch.load(weights_only=True)`` accepts."""
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def rng_from_lists(state: list[Any]) -> tuple[Any, ...]:
+    """The inverse of ``rng_to_lists``."""
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)

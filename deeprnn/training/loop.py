@@ -1,26 +1,18 @@
 """Stage 6: the training loop, with the book's semantics (D2L 8.5 ``train_ch8``) and a fast path.
 
-Semantics kept from the book: per epoch a fresh minibatch offset; with sequential partitioning the hidden
-state starts at zero each epoch and is carried (detached) from one minibatch to the next; cross-entropy
-averaged over the minibatch; the global gradient norm clipped to ``clip_norm`` exactly as ``grad_clipping``
-does (scale by ``theta / norm`` only when ``norm > theta``); per-epoch perplexity = exp(mean training loss)
-and tokens/s over the epoch.
+Kept from the book: per epoch a fresh minibatch offset; with sequential partitioning the hidden state starts at
+zero each epoch and is carried (detached) from one minibatch to the next; cross-entropy averaged over the
+minibatch; the gradient norm clipped as ``grad_clipping`` does; per-epoch perplexity = exp(mean training loss).
 
-What makes it fast without changing those semantics:
-
-* the token ids live on the training device in the dtype they come in (uint8 from a token cache); an
-  epoch's minibatches are views of them (random ones: gathered one minibatch at a time), each converted to
-  int64 by the copy into the step's static buffers;
-* the step never syncs with the host, and on CUDA it is captured once as a CUDA graph and replayed
-  (``deeprnn.training.step``);
-* the host reads losses and timings back only every few epochs (to log, evaluate or checkpoint), using CUDA
-  events for per-epoch times, so the GPU never waits for Python;
-* inside a long epoch the host still reads back every ``_SYNC_SECONDS`` (progress), and every
-  ``eval_every_steps`` / ``checkpoint_every_steps`` steps (``deeprnn.training.schedule``); ``max_steps`` ends training
-  at any minibatch, and a checkpoint taken there carries the position inside the epoch
-  (``deeprnn.training.state``), so a resume continues from the next one;
-* on the CPU nothing is switched off: oneDNN's LSTM kernels measured 1.5x faster than PyTorch's native ones
-  for the book's shapes with 2 threads (``bench/train_speed.py --mode kernels``), so they stay on.
+What makes it fast without changing those semantics: the token ids live on the training device in the dtype
+they come in (an epoch's minibatches are views of them, converted to int64 by the copy into the step's static
+buffers); the step never syncs with the host, and on CUDA it is captured once as a CUDA graph and replayed
+(``deeprnn.training.step``); the host reads losses and timings (CUDA events) back only every few epochs, to
+log, evaluate or checkpoint, or inside a long epoch every ``_SYNC_SECONDS`` and when
+``deeprnn.training.schedule`` says an evaluation or checkpoint is due. ``max_steps`` ends training at any
+minibatch; a checkpoint taken there carries the position inside the epoch (``Trainer.state_dict``). On the
+CPU oneDNN's LSTM kernels stay on (1.5x faster than PyTorch's native ones for the book's shapes,
+``bench/train_speed.py --mode kernels``).
 """
 
 from __future__ import annotations
@@ -35,14 +27,15 @@ import torch
 
 from deeprnn.config import TrainConfig
 from deeprnn.data.batching import EpochBatches, check_enough_tokens, num_batches
+from deeprnn.device import synchronize
 from deeprnn.evaluate import perplexity_from_loss, perplexity_until
 from deeprnn.model import RNNLM, zero_state_
+from deeprnn.training.checkpoint import rng_from_lists, rng_to_lists
 from deeprnn.training.divergence import check_loss, check_weights
-from deeprnn.training.progress import EpochStats, FitResult, Reporter, StepStats
-from deeprnn.training.schedule import Due, Schedule
+from deeprnn.training.progress import EpochStats, FitResult, StepStats, eta_seconds
+from deeprnn.training.schedule import Schedule, every
 from deeprnn.training.selection import Best
-from deeprnn.training.state import Position, optimizer_state, restore_position, rng_from_lists, rng_to_lists
-from deeprnn.training.step import Clock, TrainStep, make_optimizer, use_bf16
+from deeprnn.training.step import TrainStep, make_optimizer, mark, seconds_between, use_bf16
 
 _SYNC_SECONDS = 2.0  # read results back at least this often, so progress stays visible on long epochs
 
@@ -63,21 +56,40 @@ class _Pending:
 
 
 @dataclass
+class _Position:
+    """The epoch in progress: what a checkpoint inside it needs (``Trainer.state_dict``)."""
+
+    epoch: int
+    batch: int  # minibatches done
+    batches: int
+    rng_before: list[Any]  # the Python RNG state before this epoch's minibatches were drawn, as plain lists
+
+
+@dataclass
 class _Run:
-    """Bookkeeping of one ``fit`` call: callbacks, schedule, what is not yet read back, the last report."""
+    """Bookkeeping of one ``fit`` call: callbacks, schedule, what is not yet read back, and the window since
+    the previous progress report (its host time, global step, and the epoch's summed loss and minibatches)."""
 
     on_epoch: Callable[[EpochStats], None] | None
     on_checkpoint: Callable[[int], None] | None
     on_step: Callable[[StepStats], None] | None
     stop_requested: Callable[[], object] | None  # not None when the run must stop (e.g. a signal)
     schedule: Schedule
-    reporter: Reporter
+    planned: int | None  # the steps the progress reports plan for (max_steps, or a time budget's plan)
     t_start: float
+    start_step: int
+    last_sync: float
     history: list[EpochStats] = field(default_factory=list)
     pending: list[_Pending] = field(default_factory=list)
-    last_sync: float = 0.0
     drained_loss_sum: float = 0.0  # summed loss and minibatches of the last epoch read back
     drained_batches: int = 0
+    window_time: float = 0.0
+    window_step: int = 0
+    window_loss: float = 0.0
+    window_batch: int = 0
+
+    def __post_init__(self) -> None:
+        self.window_time, self.window_step = self.t_start, self.start_step
 
 
 class Trainer:
@@ -101,18 +113,19 @@ class Trainer:
         check_enough_tokens(train_ids.numel(), cfg.batch_size, cfg.num_steps)
         if train_ids.is_floating_point() or train_ids.is_complex() or train_ids.dtype == torch.bool:
             raise TypeError(f"token ids must be integers, not {train_ids.dtype}")
-        self.cfg = cfg
-        self.device = device
+        self.cfg, self.device = cfg, device
         self.model = model.to(device).train()
         # Ids keep the dtype they come in (uint8 from a token cache is 8x smaller than int64): each minibatch
         # becomes int64 when it is copied into the step's buffers, each evaluation chunk when it reaches the model.
         self.train_ids = train_ids.to(device=device)
         self.heldout_ids = heldout_ids
+        # Held-out tokens a periodic evaluation reads: eval_max_tokens, or the whole split when shorter.
+        self.eval_tokens = None if heldout_ids is None else min(heldout_ids.numel(), cfg.eval_max_tokens or 10**15)
         self.select_best = select_best
         self.rng = random.Random(cfg.seed)
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken, across resumes
-        self._pos: Position | None = None  # the epoch in progress
+        self._pos: _Position | None = None  # the epoch in progress
         self._resume: dict[str, Any] | None = None  # a position inside an epoch to continue from
         self.best = Best()
         self.spent_seconds = 0.0  # training time before this fit (a resumed run continues its time budget)
@@ -123,14 +136,12 @@ class Trainer:
             self.model, cfg, device, tensor_lr=self.use_graph and cfg.lr_schedule != "constant"
         )
         self.train_step = TrainStep(self.model, cfg, device, self.optimizer, self.autocast)
-        self.clock = Clock(device)
 
     @property
     def step_mode(self) -> str:
         """How steps run: ``"cuda-graph"`` once captured, else ``"eager"``."""
         return self.train_step.mode
 
-    # ----- the loop -------------------------------------------------------------------------------
     def fit(
         self,
         on_epoch: Callable[[EpochStats], None] | None = None,
@@ -149,31 +160,25 @@ class Trainer:
         cfg = self.cfg
         per_epoch = num_batches(self.train_ids.numel(), cfg.batch_size, cfg.num_steps, 0)
         evaluates, checkpoints = self.heldout_ids is not None, on_checkpoint is not None
-        schedule = Schedule(
-            cfg, evaluates, checkpoints, checkpoint_every, per_epoch, self.spent_seconds, self.step,
-            tokens_per_step=cfg.batch_size * cfg.num_steps, eval_tokens=self._eval_tokens() or 0,
-        )  # fmt: skip
+        schedule = Schedule(cfg, evaluates, checkpoints, checkpoint_every, per_epoch, self.spent_seconds, self.step)
+        schedule.eval_tokens = self.eval_tokens or 0
         if self.use_graph and self.train_step.graph is None and not schedule.finished(self.epoch, self.step):
             self.train_step.capture()
         schedule.begin()  # the time budget counts from here, after the one-off capture
         self._schedule, now = schedule, time.perf_counter()
         planned = schedule.planned if cfg.time_budget is not None else cfg.max_steps
-        reporter = Reporter(cfg.epochs, planned, cfg.batch_size * cfg.num_steps, self.step)
-        run = _Run(on_epoch, on_checkpoint, on_step, stop_requested, schedule, reporter, now, last_sync=now)
+        run = _Run(on_epoch, on_checkpoint, on_step, stop_requested, schedule, planned, now, self.step, now)
         try:
             while not schedule.finished(self.epoch, self.step):
                 self._run_epoch(self.epoch + 1, run)
-            self.clock.sync()
+            synchronize(self.device)
         finally:
             self.spent_seconds, self._schedule = schedule.elapsed(), None
         train_seconds = time.perf_counter() - run.t_start
         if self.select_best and self.best.state is not None:
             self.model.load_state_dict(self.best.state)
-        return self._result(run.history, train_seconds, schedule)
-
-    def _result(self, history: list[EpochStats], train_seconds: float, schedule: Schedule) -> FitResult:
-        total_tokens = sum(h.tokens_per_sec * h.seconds for h in history)
-        device_seconds = sum(h.seconds for h in history)
+        history = run.history
+        device_seconds = max(sum(h.seconds for h in history), 1e-9)  # each epoch's at least 1e-9 s
         return FitResult(
             history=history,
             epochs_done=self.epoch,
@@ -181,43 +186,41 @@ class Trainer:
             best_epoch=self.best.epoch,
             best_heldout_perplexity=self.best.value,
             train_seconds=train_seconds,
-            tokens_per_sec=total_tokens / device_seconds if device_seconds > 0 else 0.0,
+            tokens_per_sec=sum(h.tokens_per_sec * h.seconds for h in history) / device_seconds,
             step_mode=self.step_mode,
             precision="bf16" if self.autocast else "fp32",
             steps_done=self.step,
-            eval_tokens=self._eval_tokens(),
+            eval_tokens=self.eval_tokens,
             stop_reason=schedule.stop_reason or "",
             stop_detail=schedule.stop_detail,
             best_step=self.best.step,
             evaluations=self.best.evaluations,
         )
 
-    def _begin_epoch(self, epoch: int) -> tuple[EpochBatches, Position]:
-        """Draw the epoch's minibatches and reset (or, resuming inside it, restore) the carried state."""
-        cfg = self.cfg
-        resume, self._resume = self._resume, None
-        if resume is not None and int(resume["epoch"]) == epoch:
-            self.rng.setstate(rng_from_lists(resume["rng_before"]))  # draw the same minibatches again
-        else:
-            resume = None
-        rng_before = rng_to_lists(self.rng.getstate())
-        batches = EpochBatches(self.train_ids, cfg.batch_size, cfg.num_steps, cfg.partition, self.rng)
-        zero_state_(self.train_step.state)  # the book starts every epoch from a zero state
-        self.train_step.loss_sum.zero_()
-        first = restore_position(resume, self.train_step) if resume is not None else 0
-        self._pos = Position(epoch, first, len(batches), rng_before)
-        return batches, self._pos
-
     def _run_epoch(self, epoch: int, run: _Run) -> None:
-        """Train one epoch (or its rest, or until the step budget is spent), reporting as it goes."""
-        cfg, step = self.cfg, self.train_step
-        schedule = run.schedule
+        """Train one epoch (or its rest, or until the step budget is spent), reporting as it goes.
+
+        The epoch's minibatches are drawn and the carried state reset, or, resuming inside the epoch, the
+        minibatches drawn again from the saved RNG state and the carried state and loss so far restored."""
+        cfg, step, schedule = self.cfg, self.train_step, run.schedule
         lr = schedule.lr(epoch)
         step.set_lr(lr)
-        batches, pos = self._begin_epoch(epoch)
-        first = pos.batch
-        run.reporter.begin_epoch(float(step.loss_sum) if first else 0.0, first)
-        start = self.clock.mark()
+        resume, self._resume = self._resume, None
+        if resume is not None and int(resume["epoch"]) != epoch:
+            resume = None
+        if resume is not None:
+            self.rng.setstate(rng_from_lists(resume["rng_before"]))  # draw the same minibatches again
+        rng_before = rng_to_lists(self.rng.getstate())
+        batches = EpochBatches(self.train_ids, cfg.batch_size, cfg.num_steps, cfg.partition, self.rng)
+        zero_state_(step.state)  # the book starts every epoch from a zero state
+        step.loss_sum.zero_()
+        first = 0
+        if resume is not None:
+            step.restore(resume)
+            first = int(resume["batch"])
+        pos = self._pos = _Position(epoch, first, len(batches), rng_before)
+        run.window_loss, run.window_batch = float(step.loss_sum) if first else 0.0, first  # a window starts
+        start = mark(self.device)
         for i in range(first, pos.batches):
             if schedule.budget_spent(self.step):
                 break
@@ -229,11 +232,11 @@ class Trainer:
             self.step += 1
             pos.batch = i + 1
             if pos.batch < pos.batches and not schedule.budget_spent(self.step):  # else the epoch's end reports
-                due = schedule.due_by_steps(self.step)
+                evaluate, checkpoint = schedule.due_by_steps(self.step)
                 stop = run.stop_requested is not None and run.stop_requested() is not None
-                if due.evaluate or due.checkpoint or stop or time.perf_counter() - run.last_sync > _SYNC_SECONDS:
-                    self._report_inside(run, due)
-        end = self.clock.mark()
+                if evaluate or checkpoint or stop or time.perf_counter() - run.last_sync > _SYNC_SECONDS:
+                    self._report_inside(run, evaluate, checkpoint)
+        end = mark(self.device)
         done = pos.batch
         tokens = (done - first) * cfg.batch_size * cfg.num_steps
         partial = done < pos.batches
@@ -245,24 +248,24 @@ class Trainer:
     def _end_epoch(self, epoch: int, partial: bool, run: _Run) -> None:
         """After an epoch (or the part the budget allowed): read back, evaluate, checkpoint when due."""
         last = run.schedule.finished(self.epoch, self.step)
-        due = run.schedule.due_at_epoch_end(epoch, self.step, complete=not partial, last=last)
+        evaluate, checkpoint = run.schedule.due_at_epoch_end(epoch, self.step, complete=not partial, last=last)
         now = time.perf_counter()
-        if last or due.evaluate or due.checkpoint or run.schedule.logs_at(epoch) or now - run.last_sync > _SYNC_SECONDS:
-            stats = self._drain(run, due.evaluate)
+        if last or evaluate or checkpoint or every(epoch, self.cfg.log_every) or now - run.last_sync > _SYNC_SECONDS:
+            stats = self._drain(run, evaluate)
             self._step_report(run, stats[-1].heldout_perplexity, epoch_end=True, loss_sum=run.drained_loss_sum)
-            if due.checkpoint:
+            if checkpoint:
                 self._checkpoint(run)
 
-    def _report_inside(self, run: _Run, due: Due) -> None:
+    def _report_inside(self, run: _Run, evaluate: bool, checkpoint: bool) -> None:
         """A report inside an epoch: earlier epochs' results, a progress report, an evaluation or checkpoint."""
         if run.pending:
             self._drain(run, evaluate=False)
         loss_sum = float(self.train_step.loss_sum)  # syncs with the device
-        held, whole = self._heldout_perplexity(run.schedule) if due.evaluate else (None, False)
-        if held is not None and (whole or self.best.value is None):  # as in _record_heldout
-            self._consider(held, self._pos.epoch if self._pos else self.epoch, run.schedule)
+        held, whole = self._heldout_perplexity(run.schedule) if evaluate else (None, False)
+        if held is not None:
+            self._consider(held, whole, self._pos.epoch if self._pos else self.epoch, run.schedule)
         self._step_report(run, held, epoch_end=False, loss_sum=loss_sum)
-        if due.checkpoint:
+        if checkpoint:
             self._checkpoint(run)
 
     def _checkpoint(self, run: _Run) -> None:
@@ -273,74 +276,70 @@ class Trainer:
         run.last_sync = time.perf_counter()
 
     def _step_report(self, run: _Run, heldout: float | None, epoch_end: bool, loss_sum: float) -> None:
-        """Hand the ``StepStats`` of the steps since the previous report to ``on_step``."""
+        """Hand ``on_step`` the ``StepStats`` of the window since the previous report: ``loss_sum`` is the
+        epoch's summed loss so far; the planned total is the remaining epochs at this size, or the budget."""
         if self._pos is not None:  # inside an epoch, or at the end of one the budget cut short
             epoch, batch, batches = self._pos.epoch, self._pos.batch, self._pos.batches
         else:
             epoch, batch, batches = self.epoch, run.drained_batches, run.drained_batches
+        epoch_end = epoch_end and self._pos is None  # a budget's end inside an epoch is reported as inside it
         run.schedule.replan(self.step)  # a time budget's plan, from the throughput so far
-        if run.reporter.max_steps is not None and self.cfg.time_budget is not None:
-            run.reporter.max_steps = run.schedule.planned
-        # A budget's end inside an epoch is reported as inside it: the line says where.
-        stats, mean = run.reporter.report(
-            self.step, epoch, batch, batches, loss_sum, heldout, epoch_end and self._pos is None
-        )
+        if run.planned is not None and self.cfg.time_budget is not None:
+            run.planned = run.schedule.planned
+        now, count = time.perf_counter(), batch - run.window_batch
+        mean = (loss_sum - run.window_loss) / count if count > 0 else None
         check_loss(epoch, mean)
+        total = self.step + (batches - batch) + (self.cfg.epochs - epoch) * batches
+        if run.planned is not None:
+            total = min(total, run.planned)
+        tokens = (self.step - run.window_step) * self.cfg.batch_size * self.cfg.num_steps
+        stats = StepStats(
+            self.step, total, epoch, self.cfg.epochs, batch, batches,
+            train_perplexity=perplexity_from_loss(mean) if mean is not None else math.nan,
+            tokens_per_sec=tokens / max(now - run.window_time, 1e-9),
+            eta_seconds=eta_seconds(self.step - run.start_step, total - run.start_step, now - run.t_start),
+            heldout_perplexity=heldout, epoch_end=epoch_end,
+        )  # fmt: skip
+        run.window_step = self.step
+        run.window_loss, run.window_batch = (0.0, 0) if epoch_end else (loss_sum, batch)
         if run.on_step is not None:
             run.on_step(stats)
-        run.reporter.restart_window()
-        run.last_sync = time.perf_counter()
+        run.last_sync = run.window_time = time.perf_counter()
 
-    # ----- read-back and held-out evaluation ------------------------------------------------------
     def _drain(self, run: _Run, evaluate: bool) -> list[EpochStats]:
         """Read the pending epochs' losses and times back (one sync), check them, evaluate if due, report."""
         pending, run.pending = run.pending, []
         values = torch.stack([t for p in pending for t in (p.loss_sum / p.batches, p.loss_sum)]).tolist()  # one sync
-        self.clock.sync()
+        synchronize(self.device)
         stats = []
         for k, p in enumerate(pending):
             loss = values[2 * k]
             check_loss(p.epoch, loss)
-            seconds = max(self.clock.seconds(p.start, p.end), 1e-9)
+            seconds = max(seconds_between(p.start, p.end), 1e-9)
             ppl = perplexity_from_loss(loss)
             stats.append(EpochStats(p.epoch, ppl, p.tokens / seconds, seconds, p.lr, None, p.step, p.partial))
         run.drained_loss_sum, run.drained_batches = values[-1], pending[-1].batches
         if evaluate and self.heldout_ids is not None:
-            self._record_heldout(stats[-1], run.schedule)
+            last = stats[-1]
+            last.heldout_perplexity, whole = self._heldout_perplexity(run.schedule)
+            # An epoch a step budget cut short competes only when the run is planned in steps or time: then
+            # its end is where the schedule ends, not a half-trained epoch.
+            if not last.partial or self.cfg.time_budget is not None or self.cfg.evaluations is not None:
+                self._consider(last.heldout_perplexity, whole, last.epoch, run.schedule)
         run.history.extend(stats)
         if run.on_epoch is not None:
             for s in stats:
                 run.on_epoch(s)
         return stats
 
-    def _record_heldout(self, stats: EpochStats, schedule: Schedule) -> None:
-        """Measure held-out perplexity into ``stats`` and weigh it (``_consider``)."""
-        value, whole = self._heldout_perplexity(schedule)
-        stats.heldout_perplexity = value
-        # An epoch a step budget cut short competes only when the run is planned in steps or time: then
-        # its end is where the schedule ends, not a half-trained epoch. An evaluation the deadline cut short
-        # read other tokens than the rest: it competes only while there is nothing else to keep.
-        if not stats.partial or self.cfg.time_budget is not None or self.cfg.evaluations is not None:
-            if whole or self.best.value is None:
-                self._consider(value, stats.epoch, schedule)
-
-    def _consider(self, value: float, epoch: int, schedule: Schedule) -> None:
-        """Keep the best held-out value (and its weights if selecting); stop early once ``cfg.patience``
-        evaluations in a row bring no better one."""
+    def _consider(self, value: float, whole: bool, epoch: int, schedule: Schedule) -> None:
+        """Weigh a held-out evaluation (``Best.consider``, with the weights if selecting); stop early when due."""
         weights = (
             (lambda: {k: v.detach().clone() for k, v in self.model.state_dict().items()}) if self.select_best else None
         )
-        self.best.consider(value, epoch, self.step, weights)
-        patience = self.cfg.patience
-        if patience is not None and self.best.patience_spent(patience) and schedule.stop_reason is None:
-            schedule.stop("early_stopping", self.best.why_stopped(value, self.step, patience))
-
-    def _eval_tokens(self) -> int | None:
-        """Held-out tokens a periodic evaluation reads: ``eval_max_tokens``, or the whole split when shorter."""
-        if self.heldout_ids is None:
-            return None
-        n = self.heldout_ids.numel()
-        return min(n, self.cfg.eval_max_tokens) if self.cfg.eval_max_tokens is not None else n
+        why = self.best.consider(value, whole, epoch, self.step, weights, self.cfg.patience)
+        if why is not None and schedule.stop_reason is None:
+            schedule.stop_reason, schedule.stop_detail = "early_stopping", why
 
     def _heldout_perplexity(self, schedule: Schedule | None = None) -> tuple[float, bool]:
         """Held-out perplexity over the first ``cfg.eval_max_tokens`` held-out tokens (all when unset), or as
@@ -355,10 +354,18 @@ class Trainer:
         # No piece starts past the deadline: one that ended before it read every token it was meant to.
         return value, deadline is None or ended < deadline
 
-    # ----- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything beyond the weights needed to continue bit-for-bit: optimizer, RNGs, epoch, steps, best,
-        and (taken inside an epoch) the position there (``deeprnn.training.state.Position``)."""
+        and (taken inside an epoch) the position there: its minibatch, the RNG state its minibatches were drawn
+        from, the carried hidden state and the epoch's loss so far."""
+        pos, position = self._pos, None
+        if pos is not None and 0 < pos.batch < pos.batches:  # else nothing to carry
+            position = {
+                "epoch": pos.epoch,
+                "batch": pos.batch,
+                "rng_before": pos.rng_before,
+                **self.train_step.carried(),
+            }
         return {
             "epoch": self.epoch,
             "step": self.step,
@@ -368,7 +375,7 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             **self.best.state_dict(),
             "train_seconds": self._schedule.elapsed() if self._schedule is not None else self.spent_seconds,
-            "position": self._pos.to_dict(self.train_step) if self._pos is not None else None,
+            "position": position,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -380,7 +387,7 @@ class Trainer:
             raise RuntimeError("load the trainer state before training starts")
         self.epoch = int(state["epoch"])
         self.step = int(state.get("step") or 0)
-        self.optimizer.load_state_dict(optimizer_state(state["optimizer"], self.optimizer, self.device))
+        self.train_step.load_optimizer_state(state["optimizer"])
         self.rng.setstate(rng_from_lists(state["python_rng"]))
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") and torch.cuda.is_available():

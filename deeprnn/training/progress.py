@@ -8,12 +8,9 @@ couple of seconds, also inside a long epoch); ``progress_line`` turns one into t
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from deeprnn.durations import format_duration
-from deeprnn.evaluate import perplexity_from_loss
 
 
 @dataclass
@@ -58,10 +55,6 @@ class FitResult(FitSummary):
 
     eval_tokens: int | None = None  # held-out tokens each periodic evaluation read (the cap, or fewer)
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return asdict(self)
-
 
 @dataclass
 class StepStats:
@@ -98,51 +91,3 @@ def eta_seconds(steps_done: int, total_steps: int, seconds: float) -> float | No
     if steps_done <= 0 or seconds <= 0:
         return None
     return max(total_steps - steps_done, 0) * seconds / steps_done
-
-
-class Reporter:
-    """Turns a training loop's counters into ``StepStats``: loss and speed over the window since the previous
-    report, the planned total of steps, and the time left at the pace of this fit so far."""
-
-    def __init__(self, epochs: int, max_steps: int | None, tokens_per_step: int, step: int) -> None:
-        now = time.perf_counter()
-        self.epochs, self.max_steps, self.tokens_per_step = epochs, max_steps, tokens_per_step
-        self.start_time, self.start_step = now, step
-        self.time, self.step = now, step  # host time and global step of the previous report
-        self.loss_sum, self.batch = 0.0, 0  # the epoch's summed loss and minibatches at the previous report
-
-    def begin_epoch(self, loss_sum: float = 0.0, batch: int = 0) -> None:
-        """A new window inside the epoch starting now (``batch`` > 0: resumed inside it, with its loss so far)."""
-        self.loss_sum, self.batch = loss_sum, batch
-
-    def report(
-        self, step: int, epoch: int, batch: int, batches: int, loss_sum: float, heldout: float | None, epoch_end: bool
-    ) -> tuple[StepStats, float | None]:
-        """The ``StepStats`` at ``step`` (``batch`` of ``batches`` in ``epoch``, the epoch's loss summed so far
-        ``loss_sum``) and the window's mean loss (None for a window without minibatches)."""
-        now = time.perf_counter()
-        count = batch - self.batch
-        mean = (loss_sum - self.loss_sum) / count if count > 0 else None
-        total = step + (batches - batch) + (self.epochs - epoch) * batches  # the remaining epochs at this size
-        if self.max_steps is not None:  # or the budget, when it ends sooner
-            total = min(total, self.max_steps)
-        stats = StepStats(
-            step=step,
-            total_steps=total,
-            epoch=epoch,
-            epochs=self.epochs,
-            batch=batch,
-            batches=batches,
-            train_perplexity=perplexity_from_loss(mean) if mean is not None else math.nan,
-            tokens_per_sec=(step - self.step) * self.tokens_per_step / max(now - self.time, 1e-9),
-            eta_seconds=eta_seconds(step - self.start_step, total - self.start_step, now - self.start_time),
-            heldout_perplexity=heldout,
-            epoch_end=epoch_end,
-        )
-        self.time, self.step = now, step
-        self.loss_sum, self.batch = (0.0, 0) if epoch_end else (loss_sum, batch)
-        return stats, mean
-
-    def restart_window(self) -> None:
-        """Start the next window's clock now (after the callbacks the report went to)."""
-        self.time = time.perf_counter()

@@ -83,22 +83,16 @@ def nothing_left(run_id: str, done: Finished, epochs: int, max_steps: int | None
     naming what to give instead; None when something is left to train. Epochs count whatever the run stopped
     on; a step or time budget only when the run stopped on it (what was done of it is then all of it)."""
     if done.epochs and epochs <= done.epochs:
-        return (
-            f"MLflow run {run_id} already FINISHED its {done.epochs} epochs, so nothing is left to train: give "
-            f"--epochs above {done.epochs} to train it further"
-        )
-    if done.stop_reason == "max_steps" and max_steps is not None and max_steps <= done.steps:
-        return (
-            f"MLflow run {run_id} already FINISHED its step budget ({done.steps:,} steps), so nothing is left to "
-            f"train: give --max-steps above {done.steps} to train it further"
-        )
-    if done.stop_reason == "time_budget" and budget is not None and budget <= (done.budget or 0.0):
+        what, give = f"its {done.epochs} epochs", f"--epochs above {done.epochs}"
+    elif done.stop_reason == "max_steps" and max_steps is not None and max_steps <= done.steps:
+        what, give = f"its step budget ({done.steps:,} steps)", f"--max-steps above {done.steps}"
+    elif done.stop_reason == "time_budget" and budget is not None and budget <= (done.budget or 0.0):
         spent = format_duration(done.budget or 0.0)
-        return (
-            f"MLflow run {run_id} already FINISHED its time budget ({spent}), so nothing is left to train: give a "
-            f"longer --time-budget (above {spent}), or --time-budget off and --epochs, to train it further"
-        )
-    return None
+        what = f"its time budget ({spent})"
+        give = f"a longer --time-budget (above {spent}), or --time-budget off and --epochs,"
+    else:
+        return None
+    return f"MLflow run {run_id} already FINISHED {what}, so nothing is left to train: give {give} to train it further"
 
 
 def logged_checkpoint(tags: dict[str, str]) -> bool:

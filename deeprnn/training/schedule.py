@@ -58,14 +58,6 @@ class _Mark:
     eval_seconds: float
 
 
-@dataclass(frozen=True)
-class Due:
-    """What the step just taken (or the epoch just ended) is due for."""
-
-    evaluate: bool
-    checkpoint: bool
-
-
 @dataclass
 class Schedule:
     """When a fit changes the learning rate, evaluates, checkpoints and stops.
@@ -80,7 +72,6 @@ class Schedule:
     batches_per_epoch: int = 0
     spent_seconds: float = 0.0
     start_step: int = 0
-    tokens_per_step: int = 1
     eval_tokens: int = 0  # held-out tokens one periodic evaluation reads
     planned: int = 0  # the global step training ends at (refined while a time budget runs)
     eval_interval: int | None = None  # steps between evaluations (eval_every_steps, or from ``evaluations``)
@@ -131,14 +122,14 @@ class Schedule:
         self._eval_seconds = seconds
         self._eval_total += seconds
         if tokens > 0 and seconds > 0 and self._step_seconds is not None:
-            train_rate = self.tokens_per_step / self._step_seconds
+            train_rate = self.cfg.batch_size * self.cfg.num_steps / self._step_seconds
             self._eval_speedup = tokens / seconds / train_rate
 
     def eval_cost(self) -> float:
         """Estimated seconds of one periodic evaluation at the recent training speed (0 when unknown)."""
         if self._step_seconds is None:
             return self._eval_seconds or 0.0
-        return self.eval_tokens * self._step_seconds / (self._eval_speedup * self.tokens_per_step)
+        return self.eval_tokens * self._step_seconds / (self._eval_speedup * self.cfg.batch_size * self.cfg.num_steps)
 
     def _reserve(self) -> float:
         """Seconds kept back at the end of a time budget for the last evaluation."""
@@ -186,10 +177,6 @@ class Schedule:
     def begin(self) -> None:
         """Start the clocks (the time budget, the time between checkpoints) now."""
         self._started = self._last_checkpoint = time.perf_counter()
-
-    def stop(self, reason: str, detail: str) -> None:
-        """End training at the next step boundary (e.g. early stopping), saying why."""
-        self.stop_reason, self.stop_detail = reason, detail
 
     def budget_spent(self, step: int) -> bool:
         """Whether training must end after ``step`` steps: a budget is spent, or it was stopped."""
@@ -247,33 +234,27 @@ class Schedule:
         return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     # ----- evaluations and checkpoints ----------------------------------------------------------------
-    def due_by_steps(self, step: int) -> Due:
+    def due_by_steps(self, step: int) -> tuple[bool, bool]:
         """Whether optimizer step ``step`` is due for a held-out evaluation, and for a checkpoint (by steps,
         or by the time since the last checkpoint)."""
-        return Due(
-            self.evaluates and every(step, self.eval_interval),
-            self.checkpoints and (every(step, self.cfg.checkpoint_every_steps) or self._checkpoint_by_time()),
-        )
-
-    def _checkpoint_by_time(self) -> bool:
         minutes = self.cfg.checkpoint_every_minutes
-        return bool(minutes) and time.perf_counter() - self._last_checkpoint >= 60.0 * float(minutes or 0)
+        by_time = bool(minutes) and time.perf_counter() - self._last_checkpoint >= 60.0 * float(minutes or 0)
+        return (
+            self.evaluates and every(step, self.eval_interval),
+            self.checkpoints and (every(step, self.cfg.checkpoint_every_steps) or by_time),
+        )
 
     def checkpointed(self) -> None:
         """A checkpoint was just written: the time-based interval starts again."""
         self._last_checkpoint = time.perf_counter()
 
-    def due_at_epoch_end(self, epoch: int, step: int, complete: bool, last: bool) -> Due:
+    def due_at_epoch_end(self, epoch: int, step: int, complete: bool, last: bool) -> tuple[bool, bool]:
         """After ``epoch`` (``complete``, or cut short by the budget) at ``step``; ``last``: training ends here."""
-        by_steps = self.due_by_steps(step)
-        return Due(
-            self.evaluates and (last or by_steps.evaluate or (complete and every(epoch, self.cfg.eval_every))),
-            self.checkpoints and (last or by_steps.checkpoint or (complete and every(epoch, self.checkpoint_every))),
+        evaluate, checkpoint = self.due_by_steps(step)
+        return (
+            self.evaluates and (last or evaluate or (complete and every(epoch, self.cfg.eval_every))),
+            self.checkpoints and (last or checkpoint or (complete and every(epoch, self.checkpoint_every))),
         )
-
-    def logs_at(self, epoch: int) -> bool:
-        """Whether the end of ``epoch`` is due for a progress report (every ``log_every`` epochs)."""
-        return every(epoch, self.cfg.log_every)
 
 
 def every(count: int, n: int | None) -> bool:

@@ -21,22 +21,28 @@ class Best:
     stale: int = 0  # evaluations in a row without a better value
 
     def consider(
-        self, value: float, epoch: int, step: int, weights: Callable[[], dict[str, torch.Tensor]] | None
-    ) -> None:
-        """Count an evaluation; keep it (and ``weights()``, when given) if it is the best."""
+        self,
+        value: float,
+        whole: bool,
+        epoch: int,
+        step: int,
+        weights: Callable[[], dict[str, torch.Tensor]] | None,
+        patience: int | None,
+    ) -> str | None:
+        """Count an evaluation; keep it (and ``weights()``, when given) if it is the best. An evaluation the
+        deadline cut short (not ``whole``) read other tokens than the rest: it counts only while there is
+        nothing else to keep. Returns why to stop early once ``patience`` evaluations in a row have not beaten
+        the best (for the logs and MLflow), else None."""
+        if not whole and self.value is not None:
+            return None
         self.evaluations += 1
         self.stale += 1
         if self.value is None or value < self.value:
             self.epoch, self.value, self.step, self.stale = epoch, value, step, 0
             if weights is not None:
                 self.state = weights()
-
-    def patience_spent(self, patience: int | None) -> bool:
-        """Whether ``patience`` evaluations in a row have not beaten the best (never without a patience)."""
-        return patience is not None and self.stale >= patience
-
-    def why_stopped(self, value: float, step: int, patience: int) -> str:
-        """The early-stopping reason, for the logs and MLflow."""
+        if patience is None or self.stale < patience:
+            return None
         return (
             f"held-out perplexity {value:.3f} at evaluation {self.evaluations} (step {step:,}) is no better than "
             f"{self.value:.3f} (step {self.step or 0:,}) for {patience} evaluations in a row"

@@ -9,6 +9,7 @@ arithmetic.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from typing import Any, cast
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from deeprnn.config import TrainConfig
 from deeprnn.device import synchronize
-from deeprnn.model import RNNLM, copy_state_, detach_state, zero_state_
+from deeprnn.model import RNNLM, copy_state_, state_tensors, zero_state_
 
 log = logging.getLogger(__name__)
 
@@ -47,28 +48,20 @@ def make_optimizer(model: RNNLM, cfg: TrainConfig, device: torch.device, tensor_
     return cls(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused or None, capturable=fused)
 
 
-class Clock:
-    """Per-epoch durations: CUDA events on the GPU (read back later, no sync), host time elsewhere."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.device = device
-
-    def mark(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
+def mark(device: torch.device) -> Any:
+    """Now, to time an epoch by: a recorded CUDA event on the GPU (read back later, no sync), else host time."""
+    if device.type != "cuda":
         return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
-    def seconds(self, start: Any, end: Any) -> float:
-        if self.cuda:
-            return float(start.elapsed_time(end)) / 1000.0
+
+def seconds_between(start: Any, end: Any) -> float:
+    """Seconds between two ``mark``s (CUDA events: once the device has passed the second)."""
+    if isinstance(start, float):
         return float(end - start)
-
-    def sync(self) -> None:
-        """Wait for the device's queued work (``deeprnn.device.synchronize``), e.g. before reading events."""
-        synchronize(self.device)
+    return float(start.elapsed_time(end)) / 1000.0
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -126,7 +119,7 @@ class TrainStep:
             clip_grad_norm_(cast(list[torch.Tensor], [p.grad for p in self.params]), self.cfg.clip_norm)
         self.optimizer.step()
         self.loss_sum += loss.detach()
-        copy_state_(self.state, detach_state(new_state))
+        copy_state_(self.state, new_state)
 
     def capture(self) -> None:
         """Record the step as a CUDA graph; fall back to eager steps if the platform refuses."""
@@ -156,6 +149,29 @@ class TrainStep:
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
+
+    def carried(self) -> dict[str, Any]:
+        """The carried hidden state and the summed loss, copied to the CPU (for a checkpoint inside an epoch)."""
+        return {
+            "state": [t.detach().to("cpu", copy=True) for t in state_tensors(self.state)],
+            "loss_sum": self.loss_sum.detach().to("cpu", copy=True),
+        }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Put ``carried()`` values back into the step's buffers (resuming inside an epoch)."""
+        copy_state_(self.state, tuple(saved["state"]))
+        self.loss_sum.copy_(saved["loss_sum"])
+
+    def load_optimizer_state(self, saved: dict[str, Any]) -> None:
+        """Load a saved optimizer state: a copy (the optimizer may keep the saved tensors themselves), with
+        learning rates as tensors where the optimizer keeps them as tensors (the CUDA graph path with a
+        schedule), whichever way the state was saved."""
+        state = copy.deepcopy(saved)
+        if torch.is_tensor(self.optimizer.param_groups[0]["lr"]):
+            for group in state["param_groups"]:
+                if not torch.is_tensor(group["lr"]):
+                    group["lr"] = torch.tensor(group["lr"], device=self.device)
+        self.optimizer.load_state_dict(state)
 
     def _snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         tensors = [p.data for p in self.params]

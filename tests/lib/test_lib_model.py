@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deeprnn.config import ModelConfig
-from deeprnn.model import RNNLM, copy_state_, detach_state, zero_state_
+from deeprnn.model import RNNLM, copy_state_, zero_state_
 
 CPU = torch.device("cpu")
 
@@ -126,16 +126,13 @@ def test_unknown_cell() -> None:
 
 def test_state_helpers() -> None:
     w = torch.ones(2, requires_grad=True)
-    h, c = w * 2, w * 3
-    d = detach_state((h, c))
-    assert isinstance(d, tuple) and not any(s.requires_grad for s in d)
-    assert not detach_state(h).requires_grad
-
+    h, c = w * torch.tensor([1.0, 2.0]), w * torch.tensor([3.0, 4.0])  # a state still attached to a graph
     dst = (torch.zeros(2), torch.zeros(2))
     addresses = [s.data_ptr() for s in dst]
-    copy_state_(dst, (torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])))
+    copy_state_(dst, (h, c))
     assert [s.tolist() for s in dst] == [[1.0, 2.0], [3.0, 4.0]]
     assert [s.data_ptr() for s in dst] == addresses  # in place
+    assert not any(s.requires_grad for s in dst)  # detached: the graph behind the carried state is cut
     zero_state_(dst)
     assert all(torch.count_nonzero(s) == 0 for s in dst)
 

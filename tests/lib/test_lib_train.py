@@ -3,6 +3,7 @@ options."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -57,7 +58,7 @@ def test_loss_decreases(tiny_vocab: Vocab, tiny_ids: torch.Tensor) -> None:
     assert result.step_mode == "eager"  # no CUDA graphs on the CPU
     assert result.best_epoch is None and result.best_heldout_perplexity is None
     assert all(h.tokens_per_sec > 0 and h.seconds > 0 for h in result.history)
-    json.dumps(result.to_dict())  # JSON-ready, for MLflow and Prefect
+    json.dumps(dataclasses.asdict(result))  # JSON-ready, for MLflow and Prefect
 
 
 def test_callbacks_every_epoch_in_order_and_checkpoints(tiny_vocab: Vocab, tiny_ids: torch.Tensor) -> None:
