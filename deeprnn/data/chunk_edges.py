@@ -25,7 +25,7 @@ import re
 
 import numpy as np
 
-from deeprnn.data.normalize import check_mode, code_points, d2l_collapse, d2l_translate, normalize_words
+from deeprnn.data.normalize import code_points, d2l_collapse, d2l_translate, normalize_words
 
 MAX_WORD_CHARS = 1 << 20  # a "word" this long is not language (minified JSON, base64): a vocabulary cannot hold it
 _CAPITAL_SIGMA = "\u03a3"
@@ -77,7 +77,6 @@ class CharPieces:
     """
 
     def __init__(self, mode: str, raw_counts: np.ndarray | None = None) -> None:
-        check_mode(mode)
         self.mode = mode
         self.raw_counts = raw_counts
         self.tail = ""  # lower: the characters held back for the next piece
@@ -120,7 +119,6 @@ class WordPieces:
     """The word tokens of a text fed in chunks: ``feed`` every chunk in order, then ``finish``."""
 
     def __init__(self, mode: str) -> None:
-        check_mode(mode)
         self.mode = mode
         self.last_separator = _LAST_NON_LETTER if mode == "d2l" else _LAST_SPACE
         self.tail = ""  # the start of a word that may go on in the next chunk

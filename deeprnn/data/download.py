@@ -43,17 +43,7 @@ from deeprnn.data.corpus_stream import (
 from deeprnn.data.file_io import megabytes, sha1_of, write_atomic
 from deeprnn.data.urls import redact_url
 
-__all__ = [
-    "CACHE_ENV",
-    "CorpusFile",
-    "DownloadError",
-    "TransientDownloadError",
-    "cache_dir",
-    "check_source",
-    "fetch_corpus",
-    "read_text_chunks",
-    "redact_url",
-]
+__all__ = ["CorpusFile", "DownloadError", "TransientDownloadError", "read_text_chunks", "redact_url"]  # re-exported
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +112,12 @@ def _read_local(path: Path, expected: str | None) -> CorpusFile:
         if path.is_dir():
             kind: CorpusKind = "dir"
             digest = hashlib.sha1()
-            for _ in dir_text(path, shown, digest, decode=False):
+            for _ in dir_text(path, shown, digest):
                 pass
             have, size = digest.hexdigest(), sum(p.stat().st_size for _, p in dir_files(path))
         else:
             # With an expected hash, a bad text is reported only after the hash: a wrong file is the first fault.
-            sink = check_file(path, shown, decode=False, defer=expected is not None)
+            sink = check_file(path, shown, defer=expected is not None)
             have, size = sink.hexdigest, sink.num_bytes
             kind = "gzip" if sink.kind == "gzip" else "text"  # found by the gzip magic bytes, as the sink read them
     except OSError as exc:  # unreadable: permissions, a file removed while reading, ...

@@ -81,10 +81,6 @@ class TokenSettings:
         text = json.dumps([KEY_FORMAT, corpus_sha1, self.token, self.normalize, self.min_freq, self.reserved_tokens])
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
-    def describe(self) -> dict[str, Any]:
-        """JSON-ready form, as ``meta.json`` stores it."""
-        return {**dataclasses.asdict(self), "reserved_tokens": list(self.reserved_tokens)}
-
 
 @dataclasses.dataclass(frozen=True)
 class PreparedCorpus:
@@ -206,21 +202,25 @@ def _tokenize_into(tmp: Path, corpus: CorpusFile, settings: TokenSettings, chunk
         # Only the kept tokens' counts travel on (vocab.json, checkpoints): a word corpus may count millions.
         vocab.token_freqs = [(t, f) for t, f in vocab.token_freqs if f >= settings.min_freq]
         dtype = id_dtype(len(vocab))
-        ids_sha1 = _write_ids(tmp / "ids.bin", counter.encoded(vocab, dtype, text))
+        digest = hashlib.sha1()
+        with open(tmp / "ids.bin", "wb") as fh:
+            for ids in counter.encoded(vocab, dtype, text):
+                digest.update(ids.data)
+                fh.write(ids.data)
     finally:
         counter.close()
     vocab.save(tmp / "vocab.json")
-    loss = counter.letter_loss()
+    letters, dropped = counter.letter_loss()
     return {
         "corpus_sha1": corpus.sha1,
         "source": corpus.source,
-        "settings": settings.describe(),
+        "settings": dataclasses.asdict(settings),
         "num_tokens": counter.num_tokens,
         "vocab_size": len(vocab),
         "dtype": dtype.name,
-        "ids_sha1": ids_sha1,
-        "letters": loss.letters,
-        "dropped_letters": loss.dropped,
+        "ids_sha1": digest.hexdigest(),
+        "letters": letters,
+        "dropped_letters": dropped,
     }
 
 
@@ -235,7 +235,12 @@ def estimate_space(corpus: CorpusFile, settings: TokenSettings) -> token_cache.S
             break
     counter = _counted(settings, ["".join(pieces)])  # a text refused here is refused at once by the build
     sampled = max(1, sum(len(p.encode("utf-8")) for p in pieces))
-    num_tokens = round(counter.num_tokens * max(sampled, _text_bytes(corpus)) / sampled)
+    text_bytes = corpus.num_bytes
+    if corpus.kind == "gzip":  # the trailer's size of the decompressed data (modulo 2**32)
+        with open(corpus.path, "rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            text_bytes = int.from_bytes(fh.read(4), "little")
+    num_tokens = round(counter.num_tokens * max(sampled, text_bytes) / sampled)
     vocab_size = len(counter.token_freqs()) + 1 + len(settings.reserved_tokens)
     return token_cache.space_for(num_tokens, vocab_size, settings.token == "char" and settings.normalize == "d2l")
 
@@ -257,15 +262,6 @@ def _counted(settings: TokenSettings, text: Iterable[str], spill: Path | None = 
     return counter
 
 
-def _text_bytes(corpus: CorpusFile) -> int:
-    """The bytes of text in ``corpus``: for gzip, its trailer's size of the decompressed data (modulo 2**32)."""
-    if corpus.kind != "gzip":
-        return corpus.num_bytes
-    with open(corpus.path, "rb") as fh:
-        fh.seek(-4, os.SEEK_END)
-        return int.from_bytes(fh.read(4), "little")
-
-
 def _cache_write_error(
     where: Path, exc: OSError, needed: token_cache.SpaceEstimate | None, free: int | None = None
 ) -> CacheWriteError:
@@ -280,16 +276,6 @@ def _cache_write_error(
         f"cannot write the token cache in {where}: {exc.strerror or exc}{size}; nothing was kept. "
         f"{what}, or set {CACHE_ENV} to a folder on a disk with room"
     )
-
-
-def _write_ids(path: Path, chunks: Iterable[np.ndarray]) -> str:
-    """Write the id chunks one after the other to ``path``; returns the SHA-1 of what was written."""
-    digest = hashlib.sha1()
-    with open(path, "wb") as fh:
-        for ids in chunks:
-            digest.update(ids.data)
-            fh.write(ids.data)
-    return digest.hexdigest()
 
 
 def _check_vocab(

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from deeprnn.data.chunk_edges import CharPieces, WordPieces
-from deeprnn.data.normalize import LetterLoss, letter_loss
+from deeprnn.data.normalize import letter_loss
 from deeprnn.data.vocab import Vocab
 
 CHUNK_BYTES = 1 << 24  # 16 MiB of text per step: a few hundred MB of working memory at most
@@ -52,8 +52,6 @@ class CharCounter:
     def finish(self) -> None:
         """Count what the last chunk left undecided (the end of the text)."""
         self._count(self._pieces.finish())
-        if self._spill_fh is not None:
-            self._spill_fh.flush()
 
     def close(self) -> None:
         """Close the spill file (when building stops early)."""
@@ -77,8 +75,8 @@ class CharCounter:
         order = sorted(self.first_seen, key=self.first_seen.__getitem__)
         return [(chr(cp), int(self.counts[cp])) for cp in order]
 
-    def letter_loss(self) -> LetterLoss:
-        """The letters of the original text that normalization dropped."""
+    def letter_loss(self) -> tuple[int, int]:
+        """``(letters, dropped)``: the letters of the original text, and how many normalization dropped."""
         return letter_loss(self.raw if self.raw is not None else self.counts, self.normalize)
 
     def encoded(self, vocab: Vocab, dtype: np.dtype, text: Callable[[], Iterable[str]]) -> Iterator[np.ndarray]:
@@ -135,9 +133,9 @@ class WordCounter:
         """``(word, count)`` in first-seen order."""
         return list(self.counts.items())
 
-    def letter_loss(self) -> LetterLoss:
+    def letter_loss(self) -> tuple[int, int]:
         """Word counts do not say which characters were dropped; nothing is reported for words."""
-        return LetterLoss(0, 0, ())
+        return 0, 0
 
     def encoded(self, vocab: Vocab, dtype: np.dtype, text: Callable[[], Iterable[str]]) -> Iterator[np.ndarray]:
         """The token ids, chunk by chunk, of ``text()`` read and split again."""
