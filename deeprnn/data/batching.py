@@ -157,6 +157,4 @@ def eval_streams(ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tens
     """
     rows = max(1, min(rows, (ids.numel() - 1) // 2))
     length = (ids.numel() - 1) // rows
-    x = ids[: rows * length].reshape(rows, length)
-    y = ids[1 : rows * length + 1].reshape(rows, length)
-    return x, y
+    return ids[: rows * length].reshape(rows, length), ids[1 : rows * length + 1].reshape(rows, length)

@@ -57,54 +57,6 @@ class CorpusFile:
     kind: CorpusKind = "text"
 
 
-class Gunzip:
-    """A push-style gzip decompressor with bounded output: corrupt or truncated input is one clear error.
-
-    Handles files of several gzip members (``cat a.gz b.gz``, bgzip, pigz) and zero padding after the last
-    member, as ``gzip`` does; the CRC and length in each member's trailer are checked by zlib.
-    """
-
-    def __init__(self, shown: str, out_max: int = READ_CHUNK) -> None:
-        self.shown = shown
-        self.out_max = max(1, out_max)
-        self.inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # 16+: gzip header and trailer
-        self.between_members = False
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        """Decompress the next piece; yield the output in pieces of at most ``out_max`` bytes."""
-        while data:
-            if self.between_members:
-                data = data.lstrip(b"\x00")
-                if not data:
-                    return
-                self.inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-                self.between_members = False
-            while True:
-                try:
-                    out = self.inflate.decompress(data, self.out_max)
-                except zlib.error as exc:
-                    raise self.error(str(exc)) from None
-                if out:
-                    yield out
-                if self.inflate.eof:
-                    self.between_members, data = True, self.inflate.unused_data
-                    break
-                data = self.inflate.unconsumed_tail
-                if not data and len(out) < self.out_max:  # all input used and no output held back
-                    return
-
-    def finish(self) -> None:
-        """End of input: refuse a file cut off inside a member."""
-        if not self.between_members:
-            raise self.error("it ends before its compressed data does (truncated)")
-
-    def error(self, reason: str) -> DownloadError:
-        """The one message for a bad gzip file."""
-        return DownloadError(
-            f"{self.shown} is not a valid gzip file: {reason}. Fetch it again, or give the uncompressed text"
-        )
-
-
 class ByteSink:
     """What the bytes of one text or gzip corpus pass through once: SHA-1, gzip detection, text checks.
 
@@ -114,15 +66,19 @@ class ByteSink:
     start. With ``defer``, a bad text is remembered instead of raised, so that the SHA-1 of a wrong file is
     still computed and a hash mismatch (the more basic fault) can be reported first; ``finish`` raises it.
     ``feed`` and ``finish`` are generators: iterate them, even when only checking, or nothing happens.
+
+    A gzip file is decompressed in pieces of at most ``out_max`` bytes, corrupt or truncated input being one
+    clear error. Files of several members (``cat a.gz b.gz``, bgzip, pigz) and zero padding after the last
+    member are read as ``gzip`` reads them; the CRC and length in each member's trailer are checked by zlib.
     """
 
     def __init__(self, shown: str, *, defer: bool = False, out_max: int = READ_CHUNK, blank_ok: bool = False) -> None:
-        self.shown, self.defer, self.out_max, self.blank_ok = shown, defer, out_max, blank_ok
+        self.shown, self.defer, self.out_max, self.blank_ok = shown, defer, max(1, out_max), blank_ok
         self.sha1 = hashlib.sha1()
         self.num_bytes = 0
         self.kind: CorpusKind | None = None  # known once two bytes are in
         self.head = b""
-        self.gunzip: Gunzip | None = None
+        self.inflate: zlib._Decompress | None = None  # gzip: None between members (and before the first)
         self.decoder = codecs.getincrementaldecoder("utf-8")("strict")
         self.offset = 0  # bytes of text (decompressed for gzip) decoded so far
         self.has_text = False  # any character that is not ASCII whitespace (nor the byte order mark) seen
@@ -138,30 +94,20 @@ class ByteSink:
             if len(self.head) < len(GZIP_MAGIC):
                 return
             data, self.head = self.head, b""
-            self._start(data)
+            self.kind = "gzip" if data.startswith(GZIP_MAGIC) else "text"
         yield from self._guarded(self._check(data))
 
     def finish(self) -> Iterator[str]:
         """No more bytes: end the checks (yield the last text); raise a deferred fault."""
-        if self.kind is None:
-            self._start(self.head)
+        if self.kind is None:  # fewer bytes than the gzip magic has
+            self.kind = "text"
             yield from self._guarded(self._check(self.head))
         yield from self._guarded(self._end())
         if self.fault is not None:
             raise self.fault
 
-    @property
-    def hexdigest(self) -> str:
-        """The SHA-1 of every byte fed so far."""
-        return self.sha1.hexdigest()
-
-    def _start(self, head: bytes) -> None:
-        self.kind = "gzip" if head.startswith(GZIP_MAGIC) else "text"
-        if self.kind == "gzip":
-            self.gunzip = Gunzip(self.shown, self.out_max)
-
     def _check(self, data: bytes) -> Iterator[str]:
-        for piece in self.gunzip.feed(data) if self.gunzip is not None else (data,):
+        for piece in self._gunzip(data) if self.kind == "gzip" else (data,):
             if b"\x00" in piece:
                 raise DownloadError(f"{self.shown} looks binary (it contains NUL bytes): give a UTF-8 text file")
             pending = len(self.decoder.getstate()[0])  # bytes of a character begun in the previous piece
@@ -173,9 +119,30 @@ class ByteSink:
             if text:
                 yield text
 
+    def _gunzip(self, data: bytes) -> Iterator[bytes]:
+        """Decompress the next bytes; yield the output in pieces of at most ``out_max`` bytes."""
+        while True:
+            if self.inflate is None:
+                data = data.lstrip(b"\x00")  # zero padding after a member
+                if not data:
+                    return
+                self.inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # 16+: gzip header and trailer
+            try:
+                out = self.inflate.decompress(data, self.out_max)
+            except zlib.error as exc:
+                raise self._bad_gzip(str(exc)) from None
+            if out:
+                yield out
+            if self.inflate.eof:
+                data, self.inflate = self.inflate.unused_data, None
+            elif not self.inflate.unconsumed_tail and len(out) < self.out_max:
+                return  # all input used and no output held back
+            else:
+                data = self.inflate.unconsumed_tail
+
     def _end(self) -> Iterator[str]:
-        if self.gunzip is not None:
-            self.gunzip.finish()
+        if self.inflate is not None:  # a gzip file cut off inside a member
+            raise self._bad_gzip("it ends before its compressed data does (truncated)")
         pending = len(self.decoder.getstate()[0])
         try:
             tail = self._seen(self.decoder.decode(b"", final=True))
@@ -195,9 +162,14 @@ class ByteSink:
         return text
 
     def _not_utf8(self, offset: int) -> DownloadError:
-        where = " of the decompressed text" if self.gunzip is not None else ""
+        where = " of the decompressed text" if self.kind == "gzip" else ""
         return DownloadError(
             f"{self.shown} is not UTF-8 text (invalid byte at offset {offset}{where}): convert it to UTF-8 first"
+        )
+
+    def _bad_gzip(self, reason: str) -> DownloadError:
+        return DownloadError(
+            f"{self.shown} is not a valid gzip file: {reason}. Fetch it again, or give the uncompressed text"
         )
 
     def _guarded(self, pieces: Iterator[str]) -> Iterator[str]:
@@ -255,7 +227,7 @@ def dir_text(root: Path, shown: str, digest: _Hash, chunk_bytes: int = READ_CHUN
         digest.update(os.fsencode(rel) + b"\x00" + str(path.stat().st_size).encode() + b"\x00")
         sink = ByteSink(str(path), out_max=chunk_bytes, blank_ok=True)
         last = ""
-        for last in _passed(sink, path, chunk_bytes, digest):
+        for last in feed_file(sink, path, chunk_bytes, digest):
             yield last
         has_text = has_text or sink.has_text
         if last and not last.endswith("\n"):
@@ -264,23 +236,15 @@ def dir_text(root: Path, shown: str, digest: _Hash, chunk_bytes: int = READ_CHUN
         raise DownloadError(f"{shown} is empty: a corpus needs text (every file in it is blank)")
 
 
-def _passed(sink: ByteSink, path: Path, chunk_bytes: int, digest: _Hash | None = None) -> Iterator[str]:
+def feed_file(sink: ByteSink, path: Path, chunk_bytes: int, digest: _Hash | None = None) -> Iterator[str]:
     """Every byte of the file at ``path`` fed through ``sink`` (and into ``digest``), then its end; yields what
-    the sink yields (the text, when it decodes)."""
+    the sink yields: the text."""
     with open(path, "rb") as fh:
         while chunk := fh.read(chunk_bytes):
             if digest is not None:
                 digest.update(chunk)
             yield from sink.feed(chunk)
     yield from sink.finish()
-
-
-def check_file(path: Path, shown: str, *, defer: bool = False) -> ByteSink:
-    """Pass a text or gzip file through a ``ByteSink`` (all checks); returns the sink for its hash and kind."""
-    sink = ByteSink(shown, defer=defer)
-    for _ in _passed(sink, path, READ_CHUNK):
-        pass
-    return sink
 
 
 def read_text_chunks(corpus: CorpusFile, chunk_bytes: int = 1 << 24) -> Iterator[str]:
@@ -300,10 +264,8 @@ def read_text_chunks(corpus: CorpusFile, chunk_bytes: int = 1 << 24) -> Iterator
         have = digest.hexdigest()
     else:
         sink = ByteSink(shown, out_max=chunk_bytes)
-        yield from _passed(sink, corpus.path, chunk_bytes)
-        if sink.kind != corpus.kind:
-            raise DownloadError(f"{shown} is now {sink.kind}, not {corpus.kind}: it changed since it was fetched")
-        have = sink.hexdigest
+        yield from feed_file(sink, corpus.path, chunk_bytes)
+        have = sink.sha1.hexdigest()
     if have != corpus.sha1:
         raise DownloadError(
             f"{shown} changed since it was fetched (sha1 {corpus.sha1}, now {have}): fetch the corpus again"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -52,6 +53,9 @@ SAMPLE_BYTES = 1 << 20  # text tokenized to estimate the cache entry's size
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 MAX_VOCAB = 250_000  # beyond this the one-hot input and output layer of a model no longer fit in memory
 WARN_LETTER_LOSS = 0.01  # warn when normalization drops more than this share of the text's letters
+# vocab.json holds each token twice (``idx_to_token`` and ``token_freqs``) with its count and JSON punctuation.
+VOCAB_BYTES_PER_TOKEN = 40
+VOCAB_BYTES_FIXED = 1000  # meta.json, builder.json and vocab.json's own keys
 
 
 class PrepareError(ValueError):
@@ -80,6 +84,10 @@ class TokenSettings:
         """The cache key of these settings on the corpus with ``corpus_sha1``."""
         text = json.dumps([KEY_FORMAT, corpus_sha1, self.token, self.normalize, self.min_freq, self.reserved_tokens])
         return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready form, as ``meta.json`` stores it."""
+        return {**dataclasses.asdict(self), "reserved_tokens": list(self.reserved_tokens)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,10 +199,7 @@ def _build_entry(corpus: CorpusFile, settings: TokenSettings, folder: Path, chun
 
 def _tokenize_into(tmp: Path, corpus: CorpusFile, settings: TokenSettings, chunk_bytes: int) -> dict[str, Any]:
     """Count, build the vocabulary, write ``ids.bin`` and ``vocab.json`` into ``tmp``; returns the meta data."""
-
-    def text() -> Iterator[str]:
-        return read_text_chunks(corpus, chunk_bytes)
-
+    text = functools.partial(read_text_chunks, corpus, chunk_bytes)
     counter = _counted(settings, text(), tmp / "normalized.tmp")
     try:
         vocab = Vocab.from_counts(counter.token_freqs(), settings.min_freq, settings.reserved_tokens)
@@ -214,7 +219,7 @@ def _tokenize_into(tmp: Path, corpus: CorpusFile, settings: TokenSettings, chunk
     return {
         "corpus_sha1": corpus.sha1,
         "source": corpus.source,
-        "settings": dataclasses.asdict(settings),
+        "settings": settings.describe(),
         "num_tokens": counter.num_tokens,
         "vocab_size": len(vocab),
         "dtype": dtype.name,
@@ -227,14 +232,13 @@ def _tokenize_into(tmp: Path, corpus: CorpusFile, settings: TokenSettings, chunk
 def estimate_space(corpus: CorpusFile, settings: TokenSettings) -> token_cache.SpaceEstimate:
     """About how much disk preparing ``corpus`` takes, from its first ``SAMPLE_BYTES`` of text tokenized with
     ``settings`` (tokens a byte of text, the vocabulary seen) scaled to the whole text, without writing."""
-    pieces, size = [], 0
+    sample = ""
     for piece in read_text_chunks(corpus, SAMPLE_BYTES):  # stopped early: only the sample is read
-        pieces.append(piece)
-        size += len(piece)
-        if size >= SAMPLE_BYTES:
+        sample += piece
+        if len(sample) >= SAMPLE_BYTES:
             break
-    counter = _counted(settings, ["".join(pieces)])  # a text refused here is refused at once by the build
-    sampled = max(1, sum(len(p.encode("utf-8")) for p in pieces))
+    counter = _counted(settings, [sample])  # a text refused here is refused at once by the build
+    sampled = max(1, len(sample.encode("utf-8")))
     text_bytes = corpus.num_bytes
     if corpus.kind == "gzip":  # the trailer's size of the decompressed data (modulo 2**32)
         with open(corpus.path, "rb") as fh:
@@ -242,7 +246,9 @@ def estimate_space(corpus: CorpusFile, settings: TokenSettings) -> token_cache.S
             text_bytes = int.from_bytes(fh.read(4), "little")
     num_tokens = round(counter.num_tokens * max(sampled, text_bytes) / sampled)
     vocab_size = len(counter.token_freqs()) + 1 + len(settings.reserved_tokens)
-    return token_cache.space_for(num_tokens, vocab_size, settings.token == "char" and settings.normalize == "d2l")
+    entry = num_tokens * id_dtype(vocab_size).itemsize + vocab_size * VOCAB_BYTES_PER_TOKEN + VOCAB_BYTES_FIXED
+    spill = num_tokens if settings.token == "char" and settings.normalize == "d2l" else 0  # the book's rule's text
+    return token_cache.SpaceEstimate(entry, entry + spill)
 
 
 def _counted(settings: TokenSettings, text: Iterable[str], spill: Path | None = None) -> CharCounter | WordCounter:
@@ -250,14 +256,11 @@ def _counted(settings: TokenSettings, text: Iterable[str], spill: Path | None = 
     text); a text the counters refuse (too many words, a word too long) is one ``PrepareError``."""
     counter = CharCounter(settings.normalize, spill) if settings.token == "char" else WordCounter(settings.normalize)
     try:
-        for chunk in text:
-            counter.add(chunk)
-        counter.finish()
-    except (TooManyWordsError, WordTooLongError) as exc:
+        counter.count(text)
+    except BaseException as exc:
         counter.close()
-        raise PrepareError(str(exc)) from None
-    except BaseException:
-        counter.close()
+        if isinstance(exc, (TooManyWordsError, WordTooLongError)):
+            raise PrepareError(str(exc)) from None
         raise
     return counter
 
@@ -324,15 +327,9 @@ def split_sizes(prepared: PreparedCorpus, data: DataConfig) -> dict[str, int]:
 def prepared_record(prepared: PreparedCorpus, data: DataConfig) -> dict[str, Any]:
     """What a prepared corpus holds, as JSON-ready data: its folder, whether this call found it in the cache,
     the corpus SHA-1, the vocabulary size and id type, and the tokens in all and per split of ``data``."""
-    return {
-        "folder": str(prepared.folder),
-        "cache_hit": prepared.cache_hit,
-        "corpus_sha1": prepared.corpus_sha1,
-        "vocab_size": prepared.vocab_size,
-        "dtype": prepared.dtype,
-        "num_tokens": prepared.num_tokens,
-        "splits": split_sizes(prepared, data),
-    }
+    names = ("cache_hit", "corpus_sha1", "vocab_size", "dtype", "num_tokens")
+    fields = {name: getattr(prepared, name) for name in names}
+    return {"folder": str(prepared.folder), **fields, "splits": split_sizes(prepared, data)}
 
 
 def prepared_summary(prepared: PreparedCorpus) -> str:
