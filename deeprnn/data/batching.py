@@ -14,7 +14,7 @@ instead draws an offset in ``[0, num_steps - 1]`` and shuffles all length-T subs
 minibatches are unrelated and the state is reset every minibatch.
 
 Everything here works on tensors already on the training device, in whatever integer dtype they are stored
-(uint8 for a small vocabulary), so an epoch's minibatches are views or gathers of them, never a per-step
+(uint8 for a small vocabulary), so an epoch's minibatches are gathers of them, never a per-step
 host-to-device copy; ``EpochBatches`` hands the trainer one minibatch at a time, converted to int64.
 """
 
@@ -67,23 +67,11 @@ def check_enough_tokens(num_tokens: int, batch_size: int, num_steps: int) -> Non
         )
 
 
-def sequential_batches(
-    corpus: torch.Tensor, batch_size: int, num_steps: int, offset: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One epoch of the book's sequential minibatches for a given ``offset``.
-
-    Returns ``X, Y`` of shape ``(num_batches, batch_size, num_steps)``; ``X[i]`` equals the book's i-th
-    minibatch for the same offset.
-    """
-    length = (corpus.numel() - offset - 1) // batch_size  # tokens per stream
-    nb = length // num_steps
-
-    def streams(start: int) -> torch.Tensor:
-        # (B, L) -> (B, nb*T) -> (B, nb, T) -> (nb, B, T)
-        rows = corpus[start : start + batch_size * length].reshape(batch_size, length)
-        return rows[:, : nb * num_steps].reshape(batch_size, nb, num_steps).transpose(0, 1)
-
-    return streams(offset), streams(offset + 1)
+def sequential_starts(num_tokens: int, batch_size: int, num_steps: int, offset: int) -> torch.Tensor:
+    """Start positions of one epoch of the book's sequential minibatches for a given ``offset``, shape
+    ``(num_batches, batch_size)``: stream ``b`` is the ``b``-th of ``batch_size`` equal parts of the corpus."""
+    length = (num_tokens - offset - 1) // batch_size  # tokens per stream
+    return offset + torch.arange(batch_size) * length + torch.arange(length // num_steps)[:, None] * num_steps
 
 
 # Up to this many subsequences an epoch is shuffled exactly as the book does (``random.shuffle`` of a list:
@@ -129,38 +117,30 @@ def gather_rows(
 class EpochBatches:
     """One epoch's minibatches, loaded one at a time into the trainer's int64 ``x``/``y`` buffers.
 
-    Sequential epochs are views of the corpus; random epochs keep only the start positions and gather each
-    minibatch when it is loaded, so a large corpus is never copied whole. The copy into the buffers is where
-    ids of a small dtype (uint8, uint16, int32) become int64, also for a CUDA graph that reads the buffers.
+    An epoch keeps only the start positions of its minibatches' rows and gathers each minibatch when it is
+    loaded, so a large corpus is never copied whole. The copy into the buffers is where ids of a small dtype
+    (uint8, uint16, int32) become int64, also for a CUDA graph that reads the buffers.
     """
 
     def __init__(
         self, corpus: torch.Tensor, batch_size: int, num_steps: int, partition: str, rng: random.Random
     ) -> None:
-        self.corpus, self.num_steps = corpus, num_steps
-        self.views: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.starts: torch.Tensor | None = None
         if partition == "random":
-            self.starts = random_starts(corpus.numel(), batch_size, num_steps, rng).to(corpus.device)
-            self.steps = torch.arange(num_steps, device=corpus.device)
+            starts = random_starts(corpus.numel(), batch_size, num_steps, rng)
         elif partition == "sequential":  # a fresh offset in [0, num_steps] per epoch, as the book draws it
-            self.views = sequential_batches(corpus, batch_size, num_steps, rng.randint(0, num_steps))
+            starts = sequential_starts(corpus.numel(), batch_size, num_steps, rng.randint(0, num_steps))
         else:
             raise ValueError(f"unknown partition {partition!r}; use 'sequential' or 'random'")
+        self.corpus, self.num_steps = corpus, num_steps
+        self.starts = starts.to(corpus.device)
+        self.steps = torch.arange(num_steps, device=corpus.device)
 
     def __len__(self) -> int:
-        if self.views is not None:
-            return int(self.views[0].shape[0])
-        assert self.starts is not None  # random partitioning keeps the starts instead of views
         return int(self.starts.shape[0])
 
     def load(self, i: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """Copy minibatch ``i`` into ``x`` and ``y`` (converting to their dtype and device)."""
-        if self.views is not None:
-            bx, by = self.views[0][i], self.views[1][i]
-        else:
-            assert self.starts is not None
-            bx, by = gather_rows(self.corpus, self.starts[i], self.num_steps, self.steps)
+        bx, by = gather_rows(self.corpus, self.starts[i], self.num_steps, self.steps)
         x.copy_(bx)
         y.copy_(by)
 
@@ -177,6 +157,4 @@ def eval_streams(ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tens
     """
     rows = max(1, min(rows, (ids.numel() - 1) // 2))
     length = (ids.numel() - 1) // rows
-    x = ids[: rows * length].reshape(rows, length)
-    y = ids[1 : rows * length + 1].reshape(rows, length)
-    return x, y
+    return ids[: rows * length].reshape(rows, length), ids[1 : rows * length + 1].reshape(rows, length)

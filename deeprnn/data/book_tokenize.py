@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-from pathlib import Path
 from typing import Literal
 
 _NON_LETTERS = re.compile("[^A-Za-z]+")
@@ -16,11 +15,6 @@ def preprocess_lines(text: str) -> list[str]:
     # would also break at \f, \x85, \u2028 and others, which the book keeps inside a line.
     lines = io.StringIO(text, newline=None).readlines()
     return [_NON_LETTERS.sub(" ", line).strip().lower() for line in lines]
-
-
-def read_lines(path: Path) -> list[str]:
-    """Read a UTF-8 corpus file and preprocess it."""
-    return preprocess_lines(Path(path).read_text(encoding="utf-8"))
 
 
 def tokenize(lines: list[str], token: Literal["char", "word"] = "char") -> list[list[str]]:

@@ -22,10 +22,11 @@ whole text.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from deeprnn.data.normalize import check_mode, code_points, d2l_collapse, d2l_translate, normalize_words
+from deeprnn.data.normalize import code_points, d2l_collapse, d2l_translate, normalize_words
 
 MAX_WORD_CHARS = 1 << 20  # a "word" this long is not language (minified JSON, base64): a vocabulary cannot hold it
 _CAPITAL_SIGMA = "\u03a3"
@@ -39,15 +40,12 @@ class WordTooLongError(ValueError):
     """The text has a word longer than a word vocabulary can hold."""
 
 
-def _case_ignorable(c: str) -> bool:
-    """Whether ``str.lower``'s Final_Sigma rule looks across ``c``, asked of Python itself: a sigma followed by
-    ``c`` then a space is final, and followed by ``c`` then a letter is not, only when ``c`` is skipped."""
-    return ("a\u03a3" + c + " ").lower()[1] == "\u03c2" and ("a\u03a3" + c + "b").lower()[1] == "\u03c3"
-
-
 def _stops_sigma(c: str) -> bool:
-    """Whether a cut beside ``c`` is invisible to the Final_Sigma rule: ``c`` is not a sigma nor skipped."""
-    return c != _CAPITAL_SIGMA and not _case_ignorable(c)
+    """Whether a cut beside ``c`` is invisible to the Final_Sigma rule: ``c`` is not a sigma, nor a character
+    that ``str.lower``'s rule looks across. That is asked of Python itself: a sigma followed by such a ``c``
+    then a space is final, and followed by ``c`` then a letter is not."""
+    skipped = ("a\u03a3" + c + " ").lower()[1] == "\u03c2" and ("a\u03a3" + c + "b").lower()[1] == "\u03c3"
+    return c != _CAPITAL_SIGMA and not skipped
 
 
 def lower_cut(text: str) -> int:
@@ -77,7 +75,6 @@ class CharPieces:
     """
 
     def __init__(self, mode: str, raw_counts: np.ndarray | None = None) -> None:
-        check_mode(mode)
         self.mode = mode
         self.raw_counts = raw_counts
         self.tail = ""  # lower: the characters held back for the next piece
@@ -115,12 +112,17 @@ class CharPieces:
         tail, self.tail = self.tail, ""
         return code_points(tail.lower()) if self.mode == "lower" else _NOTHING
 
+    def normalized(self, text: Iterable[str]) -> Iterator[np.ndarray]:
+        """``feed`` of every chunk of ``text``, then ``finish``."""
+        for chunk in text:
+            yield self.feed(chunk)
+        yield self.finish()
+
 
 class WordPieces:
     """The word tokens of a text fed in chunks: ``feed`` every chunk in order, then ``finish``."""
 
     def __init__(self, mode: str) -> None:
-        check_mode(mode)
         self.mode = mode
         self.last_separator = _LAST_NON_LETTER if mode == "d2l" else _LAST_SPACE
         self.tail = ""  # the start of a word that may go on in the next chunk
@@ -143,3 +145,9 @@ class WordPieces:
         """The last word, at the end of the text."""
         tail, self.tail = self.tail, ""
         return normalize_words(tail, self.mode)
+
+    def normalized(self, text: Iterable[str]) -> Iterator[list[str]]:
+        """``feed`` of every chunk of ``text``, then ``finish``."""
+        for chunk in text:
+            yield self.feed(chunk)
+        yield self.finish()

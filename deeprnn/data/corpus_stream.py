@@ -57,147 +57,36 @@ class CorpusFile:
     kind: CorpusKind = "text"
 
 
-class TextCheck:
-    """Incremental checks of UTF-8 text fed in pieces: no NUL bytes, strict UTF-8, not blank at the end.
-
-    The decoded text leaves out a byte order mark at its start.
-    """
-
-    def __init__(self, shown: str, *, decompressed: bool = False) -> None:
-        self.shown = shown
-        self.where = " of the decompressed text" if decompressed else ""
-        self.decoder = codecs.getincrementaldecoder("utf-8")("strict")
-        self.offset = 0  # bytes fed so far
-        self.has_text = False  # any byte that is not ASCII whitespace (nor the byte order mark) seen
-        self.at_start = True  # no character decoded yet: a byte order mark now is dropped
-
-    def feed(self, data: bytes, *, decode: bool = True) -> str:
-        """Check the next piece; return its text (``""`` without ``decode`` when the piece is plain ASCII)."""
-        if b"\x00" in data:
-            raise DownloadError(f"{self.shown} looks binary (it contains NUL bytes): give a UTF-8 text file")
-        if not self.has_text and self._visible(data).strip():
-            self.has_text = True
-        pending = len(self.decoder.getstate()[0])  # bytes of a character begun in the previous piece
-        self.offset += len(data)
-        if not decode and not pending and data.isascii():
-            self.at_start = self.at_start and not data
-            return ""  # ASCII is UTF-8: nothing to decode (the fast path of a check-only pass)
-        try:
-            text = self.decoder.decode(data)
-        except UnicodeDecodeError as exc:
-            raise self._not_utf8(self.offset - len(data) - pending + exc.start) from None
-        return self._drop_bom(text)
-
-    def _visible(self, data: bytes) -> bytes:
-        """``data`` without the bytes of a byte order mark at the start of the text."""
-        bom = BOM.encode()
-        if self.offset >= len(bom):
-            return data
-        head = bom[self.offset :]  # what is left of a mark begun in earlier pieces (they were all its bytes)
-        return data[len(head) :] if data.startswith(head[: len(data)]) else data
-
-    def _drop_bom(self, text: str) -> str:
-        if self.at_start and text:
-            self.at_start = False
-            return text.removeprefix(BOM)
-        return text
-
-    def finish(self, *, require_text: bool = True) -> str:
-        """End of the text: refuse a character cut off at the end, and (with ``require_text``) a blank text."""
-        pending = len(self.decoder.getstate()[0])
-        try:
-            tail = self.decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            raise self._not_utf8(self.offset - pending) from None
-        if require_text and not self.has_text:
-            raise DownloadError(f"{self.shown} is empty: a corpus needs text")
-        return self._drop_bom(tail)
-
-    def _not_utf8(self, offset: int) -> DownloadError:
-        return DownloadError(
-            f"{self.shown} is not UTF-8 text (invalid byte at offset {offset}{self.where}): convert it to UTF-8 first"
-        )
-
-
-class Gunzip:
-    """A push-style gzip decompressor with bounded output: corrupt or truncated input is one clear error.
-
-    Handles files of several gzip members (``cat a.gz b.gz``, bgzip, pigz) and zero padding after the last
-    member, as ``gzip`` does; the CRC and length in each member's trailer are checked by zlib.
-    """
-
-    def __init__(self, shown: str, out_max: int = READ_CHUNK) -> None:
-        self.shown = shown
-        self.out_max = max(1, out_max)
-        self.inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # 16+: gzip header and trailer
-        self.between_members = False
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        """Decompress the next piece; yield the output in pieces of at most ``out_max`` bytes."""
-        while data:
-            if self.between_members:
-                data = data.lstrip(b"\x00")
-                if not data:
-                    return
-                self.inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-                self.between_members = False
-            while True:
-                try:
-                    out = self.inflate.decompress(data, self.out_max)
-                except zlib.error as exc:
-                    raise self.error(str(exc)) from None
-                if out:
-                    yield out
-                if self.inflate.eof:
-                    self.between_members, data = True, self.inflate.unused_data
-                    break
-                data = self.inflate.unconsumed_tail
-                if not data and len(out) < self.out_max:  # all input used and no output held back
-                    return
-
-    def finish(self) -> None:
-        """End of input: refuse a file cut off inside a member."""
-        if not self.between_members:
-            raise self.error("it ends before its compressed data does (truncated)")
-
-    def error(self, reason: str) -> DownloadError:
-        """The one message for a bad gzip file."""
-        return DownloadError(
-            f"{self.shown} is not a valid gzip file: {reason}. Fetch it again, or give the uncompressed text"
-        )
-
-
 class ByteSink:
     """What the bytes of one text or gzip corpus pass through once: SHA-1, gzip detection, text checks.
 
-    Feed it the bytes as they come (from the network or a file); ``finish`` ends the checks. With ``decode``,
-    ``feed`` and ``finish`` yield the text; without, they yield nothing and only check. ``blank_ok`` accepts a
-    text with nothing but whitespace (one file of a folder). With ``defer``, a bad
-    text is remembered instead of raised, so that the SHA-1 of a wrong file is still computed and a hash
-    mismatch (the more basic fault) can be reported first; ``finish`` raises it. ``feed`` and ``finish`` are
-    generators: iterate them, even when not decoding, or nothing happens.
+    Feed it the bytes as they come (from the network or a file); ``feed`` and ``finish`` yield the text, and
+    ``finish`` ends the checks: no NUL bytes, strict UTF-8 (an invalid byte reported at its offset in the whole
+    text), not blank (unless ``blank_ok``: one file of a folder). The text leaves out a byte order mark at its
+    start. With ``defer``, a bad text is remembered instead of raised, so that the SHA-1 of a wrong file is
+    still computed and a hash mismatch (the more basic fault) can be reported first; ``finish`` raises it.
+    ``feed`` and ``finish`` are generators: iterate them, even when only checking, or nothing happens.
+
+    A gzip file is decompressed in pieces of at most ``out_max`` bytes, corrupt or truncated input being one
+    clear error. Files of several members (``cat a.gz b.gz``, bgzip, pigz) and zero padding after the last
+    member are read as ``gzip`` reads them; the CRC and length in each member's trailer are checked by zlib.
     """
 
-    def __init__(
-        self,
-        shown: str,
-        *,
-        decode: bool = False,
-        defer: bool = False,
-        out_max: int = READ_CHUNK,
-        blank_ok: bool = False,
-    ) -> None:
-        self.shown, self.decode, self.defer, self.out_max, self.blank_ok = shown, decode, defer, out_max, blank_ok
+    def __init__(self, shown: str, *, defer: bool = False, out_max: int = READ_CHUNK, blank_ok: bool = False) -> None:
+        self.shown, self.defer, self.out_max, self.blank_ok = shown, defer, max(1, out_max), blank_ok
         self.sha1 = hashlib.sha1()
         self.num_bytes = 0
         self.kind: CorpusKind | None = None  # known once two bytes are in
         self.head = b""
-        self.gunzip: Gunzip | None = None
-        self.text = TextCheck(shown)
+        self.inflate: zlib._Decompress | None = None  # gzip: None between members (and before the first)
+        self.decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        self.offset = 0  # bytes of text (decompressed for gzip) decoded so far
+        self.has_text = False  # any character that is not ASCII whitespace (nor the byte order mark) seen
+        self.at_start = True  # no character decoded yet: a byte order mark now is dropped
         self.fault: DownloadError | None = None
 
     def feed(self, data: bytes) -> Iterator[str]:
-        """Take the next bytes; yield their text when decoding."""
+        """Take the next bytes; yield their text."""
         self.sha1.update(data)
         self.num_bytes += len(data)
         if self.kind is None:
@@ -205,42 +94,83 @@ class ByteSink:
             if len(self.head) < len(GZIP_MAGIC):
                 return
             data, self.head = self.head, b""
-            self._start(data)
+            self.kind = "gzip" if data.startswith(GZIP_MAGIC) else "text"
         yield from self._guarded(self._check(data))
 
     def finish(self) -> Iterator[str]:
-        """No more bytes: end the checks (yield the last text when decoding); raise a deferred fault."""
-        if self.kind is None:
-            self._start(self.head)
+        """No more bytes: end the checks (yield the last text); raise a deferred fault."""
+        if self.kind is None:  # fewer bytes than the gzip magic has
+            self.kind = "text"
             yield from self._guarded(self._check(self.head))
         yield from self._guarded(self._end())
         if self.fault is not None:
             raise self.fault
 
-    @property
-    def hexdigest(self) -> str:
-        """The SHA-1 of every byte fed so far."""
-        return self.sha1.hexdigest()
-
-    def _start(self, head: bytes) -> None:
-        self.kind = "gzip" if head.startswith(GZIP_MAGIC) else "text"
-        if self.kind == "gzip":
-            self.gunzip = Gunzip(self.shown, self.out_max)
-            self.text = TextCheck(self.shown, decompressed=True)
-
     def _check(self, data: bytes) -> Iterator[str]:
-        pieces = self.gunzip.feed(data) if self.gunzip is not None else iter((data,))
-        for piece in pieces:
-            text = self.text.feed(piece, decode=self.decode)
+        for piece in self._gunzip(data) if self.kind == "gzip" else (data,):
+            if b"\x00" in piece:
+                raise DownloadError(f"{self.shown} looks binary (it contains NUL bytes): give a UTF-8 text file")
+            pending = len(self.decoder.getstate()[0])  # bytes of a character begun in the previous piece
+            self.offset += len(piece)
+            try:
+                text = self._seen(self.decoder.decode(piece))
+            except UnicodeDecodeError as exc:
+                raise self._not_utf8(self.offset - len(piece) - pending + exc.start) from None
             if text:
                 yield text
 
+    def _gunzip(self, data: bytes) -> Iterator[bytes]:
+        """Decompress the next bytes; yield the output in pieces of at most ``out_max`` bytes."""
+        while True:
+            if self.inflate is None:
+                data = data.lstrip(b"\x00")  # zero padding after a member
+                if not data:
+                    return
+                self.inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # 16+: gzip header and trailer
+            try:
+                out = self.inflate.decompress(data, self.out_max)
+            except zlib.error as exc:
+                raise self._bad_gzip(str(exc)) from None
+            if out:
+                yield out
+            if self.inflate.eof:
+                data, self.inflate = self.inflate.unused_data, None
+            elif not self.inflate.unconsumed_tail and len(out) < self.out_max:
+                return  # all input used and no output held back
+            else:
+                data = self.inflate.unconsumed_tail
+
     def _end(self) -> Iterator[str]:
-        if self.gunzip is not None:
-            self.gunzip.finish()
-        tail = self.text.finish(require_text=not self.blank_ok)
+        if self.inflate is not None:  # a gzip file cut off inside a member
+            raise self._bad_gzip("it ends before its compressed data does (truncated)")
+        pending = len(self.decoder.getstate()[0])
+        try:
+            tail = self._seen(self.decoder.decode(b"", final=True))
+        except UnicodeDecodeError:
+            raise self._not_utf8(self.offset - pending) from None
+        if not self.blank_ok and not self.has_text:
+            raise DownloadError(f"{self.shown} is empty: a corpus needs text")
         if tail:
             yield tail
+
+    def _seen(self, text: str) -> str:
+        """``text`` without a byte order mark at the start of the whole text; notes whether it has text."""
+        if self.at_start and text:
+            self.at_start = False
+            text = text.removeprefix(BOM)
+        self.has_text = self.has_text or bool(text.strip(" \t\n\r\x0b\x0c"))  # ASCII whitespace, as bytes.strip
+        return text
+
+    def _not_utf8(self, offset: int) -> DownloadError:
+        where = " of the decompressed text" if self.kind == "gzip" else ""
+        return DownloadError(
+            f"{self.shown} is not UTF-8 text (invalid byte at offset {offset}{where}): convert it to UTF-8 first"
+        )
+
+    def _bad_gzip(self, reason: str) -> DownloadError:
+        return DownloadError(
+            f"{self.shown} is not a valid gzip file: {reason}. Fetch it again, or give the uncompressed text"
+        )
 
     def _guarded(self, pieces: Iterator[str]) -> Iterator[str]:
         if self.fault is not None:
@@ -266,29 +196,21 @@ def dir_files(root: Path) -> list[tuple[str, Path]]:
         subdirs[:] = [d for d in subdirs if not d.startswith(".")]
         for name in files:
             path = Path(folder) / name
-            if not name.startswith(".") and path.is_file():
-                if path.is_symlink():
-                    _check_link(path, inside)
-                found.append((path.relative_to(root).as_posix(), path))
+            if name.startswith(".") or not path.is_file():
+                continue
+            # A link leading out is refused rather than skipped: the folder lists the file, so leaving it out
+            # would train on less than the user sees there, and reading it would train on a file from elsewhere.
+            if path.is_symlink() and not path.resolve().is_relative_to(inside):
+                raise DownloadError(
+                    f"{path} is a symbolic link to {path.resolve()}, outside the corpus folder {inside}: copy that "
+                    "file into the folder, or remove the link"
+                )
+            found.append((path.relative_to(root).as_posix(), path))
     return sorted(found)
 
 
-def _check_link(link: Path, inside: Path) -> None:
-    """Refuse a symbolic link in a corpus folder whose target (followed to the end) is outside ``inside``."""
-    target = link.resolve()
-    if not target.is_relative_to(inside):
-        # Refused rather than skipped: the folder lists the file, so leaving it out would train on less than
-        # the user sees there, and reading it would train on a file from elsewhere.
-        raise DownloadError(
-            f"{link} is a symbolic link to {target}, outside the corpus folder {inside}: copy that file into the "
-            "folder, or remove the link"
-        )
-
-
-def dir_text(
-    root: Path, shown: str, digest: _Hash, chunk_bytes: int = READ_CHUNK, *, decode: bool = True
-) -> Iterator[str]:
-    """Check (and with ``decode`` yield) the text of every file of a corpus folder, in ``dir_files`` order;
+def dir_text(root: Path, shown: str, digest: _Hash, chunk_bytes: int = READ_CHUNK) -> Iterator[str]:
+    """Check and yield the text of every file of a corpus folder, in ``dir_files`` order;
     a gzip file in it (found by its magic bytes) is decompressed.
 
     The folder digest is fed into ``digest``: for each file in that order, its relative POSIX path (its bytes
@@ -303,34 +225,26 @@ def dir_text(
     has_text = False
     for rel, path in files:
         digest.update(os.fsencode(rel) + b"\x00" + str(path.stat().st_size).encode() + b"\x00")
-        sink = ByteSink(str(path), decode=decode, out_max=chunk_bytes, blank_ok=True)
+        sink = ByteSink(str(path), out_max=chunk_bytes, blank_ok=True)
         last = ""
-        for last in _passed(sink, path, chunk_bytes, digest):
+        for last in feed_file(sink, path, chunk_bytes, digest):
             yield last
-        has_text = has_text or sink.text.has_text
-        if decode and last and not last.endswith("\n"):
+        has_text = has_text or sink.has_text
+        if last and not last.endswith("\n"):
             yield "\n"
     if not has_text:
         raise DownloadError(f"{shown} is empty: a corpus needs text (every file in it is blank)")
 
 
-def _passed(sink: ByteSink, path: Path, chunk_bytes: int, digest: _Hash | None = None) -> Iterator[str]:
+def feed_file(sink: ByteSink, path: Path, chunk_bytes: int, digest: _Hash | None = None) -> Iterator[str]:
     """Every byte of the file at ``path`` fed through ``sink`` (and into ``digest``), then its end; yields what
-    the sink yields (the text, when it decodes)."""
+    the sink yields: the text."""
     with open(path, "rb") as fh:
         while chunk := fh.read(chunk_bytes):
             if digest is not None:
                 digest.update(chunk)
             yield from sink.feed(chunk)
     yield from sink.finish()
-
-
-def check_file(path: Path, shown: str, chunk_bytes: int = READ_CHUNK, *, decode: bool, defer: bool = False) -> ByteSink:
-    """Pass a text or gzip file through a ``ByteSink`` (all checks); returns the sink for its hash and kind."""
-    sink = ByteSink(shown, decode=decode, defer=defer, out_max=chunk_bytes)
-    for _ in _passed(sink, path, chunk_bytes):
-        pass
-    return sink
 
 
 def read_text_chunks(corpus: CorpusFile, chunk_bytes: int = 1 << 24) -> Iterator[str]:
@@ -349,11 +263,9 @@ def read_text_chunks(corpus: CorpusFile, chunk_bytes: int = 1 << 24) -> Iterator
         yield from dir_text(corpus.path, shown, digest, chunk_bytes)
         have = digest.hexdigest()
     else:
-        sink = ByteSink(shown, decode=True, out_max=chunk_bytes)
-        yield from _passed(sink, corpus.path, chunk_bytes)
-        if sink.kind != corpus.kind:
-            raise DownloadError(f"{shown} is now {sink.kind}, not {corpus.kind}: it changed since it was fetched")
-        have = sink.hexdigest
+        sink = ByteSink(shown, out_max=chunk_bytes)
+        yield from feed_file(sink, corpus.path, chunk_bytes)
+        have = sink.sha1.hexdigest()
     if have != corpus.sha1:
         raise DownloadError(
             f"{shown} changed since it was fetched (sha1 {corpus.sha1}, now {have}): fetch the corpus again"

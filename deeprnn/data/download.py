@@ -35,25 +35,15 @@ from deeprnn.data.corpus_stream import (
     CorpusKind,
     DownloadError,
     TransientDownloadError,
-    check_file,
     dir_files,
     dir_text,
+    feed_file,
     read_text_chunks,
 )
 from deeprnn.data.file_io import megabytes, sha1_of, write_atomic
 from deeprnn.data.urls import redact_url
 
-__all__ = [
-    "CACHE_ENV",
-    "CorpusFile",
-    "DownloadError",
-    "TransientDownloadError",
-    "cache_dir",
-    "check_source",
-    "fetch_corpus",
-    "read_text_chunks",
-    "redact_url",
-]
+__all__ = ["CorpusFile", "DownloadError", "TransientDownloadError", "read_text_chunks", "redact_url"]  # re-exported
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +112,15 @@ def _read_local(path: Path, expected: str | None) -> CorpusFile:
         if path.is_dir():
             kind: CorpusKind = "dir"
             digest = hashlib.sha1()
-            for _ in dir_text(path, shown, digest, decode=False):
+            for _ in dir_text(path, shown, digest):
                 pass
             have, size = digest.hexdigest(), sum(p.stat().st_size for _, p in dir_files(path))
         else:
             # With an expected hash, a bad text is reported only after the hash: a wrong file is the first fault.
-            sink = check_file(path, shown, decode=False, defer=expected is not None)
-            have, size = sink.hexdigest, sink.num_bytes
+            sink = ByteSink(shown, defer=expected is not None)
+            for _ in feed_file(sink, path, READ_CHUNK):
+                pass
+            have, size = sink.sha1.hexdigest(), sink.num_bytes
             kind = "gzip" if sink.kind == "gzip" else "text"  # found by the gzip magic bytes, as the sink read them
     except OSError as exc:  # unreadable: permissions, a file removed while reading, ...
         raise DownloadError(f"cannot read the corpus {exc.filename or path}: {exc.strerror or exc}") from None
@@ -175,54 +167,44 @@ def _get(url: str, shown: str, timeout: float) -> requests.Response:
     return response
 
 
-def _stream_to(response: requests.Response, tmp: Path, expected: str | None, shown: str) -> ByteSink:
-    """Write the body to ``tmp`` chunk by chunk, hashing and checking it on the way; fsync before returning."""
-    sink = ByteSink(shown, defer=expected is not None)
-    try:
-        with open(tmp, "wb") as fh:
-            for chunk in response.iter_content(READ_CHUNK):
-                fh.write(chunk)
-                for _ in sink.feed(chunk):
-                    pass
-            _check_sha1(sink.hexdigest, expected, shown)  # the hash first: a wrong file is the first fault
-            for _ in sink.finish():
-                pass
-            fh.flush()
-            os.fsync(fh.fileno())
-    except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-        raise TransientDownloadError(
-            f"the download of {shown} broke off ({type(exc).__name__}); nothing was cached"
-        ) from None
-    except requests.exceptions.ContentDecodingError as exc:
-        raise DownloadError(f"{shown} sent a body its Content-Encoding does not decode: {exc}") from None
-    return sink
-
-
 def _download(url: str, base: Path, expected: str | None, timeout: float) -> CorpusFile:
-    """One streamed download into the cache: a temporary file renamed into place only once verified."""
+    """One streamed download into the cache, hashed and checked on the way: a temporary file, fsynced and
+    renamed into place only once verified."""
     shown = redact_url(url)
     log.info("downloading %s", shown)
     try:
         base.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=base.parent, prefix=".part-", suffix=".tmp")
-        os.close(fd)
     except OSError as exc:
         raise _cache_error(base.parent, exc) from None
-    tmp = Path(name)
-    size: int | None = None  # the body's length, when the server says it
-    target: Path | None = None
+    tmp, size, target = Path(name), None, None  # size: the body's length, when the server says it
+    sink = ByteSink(shown, defer=expected is not None)
     try:
-        with _get(url, shown, timeout) as response:
+        with os.fdopen(fd, "wb") as fh, _get(url, shown, timeout) as response:
             length = response.headers.get("Content-Length", "")
             size = int(length) if length.isdigit() else None
-            sink = _stream_to(response, tmp, expected, shown)
+            for chunk in response.iter_content(READ_CHUNK):
+                fh.write(chunk)
+                for _ in sink.feed(chunk):
+                    pass
+            _check_sha1(sink.sha1.hexdigest(), expected, shown)  # the hash first: a wrong file is the first fault
+            for _ in sink.finish():
+                pass
+            fh.flush()
+            os.fsync(fh.fileno())
         kind: CorpusKind = "gzip" if sink.kind == "gzip" else "text"
         target = base.with_suffix(_SUFFIXES[kind])
         os.replace(tmp, target)
         for other in _SUFFIXES.values():  # a copy of another kind under the same name is stale now
             if other != target.suffix:
                 base.with_suffix(other).unlink(missing_ok=True)
-        write_atomic(base.with_suffix(".sha1"), (sink.hexdigest + "\n").encode())
+        write_atomic(base.with_suffix(".sha1"), (sink.sha1.hexdigest() + "\n").encode())
+    except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+        raise TransientDownloadError(
+            f"the download of {shown} broke off ({type(exc).__name__}); nothing was cached"
+        ) from None
+    except requests.exceptions.ContentDecodingError as exc:
+        raise DownloadError(f"{shown} sent a body its Content-Encoding does not decode: {exc}") from None
     except OSError as exc:
         if isinstance(exc, requests.exceptions.RequestException):
             raise
@@ -232,8 +214,8 @@ def _download(url: str, base: Path, expected: str | None, timeout: float) -> Cor
         raise _cache_error(base.parent, exc, size, written) from None
     finally:
         tmp.unlink(missing_ok=True)
-    log.info("saved %s (%d bytes, sha1 %s)", target, sink.num_bytes, sink.hexdigest)
-    return CorpusFile(target, sink.hexdigest, shown, sink.num_bytes, kind)
+    log.info("saved %s (%d bytes, sha1 %s)", target, sink.num_bytes, sink.sha1.hexdigest())
+    return CorpusFile(target, sink.sha1.hexdigest(), shown, sink.num_bytes, kind)
 
 
 def _cache_error(folder: Path, exc: OSError, size: int | None = None, written: int | None = None) -> DownloadError:
@@ -248,11 +230,7 @@ def _cache_error(folder: Path, exc: OSError, size: int | None = None, written: i
 
 
 def fetch_corpus(
-    source: str,
-    expected_sha1: str | None = None,
-    *,
-    cache: Path | None = None,
-    timeout: float = 30.0,
+    source: str, expected_sha1: str | None = None, *, cache: Path | None = None, timeout: float = 30.0
 ) -> CorpusFile:
     """Return a verified local corpus for ``source`` (URL, path or folder), downloading only when the cache
     lacks it.
@@ -269,7 +247,4 @@ def fetch_corpus(
     # from the user's file name, so nothing can escape the cache folder.
     name = expected or f"url-{hashlib.sha256(source.encode()).hexdigest()[:24]}"
     base = (cache if cache is not None else cache_dir()) / name
-    cached = _cached(base, expected, redact_url(source))
-    if cached is not None:
-        return cached
-    return _download(source, base, expected, timeout)
+    return _cached(base, expected, redact_url(source)) or _download(source, base, expected, timeout)

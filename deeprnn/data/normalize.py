@@ -15,12 +15,9 @@ reference these must equal.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-Normalize = Literal["d2l", "lower", "none"]
 NORMALIZE_MODES: tuple[str, ...] = ("d2l", "lower", "none")
 _NON_LETTERS = re.compile("[^A-Za-z]+")
 _SPACE, _LF, _CR = 32, 10, 13
@@ -39,17 +36,10 @@ def code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
 
 
-def normalize_chars(text: str, mode: str, raw_counts: np.ndarray | None = None) -> np.ndarray:
-    """The code points of ``text`` (a whole text) after normalization ``mode``; one code point per token.
-
-    With ``raw_counts`` (an int64 array indexed by code point), the code points of the text as given are
-    counted into it on the way: what ``letter_loss`` needs to say how much the rule dropped.
-    """
+def normalize_chars(text: str, mode: str) -> np.ndarray:
+    """The code points of ``text`` (a whole text) after normalization ``mode``; one code point per token."""
     check_mode(mode)
     points = code_points(text.lower() if mode == "lower" else text)
-    if raw_counts is not None:
-        counted = np.bincount(points)
-        raw_counts[: counted.size] += counted
     return d2l_collapse(d2l_translate(points)) if mode == "d2l" else points
 
 
@@ -102,33 +92,15 @@ def normalize_words(text: str, mode: str) -> list[str]:
     return (text if mode == "none" else text.lower()).split()
 
 
-@dataclass(frozen=True)
-class LetterLoss:
-    """How many letters of the original text a normalization dropped (``d2l`` drops all but a-z)."""
-
-    letters: int  # letters in the text as given (Unicode ``str.isalpha``)
-    dropped: int  # of those, letters the normalization removed
-    examples: tuple[str, ...]  # the most frequent dropped letters
-
-    @property
-    def share(self) -> float:
-        """The dropped fraction of the text's letters (0 when it has none)."""
-        return self.dropped / self.letters if self.letters else 0.0
-
-
-def letter_loss(raw_counts: np.ndarray, mode: str, examples: int = 5) -> LetterLoss:
-    """What ``mode`` does to the letters of a text whose code points occur ``raw_counts[cp]`` times.
+def letter_loss(raw_counts: np.ndarray, mode: str) -> tuple[int, int]:
+    """``(letters, dropped)``: the letters (Unicode ``str.isalpha``) of a text whose code points occur
+    ``raw_counts[cp]`` times, and how many of them ``mode`` drops.
 
     Only ``d2l`` drops letters (every letter outside a-z/A-Z); ``none`` and ``lower`` keep them all.
     """
-    present = np.flatnonzero(raw_counts)
-    alpha = [int(cp) for cp in present if chr(int(cp)).isalpha()]
-    letters = int(raw_counts[alpha].sum())
-    if mode != "d2l":
-        return LetterLoss(letters, 0, ())
-    lost = sorted((cp for cp in alpha if cp >= 128), key=lambda cp: -int(raw_counts[cp]))
-    dropped = int(raw_counts[lost].sum())
-    return LetterLoss(letters, dropped, tuple(chr(cp) for cp in lost[:examples]))
+    alpha = [int(cp) for cp in np.flatnonzero(raw_counts) if chr(int(cp)).isalpha()]
+    dropped = int(raw_counts[[cp for cp in alpha if cp >= 128]].sum()) if mode == "d2l" else 0
+    return int(raw_counts[alpha].sum()), dropped
 
 
 def normalize_prefix(prefix: str, mode: str, token: str = "char") -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -52,6 +53,9 @@ SAMPLE_BYTES = 1 << 20  # text tokenized to estimate the cache entry's size
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 MAX_VOCAB = 250_000  # beyond this the one-hot input and output layer of a model no longer fit in memory
 WARN_LETTER_LOSS = 0.01  # warn when normalization drops more than this share of the text's letters
+# vocab.json holds each token twice (``idx_to_token`` and ``token_freqs``) with its count and JSON punctuation.
+VOCAB_BYTES_PER_TOKEN = 40
+VOCAB_BYTES_FIXED = 1000  # meta.json, builder.json and vocab.json's own keys
 
 
 class PrepareError(ValueError):
@@ -195,10 +199,7 @@ def _build_entry(corpus: CorpusFile, settings: TokenSettings, folder: Path, chun
 
 def _tokenize_into(tmp: Path, corpus: CorpusFile, settings: TokenSettings, chunk_bytes: int) -> dict[str, Any]:
     """Count, build the vocabulary, write ``ids.bin`` and ``vocab.json`` into ``tmp``; returns the meta data."""
-
-    def text() -> Iterator[str]:
-        return read_text_chunks(corpus, chunk_bytes)
-
+    text = functools.partial(read_text_chunks, corpus, chunk_bytes)
     counter = _counted(settings, text(), tmp / "normalized.tmp")
     try:
         vocab = Vocab.from_counts(counter.token_freqs(), settings.min_freq, settings.reserved_tokens)
@@ -206,11 +207,15 @@ def _tokenize_into(tmp: Path, corpus: CorpusFile, settings: TokenSettings, chunk
         # Only the kept tokens' counts travel on (vocab.json, checkpoints): a word corpus may count millions.
         vocab.token_freqs = [(t, f) for t, f in vocab.token_freqs if f >= settings.min_freq]
         dtype = id_dtype(len(vocab))
-        ids_sha1 = _write_ids(tmp / "ids.bin", counter.encoded(vocab, dtype, text))
+        digest = hashlib.sha1()
+        with open(tmp / "ids.bin", "wb") as fh:
+            for ids in counter.encoded(vocab, dtype, text):
+                digest.update(ids.data)
+                fh.write(ids.data)
     finally:
         counter.close()
     vocab.save(tmp / "vocab.json")
-    loss = counter.letter_loss()
+    letters, dropped = counter.letter_loss()
     return {
         "corpus_sha1": corpus.sha1,
         "source": corpus.source,
@@ -218,26 +223,32 @@ def _tokenize_into(tmp: Path, corpus: CorpusFile, settings: TokenSettings, chunk
         "num_tokens": counter.num_tokens,
         "vocab_size": len(vocab),
         "dtype": dtype.name,
-        "ids_sha1": ids_sha1,
-        "letters": loss.letters,
-        "dropped_letters": loss.dropped,
+        "ids_sha1": digest.hexdigest(),
+        "letters": letters,
+        "dropped_letters": dropped,
     }
 
 
 def estimate_space(corpus: CorpusFile, settings: TokenSettings) -> token_cache.SpaceEstimate:
     """About how much disk preparing ``corpus`` takes, from its first ``SAMPLE_BYTES`` of text tokenized with
     ``settings`` (tokens a byte of text, the vocabulary seen) scaled to the whole text, without writing."""
-    pieces, size = [], 0
+    sample = ""
     for piece in read_text_chunks(corpus, SAMPLE_BYTES):  # stopped early: only the sample is read
-        pieces.append(piece)
-        size += len(piece)
-        if size >= SAMPLE_BYTES:
+        sample += piece
+        if len(sample) >= SAMPLE_BYTES:
             break
-    counter = _counted(settings, ["".join(pieces)])  # a text refused here is refused at once by the build
-    sampled = max(1, sum(len(p.encode("utf-8")) for p in pieces))
-    num_tokens = round(counter.num_tokens * max(sampled, _text_bytes(corpus)) / sampled)
+    counter = _counted(settings, [sample])  # a text refused here is refused at once by the build
+    sampled = max(1, len(sample.encode("utf-8")))
+    text_bytes = corpus.num_bytes
+    if corpus.kind == "gzip":  # the trailer's size of the decompressed data (modulo 2**32)
+        with open(corpus.path, "rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            text_bytes = int.from_bytes(fh.read(4), "little")
+    num_tokens = round(counter.num_tokens * max(sampled, text_bytes) / sampled)
     vocab_size = len(counter.token_freqs()) + 1 + len(settings.reserved_tokens)
-    return token_cache.space_for(num_tokens, vocab_size, settings.token == "char" and settings.normalize == "d2l")
+    entry = num_tokens * id_dtype(vocab_size).itemsize + vocab_size * VOCAB_BYTES_PER_TOKEN + VOCAB_BYTES_FIXED
+    spill = num_tokens if settings.token == "char" and settings.normalize == "d2l" else 0  # the book's rule's text
+    return token_cache.SpaceEstimate(entry, entry + spill)
 
 
 def _counted(settings: TokenSettings, text: Iterable[str], spill: Path | None = None) -> CharCounter | WordCounter:
@@ -245,25 +256,13 @@ def _counted(settings: TokenSettings, text: Iterable[str], spill: Path | None = 
     text); a text the counters refuse (too many words, a word too long) is one ``PrepareError``."""
     counter = CharCounter(settings.normalize, spill) if settings.token == "char" else WordCounter(settings.normalize)
     try:
-        for chunk in text:
-            counter.add(chunk)
-        counter.finish()
-    except (TooManyWordsError, WordTooLongError) as exc:
+        counter.count(text)
+    except BaseException as exc:
         counter.close()
-        raise PrepareError(str(exc)) from None
-    except BaseException:
-        counter.close()
+        if isinstance(exc, (TooManyWordsError, WordTooLongError)):
+            raise PrepareError(str(exc)) from None
         raise
     return counter
-
-
-def _text_bytes(corpus: CorpusFile) -> int:
-    """The bytes of text in ``corpus``: for gzip, its trailer's size of the decompressed data (modulo 2**32)."""
-    if corpus.kind != "gzip":
-        return corpus.num_bytes
-    with open(corpus.path, "rb") as fh:
-        fh.seek(-4, os.SEEK_END)
-        return int.from_bytes(fh.read(4), "little")
 
 
 def _cache_write_error(
@@ -280,16 +279,6 @@ def _cache_write_error(
         f"cannot write the token cache in {where}: {exc.strerror or exc}{size}; nothing was kept. "
         f"{what}, or set {CACHE_ENV} to a folder on a disk with room"
     )
-
-
-def _write_ids(path: Path, chunks: Iterable[np.ndarray]) -> str:
-    """Write the id chunks one after the other to ``path``; returns the SHA-1 of what was written."""
-    digest = hashlib.sha1()
-    with open(path, "wb") as fh:
-        for ids in chunks:
-            digest.update(ids.data)
-            fh.write(ids.data)
-    return digest.hexdigest()
 
 
 def _check_vocab(
@@ -338,15 +327,9 @@ def split_sizes(prepared: PreparedCorpus, data: DataConfig) -> dict[str, int]:
 def prepared_record(prepared: PreparedCorpus, data: DataConfig) -> dict[str, Any]:
     """What a prepared corpus holds, as JSON-ready data: its folder, whether this call found it in the cache,
     the corpus SHA-1, the vocabulary size and id type, and the tokens in all and per split of ``data``."""
-    return {
-        "folder": str(prepared.folder),
-        "cache_hit": prepared.cache_hit,
-        "corpus_sha1": prepared.corpus_sha1,
-        "vocab_size": prepared.vocab_size,
-        "dtype": prepared.dtype,
-        "num_tokens": prepared.num_tokens,
-        "splits": split_sizes(prepared, data),
-    }
+    names = ("cache_hit", "corpus_sha1", "vocab_size", "dtype", "num_tokens")
+    fields = {name: getattr(prepared, name) for name in names}
+    return {"folder": str(prepared.folder), **fields, "splits": split_sizes(prepared, data)}
 
 
 def prepared_summary(prepared: PreparedCorpus) -> str:

@@ -30,22 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from deeprnn.data.file_io import sha1_of
 
 log = logging.getLogger(__name__)
 
 FORMAT = "deeprnn-tokens/2"
-ENTRY_FILES = ("ids.bin", "vocab.json", "meta.json")
 BUILDER = "builder.json"
 LEGACY_BUILD_AGE = 24 * 3600  # seconds after which a build folder nobody claims is surely dead
 _BUILD = re.compile(r"\.build-(?P<key>[0-9a-f]{32})-")
-
-
-# vocab.json holds each token twice (``idx_to_token`` and ``token_freqs``) with its count and JSON punctuation.
-VOCAB_BYTES_PER_TOKEN = 40
-VOCAB_BYTES_FIXED = 1000  # meta.json, builder.json and vocab.json's own keys
 
 
 @dataclass(frozen=True)
@@ -55,13 +47,6 @@ class SpaceEstimate:
 
     entry: int
     peak: int
-
-
-def space_for(num_tokens: int, vocab_size: int, spill: bool) -> SpaceEstimate:
-    """The disk an entry of ``num_tokens`` ids over ``vocab_size`` tokens takes (``spill``: the book's rule)."""
-    itemsize = np.min_scalar_type(vocab_size - 1).itemsize  # bytes per id, as ``prepare.id_dtype`` picks them
-    entry = num_tokens * itemsize + vocab_size * VOCAB_BYTES_PER_TOKEN + VOCAB_BYTES_FIXED
-    return SpaceEstimate(entry, entry + (num_tokens if spill else 0))
 
 
 class DamagedEntryError(ValueError):
@@ -87,36 +72,25 @@ def read_entry(folder: Path) -> dict[str, Any] | None:
     if not os.path.lexists(folder):
         return None
     try:
-        kind = os.lstat(folder).st_mode
-        if not stat.S_ISDIR(kind):
-            raise DamagedEntryError("a symbolic link, not a folder" if stat.S_ISLNK(kind) else "a file, not a folder")
-        return _verified(folder)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            raise DamagedEntryError("a file or a symbolic link, not a folder")
+        for name in ("ids.bin", "vocab.json", "meta.json"):
+            if not stat.S_ISREG(os.lstat(folder / name).st_mode):
+                raise DamagedEntryError(f"{name} is not a plain file")
+        meta: dict[str, Any] = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        found = meta.get("format")  # AttributeError when meta.json holds no object
+        if found != FORMAT:
+            raise DamagedEntryError(f"format {found!r}, not {FORMAT}: an older version wrote it, or not deeprnn")
+        if meta.get("meta_sha1") != _meta_digest(meta):
+            raise DamagedEntryError("meta.json does not match its own SHA-1")
+        for name, key in (("vocab.json", "vocab_sha1"), ("ids.bin", "ids_sha1")):
+            if sha1_of(folder / name) != meta[key]:
+                raise DamagedEntryError(f"{name} does not match the SHA-1 in meta.json")
+        return meta
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("token cache entry %s is damaged (%s): preparing it again", folder, exc)
         remove(folder)
         return None
-
-
-def _verified(folder: Path) -> dict[str, Any]:
-    for name in ENTRY_FILES:
-        if not stat.S_ISREG(os.lstat(folder / name).st_mode):
-            raise DamagedEntryError(f"{name} is not a plain file")
-    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    if not isinstance(meta, dict):
-        raise DamagedEntryError("meta.json holds no object")
-    if meta.get("format") != FORMAT:
-        found = meta.get("format")
-        raise DamagedEntryError(f"format {found!r}, not {FORMAT}: an older version wrote it, or not deeprnn")
-    if meta.get("meta_sha1") != _meta_digest(meta):
-        raise DamagedEntryError("meta.json does not match its own SHA-1")
-    expected = int(meta["num_tokens"]) * np.dtype(meta["dtype"]).itemsize
-    size = os.lstat(folder / "ids.bin").st_size
-    if size != expected:
-        raise DamagedEntryError(f"ids.bin has {size} bytes, expected {expected}")
-    for name, key in (("vocab.json", "vocab_sha1"), ("ids.bin", "ids_sha1")):
-        if sha1_of(folder / name) != meta[key]:
-            raise DamagedEntryError(f"{name} does not match the SHA-1 in meta.json")
-    return meta
 
 
 def remove(path: Path) -> None:
@@ -176,15 +150,13 @@ def _builder(path: Path) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
-def _alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return True  # not a pid we can ask about: assume it runs
+def _alive(pid: Any) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        pass  # someone else's process
+    except (PermissionError, TypeError, ValueError, OverflowError):
+        pass  # someone else's process, or no pid we can ask about: assume it runs
     return True
 
 

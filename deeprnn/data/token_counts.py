@@ -9,14 +9,13 @@ up as numpy arrays of code points; words through a ``Counter``.
 from __future__ import annotations
 
 import collections
-import itertools
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from deeprnn.data.chunk_edges import CharPieces, WordPieces
-from deeprnn.data.normalize import LetterLoss, letter_loss
+from deeprnn.data.normalize import letter_loss
 from deeprnn.data.vocab import Vocab
 
 CHUNK_BYTES = 1 << 24  # 16 MiB of text per step: a few hundred MB of working memory at most
@@ -43,42 +42,31 @@ class CharCounter:
         self.num_tokens = 0
         self.spill = spill if normalize == "d2l" else None
         self._spill_fh = open(self.spill, "wb") if self.spill is not None else None
-        self._pieces = CharPieces(normalize, self.raw)
 
-    def add(self, text: str) -> None:
-        """Count the next chunk of the text."""
-        self._count(self._pieces.feed(text))
-
-    def finish(self) -> None:
-        """Count what the last chunk left undecided (the end of the text)."""
-        self._count(self._pieces.finish())
-        if self._spill_fh is not None:
-            self._spill_fh.flush()
+    def count(self, text: Iterable[str]) -> None:
+        """Count the characters of the text, fed in chunks."""
+        for points in CharPieces(self.normalize, self.raw).normalized(text):
+            counted = np.bincount(points)
+            new = np.flatnonzero((counted > 0) & (self.counts[: counted.size] == 0))
+            if new.size:
+                self.first_seen.update(_first_positions(points, new, self.num_tokens))
+            self.counts[: counted.size] += counted
+            self.num_tokens += int(points.size)
+            if self._spill_fh is not None:
+                self._spill_fh.write(points.data)
 
     def close(self) -> None:
         """Close the spill file (when building stops early)."""
         if self._spill_fh is not None:
             self._spill_fh.close()
 
-    def _count(self, points: np.ndarray) -> None:
-        if not points.size:
-            return
-        counted = np.bincount(points)
-        new = np.flatnonzero((counted > 0) & (self.counts[: counted.size] == 0))
-        if new.size:
-            self.first_seen.update(_first_positions(points, new, self.num_tokens))
-        self.counts[: counted.size] += counted
-        self.num_tokens += int(points.size)
-        if self._spill_fh is not None:
-            self._spill_fh.write(points.data)
-
     def token_freqs(self) -> list[tuple[str, int]]:
         """``(character, count)`` in first-seen order."""
         order = sorted(self.first_seen, key=self.first_seen.__getitem__)
         return [(chr(cp), int(self.counts[cp])) for cp in order]
 
-    def letter_loss(self) -> LetterLoss:
-        """The letters of the original text that normalization dropped."""
+    def letter_loss(self) -> tuple[int, int]:
+        """``(letters, dropped)``: the letters of the original text, and how many normalization dropped."""
         return letter_loss(self.raw if self.raw is not None else self.counts, self.normalize)
 
     def encoded(self, vocab: Vocab, dtype: np.dtype, text: Callable[[], Iterable[str]]) -> Iterator[np.ndarray]:
@@ -89,10 +77,8 @@ class CharCounter:
             if len(token) == 1 and ord(token) < table.size:
                 table[ord(token)] = index
         if self._spill_fh is None or self.spill is None:
-            pieces = CharPieces(self.normalize)
-            for chunk in text():
-                yield table[pieces.feed(chunk)]
-            yield table[pieces.finish()]
+            for points in CharPieces(self.normalize).normalized(text()):
+                yield table[points]
             return
         self._spill_fh.close()
         with open(self.spill, "rb") as fh:
@@ -108,43 +94,34 @@ class WordCounter:
         self.normalize = normalize
         self.counts: collections.Counter[str] = collections.Counter()
         self.num_tokens = 0
-        self._pieces = WordPieces(normalize)
 
-    def add(self, text: str) -> None:
-        """Count the next chunk of the text; refuse a text with more distinct words than memory holds."""
-        self._count(self._pieces.feed(text))
-
-    def finish(self) -> None:
-        """Count the last word."""
-        self._count(self._pieces.finish())
+    def count(self, text: Iterable[str]) -> None:
+        """Count the words of the text, fed in chunks; refuse a text with more distinct words than memory holds."""
+        for words in WordPieces(self.normalize).normalized(text):
+            self.counts.update(words)
+            self.num_tokens += len(words)
+            if len(self.counts) > MAX_DISTINCT_WORDS:
+                raise TooManyWordsError(
+                    f"the text has more than {MAX_DISTINCT_WORDS:,} distinct words, more than a word vocabulary "
+                    "can hold in memory: use --token char (or a smaller text); --min-freq drops rare words only "
+                    "after counting them"
+                )
 
     def close(self) -> None:
         """Nothing to release."""
-
-    def _count(self, words: list[str]) -> None:
-        self.counts.update(words)
-        self.num_tokens += len(words)
-        if len(self.counts) > MAX_DISTINCT_WORDS:
-            raise TooManyWordsError(
-                f"the text has more than {MAX_DISTINCT_WORDS:,} distinct words, more than a word vocabulary can "
-                "hold in memory: use --token char (or a smaller text); --min-freq drops rare words only after "
-                "counting them"
-            )
 
     def token_freqs(self) -> list[tuple[str, int]]:
         """``(word, count)`` in first-seen order."""
         return list(self.counts.items())
 
-    def letter_loss(self) -> LetterLoss:
+    def letter_loss(self) -> tuple[int, int]:
         """Word counts do not say which characters were dropped; nothing is reported for words."""
-        return LetterLoss(0, 0, ())
+        return 0, 0
 
     def encoded(self, vocab: Vocab, dtype: np.dtype, text: Callable[[], Iterable[str]]) -> Iterator[np.ndarray]:
         """The token ids, chunk by chunk, of ``text()`` read and split again."""
         get = vocab.token_to_idx.get
-        pieces = WordPieces(self.normalize)
-        for chunk in itertools.chain(text(), [None]):  # None: the end, where the last word is
-            words = pieces.feed(chunk) if chunk is not None else pieces.finish()
+        for words in WordPieces(self.normalize).normalized(text()):
             yield np.fromiter((get(w, 0) for w in words), dtype=dtype, count=len(words))
 
 
@@ -158,11 +135,9 @@ def _first_positions(points: np.ndarray, values: np.ndarray, offset: int) -> dic
     found: dict[int, int] = {}
     start, size = 0, 1 << 16
     while wanted and start < points.size:
-        block = points[start : start + size]
-        uniq, first = np.unique(block, return_index=True)
-        for value, index in zip(uniq.tolist(), first.tolist()):
-            if value in wanted:
-                found[value] = offset + start + index
-                wanted.discard(value)
+        uniq, first = np.unique(points[start : start + size], return_index=True)
+        hits = {v: offset + start + i for v, i in zip(uniq.tolist(), first.tolist()) if v in wanted}
+        found.update(hits)
+        wanted -= hits.keys()
         start, size = start + size, size * 4
     return found

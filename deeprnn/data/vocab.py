@@ -57,8 +57,7 @@ class Vocab:
 
     def encode(self, tokens: Iterable[str]) -> list[int]:
         """Indices of ``tokens``; unknown tokens become ``<unk>``."""
-        get = self.token_to_idx.get
-        return [get(tok, 0) for tok in tokens]
+        return [self.token_to_idx.get(tok, 0) for tok in tokens]
 
     def decode(self, indices: Iterable[int], sep: str = "") -> str:
         """The tokens for ``indices`` joined by ``sep`` ('' for characters, ' ' for words)."""

@@ -14,10 +14,11 @@ from deeprnn.data.batching import (
     EpochBatches,
     check_enough_tokens,
     eval_streams,
+    gather_rows,
     min_tokens,
     num_batches,
     random_starts,
-    sequential_batches,
+    sequential_starts,
     split_corpus,
 )
 
@@ -38,6 +39,13 @@ def _epoch(
     for i in range(len(batches)):
         batches.load(i, x[i], y[i])
     return x, y
+
+
+def sequential_batches(
+    corpus: torch.Tensor, batch_size: int, num_steps: int, offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch of sequential minibatches for ``offset``: ``X, Y`` of shape ``(batches, B, T)``."""
+    return gather_rows(corpus, sequential_starts(corpus.numel(), batch_size, num_steps, offset), num_steps)
 
 
 class RecordingRandom(random.Random):

@@ -13,7 +13,7 @@ import torch
 from corpora import BOOK_SHA1, CorpusFile, d2l_num_chars, standin_text
 
 from deeprnn.config import D2L_SHA1, preset_config
-from deeprnn.data.batching import num_batches, sequential_batches, split_corpus
+from deeprnn.data.batching import gather_rows, num_batches, sequential_starts, split_corpus
 from deeprnn.data.book_tokenize import flatten, preprocess_lines, tokenize
 from deeprnn.data.file_io import sha1_of
 from deeprnn.data.vocab import Vocab
@@ -62,7 +62,7 @@ def test_vocabulary_and_ids_equal_d2l(d2l, d2l_data_dir: Path, book_tokens: list
 def test_eight_minibatches_for_every_offset(book_tokens: list[str], book_vocab: Vocab) -> None:
     ids = torch.tensor(book_vocab.encode(book_tokens[:10000]))
     for offset in range(0, 36):
-        x, y = sequential_batches(ids, 32, 35, offset)
+        x, y = gather_rows(ids, sequential_starts(ids.numel(), 32, 35, offset), 35)
         assert x.shape == (8, 32, 35), offset
         assert y.shape == (8, 32, 35), offset
         assert num_batches(ids.numel(), 32, 35, offset) == 8
