@@ -294,23 +294,19 @@ def run_url(run_id: str) -> str | None:
 
 @dataclass
 class RunRecord:
-    """What a finished run recorded, for tests and the CLI (times in milliseconds since the epoch)."""
+    """What a run recorded, for the tasks, tests and the CLI."""
 
     run_id: str
     status: str
     params: dict[str, str]
     metrics: dict[str, float]
     tags: dict[str, str]
-    start_time: int | None = None
-    end_time: int | None = None
     experiment: str = ""  # its name, when read by find_run
 
 
 def _record(run: Any) -> RunRecord:
     info, data = run.info, run.data
-    return RunRecord(
-        info.run_id, info.status, dict(data.params), dict(data.metrics), dict(data.tags), info.start_time, info.end_time
-    )
+    return RunRecord(info.run_id, info.status, dict(data.params), dict(data.metrics), dict(data.tags))
 
 
 def get_run(run_id: str) -> RunRecord:
