@@ -28,11 +28,14 @@ fi
 # size of modules (400 lines) and functions (60); then the documentation site, where a broken link, a missing
 # page or a missing image fails the build (its output goes to ./site, ignored by git). Not --quiet: it also
 # silences the warnings that --strict fails on.
+# mypy, the longest of them, runs beside the others (the runner has two cores); the tests start once all passed.
+mypy &
+mypy_pid=$!
 ruff check .
 ruff format --check .
-mypy
 lint-imports
 python scripts/check_shape.py
 NO_MKDOCS_2_WARNING=1 mkdocs build --strict
+wait "$mypy_pid"
 
 exec python -m pytest "$@"
