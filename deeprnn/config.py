@@ -8,7 +8,16 @@ from __future__ import annotations
 import copy
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
 
 from deeprnn.data.urls import redact_url
 from deeprnn.durations import MAX_BUDGET, MIN_BUDGET, parse_budget
@@ -289,8 +298,14 @@ class SampleConfig(_Section):
         min_length=0,
         max_length=32,
     )
-    num_chars: int = Field(
-        50, title="Tokens to generate", description="Tokens appended to each prefix.", ge=1, le=10000
+    num_tokens: int = Field(
+        50,
+        title="Tokens to generate",
+        description="Tokens appended to each prefix: characters, or words with data.token word.",
+        ge=1,
+        le=10000,
+        # Its former name: configurations, checkpoints and deployments that still use it keep working.
+        validation_alias=AliasChoices("num_tokens", "num_chars"),
     )
     temperature: Optional[float] = Field(
         None,
