@@ -8,16 +8,7 @@ from __future__ import annotations
 import copy
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import (
-    AliasChoices,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    PlainSerializer,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
 from deeprnn.data.urls import redact_url
 from deeprnn.durations import MAX_BUDGET, MIN_BUDGET, parse_budget
@@ -304,8 +295,6 @@ class SampleConfig(_Section):
         description="Tokens appended to each prefix: characters, or words with data.token word.",
         ge=1,
         le=10000,
-        # Its former name: configurations, checkpoints and deployments that still use it keep working.
-        validation_alias=AliasChoices("num_tokens", "num_chars"),
     )
     temperature: Optional[float] = Field(
         None,
@@ -318,6 +307,15 @@ class SampleConfig(_Section):
         None, title="Top-k", description="Sample only among the k likeliest tokens.", ge=1, le=1_000_000
     )
     seed: int = Field(0, title="Sampling seed", description="Seed of the sampling generator.", ge=0, le=2**32 - 1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_names(cls, values: Any) -> Any:
+        # num_tokens was num_chars: configurations, checkpoints and deployments that still say so keep working
+        # (over a preset's num_tokens, when the two meet in a merge).
+        if isinstance(values, dict) and "num_chars" in values:
+            values = {k: v for k, v in values.items() if k != "num_chars"} | {"num_tokens": values["num_chars"]}
+        return values
 
     @field_validator("prefixes")
     @classmethod

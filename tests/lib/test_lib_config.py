@@ -295,6 +295,8 @@ def test_num_chars_the_former_name_of_num_tokens_is_still_read() -> None:
     # Configurations, checkpoints and deployments written before the rename say sample.num_chars.
     assert SampleConfig.model_validate({"num_chars": 7}).num_tokens == 7
     assert preset_config("d2l-9.3", {"sample": {"num_chars": 9}}).sample.num_tokens == 9
+    assert preset_config("smoke", {"sample": {"num_chars": 9}}).sample.num_tokens == 9  # over the preset's 20
+    assert resolve("smoke", sample=SampleConfig(num_chars=8)).sample.num_tokens == 8
     assert "sample.num_tokens" in RunConfig().flat() and "sample.num_chars" not in RunConfig().flat()
     with pytest.raises(ValidationError, match="less than or equal to 10000"):
         SampleConfig.model_validate({"num_chars": 10_001})
