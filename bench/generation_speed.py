@@ -7,7 +7,7 @@
    same text.
 2. Server: the same model saved as deeprnn's pyfunc and served by a real ``mlflow models serve
    --env-manager local`` on 127.0.0.1: p50/p95 latency of ``--requests`` single-prefix 50-token requests,
-   one 64-prefix request, and the time to refuse a request for more than the bound (num_chars 100000000).
+   one 64-prefix request, and the time to refuse a request for more than the bound (num_tokens 100000000).
 
     python bench/generation_speed.py                       # about a minute on 2 cores
     python bench/generation_speed.py --threads 1 --json bench/results/cpu-generation.json
@@ -151,16 +151,16 @@ def server_latency(url: str, prefixes: list[str], requests_n: int) -> dict[str, 
         response = session.post(f"{url}/invocations", json=body, timeout=120)
         return (time.perf_counter() - started) * 1000, response.status_code
 
-    post({"dataframe_records": [{"prefix": "time traveller"}], "params": {"num_chars": 50}})  # warm-up
+    post({"dataframe_records": [{"prefix": "time traveller"}], "params": {"num_tokens": 50}})  # warm-up
     single = [
-        post({"dataframe_records": [{"prefix": "time traveller"}], "params": {"num_chars": 50}})
+        post({"dataframe_records": [{"prefix": "time traveller"}], "params": {"num_tokens": 50}})
         for _ in range(requests_n)
     ]
     assert all(code == 200 for _, code in single)
-    batch_ms, code = post({"inputs": {"prefix": prefixes}, "params": {"num_chars": 200}})
+    batch_ms, code = post({"inputs": {"prefix": prefixes}, "params": {"num_tokens": 200}})
     assert code == 200
     refused = [
-        post({"dataframe_records": [{"prefix": "time traveller"}], "params": {"num_chars": 100_000_000}})
+        post({"dataframe_records": [{"prefix": "time traveller"}], "params": {"num_tokens": 100_000_000}})
         for _ in range(10)
     ]
     assert all(code == 400 for _, code in refused)
@@ -229,7 +229,7 @@ def main() -> None:
         print(f"| 1 prefix x 50 tokens, p95 | {srv['single_50_p95_ms']:.1f} |")
         print(f"| {args.prefixes} prefixes x 200 tokens, one request | {srv['batch_ms']:.0f} |")
         print(
-            f"| refused (num_chars 100000000 -> 400), median / max of 10 "
+            f"| refused (num_tokens 100000000 -> 400), median / max of 10 "
             f"| {srv['refused_median_ms']:.1f} / {srv['refused_max_ms']:.1f} |"
         )
     if args.json:

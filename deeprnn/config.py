@@ -289,8 +289,12 @@ class SampleConfig(_Section):
         min_length=0,
         max_length=32,
     )
-    num_chars: int = Field(
-        50, title="Tokens to generate", description="Tokens appended to each prefix.", ge=1, le=10000
+    num_tokens: int = Field(
+        50,
+        title="Tokens to generate",
+        description="Tokens appended to each prefix: characters, or words with data.token word.",
+        ge=1,
+        le=10000,
     )
     temperature: Optional[float] = Field(
         None,
@@ -303,6 +307,15 @@ class SampleConfig(_Section):
         None, title="Top-k", description="Sample only among the k likeliest tokens.", ge=1, le=1_000_000
     )
     seed: int = Field(0, title="Sampling seed", description="Seed of the sampling generator.", ge=0, le=2**32 - 1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_names(cls, values: Any) -> Any:
+        # num_tokens was num_chars: configurations, checkpoints and deployments that still say so keep working
+        # (over a preset's num_tokens, when the two meet in a merge).
+        if isinstance(values, dict) and "num_chars" in values:
+            values = {k: v for k, v in values.items() if k != "num_chars"} | {"num_tokens": values["num_chars"]}
+        return values
 
     @field_validator("prefixes")
     @classmethod

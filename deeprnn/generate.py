@@ -189,7 +189,9 @@ MAX_PREFIXES = 1024  # rows per request
 # A request's work: over its prefixes, the tokens each is warmed up on plus the tokens generated after it.
 # Every row of a request advances together, so this bounds both its time and its memory.
 MAX_REQUEST_TOKENS = 1_000_000
-_PARAM_FIELDS = ("num_chars", "temperature", "top_k", "seed")
+_PARAM_FIELDS = ("num_tokens", "temperature", "top_k", "seed")
+# The former name of num_tokens, which models logged before the rename declare (and newer ones keep, 0: not given).
+FORMER_NUM_TOKENS = "num_chars"
 
 
 class GenerationRequestError(ValueError):
@@ -197,16 +199,20 @@ class GenerationRequestError(ValueError):
 
 
 def check_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The generation settings of a request (``num_chars``, ``temperature``, ``top_k``, ``seed``), checked
+    """The generation settings of a request (``num_tokens``, ``temperature``, ``top_k``, ``seed``), checked
     against the bounds of ``SampleConfig``; ``temperature`` 0 means greedy and ``top_k`` 0 means no filter,
-    both returned as None. ``GenerationRequestError`` naming the param and its bound otherwise."""
+    both returned as None; ``num_chars``, when not 0, stands for ``num_tokens`` (``FORMER_NUM_TOKENS``).
+    ``GenerationRequestError`` naming the param and its bound otherwise."""
     from pydantic import ValidationError
 
     params = dict(params or {})
+    former = params.pop(FORMER_NUM_TOKENS, None)
+    if former is not None and former != 0:
+        params["num_tokens"] = former
     unknown = sorted(set(params) - set(_PARAM_FIELDS))
     if unknown:
         raise GenerationRequestError(f"unknown param {unknown[0]!r}: use {', '.join(_PARAM_FIELDS)}")
-    values: dict[str, Any] = {"num_chars": 50, "temperature": None, "top_k": None, "seed": 0}
+    values: dict[str, Any] = {"num_tokens": 50, "temperature": None, "top_k": None, "seed": 0}
     for name, value in params.items():
         value = value.item() if hasattr(value, "item") else value  # numpy scalars, as MLflow passes them
         if value is None or (name in ("temperature", "top_k") and value == 0 and not isinstance(value, bool)):
@@ -219,8 +225,9 @@ def check_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     except ValidationError as exc:
         first = exc.errors()[0]
         name = str(first["loc"][0])
+        shown = FORMER_NUM_TOKENS if name == "num_tokens" and former else name
         zero = " (or 0: greedy)" if name == "temperature" else " (or 0: no top-k filter)" if name == "top_k" else ""
-        raise GenerationRequestError(f"param {name}={values[name]!r}: {first['msg'].lower()}{zero}") from None
+        raise GenerationRequestError(f"param {shown}={values[name]!r}: {first['msg'].lower()}{zero}") from None
     return checked.model_dump(include=set(_PARAM_FIELDS))
 
 
@@ -259,8 +266,8 @@ def check_work(prefixes: Sequence[str], num_tokens: int, token: Token = "char") 
     if work > MAX_REQUEST_TOKENS:
         raise GenerationRequestError(
             f"the request asks for {work:,} tokens of work ({len(prefixes):,} prefixes: their tokens plus "
-            f"num_chars={num_tokens:,} each); at most {MAX_REQUEST_TOKENS:,} per request: send fewer or "
-            "shorter prefixes, or a smaller num_chars"
+            f"num_tokens={num_tokens:,} each); at most {MAX_REQUEST_TOKENS:,} per request: send fewer or "
+            "shorter prefixes, or a smaller num_tokens"
         )
     return work
 

@@ -51,7 +51,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
             "eval_max_tokens": 10_000,
             "final_eval_max_tokens": 20_000,
         },
-        "sample": {"num_chars": 20},
+        "sample": {"num_tokens": 20},
     },
     # Your own text, chosen with bench/own_text.py on texts in five languages (bench/results/cpu-own-text.md).
     "text": {
@@ -80,7 +80,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
             "eval_max_tokens": 40_000,
             "precision": "auto",
         },
-        "sample": {"prefixes": [], "num_chars": 200, "temperature": 0.8, "top_k": 20},
+        "sample": {"prefixes": [], "num_tokens": 200, "temperature": 0.8, "top_k": 20},
     },
 }
 PRESETS: tuple[str, ...] = tuple(PRESET_VALUES)

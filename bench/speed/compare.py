@@ -66,7 +66,7 @@ def worker_deeprnn(a: argparse.Namespace) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     train_cpu_s = time.process_time() - cpu0
 
-    samples = {p: generate(model, vocab, p, cfg.sample.num_chars, token=cfg.data.token) for p in cfg.sample.prefixes}
+    samples = {p: generate(model, vocab, p, cfg.sample.num_tokens, token=cfg.data.token) for p in cfg.sample.prefixes}
     hist = [
         {
             "epoch": h.epoch,

@@ -20,7 +20,8 @@ def generate(
         "corpus was (e.g. lower-cased for --normalize d2l). Default: the prefixes the model was trained with.",
         show_default=False,
     ),
-    num_chars: int = typer.Option(50, "--num-chars", min=1, max=10000, help="Tokens to generate."),
+    num_tokens: int = typer.Option(50, "--num-tokens", min=1, max=10000, help="Tokens to generate."),
+    num_chars: Optional[int] = typer.Option(None, "--num-chars", min=1, max=10000, hidden=True),  # its former name
     temperature: Optional[float] = typer.Option(
         None, "--temperature", min=0.0, help="Sample at this temperature (default greedy)."
     ),
@@ -30,13 +31,13 @@ def generate(
     """Print continuations from a logged model; greedy by default, so it repeats the run's logged samples."""
     if temperature is not None and temperature <= 0:
         fail("--temperature must be > 0 (leave it out for greedy decoding)")
-    from deeprnn.tracking.model_registry import load_pyfunc
+    from deeprnn.tracking.model_registry import generation_params, load_pyfunc
 
     try:
         model = load_pyfunc(model_uri)
     except LookupError as exc:
         fail(str(exc), 1)
-    params = {"num_chars": num_chars, "temperature": temperature or 0.0, "top_k": top_k or 0, "seed": seed}
+    params = generation_params(model, num_chars or num_tokens, temperature or 0.0, top_k or 0, seed)
     import pandas as pd  # MLflow's pyfunc speaks DataFrames
     from mlflow.exceptions import MlflowException
 

@@ -22,8 +22,10 @@ RENAMES = {
     ("data", "reserved_tokens"): "reserved_token",
     ("sample", "prefixes"): "prefix",
     ("sample", "seed"): "sample_seed",
-    ("sample", "num_chars"): "num_chars",
 }
+
+# Former option names, hidden, so that scripts that still use them keep working: old name -> the name now.
+ALIASES = {"num_chars": "num_tokens"}
 
 Command = TypeVar("Command", bound=Callable[..., None])
 
@@ -86,6 +88,13 @@ def override_parameters(sections: tuple[str, ...] = tuple(SECTIONS)) -> list[ins
         described = f"[{section}] {info.description or ''}{note}{default}"
         option = typer.Option(None, decls[-1], help=described, show_default=False, metavar=metavar)
         params.append(inspect.Parameter(cli_name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=typ))
+    for alias, cli_name in ALIASES.items():
+        if OPTION_FIELDS[cli_name][0] in sections:
+            option = typer.Option(None, "--" + alias.replace("_", "-"), hidden=True)
+            now = next(p for p in params if p.name == cli_name)
+            params.append(
+                inspect.Parameter(alias, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=now.annotation)
+            )
     return params
 
 
@@ -106,10 +115,14 @@ def overrides(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
     duration nor ``off`` (``0``, a blank, ``1ms``, ``2x``) exits 2 in one line."""
     out: dict[str, dict[str, Any]] = {}
     for cli_name, value in values.items():
-        if value is None or cli_name not in OPTION_FIELDS or (isinstance(value, list) and not value):
+        field = OPTION_FIELDS.get(ALIASES.get(cli_name, cli_name))
+        if value is None or field is None or (isinstance(value, list) and not value):
             continue
-        section, name = OPTION_FIELDS[cli_name]
-        out.setdefault(section, {})[name] = value
+        fields = out.setdefault(field[0], {})
+        if cli_name in ALIASES:
+            fields.setdefault(field[1], value)  # the option's name now wins over its former one
+        else:
+            fields[field[1]] = value
     try:  # refused here in one line naming what it takes: the configuration's message would span lines
         parse_budget(out.get("train", {}).get("time_budget"))
     except DurationError as exc:

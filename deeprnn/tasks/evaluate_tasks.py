@@ -54,7 +54,7 @@ def generate_samples(
         model,
         voc,
         s.prefixes,
-        s.num_chars,
+        s.num_tokens,
         token=config.data.token,
         temperature=s.temperature,
         top_k=s.top_k,

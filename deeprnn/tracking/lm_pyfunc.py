@@ -5,7 +5,7 @@ MLflow which object serves. The checkpoint is the model's artifact; the ``deeprn
 it as code. Loading uses ``torch.load(weights_only=True)``: no pickled code runs.
 
 A request's params and prefixes are checked against the configuration's bounds before any work, and so is
-its total work (``deeprnn.generate.MAX_REQUEST_TOKENS``: over its prefixes, their tokens plus ``num_chars``
+its total work (``deeprnn.generate.MAX_REQUEST_TOKENS``: over its prefixes, their tokens plus ``num_tokens``
 each) and its time: loading times this model's generation on this machine (``measure_speed``; a refusal on
 figures older than ``MEASURE_AGAIN_AFTER`` times it again in the background, keeping the faster figures), and a
 request whose estimate is above ``fit_share()`` of its time limit is refused. What is refused raises
@@ -135,7 +135,7 @@ def _say_speed(speed: GenerationSpeed, device: str, took: float, share: float, a
 
 class DeepRNNLanguageModel(PythonModel):
     """Continue each ``prefix`` (none given: the model's own sample prefixes), normalized by the rule its
-    corpus went through; params ``num_chars``, ``temperature`` (0: greedy), ``top_k`` (0: off), ``seed``."""
+    corpus went through; params ``num_tokens``, ``temperature`` (0: greedy), ``top_k`` (0: off), ``seed``."""
 
     def load_context(self, context: Any) -> None:
         """Rebuild the model and vocabulary from the checkpoint artifact, on the best device here (CUDA,
@@ -173,7 +173,7 @@ class DeepRNNLanguageModel(PythonModel):
         finally:
             self._measuring.release()
 
-    def _check_time(self, prefixes: list[str], num_chars: int, token: Token, sampled: bool) -> None:
+    def _check_time(self, prefixes: list[str], num_tokens: int, token: Token, sampled: bool) -> None:
         """``GenerationRequestError`` when the request's estimated time (by the speed measured here) is above
         ``share`` of its time limit, naming both and the most the request's prefixes may ask for. A refusal on
         figures older than ``MEASURE_AGAIN_AFTER`` starts a new measurement in the background, for the
@@ -184,7 +184,7 @@ class DeepRNNLanguageModel(PythonModel):
             return  # DEEPRNN_REQUEST_FIT=off
         lengths = [len(split_prefix(p, token)) for p in prefixes]
         limit, limit_text = request_limit()
-        asked, fits = self.speed.seconds(lengths, num_chars, sampled), self.share * limit
+        asked, fits = self.speed.seconds(lengths, num_tokens, sampled), self.share * limit
         if asked <= fits:
             return
         if time.monotonic() - self.measured_at > MEASURE_AGAIN_AFTER:
@@ -198,7 +198,7 @@ class DeepRNNLanguageModel(PythonModel):
         )
         raise GenerationRequestError(
             f"this request asks for about {_secs(asked)} s of generation ({len(prefixes):,} prefixes x "
-            f"{num_chars:,} {unit}s{', sampled' if sampled else ''}); at the speed this server measured, it does "
+            f"{num_tokens:,} {unit}s{', sampled' if sampled else ''}); at the speed this server measured, it does "
             f"about {_secs(fits)} s a request within {limit_text}: send fewer prefixes or {unit}s per request "
             f"({todo})"
         )
@@ -214,23 +214,23 @@ class DeepRNNLanguageModel(PythonModel):
         # No prefix in the request: the prefixes the model was trained with (its run's samples).
         given = _prefixes(model_input) or list(self.config.sample.prefixes)
         try:  # everything is checked before the first forward step
-            settings = generate.check_params(params)  # num_chars, and temperature, top_k and seed as generated
-            num_chars = settings.pop("num_chars")
+            settings = generate.check_params(params)  # num_tokens, and temperature, top_k and seed as generated
+            num_tokens = settings.pop("num_tokens")
             prefixes = generate.check_prefixes(given, self.vocab, token, normalize=rule)  # as the corpus's rule has it
-            work = generate.check_work(prefixes, num_chars, token)
-            self._check_time(prefixes, num_chars, token, settings["temperature"] is not None)
+            work = generate.check_work(prefixes, num_tokens, token)
+            self._check_time(prefixes, num_tokens, token, settings["temperature"] is not None)
         except generate.GenerationRequestError as exc:
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         limit = request_limit()[0]
         try:
             deadline = time.monotonic() + limit
             return generate.generate_batch(
-                self.model, self.vocab, prefixes, num_chars, token=token, deadline=deadline, **settings
+                self.model, self.vocab, prefixes, num_tokens, token=token, deadline=deadline, **settings
             )
         except generate.GenerationTimeoutError:
             raise MlflowException(
                 f"generation stopped after {limit:.0f} s, this server's limit per request: send fewer or shorter "
-                "prefixes, or a smaller num_chars",
+                "prefixes, or a smaller num_tokens",
                 error_code=DEADLINE_EXCEEDED,
             ) from None
         finally:

@@ -19,6 +19,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from deeprnn.generate import FORMER_NUM_TOKENS
 from deeprnn.tracking import naming
 from deeprnn.tracking.store import is_disk_full, tracking_uri
 
@@ -65,7 +66,8 @@ def _signature() -> Any:
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema(
             [
-                ParamSpec("num_chars", "long", 50),
+                ParamSpec("num_tokens", "long", 50),
+                ParamSpec(FORMER_NUM_TOKENS, "long", 0),  # its former name, for older clients; 0: not given
                 ParamSpec("temperature", "double", 0.0),  # 0: greedy, as the book
                 ParamSpec("top_k", "long", 0),  # 0: no top-k filter
                 ParamSpec("seed", "long", 0),
@@ -256,6 +258,15 @@ def fetch_model(model_uri: str, dst: Path) -> DownloadedModel:
         version = str(registered[0].version) if registered else None
     tags = client.get_run(source_run_id).data.tags if source_run_id else {}
     return DownloadedModel(model_uri, version, str(local / relative), source_run_id, tags.get("dataset.sha1"))
+
+
+def generation_params(model: Any, num_tokens: int, temperature: float, top_k: int, seed: int) -> dict[str, Any]:
+    """The params of a request to a loaded model, with ``num_tokens`` under the name its signature declares
+    (models logged before the rename call it ``num_chars``)."""
+    schema = model.metadata.get_params_schema()
+    names = {spec.name for spec in schema.params} if schema else set()
+    key = "num_tokens" if "num_tokens" in names else FORMER_NUM_TOKENS
+    return {key: num_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
 
 
 def load_pyfunc(model_uri: str) -> Any:

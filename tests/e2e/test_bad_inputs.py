@@ -273,7 +273,7 @@ def retried(store: Path, fault_server, book_path: Path) -> Iterator[dict[str, An
             preset="smoke",
             data={"url": fault_server.url(ESCAPING_PATH)},  # no sha1: the cache name comes from the URL's hash
             train=CPU,
-            sample={"num_chars": 12},
+            sample={"num_tokens": 12},
             experiment=ESCAPING_EXPERIMENT,
             runs_dir=str(store / "runs" / "retried"),
         )
@@ -333,7 +333,7 @@ def test_typed_prefixes_are_read_by_the_models_rule_not_as_unk(
     model = deeprnn.tracking.model_registry.load_pyfunc(f"runs:/{retried['result'].run_id}/model")
     with caplog.at_level(logging.WARNING, logger="deeprnn"):
         out = model.predict(
-            pd.DataFrame({"prefix": ["Time\u2603", "TIME \u00a7", "time e", "time"]}), params={"num_chars": 12}
+            pd.DataFrame({"prefix": ["Time\u2603", "TIME \u00a7", "time e", "time"]}), params={"num_tokens": 12}
         )
     assert out[0] == out[1] == out[3] and out[0].startswith("time") and len(out[0]) == len("time") + 12
     assert out[2].startswith("time e")

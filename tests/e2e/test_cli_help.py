@@ -79,3 +79,13 @@ def test_the_command_list_says_what_each_command_does_in_full() -> None:
     assert sorted(listed) == sorted(COMMANDS)
     assert not any(summary.endswith("...") for summary in listed.values()), listed
     assert listed["run"] == "Train, evaluate and log a model (the training flow)."
+
+
+def test_the_former_option_num_chars_is_hidden_and_stands_for_num_tokens() -> None:
+    from deeprnn.cli.options import overrides
+
+    assert "--num-tokens" in _help("run") and "--num-chars" not in _help("run")
+    assert overrides({"num_chars": 5}) == {"sample": {"num_tokens": 5}}
+    assert overrides({"num_tokens": 6, "num_chars": 5}) == {"sample": {"num_tokens": 6}}  # the name now wins
+    click_command = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+    assert any(p.opts == ["--num-chars"] and p.hidden for p in click_command.params)

@@ -49,7 +49,7 @@ def _smoke_args(url: str, epochs: int = EPOCHS) -> list[str]:
         url,
         "--data-sha1",
         BOOK_SHA1,
-        "--num-chars",
+        "--num-tokens",
         "10",
     ]
 

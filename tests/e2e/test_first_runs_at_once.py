@@ -36,7 +36,7 @@ def _tiny_run(book_url: str) -> list[str]:
     """The smallest whole run: one epoch of the smoke preset on the CPU, a few characters generated."""
     return [
         *("run", "--preset", "smoke", "--epochs", "1", "--device", "cpu"),
-        *("--test-fraction", "0.02", "--num-chars", "10", "--data-url", book_url, "--data-sha1", BOOK_SHA1),
+        *("--test-fraction", "0.02", "--num-tokens", "10", "--data-url", book_url, "--data-sha1", BOOK_SHA1),
     ]
 
 

@@ -155,7 +155,7 @@ def test_champion_alias_moves_only_to_a_better_model_on_the_same_heldout_text(co
 def test_generate_from_the_champion_alias(compared: Compared) -> None:
     champion = next(r for r in compared.results if r.model.registration.version == compared.champions[-1])
     prefixes = list(champion.samples)
-    num_chars = len(champion.samples[prefixes[0]]) - len(prefixes[0])
+    num_tokens = len(champion.samples[prefixes[0]]) - len(prefixes[0])
     cli = subprocess.run(
         [
             sys.executable,
@@ -164,8 +164,8 @@ def test_generate_from_the_champion_alias(compared: Compared) -> None:
             "generate",
             "--model-uri",
             "models:/deeprnn-lm@champion",
-            "--num-chars",
-            str(num_chars),
+            "--num-tokens",
+            str(num_tokens),
             *sum((["--prefix", p] for p in prefixes), []),
         ],
         capture_output=True,
@@ -195,7 +195,7 @@ def test_training_summary_links_to_the_mlflow_run(compared: Compared) -> None:
 
 def test_evaluate_flow_measures_the_champion_on_its_heldout_text(compared: Compared) -> None:
     champion = next(r for r in compared.results if r.model.registration.version == compared.champions[-1])
-    result = evaluate_lm(device="cpu", sample={"num_chars": 7, "prefixes": ["the time"]})  # default: the champion
+    result = evaluate_lm(device="cpu", sample={"num_tokens": 7, "prefixes": ["the time"]})  # default: the champion
     assert result.model_uri == f"models:/{deeprnn.tracking.model_registry.REGISTERED_MODEL}/{compared.champions[-1]}"
     assert result.source_run_id == champion.run_id
     assert result.evaluation.test_perplexity == pytest.approx(champion.evaluation.test_perplexity, rel=1e-5)

@@ -53,7 +53,7 @@ def test_an_mlflow_outage_mid_run_keeps_the_tracking_password_out_of_output_and_
     # MLflow gives up on the dead server within seconds instead of a minute: its error, the password in it, comes soon.
     env.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_JITTER="1")
     args = ["--preset", "smoke", "--device", "cpu", "--epochs", "300", "--test-fraction", "0.02"]
-    args += ["--data-url", book_url, "--data-sha1", BOOK_SHA1, "--num-chars", "10"]
+    args += ["--data-url", book_url, "--data-sha1", BOOK_SHA1, "--num-tokens", "10"]
     since = datetime.now(timezone.utc)
     log = tmp_path / "cli.log"
     with open(log, "w", encoding="utf-8") as out:

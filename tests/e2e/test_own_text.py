@@ -61,7 +61,7 @@ def test_own_text_keeps_every_character_trains_and_continues_a_prefix(workdir: P
     prefix = PREFIXES[language]
 
     result = train_lm(
-        preset="smoke", data=data, train={"device": "cpu", "epochs": 1}, sample={"prefixes": [prefix], "num_chars": 15}
+        preset="smoke", data=data, train={"device": "cpu", "epochs": 1}, sample={"prefixes": [prefix], "num_tokens": 15}
     )
 
     run_id = result.run_id
@@ -76,7 +76,7 @@ def test_own_text_keeps_every_character_trains_and_continues_a_prefix(workdir: P
     assert run.info.run_name.startswith(f"smoke\u00b7{language}") and run.info.run_name.endswith("\u00b7lstm2x32")
 
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
-    (continued,) = model.predict(pd.DataFrame({"prefix": [prefix]}), params={"num_chars": 15})
+    (continued,) = model.predict(pd.DataFrame({"prefix": [prefix]}), params={"num_tokens": 15})
     assert continued.startswith(prefix) and len(continued) == len(prefix) + 15
     assert set(continued) <= set(vocab)
     assert continued == result.samples[prefix]  # greedy: the logged model repeats the run's own sample

@@ -28,7 +28,7 @@ def test_a_run_sized_to_a_small_text_is_named_for_the_sized_model(workdir: Path)
     logging.getLogger("prefect.flow_runs").addHandler(handler)
     try:
         result = train_lm(
-            data={"url": str(corpus)}, train={"device": "cpu", "time_budget": "1s"}, sample={"num_chars": 5}
+            data={"url": str(corpus)}, train={"device": "cpu", "time_budget": "1s"}, sample={"num_tokens": 5}
         )
     finally:
         logging.getLogger("prefect.flow_runs").removeHandler(handler)

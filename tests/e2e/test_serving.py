@@ -32,7 +32,7 @@ pytestmark = pytest.mark.e2e
 SMOKE = {"device": "cpu", "epochs": 1}
 REQUEST_SECONDS = 4  # a request may take half of it, by the speed the server measured at its start
 # In the work budget, but not in the time: 10,000 steps of 99 rows are far more than 2 s on any CPU.
-HEAVY = {"inputs": {"prefix": ["time traveller"] * 99}, "params": {"num_chars": 10_000}}
+HEAVY = {"inputs": {"prefix": ["time traveller"] * 99}, "params": {"num_tokens": 10_000}}
 REFUSAL = re.compile(
     r"this request asks for about ([\d.,]+) s of generation \(99 prefixes x 10,000 characters\); at the speed "
     rf"this server measured, it does about ([\d.]+) s a request within its {REQUEST_SECONDS:.1f} s "
@@ -106,23 +106,23 @@ def _champion_run(served: Served) -> RunResult:
 def test_good_requests_return_the_champions_greedy_samples(served: Served) -> None:
     run = _champion_run(served)
     prefixes = list(run.samples)
-    num_chars = preset_config("smoke").sample.num_chars
+    num_tokens = preset_config("smoke").sample.num_tokens
     # dataframe_records, one row: the logged greedy sample.
-    one = served.post({"dataframe_records": [{"prefix": prefixes[0]}], "params": {"num_chars": num_chars}})
+    one = served.post({"dataframe_records": [{"prefix": prefixes[0]}], "params": {"num_tokens": num_tokens}})
     assert one.status_code == 200, one.text
     assert one.json() == {"predictions": [run.samples[prefixes[0]]]}
     # inputs: several prefixes of different lengths in one batch, each the text it gives alone.
     batch = ["time traveller", "t", "the time machine", "traveller"]
-    many = served.post({"inputs": {"prefix": batch}, "params": {"num_chars": 30}})
+    many = served.post({"inputs": {"prefix": batch}, "params": {"num_tokens": 30}})
     assert many.status_code == 200, many.text
     texts = many.json()["predictions"]
     assert [t[: len(p)] for t, p in zip(texts, batch)] == batch and len(texts) == len(batch)
     assert all(len(t) == len(p) + 30 for t, p in zip(texts, batch))
     for prefix, text in zip(batch, texts):
-        alone = served.post({"inputs": {"prefix": [prefix]}, "params": {"num_chars": 30}})
+        alone = served.post({"inputs": {"prefix": [prefix]}, "params": {"num_tokens": 30}})
         assert alone.json()["predictions"] == [text]
     # Sampling: seeded, so repeatable; another seed, another text.
-    params = {"num_chars": 40, "temperature": 1.0, "top_k": 5, "seed": 7}
+    params = {"num_tokens": 40, "temperature": 1.0, "top_k": 5, "seed": 7}
     a = served.post({"dataframe_records": [{"prefix": "the"}], "params": params}).json()
     b = served.post({"dataframe_records": [{"prefix": "the"}], "params": params}).json()
     c = served.post({"dataframe_records": [{"prefix": "the"}], "params": {**params, "seed": 8}}).json()
@@ -132,13 +132,13 @@ def test_good_requests_return_the_champions_greedy_samples(served: Served) -> No
 @pytest.mark.parametrize(
     ("params", "names"),
     [
-        ({"num_chars": 100_000_000}, ["num_chars", "10000"]),
-        ({"num_chars": 0}, ["num_chars", "1"]),
+        ({"num_tokens": 100_000_000}, ["num_tokens", "10000"]),
+        ({"num_tokens": 0}, ["num_tokens", "1"]),
         ({"temperature": -1.0}, ["temperature", "greater than 0"]),
         ({"temperature": 1000.0}, ["temperature", "100"]),
         ({"top_k": -3}, ["top_k", "1"]),
         ({"seed": -1}, ["seed", "0"]),
-        ({"num_chars": "many"}, ["num_chars"]),
+        ({"num_tokens": "many"}, ["num_tokens"]),
     ],
 )
 def test_bad_params_get_a_400_naming_the_param_without_a_traceback(
@@ -158,15 +158,15 @@ def test_bad_params_get_a_400_naming_the_param_without_a_traceback(
 @pytest.mark.parametrize("body", [{"dataframe_records": [{}]}, {"inputs": {"prefix": []}}, {"inputs": []}])
 def test_a_request_without_prefixes_gets_the_models_own_samples(served: Served, body: dict) -> None:
     run = _champion_run(served)
-    num_chars = preset_config("smoke").sample.num_chars
-    response = served.post({**body, "params": {"num_chars": num_chars}})
+    num_tokens = preset_config("smoke").sample.num_tokens
+    response = served.post({**body, "params": {"num_tokens": num_tokens}})
     assert response.status_code == 200, response.text
     assert response.json() == {"predictions": list(run.samples.values())}  # the run's own prefixes
     # Typed with capitals and punctuation ("Time-Traveller!" for the book's "time traveller"): read by the
     # book's rule (d2l), as the training text was.
     prefix = next(iter(run.samples))  # the book's, or one drawn from the stand-in's held-out text
     typed = "-".join(word.capitalize() for word in prefix.split()) + "!"
-    answer = served.post({"inputs": {"prefix": [typed]}, "params": {"num_chars": num_chars}})
+    answer = served.post({"inputs": {"prefix": [typed]}, "params": {"num_tokens": num_tokens}})
     assert answer.json() == {"predictions": [run.samples[prefix]]}
 
 
@@ -233,7 +233,7 @@ def test_cli_generate_continues_every_prefix_in_one_batch(served: Served) -> Non
         "generate",
         "--model-uri",
         f"models:/{CORPUS_MODEL}@champion",
-        "--num-chars",
+        "--num-tokens",
         "20",
     ]
     for p in prefixes:
@@ -303,7 +303,7 @@ def test_other_corpora_get_their_own_registered_model(workdir: Path, book_path: 
 
 def test_a_request_above_the_work_budget_gets_a_400_at_once(served: Served) -> None:
     started = time.perf_counter()
-    heavy = {"inputs": {"prefix": ["time traveller " * 66] * 1024}, "params": {"num_chars": 10_000}}
+    heavy = {"inputs": {"prefix": ["time traveller " * 66] * 1024}, "params": {"num_tokens": 10_000}}
     response = served.post(heavy)
     assert response.status_code == 400, response.text
     assert "tokens of work" in response.json()["message"] and "1,000,000 per request" in response.json()["message"]
@@ -339,21 +339,21 @@ def test_a_request_the_server_cannot_finish_in_time_gets_a_400_naming_the_figure
     assert "Traceback" not in log_tail(served.log, 200_000)
     # What the server says fits, it does, at about the speed it measured.
     asked, fits, most = _refused(served)
-    num_chars = max(most // 4, 1)
+    num_tokens = max(most // 4, 1)
     started = time.perf_counter()
-    done = served.post({**HEAVY, "params": {"num_chars": num_chars}})
+    done = served.post({**HEAVY, "params": {"num_tokens": num_tokens}})
     real = time.perf_counter() - started
     assert done.status_code == 200, done.text
-    estimated = asked * num_chars / 10_000  # the warm-up on 13 characters is small beside the steps
+    estimated = asked * num_tokens / 10_000  # the warm-up on 13 characters is small beside the steps
     # Timings on a shared machine vary; a wrong unit or a missing factor is off by far more than this.
     assert real / 20 < estimated < real * 20, (estimated, real)
 
 
 def test_a_burst_of_heavy_requests_leaves_memory_near_idle(served: Served) -> None:
-    served.post({"inputs": {"prefix": ["the"]}, "params": {"num_chars": 5}})
+    served.post({"inputs": {"prefix": ["the"]}, "params": {"num_tokens": 5}})
     idle = served.memory()
     # A burst of three heavy requests at once, then the memory they used is handed back.
-    burst = {"inputs": {"prefix": ["the time traveller " * 12] * 500}, "params": {"num_chars": 20}}
+    burst = {"inputs": {"prefix": ["the time traveller " * 12] * 500}, "params": {"num_tokens": 20}}
     peak = [idle]
     with ThreadPoolExecutor(3) as pool:
         pending = [pool.submit(served.post, burst) for _ in range(3)]

@@ -79,13 +79,13 @@ def test_smoke_flow_logs_everything_and_model_reproduces_samples(workdir: Path, 
     assert vocab["idx_to_token"][:3] == ["<unk>", " ", "e"] and len(vocab["idx_to_token"]) == 28
     samples_txt = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/samples.txt").splitlines()
     assert samples_txt == list(result.samples.values())
-    assert all(len(s) == len(p) + config.sample.num_chars for p, s in result.samples.items())
+    assert all(len(s) == len(p) + config.sample.num_tokens for p, s in result.samples.items())
 
     # The logged model, loaded back three ways, prints exactly the logged greedy samples.
     prefixes = list(result.samples)
     for uri in (f"runs:/{run.info.run_id}/model", result.model.logged.model_uri, f"models:/{CORPUS_MODEL}@champion"):
         model = mlflow.pyfunc.load_model(uri)
-        out = model.predict(pd.DataFrame({"prefix": prefixes}), params={"num_chars": config.sample.num_chars})
+        out = model.predict(pd.DataFrame({"prefix": prefixes}), params={"num_tokens": config.sample.num_tokens})
         assert out == samples_txt, uri
     assert result.model.registration is not None and result.model.registration.champion is True
 
@@ -98,8 +98,8 @@ def test_smoke_flow_logs_everything_and_model_reproduces_samples(workdir: Path, 
             "generate",
             "--model-uri",
             f"runs:/{run.info.run_id}/model",
-            "--num-chars",
-            str(config.sample.num_chars),
+            "--num-tokens",
+            str(config.sample.num_tokens),
             *sum((["--prefix", p] for p in prefixes), []),
         ],
         capture_output=True,
@@ -140,7 +140,7 @@ def test_cli_run_prints_run_id_perplexities_and_samples(cli_env: dict[str, str],
             BOOK_SHA1,
             "--experiment",
             "cli-check",
-            "--num-chars",
+            "--num-tokens",
             "12",
         ],
         capture_output=True,

@@ -34,7 +34,7 @@ def test_defaults_are_the_books() -> None:
     assert cfg.train.lr_schedule == "constant" and cfg.train.weight_decay == 0.0
     assert cfg.data.max_tokens == 10000
     assert (cfg.data.url, cfg.data.token, cfg.data.min_freq) == (D2L_URL, "char", 0)
-    assert cfg.sample.prefixes == ["time traveller", "traveller"] and cfg.sample.num_chars == 50
+    assert cfg.sample.prefixes == ["time traveller", "traveller"] and cfg.sample.num_tokens == 50
     assert cfg.sample.temperature is None  # greedy, as the book
     assert preset_config("d2l-9.3") == cfg
 
@@ -195,7 +195,7 @@ def _bounds(prop: dict) -> dict:
         (TrainConfig, "epochs", {"minimum": 1, "maximum": 100000}, True),
         (TrainConfig, "batch_size", {"minimum": 1, "maximum": 65536}, True),
         (DataConfig, "sha1", {"pattern": "^[0-9a-fA-F]{40}$"}, False),
-        (SampleConfig, "num_chars", {"minimum": 1, "maximum": 10000}, True),
+        (SampleConfig, "num_tokens", {"minimum": 1, "maximum": 10000}, True),
     ],
 )
 def test_section_schema_has_bounds_titles_and_plain_types(section, name: str, bounds: dict, plain: bool) -> None:
@@ -289,3 +289,14 @@ def test_zero_blanks_and_anything_else_are_refused_naming_what_a_time_budget_tak
 
 def test_the_forms_time_budget_field_is_seconds_from_one_to_thirty_days() -> None:
     assert _bounds(_prop(TrainConfig, "time_budget")) == {"minimum": 1.0, "maximum": 30 * 86400.0}
+
+
+def test_num_chars_the_former_name_of_num_tokens_is_still_read() -> None:
+    # Configurations, checkpoints and deployments written before the rename say sample.num_chars.
+    assert SampleConfig.model_validate({"num_chars": 7}).num_tokens == 7
+    assert preset_config("d2l-9.3", {"sample": {"num_chars": 9}}).sample.num_tokens == 9
+    assert preset_config("smoke", {"sample": {"num_chars": 9}}).sample.num_tokens == 9  # over the preset's 20
+    assert resolve("smoke", sample=SampleConfig(num_chars=8)).sample.num_tokens == 8
+    assert "sample.num_tokens" in RunConfig().flat() and "sample.num_chars" not in RunConfig().flat()
+    with pytest.raises(ValidationError, match="less than or equal to 10000"):
+        SampleConfig.model_validate({"num_chars": 10_001})

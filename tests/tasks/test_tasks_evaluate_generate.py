@@ -87,12 +87,12 @@ def test_generate_samples_continues_every_prefix_as_the_saved_model_does(tiny: T
     assert list(samples) == sample.prefixes == ["time traveller", "traveller"]
     for prefix, text in samples.items():
         # One batch for all prefixes from the checkpoint = one prefix at a time from the model in memory.
-        assert text == generate(tiny.model, tiny.vocab, prefix, sample.num_chars)
-        assert text.startswith(prefix) and len(text) == len(prefix) + sample.num_chars
+        assert text == generate(tiny.model, tiny.vocab, prefix, sample.num_tokens)
+        assert text.startswith(prefix) and len(text) == len(prefix) + sample.num_tokens
 
 
 def test_generate_samples_takes_the_given_sample_settings_instead_of_the_checkpoints(tiny: Tiny) -> None:
-    given = SampleConfig(prefixes=["the", "machine"], num_chars=9, temperature=1.0, seed=3)
+    given = SampleConfig(prefixes=["the", "machine"], num_tokens=9, temperature=1.0, seed=3)
     first = generate_samples.fn(str(tiny.trained), "cpu", given)
     # Nine generated tokens each (<unk>, should sampling pick it, is one token of five characters).
     assert list(first) == ["the", "machine"] and all(

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import mlflow
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -49,9 +50,13 @@ def test_a_run_logs_its_model_once_and_it_loads_and_generates(
     experiment = MlflowClient().get_run(run_id).info.experiment_id
     assert [m.model_id for m in MlflowClient().search_logged_models(experiment_ids=[experiment])] == [model.model_id]
     loaded = model_registry.load_pyfunc(f"runs:/{run_id}/model")
-    (text,) = loaded.predict(pd.DataFrame({"prefix": ["time"]}), params={"num_chars": 5})
+    (text,) = loaded.predict(pd.DataFrame({"prefix": ["time"]}), params={"num_tokens": 5})
     # Five generated tokens; an untrained model may pick <unk>, one token of five characters.
     assert text.startswith("time") and len(text.replace("<unk>", "?")) == len("time") + 5
+    # num_chars, the former name, still asks for as many tokens: the same greedy text.
+    assert loaded.predict(pd.DataFrame({"prefix": ["time"]}), params={"num_chars": 5}) == [text]
+    with pytest.raises(MlflowException, match="param num_chars=10001: input should be less than or equal to 10000"):
+        loaded.predict(pd.DataFrame({"prefix": ["time"]}), params={"num_chars": 10_001})
     with pytest.raises(LookupError, match="cannot load model 'models:/nothing-here/1'"):
         model_registry.load_pyfunc("models:/nothing-here/1")
 
@@ -76,17 +81,21 @@ def test_a_request_without_prefixes_continues_the_models_own_and_prefixes_follow
     loaded = model_registry.load_pyfunc(f"runs:/{run_id}/model")
 
     none_given = pd.DataFrame({"prefix": pd.Series([], dtype=object)})
-    own = loaded.predict(none_given, params={"num_chars": 4})
+    own = loaded.predict(none_given, params={"num_tokens": 4})
     # Continued by 4 tokens each (an untrained model may say <unk>, five characters, as one of them).
     assert len(own) == 2 and own[0].startswith("machine") and own[1].startswith("the time")
-    assert loaded.predict(pd.DataFrame({"prefix": ["machine", "the time"]}), params={"num_chars": 4}) == own
+    assert loaded.predict(pd.DataFrame({"prefix": ["machine", "the time"]}), params={"num_tokens": 4}) == own
     # Typed as a person writes it: read as the corpus's rule wrote the training text, not as <unk>s.
-    assert loaded.predict(pd.DataFrame({"prefix": ["MACHINE!", "The Time"]}), params={"num_chars": 4}) == own
+    assert loaded.predict(pd.DataFrame({"prefix": ["MACHINE!", "The Time"]}), params={"num_tokens": 4}) == own
 
     # `deeprnn generate` without --prefix prints the model's own prefixes' continuations.
-    result = CliRunner().invoke(app, ["generate", "--model-uri", f"runs:/{run_id}/model", "--num-chars", "4"])
+    result = CliRunner().invoke(app, ["generate", "--model-uri", f"runs:/{run_id}/model", "--num-tokens", "4"])
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == own
+    # --num-chars, the option's former name, is still taken (hidden from the help).
+    former = CliRunner().invoke(app, ["generate", "--model-uri", f"runs:/{run_id}/model", "--num-chars", "4"])
+    assert former.exit_code == 0 and former.stdout.splitlines() == own, former.output
+    assert "--num-chars" not in CliRunner().invoke(app, ["generate", "--help"]).output
 
 
 def test_a_model_is_registered_once_per_run_described_and_fetched_back(
@@ -213,7 +222,7 @@ def test_a_model_upload_that_fills_the_artifact_store_completes_the_same_run_onc
     assert [m.model_id for m in client.search_logged_models([run.info.experiment_id])] == [model.model_id]
     assert model_registry.log_model(run_id, tiny_checkpoint, "time") == model  # and again: nothing new
     (text,) = model_registry.load_pyfunc(model.model_uri).predict(
-        pd.DataFrame({"prefix": ["time"]}), params={"num_chars": 3}
+        pd.DataFrame({"prefix": ["time"]}), params={"num_tokens": 3}
     )
     assert text.startswith("time")
 
@@ -230,3 +239,19 @@ def test_a_logged_model_carries_the_library_without_the_prefect_and_mlflow_layer
     assert not [layer for layer in model_registry.OUTER_LAYERS if (code / layer).exists()]
     (text,) = model_registry.load_pyfunc(model.model_uri).predict(pd.DataFrame({"prefix": ["time"]}))
     assert text.startswith("time")
+
+
+def test_a_model_logged_before_the_rename_is_asked_for_num_chars() -> None:
+    from mlflow.types import ParamSchema, ParamSpec
+
+    def model_with(*names: str) -> SimpleNamespace:
+        schema = ParamSchema([ParamSpec(name, "long", 50) for name in names])
+        return SimpleNamespace(metadata=SimpleNamespace(get_params_schema=lambda: schema))
+
+    assert model_registry.generation_params(model_with("num_chars", "seed"), 7, 0.0, 0, 1) == {
+        "num_chars": 7,
+        "temperature": 0.0,
+        "top_k": 0,
+        "seed": 1,
+    }
+    assert model_registry.generation_params(model_with("num_tokens", "num_chars"), 7, 0.0, 0, 1)["num_tokens"] == 7
