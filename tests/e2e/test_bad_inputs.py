@@ -140,11 +140,11 @@ def test_unreachable_mlflow_fails_within_seconds_before_downloading(
 
 
 def test_http_404_fails_at_once_naming_the_url_without_its_credentials(case: Case, fault_server) -> None:
-    url = fault_server.url("/missing/timemachine.txt")
+    url = fault_server.url("/missing/http-404/timemachine.txt")  # a path of its own: the server is shared
     with pytest.raises(DownloadError, match=f"HTTP 404 .* for {url} \\(check the URL\\)") as info:
         case.run(preset="smoke", data={"url": url.replace("http://", f"http://reader:{SECRET}@")}, train=CPU)
     assert SECRET not in str(info.value)
-    assert fault_server.count("/missing/") == 1  # neither the HTTP session nor Prefect retried
+    assert fault_server.count("/missing/http-404/") == 1  # neither the HTTP session nor Prefect retried
     assert case.runs() == []  # the corpus comes before the MLflow run: no run for a text that cannot be had
     assert not case.cache.exists() or not any(case.cache.iterdir())
 
@@ -154,11 +154,11 @@ def test_http_500_is_retried_with_backoff_then_fails_clearly(
 ) -> None:
     # The real task and its real retries; only the pause between Prefect's attempts is shortened.
     monkeypatch.setattr(pipeline, "download_corpus", pipeline.download_corpus.with_options(retry_delay_seconds=0))
-    url = fault_server.url("/broken/timemachine.txt")
+    url = fault_server.url("/broken/http-500/timemachine.txt")  # a path of its own: the server is shared
     with pytest.raises(TransientDownloadError, match=f"HTTP 500 .* for {url} .*; gave up after 3 attempts$"):
         case.run(preset="smoke", data={"url": url}, train=CPU)
     # One retry layer: 3 Prefect attempts (the task's retries=2) of exactly 1 GET each, no HTTP-level retries.
-    assert fault_server.count("/broken/") == 3
+    assert fault_server.count("/broken/http-500/") == 3
     assert case.runs() == []  # the corpus comes before the MLflow run: no run for a text that cannot be had
     assert not case.cache.exists() or not any(case.cache.iterdir())
 
