@@ -28,7 +28,6 @@ import errno
 import functools
 import hashlib
 import json
-import logging
 import os
 import shutil
 import time
@@ -44,8 +43,6 @@ from deeprnn.data.download import CACHE_ENV, CorpusFile, cache_dir, read_text_ch
 from deeprnn.data.file_io import megabytes
 from deeprnn.data.token_counts import CHUNK_BYTES, CharCounter, TooManyWordsError, WordCounter
 from deeprnn.data.vocab import Vocab
-
-log = logging.getLogger(__name__)
 
 KEY_FORMAT = "deeprnn-tokens/1"  # in every key: a new value moves every entry (entries of another format
 # under the same key are rebuilt in place instead, see token_cache.FORMAT)

@@ -130,9 +130,9 @@ def _dead_because(path: Path, held_key: str) -> str | None:
     key = named["key"] if named else None
     if key == held_key:
         return "its entry's lock is ours now"
-    builder = _builder(path)
-    if builder is not None and builder.get("host") == socket.gethostname() and not _alive(builder.get("pid")):
-        return f"its process {builder.get('pid')} is gone"
+    gone = _ended_process(path)
+    if gone is not None:
+        return f"its process {gone} is gone"
     if key is not None:
         return "nobody holds its entry's lock" if _lock_is_free(path.parent / f"{key}.lock") else None
     try:
@@ -142,22 +142,18 @@ def _dead_because(path: Path, held_key: str) -> str | None:
     return "untouched for a day, by an older version" if age > LEGACY_BUILD_AGE else None
 
 
-def _builder(path: Path) -> dict[str, Any] | None:
+def _ended_process(path: Path) -> Any:
+    """The pid that ``builder.json`` in ``path`` names when it is a process of this host that has ended, else
+    None: no record, another host's process, or one that runs (or that this user may not ask about)."""
     try:
-        found = json.loads((path / BUILDER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return found if isinstance(found, dict) else None
-
-
-def _alive(pid: Any) -> bool:
-    try:
-        os.kill(pid, 0)
+        builder = json.loads((path / BUILDER).read_text(encoding="utf-8"))
+        if builder["host"] == socket.gethostname():
+            os.kill(builder["pid"], 0)
     except ProcessLookupError:
-        return False
-    except (PermissionError, TypeError, ValueError, OverflowError):
-        pass  # someone else's process, or no pid we can ask about: assume it runs
-    return True
+        return builder["pid"]
+    except (OSError, ValueError, KeyError, TypeError, OverflowError):
+        pass  # PermissionError among them: someone else's process, which runs
+    return None
 
 
 def _lock_is_free(lock: Path) -> bool:

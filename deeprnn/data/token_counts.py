@@ -48,8 +48,7 @@ class CharCounter:
         for points in CharPieces(self.normalize, self.raw).normalized(text):
             counted = np.bincount(points)
             new = np.flatnonzero((counted > 0) & (self.counts[: counted.size] == 0))
-            if new.size:
-                self.first_seen.update(_first_positions(points, new, self.num_tokens))
+            self.first_seen.update(_first_positions(points, new, self.num_tokens))
             self.counts[: counted.size] += counted
             self.num_tokens += int(points.size)
             if self._spill_fh is not None:
