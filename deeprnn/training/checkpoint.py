@@ -152,13 +152,8 @@ def restore_model(data: dict[str, Any], device: str | torch.device = "cpu") -> t
     return model.to(device).eval(), vocab, config
 
 
-def rng_to_lists(state: tuple[Any, ...]) -> list[Any]:
-    """``random.Random``'s state as plain lists, which ``torch.load(weights_only=True)`` accepts."""
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def rng_from_lists(state: list[Any]) -> tuple[Any, ...]:
-    """The inverse of ``rng_to_lists``."""
+def rng_from_lists(state: Any) -> tuple[Any, ...]:
+    """A saved ``random.Random`` state as ``setstate`` takes it: checkpoints keep it as ``getstate`` gives it,
+    those written before as plain lists."""
     version, internal, gauss = state
     return (version, tuple(internal), gauss)
