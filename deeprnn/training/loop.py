@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -195,19 +195,15 @@ class Trainer:
         cfg, step, schedule = self.cfg, self.train_step, run.schedule
         lr = schedule.lr(epoch)
         step.set_lr(lr)
-        resume, self._resume = self._resume, None
-        if resume is not None and int(resume["epoch"]) != epoch:
-            resume = None
-        if resume is not None:
-            self.rng.setstate(rng_from_lists(resume["rng_before"]))  # draw the same minibatches again
-        rng_before = self.rng.getstate()
-        batches = EpochBatches(self.train_ids, cfg.batch_size, cfg.num_steps, cfg.partition, self.rng)
         zero_state_(step.state)  # the book starts every epoch from a zero state
         step.loss_sum.zero_()
-        first = 0
-        if resume is not None:
+        first, resume, self._resume = 0, self._resume, None
+        if resume is not None:  # a position inside this epoch (``load_state_dict``)
+            self.rng.setstate(rng_from_lists(resume["rng_before"]))  # draw the same minibatches again
             step.restore(resume)
             first = int(resume["batch"])
+        rng_before = self.rng.getstate()
+        batches = EpochBatches(self.train_ids, cfg.batch_size, cfg.num_steps, cfg.partition, self.rng)
         pos = self._pos = _Position(epoch, first, len(batches), rng_before)
         run.window_loss, run.window_batch = float(step.loss_sum) if first else 0.0, first  # a window starts
         start = mark(self.device)
@@ -266,8 +262,7 @@ class Trainer:
             check_weights(self.train_step.params, pos.epoch)  # never save NaN weights
             if run.on_checkpoint is not None:
                 run.on_checkpoint(self.epoch)
-            schedule.checkpointed()
-            run.last_sync = time.perf_counter()
+            run.last_sync = schedule.last_checkpoint = time.perf_counter()  # the time-based interval starts again
 
     def _step_report(self, run: _Run, heldout: float | None) -> None:
         """Hand ``on_step`` the ``StepStats`` of the window since the previous report; the planned total is the
@@ -278,8 +273,8 @@ class Trainer:
         now, count = time.perf_counter(), pos.batch - run.window_batch
         mean = (loss_sum - run.window_loss) / count if count > 0 else None
         check_loss(pos.epoch, mean)
-        total = self.step + (pos.batches - pos.batch) + (cfg.epochs - pos.epoch) * pos.batches
-        total = min(total, run.schedule.planned)
+        left = (pos.batches - pos.batch) + (cfg.epochs - pos.epoch) * pos.batches  # the epochs' steps still to take
+        total = min(self.step + left, run.schedule.planned)
         tokens = (self.step - run.window_step) * cfg.batch_size * cfg.num_steps
         stats = StepStats(
             self.step, total, pos.epoch, cfg.epochs, pos.batch, pos.batches,
@@ -323,12 +318,7 @@ class Trainer:
         from, the carried hidden state and the epoch's loss so far."""
         pos, position = self._pos, None
         if 0 < pos.batch < pos.batches:  # else nothing to carry
-            position = {
-                "epoch": pos.epoch,
-                "batch": pos.batch,
-                "rng_before": pos.rng_before,
-                **self.train_step.carried(),
-            }
+            position = {**asdict(pos), **self.train_step.carried()}
         return {
             "epoch": self.epoch,
             "step": self.step,

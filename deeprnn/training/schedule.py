@@ -80,7 +80,7 @@ class Schedule:
     _started: float = field(default_factory=time.perf_counter)
     _marks: deque[_Mark] = field(default_factory=deque)  # the read-backs of the moving window
     _step_seconds: float | None = None  # training seconds per step over the window (None: not measured yet)
-    _last_checkpoint: float = field(default_factory=time.perf_counter)
+    last_checkpoint: float = field(default_factory=time.perf_counter)  # when the time-based interval started
     _eval_seconds: float | None = None  # the last evaluation's duration
     _eval_total: float = 0.0  # seconds spent in evaluations during this fit
     _eval_speedup: float = _EVAL_SPEEDUP  # evaluation tokens a second over training tokens a second
@@ -90,7 +90,7 @@ class Schedule:
         self.planned = self._bound
         self.eval_interval = cfg.eval_every_steps
         if self.eval_interval is None and cfg.evaluations and cfg.time_budget is None:
-            self.eval_interval = self._spread(self.planned)
+            self.eval_interval = self._spread(cfg.evaluations)
 
     @property
     def _bound(self) -> int:
@@ -168,15 +168,15 @@ class Schedule:
         self.planned = max(step + 1, min(self._bound, step + int(left / per_step)))
         if self.cfg.evaluations and self.cfg.eval_every_steps is None:
             affordable = int(_EVAL_SHARE * (self.cfg.time_budget or 0.0) / max(cost, 1e-9))
-            self.eval_interval = self._spread(self.planned, max(1, min(self.cfg.evaluations, affordable)))
+            self.eval_interval = self._spread(max(1, min(self.cfg.evaluations, affordable)))
 
-    def _spread(self, planned: int, evaluations: int | None = None) -> int:
-        """Steps between evaluations for ``evaluations`` (default ``cfg.evaluations``) over ``planned`` steps."""
-        return max(1, (planned - self.start_step) // max(evaluations or self.cfg.evaluations or 1, 1))
+    def _spread(self, evaluations: int) -> int:
+        """Steps between evaluations for ``evaluations`` (at least 1) over the planned steps."""
+        return max(1, (self.planned - self.start_step) // evaluations)
 
     def begin(self) -> None:
         """Start the clocks (the time budget, the time between checkpoints) now."""
-        self._started = self._last_checkpoint = time.perf_counter()
+        self._started = self.last_checkpoint = time.perf_counter()
 
     def budget_spent(self, step: int) -> bool:
         """Whether training must end after ``step`` steps: a budget is spent, or it was stopped."""
@@ -238,15 +238,11 @@ class Schedule:
         """Whether optimizer step ``step`` is due for a held-out evaluation, and for a checkpoint (by steps,
         or by the time since the last checkpoint)."""
         minutes = self.cfg.checkpoint_every_minutes
-        by_time = bool(minutes) and time.perf_counter() - self._last_checkpoint >= 60.0 * float(minutes or 0)
+        by_time = bool(minutes) and time.perf_counter() - self.last_checkpoint >= 60.0 * float(minutes or 0)
         return (
             self.evaluates and every(step, self.eval_interval),
             self.checkpoints and (every(step, self.cfg.checkpoint_every_steps) or by_time),
         )
-
-    def checkpointed(self) -> None:
-        """A checkpoint was just written: the time-based interval starts again."""
-        self._last_checkpoint = time.perf_counter()
 
     def due_at_epoch_end(self, epoch: int, step: int, complete: bool, last: bool) -> tuple[bool, bool]:
         """After ``epoch`` (``complete``, or cut short by the budget) at ``step``; ``last``: training ends here."""
