@@ -166,16 +166,15 @@ class Trainer:
         train_seconds = time.perf_counter() - run.t_start
         if self.select_best and self.best.state is not None:
             self.model.load_state_dict(self.best.state)
-        history = run.history
-        device_seconds = max(sum(h.seconds for h in history), 1e-9)  # each epoch's at least 1e-9 s
+        device_seconds = max(sum(h.seconds for h in run.history), 1e-9)  # each epoch's at least 1e-9 s
         return FitResult(
-            history=history,
+            history=run.history,
             epochs_done=self.epoch,
-            final_train_perplexity=history[-1].train_perplexity if history else math.nan,
+            final_train_perplexity=run.history[-1].train_perplexity if run.history else math.nan,
             best_epoch=self.best.epoch,
             best_heldout_perplexity=self.best.value,
             train_seconds=train_seconds,
-            tokens_per_sec=sum(h.tokens_per_sec * h.seconds for h in history) / device_seconds,
+            tokens_per_sec=sum(h.tokens_per_sec * h.seconds for h in run.history) / device_seconds,
             step_mode=self.step_mode,
             precision="bf16" if self.train_step.bf16 else "fp32",
             steps_done=self.step,
@@ -239,7 +238,16 @@ class Trainer:
         """Read results back: the pending epochs (``on_epoch``), a held-out evaluation when due (the epoch
         this report ends, if it ends one, carries it), a progress report and a checkpoint when due."""
         pos, cfg, schedule = self._pos, self.cfg, run.schedule
-        stats = self._drain(run) if run.pending else []
+        pending, run.pending = run.pending, []
+        stats = [p.stats for p in pending]
+        if pending:  # their losses and times read back (one sync) and checked
+            losses = torch.stack([p.mean_loss for p in pending]).tolist()
+            synchronize(self.device)
+            for p, loss in zip(pending, losses):
+                check_loss(p.stats.epoch, loss)
+                p.stats.seconds = max(seconds_between(p.start, p.end), 1e-9)
+                p.stats.train_perplexity = perplexity_from_loss(loss)
+                p.stats.tokens_per_sec = p.tokens / p.stats.seconds
         held = None
         if evaluate:
             held, whole = self._heldout_perplexity(schedule)
@@ -288,17 +296,6 @@ class Trainer:
             run.on_step(stats)
         run.last_sync = run.window_time = time.perf_counter()
 
-    def _drain(self, run: _Run) -> list[EpochStats]:
-        """The pending epochs' stats: their losses and times read back (one sync) and checked."""
-        pending, run.pending = run.pending, []
-        losses = torch.stack([p.mean_loss for p in pending]).tolist()  # one sync
-        synchronize(self.device)
-        for p, loss in zip(pending, losses):
-            check_loss(p.stats.epoch, loss)
-            p.stats.seconds = max(seconds_between(p.start, p.end), 1e-9)
-            p.stats.train_perplexity, p.stats.tokens_per_sec = perplexity_from_loss(loss), p.tokens / p.stats.seconds
-        return [p.stats for p in pending]
-
     def _heldout_perplexity(self, schedule: Schedule | None = None) -> tuple[float, bool]:
         """Held-out perplexity over the first ``cfg.eval_max_tokens`` held-out tokens (all when unset), or as
         many as the time budget leaves time for, and whether it read them all; the schedule learns the cost."""
@@ -316,9 +313,7 @@ class Trainer:
         """Everything beyond the weights needed to continue bit-for-bit: optimizer, RNGs, epoch, steps, best,
         and (taken inside an epoch) the position there: its minibatch, the RNG state its minibatches were drawn
         from, the carried hidden state and the epoch's loss so far."""
-        pos, position = self._pos, None
-        if 0 < pos.batch < pos.batches:  # else nothing to carry
-            position = {**asdict(pos), **self.train_step.carried()}
+        pos = self._pos  # carried only from inside an epoch
         return {
             "epoch": self.epoch,
             "step": self.step,
@@ -328,7 +323,7 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             **self.best.state_dict(),
             "train_seconds": self._schedule.elapsed() if self._schedule is not None else self.spent_seconds,
-            "position": position,
+            "position": {**asdict(pos), **self.train_step.carried()} if 0 < pos.batch < pos.batches else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from deeprnn.config import TrainConfig
 
@@ -49,8 +50,7 @@ _STEP_MARGIN = 1.25
 _EVAL_SPEEDUP = 3.0
 
 
-@dataclass(frozen=True)
-class _Mark:
+class _Mark(NamedTuple):
     """A read-back: the global step, the time, and the evaluation seconds spent before it."""
 
     step: int
@@ -101,9 +101,7 @@ class Schedule:
     @property
     def deadline(self) -> float | None:
         """``time.perf_counter()`` at which the time budget is spent; None without one."""
-        if self.cfg.time_budget is None:
-            return None
-        return self._started + self.cfg.time_budget - self.spent_seconds
+        return None if self.cfg.time_budget is None else self._started + self.cfg.time_budget - self.spent_seconds
 
     @property
     def eval_deadline(self) -> float | None:
@@ -131,10 +129,6 @@ class Schedule:
             return self._eval_seconds or 0.0
         return self.eval_tokens * self._step_seconds / (self._eval_speedup * self.cfg.batch_size * self.cfg.num_steps)
 
-    def _reserve(self) -> float:
-        """Seconds kept back at the end of a time budget for the last evaluation."""
-        return self.eval_cost() if self.evaluates else 0.0
-
     def replan(self, step: int) -> None:
         """Refine the planned steps from the recent throughput (with a time budget; at read-backs)."""
         deadline, now = self.deadline, time.perf_counter()
@@ -160,8 +154,8 @@ class Schedule:
     def _plan(self, step: int, now: float, deadline: float) -> None:
         """The planned steps and the evaluations' spread from the measured seconds a step."""
         assert self._step_seconds is not None
-        left = max(deadline - now - self._reserve(), 0.0)
         cost = self.eval_cost()
+        left = max(deadline - now - (cost if self.evaluates else 0.0), 0.0)  # time kept for the last evaluation
         per_step = self._step_seconds  # and a share of each periodic evaluation still to come
         if self.evaluates and self.eval_interval:
             per_step += cost / self.eval_interval
@@ -189,7 +183,7 @@ class Schedule:
         if deadline is None:
             return False
         # The next step must end before the time kept for the last evaluation.
-        left = deadline - time.perf_counter() - self._reserve()
+        left = deadline - time.perf_counter() - (self.eval_cost() if self.evaluates else 0.0)
         if step >= self.planned and self._step_seconds is not None and left > 3 * self._step_seconds:
             # Planned at a slower moment than this one: the steps that still fit, at the recent speed.
             self.planned = step + int(left / self._step_seconds) - 1

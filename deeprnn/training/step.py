@@ -48,9 +48,7 @@ def mark(device: torch.device) -> Any:
 
 def seconds_between(start: Any, end: Any) -> float:
     """Seconds between two ``mark``s (CUDA events: once the device has passed the second)."""
-    if isinstance(start, float):
-        return float(end - start)
-    return float(start.elapsed_time(end)) / 1000.0
+    return float(end - start) if isinstance(start, float) else float(start.elapsed_time(end)) / 1000.0
 
 
 class TrainStep:
