@@ -124,8 +124,9 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
     raw = verify(path)
     try:
         data = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only" not in str(exc).lower():  # a damaged or foreign pickle, not a refused object
+    except (pickle.UnpicklingError, EOFError, KeyError, OSError, RuntimeError, ValueError) as exc:
+        if not isinstance(exc, pickle.UnpicklingError) or "weights only" not in str(exc).lower():
+            # Not a refused object: no torch file at all, one cut short, or a damaged or foreign pickle.
             raise ValueError(f"{path} is not a deeprnn checkpoint that loads safely: {exc}") from None
         # torch's text suggests weights_only=False; keep only the line naming the refused object.
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
@@ -134,9 +135,6 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
             f"{path} is not a deeprnn checkpoint that loads safely: it holds a pickled object{what} that could "
             "run code when loaded, so it is refused. Use only checkpoints that deeprnn wrote"
         ) from None
-    except (EOFError, KeyError, OSError, RuntimeError, ValueError) as exc:
-        # Anything else torch trips over means it is no torch file at all, or one cut short.
-        raise ValueError(f"{path} is not a deeprnn checkpoint that loads safely: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"{path} is not a deeprnn checkpoint (format {FORMAT})")
     _check_finite(path, data.get("model_state") or {})
@@ -152,13 +150,8 @@ def restore_model(data: dict[str, Any], device: str | torch.device = "cpu") -> t
     return model.to(device).eval(), vocab, config
 
 
-def rng_to_lists(state: tuple[Any, ...]) -> list[Any]:
-    """``random.Random``'s state as plain lists, which ``torch.load(weights_only=True)`` accepts."""
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def rng_from_lists(state: list[Any]) -> tuple[Any, ...]:
-    """The inverse of ``rng_to_lists``."""
+def rng_from_lists(state: Any) -> tuple[Any, ...]:
+    """A saved ``random.Random`` state as ``setstate`` takes it: checkpoints keep it as ``getstate`` gives it,
+    those written before as plain lists."""
     version, internal, gauss = state
     return (version, tuple(internal), gauss)

@@ -33,6 +33,5 @@ def check_loss(epoch: int, value: float | None) -> None:
 
 def check_weights(params: Sequence[torch.Tensor], epoch: int) -> None:
     """Raise ``TrainingDivergedError`` when a weight is NaN or infinite (one host sync)."""
-    finite = torch.stack([p.detach().isfinite().all() for p in params]).all()
-    if not bool(finite):
+    if not bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
         raise TrainingDivergedError(epoch, math.nan, "the weights became NaN or infinite")

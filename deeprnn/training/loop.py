@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -30,12 +30,12 @@ from deeprnn.data.batching import EpochBatches, check_enough_tokens, num_batches
 from deeprnn.device import synchronize
 from deeprnn.evaluate import perplexity_from_loss, perplexity_until
 from deeprnn.model import RNNLM, zero_state_
-from deeprnn.training.checkpoint import rng_from_lists, rng_to_lists
+from deeprnn.training.checkpoint import rng_from_lists
 from deeprnn.training.divergence import check_loss, check_weights
 from deeprnn.training.progress import EpochStats, FitResult, StepStats, eta_seconds
 from deeprnn.training.schedule import Schedule, every
 from deeprnn.training.selection import Best
-from deeprnn.training.step import TrainStep, make_optimizer, mark, seconds_between, use_bf16
+from deeprnn.training.step import TrainStep, mark, seconds_between
 
 _SYNC_SECONDS = 2.0  # read results back at least this often, so progress stays visible on long epochs
 
@@ -44,25 +44,22 @@ _SYNC_SECONDS = 2.0  # read results back at least this often, so progress stays 
 class _Pending:
     """An epoch (or its part trained) whose results are still on the device."""
 
-    epoch: int
-    loss_sum: torch.Tensor  # summed training loss of the epoch (or of its part trained), on the device
+    stats: EpochStats  # its perplexity and speed filled in once read back
+    mean_loss: torch.Tensor  # the mean training loss of the epoch (or of its part trained), on the device
     start: Any
     end: Any
     tokens: int
-    lr: float
-    step: int
-    batches: int  # minibatches the mean is over
-    partial: bool
 
 
 @dataclass
 class _Position:
-    """The epoch in progress: what a checkpoint inside it needs (``Trainer.state_dict``)."""
+    """The epoch in progress (or the last one trained): what a checkpoint inside it needs
+    (``Trainer.state_dict``)."""
 
     epoch: int
     batch: int  # minibatches done
     batches: int
-    rng_before: list[Any]  # the Python RNG state before this epoch's minibatches were drawn, as plain lists
+    rng_before: tuple[Any, ...]  # the Python RNG state before this epoch's minibatches were drawn
 
 
 @dataclass
@@ -75,14 +72,11 @@ class _Run:
     on_step: Callable[[StepStats], None] | None
     stop_requested: Callable[[], object] | None  # not None when the run must stop (e.g. a signal)
     schedule: Schedule
-    planned: int | None  # the steps the progress reports plan for (max_steps, or a time budget's plan)
     t_start: float
     start_step: int
     last_sync: float
     history: list[EpochStats] = field(default_factory=list)
     pending: list[_Pending] = field(default_factory=list)
-    drained_loss_sum: float = 0.0  # summed loss and minibatches of the last epoch read back
-    drained_batches: int = 0
     window_time: float = 0.0
     window_step: int = 0
     window_loss: float = 0.0
@@ -125,22 +119,18 @@ class Trainer:
         self.rng = random.Random(cfg.seed)
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps taken, across resumes
-        self._pos: _Position | None = None  # the epoch in progress
+        self._pos = _Position(0, 0, 0, ())  # the epoch in progress, or the last one trained
         self._resume: dict[str, Any] | None = None  # a position inside an epoch to continue from
         self.best = Best()
         self.spent_seconds = 0.0  # training time before this fit (a resumed run continues its time budget)
         self._schedule: Schedule | None = None  # the running fit's
-        self.use_graph = cfg.fast and device.type == "cuda"
-        self.autocast = use_bf16(cfg.precision, device)
-        self.optimizer = make_optimizer(
-            self.model, cfg, device, tensor_lr=self.use_graph and cfg.lr_schedule != "constant"
-        )
-        self.train_step = TrainStep(self.model, cfg, device, self.optimizer, self.autocast)
+        self.train_step = TrainStep(self.model, cfg, device)
+        self.optimizer = self.train_step.optimizer
 
     @property
     def step_mode(self) -> str:
         """How steps run: ``"cuda-graph"`` once captured, else ``"eager"``."""
-        return self.train_step.mode
+        return "eager" if self.train_step.graph is None else "cuda-graph"
 
     def fit(
         self,
@@ -162,12 +152,11 @@ class Trainer:
         evaluates, checkpoints = self.heldout_ids is not None, on_checkpoint is not None
         schedule = Schedule(cfg, evaluates, checkpoints, checkpoint_every, per_epoch, self.spent_seconds, self.step)
         schedule.eval_tokens = self.eval_tokens or 0
-        if self.use_graph and self.train_step.graph is None and not schedule.finished(self.epoch, self.step):
+        if self.train_step.use_graph and self.train_step.graph is None and not schedule.finished(self.epoch, self.step):
             self.train_step.capture()
         schedule.begin()  # the time budget counts from here, after the one-off capture
         self._schedule, now = schedule, time.perf_counter()
-        planned = schedule.planned if cfg.time_budget is not None else cfg.max_steps
-        run = _Run(on_epoch, on_checkpoint, on_step, stop_requested, schedule, planned, now, self.step, now)
+        run = _Run(on_epoch, on_checkpoint, on_step, stop_requested, schedule, now, self.step, now)
         try:
             while not schedule.finished(self.epoch, self.step):
                 self._run_epoch(self.epoch + 1, run)
@@ -177,18 +166,17 @@ class Trainer:
         train_seconds = time.perf_counter() - run.t_start
         if self.select_best and self.best.state is not None:
             self.model.load_state_dict(self.best.state)
-        history = run.history
-        device_seconds = max(sum(h.seconds for h in history), 1e-9)  # each epoch's at least 1e-9 s
+        device_seconds = max(sum(h.seconds for h in run.history), 1e-9)  # each epoch's at least 1e-9 s
         return FitResult(
-            history=history,
+            history=run.history,
             epochs_done=self.epoch,
-            final_train_perplexity=history[-1].train_perplexity if history else math.nan,
+            final_train_perplexity=run.history[-1].train_perplexity if run.history else math.nan,
             best_epoch=self.best.epoch,
             best_heldout_perplexity=self.best.value,
             train_seconds=train_seconds,
-            tokens_per_sec=sum(h.tokens_per_sec * h.seconds for h in history) / device_seconds,
+            tokens_per_sec=sum(h.tokens_per_sec * h.seconds for h in run.history) / device_seconds,
             step_mode=self.step_mode,
-            precision="bf16" if self.autocast else "fp32",
+            precision="bf16" if self.train_step.bf16 else "fp32",
             steps_done=self.step,
             eval_tokens=self.eval_tokens,
             stop_reason=schedule.stop_reason or "",
@@ -198,26 +186,23 @@ class Trainer:
         )
 
     def _run_epoch(self, epoch: int, run: _Run) -> None:
-        """Train one epoch (or its rest, or until the step budget is spent), reporting as it goes.
+        """Train one epoch (or its rest, or until the step budget is spent), reporting as it goes: inside it
+        when due, and after it (or the part the budget allowed) when due.
 
         The epoch's minibatches are drawn and the carried state reset, or, resuming inside the epoch, the
         minibatches drawn again from the saved RNG state and the carried state and loss so far restored."""
         cfg, step, schedule = self.cfg, self.train_step, run.schedule
         lr = schedule.lr(epoch)
         step.set_lr(lr)
-        resume, self._resume = self._resume, None
-        if resume is not None and int(resume["epoch"]) != epoch:
-            resume = None
-        if resume is not None:
-            self.rng.setstate(rng_from_lists(resume["rng_before"]))  # draw the same minibatches again
-        rng_before = rng_to_lists(self.rng.getstate())
-        batches = EpochBatches(self.train_ids, cfg.batch_size, cfg.num_steps, cfg.partition, self.rng)
         zero_state_(step.state)  # the book starts every epoch from a zero state
         step.loss_sum.zero_()
-        first = 0
-        if resume is not None:
+        first, resume, self._resume = 0, self._resume, None
+        if resume is not None:  # a position inside this epoch (``load_state_dict``)
+            self.rng.setstate(rng_from_lists(resume["rng_before"]))  # draw the same minibatches again
             step.restore(resume)
             first = int(resume["batch"])
+        rng_before = self.rng.getstate()
+        batches = EpochBatches(self.train_ids, cfg.batch_size, cfg.num_steps, cfg.partition, self.rng)
         pos = self._pos = _Position(epoch, first, len(batches), rng_before)
         run.window_loss, run.window_batch = float(step.loss_sum) if first else 0.0, first  # a window starts
         start = mark(self.device)
@@ -235,111 +220,81 @@ class Trainer:
                 evaluate, checkpoint = schedule.due_by_steps(self.step)
                 stop = run.stop_requested is not None and run.stop_requested() is not None
                 if evaluate or checkpoint or stop or time.perf_counter() - run.last_sync > _SYNC_SECONDS:
-                    self._report_inside(run, evaluate, checkpoint)
+                    self._report(run, evaluate, checkpoint)
         end = mark(self.device)
-        done = pos.batch
-        tokens = (done - first) * cfg.batch_size * cfg.num_steps
-        partial = done < pos.batches
-        run.pending.append(_Pending(epoch, step.loss_sum.clone(), start, end, tokens, lr, self.step, done, partial))
+        partial = pos.batch < pos.batches
+        stats = EpochStats(epoch, math.nan, 0.0, 0.0, lr, None, self.step, partial)
+        tokens = (pos.batch - first) * cfg.batch_size * cfg.num_steps
+        run.pending.append(_Pending(stats, step.loss_sum / pos.batch, start, end, tokens))
         if not partial:
-            self.epoch, self._pos = epoch, None
-        self._end_epoch(epoch, partial, run)
-
-    def _end_epoch(self, epoch: int, partial: bool, run: _Run) -> None:
-        """After an epoch (or the part the budget allowed): read back, evaluate, checkpoint when due."""
-        last = run.schedule.finished(self.epoch, self.step)
-        evaluate, checkpoint = run.schedule.due_at_epoch_end(epoch, self.step, complete=not partial, last=last)
+            self.epoch = epoch
+        last = schedule.finished(self.epoch, self.step)
+        evaluate, checkpoint = schedule.due_at_epoch_end(epoch, self.step, complete=not partial, last=last)
         now = time.perf_counter()
-        if last or evaluate or checkpoint or every(epoch, self.cfg.log_every) or now - run.last_sync > _SYNC_SECONDS:
-            stats = self._drain(run, evaluate)
-            self._step_report(run, stats[-1].heldout_perplexity, epoch_end=True, loss_sum=run.drained_loss_sum)
-            if checkpoint:
-                self._checkpoint(run)
+        if last or evaluate or checkpoint or every(epoch, cfg.log_every) or now - run.last_sync > _SYNC_SECONDS:
+            self._report(run, evaluate, checkpoint)
 
-    def _report_inside(self, run: _Run, evaluate: bool, checkpoint: bool) -> None:
-        """A report inside an epoch: earlier epochs' results, a progress report, an evaluation or checkpoint."""
-        if run.pending:
-            self._drain(run, evaluate=False)
-        loss_sum = float(self.train_step.loss_sum)  # syncs with the device
-        held, whole = self._heldout_perplexity(run.schedule) if evaluate else (None, False)
-        if held is not None:
-            self._consider(held, whole, self._pos.epoch if self._pos else self.epoch, run.schedule)
-        self._step_report(run, held, epoch_end=False, loss_sum=loss_sum)
-        if checkpoint:
-            self._checkpoint(run)
-
-    def _checkpoint(self, run: _Run) -> None:
-        check_weights(self.train_step.params, self._pos.epoch if self._pos else self.epoch)  # never save NaN weights
-        if run.on_checkpoint is not None:
-            run.on_checkpoint(self.epoch)
-        run.schedule.checkpointed()
-        run.last_sync = time.perf_counter()
-
-    def _step_report(self, run: _Run, heldout: float | None, epoch_end: bool, loss_sum: float) -> None:
-        """Hand ``on_step`` the ``StepStats`` of the window since the previous report: ``loss_sum`` is the
-        epoch's summed loss so far; the planned total is the remaining epochs at this size, or the budget."""
-        if self._pos is not None:  # inside an epoch, or at the end of one the budget cut short
-            epoch, batch, batches = self._pos.epoch, self._pos.batch, self._pos.batches
-        else:
-            epoch, batch, batches = self.epoch, run.drained_batches, run.drained_batches
-        epoch_end = epoch_end and self._pos is None  # a budget's end inside an epoch is reported as inside it
-        run.schedule.replan(self.step)  # a time budget's plan, from the throughput so far
-        if run.planned is not None and self.cfg.time_budget is not None:
-            run.planned = run.schedule.planned
-        now, count = time.perf_counter(), batch - run.window_batch
-        mean = (loss_sum - run.window_loss) / count if count > 0 else None
-        check_loss(epoch, mean)
-        total = self.step + (batches - batch) + (self.cfg.epochs - epoch) * batches
-        if run.planned is not None:
-            total = min(total, run.planned)
-        tokens = (self.step - run.window_step) * self.cfg.batch_size * self.cfg.num_steps
-        stats = StepStats(
-            self.step, total, epoch, self.cfg.epochs, batch, batches,
-            train_perplexity=perplexity_from_loss(mean) if mean is not None else math.nan,
-            tokens_per_sec=tokens / max(now - run.window_time, 1e-9),
-            eta_seconds=eta_seconds(self.step - run.start_step, total - run.start_step, now - run.t_start),
-            heldout_perplexity=heldout, epoch_end=epoch_end,
-        )  # fmt: skip
-        run.window_step = self.step
-        run.window_loss, run.window_batch = (0.0, 0) if epoch_end else (loss_sum, batch)
-        if run.on_step is not None:
-            run.on_step(stats)
-        run.last_sync = run.window_time = time.perf_counter()
-
-    def _drain(self, run: _Run, evaluate: bool) -> list[EpochStats]:
-        """Read the pending epochs' losses and times back (one sync), check them, evaluate if due, report."""
+    def _report(self, run: _Run, evaluate: bool, checkpoint: bool) -> None:
+        """Read results back: the pending epochs (``on_epoch``), a held-out evaluation when due (the epoch
+        this report ends, if it ends one, carries it), a progress report and a checkpoint when due."""
+        pos, cfg, schedule = self._pos, self.cfg, run.schedule
         pending, run.pending = run.pending, []
-        values = torch.stack([t for p in pending for t in (p.loss_sum / p.batches, p.loss_sum)]).tolist()  # one sync
-        synchronize(self.device)
-        stats = []
-        for k, p in enumerate(pending):
-            loss = values[2 * k]
-            check_loss(p.epoch, loss)
-            seconds = max(seconds_between(p.start, p.end), 1e-9)
-            ppl = perplexity_from_loss(loss)
-            stats.append(EpochStats(p.epoch, ppl, p.tokens / seconds, seconds, p.lr, None, p.step, p.partial))
-        run.drained_loss_sum, run.drained_batches = values[-1], pending[-1].batches
-        if evaluate and self.heldout_ids is not None:
-            last = stats[-1]
-            last.heldout_perplexity, whole = self._heldout_perplexity(run.schedule)
+        stats = [p.stats for p in pending]
+        if pending:  # their losses and times read back (one sync) and checked
+            losses = torch.stack([p.mean_loss for p in pending]).tolist()
+            synchronize(self.device)
+            for p, loss in zip(pending, losses):
+                check_loss(p.stats.epoch, loss)
+                p.stats.seconds = max(seconds_between(p.start, p.end), 1e-9)
+                p.stats.train_perplexity = perplexity_from_loss(loss)
+                p.stats.tokens_per_sec = p.tokens / p.stats.seconds
+        held = None
+        if evaluate:
+            held, whole = self._heldout_perplexity(schedule)
+            ended = stats[-1] if stats and stats[-1].epoch == pos.epoch else None
+            if ended is not None:
+                ended.heldout_perplexity = held
             # An epoch a step budget cut short competes only when the run is planned in steps or time: then
             # its end is where the schedule ends, not a half-trained epoch.
-            if not last.partial or self.cfg.time_budget is not None or self.cfg.evaluations is not None:
-                self._consider(last.heldout_perplexity, whole, last.epoch, run.schedule)
+            if not (ended and ended.partial) or cfg.time_budget is not None or cfg.evaluations is not None:
+                model = self.model if self.select_best else None
+                why = self.best.consider(held, whole, pos.epoch, self.step, model, cfg.patience)
+                if why is not None and schedule.stop_reason is None:
+                    schedule.stop_reason, schedule.stop_detail = "early_stopping", why
         run.history.extend(stats)
         if run.on_epoch is not None:
             for s in stats:
                 run.on_epoch(s)
-        return stats
+        self._step_report(run, held)
+        if checkpoint:
+            check_weights(self.train_step.params, pos.epoch)  # never save NaN weights
+            if run.on_checkpoint is not None:
+                run.on_checkpoint(self.epoch)
+            run.last_sync = schedule.last_checkpoint = time.perf_counter()  # the time-based interval starts again
 
-    def _consider(self, value: float, whole: bool, epoch: int, schedule: Schedule) -> None:
-        """Weigh a held-out evaluation (``Best.consider``, with the weights if selecting); stop early when due."""
-        weights = (
-            (lambda: {k: v.detach().clone() for k, v in self.model.state_dict().items()}) if self.select_best else None
-        )
-        why = self.best.consider(value, whole, epoch, self.step, weights, self.cfg.patience)
-        if why is not None and schedule.stop_reason is None:
-            schedule.stop_reason, schedule.stop_detail = "early_stopping", why
+    def _step_report(self, run: _Run, heldout: float | None) -> None:
+        """Hand ``on_step`` the ``StepStats`` of the window since the previous report; the planned total is the
+        remaining epochs at this size, or the budget."""
+        pos, cfg = self._pos, self.cfg
+        loss_sum = float(self.train_step.loss_sum)  # the epoch's so far; syncs with the device
+        run.schedule.replan(self.step)  # a time budget's plan, from the throughput so far
+        now, count = time.perf_counter(), pos.batch - run.window_batch
+        mean = (loss_sum - run.window_loss) / count if count > 0 else None
+        check_loss(pos.epoch, mean)
+        left = (pos.batches - pos.batch) + (cfg.epochs - pos.epoch) * pos.batches  # the epochs' steps still to take
+        total = min(self.step + left, run.schedule.planned)
+        tokens = (self.step - run.window_step) * cfg.batch_size * cfg.num_steps
+        stats = StepStats(
+            self.step, total, pos.epoch, cfg.epochs, pos.batch, pos.batches,
+            train_perplexity=perplexity_from_loss(mean) if mean is not None else math.nan,
+            tokens_per_sec=tokens / max(now - run.window_time, 1e-9),
+            eta_seconds=eta_seconds(self.step - run.start_step, total - run.start_step, now - run.t_start),
+            heldout_perplexity=heldout, epoch_end=pos.batch == pos.batches,
+        )  # fmt: skip
+        run.window_step, run.window_loss, run.window_batch = self.step, loss_sum, pos.batch
+        if run.on_step is not None:
+            run.on_step(stats)
+        run.last_sync = run.window_time = time.perf_counter()
 
     def _heldout_perplexity(self, schedule: Schedule | None = None) -> tuple[float, bool]:
         """Held-out perplexity over the first ``cfg.eval_max_tokens`` held-out tokens (all when unset), or as
@@ -358,24 +313,17 @@ class Trainer:
         """Everything beyond the weights needed to continue bit-for-bit: optimizer, RNGs, epoch, steps, best,
         and (taken inside an epoch) the position there: its minibatch, the RNG state its minibatches were drawn
         from, the carried hidden state and the epoch's loss so far."""
-        pos, position = self._pos, None
-        if pos is not None and 0 < pos.batch < pos.batches:  # else nothing to carry
-            position = {
-                "epoch": pos.epoch,
-                "batch": pos.batch,
-                "rng_before": pos.rng_before,
-                **self.train_step.carried(),
-            }
+        pos = self._pos  # carried only from inside an epoch
         return {
             "epoch": self.epoch,
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
-            "python_rng": rng_to_lists(self.rng.getstate()),
+            "python_rng": self.rng.getstate(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             **self.best.state_dict(),
             "train_seconds": self._schedule.elapsed() if self._schedule is not None else self.spent_seconds,
-            "position": position,
+            "position": {**asdict(pos), **self.train_step.carried()} if 0 < pos.batch < pos.batches else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -88,6 +88,4 @@ def progress_line(s: StepStats) -> str:
 
 def eta_seconds(steps_done: int, total_steps: int, seconds: float) -> float | None:
     """Seconds left for ``total_steps - steps_done`` more steps at the pace of ``steps_done`` in ``seconds``."""
-    if steps_done <= 0 or seconds <= 0:
-        return None
-    return max(total_steps - steps_done, 0) * seconds / steps_done
+    return max(total_steps - steps_done, 0) * seconds / steps_done if steps_done > 0 and seconds > 0 else None

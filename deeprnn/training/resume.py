@@ -95,20 +95,15 @@ def nothing_left(run_id: str, done: Finished, epochs: int, max_steps: int | None
     return f"MLflow run {run_id} already FINISHED {what}, so nothing is left to train: give {give} to train it further"
 
 
-def logged_checkpoint(tags: dict[str, str]) -> bool:
-    """Whether a run's MLflow ``tags`` show it logged a resumable checkpoint at some point."""
-    return (
+def no_checkpoint(run_id: str, tags: dict[str, str], local: Path) -> str:
+    """Why run ``run_id`` cannot be resumed when neither ``local`` nor its MLflow copy exists: it never logged
+    a checkpoint, or (its ``tags`` show it did) the files are gone."""
+    if (
         CHECKPOINT_TAG in tags
         or _RESUMED_TAG in tags
         or tags.get(_STOP_TAG, "").startswith("continue with")
         or tags.get("deeprnn.stop_reason") in TRAINING_ENDS
-    )
-
-
-def no_checkpoint(run_id: str, tags: dict[str, str], local: Path) -> str:
-    """Why run ``run_id`` cannot be resumed when neither ``local`` nor its MLflow copy exists: it never logged
-    a checkpoint, or (its ``tags`` say it did) the files are gone."""
-    if logged_checkpoint(tags):
+    ):
         return (
             f"MLflow run {run_id} logged a checkpoint, but its files are gone: neither {local} nor the run's "
             "artifact checkpoints/last.pt exists any more; start a new run"
@@ -155,12 +150,8 @@ def resume_config(
             + "\n".join(lines)
             + f"\nleave them out (only {', '.join(sorted(RESUMABLE))} may change) or start a new run"
         )
-    if config.train.epochs < epochs_done:
-        raise ResumeError(
-            f"the checkpoint already has {epochs_done} epochs done; --epochs {config.train.epochs} would undo "
-            f"them: give at least {epochs_done}"
-        )
-    _check_steps(config, steps_done)
+    _check_done(epochs_done, config.train.epochs, "epochs", "--epochs")
+    _check_done(steps_done, config.train.max_steps, "steps", "--max-steps")
     budget = config.train.time_budget
     if budget is not None and budget != base.train.time_budget and budget <= seconds_done:
         raise ResumeError(
@@ -170,11 +161,10 @@ def resume_config(
     return config
 
 
-def _check_steps(config: RunConfig, steps_done: int) -> None:
-    if config.train.max_steps is not None and steps_done > config.train.max_steps:
+def _check_done(done: int, given: int | None, what: str, option: str) -> None:
+    if given is not None and done > given:
         raise ResumeError(
-            f"the checkpoint already has {steps_done} steps done; --max-steps {config.train.max_steps} would undo "
-            f"them: give at least {steps_done}"
+            f"the checkpoint already has {done} {what} done; {option} {given} would undo them: give at least {done}"
         )
 
 
@@ -196,7 +186,7 @@ def restore_training(data: dict[str, Any], config: RunConfig, model: RNNLM, trai
         raise ResumeError(
             f"the checkpoint has {data['epoch']} epochs done, more than the {config.train.epochs} asked for"
         )
-    _check_steps(config, int(data["trainer_state"].get("step") or 0))
+    _check_done(int(data["trainer_state"].get("step") or 0), config.train.max_steps, "steps", "--max-steps")
     model.load_state_dict(data["model_state"])  # weights first: the optimizer state refers to them
     trainer.load_state_dict(data["trainer_state"])
     return trainer.epoch

@@ -23,6 +23,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from deeprnn.config import TrainConfig
 
@@ -49,8 +50,7 @@ _STEP_MARGIN = 1.25
 _EVAL_SPEEDUP = 3.0
 
 
-@dataclass(frozen=True)
-class _Mark:
+class _Mark(NamedTuple):
     """A read-back: the global step, the time, and the evaluation seconds spent before it."""
 
     step: int
@@ -80,7 +80,7 @@ class Schedule:
     _started: float = field(default_factory=time.perf_counter)
     _marks: deque[_Mark] = field(default_factory=deque)  # the read-backs of the moving window
     _step_seconds: float | None = None  # training seconds per step over the window (None: not measured yet)
-    _last_checkpoint: float = field(default_factory=time.perf_counter)
+    last_checkpoint: float = field(default_factory=time.perf_counter)  # when the time-based interval started
     _eval_seconds: float | None = None  # the last evaluation's duration
     _eval_total: float = 0.0  # seconds spent in evaluations during this fit
     _eval_speedup: float = _EVAL_SPEEDUP  # evaluation tokens a second over training tokens a second
@@ -90,7 +90,7 @@ class Schedule:
         self.planned = self._bound
         self.eval_interval = cfg.eval_every_steps
         if self.eval_interval is None and cfg.evaluations and cfg.time_budget is None:
-            self.eval_interval = self._spread(self.planned)
+            self.eval_interval = self._spread(cfg.evaluations)
 
     @property
     def _bound(self) -> int:
@@ -101,9 +101,7 @@ class Schedule:
     @property
     def deadline(self) -> float | None:
         """``time.perf_counter()`` at which the time budget is spent; None without one."""
-        if self.cfg.time_budget is None:
-            return None
-        return self._started + self.cfg.time_budget - self.spent_seconds
+        return None if self.cfg.time_budget is None else self._started + self.cfg.time_budget - self.spent_seconds
 
     @property
     def eval_deadline(self) -> float | None:
@@ -131,10 +129,6 @@ class Schedule:
             return self._eval_seconds or 0.0
         return self.eval_tokens * self._step_seconds / (self._eval_speedup * self.cfg.batch_size * self.cfg.num_steps)
 
-    def _reserve(self) -> float:
-        """Seconds kept back at the end of a time budget for the last evaluation."""
-        return self.eval_cost() if self.evaluates else 0.0
-
     def replan(self, step: int) -> None:
         """Refine the planned steps from the recent throughput (with a time budget; at read-backs)."""
         deadline, now = self.deadline, time.perf_counter()
@@ -160,23 +154,23 @@ class Schedule:
     def _plan(self, step: int, now: float, deadline: float) -> None:
         """The planned steps and the evaluations' spread from the measured seconds a step."""
         assert self._step_seconds is not None
-        left = max(deadline - now - self._reserve(), 0.0)
         cost = self.eval_cost()
+        left = max(deadline - now - (cost if self.evaluates else 0.0), 0.0)  # time kept for the last evaluation
         per_step = self._step_seconds  # and a share of each periodic evaluation still to come
         if self.evaluates and self.eval_interval:
             per_step += cost / self.eval_interval
         self.planned = max(step + 1, min(self._bound, step + int(left / per_step)))
         if self.cfg.evaluations and self.cfg.eval_every_steps is None:
             affordable = int(_EVAL_SHARE * (self.cfg.time_budget or 0.0) / max(cost, 1e-9))
-            self.eval_interval = self._spread(self.planned, max(1, min(self.cfg.evaluations, affordable)))
+            self.eval_interval = self._spread(max(1, min(self.cfg.evaluations, affordable)))
 
-    def _spread(self, planned: int, evaluations: int | None = None) -> int:
-        """Steps between evaluations for ``evaluations`` (default ``cfg.evaluations``) over ``planned`` steps."""
-        return max(1, (planned - self.start_step) // max(evaluations or self.cfg.evaluations or 1, 1))
+    def _spread(self, evaluations: int) -> int:
+        """Steps between evaluations for ``evaluations`` (at least 1) over the planned steps."""
+        return max(1, (self.planned - self.start_step) // evaluations)
 
     def begin(self) -> None:
         """Start the clocks (the time budget, the time between checkpoints) now."""
-        self._started = self._last_checkpoint = time.perf_counter()
+        self._started = self.last_checkpoint = time.perf_counter()
 
     def budget_spent(self, step: int) -> bool:
         """Whether training must end after ``step`` steps: a budget is spent, or it was stopped."""
@@ -189,7 +183,7 @@ class Schedule:
         if deadline is None:
             return False
         # The next step must end before the time kept for the last evaluation.
-        left = deadline - time.perf_counter() - self._reserve()
+        left = deadline - time.perf_counter() - (self.eval_cost() if self.evaluates else 0.0)
         if step >= self.planned and self._step_seconds is not None and left > 3 * self._step_seconds:
             # Planned at a slower moment than this one: the steps that still fit, at the recent speed.
             self.planned = step + int(left / self._step_seconds) - 1
@@ -238,15 +232,11 @@ class Schedule:
         """Whether optimizer step ``step`` is due for a held-out evaluation, and for a checkpoint (by steps,
         or by the time since the last checkpoint)."""
         minutes = self.cfg.checkpoint_every_minutes
-        by_time = bool(minutes) and time.perf_counter() - self._last_checkpoint >= 60.0 * float(minutes or 0)
+        by_time = bool(minutes) and time.perf_counter() - self.last_checkpoint >= 60.0 * float(minutes or 0)
         return (
             self.evaluates and every(step, self.eval_interval),
             self.checkpoints and (every(step, self.cfg.checkpoint_every_steps) or by_time),
         )
-
-    def checkpointed(self) -> None:
-        """A checkpoint was just written: the time-based interval starts again."""
-        self._last_checkpoint = time.perf_counter()
 
     def due_at_epoch_end(self, epoch: int, step: int, complete: bool, last: bool) -> tuple[bool, bool]:
         """After ``epoch`` (``complete``, or cut short by the budget) at ``step``; ``last``: training ends here."""

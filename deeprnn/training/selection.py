@@ -4,9 +4,14 @@ weights) and early stopping after ``patience`` evaluations in a row without a be
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 import torch
+
+# The fields a trainer state keeps, under these keys (older states lack the counters: they start at 0).
+_KEYS = dict(
+    epoch="best_epoch", value="best_value", step="best_step", evaluations="evaluations", stale="stale_evaluations"
+)
 
 
 @dataclass
@@ -26,12 +31,12 @@ class Best:
         whole: bool,
         epoch: int,
         step: int,
-        weights: Callable[[], dict[str, torch.Tensor]] | None,
+        model: torch.nn.Module | None,
         patience: int | None,
     ) -> str | None:
-        """Count an evaluation; keep it (and ``weights()``, when given) if it is the best. An evaluation the
-        deadline cut short (not ``whole``) read other tokens than the rest: it counts only while there is
-        nothing else to keep. Returns why to stop early once ``patience`` evaluations in a row have not beaten
+        """Count an evaluation; keep it (and a copy of ``model``'s weights, when given) if it is the best. An
+        evaluation the deadline cut short (not ``whole``) read other tokens than the rest: it counts only while
+        there is nothing else to keep. Returns why to stop early once ``patience`` evaluations in a row have not beaten
         the best (for the logs and MLflow), else None."""
         if not whole and self.value is not None:
             return None
@@ -39,8 +44,8 @@ class Best:
         self.stale += 1
         if self.value is None or value < self.value:
             self.epoch, self.value, self.step, self.stale = epoch, value, step, 0
-            if weights is not None:
-                self.state = weights()
+            if model is not None:
+                self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if patience is None or self.stale < patience:
             return None
         return (
@@ -48,26 +53,15 @@ class Best:
             f"{self.value:.3f} (step {self.step or 0:,}) for {patience} evaluations in a row"
         )
 
-    def state_dict(self) -> dict[str, object]:
+    def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the selection (weights on the CPU)."""
-        return {
-            "best_epoch": self.epoch,
-            "best_value": self.value,
-            "best_state": {k: v.to("cpu") for k, v in self.state.items()} if self.state else None,
-            "best_step": self.step,
-            "evaluations": self.evaluations,
-            "stale_evaluations": self.stale,
-        }
+        weights = {k: v.to("cpu") for k, v in self.state.items()} if self.state else None
+        return {key: getattr(self, name) for name, key in _KEYS.items()} | {"best_state": weights}
 
     @classmethod
-    def from_state(cls, state: dict[str, object], device: torch.device) -> "Best":
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> Best:
         """The selection kept in a trainer state (``state_dict``); older states without the counters load too."""
+        best = cls(**{name: state[key] for name, key in _KEYS.items() if key in state})
         weights = state.get("best_state")
-        return cls(
-            epoch=state.get("best_epoch"),  # type: ignore[arg-type]
-            value=state.get("best_value"),  # type: ignore[arg-type]
-            state={k: v.to(device) for k, v in weights.items()} if isinstance(weights, dict) else None,
-            step=state.get("best_step"),  # type: ignore[arg-type]
-            evaluations=int(state.get("evaluations") or 0),  # type: ignore[call-overload]
-            stale=int(state.get("stale_evaluations") or 0),  # type: ignore[call-overload]
-        )
+        best.state = {k: v.to(device) for k, v in weights.items()} if weights else None
+        return best

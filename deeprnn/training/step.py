@@ -37,17 +37,6 @@ def clip_grad_norm_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     return cast(torch.Tensor, total)
 
 
-def make_optimizer(model: RNNLM, cfg: TrainConfig, device: torch.device, tensor_lr: bool) -> torch.optim.Optimizer:
-    """The configured optimizer; fused on CUDA, capturable (for CUDA graphs) where the algorithm has state."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    lr: float | torch.Tensor = torch.tensor(cfg.lr, device=device) if tensor_lr else cfg.lr
-    fused = device.type == "cuda"
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused or None, capturable=fused)
-
-
 def mark(device: torch.device) -> Any:
     """Now, to time an epoch by: a recorded CUDA event on the GPU (read back later, no sync), else host time."""
     if device.type != "cuda":
@@ -59,24 +48,7 @@ def mark(device: torch.device) -> Any:
 
 def seconds_between(start: Any, end: Any) -> float:
     """Seconds between two ``mark``s (CUDA events: once the device has passed the second)."""
-    if isinstance(start, float):
-        return float(end - start)
-    return float(start.elapsed_time(end)) / 1000.0
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether the step runs under bf16 autocast.
-
-    Measured on an H200 with the book's preset: cuDNN's LSTM step takes 661 us in bf16 against 1,135 us in
-    fp32, and training still reaches perplexity 1.02 with the book's samples. The CPU gains nothing from it.
-    """
-    if precision == "fp32":
-        return False
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if precision == "bf16":
-        raise ValueError(f"precision 'bf16' needs a CUDA device, not {device}; use --precision auto or fp32")
-    return False
+    return float(end - start) if isinstance(start, float) else float(start.elapsed_time(end)) / 1000.0
 
 
 class TrainStep:
@@ -86,18 +58,29 @@ class TrainStep:
     ``loss_sum`` and leaves the detached new hidden state in ``state``, all without a host sync.
     """
 
-    def __init__(
-        self, model: RNNLM, cfg: TrainConfig, device: torch.device, optimizer: torch.optim.Optimizer, bf16: bool
-    ) -> None:
-        self.model, self.cfg, self.device, self.optimizer, self.bf16 = model, cfg, device, optimizer, bf16
+    def __init__(self, model: RNNLM, cfg: TrainConfig, device: torch.device) -> None:
+        self.model, self.cfg, self.device = model, cfg, device
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.use_graph = cfg.fast and device.type == "cuda"  # captured by ``capture`` before training starts
+        # bf16 autocast, measured on an H200 with the book's preset: cuDNN's LSTM step takes 661 us in bf16
+        # against 1,135 us in fp32, and training still reaches perplexity 1.02 with the book's samples. The CPU
+        # gains nothing from it.
+        if cfg.precision == "bf16" and device.type != "cuda":
+            raise ValueError(f"precision 'bf16' needs a CUDA device, not {device}; use --precision auto or fp32")
+        self.bf16 = cfg.precision != "fp32" and device.type == "cuda" and bool(torch.cuda.is_bf16_supported())
+        # The configured optimizer: fused on CUDA, capturable (for CUDA graphs) where the algorithm has state,
+        # its learning rate a tensor the graph reads where a schedule changes it.
+        fused = device.type == "cuda"
+        lr = torch.tensor(cfg.lr, device=device) if self.use_graph and cfg.lr_schedule != "constant" else cfg.lr
+        cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
+        stateful = {} if cfg.optimizer == "sgd" else {"capturable": fused}
+        self.optimizer = cls(self.params, lr=lr, weight_decay=cfg.weight_decay, fused=fused or None, **stateful)
         # Fixed addresses: a CUDA graph replays reads and writes of exactly these tensors.
         self.x = torch.zeros(cfg.batch_size, cfg.num_steps, dtype=torch.long, device=device)
         self.y = torch.zeros_like(self.x)
         self.state = model.begin_state(cfg.batch_size, device)
         self.loss_sum = torch.zeros((), device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.mode = "eager"  # or "cuda-graph", once captured
 
     def __call__(self) -> None:
         """Take one step on the minibatch in ``x, y``."""
@@ -135,12 +118,11 @@ class TrainStep:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self.eager()
-            self.graph, self.mode = graph, "cuda-graph"
+            self.graph = graph
         except Exception as exc:  # capture is an optimization: never fail a run over it
             log.warning("CUDA graph capture failed (%s: %s); using eager steps", type(exc).__name__, exc)
             synchronize(self.device)
             self._restore(saved)
-            self.graph, self.mode = None, "eager"
 
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every parameter group (in place where it is a tensor the graph reads)."""

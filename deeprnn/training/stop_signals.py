@@ -118,18 +118,16 @@ def handle_stop_signals(seconds: float | None = None) -> None:
     if threading.current_thread() is not threading.main_thread():
         return
     _STATE.seconds = STOP_SECONDS if seconds is None else seconds
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _on_signal)
     _STATE.installed = True
+    reassert()
 
 
 def reassert() -> None:
-    """Put the stop handler back on both signals where something replaced it (Prefect's flow engine installs
+    """Put the stop handler (back) on both signals, where something replaced it (Prefect's flow engine installs
     its own SIGTERM handler for every flow run); no effect in a process that did not install it."""
     if _STATE.installed and threading.current_thread() is threading.main_thread():
         for signum in STOP_SIGNALS:
-            if signal.getsignal(signum) is not _on_signal:
-                signal.signal(signum, _on_signal)
+            signal.signal(signum, _on_signal)
 
 
 @contextlib.contextmanager
