@@ -21,9 +21,7 @@ LOGIT_FLOATS = 2**24
 
 def perplexity_from_loss(mean_loss: float) -> float:
     """``exp(mean cross-entropy)``; ``inf`` instead of an OverflowError, ``nan`` stays ``nan``."""
-    if math.isnan(mean_loss):
-        return math.nan
-    return math.exp(mean_loss) if mean_loss < _MAX_LOG else math.inf
+    return math.inf if mean_loss >= _MAX_LOG else math.exp(mean_loss)  # nan compares false: exp(nan) is nan
 
 
 @torch.no_grad()
