@@ -73,5 +73,4 @@ def format_duration(seconds: float | None, *, short: bool = False) -> str:
         return f"{s}s"
     h, rest = divmod(s, 3600)
     m, sec = divmod(rest, 60)
-    parts = [f"{h}h" if h else "", f"{m}m" if m else "", f"{sec}s" if sec or s == 0 else ""]
-    return "".join(parts)
+    return "".join(f"{n}{unit}" for n, unit in ((h, "h"), (m, "m"), (sec, "s")) if n) or "0s"

@@ -75,8 +75,7 @@ def perplexity_until(
     max_tokens: int | None = None,
 ) -> tuple[float, int]:
     """``perplexity`` over the tokens read before ``deadline`` (``loss_sum``), and how many targets that was."""
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
+    ids = ids[:max_tokens]  # None: all of them
     if ids.numel() < 2:
         raise ValueError("perplexity needs at least two tokens")
     with evaluating(model):

@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
+from pydantic import ValidationError
 
 from deeprnn.config import SampleConfig
 from deeprnn.data.normalize import normalize_prefix
@@ -77,14 +78,14 @@ def _warm_up(
 def _next_tokens(
     logits: torch.Tensor, temperature: float | None, top_k: int | None, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """One token per row (B,): the argmax, or a sample from softmax(logits / temperature) within the top k."""
+    """One token per row (B, 1): the argmax, or a sample from softmax(logits / temperature) within the top k."""
     if temperature is None:
-        return logits.argmax(dim=1)
+        return logits.argmax(dim=1, keepdim=True)
     scaled = logits / temperature
     if top_k is not None and top_k < scaled.shape[1]:
         kth = torch.topk(scaled, top_k, dim=1).values[:, -1:]  # (B, 1)
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(scaled, dim=1), 1, generator=generator).reshape(-1)
+    return torch.multinomial(torch.softmax(scaled, dim=1), 1, generator=generator)
 
 
 @torch.no_grad()
@@ -115,10 +116,9 @@ def generate_ids(
         for _ in range(num_tokens):
             _check_deadline(deadline)
             logits, state = model(current, state)  # (B, V): one step for the whole batch
-            nxt = _next_tokens(logits, temperature, top_k, generator)
-            out.append(nxt)
-            current = nxt.reshape(-1, 1)
-    return torch.stack(out, dim=1).tolist()  # (B, num_tokens)
+            current = _next_tokens(logits, temperature, top_k, generator)
+            out.append(current)
+    return torch.cat(out, dim=1).tolist()  # (B, num_tokens)
 
 
 def generate_batch(
@@ -184,8 +184,6 @@ def check_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     against the bounds of ``SampleConfig``; ``temperature`` 0 means greedy and ``top_k`` 0 means no filter,
     both returned as None; ``num_chars``, when not 0, stands for ``num_tokens`` (``FORMER_NUM_TOKENS``).
     ``GenerationRequestError`` naming the param and its bound otherwise."""
-    from pydantic import ValidationError
-
     params = dict(params or {})
     former = params.pop(FORMER_NUM_TOKENS, None)
     if former:  # None or 0: not given
@@ -220,8 +218,6 @@ def check_prefixes(prefixes: Sequence[Any], vocab: Vocab, token: Token = "char",
         raise GenerationRequestError("no prefix to continue: send at least one row with a non-empty 'prefix'")
     if len(prefixes) > MAX_PREFIXES:
         raise GenerationRequestError(f"{len(prefixes)} prefixes: at most {MAX_PREFIXES} per request")
-    from pydantic import ValidationError
-
     unit = "character" if token == "char" else "word"
     normalized = []
     for row, prefix in enumerate(prefixes):
@@ -325,9 +321,5 @@ def measure_speed(model: RNNLM, rows: int = 1024, repeats: int = 3) -> Generatio
     with evaluating(model):
         generate_ids(model, [[0, 0]], 1)  # not counted: the first forward step sets things up
         generate_ids(model, [[0]], 1, temperature=1.0, top_k=2)
-        return GenerationSpeed(
-            rows=rows,
-            warm=(warm_up(1, 32), warm_up(rows, 8)),
-            greedy=(steps(1, 16, None), steps(rows, 1, None)),
-            sampled=(steps(1, 16, 1.0), steps(rows, 1, 1.0)),
-        )
+        greedy, sampled = [(steps(1, 16, temperature), steps(rows, 1, temperature)) for temperature in (None, 1.0)]
+        return GenerationSpeed(rows, (warm_up(1, 32), warm_up(rows, 8)), greedy, sampled)

@@ -71,11 +71,7 @@ class Sized:
 
 
 def size_to_text(
-    config: RunConfig,
-    ids: torch.Tensor,
-    vocab: Vocab,
-    device: torch.device,
-    corpus_sha1: str | None = None,
+    config: RunConfig, ids: torch.Tensor, vocab: Vocab, device: torch.device, corpus_sha1: str | None = None
 ) -> Sized:
     """``config`` with its auto-sized fields decided for the token ``ids`` (the whole prepared corpus) on
     ``device``, and with sample prefixes drawn from the held-out text where none are given (the book's own
@@ -99,17 +95,14 @@ def size_to_text(
 
 def decided_later(config: RunConfig) -> set[str]:
     """The ``section.field`` values ``size_to_text`` will decide (so they are logged once decided, not before)."""
-    keys = set()
-    if config.train.time_budget is not None and (config.model.size == "auto" or _plans_batch(config)):
-        keys |= {"train.eval_max_tokens", "train.final_eval_max_tokens"}
-    if config.model.size == "auto":
-        keys |= {"model.size", "model.num_hiddens", "model.num_layers", "model.dropout"}
-        keys |= {"train.batch_size", "train.num_steps"}
-    if _plans_batch(config):
-        keys |= {"train.batch_size", "train.min_planned_steps"}
-    if not config.sample.prefixes:
-        keys.add("sample.prefixes")
-    return keys
+    auto, plans = config.model.size == "auto", _plans_batch(config)
+    decided = {  # the keys (space-separated), and whether they are decided
+        "train.eval_max_tokens train.final_eval_max_tokens": config.train.time_budget is not None and (auto or plans),
+        "model.size model.num_hiddens model.num_layers model.dropout train.batch_size train.num_steps": auto,
+        "train.batch_size train.min_planned_steps": plans,
+        "sample.prefixes": not config.sample.prefixes,
+    }
+    return {key for keys, due in decided.items() if due for key in keys.split()}
 
 
 def _plans_batch(config: RunConfig) -> bool:
@@ -145,12 +138,10 @@ def eval_caps(config: RunConfig, rate: float, train_tokens: int) -> tuple[dict[s
 
 def weights(vocab_size: int, model: ModelConfig) -> int:
     """The number of trained weights of ``model`` over ``vocab_size`` tokens (embedding, layers, output)."""
-    gates = {"lstm": 4, "gru": 3, "rnn": 1}[model.cell]
-    inputs = model.embedding_dim or vocab_size
-    embedding = vocab_size * model.embedding_dim if model.embedding_dim else 0
-    widths_in = [inputs] + [model.num_hiddens] * (model.num_layers - 1)
-    layers = sum(gates * model.num_hiddens * (width_in + model.num_hiddens + 2) for width_in in widths_in)
-    return embedding + layers + model.num_hiddens * vocab_size + vocab_size
+    gates, h = {"lstm": 4, "gru": 3, "rnn": 1}[model.cell], model.num_hiddens
+    inputs = [model.embedding_dim or vocab_size] + [h] * (model.num_layers - 1)  # each layer's input width
+    layers = sum(gates * h * (width + h + 2) for width in inputs)  # input and hidden weights, two biases
+    return vocab_size * (model.embedding_dim or 0) + layers + (h + 1) * vocab_size
 
 
 def size_model(
@@ -259,8 +250,7 @@ def measure_throughput(
     """Training tokens per second of a fresh model of this shape on ``device`` (a few timed steps)."""
     model = RNNLM.from_config(vocab_size, model_cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randint(0, vocab_size, (batch_size, num_steps), generator=generator).to(device)
+    x = torch.randint(0, vocab_size, (batch_size, num_steps), generator=torch.Generator().manual_seed(0)).to(device)
     state = model.begin_state(batch_size, device)
 
     def step() -> None:
@@ -268,13 +258,12 @@ def measure_throughput(
         logits, _ = model(x, state)  # (T*B, V)
         F.cross_entropy(logits, x.T.reshape(-1)).backward()
         optimizer.step()
+        synchronize(device)
 
     step()  # allocations and kernel choice stay out of the timing
-    synchronize(device)
     steps, started = 0, time.perf_counter()
     while steps < 2 or time.perf_counter() - started < _PROBE_SECONDS:
         step()
-        synchronize(device)
         steps += 1
     return steps * batch_size * num_steps / (time.perf_counter() - started)
 
