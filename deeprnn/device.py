@@ -34,12 +34,10 @@ def resolve_device(name: str = "auto") -> torch.device:
                 f"device {name!r} was requested but only {torch.cuda.device_count()} CUDA device(s) exist"
             )
         return device
-    if name == "mps":
-        if not torch.backends.mps.is_available():
-            raise DeviceUnavailableError("device 'mps' was requested but Apple MPS is not available here")
-        return torch.device("mps")
-    if name == "cpu":
-        return torch.device("cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise DeviceUnavailableError("device 'mps' was requested but Apple MPS is not available here")
+    if name in ("cpu", "mps"):
+        return torch.device(name)
     raise DeviceUnavailableError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
 
 

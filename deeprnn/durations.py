@@ -3,6 +3,7 @@ time budget they give, which is such a duration or ``off``; and seconds written 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -25,14 +26,9 @@ class DurationError(ValueError):
     """A value that is not a duration (or not a time budget); the message says which forms are taken."""
 
 
-def parse_duration(value: object) -> object:
-    """Seconds (a float) for a duration text such as ``"2m"``, ``"90s"``, ``"1h30m"`` or ``"45"``.
-
-    Anything that is not text passes through unchanged, for pydantic to judge. Raises ``DurationError`` for a
-    text that is not a duration, naming the forms it takes.
-    """
-    if not isinstance(value, str):
-        return value
+def parse_duration(value: str) -> float:
+    """Seconds for a duration text such as ``"2m"``, ``"90s"``, ``"1h30m"`` or ``"45"``; ``DurationError`` for
+    a text that is not a duration, naming the forms it takes."""
     text = value.strip().lower()
     if not _DURATION.fullmatch(text):
         raise DurationError(f"{value!r} is not a duration: write e.g. {DURATION_FORMS}")
@@ -52,13 +48,11 @@ def parse_budget(value: object) -> float | None:
     refused = DurationError(f"{value!r} is not a time budget: give {BUDGET_FORMS}")
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise refused
-    try:
-        seconds = float(parse_duration(value))  # type: ignore[arg-type]  # text or a number: a float either way
-    except DurationError:
-        raise refused from None
-    if not math.isfinite(seconds) or not MIN_BUDGET <= seconds <= MAX_BUDGET:
-        raise refused
-    return seconds
+    with contextlib.suppress(DurationError):
+        seconds = parse_duration(value) if isinstance(value, str) else float(value)
+        if MIN_BUDGET <= seconds <= MAX_BUDGET:  # never true of nan, and inf is above
+            return seconds
+    raise refused
 
 
 def format_duration(seconds: float | None, *, short: bool = False) -> str:
@@ -79,5 +73,4 @@ def format_duration(seconds: float | None, *, short: bool = False) -> str:
         return f"{s}s"
     h, rest = divmod(s, 3600)
     m, sec = divmod(rest, 60)
-    parts = [f"{h}h" if h else "", f"{m}m" if m else "", f"{sec}s" if sec or s == 0 else ""]
-    return "".join(parts)
+    return "".join(f"{n}{unit}" for n, unit in ((h, "h"), (m, "m"), (sec, "s")) if n) or "0s"

@@ -21,9 +21,7 @@ LOGIT_FLOATS = 2**24
 
 def perplexity_from_loss(mean_loss: float) -> float:
     """``exp(mean cross-entropy)``; ``inf`` instead of an OverflowError, ``nan`` stays ``nan``."""
-    if math.isnan(mean_loss):
-        return math.nan
-    return math.exp(mean_loss) if mean_loss < _MAX_LOG else math.inf
+    return math.inf if mean_loss >= _MAX_LOG else math.exp(mean_loss)  # nan compares false: exp(nan) is nan
 
 
 @torch.no_grad()
@@ -77,8 +75,7 @@ def perplexity_until(
     max_tokens: int | None = None,
 ) -> tuple[float, int]:
     """``perplexity`` over the tokens read before ``deadline`` (``loss_sum``), and how many targets that was."""
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
+    ids = ids[:max_tokens]  # None: all of them
     if ids.numel() < 2:
         raise ValueError("perplexity needs at least two tokens")
     with evaluating(model):

@@ -12,13 +12,16 @@ import logging
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
+from pydantic import ValidationError
 
 from deeprnn.config import SampleConfig
 from deeprnn.data.normalize import normalize_prefix
 from deeprnn.data.vocab import Vocab
+from deeprnn.device import synchronize
 from deeprnn.model import RNNLM, State, evaluating, state_tensors
 
 log = logging.getLogger(__name__)
@@ -29,12 +32,6 @@ Token = Literal["char", "word"]
 def split_prefix(prefix: str, token: Token = "char") -> list[str]:
     """The prefix as tokens of the vocabulary's kind."""
     return prefix.split() if token == "word" else list(prefix)
-
-
-def _select_rows(state: State, rows: torch.Tensor) -> State:
-    if isinstance(state, tuple):
-        return tuple(s[:, rows] for s in state)  # type: ignore[return-value]
-    return state[:, rows]
 
 
 _WARM_UP_POSITIONS = 65_536  # rows x positions per forward step of the warm-up: bounds its activations
@@ -67,7 +64,7 @@ def _warm_up(
             continue  # a one-token prefix starts from the zero state
         index = torch.tensor(rows, device=device)
         group = torch.tensor([encoded[r][:-1] for r in rows], device=device)  # (G, length-1)
-        group_state = _select_rows(state, index)
+        group_state = model.begin_state(len(rows), device)  # the batch state's rows are zeros too
         width = max(1, _WARM_UP_POSITIONS // len(rows))
         for start in range(0, length - 1, width):
             _check_deadline(deadline)
@@ -81,14 +78,14 @@ def _warm_up(
 def _next_tokens(
     logits: torch.Tensor, temperature: float | None, top_k: int | None, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """One token per row (B,): the argmax, or a sample from softmax(logits / temperature) within the top k."""
+    """One token per row (B, 1): the argmax, or a sample from softmax(logits / temperature) within the top k."""
     if temperature is None:
-        return logits.argmax(dim=1)
+        return logits.argmax(dim=1, keepdim=True)
     scaled = logits / temperature
     if top_k is not None and top_k < scaled.shape[1]:
         kth = torch.topk(scaled, top_k, dim=1).values[:, -1:]  # (B, 1)
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(scaled, dim=1), 1, generator=generator).reshape(-1)
+    return torch.multinomial(torch.softmax(scaled, dim=1), 1, generator=generator)
 
 
 @torch.no_grad()
@@ -105,10 +102,7 @@ def generate_ids(
     """The ``num_tokens`` token ids generated after each encoded prefix (each at least one id), on the
     model's device, in eval mode (the model's mode is restored afterwards). Past ``deadline`` (a
     ``time.monotonic()`` value) it stops, raising ``GenerationTimeoutError``."""
-    if temperature is not None and temperature <= 0:  # None means off for both
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    SampleConfig(temperature=temperature, top_k=top_k)  # their bounds: a ValidationError is a ValueError
     if any(not ids for ids in encoded):
         raise ValueError("every prefix needs at least one token")
     if not encoded or num_tokens == 0:
@@ -122,10 +116,9 @@ def generate_ids(
         for _ in range(num_tokens):
             _check_deadline(deadline)
             logits, state = model(current, state)  # (B, V): one step for the whole batch
-            nxt = _next_tokens(logits, temperature, top_k, generator)
-            out.append(nxt)
-            current = nxt.reshape(-1, 1)
-    return torch.stack(out, dim=1).tolist()  # (B, num_tokens)
+            current = _next_tokens(logits, temperature, top_k, generator)
+            out.append(current)
+    return torch.cat(out, dim=1).tolist()  # (B, num_tokens)
 
 
 def generate_batch(
@@ -154,9 +147,7 @@ def generate_batch(
     Tokens the vocabulary lacks are read as ``<unk>`` (with a warning) and printed back as they were given.
     """
     prefixes = [normalize_prefix(p, normalize, token) for p in prefixes]
-    split = [split_prefix(p, token) for p in prefixes]
-    if any(not tokens for tokens in split):
-        raise ValueError("the prefix needs at least one token")
+    split = [split_prefix(p, token) for p in prefixes]  # an empty one: generate_ids refuses it
     missing = vocab.unknown(t for tokens in split for t in tokens)
     if missing:
         log.warning("prefix tokens not in the vocabulary are read as <unk>: %s", missing)
@@ -166,21 +157,10 @@ def generate_batch(
     return [p + (sep if new_ids else "") + vocab.decode(new_ids, sep) for p, new_ids in zip(prefixes, new)]
 
 
-def generate(
-    model: RNNLM,
-    vocab: Vocab,
-    prefix: str,
-    num_tokens: int = 50,
-    *,
-    token: Token = "char",
-    temperature: float | None = None,
-    top_k: int | None = None,
-    seed: int = 0,
-) -> str:
-    """``prefix`` followed by ``num_tokens`` generated tokens: ``generate_batch`` of one prefix."""
-    return generate_batch(
-        model, vocab, [prefix], num_tokens, token=token, temperature=temperature, top_k=top_k, seed=seed
-    )[0]
+def generate(model: RNNLM, vocab: Vocab, prefix: str, num_tokens: int = 50, **options: Any) -> str:
+    """``prefix`` followed by ``num_tokens`` generated tokens: ``generate_batch`` of one prefix, with its keyword
+    ``options`` (``token``, ``temperature``, ``top_k``, ``seed``, ...)."""
+    return generate_batch(model, vocab, [prefix], num_tokens, **options)[0]
 
 
 # ----- requests from outside (the served model): checked against the configuration's bounds -------------
@@ -190,6 +170,7 @@ MAX_PREFIXES = 1024  # rows per request
 # Every row of a request advances together, so this bounds both its time and its memory.
 MAX_REQUEST_TOKENS = 1_000_000
 _PARAM_FIELDS = ("num_tokens", "temperature", "top_k", "seed")
+_OFF_AT_ZERO = {"temperature": " (or 0: greedy)", "top_k": " (or 0: no top-k filter)"}  # 0 in a request: None
 # The former name of num_tokens, which models logged before the rename declare (and newer ones keep, 0: not given).
 FORMER_NUM_TOKENS = "num_chars"
 
@@ -203,19 +184,17 @@ def check_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     against the bounds of ``SampleConfig``; ``temperature`` 0 means greedy and ``top_k`` 0 means no filter,
     both returned as None; ``num_chars``, when not 0, stands for ``num_tokens`` (``FORMER_NUM_TOKENS``).
     ``GenerationRequestError`` naming the param and its bound otherwise."""
-    from pydantic import ValidationError
-
     params = dict(params or {})
     former = params.pop(FORMER_NUM_TOKENS, None)
-    if former is not None and former != 0:
+    if former:  # None or 0: not given
         params["num_tokens"] = former
     unknown = sorted(set(params) - set(_PARAM_FIELDS))
     if unknown:
         raise GenerationRequestError(f"unknown param {unknown[0]!r}: use {', '.join(_PARAM_FIELDS)}")
-    values: dict[str, Any] = {"num_tokens": 50, "temperature": None, "top_k": None, "seed": 0}
+    values: dict[str, Any] = {}  # what is not given: SampleConfig's default
     for name, value in params.items():
         value = value.item() if hasattr(value, "item") else value  # numpy scalars, as MLflow passes them
-        if value is None or (name in ("temperature", "top_k") and value == 0 and not isinstance(value, bool)):
+        if value is None or (name in _OFF_AT_ZERO and value == 0 and not isinstance(value, bool)):
             continue  # None: the default; 0: greedy / no top-k filter
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise GenerationRequestError(f"param {name}={value!r}: must be a number")
@@ -226,8 +205,8 @@ def check_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
         first = exc.errors()[0]
         name = str(first["loc"][0])
         shown = FORMER_NUM_TOKENS if name == "num_tokens" and former else name
-        zero = " (or 0: greedy)" if name == "temperature" else " (or 0: no top-k filter)" if name == "top_k" else ""
-        raise GenerationRequestError(f"param {shown}={values[name]!r}: {first['msg'].lower()}{zero}") from None
+        message = f"param {shown}={values[name]!r}: {first['msg'].lower()}{_OFF_AT_ZERO.get(name, '')}"
+        raise GenerationRequestError(message) from None
     return checked.model_dump(include=set(_PARAM_FIELDS))
 
 
@@ -239,8 +218,6 @@ def check_prefixes(prefixes: Sequence[Any], vocab: Vocab, token: Token = "char",
         raise GenerationRequestError("no prefix to continue: send at least one row with a non-empty 'prefix'")
     if len(prefixes) > MAX_PREFIXES:
         raise GenerationRequestError(f"{len(prefixes)} prefixes: at most {MAX_PREFIXES} per request")
-    from pydantic import ValidationError
-
     unit = "character" if token == "char" else "word"
     normalized = []
     for row, prefix in enumerate(prefixes):
@@ -252,10 +229,10 @@ def check_prefixes(prefixes: Sequence[Any], vocab: Vocab, token: Token = "char",
             SampleConfig(prefixes=[prefix])  # the configuration's bound on a prefix's length
         except ValidationError as exc:
             raise GenerationRequestError(f"prefix {row}: {exc.errors()[0]['msg'].lower()}") from None
-        tokens = split_prefix(normalize_prefix(prefix, normalize, token), token)
-        if not tokens or len(vocab.unknown(tokens)) == len(set(tokens)):
-            raise GenerationRequestError(f"prefix {row} ({prefix[:40]!r}) has no {unit} the model knows")
         normalized.append(normalize_prefix(prefix, normalize, token))
+        tokens = split_prefix(normalized[-1], token)
+        if len(vocab.unknown(tokens)) == len(set(tokens)):  # none at all once normalized, too
+            raise GenerationRequestError(f"prefix {row} ({prefix[:40]!r}) has no {unit} the model knows")
     return normalized
 
 
@@ -308,8 +285,9 @@ class GenerationSpeed:
         return max(int(left / self.at(self.sampled if sampled else self.greedy, len(lengths))), 0)
 
 
-def _fastest_seconds(work: Callable[[], object], repeats: int, budget: float = 0.2) -> float:
-    """The shortest time of ``work()`` over ``repeats`` calls, or over two once they took ``budget`` seconds.
+def _fastest_seconds(work: Callable[[], object], repeats: int, device: torch.device, budget: float = 0.2) -> float:
+    """The shortest time of ``work()`` on ``device`` (until the device is done with it) over ``repeats`` calls,
+    or over two once they took ``budget`` seconds.
 
     The shortest, not a typical one: the figures hold for the server's whole life, and a moment of load
     while they are taken would otherwise refuse work for good; a request slowed down by load later is what
@@ -319,6 +297,7 @@ def _fastest_seconds(work: Callable[[], object], repeats: int, budget: float = 0
     while len(times) < repeats and (len(times) < 2 or sum(times) < budget):
         started = time.perf_counter()
         work()
+        synchronize(device)
         times.append(time.perf_counter() - started)
     return min(times)
 
@@ -331,26 +310,16 @@ def measure_speed(model: RNNLM, rows: int = 1024, repeats: int = 3) -> Generatio
     device = next(model.parameters()).device
 
     def warm_up(batch: int, positions: int) -> float:
-        def run() -> None:
-            state, _ = _warm_up(model, [[0] * (positions + 1)] * batch, device)
-            state_tensors(state)[0].sum().item()  # waits for the device
-
-        return _fastest_seconds(run, repeats) / positions
+        run = partial(_warm_up, model, [[0] * (positions + 1)] * batch, device)
+        return _fastest_seconds(run, repeats, device) / positions
 
     def steps(batch: int, count: int, temperature: float | None) -> float:
         top_k = 2 if temperature else None  # the top-k path: the costliest sampling
-
-        def run() -> None:
-            generate_ids(model, [[0]] * batch, count, temperature=temperature, top_k=top_k)
-
-        return _fastest_seconds(run, repeats) / count
+        run = partial(generate_ids, model, [[0]] * batch, count, temperature=temperature, top_k=top_k)
+        return _fastest_seconds(run, repeats, device) / count
 
     with evaluating(model):
         generate_ids(model, [[0, 0]], 1)  # not counted: the first forward step sets things up
         generate_ids(model, [[0]], 1, temperature=1.0, top_k=2)
-        return GenerationSpeed(
-            rows=rows,
-            warm=(warm_up(1, 32), warm_up(rows, 8)),
-            greedy=(steps(1, 16, None), steps(rows, 1, None)),
-            sampled=(steps(1, 16, 1.0), steps(rows, 1, 1.0)),
-        )
+        greedy, sampled = [(steps(1, 16, temperature), steps(rows, 1, temperature)) for temperature in (None, 1.0)]
+        return GenerationSpeed(rows, (warm_up(1, 32), warm_up(rows, 8)), greedy, sampled)

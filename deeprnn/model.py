@@ -37,8 +37,6 @@ class RNNLM(nn.Module):
         if cell not in _CELLS:
             raise ValueError(f"unknown cell {cell!r}; use one of {sorted(_CELLS)}")
         self.vocab_size = vocab_size
-        self.num_hiddens = num_hiddens
-        self.num_layers = num_layers
         self.embedding = nn.Embedding(vocab_size, embedding_dim) if embedding_dim else None
         input_size = embedding_dim or vocab_size
         self.rnn = _CELLS[cell](input_size, num_hiddens, num_layers, dropout=dropout if num_layers > 1 else 0.0)
@@ -53,17 +51,13 @@ class RNNLM(nn.Module):
     def forward(self, inputs: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """``inputs`` (B, T) token ids -> logits (T*B, V), time-major as in the book, and the new state."""
         x = inputs.T  # (T, B)
-        if self.embedding is None:
-            x = F.one_hot(x, self.vocab_size).to(torch.float32)  # (T, B, V)
-        else:
-            x = self.embedding(x)  # (T, B, E)
+        x = F.one_hot(x, self.vocab_size).float() if self.embedding is None else self.embedding(x)  # (T, B, V or E)
         y, state = self.rnn(x, state)  # (T, B, H)
-        y = self.drop(y)
-        return self.linear(y.reshape(-1, y.shape[-1])), state  # (T*B, V)
+        return self.linear(self.drop(y).reshape(-1, y.shape[-1])), state  # (T*B, V)
 
     def begin_state(self, batch_size: int, device: torch.device) -> State:
         """Zero state for ``batch_size`` sequences."""
-        h = torch.zeros(self.num_layers, batch_size, self.num_hiddens, device=device)
+        h = torch.zeros(self.rnn.num_layers, batch_size, self.rnn.hidden_size, device=device)
         if isinstance(self.rnn, nn.LSTM):
             return h, torch.zeros_like(h)
         return h

@@ -19,14 +19,10 @@ def plot_history(history: list[EpochStats], path: Path, title: str = "") -> Path
     held = [(h.epoch, h.heldout_perplexity) for h in history if h.heldout_perplexity is not None]
     if held:
         ax.plot(*zip(*held), marker="o", markersize=3, label="held-out")
-    ax.set_yscale("log")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("perplexity")
-    ax.set_title(title or "perplexity per epoch")
+    ax.set(yscale="log", xlabel="epoch", ylabel="perplexity", title=title or "perplexity per epoch")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

@@ -71,26 +71,16 @@ class Sized:
 
 
 def size_to_text(
-    config: RunConfig,
-    ids: torch.Tensor,
-    vocab: Vocab,
-    device: torch.device,
-    corpus_sha1: str | None = None,
-    probe: bool = True,
+    config: RunConfig, ids: torch.Tensor, vocab: Vocab, device: torch.device, corpus_sha1: str | None = None
 ) -> Sized:
     """``config`` with its auto-sized fields decided for the token ``ids`` (the whole prepared corpus) on
     ``device``, and with sample prefixes drawn from the held-out text where none are given (the book's own
     prefixes for the book, recognized by its URL or the SHA-1 of its bytes)."""
     data, notes = config.data, []
     splits = split_corpus(ids, data.val_fraction, data.test_fraction, data.max_tokens)
-    train_tokens = splits.train.numel()
     update: dict[str, dict[str, object]] = {}
-    if config.model.size == "auto":
-        model, train, note = size_model(config, train_tokens, len(vocab), device, probe)
-        update["model"], update["train"] = model, train
-        notes.append(note)
-    elif _plans_batch(config):
-        update["train"], note = size_batch(config, train_tokens, len(vocab), device)
+    if config.model.size == "auto" or _plans_batch(config):
+        update["model"], update["train"], note = size_model(config, splits.train.numel(), len(vocab), device)
         notes.append(note)
     if not config.sample.prefixes:
         if data.url == D2L_URL or corpus_sha1 == D2L_SHA1:
@@ -105,17 +95,14 @@ def size_to_text(
 
 def decided_later(config: RunConfig) -> set[str]:
     """The ``section.field`` values ``size_to_text`` will decide (so they are logged once decided, not before)."""
-    keys = set()
-    if config.train.time_budget is not None and (config.model.size == "auto" or _plans_batch(config)):
-        keys |= {"train.eval_max_tokens", "train.final_eval_max_tokens"}
-    if config.model.size == "auto":
-        keys |= {"model.size", "model.num_hiddens", "model.num_layers", "model.dropout"}
-        keys |= {"train.batch_size", "train.num_steps"}
-    if _plans_batch(config):
-        keys |= {"train.batch_size", "train.min_planned_steps"}
-    if not config.sample.prefixes:
-        keys.add("sample.prefixes")
-    return keys
+    auto, plans = config.model.size == "auto", _plans_batch(config)
+    decided = {  # the keys (space-separated), and whether they are decided
+        "train.eval_max_tokens train.final_eval_max_tokens": config.train.time_budget is not None and (auto or plans),
+        "model.size model.num_hiddens model.num_layers model.dropout train.batch_size train.num_steps": auto,
+        "train.batch_size train.min_planned_steps": plans,
+        "sample.prefixes": not config.sample.prefixes,
+    }
+    return {key for keys, due in decided.items() if due for key in keys.split()}
 
 
 def _plans_batch(config: RunConfig) -> bool:
@@ -138,106 +125,92 @@ def eval_caps(config: RunConfig, rate: float, train_tokens: int) -> tuple[dict[s
     where it reads less than the configuration would (and the split is longer), with a note saying so."""
     train, data = config.train, config.data
     eval_rate = _EVAL_SPEEDUP * rate * (train.time_budget or 0.0)  # tokens an evaluation reads in the budget
-    heldout = (
-        train_tokens
-        * max(data.val_fraction, data.test_fraction)
-        / max(1.0 - data.val_fraction - data.test_fraction, 0.01)
-    )
+    kept = max(1.0 - data.val_fraction - data.test_fraction, 0.01)
+    heldout = train_tokens * max(data.val_fraction, data.test_fraction) / kept
     fields: dict[str, object] = {}
-    one = max(int(EVAL_SHARE * eval_rate), MIN_EVAL_TOKENS)
-    if one < (train.eval_max_tokens or heldout) and one < heldout:
-        fields["eval_max_tokens"] = one
-    final = max(int(FINAL_EVAL_SHARE * eval_rate / 2), MIN_EVAL_TOKENS)
-    if final < (train.final_eval_max_tokens or heldout) and final < heldout:
-        fields["final_eval_max_tokens"] = final
+    for key, share in (("eval_max_tokens", EVAL_SHARE), ("final_eval_max_tokens", FINAL_EVAL_SHARE / 2)):
+        cap = max(int(share * eval_rate), MIN_EVAL_TOKENS)
+        if cap < min(getattr(train, key) or heldout, heldout):
+            fields[key] = cap
     shown = ", ".join(f"{k} {v:,}" for k, v in fields.items())
     return fields, f"; held-out evaluations capped to what the budget affords: {shown}" if fields else ""
 
 
 def weights(vocab_size: int, model: ModelConfig) -> int:
     """The number of trained weights of ``model`` over ``vocab_size`` tokens (embedding, layers, output)."""
-    gates = {"lstm": 4, "gru": 3, "rnn": 1}[model.cell]
-    inputs = model.embedding_dim or vocab_size
-    embedding = vocab_size * model.embedding_dim if model.embedding_dim else 0
-    widths_in = [inputs] + [model.num_hiddens] * (model.num_layers - 1)
-    layers = sum(gates * model.num_hiddens * (width_in + model.num_hiddens + 2) for width_in in widths_in)
-    return embedding + layers + model.num_hiddens * vocab_size + vocab_size
+    gates, h = {"lstm": 4, "gru": 3, "rnn": 1}[model.cell], model.num_hiddens
+    inputs = [model.embedding_dim or vocab_size] + [h] * (model.num_layers - 1)  # each layer's input width
+    layers = sum(gates * h * (width + h + 2) for width in inputs)  # input and hidden weights, two biases
+    return vocab_size * (model.embedding_dim or 0) + layers + (h + 1) * vocab_size
 
 
 def size_model(
-    config: RunConfig, train_tokens: int, vocab_size: int, device: torch.device, probe: bool = True
+    config: RunConfig, train_tokens: int, vocab_size: int, device: torch.device
 ) -> tuple[dict[str, object], dict[str, object], str]:
-    """The model fields (layers, width, dropout) and batch shape for ``train_tokens`` and the time budget."""
-    train = config.train
-    batch_size, num_steps = within_logits(*batch_shape(train_tokens, train.batch_size, train.num_steps), vocab_size)
-    budget = train.time_budget
-    chosen, rate = None, None
+    """The model fields (layers, width, dropout; none for a model of a fixed size) and the batch fields for
+    ``train_tokens`` and the time budget, and a note saying what was decided and why.
+
+    The batch is the shape ``batch_shape`` and ``within_logits`` give; with a batch planned for the time
+    budget, its rows from ``rows_for_steps`` at the throughput measured here; where the logits shortened the
+    batch, the held-out evaluations capped by ``eval_caps``.
+    """
+    train, budget = config.train, config.train.time_budget
+    shape = batch_shape(train_tokens, train.batch_size, train.num_steps)
+    batch_size, num_steps = within_logits(*shape, vocab_size)
+
+    def measure(model: ModelConfig, rows: int = batch_size) -> float:
+        return measure_throughput(model, vocab_size, rows, num_steps, device, train.lr)
+
+    if config.model.size == "auto":
+        chosen, rate = _widest(config, train_tokens, vocab_size, measure)
+        seen = rate * budget if rate is not None and budget is not None else float(train.epochs * train_tokens)
+        passes = seen / max(train_tokens, 1)
+        dropout = 0.2 if passes > DROPOUT_EPOCHS else 0.0
+        speed = f", {rate:,.0f} tokens/s measured here" if rate is not None else ""
+        note = (
+            f"model sized to the text: {chosen.num_layers} x {chosen.num_hiddens} {chosen.cell}, "
+            f"{weights(vocab_size, chosen):,} weights for {train_tokens:,} training tokens{speed}, about "
+            f"{passes:.1f} passes over the text, dropout {dropout}"
+        )
+        model = chosen.model_dump(include={"num_hiddens", "num_layers"}) | {"dropout": dropout, "size": "fixed"}
+    else:
+        chosen, rate, model, note = config.model, measure(config.model), {}, "batch sized to the budget"
+    fields: dict[str, object] = {"batch_size": batch_size, "num_steps": num_steps}
+    if _plans_batch(config):
+        fields["min_planned_steps"] = 0  # decided once: a resumed run keeps this batch
+        if rate is not None:
+            rows, rate = rows_for_steps(rate, config, batch_size, num_steps, partial(measure, chosen))
+            planned = rate * (budget or 0.0) / (rows * num_steps)
+            fields["batch_size"] = rows
+            if not model:  # a model of a fixed size: its throughput at the rows chosen
+                note += f": {rate:,.0f} tokens/s measured here"
+            note += f", batch {rows} x {num_steps}: about {planned:,.0f} steps in the budget"
+    if (batch_size, num_steps) != shape and rate is not None and budget is not None:
+        caps, caps_note = eval_caps(config, rate, train_tokens)  # a vocabulary whose logits shortened the batch
+        fields.update(caps)
+        note += caps_note
+    return model, fields, note
+
+
+def _widest(
+    config: RunConfig, train_tokens: int, vocab_size: int, measure: Callable[[ModelConfig], float]
+) -> tuple[ModelConfig, float | None]:
+    """The widest model of two stacked layers of ``WIDTHS`` units (at least the narrowest) that the data rule
+    allows, and with a time budget the compute rule at the throughput ``measure`` gives (also returned)."""
+    budget, chosen, rate = config.train.time_budget, None, None
     for width in WIDTHS:
         candidate = config.model.model_copy(update={"num_hiddens": width, "dropout": 0.0})
         n = weights(vocab_size, candidate)
         if chosen is not None and n > train_tokens:
             break  # the data rule: no more weights than training tokens
-        if budget is not None and probe:
-            measured = measure_throughput(candidate, vocab_size, batch_size, num_steps, device, train.lr)
+        if budget is not None:
+            measured = measure(candidate)
             if chosen is not None and measured * budget < TOKENS_PER_WEIGHT * n:
                 break  # the compute rule: the budget could not train it
             rate = measured
         chosen = candidate
     assert chosen is not None
-    n = weights(vocab_size, chosen)
-    seen = rate * budget if rate is not None and budget is not None else float(train.epochs * train_tokens)
-    passes = seen / max(train_tokens, 1)
-    dropout = 0.2 if passes > DROPOUT_EPOCHS else 0.0
-    speed = f", {rate:,.0f} tokens/s measured here" if rate is not None else ""
-    note = (
-        f"model sized to the text: {chosen.num_layers} x {chosen.num_hiddens} {chosen.cell}, {n:,} weights for "
-        f"{train_tokens:,} training tokens{speed}, about {passes:.1f} passes over the text, dropout {dropout}"
-    )
-    model = {"num_hiddens": chosen.num_hiddens, "num_layers": chosen.num_layers, "dropout": dropout, "size": "fixed"}
-    train_fields, _, batch_note = _fit_batch(config, chosen, rate, train_tokens, vocab_size, device)
-    return model, train_fields, note + batch_note
-
-
-def size_batch(
-    config: RunConfig, train_tokens: int, vocab_size: int, device: torch.device
-) -> tuple[dict[str, object], str]:
-    """The batch fields for a model of a fixed size: its throughput measured here, then ``rows_for_steps``."""
-    train = config.train
-    batch_size, num_steps = within_logits(*batch_shape(train_tokens, train.batch_size, train.num_steps), vocab_size)
-    rate = measure_throughput(config.model, vocab_size, batch_size, num_steps, device, train.lr)
-    fields, at_rows, note = _fit_batch(config, config.model, rate, train_tokens, vocab_size, device)
-    assert at_rows is not None  # measured, and the batch planned: this is only called for a time budget
-    return fields, f"batch sized to the budget: {at_rows:,.0f} tokens/s measured here{note}"
-
-
-def _fit_batch(
-    config: RunConfig,
-    model: ModelConfig,
-    rate: float | None,
-    train_tokens: int,
-    vocab_size: int,
-    device: torch.device,
-) -> tuple[dict[str, object], float | None, str]:
-    """The batch fields of ``model`` (its throughput ``rate`` at the batch ``batch_shape`` and ``within_logits``
-    give, None where not measured), the throughput at the rows chosen, and a note: with a batch planned for
-    the time budget, its rows from ``rows_for_steps``; where the logits shortened the batch, ``eval_caps``."""
-    train = config.train
-    shape = batch_shape(train_tokens, train.batch_size, train.num_steps)
-    batch_size, num_steps = within_logits(*shape, vocab_size)
-    fields: dict[str, object] = {"batch_size": batch_size, "num_steps": num_steps}
-    note = ""
-    if _plans_batch(config):
-        fields["min_planned_steps"] = 0  # decided once: a resumed run keeps this batch
-        if rate is not None:
-            measure = partial(measure_throughput, model, vocab_size, num_steps=num_steps, device=device, lr=train.lr)
-            rows, rate = rows_for_steps(rate, config, batch_size, num_steps, measure)
-            planned = rate * (train.time_budget or 0.0) / (rows * num_steps)
-            fields["batch_size"], note = rows, f", batch {rows} x {num_steps}: about {planned:,.0f} steps in the budget"
-    if (batch_size, num_steps) != shape and rate is not None and train.time_budget is not None:
-        caps, caps_note = eval_caps(config, rate, train_tokens)  # a vocabulary whose logits shortened the batch
-        fields.update(caps)
-        note += caps_note
-    return fields, rate, note
+    return chosen, rate
 
 
 def rows_for_steps(
@@ -277,8 +250,7 @@ def measure_throughput(
     """Training tokens per second of a fresh model of this shape on ``device`` (a few timed steps)."""
     model = RNNLM.from_config(vocab_size, model_cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randint(0, vocab_size, (batch_size, num_steps), generator=generator).to(device)
+    x = torch.randint(0, vocab_size, (batch_size, num_steps), generator=torch.Generator().manual_seed(0)).to(device)
     state = model.begin_state(batch_size, device)
 
     def step() -> None:
@@ -286,13 +258,12 @@ def measure_throughput(
         logits, _ = model(x, state)  # (T*B, V)
         F.cross_entropy(logits, x.T.reshape(-1)).backward()
         optimizer.step()
+        synchronize(device)
 
     step()  # allocations and kernel choice stay out of the timing
-    synchronize(device)
     steps, started = 0, time.perf_counter()
     while steps < 2 or time.perf_counter() - started < _PROBE_SECONDS:
         step()
-        synchronize(device)
         steps += 1
     return steps * batch_size * num_steps / (time.perf_counter() - started)
 

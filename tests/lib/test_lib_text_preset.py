@@ -97,7 +97,7 @@ def test_the_model_grows_with_the_text_and_never_has_more_weights_than_training_
     config = preset_config("text", {"train": {"time_budget": None}})
     chosen = []
     for tokens in (20_000, 300_000, 1_000_000, 3_000_000, 100_000_000):
-        model, _, note = size_model(config, tokens, 80, CPU, probe=False)
+        model, _, note = size_model(config, tokens, 80, CPU)  # no budget: nothing measured
         sized = config.model.model_copy(update={k: v for k, v in model.items() if k != "size"})
         assert sized.num_hiddens == WIDTHS[0] or weights(80, sized) <= tokens
         assert model["size"] == "fixed" and f"{tokens:,} training tokens" in note
