@@ -219,9 +219,8 @@ class DeepRNNLanguageModel(PythonModel):
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         limit = request_limit()[0]
         try:
-            deadline = time.monotonic() + limit
             return generate.generate_batch(
-                self.model, self.vocab, prefixes, num_tokens, token=token, deadline=deadline, **settings
+                self.model, self.vocab, prefixes, num_tokens, token=token, deadline=time.monotonic() + limit, **settings
             )
         except generate.GenerationTimeoutError:
             raise MlflowException(

@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import mlflow
 import requests
@@ -193,8 +193,7 @@ def worker_tracking_uri() -> str:
     if auth and parts.scheme in ("http", "https") and "@" not in parts.netloc:
         # A trial on a machine of its own has none of this process's environment: the credentials go with the
         # URI (a task's argument, never stored), and its process moves them to its environment again.
-        netloc = f"{quote(auth[0], safe='')}:{quote(auth[1], safe='')}@{parts.netloc}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        return parts._replace(netloc=f"{quote(auth[0], safe='')}:{quote(auth[1], safe='')}@{parts.netloc}").geturl()
     return uri
 
 
