@@ -23,8 +23,6 @@ from deeprnn.cli.output import fail
 from deeprnn.data.urls import redact_url
 
 CHECKPOINT_ARTIFACT = "checkpoints/last.pt"  # a run's resumable checkpoint, as its MLflow artifact
-# The store MLflow uses when MLFLOW_TRACKING_URI is not set.
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 REMOTE_TIMEOUT = 3.0  # seconds a tracking server gets to answer the run lookup; after that the flow decides
 TABLES = ("tags", "params")  # a run's key-value pairs, in every store
 FILE_STORE_STATUS = {1: "RUNNING", 3: "FINISHED", 4: "FAILED", 5: "KILLED"}  # the file store's RunStatus numbers
@@ -85,15 +83,10 @@ def _torch_build() -> dict[str, str | None]:
     return {key: None if value.strip() == "None" else value.strip().strip("'\"") for key, value in found}
 
 
-def check_resume(
-    run_id: str | None, experiment: str | None = None, runs_dir: str = "runs", train: dict[str, Any] | None = None
-) -> None:
+def check_resume(run_id: str, experiment: str | None, runs_dir: str, train: dict[str, Any]) -> None:
     """Exit 1 when ``--resume run_id`` surely cannot go on (``resume_refusal``), before Prefect starts."""
-    if run_id is None:
-        return
-    problem = resume_refusal(
-        run_id, os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI, experiment, runs_dir, train or {}
-    )
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"  # the store MLflow uses by default
+    problem = resume_refusal(run_id, uri, experiment, runs_dir, train)
     if problem:
         fail(problem, 1)
 

@@ -101,16 +101,12 @@ def release_memory() -> None:
 def _prefixes(model_input: Any) -> list[Any]:
     """The request's prefixes: the ``prefix`` column (else the first), a list, or one string; empty when
     the request gives none (no column, no rows, None)."""
-    if model_input is None:
-        return []
-    if hasattr(model_input, "columns"):
-        if len(model_input.columns) == 0:
-            return []
-        column = "prefix" if "prefix" in model_input.columns else model_input.columns[0]
-        return list(model_input[column])
     if isinstance(model_input, str):
         return [model_input]
-    return list(model_input)
+    columns = list(getattr(model_input, "columns", []))
+    if columns:
+        return list(model_input["prefix" if "prefix" in columns else columns[0]])
+    return [] if model_input is None else list(model_input)  # a frame without columns lists none
 
 
 def _say_speed(speed: GenerationSpeed, device: str, took: float, share: float, again: bool) -> None:
@@ -223,9 +219,8 @@ class DeepRNNLanguageModel(PythonModel):
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         limit = request_limit()[0]
         try:
-            deadline = time.monotonic() + limit
             return generate.generate_batch(
-                self.model, self.vocab, prefixes, num_tokens, token=token, deadline=deadline, **settings
+                self.model, self.vocab, prefixes, num_tokens, token=token, deadline=time.monotonic() + limit, **settings
             )
         except generate.GenerationTimeoutError:
             raise MlflowException(

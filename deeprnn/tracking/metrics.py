@@ -20,8 +20,6 @@ from deeprnn.training.progress import StepStats
 
 log = logging.getLogger(__name__)
 
-_MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
-
 
 def log_metrics_once(run_id: str, metrics: dict[str, float | None], step: int = 0) -> None:
     """Log final metrics, skipping each one the run already holds with this value (a retry's second write
@@ -134,16 +132,14 @@ class MetricLogger:
             self.flush()
 
     def flush(self) -> None:
-        """Send everything queued."""
-        while self._buffer:
-            chunk, self._buffer = self._buffer[:_MAX_BATCH], self._buffer[_MAX_BATCH:]
-            self._client.log_batch(self.run_id, metrics=chunk)
-        self._last = time.monotonic()
+        """Send everything queued (MLflow's client sends it 1,000 metrics per request)."""
+        self._client.log_batch(self.run_id, metrics=self._buffer)
+        self._buffer, self._last = [], time.monotonic()
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     """Log final (summary) metrics in one call; None values are skipped."""
     ts = int(time.time() * 1000)
-    items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
-    if items:
-        MlflowClient().log_batch(run_id, metrics=items)
+    MlflowClient().log_batch(
+        run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+    )

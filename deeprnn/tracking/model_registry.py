@@ -5,6 +5,7 @@ on the same held-out text, and fetch or load a model back.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import shutil
@@ -182,9 +183,7 @@ def link_model_metrics(run_id: str, model_id: str, keys: list[str]) -> dict[str,
         Metric(m.key, m.value, m.timestamp, m.step, model_id, dataset_name=name, dataset_digest=digest) for m in lasts
     ]
     known = {(m.key, m.step, m.timestamp) for m in client.get_logged_model(model_id).metrics or []}
-    fresh = [m for m in items if (m.key, m.step, m.timestamp) not in known]
-    if fresh:
-        client.log_batch(run_id, metrics=fresh)
+    client.log_batch(run_id, metrics=[m for m in items if (m.key, m.step, m.timestamp) not in known])
     return {m.key: m.value for m in items}
 
 
@@ -202,16 +201,14 @@ def promote_if_better(name: str, version: str, score: float, heldout_key: str, t
     if not tagged:
         for key, value in heldout_tags(score, heldout_key).items():
             client.set_model_version_tag(name, version, key, value)
-    try:
+    with contextlib.suppress(MlflowException):  # no champion yet
         current = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        current = None
-    if current is not None and str(current.version) != str(version):  # the same one: a retry, champion already
         tags = current.tags or {}
-        if tags.get("heldout_key") != heldout_key:
+        other = str(current.version) != str(version)  # the same one: a retry, champion already
+        if other and tags.get("heldout_key") != heldout_key:
             log.info("champion v%s was measured on other held-out text; not comparable, keeping it", current.version)
             return False
-        if float(tags.get("heldout_perplexity", "inf")) <= score:
+        if other and float(tags.get("heldout_perplexity", "inf")) <= score:
             return False
     client.set_registered_model_alias(name, CHAMPION, version)
     return True

@@ -31,16 +31,13 @@ def corpus_label(corpus_name: str, sha1: str | None) -> str:
     return f"{corpus_name}-{sha1[:8]}" if sha1 else corpus_name
 
 
-def model_label(config: RunConfig) -> str:
-    """The model's shape: cell, layers and hidden size, e.g. ``lstm2x256``; ``lstm2xauto`` while the size is
-    still to be sized to the text (``model.size = "auto"``), so no name states a width the run may not train."""
-    width = "auto" if config.model.size == "auto" else str(config.model.num_hiddens)
-    return f"{config.model.cell}{config.model.num_layers}x{width}"
-
-
 def run_name(config: RunConfig, corpus_name: str, sha1: str | None) -> str:
-    """The MLflow run's name, e.g. ``text·faust-1f3a9c2e·lstm2x256`` (``corpus_name``: ``corpus_stem``'s)."""
-    return SEPARATOR.join((config.preset, corpus_label(corpus_name, sha1), model_label(config)))
+    """The MLflow run's name, e.g. ``text·faust-1f3a9c2e·lstm2x256`` (``corpus_name``: ``corpus_stem``'s). The
+    model's shape is its cell, layers and hidden size; ``lstm2xauto`` while the size is still to be sized to
+    the text (``model.size = "auto"``), so no name states a width the run may not train."""
+    width = "auto" if config.model.size == "auto" else str(config.model.num_hiddens)
+    model = f"{config.model.cell}{config.model.num_layers}x{width}"
+    return SEPARATOR.join((config.preset, corpus_label(corpus_name, sha1), model))
 
 
 def is_book(sha1: str | None) -> bool:

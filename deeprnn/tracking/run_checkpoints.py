@@ -16,7 +16,8 @@ from mlflow.tracking import MlflowClient
 from deeprnn.training import checkpoint
 from deeprnn.training.resume import CHECKPOINT_TAG
 
-CHECKPOINT_ARTIFACT = "checkpoints/last.pt"  # the resumable checkpoint, as the run's artifact
+CHECKPOINT_FOLDER = "checkpoints"
+CHECKPOINT_ARTIFACT = f"{CHECKPOINT_FOLDER}/last.pt"  # the resumable checkpoint, as the run's artifact
 
 
 def kept_checkpoint(run_id: str, local: Path | None = None) -> Path | str | None:
@@ -24,12 +25,11 @@ def kept_checkpoint(run_id: str, local: Path | None = None) -> Path | str | None
     ``checkpoints/last.pt`` artifact (as that path), else None: nothing to resume from."""
     if local is not None and local.is_file():
         return local
-    folder, name = CHECKPOINT_ARTIFACT.rsplit("/", 1)
     try:
-        listed = MlflowClient().list_artifacts(run_id, folder)
+        listed = MlflowClient().list_artifacts(run_id, CHECKPOINT_FOLDER)
     except (MlflowException, OSError):
         return None
-    return CHECKPOINT_ARTIFACT if any(f.path.rsplit("/", 1)[-1] == name for f in listed) else None
+    return CHECKPOINT_ARTIFACT if any(f.path == CHECKPOINT_ARTIFACT for f in listed) else None
 
 
 def upload_checkpoint(run_id: str, path: Path) -> None:
@@ -40,7 +40,7 @@ def upload_checkpoint(run_id: str, path: Path) -> None:
     client = MlflowClient()
     for file in (path, checkpoint.digest_path(path)):  # verified: the checkpoint is there; its digest may not be
         if file.is_file():
-            client.log_artifact(run_id, str(file), CHECKPOINT_ARTIFACT.rsplit("/", 1)[0])
+            client.log_artifact(run_id, str(file), CHECKPOINT_FOLDER)
     client.set_tag(run_id, CHECKPOINT_TAG, CHECKPOINT_ARTIFACT)  # the run had one, even once its files are gone
 
 

@@ -201,10 +201,8 @@ def reopen_run(run_id: str, tags: dict[str, str]) -> None:
     """Set a run back to ``RUNNING`` (to continue it) and update its tags (e.g. the new Prefect flow run)."""
     client = MlflowClient()
     client.update_run(run_id, status="RUNNING")
-    earlier = client.get_run(run_id).data.tags
-    for tag in (FAILURE_REASON_TAG, STOP_TAG):  # why and how it stopped last time: no longer true
-        if tag in earlier:
-            client.delete_tag(run_id, tag)
+    for tag in {FAILURE_REASON_TAG, STOP_TAG} & client.get_run(run_id).data.tags.keys():
+        client.delete_tag(run_id, tag)  # why and how it stopped last time: no longer true
     set_tags(run_id, tags)
 
 
@@ -240,9 +238,8 @@ def log_dataset(run_id: str, corpus: CorpusFile, vocab: Vocab, num_tokens: int) 
     dataset = MetaDataset(source=ds_source, name=Path(urlsplit(source).path).name or "corpus", digest=corpus.sha1[:10])
     training = [InputTag("mlflow.data.context", "training")]
     _log_input_once(run_id, DatasetInput(dataset._to_mlflow_entity(), tags=training))
-    facts: dict[str, Any] = {"url": source, "sha1": corpus.sha1, "bytes": corpus.num_bytes}
-    facts.update(num_tokens=num_tokens, vocab_size=len(vocab))
-    set_tags(run_id, {f"dataset.{key}": value for key, value in facts.items()})
+    facts = {"url": source, "sha1": corpus.sha1, "bytes": corpus.num_bytes, "num_tokens": num_tokens}
+    set_tags(run_id, {f"dataset.{key}": value for key, value in {**facts, "vocab_size": len(vocab)}.items()})
 
 
 def log_texts(run_id: str, texts: dict[str, str], files: Sequence[Path] = ()) -> None:
@@ -317,9 +314,8 @@ def get_run(run_id: str) -> RunRecord:
 def child_runs(parent_run_id: str) -> list[RunRecord]:
     """Every run nested under ``parent_run_id``, oldest first."""
     client = MlflowClient()
-    parent = client.get_run(parent_run_id)
     runs = client.search_runs(
-        [parent.info.experiment_id],
+        [client.get_run(parent_run_id).info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
         order_by=["attributes.start_time ASC"],
         max_results=5000,

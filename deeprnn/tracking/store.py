@@ -3,7 +3,7 @@ for a local sqlite file), its schema, experiment ids, and which faults a retry m
 
 The tracking URI is MLflow's own: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db`` in the working
 directory. Against a tracking server, MLflow's HTTP client retries each failed request; deeprnn bounds its waits
-(``bound_http_retries``) unless the user set MLflow's variables.
+(``HTTP_RETRIES``) unless the user set MLflow's variables.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import mlflow
 import requests
@@ -48,13 +48,6 @@ HTTP_RETRIES = {
 }
 
 
-def bound_http_retries() -> None:
-    """Set MLflow's HTTP retry variables to ``HTTP_RETRIES`` where the user left them unset (for this process
-    and the ones it starts), so a request never sleeps long after a tracking server's outage ends."""
-    for name, value in HTTP_RETRIES.items():
-        os.environ.setdefault(name, value)
-
-
 # MLflow's own variables for a tracking server's basic auth (``MlflowHostCreds``).
 USERNAME, PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 
@@ -64,17 +57,22 @@ def use_tracking_uri(uri: str | None = None) -> None:
     in force, without the user and password of an http(s) URI: they go to MLflow's own variables (unless the
     user set those), here and in the processes this one starts. MLflow sends them as basic auth all the same,
     and no message it builds from the URI (``API request to <url> failed``) can carry the password any more.
-    MLflow's run links go quiet for a URI with credentials, and its HTTP retries are bounded."""
+    MLflow's run links go quiet for a URI with credentials, and its HTTP retries are bounded (``HTTP_RETRIES``,
+    where the user left MLflow's variables unset)."""
+    for name, value in HTTP_RETRIES.items():
+        os.environ.setdefault(name, value)
     current = mlflow.get_tracking_uri()
     target = uri or current
-    _quiet_run_links(target)
-    bound_http_retries()
     parts = urlsplit(target)
-    if parts.scheme in ("http", "https") and redact_url(target) != target:
-        os.environ.setdefault(USERNAME, unquote(parts.username or ""))
-        if parts.password is not None:
-            os.environ.setdefault(PASSWORD, unquote(parts.password))
-        target = redact_url(target)
+    if redact_url(target) != target:
+        # MLflow prints a link to every run it ends ("View run ... at: <tracking URI>/#/..."), with the user and
+        # password the URI carries (deeprnn's own links leave them out).
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        if parts.scheme in ("http", "https"):
+            os.environ.setdefault(USERNAME, unquote(parts.username or ""))
+            if parts.password is not None:
+                os.environ.setdefault(PASSWORD, unquote(parts.password))
+            target = redact_url(target)
     if target == current:
         return
     if uri is None and os.environ.get("MLFLOW_TRACKING_URI") == current:
@@ -140,34 +138,24 @@ def _ensure_store() -> None:
             ) from None
 
 
-def _quiet_run_links(uri: str) -> None:
-    """MLflow prints a link to every run it ends ("View run ... at: <tracking URI>/#/..."), with the user and
-    password the URI carries: off when it carries any (deeprnn's own links leave them out)."""
-    if redact_url(uri) != uri:
-        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-
-
 def experiment_id(name: str) -> str:
     """The id of experiment ``name``, created if missing (safe when several runs create it at once)."""
     client = MlflowClient()
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:
-        found = client.get_experiment_by_name(name)  # another process created it first
-        if found is None:
-            raise
-        return found.experiment_id
-
-
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk or quota: a retry seconds later fails again
+    if found is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException:
+            found = client.get_experiment_by_name(name)  # another process created it first
+            if found is None:
+                raise
+    return found.experiment_id
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` is a full disk (or quota): not worth retrying until someone frees space."""
-    return isinstance(exc, OSError) and exc.errno in DISK_FULL
+    """Whether ``exc`` is a full disk (or quota): not worth retrying until someone frees space (a retry seconds
+    later fails again)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def retry_on_io_faults(*never: type[BaseException]) -> Callable[[Any, Any, Any], bool]:
@@ -205,8 +193,7 @@ def worker_tracking_uri() -> str:
     if auth and parts.scheme in ("http", "https") and "@" not in parts.netloc:
         # A trial on a machine of its own has none of this process's environment: the credentials go with the
         # URI (a task's argument, never stored), and its process moves them to its environment again.
-        netloc = f"{quote(auth[0], safe='')}:{quote(auth[1], safe='')}@{parts.netloc}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        return parts._replace(netloc=f"{quote(auth[0], safe='')}:{quote(auth[1], safe='')}@{parts.netloc}").geturl()
     return uri
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from deeprnn.tracking import metrics, runs
@@ -26,17 +27,20 @@ def _epoch(epoch: int, heldout: float | None = None) -> EpochStats:
     )
 
 
-def test_queued_metrics_go_in_batches_of_at_most_1000_when_flushed(experiment: str) -> None:
+def test_queued_metrics_go_in_batches_of_at_most_1000_when_flushed(
+    experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run_id = runs.create_run(experiment, "run", {}, {})
     logger = metrics.MetricLogger(run_id, flush_seconds=3600)
     sent: list[int] = []
-    real = logger._client.log_batch
+    store = type(logger._client._tracking_client.store)  # what each request to the store goes through
+    real = store.log_batch
 
-    def counted(run_id: str, metrics: list, **kwargs) -> None:  # the real call, its size noted
+    def counted(self: object, run_id: str, metrics: list, **kwargs: object) -> None:  # the real call, its size noted
         sent.append(len(metrics))
-        real(run_id, metrics=metrics, **kwargs)
+        real(self, run_id=run_id, metrics=metrics, **kwargs)
 
-    logger._client.log_batch = counted  # type: ignore[method-assign]
+    monkeypatch.setattr(store, "log_batch", counted)
     for e in range(1, 701):
         logger.add_epoch(_epoch(e))  # 3 metrics each: 2,100 in all
     assert sent == [] and _steps(run_id, "lr") == []  # queued, not sent
