@@ -26,11 +26,6 @@ DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 PresetName = Literal["d2l-9.3", "full-book", "smoke", "text"]
 # Names a registered model may take: letters, digits, '.', '_' and '-', as in models:/<name>@champion.
 REGISTERED_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$"
-# The one place credentials leave the corpus URL: its JSON form, which is what leaves the process (MLflow
-# params, checkpoints, config.json, --json). Python values keep them for the download.
-CorpusURL = Annotated[str, PlainSerializer(redact_url, when_used="json")]
-# Seconds; the CLI and the form also take "90s", "2m", "1h30m". "off" or None: no budget; 0 and blanks are refused.
-Duration = Annotated[Optional[float], BeforeValidator(parse_budget)]
 # The book's sample prefixes: the default for the book's corpus (any other text gets prefixes drawn from it).
 BOOK_PREFIXES = ["time traveller", "traveller"]
 # What ``model.size = "auto"`` decides (``deeprnn.sizing``); a value the user gives for one of them turns it off.
@@ -53,7 +48,9 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where the corpus comes from and how it is cut into tokens and splits."""
 
-    url: CorpusURL = Field(
+    # The one place credentials leave the corpus URL: its JSON form, which is what leaves the process (MLflow
+    # params, checkpoints, config.json, --json). Python values keep them for the download.
+    url: Annotated[str, PlainSerializer(redact_url, when_used="json")] = Field(
         D2L_URL,
         title="Corpus URL or path",
         description="http(s):// or file:// URL, or a local path, of a UTF-8 text file. Default: the book's.",
@@ -204,7 +201,9 @@ class TrainConfig(_Section):
         10, title="Evaluate every", description="Held-out perplexity every N epochs (and at the last)."
     )
     log_every: Count = Field(10, title="Log every", description="Progress line every N epochs (and at the last).")
-    time_budget: Duration = Field(
+    # Seconds; the CLI and the form also take "90s", "2m", "1h30m". "off" or None: no budget; 0 and blanks are
+    # refused.
+    time_budget: Annotated[Optional[float], BeforeValidator(parse_budget)] = Field(
         None,
         title="Time budget (seconds)",
         description="Train for this long (e.g. 90s, 2m, 1h): the steps are planned from the throughput "
@@ -356,8 +355,8 @@ def preset_config(name: str, overrides: dict[str, Any] | None = None) -> RunConf
     if name not in PRESET_VALUES:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     given = overrides or {}
-    merged = merge(copy.deepcopy(PRESET_VALUES[name]), given)  # the rules below must not change the preset
-    merged["preset"] = name
+    # A copy: the rules below must not change the preset.
+    merged = merge(copy.deepcopy(PRESET_VALUES[name]), given) | {"preset": name}
     if any(field in given.get(section, {}) for section, field in SIZED_FIELDS) and "size" not in given.get("model", {}):
         merged.setdefault("model", {})["size"] = "fixed"  # the user's shape, not the sized one
     if "batch_size" in given.get("train", {}) and "min_planned_steps" not in given["train"]:

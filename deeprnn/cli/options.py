@@ -67,8 +67,7 @@ OPTION_FIELDS = {RENAMES.get((s, name), name): (s, name) for s, cls in SECTIONS.
 def override_parameters(sections: tuple[str, ...] = tuple(SECTIONS)) -> list[inspect.Parameter]:
     """One keyword ``typer.Option`` per field of the configuration ``sections``."""
     params = []
-    book = preset_config(BOOK_PRESET).model_dump()
-    text = preset_config("text").model_dump()
+    book, text = (preset_config(name).model_dump() for name in (BOOK_PRESET, "text"))
     for cli_name, (section, name) in OPTION_FIELDS.items():
         if section not in sections:
             continue
@@ -88,13 +87,9 @@ def override_parameters(sections: tuple[str, ...] = tuple(SECTIONS)) -> list[ins
         described = f"[{section}] {info.description or ''}{note}{default}"
         option = typer.Option(None, decls[-1], help=described, show_default=False, metavar=metavar)
         params.append(inspect.Parameter(cli_name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=typ))
-    for alias, cli_name in ALIASES.items():
-        if OPTION_FIELDS[cli_name][0] in sections:
-            option = typer.Option(None, "--" + alias.replace("_", "-"), hidden=True)
-            now = next(p for p in params if p.name == cli_name)
-            params.append(
-                inspect.Parameter(alias, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=now.annotation)
-            )
+    for alias, cli_name in ALIASES.items():  # a former name: hidden, of the same type as the name now
+        hidden = typer.Option(None, "--" + alias.replace("_", "-"), hidden=True)
+        params += [p.replace(name=alias, default=hidden) for p in params if p.name == cli_name]
     return params
 
 
@@ -114,15 +109,11 @@ def overrides(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Group the options the user gave into ``{section: {field: value}}``; a ``--time-budget`` that is neither a
     duration nor ``off`` (``0``, a blank, ``1ms``, ``2x``) exits 2 in one line."""
     out: dict[str, dict[str, Any]] = {}
-    for cli_name, value in values.items():
+    # A former name first: the option's name now, given too, wins over it.
+    for cli_name, value in sorted(values.items(), key=lambda item: item[0] not in ALIASES):
         field = OPTION_FIELDS.get(ALIASES.get(cli_name, cli_name))
-        if value is None or field is None or (isinstance(value, list) and not value):
-            continue
-        fields = out.setdefault(field[0], {})
-        if cli_name in ALIASES:
-            fields.setdefault(field[1], value)  # the option's name now wins over its former one
-        else:
-            fields[field[1]] = value
+        if value is not None and field is not None and value != []:
+            out.setdefault(field[0], {})[field[1]] = value
     try:  # refused here in one line naming what it takes: the configuration's message would span lines
         parse_budget(out.get("train", {}).get("time_budget"))
     except DurationError as exc:
