@@ -76,16 +76,15 @@ def override_parameters(sections: tuple[str, ...] = tuple(SECTIONS)) -> list[ins
         if any(isinstance(m, BeforeValidator) for m in info.metadata):  # parsed from text by the model itself
             typ, note, metavar = Optional[str], "", "DURATION"
         flag = "--" + cli_name.replace("_", "-")
-        decls = [flag, f"{flag}/--no-{cli_name.replace('_', '-')}"] if typ is Optional[bool] else [flag]
+        decl = f"{flag}/--no-{flag[2:]}" if typ is Optional[bool] else flag
         # The option's own default is None (the preset's value applies): say so, with the book's value.
-        default = f"  [default: the preset's; {BOOK_PRESET}: {default_text(book[section][name])}"
+        default = f"{BOOK_PRESET}: {default_text(book[section][name])}"
         if text[section][name] != book[section][name]:
             default += f", text: {default_text(text[section][name])}"
-        default += "]"
         if (section, name) == ("data", "url"):
-            default = "  [default: the preset's; the book]"
-        described = f"[{section}] {info.description or ''}{note}{default}"
-        option = typer.Option(None, decls[-1], help=described, show_default=False, metavar=metavar)
+            default = "the book"
+        described = f"[{section}] {info.description or ''}{note}  [default: the preset's; {default}]"
+        option = typer.Option(None, decl, help=described, show_default=False, metavar=metavar)
         params.append(inspect.Parameter(cli_name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=typ))
     for alias, cli_name in ALIASES.items():  # a former name: hidden, of the same type as the name now
         hidden = typer.Option(None, "--" + alias.replace("_", "-"), hidden=True)
@@ -146,7 +145,7 @@ def resolve_or_exit(preset: str | None, values: dict[str, dict[str, Any]]) -> Ru
 
 def complete_sections(config: RunConfig) -> dict[str, BaseModel]:
     """The resolved configuration's sections, each with every field set: handed to a flow, each replaces its
-    preset's section whole (``deeprnn.presets.section_values``), so the flow runs exactly what the command
+    preset's section whole (``deeprnn.config.section_values``), so the flow runs exactly what the command
     validated and printed, and resolves nothing again."""
     return {name: cls.model_validate(getattr(config, name).model_dump()) for name, cls in SECTIONS.items()}
 
