@@ -40,9 +40,8 @@ def _cli_type(annotation: Any) -> tuple[Any, str, str | None]:
     if typing.get_origin(base) is typing.Literal:
         return Optional[str], "", "[" + "|".join(map(str, typing.get_args(base))) + "]"
     if typing.get_origin(base) is list:
-        return Optional[list[str]], " Repeat the option for several values.", "TEXT"
-    metavars = {int: "INTEGER", float: "FLOAT", str: "TEXT"}
-    return Optional[base], "", metavars.get(base)
+        return Optional[list[str]], " Repeat the option for several values.", None
+    return Optional[base], "", None  # the help names the type (``help_format.METAVARS``)
 
 
 def default_text(value: Any) -> str:
