@@ -6,16 +6,13 @@ a few fields of its sections (`resolve`). The presets are defined here once; the
 from __future__ import annotations
 
 import copy
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Mapping, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator, model_validator
 
 from deeprnn.data.urls import redact_url
 from deeprnn.durations import MAX_BUDGET, MIN_BUDGET, parse_budget
-from deeprnn.presets import PRESET_VALUES, Section, merge
-from deeprnn.presets import PRESETS as PRESETS  # re-exported: the CLI and the forms read them here
-from deeprnn.presets import overrides_dict as overrides_dict
-from deeprnn.presets import section_values as section_values
+from deeprnn.presets import PRESET_VALUES, merge
 
 D2L_URL = "http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt"
 D2L_SHA1 = "090b5e7e70c295757f55df93cb0a180b9691891a"
@@ -24,13 +21,9 @@ CellType = Literal["lstm", "gru", "rnn"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 PresetName = Literal["d2l-9.3", "full-book", "smoke", "text"]
+PRESETS: tuple[str, ...] = tuple(PRESET_VALUES)
 # Names a registered model may take: letters, digits, '.', '_' and '-', as in models:/<name>@champion.
 REGISTERED_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$"
-# The one place credentials leave the corpus URL: its JSON form, which is what leaves the process (MLflow
-# params, checkpoints, config.json, --json). Python values keep them for the download.
-CorpusURL = Annotated[str, PlainSerializer(redact_url, when_used="json")]
-# Seconds; the CLI and the form also take "90s", "2m", "1h30m". "off" or None: no budget; 0 and blanks are refused.
-Duration = Annotated[Optional[float], BeforeValidator(parse_budget)]
 # The book's sample prefixes: the default for the book's corpus (any other text gets prefixes drawn from it).
 BOOK_PREFIXES = ["time traveller", "traveller"]
 # What ``model.size = "auto"`` decides (``deeprnn.sizing``); a value the user gives for one of them turns it off.
@@ -53,7 +46,9 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """Where the corpus comes from and how it is cut into tokens and splits."""
 
-    url: CorpusURL = Field(
+    # The one place credentials leave the corpus URL: its JSON form, which is what leaves the process (MLflow
+    # params, checkpoints, config.json, --json). Python values keep them for the download.
+    url: Annotated[str, PlainSerializer(redact_url, when_used="json")] = Field(
         D2L_URL,
         title="Corpus URL or path",
         description="http(s):// or file:// URL, or a local path, of a UTF-8 text file. Default: the book's.",
@@ -204,7 +199,8 @@ class TrainConfig(_Section):
         10, title="Evaluate every", description="Held-out perplexity every N epochs (and at the last)."
     )
     log_every: Count = Field(10, title="Log every", description="Progress line every N epochs (and at the last).")
-    time_budget: Duration = Field(
+    # Seconds, or "90s", "2m", "1h30m" (the CLI, the form); "off" or None: no budget; 0 and blanks are refused.
+    time_budget: Annotated[Optional[float], BeforeValidator(parse_budget)] = Field(
         None,
         title="Time budget (seconds)",
         description="Train for this long (e.g. 90s, 2m, 1h): the steps are planned from the throughput "
@@ -347,6 +343,30 @@ class RunConfig(_Section):
 SECTIONS: dict[str, type[_Section]] = dict(data=DataConfig, model=ModelConfig, train=TrainConfig, sample=SampleConfig)
 
 
+# A section as callers give it: its model (the fields set count), a mapping of fields, or None for none.
+Section = BaseModel | Mapping[str, Any] | None
+
+
+def section_values(section: Section) -> dict[str, Any]:
+    """The values a section gives: a model's explicitly set fields, or a mapping's keys; None gives none.
+
+    A section model built from ``{"epochs": 2}`` gives only ``epochs``: the fields it leaves out keep the
+    preset's values. A complete section (every field set, as a form sends it) replaces the preset's whole.
+    """
+    if isinstance(section, BaseModel):
+        return section.model_dump(include=set(section.model_fields_set))
+    return dict(section or {})
+
+
+def overrides_dict(
+    data: Section = None, model: Section = None, train: Section = None, sample: Section = None
+) -> dict[str, dict[str, Any]]:
+    """The sections' given values (``section_values``) as ``{section: {field: value}}``, empty ones left out."""
+    sections = {"data": data, "model": model, "train": train, "sample": sample}
+    given = {key: section_values(section) for key, section in sections.items()}
+    return {key: values for key, values in given.items() if values}
+
+
 def preset_config(name: str, overrides: dict[str, Any] | None = None) -> RunConfig:
     """The named preset, with ``overrides`` (nested ``{section: {field: value}}``) applied and validated.
 
@@ -356,8 +376,8 @@ def preset_config(name: str, overrides: dict[str, Any] | None = None) -> RunConf
     if name not in PRESET_VALUES:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     given = overrides or {}
-    merged = merge(copy.deepcopy(PRESET_VALUES[name]), given)  # the rules below must not change the preset
-    merged["preset"] = name
+    # A copy: the rules below must not change the preset.
+    merged = merge(copy.deepcopy(PRESET_VALUES[name]), given) | {"preset": name}
     if any(field in given.get(section, {}) for section, field in SIZED_FIELDS) and "size" not in given.get("model", {}):
         merged.setdefault("model", {})["size"] = "fixed"  # the user's shape, not the sized one
     if "batch_size" in given.get("train", {}) and "min_planned_steps" not in given["train"]:

@@ -12,9 +12,7 @@ parameter file. ``deeprnn.config.preset_config`` applies and validates them.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
-from pydantic import BaseModel
+from typing import Any
 
 # Each preset as ``{section: {field: value}}`` overrides of the book's defaults.
 PRESET_VALUES: dict[str, dict[str, Any]] = {
@@ -83,37 +81,12 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
         "sample": {"prefixes": [], "num_tokens": 200, "temperature": 0.8, "top_k": 20},
     },
 }
-PRESETS: tuple[str, ...] = tuple(PRESET_VALUES)
-# A section as callers give it: its model (the fields set count), a mapping of fields, or None for none.
-Section = BaseModel | Mapping[str, Any] | None
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge ``update`` into a copy of ``base`` (nested dicts merged, other values replaced)."""
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge(out[key], value) if nested else value
     return out
-
-
-def section_values(section: Section) -> dict[str, Any]:
-    """The values a section gives: a model's explicitly set fields, or a mapping's keys; None gives none.
-
-    A section model built from ``{"epochs": 2}`` gives only ``epochs``: the fields it leaves out keep the
-    preset's values. A complete section (every field set, as a form sends it) replaces the preset's whole.
-    """
-    if isinstance(section, BaseModel):
-        return section.model_dump(include=set(section.model_fields_set))
-    return dict(section or {})
-
-
-def overrides_dict(
-    data: Section = None, model: Section = None, train: Section = None, sample: Section = None
-) -> dict[str, dict[str, Any]]:
-    """The sections' given values (``section_values``) as ``{section: {field: value}}``, empty ones left out."""
-    sections = {"data": data, "model": model, "train": train, "sample": sample}
-    given = {key: section_values(section) for key, section in sections.items()}
-    return {key: values for key, values in given.items() if values}

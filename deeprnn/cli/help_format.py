@@ -26,12 +26,9 @@ class HelpFormatter(typer.Context.formatter_class):  # type: ignore[misc,name-de
 
     def write_text(self, text: str) -> None:
         """Each paragraph of ``text`` wrapped to the width, at the current indent."""
-        indent = " " * self.current_indent
         paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip()]
-        self.write(
-            "\n\n".join("\n".join(indent + line for line in wrap(p, self.width - len(indent))) for p in paragraphs)
-        )
-        self.write("\n")
+        wrapped = ["\n".join(wrap(p, self.width - self.current_indent)) for p in paragraphs]
+        self.write(textwrap.indent("\n\n".join(wrapped), " " * self.current_indent) + "\n")
 
     def write_dl(self, rows: Sequence[tuple[str, str]], col_max: int = 30, col_spacing: int = 2) -> None:
         """Two columns: each name, and its text beside it (or on the next line when the name is longer)."""
@@ -40,17 +37,10 @@ class HelpFormatter(typer.Context.formatter_class):  # type: ignore[misc,name-de
         indent = " " * self.current_indent
         for name, text in rows:
             self.write(indent + name)
-            if not text:
-                self.write("\n")
-                continue
-            lines = wrap(" ".join(text.split()), self.width - first - len(indent))
-            if len(name) + col_spacing <= first:
-                self.write(" " * (first - len(name)) + lines[0] + "\n")
-                lines = lines[1:]
-            else:
-                self.write("\n")
-            for line in lines:
-                self.write(indent + " " * first + line + "\n")
+            lines = wrap(" ".join(text.split()), self.width - first - len(indent)) if text else []
+            if lines and len(name) + col_spacing <= first:  # the text's first line beside the name
+                self.write(" " * (first - len(name)) + lines.pop(0))
+            self.write("\n" + "".join(indent + " " * first + line + "\n" for line in lines))
 
 
 class Context(typer.Context):

@@ -40,9 +40,8 @@ def _cli_type(annotation: Any) -> tuple[Any, str, str | None]:
     if typing.get_origin(base) is typing.Literal:
         return Optional[str], "", "[" + "|".join(map(str, typing.get_args(base))) + "]"
     if typing.get_origin(base) is list:
-        return Optional[list[str]], " Repeat the option for several values.", "TEXT"
-    metavars = {int: "INTEGER", float: "FLOAT", str: "TEXT"}
-    return Optional[base], "", metavars.get(base)
+        return Optional[list[str]], " Repeat the option for several values.", None
+    return Optional[base], "", None  # the help names the type (``help_format.METAVARS``)
 
 
 def default_text(value: Any) -> str:
@@ -67,8 +66,7 @@ OPTION_FIELDS = {RENAMES.get((s, name), name): (s, name) for s, cls in SECTIONS.
 def override_parameters(sections: tuple[str, ...] = tuple(SECTIONS)) -> list[inspect.Parameter]:
     """One keyword ``typer.Option`` per field of the configuration ``sections``."""
     params = []
-    book = preset_config(BOOK_PRESET).model_dump()
-    text = preset_config("text").model_dump()
+    book, text = (preset_config(name).model_dump() for name in (BOOK_PRESET, "text"))
     for cli_name, (section, name) in OPTION_FIELDS.items():
         if section not in sections:
             continue
@@ -77,24 +75,19 @@ def override_parameters(sections: tuple[str, ...] = tuple(SECTIONS)) -> list[ins
         if any(isinstance(m, BeforeValidator) for m in info.metadata):  # parsed from text by the model itself
             typ, note, metavar = Optional[str], "", "DURATION"
         flag = "--" + cli_name.replace("_", "-")
-        decls = [flag, f"{flag}/--no-{cli_name.replace('_', '-')}"] if typ is Optional[bool] else [flag]
+        decl = f"{flag}/--no-{flag[2:]}" if typ is Optional[bool] else flag
         # The option's own default is None (the preset's value applies): say so, with the book's value.
-        default = f"  [default: the preset's; {BOOK_PRESET}: {default_text(book[section][name])}"
+        default = f"{BOOK_PRESET}: {default_text(book[section][name])}"
         if text[section][name] != book[section][name]:
             default += f", text: {default_text(text[section][name])}"
-        default += "]"
         if (section, name) == ("data", "url"):
-            default = "  [default: the preset's; the book]"
-        described = f"[{section}] {info.description or ''}{note}{default}"
-        option = typer.Option(None, decls[-1], help=described, show_default=False, metavar=metavar)
+            default = "the book"
+        described = f"[{section}] {info.description or ''}{note}  [default: the preset's; {default}]"
+        option = typer.Option(None, decl, help=described, show_default=False, metavar=metavar)
         params.append(inspect.Parameter(cli_name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=typ))
-    for alias, cli_name in ALIASES.items():
-        if OPTION_FIELDS[cli_name][0] in sections:
-            option = typer.Option(None, "--" + alias.replace("_", "-"), hidden=True)
-            now = next(p for p in params if p.name == cli_name)
-            params.append(
-                inspect.Parameter(alias, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=now.annotation)
-            )
+    for alias, cli_name in ALIASES.items():  # a former name: hidden, of the same type as the name now
+        hidden = typer.Option(None, "--" + alias.replace("_", "-"), hidden=True)
+        params += [p.replace(name=alias, default=hidden) for p in params if p.name == cli_name]
     return params
 
 
@@ -114,15 +107,11 @@ def overrides(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Group the options the user gave into ``{section: {field: value}}``; a ``--time-budget`` that is neither a
     duration nor ``off`` (``0``, a blank, ``1ms``, ``2x``) exits 2 in one line."""
     out: dict[str, dict[str, Any]] = {}
-    for cli_name, value in values.items():
+    # A former name first: the option's name now, given too, wins over it.
+    for cli_name, value in sorted(values.items(), key=lambda item: item[0] not in ALIASES):
         field = OPTION_FIELDS.get(ALIASES.get(cli_name, cli_name))
-        if value is None or field is None or (isinstance(value, list) and not value):
-            continue
-        fields = out.setdefault(field[0], {})
-        if cli_name in ALIASES:
-            fields.setdefault(field[1], value)  # the option's name now wins over its former one
-        else:
-            fields[field[1]] = value
+        if value is not None and field is not None and value != []:
+            out.setdefault(field[0], {})[field[1]] = value
     try:  # refused here in one line naming what it takes: the configuration's message would span lines
         parse_budget(out.get("train", {}).get("time_budget"))
     except DurationError as exc:
@@ -155,7 +144,7 @@ def resolve_or_exit(preset: str | None, values: dict[str, dict[str, Any]]) -> Ru
 
 def complete_sections(config: RunConfig) -> dict[str, BaseModel]:
     """The resolved configuration's sections, each with every field set: handed to a flow, each replaces its
-    preset's section whole (``deeprnn.presets.section_values``), so the flow runs exactly what the command
+    preset's section whole (``deeprnn.config.section_values``), so the flow runs exactly what the command
     validated and printed, and resolves nothing again."""
     return {name: cls.model_validate(getattr(config, name).model_dump()) for name, cls in SECTIONS.items()}
 

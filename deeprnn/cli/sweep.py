@@ -183,40 +183,32 @@ def sweep(
 def _check(
     preset: str, fixed: dict[str, Any], space_file: str | None, params: list[str], settings: dict[str, Any]
 ) -> Any:
-    """The study to run, checked before anything starts: search, pruner, space (its ends and every grid or
-    random point as configurations), the storage opened, and a study of that name holding the same search
-    with something left to run. Exits 2 saying why when any is wrong."""
+    """The study to run, checked before anything starts: search, pruner, space (the YAML file, then each
+    ``section.field=values`` of ``params``, a later one winning; its ends and every grid or random point as
+    configurations), the storage opened, and a study of that name holding the same search with something left
+    to run. Exits 2 saying why when any is wrong."""
     from deeprnn.data.urls import has_password, is_masked
     from deeprnn.ops.study_storage import study_storage
     from deeprnn.search.optuna_study import check_storage, study_spec
+    from deeprnn.search.space import SearchSpaceError, field_path, load_space, parse_values
 
     given = settings.pop("storage")
-    try:
-        space = sweep_space(space_file, params)
+    try:  # SearchSpaceError and StudyError are ValueErrors, as is an unknown preset
+        space = {field_path(k): v for k, v in load_space(space_file).items()} if space_file else {}
+        for item in params:
+            key, sep, text = item.partition("=")
+            if not sep or not key.strip():
+                raise SearchSpaceError(
+                    f"--param {item!r}: write it as section.field=value[,value...], e.g. train.clip_norm=0.5,1"
+                )
+            space[field_path(key)] = parse_values(text)
         # A URL with its password stays in this process; anything else reads as the flow reads it (secret:NAME).
         storage = given if given and has_password(given) and not is_masked(given) else study_storage(given)
         spec = study_spec(space, preset, fixed, storage=storage, **settings)
         check_storage(spec)  # reads the study, writes nothing: the flow writes once the sweep runs
-    except ValueError as exc:  # SearchSpaceError and StudyError are ValueErrors, as is an unknown preset
+    except ValueError as exc:
         fail(str(exc))
     return spec
-
-
-def sweep_space(space_file: str | None, params: list[str]) -> dict[str, Any]:
-    """The search space: the YAML file, then each ``section.field=values`` of ``params`` (later wins)."""
-    from deeprnn.search.space import SearchSpaceError, field_path, load_space, parse_values
-
-    space: dict[str, Any] = {}
-    if space_file:
-        space.update({field_path(k): v for k, v in load_space(space_file).items()})
-    for item in params:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise SearchSpaceError(
-                f"--param {item!r}: write it as section.field=value[,value...], e.g. train.clip_norm=0.5,1"
-            )
-        space[field_path(key)] = parse_values(text)
-    return space
 
 
 def _announce(spec: Any, preset: str, where: str) -> None:
@@ -230,9 +222,10 @@ def _announce(spec: Any, preset: str, where: str) -> None:
     print_line(f"Optuna study {spec.name!r} in {spec.shown_storage} (sampler {spec.sampler}, pruner {spec.pruner})")
 
 
-def _dimension_parameters() -> list[inspect.Parameter]:
-    """``--cell``, ``--num-layers``, ...: one comma-separated option per dimension of ``DIMENSIONS``."""
-    return [
+def _parameters() -> list[inspect.Parameter]:
+    """One comma-separated option per dimension of ``DIMENSIONS`` (``--cell``, ``--num-layers``, ...), then
+    `deeprnn run`'s options of the fields fixed for every trial (``--epochs``, ``--device``, ...)."""
+    dimensions = [
         inspect.Parameter(
             name,
             inspect.Parameter.KEYWORD_ONLY,
@@ -241,15 +234,11 @@ def _dimension_parameters() -> list[inspect.Parameter]:
         )
         for name, (_, help_text) in DIMENSIONS.items()
     ]
-
-
-def _fixed_parameters() -> list[inspect.Parameter]:
-    """``--epochs``, ``--device``, ``--data-url``, ``--data-sha1``: `deeprnn run`'s options, for every trial."""
     fixed = [p for p in options.override_parameters(("data", "train")) if p.name in FIXED]
     for parameter in fixed:
         parameter.default.help += " The same for every trial (GPU trials get one GPU each)."
-    return fixed
+    return dimensions + fixed
 
 
 # Typer reads the signature: the dimension options, then the fields fixed for every trial.
-options.with_options(sweep, _dimension_parameters() + _fixed_parameters())
+options.with_options(sweep, _parameters())
