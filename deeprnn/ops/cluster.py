@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # imported where used: the GPU helpers need only dask.distrib
 
 ADDRESS_ENV = "DEEPRNN_DASK_ADDRESS"
 WORKERS_ENV = "DEEPRNN_DASK_WORKERS"
+ON_THIS_MACHINE = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}  # a local cluster's scheduler
 GPU = "GPU"  # the Dask worker resource name; workers started elsewhere must use the same
 
 
@@ -39,10 +40,8 @@ def local_gpus() -> list[str]:
     """The CUDA devices this machine lets us use, as ``CUDA_VISIBLE_DEVICES`` entries."""
     import torch
 
-    if not torch.cuda.is_available():
-        return []
     ids = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    count = torch.cuda.device_count()
+    count = torch.cuda.device_count()  # 0 without CUDA
     return ids[:count] if ids else [str(i) for i in range(count)]
 
 
@@ -50,7 +49,7 @@ def local_gpu_cluster(gpus: list[str]) -> Any:
     """A Dask cluster on this machine with one single-threaded worker process per GPU, pinned to it."""
     from distributed import Nanny, Scheduler, SpecCluster
 
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
+    scheduler = {"cls": Scheduler, "options": ON_THIS_MACHINE}
     workers = {
         f"gpu-{gpu}": {
             "cls": Nanny,
@@ -86,8 +85,7 @@ def dask_task_runner(address: str | None = None, workers: int | None = None, use
             "n_workers": workers or os.cpu_count() or 1,
             "threads_per_worker": 1,  # one trial per process; Dask also sets OMP_NUM_THREADS=1 there
             "processes": True,
-            "host": "127.0.0.1",
-            "dashboard_address": "127.0.0.1:0",
+            **ON_THIS_MACHINE,
             "preload": [PRELOAD],  # no traceback from a worker closing with a stopped sweep
         }
     )

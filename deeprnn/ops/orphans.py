@@ -42,7 +42,6 @@ class Orphan:
 
     run_id: str
     pid: int
-    reason: str
     checkpoint: Path | str | None = None  # the checkpoint it can resume from (local file or MLflow artifact)
 
 
@@ -68,7 +67,7 @@ def mark_orphaned_runs(runs_dir: str | None = None) -> list[Orphan]:
         reason = f"process gone: pid {pid} on {host} ended without closing the run (killed or crashed)"
         runs.mark_failed(run.info.run_id, reason)
         local = Path(runs_dir, run.info.run_id, LAST) if runs_dir else None
-        found.append(Orphan(run.info.run_id, pid, reason, run_checkpoints.kept_checkpoint(run.info.run_id, local)))
+        found.append(Orphan(run.info.run_id, pid, run_checkpoints.kept_checkpoint(run.info.run_id, local)))
     return found
 
 

@@ -40,11 +40,9 @@ def rank(results: list[TrialResult]) -> list[TrialResult]:
     """Finished trials by held-out perplexity (best first), then failed ones by trial number."""
     metric = selection_metric(results)
 
-    def key(r: TrialResult) -> tuple[int, float, int]:
-        score = r.metrics.get(metric)
-        if not r.succeeded or score is None or not math.isfinite(score):
-            return (1, math.inf, r.index)
-        return (0, score, r.index)
+    def key(r: TrialResult) -> tuple[bool, float, int]:
+        score = r.metrics.get(metric, math.nan) if r.succeeded else math.nan
+        return (False, score, r.index) if math.isfinite(score) else (True, math.inf, r.index)
 
     return sorted(results, key=key)
 

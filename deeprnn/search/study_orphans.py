@@ -65,12 +65,11 @@ def gone_reason(record: Any, host: str) -> str | None:
     known to be: no owner recorded, another host, or a process of this host that is still there."""
     if not isinstance(record, dict) or record.get("host") != host or not isinstance(record.get("pid"), int):
         return None
-    pid, started = record["pid"], record.get("started")
-    if process_alive(pid, started):
+    pid = record["pid"]
+    if process_alive(pid, record.get("started")):
         return None
-    if psutil.pid_exists(pid):
-        return f"process gone: pid {pid} on {host} is now another process"
-    return f"process gone: pid {pid} on {host} ended without ending the trial (killed or crashed)"
+    now = "is now another process" if psutil.pid_exists(pid) else "ended without ending the trial (killed or crashed)"
+    return f"process gone: pid {pid} on {host} {now}"
 
 
 @dataclass(frozen=True)
@@ -104,8 +103,7 @@ def fail_orphaned_trials(study: optuna.Study, storage: optuna.storages.BaseStora
             continue
         failed.append((trial.number, reason))
     running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    with warnings.catch_warnings():  # Optuna marks the heartbeat "experimental"
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(action="ignore"):  # Optuna marks the heartbeat "experimental"
         optuna.storages.fail_stale_trials(study)  # a no-op but for a database storage with a heartbeat
     still = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     grace = getattr(storage, "grace_period", None) or GRACE_S
