@@ -50,19 +50,9 @@ def local_gpu_cluster(gpus: list[str]) -> Any:
     from distributed import Nanny, Scheduler, SpecCluster
 
     scheduler = {"cls": Scheduler, "options": ON_THIS_MACHINE}
-    workers = {
-        f"gpu-{gpu}": {
-            "cls": Nanny,
-            "options": {
-                "host": "127.0.0.1",
-                "nthreads": 1,
-                "resources": {GPU: 1},
-                "env": {"CUDA_VISIBLE_DEVICES": gpu},  # the worker's torch sees its GPU as cuda:0
-                "preload": [PRELOAD],
-            },
-        }
-        for gpu in gpus
-    }
+    options = {"host": "127.0.0.1", "nthreads": 1, "resources": {GPU: 1}, "preload": [PRELOAD]}
+    # Each worker's torch sees its own GPU, as cuda:0.
+    workers = {f"gpu-{g}": {"cls": Nanny, "options": {**options, "env": {"CUDA_VISIBLE_DEVICES": g}}} for g in gpus}
     return SpecCluster(scheduler=scheduler, workers=workers, name="deeprnn-gpus")
 
 
@@ -80,15 +70,10 @@ def dask_task_runner(address: str | None = None, workers: int | None = None, use
     gpus = local_gpus() if use_gpus else []
     if gpus:
         return DaskTaskRunner(cluster_class=local_gpu_cluster, cluster_kwargs={"gpus": gpus[: workers or len(gpus)]})
-    return DaskTaskRunner(
-        cluster_kwargs={
-            "n_workers": workers or os.cpu_count() or 1,
-            "threads_per_worker": 1,  # one trial per process; Dask also sets OMP_NUM_THREADS=1 there
-            "processes": True,
-            **ON_THIS_MACHINE,
-            "preload": [PRELOAD],  # no traceback from a worker closing with a stopped sweep
-        }
-    )
+    # One single-threaded worker process per trial (Dask also sets OMP_NUM_THREADS=1 there); the preload drops
+    # the traceback of a worker closing with a stopped sweep.
+    local = {"threads_per_worker": 1, "processes": True, "preload": [PRELOAD], **ON_THIS_MACHINE}
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers or os.cpu_count() or 1, **local})
 
 
 def task_runner_from_env() -> DaskTaskRunner:
@@ -101,8 +86,7 @@ def task_runner_from_env() -> DaskTaskRunner:
 
 def is_remote(address: str | None) -> bool:
     """True when ``address`` names a scheduler on another machine (not loopback)."""
-    if not address:
-        return False
+    address = address or ""  # none: a cluster on this machine
     host = urlsplit(address if "://" in address else "tcp://" + address).hostname or ""
     return host not in ("127.0.0.1", "localhost", "::1", "")
 

@@ -58,11 +58,8 @@ def mark_orphaned_runs(runs_dir: str | None = None) -> list[Orphan]:
     found = []
     for run in client.search_runs(experiments, query, max_results=1000):
         tags = run.data.tags
-        pid_text = tags.get(PID_TAG, "")
-        if not pid_text.isdigit() or int(pid_text) == os.getpid():
-            continue
-        pid = int(pid_text)
-        if process_alive(pid, tags.get(STARTED_TAG)):
+        pid = int(tags[PID_TAG]) if tags.get(PID_TAG, "").isdigit() else os.getpid()  # no pid: left alone
+        if pid == os.getpid() or process_alive(pid, tags.get(STARTED_TAG)):
             continue
         reason = f"process gone: pid {pid} on {host} ended without closing the run (killed or crashed)"
         runs.mark_failed(run.info.run_id, reason)

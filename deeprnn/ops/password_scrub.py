@@ -15,6 +15,7 @@ passes untouched after three environment lookups and a look at each URL found.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -33,9 +34,7 @@ def urls_in_play() -> tuple[str, ...]:
 
 def scrub(text: str) -> str:
     """``text`` with each credentialed URL in play masked and its password, wherever it appears, ``***``."""
-    for url in urls_in_play():
-        text = hide_password(text, url)
-    return text
+    return functools.reduce(hide_password, urls_in_play(), text)
 
 
 _TRACEBACKS = logging.Formatter()  # how a record's traceback is written when its handler's formatter has not yet

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # optuna loads only when a study is used
     import optuna
     from optuna.distributions import BaseDistribution
 
-SAMPLERS = {"grid": "grid", "random": "random", "optuna": "tpe"}  # each search (grid, random, optuna)'s sampler
+SAMPLERS = {"grid": "grid", "random": "random", "optuna": "tpe"}  # each search and its Optuna sampler
 PRUNERS = ("asha", "median", "none")
 DEFAULT_STORAGE = "optuna.journal"  # a journal file in the folder the sweep starts in
 # Trials TPE draws at random before it models the space: a few, since a sweep here has tens of trials.
@@ -145,17 +145,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         ) from None
 
 
-def _journal_path(url: str) -> Path:
-    path = Path(url).expanduser()
-    if not path.parent.is_dir():
-        raise StudyError(f"cannot open the study storage {url}: folder {path.parent} does not exist")
-    return path
-
-
 def check_journal(url: str) -> Path:
     """The journal file at ``url``, its records read; ``StudyError`` naming the file, the first damaged line and
     what to do when a complete line is not a JSON record (or naming the folder when it does not exist)."""
-    path = _journal_path(url)
+    path = Path(url).expanduser()
+    if not path.parent.is_dir():
+        raise StudyError(f"cannot open the study storage {url}: folder {path.parent} does not exist")
     if not path.exists():
         return path
     lines = path.read_bytes().split(b"\n")
@@ -239,8 +234,7 @@ class StudySpec:
         """The search as JSON, its varied fields' distributions and every other field's value, however they were
         given (options, sections or fixed values of the space): a study continues only with the same one."""
         space = parse_space(self.space)
-        base = self.first_point().config.flat()
-        fixed = {k: v for k, v in base.items() if k not in space.dims}
+        fixed = {k: v for k, v in self.first_point().config.flat().items() if k not in space.dims}
         # An adaptive study's signature is as it always was; a random sweep's points are its seed's draws.
         kind: dict[str, Any] = {} if self.search == "optuna" else {"kind": self.search}
         kind.update({"seed": self.seed} if self.search == "random" else {})
@@ -349,7 +343,7 @@ def enqueue_points(study: optuna.Study, spec: StudySpec) -> int:
 def _existing(spec: StudySpec) -> tuple[optuna.storages.BaseStorage | None, list[Any] | None]:
     """The storage opened (``None`` for a journal file not there yet: opening would create it) and the trials
     of the study named ``spec.name`` (``None``: none of that name), its search checked."""
-    if "://" not in spec.storage and not _journal_path(spec.storage).exists():
+    if "://" not in spec.storage and not check_journal(spec.storage).exists():
         return None, None
     storage = open_storage(spec.storage)
     try:

@@ -78,16 +78,14 @@ def table_markdown(results: list[TrialResult], link: Callable[[str], str | None]
     rows = table_rows(results)
     if not rows:
         return "(no trials)"
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0])]
-    for row in rows:
-        cells = []
-        for col, value in row.items():
-            if col == "run_id" and value:
-                url = link(value) if link else None
-                cells.append(f"[{value[:12]}]({url})" if url else f"`{value}`")
-            elif isinstance(value, float):
-                cells.append(f"{value:.3f}")
-            else:
-                cells.append(str(value if value is not None else "").replace("|", "\\|").replace("\n", " "))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def cell(col: str, value: Any) -> str:
+        if col == "run_id" and value:
+            url = link(value) if link else None
+            return f"[{value[:12]}]({url})" if url else f"`{value}`"
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        return str(value if value is not None else "").replace("|", "\\|").replace("\n", " ")
+
+    lines = [list(rows[0]), ["---"] * len(rows[0])] + [[cell(c, v) for c, v in row.items()] for row in rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)

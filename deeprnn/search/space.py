@@ -224,11 +224,7 @@ class Trial:
     index: int
     values: dict[str, Any]
     config: RunConfig
-
-    @property
-    def name(self) -> str:
-        """A short label for logs and the MLflow UI, e.g. ``trial-2 cell=gru lr=1``."""
-        return trial_name(self.index, self.values)
+    name: str  # a short label for logs and the MLflow UI, e.g. ``trial-2 cell=gru lr=1``
 
 
 def trial_name(index: int, values: Mapping[str, Any]) -> str:
@@ -254,4 +250,4 @@ def make_trial(
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         shown = ", ".join(f"{k}={v}" for k, v in values.items()) or "no varied values"
         raise SearchSpaceError(f"trial {index} ({shown}) is not a valid configuration: {problems}") from None
-    return Trial(index, dict(values), config)
+    return Trial(index, dict(values), config, trial_name(index, values))
