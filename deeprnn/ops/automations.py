@@ -36,6 +36,7 @@ FLOW_RUNS = ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]
 ENDED_BADLY = {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
 WATCHED = ResourceSpecification({"prefect.resource.role": "flow", "prefect.resource.name": WATCHED_FLOWS})
 
+ALERT_JSON = {"subject": "{{subject}}", "text": "{{body}}"}  # what the webhook block posts
 ALERT_SUBJECT = "deeprnn: {{ flow.name }} run {{ flow_run.name }} {{ flow_run.state.name }}"
 ALERT_BODY = (
     "Flow run {{ flow_run.name }} of {{ flow.name }}"
@@ -46,6 +47,9 @@ ALERT_BODY = (
 
 def zombie_automation(zombie_after: int = ZOMBIE_AFTER) -> AutomationCore:
     """Mark a flow run Crashed when it has sent no event for ``zombie_after`` seconds after a heartbeat."""
+    crash = ChangeFlowRunState(
+        state=StateType.CRASHED, message=f"no heartbeat for {zombie_after} s: the flow run's process or machine is gone"
+    )
     return AutomationCore(
         name=ZOMBIE_AUTOMATION,
         description="Deployment runs whose heartbeats stopped (machine lost, process killed) are marked Crashed.",
@@ -57,12 +61,7 @@ def zombie_automation(zombie_after: int = ZOMBIE_AFTER) -> AutomationCore:
             posture=Posture.Proactive,
             within=timedelta(seconds=zombie_after),
         ),
-        actions=[
-            ChangeFlowRunState(
-                state=StateType.CRASHED,
-                message=f"no heartbeat for {zombie_after} s: the flow run's process or machine is gone",
-            )
-        ],
+        actions=[crash],
     )
 
 
@@ -72,11 +71,7 @@ def alert_automation(url: str, allow_private_urls: bool = False) -> AutomationCo
     ``allow_private_urls`` lets it post to a host on a private network or this machine (Prefect refuses those by
     default)."""
     block = CustomWebhookNotificationBlock(
-        name="deeprnn alerts",
-        url=url,
-        method="POST",
-        json_data={"subject": "{{subject}}", "text": "{{body}}"},
-        allow_private_urls=allow_private_urls,
+        name="deeprnn alerts", url=url, json_data=ALERT_JSON, allow_private_urls=allow_private_urls
     )
     notify = SendNotification(
         block_document_id=block.save(ALERT_BLOCK, overwrite=True), subject=ALERT_SUBJECT, body=ALERT_BODY

@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # imported where used: the GPU helpers need only dask.distrib
 
 ADDRESS_ENV = "DEEPRNN_DASK_ADDRESS"
 WORKERS_ENV = "DEEPRNN_DASK_WORKERS"
+ON_THIS_MACHINE = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}  # a local cluster's scheduler
 GPU = "GPU"  # the Dask worker resource name; workers started elsewhere must use the same
 
 
@@ -39,10 +40,8 @@ def local_gpus() -> list[str]:
     """The CUDA devices this machine lets us use, as ``CUDA_VISIBLE_DEVICES`` entries."""
     import torch
 
-    if not torch.cuda.is_available():
-        return []
     ids = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    count = torch.cuda.device_count()
+    count = torch.cuda.device_count()  # 0 without CUDA
     return ids[:count] if ids else [str(i) for i in range(count)]
 
 
@@ -50,20 +49,10 @@ def local_gpu_cluster(gpus: list[str]) -> Any:
     """A Dask cluster on this machine with one single-threaded worker process per GPU, pinned to it."""
     from distributed import Nanny, Scheduler, SpecCluster
 
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
-    workers = {
-        f"gpu-{gpu}": {
-            "cls": Nanny,
-            "options": {
-                "host": "127.0.0.1",
-                "nthreads": 1,
-                "resources": {GPU: 1},
-                "env": {"CUDA_VISIBLE_DEVICES": gpu},  # the worker's torch sees its GPU as cuda:0
-                "preload": [PRELOAD],
-            },
-        }
-        for gpu in gpus
-    }
+    scheduler = {"cls": Scheduler, "options": ON_THIS_MACHINE}
+    options = {"host": "127.0.0.1", "nthreads": 1, "resources": {GPU: 1}, "preload": [PRELOAD]}
+    # Each worker's torch sees its own GPU, as cuda:0.
+    workers = {f"gpu-{g}": {"cls": Nanny, "options": {**options, "env": {"CUDA_VISIBLE_DEVICES": g}}} for g in gpus}
     return SpecCluster(scheduler=scheduler, workers=workers, name="deeprnn-gpus")
 
 
@@ -81,16 +70,10 @@ def dask_task_runner(address: str | None = None, workers: int | None = None, use
     gpus = local_gpus() if use_gpus else []
     if gpus:
         return DaskTaskRunner(cluster_class=local_gpu_cluster, cluster_kwargs={"gpus": gpus[: workers or len(gpus)]})
-    return DaskTaskRunner(
-        cluster_kwargs={
-            "n_workers": workers or os.cpu_count() or 1,
-            "threads_per_worker": 1,  # one trial per process; Dask also sets OMP_NUM_THREADS=1 there
-            "processes": True,
-            "host": "127.0.0.1",
-            "dashboard_address": "127.0.0.1:0",
-            "preload": [PRELOAD],  # no traceback from a worker closing with a stopped sweep
-        }
-    )
+    # One single-threaded worker process per trial (Dask also sets OMP_NUM_THREADS=1 there); the preload drops
+    # the traceback of a worker closing with a stopped sweep.
+    local = {"threads_per_worker": 1, "processes": True, "preload": [PRELOAD], **ON_THIS_MACHINE}
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers or os.cpu_count() or 1, **local})
 
 
 def task_runner_from_env() -> DaskTaskRunner:
@@ -103,8 +86,7 @@ def task_runner_from_env() -> DaskTaskRunner:
 
 def is_remote(address: str | None) -> bool:
     """True when ``address`` names a scheduler on another machine (not loopback)."""
-    if not address:
-        return False
+    address = address or ""  # none: a cluster on this machine
     host = urlsplit(address if "://" in address else "tcp://" + address).hostname or ""
     return host not in ("127.0.0.1", "localhost", "::1", "")
 

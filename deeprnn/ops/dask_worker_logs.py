@@ -22,38 +22,31 @@ POOL_CLOSING = "ConnectionPool closing"
 BATCHED_CLOSED = "Batched Comm Closed"  # distributed.batched's INFO line when the other side hung up
 
 
-class ClosingHeartbeatFilter(logging.Filter):
-    """Drops the heartbeat failure a closing worker logs about its own closed connection pool."""
+def drop_closing_heartbeat(record: logging.LogRecord) -> bool:
+    """A log filter: False for the heartbeat failure a closing worker logs about its own closed connection pool;
+    True for every other record."""
+    from distributed.comm.core import CommClosedError
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        """False for that one record; True for every other."""
-        from distributed.comm.core import CommClosedError
-
-        error = record.exc_info[1] if record.exc_info else None
-        closing = isinstance(error, CommClosedError) and POOL_CLOSING in str(error)
-        return not (closing and record.getMessage().startswith(HEARTBEAT_FAILED))
+    error = record.exc_info[1] if record.exc_info else None
+    closing = isinstance(error, CommClosedError) and POOL_CLOSING in str(error)
+    return not (closing and record.getMessage().startswith(HEARTBEAT_FAILED))
 
 
-class ClosedCommFilter(logging.Filter):
-    """Keeps Dask's INFO line that a batched connection closed, without the traceback of the close."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Always True; the ``Batched Comm Closed`` record at INFO or below loses its traceback."""
-        if record.levelno <= logging.INFO and record.getMessage().startswith(BATCHED_CLOSED):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-_CLOSED_COMM, _CLOSING = ClosedCommFilter(), ClosingHeartbeatFilter()
+def drop_closed_comm_traceback(record: logging.LogRecord) -> bool:
+    """A log filter: keeps Dask's INFO line that a batched connection closed (``Batched Comm Closed``, at INFO
+    or below), without the traceback of the close; always True."""
+    if record.levelno <= logging.INFO and record.getMessage().startswith(BATCHED_CLOSED):
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def quiet_closed_comms() -> None:
-    """Install ``ClosedCommFilter`` on ``distributed.batched``'s logger in this process (once: a logger keeps
-    one of each filter)."""
-    logging.getLogger("distributed.batched").addFilter(_CLOSED_COMM)
+    """Install ``drop_closed_comm_traceback`` on ``distributed.batched``'s logger in this process (once: a logger
+    keeps one of each filter)."""
+    logging.getLogger("distributed.batched").addFilter(drop_closed_comm_traceback)
 
 
 def dask_setup(worker: Any) -> None:
     """Install the filters on the worker's loggers (``distributed`` calls this once per worker process)."""
-    logging.getLogger("distributed.worker").addFilter(_CLOSING)
+    logging.getLogger("distributed.worker").addFilter(drop_closing_heartbeat)
     quiet_closed_comms()

@@ -84,46 +84,38 @@ def _names_an_expected_failure(record: logging.LogRecord) -> bool:
     return found is not None and found.group(1) in {"LookupError", *(name for _, name in EXPECTED)}
 
 
-class DropExpectedTracebacks(logging.Filter):
-    """Keep a run log record, but without its traceback when it reports an expected error."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if _carries_expected(record):
-            record.exc_info = None
-            record.exc_text = None
-            setattr(record, EXPECTED_MARK, True)  # the console's filter still knows what the record reports
-        if record.levelno > logging.INFO and _STOPPED_STATE in record.getMessage():
-            # Prefect logs every final state but Completed at ERROR; a stop on purpose is no error.
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
-
-
 _STOPPED_STATE = "Finished in state Cancelled('stopped by SIG"
 
 
-_FILTER = DropExpectedTracebacks()
+def drop_expected_traceback(record: logging.LogRecord) -> bool:
+    """A log filter: keep a run log record, but without its traceback when it reports an expected error."""
+    if _carries_expected(record):
+        record.exc_info, record.exc_text = None, None
+        setattr(record, EXPECTED_MARK, True)  # the console's filter still knows what the record reports
+    if record.levelno > logging.INFO and _STOPPED_STATE in record.getMessage():
+        # Prefect logs every final state but Completed at ERROR; a stop on purpose is no error.
+        record.levelno, record.levelname = logging.INFO, "INFO"
+    return True
 
 
 def quiet_expected_failures() -> None:
     """Install the filter on Prefect's run loggers (idempotent). Filters stay when Prefect re-reads its logging
     configuration, so once per process is enough: ``deeprnn/tasks/__init__.py`` calls it."""
     for name in RUN_LOGGERS:
-        logging.getLogger(name).addFilter(_FILTER)  # a logger keeps one of each filter
-
-
-class HideExpectedFailures(logging.Filter):
-    """Drop the run log records that report an expected error, for a console whose command prints it itself."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith(RUN_LOGGERS):
-            return True
-        # A stop on purpose (Ctrl-C, SIGTERM): the command says in one line what was kept; Prefect's "Crash
-        # detected" records of the interrupted task stay in the dashboard's logs only.
-        return not (_names_an_expected_failure(record) or _INTERRUPTED in record.getMessage())
+        logging.getLogger(name).addFilter(drop_expected_traceback)  # a logger keeps one of each filter
 
 
 _INTERRUPTED = "aborted by an interrupt signal"
-_HIDE = HideExpectedFailures()
+
+
+def hide_expected_failure(record: logging.LogRecord) -> bool:
+    """A log filter: drop the run log records that report an expected error, for a console whose command prints
+    it itself."""
+    if not record.name.startswith(RUN_LOGGERS):
+        return True
+    # A stop on purpose (Ctrl-C, SIGTERM): the command says in one line what was kept; Prefect's "Crash
+    # detected" records of the interrupted task stay in the dashboard's logs only.
+    return not (_names_an_expected_failure(record) or _INTERRUPTED in record.getMessage())
 
 
 def hide_expected_failures_on_console() -> None:
@@ -132,4 +124,4 @@ def hide_expected_failures_on_console() -> None:
     Prefect API (the dashboard) keep every record, with its message."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler):
-            handler.addFilter(_HIDE)  # a handler keeps one of each filter
+            handler.addFilter(hide_expected_failure)  # a handler keeps one of each filter

@@ -42,7 +42,6 @@ class Orphan:
 
     run_id: str
     pid: int
-    reason: str
     checkpoint: Path | str | None = None  # the checkpoint it can resume from (local file or MLflow artifact)
 
 
@@ -59,16 +58,13 @@ def mark_orphaned_runs(runs_dir: str | None = None) -> list[Orphan]:
     found = []
     for run in client.search_runs(experiments, query, max_results=1000):
         tags = run.data.tags
-        pid_text = tags.get(PID_TAG, "")
-        if not pid_text.isdigit() or int(pid_text) == os.getpid():
-            continue
-        pid = int(pid_text)
-        if process_alive(pid, tags.get(STARTED_TAG)):
+        pid = int(tags[PID_TAG]) if tags.get(PID_TAG, "").isdigit() else os.getpid()  # no pid: left alone
+        if pid == os.getpid() or process_alive(pid, tags.get(STARTED_TAG)):
             continue
         reason = f"process gone: pid {pid} on {host} ended without closing the run (killed or crashed)"
         runs.mark_failed(run.info.run_id, reason)
         local = Path(runs_dir, run.info.run_id, LAST) if runs_dir else None
-        found.append(Orphan(run.info.run_id, pid, reason, run_checkpoints.kept_checkpoint(run.info.run_id, local)))
+        found.append(Orphan(run.info.run_id, pid, run_checkpoints.kept_checkpoint(run.info.run_id, local)))
     return found
 
 

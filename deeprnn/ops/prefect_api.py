@@ -47,18 +47,13 @@ START_LOCK_NAME = ".deeprnn-temporary-server.lock"
 LOCK_WAIT_STARTS = 6
 STARTUP_FAILURE_EXIT_CODE = 3  # uvicorn's exit status when it cannot start, e.g. its port was taken meanwhile
 
+_OWN_SERVER = "start a server with `prefect server start` and set PREFECT_API_URL"
+_RAISE_OR_OWN = f"Raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or {_OWN_SERVER}"
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 class PrefectAPIError(RuntimeError):
     """The temporary Prefect API server did not come up."""
-
-
-def _free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _port_taken(port: int) -> bool:
@@ -106,7 +101,7 @@ class TemporaryAPI:
                 return False
             except OSError:  # an unusable lock file: the servers start as they would without one
                 pass
-            self._spawn_on(_free_port())
+            self._spawn()
         return True
 
     def is_ready(self) -> bool:
@@ -119,50 +114,45 @@ class TemporaryAPI:
         return self.ready
 
     def starting(self) -> bool:
-        """True while the server is still on its way up: not answering yet, waiting for its turn or running,
-        and within its timeout."""
+        """True while the server is still on its way up: not answering yet, waiting for its turn or running (on
+        another port if another program took its port as it started), and within its timeout."""
         if self.is_ready():
             return False
         if self.process is None:
             return time.monotonic() < self.queued_at + self.timeout * LOCK_WAIT_STARTS
+        if self.process.poll() == STARTUP_FAILURE_EXIT_CODE and _port_taken(self.port):
+            self._spawn()  # another program took the port between our choosing and binding it: another port
         return self.process.poll() is None and time.monotonic() < self.started_at + self.timeout
 
     def wait(self) -> None:
         """Block until the server answers; raise ``PrefectAPIError`` saying why if it does not. The lock is
         released either way: the database is ready, or this server will not make it so. Its turn may take
         ``LOCK_WAIT_STARTS`` start-ups; its start is timed as Prefect times its own server's."""
-        turn = self.timeout * LOCK_WAIT_STARTS
         try:
-            while not self.is_ready():
-                if self.process is None and time.monotonic() > self.queued_at + turn:
-                    raise PrefectAPIError(
-                        f"other commands have been starting Prefect's temporary API server on this PREFECT_HOME "
-                        f"for {turn:.0f} s (lock file {self.lock.lock_file}). Raise "
-                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server with `prefect server "
-                        "start` and set PREFECT_API_URL"
-                    )
-                code = None if self.process is None else self.process.poll()
-                if code == STARTUP_FAILURE_EXIT_CODE and _port_taken(self.port):
-                    self._spawn_on(_free_port())  # another program took the port between our choosing and binding it
-                elif code is not None:
-                    raise PrefectAPIError(
-                        f"Prefect's temporary API server exited with status {code} before answering (its errors "
-                        "are printed above). Check PREFECT_HOME's database, or start a server with `prefect server "
-                        "start` and set PREFECT_API_URL"
-                    )
-                if self.process is not None and time.monotonic() > self.started_at + self.timeout:
-                    self.stop()
-                    raise PrefectAPIError(
-                        f"Prefect's temporary API server did not answer within {self.timeout:.0f} s. Raise "
-                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server with `prefect server "
-                        "start` and set PREFECT_API_URL"
-                    )
+            while self.starting():
                 time.sleep(0.1)
+            if self.ready:
+                return
+            if self.process is None:
+                raise PrefectAPIError(
+                    f"other commands have been starting Prefect's temporary API server on this PREFECT_HOME for "
+                    f"{self.timeout * LOCK_WAIT_STARTS:.0f} s (lock file {self.lock.lock_file}). {_RAISE_OR_OWN}"
+                )
+            code = self.process.poll()
+            if code is not None:
+                raise PrefectAPIError(
+                    f"Prefect's temporary API server exited with status {code} before answering (its errors are "
+                    f"printed above). Check PREFECT_HOME's database, or {_OWN_SERVER}"
+                )
+            self.stop()
+            raise PrefectAPIError(
+                f"Prefect's temporary API server did not answer within {self.timeout:.0f} s. {_RAISE_OR_OWN}"
+            )
         finally:
-            _release(self.lock)
+            self.lock.release(force=True)  # a no-op when it does not hold it
 
-    def _spawn_on(self, port: int) -> None:
-        """Start the server process on ``port``, tied to this one's life where the platform allows it, and point
+    def _spawn(self) -> None:
+        """Start the server process on a free port, tied to this one's life where the platform allows it, and point
         this process (and its children) at it, with no UI link: the server has no UI.
 
         In a session (and process group) of its own: a terminal's Ctrl-C, and the SIGTERM that ``timeout``,
@@ -172,9 +162,13 @@ class TemporaryAPI:
         """
         from prefect.context import refresh_global_settings_context
 
-        self.port = port
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # a port nothing listens on right now
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
         preexec = _stop_with_parent if sys.platform.startswith("linux") else None
-        self.process = subprocess.Popen(server_command(port), env=self.env, preexec_fn=preexec, start_new_session=True)
+        self.process = subprocess.Popen(
+            server_command(self.port), env=self.env, preexec_fn=preexec, start_new_session=True
+        )
         self.started_at = time.monotonic()
         os.environ["PREFECT_API_URL"] = self.url
         os.environ["PREFECT_UI_URL"] = ""  # else Prefect would derive a link to a UI that this server does not serve
@@ -182,7 +176,7 @@ class TemporaryAPI:
 
     def stop(self) -> None:
         """Stop the server as Prefect stops its own: terminate, then kill after 5 s."""
-        _release(self.lock)
+        self.lock.release(force=True)  # a no-op when it does not hold it
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -190,11 +184,6 @@ class TemporaryAPI:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-def _release(lock: Any) -> None:
-    if lock.is_locked:
-        lock.release(force=True)
 
 
 def _stop_with_parent() -> None:

@@ -32,7 +32,19 @@ def study_storage(storage: Optional[str]) -> str:
     if not storage:
         return os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
     if storage.startswith(SECRET_PREFIX):
-        return _secret_storage(storage.removeprefix(SECRET_PREFIX).strip())
+        from prefect.blocks.system import Secret
+
+        name = storage.removeprefix(SECRET_PREFIX).strip()
+        try:
+            value = Secret.load(name, validate=False).get()
+        except (ValueError, LookupError) as exc:  # Prefect: "Unable to find block document named ..."
+            raise StudyError(
+                f"no Prefect Secret block {name!r} holding the study storage ({type(exc).__name__}): create it in "
+                "the dashboard's Blocks page, or with Secret(value=URL).save(NAME)"
+            ) from None
+        if not isinstance(value, str) or not value:
+            raise StudyError(f"Prefect Secret block {name!r} does not hold a storage URL (a non-empty string)")
+        return value
     if is_masked(storage):
         real = os.environ.get(STORAGE_ENV, "")
         if not real or mask_password(real) != storage:
@@ -44,19 +56,3 @@ def study_storage(storage: Optional[str]) -> str:
     if has_password(storage):
         raise StudyError(PASSWORD_REFUSED)
     return storage
-
-
-def _secret_storage(name: str) -> str:
-    """The storage URL held by Prefect Secret block ``name``; ``StudyError`` naming it when there is none."""
-    from prefect.blocks.system import Secret
-
-    try:
-        value = Secret.load(name, validate=False).get()
-    except (ValueError, LookupError) as exc:  # Prefect: "Unable to find block document named ..."
-        raise StudyError(
-            f"no Prefect Secret block {name!r} holding the study storage ({type(exc).__name__}): create it in "
-            "the dashboard's Blocks page, or with Secret(value=URL).save(NAME)"
-        ) from None
-    if not isinstance(value, str) or not value:
-        raise StudyError(f"Prefect Secret block {name!r} does not hold a storage URL (a non-empty string)")
-    return value

@@ -33,8 +33,7 @@ if TYPE_CHECKING:  # optuna loads only when a study is used
     import optuna
     from optuna.distributions import BaseDistribution
 
-SEARCHES = ("grid", "random", "optuna")
-SAMPLERS = {"grid": "grid", "random": "random", "optuna": "tpe"}  # each search's Optuna sampler
+SAMPLERS = {"grid": "grid", "random": "random", "optuna": "tpe"}  # each search and its Optuna sampler
 PRUNERS = ("asha", "median", "none")
 DEFAULT_STORAGE = "optuna.journal"  # a journal file in the folder the sweep starts in
 # Trials TPE draws at random before it models the space: a few, since a sweep here has tens of trials.
@@ -133,8 +132,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     try:
         if "://" not in url:
             return JournalStorage(JournalFileBackend(str(check_journal(url))))
-        with warnings.catch_warnings():  # Optuna marks the heartbeat "experimental"
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(action="ignore"):  # Optuna marks the heartbeat "experimental"
             return optuna.storages.RDBStorage(
                 driver_url(url), engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
             )
@@ -147,17 +145,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         ) from None
 
 
-def _journal_path(url: str) -> Path:
-    path = Path(url).expanduser()
-    if not path.parent.is_dir():
-        raise StudyError(f"cannot open the study storage {url}: folder {path.parent} does not exist")
-    return path
-
-
 def check_journal(url: str) -> Path:
     """The journal file at ``url``, its records read; ``StudyError`` naming the file, the first damaged line and
     what to do when a complete line is not a JSON record (or naming the folder when it does not exist)."""
-    path = _journal_path(url)
+    path = Path(url).expanduser()
+    if not path.parent.is_dir():
+        raise StudyError(f"cannot open the study storage {url}: folder {path.parent} does not exist")
     if not path.exists():
         return path
     lines = path.read_bytes().split(b"\n")
@@ -176,30 +169,28 @@ def check_journal(url: str) -> Path:
     return path
 
 
-def drop_torn_record(path: Path) -> str | None:
+def drop_torn_record(path: Path, warn: Callable[[str], None]) -> None:
     """Cut a torn last record (a line without its newline) off the journal at ``path``, holding Optuna's lock
-    on the file; returns the warning to show, or ``None`` when there was nothing to cut."""
+    on the file, and say so to ``warn``."""
     from optuna.storages.journal import JournalFileSymlinkLock
 
     if not path.exists():
-        return None
+        return
     lock = JournalFileSymlinkLock(str(path))  # the lock Optuna's JournalFileBackend writes under
     lock.acquire()
     try:
         data = path.read_bytes()
         keep = data.rfind(b"\n") + 1  # 0 when no record is complete
-        if keep == len(data):
-            return None
-        with open(path, "r+b") as f:
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
+        if keep < len(data):
+            with open(path, "r+b") as f:  # synced: a record Optuna appends next never follows the torn one
+                f.truncate(keep)
+                os.fsync(f.fileno())
+            warn(
+                f"the study journal {path} ended in a record cut short ({len(data) - keep} bytes, a crash while it "
+                "was written): dropped it; Optuna had never read it, so the study is unchanged"
+            )
     finally:
         lock.release()
-    return (
-        f"the study journal {path} ended in a record cut short ({len(data) - keep} bytes, a crash while it was "
-        "written): dropped it; Optuna had never read it, so the study is unchanged"
-    )
 
 
 def driver_url(url: str) -> str:
@@ -243,8 +234,7 @@ class StudySpec:
         """The search as JSON, its varied fields' distributions and every other field's value, however they were
         given (options, sections or fixed values of the space): a study continues only with the same one."""
         space = parse_space(self.space)
-        base = self.first_point().config.flat()
-        fixed = {k: v for k, v in base.items() if k not in space.dims}
+        fixed = {k: v for k, v in self.first_point().config.flat().items() if k not in space.dims}
         # An adaptive study's signature is as it always was; a random sweep's points are its seed's draws.
         kind: dict[str, Any] = {} if self.search == "optuna" else {"kind": self.search}
         kind.update({"seed": self.seed} if self.search == "random" else {})
@@ -262,14 +252,17 @@ class StudySpec:
         space = parse_space(self.space)
         return make_trial(self.preset, self.overrides, space, 0, corner_values(space)[0])
 
-    def load(self, seed_offset: int = 0, max_steps: int | None = None) -> optuna.Study:
+    def load(
+        self, seed_offset: int = 0, max_steps: int | None = None, storage: optuna.storages.BaseStorage | None = None
+    ) -> optuna.Study:
         """The study, with its sampler seeded at ``seed + seed_offset`` (each trial's own offset: workers do not
-        share a random generator) and its pruner for trials of ``max_steps`` steps."""
+        share a random generator) and its pruner for trials of ``max_steps`` steps, from ``storage`` when it is
+        open already."""
         import optuna
 
         return optuna.load_study(
             study_name=self.name,
-            storage=open_storage(self.storage),
+            storage=storage or open_storage(self.storage),
             sampler=make_sampler(self.search, self.seed + seed_offset, parse_space(self.space)),
             pruner=make_pruner(self.pruner, max_steps),
         )
@@ -291,13 +284,12 @@ def study_spec(
     grid or random sweep), nothing opened yet. ``study``: its name; by default ``EXPERIMENT-SEARCH-DIGEST``, the
     digest of the search (``StudySpec.signature``): the same sweep again continues its study, another starts its
     own."""
-    if search not in SEARCHES:
-        raise StudyError(f"unknown search {search!r}; choose one of: {', '.join(SEARCHES)}")
-    if pruner not in PRUNERS:
-        raise StudyError(f"unknown pruner {pruner!r}; choose one of: {', '.join(PRUNERS)}")
-    search_space = parse_space(space)
-    check_space(preset, sections, search_space)
+    for kind, value, known in (("search", search, SAMPLERS), ("pruner", pruner, PRUNERS)):
+        if value not in known:
+            raise StudyError(f"unknown {kind} {value!r}; choose one of: {', '.join(known)}")
     overrides = {k: section_values(v) for k, v in sections.items() if section_values(v)}
+    search_space = parse_space(space)
+    check_space(preset, overrides, search_space)
     pruner = pruner if search == "optuna" else "none"  # grid and random trials run to their end
     spec = StudySpec(study or "", storage, space, preset, overrides, search, pruner, seed, max_trials)
     if not study:
@@ -351,7 +343,7 @@ def enqueue_points(study: optuna.Study, spec: StudySpec) -> int:
 def _existing(spec: StudySpec) -> tuple[optuna.storages.BaseStorage | None, list[Any] | None]:
     """The storage opened (``None`` for a journal file not there yet: opening would create it) and the trials
     of the study named ``spec.name`` (``None``: none of that name), its search checked."""
-    if "://" not in spec.storage and not _journal_path(spec.storage).exists():
+    if "://" not in spec.storage and not check_journal(spec.storage).exists():
         return None, None
     storage = open_storage(spec.storage)
     try:
@@ -381,18 +373,11 @@ def start_study(spec: StudySpec, warn: Callable[[str], None] = _log.warning) -> 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial lines repeat what the sweep logs
     storage, trials = _existing(spec)  # every check before the first write
     if "://" not in spec.storage:
-        dropped = drop_torn_record(Path(spec.storage).expanduser())
-        if dropped:
-            warn(dropped)
+        drop_torn_record(Path(spec.storage).expanduser(), warn)
     storage = storage or open_storage(spec.storage)
-    sampler, pruner = make_sampler(spec.search, spec.seed, parse_space(spec.space)), make_pruner(spec.pruner)
-    if trials is not None:  # loading writes nothing (creating again would append a record to a journal)
-        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner)
-    else:
-        study = optuna.create_study(
-            study_name=spec.name, storage=storage, direction="minimize", load_if_exists=True, sampler=sampler,
-            pruner=pruner,
-        )  # fmt: skip
-        _check_search(spec, study.user_attrs)  # another sweep may have created it with another search meanwhile
-        study.set_user_attr(SIGNATURE_ATTR, spec.signature())
+    if trials is None:  # loading writes nothing (creating again would append a record to a journal)
+        made = optuna.create_study(study_name=spec.name, storage=storage, direction="minimize", load_if_exists=True)
+        _check_search(spec, made.user_attrs)  # another sweep may have created it with another search meanwhile
+        made.set_user_attr(SIGNATURE_ATTR, spec.signature())
+    study = spec.load(storage=storage)
     return study, fail_orphaned_trials(study, storage)

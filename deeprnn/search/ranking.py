@@ -40,11 +40,9 @@ def rank(results: list[TrialResult]) -> list[TrialResult]:
     """Finished trials by held-out perplexity (best first), then failed ones by trial number."""
     metric = selection_metric(results)
 
-    def key(r: TrialResult) -> tuple[int, float, int]:
-        score = r.metrics.get(metric)
-        if not r.succeeded or score is None or not math.isfinite(score):
-            return (1, math.inf, r.index)
-        return (0, score, r.index)
+    def key(r: TrialResult) -> tuple[bool, float, int]:
+        score = r.metrics.get(metric, math.nan) if r.succeeded else math.nan
+        return (False, score, r.index) if math.isfinite(score) else (True, math.inf, r.index)
 
     return sorted(results, key=key)
 
@@ -80,16 +78,14 @@ def table_markdown(results: list[TrialResult], link: Callable[[str], str | None]
     rows = table_rows(results)
     if not rows:
         return "(no trials)"
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0])]
-    for row in rows:
-        cells = []
-        for col, value in row.items():
-            if col == "run_id" and value:
-                url = link(value) if link else None
-                cells.append(f"[{value[:12]}]({url})" if url else f"`{value}`")
-            elif isinstance(value, float):
-                cells.append(f"{value:.3f}")
-            else:
-                cells.append(str(value if value is not None else "").replace("|", "\\|").replace("\n", " "))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def cell(col: str, value: Any) -> str:
+        if col == "run_id" and value:
+            url = link(value) if link else None
+            return f"[{value[:12]}]({url})" if url else f"`{value}`"
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        return str(value if value is not None else "").replace("|", "\\|").replace("\n", " ")
+
+    lines = [list(rows[0]), ["---"] * len(rows[0])] + [[cell(c, v) for c, v in row.items()] for row in rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)

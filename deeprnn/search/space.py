@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, cast
 
+import numpy as np
 from pydantic import ValidationError
 
 from deeprnn.config import SECTIONS, RunConfig, preset_config, section_values
@@ -113,8 +114,7 @@ def field_path(name: str) -> str:
 
 
 def _range(key: str, spec: Mapping[str, Any]) -> Range:
-    extra = set(spec) - {"low", "high", "log"}
-    if extra or not {"low", "high"} <= set(spec):
+    if not {"low", "high"} <= set(spec) <= {"low", "high", "log"}:
         raise SearchSpaceError(f"{key}: a range is {{low: ..., high: ..., log: true|false}}, got {dict(spec)}")
     low, high = spec["low"], spec["high"]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low > high:
@@ -125,23 +125,18 @@ def _range(key: str, spec: Mapping[str, Any]) -> Range:
     return Range(float(low), float(high), log, integer=isinstance(low, int) and isinstance(high, int))
 
 
-def _flatten(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Accept ``{model: {cell: [...]}}`` as well as ``{model.cell: [...]}``."""
-    out: dict[str, Any] = {}
-    for key, value in spec.items():
-        if key in SECTIONS and isinstance(value, Mapping):
-            out.update({f"{key}.{sub}": sub_value for sub, sub_value in value.items()})
-        else:
-            out[str(key)] = value
-    return out
-
-
 def parse_space(spec: Mapping[str, Any]) -> SearchSpace:
     """Turn ``{field: list | value | {low, high, log}}`` into a ``SearchSpace`` (names checked, lists
     de-duplicated in order). A list of one value, or a scalar, is fixed rather than varied."""
+    flat: dict[str, Any] = {}
+    for key, value in spec.items():  # ``{model: {cell: [...]}}`` as well as ``{model.cell: [...]}``
+        if key in SECTIONS and isinstance(value, Mapping):
+            flat.update({f"{key}.{sub}": sub_value for sub, sub_value in value.items()})
+        else:
+            flat[str(key)] = value
     dims: dict[str, list[Any] | Range] = {}
     fixed: dict[str, Any] = {}
-    for name, value in _flatten(spec).items():
+    for name, value in flat.items():
         key = field_path(name)
         if key in dims or key in fixed:
             raise SearchSpaceError(f"{key} is given twice in the search space")
@@ -195,8 +190,6 @@ def expand(
     Grid search refuses a grid larger than ``max_trials`` (say so rather than silently cutting it) and
     ranges; random search draws distinct combinations when every dimension is a list.
     """
-    if max_trials is not None and max_trials < 1:
-        raise SearchSpaceError(f"--max-trials must be at least 1, got {max_trials}")
     size = space.grid_size()
     lists = [cast(list[Any], v) for v in space.dims.values()]  # a grid: every dimension is a list
     if not random_search:
@@ -213,30 +206,15 @@ def expand(
     wanted = min(max_trials or DEFAULT_RANDOM_TRIALS, MAX_TRIALS)
     rng = random.Random(seed)
     if size is not None:
-        # Distinct combinations: draw indices into the grid without replacement, decode them digit by digit.
+        # Distinct combinations: draw indices into the grid without replacement, each the index of a combination
+        # of itertools.product(*lists) (the last list varies fastest).
         picks = rng.sample(range(size), min(wanted, size))
-        return [dict(zip(space.dims, _decode(index, lists))) for index in picks]
+        digits = np.unravel_index(picks, [len(values) for values in lists])
+        return [{k: values[i] for k, values, i in zip(space.dims, lists, combo)} for combo in zip(*digits)]
     return [
         {k: v.draw(rng) if isinstance(v, Range) else rng.choice(v) for k, v in space.dims.items()}
         for _ in range(wanted)
     ]
-
-
-def _decode(index: int, lists: list[list[Any]]) -> list[Any]:
-    """The ``index``-th combination of ``itertools.product(*lists)`` (the last list varies fastest)."""
-    combo = []
-    for values in reversed(lists):
-        index, digit = divmod(index, len(values))
-        combo.append(values[digit])
-    return combo[::-1]
-
-
-def _nest(values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for key, value in values.items():
-        section, name = key.split(".", 1)
-        out.setdefault(section, {})[name] = value
-    return out
 
 
 @dataclass(frozen=True)
@@ -246,11 +224,7 @@ class Trial:
     index: int
     values: dict[str, Any]
     config: RunConfig
-
-    @property
-    def name(self) -> str:
-        """A short label for logs and the MLflow UI, e.g. ``trial-2 cell=gru lr=1``."""
-        return trial_name(self.index, self.values)
+    name: str  # a short label for logs and the MLflow UI, e.g. ``trial-2 cell=gru lr=1``
 
 
 def trial_name(index: int, values: Mapping[str, Any]) -> str:
@@ -266,11 +240,14 @@ def make_trial(
     a section may be a section model, whose set fields count, or None), then the space's fixed values, then
     ``values``; ``SearchSpaceError`` saying why when that is not a valid configuration."""
     given = {section: section_values(model) for section, model in (overrides or {}).items() if section_values(model)}
-    base = merge(given, _nest(space.fixed))
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in {**space.fixed, **values}.items():
+        section, name = key.split(".", 1)
+        nested.setdefault(section, {})[name] = value
     try:
-        config = preset_config(preset, merge(base, _nest(values)))
+        config = preset_config(preset, merge(given, nested))
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         shown = ", ".join(f"{k}={v}" for k, v in values.items()) or "no varied values"
         raise SearchSpaceError(f"trial {index} ({shown}) is not a valid configuration: {problems}") from None
-    return Trial(index, dict(values), config)
+    return Trial(index, dict(values), config, trial_name(index, values))

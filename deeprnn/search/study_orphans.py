@@ -34,15 +34,16 @@ OWNER_ATTR = "deeprnn.owner"  # {"host", "pid", "started"} of the process runnin
 REASON_ATTR = "deeprnn.fail_reason"  # why the next sweep failed it
 HEARTBEAT_S = 30  # database storages: seconds between two heartbeats of a running trial
 GRACE_S = 180  # database storages: a running trial silent for longer than this is failed
+# How a gone trial's process went, by whether its pid exists now (then another process holds it).
+_GONE_HOW = {True: "is now another process", False: "ended without ending the trial (killed or crashed)"}
 _START_SLACK = 2.0  # seconds: a process's start time is a float, recorded a moment after it started
 
 
 def claim(trial: optuna.Trial) -> None:
     """Record this process as the owner of ``trial``: host, pid and start time (so a reused pid is not taken
     for it)."""
-    pid = os.getpid()
-    started = round(psutil.Process(pid).create_time(), 3)
-    trial.set_user_attr(OWNER_ATTR, {"host": socket.gethostname(), "pid": pid, "started": started})
+    started = round(psutil.Process().create_time(), 3)  # this process's
+    trial.set_user_attr(OWNER_ATTR, {"host": socket.gethostname(), "pid": os.getpid(), "started": started})
 
 
 def process_alive(pid: int, started: Any) -> bool:
@@ -58,19 +59,6 @@ def process_alive(pid: int, started: Any) -> bool:
         return abs(created - float(started)) <= _START_SLACK
     except (TypeError, ValueError):  # no start time recorded
         return True
-
-
-def gone_reason(record: Any, host: str) -> str | None:
-    """Why the trial owned by ``record`` (its ``deeprnn.owner`` attr) is orphaned, or ``None`` when it is not
-    known to be: no owner recorded, another host, or a process of this host that is still there."""
-    if not isinstance(record, dict) or record.get("host") != host or not isinstance(record.get("pid"), int):
-        return None
-    pid, started = record["pid"], record.get("started")
-    if process_alive(pid, started):
-        return None
-    if psutil.pid_exists(pid):
-        return f"process gone: pid {pid} on {host} is now another process"
-    return f"process gone: pid {pid} on {host} ended without ending the trial (killed or crashed)"
 
 
 @dataclass(frozen=True)
@@ -93,9 +81,14 @@ def fail_orphaned_trials(study: optuna.Study, storage: optuna.storages.BaseStora
     study_id = storage.get_study_id_from_name(study.study_name)
     failed: list[tuple[int, str]] = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        reason = gone_reason(trial.user_attrs.get(OWNER_ATTR), host)
-        if reason is None:
+        # Known to be gone: an owner recorded, of this host, whose process is no longer there.
+        owner = trial.user_attrs.get(OWNER_ATTR)
+        if not isinstance(owner, dict) or owner.get("host") != host or not isinstance(owner.get("pid"), int):
             continue
+        pid = owner["pid"]
+        if process_alive(pid, owner.get("started")):
+            continue
+        reason = f"process gone: pid {pid} on {host} {_GONE_HOW[psutil.pid_exists(pid)]}"
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         try:
             storage.set_trial_user_attr(trial_id, REASON_ATTR, reason)
@@ -104,15 +97,13 @@ def fail_orphaned_trials(study: optuna.Study, storage: optuna.storages.BaseStora
             continue
         failed.append((trial.number, reason))
     running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-    with warnings.catch_warnings():  # Optuna marks the heartbeat "experimental"
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(action="ignore"):  # Optuna marks the heartbeat "experimental"
         optuna.storages.fail_stale_trials(study)  # a no-op but for a database storage with a heartbeat
     still = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     grace = getattr(storage, "grace_period", None) or GRACE_S
     silent = f"no heartbeat for over {grace} s: its process is gone"
     failed += [(n, silent) for n in sorted(running - {t.number for t in still})]
-    no_owner = [t.number for t in still if OWNER_ATTR not in t.user_attrs]
-    return Cleanup(failed, [t.number for t in still], no_owner)
+    return Cleanup(failed, [t.number for t in still], [t.number for t in still if OWNER_ATTR not in t.user_attrs])
 
 
 @contextmanager

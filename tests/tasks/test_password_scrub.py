@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from deeprnn.ops.password_scrub import URL_VARIABLES, ScrubPasswords, scrub, scrub_log_handlers, urls_in_play
+from deeprnn.ops.password_scrub import URL_VARIABLES, scrub, scrub_log_handlers, scrub_record, urls_in_play
 
 TRACKING = "http://tracker:tr%40ck-pw@127.0.0.1:5000"
 STORAGE = "postgresql+psycopg://deeprnn:st0rage-pw@db-host:5432/optuna"
@@ -57,7 +57,7 @@ def test_urls_without_a_password_change_nothing(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("DEEPRNN_OPTUNA_STORAGE", "sqlite:///optuna.db")
     assert urls_in_play() == ()
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "value %s", ("http://u:p@h",), None)
-    assert ScrubPasswords().filter(record) and record.args == ("http://u:p@h",)  # untouched, args not folded
+    assert scrub_record(record) and record.args == ("http://u:p@h",)  # untouched, args not folded
 
 
 def test_a_url_set_later_is_covered(urls: None, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,6 +88,6 @@ def test_the_installer_covers_root_and_own_handlers_once(
     log, _ = logger
     scrub_log_handlers()
     handler = next(h for h in log.handlers if type(h) is logging.StreamHandler)  # pytest adds its own too
-    assert sum(isinstance(f, ScrubPasswords) for f in handler.filters) == 1
+    assert handler.filters.count(scrub_record) == 1
     for root_handler in logging.getLogger().handlers:
-        assert any(isinstance(f, ScrubPasswords) for f in root_handler.filters)
+        assert scrub_record in root_handler.filters
