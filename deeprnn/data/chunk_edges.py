@@ -48,15 +48,6 @@ def _stops_sigma(c: str) -> bool:
     return c != _CAPITAL_SIGMA and not skipped
 
 
-def lower_cut(text: str) -> int:
-    """Where ``text`` can be cut so that lower-casing both sides equals lower-casing the whole: the last
-    position between two characters that stop the Final_Sigma rule; 0 when there is none."""
-    for p in range(len(text) - 1, 0, -1):
-        if _stops_sigma(text[p]) and _stops_sigma(text[p - 1]):
-            return p
-    return 0
-
-
 def _gap(tail: np.ndarray, before: np.ndarray = _NOTHING) -> np.ndarray:
     """What the book's rule needs of non-letters (translated code points): nothing, one space or one line
     break (when any of them is a line break), joined with the ``before`` remembered so far."""
@@ -91,7 +82,10 @@ class CharPieces:
             return points
         if self.mode == "lower":
             text = self.tail + chunk
-            cut = lower_cut(text)
+            # The last cut where lower-casing both sides equals lower-casing the whole: between two characters
+            # that stop the Final_Sigma rule (0: none yet, all of it waits).
+            stops = (p for p in range(len(text) - 1, 0, -1) if _stops_sigma(text[p]) and _stops_sigma(text[p - 1]))
+            cut = next(stops, 0)
             self.tail = text[cut:]
             return code_points(text[:cut].lower())
         return self._feed_d2l(d2l_translate(points))

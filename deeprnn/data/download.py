@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections import deque
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -112,14 +113,12 @@ def _read_local(path: Path, expected: str | None) -> CorpusFile:
         if path.is_dir():
             kind: CorpusKind = "dir"
             digest = hashlib.sha1()
-            for _ in dir_text(path, shown, digest):
-                pass
+            deque(dir_text(path, shown, digest), maxlen=0)  # only the checks and the hash: the text is not kept
             have, size = digest.hexdigest(), sum(p.stat().st_size for _, p in dir_files(path))
         else:
             # With an expected hash, a bad text is reported only after the hash: a wrong file is the first fault.
             sink = ByteSink(shown, defer=expected is not None)
-            for _ in feed_file(sink, path, READ_CHUNK):
-                pass
+            deque(feed_file(sink, path, READ_CHUNK), maxlen=0)
             have, size = sink.sha1.hexdigest(), sink.num_bytes
             kind = "gzip" if sink.kind == "gzip" else "text"  # found by the gzip magic bytes, as the sink read them
     except OSError as exc:  # unreadable: permissions, a file removed while reading, ...
@@ -185,11 +184,9 @@ def _download(url: str, base: Path, expected: str | None, timeout: float) -> Cor
             size = int(length) if length.isdigit() else None
             for chunk in response.iter_content(READ_CHUNK):
                 fh.write(chunk)
-                for _ in sink.feed(chunk):
-                    pass
+                deque(sink.feed(chunk), maxlen=0)  # only the checks and the hash: the text is not kept
             _check_sha1(sink.sha1.hexdigest(), expected, shown)  # the hash first: a wrong file is the first fault
-            for _ in sink.finish():
-                pass
+            deque(sink.finish(), maxlen=0)
             fh.flush()
             os.fsync(fh.fileno())
         kind: CorpusKind = "gzip" if sink.kind == "gzip" else "text"

@@ -70,12 +70,12 @@ class TokenSettings:
     token: str
     normalize: str
     min_freq: int
-    reserved_tokens: tuple[str, ...]
+    reserved_tokens: list[str]
 
     @classmethod
     def of(cls, data: DataConfig) -> "TokenSettings":
         """The settings of a data configuration."""
-        return cls(data.token, data.normalize, data.min_freq, tuple(data.reserved_tokens))
+        return cls(data.token, data.normalize, data.min_freq, list(data.reserved_tokens))
 
     def key(self, corpus_sha1: str) -> str:
         """The cache key of these settings on the corpus with ``corpus_sha1``."""
@@ -84,7 +84,7 @@ class TokenSettings:
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready form, as ``meta.json`` stores it."""
-        return {**dataclasses.asdict(self), "reserved_tokens": list(self.reserved_tokens)}
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,27 +103,17 @@ class PreparedCorpus:
     cache_hit: bool  # True when this call found the entry and tokenized nothing
 
     @property
-    def ids_path(self) -> Path:
-        """The memory-mappable token ids."""
-        return self.folder / "ids.bin"
-
-    @property
-    def vocab_path(self) -> Path:
-        """The vocabulary, as JSON."""
-        return self.folder / "vocab.json"
-
-    @property
     def dropped_share(self) -> float:
         """The share of the text's letters that normalization removed."""
         return self.dropped_letters / self.letters if self.letters else 0.0
 
     def ids(self) -> np.ndarray:
         """The token ids as a read-only-on-disk memory map (copy-on-write in memory; nothing is read yet)."""
-        return np.memmap(self.ids_path, dtype=self.dtype, mode="c", shape=(self.num_tokens,))
+        return np.memmap(self.folder / "ids.bin", dtype=self.dtype, mode="c", shape=(self.num_tokens,))
 
     def vocab(self) -> Vocab:
         """The vocabulary the ids index."""
-        return Vocab.load(self.vocab_path)
+        return Vocab.load(self.folder / "vocab.json")
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -165,8 +155,8 @@ def prepare(
 
 def _from_meta(folder: Path, meta: dict[str, Any], cache_hit: bool) -> PreparedCorpus:
     """The prepared corpus that a verified ``meta.json`` (its own SHA-1 checked: as written) describes."""
-    settings = TokenSettings(**{**meta["settings"], "reserved_tokens": tuple(meta["settings"]["reserved_tokens"])})
     stored = {f.name for f in dataclasses.fields(PreparedCorpus)} - {"folder", "settings", "cache_hit"}
+    settings = TokenSettings(**meta["settings"])
     return PreparedCorpus(folder, settings=settings, cache_hit=cache_hit, **{k: meta[k] for k in stored})
 
 
@@ -198,19 +188,16 @@ def _tokenize_into(tmp: Path, corpus: CorpusFile, settings: TokenSettings, chunk
     """Count, build the vocabulary, write ``ids.bin`` and ``vocab.json`` into ``tmp``; returns the meta data."""
     text = functools.partial(read_text_chunks, corpus, chunk_bytes)
     counter = _counted(settings, text(), tmp / "normalized.tmp")
-    try:
-        vocab = Vocab.from_counts(counter.token_freqs(), settings.min_freq, settings.reserved_tokens)
-        _check_vocab(corpus, settings, counter, vocab)
-        # Only the kept tokens' counts travel on (vocab.json, checkpoints): a word corpus may count millions.
-        vocab.token_freqs = [(t, f) for t, f in vocab.token_freqs if f >= settings.min_freq]
-        dtype = id_dtype(len(vocab))
-        digest = hashlib.sha1()
-        with open(tmp / "ids.bin", "wb") as fh:
-            for ids in counter.encoded(vocab, dtype, text):
-                digest.update(ids.data)
-                fh.write(ids.data)
-    finally:
-        counter.close()
+    vocab = Vocab.from_counts(counter.token_freqs(), settings.min_freq, settings.reserved_tokens)
+    _check_vocab(corpus, settings, counter, vocab)
+    # Only the kept tokens' counts travel on (vocab.json, checkpoints): a word corpus may count millions.
+    vocab.token_freqs = [(t, f) for t, f in vocab.token_freqs if f >= settings.min_freq]
+    dtype = id_dtype(len(vocab))
+    digest = hashlib.sha1()
+    with open(tmp / "ids.bin", "wb") as fh:
+        for ids in counter.encoded(vocab, dtype, text):
+            digest.update(ids.data)
+            fh.write(ids.data)
     vocab.save(tmp / "vocab.json")
     letters, dropped = counter.letter_loss()
     return {
@@ -254,11 +241,8 @@ def _counted(settings: TokenSettings, text: Iterable[str], spill: Path | None = 
     counter = CharCounter(settings.normalize, spill) if settings.token == "char" else WordCounter(settings.normalize)
     try:
         counter.count(text)
-    except BaseException as exc:
-        counter.close()
-        if isinstance(exc, (TooManyWordsError, WordTooLongError)):
-            raise PrepareError(str(exc)) from None
-        raise
+    except (TooManyWordsError, WordTooLongError) as exc:
+        raise PrepareError(str(exc)) from None
     return counter
 
 
