@@ -188,7 +188,7 @@ def _tokenize_into(tmp: Path, corpus: CorpusFile, settings: TokenSettings, chunk
     """Count, build the vocabulary, write ``ids.bin`` and ``vocab.json`` into ``tmp``; returns the meta data."""
     text = functools.partial(read_text_chunks, corpus, chunk_bytes)
     counter = _counted(settings, text(), tmp / "normalized.tmp")
-    vocab = Vocab.from_counts(counter.token_freqs(), settings.min_freq, settings.reserved_tokens)
+    vocab = Vocab(counter.token_freqs(), settings.min_freq, settings.reserved_tokens)
     _check_vocab(corpus, settings, counter, vocab)
     # Only the kept tokens' counts travel on (vocab.json, checkpoints): a word corpus may count millions.
     vocab.token_freqs = [(t, f) for t, f in vocab.token_freqs if f >= settings.min_freq]
@@ -273,7 +273,7 @@ def _check_vocab(
             "has none): use --normalize none to keep every character"
         )
     if len(vocab) > MAX_VOCAB:
-        counts = np.array([f for _, f in counter.token_freqs()], dtype=np.int64)
+        counts = np.fromiter(counter.token_freqs().values(), dtype=np.int64)
         options = ", ".join(
             f"--min-freq {m} gives {int((counts >= m).sum()) + 1 + len(settings.reserved_tokens):,}"
             for m in (2, 5, 10, 50)

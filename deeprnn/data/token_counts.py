@@ -54,10 +54,10 @@ class CharCounter:
                 self.num_tokens += int(points.size)
                 spill.write(points.data)
 
-    def token_freqs(self) -> list[tuple[str, int]]:
-        """``(character, count)`` in first-seen order."""
+    def token_freqs(self) -> dict[str, int]:
+        """Each character's count, in first-seen order."""
         order = sorted(self.first_seen, key=self.first_seen.__getitem__)
-        return [(chr(cp), int(self.counts[cp])) for cp in order]
+        return {chr(cp): int(self.counts[cp]) for cp in order}
 
     def letter_loss(self) -> tuple[int, int]:
         """``(letters, dropped)``: the letters of the original text, and how many normalization dropped."""
@@ -100,9 +100,9 @@ class WordCounter:
                     "after counting them"
                 )
 
-    def token_freqs(self) -> list[tuple[str, int]]:
-        """``(word, count)`` in first-seen order."""
-        return list(self.counts.items())
+    def token_freqs(self) -> dict[str, int]:
+        """Each word's count, in first-seen order."""
+        return self.counts
 
     def letter_loss(self) -> tuple[int, int]:
         """Word counts do not say which characters were dropped; nothing is reported for words."""
