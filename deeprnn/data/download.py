@@ -54,8 +54,7 @@ _SUFFIXES: dict[CorpusKind, str] = {"text": ".txt", "gzip": ".gz"}  # how a cach
 
 def cache_dir() -> Path:
     """The cache folder: ``$DEEPRNN_CACHE_DIR`` if set, else the platform's user cache folder."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
+    if env := os.environ.get(CACHE_ENV):
         return Path(env).expanduser()
     import platformdirs  # small, but only needed here
 
@@ -192,9 +191,8 @@ def _download(url: str, base: Path, expected: str | None, timeout: float) -> Cor
         kind: CorpusKind = "gzip" if sink.kind == "gzip" else "text"
         target = base.with_suffix(_SUFFIXES[kind])
         os.replace(tmp, target)
-        for other in _SUFFIXES.values():  # a copy of another kind under the same name is stale now
-            if other != target.suffix:
-                base.with_suffix(other).unlink(missing_ok=True)
+        for other in set(_SUFFIXES.values()) - {target.suffix}:  # a copy of another kind under this name is stale
+            base.with_suffix(other).unlink(missing_ok=True)
         write_atomic(base.with_suffix(".sha1"), (sink.sha1.hexdigest() + "\n").encode())
     except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
         raise TransientDownloadError(

@@ -139,18 +139,15 @@ def prepare(
     folder = root / key
     try:
         root.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(folder) + ".lock", timeout=3600)  # one builder per entry; the others then read it
-        lock.acquire()
+        held = FileLock(str(folder) + ".lock", timeout=3600).acquire()  # one builder per entry; the others read it
     except OSError as exc:
         raise _cache_write_error(root, exc, None) from None
-    try:
+    with held:  # released on leaving
         token_cache.remove_dead_builds(root, key)
         meta = token_cache.read_entry(folder)
         if meta is not None:
             return _from_meta(folder, meta, cache_hit=True)
         return _build_entry(corpus, settings, folder, chunk_bytes)
-    finally:
-        lock.release()
 
 
 def _from_meta(folder: Path, meta: dict[str, Any], cache_hit: bool) -> PreparedCorpus:
@@ -174,8 +171,7 @@ def _build_entry(corpus: CorpusFile, settings: TokenSettings, folder: Path, chun
     try:
         meta = _tokenize_into(tmp, corpus, settings, chunk_bytes)
         meta["build_seconds"] = round(time.perf_counter() - started, 3)
-        token_cache.seal(tmp, meta)
-        token_cache.publish(tmp, folder)
+        token_cache.publish(tmp, folder, meta)
     except BaseException as exc:
         token_cache.remove(tmp)
         if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
