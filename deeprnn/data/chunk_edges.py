@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from deeprnn.data.normalize import code_points, d2l_collapse, d2l_translate, normalize_words
+from deeprnn.data.normalize import PrepareError, code_points, d2l_collapse, d2l_translate, normalize_words
 
 MAX_WORD_CHARS = 1 << 20  # a "word" this long is not language (minified JSON, base64): a vocabulary cannot hold it
 _CAPITAL_SIGMA = "\u03a3"
@@ -36,7 +36,7 @@ _LAST_NON_LETTER = re.compile(r".*[^A-Za-z]", re.S)
 _NOTHING = np.zeros(0, dtype=np.uint8)
 
 
-class WordTooLongError(ValueError):
+class WordTooLongError(PrepareError):
     """The text has a word longer than a word vocabulary can hold."""
 
 

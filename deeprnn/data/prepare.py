@@ -38,10 +38,10 @@ import numpy as np
 
 from deeprnn.config import DataConfig
 from deeprnn.data import token_cache
-from deeprnn.data.chunk_edges import WordTooLongError
 from deeprnn.data.download import CACHE_ENV, CorpusFile, cache_dir, read_text_chunks
 from deeprnn.data.file_io import megabytes
-from deeprnn.data.token_counts import CHUNK_BYTES, CharCounter, TooManyWordsError, WordCounter
+from deeprnn.data.normalize import PrepareError as PrepareError  # its home is below; callers import it from here
+from deeprnn.data.token_counts import CHUNK_BYTES, CharCounter, WordCounter
 from deeprnn.data.vocab import Vocab
 
 KEY_FORMAT = "deeprnn-tokens/1"  # in every key: a new value moves every entry (entries of another format
@@ -53,10 +53,6 @@ WARN_LETTER_LOSS = 0.01  # warn when normalization drops more than this share of
 # vocab.json holds each token twice (``idx_to_token`` and ``token_freqs``) with its count and JSON punctuation.
 VOCAB_BYTES_PER_TOKEN = 40
 VOCAB_BYTES_FIXED = 1000  # meta.json, builder.json and vocab.json's own keys
-
-
-class PrepareError(ValueError):
-    """The corpus cannot be turned into training tokens with these settings; the message says what to change."""
 
 
 class CacheWriteError(PrepareError):
@@ -233,12 +229,9 @@ def estimate_space(corpus: CorpusFile, settings: TokenSettings) -> token_cache.S
 
 def _counted(settings: TokenSettings, text: Iterable[str], spill: Path | None = None) -> CharCounter | WordCounter:
     """The tokens of ``text`` counted with ``settings`` (``spill``: where a char counter keeps the normalized
-    text); a text the counters refuse (too many words, a word too long) is one ``PrepareError``."""
+    text); a text the counters refuse (too many words, a word too long) raises a ``PrepareError``."""
     counter = CharCounter(settings.normalize, spill) if settings.token == "char" else WordCounter(settings.normalize)
-    try:
-        counter.count(text)
-    except (TooManyWordsError, WordTooLongError) as exc:
-        raise PrepareError(str(exc)) from None
+    counter.count(text)
     return counter
 
 

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from deeprnn.data.chunk_edges import CharPieces, WordPieces
-from deeprnn.data.normalize import letter_loss
+from deeprnn.data.normalize import PrepareError, letter_loss
 from deeprnn.data.vocab import Vocab
 
 CHUNK_BYTES = 1 << 24  # 16 MiB of text per step: a few hundred MB of working memory at most
@@ -24,7 +24,7 @@ MAX_DISTINCT_WORDS = 20_000_000  # a guard while counting: this many distinct wo
 _UNICODE = 0x110000
 
 
-class TooManyWordsError(ValueError):
+class TooManyWordsError(PrepareError):
     """The text has more distinct words than a word vocabulary can hold in memory."""
 
 
