@@ -200,9 +200,7 @@ def _download(url: str, base: Path, expected: str | None, timeout: float) -> Cor
         ) from None
     except requests.exceptions.ContentDecodingError as exc:
         raise DownloadError(f"{shown} sent a body its Content-Encoding does not decode: {exc}") from None
-    except OSError as exc:
-        if isinstance(exc, requests.exceptions.RequestException):
-            raise
+    except OSError as exc:  # the disk's fault: requests' errors of a broken transfer are caught above
         written = tmp.stat().st_size if tmp.exists() else None
         if target is not None:
             target.unlink(missing_ok=True)  # without its record it would not be trusted: keep nothing

@@ -41,6 +41,7 @@ from deeprnn.data import token_cache
 from deeprnn.data.download import CACHE_ENV, CorpusFile, cache_dir, read_text_chunks
 from deeprnn.data.file_io import megabytes
 from deeprnn.data.normalize import PrepareError as PrepareError  # its home is below; callers import it from here
+from deeprnn.data.token_cache import SpaceEstimate
 from deeprnn.data.token_counts import CHUNK_BYTES, CharCounter, WordCounter
 from deeprnn.data.vocab import Vocab
 
@@ -205,7 +206,7 @@ def _tokenize_into(tmp: Path, corpus: CorpusFile, settings: TokenSettings, chunk
     }
 
 
-def estimate_space(corpus: CorpusFile, settings: TokenSettings) -> token_cache.SpaceEstimate:
+def estimate_space(corpus: CorpusFile, settings: TokenSettings) -> SpaceEstimate:
     """About how much disk preparing ``corpus`` takes, from its first ``SAMPLE_BYTES`` of text tokenized with
     ``settings`` (tokens a byte of text, the vocabulary seen) scaled to the whole text, without writing."""
     sample = ""
@@ -224,7 +225,7 @@ def estimate_space(corpus: CorpusFile, settings: TokenSettings) -> token_cache.S
     vocab_size = len(counter.token_freqs()) + 1 + len(settings.reserved_tokens)
     entry = num_tokens * id_dtype(vocab_size).itemsize + vocab_size * VOCAB_BYTES_PER_TOKEN + VOCAB_BYTES_FIXED
     spill = num_tokens if settings.token == "char" and settings.normalize == "d2l" else 0  # the book's rule's text
-    return token_cache.SpaceEstimate(entry, entry + spill)
+    return SpaceEstimate(entry, entry + spill)
 
 
 def _counted(settings: TokenSettings, text: Iterable[str], spill: Path | None = None) -> CharCounter | WordCounter:
@@ -236,7 +237,7 @@ def _counted(settings: TokenSettings, text: Iterable[str], spill: Path | None = 
 
 
 def _cache_write_error(
-    where: Path, exc: OSError, needed: token_cache.SpaceEstimate | None, free: int | None = None
+    where: Path, exc: OSError, needed: SpaceEstimate | None, free: int | None = None
 ) -> CacheWriteError:
     """The one message for a token cache that cannot be written: where, about how much, what to do."""
     size = ""
@@ -251,9 +252,7 @@ def _cache_write_error(
     )
 
 
-def _check_vocab(
-    corpus: CorpusFile, settings: TokenSettings, counter: "CharCounter | WordCounter", vocab: Vocab
-) -> None:
+def _check_vocab(corpus: CorpusFile, settings: TokenSettings, counter: CharCounter | WordCounter, vocab: Vocab) -> None:
     """Refuse settings that leave nothing to train on, or a vocabulary too large to hold in memory."""
     if counter.num_tokens == 0:
         rule = "the book's rule keeps only the letters a-z" if settings.normalize == "d2l" else "it has no tokens"
