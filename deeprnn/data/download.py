@@ -29,18 +29,8 @@ from urllib.parse import unquote, urlsplit
 
 import requests
 
-from deeprnn.data.corpus_stream import (
-    READ_CHUNK,
-    ByteSink,
-    CorpusFile,
-    CorpusKind,
-    DownloadError,
-    TransientDownloadError,
-    dir_files,
-    dir_text,
-    feed_file,
-    read_text_chunks,
-)
+from deeprnn.data import corpus_stream
+from deeprnn.data.corpus_stream import CorpusFile, CorpusKind, DownloadError, TransientDownloadError, read_text_chunks
 from deeprnn.data.file_io import megabytes, sha1_of, write_atomic
 from deeprnn.data.urls import redact_url
 
@@ -100,7 +90,7 @@ def check_source(source: str) -> None:
     if local is not None:
         _check_present(local)
         if local.is_dir():
-            dir_files(local)  # only the listing: a link out of the folder is refused before anything starts
+            corpus_stream.dir_files(local)  # only the listing: a link out of it is refused before anything starts
 
 
 def _read_local(path: Path, expected: str | None) -> CorpusFile:
@@ -112,12 +102,12 @@ def _read_local(path: Path, expected: str | None) -> CorpusFile:
         if path.is_dir():
             kind: CorpusKind = "dir"
             digest = hashlib.sha1()
-            deque(dir_text(path, shown, digest), maxlen=0)  # only the checks and the hash: the text is not kept
-            have, size = digest.hexdigest(), sum(p.stat().st_size for _, p in dir_files(path))
+            deque(corpus_stream.dir_text(path, shown, digest), maxlen=0)  # the checks and the hash, not the text
+            have, size = digest.hexdigest(), sum(p.stat().st_size for _, p in corpus_stream.dir_files(path))
         else:
             # With an expected hash, a bad text is reported only after the hash: a wrong file is the first fault.
-            sink = ByteSink(shown, defer=expected is not None)
-            deque(feed_file(sink, path, READ_CHUNK), maxlen=0)
+            sink = corpus_stream.ByteSink(shown, defer=expected is not None)
+            deque(corpus_stream.feed_file(sink, path, corpus_stream.READ_CHUNK), maxlen=0)
             have, size = sink.sha1.hexdigest(), sink.num_bytes
             kind = "gzip" if sink.kind == "gzip" else "text"  # found by the gzip magic bytes, as the sink read them
     except OSError as exc:  # unreadable: permissions, a file removed while reading, ...
@@ -176,12 +166,12 @@ def _download(url: str, base: Path, expected: str | None, timeout: float) -> Cor
     except OSError as exc:
         raise _cache_error(base.parent, exc) from None
     tmp, size, target = Path(name), None, None  # size: the body's length, when the server says it
-    sink = ByteSink(shown, defer=expected is not None)
+    sink = corpus_stream.ByteSink(shown, defer=expected is not None)
     try:
         with os.fdopen(fd, "wb") as fh, _get(url, shown, timeout) as response:
             length = response.headers.get("Content-Length", "")
             size = int(length) if length.isdigit() else None
-            for chunk in response.iter_content(READ_CHUNK):
+            for chunk in response.iter_content(corpus_stream.READ_CHUNK):
                 fh.write(chunk)
                 deque(sink.feed(chunk), maxlen=0)  # only the checks and the hash: the text is not kept
             _check_sha1(sink.sha1.hexdigest(), expected, shown)  # the hash first: a wrong file is the first fault
