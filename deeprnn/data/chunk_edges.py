@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from deeprnn.data.normalize import code_points, d2l_collapse, d2l_translate, normalize_words
+from deeprnn.data.normalize import PrepareError, code_points, d2l_collapse, d2l_translate, normalize_words
 
 MAX_WORD_CHARS = 1 << 20  # a "word" this long is not language (minified JSON, base64): a vocabulary cannot hold it
 _CAPITAL_SIGMA = "\u03a3"
@@ -36,7 +36,7 @@ _LAST_NON_LETTER = re.compile(r".*[^A-Za-z]", re.S)
 _NOTHING = np.zeros(0, dtype=np.uint8)
 
 
-class WordTooLongError(ValueError):
+class WordTooLongError(PrepareError):
     """The text has a word longer than a word vocabulary can hold."""
 
 
@@ -46,15 +46,6 @@ def _stops_sigma(c: str) -> bool:
     then a space is final, and followed by ``c`` then a letter is not."""
     skipped = ("a\u03a3" + c + " ").lower()[1] == "\u03c2" and ("a\u03a3" + c + "b").lower()[1] == "\u03c3"
     return c != _CAPITAL_SIGMA and not skipped
-
-
-def lower_cut(text: str) -> int:
-    """Where ``text`` can be cut so that lower-casing both sides equals lower-casing the whole: the last
-    position between two characters that stop the Final_Sigma rule; 0 when there is none."""
-    for p in range(len(text) - 1, 0, -1):
-        if _stops_sigma(text[p]) and _stops_sigma(text[p - 1]):
-            return p
-    return 0
 
 
 def _gap(tail: np.ndarray, before: np.ndarray = _NOTHING) -> np.ndarray:
@@ -91,7 +82,10 @@ class CharPieces:
             return points
         if self.mode == "lower":
             text = self.tail + chunk
-            cut = lower_cut(text)
+            # The last cut where lower-casing both sides equals lower-casing the whole: between two characters
+            # that stop the Final_Sigma rule (0: none yet, all of it waits).
+            stops = (p for p in range(len(text) - 1, 0, -1) if _stops_sigma(text[p]) and _stops_sigma(text[p - 1]))
+            cut = next(stops, 0)
             self.tail = text[cut:]
             return code_points(text[:cut].lower())
         return self._feed_d2l(d2l_translate(points))

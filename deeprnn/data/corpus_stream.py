@@ -110,12 +110,7 @@ class ByteSink:
         for piece in self._gunzip(data) if self.kind == "gzip" else (data,):
             if b"\x00" in piece:
                 raise DownloadError(f"{self.shown} looks binary (it contains NUL bytes): give a UTF-8 text file")
-            pending = len(self.decoder.getstate()[0])  # bytes of a character begun in the previous piece
-            self.offset += len(piece)
-            try:
-                text = self._seen(self.decoder.decode(piece))
-            except UnicodeDecodeError as exc:
-                raise self._not_utf8(self.offset - len(piece) - pending + exc.start) from None
+            text = self._decode(piece)
             if text:
                 yield text
 
@@ -143,29 +138,30 @@ class ByteSink:
     def _end(self) -> Iterator[str]:
         if self.inflate is not None:  # a gzip file cut off inside a member
             raise self._bad_gzip("it ends before its compressed data does (truncated)")
-        pending = len(self.decoder.getstate()[0])
-        try:
-            tail = self._seen(self.decoder.decode(b"", final=True))
-        except UnicodeDecodeError:
-            raise self._not_utf8(self.offset - pending) from None
+        tail = self._decode(b"", final=True)
         if not self.blank_ok and not self.has_text:
             raise DownloadError(f"{self.shown} is empty: a corpus needs text")
         if tail:
             yield tail
 
-    def _seen(self, text: str) -> str:
-        """``text`` without a byte order mark at the start of the whole text; notes whether it has text."""
+    def _decode(self, piece: bytes, final: bool = False) -> str:
+        """The text of the next bytes, without a byte order mark at the start of the whole text; notes whether
+        the text has any; a byte that is not UTF-8 is refused at its offset in the whole text."""
+        pending = len(self.decoder.getstate()[0])  # bytes of a character begun in the previous piece
+        self.offset += len(piece)
+        try:
+            text = self.decoder.decode(piece, final)
+        except UnicodeDecodeError as exc:
+            where = " of the decompressed text" if self.kind == "gzip" else ""
+            offset = self.offset - len(piece) - pending + exc.start
+            raise DownloadError(
+                f"{self.shown} is not UTF-8 text (invalid byte at offset {offset}{where}): convert it to UTF-8 first"
+            ) from None
         if self.at_start and text:
             self.at_start = False
             text = text.removeprefix(BOM)
         self.has_text = self.has_text or bool(text.strip(" \t\n\r\x0b\x0c"))  # ASCII whitespace, as bytes.strip
         return text
-
-    def _not_utf8(self, offset: int) -> DownloadError:
-        where = " of the decompressed text" if self.kind == "gzip" else ""
-        return DownloadError(
-            f"{self.shown} is not UTF-8 text (invalid byte at offset {offset}{where}): convert it to UTF-8 first"
-        )
 
     def _bad_gzip(self, reason: str) -> DownloadError:
         return DownloadError(

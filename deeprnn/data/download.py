@@ -23,23 +23,14 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections import deque
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import requests
 
-from deeprnn.data.corpus_stream import (
-    READ_CHUNK,
-    ByteSink,
-    CorpusFile,
-    CorpusKind,
-    DownloadError,
-    TransientDownloadError,
-    dir_files,
-    dir_text,
-    feed_file,
-    read_text_chunks,
-)
+from deeprnn.data import corpus_stream
+from deeprnn.data.corpus_stream import CorpusFile, CorpusKind, DownloadError, TransientDownloadError, read_text_chunks
 from deeprnn.data.file_io import megabytes, sha1_of, write_atomic
 from deeprnn.data.urls import redact_url
 
@@ -53,8 +44,7 @@ _SUFFIXES: dict[CorpusKind, str] = {"text": ".txt", "gzip": ".gz"}  # how a cach
 
 def cache_dir() -> Path:
     """The cache folder: ``$DEEPRNN_CACHE_DIR`` if set, else the platform's user cache folder."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
+    if env := os.environ.get(CACHE_ENV):
         return Path(env).expanduser()
     import platformdirs  # small, but only needed here
 
@@ -100,7 +90,7 @@ def check_source(source: str) -> None:
     if local is not None:
         _check_present(local)
         if local.is_dir():
-            dir_files(local)  # only the listing: a link out of the folder is refused before anything starts
+            corpus_stream.dir_files(local)  # only the listing: a link out of it is refused before anything starts
 
 
 def _read_local(path: Path, expected: str | None) -> CorpusFile:
@@ -112,14 +102,12 @@ def _read_local(path: Path, expected: str | None) -> CorpusFile:
         if path.is_dir():
             kind: CorpusKind = "dir"
             digest = hashlib.sha1()
-            for _ in dir_text(path, shown, digest):
-                pass
-            have, size = digest.hexdigest(), sum(p.stat().st_size for _, p in dir_files(path))
+            deque(corpus_stream.dir_text(path, shown, digest), maxlen=0)  # the checks and the hash, not the text
+            have, size = digest.hexdigest(), sum(p.stat().st_size for _, p in corpus_stream.dir_files(path))
         else:
             # With an expected hash, a bad text is reported only after the hash: a wrong file is the first fault.
-            sink = ByteSink(shown, defer=expected is not None)
-            for _ in feed_file(sink, path, READ_CHUNK):
-                pass
+            sink = corpus_stream.ByteSink(shown, defer=expected is not None)
+            deque(corpus_stream.feed_file(sink, path, corpus_stream.READ_CHUNK), maxlen=0)
             have, size = sink.sha1.hexdigest(), sink.num_bytes
             kind = "gzip" if sink.kind == "gzip" else "text"  # found by the gzip magic bytes, as the sink read them
     except OSError as exc:  # unreadable: permissions, a file removed while reading, ...
@@ -178,26 +166,23 @@ def _download(url: str, base: Path, expected: str | None, timeout: float) -> Cor
     except OSError as exc:
         raise _cache_error(base.parent, exc) from None
     tmp, size, target = Path(name), None, None  # size: the body's length, when the server says it
-    sink = ByteSink(shown, defer=expected is not None)
+    sink = corpus_stream.ByteSink(shown, defer=expected is not None)
     try:
         with os.fdopen(fd, "wb") as fh, _get(url, shown, timeout) as response:
             length = response.headers.get("Content-Length", "")
             size = int(length) if length.isdigit() else None
-            for chunk in response.iter_content(READ_CHUNK):
+            for chunk in response.iter_content(corpus_stream.READ_CHUNK):
                 fh.write(chunk)
-                for _ in sink.feed(chunk):
-                    pass
+                deque(sink.feed(chunk), maxlen=0)  # only the checks and the hash: the text is not kept
             _check_sha1(sink.sha1.hexdigest(), expected, shown)  # the hash first: a wrong file is the first fault
-            for _ in sink.finish():
-                pass
+            deque(sink.finish(), maxlen=0)
             fh.flush()
             os.fsync(fh.fileno())
         kind: CorpusKind = "gzip" if sink.kind == "gzip" else "text"
         target = base.with_suffix(_SUFFIXES[kind])
         os.replace(tmp, target)
-        for other in _SUFFIXES.values():  # a copy of another kind under the same name is stale now
-            if other != target.suffix:
-                base.with_suffix(other).unlink(missing_ok=True)
+        for other in set(_SUFFIXES.values()) - {target.suffix}:  # a copy of another kind under this name is stale
+            base.with_suffix(other).unlink(missing_ok=True)
         write_atomic(base.with_suffix(".sha1"), (sink.sha1.hexdigest() + "\n").encode())
     except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
         raise TransientDownloadError(
@@ -205,9 +190,7 @@ def _download(url: str, base: Path, expected: str | None, timeout: float) -> Cor
         ) from None
     except requests.exceptions.ContentDecodingError as exc:
         raise DownloadError(f"{shown} sent a body its Content-Encoding does not decode: {exc}") from None
-    except OSError as exc:
-        if isinstance(exc, requests.exceptions.RequestException):
-            raise
+    except OSError as exc:  # the disk's fault: requests' errors of a broken transfer are caught above
         written = tmp.stat().st_size if tmp.exists() else None
         if target is not None:
             target.unlink(missing_ok=True)  # without its record it would not be trusted: keep nothing

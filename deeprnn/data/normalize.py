@@ -23,6 +23,10 @@ _NON_LETTERS = re.compile("[^A-Za-z]+")
 _SPACE, _LF, _CR = 32, 10, 13
 
 
+class PrepareError(ValueError):
+    """The corpus cannot be turned into training tokens with these settings; the message says what to change."""
+
+
 def check_mode(mode: str) -> None:
     """Refuse a normalization that is none of ``NORMALIZE_MODES``, naming them."""
     if mode not in NORMALIZE_MODES:

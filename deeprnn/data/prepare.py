@@ -38,10 +38,11 @@ import numpy as np
 
 from deeprnn.config import DataConfig
 from deeprnn.data import token_cache
-from deeprnn.data.chunk_edges import WordTooLongError
 from deeprnn.data.download import CACHE_ENV, CorpusFile, cache_dir, read_text_chunks
 from deeprnn.data.file_io import megabytes
-from deeprnn.data.token_counts import CHUNK_BYTES, CharCounter, TooManyWordsError, WordCounter
+from deeprnn.data.normalize import PrepareError as PrepareError  # its home is below; callers import it from here
+from deeprnn.data.token_cache import SpaceEstimate
+from deeprnn.data.token_counts import CHUNK_BYTES, CharCounter, WordCounter
 from deeprnn.data.vocab import Vocab
 
 KEY_FORMAT = "deeprnn-tokens/1"  # in every key: a new value moves every entry (entries of another format
@@ -55,10 +56,6 @@ VOCAB_BYTES_PER_TOKEN = 40
 VOCAB_BYTES_FIXED = 1000  # meta.json, builder.json and vocab.json's own keys
 
 
-class PrepareError(ValueError):
-    """The corpus cannot be turned into training tokens with these settings; the message says what to change."""
-
-
 class CacheWriteError(PrepareError):
     """The token cache cannot be written (a full disk, a read-only or missing folder); the message says where."""
 
@@ -70,12 +67,12 @@ class TokenSettings:
     token: str
     normalize: str
     min_freq: int
-    reserved_tokens: tuple[str, ...]
+    reserved_tokens: list[str]
 
     @classmethod
     def of(cls, data: DataConfig) -> "TokenSettings":
         """The settings of a data configuration."""
-        return cls(data.token, data.normalize, data.min_freq, tuple(data.reserved_tokens))
+        return cls(data.token, data.normalize, data.min_freq, list(data.reserved_tokens))
 
     def key(self, corpus_sha1: str) -> str:
         """The cache key of these settings on the corpus with ``corpus_sha1``."""
@@ -84,7 +81,7 @@ class TokenSettings:
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready form, as ``meta.json`` stores it."""
-        return {**dataclasses.asdict(self), "reserved_tokens": list(self.reserved_tokens)}
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,27 +100,17 @@ class PreparedCorpus:
     cache_hit: bool  # True when this call found the entry and tokenized nothing
 
     @property
-    def ids_path(self) -> Path:
-        """The memory-mappable token ids."""
-        return self.folder / "ids.bin"
-
-    @property
-    def vocab_path(self) -> Path:
-        """The vocabulary, as JSON."""
-        return self.folder / "vocab.json"
-
-    @property
     def dropped_share(self) -> float:
         """The share of the text's letters that normalization removed."""
         return self.dropped_letters / self.letters if self.letters else 0.0
 
     def ids(self) -> np.ndarray:
         """The token ids as a read-only-on-disk memory map (copy-on-write in memory; nothing is read yet)."""
-        return np.memmap(self.ids_path, dtype=self.dtype, mode="c", shape=(self.num_tokens,))
+        return np.memmap(self.folder / "ids.bin", dtype=self.dtype, mode="c", shape=(self.num_tokens,))
 
     def vocab(self) -> Vocab:
         """The vocabulary the ids index."""
-        return Vocab.load(self.vocab_path)
+        return Vocab.load(self.folder / "vocab.json")
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -149,24 +136,21 @@ def prepare(
     folder = root / key
     try:
         root.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(folder) + ".lock", timeout=3600)  # one builder per entry; the others then read it
-        lock.acquire()
+        held = FileLock(str(folder) + ".lock", timeout=3600).acquire()  # one builder per entry; the others read it
     except OSError as exc:
         raise _cache_write_error(root, exc, None) from None
-    try:
+    with held:  # released on leaving
         token_cache.remove_dead_builds(root, key)
         meta = token_cache.read_entry(folder)
         if meta is not None:
             return _from_meta(folder, meta, cache_hit=True)
         return _build_entry(corpus, settings, folder, chunk_bytes)
-    finally:
-        lock.release()
 
 
 def _from_meta(folder: Path, meta: dict[str, Any], cache_hit: bool) -> PreparedCorpus:
     """The prepared corpus that a verified ``meta.json`` (its own SHA-1 checked: as written) describes."""
-    settings = TokenSettings(**{**meta["settings"], "reserved_tokens": tuple(meta["settings"]["reserved_tokens"])})
     stored = {f.name for f in dataclasses.fields(PreparedCorpus)} - {"folder", "settings", "cache_hit"}
+    settings = TokenSettings(**meta["settings"])
     return PreparedCorpus(folder, settings=settings, cache_hit=cache_hit, **{k: meta[k] for k in stored})
 
 
@@ -184,8 +168,7 @@ def _build_entry(corpus: CorpusFile, settings: TokenSettings, folder: Path, chun
     try:
         meta = _tokenize_into(tmp, corpus, settings, chunk_bytes)
         meta["build_seconds"] = round(time.perf_counter() - started, 3)
-        token_cache.seal(tmp, meta)
-        token_cache.publish(tmp, folder)
+        token_cache.publish(tmp, folder, meta)
     except BaseException as exc:
         token_cache.remove(tmp)
         if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
@@ -198,19 +181,16 @@ def _tokenize_into(tmp: Path, corpus: CorpusFile, settings: TokenSettings, chunk
     """Count, build the vocabulary, write ``ids.bin`` and ``vocab.json`` into ``tmp``; returns the meta data."""
     text = functools.partial(read_text_chunks, corpus, chunk_bytes)
     counter = _counted(settings, text(), tmp / "normalized.tmp")
-    try:
-        vocab = Vocab.from_counts(counter.token_freqs(), settings.min_freq, settings.reserved_tokens)
-        _check_vocab(corpus, settings, counter, vocab)
-        # Only the kept tokens' counts travel on (vocab.json, checkpoints): a word corpus may count millions.
-        vocab.token_freqs = [(t, f) for t, f in vocab.token_freqs if f >= settings.min_freq]
-        dtype = id_dtype(len(vocab))
-        digest = hashlib.sha1()
-        with open(tmp / "ids.bin", "wb") as fh:
-            for ids in counter.encoded(vocab, dtype, text):
-                digest.update(ids.data)
-                fh.write(ids.data)
-    finally:
-        counter.close()
+    vocab = Vocab(counter.token_freqs(), settings.min_freq, settings.reserved_tokens)
+    _check_vocab(corpus, settings, counter, vocab)
+    # Only the kept tokens' counts travel on (vocab.json, checkpoints): a word corpus may count millions.
+    vocab.token_freqs = [(t, f) for t, f in vocab.token_freqs if f >= settings.min_freq]
+    dtype = id_dtype(len(vocab))
+    digest = hashlib.sha1()
+    with open(tmp / "ids.bin", "wb") as fh:
+        for ids in counter.encoded(vocab, dtype, text):
+            digest.update(ids.data)
+            fh.write(ids.data)
     vocab.save(tmp / "vocab.json")
     letters, dropped = counter.letter_loss()
     return {
@@ -226,7 +206,7 @@ def _tokenize_into(tmp: Path, corpus: CorpusFile, settings: TokenSettings, chunk
     }
 
 
-def estimate_space(corpus: CorpusFile, settings: TokenSettings) -> token_cache.SpaceEstimate:
+def estimate_space(corpus: CorpusFile, settings: TokenSettings) -> SpaceEstimate:
     """About how much disk preparing ``corpus`` takes, from its first ``SAMPLE_BYTES`` of text tokenized with
     ``settings`` (tokens a byte of text, the vocabulary seen) scaled to the whole text, without writing."""
     sample = ""
@@ -245,25 +225,19 @@ def estimate_space(corpus: CorpusFile, settings: TokenSettings) -> token_cache.S
     vocab_size = len(counter.token_freqs()) + 1 + len(settings.reserved_tokens)
     entry = num_tokens * id_dtype(vocab_size).itemsize + vocab_size * VOCAB_BYTES_PER_TOKEN + VOCAB_BYTES_FIXED
     spill = num_tokens if settings.token == "char" and settings.normalize == "d2l" else 0  # the book's rule's text
-    return token_cache.SpaceEstimate(entry, entry + spill)
+    return SpaceEstimate(entry, entry + spill)
 
 
 def _counted(settings: TokenSettings, text: Iterable[str], spill: Path | None = None) -> CharCounter | WordCounter:
     """The tokens of ``text`` counted with ``settings`` (``spill``: where a char counter keeps the normalized
-    text); a text the counters refuse (too many words, a word too long) is one ``PrepareError``."""
+    text); a text the counters refuse (too many words, a word too long) raises a ``PrepareError``."""
     counter = CharCounter(settings.normalize, spill) if settings.token == "char" else WordCounter(settings.normalize)
-    try:
-        counter.count(text)
-    except BaseException as exc:
-        counter.close()
-        if isinstance(exc, (TooManyWordsError, WordTooLongError)):
-            raise PrepareError(str(exc)) from None
-        raise
+    counter.count(text)
     return counter
 
 
 def _cache_write_error(
-    where: Path, exc: OSError, needed: token_cache.SpaceEstimate | None, free: int | None = None
+    where: Path, exc: OSError, needed: SpaceEstimate | None, free: int | None = None
 ) -> CacheWriteError:
     """The one message for a token cache that cannot be written: where, about how much, what to do."""
     size = ""
@@ -278,9 +252,7 @@ def _cache_write_error(
     )
 
 
-def _check_vocab(
-    corpus: CorpusFile, settings: TokenSettings, counter: "CharCounter | WordCounter", vocab: Vocab
-) -> None:
+def _check_vocab(corpus: CorpusFile, settings: TokenSettings, counter: CharCounter | WordCounter, vocab: Vocab) -> None:
     """Refuse settings that leave nothing to train on, or a vocabulary too large to hold in memory."""
     if counter.num_tokens == 0:
         rule = "the book's rule keeps only the letters a-z" if settings.normalize == "d2l" else "it has no tokens"
@@ -289,7 +261,7 @@ def _check_vocab(
             "has none): use --normalize none to keep every character"
         )
     if len(vocab) > MAX_VOCAB:
-        counts = np.array([f for _, f in counter.token_freqs()], dtype=np.int64)
+        counts = np.fromiter(counter.token_freqs().values(), dtype=np.int64)
         options = ", ".join(
             f"--min-freq {m} gives {int((counts >= m).sum()) + 1 + len(settings.reserved_tokens):,}"
             for m in (2, 5, 10, 50)

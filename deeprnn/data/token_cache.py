@@ -58,14 +58,6 @@ def _meta_digest(meta: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def seal(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Write ``meta.json`` into a built ``folder`` with the SHA-1 of its vocabulary and of itself; returns it."""
-    sealed = {**meta, "format": FORMAT, "vocab_sha1": sha1_of(folder / "vocab.json")}
-    sealed["meta_sha1"] = _meta_digest(sealed)
-    (folder / "meta.json").write_text(json.dumps(sealed, indent=1, ensure_ascii=False), encoding="utf-8")
-    return sealed
-
-
 def read_entry(folder: Path) -> dict[str, Any] | None:
     """The verified ``meta.json`` of the entry in ``folder``; None when there is none. An entry that fails a
     check is removed (one warning saying why) and None returned, so that it is built again."""
@@ -109,8 +101,12 @@ def new_build_folder(root: Path, key: str) -> Path:
     return tmp
 
 
-def publish(tmp: Path, folder: Path) -> None:
-    """Rename a complete build folder into place (atomic: readers see the whole entry or none)."""
+def publish(tmp: Path, folder: Path, meta: dict[str, Any]) -> None:
+    """Seal a complete build folder (``meta.json`` with the SHA-1 of its vocabulary and of itself), then rename it
+    into place (atomic: readers see the whole entry or none)."""
+    sealed = {**meta, "format": FORMAT, "vocab_sha1": sha1_of(tmp / "vocab.json")}
+    sealed["meta_sha1"] = _meta_digest(sealed)
+    (tmp / "meta.json").write_text(json.dumps(sealed, indent=1, ensure_ascii=False), encoding="utf-8")
     (tmp / BUILDER).unlink()
     os.replace(tmp, folder)
 

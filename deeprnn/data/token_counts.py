@@ -9,13 +9,14 @@ up as numpy arrays of code points; words through a ``Counter``.
 from __future__ import annotations
 
 import collections
+import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from deeprnn.data.chunk_edges import CharPieces, WordPieces
-from deeprnn.data.normalize import letter_loss
+from deeprnn.data.normalize import PrepareError, letter_loss
 from deeprnn.data.vocab import Vocab
 
 CHUNK_BYTES = 1 << 24  # 16 MiB of text per step: a few hundred MB of working memory at most
@@ -23,7 +24,7 @@ MAX_DISTINCT_WORDS = 20_000_000  # a guard while counting: this many distinct wo
 _UNICODE = 0x110000
 
 
-class TooManyWordsError(ValueError):
+class TooManyWordsError(PrepareError):
     """The text has more distinct words than a word vocabulary can hold in memory."""
 
 
@@ -41,28 +42,22 @@ class CharCounter:
         self.first_seen: dict[int, int] = {}  # code point -> position of its first occurrence
         self.num_tokens = 0
         self.spill = spill if normalize == "d2l" else None
-        self._spill_fh = open(self.spill, "wb") if self.spill is not None else None
 
     def count(self, text: Iterable[str]) -> None:
-        """Count the characters of the text, fed in chunks."""
-        for points in CharPieces(self.normalize, self.raw).normalized(text):
-            counted = np.bincount(points)
-            new = np.flatnonzero((counted > 0) & (self.counts[: counted.size] == 0))
-            self.first_seen.update(_first_positions(points, new, self.num_tokens))
-            self.counts[: counted.size] += counted
-            self.num_tokens += int(points.size)
-            if self._spill_fh is not None:
-                self._spill_fh.write(points.data)
+        """Count the characters of the text, fed in chunks (written to ``spill`` on the way, when there is one)."""
+        with open(self.spill or os.devnull, "wb") as spill:
+            for points in CharPieces(self.normalize, self.raw).normalized(text):
+                counted = np.bincount(points)
+                new = np.flatnonzero((counted > 0) & (self.counts[: counted.size] == 0))
+                self.first_seen.update(_first_positions(points, new, self.num_tokens))
+                self.counts[: counted.size] += counted
+                self.num_tokens += int(points.size)
+                spill.write(points.data)
 
-    def close(self) -> None:
-        """Close the spill file (when building stops early)."""
-        if self._spill_fh is not None:
-            self._spill_fh.close()
-
-    def token_freqs(self) -> list[tuple[str, int]]:
-        """``(character, count)`` in first-seen order."""
+    def token_freqs(self) -> dict[str, int]:
+        """Each character's count, in first-seen order."""
         order = sorted(self.first_seen, key=self.first_seen.__getitem__)
-        return [(chr(cp), int(self.counts[cp])) for cp in order]
+        return {chr(cp): int(self.counts[cp]) for cp in order}
 
     def letter_loss(self) -> tuple[int, int]:
         """``(letters, dropped)``: the letters of the original text, and how many normalization dropped."""
@@ -75,11 +70,10 @@ class CharCounter:
         for token, index in vocab.token_to_idx.items():
             if len(token) == 1 and ord(token) < table.size:
                 table[ord(token)] = index
-        if self._spill_fh is None or self.spill is None:
+        if self.spill is None:
             for points in CharPieces(self.normalize).normalized(text()):
                 yield table[points]
             return
-        self._spill_fh.close()
         with open(self.spill, "rb") as fh:
             for block in iter(lambda: fh.read(CHUNK_BYTES), b""):
                 yield table[np.frombuffer(block, dtype=np.uint8)]
@@ -106,12 +100,9 @@ class WordCounter:
                     "after counting them"
                 )
 
-    def close(self) -> None:
-        """Nothing to release."""
-
-    def token_freqs(self) -> list[tuple[str, int]]:
-        """``(word, count)`` in first-seen order."""
-        return list(self.counts.items())
+    def token_freqs(self) -> dict[str, int]:
+        """Each word's count, in first-seen order."""
+        return self.counts
 
     def letter_loss(self) -> tuple[int, int]:
         """Word counts do not say which characters were dropped; nothing is reported for words."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import json
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 UNK = "<unk>"
 
@@ -17,23 +17,14 @@ class Vocab:
     ``min_freq`` are left out and map to ``<unk>``.
     """
 
-    def __init__(self, tokens: Iterable[str] = (), min_freq: int = 0, reserved_tokens: Sequence[str] = ()) -> None:
-        self._build(collections.Counter(tokens).items(), min_freq, reserved_tokens)
-
-    @classmethod
-    def from_counts(
-        cls, token_freqs: Iterable[tuple[str, int]], min_freq: int = 0, reserved_tokens: Sequence[str] = ()
-    ) -> "Vocab":
-        """The vocabulary of a text given its token counts in first-seen order (what a streamed count over a
-        large corpus produces): the same vocabulary, index for index, as ``Vocab(tokens)``."""
-        vocab = cls.__new__(cls)
-        vocab._build(token_freqs, min_freq, reserved_tokens)
-        return vocab
-
-    def _build(self, token_freqs: Iterable[tuple[str, int]], min_freq: int, reserved_tokens: Sequence[str]) -> None:
+    def __init__(
+        self, tokens: Iterable[str] | Mapping[str, int] = (), min_freq: int = 0, reserved_tokens: Sequence[str] = ()
+    ) -> None:
+        """The vocabulary of ``tokens``: a text's tokens, or their counts in first-seen order (a mapping, as
+        ``Counter`` takes it: what a streamed count over a large corpus produces), index for index the same."""
         # sorted() is stable: equal counts keep first-seen order, as the book's sort over a Counter does.
         self.token_freqs: list[tuple[str, int]] = sorted(
-            ((str(t), int(f)) for t, f in token_freqs), key=lambda kv: kv[1], reverse=True
+            ((str(t), int(f)) for t, f in collections.Counter(tokens).items()), key=lambda kv: kv[1], reverse=True
         )
         self.idx_to_token: list[str] = [UNK, *reserved_tokens]
         self.token_to_idx: dict[str, int] = {tok: i for i, tok in enumerate(self.idx_to_token)}

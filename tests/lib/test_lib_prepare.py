@@ -81,15 +81,15 @@ def test_a_damaged_entry_is_detected_and_rebuilt(tmp_path: Path, damage: str, ca
     good = prep.prepare(corpus, _data(), tmp_path)
     expected = good.ids().copy()
     if damage == "flip a byte":
-        raw = bytearray(good.ids_path.read_bytes())
+        raw = bytearray((good.folder / "ids.bin").read_bytes())
         raw[5] ^= 0x01
-        good.ids_path.write_bytes(bytes(raw))
+        (good.folder / "ids.bin").write_bytes(bytes(raw))
     elif damage == "truncate":
-        good.ids_path.write_bytes(good.ids_path.read_bytes()[:-3])
+        (good.folder / "ids.bin").write_bytes((good.folder / "ids.bin").read_bytes()[:-3])
     elif damage == "bad meta":
         (good.folder / "meta.json").write_text("{not json")
     else:
-        good.vocab_path.unlink()
+        (good.folder / "vocab.json").unlink()
     with caplog.at_level("WARNING", logger="deeprnn.data.token_cache"):
         rebuilt = prep.prepare(corpus, _data(), tmp_path)
     assert not rebuilt.cache_hit and np.array_equal(rebuilt.ids(), expected)

@@ -44,10 +44,10 @@ def _books_entry(prepared: prep.PreparedCorpus) -> None:
 
 def test_a_flipped_bit_in_vocab_json_is_found_and_rebuilt(corpus, tmp_path: Path, caplog) -> None:
     good = prep.prepare(corpus, DataConfig(), tmp_path)
-    raw = bytearray(good.vocab_path.read_bytes())
+    raw = bytearray((good.folder / "vocab.json").read_bytes())
     at = raw.index(b'"e"') + 1
     raw[at] ^= 0x02  # "e" -> "g": a vocabulary without the letter e, ids unchanged
-    good.vocab_path.write_bytes(bytes(raw))
+    (good.folder / "vocab.json").write_bytes(bytes(raw))
     with caplog.at_level("WARNING", logger="deeprnn.data.token_cache"):
         again = prep.prepare(corpus, DataConfig(), tmp_path)
     assert not again.cache_hit and "vocab.json does not match the SHA-1 in meta.json" in caplog.text
@@ -164,7 +164,8 @@ def test_the_space_estimate_is_within_a_fifth_of_what_the_build_takes(
     prepared = prep.prepare(corpus, config, tmp_path / "cache")
     kept = sum((prepared.folder / name).stat().st_size for name in ("ids.bin", "vocab.json", "meta.json"))
     assert (
-        prepared.dtype == dtype and prepared.ids_path.stat().st_size == prepared.num_tokens * np.dtype(dtype).itemsize
+        prepared.dtype == dtype
+        and (prepared.folder / "ids.bin").stat().st_size == prepared.num_tokens * np.dtype(dtype).itemsize
     )
     assert estimate.entry == pytest.approx(kept, rel=0.2)
     # While building with the book's rule the normalized text, one byte a token, is on disk beside the ids.

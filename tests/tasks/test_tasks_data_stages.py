@@ -57,11 +57,11 @@ def test_prepare_tokens_builds_the_entry_once_and_then_finds_it(corpus_file: Cor
     built = prepare_tokens.fn(corpus, data)
     assert not built.cache_hit and cache / "tokens" in built.folder.parents
     assert built.num_tokens == corpus_file.num_chars and built.vocab_size == 28 and built.dtype == "uint8"
-    written = built.ids_path.stat().st_mtime_ns
+    written = (built.folder / "ids.bin").stat().st_mtime_ns
 
     found = prepare_tokens.fn(corpus, data)
     assert found.cache_hit and found.folder == built.folder
-    assert found.ids_path.stat().st_mtime_ns == written  # read, not rewritten
+    assert (found.folder / "ids.bin").stat().st_mtime_ns == written  # read, not rewritten
     assert np.array_equal(found.ids(), built.ids()) and found.vocab().idx_to_token == built.vocab().idx_to_token
 
     other = prepare_tokens.fn(corpus, data.model_copy(update={"normalize": "none"}))
