@@ -376,8 +376,8 @@ def preset_config(name: str, overrides: dict[str, Any] | None = None) -> RunConf
     if name not in PRESET_VALUES:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     given = overrides or {}
-    # A copy: the rules below must not change the preset.
-    merged = merge(copy.deepcopy(PRESET_VALUES[name]), given) | {"preset": name}
+    # A copy: the rules below must change neither the preset nor the caller's overrides.
+    merged = copy.deepcopy(merge(PRESET_VALUES[name], given)) | {"preset": name}
     if any(field in given.get(section, {}) for section, field in SIZED_FIELDS) and "size" not in given.get("model", {}):
         merged.setdefault("model", {})["size"] = "fixed"  # the user's shape, not the sized one
     if "batch_size" in given.get("train", {}) and "min_planned_steps" not in given["train"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -300,3 +301,13 @@ def test_num_chars_the_former_name_of_num_tokens_is_still_read() -> None:
     assert "sample.num_tokens" in RunConfig().flat() and "sample.num_chars" not in RunConfig().flat()
     with pytest.raises(ValidationError, match="less than or equal to 10000"):
         SampleConfig.model_validate({"num_chars": 10_001})
+
+
+def test_resolving_changes_neither_the_preset_nor_the_overrides_given() -> None:
+    given = {"model": {"num_layers": 3}, "train": {"batch_size": 16}}
+    before = copy.deepcopy(given)
+    for name in PRESETS:  # with and without sections of their own for the rules to write into
+        config = preset_config(name, given)
+        assert config.model.size == "fixed" and config.train.min_planned_steps == 0
+        assert given == before, name  # the rules wrote into a copy
+    assert preset_config("text").model.size == "auto" and preset_config("text").train.min_planned_steps == 4000
