@@ -49,17 +49,11 @@ def generate_samples(
     the checkpoint's own sample settings."""
     model, voc, config = checkpoint.restore_model(checkpoint.load(Path(checkpoint_path)), as_device(device))
     s = sample or config.sample
-    # All prefixes as one batch: one forward step per generated token for all of them.
+    sampling = s.model_dump(include={"temperature", "top_k", "seed"})
+    # All prefixes as one batch: one forward step per generated token for all of them; each prefix normalized as
+    # the corpus's rule wrote the training text.
     texts = generate_batch(
-        model,
-        voc,
-        s.prefixes,
-        s.num_tokens,
-        token=config.data.token,
-        temperature=s.temperature,
-        top_k=s.top_k,
-        seed=s.seed,
-        normalize=config.data.normalize,  # each prefix as the corpus's rule wrote the training text
+        model, voc, s.prefixes, s.num_tokens, token=config.data.token, normalize=config.data.normalize, **sampling
     )
     samples = dict(zip(s.prefixes, texts))
     logger = get_run_logger()
@@ -189,11 +183,6 @@ def flow_run_has_artifact(key: str) -> bool:
     run_id = flow_run.get_id()
     if not run_id:
         return False
+    only = ArtifactFilter(key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])
-            ),
-            limit=1,
-        )
-    return bool(found)
+        return bool(client.read_artifacts(artifact_filter=only, limit=1))

@@ -17,15 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.context import TaskRunContext
+from prefect.context import FlowRunContext, TaskRunContext
 
 from deeprnn.config import DataConfig, RunConfig, TrainConfig
 from deeprnn.data.batching import Splits
 from deeprnn.data.download import CorpusFile, TransientDownloadError, fetch_corpus
 from deeprnn.data.prepare import PreparedCorpus, dropped_letters_warning, prepare, prepared_summary
 from deeprnn.data.vocab import Vocab
+from deeprnn.device import resolve_device
 from deeprnn.ops.limits import training_timeout_seconds
 from deeprnn.pipeline import make_splits
 from deeprnn.sizing import decided_later, size_to_text
@@ -41,8 +42,6 @@ from deeprnn.training.resume import LAST
 def check_inputs(config: RunConfig) -> torch.device:
     """Refuse what would fail later, before any download or training: a missing device, an unreachable
     MLflow. Returns the device, resolved once for the whole run: the later tasks take it as it is."""
-    from deeprnn.device import resolve_device
-
     device = resolve_device(config.train.device)
     uri = store.check_reachable()
     get_run_logger().info("device %s, MLflow tracking at %s", device, uri)
@@ -105,8 +104,7 @@ def size_configuration(
     later = decided_later(config)
     if not later:
         return config
-    ids = torch.from_numpy(prepared.ids())
-    sized = size_to_text(config, ids, prepared.vocab(), device, prepared.corpus_sha1)
+    sized = size_to_text(config, torch.from_numpy(prepared.ids()), prepared.vocab(), device, prepared.corpus_sha1)
     logger = get_run_logger()
     for note in sized.notes:
         logger.info(note)
@@ -114,10 +112,7 @@ def size_configuration(
     runs.log_params(run_id, {key: flat[key] for key in sorted(later)})
     if corpus_source is not None:
         name = naming.run_name(sized.config, naming.corpus_stem(corpus_source), prepared.corpus_sha1)
-        tags = {"mlflow.runName": name}
-        if _rename_flow_run(name):
-            tags["prefect.flow_run_name"] = name
-        runs.set_tags(run_id, tags)
+        runs.set_tags(run_id, {"mlflow.runName": name, **_rename_flow_run(name)})
         logger.info(f"run named for the sized model: {name}")
     return sized.config
 
@@ -125,19 +120,17 @@ def size_configuration(
 _RENAMED: dict[str, str] = {}  # flow run id -> its name since sizing
 
 
-def _rename_flow_run(name: str) -> bool:
-    """Rename the flow run this task runs in (in the API and in this process); False outside a flow run."""
-    from prefect import get_client
-    from prefect.context import FlowRunContext
-
+def _rename_flow_run(name: str) -> dict[str, str]:
+    """Rename the flow run this task runs in (in the API and in this process); returns the MLflow tag that says
+    so, none outside a flow run."""
     context = FlowRunContext.get()
     if context is None or context.flow_run is None:
-        return False
+        return {}
     with get_client(sync_client=True) as client:
         client.set_flow_run_name(context.flow_run.id, name)
     context.flow_run.name = name  # what prefect.runtime.flow_run.get_name() answers from now on
     _RENAMED[str(context.flow_run.id)] = name
-    return True
+    return {"prefect.flow_run_name": name}
 
 
 def _renamed_flow_runs(record: logging.LogRecord) -> bool:

@@ -66,9 +66,8 @@ class Timings:
     flow_returned_at: float | None = None  # set by the CLI
 
     def in_order(self) -> dict[str, float]:
-        """The stamps that are set, in the order the stages ran."""
-        order = ["cli_ready_at", "pipeline_started_at", "fit_started_at", "fit_finished_at", "evaluated_at"]
-        stamps = {name: getattr(self, name) for name in [*order, "logged_at", "flow_returned_at"]}
+        """The stamps that are set, in the order the stages ran (the CLI's readiness first)."""
+        stamps = {"cli_ready_at": self.cli_ready_at, **asdict(self)}  # a key keeps its first place
         return {name: value for name, value in stamps.items() if value is not None}
 
 
@@ -91,21 +90,11 @@ class RunResult:
 
     def as_record(self) -> dict[str, Any]:
         """The result as plain JSON-ready data (``deeprnn run --json``)."""
-        return {
-            "run_id": self.run_id,
-            "experiment": self.experiment,
-            "metrics": self.metrics(),
-            "samples": self.samples,
-            "model": asdict(self.model),
-            "checkpoint": self.training.checkpoint,
-            "tokens": asdict(self.tokens),
-            "step_mode": self.training.step_mode,
-            "precision": self.training.precision,
-            "device": self.training.device,
-            "fit_started_at": self.training.fit_started_at,
-            "fit_finished_at": self.training.fit_finished_at,
-            "timings": self.timings.in_order(),
-        }
+        record: dict[str, Any] = {"run_id": self.run_id, "experiment": self.experiment, "metrics": self.metrics()}
+        record.update(samples=self.samples, model=asdict(self.model), checkpoint=self.training.checkpoint)
+        trained = ("step_mode", "precision", "device", "fit_started_at", "fit_finished_at")
+        record.update(tokens=asdict(self.tokens), **{key: getattr(self.training, key) for key in trained})
+        return record | {"timings": self.timings.in_order()}
 
 
 @task(
@@ -147,14 +136,9 @@ def log_results(
     # default per corpus (``model_registry.default_registered_model``), the champion alias moved if it is best.
     name = registered_model or model_registry.default_registered_model(config.data.url, corpus_sha1)
     logged = model_registry.log_model(run_id, Path(trained.checkpoint), config.sample.prefixes[0])
-    measured = evaluation.metrics()
-    facts = model_registry.ModelFacts(
-        preset=config.preset,
-        corpus_url=config.flat()["data.url"],  # without credentials
-        corpus_sha1=corpus_sha1,
-        token=config.data.token,
-        perplexities={k: measured.get(k) for k in MODEL_METRICS},
-    )
+    url = config.flat()["data.url"]  # without credentials
+    perplexities = {k: getattr(evaluation, k) for k in MODEL_METRICS}
+    facts = model_registry.ModelFacts(config.preset, url, corpus_sha1, config.data.token, perplexities)
     model = PublishedModel(
         logged=logged,
         metrics=model_registry.link_model_metrics(run_id, logged.model_id, MODEL_METRICS),
@@ -256,8 +240,7 @@ def open_run(experiment: str, tags: dict[str, str], params: dict[str, Any]) -> s
     that opens it finds the run its first attempt created. Returns its id."""
     from prefect.runtime import flow_run, task_run
 
-    all_tags = {**run_tags(), **tags}
-    return runs.create_run(experiment, flow_run.get_name(), all_tags, params, opened_by=task_run.get_id())
+    return runs.create_run(experiment, flow_run.get_name(), run_tags() | tags, params, opened_by=task_run.get_id())
 
 
 @task(name="start-mlflow-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
@@ -290,14 +273,9 @@ def start_tracking(
         runs.reopen_run(resume_run_id, tags)
         run_id = resume_run_id
     else:
-        run_id = runs.start_run(
-            config,
-            experiment,
-            run_name=run_name or naming.run_name(config, naming.corpus_stem(corpus.source), corpus.sha1),
-            tags=tags,
-            parent_run_id=parent_run_id,
-            opened_by=task_run.get_id(),  # a retry of this task finds the run its first attempt created
-        )
+        name = run_name or naming.run_name(config, naming.corpus_stem(corpus.source), corpus.sha1)
+        # A retry of this task finds the run its first attempt created.
+        run_id = runs.start_run(config, experiment, name, tags, parent_run_id, opened_by=task_run.get_id())
     # The folder is named by the run id (letters and digits only), never by a user-given name.
     run_dir = run_folder(runs_dir, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)

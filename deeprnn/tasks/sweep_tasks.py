@@ -33,6 +33,7 @@ from deeprnn.search.optuna_study import (
     make_pruner,
     start_study,
 )
+from deeprnn.search.ranking import TrialResult
 from deeprnn.search.space import SearchSpace, Trial, make_trial, parse_space
 from deeprnn.search.study_orphans import Cleanup, claim, heartbeat
 from deeprnn.tasks.pipeline_tasks import run_pipeline
@@ -109,9 +110,8 @@ def start_sweep_tracking(
     """Open the sweep's parent MLflow run: the base configuration (``first``'s, but for the searched fields)
     with each varied field's values, the search settings, ``planned`` trials, and the space as ``space.json``;
     returns its id."""
-    params: dict[str, Any] = dict(first.config.flat())
-    params.update(space.describe())  # varied fields: their values (or range) instead of the first point's value
-    params.update({f"sweep.{k}": v for k, v in strategy.items()})
+    # Varied fields: their values (or range) instead of the first point's value.
+    params = first.config.flat() | space.describe() | {f"sweep.{k}": v for k, v in strategy.items()}
     params["sweep.num_trials"] = planned
     # A retry of this task finds the parent run its first attempt created; space.json is simply rewritten.
     run_id = open_run(experiment, {"deeprnn.sweep": "true", "deeprnn.preset": first.config.preset}, params)
@@ -128,15 +128,11 @@ ERROR_ATTR = "deeprnn.error"  # why a trial failed
 
 @dataclass
 class TrialOutcome:
-    """What one trial did: PRUNED (stopped at ``steps``) or FINISHED with its result."""
+    """What one trial did: its row in the sweep's tables, PRUNED (why, in its error) or FINISHED with its result."""
 
-    trial: Trial  # its index is the Optuna trial number
-    status: str
-    run_id: str | None
-    value: float | None  # the objective: held-out perplexity (last measured, for a pruned trial)
-    steps: int  # training steps it took
+    row: TrialResult  # its index is the Optuna trial number; its metrics include the training steps it took
+    value: float  # the objective: held-out perplexity (last measured, for a pruned trial)
     result: RunResult | None = None
-    reason: str = ""
 
 
 def error_text(exc: BaseException) -> str:
@@ -167,15 +163,8 @@ def _end_pruned(parent_run_id: str, number: int, exc: TrialPruned) -> str | None
     )
     if child is None:
         return None
-    runs.set_tags(
-        child.run_id,
-        {
-            "deeprnn.stop_reason": "pruned",
-            "deeprnn.stop_detail": str(exc),
-            "deeprnn.stopped_at_step": exc.step,
-            "deeprnn.pruned_at_step": exc.step,
-        },
-    )
+    stopped = {"deeprnn.stopped_at_step": exc.step, "deeprnn.pruned_at_step": exc.step}
+    runs.set_tags(child.run_id, {"deeprnn.stop_reason": "pruned", "deeprnn.stop_detail": str(exc), **stopped})
     MlflowClient().set_terminated(child.run_id, RunStatus.to_string(RunStatus.KILLED))
     return child.run_id
 
@@ -216,16 +205,19 @@ def run_trial(
                 asked.set_user_attr(RUN_ID_ATTR, run_id)
             study.tell(asked, state=TrialState.PRUNED)
             get_run_logger().info("trial %d %s", asked.number, exc)
-            return TrialOutcome(trial, "PRUNED", run_id, exc.value, exc.step, reason=str(exc))
+            measured = {"val_perplexity": exc.value, "steps": exc.step}
+            row = TrialResult(trial.index, trial.name, trial.values, "PRUNED", run_id, measured, str(exc))
+            return TrialOutcome(row, exc.value)
         except BaseException as exc:
             if isinstance(exc, Exception):
                 asked.set_user_attr(ERROR_ATTR, error_text(exc))
             study.tell(asked, state=TrialState.FAIL)
             raise
-    # The objective: validation perplexity when there is a validation split, else test perplexity.
-    value = float(result.evaluation.val_perplexity or result.evaluation.test_perplexity)
+    value = result.model.heldout_score  # the objective: validation perplexity, else test perplexity
     asked.set_user_attr(RUN_ID_ATTR, result.run_id)
     finite = math.isfinite(value)
     # A diverged trial (infinite perplexity) is a failed one to Optuna: it takes no infinite values.
     study.tell(asked, value if finite else None, state=TrialState.COMPLETE if finite else TrialState.FAIL)
-    return TrialOutcome(trial, "FINISHED", result.run_id, value, result.training.steps_done, result)
+    measured = {k: v for k, v in result.metrics().items() if v is not None} | {"steps": result.training.steps_done}
+    row = TrialResult(trial.index, trial.name, trial.values, "FINISHED", result.run_id, measured)
+    return TrialOutcome(row, value, result)
