@@ -12,6 +12,7 @@ two.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from prefect import get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
+from prefect.states import State
 
 from deeprnn.config import DataConfig, RunConfig, TrainConfig
 from deeprnn.data.batching import Splits
@@ -32,7 +34,7 @@ from deeprnn.pipeline import make_splits
 from deeprnn.sizing import decided_later, size_to_text
 from deeprnn.tasks.evaluate_tasks import evaluate_model, generate_samples
 from deeprnn.tasks.results_tasks import RunResult, Timings, TokenCache, log_results, publish_summary, start_tracking
-from deeprnn.tasks.train_task import outcome, train_model
+from deeprnn.tasks.train_task import train_model
 from deeprnn.tracking import model_registry, naming, runs, store
 from deeprnn.training import stop_signals
 from deeprnn.training.resume import LAST
@@ -57,11 +59,7 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
 # library's hash-checked cache is the one cache, checked on every run, so a deleted or corrupted copy is
 # always fetched again and another DEEPRNN_CACHE_DIR never reuses this one's result.
 @task(
-    name="download-corpus",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[2, 8],
-    retry_condition_fn=_transient,
+    name="download-corpus", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=_transient
 )
 def download_corpus(source: str, expected_sha1: str | None) -> CorpusFile:
     """Fetch the corpus into the hash-checked cache (no network when the cache is valid)."""
@@ -195,9 +193,9 @@ def run_pipeline(
         runs.log_dataset(run_id, corpus, vocab, prepared.num_tokens)
         splits = prepare_splits(prepared, config.data, config.train)
         timeout = training_timeout_seconds(config.train, splits.train.numel())  # the user's, or derived
-        trained = outcome(
-            train_model.with_options(timeout_seconds=timeout)(config, vocab, splits, run_id, run_dir, device)
-        )
+        trained = train_model.with_options(timeout_seconds=timeout)(config, vocab, splits, run_id, run_dir, device)
+        if isinstance(trained, State):  # a stop ended it, its task run Cancelled: the stop raised again here
+            raise stop_signals.StopRequested(stop_signals.requested() or signal.SIGINT)
         evaluation = evaluate_model(trained.checkpoint, splits, device)
         samples = generate_samples(trained.checkpoint, device)
         evaluated_at = time.time()

@@ -11,10 +11,14 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.runtime import deployment, flow_run, task_run
+from prefect.settings import PREFECT_UI_URL
 
 from deeprnn.config import DataConfig, RunConfig
 from deeprnn.data.download import CorpusFile
 from deeprnn.data.vocab import Vocab
+from deeprnn.ops.orphans import process_tags
 from deeprnn.pipeline import Evaluation, TrainingOutcome
 from deeprnn.report import fmt, plot_history, samples_markdown, samples_text
 from deeprnn.tracking import metrics, model_registry, naming, runs, store
@@ -213,12 +217,6 @@ def publish_summary(
 def run_tags() -> dict[str, str]:
     """MLflow tags that link a run to the Prefect flow run (and deployment) it belongs to, and to this process:
     host, pid and its start time, so that a later command can tell when the process is gone."""
-    from prefect.context import FlowRunContext
-    from prefect.runtime import deployment, flow_run
-    from prefect.settings import PREFECT_UI_URL
-
-    from deeprnn.ops.orphans import process_tags
-
     context = FlowRunContext.get()
     # prefect.runtime.deployment reads the flow run back from the API (a new client and two requests) even
     # when the flow run at hand says it has no deployment: only a deployment's run needs asking.
@@ -238,8 +236,6 @@ def run_tags() -> dict[str, str]:
 def open_run(experiment: str, tags: dict[str, str], params: dict[str, Any]) -> str:
     """A new MLflow run named after the flow run, tagged with ``run_tags()`` and ``tags``; a retry of the task
     that opens it finds the run its first attempt created. Returns its id."""
-    from prefect.runtime import flow_run, task_run
-
     return runs.create_run(experiment, flow_run.get_name(), run_tags() | tags, params, opened_by=task_run.get_id())
 
 
@@ -261,8 +257,6 @@ def start_tracking(
     The run is named after what it trains (``deeprnn.tracking.naming.run_name``) unless ``run_name`` is given,
     and a run of a text other than the book that would go to the default experiment (``deeprnn-train``, the
     book's) goes to that text's own; a sweep's trial stays with its parent run."""
-    from prefect.runtime import task_run
-
     if parent_run_id is None and experiment == naming.BOOK_EXPERIMENT:
         experiment = naming.experiment_name(naming.corpus_stem(corpus.source), corpus.sha1)
     tags = {**(extra_tags or {}), **run_tags(), "deeprnn.preset": config.preset}

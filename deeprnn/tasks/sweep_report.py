@@ -107,29 +107,28 @@ def _collect(spec: StudySpec, study: Any, parent_run_id: str, outcomes: list[Any
     return rows
 
 
-def _save_plots(study: Any, folder: Path, log: Callable[[str], None]) -> list[Path]:
-    """Optuna's matplotlib pictures of the study as PNG files; one it cannot draw (too few trials) is skipped."""
+def _log_plots(study: Any, parent_run_id: str, log: Callable[[str], None]) -> None:
+    """Optuna's matplotlib pictures of the study as PNG files under ``study/`` on the parent run; one it cannot
+    draw (too few trials) is skipped."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a worker
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as vis
 
-    saved = []
-    for name in PLOTS:
-        try:
-            with warnings.catch_warnings():  # Optuna marks these "experimental"; their pictures are what we want
-                warnings.simplefilter("ignore")
-                axes = getattr(vis, name)(study)
-        except Exception as exc:  # e.g. importances need two finished trials and two parameters
-            log(f"{name}: not drawn ({type(exc).__name__}: {exc})")
-            continue
-        figure = axes.get_figure() if hasattr(axes, "get_figure") else axes.flat[0].get_figure()
-        path = folder / f"{name.removeprefix('plot_')}.png"
-        figure.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(figure)
-        saved.append(path)
-    return saved
+    with tempfile.TemporaryDirectory(prefix="deeprnn-study-") as folder:
+        for name in PLOTS:
+            try:
+                with warnings.catch_warnings(action="ignore"):  # Optuna marks these "experimental"
+                    axes = getattr(vis, name)(study)
+            except Exception as exc:  # e.g. importances need two finished trials and two parameters
+                log(f"{name}: not drawn ({type(exc).__name__}: {exc})")
+                continue
+            figure = axes.get_figure() if hasattr(axes, "get_figure") else axes.flat[0].get_figure()
+            path = Path(folder) / f"{name.removeprefix('plot_')}.png"
+            figure.savefig(path, dpi=100, bbox_inches="tight")
+            plt.close(figure)
+            MlflowClient().log_artifact(parent_run_id, str(path), "study")
 
 
 def _log_study(
@@ -151,11 +150,8 @@ def _log_study(
     facts = {"study": spec.name, "storage": spec.shown_storage, "best_trial": number, "best_value": value}
     texts = {"study.json": json.dumps({**facts, "best_params": params}, indent=1, default=str)}
     texts.update({"trials.csv": table_csv(results), "trials.md": table_markdown(results, runs.run_url) + "\n"})
-    with tempfile.TemporaryDirectory(prefix="deeprnn-study-") as folder:
-        pictures = _save_plots(study, Path(folder), log)
-        runs.log_texts(parent_run_id, texts)
-        for picture in pictures:
-            MlflowClient().log_artifact(parent_run_id, str(picture), "study")
+    runs.log_texts(parent_run_id, texts)
+    _log_plots(study, parent_run_id, log)
     return number, value, params
 
 

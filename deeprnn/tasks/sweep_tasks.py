@@ -35,7 +35,7 @@ from deeprnn.search.optuna_study import (
 )
 from deeprnn.search.ranking import TrialResult
 from deeprnn.search.space import SearchSpace, Trial, make_trial, parse_space
-from deeprnn.search.study_orphans import Cleanup, claim, heartbeat
+from deeprnn.search.study_orphans import claim, heartbeat
 from deeprnn.tasks.pipeline_tasks import run_pipeline
 from deeprnn.tasks.results_tasks import RunResult, open_run
 from deeprnn.tasks.train_task import StepObserver, TrialPruned, watching
@@ -79,14 +79,9 @@ def open_study(spec: StudySpec) -> tuple[int, int]:
             f"the Dask scheduler {address} is on another machine but the study lives in {spec.storage}, on this "
             "machine's disk: give --storage a database every worker reaches, e.g. postgresql://user@db-host/optuna"
         )
-    study, cleanup = start_study(spec, get_run_logger().warning)
-    _report_cleanup(spec, study, cleanup)
-    return len(study.trials), enqueue_points(study, spec)  # the trials it held before the points are enqueued
-
-
-def _report_cleanup(spec: StudySpec, study: Any, cleanup: Cleanup) -> None:
-    """Log the study's trials by state, the orphaned ones just failed, and those still running elsewhere."""
     logger = get_run_logger()
+    study, cleanup = start_study(spec, logger.warning)
+    # The study's trials by state, the orphaned ones just failed, and those still running elsewhere.
     for number, reason in cleanup.failed:
         logger.warning("trial %d of study %r was left RUNNING: marked FAIL (%s)", number, spec.name, reason)
     if cleanup.left_running:
@@ -101,6 +96,7 @@ def _report_cleanup(spec: StudySpec, study: Any, cleanup: Cleanup) -> None:
     word = f"continuing study {spec.name!r} ({finished} finished trials: {counts})" if finished else (
         f"new study {spec.name!r}" if not states else f"study {spec.name!r} (no finished trial yet)")  # fmt: skip
     logger.info("%s in %s: sampler %s, pruner %s", word, spec.shown_storage, spec.sampler, spec.pruner)
+    return len(study.trials), enqueue_points(study, spec)  # the trials it held before the points are enqueued
 
 
 @task(name="start-sweep-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
@@ -182,8 +178,7 @@ def run_trial(
     store.use_tracking_uri(tracking_uri)  # the sweep's store, whatever this worker's environment says
     study = spec.load(seed_offset=slot)
     space = parse_space(spec.space)
-    with warnings.catch_warnings():  # "heartbeat is meant for Study.optimize": we beat it ourselves
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(action="ignore"):  # "heartbeat is meant for Study.optimize": we beat it ourselves
         asked = study.ask(distributions(space))
     claim(asked)  # this process owns the trial: a later sweep fails it once this process is gone
     asked.set_user_attr(PARENT_ATTR, parent_run_id)

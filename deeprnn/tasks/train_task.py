@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import time
 from contextvars import ContextVar
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Cancelled, State
+from prefect.states import Cancelled
 from pydantic import BaseModel
 
 from deeprnn.config import RunConfig, TrainConfig, overrides_dict
@@ -41,7 +40,7 @@ from deeprnn.training.resume import LAST
 StepObserver = Callable[[StepStats], None]
 
 # A context variable: a Dask worker runs several trials in threads, each with its own observer.
-_observer: ContextVar[StepObserver | None] = ContextVar("deeprnn_step_observer", default=None)
+_observer: ContextVar[StepObserver] = ContextVar("deeprnn_step_observer", default=lambda stats: None)
 
 
 class TrialPruned(Exception):
@@ -91,9 +90,7 @@ def _hooks(
             logger.info(progress_line(stats))
             update_progress_artifact(progress, 100.0 * min(stats.step / max(stats.total_steps, 1), 1.0))
             last_line[0] = time.perf_counter()
-        observer = _observer.get()
-        if observer is not None:  # a sweep's pruner, after the step is in the curves it keeps; may raise TrialPruned
-            observer(stats)
+        _observer.get()(stats)  # a sweep's pruner, after the step is in the curves it keeps; may raise TrialPruned
 
     return TrainingHooks(
         on_epoch=on_epoch,
@@ -130,7 +127,8 @@ def train_model(
 
     When the run folder already holds ``last.pt`` (a retry of this task, or ``deeprnn run --resume``),
     training continues from it instead of starting over. Stopped by SIGINT or SIGTERM (checkpointed at a
-    step boundary), the task run ends Cancelled and returns that state: ``outcome`` raises the stop again.
+    step boundary), the task run ends Cancelled and returns that state: ``run_pipeline`` raises the stop again
+    for the stages around it (the MLflow run marked KILLED with its checkpoint, the flow run Cancelled).
     """
     try:
         return _train(config, vocab, splits, run_id, run_dir, device)
@@ -138,14 +136,6 @@ def train_model(
         # A stop is not a crash: Prefect's engine would end the task run Crashed on this KeyboardInterrupt
         # (which alerts) inside a flow run that ends Cancelled. Returned, the state is the task run's end state.
         return Cancelled(message=f"stopped by {exc.signal_name}")  # type: ignore[return-value]
-
-
-def outcome(result: TrainingOutcome | State) -> TrainingOutcome:
-    """What ``train_model`` returned; when a stop ended it (its task run Cancelled), the stop raised again for
-    the stages around it: the MLflow run marked KILLED with its checkpoint, the flow run Cancelled."""
-    if isinstance(result, State):
-        raise stop_signals.StopRequested(stop_signals.requested() or signal.SIGINT)
-    return result
 
 
 def _train(
@@ -220,8 +210,7 @@ def prepare_resume(
         stored = RunConfig.model_validate(saved["config"]).train
         done = resume.Finished(run.tags.get("deeprnn.stop_reason", ""), saved["epoch"], steps, stored.time_budget)
         left = config.train
-        refusal = resume.nothing_left(run_id, done, left.epochs, left.max_steps, left.time_budget)
-        if refusal:
+        if refusal := resume.nothing_left(run_id, done, left.epochs, left.max_steps, left.time_budget):
             raise resume.ResumeError(refusal)
     logger.info("checkpoint at epoch %d; continuing to epoch %d", saved["epoch"], config.train.epochs)
     return config, run.experiment
