@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Callable, ContextManager
 
 import torch
 
@@ -173,12 +174,14 @@ class TrainingRun:
         the end, then save the selected weights as ``model.pt``. ``earlier``: the epochs before a resume, which
         the outcome's history continues."""
         trainer, guard = self.trainer, hooks.guard
+        payload = partial(checkpoint.make_payload, self.config, self.vocab, trainer.model)  # a checkpoint's dict
 
         def on_checkpoint(epoch: int) -> None:
             with guard():
                 hooks.before_checkpoint()
                 # ``epoch`` counts whole epochs; a checkpoint inside the next one carries its position.
-                hooks.after_checkpoint(checkpoint.save(self.folder / LAST, self._payload(epoch, trainer.state_dict())))
+                state = payload(epoch=epoch, trainer_state=trainer.state_dict())
+                hooks.after_checkpoint(checkpoint.save(self.folder / LAST, state))
 
         def on_epoch(stats: EpochStats) -> None:
             with guard():
@@ -206,7 +209,7 @@ class TrainingRun:
             stop_requested=hooks.stop_requested,  # a report (and so the stop) at the very next step boundary
         )
         finished = time.time()
-        final = checkpoint.save(self.folder / MODEL, self._payload(result.epochs_done))
+        final = checkpoint.save(self.folder / MODEL, payload(epoch=result.epochs_done))
         history = (earlier or []) + result.history  # the whole run's: a resume's continues the earlier epochs
         summary = {f.name: getattr(result, f.name) for f in fields(FitSummary)} | {"history": history}
         if history:
@@ -214,11 +217,6 @@ class TrainingRun:
         device = describe(trainer.device)
         return TrainingOutcome(
             **summary, checkpoint=str(final), device=device, fit_started_at=started, fit_finished_at=finished
-        )
-
-    def _payload(self, epoch: int, trainer_state: dict[str, Any] | None = None) -> dict[str, Any]:
-        return checkpoint.make_payload(
-            self.config, self.vocab, self.trainer.model, epoch=epoch, trainer_state=trainer_state
         )
 
 

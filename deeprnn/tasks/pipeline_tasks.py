@@ -150,9 +150,8 @@ def prepare_splits(
     """Cut the cached token ids into train/validation/test (views of the memory map, nothing copied); refuse a
     training part too short for one minibatch, and ids made with another vocabulary than ``vocab``."""
     splits = make_splits(prepared, data, train, vocab)
-    get_run_logger().info(
-        "tokens: %d train, %d validation, %d test", splits.train.numel(), splits.val.numel(), splits.test.numel()
-    )
+    sizes = (splits.train.numel(), splits.val.numel(), splits.test.numel())
+    get_run_logger().info("tokens: %d train, %d validation, %d test", *sizes)
     return splits
 
 

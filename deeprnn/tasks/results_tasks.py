@@ -125,12 +125,9 @@ def log_results(
     Safe to retry: the model, its version and its metrics are looked up before they are created, so a retry
     after a partial write finishes the job instead of registering a second version."""
     metrics.log_metrics(run_id, {**trained.metrics(), **evaluation.metrics()}, step=trained.epochs_done)
-    texts = {
-        "vocab.json": json.dumps(vocab.to_dict(), ensure_ascii=False, indent=1),
-        "samples.txt": samples_text(samples),
-        "samples.json": json.dumps(samples, ensure_ascii=False, indent=1),
-        "config.json": json.dumps(config.model_dump(mode="json"), ensure_ascii=False, indent=1),
-    }
+    as_json = {"vocab.json": vocab.to_dict(), "samples.json": samples, "config.json": config.model_dump(mode="json")}
+    texts = {name: json.dumps(value, ensure_ascii=False, indent=1) for name, value in as_json.items()}
+    texts["samples.txt"] = samples_text(samples)
     with tempfile.TemporaryDirectory() as tmp:
         plot = plot_history(trained.history, Path(tmp) / "perplexity.png", f"{config.preset}: perplexity per epoch")
         runs.log_texts(run_id, texts, [plot])  # one upload

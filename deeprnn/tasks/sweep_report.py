@@ -161,16 +161,12 @@ def _summary_markdown(
     """The Prefect summary artifact: how many trials finished, the parent run, the best, the ranked table."""
     finished = sum(r.succeeded for r in results)
     link = runs.run_url(parent_run_id)
-    return "\n".join([
+    return "\n\n".join([  # paragraphs
         f"# deeprnn sweep ({spec.search}): {finished} of {len(results)} trials finished",
-        "",
         f"MLflow parent run: [{parent_run_id}]({link})" if link else f"MLflow parent run: `{parent_run_id}`",
-        "",
         f"Best: **{best.name}**, {metric.replace('_', ' ')} {best.metrics.get(metric, float('nan')):.3f}"
         if best else "No trial finished.",
-        "",
         f"Trials ranked by {metric.replace('_', ' ')} (pruned and failed trials last):",
-        "",
         table_markdown(results, runs.run_url),
     ])  # fmt: skip
 

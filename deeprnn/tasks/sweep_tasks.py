@@ -143,25 +143,25 @@ def _reporter(trial: Any) -> StepObserver:
 
     def report(stats: StepStats) -> None:
         value = stats.heldout_perplexity
-        if value is None:
-            return
-        trial.report(value, stats.step)
-        if trial.should_prune():
-            raise TrialPruned(stats.step, value, f"{trial.study.pruner.__class__.__name__} stopped it")
+        if value is not None:
+            trial.report(value, stats.step)
+            if trial.should_prune():
+                raise TrialPruned(stats.step, value, f"{trial.study.pruner.__class__.__name__} stopped it")
 
     return report
 
 
-def _end_pruned(parent_run_id: str, number: int, exc: TrialPruned) -> str | None:
-    """The pruned trial's run ends KILLED with why and where (the pipeline ended it FAILED); returns its id."""
-    child = next(
-        (c for c in reversed(runs.child_runs(parent_run_id)) if c.tags.get("deeprnn.trial") == str(number)), None
-    )
+def _end_pruned(parent_run_id: str, asked: Any, exc: TrialPruned) -> str | None:
+    """The pruned trial's run ends KILLED with why and where (the pipeline ended it FAILED), and is the Optuna
+    trial's run; returns its id."""
+    number = str(asked.number)
+    child = next((c for c in reversed(runs.child_runs(parent_run_id)) if c.tags.get("deeprnn.trial") == number), None)
     if child is None:
         return None
     stopped = {"deeprnn.stopped_at_step": exc.step, "deeprnn.pruned_at_step": exc.step}
     runs.set_tags(child.run_id, {"deeprnn.stop_reason": "pruned", "deeprnn.stop_detail": str(exc), **stopped})
     MlflowClient().set_terminated(child.run_id, RunStatus.to_string(RunStatus.KILLED))
+    asked.set_user_attr(RUN_ID_ATTR, child.run_id)
     return child.run_id
 
 
@@ -195,9 +195,7 @@ def run_trial(
                     trial.config, experiment, runs_dir, parent_run_id, trial.name, tags, register_model=False
                 )
         except TrialPruned as exc:
-            run_id = _end_pruned(parent_run_id, asked.number, exc)
-            if run_id:
-                asked.set_user_attr(RUN_ID_ATTR, run_id)
+            run_id = _end_pruned(parent_run_id, asked, exc)
             study.tell(asked, state=TrialState.PRUNED)
             get_run_logger().info("trial %d %s", asked.number, exc)
             measured = {"val_perplexity": exc.value, "steps": exc.step}

@@ -12,7 +12,6 @@ flushes the curves and the exception reaches the caller.
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from contextvars import ContextVar
 from pathlib import Path
@@ -61,17 +60,13 @@ def watching(observer: StepObserver) -> Iterator[None]:
         _observer.reset(token)
 
 
-Logger = logging.Logger | logging.LoggerAdapter[Any]  # what get_run_logger returns
-
 _LOG_SECONDS = 30.0  # inside a long epoch, a progress line (and progress update) at most this often
 
 
-def _hooks(
-    run_id: str, cfg: TrainConfig, curves: metrics.MetricLogger, progress: UUID, logger: Logger
-) -> TrainingHooks:
+def _hooks(run_id: str, cfg: TrainConfig, curves: metrics.MetricLogger, progress: UUID) -> TrainingHooks:
     """Every epoch and step to MLflow, a progress line and the progress artifact now and then, each checkpoint
     logged as an artifact; Ctrl-C is held back while they write, and raised when they are done."""
-    last_line = [time.perf_counter()]
+    logger, last_line = get_run_logger(), [time.perf_counter()]
     # A run that counts in steps (budget, evaluations or checkpoints) gets step_* curves in MLflow.
     uses_steps = any(v is not None for v in (cfg.max_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps))
 
@@ -156,7 +151,7 @@ def _train(
     try:
         # A stop signal is held back while training: the loop stops at its next step boundary, checkpointed.
         with metrics.system_metrics(run_id), stop_signals.held():  # CPU, memory (and GPU) use as system/* metrics
-            trained = run.fit(_hooks(run_id, config.train, curves, progress, logger), earlier)
+            trained = run.fit(_hooks(run_id, config.train, curves, progress), earlier)
     except BaseException:
         try:
             curves.flush()  # whatever was measured reaches MLflow, also when training fails
@@ -201,7 +196,7 @@ def prepare_resume(
     run = runs.find_run(run_id)
     if experiment and experiment != run.experiment:
         raise resume.ResumeError(f"run {run_id} belongs to experiment {run.experiment!r}, not {experiment!r}")
-    saved = _load_checkpoint(run_id, resume.run_folder(runs_dir, run_id) / resume.LAST, run.tags, logger)
+    saved = _load_checkpoint(run_id, resume.run_folder(runs_dir, run_id) / resume.LAST, run.tags)
     state = saved.get("trainer_state") or {}
     steps, seconds = int(state.get("step") or 0), float(state.get("train_seconds") or 0.0)
     overrides = overrides_dict(data, model, train, sample)
@@ -216,10 +211,11 @@ def prepare_resume(
     return config, run.experiment
 
 
-def _load_checkpoint(run_id: str, last: Path, tags: dict[str, str], logger: Logger) -> dict[str, Any]:
+def _load_checkpoint(run_id: str, last: Path, tags: dict[str, str]) -> dict[str, Any]:
     """The run's last checkpoint: the local file when it matches its digest, else the MLflow copy (which then
     replaces it). A run with neither is refused in one line (``ResumeError``) that says, from the run's
     ``tags``, whether it never logged one or its files are gone."""
+    logger = get_run_logger()
     damaged: ValueError | None = None
     if last.is_file():
         try:
