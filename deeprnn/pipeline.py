@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Callable, ContextManager
 
 import torch
 
@@ -61,17 +62,10 @@ class TrainingOutcome(FitSummary):
     fit_finished_at: float
 
     def metrics(self) -> dict[str, float | None]:
-        """The run's final training metrics, as MLflow records them."""
-        return {
-            "final_train_perplexity": self.final_train_perplexity,
-            "best_heldout_perplexity": self.best_heldout_perplexity,
-            "best_epoch": self.best_epoch,
-            "train_seconds": self.train_seconds,
-            "mean_tokens_per_sec": self.tokens_per_sec,
-            "steps_done": self.steps_done,
-            "best_step": self.best_step,
-            "evaluations": self.evaluations,
-        }
+        """The run's final training metrics, as MLflow records them (the speed as ``mean_tokens_per_sec``)."""
+        names = ("final_train_perplexity", "best_heldout_perplexity", "best_epoch", "train_seconds", "tokens_per_sec")
+        mlflow_names = {"tokens_per_sec": "mean_tokens_per_sec"}
+        return {mlflow_names.get(n, n): getattr(self, n) for n in (*names, "steps_done", "best_step", "evaluations")}
 
 
 @dataclass(frozen=True)
@@ -125,22 +119,23 @@ def build_trainer(config: RunConfig, vocab_size: int, splits: Splits, device: to
     return Trainer(model, splits.train, config.train, device, heldout_ids=heldout, select_best=has_val)
 
 
-Guard = Callable[[], ContextManager[object]]
+def _no_hook(*_: object) -> None:
+    """A hook left out: nothing to do."""
 
 
 @dataclass
 class TrainingHooks:
     """What the layer above does while the training stage runs; every hook is optional."""
 
-    on_epoch: Callable[[EpochStats], None] | None = None  # every epoch, in order, a few at a time
+    on_epoch: Callable[[EpochStats], None] = _no_hook  # every epoch, in order, a few at a time
     on_step: Callable[[StepStats], None] | None = None  # every read-back, also inside long epochs
-    before_checkpoint: Callable[[], None] | None = None  # e.g. flush metrics: a checkpoint never runs ahead of them
-    after_checkpoint: Callable[[Path], None] | None = None  # the resumable checkpoint just written
+    before_checkpoint: Callable[[], None] = _no_hook  # e.g. flush metrics: a checkpoint never runs ahead of them
+    after_checkpoint: Callable[[Path], None] = _no_hook  # the resumable checkpoint just written
     # The context every hook (and each checkpoint with its two hooks) runs in, e.g. one holding Ctrl-C back.
-    guard: Guard = contextlib.nullcontext
+    guard: Callable[[], ContextManager[object]] = contextlib.nullcontext
     # Polled at every step boundary the loop reports from: a signal number there ends training with a
     # checkpoint and ``StopRequested`` (``deeprnn.training.stop_signals``).
-    stop_requested: Callable[[], int | None] | None = None
+    stop_requested: Callable[[], int | None] = _no_hook
 
 
 @dataclass
@@ -179,20 +174,18 @@ class TrainingRun:
         the end, then save the selected weights as ``model.pt``. ``earlier``: the epochs before a resume, which
         the outcome's history continues."""
         trainer, guard = self.trainer, hooks.guard
+        payload = partial(checkpoint.make_payload, self.config, self.vocab, trainer.model)  # a checkpoint's dict
 
         def on_checkpoint(epoch: int) -> None:
             with guard():
-                if hooks.before_checkpoint is not None:
-                    hooks.before_checkpoint()
+                hooks.before_checkpoint()
                 # ``epoch`` counts whole epochs; a checkpoint inside the next one carries its position.
-                path = checkpoint.save(self.folder / LAST, self._payload(epoch, trainer.state_dict()))
-                if hooks.after_checkpoint is not None:
-                    hooks.after_checkpoint(path)
+                state = payload(epoch=epoch, trainer_state=trainer.state_dict())
+                hooks.after_checkpoint(checkpoint.save(self.folder / LAST, state))
 
         def on_epoch(stats: EpochStats) -> None:
-            if hooks.on_epoch is not None:
-                with guard():
-                    hooks.on_epoch(stats)
+            with guard():
+                hooks.on_epoch(stats)
 
         def on_step(stats: StepStats) -> None:
             # The loop reports at every step boundary where its state is whole: the end of an epoch, or inside
@@ -201,7 +194,7 @@ class TrainingRun:
             if hooks.on_step is not None:
                 with guard():
                     hooks.on_step(stats)
-            signum = hooks.stop_requested() if hooks.stop_requested is not None else None
+            signum = hooks.stop_requested()
             if signum is not None:
                 check_weights(trainer.train_step.params, stats.epoch)  # never save NaN weights
                 on_checkpoint(trainer.epoch)
@@ -216,7 +209,7 @@ class TrainingRun:
             stop_requested=hooks.stop_requested,  # a report (and so the stop) at the very next step boundary
         )
         finished = time.time()
-        final = checkpoint.save(self.folder / MODEL, self._payload(result.epochs_done))
+        final = checkpoint.save(self.folder / MODEL, payload(epoch=result.epochs_done))
         history = (earlier or []) + result.history  # the whole run's: a resume's continues the earlier epochs
         summary = {f.name: getattr(result, f.name) for f in fields(FitSummary)} | {"history": history}
         if history:
@@ -224,11 +217,6 @@ class TrainingRun:
         device = describe(trainer.device)
         return TrainingOutcome(
             **summary, checkpoint=str(final), device=device, fit_started_at=started, fit_finished_at=finished
-        )
-
-    def _payload(self, epoch: int, trainer_state: dict[str, Any] | None = None) -> dict[str, Any]:
-        return checkpoint.make_payload(
-            self.config, self.vocab, self.trainer.model, epoch=epoch, trainer_state=trainer_state
         )
 
 

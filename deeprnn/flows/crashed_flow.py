@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger
 
 from deeprnn.flows.evaluate_flow import FLOW_RUN_ID_PATTERN
 from deeprnn.flows.parameters import form_field
@@ -26,8 +26,6 @@ def mark_crashed(
     Args:
         flow_run_id: The crashed flow run's id (the deployment's trigger passes it).
     """
-    from prefect.client.orchestration import get_client
-
     with get_client(sync_client=True) as client:
         crashed = client.read_flow_run(flow_run_id)
     message = (crashed.state.message if crashed.state else None) or "no message"

@@ -20,10 +20,7 @@ FLOW_NAME = "deeprnn-prepare"
 
 
 @flow(name=FLOW_NAME, log_prints=True)
-def prepare_lm(
-    preset: PresetField = "d2l-9.3",
-    data: DataField = None,
-) -> dict[str, Any]:
+def prepare_lm(preset: PresetField = "d2l-9.3", data: DataField = None) -> dict[str, Any]:
     """Download a corpus and tokenize it into the token cache (once per corpus and tokenization settings).
 
     Args:

@@ -121,10 +121,8 @@ def _run_trials(
 ) -> list[Any]:
     """Submit ``planned`` trials (numbered on from the study's ``earlier`` ones) and collect each as it ends,
     its result or its exception, the progress artifacts updated after each."""
-    futures = []
-    for i in range(planned):
-        with resources(request):  # one GPU per trial where the trials train on GPUs
-            futures.append(run_trial.submit(spec, earlier + i, *run))
+    with resources(request):  # one GPU per trial where the trials train on GPUs
+        futures = [run_trial.submit(spec, earlier + i, *run) for i in range(planned)]
     outcomes: list[Any] = []
     progress = create_progress_artifact(0.0, description=f"study {spec.name}: trials done (%)")
     for future in as_completed(futures):

@@ -44,9 +44,8 @@ def flow_run_name() -> str:
     if params.get("resume_run_id"):
         return f"resume{naming.SEPARATOR}{params['resume_run_id']}"
     try:
-        config = resolve(
-            params.get("preset") or "d2l-9.3", *(params.get(k) for k in ("data", "model", "train", "sample"))
-        )
+        sections = (params.get(k) for k in ("data", "model", "train", "sample"))
+        config = resolve(params.get("preset") or "d2l-9.3", *sections)
     except ValueError:  # refused by the flow's own validation right after: any name will do
         return FLOW_NAME
     return naming.run_name(config, naming.corpus_stem(config.data.url), config.data.expected_sha1())
@@ -90,9 +89,8 @@ def train_lm(
         if resume_run_id:
             config, experiment = prepare_resume(resume_run_id, runs_dir, experiment, data, model, train, sample)
         else:
-            config = resolve(
-                preset or default_preset(data.url if data is not None else None), data, model, train, sample
-            )
+            default = default_preset(data.url if data is not None else None)
+            config = resolve(preset or default, data, model, train, sample)
         return run_pipeline(
             config, experiment or FLOW_NAME, runs_dir, resume_run_id=resume_run_id, registered_model=registered_model
         )

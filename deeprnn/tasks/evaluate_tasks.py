@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from deeprnn.config import RunConfig, SampleConfig, section_values
@@ -49,17 +51,11 @@ def generate_samples(
     the checkpoint's own sample settings."""
     model, voc, config = checkpoint.restore_model(checkpoint.load(Path(checkpoint_path)), as_device(device))
     s = sample or config.sample
-    # All prefixes as one batch: one forward step per generated token for all of them.
+    sampling = s.model_dump(include={"temperature", "top_k", "seed"})
+    # All prefixes as one batch: one forward step per generated token for all of them; each prefix normalized as
+    # the corpus's rule wrote the training text.
     texts = generate_batch(
-        model,
-        voc,
-        s.prefixes,
-        s.num_tokens,
-        token=config.data.token,
-        temperature=s.temperature,
-        top_k=s.top_k,
-        seed=s.seed,
-        normalize=config.data.normalize,  # each prefix as the corpus's rule wrote the training text
+        model, voc, s.prefixes, s.num_tokens, token=config.data.token, normalize=config.data.normalize, **sampling
     )
     samples = dict(zip(s.prefixes, texts))
     logger = get_run_logger()
@@ -139,13 +135,9 @@ def fetch_model(run_id: str, model_uri: str, folder: str, sample: BaseModel | di
     get_run_logger().info(
         "model %s (version %s) from training run %s", found.model_uri, found.version, found.source_run_id
     )
-    return FetchedModel(
-        **vars(found),
-        config=config,
-        vocab=Vocab.from_dict(data["vocab"]),
-        corpus_sha1=found.dataset_sha1 or config.data.expected_sha1(),
-        trained_metrics=trained,
-    )
+    sha1 = found.dataset_sha1 or config.data.expected_sha1()
+    vocab = Vocab.from_dict(data["vocab"])
+    return FetchedModel(**vars(found), config=config, vocab=vocab, corpus_sha1=sha1, trained_metrics=trained)
 
 
 @task(name="publish-evaluation", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
@@ -182,18 +174,9 @@ def publish_evaluation(run_id: str, model: FetchedModel, evaluation: Evaluation,
 
 def flow_run_has_artifact(key: str) -> bool:
     """True when the current flow run already has an artifact with this key (an earlier attempt made it)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
-    from prefect.runtime import flow_run
-
     run_id = flow_run.get_id()
     if not run_id:
         return False
+    only = ArtifactFilter(key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])
-            ),
-            limit=1,
-        )
-    return bool(found)
+        return bool(client.read_artifacts(artifact_filter=only, limit=1))

@@ -12,26 +12,29 @@ two.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.context import TaskRunContext
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.states import State
 
 from deeprnn.config import DataConfig, RunConfig, TrainConfig
 from deeprnn.data.batching import Splits
 from deeprnn.data.download import CorpusFile, TransientDownloadError, fetch_corpus
 from deeprnn.data.prepare import PreparedCorpus, dropped_letters_warning, prepare, prepared_summary
 from deeprnn.data.vocab import Vocab
+from deeprnn.device import resolve_device
 from deeprnn.ops.limits import training_timeout_seconds
 from deeprnn.pipeline import make_splits
 from deeprnn.sizing import decided_later, size_to_text
 from deeprnn.tasks.evaluate_tasks import evaluate_model, generate_samples
 from deeprnn.tasks.results_tasks import RunResult, Timings, TokenCache, log_results, publish_summary, start_tracking
-from deeprnn.tasks.train_task import outcome, train_model
+from deeprnn.tasks.train_task import train_model
 from deeprnn.tracking import model_registry, naming, runs, store
 from deeprnn.training import stop_signals
 from deeprnn.training.resume import LAST
@@ -41,8 +44,6 @@ from deeprnn.training.resume import LAST
 def check_inputs(config: RunConfig) -> torch.device:
     """Refuse what would fail later, before any download or training: a missing device, an unreachable
     MLflow. Returns the device, resolved once for the whole run: the later tasks take it as it is."""
-    from deeprnn.device import resolve_device
-
     device = resolve_device(config.train.device)
     uri = store.check_reachable()
     get_run_logger().info("device %s, MLflow tracking at %s", device, uri)
@@ -58,11 +59,7 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
 # library's hash-checked cache is the one cache, checked on every run, so a deleted or corrupted copy is
 # always fetched again and another DEEPRNN_CACHE_DIR never reuses this one's result.
 @task(
-    name="download-corpus",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[2, 8],
-    retry_condition_fn=_transient,
+    name="download-corpus", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=_transient
 )
 def download_corpus(source: str, expected_sha1: str | None) -> CorpusFile:
     """Fetch the corpus into the hash-checked cache (no network when the cache is valid)."""
@@ -105,8 +102,7 @@ def size_configuration(
     later = decided_later(config)
     if not later:
         return config
-    ids = torch.from_numpy(prepared.ids())
-    sized = size_to_text(config, ids, prepared.vocab(), device, prepared.corpus_sha1)
+    sized = size_to_text(config, torch.from_numpy(prepared.ids()), prepared.vocab(), device, prepared.corpus_sha1)
     logger = get_run_logger()
     for note in sized.notes:
         logger.info(note)
@@ -114,10 +110,7 @@ def size_configuration(
     runs.log_params(run_id, {key: flat[key] for key in sorted(later)})
     if corpus_source is not None:
         name = naming.run_name(sized.config, naming.corpus_stem(corpus_source), prepared.corpus_sha1)
-        tags = {"mlflow.runName": name}
-        if _rename_flow_run(name):
-            tags["prefect.flow_run_name"] = name
-        runs.set_tags(run_id, tags)
+        runs.set_tags(run_id, {"mlflow.runName": name, **_rename_flow_run(name)})
         logger.info(f"run named for the sized model: {name}")
     return sized.config
 
@@ -125,19 +118,17 @@ def size_configuration(
 _RENAMED: dict[str, str] = {}  # flow run id -> its name since sizing
 
 
-def _rename_flow_run(name: str) -> bool:
-    """Rename the flow run this task runs in (in the API and in this process); False outside a flow run."""
-    from prefect import get_client
-    from prefect.context import FlowRunContext
-
+def _rename_flow_run(name: str) -> dict[str, str]:
+    """Rename the flow run this task runs in (in the API and in this process); returns the MLflow tag that says
+    so, none outside a flow run."""
     context = FlowRunContext.get()
     if context is None or context.flow_run is None:
-        return False
+        return {}
     with get_client(sync_client=True) as client:
         client.set_flow_run_name(context.flow_run.id, name)
     context.flow_run.name = name  # what prefect.runtime.flow_run.get_name() answers from now on
     _RENAMED[str(context.flow_run.id)] = name
-    return True
+    return {"prefect.flow_run_name": name}
 
 
 def _renamed_flow_runs(record: logging.LogRecord) -> bool:
@@ -159,9 +150,8 @@ def prepare_splits(
     """Cut the cached token ids into train/validation/test (views of the memory map, nothing copied); refuse a
     training part too short for one minibatch, and ids made with another vocabulary than ``vocab``."""
     splits = make_splits(prepared, data, train, vocab)
-    get_run_logger().info(
-        "tokens: %d train, %d validation, %d test", splits.train.numel(), splits.val.numel(), splits.test.numel()
-    )
+    sizes = (splits.train.numel(), splits.val.numel(), splits.test.numel())
+    get_run_logger().info("tokens: %d train, %d validation, %d test", *sizes)
     return splits
 
 
@@ -202,9 +192,9 @@ def run_pipeline(
         runs.log_dataset(run_id, corpus, vocab, prepared.num_tokens)
         splits = prepare_splits(prepared, config.data, config.train)
         timeout = training_timeout_seconds(config.train, splits.train.numel())  # the user's, or derived
-        trained = outcome(
-            train_model.with_options(timeout_seconds=timeout)(config, vocab, splits, run_id, run_dir, device)
-        )
+        trained = train_model.with_options(timeout_seconds=timeout)(config, vocab, splits, run_id, run_dir, device)
+        if isinstance(trained, State):  # a stop ended it, its task run Cancelled: the stop raised again here
+            raise stop_signals.StopRequested(stop_signals.requested() or signal.SIGINT)
         evaluation = evaluate_model(trained.checkpoint, splits, device)
         samples = generate_samples(trained.checkpoint, device)
         evaluated_at = time.time()

@@ -11,10 +11,14 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.runtime import deployment, flow_run, task_run
+from prefect.settings import PREFECT_UI_URL
 
 from deeprnn.config import DataConfig, RunConfig
 from deeprnn.data.download import CorpusFile
 from deeprnn.data.vocab import Vocab
+from deeprnn.ops.orphans import process_tags
 from deeprnn.pipeline import Evaluation, TrainingOutcome
 from deeprnn.report import fmt, plot_history, samples_markdown, samples_text
 from deeprnn.tracking import metrics, model_registry, naming, runs, store
@@ -66,9 +70,8 @@ class Timings:
     flow_returned_at: float | None = None  # set by the CLI
 
     def in_order(self) -> dict[str, float]:
-        """The stamps that are set, in the order the stages ran."""
-        order = ["cli_ready_at", "pipeline_started_at", "fit_started_at", "fit_finished_at", "evaluated_at"]
-        stamps = {name: getattr(self, name) for name in [*order, "logged_at", "flow_returned_at"]}
+        """The stamps that are set, in the order the stages ran (the CLI's readiness first)."""
+        stamps = {"cli_ready_at": self.cli_ready_at, **asdict(self)}  # a key keeps its first place
         return {name: value for name, value in stamps.items() if value is not None}
 
 
@@ -91,21 +94,11 @@ class RunResult:
 
     def as_record(self) -> dict[str, Any]:
         """The result as plain JSON-ready data (``deeprnn run --json``)."""
-        return {
-            "run_id": self.run_id,
-            "experiment": self.experiment,
-            "metrics": self.metrics(),
-            "samples": self.samples,
-            "model": asdict(self.model),
-            "checkpoint": self.training.checkpoint,
-            "tokens": asdict(self.tokens),
-            "step_mode": self.training.step_mode,
-            "precision": self.training.precision,
-            "device": self.training.device,
-            "fit_started_at": self.training.fit_started_at,
-            "fit_finished_at": self.training.fit_finished_at,
-            "timings": self.timings.in_order(),
-        }
+        record: dict[str, Any] = {"run_id": self.run_id, "experiment": self.experiment, "metrics": self.metrics()}
+        record.update(samples=self.samples, model=asdict(self.model), checkpoint=self.training.checkpoint)
+        trained = ("step_mode", "precision", "device", "fit_started_at", "fit_finished_at")
+        record.update(tokens=asdict(self.tokens), **{key: getattr(self.training, key) for key in trained})
+        return record | {"timings": self.timings.in_order()}
 
 
 @task(
@@ -132,12 +125,9 @@ def log_results(
     Safe to retry: the model, its version and its metrics are looked up before they are created, so a retry
     after a partial write finishes the job instead of registering a second version."""
     metrics.log_metrics(run_id, {**trained.metrics(), **evaluation.metrics()}, step=trained.epochs_done)
-    texts = {
-        "vocab.json": json.dumps(vocab.to_dict(), ensure_ascii=False, indent=1),
-        "samples.txt": samples_text(samples),
-        "samples.json": json.dumps(samples, ensure_ascii=False, indent=1),
-        "config.json": json.dumps(config.model_dump(mode="json"), ensure_ascii=False, indent=1),
-    }
+    as_json = {"vocab.json": vocab.to_dict(), "samples.json": samples, "config.json": config.model_dump(mode="json")}
+    texts = {name: json.dumps(value, ensure_ascii=False, indent=1) for name, value in as_json.items()}
+    texts["samples.txt"] = samples_text(samples)
     with tempfile.TemporaryDirectory() as tmp:
         plot = plot_history(trained.history, Path(tmp) / "perplexity.png", f"{config.preset}: perplexity per epoch")
         runs.log_texts(run_id, texts, [plot])  # one upload
@@ -147,14 +137,9 @@ def log_results(
     # default per corpus (``model_registry.default_registered_model``), the champion alias moved if it is best.
     name = registered_model or model_registry.default_registered_model(config.data.url, corpus_sha1)
     logged = model_registry.log_model(run_id, Path(trained.checkpoint), config.sample.prefixes[0])
-    measured = evaluation.metrics()
-    facts = model_registry.ModelFacts(
-        preset=config.preset,
-        corpus_url=config.flat()["data.url"],  # without credentials
-        corpus_sha1=corpus_sha1,
-        token=config.data.token,
-        perplexities={k: measured.get(k) for k in MODEL_METRICS},
-    )
+    url = config.flat()["data.url"]  # without credentials
+    perplexities = {k: getattr(evaluation, k) for k in MODEL_METRICS}
+    facts = model_registry.ModelFacts(config.preset, url, corpus_sha1, config.data.token, perplexities)
     model = PublishedModel(
         logged=logged,
         metrics=model_registry.link_model_metrics(run_id, logged.model_id, MODEL_METRICS),
@@ -229,12 +214,6 @@ def publish_summary(
 def run_tags() -> dict[str, str]:
     """MLflow tags that link a run to the Prefect flow run (and deployment) it belongs to, and to this process:
     host, pid and its start time, so that a later command can tell when the process is gone."""
-    from prefect.context import FlowRunContext
-    from prefect.runtime import deployment, flow_run
-    from prefect.settings import PREFECT_UI_URL
-
-    from deeprnn.ops.orphans import process_tags
-
     context = FlowRunContext.get()
     # prefect.runtime.deployment reads the flow run back from the API (a new client and two requests) even
     # when the flow run at hand says it has no deployment: only a deployment's run needs asking.
@@ -254,10 +233,7 @@ def run_tags() -> dict[str, str]:
 def open_run(experiment: str, tags: dict[str, str], params: dict[str, Any]) -> str:
     """A new MLflow run named after the flow run, tagged with ``run_tags()`` and ``tags``; a retry of the task
     that opens it finds the run its first attempt created. Returns its id."""
-    from prefect.runtime import flow_run, task_run
-
-    all_tags = {**run_tags(), **tags}
-    return runs.create_run(experiment, flow_run.get_name(), all_tags, params, opened_by=task_run.get_id())
+    return runs.create_run(experiment, flow_run.get_name(), run_tags() | tags, params, opened_by=task_run.get_id())
 
 
 @task(name="start-mlflow-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
@@ -278,8 +254,6 @@ def start_tracking(
     The run is named after what it trains (``deeprnn.tracking.naming.run_name``) unless ``run_name`` is given,
     and a run of a text other than the book that would go to the default experiment (``deeprnn-train``, the
     book's) goes to that text's own; a sweep's trial stays with its parent run."""
-    from prefect.runtime import task_run
-
     if parent_run_id is None and experiment == naming.BOOK_EXPERIMENT:
         experiment = naming.experiment_name(naming.corpus_stem(corpus.source), corpus.sha1)
     tags = {**(extra_tags or {}), **run_tags(), "deeprnn.preset": config.preset}
@@ -290,14 +264,9 @@ def start_tracking(
         runs.reopen_run(resume_run_id, tags)
         run_id = resume_run_id
     else:
-        run_id = runs.start_run(
-            config,
-            experiment,
-            run_name=run_name or naming.run_name(config, naming.corpus_stem(corpus.source), corpus.sha1),
-            tags=tags,
-            parent_run_id=parent_run_id,
-            opened_by=task_run.get_id(),  # a retry of this task finds the run its first attempt created
-        )
+        name = run_name or naming.run_name(config, naming.corpus_stem(corpus.source), corpus.sha1)
+        # A retry of this task finds the run its first attempt created.
+        run_id = runs.start_run(config, experiment, name, tags, parent_run_id, opened_by=task_run.get_id())
     # The folder is named by the run id (letters and digits only), never by a user-given name.
     run_dir = run_folder(runs_dir, run_id)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from deeprnn.search.optuna_study import StudySpec
 from deeprnn.search.ranking import TrialResult, rank, selection_metric, table_csv, table_markdown
 from deeprnn.search.space import parse_space, trial_name
-from deeprnn.tasks.results_tasks import PublishedModel, RunResult, register_version
+from deeprnn.tasks.results_tasks import PublishedModel, register_version
 from deeprnn.tasks.sweep_tasks import ERROR_ATTR, PARENT_ATTR, RUN_ID_ATTR, TrialOutcome, error_text
 from deeprnn.tracking import metrics, runs
 
@@ -61,32 +62,21 @@ class SweepSummary:
 
 
 def _counts(outcomes: list[Any]) -> dict[str, int]:
-    done = [o for o in outcomes if isinstance(o, TrialOutcome)]
-    return {
-        "trials_total": len(outcomes),
-        "trials_finished": sum(o.status == "FINISHED" for o in done),
-        "trials_pruned": sum(o.status == "PRUNED" for o in done),
-        "trials_failed": len(outcomes) - len(done),
-    }
+    statuses = Counter(o.row.status if isinstance(o, TrialOutcome) else "FAILED" for o in outcomes)
+    counts = {f"trials_{status.lower()}": statuses[status] for status in ("FINISHED", "PRUNED", "FAILED")}
+    return {"trials_total": len(outcomes), **counts}
 
 
 def publish_progress(spec: StudySpec, outcomes: list[Any], planned: int, progress: UUID) -> None:
     """The sweep so far as a Prefect markdown artifact (a new version after each trial): trials done,
     pruned, failed, and the best value so far; ``progress``, a progress artifact, to the share of trials done."""
-    counts = _counts(outcomes)
     update_progress_artifact(progress, 100.0 * len(outcomes) / max(planned, 1))
-    finished = [o for o in outcomes if isinstance(o, TrialOutcome) and o.status == "FINISHED"]
-    best = min(finished, key=lambda o: o.value, default=None)  # a finished trial has its value
-    lines = [
-        f"# Study {spec.name}: {len(outcomes)} of {planned} trials done",
-        "",
-        f"- finished: {counts['trials_finished']}, pruned: {counts['trials_pruned']}, "
-        f"failed: {counts['trials_failed']}",
-        f"- best so far: trial {best.trial.index}, held-out perplexity {best.value:.3f} ({best.trial.name})"
-        if best is not None
-        else "- best so far: none yet",
-    ]
-    create_markdown_artifact("\n".join(lines), key=PROGRESS_KEY, description=f"progress of study {spec.name}")
+    finished = [o for o in outcomes if isinstance(o, TrialOutcome) and o.row.status == "FINISHED"]
+    best = min(finished, key=lambda o: o.value, default=None)
+    shown = f"trial {best.row.index}, held-out perplexity {best.value:.3f} ({best.row.name})" if best else "none yet"
+    counts = "finished: {trials_finished}, pruned: {trials_pruned}, failed: {trials_failed}".format(**_counts(outcomes))
+    markdown = f"# Study {spec.name}: {len(outcomes)} of {planned} trials done\n\n- {counts}\n- best so far: {shown}"
+    create_markdown_artifact(markdown, key=PROGRESS_KEY, description=f"progress of study {spec.name}")
 
 
 def _collect(spec: StudySpec, study: Any, parent_run_id: str, outcomes: list[Any]) -> list[TrialResult]:
@@ -99,14 +89,8 @@ def _collect(spec: StudySpec, study: Any, parent_run_id: str, outcomes: list[Any
         if child.status == "RUNNING":
             # Every trial has returned or raised by now; a run still open lost its worker mid-way.
             runs.mark_failed(child.run_id, "its Dask worker was lost before the trial returned")
-            child.status = "FAILED"
-    rows = []
-    for o in outcomes:
-        if isinstance(o, TrialOutcome):
-            measured = o.result.metrics() if o.result else {"val_perplexity": o.value}  # pruned: its last value
-            row_metrics = {k: v for k, v in measured.items() if v is not None} | {"steps": o.steps}
-            rows.append(TrialResult(o.trial.index, o.trial.name, o.trial.values, o.status, o.run_id, row_metrics,
-                                    o.reason or None))  # fmt: skip
+    rows = [o.row for o in outcomes if isinstance(o, TrialOutcome)]
+    returned = len(rows)
     dims = parse_space(spec.space).dims
     mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(PARENT_ATTR) == parent_run_id]
     for t in (t for t in mine if t.state.name == "FAIL" and t.number not in {r.index for r in rows}):
@@ -116,53 +100,35 @@ def _collect(spec: StudySpec, study: Any, parent_run_id: str, outcomes: list[Any
         run_id, row_metrics = (child.run_id, dict(child.metrics)) if child else (None, {})
         rows.append(TrialResult(t.number, trial_name(t.number, values), values, "FAILED", run_id, row_metrics, error))
     errors = [o for o in outcomes if not isinstance(o, TrialOutcome)]
-    from_study = len(rows) - (len(outcomes) - len(errors))  # the failed trials the study knows
-    for slot, exc in enumerate(errors[from_study:]):  # any left failed before the study gave them values
+    # The failed trials the study knows have their rows; any left failed before the study gave them values.
+    for slot, exc in enumerate(errors[len(rows) - returned :]):
         text = error_text(exc) if isinstance(exc, BaseException) else f"no result: {exc!r}"[:300]
         rows.append(TrialResult(-1, f"slot-{slot}", {}, "FAILED", None, {}, text))
     return rows
 
 
-def roll_up_best(
-    parent_run_id: str, best: TrialResult, metric: str, outcome: RunResult, register: bool, name: str | None
-) -> PublishedModel:
-    """The best trial's metrics and run on the parent run; its model registered (if ``register``) as ``name``,
-    by default the name its corpus gets."""
-    metrics.log_metrics(parent_run_id, {f"best_{k}": v for k, v in best.metrics.items()})
-    runs.set_tags(
-        parent_run_id,
-        {"best_trial_run_id": outcome.run_id, "deeprnn.best_trial": best.name, "deeprnn.selection_metric": metric},
-    )
-    model = outcome.model
-    if register:
-        # Once per trial run, also when this task runs again: the version is looked up by run id first.
-        model = replace(model, registration=register_version(model, name or model.register_as, outcome.run_id))
-    return model
-
-
-def _save_plots(study: Any, folder: Path, log: Callable[[str], None]) -> list[Path]:
-    """Optuna's matplotlib pictures of the study as PNG files; one it cannot draw (too few trials) is skipped."""
+def _log_plots(study: Any, parent_run_id: str, log: Callable[[str], None]) -> None:
+    """Optuna's matplotlib pictures of the study as PNG files under ``study/`` on the parent run; one it cannot
+    draw (too few trials) is skipped."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a worker
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as vis
 
-    saved = []
-    for name in PLOTS:
-        try:
-            with warnings.catch_warnings():  # Optuna marks these "experimental"; their pictures are what we want
-                warnings.simplefilter("ignore")
-                axes = getattr(vis, name)(study)
-        except Exception as exc:  # e.g. importances need two finished trials and two parameters
-            log(f"{name}: not drawn ({type(exc).__name__}: {exc})")
-            continue
-        figure = axes.get_figure() if hasattr(axes, "get_figure") else axes.flat[0].get_figure()
-        path = folder / f"{name.removeprefix('plot_')}.png"
-        figure.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(figure)
-        saved.append(path)
-    return saved
+    with tempfile.TemporaryDirectory(prefix="deeprnn-study-") as folder:
+        for name in PLOTS:
+            try:
+                with warnings.catch_warnings(action="ignore"):  # Optuna marks these "experimental"
+                    axes = getattr(vis, name)(study)
+            except Exception as exc:  # e.g. importances need two finished trials and two parameters
+                log(f"{name}: not drawn ({type(exc).__name__}: {exc})")
+                continue
+            figure = axes.get_figure() if hasattr(axes, "get_figure") else axes.flat[0].get_figure()
+            path = Path(folder) / f"{name.removeprefix('plot_')}.png"
+            figure.savefig(path, dpi=100, bbox_inches="tight")
+            plt.close(figure)
+            MlflowClient().log_artifact(parent_run_id, str(path), "study")
 
 
 def _log_study(
@@ -173,10 +139,10 @@ def _log_study(
     ``study/``. Returns the study's best trial number, value and parameters."""
     try:
         best = study.best_trial  # the study's best complete trial, earlier runs' included
-        number, value, params = best.number, float(best.value), dict(best.params)
     except ValueError:  # no complete trial yet
         number, value, params = None, None, {}
-    if number is not None:
+    else:
+        number, value, params = best.number, float(best.value), dict(best.params)
         metrics.log_metrics(parent_run_id, {"study_best_value": value})
         best_run = study.trials[number].user_attrs.get(RUN_ID_ATTR, "")
         tags = {"deeprnn.study.best_trial": number, "deeprnn.study.best_run_id": best_run}
@@ -184,11 +150,8 @@ def _log_study(
     facts = {"study": spec.name, "storage": spec.shown_storage, "best_trial": number, "best_value": value}
     texts = {"study.json": json.dumps({**facts, "best_params": params}, indent=1, default=str)}
     texts.update({"trials.csv": table_csv(results), "trials.md": table_markdown(results, runs.run_url) + "\n"})
-    with tempfile.TemporaryDirectory(prefix="deeprnn-study-") as folder:
-        pictures = _save_plots(study, Path(folder), log)
-        runs.log_texts(parent_run_id, texts)
-        for picture in pictures:
-            MlflowClient().log_artifact(parent_run_id, str(picture), "study")
+    runs.log_texts(parent_run_id, texts)
+    _log_plots(study, parent_run_id, log)
     return number, value, params
 
 
@@ -198,16 +161,12 @@ def _summary_markdown(
     """The Prefect summary artifact: how many trials finished, the parent run, the best, the ranked table."""
     finished = sum(r.succeeded for r in results)
     link = runs.run_url(parent_run_id)
-    return "\n".join([
+    return "\n\n".join([  # paragraphs
         f"# deeprnn sweep ({spec.search}): {finished} of {len(results)} trials finished",
-        "",
         f"MLflow parent run: [{parent_run_id}]({link})" if link else f"MLflow parent run: `{parent_run_id}`",
-        "",
         f"Best: **{best.name}**, {metric.replace('_', ' ')} {best.metrics.get(metric, float('nan')):.3f}"
         if best else "No trial finished.",
-        "",
         f"Trials ranked by {metric.replace('_', ' ')} (pruned and failed trials last):",
-        "",
         table_markdown(results, runs.run_url),
     ])  # fmt: skip
 
@@ -234,7 +193,8 @@ def summarize_sweep(
     results = _collect(spec, study, parent_run_id, outcomes)
     metric = selection_metric(results)
     counts = _counts(outcomes)
-    steps = sum(o.steps for o in outcomes if isinstance(o, TrialOutcome))
+    returned = [o for o in outcomes if isinstance(o, TrialOutcome)]
+    steps = sum(o.row.metrics["steps"] for o in returned)
     finished_in_study = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
     metrics.log_metrics(parent_run_id, {**counts, "trials_steps": steps, "study_trials": finished_in_study})
     number, value, params = _log_study(spec, study, parent_run_id, results, logger.warning)
@@ -243,10 +203,17 @@ def summarize_sweep(
     summary = _summary_markdown(spec, parent_run_id, results, best, metric)
     create_markdown_artifact(summary, key="deeprnn-sweep-summary", description="deeprnn sweep summary")
     model = None
-    if best is not None:
-        outcome = next(o for o in outcomes if isinstance(o, TrialOutcome) and o.trial.index == best.index)
-        assert outcome.result is not None  # a finished trial has its result
-        model = roll_up_best(parent_run_id, best, metric, outcome.result, register_best, registered_model)
+    if best is not None:  # its metrics and run on the parent run, its model registered (if ``register_best``)
+        # A finished trial's row, so its outcome has its result.
+        result = next(o.result for o in returned if o.row.index == best.index and o.result)
+        metrics.log_metrics(parent_run_id, {f"best_{k}": v for k, v in best.metrics.items()})
+        tags = {"best_trial_run_id": result.run_id, "deeprnn.best_trial": best.name, "deeprnn.selection_metric": metric}
+        runs.set_tags(parent_run_id, tags)
+        model = result.model
+        if register_best:
+            # Once per trial run, also when this task runs again: the version is looked up by run id first.
+            registration = register_version(model, registered_model or model.register_as, result.run_id)
+            model = replace(model, registration=registration)
     done = (counts["trials_finished"], counts["trials_pruned"], counts["trials_failed"])
     logger.info("%d finished, %d pruned, %d failed; best %s", *done, best.name if best else "none")
     for r in results:

@@ -33,8 +33,9 @@ from deeprnn.search.optuna_study import (
     make_pruner,
     start_study,
 )
+from deeprnn.search.ranking import TrialResult
 from deeprnn.search.space import SearchSpace, Trial, make_trial, parse_space
-from deeprnn.search.study_orphans import Cleanup, claim, heartbeat
+from deeprnn.search.study_orphans import claim, heartbeat
 from deeprnn.tasks.pipeline_tasks import run_pipeline
 from deeprnn.tasks.results_tasks import RunResult, open_run
 from deeprnn.tasks.train_task import StepObserver, TrialPruned, watching
@@ -78,14 +79,9 @@ def open_study(spec: StudySpec) -> tuple[int, int]:
             f"the Dask scheduler {address} is on another machine but the study lives in {spec.storage}, on this "
             "machine's disk: give --storage a database every worker reaches, e.g. postgresql://user@db-host/optuna"
         )
-    study, cleanup = start_study(spec, get_run_logger().warning)
-    _report_cleanup(spec, study, cleanup)
-    return len(study.trials), enqueue_points(study, spec)  # the trials it held before the points are enqueued
-
-
-def _report_cleanup(spec: StudySpec, study: Any, cleanup: Cleanup) -> None:
-    """Log the study's trials by state, the orphaned ones just failed, and those still running elsewhere."""
     logger = get_run_logger()
+    study, cleanup = start_study(spec, logger.warning)
+    # The study's trials by state, the orphaned ones just failed, and those still running elsewhere.
     for number, reason in cleanup.failed:
         logger.warning("trial %d of study %r was left RUNNING: marked FAIL (%s)", number, spec.name, reason)
     if cleanup.left_running:
@@ -100,6 +96,7 @@ def _report_cleanup(spec: StudySpec, study: Any, cleanup: Cleanup) -> None:
     word = f"continuing study {spec.name!r} ({finished} finished trials: {counts})" if finished else (
         f"new study {spec.name!r}" if not states else f"study {spec.name!r} (no finished trial yet)")  # fmt: skip
     logger.info("%s in %s: sampler %s, pruner %s", word, spec.shown_storage, spec.sampler, spec.pruner)
+    return len(study.trials), enqueue_points(study, spec)  # the trials it held before the points are enqueued
 
 
 @task(name="start-sweep-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
@@ -109,9 +106,8 @@ def start_sweep_tracking(
     """Open the sweep's parent MLflow run: the base configuration (``first``'s, but for the searched fields)
     with each varied field's values, the search settings, ``planned`` trials, and the space as ``space.json``;
     returns its id."""
-    params: dict[str, Any] = dict(first.config.flat())
-    params.update(space.describe())  # varied fields: their values (or range) instead of the first point's value
-    params.update({f"sweep.{k}": v for k, v in strategy.items()})
+    # Varied fields: their values (or range) instead of the first point's value.
+    params = first.config.flat() | space.describe() | {f"sweep.{k}": v for k, v in strategy.items()}
     params["sweep.num_trials"] = planned
     # A retry of this task finds the parent run its first attempt created; space.json is simply rewritten.
     run_id = open_run(experiment, {"deeprnn.sweep": "true", "deeprnn.preset": first.config.preset}, params)
@@ -128,15 +124,11 @@ ERROR_ATTR = "deeprnn.error"  # why a trial failed
 
 @dataclass
 class TrialOutcome:
-    """What one trial did: PRUNED (stopped at ``steps``) or FINISHED with its result."""
+    """What one trial did: its row in the sweep's tables, PRUNED (why, in its error) or FINISHED with its result."""
 
-    trial: Trial  # its index is the Optuna trial number
-    status: str
-    run_id: str | None
-    value: float | None  # the objective: held-out perplexity (last measured, for a pruned trial)
-    steps: int  # training steps it took
+    row: TrialResult  # its index is the Optuna trial number; its metrics include the training steps it took
+    value: float  # the objective: held-out perplexity (last measured, for a pruned trial)
     result: RunResult | None = None
-    reason: str = ""
 
 
 def error_text(exc: BaseException) -> str:
@@ -151,32 +143,25 @@ def _reporter(trial: Any) -> StepObserver:
 
     def report(stats: StepStats) -> None:
         value = stats.heldout_perplexity
-        if value is None:
-            return
-        trial.report(value, stats.step)
-        if trial.should_prune():
-            raise TrialPruned(stats.step, value, f"{trial.study.pruner.__class__.__name__} stopped it")
+        if value is not None:
+            trial.report(value, stats.step)
+            if trial.should_prune():
+                raise TrialPruned(stats.step, value, f"{trial.study.pruner.__class__.__name__} stopped it")
 
     return report
 
 
-def _end_pruned(parent_run_id: str, number: int, exc: TrialPruned) -> str | None:
-    """The pruned trial's run ends KILLED with why and where (the pipeline ended it FAILED); returns its id."""
-    child = next(
-        (c for c in reversed(runs.child_runs(parent_run_id)) if c.tags.get("deeprnn.trial") == str(number)), None
-    )
+def _end_pruned(parent_run_id: str, asked: Any, exc: TrialPruned) -> str | None:
+    """The pruned trial's run ends KILLED with why and where (the pipeline ended it FAILED), and is the Optuna
+    trial's run; returns its id."""
+    number = str(asked.number)
+    child = next((c for c in reversed(runs.child_runs(parent_run_id)) if c.tags.get("deeprnn.trial") == number), None)
     if child is None:
         return None
-    runs.set_tags(
-        child.run_id,
-        {
-            "deeprnn.stop_reason": "pruned",
-            "deeprnn.stop_detail": str(exc),
-            "deeprnn.stopped_at_step": exc.step,
-            "deeprnn.pruned_at_step": exc.step,
-        },
-    )
+    stopped = {"deeprnn.stopped_at_step": exc.step, "deeprnn.pruned_at_step": exc.step}
+    runs.set_tags(child.run_id, {"deeprnn.stop_reason": "pruned", "deeprnn.stop_detail": str(exc), **stopped})
     MlflowClient().set_terminated(child.run_id, RunStatus.to_string(RunStatus.KILLED))
+    asked.set_user_attr(RUN_ID_ATTR, child.run_id)
     return child.run_id
 
 
@@ -193,8 +178,7 @@ def run_trial(
     store.use_tracking_uri(tracking_uri)  # the sweep's store, whatever this worker's environment says
     study = spec.load(seed_offset=slot)
     space = parse_space(spec.space)
-    with warnings.catch_warnings():  # "heartbeat is meant for Study.optimize": we beat it ourselves
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(action="ignore"):  # "heartbeat is meant for Study.optimize": we beat it ourselves
         asked = study.ask(distributions(space))
     claim(asked)  # this process owns the trial: a later sweep fails it once this process is gone
     asked.set_user_attr(PARENT_ATTR, parent_run_id)
@@ -211,21 +195,22 @@ def run_trial(
                     trial.config, experiment, runs_dir, parent_run_id, trial.name, tags, register_model=False
                 )
         except TrialPruned as exc:
-            run_id = _end_pruned(parent_run_id, asked.number, exc)
-            if run_id:
-                asked.set_user_attr(RUN_ID_ATTR, run_id)
+            run_id = _end_pruned(parent_run_id, asked, exc)
             study.tell(asked, state=TrialState.PRUNED)
             get_run_logger().info("trial %d %s", asked.number, exc)
-            return TrialOutcome(trial, "PRUNED", run_id, exc.value, exc.step, reason=str(exc))
+            measured = {"val_perplexity": exc.value, "steps": exc.step}
+            row = TrialResult(trial.index, trial.name, trial.values, "PRUNED", run_id, measured, str(exc))
+            return TrialOutcome(row, exc.value)
         except BaseException as exc:
             if isinstance(exc, Exception):
                 asked.set_user_attr(ERROR_ATTR, error_text(exc))
             study.tell(asked, state=TrialState.FAIL)
             raise
-    # The objective: validation perplexity when there is a validation split, else test perplexity.
-    value = float(result.evaluation.val_perplexity or result.evaluation.test_perplexity)
+    value = result.model.heldout_score  # the objective: validation perplexity, else test perplexity
     asked.set_user_attr(RUN_ID_ATTR, result.run_id)
     finite = math.isfinite(value)
     # A diverged trial (infinite perplexity) is a failed one to Optuna: it takes no infinite values.
     study.tell(asked, value if finite else None, state=TrialState.COMPLETE if finite else TrialState.FAIL)
-    return TrialOutcome(trial, "FINISHED", result.run_id, value, result.training.steps_done, result)
+    measured = {k: v for k, v in result.metrics().items() if v is not None} | {"steps": result.training.steps_done}
+    row = TrialResult(trial.index, trial.name, trial.values, "FINISHED", result.run_id, measured)
+    return TrialOutcome(row, value, result)

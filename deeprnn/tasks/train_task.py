@@ -12,8 +12,6 @@ flushes the curves and the exception reaches the caller.
 from __future__ import annotations
 
 import contextlib
-import logging
-import signal
 import time
 from contextvars import ContextVar
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Cancelled, State
+from prefect.states import Cancelled
 from pydantic import BaseModel
 
 from deeprnn.config import RunConfig, TrainConfig, overrides_dict
@@ -41,7 +39,7 @@ from deeprnn.training.resume import LAST
 StepObserver = Callable[[StepStats], None]
 
 # A context variable: a Dask worker runs several trials in threads, each with its own observer.
-_observer: ContextVar[StepObserver | None] = ContextVar("deeprnn_step_observer", default=None)
+_observer: ContextVar[StepObserver] = ContextVar("deeprnn_step_observer", default=lambda stats: None)
 
 
 class TrialPruned(Exception):
@@ -62,17 +60,13 @@ def watching(observer: StepObserver) -> Iterator[None]:
         _observer.reset(token)
 
 
-Logger = logging.Logger | logging.LoggerAdapter[Any]  # what get_run_logger returns
-
 _LOG_SECONDS = 30.0  # inside a long epoch, a progress line (and progress update) at most this often
 
 
-def _hooks(
-    run_id: str, cfg: TrainConfig, curves: metrics.MetricLogger, progress: UUID, logger: Logger
-) -> TrainingHooks:
+def _hooks(run_id: str, cfg: TrainConfig, curves: metrics.MetricLogger, progress: UUID) -> TrainingHooks:
     """Every epoch and step to MLflow, a progress line and the progress artifact now and then, each checkpoint
     logged as an artifact; Ctrl-C is held back while they write, and raised when they are done."""
-    last_line = [time.perf_counter()]
+    logger, last_line = get_run_logger(), [time.perf_counter()]
     # A run that counts in steps (budget, evaluations or checkpoints) gets step_* curves in MLflow.
     uses_steps = any(v is not None for v in (cfg.max_steps, cfg.eval_every_steps, cfg.checkpoint_every_steps))
 
@@ -91,9 +85,7 @@ def _hooks(
             logger.info(progress_line(stats))
             update_progress_artifact(progress, 100.0 * min(stats.step / max(stats.total_steps, 1), 1.0))
             last_line[0] = time.perf_counter()
-        observer = _observer.get()
-        if observer is not None:  # a sweep's pruner, after the step is in the curves it keeps; may raise TrialPruned
-            observer(stats)
+        _observer.get()(stats)  # a sweep's pruner, after the step is in the curves it keeps; may raise TrialPruned
 
     return TrainingHooks(
         on_epoch=on_epoch,
@@ -130,7 +122,8 @@ def train_model(
 
     When the run folder already holds ``last.pt`` (a retry of this task, or ``deeprnn run --resume``),
     training continues from it instead of starting over. Stopped by SIGINT or SIGTERM (checkpointed at a
-    step boundary), the task run ends Cancelled and returns that state: ``outcome`` raises the stop again.
+    step boundary), the task run ends Cancelled and returns that state: ``run_pipeline`` raises the stop again
+    for the stages around it (the MLflow run marked KILLED with its checkpoint, the flow run Cancelled).
     """
     try:
         return _train(config, vocab, splits, run_id, run_dir, device)
@@ -138,14 +131,6 @@ def train_model(
         # A stop is not a crash: Prefect's engine would end the task run Crashed on this KeyboardInterrupt
         # (which alerts) inside a flow run that ends Cancelled. Returned, the state is the task run's end state.
         return Cancelled(message=f"stopped by {exc.signal_name}")  # type: ignore[return-value]
-
-
-def outcome(result: TrainingOutcome | State) -> TrainingOutcome:
-    """What ``train_model`` returned; when a stop ended it (its task run Cancelled), the stop raised again for
-    the stages around it: the MLflow run marked KILLED with its checkpoint, the flow run Cancelled."""
-    if isinstance(result, State):
-        raise stop_signals.StopRequested(stop_signals.requested() or signal.SIGINT)
-    return result
 
 
 def _train(
@@ -166,7 +151,7 @@ def _train(
     try:
         # A stop signal is held back while training: the loop stops at its next step boundary, checkpointed.
         with metrics.system_metrics(run_id), stop_signals.held():  # CPU, memory (and GPU) use as system/* metrics
-            trained = run.fit(_hooks(run_id, config.train, curves, progress, logger), earlier)
+            trained = run.fit(_hooks(run_id, config.train, curves, progress), earlier)
     except BaseException:
         try:
             curves.flush()  # whatever was measured reaches MLflow, also when training fails
@@ -211,7 +196,7 @@ def prepare_resume(
     run = runs.find_run(run_id)
     if experiment and experiment != run.experiment:
         raise resume.ResumeError(f"run {run_id} belongs to experiment {run.experiment!r}, not {experiment!r}")
-    saved = _load_checkpoint(run_id, resume.run_folder(runs_dir, run_id) / resume.LAST, run.tags, logger)
+    saved = _load_checkpoint(run_id, resume.run_folder(runs_dir, run_id) / resume.LAST, run.tags)
     state = saved.get("trainer_state") or {}
     steps, seconds = int(state.get("step") or 0), float(state.get("train_seconds") or 0.0)
     overrides = overrides_dict(data, model, train, sample)
@@ -220,17 +205,17 @@ def prepare_resume(
         stored = RunConfig.model_validate(saved["config"]).train
         done = resume.Finished(run.tags.get("deeprnn.stop_reason", ""), saved["epoch"], steps, stored.time_budget)
         left = config.train
-        refusal = resume.nothing_left(run_id, done, left.epochs, left.max_steps, left.time_budget)
-        if refusal:
+        if refusal := resume.nothing_left(run_id, done, left.epochs, left.max_steps, left.time_budget):
             raise resume.ResumeError(refusal)
     logger.info("checkpoint at epoch %d; continuing to epoch %d", saved["epoch"], config.train.epochs)
     return config, run.experiment
 
 
-def _load_checkpoint(run_id: str, last: Path, tags: dict[str, str], logger: Logger) -> dict[str, Any]:
+def _load_checkpoint(run_id: str, last: Path, tags: dict[str, str]) -> dict[str, Any]:
     """The run's last checkpoint: the local file when it matches its digest, else the MLflow copy (which then
     replaces it). A run with neither is refused in one line (``ResumeError``) that says, from the run's
     ``tags``, whether it never logged one or its files are gone."""
+    logger = get_run_logger()
     damaged: ValueError | None = None
     if last.is_file():
         try:
