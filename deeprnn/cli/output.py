@@ -101,5 +101,6 @@ def print_sweep(result: SweepSummary) -> None:
     )
     console.print(f"the study holds {result.study_trials} finished trials")
     if result.study_best_trial is not None:
-        print_line(f"study best: trial {result.study_best_trial}, {result.study_best_value:.3f}, "
-                   f"{result.study_best_params}")  # fmt: skip
+        print_line(
+            f"study best: trial {result.study_best_trial}, {result.study_best_value:.3f}, {result.study_best_params}"
+        )

@@ -112,9 +112,12 @@ Storage = Annotated[
 ]
 Study = Annotated[
     Optional[str],
-    typer.Option("--study", help="The study's name (default: the experiment, the search and a digest of it: "
-                 "the same sweep again continues it)."),
-]  # fmt: skip
+    typer.Option(
+        "--study",
+        help="The study's name (default: the experiment, the search and a digest of it: "
+        "the same sweep again continues it).",
+    ),
+]
 RegisterBest = Annotated[
     bool, typer.Option("--register-best/--no-register-best", help="Register the best trial's model.")
 ]
@@ -152,8 +155,21 @@ def sweep(
     fixed = options.overrides({name: values.get(name) for name in FIXED})
     # A dimension option is its field's --param, before those given (a later one wins).
     params = [f"{field}={values[name]}" for name, (field, _) in DIMENSIONS.items() if values.get(name) is not None]
-    spec = _check(preset, fixed, space_file, params + param, dict(search=search, max_trials=max_trials, study=study,
-                  storage=storage, pruner=pruner, seed=seed, experiment=experiment or SWEEP_NAME))  # fmt: skip
+    spec = _check(
+        preset,
+        fixed,
+        space_file,
+        params + param,
+        dict(
+            search=search,
+            max_trials=max_trials,
+            study=study,
+            storage=storage,
+            pruner=pruner,
+            seed=seed,
+            experiment=experiment or SWEEP_NAME,
+        ),
+    )
     first = spec.first_point().config
     if cluster_address is None:  # a remote cluster's workers have files and devices of their own
         preflight.check_source(first.data.url)

@@ -161,14 +161,17 @@ def _summary_markdown(
     """The Prefect summary artifact: how many trials finished, the parent run, the best, the ranked table."""
     finished = sum(r.succeeded for r in results)
     link = runs.run_url(parent_run_id)
-    return "\n\n".join([  # paragraphs
-        f"# deeprnn sweep ({spec.search}): {finished} of {len(results)} trials finished",
-        f"MLflow parent run: [{parent_run_id}]({link})" if link else f"MLflow parent run: `{parent_run_id}`",
-        f"Best: **{best.name}**, {metric.replace('_', ' ')} {best.metrics.get(metric, float('nan')):.3f}"
-        if best else "No trial finished.",
-        f"Trials ranked by {metric.replace('_', ' ')} (pruned and failed trials last):",
-        table_markdown(results, runs.run_url),
-    ])  # fmt: skip
+    return "\n\n".join(
+        [  # paragraphs
+            f"# deeprnn sweep ({spec.search}): {finished} of {len(results)} trials finished",
+            f"MLflow parent run: [{parent_run_id}]({link})" if link else f"MLflow parent run: `{parent_run_id}`",
+            f"Best: **{best.name}**, {metric.replace('_', ' ')} {best.metrics.get(metric, float('nan')):.3f}"
+            if best
+            else "No trial finished.",
+            f"Trials ranked by {metric.replace('_', ' ')} (pruned and failed trials last):",
+            table_markdown(results, runs.run_url),
+        ]
+    )
 
 
 @task(name="summarize-sweep", cache_policy=NO_CACHE)
@@ -223,7 +226,19 @@ def summarize_sweep(
         first = next((r.error for r in results if r.error), "unknown error")
         raise SweepFailedError(f"all {len(results)} trials failed; the first error: {first}")
     return SweepSummary(
-        experiment, parent_run_id, spec.search, spec.name, spec.shown_storage, **counts, steps_total=steps,
-        selection_metric=metric, best=best, best_model=model, trials=ranked, study_trials=finished_in_study,
-        study_best_trial=number, study_best_value=value, study_best_params=params,
-    )  # fmt: skip
+        experiment,
+        parent_run_id,
+        spec.search,
+        spec.name,
+        spec.shown_storage,
+        **counts,
+        steps_total=steps,
+        selection_metric=metric,
+        best=best,
+        best_model=model,
+        trials=ranked,
+        study_trials=finished_in_study,
+        study_best_trial=number,
+        study_best_value=value,
+        study_best_params=params,
+    )

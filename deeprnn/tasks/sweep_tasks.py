@@ -87,14 +87,19 @@ def open_study(spec: StudySpec) -> tuple[int, int]:
     if cleanup.left_running:
         logger.info(
             "trials %s of study %r are RUNNING: left alone (their process is alive, on another host, or not "
-            "recorded%s)", cleanup.left_running, spec.name,
+            "recorded%s)",
+            cleanup.left_running,
+            spec.name,
             f": no owner for {cleanup.no_owner}" if cleanup.no_owner else "",
-        )  # fmt: skip
+        )
     states = Counter(t.state.name for t in study.get_trials(deepcopy=False))
     finished = states["COMPLETE"] + states["PRUNED"] + states["FAIL"]
     counts = f"{states['COMPLETE']} complete, {states['PRUNED']} pruned, {states['FAIL']} failed"
-    word = f"continuing study {spec.name!r} ({finished} finished trials: {counts})" if finished else (
-        f"new study {spec.name!r}" if not states else f"study {spec.name!r} (no finished trial yet)")  # fmt: skip
+    word = (
+        f"continuing study {spec.name!r} ({finished} finished trials: {counts})"
+        if finished
+        else (f"new study {spec.name!r}" if not states else f"study {spec.name!r} (no finished trial yet)")
+    )
     logger.info("%s in %s: sampler %s, pruner %s", word, spec.shown_storage, spec.sampler, spec.pruner)
     return len(study.trials), enqueue_points(study, spec)  # the trials it held before the points are enqueued
 

@@ -285,12 +285,18 @@ class Trainer:
         total = min(self.step + left, run.schedule.planned)
         tokens = (self.step - run.window_step) * cfg.batch_size * cfg.num_steps
         stats = StepStats(
-            self.step, total, pos.epoch, cfg.epochs, pos.batch, pos.batches,
+            self.step,
+            total,
+            pos.epoch,
+            cfg.epochs,
+            pos.batch,
+            pos.batches,
             train_perplexity=perplexity_from_loss(mean) if mean is not None else math.nan,
             tokens_per_sec=tokens / max(now - run.window_time, 1e-9),
             eta_seconds=eta_seconds(self.step - run.start_step, total - run.start_step, now - run.t_start),
-            heldout_perplexity=heldout, epoch_end=pos.batch == pos.batches,
-        )  # fmt: skip
+            heldout_perplexity=heldout,
+            epoch_end=pos.batch == pos.batches,
+        )
         run.window_step, run.window_loss, run.window_batch = self.step, loss_sum, pos.batch
         if run.on_step is not None:
             run.on_step(stats)
