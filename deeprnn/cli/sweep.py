@@ -155,49 +155,25 @@ def sweep(
     fixed = options.overrides({name: values.get(name) for name in FIXED})
     # A dimension option is its field's --param, before those given (a later one wins).
     params = [f"{field}={values[name]}" for name, (field, _) in DIMENSIONS.items() if values.get(name) is not None]
-    spec = _check(
-        preset,
-        fixed,
-        space_file,
-        params + param,
-        dict(
-            search=search,
-            max_trials=max_trials,
-            study=study,
-            storage=storage,
-            pruner=pruner,
-            seed=seed,
-            experiment=experiment or SWEEP_NAME,
-        ),
-    )
+    settings = dict(search=search, max_trials=max_trials, pruner=pruner, seed=seed)
+    named = dict(study=study, experiment=experiment or SWEEP_NAME)
+    spec = _check(preset, fixed, space_file, params + param, storage, **named, **settings)
     first = spec.first_point().config
     if cluster_address is None:  # a remote cluster's workers have files and devices of their own
         preflight.check_source(first.data.url)
         preflight.check_device(first.train.device)
-
-    handle_stop_signals(SWEEP_STOP_SECONDS)  # SIGINT, SIGTERM: one line, exit 130 or 143, the cluster stopped
-    with launch.exit_on_stop(before_start):
-        temporary_api = launch.start_prefect_api()  # boots while the imports below load, as for `deeprnn run`
-        from deeprnn.flows.sweep_flow import sweep_lm  # Prefect, MLflow and Dask load once the input is good
-        from deeprnn.ops.cluster import dask_task_runner
-
-        launch.wait_for_api(temporary_api, preload=False)
-        runner = dask_task_runner(cluster_address, workers, use_gpus=first.train.device != "cpu")
-        _announce(spec, preset, cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)")
-        launch.mark_orphaned_runs()
+    flow = _start(spec, preset, cluster_address, workers, use_gpus=first.train.device != "cpu")
     if spec.shown_storage != spec.storage:  # the flow, here, and the local Dask workers read the URL from here
         os.environ[STORAGE_ENV] = spec.storage
-    parameters = dict(space=spec.space, preset=preset, data=fixed.get("data"), train=fixed.get("train"), seed=seed)
-    parameters.update(search=search, max_trials=max_trials, pruner=pruner, study=spec.name, storage=spec.shown_storage)
+    parameters = dict(space=spec.space, preset=preset, study=spec.name, storage=spec.shown_storage, **fixed)
     parameters.update(experiment=experiment, runs_dir=runs_dir, register_best=register_best)
-    parameters.update(registered_model=registered_model)
-    result = launch.invoke(lambda: sweep_lm.with_options(task_runner=runner)(**parameters), sweep_stopped)
+    result = launch.invoke(lambda: flow(**parameters, **settings, registered_model=registered_model), sweep_stopped)
     print_sweep(result)
     write_json(result.as_record(), json_out)
 
 
 def _check(
-    preset: str, fixed: dict[str, Any], space_file: str | None, params: list[str], settings: dict[str, Any]
+    preset: str, fixed: dict[str, Any], space_file: str | None, params: list[str], given: str | None, **settings: Any
 ) -> Any:
     """The study to run, checked before anything starts: search, pruner, space (the YAML file, then each
     ``section.field=values`` of ``params``, a later one winning; its ends and every grid or random point as
@@ -208,7 +184,6 @@ def _check(
     from deeprnn.search.optuna_study import check_storage, study_spec
     from deeprnn.search.space import SearchSpaceError, field_path, load_space, parse_values
 
-    given = settings.pop("storage")
     try:  # SearchSpaceError and StudyError are ValueErrors, as is an unknown preset
         space = {field_path(k): v for k, v in load_space(space_file).items()} if space_file else {}
         for item in params:
@@ -225,6 +200,22 @@ def _check(
     except ValueError as exc:
         fail(str(exc))
     return spec
+
+
+def _start(spec: Any, preset: str, cluster_address: str | None, workers: int | None, use_gpus: bool) -> Any:
+    """Prefect's API, the Dask cluster's task runner and the sweep's first lines; returns the sweep flow to run
+    on that cluster. A stop meanwhile exits saying nothing was trained."""
+    handle_stop_signals(SWEEP_STOP_SECONDS)  # SIGINT, SIGTERM: one line, exit 130 or 143, the cluster stopped
+    with launch.exit_on_stop(before_start):
+        temporary_api = launch.start_prefect_api()  # boots while the imports below load, as for `deeprnn run`
+        from deeprnn.flows.sweep_flow import sweep_lm  # Prefect, MLflow and Dask load once the input is good
+        from deeprnn.ops.cluster import dask_task_runner
+
+        launch.wait_for_api(temporary_api, preload=False)
+        runner = dask_task_runner(cluster_address, workers, use_gpus=use_gpus)
+        _announce(spec, preset, cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)")
+        launch.mark_orphaned_runs()
+    return sweep_lm.with_options(task_runner=runner)
 
 
 def _announce(spec: Any, preset: str, where: str) -> None:
