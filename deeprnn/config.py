@@ -362,9 +362,8 @@ def overrides_dict(
     data: Section = None, model: Section = None, train: Section = None, sample: Section = None
 ) -> dict[str, dict[str, Any]]:
     """The sections' given values (``section_values``) as ``{section: {field: value}}``, empty ones left out."""
-    sections = {"data": data, "model": model, "train": train, "sample": sample}
-    given = {key: section_values(section) for key, section in sections.items()}
-    return {key: values for key, values in given.items() if values}
+    given = zip(SECTIONS, map(section_values, (data, model, train, sample)))
+    return {key: values for key, values in given if values}
 
 
 def preset_config(name: str, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -119,25 +119,20 @@ def overrides(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def explain(exc: ValidationError) -> str:
-    """Pydantic errors phrased with the CLI's option names."""
-    by_field = {v: k for k, v in OPTION_FIELDS.items()}
-    lines = []
-    for e in exc.errors():
-        loc = tuple(str(p) for p in e["loc"])
-        key = by_field.get(loc[:2])
-        where = "--" + key.replace("_", "-") if key else ".".join(loc) or "configuration"
-        lines.append(f"  {where}: {e['msg']}")
-    return "invalid configuration:\n" + "\n".join(lines)
-
-
 def resolve_or_exit(preset: str | None, values: dict[str, dict[str, Any]]) -> RunConfig:
     """The preset (default: d2l-9.3 for the book's corpus, text for any other) with the options' overrides,
-    validated; a bad value exits 2 naming it."""
+    validated; a bad value exits 2 naming it (its option's name, as the pydantic error's location)."""
     try:
         return resolve(preset or default_preset(values.get("data", {}).get("url")), **values)
     except ValidationError as exc:
-        fail(explain(exc))
+        by_field = {v: k for k, v in OPTION_FIELDS.items()}
+        lines = ["invalid configuration:"]
+        for e in exc.errors():
+            loc = tuple(str(p) for p in e["loc"])
+            key = by_field.get(loc[:2])
+            where = "--" + key.replace("_", "-") if key else ".".join(loc) or "configuration"
+            lines.append(f"  {where}: {e['msg']}")
+        fail("\n".join(lines))
     except ValueError as exc:  # an unknown preset
         fail(str(exc))
 

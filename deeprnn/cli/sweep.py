@@ -203,8 +203,9 @@ def _check(
 
 
 def _start(spec: Any, preset: str, cluster_address: str | None, workers: int | None, use_gpus: bool) -> Any:
-    """Prefect's API, the Dask cluster's task runner and the sweep's first lines; returns the sweep flow to run
-    on that cluster. A stop meanwhile exits saying nothing was trained."""
+    """Prefect's API, the Dask cluster's task runner and the sweep's first lines (how many trials of which preset
+    on which cluster, where Prefect and MLflow are, and the study); returns the sweep flow to run on that cluster.
+    A stop meanwhile exits saying nothing was trained."""
     handle_stop_signals(SWEEP_STOP_SECONDS)  # SIGINT, SIGTERM: one line, exit 130 or 143, the cluster stopped
     with launch.exit_on_stop(before_start):
         temporary_api = launch.start_prefect_api()  # boots while the imports below load, as for `deeprnn run`
@@ -213,20 +214,15 @@ def _start(spec: Any, preset: str, cluster_address: str | None, workers: int | N
 
         launch.wait_for_api(temporary_api, preload=False)
         runner = dask_task_runner(cluster_address, workers, use_gpus=use_gpus)
-        _announce(spec, preset, cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)")
+        where = cluster_address or f"a new local Dask cluster ({workers or 'default'} workers)"
+        trials = len(spec.points()) or spec.max_trials or DEFAULT_TRIALS
+        console.print(f"deeprnn sweep: {trials} trials of preset [bold]{preset}[/bold] on {where}")
+        # The workers report to the same API: PREFECT_API_URL (the temporary server's, when it runs) reaches local
+        # workers through the environment and every worker through the settings the task runner sends along.
+        launch.announce_services(None)
+        print_line(f"Optuna study {spec.name!r} in {spec.shown_storage} (sampler {spec.sampler}, pruner {spec.pruner})")
         launch.mark_orphaned_runs()
     return sweep_lm.with_options(task_runner=runner)
-
-
-def _announce(spec: Any, preset: str, where: str) -> None:
-    """The sweep's first lines: how many trials of which preset on which cluster, where Prefect and MLflow are,
-    and the study."""
-    trials = len(spec.points()) or spec.max_trials or DEFAULT_TRIALS
-    console.print(f"deeprnn sweep: {trials} trials of preset [bold]{preset}[/bold] on {where}")
-    # The workers report to the same API: PREFECT_API_URL (the temporary server's, when it runs) reaches local
-    # workers through the environment and every worker through the settings the task runner sends along.
-    launch.announce_services(None)
-    print_line(f"Optuna study {spec.name!r} in {spec.shown_storage} (sampler {spec.sampler}, pruner {spec.pruner})")
 
 
 def _parameters() -> list[inspect.Parameter]:
