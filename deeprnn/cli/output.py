@@ -29,9 +29,10 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def warn(message: str) -> None:
-    """Print ``warning: message`` on stderr."""
-    err.print(Text.assemble(("warning:", "yellow"), " ", scrub(message)), soft_wrap=True)
+def warn(message: str | None) -> None:
+    """Print ``warning: message`` on stderr (nothing when there is no message)."""
+    if message:
+        err.print(Text.assemble(("warning:", "yellow"), " ", scrub(message)), soft_wrap=True)
 
 
 def write_json(result: Any, path: str | None) -> None:

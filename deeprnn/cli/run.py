@@ -69,19 +69,11 @@ def run(
         ready_at = time.time()  # imports done and the Prefect API answering
         launch.announce_services(temporary_api)
         launch.mark_orphaned_runs(runs_dir)
-    result = launch.invoke(
-        lambda: train_lm(
-            preset=config.preset,
-            # A new run gets the validated sections whole; a resumed run its stored configuration, which the
-            # options may only restate or extend (checked by the resume task).
-            **(overrides if resume else options.complete_sections(config)),
-            experiment=experiment,
-            runs_dir=runs_dir,
-            resume_run_id=resume,
-            registered_model=registered_model,
-        ),
-        stopped,
-    )
+    # A new run gets the validated sections whole; a resumed run its stored configuration, which the options may
+    # only restate or extend (checked by the resume task).
+    sections: dict[str, Any] = overrides if resume else options.complete_sections(config)
+    tracking = dict(experiment=experiment, runs_dir=runs_dir, resume_run_id=resume, registered_model=registered_model)
+    result = launch.invoke(lambda: train_lm(preset=config.preset, **sections, **tracking), stopped)
     result = replace(result, timings=replace(result.timings, cli_ready_at=ready_at, flow_returned_at=time.time()))
     with launch.exit_on_stop(f"after MLflow run {result.run_id} FINISHED: everything it logged is kept"):
         print_result(result)
@@ -164,9 +156,7 @@ def prepare(
     except (DownloadError, PrepareError) as exc:
         fail(str(exc), 1)
     seconds = time.perf_counter() - started
-    warning = dropped_letters_warning(prepared)
-    if warning:
-        warn(warning)
+    warn(dropped_letters_warning(prepared))
     tokenized = "no: served from the cache" if prepared.cache_hit else f"yes, in {prepared.build_seconds:.1f} s"
     rows = {
         "token cache": str(prepared.folder),

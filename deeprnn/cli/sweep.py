@@ -182,16 +182,14 @@ def _check(
     from deeprnn.data.urls import has_password, is_masked
     from deeprnn.ops.study_storage import study_storage
     from deeprnn.search.optuna_study import check_storage, study_spec
-    from deeprnn.search.space import SearchSpaceError, field_path, load_space, parse_values
+    from deeprnn.search.space import field_path, load_space, parse_values
 
     try:  # SearchSpaceError and StudyError are ValueErrors, as is an unknown preset
         space = {field_path(k): v for k, v in load_space(space_file).items()} if space_file else {}
         for item in params:
             key, sep, text = item.partition("=")
             if not sep or not key.strip():
-                raise SearchSpaceError(
-                    f"--param {item!r}: write it as section.field=value[,value...], e.g. train.clip_norm=0.5,1"
-                )
+                fail(f"--param {item!r}: write it as section.field=value[,value...], e.g. train.clip_norm=0.5,1")
             space[field_path(key)] = parse_values(text)
         # A URL with its password stays in this process; anything else reads as the flow reads it (secret:NAME).
         storage = given if given and has_password(given) and not is_masked(given) else study_storage(given)
@@ -228,19 +226,14 @@ def _start(spec: Any, preset: str, cluster_address: str | None, workers: int | N
 def _parameters() -> list[inspect.Parameter]:
     """One comma-separated option per dimension of ``DIMENSIONS`` (``--cell``, ``--num-layers``, ...), then
     `deeprnn run`'s options of the fields fixed for every trial (``--epochs``, ``--device``, ...)."""
-    dimensions = [
-        inspect.Parameter(
-            name,
-            inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(None, "--" + name.replace("_", "-"), help=help_text),
-            annotation=Optional[str],
-        )
-        for name, (_, help_text) in DIMENSIONS.items()
-    ]
+    dims = []
+    for name, (_, help_text) in DIMENSIONS.items():
+        option = typer.Option(None, "--" + name.replace("_", "-"), help=help_text)
+        dims.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[str]))
     fixed = [p for p in options.override_parameters(("data", "train")) if p.name in FIXED]
     for parameter in fixed:
         parameter.default.help += " The same for every trial (GPU trials get one GPU each)."
-    return dimensions + fixed
+    return dims + fixed
 
 
 # Typer reads the signature: the dimension options, then the fields fixed for every trial.
