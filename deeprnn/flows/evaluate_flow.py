@@ -13,16 +13,8 @@ from prefect import flow
 
 from deeprnn.config import DeviceName
 from deeprnn.flows.parameters import ExperimentField, SampleField, form_field
-from deeprnn.tasks.evaluate_tasks import (
-    CHAMPION_URI,
-    EvaluationResult,
-    choose_model,
-    evaluate_model,
-    fetch_model,
-    generate_samples,
-    publish_evaluation,
-    start_evaluation,
-)
+from deeprnn.tasks import evaluate_tasks as tasks
+from deeprnn.tasks.evaluate_tasks import CHAMPION_URI, EvaluationResult
 from deeprnn.tasks.pipeline_tasks import download_corpus, prepare_splits, prepare_tokens
 from deeprnn.tracking import runs
 
@@ -50,17 +42,17 @@ def evaluate_lm(
         device: auto picks cuda, then mps, then cpu.
         experiment: MLflow experiment to log to. Empty: deeprnn-evaluate.
     """
-    uri = choose_model(model_uri, training_flow_run_id)
-    run_id = start_evaluation(uri, device, experiment or FLOW_NAME)
+    uri = tasks.choose_model(model_uri, training_flow_run_id)
+    run_id = tasks.start_evaluation(uri, device, experiment or FLOW_NAME)
     # FAILED/KILLED in MLflow if anything raises; the downloaded model is removed at the end (MLflow keeps it).
     with runs.run_status(run_id), tempfile.TemporaryDirectory(prefix="deeprnn-evaluate-") as folder:
-        model = fetch_model(run_id, uri, folder, sample)
+        model = tasks.fetch_model(run_id, uri, folder, sample)
         corpus = download_corpus(model.config.data.url, model.corpus_sha1)
         prepared = prepare_tokens(corpus, model.config.data)
         splits = prepare_splits(prepared, model.config.data, model.config.train, model.vocab)
-        evaluation = evaluate_model(model.checkpoint, splits, device)
-        samples = generate_samples(model.checkpoint, device, model.config.sample)
-        publish_evaluation(run_id, model, evaluation, samples)
+        evaluation = tasks.evaluate_model(model.checkpoint, splits, device)
+        samples = tasks.generate_samples(model.checkpoint, device, model.config.sample)
+        tasks.publish_evaluation(run_id, model, evaluation, samples)
     return EvaluationResult(
         run_id, experiment or FLOW_NAME, model.model_uri, model.version, model.source_run_id, evaluation, samples
     )

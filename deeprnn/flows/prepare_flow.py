@@ -33,7 +33,6 @@ def prepare_lm(preset: PresetField = "d2l-9.3", data: DataField = None) -> dict[
     summary = prepared_record(prepared, config.data)
     shown = {**summary, **summary["splits"]}
     rows = "\n".join(f"| {key} | {value} |" for key, value in shown.items() if key != "splits")
-    create_markdown_artifact(
-        f"# deeprnn prepared corpus\n\n| | |\n| --- | --- |\n{rows}\n", key="deeprnn-prepare-summary"
-    )
+    markdown = f"# deeprnn prepared corpus\n\n| | |\n| --- | --- |\n{rows}\n"
+    create_markdown_artifact(markdown, key="deeprnn-prepare-summary")
     return summary

@@ -24,8 +24,8 @@ from deeprnn.data.vocab import Vocab
 from deeprnn.device import as_device, resolve_device
 from deeprnn.generate import generate_batch
 from deeprnn.pipeline import Evaluation, evaluate_splits
-from deeprnn.report import fmt, samples_markdown, samples_text
-from deeprnn.tasks.results_tasks import open_run
+from deeprnn.report import fmt, samples_text
+from deeprnn.tasks.results_tasks import open_run, summary_markdown
 from deeprnn.tracking import metrics, model_registry, runs, store
 from deeprnn.training import checkpoint
 
@@ -58,9 +58,8 @@ def generate_samples(
         model, voc, s.prefixes, s.num_tokens, token=config.data.token, normalize=config.data.normalize, **sampling
     )
     samples = dict(zip(s.prefixes, texts))
-    logger = get_run_logger()
     for text in samples.values():
-        logger.info("sample: %s", text)
+        get_run_logger().info("sample: %s", text)
     return samples
 
 
@@ -150,12 +149,7 @@ def publish_evaluation(run_id: str, model: FetchedModel, evaluation: Evaluation,
     samples_json = json.dumps(samples, ensure_ascii=False, indent=1)
     runs.log_texts(run_id, {"samples.txt": samples_text(samples), "samples.json": samples_json})
 
-    lines = [
-        f"# deeprnn evaluation of `{model.model_uri}`",
-        "",
-        f"MLflow run: {runs.run_markdown(run_id)}; trained by run `{model.source_run_id}` "
-        f"({model.config.preset} preset)",
-        "",
+    table = [
         "| metric | this evaluation | reported by training |",
         "| --- | --- | --- |",
         *[
@@ -163,10 +157,9 @@ def publish_evaluation(run_id: str, model: FetchedModel, evaluation: Evaluation,
             for key in ("val_perplexity", "test_perplexity")
         ],
         f"| train_perplexity_eval | {fmt(evaluation.train_perplexity_eval)} | |",
-        "",
-        *samples_markdown(samples),
     ]
-    markdown = "\n".join(lines)
+    source = f"; trained by run `{model.source_run_id}` ({model.config.preset} preset)"
+    markdown = summary_markdown(f"# deeprnn evaluation of `{model.model_uri}`", run_id, table, samples, source)
     if not flow_run_has_artifact(EVALUATION_SUMMARY):
         create_markdown_artifact(markdown, key=EVALUATION_SUMMARY, description="deeprnn evaluation summary")
     return markdown

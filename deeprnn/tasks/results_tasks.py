@@ -184,16 +184,19 @@ def register_version(model: PublishedModel, name: str, run_id: str) -> Registrat
     return Registration(name, version, champion)
 
 
+def summary_markdown(title: str, run_id: str, table: list[str], samples: dict[str, str], source: str = "") -> str:
+    """A Prefect summary artifact: the title, the MLflow run (and ``source``, what it came from), the table of
+    metrics, then the samples."""
+    run_line = f"MLflow run: {runs.run_markdown(run_id)}{source}"
+    return "\n".join([title, "", run_line, "", *table, "", *samples_markdown(samples)])
+
+
 @task(name="publish-summary", cache_policy=NO_CACHE)
 def publish_summary(
     run_id: str, config: RunConfig, trained: TrainingOutcome, evaluation: Evaluation, samples: dict[str, str]
 ) -> str:
     """A markdown artifact on the Prefect run: perplexities, speed, device, samples, link to MLflow."""
-    lines = [
-        f"# deeprnn run ({config.preset})",
-        "",
-        f"MLflow run: {runs.run_markdown(run_id)}",
-        "",
+    table = [
         "| metric | value |",
         "| --- | --- |",
         f"| final training perplexity | {fmt(trained.final_train_perplexity)} |",
@@ -203,10 +206,8 @@ def publish_summary(
         f"| tokens/s | {trained.tokens_per_sec:,.0f} |",
         f"| training time | {trained.train_seconds:.1f} s |",
         f"| device / step / precision | {trained.device} / {trained.step_mode} / {trained.precision} |",
-        "",
-        *samples_markdown(samples),
     ]
-    markdown = "\n".join(lines)
+    markdown = summary_markdown(f"# deeprnn run ({config.preset})", run_id, table, samples)
     create_markdown_artifact(markdown, key="deeprnn-train-summary", description="deeprnn training summary")
     return markdown
 

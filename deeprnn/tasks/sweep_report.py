@@ -133,10 +133,10 @@ def _log_plots(study: Any, parent_run_id: str, log: Callable[[str], None]) -> No
 
 def _log_study(
     spec: StudySpec, study: Any, parent_run_id: str, results: list[TrialResult], log: Callable[[str], None]
-) -> tuple[int | None, float | None, dict[str, Any]]:
+) -> dict[str, Any]:
     """The study and this sweep's trials on the parent run: the study's best trial (``study_best_value``,
     ``deeprnn.study.best_*`` tags, ``study.json``), ``trials.csv`` and ``trials.md``, Optuna's pictures under
-    ``study/``. Returns the study's best trial number, value and parameters."""
+    ``study/``. Returns the study's best trial number, value and parameters as the summary's ``study_best_*``."""
     try:
         best = study.best_trial  # the study's best complete trial, earlier runs' included
     except ValueError:  # no complete trial yet
@@ -152,7 +152,7 @@ def _log_study(
     texts.update({"trials.csv": table_csv(results), "trials.md": table_markdown(results, runs.run_url) + "\n"})
     runs.log_texts(parent_run_id, texts)
     _log_plots(study, parent_run_id, log)
-    return number, value, params
+    return {"study_best_trial": number, "study_best_value": value, "study_best_params": params}
 
 
 def _summary_markdown(
@@ -172,6 +172,28 @@ def _summary_markdown(
             table_markdown(results, runs.run_url),
         ]
     )
+
+
+def _roll_up_best(
+    parent_run_id: str,
+    returned: list[TrialOutcome],
+    best: TrialResult,
+    metric: str,
+    register: bool,
+    register_as: str | None,
+) -> PublishedModel:
+    """The best trial's metrics and run on the parent run, and its model, registered as ``register_as`` (or the
+    name its corpus gets) when ``register``."""
+    # A finished trial's row, so its outcome has its result.
+    result = next(o.result for o in returned if o.row.index == best.index and o.result)
+    metrics.log_metrics(parent_run_id, {f"best_{k}": v for k, v in best.metrics.items()})
+    tags = {"best_trial_run_id": result.run_id, "deeprnn.best_trial": best.name, "deeprnn.selection_metric": metric}
+    runs.set_tags(parent_run_id, tags)
+    if not register:
+        return result.model
+    # Once per trial run, also when this task runs again: the version is looked up by run id first.
+    registration = register_version(result.model, register_as or result.model.register_as, result.run_id)
+    return replace(result.model, registration=registration)
 
 
 @task(name="summarize-sweep", cache_policy=NO_CACHE)
@@ -200,23 +222,14 @@ def summarize_sweep(
     steps = sum(o.row.metrics["steps"] for o in returned)
     finished_in_study = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
     metrics.log_metrics(parent_run_id, {**counts, "trials_steps": steps, "study_trials": finished_in_study})
-    number, value, params = _log_study(spec, study, parent_run_id, results, logger.warning)
+    study_best = _log_study(spec, study, parent_run_id, results, logger.warning)
     ranked = rank(results)
     best = ranked[0] if counts["trials_finished"] else None
     summary = _summary_markdown(spec, parent_run_id, results, best, metric)
     create_markdown_artifact(summary, key="deeprnn-sweep-summary", description="deeprnn sweep summary")
     model = None
-    if best is not None:  # its metrics and run on the parent run, its model registered (if ``register_best``)
-        # A finished trial's row, so its outcome has its result.
-        result = next(o.result for o in returned if o.row.index == best.index and o.result)
-        metrics.log_metrics(parent_run_id, {f"best_{k}": v for k, v in best.metrics.items()})
-        tags = {"best_trial_run_id": result.run_id, "deeprnn.best_trial": best.name, "deeprnn.selection_metric": metric}
-        runs.set_tags(parent_run_id, tags)
-        model = result.model
-        if register_best:
-            # Once per trial run, also when this task runs again: the version is looked up by run id first.
-            registration = register_version(model, registered_model or model.register_as, result.run_id)
-            model = replace(model, registration=registration)
+    if best is not None:
+        model = _roll_up_best(parent_run_id, returned, best, metric, register_best, registered_model)
     done = (counts["trials_finished"], counts["trials_pruned"], counts["trials_failed"])
     logger.info("%d finished, %d pruned, %d failed; best %s", *done, best.name if best else "none")
     for r in results:
@@ -238,7 +251,5 @@ def summarize_sweep(
         best_model=model,
         trials=ranked,
         study_trials=finished_in_study,
-        study_best_trial=number,
-        study_best_value=value,
-        study_best_params=params,
+        **study_best,
     )

@@ -95,11 +95,9 @@ def open_study(spec: StudySpec) -> tuple[int, int]:
     states = Counter(t.state.name for t in study.get_trials(deepcopy=False))
     finished = states["COMPLETE"] + states["PRUNED"] + states["FAIL"]
     counts = f"{states['COMPLETE']} complete, {states['PRUNED']} pruned, {states['FAIL']} failed"
-    word = (
-        f"continuing study {spec.name!r} ({finished} finished trials: {counts})"
-        if finished
-        else (f"new study {spec.name!r}" if not states else f"study {spec.name!r} (no finished trial yet)")
-    )
+    word = f"study {spec.name!r} (no finished trial yet)" if states else f"new study {spec.name!r}"
+    if finished:
+        word = f"continuing study {spec.name!r} ({finished} finished trials: {counts})"
     logger.info("%s in %s: sampler %s, pruner %s", word, spec.shown_storage, spec.sampler, spec.pruner)
     return len(study.trials), enqueue_points(study, spec)  # the trials it held before the points are enqueued
 

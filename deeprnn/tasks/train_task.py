@@ -126,51 +126,46 @@ def train_model(
     for the stages around it (the MLflow run marked KILLED with its checkpoint, the flow run Cancelled).
     """
     try:
-        return _train(config, vocab, splits, run_id, run_dir, device)
+        logger = get_run_logger()
+        run = start_training(config, vocab, splits, Path(run_dir), device)
+        step = run.trainer.step
+        if run.resumed:
+            runs.set_tags(run_id, {"deeprnn.resumed_at_epoch": run.epochs_done, "deeprnn.resumed_at_step": step})
+            logger.info(
+                "resuming from the checkpoint at epoch %d, step %d in %s", run.epochs_done, step, run.folder / LAST
+            )
+        logger.info(run.describe())
+        earlier = metrics.epoch_history(run_id, run.epochs_done) if run.epochs_done else []  # the whole curve
+        curves = metrics.MetricLogger(run_id, resuming=True)  # a retry or resume may find epochs already logged
+        progress = create_progress_artifact(0.0, key=None, description="Training progress (% of steps)")
+        started = time.perf_counter()
+        try:
+            # A stop signal is held back while training: the loop stops at its next step boundary, checkpointed.
+            with metrics.system_metrics(run_id), stop_signals.held():  # CPU, memory (and GPU) use as system/* metrics
+                trained = run.fit(_hooks(run_id, config.train, curves, progress), earlier)
+        except BaseException:
+            try:
+                curves.flush()  # whatever was measured reaches MLflow, also when training fails
+            except Exception as exc:  # MLflow may be the fault: never hide the original error behind this one
+                logger.warning("could not log the last metrics: %s: %s", type(exc).__name__, exc)
+            raise
+        curves.flush()
+        update_progress_artifact(progress, 100.0)  # done: the budget or the epochs are spent
+        if trained.stop_reason:  # why training ended, in the log and as MLflow tags
+            detail = trained.stop_detail or STOP_REASONS.get(trained.stop_reason, trained.stop_reason)
+            logger.info("training ended at step %s: %s", f"{trained.steps_done:,}", detail)
+            tags = {"deeprnn.stop_reason": trained.stop_reason, "deeprnn.stop_detail": detail}
+            runs.set_tags(run_id, {**tags, "deeprnn.stopped_at_step": trained.steps_done})
+        logger.info(
+            f"trained in {time.perf_counter() - started:.1f} s ({trained.step_mode} steps, {trained.precision}): "
+            f"{trained.epochs_done} epochs, {trained.steps_done:,} steps, "
+            f"final train ppl {trained.final_train_perplexity:.3f}, {trained.tokens_per_sec:,.0f} tokens/s"
+        )
+        return trained
     except stop_signals.StopRequested as exc:
         # A stop is not a crash: Prefect's engine would end the task run Crashed on this KeyboardInterrupt
         # (which alerts) inside a flow run that ends Cancelled. Returned, the state is the task run's end state.
         return Cancelled(message=f"stopped by {exc.signal_name}")  # type: ignore[return-value]
-
-
-def _train(
-    config: RunConfig, vocab: Vocab, splits: Splits, run_id: str, run_dir: str, device: torch.device
-) -> TrainingOutcome:
-    """The task's body: training, with its progress in Prefect and MLflow."""
-    logger = get_run_logger()
-    run = start_training(config, vocab, splits, Path(run_dir), device)
-    step = run.trainer.step
-    if run.resumed:
-        runs.set_tags(run_id, {"deeprnn.resumed_at_epoch": run.epochs_done, "deeprnn.resumed_at_step": step})
-        logger.info("resuming from the checkpoint at epoch %d, step %d in %s", run.epochs_done, step, run.folder / LAST)
-    logger.info(run.describe())
-    earlier = metrics.epoch_history(run_id, run.epochs_done) if run.epochs_done else []  # the whole curve
-    curves = metrics.MetricLogger(run_id, resuming=True)  # a retry or resume may find epochs already logged
-    progress = create_progress_artifact(0.0, key=None, description="Training progress (% of steps)")
-    started = time.perf_counter()
-    try:
-        # A stop signal is held back while training: the loop stops at its next step boundary, checkpointed.
-        with metrics.system_metrics(run_id), stop_signals.held():  # CPU, memory (and GPU) use as system/* metrics
-            trained = run.fit(_hooks(run_id, config.train, curves, progress), earlier)
-    except BaseException:
-        try:
-            curves.flush()  # whatever was measured reaches MLflow, also when training fails
-        except Exception as exc:  # MLflow may be the fault: never hide the original error behind this one
-            logger.warning("could not log the last metrics: %s: %s", type(exc).__name__, exc)
-        raise
-    curves.flush()
-    update_progress_artifact(progress, 100.0)  # done: the budget or the epochs are spent
-    if trained.stop_reason:  # why training ended, in the log and as MLflow tags
-        detail = trained.stop_detail or STOP_REASONS.get(trained.stop_reason, trained.stop_reason)
-        logger.info("training ended at step %s: %s", f"{trained.steps_done:,}", detail)
-        tags = {"deeprnn.stop_reason": trained.stop_reason, "deeprnn.stop_detail": detail}
-        runs.set_tags(run_id, {**tags, "deeprnn.stopped_at_step": trained.steps_done})
-    logger.info(
-        f"trained in {time.perf_counter() - started:.1f} s ({trained.step_mode} steps, {trained.precision}): "
-        f"{trained.epochs_done} epochs, {trained.steps_done:,} steps, "
-        f"final train ppl {trained.final_train_perplexity:.3f}, {trained.tokens_per_sec:,.0f} tokens/s"
-    )
-    return trained
 
 
 @task(name="prepare-resume", cache_policy=NO_CACHE)
@@ -190,7 +185,6 @@ def prepare_resume(
     overrides that contradict the checkpoint, and a FINISHED run that would have nothing left to train (its
     epochs, or the step or time budget it stopped on, not raised).
     """
-    logger = get_run_logger()
     resume.check_run_id(run_id)
     store.check_reachable()
     run = runs.find_run(run_id)
@@ -207,7 +201,7 @@ def prepare_resume(
         left = config.train
         if refusal := resume.nothing_left(run_id, done, left.epochs, left.max_steps, left.time_budget):
             raise resume.ResumeError(refusal)
-    logger.info("checkpoint at epoch %d; continuing to epoch %d", saved["epoch"], config.train.epochs)
+    get_run_logger().info("checkpoint at epoch %d; continuing to epoch %d", saved["epoch"], config.train.epochs)
     return config, run.experiment
 
 

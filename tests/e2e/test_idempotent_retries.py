@@ -16,7 +16,6 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
-import deeprnn.flows.evaluate_flow as evaluate_flow
 import deeprnn.tasks.evaluate_tasks as evaluation
 import deeprnn.tasks.pipeline_tasks as pipeline
 import deeprnn.tracking.runs
@@ -102,7 +101,7 @@ def test_retried_evaluation_start_and_publish_leave_one_run_one_metric_point_and
     monkeypatch.setattr(deeprnn.tracking.runs, "log_params", log_params)
     monkeypatch.setattr(evaluation, "create_markdown_artifact", artifact)
     for name in ("start_evaluation", "publish_evaluation"):
-        monkeypatch.setattr(evaluate_flow, name, getattr(evaluate_flow, name).with_options(retry_delay_seconds=0))
+        monkeypatch.setattr(evaluation, name, getattr(evaluation, name).with_options(retry_delay_seconds=0))
     result = evaluate_lm(model_uri=f"runs:/{trained['result'].run_id}/model", device="cpu", experiment="retried-eval")
 
     (run,) = _runs("retried-eval")
