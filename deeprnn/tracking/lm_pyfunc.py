@@ -187,11 +187,9 @@ class DeepRNNLanguageModel(PythonModel):
             threading.Thread(target=self._measure, name="deeprnn-measure-speed", daemon=True).start()
         unit = "character" if token == "char" else "word"
         most = self.speed.tokens_within(lengths, fits, sampled)
-        todo = (
-            f"{len(prefixes):,} prefixes: at most about {most:,} {unit}s each"
-            if most
-            else "their warm-up alone takes longer: fewer or shorter prefixes"
-        )
+        todo = f"{len(prefixes):,} prefixes: at most about {most:,} {unit}s each"
+        if not most:
+            todo = "their warm-up alone takes longer: fewer or shorter prefixes"
         raise GenerationRequestError(
             f"this request asks for about {_secs(asked)} s of generation ({len(prefixes):,} prefixes x "
             f"{num_tokens:,} {unit}s{', sampled' if sampled else ''}); at the speed this server measured, it does "
