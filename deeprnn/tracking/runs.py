@@ -76,11 +76,10 @@ def create_run(
     if parent_run_id:
         tags = {**tags, "mlflow.parentRunId": parent_run_id}  # what the MLflow UI nests runs by
     exp_id = experiment_id(experiment)
-    earlier = []
     if opened_by:
-        query = f"tags.`{OPENED_BY_TAG}` = '{check_prefect_id(opened_by, 'task run')}'"
-        earlier = client.search_runs([exp_id], query, max_results=1)
-        tags = {**tags, OPENED_BY_TAG: opened_by}
+        tags = {**tags, OPENED_BY_TAG: check_prefect_id(opened_by, "task run")}
+    query = f"tags.`{OPENED_BY_TAG}` = '{opened_by}'"  # the run an earlier attempt of this task run created
+    earlier = client.search_runs([exp_id], query, max_results=1) if opened_by else []
     if earlier:
         run_id = earlier[0].info.run_id
         set_tags(run_id, tags)
