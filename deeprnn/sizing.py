@@ -280,12 +280,9 @@ def draw_prefixes(heldout: torch.Tensor, vocab: Vocab, token: str, seed: int, co
     starts = [i + 1 for i, t in enumerate(tokens[:-1]) if t == "\n" and not tokens[i + 1].isspace()]
     if len(starts) < count:
         starts = [i + 1 for i, t in enumerate(tokens[:-1]) if t == " " and not tokens[i + 1].isspace()]
-    candidates = []
-    for start in starts:
-        line = tokens[start : start + 200]
-        text = sep.join(line[: line.index("\n")] if "\n" in line else line)
-        if text.strip() and "<unk>" not in text:
-            candidates.append(_line_start(text, token))
+    lines = (tokens[start : start + 200] for start in starts)
+    texts = (sep.join(line[: line.index("\n")] if "\n" in line else line) for line in lines)
+    candidates = [_line_start(text, token) for text in texts if text.strip() and "<unk>" not in text]
     if not candidates:
         return [sep.join(tokens[:8]) or vocab.idx_to_token[-1]]
     picked = sorted(random.Random(seed).sample(range(len(candidates)), min(count, len(candidates))))

@@ -111,14 +111,12 @@ def gpu_request(device: str, gpus: int) -> dict[str, float] | None:
     ``cuda``: one GPU, and there must be GPU workers (else the trial would wait forever); ``auto``: one GPU
     when the cluster has any, else none; ``cpu`` and ``mps``: none.
     """
-    if device.startswith("cuda"):
-        if gpus == 0:
-            raise ClusterConfigError(
-                f"the trials ask for device {device!r} but no Dask worker offers a GPU: start GPU workers with "
-                f"`dask worker <scheduler> --resources {GPU}=1 --nthreads 1` (one per GPU), or use --device cpu"
-            )
-        return {GPU: 1}
-    return {GPU: 1} if device == "auto" and gpus > 0 else None
+    if device.startswith("cuda") and gpus == 0:
+        raise ClusterConfigError(
+            f"the trials ask for device {device!r} but no Dask worker offers a GPU: start GPU workers with "
+            f"`dask worker <scheduler> --resources {GPU}=1 --nthreads 1` (one per GPU), or use --device cpu"
+        )
+    return {GPU: 1} if device.startswith("cuda") or (device == "auto" and gpus > 0) else None
 
 
 def resources(request: dict[str, float] | None) -> contextlib.AbstractContextManager[Any]:

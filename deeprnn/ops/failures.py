@@ -76,14 +76,6 @@ def _carries_expected(record: logging.LogRecord) -> bool:
     return isinstance(record.exc_info, tuple) and is_expected(record.exc_info[1])
 
 
-def _names_an_expected_failure(record: logging.LogRecord) -> bool:
-    """Whether a run log record reports an expected error: with it attached, or by its class in a state."""
-    if getattr(record, EXPECTED_MARK, False) or _carries_expected(record):
-        return True
-    found = _FAILED_STATE.search(record.getMessage())
-    return found is not None and found.group(1) in {"LookupError", *(name for _, name in EXPECTED)}
-
-
 _STOPPED_STATE = "Finished in state Cancelled('stopped by SIG"
 
 
@@ -109,13 +101,16 @@ _INTERRUPTED = "aborted by an interrupt signal"
 
 
 def hide_expected_failure(record: logging.LogRecord) -> bool:
-    """A log filter: drop the run log records that report an expected error, for a console whose command prints
-    it itself."""
+    """A log filter: drop the run log records that report an expected error (with it attached, or by its class
+    in a state), for a console whose command prints it itself."""
     if not record.name.startswith(RUN_LOGGERS):
         return True
     # A stop on purpose (Ctrl-C, SIGTERM): the command says in one line what was kept; Prefect's "Crash
     # detected" records of the interrupted task stay in the dashboard's logs only.
-    return not (_names_an_expected_failure(record) or _INTERRUPTED in record.getMessage())
+    if getattr(record, EXPECTED_MARK, False) or _carries_expected(record) or _INTERRUPTED in record.getMessage():
+        return False
+    found = _FAILED_STATE.search(record.getMessage())
+    return found is None or found.group(1) not in {"LookupError", *(name for _, name in EXPECTED)}
 
 
 def hide_expected_failures_on_console() -> None:

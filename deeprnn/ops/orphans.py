@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from mlflow.tracking import MlflowClient
 
 from deeprnn.search.study_orphans import process_alive
 from deeprnn.tracking import run_checkpoints, runs
@@ -49,14 +48,10 @@ def mark_orphaned_runs(runs_dir: str | None = None) -> list[Orphan]:
     """Mark every RUNNING run of this host whose recorded process is gone FAILED, with the reason as the
     ``deeprnn.failure_reason`` tag; returns them, each with the checkpoint it can resume from (in ``runs_dir``
     or its MLflow artifacts), if any. Runs of other hosts are left alone."""
-    client = MlflowClient()
     host = socket.gethostname()
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if not experiments:
-        return []
     query = f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host.replace(chr(39), '')}'"
     found = []
-    for run in client.search_runs(experiments, query, max_results=1000):
+    for run in runs.search_all_runs(query):
         tags = run.data.tags
         pid = int(tags[PID_TAG]) if tags.get(PID_TAG, "").isdigit() else os.getpid()  # no pid: left alone
         if pid == os.getpid() or process_alive(pid, tags.get(STARTED_TAG)):

@@ -54,12 +54,12 @@ def table_rows(results: list[TrialResult]) -> list[dict[str, Any]]:
     """One flat row per trial, ranked: trial, status, varied values, perplexities, seconds, run id, error."""
     keys = list(dict.fromkeys(k for r in results for k in r.values))
     metric_keys = [k for k in _COLUMNS if any(k in r.metrics for r in results)]
-    rows = []
-    for r in rank(results):
-        row: dict[str, Any] = {"trial": r.index, "status": r.status, **{k: r.values.get(k) for k in keys}}
-        row.update({k: r.metrics.get(k) for k in metric_keys}, run_id=r.run_id or "", error=r.error or "")
-        rows.append(row)
-    return rows
+    return [
+        {"trial": r.index, "status": r.status, **{k: r.values.get(k) for k in keys}}
+        | {k: r.metrics.get(k) for k in metric_keys}
+        | {"run_id": r.run_id or "", "error": r.error or ""}
+        for r in rank(results)
+    ]
 
 
 def table_csv(results: list[TrialResult]) -> str:

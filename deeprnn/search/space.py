@@ -229,8 +229,7 @@ class Trial:
 
 def trial_name(index: int, values: Mapping[str, Any]) -> str:
     """Trial ``index``'s label: ``trial-2 cell=gru lr=1``."""
-    shown = " ".join(f"{k.split('.', 1)[1]}={v}" for k, v in values.items())
-    return f"trial-{index}" + (f" {shown}" if shown else "")
+    return " ".join([f"trial-{index}", *(f"{k.split('.', 1)[1]}={v}" for k, v in values.items())])
 
 
 def make_trial(

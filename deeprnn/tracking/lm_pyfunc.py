@@ -93,9 +93,8 @@ def release_memory() -> None:
     """Hand the memory a request used back to the system: the C allocator keeps freed memory for reuse, so a
     burst of large requests would leave the server at its peak for good."""
     gc.collect()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with contextlib.suppress(OSError, AttributeError):  # no glibc (not Linux, or musl): nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _prefixes(model_input: Any) -> list[Any]:
@@ -142,17 +141,15 @@ class DeepRNNLanguageModel(PythonModel):
         # Two memory pools for the C allocator instead of one per thread (eight per core): the server runs each
         # request in a thread of a pool, and memory freed in one thread's pool is never handed back while
         # another thread's pool holds the pages around it.
-        if sys.platform.startswith("linux"):
-            with contextlib.suppress(OSError, AttributeError):
-                ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 2)
+        with contextlib.suppress(OSError, AttributeError):  # no glibc: the allocator as it is
+            ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 2)
         device = resolve_device(os.environ.get("DEEPRNN_DEVICE", "auto"))
         data = checkpoint.load(context.artifacts["checkpoint"])
         self.model, self.vocab, self.config = checkpoint.restore_model(data, device)
         self.device, self.speed, self.measured_at = device, None, 0.0
         self.share = fit_share()  # a wrong setting stops the server's start, before the measurement
         self._measuring = threading.Lock()
-        if self.share is not None:
-            self._measure()
+        self._measure()  # none with DEEPRNN_REQUEST_FIT=off
 
     def _measure(self) -> None:
         """Time this model's generation here (again: keeping the faster of each figure); one at a time."""
@@ -187,11 +184,9 @@ class DeepRNNLanguageModel(PythonModel):
             threading.Thread(target=self._measure, name="deeprnn-measure-speed", daemon=True).start()
         unit = "character" if token == "char" else "word"
         most = self.speed.tokens_within(lengths, fits, sampled)
-        todo = (
-            f"{len(prefixes):,} prefixes: at most about {most:,} {unit}s each"
-            if most
-            else "their warm-up alone takes longer: fewer or shorter prefixes"
-        )
+        todo = f"{len(prefixes):,} prefixes: at most about {most:,} {unit}s each"
+        if not most:
+            todo = "their warm-up alone takes longer: fewer or shorter prefixes"
         raise GenerationRequestError(
             f"this request asks for about {_secs(asked)} s of generation ({len(prefixes):,} prefixes x "
             f"{num_tokens:,} {unit}s{', sampled' if sampled else ''}); at the speed this server measured, it does "

@@ -140,6 +140,5 @@ class MetricLogger:
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     """Log final (summary) metrics in one call; None values are skipped."""
     ts = int(time.time() * 1000)
-    MlflowClient().log_batch(
-        run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
-    )
+    points = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+    MlflowClient().log_batch(run_id, metrics=points)

@@ -38,11 +38,7 @@ def pip_requirements() -> list[str]:
     import pydantic
     import torch
 
-    return [
-        f"torch=={torch.__version__.split('+')[0]}",
-        f"mlflow=={mlflow.__version__}",
-        f"pydantic=={pydantic.__version__}",
-    ]
+    return [f"{m.__name__}=={m.__version__.split('+')[0]}" for m in (torch, mlflow, pydantic)]
 
 
 MODEL_NAME = "model"  # the logged model's name within its run (``runs:/<run_id>/model``)

@@ -76,11 +76,10 @@ def create_run(
     if parent_run_id:
         tags = {**tags, "mlflow.parentRunId": parent_run_id}  # what the MLflow UI nests runs by
     exp_id = experiment_id(experiment)
-    earlier = []
     if opened_by:
-        query = f"tags.`{OPENED_BY_TAG}` = '{check_prefect_id(opened_by, 'task run')}'"
-        earlier = client.search_runs([exp_id], query, max_results=1)
-        tags = {**tags, OPENED_BY_TAG: opened_by}
+        tags = {**tags, OPENED_BY_TAG: check_prefect_id(opened_by, "task run")}
+    query = f"tags.`{OPENED_BY_TAG}` = '{opened_by}'"  # the run an earlier attempt of this task run created
+    earlier = client.search_runs([exp_id], query, max_results=1) if opened_by else []
     if earlier:
         run_id = earlier[0].info.run_id
         set_tags(run_id, tags)
@@ -256,22 +255,24 @@ def log_texts(run_id: str, texts: dict[str, str], files: Sequence[Path] = ()) ->
 def run_for_flow_run(flow_run_id: str) -> str:
     """The id of the MLflow run that the Prefect flow run ``flow_run_id`` opened (its ``prefect.flow_run_id``
     tag), in any experiment. Raises LookupError when there is none."""
-    found = flow_run_runs(flow_run_id, max_results=1)
-    if not found:
-        raise LookupError(f"no MLflow run in {tracking_uri()} was logged by Prefect flow run {flow_run_id}")
-    return found[0]
+    for run_id in flow_run_runs(flow_run_id, max_results=1):
+        return run_id
+    raise LookupError(f"no MLflow run in {tracking_uri()} was logged by Prefect flow run {flow_run_id}")
 
 
 def flow_run_runs(flow_run_id: str, running_only: bool = False, max_results: int = 1000) -> list[str]:
     """The ids of the MLflow runs, in any experiment, that Prefect flow run ``flow_run_id`` opened (its
     ``prefect.flow_run_id`` tag); with ``running_only``, those still RUNNING."""
-    check_prefect_id(flow_run_id, "flow run")
+    status = " and attributes.status = 'RUNNING'" if running_only else ""
+    query = f"tags.`prefect.flow_run_id` = '{check_prefect_id(flow_run_id, 'flow run')}'{status}"
+    return [run.info.run_id for run in search_all_runs(query, max_results)]
+
+
+def search_all_runs(query: str, max_results: int = 1000) -> list[Any]:
+    """The runs, in any experiment, that match the filter ``query``."""
     client = MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
-    status = " and attributes.status = 'RUNNING'" if running_only else ""
-    query = f"tags.`prefect.flow_run_id` = '{flow_run_id}'{status}"
-    found = client.search_runs(experiments, query, max_results=max_results) if experiments else []
-    return [run.info.run_id for run in found]
+    return client.search_runs(experiments, query, max_results=max_results) if experiments else []
 
 
 def run_markdown(run_id: str) -> str:

@@ -90,8 +90,7 @@ def check_reachable(timeout: float = 5.0) -> str:
     uri = mlflow.get_tracking_uri()
     if urlsplit(uri).scheme in ("http", "https"):
         try:
-            response = requests.get(uri.rstrip("/") + "/health", timeout=timeout, auth=_basic_auth())
-            response.raise_for_status()
+            requests.get(uri.rstrip("/") + "/health", timeout=timeout, auth=_basic_auth()).raise_for_status()
         except requests.RequestException as exc:
             raise TrackingUnavailableError(
                 f"MLflow tracking server {redact_url(uri)} is unreachable ({type(exc).__name__}). Start it "
