@@ -75,15 +75,12 @@ class _Run:
     t_start: float
     start_step: int
     last_sync: float
+    window_time: float
+    window_step: int
     history: list[EpochStats] = field(default_factory=list)
     pending: list[_Pending] = field(default_factory=list)
-    window_time: float = 0.0
-    window_step: int = 0
     window_loss: float = 0.0
     window_batch: int = 0
-
-    def __post_init__(self) -> None:
-        self.window_time, self.window_step = self.t_start, self.start_step
 
 
 class Trainer:
@@ -156,7 +153,7 @@ class Trainer:
             self.train_step.capture()
         schedule.begin()  # the time budget counts from here, after the one-off capture
         self._schedule, now = schedule, time.perf_counter()
-        run = _Run(on_epoch, on_checkpoint, on_step, stop_requested, schedule, now, self.step, now)
+        run = _Run(on_epoch, on_checkpoint, on_step, stop_requested, schedule, now, self.step, now, now, self.step)
         try:
             while not schedule.finished(self.epoch, self.step):
                 self._run_epoch(self.epoch + 1, run)
@@ -337,8 +334,6 @@ class Trainer:
 
         Trainer states written before steps were counted (no ``step``) resume with the step count at 0.
         """
-        if self.train_step.graph is not None:
-            raise RuntimeError("load the trainer state before training starts")
         self.epoch = int(state["epoch"])
         self.step = int(state.get("step") or 0)
         self.train_step.load_optimizer_state(state["optimizer"])
