@@ -122,7 +122,6 @@ class Trainer:
         self.spent_seconds = 0.0  # training time before this fit (a resumed run continues its time budget)
         self._schedule: Schedule | None = None  # the running fit's
         self.train_step = TrainStep(self.model, cfg, device)
-        self.optimizer = self.train_step.optimizer
 
     @property
     def step_mode(self) -> str:
@@ -320,7 +319,7 @@ class Trainer:
         return {
             "epoch": self.epoch,
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.train_step.optimizer.state_dict(),
             "python_rng": self.rng.getstate(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
