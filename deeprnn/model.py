@@ -34,6 +34,8 @@ class RNNLM(nn.Module):
         embedding_dim: int | None = None,
     ) -> None:
         super().__init__()
+        if cell not in _CELLS:
+            raise ValueError(f"unknown cell {cell!r}; use one of {sorted(_CELLS)}")
         self.vocab_size = vocab_size
         self.embedding = nn.Embedding(vocab_size, embedding_dim) if embedding_dim else None
         input_size = embedding_dim or vocab_size
