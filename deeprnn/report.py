@@ -9,12 +9,10 @@ from deeprnn.training.progress import EpochStats
 
 def plot_history(history: list[EpochStats], path: Path, title: str = "") -> Path:
     """Save training and held-out perplexity per epoch (log scale) as a PNG at ``path``."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no display, no global figure to close
 
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig = Figure(figsize=(7, 4), dpi=110)
+    ax = fig.subplots()
     ax.plot([h.epoch for h in history], [h.train_perplexity for h in history], label="train")
     held = [(h.epoch, h.heldout_perplexity) for h in history if h.heldout_perplexity is not None]
     if held:
@@ -25,7 +23,6 @@ def plot_history(history: list[EpochStats], path: Path, title: str = "") -> Path
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Literal
+from typing import Callable, Literal
 
 _NON_LETTERS = re.compile("[^A-Za-z]+")
 
@@ -19,11 +19,10 @@ def preprocess_lines(text: str) -> list[str]:
 
 def tokenize(lines: list[str], token: Literal["char", "word"] = "char") -> list[list[str]]:
     """Split each line into characters or words (the book's ``tokenize``)."""
-    if token == "word":
-        return [line.split() for line in lines]
-    if token == "char":
-        return [list(line) for line in lines]
-    raise ValueError(f"unknown token type {token!r}; use 'char' or 'word'")
+    split: dict[str, Callable[[str], list[str]]] = {"word": str.split, "char": list}
+    if token not in split:
+        raise ValueError(f"unknown token type {token!r}; use 'char' or 'word'")
+    return [split[token](line) for line in lines]
 
 
 def flatten(tokens: list[list[str]]) -> list[str]:

@@ -132,15 +132,14 @@ def prepare(
 
     settings = TokenSettings.of(data)
     root = (cache if cache is not None else cache_dir()) / "tokens"
-    key = settings.key(corpus.sha1)
-    folder = root / key
+    folder = root / settings.key(corpus.sha1)
     try:
         root.mkdir(parents=True, exist_ok=True)
         held = FileLock(str(folder) + ".lock", timeout=3600).acquire()  # one builder per entry; the others read it
     except OSError as exc:
         raise _cache_write_error(root, exc, None) from None
     with held:  # released on leaving
-        token_cache.remove_dead_builds(root, key)
+        token_cache.remove_dead_builds(root, folder.name)
         meta = token_cache.read_entry(folder)
         if meta is not None:
             return _from_meta(folder, meta, cache_hit=True)

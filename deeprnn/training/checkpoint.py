@@ -153,5 +153,4 @@ def restore_model(data: dict[str, Any], device: str | torch.device = "cpu") -> t
 def rng_from_lists(state: Any) -> tuple[Any, ...]:
     """A saved ``random.Random`` state as ``setstate`` takes it: checkpoints keep it as ``getstate`` gives it,
     those written before as plain lists."""
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)
+    return state[0], tuple(state[1]), state[2]

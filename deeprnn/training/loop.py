@@ -75,15 +75,12 @@ class _Run:
     t_start: float
     start_step: int
     last_sync: float
+    window_time: float
+    window_step: int
     history: list[EpochStats] = field(default_factory=list)
     pending: list[_Pending] = field(default_factory=list)
-    window_time: float = 0.0
-    window_step: int = 0
     window_loss: float = 0.0
     window_batch: int = 0
-
-    def __post_init__(self) -> None:
-        self.window_time, self.window_step = self.t_start, self.start_step
 
 
 class Trainer:
@@ -125,7 +122,6 @@ class Trainer:
         self.spent_seconds = 0.0  # training time before this fit (a resumed run continues its time budget)
         self._schedule: Schedule | None = None  # the running fit's
         self.train_step = TrainStep(self.model, cfg, device)
-        self.optimizer = self.train_step.optimizer
 
     @property
     def step_mode(self) -> str:
@@ -156,7 +152,7 @@ class Trainer:
             self.train_step.capture()
         schedule.begin()  # the time budget counts from here, after the one-off capture
         self._schedule, now = schedule, time.perf_counter()
-        run = _Run(on_epoch, on_checkpoint, on_step, stop_requested, schedule, now, self.step, now)
+        run = _Run(on_epoch, on_checkpoint, on_step, stop_requested, schedule, now, self.step, now, now, self.step)
         try:
             while not schedule.finished(self.epoch, self.step):
                 self._run_epoch(self.epoch + 1, run)
@@ -323,7 +319,7 @@ class Trainer:
         return {
             "epoch": self.epoch,
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.train_step.optimizer.state_dict(),
             "python_rng": self.rng.getstate(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -337,8 +333,6 @@ class Trainer:
 
         Trainer states written before steps were counted (no ``step``) resume with the step count at 0.
         """
-        if self.train_step.graph is not None:
-            raise RuntimeError("load the trainer state before training starts")
         self.epoch = int(state["epoch"])
         self.step = int(state.get("step") or 0)
         self.train_step.load_optimizer_state(state["optimizer"])

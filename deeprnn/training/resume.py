@@ -29,17 +29,11 @@ MODEL = "model.pt"
 
 # Flat keys (as in ``RunConfig.flat``) a resumed run may change.
 RESUMABLE = frozenset(
-    {
-        "train.epochs",
-        "train.max_steps",
-        "train.time_budget",
-        "train.device",
-        "train.timeout_minutes",
-        "train.checkpoint_every",
-        "train.checkpoint_every_steps",
-        "train.checkpoint_every_minutes",
-        "train.log_every",
-    }
+    f"train.{name}"
+    for name in (
+        "epochs max_steps time_budget device timeout_minutes checkpoint_every checkpoint_every_steps "
+        "checkpoint_every_minutes log_every"
+    ).split()
 )
 _RUN_ID = re.compile(r"^[0-9A-Za-z]{1,64}$")
 # MLflow tags that show a run logged a resumable checkpoint at some point: the one set at every upload, the
@@ -98,12 +92,8 @@ def nothing_left(run_id: str, done: Finished, epochs: int, max_steps: int | None
 def no_checkpoint(run_id: str, tags: dict[str, str], local: Path) -> str:
     """Why run ``run_id`` cannot be resumed when neither ``local`` nor its MLflow copy exists: it never logged
     a checkpoint, or (its ``tags`` show it did) the files are gone."""
-    if (
-        CHECKPOINT_TAG in tags
-        or _RESUMED_TAG in tags
-        or tags.get(_STOP_TAG, "").startswith("continue with")
-        or tags.get("deeprnn.stop_reason") in TRAINING_ENDS
-    ):
+    ended = tags.get(_STOP_TAG, "").startswith("continue with") or tags.get("deeprnn.stop_reason") in TRAINING_ENDS
+    if CHECKPOINT_TAG in tags or _RESUMED_TAG in tags or ended:
         return (
             f"MLflow run {run_id} logged a checkpoint, but its files are gone: neither {local} nor the run's "
             "artifact checkpoints/last.pt exists any more; start a new run"

@@ -26,13 +26,7 @@ class Best:
     stale: int = 0  # evaluations in a row without a better value
 
     def consider(
-        self,
-        value: float,
-        whole: bool,
-        epoch: int,
-        step: int,
-        model: torch.nn.Module | None,
-        patience: int | None,
+        self, value: float, whole: bool, epoch: int, step: int, model: torch.nn.Module | None, patience: int | None
     ) -> str | None:
         """Count an evaluation; keep it (and a copy of ``model``'s weights, when given) if it is the best. An
         evaluation the deadline cut short (not ``whole``) read other tokens than the rest: it counts only while

@@ -208,7 +208,7 @@ def test_cosine_schedule(tiny_vocab: Vocab, tiny_ids: torch.Tensor) -> None:
     expected = [0.8 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
     assert [h.lr for h in result.history] == pytest.approx(expected, rel=1e-12)
     assert expected[0] == 0.8 and expected == sorted(expected, reverse=True)
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected[-1])
+    assert trainer.train_step.optimizer.param_groups[0]["lr"] == pytest.approx(expected[-1])
     constant = _trainer(tiny_vocab, tiny_ids, _cfg(epochs=2, lr=0.8))
     assert [h.lr for h in constant.fit().history] == [0.8, 0.8]
 
@@ -218,8 +218,8 @@ def test_adam_and_adamw_train(tiny_vocab: Vocab, tiny_ids: torch.Tensor, name: s
     trainer = _trainer(tiny_vocab, tiny_ids, _cfg(epochs=4, optimizer=name, lr=0.01, weight_decay=0.01))
     before = _weights(trainer.model)
     result = trainer.fit()
-    assert type(trainer.optimizer) is cls
-    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.01
+    assert type(trainer.train_step.optimizer) is cls
+    assert trainer.train_step.optimizer.param_groups[0]["weight_decay"] == 0.01
     assert all(math.isfinite(h.train_perplexity) for h in result.history)
     assert result.history[-1].train_perplexity < result.history[0].train_perplexity
     assert not torch.equal(before["linear.weight"], trainer.model.linear.weight)
