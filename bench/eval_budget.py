@@ -32,7 +32,7 @@ def build_ids(book: Path, megabytes: float):  # -> (torch.Tensor, int, float)
     """Token ids of the book repeated to ``megabytes`` MB (uint8), its vocabulary size and the seconds it took."""
     import torch
 
-    from deeprnn.data.book_tokenize import flatten, read_lines, tokenize
+    from deeprnn.data.book_tokenize import flatten, preprocess_lines, tokenize
     from deeprnn.data.vocab import Vocab
 
     started = time.perf_counter()
@@ -42,7 +42,7 @@ def build_ids(book: Path, megabytes: float):  # -> (torch.Tensor, int, float)
         path = Path(tmp) / "corpus.txt"
         path.write_text(text * repeats, encoding="utf-8")
         print(f"corpus: {path.stat().st_size / 1e6:.1f} MB ({repeats} copies of the book)", flush=True)
-        tokens = flatten(tokenize(read_lines(path), "char"))
+        tokens = flatten(tokenize(preprocess_lines(path.read_text(encoding="utf-8")), "char"))
     vocab = Vocab(tokens)
     ids = torch.tensor(vocab.encode(tokens), dtype=torch.uint8 if len(vocab) <= 256 else torch.int32)
     return ids, len(vocab), time.perf_counter() - started

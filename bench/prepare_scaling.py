@@ -38,9 +38,10 @@ import sys, torch
 from deeprnn.data import book_tokenize as tokenize
 from deeprnn.data.vocab import Vocab
 path = sys.argv[1]
-tokens = tokenize.flatten(tokenize.tokenize(tokenize.read_lines(path), "char"))  # build-vocab
+lines = lambda: tokenize.preprocess_lines(open(path, encoding="utf-8").read())
+tokens = tokenize.flatten(tokenize.tokenize(lines(), "char"))  # build-vocab
 vocab = Vocab(tokens)
-tokens = tokenize.flatten(tokenize.tokenize(tokenize.read_lines(path), "char"))  # prepare-splits, again
+tokens = tokenize.flatten(tokenize.tokenize(lines(), "char"))  # prepare-splits, again
 ids = torch.tensor(vocab.encode(tokens), dtype=torch.long)
 print(len(vocab), ids.numel())
 """

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import random
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 class DeviceUnavailableError(RuntimeError):

@@ -30,7 +30,6 @@ they keep most of the tokens a second.
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 from dataclasses import dataclass
@@ -47,8 +46,6 @@ from deeprnn.device import synchronize
 from deeprnn.evaluate import LOGIT_FLOATS
 from deeprnn.model import RNNLM
 from deeprnn.presets import merge
-
-log = logging.getLogger(__name__)
 
 WIDTHS = (128, 192, 256, 384, 512, 768, 1024)
 TOKENS_PER_WEIGHT = 1.0

@@ -365,6 +365,7 @@ def _train_split_size(data: Path) -> int:
     from deeprnn.data import book_tokenize as tokenize
 
     d = DataConfig()
-    n = len(tokenize.flatten(tokenize.tokenize(tokenize.read_lines(data / "timemachine.txt"), d.token)))
+    lines = tokenize.preprocess_lines((data / "timemachine.txt").read_text(encoding="utf-8"))
+    n = len(tokenize.flatten(tokenize.tokenize(lines, d.token)))
     test_start = n - int(round(n * d.test_fraction))
     return test_start - int(round(n * d.val_fraction))

@@ -11,3 +11,6 @@ import os
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "deeprnn")
 # The ephemeral API's default 20 s start-up budget is tight on a busy 2-core machine; waiting longer is cheap.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+# MLflow draws a progress bar for every artifact download (the model an evaluation loads, a checkpoint to resume
+# from): noise between the command's own lines. A user who wants it sets the variable to true.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

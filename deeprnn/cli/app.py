@@ -8,7 +8,6 @@ MLflow start; bad input is one ``error:`` line and exit code 2, a failed run one
 from __future__ import annotations
 
 import gc
-import os
 import sys
 
 import typer
@@ -40,9 +39,6 @@ app.command("setup-server", short_help="Prepare a Prefect server for unattended 
 
 def main() -> None:
     """Entry point of the ``deeprnn`` command and of ``python -m deeprnn.cli.app``."""
-    # MLflow draws a progress bar for every artifact download (the model the evaluation loads, a checkpoint
-    # to resume): noise between the command's own lines. A user who wants it sets the variable to true.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         app()
     finally:

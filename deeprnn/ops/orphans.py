@@ -12,7 +12,6 @@ Runs of Prefect deployments on a server are watched by Prefect itself (heartbeat
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -23,8 +22,6 @@ import psutil
 from deeprnn.search.study_orphans import process_alive
 from deeprnn.tracking import run_checkpoints, runs
 from deeprnn.training.resume import LAST
-
-log = logging.getLogger(__name__)
 
 HOST_TAG, PID_TAG, STARTED_TAG = "deeprnn.host", "deeprnn.pid", "deeprnn.process_started"
 
