@@ -37,46 +37,6 @@ from corpora import (
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-# Seconds a test file takes in the suite's two-process run on a 2-core runner (setup, calls and teardown summed
-# from `pytest --durations=0`), for the files that take more than a few seconds. The longest files start first
-# (xdist's loadfile hands out files in collection order, with --no-loadscope-reorder): with the default order,
-# by number of tests, the long end-to-end files with few tests came last, and the last one to start set the
-# suite's wall time while the other process sat idle. Rough figures are enough: only their order matters.
-FILE_SECONDS = {
-    "tests/e2e/test_team_stack.py": 295,
-    "tests/e2e/test_study.py": 140,
-    "tests/e2e/test_wheel.py": 95,
-    "tests/e2e/test_stop_faults.py": 85,
-    "tests/e2e/test_deployments.py": 80,
-    "tests/e2e/test_faults.py": 75,
-    "tests/e2e/test_first_runs_at_once.py": 65,
-    "tests/e2e/test_sweep.py": 55,
-    "tests/e2e/test_mlflow_server.py": 50,
-    "tests/e2e/test_own_text.py": 48,
-    "tests/e2e/test_credentials.py": 45,
-    "tests/e2e/test_prefect_api.py": 42,
-    "tests/e2e/test_clean_failures.py": 38,
-    "tests/e2e/test_serving.py": 37,
-    "tests/e2e/test_outage_passwords.py": 33,
-    "tests/e2e/test_train_flow.py": 27,
-    "tests/e2e/test_study_postgres.py": 22,
-    "tests/lib/test_lib_budget_under_load.py": 21,
-    "tests/e2e/test_bad_inputs.py": 21,
-    "tests/e2e/test_resume_refusals.py": 16,
-    "tests/e2e/test_budgets.py": 14,
-    "tests/e2e/test_run_names.py": 12,
-    "tests/e2e/test_store_versions.py": 9,
-    "tests/lib/test_lib_study_faults.py": 9,
-    "tests/e2e/test_idempotent_retries.py": 8,
-}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest test files first (``FILE_SECONDS``), each file's tests together and in their own order; the
-    other files after them in their usual order. Every xdist worker sorts its collection the same way."""
-    items.sort(key=lambda item: -FILE_SECONDS.get(item.nodeid.split("::", 1)[0], 0))
-
-
 def pytest_report_header() -> str:
     """Say in the session's header which corpus the tests use, so a log shows when the book was not found."""
     if IS_BOOK:
