@@ -28,14 +28,23 @@ fi
 # size of modules (400 lines) and functions (60); then the documentation site, where a broken link, a missing
 # page or a missing image fails the build (its output goes to ./site, ignored by git). Not --quiet: it also
 # silences the warnings that --strict fails on.
-# mypy, the longest of them, runs beside the others (the runner has two cores); the tests start once all passed.
-mypy &
-mypy_pid=$!
+# mypy, the longest of them, runs beside the tests, which start once the others passed; its verdict is awaited
+# after the tests, and a type error fails the command as a failed test does.
 ruff check .
 ruff format --check .
 lint-imports
 python scripts/check_shape.py
 NO_MKDOCS_2_WARNING=1 mkdocs build --strict
-wait "$mypy_pid"
+mypy > .mypy.log 2>&1 &
+mypy_pid=$!
 
-exec python -m pytest "$@"
+tests=0
+python -m pytest "$@" || tests=$?
+types=0
+wait "$mypy_pid" || types=$?
+cat .mypy.log
+if [ "$types" -ne 0 ]; then
+    echo "mypy: the type errors above fail the command" >&2
+    exit 1
+fi
+exit "$tests"
