@@ -205,9 +205,10 @@ def expand(
         return [dict(zip(space.dims, combo)) for combo in itertools.product(*lists)]
     wanted = min(max_trials or DEFAULT_RANDOM_TRIALS, MAX_TRIALS)
     rng = random.Random(seed)
-    if size is not None:
-        # Distinct combinations: draw indices into the grid without replacement, each the index of a combination
-        # of itertools.product(*lists) (the last list varies fastest).
+    # A grid whose indices fit numpy's index type: distinct combinations, drawn as indices into the grid without
+    # replacement, each the index of a combination of itertools.product(*lists) (the last list varies fastest).
+    # A larger grid (over 2**63 points) is drawn a value per dimension, as ranges are: a repeat is then unlikely.
+    if size is not None and size <= np.iinfo(np.intp).max:
         picks = rng.sample(range(size), min(wanted, size))
         digits = np.unravel_index(picks, [len(values) for values in lists])
         return [{k: values[i] for k, values, i in zip(space.dims, lists, combo)} for combo in zip(*digits)]

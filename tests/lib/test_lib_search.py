@@ -88,6 +88,17 @@ def test_random_search_draws_distinct_points_reproducibly() -> None:
     assert sorted(map(str, everything)) == sorted(map(str, grid))
 
 
+def test_random_search_over_a_grid_of_more_than_2_63_points_draws_from_its_lists() -> None:
+    names = ["train.lr", "model.num_hiddens", "train.batch_size", "train.num_steps", "train.epochs"]
+    names += ["model.num_layers", "sample.num_tokens"]
+    space = parse_space({name: list(range(1, 1001)) for name in names})  # 1000**7 points: past numpy's indices
+    assert space.grid_size() > 2**63
+    draws = expand(space, random_search=True, max_trials=20, seed=3)
+    assert len(draws) == 20 and len({tuple(d.values()) for d in draws}) == 20
+    assert all(set(d) == set(names) and all(1 <= v <= 1000 for v in d.values()) for d in draws)
+    assert expand(space, random_search=True, max_trials=20, seed=3) == draws
+
+
 def test_random_search_samples_ranges_within_bounds() -> None:
     space = parse_space(
         {"lr": {"low": 0.01, "high": 10, "log": True}, "num_hiddens": {"low": 8, "high": 64}, "cell": ["lstm", "gru"]}
